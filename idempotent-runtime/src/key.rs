@@ -1,0 +1,423 @@
+//! Dedup keys: the [`KeyPart`] trait and the unambiguous, bounded [`RecordKey`] encoding.
+//!
+//! # Encoding
+//!
+//! A key is a list of one or more parts (a tuple key such as `(msg.topic, msg.id)` has
+//! one part per element). The stored bytes are:
+//!
+//! - one part that does not start with a zero byte: the part's bytes as they are, so
+//!   `"order-17"` is stored as `order-17` and reads naturally in the store;
+//! - one part that starts with a zero byte: `00 00` followed by the part;
+//! - several parts: `00 01` followed, for each part, by its length in decimal, `:`, and
+//!   its bytes (`("a:b", "c")` is `00 01 3:a:b1:c`, `("a", "b:c")` is `00 01 1:a3:b:c`);
+//! - any encoding longer than [`MAX_KEY_BYTES`]: `00 02` followed by the 32-byte
+//!   SHA-256 of the encoding above.
+//!
+//! The three forms cannot collide with each other, so the encoding is injective up to
+//! SHA-256 collisions. Every byte is data: stores pass keys as bound parameters or
+//! binary-safe arguments, never as syntax.
+
+use crate::Error;
+use sha2::{Digest, Sha256};
+use std::borrow::Cow;
+use std::fmt;
+use std::rc::Rc;
+use std::sync::Arc;
+
+/// Encoded keys longer than this many bytes are replaced by their SHA-256 hash.
+pub const MAX_KEY_BYTES: usize = 128;
+
+/// Scopes longer than this many bytes are shortened (with a hash suffix that keeps them distinct).
+pub const MAX_SCOPE_BYTES: usize = 200;
+
+/// A value that can be (part of) an idempotency key.
+///
+/// Implemented for strings, byte strings, integers, `char`, `bool`, tuples of key parts
+/// (each element is one part of a composite key), `Option` (`None` is
+/// [`Error::MissingKey`]) and references and smart pointers to any of these.
+/// Implement it for your own id types by writing their bytes:
+///
+/// ```
+/// use idempotent_runtime::{KeyPart, KeyBuilder};
+///
+/// struct OrderId(u64);
+///
+/// impl KeyPart for OrderId {
+///     fn write_key(&self, key: &mut KeyBuilder) {
+///         self.0.write_key(key)
+///     }
+/// }
+/// ```
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` cannot be used as an idempotency key",
+    label = "the key expression has type `{Self}`",
+    note = "keys are strings, byte strings, integers, `char`, `bool`, tuples or `Option`s of those",
+    note = "for an id type of your own, implement `idempotent_runtime::KeyPart` for it, or use a field or method that returns one of the types above"
+)]
+pub trait KeyPart {
+    /// Appends this value to the key as one part (tuples append one part per element).
+    fn write_key(&self, key: &mut KeyBuilder);
+}
+
+/// Collects the parts of a key; see [`KeyPart`].
+#[derive(Default)]
+pub struct KeyBuilder {
+    // parts are stored length-prefixed: `len:bytes` each
+    buf: Vec<u8>,
+    parts: usize,
+    first_len: usize,
+    missing: bool,
+}
+
+impl fmt::Debug for KeyBuilder {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyBuilder")
+            .field("parts", &self.parts)
+            .field("missing", &self.missing)
+            .finish_non_exhaustive()
+    }
+}
+
+impl KeyBuilder {
+    /// An empty key.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Appends one part. An empty part marks the key as missing.
+    pub fn push(&mut self, part: &[u8]) {
+        if part.is_empty() {
+            self.missing = true;
+        }
+        if self.parts == 0 {
+            self.first_len = part.len();
+            self.buf.extend_from_slice(part);
+        } else {
+            if self.parts == 1 {
+                // the first part was stored raw; re-encode it with its length prefix
+                let first = std::mem::take(&mut self.buf);
+                self.buf.reserve(first.len() + part.len() + 16);
+                push_len_prefixed(&mut self.buf, &first);
+            }
+            push_len_prefixed(&mut self.buf, part);
+        }
+        self.parts += 1;
+    }
+
+    /// Marks the key as missing (an `Option` that is `None`).
+    pub fn missing(&mut self) {
+        self.missing = true;
+    }
+
+    /// Finishes the key into its stored encoding under `scope`.
+    pub fn finish(self, scope: &str) -> Result<RecordKey, Error> {
+        if self.missing || self.parts == 0 {
+            return Err(Error::MissingKey);
+        }
+        let mut encoded = Vec::with_capacity(self.buf.len() + 2);
+        if self.parts == 1 {
+            if self.buf.first() == Some(&0) {
+                encoded.extend_from_slice(&[0, 0]);
+            }
+            encoded.extend_from_slice(&self.buf);
+        } else {
+            encoded.extend_from_slice(&[0, 1]);
+            encoded.extend_from_slice(&self.buf);
+        }
+        if encoded.len() > MAX_KEY_BYTES {
+            let digest = Sha256::digest(&encoded);
+            encoded.clear();
+            encoded.extend_from_slice(&[0, 2]);
+            encoded.extend_from_slice(&digest);
+        }
+        Ok(RecordKey::from_encoded(scope, &encoded))
+    }
+}
+
+fn push_len_prefixed(buf: &mut Vec<u8>, part: &[u8]) {
+    use std::io::Write;
+    // writing to a Vec cannot fail
+    let _ = write!(buf, "{}:", part.len());
+    buf.extend_from_slice(part);
+}
+
+/// A scope and an encoded key: the identity of one dedup record.
+///
+/// Build one with [`RecordKey::new`] (any [`KeyPart`], encoded as the attribute does)
+/// or [`RecordKey::from_encoded`] (bytes already in the stored encoding, e.g. read back
+/// from a store).
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RecordKey {
+    // [scope_len: u8][scope bytes][key bytes]
+    buf: Box<[u8]>,
+}
+
+impl RecordKey {
+    /// Encodes `key` under `scope`. Fails with [`Error::MissingKey`] when the key is
+    /// `None` or empty.
+    pub fn new<K: KeyPart + ?Sized>(scope: &str, key: &K) -> Result<Self, Error> {
+        let mut b = KeyBuilder::new();
+        key.write_key(&mut b);
+        b.finish(scope)
+    }
+
+    /// A record key from bytes already in the stored encoding (see the module docs).
+    pub fn from_encoded(scope: &str, encoded: &[u8]) -> Self {
+        let scope = bounded_scope(scope);
+        let mut buf = Vec::with_capacity(1 + scope.len() + encoded.len());
+        buf.push(scope.len() as u8);
+        buf.extend_from_slice(scope.as_bytes());
+        buf.extend_from_slice(encoded);
+        RecordKey {
+            buf: buf.into_boxed_slice(),
+        }
+    }
+
+    /// The scope (namespace) of the record.
+    pub fn scope(&self) -> &str {
+        let n = self.buf[0] as usize;
+        // built from a &str in `from_encoded`, cut on a char boundary by `bounded_scope`
+        std::str::from_utf8(&self.buf[1..1 + n]).unwrap_or_default()
+    }
+
+    /// The encoded key bytes, at most [`MAX_KEY_BYTES`] long (plus two when hashed).
+    pub fn key(&self) -> &[u8] {
+        let n = self.buf[0] as usize;
+        &self.buf[1 + n..]
+    }
+
+    /// Scope and key in one unambiguous byte string (a length byte, the scope, the key);
+    /// handy as a map key for in-process stores.
+    pub fn as_bytes(&self) -> &[u8] {
+        &self.buf
+    }
+
+    /// Whether the key is the SHA-256 of an encoding that was too long.
+    pub fn is_hashed(&self) -> bool {
+        self.key().starts_with(&[0, 2])
+    }
+}
+
+impl fmt::Debug for RecordKey {
+    /// Shows the scope and the length of the key, never the key itself: keys are
+    /// message data and may be personal.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RecordKey")
+            .field("scope", &self.scope())
+            .field("key_len", &self.key().len())
+            .finish()
+    }
+}
+
+impl fmt::Display for RecordKey {
+    /// `scope/key` with the key's bytes escaped as in a Rust byte string.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.scope(), self.key().escape_ascii())
+    }
+}
+
+fn bounded_scope(scope: &str) -> Cow<'_, str> {
+    if scope.len() <= MAX_SCOPE_BYTES {
+        return Cow::Borrowed(scope);
+    }
+    let digest = Sha256::digest(scope.as_bytes());
+    let mut cut = MAX_SCOPE_BYTES - 17;
+    while !scope.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let mut s = String::with_capacity(MAX_SCOPE_BYTES);
+    s.push_str(&scope[..cut]);
+    s.push('~');
+    for b in &digest[..8] {
+        s.push_str(&format!("{b:02x}"));
+    }
+    Cow::Owned(s)
+}
+
+macro_rules! key_part_bytes {
+    ($($t:ty => |$s:ident| $e:expr),* $(,)?) => {$(
+        impl KeyPart for $t {
+            fn write_key(&self, key: &mut KeyBuilder) {
+                let $s = self;
+                key.push($e)
+            }
+        }
+    )*};
+}
+
+key_part_bytes! {
+    str => |s| s.as_bytes(),
+    String => |s| s.as_bytes(),
+    [u8] => |s| s,
+    Vec<u8> => |s| s.as_slice(),
+}
+
+impl<const N: usize> KeyPart for [u8; N] {
+    fn write_key(&self, key: &mut KeyBuilder) {
+        key.push(self)
+    }
+}
+
+macro_rules! key_part_display {
+    ($($t:ty),*) => {$(
+        impl KeyPart for $t {
+            fn write_key(&self, key: &mut KeyBuilder) {
+                let mut buf = [0u8; 48];
+                let s = {
+                    use std::io::Write;
+                    let mut cur = std::io::Cursor::new(&mut buf[..]);
+                    // integers, chars and bools fit in 48 bytes
+                    let _ = write!(cur, "{}", self);
+                    cur.position() as usize
+                };
+                key.push(&buf[..s])
+            }
+        }
+    )*};
+}
+
+key_part_display!(
+    u8, u16, u32, u64, u128, usize, i8, i16, i32, i64, i128, isize, char, bool
+);
+
+impl<T: KeyPart + ?Sized> KeyPart for &T {
+    fn write_key(&self, key: &mut KeyBuilder) {
+        (**self).write_key(key)
+    }
+}
+
+impl<T: KeyPart + ?Sized> KeyPart for &mut T {
+    fn write_key(&self, key: &mut KeyBuilder) {
+        (**self).write_key(key)
+    }
+}
+
+impl<T: KeyPart + ?Sized> KeyPart for Box<T> {
+    fn write_key(&self, key: &mut KeyBuilder) {
+        (**self).write_key(key)
+    }
+}
+
+impl<T: KeyPart + ?Sized> KeyPart for Arc<T> {
+    fn write_key(&self, key: &mut KeyBuilder) {
+        (**self).write_key(key)
+    }
+}
+
+impl<T: KeyPart + ?Sized> KeyPart for Rc<T> {
+    fn write_key(&self, key: &mut KeyBuilder) {
+        (**self).write_key(key)
+    }
+}
+
+impl<T: KeyPart + ?Sized + ToOwned> KeyPart for Cow<'_, T> {
+    fn write_key(&self, key: &mut KeyBuilder) {
+        (**self).write_key(key)
+    }
+}
+
+impl<T: KeyPart> KeyPart for Option<T> {
+    fn write_key(&self, key: &mut KeyBuilder) {
+        match self {
+            Some(v) => v.write_key(key),
+            None => key.missing(),
+        }
+    }
+}
+
+macro_rules! key_part_tuple {
+    ($($name:ident)+) => {
+        impl<$($name: KeyPart),+> KeyPart for ($($name,)+) {
+            #[allow(non_snake_case)]
+            fn write_key(&self, key: &mut KeyBuilder) {
+                let ($($name,)+) = self;
+                $($name.write_key(key);)+
+            }
+        }
+    };
+}
+
+key_part_tuple!(A);
+key_part_tuple!(A B);
+key_part_tuple!(A B C);
+key_part_tuple!(A B C D);
+key_part_tuple!(A B C D E);
+key_part_tuple!(A B C D E F);
+key_part_tuple!(A B C D E F G);
+key_part_tuple!(A B C D E F G H);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn enc<K: KeyPart + ?Sized>(k: &K) -> Vec<u8> {
+        RecordKey::new("s", k).unwrap().key().to_vec()
+    }
+
+    #[test]
+    fn single_string_is_stored_as_is() {
+        assert_eq!(enc("order-17"), b"order-17");
+        assert_eq!(enc(&42u64), b"42");
+    }
+
+    #[test]
+    fn composite_keys_are_unambiguous() {
+        assert_ne!(enc(&("a:b", "c")), enc(&("a", "b:c")));
+        assert_ne!(enc(&("ab", "c")), enc(&("a", "bc")));
+        assert_eq!(enc(&("a:b", "c")), b"\x00\x013:a:b1:c");
+        // a single part can never look like a composite or a hash
+        assert_ne!(enc(b"\x00\x013:a:b1:c".as_slice()), enc(&("a:b", "c")));
+        assert_eq!(enc(b"\x00\x01".as_slice()), b"\x00\x00\x00\x01");
+    }
+
+    #[test]
+    fn scopes_are_separate() {
+        let a = RecordKey::new("ab", "c").unwrap();
+        let b = RecordKey::new("a", "bc").unwrap();
+        assert_ne!(a.as_bytes(), b.as_bytes());
+        assert_eq!(a.scope(), "ab");
+        assert_eq!(a.key(), b"c");
+    }
+
+    #[test]
+    fn long_keys_are_hashed_to_a_bounded_length() {
+        let long = "x".repeat(100_000);
+        let k = RecordKey::new("s", long.as_str()).unwrap();
+        assert!(k.is_hashed());
+        assert_eq!(k.key().len(), 34);
+        let other = format!("{}y", &long[1..]);
+        assert_ne!(k, RecordKey::new("s", other.as_str()).unwrap());
+        let exact = "x".repeat(MAX_KEY_BYTES);
+        assert_eq!(enc(exact.as_str()), exact.as_bytes());
+    }
+
+    #[test]
+    fn missing_and_empty_keys() {
+        assert!(matches!(RecordKey::new("s", ""), Err(Error::MissingKey)));
+        assert!(matches!(
+            RecordKey::new("s", &None::<String>),
+            Err(Error::MissingKey)
+        ));
+        assert!(matches!(
+            RecordKey::new("s", &("a", "")),
+            Err(Error::MissingKey)
+        ));
+        assert_eq!(enc(&Some("x")), b"x");
+    }
+
+    #[test]
+    fn long_scopes_are_bounded_and_distinct() {
+        let a = "m::".repeat(100) + "a";
+        let b = "m::".repeat(100) + "b";
+        let ka = RecordKey::new(&a, "k").unwrap();
+        let kb = RecordKey::new(&b, "k").unwrap();
+        assert!(ka.scope().len() <= MAX_SCOPE_BYTES);
+        assert_ne!(ka.scope(), kb.scope());
+    }
+
+    #[test]
+    fn debug_never_shows_the_key() {
+        let k = RecordKey::new("s", "secret-card-number").unwrap();
+        assert!(!format!("{k:?}").contains("secret"));
+    }
+}

@@ -1,0 +1,118 @@
+//! Idempotent message consumers: one attribute, a claim → run → complete/release
+//! protocol, and pluggable stores.
+//!
+//! ```
+//! use idempotent_runtime::{idempotent, Error};
+//!
+//! #[derive(Debug)]
+//! struct OrderPaid { id: String, amount: u64 }
+//!
+//! #[idempotent(key = "msg.id", ttl = "7d")]
+//! async fn on_order_paid(msg: &OrderPaid) -> Result<u64, Error> {
+//!     Ok(msg.amount) // business code only; runs once per id
+//! }
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let msg = OrderPaid { id: "o-1".into(), amount: 5 };
+//! assert_eq!(on_order_paid(&msg).await.unwrap(), 5);
+//! assert_eq!(on_order_paid(&msg).await.unwrap(), 5); // duplicate: cached output
+//! # });
+//! ```
+#![warn(
+    missing_docs,
+    missing_debug_implementations,
+    rust_2018_idioms,
+    unreachable_pub
+)]
+#![forbid(unsafe_code)]
+
+mod clock;
+mod error;
+mod fingerprint;
+mod key;
+mod manual;
+mod memory;
+mod protocol;
+mod registry;
+mod store;
+
+#[cfg(feature = "testing")]
+pub mod testing;
+
+#[cfg(feature = "redis")]
+mod redis_store;
+#[cfg(feature = "redis")]
+pub use redis_store::*;
+/// The `redis` driver this crate's [`RedisStore`] uses.
+#[cfg(feature = "redis")]
+pub use redis;
+
+#[cfg(any(feature = "mysql", feature = "postgres", feature = "sqlite"))]
+mod sql;
+#[cfg(any(feature = "mysql", feature = "postgres", feature = "sqlite"))]
+pub use sql::*;
+/// The `sqlx` driver this crate's SQL stores use.
+#[cfg(any(feature = "mysql", feature = "postgres", feature = "sqlite"))]
+pub use sqlx;
+
+#[doc(hidden)]
+#[path = "private.rs"]
+pub mod __private;
+
+pub use clock::{Clock, ManualClock, SystemClock};
+pub use error::{Error, NotReplayable, StoreError, StoreErrorKind};
+pub use fingerprint::fingerprint;
+pub use idempotent_macros::idempotent;
+pub use key::{KeyBuilder, KeyPart, MAX_KEY_BYTES, MAX_SCOPE_BYTES, RecordKey};
+pub use manual::Idempotency;
+pub use memory::MemoryStore;
+pub use protocol::{
+    Claim, DEFAULT_MAX_OUTPUT_BYTES, OnInProgress, OnStoreError, Settings, current_claim,
+    set_max_output_bytes,
+};
+pub use registry::{register_store, registered_store};
+pub use store::{
+    ClaimOutcome, ClaimRequest, Completion, Fence, Record, RecordState, Release, Store, Token,
+};
+
+/// `Arc<S>` is a store, so one store can be registered and also kept.
+#[async_trait::async_trait]
+impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
+    async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        (**self).claim(req).await
+    }
+    async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
+        (**self).complete(c).await
+    }
+    async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
+        (**self).release(r).await
+    }
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        lease: std::time::Duration,
+    ) -> Result<Fence, StoreError> {
+        (**self).renew(key, token, lease).await
+    }
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        (**self).inspect(key).await
+    }
+    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        (**self).forget(key).await
+    }
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        (**self).purge_expired().await
+    }
+    async fn claim_batch(
+        &self,
+        reqs: &[ClaimRequest<'_>],
+    ) -> Result<Vec<ClaimOutcome>, StoreError> {
+        (**self).claim_batch(reqs).await
+    }
+    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
+        (**self).complete_batch(items).await
+    }
+    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
+        (**self).release_batch(items).await
+    }
+}

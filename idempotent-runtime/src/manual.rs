@@ -1,0 +1,191 @@
+//! The protocol without the attribute: for closures, trait objects and code that
+//! computes its key at run time.
+
+use crate::protocol::{self, OnInProgress, OnStoreError, Settings, StoreHandle};
+use crate::{Error, KeyPart, RecordKey, Store, registered_store};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::borrow::Cow;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The claim → run → complete/release protocol as a value, for code that cannot use
+/// the attribute.
+///
+/// ```
+/// use idempotent_runtime::{Error, Idempotency, MemoryStore};
+/// use std::time::Duration;
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let payments = Idempotency::new("payments")
+///     .store(MemoryStore::new())
+///     .ttl(Duration::from_secs(24 * 3600))
+///     .max_attempts(5);
+///
+/// let first: Result<u64, Error> = payments.run("pay-1", async { Ok(42) }).await;
+/// let again: Result<u64, Error> = payments.run("pay-1", async { Ok(0) }).await;
+/// assert_eq!(first.unwrap(), 42);
+/// assert_eq!(again.unwrap(), 42); // the body did not run; the cached output came back
+/// # });
+/// ```
+#[derive(Clone, Debug)]
+pub struct Idempotency {
+    scope: Cow<'static, str>,
+    store: StoreChoice,
+    settings: Settings,
+}
+
+#[derive(Clone, Debug)]
+enum StoreChoice {
+    Named(Cow<'static, str>),
+    Handle(StoreHandle),
+}
+
+impl Idempotency {
+    /// A handler scope on the `"memory"` store with the attribute's defaults
+    /// (`ttl` 7 days, `lease` 60 s, unlimited attempts, fail closed, reject while in progress).
+    pub fn new(scope: impl Into<Cow<'static, str>>) -> Self {
+        Idempotency {
+            scope: scope.into(),
+            store: StoreChoice::Named(Cow::Borrowed("memory")),
+            settings: Settings::DEFAULT,
+        }
+    }
+
+    /// Uses `store`.
+    pub fn store(self, store: impl Store + 'static) -> Self {
+        self.shared_store(Arc::new(store))
+    }
+
+    /// Uses a store shared with other code.
+    pub fn shared_store(mut self, store: Arc<dyn Store>) -> Self {
+        self.store = StoreChoice::Handle(StoreHandle::Shared(store));
+        self
+    }
+
+    /// Uses the store registered under `name` (looked up on each run).
+    pub fn store_named(mut self, name: impl Into<Cow<'static, str>>) -> Self {
+        self.store = StoreChoice::Named(name.into());
+        self
+    }
+
+    /// How long a completed key is remembered. The store keeps a record at least as
+    /// long as its lease.
+    pub fn ttl(mut self, ttl: Duration) -> Self {
+        self.settings.ttl = ttl;
+        self
+    }
+
+    /// How long a claim holds without renewal (renewed every third of it while the
+    /// body runs). A zero lease is taken as one millisecond.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.settings.lease = lease.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Poison the key after `n` failed attempts (`n = 0` is taken as 1).
+    pub fn max_attempts(mut self, n: u32) -> Self {
+        self.settings.max_attempts = Some(n.max(1));
+        self
+    }
+
+    /// What to do when the store is unreachable.
+    pub fn on_store_error(mut self, policy: OnStoreError) -> Self {
+        self.settings.on_store_error = policy;
+        self
+    }
+
+    /// What to do when another execution holds the claim.
+    pub fn on_in_progress(mut self, policy: OnInProgress) -> Self {
+        self.settings.on_in_progress = policy;
+        self
+    }
+
+    /// Cap on the cached output's serialized size for this scope.
+    pub fn max_output_bytes(mut self, bytes: usize) -> Self {
+        self.settings.max_output_bytes = Some(bytes);
+        self
+    }
+
+    /// The settings in effect.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The scope.
+    pub fn scope(&self) -> &str {
+        &self.scope
+    }
+
+    /// The record key of `key` in this scope, for [`Store::inspect`] and [`Store::forget`].
+    pub fn record_key<K: KeyPart + ?Sized>(&self, key: &K) -> Result<RecordKey, Error> {
+        RecordKey::new(&self.scope, key)
+    }
+
+    /// Runs `body` at most once per `key` (until the record expires).
+    pub async fn run<K, T, E, Fut>(&self, key: &K, body: Fut) -> Result<T, E>
+    where
+        K: KeyPart + ?Sized,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        self.run_inner(key, None, body).await
+    }
+
+    /// Like [`run`](Self::run), and a later message with the same key but a different
+    /// `fingerprint` gets [`Error::FingerprintMismatch`] instead of the cached output.
+    pub async fn run_with_fingerprint<K, F, T, E, Fut>(
+        &self,
+        key: &K,
+        fingerprint: &F,
+        body: Fut,
+    ) -> Result<T, E>
+    where
+        K: KeyPart + ?Sized,
+        F: Serialize + ?Sized,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let fp = crate::fingerprint::fingerprint(fingerprint)?;
+        self.run_inner(key, Some(fp), body).await
+    }
+
+    async fn run_inner<K, T, E, Fut>(
+        &self,
+        key: &K,
+        fingerprint: Option<[u8; 32]>,
+        body: Fut,
+    ) -> Result<T, E>
+    where
+        K: KeyPart + ?Sized,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        if protocol::disabled() {
+            protocol::note_disabled();
+            return body.await;
+        }
+        let key = RecordKey::new(&self.scope, key)?;
+        let store = match &self.store {
+            StoreChoice::Handle(h) => h.clone(),
+            StoreChoice::Named(name) => StoreHandle::Static(registered_store(name).ok_or_else(
+                || Error::UnknownStore {
+                    name: name.to_string(),
+                },
+            )?),
+        };
+        protocol::execute(
+            &self.settings,
+            self.scope.clone(),
+            store,
+            key,
+            fingerprint,
+            body,
+        )
+        .await
+    }
+}

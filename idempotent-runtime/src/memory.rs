@@ -1,0 +1,342 @@
+//! The in-process store: sharded maps under short critical sections.
+
+use crate::clock::{Clock, SystemClock};
+use crate::store::{
+    ClaimOutcome, ClaimRequest, Completion, Fence, Record, RecordState, Release, Store, Token,
+};
+use crate::{RecordKey, StoreError};
+use async_trait::async_trait;
+use std::collections::HashMap;
+use std::fmt;
+use std::hash::{BuildHasher, RandomState};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+const SHARDS: usize = 64;
+
+/// An in-process store: fast, exact, and gone when the process exits.
+///
+/// It is the default store (`"memory"` is registered at start-up). It guards only the
+/// consumers of one process: use it for tests, demos and single-instance consumers,
+/// and a shared store (Redis, SQL) when several processes consume the same queue.
+///
+/// Expired records are freed as the store is used (each shard sweeps itself after
+/// as many operations as it holds records, so the cost per operation stays constant)
+/// and by [`purge_expired`](Store::purge_expired): under a stream of unique keys,
+/// memory stays proportional to the keys live within one `ttl`.
+///
+/// Lease and expiry decisions use the store's [`Clock`]; [`MemoryStore::with_clock`]
+/// takes a [`ManualClock`](crate::ManualClock) for tests.
+pub struct MemoryStore {
+    shards: Box<[Mutex<Shard>]>,
+    hasher: RandomState,
+    clock: Arc<dyn Clock>,
+    last_token: AtomicU64,
+}
+
+#[derive(Default)]
+struct Shard {
+    map: HashMap<Box<[u8]>, Entry>,
+    ops_since_sweep: usize,
+}
+
+struct Entry {
+    state: RecordState,
+    attempts: u32,
+    token: u64,
+    // microseconds on the store clock
+    lease_until: u64,
+    expires_at: u64,
+    fingerprint: Option<Box<[u8]>>,
+    output: Option<Box<[u8]>>,
+}
+
+impl fmt::Debug for MemoryStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("MemoryStore")
+            .field("records", &self.len())
+            .field("clock", &self.clock)
+            .finish()
+    }
+}
+
+impl Default for MemoryStore {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros()).unwrap_or(u64::MAX)
+}
+
+impl MemoryStore {
+    /// A store on the process clock.
+    pub fn new() -> Self {
+        Self::with_clock(SystemClock::new())
+    }
+
+    /// A store on the given clock.
+    pub fn with_clock(clock: impl Clock + 'static) -> Self {
+        MemoryStore {
+            shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            clock: Arc::new(clock),
+            last_token: AtomicU64::new(0),
+        }
+    }
+
+    /// Records held, expired ones not yet freed included.
+    pub fn len(&self) -> usize {
+        self.shards.iter().map(|s| lock(s).map.len()).sum()
+    }
+
+    /// Whether the store holds no records.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn now(&self) -> u64 {
+        micros(self.clock.now())
+    }
+
+    fn shard(&self, key: &[u8]) -> MutexGuard<'_, Shard> {
+        let h = self.hasher.hash_one(key) as usize;
+        lock(&self.shards[h % SHARDS])
+    }
+
+    fn next_token(&self, now: u64, prev: u64) -> u64 {
+        // strictly increasing across the whole store, and at least the clock in µs
+        let floor = now.max(prev + 1);
+        let mut cur = self.last_token.load(Ordering::Relaxed);
+        loop {
+            let next = floor.max(cur + 1);
+            match self.last_token.compare_exchange_weak(
+                cur,
+                next,
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            ) {
+                Ok(_) => return next,
+                Err(actual) => cur = actual,
+            }
+        }
+    }
+
+    fn claim_sync(&self, req: &ClaimRequest<'_>) -> ClaimOutcome {
+        let now = self.now();
+        let lease = micros(req.lease);
+        let keep = micros(req.ttl).max(lease);
+        let mut shard = self.shard(req.key.as_bytes());
+        shard.tick(now);
+        let live = match shard.map.get_mut(req.key.as_bytes()) {
+            Some(e) if e.expires_at > now => Some(e),
+            _ => None,
+        };
+        let Some(e) = live else {
+            let token = self.next_token(now, 0);
+            shard.map.insert(
+                req.key.as_bytes().into(),
+                Entry {
+                    state: RecordState::InProgress,
+                    attempts: 1,
+                    token,
+                    lease_until: now.saturating_add(lease),
+                    expires_at: now.saturating_add(keep),
+                    fingerprint: req.fingerprint.map(Into::into),
+                    output: None,
+                },
+            );
+            return ClaimOutcome::Acquired {
+                token: Token(token),
+                attempt: 1,
+            };
+        };
+        if let (Some(have), Some(want)) = (&e.fingerprint, req.fingerprint) {
+            if **have != *want {
+                return ClaimOutcome::FingerprintMismatch;
+            }
+        }
+        match e.state {
+            RecordState::Completed => {
+                return ClaimOutcome::Completed {
+                    output: e.output.as_deref().map(<[u8]>::to_vec),
+                };
+            }
+            RecordState::InProgress if e.lease_until > now => {
+                return ClaimOutcome::InProgress {
+                    retry_after: Duration::from_micros(e.lease_until - now),
+                };
+            }
+            _ => {}
+        }
+        if let Some(max) = req.max_attempts {
+            if e.attempts >= max {
+                return ClaimOutcome::Exhausted {
+                    attempts: e.attempts,
+                };
+            }
+        }
+        let prev = e.token;
+        let token = self.next_token(now, prev);
+        e.state = RecordState::InProgress;
+        e.attempts = e.attempts.saturating_add(1);
+        e.token = token;
+        e.lease_until = now.saturating_add(lease);
+        e.expires_at = e.expires_at.max(now.saturating_add(keep));
+        if e.fingerprint.is_none() {
+            e.fingerprint = req.fingerprint.map(Into::into);
+        }
+        ClaimOutcome::Acquired {
+            token: Token(token),
+            attempt: e.attempts,
+        }
+    }
+
+    fn with_owned<R>(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        f: impl FnOnce(&mut Entry, u64) -> R,
+    ) -> Option<R> {
+        let now = self.now();
+        let mut shard = self.shard(key.as_bytes());
+        shard.tick(now);
+        match shard.map.get_mut(key.as_bytes()) {
+            Some(e)
+                if e.token == token.0
+                    && e.state == RecordState::InProgress
+                    && e.expires_at > now =>
+            {
+                Some(f(e, now))
+            }
+            _ => None,
+        }
+    }
+
+    fn complete_sync(&self, c: &Completion<'_>) -> Fence {
+        let ttl = micros(c.ttl);
+        fence(self.with_owned(c.key, c.token, |e, now| {
+            e.state = RecordState::Completed;
+            e.output = c.output.map(Into::into);
+            e.expires_at = now.saturating_add(ttl);
+            e.lease_until = 0;
+        }))
+    }
+
+    fn release_sync(&self, r: &Release<'_>) -> Fence {
+        fence(self.with_owned(r.key, r.token, |e, _| {
+            e.state = RecordState::Released;
+            e.lease_until = 0;
+        }))
+    }
+}
+
+fn fence(applied: Option<()>) -> Fence {
+    match applied {
+        Some(()) => Fence::Held,
+        None => Fence::Lost,
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // a panic while holding a shard lock cannot leave an entry half-written (every
+    // critical section assigns plain fields), so a poisoned lock is safe to reuse
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Shard {
+    /// Counts an operation and, once the shard has seen as many operations as it holds
+    /// records, frees the expired ones: amortised O(1) per operation.
+    fn tick(&mut self, now: u64) {
+        self.ops_since_sweep += 1;
+        if self.ops_since_sweep > self.map.len().max(64) {
+            self.sweep(now);
+        }
+    }
+
+    fn sweep(&mut self, now: u64) -> usize {
+        self.ops_since_sweep = 0;
+        let before = self.map.len();
+        self.map.retain(|_, e| e.expires_at > now);
+        if self.map.capacity() > 4 * self.map.len() + 64 {
+            self.map.shrink_to(2 * self.map.len());
+        }
+        before - self.map.len()
+    }
+}
+
+#[async_trait]
+impl Store for MemoryStore {
+    async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        Ok(self.claim_sync(req))
+    }
+
+    async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
+        Ok(self.complete_sync(c))
+    }
+
+    async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
+        Ok(self.release_sync(r))
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        lease: Duration,
+    ) -> Result<Fence, StoreError> {
+        let lease = micros(lease);
+        Ok(fence(self.with_owned(key, token, |e, now| {
+            e.lease_until = now.saturating_add(lease);
+            e.expires_at = e.expires_at.max(e.lease_until);
+        })))
+    }
+
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        let now = self.now();
+        let shard = self.shard(key.as_bytes());
+        Ok(shard
+            .map
+            .get(key.as_bytes())
+            .filter(|e| e.expires_at > now)
+            .map(|e| {
+                let mut r = Record::new(e.state, e.attempts, Token(e.token));
+                r.lease_remaining = (e.state == RecordState::InProgress && e.lease_until > now)
+                    .then(|| Duration::from_micros(e.lease_until - now));
+                r.expires_in = Some(Duration::from_micros(e.expires_at - now));
+                r.fingerprint = e.fingerprint.as_deref().map(<[u8]>::to_vec);
+                r.output = e.output.as_deref().map(<[u8]>::to_vec);
+                r
+            }))
+    }
+
+    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        Ok(self.shard(key.as_bytes()).map.remove(key.as_bytes()).is_some())
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        let now = self.now();
+        Ok(self
+            .shards
+            .iter()
+            .map(|s| lock(s).sweep(now) as u64)
+            .sum())
+    }
+
+    async fn claim_batch(
+        &self,
+        reqs: &[ClaimRequest<'_>],
+    ) -> Result<Vec<ClaimOutcome>, StoreError> {
+        Ok(reqs.iter().map(|r| self.claim_sync(r)).collect())
+    }
+
+    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
+        Ok(items.iter().map(|c| self.complete_sync(c)).collect())
+    }
+
+    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
+        Ok(items.iter().map(|r| self.release_sync(r)).collect())
+    }
+}

@@ -1,0 +1,460 @@
+//! The claim → run → complete/release protocol shared by the attribute and the
+//! manual API.
+//!
+//! ```text
+//! claim ──Acquired──▶ run body (lease renewed every lease/3) ──Ok──▶ complete(output) ──▶ Ok(t)
+//!   │                                      │ Err / panic / cancel
+//!   │                                      └──────────────────────▶ release ──▶ Err(e) / unwind
+//!   ├─Completed──▶ Ok(cached t)            (no body run)
+//!   ├─InProgress──▶ Err(InProgress) or wait with backoff, then claim again
+//!   ├─Exhausted──▶ Err(AttemptsExhausted)
+//!   └─FingerprintMismatch──▶ Err(FingerprintMismatch)
+//! ```
+
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Store, Token};
+use crate::{Error, NotReplayable, RecordKey, StoreError};
+use futures_util::FutureExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::borrow::Cow;
+use std::future::{Future, poll_fn};
+use std::panic::AssertUnwindSafe;
+use std::pin::pin;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::task::Poll;
+use std::time::Duration;
+
+/// Default cap on a cached output's serialized size: 64 KiB.
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 64 * 1024;
+
+static MAX_OUTPUT_BYTES: AtomicUsize = AtomicUsize::new(DEFAULT_MAX_OUTPUT_BYTES);
+
+/// Sets the process-wide cap on a cached output's serialized (JSON) size, for handlers
+/// declared with the attribute. An output over the cap is still returned to the caller,
+/// but the record is Completed without it, and later duplicates get
+/// [`Error::OutputNotReplayable`] instead of a value.
+pub fn set_max_output_bytes(bytes: usize) {
+    MAX_OUTPUT_BYTES.store(bytes, Ordering::Relaxed);
+}
+
+/// What to do when the store cannot be reached (`on_store_error`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum OnStoreError {
+    /// Fail closed: return [`Error::Store`], do not run the handler (guarantee G4).
+    #[default]
+    Fail,
+    /// Fail open: run the handler without deduplication, logging a warning.
+    Process,
+}
+
+/// What to do when another execution holds the claim (`on_in_progress`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
+#[non_exhaustive]
+pub enum OnInProgress {
+    /// Return [`Error::InProgress`] at once.
+    #[default]
+    Reject,
+    /// Wait, with backoff, for at most one lease; return the winner's output if it
+    /// completes, run the handler if the winner fails or its lease expires.
+    Wait,
+}
+
+/// Protocol settings of one handler. The attribute builds it from its arguments;
+/// the manual API from [`Idempotency`](crate::Idempotency)'s builder methods.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Settings {
+    /// How long a completed key is remembered.
+    pub ttl: Duration,
+    /// How long a claim holds without renewal.
+    pub lease: Duration,
+    /// Poison the key after this many failed attempts.
+    pub max_attempts: Option<u32>,
+    /// Store unreachable: fail closed or run unprotected.
+    pub on_store_error: OnStoreError,
+    /// Claim held elsewhere: reject or wait.
+    pub on_in_progress: OnInProgress,
+    /// Cap on the cached output's size; `None` uses the process-wide cap
+    /// ([`set_max_output_bytes`]).
+    pub max_output_bytes: Option<usize>,
+}
+
+impl Settings {
+    /// The defaults of the attribute: `ttl = "7d"`, `lease = "60s"`, unlimited attempts,
+    /// fail closed, reject while in progress.
+    pub const DEFAULT: Settings = Settings {
+        ttl: Duration::from_secs(7 * 24 * 3600),
+        lease: Duration::from_secs(60),
+        max_attempts: None,
+        on_store_error: OnStoreError::Fail,
+        on_in_progress: OnInProgress::Reject,
+        max_output_bytes: None,
+    };
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self::DEFAULT
+    }
+}
+
+/// The claim under which the current handler runs; see [`current_claim`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Claim {
+    /// The handler's scope.
+    pub scope: Cow<'static, str>,
+    /// The fencing token of this claim: strictly greater than the token of every earlier
+    /// claim of the same key, so downstream writes can be fenced with it.
+    pub token: Token,
+    /// 1 on the first attempt, 2 on the first retry, …
+    pub attempt: u32,
+}
+
+impl Claim {
+    /// Whether an earlier attempt on this key failed, crashed or was cancelled.
+    pub fn is_retry(&self) -> bool {
+        self.attempt > 1
+    }
+}
+
+tokio::task_local! {
+    static CURRENT_CLAIM: Claim;
+}
+
+/// The claim the calling handler runs under, or `None` outside an idempotent handler
+/// (and when deduplication is disabled or skipped by `on_store_error = "process"`).
+///
+/// ```
+/// use idempotent_runtime::{current_claim, idempotent, Error};
+///
+/// #[idempotent(key = "id")]
+/// async fn handle(id: &str) -> Result<u32, Error> {
+///     let claim = current_claim().expect("runs under a claim");
+///     Ok(claim.attempt)
+/// }
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// assert_eq!(handle("m-1").await.unwrap(), 1);
+/// # });
+/// ```
+pub fn current_claim() -> Option<Claim> {
+    CURRENT_CLAIM.try_with(Claim::clone).ok()
+}
+
+/// A store reference that can outlive the call (needed to release a cancelled claim
+/// from a spawned task).
+#[derive(Clone, Debug)]
+pub(crate) enum StoreHandle {
+    Static(&'static dyn Store),
+    Shared(Arc<dyn Store>),
+}
+
+impl StoreHandle {
+    fn get(&self) -> &dyn Store {
+        match self {
+            StoreHandle::Static(s) => *s,
+            StoreHandle::Shared(s) => &**s,
+        }
+    }
+}
+
+/// `IDEMPOTENT_DISABLED=1` (read once, at the first handled message).
+pub(crate) fn disabled() -> bool {
+    static DISABLED: OnceLock<bool> = OnceLock::new();
+    *DISABLED.get_or_init(|| {
+        let on = std::env::var("IDEMPOTENT_DISABLED")
+            .map(|v| matches!(v.trim(), "1" | "true" | "TRUE" | "yes"))
+            .unwrap_or(false);
+        if on {
+            tracing::warn!(
+                "IDEMPOTENT_DISABLED is set: #[idempotent] handlers run without deduplication"
+            );
+        }
+        on
+    })
+}
+
+fn warn_once(flag: &AtomicBool, msg: &str) {
+    if !flag.swap(true, Ordering::Relaxed) {
+        tracing::warn!("{msg}");
+    }
+}
+
+/// Serializes an output for the cache; `None` when it is over the cap or cannot be
+/// serialized (it is still returned to the caller).
+fn encode_output<T: Serialize>(value: &T, cap: usize) -> Option<Vec<u8>> {
+    match serde_json::to_vec(value) {
+        Ok(bytes) if bytes.len() <= cap => Some(bytes),
+        Ok(bytes) => {
+            tracing::warn!(
+                size = bytes.len(),
+                cap,
+                "handler output is over the cache cap; duplicates will get OutputNotReplayable"
+            );
+            None
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "handler output does not serialize; it is not cached");
+            None
+        }
+    }
+}
+
+pub(crate) fn decode_output<T: DeserializeOwned>(output: Option<Vec<u8>>) -> Result<T, Error> {
+    match output {
+        None => Err(Error::OutputNotReplayable {
+            reason: NotReplayable::TooLarge,
+        }),
+        Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::OutputNotReplayable {
+            reason: NotReplayable::Decode(e),
+        }),
+    }
+}
+
+/// Releases the claim if the handler's future is dropped before it finished.
+struct CancelGuard<'a> {
+    store: &'a StoreHandle,
+    key: &'a RecordKey,
+    token: Token,
+    armed: bool,
+}
+
+impl Drop for CancelGuard<'_> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        // The handler was cancelled (its future dropped) mid-run. Release the claim so a
+        // redelivery can run at once; without a runtime, the lease expires on its own.
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.store.clone();
+        let key = self.key.clone();
+        let token = self.token;
+        rt.spawn(async move {
+            let r = store.get().release(&Release { key: &key, token }).await;
+            if let Err(e) = r {
+                tracing::warn!(error = %e, "could not release a cancelled claim; it frees when its lease expires");
+            }
+        });
+    }
+}
+
+async fn renew_loop(store: &dyn Store, key: &RecordKey, token: Token, lease: Duration) {
+    let every = (lease / 3).max(Duration::from_millis(1));
+    loop {
+        tokio::time::sleep(every).await;
+        match store.renew(key, token, lease).await {
+            Ok(Fence::Held) => {}
+            Ok(Fence::Lost) => {
+                tracing::error!(
+                    scope = key.scope(),
+                    "lease lost while the handler runs: another execution may have taken the key over"
+                );
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "lease renewal failed; retrying at the next tick");
+            }
+        }
+    }
+}
+
+/// Runs `body` under the protocol. The key is already encoded; `fingerprint` is the
+/// hash of the declared fingerprint expression.
+pub(crate) async fn execute<T, E, Fut>(
+    settings: &Settings,
+    scope: Cow<'static, str>,
+    store: StoreHandle,
+    key: RecordKey,
+    fingerprint: Option<[u8; 32]>,
+    body: Fut,
+) -> Result<T, E>
+where
+    T: Serialize + DeserializeOwned,
+    E: From<Error>,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let req = ClaimRequest {
+        key: &key,
+        lease: settings.lease,
+        ttl: settings.ttl,
+        fingerprint: fingerprint.as_ref().map(|f| &f[..]),
+        max_attempts: settings.max_attempts,
+    };
+    let mut waited = Duration::ZERO;
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let outcome = match store.get().claim(&req).await {
+            Ok(o) => o,
+            Err(e) => return store_unavailable(settings, e, body).await,
+        };
+        match outcome {
+            ClaimOutcome::Acquired { token, attempt } => {
+                let claim = Claim {
+                    scope,
+                    token,
+                    attempt,
+                };
+                return run_claimed(settings, &store, &key, claim, body).await;
+            }
+            ClaimOutcome::Completed { output } => return decode_output(output).map_err(E::from),
+            ClaimOutcome::InProgress { retry_after } => {
+                if settings.on_in_progress == OnInProgress::Reject || waited >= settings.lease {
+                    return Err(Error::InProgress { retry_after }.into());
+                }
+                let pause = backoff
+                    .min(retry_after + Duration::from_millis(1))
+                    .min(settings.lease - waited);
+                tokio::time::sleep(pause).await;
+                waited += pause;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+            ClaimOutcome::Exhausted { attempts } => {
+                return Err(Error::AttemptsExhausted { attempts }.into());
+            }
+            ClaimOutcome::FingerprintMismatch => return Err(Error::FingerprintMismatch.into()),
+        }
+    }
+}
+
+async fn store_unavailable<T, E, Fut>(settings: &Settings, e: StoreError, body: Fut) -> Result<T, E>
+where
+    E: From<Error>,
+    Fut: Future<Output = Result<T, E>>,
+{
+    match settings.on_store_error {
+        OnStoreError::Fail => Err(Error::Store(e).into()),
+        OnStoreError::Process => {
+            tracing::warn!(error = %e, "store unavailable; running the handler without deduplication (on_store_error = \"process\")");
+            body.await
+        }
+    }
+}
+
+async fn run_claimed<T, E, Fut>(
+    settings: &Settings,
+    store: &StoreHandle,
+    key: &RecordKey,
+    claim: Claim,
+    body: Fut,
+) -> Result<T, E>
+where
+    T: Serialize + DeserializeOwned,
+    E: From<Error>,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let token = claim.token;
+    let mut guard = CancelGuard {
+        store,
+        key,
+        token,
+        armed: true,
+    };
+    let result = {
+        let mut body = pin!(CURRENT_CLAIM.scope(claim, AssertUnwindSafe(body).catch_unwind()));
+        let mut renew = pin!(renew_loop(store.get(), key, token, settings.lease));
+        let mut renewing = true;
+        poll_fn(|cx| {
+            if let Poll::Ready(r) = body.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+            // polled only after the body first yields: a handler that finishes at once
+            // never arms a timer
+            if renewing && renew.as_mut().poll(cx).is_ready() {
+                renewing = false;
+            }
+            Poll::Pending
+        })
+        .await
+    };
+    let store = store.get();
+    match result {
+        Ok(Ok(value)) => {
+            let cap = settings
+                .max_output_bytes
+                .unwrap_or_else(|| MAX_OUTPUT_BYTES.load(Ordering::Relaxed));
+            let output = encode_output(&value, cap);
+            let completion = Completion {
+                key,
+                token,
+                output: output.as_deref(),
+                ttl: settings.ttl,
+            };
+            complete_with_retry(store, &completion, settings.lease).await;
+            guard.armed = false;
+            Ok(value)
+        }
+        Ok(Err(e)) => {
+            release(store, key, token).await;
+            guard.armed = false;
+            Err(e)
+        }
+        Err(panic) => {
+            release(store, key, token).await;
+            guard.armed = false;
+            std::panic::resume_unwind(panic)
+        }
+    }
+}
+
+/// Records the completion, retrying transient store errors for up to a third of the
+/// lease. If it still fails the handler's value is returned anyway (its effects
+/// happened); the claim then frees when its lease expires.
+async fn complete_with_retry(store: &dyn Store, completion: &Completion<'_>, lease: Duration) {
+    let deadline = lease / 3;
+    let mut spent = Duration::ZERO;
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match store.complete(completion).await {
+            Ok(Fence::Held) => return,
+            Ok(Fence::Lost) => {
+                tracing::error!(
+                    scope = completion.key.scope(),
+                    "completion refused: the lease expired and another execution took the key over"
+                );
+                return;
+            }
+            Err(e) if e.is_retryable() && spent + pause <= deadline => {
+                tracing::warn!(error = %e, "completion failed; retrying");
+                tokio::time::sleep(pause).await;
+                spent += pause;
+                pause *= 2;
+            }
+            Err(e) => {
+                tracing::error!(
+                    error = %e,
+                    scope = completion.key.scope(),
+                    "could not record the completion; the key frees when its lease expires and a redelivery would run again"
+                );
+                return;
+            }
+        }
+    }
+}
+
+async fn release(store: &dyn Store, key: &RecordKey, token: Token) {
+    match store.release(&Release { key, token }).await {
+        Ok(Fence::Held) => {}
+        Ok(Fence::Lost) => tracing::warn!(
+            scope = key.scope(),
+            "release refused: the lease had expired and another execution took the key over"
+        ),
+        Err(e) => tracing::warn!(
+            error = %e,
+            scope = key.scope(),
+            "could not release the claim; the key frees when its lease expires"
+        ),
+    }
+}
+
+pub(crate) static DISABLED_WARNED: AtomicBool = AtomicBool::new(false);
+
+pub(crate) fn note_disabled() {
+    warn_once(
+        &DISABLED_WARNED,
+        "idempotency disabled by IDEMPOTENT_DISABLED; running handler without deduplication",
+    );
+}

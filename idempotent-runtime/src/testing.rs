@@ -1,0 +1,196 @@
+//! Test your own handlers under the failures that cause duplicates (feature `testing`).
+//!
+//! [`FaultyStore`] wraps any store and injects faults on command: the store going
+//! down, completions that never arrive, renewals that never arrive (so leases expire
+//! under a running handler), and a slow store. It also counts the calls each protocol
+//! step makes, so tests can assert round trips. Pair it with a
+//! [`MemoryStore`](crate::MemoryStore) on a [`ManualClock`](crate::ManualClock) to move
+//! time by hand.
+//!
+//! ```
+//! use idempotent_runtime::testing::FaultyStore;
+//! use idempotent_runtime::{Error, Idempotency, MemoryStore};
+//! use std::sync::Arc;
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+//! let payments = Idempotency::new("payments").shared_store(store.clone());
+//!
+//! store.set_down(true);
+//! let r: Result<(), Error> = payments.run("p-1", async { panic!("must not run") }).await;
+//! assert!(matches!(r, Err(Error::Store(_)))); // fail closed: the body did not run
+//!
+//! store.set_down(false);
+//! let r: Result<(), Error> = payments.run("p-1", async { Ok(()) }).await;
+//! assert!(r.is_ok());
+//! assert_eq!(store.calls().claim, 2);
+//! # });
+//! ```
+
+use crate::store::{
+    ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token,
+};
+use crate::{RecordKey, StoreError, StoreErrorKind};
+use async_trait::async_trait;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+/// How many times each operation was called on a [`FaultyStore`] (faulted calls included).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Calls {
+    /// `claim` and one per request of `claim_batch`.
+    pub claim: u64,
+    /// `complete` and one per item of `complete_batch`.
+    pub complete: u64,
+    /// `release` and one per item of `release_batch`.
+    pub release: u64,
+    /// `renew`.
+    pub renew: u64,
+}
+
+/// A store wrapper that injects faults; see the [module docs](self).
+#[derive(Debug)]
+pub struct FaultyStore<S> {
+    inner: S,
+    down: AtomicBool,
+    lose_completions: AtomicU64,
+    drop_renewals: AtomicBool,
+    delay: Mutex<Duration>,
+    claim: AtomicU64,
+    complete: AtomicU64,
+    release: AtomicU64,
+    renew: AtomicU64,
+}
+
+fn unavailable(what: &str) -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Unavailable,
+        format!("injected fault: {what}"),
+    )
+}
+
+impl<S: Store> FaultyStore<S> {
+    /// Wraps `inner` with no faults active.
+    pub fn new(inner: S) -> Self {
+        FaultyStore {
+            inner,
+            down: AtomicBool::new(false),
+            lose_completions: AtomicU64::new(0),
+            drop_renewals: AtomicBool::new(false),
+            delay: Mutex::new(Duration::ZERO),
+            claim: AtomicU64::new(0),
+            complete: AtomicU64::new(0),
+            release: AtomicU64::new(0),
+            renew: AtomicU64::new(0),
+        }
+    }
+
+    /// The wrapped store.
+    pub fn inner(&self) -> &S {
+        &self.inner
+    }
+
+    /// While down, every operation fails with [`StoreErrorKind::Unavailable`].
+    pub fn set_down(&self, down: bool) {
+        self.down.store(down, Ordering::SeqCst);
+    }
+
+    /// The next `n` completions never reach the store: the caller sees an
+    /// unavailable error, the record stays In progress until its lease expires.
+    pub fn lose_next_completions(&self, n: u64) {
+        self.lose_completions.store(n, Ordering::SeqCst);
+    }
+
+    /// While set, renewals are dropped (answered as held, never applied), so the
+    /// lease of a running handler expires as if its process had stalled.
+    pub fn drop_renewals(&self, on: bool) {
+        self.drop_renewals.store(on, Ordering::SeqCst);
+    }
+
+    /// Delays every operation by `delay` (a slow store or network).
+    pub fn set_delay(&self, delay: Duration) {
+        *self.delay.lock().unwrap_or_else(|p| p.into_inner()) = delay;
+    }
+
+    /// Calls made so far.
+    pub fn calls(&self) -> Calls {
+        Calls {
+            claim: self.claim.load(Ordering::SeqCst),
+            complete: self.complete.load(Ordering::SeqCst),
+            release: self.release.load(Ordering::SeqCst),
+            renew: self.renew.load(Ordering::SeqCst),
+        }
+    }
+
+    async fn gate(&self, what: &str) -> Result<(), StoreError> {
+        let delay = *self.delay.lock().unwrap_or_else(|p| p.into_inner());
+        if !delay.is_zero() {
+            tokio::time::sleep(delay).await;
+        }
+        if self.down.load(Ordering::SeqCst) {
+            return Err(unavailable(what));
+        }
+        Ok(())
+    }
+
+    fn take_lost_completion(&self) -> bool {
+        self.lose_completions
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    }
+}
+
+#[async_trait]
+impl<S: Store> Store for FaultyStore<S> {
+    async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        self.claim.fetch_add(1, Ordering::SeqCst);
+        self.gate("store down").await?;
+        self.inner.claim(req).await
+    }
+
+    async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
+        self.complete.fetch_add(1, Ordering::SeqCst);
+        self.gate("store down").await?;
+        if self.take_lost_completion() {
+            return Err(unavailable("completion lost"));
+        }
+        self.inner.complete(c).await
+    }
+
+    async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
+        self.release.fetch_add(1, Ordering::SeqCst);
+        self.gate("store down").await?;
+        self.inner.release(r).await
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        lease: Duration,
+    ) -> Result<Fence, StoreError> {
+        self.renew.fetch_add(1, Ordering::SeqCst);
+        self.gate("store down").await?;
+        if self.drop_renewals.load(Ordering::SeqCst) {
+            return Ok(Fence::Held);
+        }
+        self.inner.renew(key, token, lease).await
+    }
+
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        self.gate("store down").await?;
+        self.inner.inspect(key).await
+    }
+
+    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        self.gate("store down").await?;
+        self.inner.forget(key).await
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        self.gate("store down").await?;
+        self.inner.purge_expired().await
+    }
+}
