@@ -2,7 +2,7 @@
 //! guarantees.
 
 use crate::protocol::{self, Settings, StoreHandle};
-use crate::{Error, KeyBuilder, KeyPart, Store, registered_store};
+use crate::{Error, KeyPart, Store, registered_store};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::borrow::Cow;
@@ -32,6 +32,7 @@ impl Config {
     }
 }
 
+pub use crate::KeyBuilder;
 pub use crate::protocol::Settings as ConfigSettings;
 
 /// Where the handler's store comes from.

@@ -1,0 +1,136 @@
+//! Emits the rewritten handler.
+//!
+//! ```text
+//! // Input:
+//! #[idempotent(key = "msg.id", store = "redis")]
+//! pub async fn on_paid(msg: &OrderPaid) -> Result<Receipt, AppError> { body }
+//!
+//! // Output (paths shortened):
+//! pub async fn on_paid(msg: &OrderPaid) -> Result<Receipt, AppError> {
+//!     fn __idempotent_scope() {}                       // its type name is the default scope
+//!     static CONFIG: __private::Config = /* ttl, lease, … */;
+//!     let mut key = KeyBuilder::new();
+//!     __private::key_part(&mut key, &(msg.id));        // one call per tuple element
+//!     __private::execute(&CONFIG, type_name_of_val(&__idempotent_scope),
+//!         StoreArg::Named("redis"), key, None,
+//!         async move { let ret: Result<Receipt, AppError> = { body }; ret }).await
+//! }
+//! ```
+
+use crate::attr::StoreArg;
+use crate::validate::Checked;
+use proc_macro2::{Span, TokenStream};
+use quote::{quote, quote_spanned};
+use syn::spanned::Spanned;
+use syn::{Expr, ItemFn, ReturnType};
+
+pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
+    let ItemFn {
+        attrs,
+        vis,
+        modifiers,
+        sig,
+        block,
+    } = func;
+    let defaultness = modifiers.defaultness;
+    let krate = &c.krate;
+    let private = quote!(#krate::__private);
+    let site = Span::mixed_site();
+    let key = quote_spanned!(site=> __idempotent_key);
+    let config = quote_spanned!(site=> __IDEMPOTENT_CONFIG);
+    let marker = quote_spanned!(site=> __idempotent_scope);
+    let ret = quote_spanned!(site=> __idempotent_ret);
+
+    let key_parts = c.key_parts.iter().map(|part| {
+        quote_spanned! {part.span()=>
+            #private::key_part(&mut #key, &(#part));
+        }
+    });
+
+    let fingerprint = match &c.fingerprint {
+        None => quote!(#private::core::option::Option::None),
+        Some(fp) => {
+            // a tuple is borrowed element by element so fields are not moved out of
+            // borrowed messages; `(&a, &b)` serializes exactly like `(a, b)`
+            let value = match fp {
+                Expr::Tuple(t) => {
+                    let elems = t.elems.iter();
+                    quote!((#(&(#elems),)*))
+                }
+                other => quote!(#other),
+            };
+            quote_spanned! {fp.span()=>
+                #private::core::option::Option::Some(#private::fingerprint(&#value))
+            }
+        }
+    };
+
+    let store = match &c.store {
+        None => quote!(#private::StoreArg::Named("memory")),
+        Some(StoreArg::Name(lit)) => quote!(#private::StoreArg::Named(#lit)),
+        Some(StoreArg::Expr(e)) => quote_spanned! {e.span()=>
+            #private::StoreArg::Typed(&*(#e))
+        },
+    };
+
+    let scope = match &c.scope {
+        Some(s) => quote!(#private::core::option::Option::Some(#s)),
+        None => quote!(#private::core::option::Option::None),
+    };
+    let ttl = c.ttl_ms;
+    let lease = c.lease_ms;
+    let max_attempts = match c.max_attempts {
+        Some(n) => quote!(#private::core::option::Option::Some(#n)),
+        None => quote!(#private::core::option::Option::None),
+    };
+    let on_store_error = if c.on_store_error_process {
+        quote!(#private::OnStoreError::Process)
+    } else {
+        quote!(#private::OnStoreError::Fail)
+    };
+    let on_in_progress = if c.on_in_progress_wait {
+        quote!(#private::OnInProgress::Wait)
+    } else {
+        quote!(#private::OnInProgress::Reject)
+    };
+
+    let ret_ty = match &sig.output {
+        ReturnType::Type(_, ty) => quote!(#ty),
+        ReturnType::Default => quote!(()),
+    };
+
+    quote! {
+        #(#attrs)*
+        #vis #defaultness #sig {
+            #[allow(non_snake_case, dead_code, clippy::items_after_statements)]
+            fn #marker() {}
+            static #config: #private::Config = #private::Config {
+                scope: #scope,
+                settings: #private::ConfigSettings {
+                    ttl: #private::Duration::from_millis(#ttl),
+                    lease: #private::Duration::from_millis(#lease),
+                    max_attempts: #max_attempts,
+                    on_store_error: #on_store_error,
+                    on_in_progress: #on_in_progress,
+                    max_output_bytes: #private::core::option::Option::None,
+                },
+            };
+            let mut #key = #private::KeyBuilder::new();
+            #(#key_parts)*
+            #private::execute(
+                &#config,
+                #private::core::any::type_name_of_val(&#marker),
+                #store,
+                #key,
+                #fingerprint,
+                async move {
+                    #[allow(unreachable_code, clippy::let_and_return, clippy::needless_return)]
+                    let #ret: #ret_ty = #block;
+                    #[allow(unreachable_code)]
+                    #ret
+                },
+            )
+            .await
+        }
+    }
+}

@@ -1,0 +1,435 @@
+//! Checks the arguments against the function and turns them into what `expand` emits.
+
+use crate::attr::{Args, Errors, StoreArg};
+use proc_macro2::Span;
+use std::collections::BTreeSet;
+use syn::spanned::Spanned;
+use syn::visit::Visit;
+use syn::{Expr, FnArg, ItemFn, LitStr, Pat, Path, ReturnType, Type};
+
+/// Longest accepted `ttl` or `lease`: ten years (every store can represent the deadline).
+const MAX_DURATION_MS: u64 = 3650 * 24 * 3600 * 1000;
+const DEFAULT_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
+const DEFAULT_LEASE_MS: u64 = 60 * 1000;
+const MAX_SCOPE_BYTES: usize = 200;
+
+/// Everything `expand` needs, validated.
+pub(crate) struct Checked {
+    pub(crate) key_parts: Vec<Expr>,
+    pub(crate) fingerprint: Option<Expr>,
+    pub(crate) store: Option<StoreArg>,
+    pub(crate) ttl_ms: u64,
+    pub(crate) lease_ms: u64,
+    pub(crate) max_attempts: Option<u32>,
+    pub(crate) scope: Option<LitStr>,
+    pub(crate) on_store_error_process: bool,
+    pub(crate) on_in_progress_wait: bool,
+    pub(crate) krate: Path,
+}
+
+pub(crate) fn check(args: Args, func: &ItemFn, errors: &mut Errors) -> Option<Checked> {
+    check_signature(func, errors);
+    let params = parameters(func);
+
+    let key_parts = match &args.key {
+        None => {
+            errors.at(
+                Span::call_site(),
+                "missing `key`: name the message's unique id, like `#[idempotent(key = \"msg.id\")]`",
+            );
+            None
+        }
+        Some(lit) => expression(lit, "key", &params, errors).map(|e| match e {
+            Expr::Tuple(t) => t.elems.into_iter().collect(),
+            other => vec![other],
+        }),
+    };
+    let fingerprint = args
+        .fingerprint
+        .as_ref()
+        .and_then(|lit| expression(lit, "fingerprint", &params, errors));
+
+    let ttl = args.ttl.as_ref().and_then(|l| duration(l, "ttl", errors));
+    let lease = args
+        .lease
+        .as_ref()
+        .and_then(|l| duration(l, "lease", errors));
+    let ttl_ms = ttl.unwrap_or(DEFAULT_TTL_MS);
+    let lease_ms = lease.unwrap_or(DEFAULT_LEASE_MS);
+    if (args.ttl.is_none() || ttl.is_some()) && (args.lease.is_none() || lease.is_some()) {
+        if lease_ms >= ttl_ms {
+            match (&args.lease, &args.ttl) {
+                (Some(l), _) => errors.at(
+                    l.span(),
+                    format!(
+                        "`lease = {:?}` must be shorter than the ttl ({}); a claim cannot outlive the record that holds it",
+                        l.value(),
+                        describe(ttl_ms)
+                    ),
+                ),
+                (None, Some(t)) => errors.at(
+                    t.span(),
+                    format!(
+                        "`ttl = {:?}` is not longer than the default lease of 60s; add a shorter `lease`, like `lease = \"5s\"`",
+                        t.value()
+                    ),
+                ),
+                (None, None) => {}
+            }
+        }
+    }
+
+    let max_attempts = args.max_attempts.as_ref().and_then(|lit| {
+        match lit.base10_parse::<u32>() {
+            Ok(0) => {
+                errors.at(
+                    lit.span(),
+                    "`max_attempts = 0` would never run the handler; use 1 or more, or leave it out for unlimited attempts",
+                );
+                None
+            }
+            Ok(n) => Some(n),
+            Err(_) => {
+                errors.at(
+                    lit.span(),
+                    format!("`max_attempts` must be a whole number from 1 to {}", u32::MAX),
+                );
+                None
+            }
+        }
+    });
+
+    if let Some(scope) = &args.scope {
+        let v = scope.value();
+        if v.trim().is_empty() {
+            errors.at(
+                scope.span(),
+                "`scope` cannot be empty; name the consumer, like `scope = \"orders\"`, or leave it out to use the handler's path",
+            );
+        } else if v.len() > MAX_SCOPE_BYTES {
+            errors.at(
+                scope.span(),
+                format!(
+                    "`scope` is {} bytes long; keep it under {MAX_SCOPE_BYTES}",
+                    v.len()
+                ),
+            );
+        }
+    }
+
+    let on_store_error_process = choice(
+        args.on_store_error.as_ref(),
+        "on_store_error",
+        &["fail", "process"],
+        errors,
+    ) == Some(1);
+    let on_in_progress_wait = choice(
+        args.on_in_progress.as_ref(),
+        "on_in_progress",
+        &["reject", "wait"],
+        errors,
+    ) == Some(1);
+
+    let krate = args
+        .krate
+        .unwrap_or_else(|| syn::parse_quote!(::idempotent_runtime));
+
+    Some(Checked {
+        key_parts: key_parts?,
+        fingerprint,
+        store: args.store,
+        ttl_ms,
+        lease_ms,
+        max_attempts,
+        scope: args.scope,
+        on_store_error_process,
+        on_in_progress_wait,
+        krate,
+    })
+}
+
+fn check_signature(func: &ItemFn, errors: &mut Errors) {
+    let sig = &func.sig;
+    if sig.asyncness.is_none() {
+        errors.at(
+            sig.fn_token.span,
+            "`#[idempotent]` handlers must be `async fn`: add `async` before `fn`",
+        );
+    }
+    let help = "`#[idempotent]` handlers return `Result<T, E>` where `T: Serialize + DeserializeOwned` \
+                (the output replayed to duplicates) and `E: From<idempotent_runtime::Error>`";
+    match &sig.output {
+        ReturnType::Default => errors.at(
+            sig.paren_token.span.close(),
+            format!("missing return type: {help}"),
+        ),
+        ReturnType::Type(_, ty) => {
+            if !is_result(ty) {
+                errors.at(ty.span(), format!("this is not a `Result`: {help}"));
+            }
+        }
+    }
+}
+
+fn is_result(ty: &Type) -> bool {
+    match ty {
+        Type::Path(p) => {
+            p.qself.is_none() && p.path.segments.last().is_some_and(|s| s.ident == "Result")
+        }
+        Type::Group(g) => is_result(&g.elem),
+        Type::Paren(p) => is_result(&p.elem),
+        _ => false,
+    }
+}
+
+/// The names bound by the function's parameters, `self` included.
+fn parameters(func: &ItemFn) -> Vec<String> {
+    let mut names = Vec::new();
+    for input in &func.sig.inputs {
+        match input {
+            FnArg::Receiver(_) => names.push("self".to_owned()),
+            FnArg::Typed(t) => pattern_names(&t.pat, &mut names),
+        }
+    }
+    names
+}
+
+fn pattern_names(pat: &Pat, out: &mut Vec<String>) {
+    struct V<'a>(&'a mut Vec<String>);
+    impl<'ast> Visit<'ast> for V<'_> {
+        fn visit_pat_ident(&mut self, p: &'ast syn::PatIdent) {
+            self.0.push(p.ident.to_string());
+            syn::visit::visit_pat_ident(self, p);
+        }
+    }
+    V(out).visit_pat(pat);
+}
+
+/// Parses a string argument as a Rust expression and checks that every variable it
+/// names is a parameter.
+fn expression(lit: &LitStr, what: &str, params: &[String], errors: &mut Errors) -> Option<Expr> {
+    let expr = match lit.parse::<Expr>() {
+        Ok(e) => e,
+        Err(e) => {
+            errors.at(
+                lit.span(),
+                format!(
+                    "`{what}` must be a Rust expression over the handler's parameters, like `\"msg.id\"` or `\"(msg.topic, msg.id)\"`: {e}"
+                ),
+            );
+            return None;
+        }
+    };
+    let mut vars = Variables::default();
+    vars.visit_expr(&expr);
+    let mut ok = true;
+    for (name, span) in vars.used {
+        if vars.bound.contains(&name) || params.iter().any(|p| *p == name) {
+            continue;
+        }
+        ok = false;
+        let listed = if params.is_empty() {
+            "the handler has no parameters".to_owned()
+        } else {
+            format!(
+                "the handler's parameters are {}",
+                params
+                    .iter()
+                    .map(|p| format!("`{p}`"))
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        };
+        errors.at(
+            span,
+            format!("`{what}` uses `{name}`, which is not a parameter of this function; {listed}"),
+        );
+    }
+    ok.then_some(expr)
+}
+
+/// Single-segment lowercase paths used as values (variables), and names bound
+/// inside the expression (closure parameters, `let` in blocks).
+#[derive(Default)]
+struct Variables {
+    used: Vec<(String, Span)>,
+    bound: BTreeSet<String>,
+}
+
+impl<'ast> Visit<'ast> for Variables {
+    fn visit_expr_path(&mut self, p: &'ast syn::ExprPath) {
+        if p.qself.is_none() {
+            if let Some(ident) = p.path.get_ident() {
+                let name = ident.to_string();
+                if name == "self" || name.starts_with(|c: char| c.is_lowercase() || c == '_') {
+                    if !self.used.iter().any(|(n, _)| *n == name) {
+                        self.used.push((name, ident.span()));
+                    }
+                }
+            }
+        }
+    }
+
+    fn visit_expr_call(&mut self, c: &'ast syn::ExprCall) {
+        // `hash(msg)`: the callee is a function, not a variable
+        if !matches!(&*c.func, Expr::Path(_)) {
+            self.visit_expr(&c.func);
+        }
+        for a in &c.args {
+            self.visit_expr(a);
+        }
+    }
+
+    fn visit_pat_ident(&mut self, p: &'ast syn::PatIdent) {
+        self.bound.insert(p.ident.to_string());
+        syn::visit::visit_pat_ident(self, p);
+    }
+}
+
+/// Parses a duration like `"7d"`, `"1h30m"` or `"250ms"` into milliseconds.
+pub(crate) fn parse_duration(s: &str) -> Result<u64, String> {
+    let s = s.trim();
+    if s.is_empty() {
+        return Err("is empty; write a duration like \"60s\", \"7d\" or \"1h30m\"".into());
+    }
+    if s.starts_with('-') {
+        return Err("is negative; durations are positive, like \"60s\"".into());
+    }
+    let mut total: u64 = 0;
+    let mut rest = s;
+    while !rest.is_empty() {
+        let digits = rest
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        if digits == 0 {
+            return Err(format!(
+                "has `{}` where a number belongs; write a number then a unit (ms, s, m, h, d, w), like \"1h30m\"",
+                rest.chars().next().unwrap_or(' ')
+            ));
+        }
+        let number: u64 = rest[..digits]
+            .parse()
+            .map_err(|_| "overflows: the number is too large".to_owned())?;
+        rest = &rest[digits..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit())
+            .unwrap_or(rest.len());
+        let unit = &rest[..unit_len];
+        rest = &rest[unit_len..];
+        let per: u64 = match unit {
+            "ms" => 1,
+            "s" => 1000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            "w" => 604_800_000,
+            "" => {
+                return Err(format!(
+                    "has `{number}` without a unit; add one of ms, s, m, h, d, w, like \"{number}s\""
+                ));
+            }
+            other if other.starts_with('.') => {
+                return Err(
+                    "has a fraction; combine units instead, like \"1h30m\" for 1.5h".into(),
+                );
+            }
+            other => {
+                return Err(format!(
+                    "has the unknown unit `{other}`; use ms, s, m, h, d or w"
+                ));
+            }
+        };
+        total = number
+            .checked_mul(per)
+            .and_then(|ms| total.checked_add(ms))
+            .ok_or_else(|| "overflows".to_owned())?;
+    }
+    if total == 0 {
+        return Err("is zero; it must be positive".into());
+    }
+    if total > MAX_DURATION_MS {
+        return Err("is longer than the maximum of 3650d (ten years)".into());
+    }
+    Ok(total)
+}
+
+fn duration(lit: &LitStr, what: &str, errors: &mut Errors) -> Option<u64> {
+    match parse_duration(&lit.value()) {
+        Ok(ms) => Some(ms),
+        Err(why) => {
+            errors.at(lit.span(), format!("`{what} = {:?}` {why}", lit.value()));
+            None
+        }
+    }
+}
+
+fn describe(ms: u64) -> String {
+    if ms % 86_400_000 == 0 {
+        format!("{}d", ms / 86_400_000)
+    } else if ms % 3_600_000 == 0 {
+        format!("{}h", ms / 3_600_000)
+    } else if ms % 60_000 == 0 {
+        format!("{}m", ms / 60_000)
+    } else if ms % 1000 == 0 {
+        format!("{}s", ms / 1000)
+    } else {
+        format!("{ms}ms")
+    }
+}
+
+fn choice(
+    lit: Option<&LitStr>,
+    what: &str,
+    options: &[&str],
+    errors: &mut Errors,
+) -> Option<usize> {
+    let lit = lit?;
+    let v = lit.value();
+    match options.iter().position(|o| *o == v) {
+        Some(i) => Some(i),
+        None => {
+            errors.at(
+                lit.span(),
+                format!(
+                    "`{what} = {v:?}` is not an option; use {}",
+                    options
+                        .iter()
+                        .map(|o| format!("`{what} = \"{o}\"`"))
+                        .collect::<Vec<_>>()
+                        .join(" or ")
+                ),
+            );
+            None
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_duration;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("7d"), Ok(7 * 86_400_000));
+        assert_eq!(parse_duration("1h30m"), Ok(5_400_000));
+        assert_eq!(parse_duration("250ms"), Ok(250));
+        assert_eq!(
+            parse_duration("1w2d3h4m5s6ms"),
+            Ok(604_800_000 + 2 * 86_400_000 + 3 * 3_600_000 + 4 * 60_000 + 5000 + 6)
+        );
+        for bad in [
+            "",
+            "0s",
+            "5",
+            "5x",
+            "-5s",
+            "1.5h",
+            "s",
+            "99999999999999999999d",
+            "3651d",
+            "0ms0s",
+        ] {
+            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
+        }
+    }
+}
