@@ -105,7 +105,9 @@ impl fmt::Display for Error {
             Error::FingerprintMismatch => f.write_str(
                 "the idempotency key was already used by a message with a different fingerprint",
             ),
-            Error::Fingerprint(_) => f.write_str("the fingerprint expression could not be serialized"),
+            Error::Fingerprint(_) => {
+                f.write_str("the fingerprint expression could not be serialized")
+            }
             Error::Store(_) => f.write_str("idempotency store failed"),
             Error::UnknownStore { name } => write!(
                 f,
@@ -113,9 +115,9 @@ impl fmt::Display for Error {
                  call `idempotent_runtime::register_store({name:?}, store)` at start-up"
             ),
             Error::OutputNotReplayable { reason } => match reason {
-                NotReplayable::TooLarge => f.write_str(
-                    "duplicate of a completed key whose output was too large to cache",
-                ),
+                NotReplayable::TooLarge => {
+                    f.write_str("duplicate of a completed key whose output was too large to cache")
+                }
                 NotReplayable::Decode(_) => f.write_str(
                     "duplicate of a completed key whose cached output no longer deserializes",
                 ),
@@ -266,6 +268,9 @@ mod tests {
         ));
         let src = std::error::Error::source(&e).unwrap();
         assert_eq!(src.to_string(), "redis unreachable");
-        assert_eq!(std::error::Error::source(src).unwrap().to_string(), "refused");
+        assert_eq!(
+            std::error::Error::source(src).unwrap().to_string(),
+            "refused"
+        );
     }
 }

@@ -32,8 +32,14 @@ mod tests {
 
     #[test]
     fn equal_values_equal_fingerprints() {
-        assert_eq!(fingerprint(&(1, "a")).unwrap(), fingerprint(&(1, "a")).unwrap());
-        assert_ne!(fingerprint(&(1, "a")).unwrap(), fingerprint(&(2, "a")).unwrap());
+        assert_eq!(
+            fingerprint(&(1, "a")).unwrap(),
+            fingerprint(&(1, "a")).unwrap()
+        );
+        assert_ne!(
+            fingerprint(&(1, "a")).unwrap(),
+            fingerprint(&(2, "a")).unwrap()
+        );
     }
 
     #[test]

@@ -40,11 +40,11 @@ pub mod testing;
 
 #[cfg(feature = "redis")]
 mod redis_store;
-#[cfg(feature = "redis")]
-pub use redis_store::*;
 /// The `redis` driver this crate's [`RedisStore`] uses.
 #[cfg(feature = "redis")]
 pub use redis;
+#[cfg(feature = "redis")]
+pub use redis_store::*;
 
 #[cfg(any(feature = "mysql", feature = "postgres", feature = "sqlite"))]
 mod sql;

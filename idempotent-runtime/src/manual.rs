@@ -172,11 +172,11 @@ impl Idempotency {
         let key = RecordKey::new(&self.scope, key)?;
         let store = match &self.store {
             StoreChoice::Handle(h) => h.clone(),
-            StoreChoice::Named(name) => StoreHandle::Static(registered_store(name).ok_or_else(
-                || Error::UnknownStore {
+            StoreChoice::Named(name) => {
+                StoreHandle::Static(registered_store(name).ok_or_else(|| Error::UnknownStore {
                     name: name.to_string(),
-                },
-            )?),
+                })?)
+            }
         };
         protocol::execute(
             &self.settings,

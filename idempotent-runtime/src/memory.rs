@@ -313,16 +313,16 @@ impl Store for MemoryStore {
     }
 
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        Ok(self.shard(key.as_bytes()).map.remove(key.as_bytes()).is_some())
+        Ok(self
+            .shard(key.as_bytes())
+            .map
+            .remove(key.as_bytes())
+            .is_some())
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
         let now = self.now();
-        Ok(self
-            .shards
-            .iter()
-            .map(|s| lock(s).sweep(now) as u64)
-            .sum())
+        Ok(self.shards.iter().map(|s| lock(s).sweep(now) as u64).sum())
     }
 
     async fn claim_batch(

@@ -27,9 +27,7 @@
 //! # });
 //! ```
 
-use crate::store::{
-    ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token,
-};
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use crate::{RecordKey, StoreError, StoreErrorKind};
 use async_trait::async_trait;
 use std::sync::Mutex;
