@@ -1,1 +1,900 @@
-//! The store conformance suite (being written).
+//! The store conformance suite: one set of checks, run against every store.
+//!
+//! Every public `async fn` here takes a fresh handle to the store under test and
+//! checks one rule of the [`Store`] contract or one guarantee of the protocol
+//! (G1–G6, G8). Each case works in its own random scope, so cases can run in parallel
+//! against one shared server.
+//!
+//! Use [`conformance_suite!`](crate::conformance_suite) to get one `#[tokio::test]` per
+//! case, or [`run_all`] to run every case in one test (for fixtures that are
+//! expensive to start, such as a Redis Cluster).
+
+use futures_util::future::join_all;
+use idempotent_runtime::testing::FaultyStore;
+use idempotent_runtime::{
+    ClaimOutcome, ClaimRequest, Completion, Error, Fence, Idempotency, OnInProgress,
+    OnStoreError, RecordKey, RecordState, Release, Store, Token, current_claim,
+};
+use std::collections::HashSet;
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+/// Short lease used by the cases that wait for expiry.
+pub const LEASE: Duration = Duration::from_millis(300);
+const TTL: Duration = Duration::from_secs(60);
+
+/// A scope no other case or run uses.
+pub fn unique_scope(case: &str) -> String {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("random bytes");
+    format!("conformance::{case}::{:016x}", u64::from_le_bytes(b))
+}
+
+fn key(scope: &str, k: &str) -> RecordKey {
+    RecordKey::new(scope, k).expect("valid key")
+}
+
+fn req(key: &RecordKey) -> ClaimRequest<'_> {
+    ClaimRequest {
+        key,
+        lease: LEASE,
+        ttl: TTL,
+        fingerprint: None,
+        max_attempts: None,
+    }
+}
+
+async fn acquire(store: &dyn Store, r: &ClaimRequest<'_>) -> (Token, u32) {
+    match store.claim(r).await.expect("claim") {
+        ClaimOutcome::Acquired { token, attempt } => (token, attempt),
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+async fn complete(store: &dyn Store, key: &RecordKey, token: Token, output: &[u8]) -> Fence {
+    store
+        .complete(&Completion {
+            key,
+            token,
+            output: Some(output),
+            ttl: TTL,
+        })
+        .await
+        .expect("complete")
+}
+
+async fn release(store: &dyn Store, key: &RecordKey, token: Token) -> Fence {
+    store
+        .release(&Release { key, token })
+        .await
+        .expect("release")
+}
+
+fn handler(store: &Arc<dyn Store>, case: &str) -> Idempotency {
+    Idempotency::new(unique_scope(case))
+        .shared_store(store.clone())
+        .lease(LEASE)
+        .ttl(TTL)
+}
+
+/// The error type of the handlers in this suite.
+#[derive(Debug)]
+pub enum HandlerError {
+    /// From the protocol.
+    Idem(Error),
+    /// From the handler body.
+    Business(&'static str),
+}
+
+impl From<Error> for HandlerError {
+    fn from(e: Error) -> Self {
+        HandlerError::Idem(e)
+    }
+}
+
+// ---------------------------------------------------------------- claim rules
+
+/// A fresh key is acquired with attempt 1 and is In progress.
+pub async fn claim_fresh_key_acquires(store: Arc<dyn Store>) {
+    let scope = unique_scope("fresh");
+    let k = key(&scope, "m-1");
+    let (token, attempt) = acquire(&*store, &req(&k)).await;
+    assert_eq!(attempt, 1);
+    let rec = store.inspect(&k).await.unwrap().expect("record exists");
+    assert_eq!(rec.state, RecordState::InProgress);
+    assert_eq!(rec.attempts, 1);
+    assert_eq!(rec.token, token);
+    let left = rec.lease_remaining.expect("lease is live");
+    assert!(left <= LEASE && left > Duration::ZERO, "lease left {left:?}");
+}
+
+/// G2: a duplicate of a completed key gets the cached output from the claim itself.
+pub async fn duplicate_of_completed_key_replays_output(store: Arc<dyn Store>) {
+    let scope = unique_scope("replay");
+    let k = key(&scope, "m-1");
+    let (token, _) = acquire(&*store, &req(&k)).await;
+    assert_eq!(complete(&*store, &k, token, b"{\"receipt\":7}").await, Fence::Held);
+    for _ in 0..3 {
+        assert_eq!(
+            store.claim(&req(&k)).await.unwrap(),
+            ClaimOutcome::Completed {
+                output: Some(b"{\"receipt\":7}".to_vec())
+            }
+        );
+    }
+    let rec = store.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(rec.state, RecordState::Completed);
+    assert_eq!(rec.attempts, 1, "replays are not attempts");
+}
+
+/// A completion without a cached output replays as `output: None`.
+pub async fn completed_without_output_replays_none(store: Arc<dyn Store>) {
+    let scope = unique_scope("no-output");
+    let k = key(&scope, "m-1");
+    let (token, _) = acquire(&*store, &req(&k)).await;
+    let fence = store
+        .complete(&Completion {
+            key: &k,
+            token,
+            output: None,
+            ttl: TTL,
+        })
+        .await
+        .unwrap();
+    assert_eq!(fence, Fence::Held);
+    assert_eq!(
+        store.claim(&req(&k)).await.unwrap(),
+        ClaimOutcome::Completed { output: None }
+    );
+}
+
+/// G1: while a lease is live, every other claim is refused with the time left.
+pub async fn live_claim_refuses_others(store: Arc<dyn Store>) {
+    let scope = unique_scope("in-progress");
+    let k = key(&scope, "m-1");
+    acquire(&*store, &req(&k)).await;
+    match store.claim(&req(&k)).await.unwrap() {
+        ClaimOutcome::InProgress { retry_after } => {
+            assert!(retry_after <= LEASE && retry_after > Duration::ZERO);
+        }
+        other => panic!("expected InProgress, got {other:?}"),
+    }
+}
+
+/// G1: many claimers racing on one key: exactly one wins.
+pub async fn racing_claims_have_one_winner(store: Arc<dyn Store>) {
+    let scope = unique_scope("race");
+    for round in 0..20 {
+        let k = key(&scope, &format!("m-{round}"));
+        let results = join_all((0..16).map(|_| {
+            let store = store.clone();
+            let k = k.clone();
+            tokio::spawn(async move { store.claim(&req(&k)).await.unwrap() })
+        }))
+        .await;
+        let winners = results
+            .into_iter()
+            .map(|r| r.unwrap())
+            .filter(|o| matches!(o, ClaimOutcome::Acquired { .. }))
+            .count();
+        assert_eq!(winners, 1, "round {round}");
+    }
+}
+
+/// G3: a released key is claimable at once, with the next attempt and a larger token.
+pub async fn released_key_is_claimable_at_once(store: Arc<dyn Store>) {
+    let scope = unique_scope("release");
+    let k = key(&scope, "m-1");
+    let (t1, _) = acquire(&*store, &req(&k)).await;
+    assert_eq!(release(&*store, &k, t1).await, Fence::Held);
+    let rec = store.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(rec.state, RecordState::Released);
+    assert_eq!(rec.attempts, 1);
+    let (t2, attempt) = acquire(&*store, &req(&k)).await;
+    assert_eq!(attempt, 2);
+    assert!(t2 > t1, "tokens grow: {t1} then {t2}");
+}
+
+/// G3: a crashed holder (no release, no renewal) frees the key when its lease expires.
+pub async fn expired_lease_is_taken_over(store: Arc<dyn Store>) {
+    let scope = unique_scope("takeover");
+    let k = key(&scope, "m-1");
+    let (t1, _) = acquire(&*store, &req(&k)).await;
+    tokio::time::sleep(LEASE + Duration::from_millis(150)).await;
+    let (t2, attempt) = acquire(&*store, &req(&k)).await;
+    assert_eq!(attempt, 2);
+    assert!(t2 > t1);
+}
+
+/// G6: once another claim took over, the old token can neither complete, release nor
+/// renew, and the new owner's record is untouched.
+pub async fn stale_owner_is_fenced(store: Arc<dyn Store>) {
+    let scope = unique_scope("fencing");
+    let k = key(&scope, "m-1");
+    let (old, _) = acquire(&*store, &req(&k)).await;
+    tokio::time::sleep(LEASE + Duration::from_millis(150)).await;
+    let (new, _) = acquire(&*store, &req(&k)).await;
+    assert_eq!(complete(&*store, &k, old, b"\"stale\"").await, Fence::Lost);
+    assert_eq!(release(&*store, &k, old).await, Fence::Lost);
+    assert_eq!(
+        store.renew(&k, old, LEASE).await.unwrap(),
+        Fence::Lost
+    );
+    let rec = store.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(rec.state, RecordState::InProgress);
+    assert_eq!(rec.token, new);
+    assert_eq!(complete(&*store, &k, new, b"\"fresh\"").await, Fence::Held);
+    assert_eq!(
+        store.claim(&req(&k)).await.unwrap(),
+        ClaimOutcome::Completed {
+            output: Some(b"\"fresh\"".to_vec())
+        }
+    );
+    // a completed record cannot be released or completed again by anyone
+    assert_eq!(release(&*store, &k, new).await, Fence::Lost);
+    assert_eq!(complete(&*store, &k, new, b"\"again\"").await, Fence::Lost);
+}
+
+/// G6: tokens strictly increase per key, also when the record is forgotten and
+/// created again.
+pub async fn tokens_strictly_increase(store: Arc<dyn Store>) {
+    let scope = unique_scope("tokens");
+    let k = key(&scope, "m-1");
+    let mut last = Token(0);
+    for i in 0..10 {
+        let (t, _) = acquire(&*store, &req(&k)).await;
+        assert!(t > last, "token {t} after {last}");
+        last = t;
+        if i % 2 == 0 {
+            release(&*store, &k, t).await;
+        } else {
+            assert!(store.forget(&k).await.unwrap());
+        }
+    }
+}
+
+/// G1: renewing extends the lease past its original end.
+pub async fn renewal_extends_the_lease(store: Arc<dyn Store>) {
+    let scope = unique_scope("renew");
+    let k = key(&scope, "m-1");
+    let (t, _) = acquire(&*store, &req(&k)).await;
+    for _ in 0..4 {
+        tokio::time::sleep(LEASE / 2).await;
+        assert_eq!(store.renew(&k, t, LEASE).await.unwrap(), Fence::Held);
+    }
+    // 4 × LEASE/2 after the claim: without renewals the lease would have expired twice
+    assert!(matches!(
+        store.claim(&req(&k)).await.unwrap(),
+        ClaimOutcome::InProgress { .. }
+    ));
+}
+
+/// Poisoning: after `max_attempts` failed attempts (released or crashed), claims are
+/// refused with `Exhausted`.
+pub async fn max_attempts_poisons_the_key(store: Arc<dyn Store>) {
+    let scope = unique_scope("poison");
+    let k = key(&scope, "m-1");
+    let r = ClaimRequest {
+        max_attempts: Some(3),
+        ..req(&k)
+    };
+    for attempt in 1..=2 {
+        let (t, a) = acquire(&*store, &r).await;
+        assert_eq!(a, attempt);
+        release(&*store, &k, t).await;
+    }
+    // the third attempt crashes: no release, the lease runs out
+    let (_, a) = acquire(&*store, &r).await;
+    assert_eq!(a, 3);
+    tokio::time::sleep(LEASE + Duration::from_millis(150)).await;
+    assert_eq!(
+        store.claim(&r).await.unwrap(),
+        ClaimOutcome::Exhausted { attempts: 3 }
+    );
+    // without the limit the key is claimable (the limit belongs to the handler)
+    let (_, a) = acquire(&*store, &req(&k)).await;
+    assert_eq!(a, 4);
+}
+
+/// The same key with another fingerprint is refused; the same fingerprint replays.
+pub async fn fingerprint_mismatch_is_refused(store: Arc<dyn Store>) {
+    let scope = unique_scope("fingerprint");
+    let k = key(&scope, "m-1");
+    let fp_a = [1u8; 32];
+    let fp_b = [2u8; 32];
+    let with = |fp: &'static [u8]| ClaimRequest {
+        fingerprint: Some(fp),
+        ..req(&k)
+    };
+    let fp_a: &'static [u8] = Box::leak(Box::new(fp_a));
+    let fp_b: &'static [u8] = Box::leak(Box::new(fp_b));
+    let (t, _) = acquire(&*store, &with(fp_a)).await;
+    assert_eq!(
+        store.claim(&with(fp_b)).await.unwrap(),
+        ClaimOutcome::FingerprintMismatch
+    );
+    complete(&*store, &k, t, b"1").await;
+    assert_eq!(
+        store.claim(&with(fp_b)).await.unwrap(),
+        ClaimOutcome::FingerprintMismatch
+    );
+    assert_eq!(
+        store.claim(&with(fp_a)).await.unwrap(),
+        ClaimOutcome::Completed {
+            output: Some(b"1".to_vec())
+        }
+    );
+    let rec = store.inspect(&k).await.unwrap().unwrap();
+    assert_eq!(rec.fingerprint.as_deref(), Some(fp_a));
+}
+
+/// G2 is bounded by the ttl: a completed record is forgotten after it.
+pub async fn completed_record_expires_after_ttl(store: Arc<dyn Store>) {
+    let scope = unique_scope("ttl");
+    let k = key(&scope, "m-1");
+    let short = ClaimRequest {
+        ttl: Duration::from_millis(400),
+        lease: Duration::from_millis(200),
+        ..req(&k)
+    };
+    let (t, _) = acquire(&*store, &short).await;
+    let fence = store
+        .complete(&Completion {
+            key: &k,
+            token: t,
+            output: Some(b"1"),
+            ttl: Duration::from_millis(400),
+        })
+        .await
+        .unwrap();
+    assert_eq!(fence, Fence::Held);
+    assert!(matches!(
+        store.claim(&short).await.unwrap(),
+        ClaimOutcome::Completed { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(store.inspect(&k).await.unwrap(), None);
+    let (_, attempt) = acquire(&*store, &short).await;
+    assert_eq!(attempt, 1, "an expired record starts over");
+    // purging is safe to call at any time
+    store.purge_expired().await.unwrap();
+}
+
+/// Forget deletes a record in any state; inspect of an absent key is `None`.
+pub async fn forget_and_inspect(store: Arc<dyn Store>) {
+    let scope = unique_scope("forget");
+    let k = key(&scope, "m-1");
+    assert_eq!(store.inspect(&k).await.unwrap(), None);
+    assert!(!store.forget(&k).await.unwrap());
+    let (t, _) = acquire(&*store, &req(&k)).await;
+    complete(&*store, &k, t, b"1").await;
+    assert!(store.forget(&k).await.unwrap());
+    assert_eq!(store.inspect(&k).await.unwrap(), None);
+    let (_, attempt) = acquire(&*store, &req(&k)).await;
+    assert_eq!(attempt, 1);
+}
+
+/// Scopes never share records.
+pub async fn scopes_are_isolated(store: Arc<dyn Store>) {
+    let a = unique_scope("scope-a");
+    let b = unique_scope("scope-b");
+    let ka = key(&a, "same-id");
+    let kb = key(&b, "same-id");
+    let (t, _) = acquire(&*store, &req(&ka)).await;
+    complete(&*store, &ka, t, b"1").await;
+    let (_, attempt) = acquire(&*store, &req(&kb)).await;
+    assert_eq!(attempt, 1);
+}
+
+/// G8: keys are data, whatever their bytes, and composite keys never collide.
+pub async fn keys_are_data(store: Arc<dyn Store>) {
+    let scope = unique_scope("bytes");
+    let long = vec![b'k'; 100 * 1024];
+    let mut long2 = long.clone();
+    *long2.last_mut().unwrap() = b'j';
+    let raw: Vec<Vec<u8>> = vec![
+        b"plain".to_vec(),
+        b"quote'\"`".to_vec(),
+        b"glob*?[a-z]{}".to_vec(),
+        b"sql'; DROP TABLE message_idempotent; --".to_vec(),
+        b"like%_\\".to_vec(),
+        b"line\nbreak\r\n".to_vec(),
+        b"nul\0byte".to_vec(),
+        b"\0leading-nul".to_vec(),
+        vec![0xff, 0xfe, 0x80, 0x00, 0xc3],
+        "ünïcödé 🦀".as_bytes().to_vec(),
+        b"colon:separated:key".to_vec(),
+        b"{hash-tag}".to_vec(),
+        long.clone(),
+        long2,
+    ];
+    let mut keys: Vec<RecordKey> = raw
+        .iter()
+        .map(|r| RecordKey::new(&scope, r.as_slice()).unwrap())
+        .collect();
+    keys.push(RecordKey::new(&scope, &("a:b", "c")).unwrap());
+    keys.push(RecordKey::new(&scope, &("a", "b:c")).unwrap());
+    keys.push(RecordKey::new(&scope, &("1:a", "")).map_or_else(
+        |_| RecordKey::new(&scope, &("1", ":a")).unwrap(),
+        |k| k,
+    ));
+    let distinct: HashSet<_> = keys.iter().collect();
+    assert_eq!(distinct.len(), keys.len(), "encodings are distinct");
+    for (i, k) in keys.iter().enumerate() {
+        let (t, _) = acquire(&*store, &req(k)).await;
+        let out = format!("{i}");
+        assert_eq!(complete(&*store, k, t, out.as_bytes()).await, Fence::Held);
+    }
+    for (i, k) in keys.iter().enumerate() {
+        assert_eq!(
+            store.claim(&req(k)).await.unwrap(),
+            ClaimOutcome::Completed {
+                output: Some(format!("{i}").into_bytes())
+            },
+            "key #{i} kept its own record"
+        );
+        let rec = store.inspect(k).await.unwrap().unwrap();
+        assert_eq!(rec.output, Some(format!("{i}").into_bytes()));
+    }
+}
+
+/// Batches follow the same rules as single claims, one outcome per request, in order.
+pub async fn batches_follow_the_same_rules(store: Arc<dyn Store>) {
+    let scope = unique_scope("batch");
+    let keys: Vec<RecordKey> = (0..20).map(|i| key(&scope, &format!("m-{i}"))).collect();
+    // key 0 completed, key 1 in progress beforehand
+    let (t0, _) = acquire(&*store, &req(&keys[0])).await;
+    complete(&*store, &keys[0], t0, b"0").await;
+    acquire(&*store, &req(&keys[1])).await;
+    let reqs: Vec<_> = keys.iter().map(req).collect();
+    let out = store.claim_batch(&reqs).await.unwrap();
+    assert_eq!(out.len(), keys.len());
+    assert_eq!(
+        out[0],
+        ClaimOutcome::Completed {
+            output: Some(b"0".to_vec())
+        }
+    );
+    assert!(matches!(out[1], ClaimOutcome::InProgress { .. }));
+    let mut completions = Vec::new();
+    let mut releases = Vec::new();
+    let outputs: Vec<String> = (0..keys.len()).map(|i| i.to_string()).collect();
+    for (i, o) in out.iter().enumerate().skip(2) {
+        let ClaimOutcome::Acquired { token, attempt } = o else {
+            panic!("key {i}: {o:?}");
+        };
+        assert_eq!(*attempt, 1);
+        if i % 2 == 0 {
+            completions.push(Completion {
+                key: &keys[i],
+                token: *token,
+                output: Some(outputs[i].as_bytes()),
+                ttl: TTL,
+            });
+        } else {
+            releases.push(Release {
+                key: &keys[i],
+                token: *token,
+            });
+        }
+    }
+    let fences = store.complete_batch(&completions).await.unwrap();
+    assert!(fences.iter().all(|f| *f == Fence::Held));
+    let fences = store.release_batch(&releases).await.unwrap();
+    assert!(fences.iter().all(|f| *f == Fence::Held));
+    let again = store.claim_batch(&reqs).await.unwrap();
+    for (i, o) in again.iter().enumerate().skip(2) {
+        if i % 2 == 0 {
+            assert_eq!(
+                *o,
+                ClaimOutcome::Completed {
+                    output: Some(outputs[i].clone().into_bytes())
+                }
+            );
+        } else {
+            assert!(
+                matches!(o, ClaimOutcome::Acquired { attempt: 2, .. }),
+                "key {i}: {o:?}"
+            );
+        }
+    }
+}
+
+// ---------------------------------------------------------------- protocol
+
+/// G1 + G2 end to end: many deliveries of the same messages racing on several tasks;
+/// each message's body runs once and every delivery gets its output.
+pub async fn concurrent_duplicates_run_once(store: Arc<dyn Store>) {
+    let h = Arc::new(handler(&store, "concurrent").on_in_progress(OnInProgress::Wait));
+    let runs: Arc<Vec<AtomicU32>> = Arc::new((0..100).map(|_| AtomicU32::new(0)).collect());
+    let mut tasks = Vec::new();
+    for copy in 0..6 {
+        for id in 0..100u32 {
+            let h = h.clone();
+            let runs = runs.clone();
+            tasks.push(tokio::spawn(async move {
+                let _ = copy;
+                h.run(&id, async {
+                    runs[id as usize].fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_millis(2)).await;
+                    Ok::<_, HandlerError>(id * 10)
+                })
+                .await
+            }));
+        }
+    }
+    for (i, t) in join_all(tasks).await.into_iter().enumerate() {
+        let out = t.unwrap().expect("every delivery succeeds");
+        assert_eq!(out, (i as u32 % 100) * 10);
+    }
+    for (id, n) in runs.iter().enumerate() {
+        assert_eq!(n.load(Ordering::SeqCst), 1, "message {id} ran once");
+    }
+}
+
+/// G3: a handler error releases the claim at once and the next delivery retries.
+pub async fn handler_error_releases_for_retry(store: Arc<dyn Store>) {
+    let h = handler(&store, "error");
+    let r: Result<u32, HandlerError> = h
+        .run("m-1", async { Err(HandlerError::Business("db down")) })
+        .await;
+    assert!(matches!(r, Err(HandlerError::Business("db down"))));
+    let rec = store
+        .inspect(&h.record_key("m-1").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_ne!(rec.state, RecordState::Completed);
+    let r: Result<u32, HandlerError> = h
+        .run("m-1", async {
+            assert_eq!(current_claim().unwrap().attempt, 2);
+            Ok(5)
+        })
+        .await;
+    assert_eq!(r.unwrap(), 5);
+}
+
+/// G3: a panicking handler releases the claim and the panic reaches the caller.
+pub async fn panic_releases_for_retry(store: Arc<dyn Store>) {
+    let h = Arc::new(handler(&store, "panic"));
+    let h2 = h.clone();
+    let joined = tokio::spawn(async move {
+        h2.run("m-1", async {
+            if true {
+                panic!("handler bug");
+            }
+            Ok::<u32, HandlerError>(0)
+        })
+        .await
+    })
+    .await;
+    assert!(joined.unwrap_err().is_panic());
+    let rec = store
+        .inspect(&h.record_key("m-1").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(rec.state, RecordState::Released);
+    let r: Result<u32, HandlerError> = h.run("m-1", async { Ok(1) }).await;
+    assert_eq!(r.unwrap(), 1);
+}
+
+/// G3: a cancelled handler (its future dropped) never completes the key, and the
+/// claim is released without waiting for the lease.
+pub async fn cancellation_releases_for_retry(store: Arc<dyn Store>) {
+    let h = handler(&store, "cancel").lease(Duration::from_secs(30));
+    let slow = h.run("m-1", async {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        Ok::<u32, HandlerError>(0)
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), slow)
+            .await
+            .is_err()
+    );
+    // the release runs on a spawned task; give it a moment, far less than the lease
+    let k = h.record_key("m-1").unwrap();
+    let mut state = None;
+    for _ in 0..50 {
+        state = store.inspect(&k).await.unwrap().map(|r| r.state);
+        if state == Some(RecordState::Released) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state, Some(RecordState::Released));
+    let r: Result<u32, HandlerError> = h.run("m-1", async { Ok(2) }).await;
+    assert_eq!(r.unwrap(), 2);
+}
+
+/// G1: the lease is renewed while a handler outlives it, so duplicates keep being
+/// refused until it finishes.
+pub async fn long_handler_keeps_its_lease(store: Arc<dyn Store>) {
+    let h = Arc::new(handler(&store, "long"));
+    let runs = Arc::new(AtomicU32::new(0));
+    let (h1, r1) = (h.clone(), runs.clone());
+    let first = tokio::spawn(async move {
+        h1.run("m-1", async {
+            r1.fetch_add(1, Ordering::SeqCst);
+            tokio::time::sleep(LEASE * 4).await;
+            Ok::<u32, HandlerError>(9)
+        })
+        .await
+    });
+    for _ in 0..6 {
+        tokio::time::sleep(LEASE / 2).await;
+        let r2 = runs.clone();
+        let dup: Result<u32, HandlerError> = h
+            .run("m-1", async {
+                r2.fetch_add(1, Ordering::SeqCst);
+                Ok(0)
+            })
+            .await;
+        match dup {
+            Err(HandlerError::Idem(Error::InProgress { .. })) | Ok(9) => {}
+            other => panic!("duplicate got {other:?}"),
+        }
+    }
+    assert_eq!(first.await.unwrap().unwrap(), 9);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+}
+
+/// G6 end to end: a handler whose lease expired (its renewals lost) cannot overwrite
+/// the result of the execution that took over.
+pub async fn expired_holder_cannot_overwrite(store: Arc<dyn Store>) {
+    let faulty = Arc::new(FaultyStore::new(store.clone()));
+    let scope = unique_scope("overwrite");
+    let stalled = Idempotency::new(scope.clone())
+        .shared_store(faulty.clone())
+        .lease(LEASE);
+    let healthy = Idempotency::new(scope).shared_store(store.clone()).lease(LEASE);
+    faulty.drop_renewals(true);
+    let first = tokio::spawn(async move {
+        stalled
+            .run("m-1", async {
+                tokio::time::sleep(LEASE * 3).await;
+                Ok::<String, HandlerError>("stale".into())
+            })
+            .await
+    });
+    tokio::time::sleep(LEASE + Duration::from_millis(150)).await;
+    let second: Result<String, HandlerError> =
+        healthy.run("m-1", async { Ok("fresh".into()) }).await;
+    assert_eq!(second.unwrap(), "fresh");
+    // the stalled handler still returns its own value to its caller…
+    assert_eq!(first.await.unwrap().unwrap(), "stale");
+    // …but the record keeps the result of the execution that held the claim
+    let replay: Result<String, HandlerError> =
+        healthy.run("m-1", async { Ok("third".into()) }).await;
+    assert_eq!(replay.unwrap(), "fresh");
+}
+
+/// G4: with the store down the handler does not run (fail closed); with
+/// `on_store_error = process` it runs without deduplication.
+pub async fn store_outage_fails_closed(store: Arc<dyn Store>) {
+    let faulty = Arc::new(FaultyStore::new(store.clone()));
+    let scope = unique_scope("outage");
+    let closed = Idempotency::new(scope.clone()).shared_store(faulty.clone());
+    let open = Idempotency::new(scope)
+        .shared_store(faulty.clone())
+        .on_store_error(OnStoreError::Process);
+    faulty.set_down(true);
+    let runs = AtomicU32::new(0);
+    let r: Result<u32, HandlerError> = closed
+        .run("m-1", async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok(1)
+        })
+        .await;
+    match r {
+        Err(HandlerError::Idem(e @ Error::Store(_))) => assert!(e.is_retryable()),
+        other => panic!("expected a store error, got {other:?}"),
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "nothing runs unclaimed");
+    let r: Result<u32, HandlerError> = open
+        .run("m-1", async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok(1)
+        })
+        .await;
+    assert_eq!(r.unwrap(), 1);
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    faulty.set_down(false);
+    let r: Result<u32, HandlerError> = closed.run("m-1", async { Ok(2) }).await;
+    assert_eq!(r.unwrap(), 2, "after the outage the key is processed normally");
+}
+
+/// A lost completion leaves the key In progress, never Completed without an output
+/// that a duplicate could replay; it frees after the lease.
+pub async fn lost_completion_frees_after_lease(store: Arc<dyn Store>) {
+    let faulty = Arc::new(FaultyStore::new(store.clone()));
+    let h = Idempotency::new(unique_scope("lost-completion"))
+        .shared_store(faulty.clone())
+        .lease(LEASE);
+    faulty.lose_next_completions(100);
+    let r: Result<u32, HandlerError> = h.run("m-1", async { Ok(1) }).await;
+    assert_eq!(r.unwrap(), 1, "the handler's value is returned");
+    faulty.lose_next_completions(0);
+    let dup: Result<u32, HandlerError> = h.run("m-1", async { Ok(2) }).await;
+    assert!(matches!(dup, Err(HandlerError::Idem(Error::InProgress { .. }))));
+    tokio::time::sleep(LEASE + Duration::from_millis(150)).await;
+    let retry: Result<u32, HandlerError> = h.run("m-1", async { Ok(3) }).await;
+    assert_eq!(retry.unwrap(), 3);
+}
+
+/// `on_in_progress = wait` returns the winner's output instead of an error.
+pub async fn waiting_duplicate_gets_winners_output(store: Arc<dyn Store>) {
+    let h = Arc::new(handler(&store, "wait").on_in_progress(OnInProgress::Wait));
+    let h1 = h.clone();
+    let first = tokio::spawn(async move {
+        h1.run("m-1", async {
+            tokio::time::sleep(Duration::from_millis(150)).await;
+            Ok::<u32, HandlerError>(77)
+        })
+        .await
+    });
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let dup: Result<u32, HandlerError> = h.run("m-1", async { Ok(0) }).await;
+    assert_eq!(dup.unwrap(), 77);
+    assert_eq!(first.await.unwrap().unwrap(), 77);
+}
+
+/// `max_attempts` through the protocol: failures count, then `AttemptsExhausted`.
+pub async fn attempts_exhausted_after_failures(store: Arc<dyn Store>) {
+    let h = handler(&store, "exhausted").max_attempts(2);
+    for _ in 0..2 {
+        let r: Result<u32, HandlerError> = h.run("m-1", async { Err(HandlerError::Business("x")) }).await;
+        assert!(matches!(r, Err(HandlerError::Business(_))));
+    }
+    let runs = AtomicU32::new(0);
+    let r: Result<u32, HandlerError> = h
+        .run("m-1", async {
+            runs.fetch_add(1, Ordering::SeqCst);
+            Ok(1)
+        })
+        .await;
+    match r {
+        Err(HandlerError::Idem(e @ Error::AttemptsExhausted { attempts: 2 })) => {
+            assert!(!e.is_retryable())
+        }
+        other => panic!("expected AttemptsExhausted, got {other:?}"),
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+}
+
+/// A fingerprint mismatch through the protocol; the body does not run.
+pub async fn fingerprint_mismatch_through_protocol(store: Arc<dyn Store>) {
+    let h = handler(&store, "fp-protocol");
+    let r: Result<u32, HandlerError> = h
+        .run_with_fingerprint("m-1", &("alice", 100), async { Ok(1) })
+        .await;
+    assert_eq!(r.unwrap(), 1);
+    let r: Result<u32, HandlerError> = h
+        .run_with_fingerprint("m-1", &("alice", 999), async { Ok(2) })
+        .await;
+    assert!(matches!(
+        r,
+        Err(HandlerError::Idem(Error::FingerprintMismatch))
+    ));
+    let r: Result<u32, HandlerError> = h
+        .run_with_fingerprint("m-1", &("alice", 100), async { Ok(3) })
+        .await;
+    assert_eq!(r.unwrap(), 1);
+}
+
+/// An output over the cap is returned once, then duplicates get a clear error.
+pub async fn oversized_output_is_not_replayed(store: Arc<dyn Store>) {
+    let h = handler(&store, "big-output").max_output_bytes(16);
+    let big = "x".repeat(64);
+    let r: Result<String, HandlerError> = h.run("m-1", async { Ok(big.clone()) }).await;
+    assert_eq!(r.unwrap(), big);
+    let r: Result<String, HandlerError> = h.run("m-1", async { Ok("again".into()) }).await;
+    match r {
+        Err(HandlerError::Idem(Error::OutputNotReplayable { .. })) => {}
+        other => panic!("expected OutputNotReplayable, got {other:?}"),
+    }
+}
+
+/// `current_claim()` inside the handler matches the store's record.
+pub async fn current_claim_matches_the_record(store: Arc<dyn Store>) {
+    let h = handler(&store, "current-claim");
+    assert!(current_claim().is_none());
+    let seen = h
+        .run("m-1", async { Ok::<_, HandlerError>(current_claim().map(|c| (c.token.get(), c.attempt))) })
+        .await
+        .unwrap()
+        .expect("claim visible inside the handler");
+    let rec = store
+        .inspect(&h.record_key("m-1").unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(seen, (rec.token.get(), 1));
+}
+
+/// Runs every case against stores made by `make`, one after another.
+pub async fn run_all<F, Fut>(make: F)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = Arc<dyn Store>>,
+{
+    macro_rules! run {
+        ($($case:ident),* $(,)?) => {$(
+            eprintln!("conformance: {}", stringify!($case));
+            $case(make().await).await;
+        )*};
+    }
+    crate::__conformance_cases!(run!());
+}
+
+/// The list of cases, for [`conformance_suite!`](crate::conformance_suite) and [`run_all`]:
+/// calls `$m!($($arg)* case, case, …)`.
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_cases {
+    ($m:ident ! ($($arg:tt)*)) => {
+        $m!(
+            $($arg)*
+            claim_fresh_key_acquires,
+            duplicate_of_completed_key_replays_output,
+            completed_without_output_replays_none,
+            live_claim_refuses_others,
+            racing_claims_have_one_winner,
+            released_key_is_claimable_at_once,
+            expired_lease_is_taken_over,
+            stale_owner_is_fenced,
+            tokens_strictly_increase,
+            renewal_extends_the_lease,
+            max_attempts_poisons_the_key,
+            fingerprint_mismatch_is_refused,
+            completed_record_expires_after_ttl,
+            forget_and_inspect,
+            scopes_are_isolated,
+            keys_are_data,
+            batches_follow_the_same_rules,
+            concurrent_duplicates_run_once,
+            handler_error_releases_for_retry,
+            panic_releases_for_retry,
+            cancellation_releases_for_retry,
+            long_handler_keeps_its_lease,
+            expired_holder_cannot_overwrite,
+            store_outage_fails_closed,
+            lost_completion_frees_after_lease,
+            waiting_duplicate_gets_winners_output,
+            attempts_exhausted_after_failures,
+            fingerprint_mismatch_through_protocol,
+            oversized_output_is_not_replayed,
+            current_claim_matches_the_record,
+        );
+    };
+}
+
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_tests {
+    ({ $make:expr } $($case:ident),* $(,)?) => {$(
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            let store: ::std::sync::Arc<dyn ::idempotent_runtime::Store> = $make.await;
+            $crate::conformance::$case(store).await;
+        }
+    )*};
+}
+
+/// One `#[tokio::test]` per conformance case, each with a store from `$make` (an
+/// expression, usually an `async` block, evaluating to a future of `Arc<dyn Store>`).
+///
+/// ```ignore
+/// idempotent_tests::conformance_suite!(async {
+///     Arc::new(MemoryStore::new()) as Arc<dyn Store>
+/// });
+/// ```
+#[macro_export]
+macro_rules! conformance_suite {
+    ($make:expr) => {
+        use $crate::__conformance_tests as __conformance_tests_local;
+        $crate::__conformance_cases!(__conformance_tests_local!({ $make }));
+    };
+}

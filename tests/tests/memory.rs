@@ -1,0 +1,92 @@
+//! The conformance suite and the memory-specific guarantees on `MemoryStore`.
+
+use idempotent_runtime::{
+    ClaimOutcome, ClaimRequest, Completion, Fence, ManualClock, MemoryStore, RecordKey, Store,
+};
+use std::sync::Arc;
+use std::time::Duration;
+
+idempotent_tests::conformance_suite!(async { Arc::new(MemoryStore::new()) as Arc<dyn Store> });
+
+fn req(key: &RecordKey, ttl: Duration) -> ClaimRequest<'_> {
+    ClaimRequest {
+        key,
+        lease: Duration::from_secs(60),
+        ttl,
+        fingerprint: None,
+        max_attempts: None,
+    }
+}
+
+/// G5: leases and expiry follow the store's clock, not the time that passes for the
+/// caller: a lease outlives any real wait until the store clock moves past it.
+#[tokio::test]
+async fn leases_follow_the_store_clock() {
+    let clock = ManualClock::new();
+    let store = MemoryStore::with_clock(clock.clone());
+    let k = RecordKey::new("clock", "m-1").unwrap();
+    let r = ClaimRequest {
+        lease: Duration::from_millis(50),
+        ..req(&k, Duration::from_secs(3600))
+    };
+    assert!(matches!(
+        store.claim(&r).await.unwrap(),
+        ClaimOutcome::Acquired { .. }
+    ));
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    assert!(
+        matches!(
+            store.claim(&r).await.unwrap(),
+            ClaimOutcome::InProgress { .. }
+        ),
+        "real time passing does not expire a lease"
+    );
+    clock.advance(Duration::from_millis(51));
+    assert!(matches!(
+        store.claim(&r).await.unwrap(),
+        ClaimOutcome::Acquired { attempt: 2, .. }
+    ));
+}
+
+/// A stream of one million unique keys with a short ttl holds memory for the keys
+/// live within one ttl, not for every key ever seen.
+#[tokio::test]
+async fn memory_stays_bounded_under_unique_keys() {
+    let clock = ManualClock::new();
+    let store = MemoryStore::with_clock(clock.clone());
+    let ttl = Duration::from_millis(10);
+    let mut peak = 0;
+    for i in 0..1_000_000u32 {
+        let k = RecordKey::new("stream", &i).unwrap();
+        let r = ClaimRequest {
+            lease: Duration::from_millis(5),
+            ..req(&k, ttl)
+        };
+        let ClaimOutcome::Acquired { token, .. } = store.claim(&r).await.unwrap() else {
+            panic!("fresh key {i} not acquired");
+        };
+        let c = Completion {
+            key: &k,
+            token,
+            output: Some(b"null"),
+            ttl,
+        };
+        assert_eq!(store.complete(&c).await.unwrap(), Fence::Held);
+        // 1000 messages per store millisecond: 10 000 keys live within one ttl
+        if i % 1000 == 999 {
+            clock.advance(Duration::from_millis(1));
+        }
+        if i % 10_000 == 0 {
+            peak = peak.max(store.len());
+        }
+    }
+    peak = peak.max(store.len());
+    eprintln!("peak records held: {peak} for 1000000 keys");
+    assert!(
+        peak < 40_000,
+        "held {peak} records; about 10 000 are live at a time"
+    );
+    clock.advance(Duration::from_secs(1));
+    store.purge_expired().await.unwrap();
+    assert_eq!(store.len(), 0);
+}
