@@ -1,1 +1,922 @@
-//! Redis store.
+//! The Redis store: one single-key Lua script per protocol step, records packed into
+//! one string per key, expiry and leases on the server's clock.
+
+use crate::store::{
+    ClaimOutcome, ClaimRequest, Completion, Fence, Record, RecordState, Release, Store, Token,
+};
+use crate::{RecordKey, StoreError, StoreErrorKind};
+use async_trait::async_trait;
+use futures_util::future::join_all;
+use redis::aio::ConnectionManager;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::Slot;
+use redis::{
+    ErrorKind, IntoConnectionInfo, RedisError, Script, ScriptInvocation, ServerErrorKind, Value,
+};
+use std::collections::HashMap;
+use std::fmt;
+use std::sync::{Arc, LazyLock};
+use std::time::Duration;
+
+/// A dedup store in Redis (single node or Redis Cluster), shared by every process that
+/// connects to the same server.
+///
+/// ```no_run
+/// use idempotent_runtime::{idempotent, register_store, Error, RedisStore};
+///
+/// # async fn start() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
+/// register_store("redis", store);
+/// # Ok(()) }
+///
+/// #[idempotent(key = "id", store = "redis", ttl = "7d")]
+/// async fn on_order_paid(id: &str) -> Result<u64, Error> {
+///     Ok(42)
+/// }
+/// ```
+///
+/// `RedisStore` is a cheap [`Clone`] handle: clones share one multiplexed connection
+/// (a [`ConnectionManager`], which reconnects on its own after the server or the network
+/// comes back; on a cluster, a [`ClusterConnection`] with one connection per node).
+/// There is no pool to size: requests from all tasks are pipelined on the connection.
+///
+/// # Protocol on the server
+///
+/// Every step — claim, complete, release, renew, inspect — is one Lua script over one
+/// key, run with `EVALSHA` (the script is loaded again by itself after a `NOSCRIPT`, for
+/// example after a server restart); [`forget`](Store::forget) is one `DEL`. No script
+/// touches any other key, so the store works on Redis Cluster unchanged, and a duplicate
+/// of a completed key is answered, with its cached output, by the claim script in one
+/// round trip.
+///
+/// Leases and expiry use the server's clock only (guarantee G5): the scripts read
+/// `TIME`, and the key's own expiry (`PX`) is the record's expiry, so Redis frees
+/// expired records by itself and [`purge_expired`](Store::purge_expired) returns 0. The
+/// store has no clock of its own; the consumers' clocks never enter a decision. Fencing
+/// tokens are the larger of the record's previous token plus one and the server's
+/// `TIME` in microseconds.
+///
+/// The batch methods ([`claim_batch`](Store::claim_batch),
+/// [`complete_batch`](Store::complete_batch), [`release_batch`](Store::release_batch))
+/// send their scripts in one pipeline: one round trip per batch on a single node; on a
+/// cluster, one pipeline per hash slot, all sent at once.
+///
+/// Requires Redis 6.0 or later (or Valkey) for `SET … KEEPTTL`.
+///
+/// # Keys
+///
+/// A record lives at `prefix ‖ escape(len(scope) ":" scope ":" key)`, where `prefix`
+/// defaults to [`DEFAULT_PREFIX`](Self::DEFAULT_PREFIX) (`idem:`), `len(scope)` is the
+/// scope's length in bytes in decimal and `key` is the encoded key of the
+/// [`RecordKey`] (any bytes). The length makes the scope/key boundary unambiguous
+/// (`("a:1", "x")` and `("a", "1:x")` are different keys). `escape` replaces `{` by
+/// `FF 28`, `}` by `FF 29` and `FF` by `FF FF`, so no key carries a Redis Cluster hash
+/// tag and records spread over all slots; a hash tag placed in the prefix on purpose
+/// (`"idem:{orders}:"`) still pins all records to one slot. For example the key
+/// `order-17` of the scope `orders` lives at `idem:6:orders:order-17`.
+///
+/// # Record layout
+///
+/// A record is one Redis string (smaller than a hash with the same fields: 80 bytes of
+/// `MEMORY USAGE` against 96 for an in-progress record of a short key), big-endian:
+///
+/// | offset | size | field |
+/// | --- | --- | --- |
+/// | 0 | 1 | tag and state: `E1` in progress, `E2` completed, `E3` released |
+/// | 1 | 1 | flags: bit 0 a fingerprint follows, bit 1 an output follows |
+/// | 2 | 4 | attempts claimed so far |
+/// | 6 | 8 | fencing token of the latest claim |
+/// | 14 | 8 | lease deadline, server time in µs since the epoch (0 unless in progress) |
+/// | 22 | 4 | fingerprint length *n* (only with flag bit 0) |
+/// | 26 | *n* | fingerprint (only with flag bit 0) |
+/// | … | rest | cached output (only with flag bit 1) |
+///
+/// Lifetime: the key expires (`PX`) at the record's expiry — at least `max(ttl, lease)`
+/// after a claim, the completion's `ttl` after a completion, unchanged by a release;
+/// a renewal only ever extends it. A value that does not follow this layout (a string
+/// someone `SET` there, a hash, a truncated record) makes every operation on that key
+/// fail with [`StoreErrorKind::Corrupt`]; [`forget`](Store::forget) deletes it.
+///
+/// # TLS
+///
+/// `rediss://host:port` connects over TLS (rustls), verifying the server's certificate
+/// against the Mozilla root certificates bundled with `webpki-roots`, for managed Redis
+/// services with publicly trusted certificates. For a private certificate authority or
+/// mutual TLS, build the client with [`redis::Client::build_with_tls`] and pass the
+/// connection in:
+///
+/// ```no_run
+/// use idempotent_runtime::redis::{self, aio::ConnectionManager, TlsCertificates};
+/// use idempotent_runtime::RedisStore;
+///
+/// # async fn start() -> Result<(), Box<dyn std::error::Error>> {
+/// let client = redis::Client::build_with_tls(
+///     "rediss://redis.internal:6380",
+///     TlsCertificates {
+///         client_tls: None, // or Some(ClientTlsConfig { client_cert, client_key })
+///         root_cert: Some(std::fs::read("ca.pem")?),
+///     },
+/// )?;
+/// let store = RedisStore::from_connection_manager(ConnectionManager::new(client).await?);
+/// # Ok(()) }
+/// ```
+///
+/// The same way, [`from_connection_manager`](Self::from_connection_manager) takes a
+/// manager built with a [`redis::aio::ConnectionManagerConfig`] (timeouts, reconnect
+/// backoff) and [`from_cluster_connection`](Self::from_cluster_connection) a cluster
+/// connection built with [`redis::cluster::ClusterClientBuilder`].
+///
+/// # Errors
+///
+/// A connection that fails, times out or is being re-established gives
+/// [`StoreErrorKind::Unavailable`] (retryable) with the `redis` error as its source.
+/// Commands the server refuses (authentication, permissions, a server without Lua)
+/// give [`StoreErrorKind::Rejected`]. When a connection breaks after a request was sent,
+/// the script may have run without its answer arriving: a claim answered that way frees
+/// when its lease expires.
+#[derive(Clone)]
+pub struct RedisStore {
+    conn: Conn,
+    prefix: Arc<[u8]>,
+}
+
+#[derive(Clone)]
+enum Conn {
+    Single(ConnectionManager),
+    Cluster(ClusterConnection),
+}
+
+impl fmt::Debug for RedisStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RedisStore")
+            .field(
+                "mode",
+                &match self.conn {
+                    Conn::Single(_) => "single node",
+                    Conn::Cluster(_) => "cluster",
+                },
+            )
+            .field("prefix", &self.prefix.escape_ascii().to_string())
+            .finish()
+    }
+}
+
+impl RedisStore {
+    /// The key prefix used unless [`with_prefix`](Self::with_prefix) sets another.
+    pub const DEFAULT_PREFIX: &'static str = "idem:";
+
+    /// Connects to a single Redis server (`redis://`, `rediss://` for TLS, or
+    /// `redis+unix://`), waiting for the first connection.
+    ///
+    /// An unreachable server is [`StoreErrorKind::Unavailable`]; a malformed URL is
+    /// [`StoreErrorKind::Rejected`].
+    pub async fn connect(url: impl IntoConnectionInfo) -> Result<Self, StoreError> {
+        let client = redis::Client::open(url)
+            .map_err(|e| redis_error(e, "invalid Redis connection settings"))?;
+        let manager = ConnectionManager::new(client)
+            .await
+            .map_err(|e| redis_error(e, "could not connect to Redis"))?;
+        Ok(Self::from_connection_manager(manager))
+    }
+
+    /// Connects to a Redis Cluster through one or more of its nodes
+    /// (`&["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]`; `rediss://` for TLS),
+    /// discovering the others.
+    pub async fn connect_cluster<T>(nodes: &[T]) -> Result<Self, StoreError>
+    where
+        T: IntoConnectionInfo + Clone,
+    {
+        let client = redis::cluster::ClusterClient::new(nodes.iter().cloned())
+            .map_err(|e| redis_error(e, "invalid Redis Cluster connection settings"))?;
+        let conn = client
+            .get_async_connection()
+            .await
+            .map_err(|e| redis_error(e, "could not connect to Redis Cluster"))?;
+        Ok(Self::from_cluster_connection(conn))
+    }
+
+    /// A store on an existing single-node connection manager (for TLS certificates,
+    /// timeouts or reconnect settings of your own, or to share the application's
+    /// connection).
+    pub fn from_connection_manager(manager: ConnectionManager) -> Self {
+        RedisStore {
+            conn: Conn::Single(manager),
+            prefix: Arc::from(Self::DEFAULT_PREFIX.as_bytes()),
+        }
+    }
+
+    /// A store on an existing Redis Cluster connection.
+    pub fn from_cluster_connection(conn: ClusterConnection) -> Self {
+        RedisStore {
+            conn: Conn::Cluster(conn),
+            prefix: Arc::from(Self::DEFAULT_PREFIX.as_bytes()),
+        }
+    }
+
+    /// Uses `prefix` in front of every Redis key instead of `idem:`, for example to keep
+    /// several applications apart on one server. Stores with different prefixes never
+    /// see each other's records.
+    pub fn with_prefix(mut self, prefix: impl AsRef<[u8]>) -> Self {
+        self.prefix = Arc::from(prefix.as_ref());
+        self
+    }
+
+    /// The key prefix.
+    pub fn prefix(&self) -> &[u8] {
+        &self.prefix
+    }
+
+    /// Whether the store talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        matches!(self.conn, Conn::Cluster(_))
+    }
+
+    /// The Redis key holding the record of `key` (see [Keys](Self#keys)), for
+    /// inspecting records with `redis-cli`.
+    pub fn redis_key(&self, key: &RecordKey) -> Vec<u8> {
+        let scope = key.scope().as_bytes();
+        let bytes = key.key();
+        let len = scope.len().to_string();
+        let mut out =
+            Vec::with_capacity(self.prefix.len() + len.len() + scope.len() + bytes.len() + 8);
+        out.extend_from_slice(&self.prefix);
+        for part in [len.as_bytes(), b":", scope, b":", bytes] {
+            push_escaped(&mut out, part);
+        }
+        out
+    }
+
+    /// Runs one script invocation, reloading the script after a `NOSCRIPT`.
+    async fn eval(&self, inv: &ScriptInvocation<'_>) -> Result<Value, RedisError> {
+        match &self.conn {
+            Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
+            Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
+        }
+    }
+
+    async fn load(&self, script: &Script) -> Result<(), RedisError> {
+        let inv = script.prepare_invoke();
+        match &self.conn {
+            Conn::Single(c) => inv.load_async(&mut c.clone()).await.map(drop),
+            Conn::Cluster(c) => inv.load_async(&mut c.clone()).await.map(drop),
+        }
+    }
+
+    async fn pipeline(&self, invs: &[&ScriptInvocation<'_>]) -> Result<Vec<Value>, RedisError> {
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        for inv in invs {
+            pipe.invoke_script(inv);
+        }
+        match &self.conn {
+            Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
+        }
+    }
+
+    /// Runs many invocations of `script` (each on the key at the same index of `keys`)
+    /// in pipelines: one for a single node, one per hash slot on a cluster. Items that
+    /// the server did not run (`NOSCRIPT` after a restart, a slot moving) run again one
+    /// by one.
+    async fn eval_batch(
+        &self,
+        script: &Script,
+        invs: &[ScriptInvocation<'_>],
+        keys: &[Vec<u8>],
+    ) -> Result<Vec<Value>, StoreError> {
+        let groups: Vec<Vec<usize>> = match self.conn {
+            Conn::Single(_) => vec![(0..invs.len()).collect()],
+            Conn::Cluster(_) => {
+                let mut by_slot: HashMap<Slot, Vec<usize>> = HashMap::new();
+                for (i, k) in keys.iter().enumerate() {
+                    by_slot.entry(Slot::for_key(k)).or_default().push(i);
+                }
+                by_slot.into_values().collect()
+            }
+        };
+        let replies = join_all(groups.iter().map(|g| {
+            let items: Vec<&ScriptInvocation<'_>> = g.iter().map(|&i| &invs[i]).collect();
+            async move { self.pipeline(&items).await }
+        }))
+        .await;
+        let mut out = vec![Value::Nil; invs.len()];
+        for (group, reply) in groups.iter().zip(replies) {
+            let values = reply.map_err(|e| redis_error(e, "Redis pipeline failed"))?;
+            if values.len() != group.len() {
+                return Err(StoreError::new(
+                    StoreErrorKind::Corrupt,
+                    format!(
+                        "Redis answered a pipeline of {} scripts with {} replies",
+                        group.len(),
+                        values.len()
+                    ),
+                ));
+            }
+            for (&i, v) in group.iter().zip(values) {
+                out[i] = v;
+            }
+        }
+        let again: Vec<usize> = (0..out.len())
+            .filter(|&i| matches!(&out[i], Value::ServerError(e) if not_run(e.kind())))
+            .collect();
+        if !again.is_empty() {
+            if out.iter().any(|v| {
+                matches!(v, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript))
+            }) {
+                self.load(script)
+                    .await
+                    .map_err(|e| redis_error(e, "could not load a script into Redis"))?;
+            }
+            let replies = join_all(again.iter().map(|&i| self.eval(&invs[i]))).await;
+            for (&i, reply) in again.iter().zip(replies) {
+                out[i] = reply.map_err(|e| redis_error(e, "Redis script failed"))?;
+            }
+        }
+        for v in &mut out {
+            if let Value::ServerError(e) = v {
+                let e = RedisError::from(e.clone());
+                return Err(redis_error(e, "Redis script failed"));
+            }
+        }
+        Ok(out)
+    }
+
+    fn claim_invocation<'s>(&self, req: &ClaimRequest<'_>, key: &[u8]) -> ScriptInvocation<'s> {
+        let lease = micros(req.lease);
+        let keep = millis(req.ttl.max(req.lease));
+        let mut inv = CLAIM.prepare_invoke();
+        inv.key(key)
+            .arg(lease)
+            .arg(keep)
+            .arg(u8::from(req.fingerprint.is_some()))
+            .arg(req.fingerprint.unwrap_or_default())
+            .arg(req.max_attempts.unwrap_or(0));
+        inv
+    }
+
+    fn complete_invocation<'s>(c: &Completion<'_>, key: &[u8]) -> ScriptInvocation<'s> {
+        let mut inv = COMPLETE.prepare_invoke();
+        inv.key(key)
+            .arg(c.token.0.to_string())
+            .arg(millis(c.ttl))
+            .arg(u8::from(c.output.is_some()))
+            .arg(c.output.unwrap_or_default());
+        inv
+    }
+
+    fn release_invocation<'s>(r: &Release<'_>, key: &[u8]) -> ScriptInvocation<'s> {
+        let mut inv = RELEASE.prepare_invoke();
+        inv.key(key).arg(r.token.0.to_string());
+        inv
+    }
+}
+
+/// Server errors after which the script did not run, so running it again is safe.
+fn not_run(kind: Option<ServerErrorKind>) -> bool {
+    matches!(
+        kind,
+        Some(
+            ServerErrorKind::NoScript
+                | ServerErrorKind::Moved
+                | ServerErrorKind::Ask
+                | ServerErrorKind::TryAgain
+                | ServerErrorKind::ClusterDown
+                | ServerErrorKind::MasterDown
+                | ServerErrorKind::BusyLoading
+        )
+    )
+}
+
+fn push_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+    for &b in bytes {
+        match b {
+            b'{' => out.extend_from_slice(&[0xff, b'(']),
+            b'}' => out.extend_from_slice(&[0xff, b')']),
+            0xff => out.extend_from_slice(&[0xff, 0xff]),
+            _ => out.push(b),
+        }
+    }
+}
+
+/// Durations are clamped to 100 years so that server time plus a lease stays exact in
+/// Lua's numbers (2^53 µs is year 2255).
+const MAX_MICROS: u64 = 100 * 365 * 24 * 3600 * 1_000_000;
+
+fn micros(d: Duration) -> u64 {
+    u64::try_from(d.as_micros())
+        .unwrap_or(u64::MAX)
+        .min(MAX_MICROS)
+}
+
+/// Milliseconds for `PX`, rounded up (a key never expires before the lease it holds)
+/// and at least 1 (`PX 0` is an error).
+fn millis(d: Duration) -> u64 {
+    micros(d).div_ceil(1000).max(1)
+}
+
+fn redis_error(e: RedisError, what: &str) -> StoreError {
+    let kind = match e.kind() {
+        ErrorKind::AuthenticationFailed
+        | ErrorKind::InvalidClientConfig
+        | ErrorKind::RESP3NotSupported
+        | ErrorKind::Server(
+            ServerErrorKind::ResponseError
+            | ServerErrorKind::ExecAbort
+            | ServerErrorKind::CrossSlot
+            | ServerErrorKind::NoPerm,
+        ) => StoreErrorKind::Rejected,
+        ErrorKind::UnexpectedReturnType => StoreErrorKind::Corrupt,
+        // I/O, timeouts, dropped connections, cluster reconfiguration, a loading or
+        // busy server and everything else a later retry may fix
+        _ => StoreErrorKind::Unavailable,
+    };
+    let message = match kind {
+        StoreErrorKind::Unavailable => format!("{what}: Redis is unreachable or not ready"),
+        StoreErrorKind::Rejected => format!("{what}: Redis rejected the request"),
+        _ => format!("{what}: unexpected reply from Redis"),
+    };
+    StoreError::with_source(kind, message, e)
+}
+
+// ---------------------------------------------------------------------------------------
+// Scripts
+// ---------------------------------------------------------------------------------------
+
+/// Shared by every script: the record layout (see [`RedisStore`]) and the server clock.
+const PRELUDE: &str = r#"
+local IN_PROGRESS, COMPLETED, RELEASED = 225, 226, 227
+local HEAD = '>BBI4I8I8'
+
+local function now_us()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+end
+
+local function int(n)
+  return string.format('%d', n)
+end
+
+local function decode(v)
+  local n = #v
+  if n < 22 then
+    return nil, 'a ' .. n .. '-byte string is too short for a record'
+  end
+  local state, flags, attempts, token, lease = struct.unpack(HEAD, v)
+  if state < IN_PROGRESS or state > RELEASED then
+    return nil, 'unknown record tag ' .. state
+  end
+  if flags > 3 then
+    return nil, 'unknown flags ' .. flags
+  end
+  if attempts < 1 or token < 1 then
+    return nil, 'zero attempts or token'
+  end
+  local r = {state = state, attempts = attempts, token = token, lease = lease}
+  local pos = 23
+  if flags % 2 == 1 then
+    if n < 26 then
+      return nil, 'truncated fingerprint length'
+    end
+    local len = struct.unpack('>I4', v, 23)
+    if 26 + len > n then
+      return nil, 'truncated fingerprint'
+    end
+    r.fp = string.sub(v, 27, 26 + len)
+    pos = 27 + len
+  end
+  if flags >= 2 then
+    r.out = string.sub(v, pos)
+  elseif pos <= n then
+    return nil, (n - pos + 1) .. ' unexpected trailing bytes'
+  end
+  return r
+end
+
+local function encode(r)
+  local flags = 0
+  if r.fp then flags = flags + 1 end
+  if r.out then flags = flags + 2 end
+  local s = struct.pack(HEAD, r.state, flags, r.attempts, r.token, r.lease)
+  if r.fp then s = s .. struct.pack('>I4', #r.fp) .. r.fp end
+  if r.out then s = s .. r.out end
+  return s
+end
+
+-- The record under `key`: a table, false when absent, nil and a reason when the key
+-- holds something else.
+local function load(key)
+  local v = redis.pcall('GET', key)
+  if type(v) == 'table' and v.err then
+    return nil, 'the key holds a ' .. redis.call('TYPE', key).ok .. ', not a string'
+  end
+  if not v then
+    return false
+  end
+  return decode(v)
+end
+
+-- The record if `token` owns it (in progress, same token), false if not.
+local function owned(key, token)
+  local r, err = load(key)
+  if r == nil then return nil, err end
+  if r == false or r.state ~= IN_PROGRESS or int(r.token) ~= token then
+    return false
+  end
+  return r
+end
+
+-- Writes the record, keeping the key's expiry at least `keep_ms` away (a later expiry,
+-- or none, stays).
+local function save_extend(key, r, keep_ms)
+  local pttl = redis.call('PTTL', key)
+  if pttl == -1 then
+    redis.call('SET', key, encode(r), 'KEEPTTL')
+  else
+    redis.call('SET', key, encode(r), 'PX', int(math.max(pttl, keep_ms)))
+  end
+end
+"#;
+
+/// KEYS[1] record; ARGV lease µs, keep ms, has fingerprint, fingerprint, max attempts (0: none).
+/// Reply: {0, reason} corrupt, {1, token, attempt} acquired, {2[, output]} completed,
+/// {3, retry after µs} in progress, {4, attempts} exhausted, {5} fingerprint mismatch.
+const CLAIM_BODY: &str = r#"
+local key = KEYS[1]
+local lease_us = tonumber(ARGV[1])
+local keep_ms = tonumber(ARGV[2])
+local fp = nil
+if ARGV[3] == '1' then fp = ARGV[4] end
+local max = tonumber(ARGV[5])
+local now = now_us()
+local r, err = load(key)
+if r == nil then return {0, err} end
+if r == false then
+  local rec = {state = IN_PROGRESS, attempts = 1, token = math.max(1, now),
+               lease = now + lease_us, fp = fp}
+  redis.call('SET', key, encode(rec), 'PX', int(keep_ms))
+  return {1, rec.token, 1}
+end
+if r.fp and fp and r.fp ~= fp then return {5} end
+if r.state == COMPLETED then
+  if r.out then return {2, r.out} end
+  return {2}
+end
+if r.state == IN_PROGRESS and r.lease > now then return {3, r.lease - now} end
+if max > 0 and r.attempts >= max then return {4, r.attempts} end
+r.state = IN_PROGRESS
+if r.attempts < 4294967295 then r.attempts = r.attempts + 1 end
+r.token = math.max(r.token + 1, now)
+r.lease = now + lease_us
+if not r.fp then r.fp = fp end
+save_extend(key, r, keep_ms)
+return {1, r.token, r.attempts}
+"#;
+
+/// KEYS[1] record; ARGV token, ttl ms, has output, output. Reply {0, reason} | {1} held | {2} lost.
+const COMPLETE_BODY: &str = r#"
+local r, err = owned(KEYS[1], ARGV[1])
+if r == nil then return {0, err} end
+if r == false then return {2} end
+r.state = COMPLETED
+r.lease = 0
+r.out = nil
+if ARGV[3] == '1' then r.out = ARGV[4] end
+redis.call('SET', KEYS[1], encode(r), 'PX', ARGV[2])
+return {1}
+"#;
+
+/// KEYS[1] record; ARGV token. Reply {0, reason} | {1} held | {2} lost.
+const RELEASE_BODY: &str = r#"
+local r, err = owned(KEYS[1], ARGV[1])
+if r == nil then return {0, err} end
+if r == false then return {2} end
+r.state = RELEASED
+r.lease = 0
+r.out = nil
+redis.call('SET', KEYS[1], encode(r), 'KEEPTTL')
+return {1}
+"#;
+
+/// KEYS[1] record; ARGV token, lease µs, lease ms. Reply {0, reason} | {1} held | {2} lost.
+const RENEW_BODY: &str = r#"
+local r, err = owned(KEYS[1], ARGV[1])
+if r == nil then return {0, err} end
+if r == false then return {2} end
+r.lease = now_us() + tonumber(ARGV[2])
+save_extend(KEYS[1], r, tonumber(ARGV[3]))
+return {1}
+"#;
+
+/// KEYS[1] record. Reply {0, reason} | {2} absent |
+/// {1, state, attempts, token, lease left µs or -1, pttl ms, has fp, fp, has output, output}.
+const INSPECT_BODY: &str = r#"
+local r, err = load(KEYS[1])
+if r == nil then return {0, err} end
+if r == false then return {2} end
+local now = now_us()
+local left = -1
+if r.state == IN_PROGRESS and r.lease > now then left = r.lease - now end
+local has_fp, has_out = 0, 0
+if r.fp then has_fp = 1 end
+if r.out then has_out = 1 end
+return {1, r.state, r.attempts, r.token, left, redis.call('PTTL', KEYS[1]),
+        has_fp, r.fp or '', has_out, r.out or ''}
+"#;
+
+fn script(body: &str) -> Script {
+    Script::new(&format!("{PRELUDE}{body}"))
+}
+
+static CLAIM: LazyLock<Script> = LazyLock::new(|| script(CLAIM_BODY));
+static COMPLETE: LazyLock<Script> = LazyLock::new(|| script(COMPLETE_BODY));
+static RELEASE: LazyLock<Script> = LazyLock::new(|| script(RELEASE_BODY));
+static RENEW: LazyLock<Script> = LazyLock::new(|| script(RENEW_BODY));
+static INSPECT: LazyLock<Script> = LazyLock::new(|| script(INSPECT_BODY));
+
+// ---------------------------------------------------------------------------------------
+// Replies
+// ---------------------------------------------------------------------------------------
+
+/// A script reply, split into its code and the rest.
+struct Reply<'a> {
+    key: &'a RecordKey,
+    op: &'static str,
+    items: Vec<Value>,
+}
+
+impl<'a> Reply<'a> {
+    fn new(key: &'a RecordKey, op: &'static str, v: Value) -> Result<(i64, Self), StoreError> {
+        let mut r = Reply {
+            key,
+            op,
+            items: Vec::new(),
+        };
+        let Value::Array(items) = v else {
+            return Err(r.unexpected());
+        };
+        r.items = items;
+        let code = r.int(0)?;
+        if code == 0 {
+            let reason = match r.items.get(1) {
+                Some(Value::BulkString(b)) => String::from_utf8_lossy(b).into_owned(),
+                _ => "unreadable record".to_owned(),
+            };
+            return Err(StoreError::new(
+                StoreErrorKind::Corrupt,
+                format!(
+                    "the Redis key of a record in scope `{}` holds data that is not an \
+                     idempotency record ({reason}); inspect it with `redis-cli` and delete it \
+                     with `forget` if it is stale",
+                    key.scope()
+                ),
+            ));
+        }
+        Ok((code, r))
+    }
+
+    fn unexpected(&self) -> StoreError {
+        StoreError::new(
+            StoreErrorKind::Corrupt,
+            format!(
+                "unexpected reply from the Redis {} script for a record in scope `{}`",
+                self.op,
+                self.key.scope()
+            ),
+        )
+    }
+
+    fn int(&self, i: usize) -> Result<i64, StoreError> {
+        match self.items.get(i) {
+            Some(Value::Int(n)) => Ok(*n),
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    fn uint<T: TryFrom<i64>>(&self, i: usize) -> Result<T, StoreError> {
+        T::try_from(self.int(i)?).map_err(|_| self.unexpected())
+    }
+
+    fn bytes(&mut self, i: usize) -> Result<Vec<u8>, StoreError> {
+        match self.items.get_mut(i) {
+            Some(Value::BulkString(b)) => Ok(std::mem::take(b)),
+            _ => Err(self.unexpected()),
+        }
+    }
+
+    fn fence(self, code: i64) -> Result<Fence, StoreError> {
+        match code {
+            1 => Ok(Fence::Held),
+            2 => Ok(Fence::Lost),
+            _ => Err(self.unexpected()),
+        }
+    }
+}
+
+fn claim_outcome(key: &RecordKey, v: Value) -> Result<ClaimOutcome, StoreError> {
+    let (code, mut r) = Reply::new(key, "claim", v)?;
+    Ok(match code {
+        1 => ClaimOutcome::Acquired {
+            token: Token(r.uint(1)?),
+            attempt: r.uint(2)?,
+        },
+        2 => ClaimOutcome::Completed {
+            output: if r.items.len() > 1 {
+                Some(r.bytes(1)?)
+            } else {
+                None
+            },
+        },
+        3 => ClaimOutcome::InProgress {
+            retry_after: Duration::from_micros(r.uint(1)?),
+        },
+        4 => ClaimOutcome::Exhausted {
+            attempts: r.uint(1)?,
+        },
+        5 => ClaimOutcome::FingerprintMismatch,
+        _ => return Err(r.unexpected()),
+    })
+}
+
+fn fence(key: &RecordKey, op: &'static str, v: Value) -> Result<Fence, StoreError> {
+    let (code, r) = Reply::new(key, op, v)?;
+    r.fence(code)
+}
+
+fn record(key: &RecordKey, v: Value) -> Result<Option<Record>, StoreError> {
+    let (code, mut r) = Reply::new(key, "inspect", v)?;
+    match code {
+        2 => return Ok(None),
+        1 => {}
+        _ => return Err(r.unexpected()),
+    }
+    let state = match r.int(1)? {
+        225 => RecordState::InProgress,
+        226 => RecordState::Completed,
+        227 => RecordState::Released,
+        _ => return Err(r.unexpected()),
+    };
+    let mut rec = Record::new(state, r.uint(2)?, Token(r.uint(3)?));
+    let left = r.int(4)?;
+    rec.lease_remaining = u64::try_from(left).ok().map(Duration::from_micros);
+    let pttl = r.int(5)?;
+    rec.expires_in = u64::try_from(pttl).ok().map(Duration::from_millis);
+    let fp = r.bytes(7)?;
+    rec.fingerprint = (r.int(6)? == 1).then_some(fp);
+    let out = r.bytes(9)?;
+    rec.output = (r.int(8)? == 1).then_some(out);
+    Ok(Some(rec))
+}
+
+#[async_trait]
+impl Store for RedisStore {
+    async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        let key = self.redis_key(req.key);
+        let inv = self.claim_invocation(req, &key);
+        let v = self
+            .eval(&inv)
+            .await
+            .map_err(|e| redis_error(e, "claim failed"))?;
+        claim_outcome(req.key, v)
+    }
+
+    async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
+        let key = self.redis_key(c.key);
+        let inv = Self::complete_invocation(c, &key);
+        let v = self
+            .eval(&inv)
+            .await
+            .map_err(|e| redis_error(e, "complete failed"))?;
+        fence(c.key, "complete", v)
+    }
+
+    async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
+        let key = self.redis_key(r.key);
+        let inv = Self::release_invocation(r, &key);
+        let v = self
+            .eval(&inv)
+            .await
+            .map_err(|e| redis_error(e, "release failed"))?;
+        fence(r.key, "release", v)
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        lease: Duration,
+    ) -> Result<Fence, StoreError> {
+        let rkey = self.redis_key(key);
+        let mut inv = RENEW.prepare_invoke();
+        inv.key(&rkey)
+            .arg(token.0.to_string())
+            .arg(micros(lease))
+            .arg(millis(lease));
+        let v = self
+            .eval(&inv)
+            .await
+            .map_err(|e| redis_error(e, "renew failed"))?;
+        fence(key, "renew", v)
+    }
+
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        let rkey = self.redis_key(key);
+        let mut inv = INSPECT.prepare_invoke();
+        inv.key(&rkey);
+        let v = self
+            .eval(&inv)
+            .await
+            .map_err(|e| redis_error(e, "inspect failed"))?;
+        record(key, v)
+    }
+
+    /// Deletes the key with one `DEL`, whatever it holds (a record or foreign data).
+    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        let mut cmd = redis::cmd("DEL");
+        cmd.arg(self.redis_key(key));
+        let n: i64 = match &self.conn {
+            Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
+        }
+        .map_err(|e| redis_error(e, "forget failed"))?;
+        Ok(n > 0)
+    }
+
+    /// Redis expires records by itself (each key carries the record's expiry): returns 0.
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        Ok(0)
+    }
+
+    async fn claim_batch(
+        &self,
+        reqs: &[ClaimRequest<'_>],
+    ) -> Result<Vec<ClaimOutcome>, StoreError> {
+        let keys: Vec<Vec<u8>> = reqs.iter().map(|r| self.redis_key(r.key)).collect();
+        let invs: Vec<_> = reqs
+            .iter()
+            .zip(&keys)
+            .map(|(r, k)| self.claim_invocation(r, k))
+            .collect();
+        let values = self.eval_batch(&CLAIM, &invs, &keys).await?;
+        reqs.iter()
+            .zip(values)
+            .map(|(r, v)| claim_outcome(r.key, v))
+            .collect()
+    }
+
+    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
+        let keys: Vec<Vec<u8>> = items.iter().map(|c| self.redis_key(c.key)).collect();
+        let invs: Vec<_> = items
+            .iter()
+            .zip(&keys)
+            .map(|(c, k)| Self::complete_invocation(c, k))
+            .collect();
+        let values = self.eval_batch(&COMPLETE, &invs, &keys).await?;
+        items
+            .iter()
+            .zip(values)
+            .map(|(c, v)| fence(c.key, "complete", v))
+            .collect()
+    }
+
+    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
+        let keys: Vec<Vec<u8>> = items.iter().map(|r| self.redis_key(r.key)).collect();
+        let invs: Vec<_> = items
+            .iter()
+            .zip(&keys)
+            .map(|(r, k)| Self::release_invocation(r, k))
+            .collect();
+        let values = self.eval_batch(&RELEASE, &invs, &keys).await?;
+        items
+            .iter()
+            .zip(values)
+            .map(|(r, v)| fence(r.key, "release", v))
+            .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn escaped(b: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        push_escaped(&mut out, b);
+        out
+    }
+
+    #[test]
+    fn escaping_removes_hash_tags_and_stays_injective() {
+        assert_eq!(escaped(b"a{b}c"), b"a\xff(b\xff)c");
+        assert_eq!(escaped(b"\xff("), b"\xff\xff(");
+        assert_ne!(escaped(b"\xff("), escaped(b"{"));
+        assert!(!escaped(b"{x}{}}{").iter().any(|b| *b == b'{' || *b == b'}'));
+    }
+
+    #[test]
+    fn millis_round_up_and_are_never_zero() {
+        assert_eq!(millis(Duration::ZERO), 1);
+        assert_eq!(millis(Duration::from_micros(1500)), 2);
+        assert_eq!(millis(Duration::from_secs(7)), 7000);
+        assert_eq!(micros(Duration::MAX), MAX_MICROS);
+    }
+}
