@@ -12,8 +12,8 @@
 use futures_util::future::join_all;
 use idempotent_runtime::testing::FaultyStore;
 use idempotent_runtime::{
-    ClaimOutcome, ClaimRequest, Completion, Error, Fence, Idempotency, OnInProgress,
-    OnStoreError, RecordKey, RecordState, Release, Store, Token, current_claim,
+    ClaimOutcome, ClaimRequest, Completion, Error, Fence, Idempotency, OnInProgress, OnStoreError,
+    RecordKey, RecordState, Release, Store, Token, current_claim,
 };
 use std::collections::HashSet;
 use std::future::Future;
@@ -107,7 +107,10 @@ pub async fn claim_fresh_key_acquires(store: Arc<dyn Store>) {
     assert_eq!(rec.attempts, 1);
     assert_eq!(rec.token, token);
     let left = rec.lease_remaining.expect("lease is live");
-    assert!(left <= LEASE && left > Duration::ZERO, "lease left {left:?}");
+    assert!(
+        left <= LEASE && left > Duration::ZERO,
+        "lease left {left:?}"
+    );
 }
 
 /// G2: a duplicate of a completed key gets the cached output from the claim itself.
@@ -115,7 +118,10 @@ pub async fn duplicate_of_completed_key_replays_output(store: Arc<dyn Store>) {
     let scope = unique_scope("replay");
     let k = key(&scope, "m-1");
     let (token, _) = acquire(&*store, &req(&k)).await;
-    assert_eq!(complete(&*store, &k, token, b"{\"receipt\":7}").await, Fence::Held);
+    assert_eq!(
+        complete(&*store, &k, token, b"{\"receipt\":7}").await,
+        Fence::Held
+    );
     for _ in 0..3 {
         assert_eq!(
             store.claim(&req(&k)).await.unwrap(),
@@ -218,10 +224,7 @@ pub async fn stale_owner_is_fenced(store: Arc<dyn Store>) {
     let (new, _) = acquire(&*store, &req(&k)).await;
     assert_eq!(complete(&*store, &k, old, b"\"stale\"").await, Fence::Lost);
     assert_eq!(release(&*store, &k, old).await, Fence::Lost);
-    assert_eq!(
-        store.renew(&k, old, LEASE).await.unwrap(),
-        Fence::Lost
-    );
+    assert_eq!(store.renew(&k, old, LEASE).await.unwrap(), Fence::Lost);
     let rec = store.inspect(&k).await.unwrap().unwrap();
     assert_eq!(rec.state, RecordState::InProgress);
     assert_eq!(rec.token, new);
@@ -416,10 +419,10 @@ pub async fn keys_are_data(store: Arc<dyn Store>) {
         .collect();
     keys.push(RecordKey::new(&scope, &("a:b", "c")).unwrap());
     keys.push(RecordKey::new(&scope, &("a", "b:c")).unwrap());
-    keys.push(RecordKey::new(&scope, &("1:a", "")).map_or_else(
-        |_| RecordKey::new(&scope, &("1", ":a")).unwrap(),
-        |k| k,
-    ));
+    keys.push(
+        RecordKey::new(&scope, &("1:a", ""))
+            .map_or_else(|_| RecordKey::new(&scope, &("1", ":a")).unwrap(), |k| k),
+    );
     let distinct: HashSet<_> = keys.iter().collect();
     assert_eq!(distinct.len(), keys.len(), "encodings are distinct");
     for (i, k) in keys.iter().enumerate() {
@@ -649,7 +652,9 @@ pub async fn expired_holder_cannot_overwrite(store: Arc<dyn Store>) {
     let stalled = Idempotency::new(scope.clone())
         .shared_store(faulty.clone())
         .lease(LEASE);
-    let healthy = Idempotency::new(scope).shared_store(store.clone()).lease(LEASE);
+    let healthy = Idempotency::new(scope)
+        .shared_store(store.clone())
+        .lease(LEASE);
     faulty.drop_renewals(true);
     let first = tokio::spawn(async move {
         stalled
@@ -703,7 +708,11 @@ pub async fn store_outage_fails_closed(store: Arc<dyn Store>) {
     assert_eq!(runs.load(Ordering::SeqCst), 1);
     faulty.set_down(false);
     let r: Result<u32, HandlerError> = closed.run("m-1", async { Ok(2) }).await;
-    assert_eq!(r.unwrap(), 2, "after the outage the key is processed normally");
+    assert_eq!(
+        r.unwrap(),
+        2,
+        "after the outage the key is processed normally"
+    );
 }
 
 /// A lost completion leaves the key In progress, never Completed without an output
@@ -718,7 +727,10 @@ pub async fn lost_completion_frees_after_lease(store: Arc<dyn Store>) {
     assert_eq!(r.unwrap(), 1, "the handler's value is returned");
     faulty.lose_next_completions(0);
     let dup: Result<u32, HandlerError> = h.run("m-1", async { Ok(2) }).await;
-    assert!(matches!(dup, Err(HandlerError::Idem(Error::InProgress { .. }))));
+    assert!(matches!(
+        dup,
+        Err(HandlerError::Idem(Error::InProgress { .. }))
+    ));
     tokio::time::sleep(LEASE + Duration::from_millis(150)).await;
     let retry: Result<u32, HandlerError> = h.run("m-1", async { Ok(3) }).await;
     assert_eq!(retry.unwrap(), 3);
@@ -745,7 +757,9 @@ pub async fn waiting_duplicate_gets_winners_output(store: Arc<dyn Store>) {
 pub async fn attempts_exhausted_after_failures(store: Arc<dyn Store>) {
     let h = handler(&store, "exhausted").max_attempts(2);
     for _ in 0..2 {
-        let r: Result<u32, HandlerError> = h.run("m-1", async { Err(HandlerError::Business("x")) }).await;
+        let r: Result<u32, HandlerError> = h
+            .run("m-1", async { Err(HandlerError::Business("x")) })
+            .await;
         assert!(matches!(r, Err(HandlerError::Business(_))));
     }
     let runs = AtomicU32::new(0);
@@ -802,7 +816,9 @@ pub async fn current_claim_matches_the_record(store: Arc<dyn Store>) {
     let h = handler(&store, "current-claim");
     assert!(current_claim().is_none());
     let seen = h
-        .run("m-1", async { Ok::<_, HandlerError>(current_claim().map(|c| (c.token.get(), c.attempt))) })
+        .run("m-1", async {
+            Ok::<_, HandlerError>(current_claim().map(|c| (c.token.get(), c.attempt)))
+        })
         .await
         .unwrap()
         .expect("claim visible inside the handler");
