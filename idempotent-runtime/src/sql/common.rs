@@ -1,0 +1,435 @@
+//! What the three SQL stores share: table names, time arithmetic, reading a record row,
+//! the claim rules applied to a row read from the database, error classification and
+//! the background sweeper.
+
+use crate::store::{ClaimOutcome, ClaimRequest, Record, RecordState, Store, Token};
+use crate::{StoreError, StoreErrorKind};
+use sqlx::error::DatabaseError;
+use std::fmt;
+use std::time::Duration;
+
+/// The table every SQL store uses unless told otherwise, after the classic
+/// `message_idempotent` table of hand-written consumers.
+pub const DEFAULT_TABLE: &str = "message_idempotent";
+
+/// Longest identifier part accepted (MySQL's limit; PostgreSQL's is 63 bytes and it
+/// would silently truncate, so names are kept within it too).
+const MAX_IDENT: usize = 63;
+
+/// Durations are clamped to this many microseconds (about 31 700 years) so that
+/// `now + duration` never overflows a `BIGINT`.
+const MAX_MICROS: i64 = 1_000_000_000_000_000_000;
+
+/// How many times a claim re-reads a row that changed under it before giving up.
+pub(crate) const CLAIM_RETRIES: usize = 32;
+
+/// Rows one `purge_expired` statement deletes; the purge loops until a batch comes
+/// back short, so no statement holds locks on more than this many rows.
+pub(crate) const PURGE_BATCH: i64 = 1000;
+
+/// A validated table name: letters, digits and `_`, optionally qualified by one schema
+/// (`schema.table`), each part starting with a letter or `_`.
+#[derive(Clone, PartialEq, Eq)]
+pub(crate) struct TableName {
+    schema: Option<String>,
+    name: String,
+}
+
+impl fmt::Debug for TableName {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.display())
+    }
+}
+
+impl TableName {
+    /// Parses and validates `name`; a bad name is a [`StoreErrorKind::Rejected`] error.
+    pub(crate) fn parse(name: &str) -> Result<Self, StoreError> {
+        let bad = |why: &str| {
+            StoreError::new(
+                StoreErrorKind::Rejected,
+                format!(
+                    "invalid table name {name:?}: {why}; use letters, digits and `_`, \
+                     optionally qualified by one schema (`schema.table`)"
+                ),
+            )
+        };
+        let mut parts = name.split('.');
+        let first = parts.next().unwrap_or_default();
+        let second = parts.next();
+        if parts.next().is_some() {
+            return Err(bad("more than one `.`"));
+        }
+        for part in std::iter::once(first).chain(second) {
+            if part.is_empty() {
+                return Err(bad("empty name part"));
+            }
+            if part.len() > MAX_IDENT {
+                return Err(bad("a part is longer than 63 bytes"));
+            }
+            let mut chars = part.chars();
+            let head = chars.next().unwrap_or('0');
+            if !(head.is_ascii_alphabetic() || head == '_') {
+                return Err(bad(
+                    "a part starts with a character other than a letter or `_`",
+                ));
+            }
+            if !chars.all(|c| c.is_ascii_alphanumeric() || c == '_') {
+                return Err(bad("a character other than a letter, digit or `_`"));
+            }
+        }
+        Ok(match second {
+            Some(table) => TableName {
+                schema: Some(first.to_owned()),
+                name: table.to_owned(),
+            },
+            None => TableName {
+                schema: None,
+                name: first.to_owned(),
+            },
+        })
+    }
+
+    /// [`DEFAULT_TABLE`].
+    pub(crate) fn default_table() -> Self {
+        TableName {
+            schema: None,
+            name: DEFAULT_TABLE.to_owned(),
+        }
+    }
+
+    /// The name as given (`schema.table` or `table`).
+    pub(crate) fn display(&self) -> String {
+        match &self.schema {
+            Some(s) => format!("{s}.{}", self.name),
+            None => self.name.clone(),
+        }
+    }
+
+    /// The schema part, if any.
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(crate) fn schema(&self) -> Option<&str> {
+        self.schema.as_deref()
+    }
+
+    /// The table part.
+    pub(crate) fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// The name quoted with `q` (`"` or `` ` ``); the parts were validated to contain
+    /// neither quote character, so quoting is plain concatenation.
+    pub(crate) fn quoted(&self, q: char) -> String {
+        match &self.schema {
+            Some(s) => format!("{q}{s}{q}.{q}{}{q}", self.name),
+            None => format!("{q}{}{q}", self.name),
+        }
+    }
+}
+
+/// A duration in microseconds, clamped to [`MAX_MICROS`].
+pub(crate) fn micros(d: Duration) -> i64 {
+    i64::try_from(d.as_micros()).map_or(MAX_MICROS, |m| m.min(MAX_MICROS))
+}
+
+/// How long a record is kept while not Completed: the ttl, and at least the lease.
+pub(crate) fn keep_micros(req: &ClaimRequest<'_>) -> i64 {
+    micros(req.ttl).max(micros(req.lease))
+}
+
+/// A positive number of microseconds as a duration.
+pub(crate) fn from_micros(us: i64) -> Duration {
+    Duration::from_micros(u64::try_from(us).unwrap_or(0))
+}
+
+/// A token read from a `BIGINT` column.
+pub(crate) fn token(raw: i64) -> Result<Token, StoreError> {
+    u64::try_from(raw)
+        .map(Token)
+        .map_err(|_| corrupt(format!("negative owner_token {raw}")))
+}
+
+/// An attempt count read from the `retry_times` column.
+pub(crate) fn attempts(raw: i64) -> Result<u32, StoreError> {
+    u32::try_from(raw).map_err(|_| corrupt(format!("retry_times out of range: {raw}")))
+}
+
+/// A token as a `BIGINT` parameter. Tokens the stores issue are microseconds since the
+/// epoch, far below `i64::MAX`; a larger one cannot own any record.
+pub(crate) fn token_param(t: Token) -> i64 {
+    i64::try_from(t.0).unwrap_or(-1)
+}
+
+/// The `max_attempts` of a request as a `BIGINT` parameter.
+pub(crate) fn max_attempts_param(req: &ClaimRequest<'_>) -> Option<i64> {
+    req.max_attempts.map(i64::from)
+}
+
+pub(crate) fn corrupt(message: String) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, message)
+}
+
+/// One record row as every store reads it: times are relative to the database clock
+/// at the moment of the read.
+#[derive(Debug)]
+pub(crate) struct RowView {
+    pub(crate) status: i64,
+    pub(crate) attempts: i64,
+    pub(crate) token: i64,
+    /// `lease_until_us - now`, `None` when the lease column is NULL.
+    pub(crate) lease_left: Option<i64>,
+    /// `expires_at_us - now`.
+    pub(crate) expires_left: i64,
+    pub(crate) fingerprint: Option<Vec<u8>>,
+    pub(crate) output: Option<Vec<u8>>,
+}
+
+impl RowView {
+    /// Decodes the columns `status, retry_times, owner_token, lease_left, expires_left,
+    /// fingerprint, output` starting at column `at`.
+    pub(crate) fn decode<'r, R>(row: &'r R, at: usize) -> Result<Self, StoreError>
+    where
+        R: sqlx::Row,
+        usize: sqlx::ColumnIndex<R>,
+        i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    {
+        let get_i64 = |i: usize| row.try_get::<i64, _>(at + i).map_err(decode_error);
+        let get_opt_i64 = |i: usize| row.try_get::<Option<i64>, _>(at + i).map_err(decode_error);
+        let get_bytes = |i: usize| {
+            row.try_get::<Option<Vec<u8>>, _>(at + i)
+                .map_err(decode_error)
+        };
+        Ok(RowView {
+            status: get_i64(0)?,
+            attempts: get_i64(1)?,
+            token: get_i64(2)?,
+            lease_left: get_opt_i64(3)?,
+            expires_left: get_i64(4)?,
+            fingerprint: get_bytes(5)?,
+            output: get_bytes(6)?,
+        })
+    }
+
+    fn state(&self) -> Result<RecordState, StoreError> {
+        match (self.status, self.lease_left) {
+            (1, _) => Ok(RecordState::Completed),
+            (0, Some(_)) => Ok(RecordState::InProgress),
+            (0, None) => Ok(RecordState::Released),
+            (s, _) => Err(corrupt(format!(
+                "status {s} is neither 0 (not yet consumed) nor 1 (consumed)"
+            ))),
+        }
+    }
+
+    /// The record this row describes; `None` when it has expired.
+    pub(crate) fn into_record(self) -> Result<Option<Record>, StoreError> {
+        if self.expires_left <= 0 {
+            return Ok(None);
+        }
+        let state = self.state()?;
+        let mut r = Record::new(state, attempts(self.attempts)?, token(self.token)?);
+        r.lease_remaining = match (state, self.lease_left) {
+            (RecordState::InProgress, Some(l)) if l > 0 => Some(from_micros(l)),
+            _ => None,
+        };
+        r.expires_in = Some(from_micros(self.expires_left));
+        r.fingerprint = self.fingerprint;
+        r.output = self.output;
+        Ok(Some(r))
+    }
+
+    /// Applies the claim rules (see [`ClaimOutcome`]) to this row, as read.
+    pub(crate) fn decide(self, req: &ClaimRequest<'_>) -> Result<Decision, StoreError> {
+        if self.expires_left <= 0 {
+            return Ok(Decision::Claimable { expired: true });
+        }
+        let state = self.state()?;
+        let attempts = attempts(self.attempts)?;
+        if let (Some(have), Some(want)) = (&self.fingerprint, req.fingerprint) {
+            if have.as_slice() != want {
+                return Ok(Decision::Answer(ClaimOutcome::FingerprintMismatch));
+            }
+        }
+        match (state, self.lease_left) {
+            (RecordState::Completed, _) => {
+                return Ok(Decision::Answer(ClaimOutcome::Completed {
+                    output: self.output,
+                }));
+            }
+            (RecordState::InProgress, Some(left)) if left > 0 => {
+                return Ok(Decision::Answer(ClaimOutcome::InProgress {
+                    retry_after: from_micros(left),
+                }));
+            }
+            _ => {}
+        }
+        if let Some(max) = req.max_attempts {
+            if attempts >= max {
+                return Ok(Decision::Answer(ClaimOutcome::Exhausted { attempts }));
+            }
+        }
+        Ok(Decision::Claimable { expired: false })
+    }
+}
+
+/// What a claim does with a row it read.
+#[derive(Debug)]
+pub(crate) enum Decision {
+    /// The row answers the claim without a write.
+    Answer(ClaimOutcome),
+    /// The row may be taken over: it expired (start afresh) or it is Released / its
+    /// lease ran out (count one more attempt).
+    Claimable { expired: bool },
+}
+
+/// The outcome of a repeated claim of a key within one batch, given the first one's:
+/// what a second claim right after the first would get.
+pub(crate) fn repeated(first: &ClaimOutcome, req: &ClaimRequest<'_>) -> ClaimOutcome {
+    match first {
+        ClaimOutcome::Acquired { .. } => ClaimOutcome::InProgress {
+            retry_after: req.lease,
+        },
+        other => other.clone(),
+    }
+}
+
+fn decode_error(e: sqlx::Error) -> StoreError {
+    let kind = match &e {
+        sqlx::Error::ColumnNotFound(_) | sqlx::Error::ColumnIndexOutOfBounds { .. } => {
+            StoreErrorKind::Rejected
+        }
+        _ => StoreErrorKind::Corrupt,
+    };
+    StoreError::with_source(kind, "a record row does not decode", e)
+}
+
+/// The error when a claim kept losing races on the same row.
+pub(crate) fn contended() -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Other,
+        "the record changed under every claim attempt; retry later",
+    )
+}
+
+/// Wraps a driver error, classifying it; `database` classifies errors the server
+/// returned (each database has its own codes).
+pub(crate) fn sql_error(
+    op: &str,
+    e: sqlx::Error,
+    database: fn(&dyn DatabaseError) -> StoreErrorKind,
+) -> StoreError {
+    let kind = match &e {
+        sqlx::Error::Io(_)
+        | sqlx::Error::Tls(_)
+        | sqlx::Error::Protocol(_)
+        | sqlx::Error::PoolTimedOut
+        | sqlx::Error::PoolClosed
+        | sqlx::Error::WorkerCrashed
+        | sqlx::Error::BeginFailed => StoreErrorKind::Unavailable,
+        sqlx::Error::Configuration(_)
+        | sqlx::Error::InvalidArgument(_)
+        | sqlx::Error::ColumnNotFound(_)
+        | sqlx::Error::ColumnIndexOutOfBounds { .. }
+        | sqlx::Error::TypeNotFound { .. } => StoreErrorKind::Rejected,
+        sqlx::Error::ColumnDecode { .. } | sqlx::Error::Decode(_) | sqlx::Error::RowNotFound => {
+            StoreErrorKind::Corrupt
+        }
+        sqlx::Error::Database(d) => database(d.as_ref()),
+        _ => StoreErrorKind::Other,
+    };
+    let what = match kind {
+        StoreErrorKind::Unavailable => "the database is unavailable",
+        StoreErrorKind::Rejected => "the database rejected the request",
+        StoreErrorKind::Corrupt => "the database returned data this store does not understand",
+        _ => "the database failed",
+    };
+    let message = match &e {
+        sqlx::Error::Database(d) => format!("{op}: {what}: {}", d.message()),
+        _ => format!("{op}: {what}"),
+    };
+    StoreError::with_source(kind, message, e)
+}
+
+/// Classifies an SQLSTATE (PostgreSQL, and MySQL errors without a more precise number).
+pub(crate) fn classify_sqlstate(state: &str) -> StoreErrorKind {
+    match state.get(..2).unwrap_or_default() {
+        // connection exception, insufficient resources, operator intervention
+        "08" | "53" | "57" | "HY" => StoreErrorKind::Unavailable,
+        // syntax error or access rule violation, invalid authorization, feature not supported
+        "42" | "28" | "0A" | "3D" | "3F" => StoreErrorKind::Rejected,
+        // data exception, integrity constraint violation
+        "22" | "23" => StoreErrorKind::Corrupt,
+        _ => StoreErrorKind::Other,
+    }
+}
+
+/// Spawns a task that calls [`Store::purge_expired`] every `every`; fails when called
+/// outside a Tokio runtime.
+pub(crate) fn spawn_sweeper<S>(
+    store: S,
+    every: Duration,
+) -> Result<tokio::task::JoinHandle<()>, StoreError>
+where
+    S: Store + 'static,
+{
+    let rt = tokio::runtime::Handle::try_current().map_err(|e| {
+        StoreError::with_source(
+            StoreErrorKind::Rejected,
+            "the sweeper must be spawned from within a Tokio runtime",
+            e,
+        )
+    })?;
+    let every = every.max(Duration::from_millis(1));
+    Ok(rt.spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            match store.purge_expired().await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(purged = n, "purged expired idempotency records"),
+                Err(e) => tracing::warn!(error = %e, "purging expired idempotency records failed"),
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_validated() {
+        assert_eq!(TableName::parse("dedup").unwrap().quoted('"'), "\"dedup\"");
+        assert_eq!(
+            TableName::parse("app.dedup_2").unwrap().quoted('`'),
+            "`app`.`dedup_2`"
+        );
+        assert_eq!(TableName::parse("_x").unwrap().display(), "_x");
+        for bad in [
+            "",
+            "a.b.c",
+            ".a",
+            "a.",
+            "1abc",
+            "a-b",
+            "a b",
+            "a\"b",
+            "a`b",
+            "a;drop table x",
+            "é",
+            &"x".repeat(64),
+        ] {
+            let e = TableName::parse(bad).unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::Rejected, "{bad:?}");
+            assert!(e.to_string().contains("invalid table name"));
+        }
+    }
+
+    #[test]
+    fn durations_are_clamped() {
+        assert_eq!(micros(Duration::from_millis(3)), 3000);
+        assert_eq!(micros(Duration::MAX), MAX_MICROS);
+        assert_eq!(from_micros(-5), Duration::ZERO);
+        assert_eq!(token_param(Token(u64::MAX)), -1);
+        assert!(token(-1).is_err());
+    }
+}

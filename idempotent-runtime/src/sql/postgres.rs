@@ -1,0 +1,626 @@
+//! [`PostgresStore`]: the dedup table in PostgreSQL.
+
+use super::common::{
+    self, CLAIM_RETRIES, DEFAULT_TABLE, Decision, PURGE_BATCH, RowView, TableName, keep_micros,
+    max_attempts_param, micros, repeated, token_param,
+};
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
+use crate::{RecordKey, StoreError, StoreErrorKind};
+use async_trait::async_trait;
+use sqlx::error::DatabaseError;
+use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
+use sqlx::{AssertSqlSafe, Row, SqlStr};
+use std::collections::{HashMap, HashSet};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+/// The database clock in microseconds since the Unix epoch. `clock_timestamp()` rather
+/// than `now()`, which is frozen at the start of the surrounding transaction.
+const NOW_US: &str = "floor(extract(epoch FROM clock_timestamp()) * 1000000)::int8";
+
+/// A dedup store in PostgreSQL (12 or later), feature `postgres`.
+///
+/// Every protocol step is one SQL statement, so it costs one round trip (with the
+/// statement prepared once per pooled connection): a claim is a single
+/// `INSERT … ON CONFLICT DO UPDATE … WHERE … RETURNING` wrapped in a CTE that also
+/// returns the existing row when the claim is refused, so the duplicate of a
+/// completed key gets its cached output in that same round trip. Complete, release and
+/// renew are `UPDATE`s that compare-and-set on the owner token. Lease and expiry
+/// decisions use the database's `clock_timestamp()`, never the client's clock.
+///
+/// Handles are cheap to clone (a pool and a shared set of statements).
+///
+/// # Table
+///
+/// [`connect`](Self::connect) and [`migrate`](Self::migrate) create the table if it is
+/// missing; to create it by hand (name it as you like and pass the name to
+/// [`with_table`](Self::with_table)):
+///
+/// ```sql
+/// CREATE TABLE IF NOT EXISTS message_idempotent (
+///     scope          VARCHAR(200) NOT NULL,  -- the handler's namespace
+///     message_id     BYTEA        NOT NULL,  -- the encoded key, at most 130 bytes
+///     status         SMALLINT     NOT NULL,  -- 0 not yet consumed successfully, 1 consumed
+///     retry_times    INTEGER      NOT NULL,  -- attempts claimed so far
+///     owner_token    BIGINT       NOT NULL,  -- fencing token of the latest claim
+///     lease_until_us BIGINT,                 -- lease deadline while in progress, NULL otherwise
+///     expires_at_us  BIGINT       NOT NULL,  -- when the record may be purged
+///     fingerprint    BYTEA,                  -- 32-byte message fingerprint, if declared
+///     output         BYTEA,                  -- cached output once consumed
+///     PRIMARY KEY (scope, message_id)
+/// );
+/// CREATE INDEX IF NOT EXISTS message_idempotent_expires_at_us_idx
+///     ON message_idempotent (expires_at_us);
+/// ```
+///
+/// Times are microseconds since the Unix epoch by the database clock
+/// (`to_timestamp(expires_at_us / 1e6)` shows them as timestamps). The record states
+/// map onto the columns as: **In progress** `status = 0` with a lease deadline;
+/// **Released** (the last attempt failed, claimable again) `status = 0` with
+/// `lease_until_us IS NULL`; **Completed** `status = 1`. A row whose `expires_at_us`
+/// has passed counts as absent and is deleted by [`purge_expired`](Store::purge_expired).
+#[derive(Clone)]
+pub struct PostgresStore {
+    pool: PgPool,
+    sql: Arc<Statements>,
+}
+
+struct Statements {
+    table: TableName,
+    claim: SqlStr,
+    claim_batch: SqlStr,
+    complete: SqlStr,
+    complete_batch: SqlStr,
+    release: SqlStr,
+    release_batch: SqlStr,
+    renew: SqlStr,
+    inspect: SqlStr,
+    forget: SqlStr,
+    purge: SqlStr,
+    create: Vec<SqlStr>,
+}
+
+fn sql(s: String) -> SqlStr {
+    // every statement is built from constant text and a validated, quoted table name;
+    // all values are bound parameters
+    sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(Arc::<str>::from(s)))
+}
+
+/// Columns of a row read back, relative to the clock value `n.now_us`.
+const VIEW: &str = "c.status::int8, c.retry_times::int8, c.owner_token, \
+     c.lease_until_us - n.now_us, c.expires_at_us - n.now_us, c.fingerprint, c.output";
+
+/// The conditional upsert at the heart of a claim. Rule 1 (no live row) is the insert
+/// or the `expires_at_us <= now` branch; rule 5 (Released, or lease run out, within the
+/// attempt budget and with a matching fingerprint) is the other branch; every other row
+/// is left alone (and returned by the caller's fallback `SELECT`). `EXCLUDED` is the
+/// row the claim would insert, so `EXCLUDED.owner_token` is the clock reading.
+/// `budget` is the SQL condition "attempts left" on the existing row `r`.
+fn takeover(budget: &str) -> String {
+    format!(
+        "ON CONFLICT (scope, message_id) DO UPDATE SET \
+            status = 0, \
+            retry_times = CASE WHEN r.expires_at_us <= EXCLUDED.owner_token THEN 1 ELSE r.retry_times + 1 END, \
+            owner_token = GREATEST(r.owner_token + 1, EXCLUDED.owner_token), \
+            lease_until_us = EXCLUDED.lease_until_us, \
+            expires_at_us = CASE WHEN r.expires_at_us <= EXCLUDED.owner_token THEN EXCLUDED.expires_at_us \
+                ELSE GREATEST(r.expires_at_us, EXCLUDED.expires_at_us) END, \
+            fingerprint = CASE WHEN r.expires_at_us <= EXCLUDED.owner_token THEN EXCLUDED.fingerprint \
+                ELSE COALESCE(r.fingerprint, EXCLUDED.fingerprint) END, \
+            output = NULL \
+        WHERE r.expires_at_us <= EXCLUDED.owner_token \
+           OR (r.status = 0 \
+               AND (r.lease_until_us IS NULL OR r.lease_until_us <= EXCLUDED.owner_token) \
+               AND (r.fingerprint IS NULL OR EXCLUDED.fingerprint IS NULL OR r.fingerprint = EXCLUDED.fingerprint) \
+               AND ({budget}))"
+    )
+}
+
+impl Statements {
+    fn new(table: TableName) -> Self {
+        let t = table.quoted('"');
+        let owned = "scope = $1 AND message_id = $2 AND owner_token = $3 AND status = 0 \
+                     AND lease_until_us IS NOT NULL AND expires_at_us > n.now_us";
+        let index = format!("{}_expires_at_us_idx", table.name());
+        let mut create = vec![
+            sql(format!(
+                "CREATE TABLE IF NOT EXISTS {t} (\
+                 scope VARCHAR(200) NOT NULL, \
+                 message_id BYTEA NOT NULL, \
+                 status SMALLINT NOT NULL, \
+                 retry_times INTEGER NOT NULL, \
+                 owner_token BIGINT NOT NULL, \
+                 lease_until_us BIGINT, \
+                 expires_at_us BIGINT NOT NULL, \
+                 fingerprint BYTEA, \
+                 output BYTEA, \
+                 PRIMARY KEY (scope, message_id))"
+            )),
+            sql(format!(
+                "CREATE INDEX IF NOT EXISTS \"{index}\" ON {t} (expires_at_us)"
+            )),
+        ];
+        create.shrink_to_fit();
+        Statements {
+            claim: sql(format!(
+                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us), \
+                 up AS (\
+                    INSERT INTO {t} AS r (scope, message_id, status, retry_times, owner_token, \
+                        lease_until_us, expires_at_us, fingerprint, output) \
+                    SELECT $1, $2, 0, 1, n.now_us, n.now_us + $3, n.now_us + $4, $5, NULL FROM n \
+                    {} \
+                    RETURNING r.owner_token, r.retry_times::int8 AS retry_times) \
+                 SELECT TRUE, up.owner_token, up.retry_times, \
+                    NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::bytea, NULL::bytea \
+                 FROM up \
+                 UNION ALL \
+                 SELECT FALSE, NULL::int8, NULL::int8, {VIEW} \
+                 FROM {t} c, n WHERE c.scope = $1 AND c.message_id = $2 AND NOT EXISTS (SELECT 1 FROM up)",
+                takeover("$6::int4 IS NULL OR r.retry_times < $6::int4")
+            )),
+            claim_batch: sql(format!(
+                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us), \
+                 req AS (SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::int8[], $5::bytea[], $6::int4[]) \
+                    AS q(scope, message_id, lease_us, keep_us, fingerprint, max_attempts)), \
+                 up AS (\
+                    INSERT INTO {t} AS r (scope, message_id, status, retry_times, owner_token, \
+                        lease_until_us, expires_at_us, fingerprint, output) \
+                    SELECT q.scope, q.message_id, 0, 1, n.now_us, n.now_us + q.lease_us, \
+                        n.now_us + q.keep_us, q.fingerprint, NULL FROM req q, n \
+                    {} \
+                    RETURNING r.scope, r.message_id, r.owner_token, r.retry_times::int8 AS retry_times) \
+                 SELECT up.scope, up.message_id, TRUE, up.owner_token, up.retry_times, \
+                    NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::bytea, NULL::bytea \
+                 FROM up \
+                 UNION ALL \
+                 SELECT c.scope, c.message_id, FALSE, NULL::int8, NULL::int8, {VIEW} \
+                 FROM {t} c JOIN req q ON c.scope = q.scope AND c.message_id = q.message_id, n \
+                 WHERE NOT EXISTS (SELECT 1 FROM up WHERE up.scope = c.scope AND up.message_id = c.message_id)",
+                takeover(
+                    "COALESCE(r.retry_times < (SELECT q.max_attempts FROM req q \
+                     WHERE q.scope = r.scope AND q.message_id = r.message_id), TRUE)"
+                )
+            )),
+            complete: sql(format!(
+                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
+                 UPDATE {t} SET status = 1, output = $4, lease_until_us = NULL, \
+                    expires_at_us = n.now_us + $5 \
+                 FROM n WHERE {owned}"
+            )),
+            complete_batch: sql(format!(
+                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
+                 UPDATE {t} AS r SET status = 1, output = b.output, lease_until_us = NULL, \
+                    expires_at_us = n.now_us + b.ttl_us \
+                 FROM n, unnest($1::text[], $2::bytea[], $3::int8[], $4::bytea[], $5::int8[]) \
+                    AS b(scope, message_id, token, output, ttl_us) \
+                 WHERE r.scope = b.scope AND r.message_id = b.message_id AND r.owner_token = b.token \
+                    AND r.status = 0 AND r.lease_until_us IS NOT NULL AND r.expires_at_us > n.now_us \
+                 RETURNING r.scope, r.message_id, r.owner_token"
+            )),
+            release: sql(format!(
+                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
+                 UPDATE {t} SET lease_until_us = NULL FROM n WHERE {owned}"
+            )),
+            release_batch: sql(format!(
+                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
+                 UPDATE {t} AS r SET lease_until_us = NULL \
+                 FROM n, unnest($1::text[], $2::bytea[], $3::int8[]) AS b(scope, message_id, token) \
+                 WHERE r.scope = b.scope AND r.message_id = b.message_id AND r.owner_token = b.token \
+                    AND r.status = 0 AND r.lease_until_us IS NOT NULL AND r.expires_at_us > n.now_us \
+                 RETURNING r.scope, r.message_id, r.owner_token"
+            )),
+            renew: sql(format!(
+                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
+                 UPDATE {t} SET lease_until_us = n.now_us + $4, \
+                    expires_at_us = GREATEST(expires_at_us, n.now_us + $4) \
+                 FROM n WHERE {owned}"
+            )),
+            inspect: sql(format!(
+                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
+                 SELECT {VIEW} FROM {t} c, n WHERE c.scope = $1 AND c.message_id = $2"
+            )),
+            forget: sql(format!(
+                "DELETE FROM {t} WHERE scope = $1 AND message_id = $2"
+            )),
+            purge: sql(format!(
+                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
+                 DELETE FROM {t} WHERE (scope, message_id) IN (\
+                    SELECT scope, message_id FROM {t}, n WHERE expires_at_us <= n.now_us \
+                    LIMIT $1 FOR UPDATE SKIP LOCKED)"
+            )),
+            create,
+            table,
+        }
+    }
+}
+
+impl fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.sql.table)
+            .field("pool", &self.pool)
+            .finish()
+    }
+}
+
+fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
+    match e.code() {
+        // serialization failure, deadlock: a retry may succeed
+        Some(code) if code.starts_with("40") => StoreErrorKind::Other,
+        Some(code) => common::classify_sqlstate(&code),
+        None => StoreErrorKind::Other,
+    }
+}
+
+fn err(op: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
+    move |e| common::sql_error(op, e, classify)
+}
+
+fn fence(rows: u64) -> Fence {
+    if rows > 0 { Fence::Held } else { Fence::Lost }
+}
+
+impl PostgresStore {
+    /// Connects to `url` (`postgres://user@host:5432/db`, TLS with `?sslmode=require`)
+    /// with a pool of default size and creates the table `message_idempotent` if it is
+    /// missing.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with_table(url, DEFAULT_TABLE).await
+    }
+
+    /// Connects to `url` and uses (and creates if missing) the table `table`, which may
+    /// be schema-qualified (`schema.table`).
+    pub async fn connect_with_table(url: &str, table: &str) -> Result<Self, StoreError> {
+        let table = TableName::parse(table)?;
+        let pool = PgPoolOptions::new()
+            .connect(url)
+            .await
+            .map_err(err("connecting to PostgreSQL"))?;
+        let store = PostgresStore {
+            pool,
+            sql: Arc::new(Statements::new(table)),
+        };
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    /// Uses the application's pool; the table `message_idempotent` must exist (call
+    /// [`migrate`](Self::migrate) or create it by hand). Touches no schema.
+    pub fn from_pool(pool: PgPool) -> Self {
+        PostgresStore {
+            pool,
+            sql: Arc::new(Statements::new(TableName::default_table())),
+        }
+    }
+
+    /// The same pool on another table: letters, digits and `_`, optionally
+    /// qualified by one schema (`schema.table`). Quoted in SQL, so case-sensitive.
+    /// Touches no schema; a bad name is a [`StoreErrorKind::Rejected`] error.
+    pub fn with_table(self, table: &str) -> Result<Self, StoreError> {
+        let table = TableName::parse(table)?;
+        Ok(PostgresStore {
+            pool: self.pool,
+            sql: Arc::new(Statements::new(table)),
+        })
+    }
+
+    /// Creates the table and its expiry index if they are missing. Concurrent calls
+    /// from many processes are serialized by an advisory lock.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let op = "creating the dedup table";
+        let mut tx = self.pool.begin().await.map_err(err(op))?;
+        sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1)::int8)")
+            .bind(self.sql.table.display())
+            .execute(&mut *tx)
+            .await
+            .map_err(err(op))?;
+        for stmt in &self.sql.create {
+            sqlx::query(stmt.clone())
+                .execute(&mut *tx)
+                .await
+                .map_err(err(op))?;
+        }
+        tx.commit().await.map_err(err(op))
+    }
+
+    /// The pool this store uses.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// The table name, as given.
+    pub fn table(&self) -> String {
+        self.sql.table.display()
+    }
+
+    /// Spawns a task that deletes expired records every `every`
+    /// (see [`purge_expired`](Store::purge_expired)); abort the returned handle to stop
+    /// it. Fails outside a Tokio runtime.
+    pub fn spawn_sweeper(
+        &self,
+        every: Duration,
+    ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+        common::spawn_sweeper(self.clone(), every)
+    }
+
+    fn decode_claim(
+        row: &PgRow,
+        at: usize,
+        req: &ClaimRequest<'_>,
+    ) -> Result<Option<ClaimOutcome>, StoreError> {
+        let acquired: bool = row.try_get(at).map_err(err("reading a claim"))?;
+        if acquired {
+            let token: i64 = row.try_get(at + 1).map_err(err("reading a claim"))?;
+            let attempt: i64 = row.try_get(at + 2).map_err(err("reading a claim"))?;
+            return Ok(Some(ClaimOutcome::Acquired {
+                token: common::token(token)?,
+                attempt: common::attempts(attempt)?,
+            }));
+        }
+        match RowView::decode(row, at + 3)?.decide(req)? {
+            Decision::Answer(outcome) => Ok(Some(outcome)),
+            // the row was read from the statement's snapshot, older than the version the
+            // upsert saw (a concurrent claim committed in between): ask again
+            Decision::Claimable { .. } => Ok(None),
+        }
+    }
+}
+
+#[async_trait]
+impl Store for PostgresStore {
+    async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        for _ in 0..CLAIM_RETRIES {
+            let row = sqlx::query(self.sql.claim.clone())
+                .bind(req.key.scope())
+                .bind(req.key.key())
+                .bind(micros(req.lease))
+                .bind(keep_micros(req))
+                .bind(req.fingerprint)
+                .bind(
+                    req.max_attempts
+                        .map(|m| i32::try_from(m).unwrap_or(i32::MAX)),
+                )
+                .fetch_optional(&self.pool)
+                .await
+                .map_err(err("claim"))?;
+            // no row: a concurrent claim inserted the key after this statement's snapshot
+            if let Some(row) = row {
+                if let Some(outcome) = Self::decode_claim(&row, 0, req)? {
+                    return Ok(outcome);
+                }
+            }
+        }
+        Err(common::contended())
+    }
+
+    async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
+        let done = sqlx::query(self.sql.complete.clone())
+            .bind(c.key.scope())
+            .bind(c.key.key())
+            .bind(token_param(c.token))
+            .bind(c.output)
+            .bind(micros(c.ttl))
+            .execute(&self.pool)
+            .await
+            .map_err(err("complete"))?;
+        Ok(fence(done.rows_affected()))
+    }
+
+    async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
+        let done = sqlx::query(self.sql.release.clone())
+            .bind(r.key.scope())
+            .bind(r.key.key())
+            .bind(token_param(r.token))
+            .execute(&self.pool)
+            .await
+            .map_err(err("release"))?;
+        Ok(fence(done.rows_affected()))
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        lease: Duration,
+    ) -> Result<Fence, StoreError> {
+        let done = sqlx::query(self.sql.renew.clone())
+            .bind(key.scope())
+            .bind(key.key())
+            .bind(token_param(token))
+            .bind(micros(lease))
+            .execute(&self.pool)
+            .await
+            .map_err(err("renew"))?;
+        Ok(fence(done.rows_affected()))
+    }
+
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        let row = sqlx::query(self.sql.inspect.clone())
+            .bind(key.scope())
+            .bind(key.key())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(err("inspect"))?;
+        match row {
+            Some(row) => RowView::decode(&row, 0)?.into_record(),
+            None => Ok(None),
+        }
+    }
+
+    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        let done = sqlx::query(self.sql.forget.clone())
+            .bind(key.scope())
+            .bind(key.key())
+            .execute(&self.pool)
+            .await
+            .map_err(err("forget"))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            let done = sqlx::query(self.sql.purge.clone())
+                .bind(PURGE_BATCH)
+                .execute(&self.pool)
+                .await
+                .map_err(err("purge_expired"))?;
+            total += done.rows_affected();
+            if done.rows_affected() < PURGE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn claim_batch(
+        &self,
+        reqs: &[ClaimRequest<'_>],
+    ) -> Result<Vec<ClaimOutcome>, StoreError> {
+        // one statement for the distinct keys; a key repeated within the batch is
+        // answered as a second claim of it would be (it cannot be upserted twice in one
+        // statement), and a key whose row changed under the statement is asked again
+        let mut out: Vec<Option<ClaimOutcome>> = vec![None; reqs.len()];
+        let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(reqs.len());
+        for (i, r) in reqs.iter().enumerate() {
+            first.entry(r.key.as_bytes()).or_insert(i);
+        }
+        let mut pending: Vec<usize> = (0..reqs.len())
+            .filter(|&i| first[reqs[i].key.as_bytes()] == i)
+            .collect();
+        for _ in 0..CLAIM_RETRIES {
+            if pending.is_empty() {
+                break;
+            }
+            let rows = sqlx::query(self.sql.claim_batch.clone())
+                .bind(
+                    pending
+                        .iter()
+                        .map(|&i| reqs[i].key.scope())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    pending
+                        .iter()
+                        .map(|&i| reqs[i].key.key())
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    pending
+                        .iter()
+                        .map(|&i| micros(reqs[i].lease))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    pending
+                        .iter()
+                        .map(|&i| keep_micros(&reqs[i]))
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    pending
+                        .iter()
+                        .map(|&i| reqs[i].fingerprint)
+                        .collect::<Vec<_>>(),
+                )
+                .bind(
+                    pending
+                        .iter()
+                        .map(|&i| {
+                            max_attempts_param(&reqs[i])
+                                .map(|m| i32::try_from(m).unwrap_or(i32::MAX))
+                        })
+                        .collect::<Vec<_>>(),
+                )
+                .fetch_all(&self.pool)
+                .await
+                .map_err(err("claim_batch"))?;
+            for row in &rows {
+                let scope: String = row.try_get(0).map_err(err("claim_batch"))?;
+                let id: Vec<u8> = row.try_get(1).map_err(err("claim_batch"))?;
+                let key = RecordKey::from_encoded(&scope, &id);
+                let Some(&i) = first.get(key.as_bytes()) else {
+                    return Err(common::corrupt(
+                        "claim_batch returned a key it was not asked for".into(),
+                    ));
+                };
+                out[i] = Self::decode_claim(row, 2, &reqs[i])?;
+            }
+            pending.retain(|&i| out[i].is_none());
+        }
+        if !pending.is_empty() {
+            return Err(common::contended());
+        }
+        let mut result = Vec::with_capacity(reqs.len());
+        for (i, r) in reqs.iter().enumerate() {
+            let f = first[r.key.as_bytes()];
+            let outcome = if f == i {
+                out[i].take().ok_or_else(common::contended)?
+            } else {
+                repeated(&result[f], r)
+            };
+            result.push(outcome);
+        }
+        Ok(result)
+    }
+
+    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
+        let rows = sqlx::query(self.sql.complete_batch.clone())
+            .bind(items.iter().map(|c| c.key.scope()).collect::<Vec<_>>())
+            .bind(items.iter().map(|c| c.key.key()).collect::<Vec<_>>())
+            .bind(
+                items
+                    .iter()
+                    .map(|c| token_param(c.token))
+                    .collect::<Vec<_>>(),
+            )
+            .bind(items.iter().map(|c| c.output).collect::<Vec<_>>())
+            .bind(items.iter().map(|c| micros(c.ttl)).collect::<Vec<_>>())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("complete_batch"))?;
+        fences(&rows, items.iter().map(|c| (c.key, c.token)))
+    }
+
+    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
+        let rows = sqlx::query(self.sql.release_batch.clone())
+            .bind(items.iter().map(|r| r.key.scope()).collect::<Vec<_>>())
+            .bind(items.iter().map(|r| r.key.key()).collect::<Vec<_>>())
+            .bind(
+                items
+                    .iter()
+                    .map(|r| token_param(r.token))
+                    .collect::<Vec<_>>(),
+            )
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("release_batch"))?;
+        fences(&rows, items.iter().map(|r| (r.key, r.token)))
+    }
+}
+
+/// Maps the rows an `UPDATE … RETURNING scope, message_id, owner_token` changed back
+/// onto the items, in order.
+fn fences<'a>(
+    rows: &[PgRow],
+    items: impl Iterator<Item = (&'a RecordKey, Token)>,
+) -> Result<Vec<Fence>, StoreError> {
+    let mut held: HashSet<(RecordKey, i64)> = HashSet::with_capacity(rows.len());
+    for row in rows {
+        let scope: String = row.try_get(0).map_err(err("reading a batch"))?;
+        let id: Vec<u8> = row.try_get(1).map_err(err("reading a batch"))?;
+        let token: i64 = row.try_get(2).map_err(err("reading a batch"))?;
+        held.insert((RecordKey::from_encoded(&scope, &id), token));
+    }
+    Ok(items
+        .map(|(key, token)| {
+            // each (key, token) is applied once: a repeat in the same batch is Lost,
+            // as it would be after the first one
+            if held.remove(&(key.clone(), token_param(token))) {
+                Fence::Held
+            } else {
+                Fence::Lost
+            }
+        })
+        .collect())
+}

@@ -1,0 +1,476 @@
+//! [`SqliteStore`]: the embedded durable store.
+
+use super::common::{
+    self, CLAIM_RETRIES, DEFAULT_TABLE, Decision, PURGE_BATCH, RowView, TableName, keep_micros,
+    micros, repeated, token_param,
+};
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
+use crate::{RecordKey, StoreError, StoreErrorKind};
+use async_trait::async_trait;
+use sqlx::error::DatabaseError;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{AssertSqlSafe, Row, SqlStr};
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::Mutex;
+
+/// The database clock in microseconds since the Unix epoch (SQLite reads the clock once
+/// per statement step, so every use in one statement sees the same instant).
+const NOW_US: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
+
+/// The embedded durable store: the dedup table in an SQLite file, feature `sqlite`.
+///
+/// `SqliteStore::connect("sqlite://dedup.db?mode=rwc")` creates the file and the table
+/// if they are missing, turns on write-ahead logging (readers never wait for the
+/// writer) and a busy timeout of [`BUSY_TIMEOUT`](Self::BUSY_TIMEOUT), and keeps every record across
+/// process restarts. Writes of one store (and of its clones) go through one
+/// in-process gate, so concurrent tasks queue for the write lock instead of spinning
+/// on it and never see `database is locked`; other processes sharing the file wait
+/// on SQLite's busy timeout.
+///
+/// A claim reads first and writes only when it must: the row is read with a plain
+/// `SELECT` (one call; this answers every duplicate of a completed key, live claim,
+/// exhausted or mismatched key); an absent key is inserted with
+/// `INSERT … ON CONFLICT DO NOTHING RETURNING owner_token`, a released, lapsed or
+/// expired one taken over with `UPDATE … WHERE owner_token = <token read> AND <still
+/// claimable> RETURNING owner_token, retry_times` (compare-and-set on what was read;
+/// the claim starts over if the row changed). Complete, release and renew are one
+/// `UPDATE` each, compare-and-set on the owner token. Times come from SQLite's
+/// `unixepoch('subsec')`.
+///
+/// # Table
+///
+/// [`connect`](Self::connect) and [`migrate`](Self::migrate) create the table if it is
+/// missing; to create it by hand (name it as you like and pass the name to
+/// [`with_table`](Self::with_table)):
+///
+/// ```sql
+/// CREATE TABLE IF NOT EXISTS message_idempotent (
+///     scope          TEXT    NOT NULL,  -- the handler's namespace
+///     message_id     BLOB    NOT NULL,  -- the encoded key, at most 130 bytes
+///     status         INTEGER NOT NULL,  -- 0 not yet consumed successfully, 1 consumed
+///     retry_times    INTEGER NOT NULL,  -- attempts claimed so far
+///     owner_token    INTEGER NOT NULL,  -- fencing token of the latest claim
+///     lease_until_us INTEGER,           -- lease deadline while in progress, NULL otherwise
+///     expires_at_us  INTEGER NOT NULL,  -- when the record may be purged
+///     fingerprint    BLOB,              -- 32-byte message fingerprint, if declared
+///     output         BLOB,              -- cached output once consumed
+///     PRIMARY KEY (scope, message_id)
+/// );
+/// CREATE INDEX IF NOT EXISTS message_idempotent_expires_at_us_idx
+///     ON message_idempotent (expires_at_us);
+/// ```
+///
+/// Times are microseconds since the Unix epoch
+/// (`datetime(expires_at_us / 1e6, 'unixepoch')` shows them as timestamps). The record
+/// states map onto the columns as: **In progress** `status = 0` with a lease deadline;
+/// **Released** (the last attempt failed, claimable again) `status = 0` with
+/// `lease_until_us IS NULL`; **Completed** `status = 1`. A row whose `expires_at_us`
+/// has passed counts as absent and is deleted by [`purge_expired`](Store::purge_expired).
+#[derive(Clone)]
+pub struct SqliteStore {
+    pool: SqlitePool,
+    sql: Arc<Statements>,
+    write_gate: Arc<Mutex<()>>,
+}
+
+struct Statements {
+    table: TableName,
+    read: SqlStr,
+    insert: SqlStr,
+    take_over: SqlStr,
+    take_over_expired: SqlStr,
+    complete: SqlStr,
+    release: SqlStr,
+    renew: SqlStr,
+    forget: SqlStr,
+    purge: SqlStr,
+    create: [SqlStr; 2],
+}
+
+fn sql(s: String) -> SqlStr {
+    // every statement is built from constant text and a validated, quoted table name;
+    // all values are bound parameters
+    sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(Arc::<str>::from(s)))
+}
+
+impl Statements {
+    fn new(table: TableName) -> Self {
+        let t = table.quoted('"');
+        let owned = format!(
+            "scope = ?1 AND message_id = ?2 AND owner_token = ?3 AND status = 0 \
+             AND lease_until_us IS NOT NULL AND expires_at_us > {NOW_US}"
+        );
+        // SQLite qualifies the index name, not the table, with the schema
+        let index = match table.schema() {
+            Some(s) => format!("\"{s}\".\"{}_expires_at_us_idx\"", table.name()),
+            None => format!("\"{}_expires_at_us_idx\"", table.name()),
+        };
+        Statements {
+            read: sql(format!(
+                "SELECT status, retry_times, owner_token, lease_until_us - {NOW_US}, \
+                    expires_at_us - {NOW_US}, fingerprint, output \
+                 FROM {t} WHERE scope = ?1 AND message_id = ?2"
+            )),
+            insert: sql(format!(
+                "INSERT INTO {t} (scope, message_id, status, retry_times, owner_token, \
+                    lease_until_us, expires_at_us, fingerprint, output) \
+                 VALUES (?1, ?2, 0, 1, {NOW_US}, {NOW_US} + ?3, {NOW_US} + ?4, ?5, NULL) \
+                 ON CONFLICT (scope, message_id) DO NOTHING \
+                 RETURNING owner_token"
+            )),
+            take_over: sql(format!(
+                "UPDATE {t} SET status = 0, retry_times = retry_times + 1, \
+                    owner_token = max(owner_token + 1, {NOW_US}), \
+                    lease_until_us = {NOW_US} + ?3, \
+                    expires_at_us = max(expires_at_us, {NOW_US} + ?4), \
+                    fingerprint = coalesce(fingerprint, ?5), output = NULL \
+                 WHERE scope = ?1 AND message_id = ?2 AND owner_token = ?6 AND retry_times = ?7 \
+                    AND expires_at_us > {NOW_US} AND status = 0 \
+                    AND (lease_until_us IS NULL OR lease_until_us <= {NOW_US}) \
+                 RETURNING owner_token, retry_times"
+            )),
+            take_over_expired: sql(format!(
+                "UPDATE {t} SET status = 0, retry_times = 1, \
+                    owner_token = max(owner_token + 1, {NOW_US}), \
+                    lease_until_us = {NOW_US} + ?3, expires_at_us = {NOW_US} + ?4, \
+                    fingerprint = ?5, output = NULL \
+                 WHERE scope = ?1 AND message_id = ?2 AND owner_token = ?6 \
+                    AND expires_at_us <= {NOW_US} \
+                 RETURNING owner_token, retry_times"
+            )),
+            complete: sql(format!(
+                "UPDATE {t} SET status = 1, output = ?4, lease_until_us = NULL, \
+                    expires_at_us = {NOW_US} + ?5 \
+                 WHERE {owned}"
+            )),
+            release: sql(format!(
+                "UPDATE {t} SET lease_until_us = NULL WHERE {owned}"
+            )),
+            renew: sql(format!(
+                "UPDATE {t} SET lease_until_us = {NOW_US} + ?4, \
+                    expires_at_us = max(expires_at_us, {NOW_US} + ?4) \
+                 WHERE {owned}"
+            )),
+            forget: sql(format!(
+                "DELETE FROM {t} WHERE scope = ?1 AND message_id = ?2"
+            )),
+            purge: sql(format!(
+                "DELETE FROM {t} WHERE rowid IN (\
+                    SELECT rowid FROM {t} WHERE expires_at_us <= {NOW_US} LIMIT ?1)"
+            )),
+            create: [
+                sql(format!(
+                    "CREATE TABLE IF NOT EXISTS {t} (\
+                     scope TEXT NOT NULL, \
+                     message_id BLOB NOT NULL, \
+                     status INTEGER NOT NULL, \
+                     retry_times INTEGER NOT NULL, \
+                     owner_token INTEGER NOT NULL, \
+                     lease_until_us INTEGER, \
+                     expires_at_us INTEGER NOT NULL, \
+                     fingerprint BLOB, \
+                     output BLOB, \
+                     PRIMARY KEY (scope, message_id))"
+                )),
+                sql(format!(
+                    "CREATE INDEX IF NOT EXISTS {index} ON \"{}\" (expires_at_us)",
+                    table.name()
+                )),
+            ],
+            table,
+        }
+    }
+}
+
+impl fmt::Debug for SqliteStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SqliteStore")
+            .field("table", &self.sql.table)
+            .field("pool", &self.pool)
+            .finish()
+    }
+}
+
+fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
+    let code: i64 = e.code().and_then(|c| c.parse().ok()).unwrap_or(0);
+    match code & 0xff {
+        // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN
+        5 | 6 | 10 | 13 | 14 => StoreErrorKind::Unavailable,
+        // SQLITE_ERROR (no such table, …), SQLITE_PERM, SQLITE_READONLY, SQLITE_AUTH
+        1 | 3 | 8 | 23 => StoreErrorKind::Rejected,
+        // SQLITE_CORRUPT, SQLITE_NOTADB, SQLITE_CONSTRAINT, SQLITE_MISMATCH
+        11 | 26 | 19 | 20 => StoreErrorKind::Corrupt,
+        _ => StoreErrorKind::Other,
+    }
+}
+
+fn err(op: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
+    move |e| common::sql_error(op, e, classify)
+}
+
+fn fence(rows: u64) -> Fence {
+    if rows > 0 { Fence::Held } else { Fence::Lost }
+}
+
+impl SqliteStore {
+    /// How long a connection opened by [`connect`](Self::connect) waits for another
+    /// process's write lock before giving up.
+    pub const BUSY_TIMEOUT: Duration = Duration::from_secs(30);
+
+    /// Opens the database at `url` (`sqlite://path/to/dedup.db?mode=rwc` creates the
+    /// file if it is missing) in write-ahead-log mode with a busy timeout of
+    /// [`BUSY_TIMEOUT`](Self::BUSY_TIMEOUT), and creates the table `message_idempotent` if it is
+    /// missing.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::connect_with_table(url, DEFAULT_TABLE).await
+    }
+
+    /// Like [`connect`](Self::connect), on the table `table` (optionally qualified by
+    /// an attached database name: `schema.table`).
+    pub async fn connect_with_table(url: &str, table: &str) -> Result<Self, StoreError> {
+        let table = TableName::parse(table)?;
+        let options = SqliteConnectOptions::from_str(url)
+            .map_err(err("parsing the SQLite URL"))?
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Normal)
+            .busy_timeout(Self::BUSY_TIMEOUT);
+        let pool = SqlitePoolOptions::new()
+            .connect_with(options)
+            .await
+            .map_err(err("opening the SQLite database"))?;
+        let store = SqliteStore::new(pool, table);
+        store.migrate().await?;
+        Ok(store)
+    }
+
+    fn new(pool: SqlitePool, table: TableName) -> Self {
+        SqliteStore {
+            pool,
+            sql: Arc::new(Statements::new(table)),
+            write_gate: Arc::new(Mutex::new(())),
+        }
+    }
+
+    /// Uses the application's pool; the table `message_idempotent` must exist (call
+    /// [`migrate`](Self::migrate) or create it by hand). Touches no schema. Set a
+    /// busy timeout on the pool's options if other processes write to the same file.
+    pub fn from_pool(pool: SqlitePool) -> Self {
+        SqliteStore::new(pool, TableName::default_table())
+    }
+
+    /// The same pool (and write gate) on another table: letters, digits and `_`,
+    /// optionally qualified by one attached database name (`schema.table`). Touches no
+    /// schema; a bad name is a [`StoreErrorKind::Rejected`] error.
+    pub fn with_table(self, table: &str) -> Result<Self, StoreError> {
+        let table = TableName::parse(table)?;
+        Ok(SqliteStore {
+            pool: self.pool,
+            sql: Arc::new(Statements::new(table)),
+            write_gate: self.write_gate,
+        })
+    }
+
+    /// Creates the table and its expiry index if they are missing.
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let _gate = self.write_gate.lock().await;
+        for stmt in &self.sql.create {
+            sqlx::query(stmt.clone())
+                .execute(&self.pool)
+                .await
+                .map_err(err("creating the dedup table"))?;
+        }
+        Ok(())
+    }
+
+    /// The pool this store uses.
+    pub fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    /// The table name, as given.
+    pub fn table(&self) -> String {
+        self.sql.table.display()
+    }
+
+    /// Spawns a task that deletes expired records every `every`
+    /// (see [`purge_expired`](Store::purge_expired)); abort the returned handle to stop
+    /// it. Fails outside a Tokio runtime.
+    pub fn spawn_sweeper(
+        &self,
+        every: Duration,
+    ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+        common::spawn_sweeper(self.clone(), every)
+    }
+
+    async fn read(&self, key: &RecordKey) -> Result<Option<RowView>, StoreError> {
+        let row = sqlx::query(self.sql.read.clone())
+            .bind(key.scope())
+            .bind(key.key())
+            .fetch_optional(&self.pool)
+            .await
+            .map_err(err("reading a record"))?;
+        row.map(|r| RowView::decode(&r, 0)).transpose()
+    }
+
+    /// Acts on what a read saw: answers, or tries the one conditional write.
+    /// `Ok(None)`: the row changed since the read; read again.
+    async fn act(
+        &self,
+        req: &ClaimRequest<'_>,
+        seen: Option<RowView>,
+    ) -> Result<Option<ClaimOutcome>, StoreError> {
+        let (stmt, seen_token, seen_attempts) = match seen {
+            None => (&self.sql.insert, None, None),
+            Some(seen) => {
+                let (token, attempts) = (seen.token, seen.attempts);
+                match seen.decide(req)? {
+                    Decision::Answer(outcome) => return Ok(Some(outcome)),
+                    Decision::Claimable { expired: true } => {
+                        (&self.sql.take_over_expired, Some(token), None)
+                    }
+                    Decision::Claimable { expired: false } => {
+                        (&self.sql.take_over, Some(token), Some(attempts))
+                    }
+                }
+            }
+        };
+        let mut q = sqlx::query(stmt.clone())
+            .bind(req.key.scope())
+            .bind(req.key.key())
+            .bind(micros(req.lease))
+            .bind(keep_micros(req))
+            .bind(req.fingerprint);
+        if let Some(token) = seen_token {
+            q = q.bind(token);
+        }
+        if let Some(attempts) = seen_attempts {
+            q = q.bind(attempts);
+        }
+        let row = {
+            let _gate = self.write_gate.lock().await;
+            q.fetch_optional(&self.pool).await.map_err(err("claim"))?
+        };
+        let Some(row) = row else { return Ok(None) };
+        let token: i64 = row.try_get(0).map_err(err("claim"))?;
+        let attempt: i64 = match seen_token {
+            None => 1,
+            Some(_) => row.try_get(1).map_err(err("claim"))?,
+        };
+        Ok(Some(ClaimOutcome::Acquired {
+            token: common::token(token)?,
+            attempt: common::attempts(attempt)?,
+        }))
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        for _ in 0..CLAIM_RETRIES {
+            let seen = self.read(req.key).await?;
+            if let Some(outcome) = self.act(req, seen).await? {
+                return Ok(outcome);
+            }
+        }
+        Err(common::contended())
+    }
+
+    async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
+        let q = sqlx::query(self.sql.complete.clone())
+            .bind(c.key.scope())
+            .bind(c.key.key())
+            .bind(token_param(c.token))
+            .bind(c.output)
+            .bind(micros(c.ttl));
+        let _gate = self.write_gate.lock().await;
+        let done = q.execute(&self.pool).await.map_err(err("complete"))?;
+        Ok(fence(done.rows_affected()))
+    }
+
+    async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
+        let q = sqlx::query(self.sql.release.clone())
+            .bind(r.key.scope())
+            .bind(r.key.key())
+            .bind(token_param(r.token));
+        let _gate = self.write_gate.lock().await;
+        let done = q.execute(&self.pool).await.map_err(err("release"))?;
+        Ok(fence(done.rows_affected()))
+    }
+
+    async fn renew(
+        &self,
+        key: &RecordKey,
+        token: Token,
+        lease: Duration,
+    ) -> Result<Fence, StoreError> {
+        let q = sqlx::query(self.sql.renew.clone())
+            .bind(key.scope())
+            .bind(key.key())
+            .bind(token_param(token))
+            .bind(micros(lease));
+        let _gate = self.write_gate.lock().await;
+        let done = q.execute(&self.pool).await.map_err(err("renew"))?;
+        Ok(fence(done.rows_affected()))
+    }
+
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        match self.read(key).await? {
+            Some(row) => row.into_record(),
+            None => Ok(None),
+        }
+    }
+
+    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        let q = sqlx::query(self.sql.forget.clone())
+            .bind(key.scope())
+            .bind(key.key());
+        let _gate = self.write_gate.lock().await;
+        let done = q.execute(&self.pool).await.map_err(err("forget"))?;
+        Ok(done.rows_affected() > 0)
+    }
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        let mut total = 0;
+        loop {
+            // the gate is taken per batch, so claims interleave with a long purge
+            let done = {
+                let _gate = self.write_gate.lock().await;
+                sqlx::query(self.sql.purge.clone())
+                    .bind(PURGE_BATCH)
+                    .execute(&self.pool)
+                    .await
+                    .map_err(err("purge_expired"))?
+            };
+            total += done.rows_affected();
+            if done.rows_affected() < PURGE_BATCH as u64 {
+                return Ok(total);
+            }
+        }
+    }
+
+    async fn claim_batch(
+        &self,
+        reqs: &[ClaimRequest<'_>],
+    ) -> Result<Vec<ClaimOutcome>, StoreError> {
+        // a repeated key in the batch gets what a second claim right after the first
+        // would get, without another read
+        let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(reqs.len());
+        let mut out: Vec<ClaimOutcome> = Vec::with_capacity(reqs.len());
+        for (i, req) in reqs.iter().enumerate() {
+            let f = *first.entry(req.key.as_bytes()).or_insert(i);
+            let outcome = if f != i {
+                repeated(&out[f], req)
+            } else {
+                self.claim(req).await?
+            };
+            out.push(outcome);
+        }
+        Ok(out)
+    }
+}
