@@ -2,3 +2,5 @@
 //! real servers.
 
 pub mod conformance;
+pub mod redis_support;
+pub mod sql_support;

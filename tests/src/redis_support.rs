@@ -1,0 +1,310 @@
+//! Helpers for the Redis tests: the shared server's URL, private `redis-server`
+//! processes on free ports (killed when dropped, also on panic), a three-master
+//! Redis Cluster, raw commands, and the two-store race.
+//!
+//! Compiled with the `redis` feature only.
+#![cfg(feature = "redis")]
+
+use futures_util::future::join_all;
+use idempotent_runtime::redis::{self, aio::ConnectionManager};
+use idempotent_runtime::{Error, Idempotency, OnInProgress, RedisStore, Store};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// The environment variable naming the shared Redis server.
+pub const URL_VAR: &str = "IDEMPOTENT_REDIS_URL";
+
+/// The shared server's URL: `$IDEMPOTENT_REDIS_URL`, default `redis://127.0.0.1:6379`.
+pub fn redis_url() -> String {
+    std::env::var(URL_VAR).unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned())
+}
+
+/// A store on the shared server; panics, naming the variable, when it is unreachable.
+pub async fn connect() -> RedisStore {
+    let url = redis_url();
+    match RedisStore::connect(url.as_str()).await {
+        Ok(s) => s,
+        Err(e) => panic!(
+            "the Redis tests need a server at {url} (set {URL_VAR} to use another): {e} ({:?})",
+            std::error::Error::source(&e)
+        ),
+    }
+}
+
+/// A raw connection to `url`, for commands the store does not issue (GET, SET, INFO…).
+pub async fn raw(url: &str) -> ConnectionManager {
+    let client = redis::Client::open(url).unwrap_or_else(|e| panic!("bad URL {url}: {e}"));
+    ConnectionManager::new(client)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to Redis at {url} (set {URL_VAR}): {e}"))
+}
+
+/// The server's `TIME` in microseconds.
+pub async fn server_time_us(conn: &mut ConnectionManager) -> u64 {
+    let (s, us): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
+    s * 1_000_000 + us
+}
+
+/// A loopback port nothing listens on (at the time of the call).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+fn unique_dir(tag: &str) -> PathBuf {
+    let mut b = [0u8; 8];
+    getrandom::fill(&mut b).expect("random bytes");
+    let dir = std::env::temp_dir().join(format!(
+        "idempotent-{tag}-{}-{:016x}",
+        std::process::id(),
+        u64::from_le_bytes(b)
+    ));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    dir
+}
+
+/// Sends `PING` over a plain TCP connection; true on `+PONG`.
+fn pings(port: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = s.set_read_timeout(Some(Duration::from_millis(500)));
+    if s.write_all(b"PING\r\n").is_err() {
+        return false;
+    }
+    let mut buf = [0u8; 16];
+    matches!(s.read(&mut buf), Ok(n) if buf[..n].starts_with(b"+PONG"))
+}
+
+/// A `redis-server` process owned by a test, on its own port and directory; killed
+/// (and its directory removed) when dropped.
+#[derive(Debug)]
+pub struct RedisServer {
+    port: u16,
+    dir: PathBuf,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl RedisServer {
+    /// Starts a server without persistence on a free port.
+    pub fn start() -> Self {
+        Self::start_with(&["--save", "", "--appendonly", "no"])
+    }
+
+    /// Starts a server with extra `redis-server` arguments on a free port.
+    pub fn start_with(extra: &[&str]) -> Self {
+        let port = free_port();
+        let mut s = RedisServer {
+            port,
+            dir: unique_dir(&format!("redis-{port}")),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        s.spawn();
+        s
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.dir.join("server.log")).expect("log file");
+        let child = Command::new("redis-server")
+            .arg("--port")
+            .arg(self.port.to_string())
+            .args(["--bind", "127.0.0.1", "--protected-mode", "no"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .args(&self.extra)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().expect("log file")))
+            .stderr(Stdio::from(log))
+            .spawn()
+            .unwrap_or_else(|e| {
+                panic!("the Redis tests need `redis-server` on PATH to start private servers: {e}")
+            });
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !pings(self.port) {
+            if let Some(c) = self.child.as_mut() {
+                if let Ok(Some(status)) = c.try_wait() {
+                    panic!(
+                        "redis-server on port {} exited with {status}; log: {}",
+                        self.port,
+                        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+                    );
+                }
+            }
+            assert!(
+                Instant::now() < deadline,
+                "redis-server on port {} did not answer PING within 10 s",
+                self.port
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// The server's port.
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// The server's directory.
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// `redis://127.0.0.1:<port>`.
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Kills the server at once (SIGKILL: no shutdown, no final save).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts the server again on the same port and directory.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A Redis Cluster of three masters without replicas, on free loopback ports; the
+/// servers are killed when it is dropped.
+#[derive(Debug)]
+pub struct RedisCluster {
+    nodes: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts three `--cluster-enabled yes` servers, joins them with
+    /// `redis-cli --cluster create`, and waits for `cluster_state:ok` on every node.
+    pub fn start() -> Self {
+        let nodes: Vec<RedisServer> = (0..3)
+            .map(|_| {
+                RedisServer::start_with(&[
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "5000",
+                ])
+            })
+            .collect();
+        let cluster = RedisCluster { nodes };
+        let mut cmd = Command::new("redis-cli");
+        cmd.arg("--cluster").arg("create");
+        for n in &cluster.nodes {
+            cmd.arg(format!("127.0.0.1:{}", n.port()));
+        }
+        cmd.args(["--cluster-replicas", "0", "--cluster-yes"]);
+        let out = cmd
+            .stdin(Stdio::null())
+            .output()
+            .unwrap_or_else(|e| panic!("the cluster test needs `redis-cli` on PATH: {e}"));
+        assert!(
+            out.status.success(),
+            "redis-cli --cluster create failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for n in &cluster.nodes {
+            loop {
+                let info = Command::new("redis-cli")
+                    .args(["-p", &n.port().to_string(), "cluster", "info"])
+                    .output()
+                    .expect("redis-cli cluster info");
+                if String::from_utf8_lossy(&info.stdout).contains("cluster_state:ok") {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "the cluster did not reach cluster_state:ok within 30 s"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+        cluster
+    }
+
+    /// The nodes' URLs.
+    pub fn urls(&self) -> Vec<String> {
+        self.nodes.iter().map(RedisServer::url).collect()
+    }
+
+    /// The nodes.
+    pub fn nodes(&self) -> &[RedisServer] {
+        &self.nodes
+    }
+}
+
+/// Two stores (separate connections, as two consumer processes have) run `tasks`
+/// concurrent deliveries of each of `keys` keys, half through each store. Asserts that
+/// every key's body ran exactly once and that every delivery got the winner's output.
+pub async fn race_two_stores(a: Arc<dyn Store>, b: Arc<dyn Store>, keys: usize, tasks: usize) {
+    let scope = crate::conformance::unique_scope("redis-race");
+    let make = |s: &Arc<dyn Store>| {
+        Idempotency::new(scope.clone())
+            .shared_store(s.clone())
+            .lease(Duration::from_secs(5))
+            .ttl(Duration::from_secs(120))
+            .on_in_progress(OnInProgress::Wait)
+    };
+    let handlers = [make(&a), make(&b)];
+    let runs: Arc<Vec<AtomicU32>> = Arc::new((0..keys).map(|_| AtomicU32::new(0)).collect());
+    let mut jobs = Vec::new();
+    for t in 0..tasks {
+        for k in 0..keys {
+            let h = handlers[(t + k) % 2].clone();
+            let runs = runs.clone();
+            jobs.push(tokio::spawn(async move {
+                let id = format!("order-{k}");
+                let r: Result<u64, Error> = h
+                    .run(id.as_str(), async {
+                        runs[k].fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok(k as u64 * 7 + 1)
+                    })
+                    .await;
+                (k, r)
+            }));
+        }
+    }
+    for j in join_all(jobs).await {
+        let (k, r) = j.expect("task");
+        match r {
+            Ok(v) => assert_eq!(v, k as u64 * 7 + 1, "key {k} got another key's output"),
+            Err(e) => panic!("delivery of key {k} failed: {e} ({e:?})"),
+        }
+    }
+    for (k, n) in runs.iter().enumerate() {
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            1,
+            "the body of key {k} ran {n:?} times"
+        );
+    }
+}
