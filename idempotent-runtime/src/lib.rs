@@ -1,22 +1,4 @@
-//! Idempotent message consumers: one attribute, a claim → run → complete/release
-//! protocol, and pluggable stores.
-//!
-//! ```
-//! use idempotent_runtime::{idempotent, Error};
-//!
-//! #[derive(Debug)]
-//! struct OrderPaid { id: String, amount: u64 }
-//!
-//! #[idempotent(key = "msg.id", ttl = "7d")]
-//! async fn on_order_paid(msg: &OrderPaid) -> Result<u64, Error> {
-//!     Ok(msg.amount) // business code only; runs once per id
-//! }
-//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-//! let msg = OrderPaid { id: "o-1".into(), amount: 5 };
-//! assert_eq!(on_order_paid(&msg).await.unwrap(), 5);
-//! assert_eq!(on_order_paid(&msg).await.unwrap(), 5); // duplicate: cached output
-//! # });
-//! ```
+#![doc = include_str!("../README.md")]
 #![warn(
     missing_docs,
     missing_debug_implementations,
