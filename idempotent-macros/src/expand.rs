@@ -68,9 +68,7 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
     let store = match &c.store {
         None => quote!(#private::StoreArg::Named("memory")),
         Some(StoreArg::Name(lit)) => quote!(#private::StoreArg::Named(#lit)),
-        Some(StoreArg::Expr(e)) => quote_spanned! {e.span()=>
-            #private::StoreArg::Typed(&*(#e))
-        },
+        Some(StoreArg::Expr(e)) => typed_store(&private, e),
     };
 
     let scope = match &c.scope {
@@ -132,5 +130,55 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
             )
             .await
         }
+    }
+}
+
+/// `store = PATH`: the expression (a `static` that derefs to a store, or a call
+/// returning a `&'static` store) as a `&'static dyn Store`, through a local trait whose
+/// `on_unimplemented` message tells what `store = …` accepts. A plain coercion would
+/// report rustc's generic "the trait bound `X: Store` is not satisfied" instead.
+///
+/// ```text
+/// // Input:  store = ORDERS
+/// // Output:
+/// StoreArg::Typed({
+///     trait __IdempotentTypedStore { fn __idempotent_store(&'static self) -> &'static dyn Store; }
+///     impl<S: Store> __IdempotentTypedStore for S { … }
+///     impl __IdempotentTypedStore for dyn Store { … }
+///     __IdempotentTypedStore::__idempotent_store(&*(ORDERS))
+/// })
+/// ```
+fn typed_store(private: &TokenStream, e: &Expr) -> TokenStream {
+    let site = Span::mixed_site();
+    let tr = quote_spanned!(site=> __IdempotentTypedStore);
+    let method = quote_spanned!(site=> __idempotent_store);
+    let store = quote!(#private::StoreTrait);
+    let get = quote_spanned! {e.span()=>
+        #tr::#method(&*(#e))
+    };
+    quote! {
+        #private::StoreArg::Typed({
+            #[diagnostic::on_unimplemented(
+                message = "`{Self}` is not an idempotency store",
+                label = "`store = …` must give a store",
+                note = "pass a `static` that derefs to a store, like `static ORDERS: LazyLock<MemoryStore>`, \
+                        or a call that returns a `&'static` store, like `store = redis()`",
+                note = "to use a store registered with `register_store`, quote its name: `store = \"orders\"`"
+            )]
+            trait #tr {
+                fn #method(&'static self) -> &'static dyn #store;
+            }
+            impl<S: #store> #tr for S {
+                fn #method(&'static self) -> &'static dyn #store {
+                    self
+                }
+            }
+            impl #tr for dyn #store {
+                fn #method(&'static self) -> &'static dyn #store {
+                    self
+                }
+            }
+            #get
+        })
     }
 }

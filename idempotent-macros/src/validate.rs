@@ -1,7 +1,7 @@
 //! Checks the arguments against the function and turns them into what `expand` emits.
 
 use crate::attr::{Args, Errors, StoreArg};
-use proc_macro2::Span;
+use proc_macro2::{Group, Span, TokenStream, TokenTree};
 use std::collections::BTreeSet;
 use syn::spanned::Spanned;
 use syn::visit::Visit;
@@ -208,7 +208,10 @@ fn pattern_names(pat: &Pat, out: &mut Vec<String>) {
 /// Parses a string argument as a Rust expression and checks that every variable it
 /// names is a parameter.
 fn expression(lit: &LitStr, what: &str, params: &[String], errors: &mut Errors) -> Option<Expr> {
-    let expr = match lit.parse::<Expr>() {
+    let expr = match lit
+        .parse::<TokenStream>()
+        .and_then(|tokens| syn::parse2::<Expr>(respan(tokens, lit.span())))
+    {
         Ok(e) => e,
         Err(e) => {
             errors.at(
@@ -220,11 +223,9 @@ fn expression(lit: &LitStr, what: &str, params: &[String], errors: &mut Errors) 
             return None;
         }
     };
-    let mut vars = Variables::default();
-    vars.visit_expr(&expr);
     let mut ok = true;
-    for (name, span) in vars.used {
-        if vars.bound.contains(&name) || params.iter().any(|p| *p == name) {
+    for name in free_variables(&expr) {
+        if params.contains(&name) {
             continue;
         }
         ok = false;
@@ -241,18 +242,52 @@ fn expression(lit: &LitStr, what: &str, params: &[String], errors: &mut Errors) 
             )
         };
         errors.at(
-            span,
+            lit.span(),
             format!("`{what}` uses `{name}`, which is not a parameter of this function; {listed}"),
         );
     }
     ok.then_some(expr)
 }
 
-/// Single-segment lowercase paths used as values (variables), and names bound
-/// inside the expression (closure parameters, `let` in blocks).
+/// Gives every token the location of the string literal it was parsed from, and the
+/// hygiene of the macro call site.
+///
+/// rustc's errors inside the expression (`no field `idd` on type `&Msg``) then point at
+/// the string, like the literal's own span would. Marking the tokens as coming from the
+/// expansion also keeps rustc from offering fix-it suggestions for them: a suggestion
+/// would replace the whole string literal with the suggested identifier
+/// (`key = id` for `key = "msg.idd"`), since no span can point inside a literal.
+fn respan(tokens: TokenStream, at: Span) -> TokenStream {
+    let span = Span::call_site().located_at(at);
+    tokens
+        .into_iter()
+        .map(|mut tt| {
+            if let TokenTree::Group(g) = &tt {
+                let mut group = Group::new(g.delimiter(), respan(g.stream(), at));
+                group.set_span(span);
+                tt = TokenTree::Group(group);
+            } else {
+                tt.set_span(span);
+            }
+            tt
+        })
+        .collect()
+}
+
+/// The variables an expression reads that it does not bind itself, in order of first
+/// use: single-segment lowercase paths used as values (`msg`, `self`), minus the names
+/// bound inside it (closure parameters, `let` in blocks). Called functions (`hash` in
+/// `hash(msg)`), methods, fields and `CONSTANTS` are not variables.
+fn free_variables(expr: &Expr) -> Vec<String> {
+    let mut vars = Variables::default();
+    vars.visit_expr(expr);
+    let Variables { used, bound } = vars;
+    used.into_iter().filter(|n| !bound.contains(n)).collect()
+}
+
 #[derive(Default)]
 struct Variables {
-    used: Vec<(String, Span)>,
+    used: Vec<String>,
     bound: BTreeSet<String>,
 }
 
@@ -262,8 +297,8 @@ impl<'ast> Visit<'ast> for Variables {
             if let Some(ident) = p.path.get_ident() {
                 let name = ident.to_string();
                 if name == "self" || name.starts_with(|c: char| c.is_lowercase() || c == '_') {
-                    if !self.used.iter().any(|(n, _)| *n == name) {
-                        self.used.push((name, ident.span()));
+                    if !self.used.contains(&name) {
+                        self.used.push(name);
                     }
                 }
             }
@@ -406,7 +441,75 @@ fn choice(
 
 #[cfg(test)]
 mod tests {
-    use super::parse_duration;
+    use super::{free_variables, parse_duration};
+
+    fn free(src: &str) -> Vec<String> {
+        free_variables(&syn::parse_str(src).expect(src))
+    }
+
+    #[test]
+    fn key_variables() {
+        assert_eq!(free("msg.id"), ["msg"]);
+        assert_eq!(free("(msg.topic, msg.id)"), ["msg"]);
+        assert_eq!(free("(msg.topic, header.id)"), ["msg", "header"]);
+        assert_eq!(free("msg.header.biz_id()"), ["msg"]);
+        assert_eq!(free("self.tenant"), ["self"]);
+        assert_eq!(free("(self.tenant, msg.id)"), ["self", "msg"]);
+        assert_eq!(free("_msg.id"), ["_msg"]);
+    }
+
+    #[test]
+    fn key_variables_skip_functions_and_constants() {
+        // the callee of a call is a function, its arguments are variables
+        assert_eq!(free("hash(msg)"), ["msg"]);
+        assert_eq!(free("crate::keys::hash(&msg.id)"), ["msg"]);
+        assert_eq!(free("hash::<u64>(msg, salt)"), ["msg", "salt"]);
+        // upper-case paths are constants, statics or variants
+        assert_eq!(free("msg.id % MAX"), ["msg"]);
+        assert_eq!(free("Some(msg.id)"), ["msg"]);
+        assert!(free("MAX").is_empty());
+        assert!(free("Kind::Order").is_empty());
+        // a call through an expression still reads that expression
+        assert_eq!(free("(hasher)(msg)"), ["hasher", "msg"]);
+    }
+
+    #[test]
+    fn key_variables_skip_names_bound_inside() {
+        assert_eq!(free("msg.items.iter().map(|i| i.id).sum::<u64>()"), ["msg"]);
+        assert_eq!(free("msg.items.iter().map(|(a, b)| a + b).max()"), ["msg"]);
+        assert_eq!(free("{ let n = msg.id; n * 2 }"), ["msg"]);
+        // a closure that reads a name it does not bind
+        assert_eq!(free("msg.items.iter().map(|i| i.id + offset)"), ["msg", "offset"]);
+    }
+
+    #[test]
+    fn unknown_variable_message_lists_the_parameters() {
+        use crate::attr::Errors;
+        use proc_macro2::Span;
+        let params = vec!["msg".to_owned(), "db".to_owned()];
+        let lit = syn::LitStr::new("(message.id, msg.topic)", Span::call_site());
+        let mut errors = Errors::default();
+        assert!(super::expression(&lit, "key", &params, &mut errors).is_none());
+        let err = errors.finish().expect("an error");
+        assert_eq!(
+            err.to_string(),
+            "`key` uses `message`, which is not a parameter of this function; \
+             the handler's parameters are `msg`, `db`"
+        );
+
+        let lit = syn::LitStr::new("(msg.topic, db.id)", Span::call_site());
+        let mut errors = Errors::default();
+        assert!(super::expression(&lit, "key", &params, &mut errors).is_some());
+        assert!(errors.finish().is_none());
+    }
+
+    #[test]
+    fn key_variables_of_literals_and_macros() {
+        assert!(free("\"fixed\"").is_empty());
+        assert!(free("42").is_empty());
+        // macro arguments are left to rustc
+        assert!(free("format!(\"{}\", msg.id)").is_empty());
+    }
 
     #[test]
     fn durations() {

@@ -1,12 +1,14 @@
 use idempotent_runtime::{Error, idempotent};
+use std::collections::HashMap;
+use std::sync::LazyLock;
 
 struct Msg {
     id: String,
 }
 
-static ORDERS: &str = "orders";
+static SEEN: LazyLock<HashMap<String, String>> = LazyLock::new(HashMap::new);
 
-#[idempotent(key = "msg.id", store = ORDERS)]
+#[idempotent(key = "msg.id", store = SEEN)]
 async fn handle(msg: &Msg) -> Result<(), Error> {
     let _ = &msg.id;
     Ok(())
