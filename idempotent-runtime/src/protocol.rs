@@ -24,6 +24,7 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::Poll;
 use std::time::Duration;
+use tracing::Instrument;
 
 /// Default cap on a cached output's serialized size: 64 KiB.
 pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 64 * 1024;
@@ -212,21 +213,36 @@ pub(crate) fn decode_output<T: DeserializeOwned>(output: Option<Vec<u8>>) -> Res
     }
 }
 
-/// Releases the claim if the handler's future is dropped before it finished.
+/// What a dropped (cancelled) handler future leaves behind, and how to clean it up.
+enum Pending {
+    /// Nothing: the protocol finished.
+    Nothing,
+    /// The body was running: release the claim so a redelivery can retry at once.
+    Release,
+    /// The body succeeded but its completion was not recorded yet: record it, so the
+    /// work that happened is not run again.
+    Complete {
+        output: Option<Vec<u8>>,
+        ttl: Duration,
+    },
+}
+
+/// Cleans up a claim whose handler future is dropped before the protocol finished.
 struct CancelGuard<'a> {
     store: &'a StoreHandle,
     key: &'a RecordKey,
     token: Token,
-    armed: bool,
+    pending: Pending,
 }
 
 impl Drop for CancelGuard<'_> {
     fn drop(&mut self) {
-        if !self.armed {
+        let pending = std::mem::replace(&mut self.pending, Pending::Nothing);
+        if matches!(pending, Pending::Nothing) {
             return;
         }
-        // The handler was cancelled (its future dropped) mid-run. Release the claim so a
-        // redelivery can run at once; without a runtime, the lease expires on its own.
+        record(Outcome::Cancelled, self.key.scope());
+        // Without a runtime to run the cleanup on, the lease expires on its own.
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -234,12 +250,84 @@ impl Drop for CancelGuard<'_> {
         let key = self.key.clone();
         let token = self.token;
         rt.spawn(async move {
-            let r = store.get().release(&Release { key: &key, token }).await;
+            let store = store.get();
+            let r = match pending {
+                Pending::Complete { output, ttl } => {
+                    let c = Completion {
+                        key: &key,
+                        token,
+                        output: output.as_deref(),
+                        ttl,
+                    };
+                    store.complete(&c).await
+                }
+                _ => store.release(&Release { key: &key, token }).await,
+            };
             if let Err(e) = r {
-                tracing::warn!(error = %e, "could not release a cancelled claim; it frees when its lease expires");
+                tracing::warn!(error = %e, "could not clean up a cancelled claim; it frees when its lease expires");
             }
         });
     }
+}
+
+/// How one handled message ended; the `outcome` of its span and metrics.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The body ran and succeeded.
+    Executed,
+    /// A duplicate of a completed key: the cached output was returned.
+    Replayed,
+    /// Another execution holds the claim.
+    InProgress,
+    /// The body returned an error; the claim was released.
+    Failed,
+    /// The body panicked; the claim was released.
+    Panicked,
+    /// The handler's future was dropped mid-run.
+    Cancelled,
+    /// `max_attempts` reached.
+    Exhausted,
+    /// Same key, other fingerprint.
+    FingerprintMismatch,
+    /// The completed output could not be replayed.
+    NotReplayable,
+    /// The store failed; nothing ran.
+    StoreError,
+    /// The store failed and the body ran without deduplication.
+    Unprotected,
+}
+
+impl Outcome {
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Executed => "executed",
+            Outcome::Replayed => "replayed",
+            Outcome::InProgress => "in_progress",
+            Outcome::Failed => "failed",
+            Outcome::Panicked => "panicked",
+            Outcome::Cancelled => "cancelled",
+            Outcome::Exhausted => "exhausted",
+            Outcome::FingerprintMismatch => "fingerprint_mismatch",
+            Outcome::NotReplayable => "not_replayable",
+            Outcome::StoreError => "store_error",
+            Outcome::Unprotected => "unprotected",
+        }
+    }
+}
+
+/// Records an outcome on the current span and, with the `metrics` feature, in the
+/// `idempotent_messages_total{scope, outcome}` counter.
+fn record(outcome: Outcome, scope: &str) {
+    tracing::Span::current().record("outcome", outcome.as_str());
+    #[cfg(feature = "metrics")]
+    metrics::counter!(
+        "idempotent_messages_total",
+        "scope" => scope.to_owned(),
+        "outcome" => outcome.as_str()
+    )
+    .increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = scope;
 }
 
 async fn renew_loop(store: &dyn Store, key: &RecordKey, token: Token, lease: Duration) {
@@ -277,6 +365,31 @@ where
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
+    // one span per handled message: the scope and the outcome, never the key
+    let span = tracing::info_span!(
+        "idempotent",
+        scope = %scope,
+        attempt = tracing::field::Empty,
+        outcome = tracing::field::Empty,
+    );
+    execute_in_span(settings, scope, store, key, fingerprint, body)
+        .instrument(span)
+        .await
+}
+
+async fn execute_in_span<T, E, Fut>(
+    settings: &Settings,
+    scope: Cow<'static, str>,
+    store: StoreHandle,
+    key: RecordKey,
+    fingerprint: Option<[u8; 32]>,
+    body: Fut,
+) -> Result<T, E>
+where
+    T: Serialize + DeserializeOwned,
+    E: From<Error>,
+    Fut: Future<Output = Result<T, E>>,
+{
     let req = ClaimRequest {
         key: &key,
         lease: settings.lease,
@@ -289,10 +402,11 @@ where
     loop {
         let outcome = match store.get().claim(&req).await {
             Ok(o) => o,
-            Err(e) => return store_unavailable(settings, e, body).await,
+            Err(e) => return store_unavailable(settings, key.scope(), e, body).await,
         };
         match outcome {
             ClaimOutcome::Acquired { token, attempt } => {
+                tracing::Span::current().record("attempt", attempt);
                 let claim = Claim {
                     scope,
                     token,
@@ -300,9 +414,18 @@ where
                 };
                 return run_claimed(settings, &store, &key, claim, body).await;
             }
-            ClaimOutcome::Completed { output } => return decode_output(output).map_err(E::from),
+            ClaimOutcome::Completed { output } => {
+                let r = decode_output(output);
+                let outcome = match r {
+                    Ok(_) => Outcome::Replayed,
+                    Err(_) => Outcome::NotReplayable,
+                };
+                record(outcome, key.scope());
+                return r.map_err(E::from);
+            }
             ClaimOutcome::InProgress { retry_after } => {
                 if settings.on_in_progress == OnInProgress::Reject || waited >= settings.lease {
+                    record(Outcome::InProgress, key.scope());
                     return Err(Error::InProgress { retry_after }.into());
                 }
                 let pause = backoff
@@ -313,21 +436,34 @@ where
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
             ClaimOutcome::Exhausted { attempts } => {
+                record(Outcome::Exhausted, key.scope());
                 return Err(Error::AttemptsExhausted { attempts }.into());
             }
-            ClaimOutcome::FingerprintMismatch => return Err(Error::FingerprintMismatch.into()),
+            ClaimOutcome::FingerprintMismatch => {
+                record(Outcome::FingerprintMismatch, key.scope());
+                return Err(Error::FingerprintMismatch.into());
+            }
         }
     }
 }
 
-async fn store_unavailable<T, E, Fut>(settings: &Settings, e: StoreError, body: Fut) -> Result<T, E>
+async fn store_unavailable<T, E, Fut>(
+    settings: &Settings,
+    scope: &str,
+    e: StoreError,
+    body: Fut,
+) -> Result<T, E>
 where
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
     match settings.on_store_error {
-        OnStoreError::Fail => Err(Error::Store(e).into()),
+        OnStoreError::Fail => {
+            record(Outcome::StoreError, scope);
+            Err(Error::Store(e).into())
+        }
         OnStoreError::Process => {
+            record(Outcome::Unprotected, scope);
             tracing::warn!(error = %e, "store unavailable; running the handler without deduplication (on_store_error = \"process\")");
             body.await
         }
@@ -351,7 +487,7 @@ where
         store,
         key,
         token,
-        armed: true,
+        pending: Pending::Release,
     };
     let result = {
         let mut body = pin!(CURRENT_CLAIM.scope(claim, AssertUnwindSafe(body).catch_unwind()));
@@ -376,25 +512,35 @@ where
             let cap = settings
                 .max_output_bytes
                 .unwrap_or_else(|| MAX_OUTPUT_BYTES.load(Ordering::Relaxed));
-            let output = encode_output(&value, cap);
-            let completion = Completion {
-                key,
-                token,
-                output: output.as_deref(),
+            // if this future is dropped while completing, the guard records the
+            // completion from a spawned task instead of releasing: the work happened
+            guard.pending = Pending::Complete {
+                output: encode_output(&value, cap),
                 ttl: settings.ttl,
             };
-            complete_with_retry(store, &completion, settings.lease).await;
-            guard.armed = false;
+            if let Pending::Complete { output, ttl } = &guard.pending {
+                let completion = Completion {
+                    key,
+                    token,
+                    output: output.as_deref(),
+                    ttl: *ttl,
+                };
+                complete_with_retry(store, &completion, settings.lease).await;
+            }
+            guard.pending = Pending::Nothing;
+            record(Outcome::Executed, key.scope());
             Ok(value)
         }
         Ok(Err(e)) => {
             release(store, key, token).await;
-            guard.armed = false;
+            guard.pending = Pending::Nothing;
+            record(Outcome::Failed, key.scope());
             Err(e)
         }
         Err(panic) => {
             release(store, key, token).await;
-            guard.armed = false;
+            guard.pending = Pending::Nothing;
+            record(Outcome::Panicked, key.scope());
             std::panic::resume_unwind(panic)
         }
     }

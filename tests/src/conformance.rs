@@ -612,6 +612,40 @@ pub async fn cancellation_releases_for_retry(store: Arc<dyn Store>) {
     assert_eq!(r.unwrap(), 2);
 }
 
+/// G2/G3: a handler cancelled after its body succeeded, while its completion is in
+/// flight, still records the completion: the work happened and must not run again.
+pub async fn cancelled_while_completing_still_completes(store: Arc<dyn Store>) {
+    let faulty = Arc::new(FaultyStore::new(store.clone()));
+    let h = Idempotency::new(unique_scope("cancel-completing"))
+        .shared_store(faulty.clone())
+        .lease(Duration::from_secs(30));
+    let slow_store = faulty.clone();
+    let run = h.run("m-1", async move {
+        // from now on every store call takes 300 ms: the completion is still in
+        // flight when the caller gives up
+        slow_store.set_delay(Duration::from_millis(300));
+        Ok::<u32, HandlerError>(11)
+    });
+    assert!(
+        tokio::time::timeout(Duration::from_millis(100), run)
+            .await
+            .is_err()
+    );
+    faulty.set_delay(Duration::ZERO);
+    let k = h.record_key("m-1").unwrap();
+    let mut state = None;
+    for _ in 0..50 {
+        state = store.inspect(&k).await.unwrap().map(|r| r.state);
+        if state == Some(RecordState::Completed) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(state, Some(RecordState::Completed));
+    let again: Result<u32, HandlerError> = h.run("m-1", async { Ok(0) }).await;
+    assert_eq!(again.unwrap(), 11);
+}
+
 /// G1: the lease is renewed while a handler outlives it, so duplicates keep being
 /// refused until it finishes.
 pub async fn long_handler_keeps_its_lease(store: Arc<dyn Store>) {
@@ -874,6 +908,7 @@ macro_rules! __conformance_cases {
             handler_error_releases_for_retry,
             panic_releases_for_retry,
             cancellation_releases_for_retry,
+            cancelled_while_completing_still_completes,
             long_handler_keeps_its_lease,
             expired_holder_cannot_overwrite,
             store_outage_fails_closed,
