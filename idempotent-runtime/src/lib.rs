@@ -7,6 +7,7 @@
 )]
 #![forbid(unsafe_code)]
 
+mod batch;
 mod clock;
 mod error;
 mod fingerprint;

@@ -153,6 +153,21 @@ impl Idempotency {
         self.run_inner(key, Some(fp), body).await
     }
 
+    pub(crate) fn resolve_store(&self) -> Result<StoreHandle, Error> {
+        match &self.store {
+            StoreChoice::Handle(h) => Ok(h.clone()),
+            StoreChoice::Named(name) => registered_store(name)
+                .map(StoreHandle::Static)
+                .ok_or_else(|| Error::UnknownStore {
+                    name: name.to_string(),
+                }),
+        }
+    }
+
+    pub(crate) fn scope_cow(&self) -> &Cow<'static, str> {
+        &self.scope
+    }
+
     async fn run_inner<K, T, E, Fut>(
         &self,
         key: &K,

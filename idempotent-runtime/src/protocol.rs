@@ -152,7 +152,7 @@ pub(crate) enum StoreHandle {
 }
 
 impl StoreHandle {
-    fn get(&self) -> &dyn Store {
+    pub(crate) fn get(&self) -> &dyn Store {
         match self {
             StoreHandle::Static(s) => *s,
             StoreHandle::Shared(s) => &**s,
@@ -184,7 +184,7 @@ fn warn_once(flag: &AtomicBool, msg: &str) {
 
 /// Serializes an output for the cache; `None` when it is over the cap or cannot be
 /// serialized (it is still returned to the caller).
-fn encode_output<T: Serialize>(value: &T, cap: usize) -> Option<Vec<u8>> {
+pub(crate) fn encode_output<T: Serialize>(value: &T, cap: usize) -> Option<Vec<u8>> {
     match serde_json::to_vec(value) {
         Ok(bytes) if bytes.len() <= cap => Some(bytes),
         Ok(bytes) => {
@@ -228,11 +228,33 @@ enum Pending {
 }
 
 /// Cleans up a claim whose handler future is dropped before the protocol finished.
-struct CancelGuard<'a> {
+pub(crate) struct CancelGuard<'a> {
     store: &'a StoreHandle,
     key: &'a RecordKey,
     token: Token,
     pending: Pending,
+}
+
+impl<'a> CancelGuard<'a> {
+    /// A guard that releases the claim if dropped before [`disarm`](Self::disarm).
+    pub(crate) fn new(store: &'a StoreHandle, key: &'a RecordKey, token: Token) -> Self {
+        CancelGuard {
+            store,
+            key,
+            token,
+            pending: Pending::Release,
+        }
+    }
+
+    /// From now on a drop records this completion instead of releasing.
+    pub(crate) fn completing(&mut self, output: Option<Vec<u8>>, ttl: Duration) {
+        self.pending = Pending::Complete { output, ttl };
+    }
+
+    /// The protocol finished; nothing to clean up.
+    pub(crate) fn disarm(&mut self) {
+        self.pending = Pending::Nothing;
+    }
 }
 
 impl Drop for CancelGuard<'_> {
@@ -317,7 +339,7 @@ impl Outcome {
 
 /// Records an outcome on the current span and, with the `metrics` feature, in the
 /// `idempotent_messages_total{scope, outcome}` counter.
-fn record(outcome: Outcome, scope: &str) {
+pub(crate) fn record(outcome: Outcome, scope: &str) {
     tracing::Span::current().record("outcome", outcome.as_str());
     #[cfg(feature = "metrics")]
     metrics::counter!(
@@ -470,6 +492,42 @@ where
     }
 }
 
+/// Runs the body under `claim`: visible to [`current_claim`], with the lease renewed
+/// every third of it, and panics caught.
+pub(crate) async fn run_body<T, E, Fut>(
+    store: &dyn Store,
+    key: &RecordKey,
+    claim: Claim,
+    lease: Duration,
+    body: Fut,
+) -> std::thread::Result<Result<T, E>>
+where
+    Fut: Future<Output = Result<T, E>>,
+{
+    let token = claim.token;
+    let mut body = pin!(CURRENT_CLAIM.scope(claim, AssertUnwindSafe(body).catch_unwind()));
+    let mut renew = pin!(renew_loop(store, key, token, lease));
+    let mut renewing = true;
+    poll_fn(|cx| {
+        if let Poll::Ready(r) = body.as_mut().poll(cx) {
+            return Poll::Ready(r);
+        }
+        // polled only after the body first yields: a handler that finishes at once
+        // never arms a timer
+        if renewing && renew.as_mut().poll(cx).is_ready() {
+            renewing = false;
+        }
+        Poll::Pending
+    })
+    .await
+}
+
+pub(crate) fn output_cap(settings: &Settings) -> usize {
+    settings
+        .max_output_bytes
+        .unwrap_or_else(|| MAX_OUTPUT_BYTES.load(Ordering::Relaxed))
+}
+
 async fn run_claimed<T, E, Fut>(
     settings: &Settings,
     store: &StoreHandle,
@@ -483,39 +541,15 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     let token = claim.token;
-    let mut guard = CancelGuard {
-        store,
-        key,
-        token,
-        pending: Pending::Release,
-    };
-    let result = {
-        let mut body = pin!(CURRENT_CLAIM.scope(claim, AssertUnwindSafe(body).catch_unwind()));
-        let mut renew = pin!(renew_loop(store.get(), key, token, settings.lease));
-        let mut renewing = true;
-        poll_fn(|cx| {
-            if let Poll::Ready(r) = body.as_mut().poll(cx) {
-                return Poll::Ready(r);
-            }
-            // polled only after the body first yields: a handler that finishes at once
-            // never arms a timer
-            if renewing && renew.as_mut().poll(cx).is_ready() {
-                renewing = false;
-            }
-            Poll::Pending
-        })
-        .await
-    };
+    let mut guard = CancelGuard::new(store, key, token);
+    let result = run_body(store.get(), key, claim, settings.lease, body).await;
     let store = store.get();
     match result {
         Ok(Ok(value)) => {
-            let cap = settings
-                .max_output_bytes
-                .unwrap_or_else(|| MAX_OUTPUT_BYTES.load(Ordering::Relaxed));
             // if this future is dropped while completing, the guard records the
             // completion from a spawned task instead of releasing: the work happened
             guard.pending = Pending::Complete {
-                output: encode_output(&value, cap),
+                output: encode_output(&value, output_cap(settings)),
                 ttl: settings.ttl,
             };
             if let Pending::Complete { output, ttl } = &guard.pending {
@@ -527,19 +561,19 @@ where
                 };
                 complete_with_retry(store, &completion, settings.lease).await;
             }
-            guard.pending = Pending::Nothing;
+            guard.disarm();
             record(Outcome::Executed, key.scope());
             Ok(value)
         }
         Ok(Err(e)) => {
             release(store, key, token).await;
-            guard.pending = Pending::Nothing;
+            guard.disarm();
             record(Outcome::Failed, key.scope());
             Err(e)
         }
         Err(panic) => {
             release(store, key, token).await;
-            guard.pending = Pending::Nothing;
+            guard.disarm();
             record(Outcome::Panicked, key.scope());
             std::panic::resume_unwind(panic)
         }
@@ -581,7 +615,7 @@ async fn complete_with_retry(store: &dyn Store, completion: &Completion<'_>, lea
     }
 }
 
-async fn release(store: &dyn Store, key: &RecordKey, token: Token) {
+pub(crate) async fn release(store: &dyn Store, key: &RecordKey, token: Token) {
     match store.release(&Release { key, token }).await {
         Ok(Fence::Held) => {}
         Ok(Fence::Lost) => tracing::warn!(

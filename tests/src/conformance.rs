@@ -864,6 +864,86 @@ pub async fn current_claim_matches_the_record(store: Arc<dyn Store>) {
     assert_eq!(seen, (rec.token.get(), 1));
 }
 
+/// The batch protocol: each distinct key runs once, repeats inside the batch and keys
+/// completed before get the cached output, failures are released for retry.
+pub async fn batch_protocol_runs_each_key_once(store: Arc<dyn Store>) {
+    let h = handler(&store, "batch-protocol");
+    let runs: Vec<AtomicU32> = (0..10).map(|_| AtomicU32::new(0)).collect();
+    // key 0 was completed by an earlier delivery
+    let r: Result<u32, HandlerError> = h.run(&0u32, async { Ok(1000) }).await;
+    assert_eq!(r.unwrap(), 1000);
+    // keys 0..8, with key 3 twice (a send retry in the same pull) and key 7 failing
+    let batch: Vec<u32> = vec![0, 1, 2, 3, 4, 3, 5, 6, 7];
+    let results: Vec<Result<u32, HandlerError>> = h
+        .run_batch(
+            &batch,
+            |id| *id,
+            |id| {
+                let runs = &runs;
+                async move {
+                    runs[*id as usize].fetch_add(1, Ordering::SeqCst);
+                    if *id == 7 {
+                        return Err(HandlerError::Business("declined"));
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                    Ok(id * 10)
+                }
+            },
+        )
+        .await;
+    let shown: Vec<String> = results
+        .iter()
+        .map(|r| match r {
+            Ok(v) => v.to_string(),
+            Err(e) => format!("{e:?}"),
+        })
+        .collect();
+    assert_eq!(
+        &shown[..8],
+        &["1000", "10", "20", "30", "40", "30", "50", "60"],
+        "{shown:?}"
+    );
+    assert!(matches!(
+        results[8],
+        Err(HandlerError::Business("declined"))
+    ));
+    assert_eq!(
+        runs[0].load(Ordering::SeqCst),
+        0,
+        "completed before: replayed"
+    );
+    assert_eq!(
+        runs[3].load(Ordering::SeqCst),
+        1,
+        "a repeat in the batch runs once"
+    );
+    // a second delivery of the whole batch runs only the failed key
+    let again: Vec<Result<u32, HandlerError>> = h
+        .run_batch(
+            &batch,
+            |id| *id,
+            |id| {
+                let runs = &runs;
+                async move {
+                    runs[*id as usize].fetch_add(1, Ordering::SeqCst);
+                    Ok(id * 10)
+                }
+            },
+        )
+        .await;
+    assert_eq!(again[8].as_ref().unwrap(), &70);
+    for id in 1..7 {
+        assert_eq!(runs[id].load(Ordering::SeqCst), 1, "key {id}");
+    }
+    assert_eq!(runs[7].load(Ordering::SeqCst), 2);
+    let rec = store
+        .inspect(&h.record_key(&7u32).unwrap())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!((rec.state, rec.attempts), (RecordState::Completed, 2));
+}
+
 /// Runs every case against stores made by `make`, one after another.
 pub async fn run_all<F, Fut>(make: F)
 where
@@ -918,6 +998,7 @@ macro_rules! __conformance_cases {
             fingerprint_mismatch_through_protocol,
             oversized_output_is_not_replayed,
             current_claim_matches_the_record,
+            batch_protocol_runs_each_key_once,
         );
     };
 }
