@@ -11,11 +11,21 @@
 //!     static CONFIG: __private::Config = /* ttl, lease, … */;
 //!     let mut key = KeyBuilder::new();
 //!     __private::key_part(&mut key, &(msg.id));        // one call per tuple element
-//!     __private::execute(&CONFIG, type_name_of_val(&__idempotent_scope),
-//!         StoreArg::Named("redis"), key, None,
-//!         async move { let ret: Result<Receipt, AppError> = { body }; ret }).await
+//!     __private::execute(
+//!         &CONFIG,
+//!         { /* type_name_of_val(&__idempotent_scope) without `::{{closure}}::__idempotent_scope` */ },
+//!         StoreArg::Named("redis"),                    // `store = ORDERS`: see `typed_store`
+//!         key,
+//!         None,                                        // `Some(fingerprint(&(…)))`
+//!         async move { let ret: Result<Receipt, AppError> = { body }; ret },
+//!     ).await
 //! }
 //! ```
+//!
+//! The marker fn is declared in the async fn's body, which rustc names
+//! `on_paid::{{closure}}`; the generated code strips that segment, so the default scope
+//! is `my_crate::module::on_paid` (`my_crate::module::Type::on_paid` for a method,
+//! `<my_crate::Type as my_crate::Trait>::on_paid` in a trait impl).
 
 use crate::attr::StoreArg;
 use crate::validate::Checked;
@@ -75,6 +85,14 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
         Some(s) => quote!(#private::core::option::Option::Some(#s)),
         None => quote!(#private::core::option::Option::None),
     };
+    // the marker's path, without its own name and without the `{{closure}}` segment of
+    // the async fn's body it is declared in: `my_crate::orders::Orders::handle`
+    let name = quote_spanned!(site=> __idempotent_name);
+    let scope_name = quote! {{
+        let #name: &'static str = #private::core::any::type_name_of_val(&#marker);
+        let #name = #name.strip_suffix("::__idempotent_scope").unwrap_or(#name);
+        #name.strip_suffix("::{{closure}}").unwrap_or(#name)
+    }};
     let ttl = c.ttl_ms;
     let lease = c.lease_ms;
     let max_attempts = match c.max_attempts {
@@ -117,7 +135,7 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
             #(#key_parts)*
             #private::execute(
                 &#config,
-                #private::core::any::type_name_of_val(&#marker),
+                #scope_name,
                 #store,
                 #key,
                 #fingerprint,
@@ -180,5 +198,44 @@ fn typed_store(private: &TokenStream, e: &Expr) -> TokenStream {
             }
             #get
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::attr::{Args, Errors};
+    use crate::validate;
+
+    fn expand(args: proc_macro2::TokenStream, item: proc_macro2::TokenStream) -> String {
+        let func: syn::ItemFn = syn::parse2(item).unwrap();
+        let mut parsed = Args::default();
+        let mut errors = Errors::default();
+        let parser = syn::meta::parser(|meta| parsed.parse_one(meta, &mut errors));
+        syn::parse::Parser::parse2(parser, args).unwrap();
+        let checked = validate::check(parsed, &func, &mut errors).unwrap();
+        assert!(errors.finish().is_none());
+        super::expand(func, checked).to_string()
+    }
+
+    #[test]
+    fn crate_override_is_the_only_path_to_the_runtime() {
+        let item = quote::quote! {
+            async fn handle(msg: &Msg) -> Result<(), Error> { Ok(()) }
+        };
+        let default = expand(quote::quote!(key = "msg.id"), item.clone());
+        assert!(default.contains(":: idempotent_runtime :: __private :: execute"));
+
+        let out = expand(
+            quote::quote!(
+                key = "msg.id",
+                store = ORDERS,
+                fingerprint = "msg.amount",
+                crate = "my::rt"
+            ),
+            item,
+        );
+        assert!(!out.contains("idempotent_runtime"), "{out}");
+        assert!(out.contains("my :: rt :: __private :: execute"), "{out}");
+        assert!(out.contains("my :: rt :: __private :: StoreTrait"), "{out}");
     }
 }

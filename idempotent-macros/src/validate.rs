@@ -56,26 +56,27 @@ pub(crate) fn check(args: Args, func: &ItemFn, errors: &mut Errors) -> Option<Ch
         .and_then(|l| duration(l, "lease", errors));
     let ttl_ms = ttl.unwrap_or(DEFAULT_TTL_MS);
     let lease_ms = lease.unwrap_or(DEFAULT_LEASE_MS);
-    if (args.ttl.is_none() || ttl.is_some()) && (args.lease.is_none() || lease.is_some()) {
-        if lease_ms >= ttl_ms {
-            match (&args.lease, &args.ttl) {
-                (Some(l), _) => errors.at(
-                    l.span(),
-                    format!(
-                        "`lease = {:?}` must be shorter than the ttl ({}); a claim cannot outlive the record that holds it",
-                        l.value(),
-                        describe(ttl_ms)
-                    ),
+    // compared only when both are valid (or defaults): a bad one is reported alone
+    let both_valid =
+        (args.ttl.is_none() || ttl.is_some()) && (args.lease.is_none() || lease.is_some());
+    if both_valid && lease_ms >= ttl_ms {
+        match (&args.lease, &args.ttl) {
+            (Some(l), _) => errors.at(
+                l.span(),
+                format!(
+                    "`lease = {:?}` must be shorter than the ttl ({}); a claim cannot outlive the record that holds it",
+                    l.value(),
+                    describe(ttl_ms)
                 ),
-                (None, Some(t)) => errors.at(
-                    t.span(),
-                    format!(
-                        "`ttl = {:?}` is not longer than the default lease of 60s; add a shorter `lease`, like `lease = \"5s\"`",
-                        t.value()
-                    ),
+            ),
+            (None, Some(t)) => errors.at(
+                t.span(),
+                format!(
+                    "`ttl = {:?}` is not longer than the default lease of 60s; add a shorter `lease`, like `lease = \"5s\"`",
+                    t.value()
                 ),
-                (None, None) => {}
-            }
+            ),
+            (None, None) => {}
         }
     }
 
@@ -293,14 +294,14 @@ struct Variables {
 
 impl<'ast> Visit<'ast> for Variables {
     fn visit_expr_path(&mut self, p: &'ast syn::ExprPath) {
-        if p.qself.is_none() {
-            if let Some(ident) = p.path.get_ident() {
-                let name = ident.to_string();
-                if name == "self" || name.starts_with(|c: char| c.is_lowercase() || c == '_') {
-                    if !self.used.contains(&name) {
-                        self.used.push(name);
-                    }
-                }
+        if p.qself.is_none()
+            && let Some(ident) = p.path.get_ident()
+        {
+            let name = ident.to_string();
+            let variable =
+                name == "self" || name.starts_with(|c: char| c.is_lowercase() || c == '_');
+            if variable && !self.used.contains(&name) {
+                self.used.push(name);
             }
         }
     }
@@ -320,6 +321,8 @@ impl<'ast> Visit<'ast> for Variables {
         syn::visit::visit_pat_ident(self, p);
     }
 }
+
+const TOO_LONG: &str = "is longer than the maximum of 3650d (ten years)";
 
 /// Parses a duration like `"7d"`, `"1h30m"` or `"250ms"` into milliseconds.
 pub(crate) fn parse_duration(s: &str) -> Result<u64, String> {
@@ -342,9 +345,7 @@ pub(crate) fn parse_duration(s: &str) -> Result<u64, String> {
                 rest.chars().next().unwrap_or(' ')
             ));
         }
-        let number: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| "overflows: the number is too large".to_owned())?;
+        let number: u64 = rest[..digits].parse().map_err(|_| TOO_LONG.to_owned())?;
         rest = &rest[digits..];
         let unit_len = rest
             .find(|c: char| c.is_ascii_digit())
@@ -377,13 +378,13 @@ pub(crate) fn parse_duration(s: &str) -> Result<u64, String> {
         total = number
             .checked_mul(per)
             .and_then(|ms| total.checked_add(ms))
-            .ok_or_else(|| "overflows".to_owned())?;
+            .ok_or_else(|| TOO_LONG.to_owned())?;
     }
     if total == 0 {
-        return Err("is zero; it must be positive".into());
+        return Err("is zero; give a positive duration, like \"60s\"".into());
     }
     if total > MAX_DURATION_MS {
-        return Err("is longer than the maximum of 3650d (ten years)".into());
+        return Err(TOO_LONG.into());
     }
     Ok(total)
 }
@@ -399,13 +400,13 @@ fn duration(lit: &LitStr, what: &str, errors: &mut Errors) -> Option<u64> {
 }
 
 fn describe(ms: u64) -> String {
-    if ms % 86_400_000 == 0 {
+    if ms.is_multiple_of(86_400_000) {
         format!("{}d", ms / 86_400_000)
-    } else if ms % 3_600_000 == 0 {
+    } else if ms.is_multiple_of(3_600_000) {
         format!("{}h", ms / 3_600_000)
-    } else if ms % 60_000 == 0 {
+    } else if ms.is_multiple_of(60_000) {
         format!("{}m", ms / 60_000)
-    } else if ms % 1000 == 0 {
+    } else if ms.is_multiple_of(1000) {
         format!("{}s", ms / 1000)
     } else {
         format!("{ms}ms")
@@ -479,7 +480,10 @@ mod tests {
         assert_eq!(free("msg.items.iter().map(|(a, b)| a + b).max()"), ["msg"]);
         assert_eq!(free("{ let n = msg.id; n * 2 }"), ["msg"]);
         // a closure that reads a name it does not bind
-        assert_eq!(free("msg.items.iter().map(|i| i.id + offset)"), ["msg", "offset"]);
+        assert_eq!(
+            free("msg.items.iter().map(|i| i.id + offset)"),
+            ["msg", "offset"]
+        );
     }
 
     #[test]
