@@ -29,6 +29,9 @@ pub(crate) struct Args {
     pub(crate) on_store_error: Option<LitStr>,
     pub(crate) on_in_progress: Option<LitStr>,
     pub(crate) krate: Option<Path>,
+    /// Arguments that were given with a value of the wrong shape (already reported),
+    /// so that `key = msg.id` is not also reported as a missing `key`.
+    pub(crate) rejected: Vec<String>,
 }
 
 /// Collects every problem so the user sees them all at once.
@@ -99,48 +102,53 @@ impl Args {
             return Ok(());
         };
         let name = ident.to_string();
+        // a value of the wrong shape is reported and parsing goes on with the next argument
         macro_rules! set_once {
             ($field:ident, $value:expr) => {{
-                let value = $value;
-                if self.$field.is_some() {
+                let value: syn::Result<_> = $value;
+                if self.$field.is_some() || self.rejected.contains(&name) {
                     errors.at(ident.span(), format!("`{name}` is given twice; keep one"));
                 } else {
-                    self.$field = Some(value);
+                    match value {
+                        Ok(v) => self.$field = Some(v),
+                        Err(e) => {
+                            errors.push(e);
+                            self.rejected.push(name.clone());
+                        }
+                    }
                 }
             }};
         }
         match name.as_str() {
-            "key" => set_once!(key, expect_str("key", "msg.id", parse_value(&meta)?)?),
-            "ttl" => set_once!(ttl, expect_str("ttl", "7d", parse_value(&meta)?)?),
-            "lease" => set_once!(lease, expect_str("lease", "60s", parse_value(&meta)?)?),
-            "scope" => set_once!(scope, expect_str("scope", "orders", parse_value(&meta)?)?),
+            "key" => set_once!(key, expect_str("key", "msg.id", parse_value(&meta)?)),
+            "ttl" => set_once!(ttl, expect_str("ttl", "7d", parse_value(&meta)?)),
+            "lease" => set_once!(lease, expect_str("lease", "60s", parse_value(&meta)?)),
+            "scope" => set_once!(scope, expect_str("scope", "orders", parse_value(&meta)?)),
             "fingerprint" => set_once!(
                 fingerprint,
                 expect_str(
                     "fingerprint",
                     "(msg.amount, msg.currency)",
                     parse_value(&meta)?
-                )?
+                )
             ),
             "on_store_error" => set_once!(
                 on_store_error,
-                expect_str("on_store_error", "fail", parse_value(&meta)?)?
+                expect_str("on_store_error", "fail", parse_value(&meta)?)
             ),
             "on_in_progress" => set_once!(
                 on_in_progress,
-                expect_str("on_in_progress", "reject", parse_value(&meta)?)?
+                expect_str("on_in_progress", "reject", parse_value(&meta)?)
             ),
             "max_attempts" => {
                 let v = match parse_value(&meta)? {
                     Expr::Lit(ExprLit {
                         lit: Lit::Int(i), ..
-                    }) => i,
-                    other => {
-                        return Err(syn::Error::new(
-                            other.span(),
-                            "`max_attempts` takes an integer literal, like `max_attempts = 5`",
-                        ));
-                    }
+                    }) => Ok(i),
+                    other => Err(syn::Error::new(
+                        other.span(),
+                        "`max_attempts` takes an integer literal, like `max_attempts = 5`",
+                    )),
                 };
                 set_once!(max_attempts, v)
             }
@@ -148,15 +156,13 @@ impl Args {
                 let v = match parse_value(&meta)? {
                     Expr::Lit(ExprLit {
                         lit: Lit::Str(s), ..
-                    }) => StoreArg::Name(s),
-                    Expr::Lit(other) => {
-                        return Err(syn::Error::new(
-                            other.span(),
-                            "`store` takes a registered store name, like `store = \"redis\"`, \
-                             or a path to a store, like `store = ORDERS` or `store = redis()`",
-                        ));
-                    }
-                    e => StoreArg::Expr(e),
+                    }) => Ok(StoreArg::Name(s)),
+                    Expr::Lit(other) => Err(syn::Error::new(
+                        other.span(),
+                        "`store` takes a registered store name, like `store = \"redis\"`, \
+                         or a path to a store, like `store = ORDERS` or `store = redis()`",
+                    )),
+                    e => Ok(StoreArg::Expr(e)),
                 };
                 set_once!(store, v)
             }
@@ -164,14 +170,12 @@ impl Args {
                 let v = match parse_value(&meta)? {
                     Expr::Lit(ExprLit {
                         lit: Lit::Str(s), ..
-                    }) => s.parse::<Path>()?,
-                    Expr::Path(p) => p.path,
-                    other => {
-                        return Err(syn::Error::new(
-                            other.span(),
-                            "`crate` takes the path of the runtime crate, like `crate = \"my_reexport::idempotent\"`",
-                        ));
-                    }
+                    }) => s.parse::<Path>(),
+                    Expr::Path(p) => Ok(p.path),
+                    other => Err(syn::Error::new(
+                        other.span(),
+                        "`crate` takes the path of the runtime crate, like `crate = \"my_reexport::idempotent\"`",
+                    )),
                 };
                 set_once!(krate, v)
             }

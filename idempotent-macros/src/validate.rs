@@ -32,6 +32,7 @@ pub(crate) fn check(args: Args, func: &ItemFn, errors: &mut Errors) -> Option<Ch
     let params = parameters(func);
 
     let key_parts = match &args.key {
+        None if args.rejected.iter().any(|a| a == "key") => None,
         None => {
             errors.at(
                 Span::call_site(),
