@@ -7,7 +7,7 @@ use crate::store::{
 use crate::{RecordKey, StoreError, StoreErrorKind};
 use async_trait::async_trait;
 use futures_util::future::join_all;
-use redis::aio::ConnectionManager;
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{
@@ -121,10 +121,10 @@ use std::time::Duration;
 /// # Ok(()) }
 /// ```
 ///
-/// The same way, [`from_connection_manager`](Self::from_connection_manager) takes a
-/// manager built with a [`redis::aio::ConnectionManagerConfig`] (timeouts, reconnect
-/// backoff) and [`from_cluster_connection`](Self::from_cluster_connection) a cluster
-/// connection built with [`redis::cluster::ClusterClientBuilder`].
+/// The same way, [`connect_with_config`](Self::connect_with_config) takes
+/// [`ConnectionManagerConfig`] settings (timeouts, reconnect backoff), and
+/// [`from_cluster_connection`](Self::from_cluster_connection) a cluster connection
+/// built with [`redis::cluster::ClusterClientBuilder`].
 ///
 /// # Errors
 ///
@@ -168,12 +168,30 @@ impl RedisStore {
     /// Connects to a single Redis server (`redis://`, `rediss://` for TLS, or
     /// `redis+unix://`), waiting for the first connection.
     ///
+    /// The connection manager uses the driver's timeouts (1 s to connect, 500 ms per
+    /// answer) and retries a lost connection once before failing the requests that
+    /// wait for it, so that during an outage a handler fails closed within a fraction
+    /// of a second instead of holding its message; the next request tries again. Use
+    /// [`connect_with_config`](Self::connect_with_config) for other settings.
+    ///
     /// An unreachable server is [`StoreErrorKind::Unavailable`]; a malformed URL is
     /// [`StoreErrorKind::Rejected`].
     pub async fn connect(url: impl IntoConnectionInfo) -> Result<Self, StoreError> {
+        let config = ConnectionManagerConfig::new()
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(200));
+        Self::connect_with_config(url, config).await
+    }
+
+    /// Connects to a single Redis server with the given connection manager settings
+    /// (timeouts, reconnection backoff).
+    pub async fn connect_with_config(
+        url: impl IntoConnectionInfo,
+        config: ConnectionManagerConfig,
+    ) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)
             .map_err(|e| redis_error(e, "invalid Redis connection settings"))?;
-        let manager = ConnectionManager::new(client)
+        let manager = ConnectionManager::new_with_config(client, config)
             .await
             .map_err(|e| redis_error(e, "could not connect to Redis"))?;
         Ok(Self::from_connection_manager(manager))
@@ -182,11 +200,20 @@ impl RedisStore {
     /// Connects to a Redis Cluster through one or more of its nodes
     /// (`&["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]`; `rediss://` for TLS),
     /// discovering the others.
+    ///
+    /// A request that meets a failing node or a moving slot is retried up to 3 times,
+    /// waiting at most 1 s between tries, before it fails with
+    /// [`StoreErrorKind::Unavailable`]; build a connection with
+    /// [`redis::cluster::ClusterClientBuilder`] and pass it to
+    /// [`from_cluster_connection`](Self::from_cluster_connection) for other settings.
     pub async fn connect_cluster<T>(nodes: &[T]) -> Result<Self, StoreError>
     where
         T: IntoConnectionInfo + Clone,
     {
-        let client = redis::cluster::ClusterClient::new(nodes.iter().cloned())
+        let client = redis::cluster::ClusterClientBuilder::new(nodes.iter().cloned())
+            .retries(3)
+            .max_retry_wait(1000)
+            .build()
             .map_err(|e| redis_error(e, "invalid Redis Cluster connection settings"))?;
         let conn = client
             .get_async_connection()
