@@ -131,14 +131,12 @@ impl RedisServer {
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while !pings(self.port) {
-            if let Some(c) = self.child.as_mut() {
-                if let Ok(Some(status)) = c.try_wait() {
-                    panic!(
-                        "redis-server on port {} exited with {status}; log: {}",
-                        self.port,
-                        std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
-                    );
-                }
+            if let Some(Ok(Some(status))) = self.child.as_mut().map(Child::try_wait) {
+                panic!(
+                    "redis-server on port {} exited with {status}; log: {}",
+                    self.port,
+                    std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default()
+                );
             }
             assert!(
                 Instant::now() < deadline,
