@@ -77,8 +77,10 @@ use std::time::Duration;
 ///
 /// # Record layout
 ///
-/// A record is one Redis string (smaller than a hash with the same fields: 80 bytes of
-/// `MEMORY USAGE` against 96 for an in-progress record of a short key), big-endian:
+/// A record is one Redis string, big-endian, 16 bytes smaller than a hash with the same
+/// fields. `MEMORY USAGE` on Redis 7, key `idem:6:orders:order-17` included: 104 bytes
+/// in progress or completed with a small output (`42`), against 120 for a hash; 168
+/// with a 32-byte fingerprint and a 33-byte output, against 184.
 ///
 /// | offset | size | field |
 /// | --- | --- | --- |

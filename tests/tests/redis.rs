@@ -249,6 +249,17 @@ async fn tokens_come_from_the_server_clock() {
             (before..=after).contains(&t.get()),
             "token {t} is not between the server times {before} and {after}"
         );
+        // a take-over also draws its token from the clock, not from the old token + 1
+        let r = store.release(&Release { key: &k, token: t }).await.unwrap();
+        assert_eq!(r, Fence::Held);
+        tokio::time::sleep(Duration::from_millis(2)).await;
+        let before = server_time_us(&mut conn).await;
+        let t2 = acquire(&store, &req(&k, Duration::from_secs(5))).await;
+        let after = server_time_us(&mut conn).await;
+        assert!(
+            t2 > t && (before..=after).contains(&t2.get()),
+            "take-over token {t2} (previous {t}) is not between the server times {before} and {after}"
+        );
     }
 }
 
