@@ -4,3 +4,4 @@
 pub mod conformance;
 pub mod redis_support;
 pub mod sql_support;
+pub mod sql_support;

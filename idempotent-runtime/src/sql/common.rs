@@ -279,7 +279,10 @@ pub(crate) enum Decision {
     Answer(ClaimOutcome),
     /// The row may be taken over: it expired (start afresh) or it is Released / its
     /// lease ran out (count one more attempt).
-    Claimable { expired: bool },
+    Claimable {
+        #[cfg_attr(not(any(feature = "mysql", feature = "sqlite")), allow(dead_code))]
+        expired: bool,
+    },
 }
 
 /// The outcome of a repeated claim of a key within one batch, given the first one's:
@@ -360,6 +363,30 @@ pub(crate) fn classify_sqlstate(state: &str) -> StoreErrorKind {
         // data exception, integrity constraint violation
         "22" | "23" => StoreErrorKind::Corrupt,
         _ => StoreErrorKind::Other,
+    }
+}
+
+/// Limits how many claims run at once on a pool, keeping a quarter of its connections
+/// (at least one, when it has more than one) for complete, release and renew. Under a
+/// storm of claims and polling duplicates, the steps that end a claim then never queue
+/// behind new claims, so an overloaded database does not let leases lapse (and bodies
+/// run twice) merely because completions waited for a connection.
+#[derive(Clone, Debug)]
+pub(crate) struct ClaimGate(std::sync::Arc<tokio::sync::Semaphore>);
+
+impl ClaimGate {
+    pub(crate) fn for_pool_size(max_connections: u32) -> Self {
+        let max = max_connections.max(1) as usize;
+        let reserve = if max > 1 { (max / 4).max(1) } else { 0 };
+        ClaimGate(std::sync::Arc::new(tokio::sync::Semaphore::new(
+            max - reserve,
+        )))
+    }
+
+    /// Waits for a claim slot.
+    pub(crate) async fn enter(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        // the semaphore is never closed; without a permit the claim still runs
+        self.0.acquire().await.ok()
     }
 }
 

@@ -77,6 +77,7 @@ const BATCH_READ: usize = 500;
 pub struct MySqlStore {
     pool: MySqlPool,
     sql: Arc<Statements>,
+    claims: common::ClaimGate,
 }
 
 struct Statements {
@@ -250,21 +251,23 @@ impl MySqlStore {
             .connect(url)
             .await
             .map_err(err("connecting to MySQL"))?;
-        let store = MySqlStore {
-            pool,
-            sql: Arc::new(Statements::new(table)),
-        };
+        let store = MySqlStore::new(pool, table);
         store.migrate().await?;
         Ok(store)
+    }
+
+    fn new(pool: MySqlPool, table: TableName) -> Self {
+        MySqlStore {
+            claims: common::ClaimGate::for_pool_size(pool.options().get_max_connections()),
+            pool,
+            sql: Arc::new(Statements::new(table)),
+        }
     }
 
     /// Uses the application's pool; the table `message_idempotent` must exist (call
     /// [`migrate`](Self::migrate) or create it by hand). Touches no schema.
     pub fn from_pool(pool: MySqlPool) -> Self {
-        MySqlStore {
-            pool,
-            sql: Arc::new(Statements::new(TableName::default_table())),
-        }
+        MySqlStore::new(pool, TableName::default_table())
     }
 
     /// The same pool on another table: letters, digits and `_`, optionally
@@ -275,6 +278,7 @@ impl MySqlStore {
         Ok(MySqlStore {
             pool: self.pool,
             sql: Arc::new(Statements::new(table)),
+            claims: self.claims,
         })
     }
 
@@ -307,13 +311,24 @@ impl MySqlStore {
         common::spawn_sweeper(self.clone(), every)
     }
 
+    async fn claim_unguarded(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        for _ in 0..CLAIM_RETRIES {
+            let seen = self.read(req.key).await?;
+            if let Some(outcome) = self.act(req, seen).await? {
+                return Ok(outcome);
+            }
+        }
+        Err(common::contended())
+    }
+
     async fn read(&self, key: &RecordKey) -> Result<Option<RowView>, StoreError> {
         let row = sqlx::query(self.sql.read.clone())
             .bind(key.scope())
             .bind(key.key())
-            .fetch_optional(&self.pool)
+            .fetch_all(&self.pool)
             .await
-            .map_err(err("reading a record"))?;
+            .map_err(err("reading a record"))?
+            .pop();
         row.map(|r| RowView::decode(&r, 0)).transpose()
     }
 
@@ -386,13 +401,8 @@ impl MySqlStore {
 #[async_trait]
 impl Store for MySqlStore {
     async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        for _ in 0..CLAIM_RETRIES {
-            let seen = self.read(req.key).await?;
-            if let Some(outcome) = self.act(req, seen).await? {
-                return Ok(outcome);
-            }
-        }
-        Err(common::contended())
+        let _slot = self.claims.enter().await;
+        self.claim_unguarded(req).await
     }
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
@@ -475,6 +485,7 @@ impl Store for MySqlStore {
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
         // one read for up to BATCH_READ distinct keys answers every duplicate, live claim
         // and poisoned key; only the keys that must be written cost a round trip each
+        let _slot = self.claims.enter().await;
         let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(reqs.len());
         for (i, r) in reqs.iter().enumerate() {
             first.entry(r.key.as_bytes()).or_insert(i);
@@ -506,7 +517,7 @@ impl Store for MySqlStore {
             } else {
                 match self.act(req, seen.remove(req.key)).await? {
                     Some(outcome) => outcome,
-                    None => self.claim(req).await?,
+                    None => self.claim_unguarded(req).await?,
                 }
             };
             out.push(outcome);

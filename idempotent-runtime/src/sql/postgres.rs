@@ -64,6 +64,7 @@ const NOW_US: &str = "floor(extract(epoch FROM clock_timestamp()) * 1000000)::in
 pub struct PostgresStore {
     pool: PgPool,
     sql: Arc<Statements>,
+    claims: common::ClaimGate,
 }
 
 struct Statements {
@@ -90,6 +91,20 @@ fn sql(s: String) -> SqlStr {
 /// Columns of a row read back, relative to the clock value `n.now_us`.
 const VIEW: &str = "c.status::int8, c.retry_times::int8, c.owner_token, \
      c.lease_until_us - n.now_us, c.expires_at_us - n.now_us, c.fingerprint, c.output";
+
+/// The condition under which the row `c` read from the statement's snapshot answers a
+/// claim without any write (rules 2, 3, 4 and an exhausted rule 5): live, and
+/// mismatched, completed, leased or out of attempts. Only when it does not hold is the
+/// upsert attempted, so duplicates are plain reads that take no row lock.
+fn blocks(fingerprint: &str, max_attempts: &str) -> String {
+    format!(
+        "c.expires_at_us > n.now_us AND (\
+            (c.fingerprint IS NOT NULL AND {fingerprint} IS NOT NULL AND c.fingerprint <> {fingerprint}) \
+            OR c.status <> 0 \
+            OR coalesce(c.lease_until_us > n.now_us, FALSE) \
+            OR coalesce(c.retry_times >= {max_attempts}, FALSE))"
+    )
+}
 
 /// The conditional upsert at the heart of a claim. Rule 1 (no live row) is the insert
 /// or the `expires_at_us <= now` branch; rule 5 (Released, or lease run out, within the
@@ -145,10 +160,13 @@ impl Statements {
         Statements {
             claim: sql(format!(
                 "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us), \
+                 cur AS MATERIALIZED (\
+                    SELECT c.* FROM {t} c WHERE c.scope = $1 AND c.message_id = $2), \
                  up AS (\
                     INSERT INTO {t} AS r (scope, message_id, status, retry_times, owner_token, \
                         lease_until_us, expires_at_us, fingerprint, output) \
                     SELECT $1, $2, 0, 1, n.now_us, n.now_us + $3, n.now_us + $4, $5, NULL FROM n \
+                    WHERE NOT EXISTS (SELECT 1 FROM cur c WHERE {}) \
                     {} \
                     RETURNING r.owner_token, r.retry_times::int8 AS retry_times) \
                  SELECT TRUE, up.owner_token, up.retry_times, \
@@ -156,18 +174,24 @@ impl Statements {
                  FROM up \
                  UNION ALL \
                  SELECT FALSE, NULL::int8, NULL::int8, {VIEW} \
-                 FROM {t} c, n WHERE c.scope = $1 AND c.message_id = $2 AND NOT EXISTS (SELECT 1 FROM up)",
+                 FROM cur c, n WHERE NOT EXISTS (SELECT 1 FROM up)",
+                blocks("$5::bytea", "$6::int4"),
                 takeover("$6::int4 IS NULL OR r.retry_times < $6::int4")
             )),
             claim_batch: sql(format!(
                 "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us), \
                  req AS (SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::int8[], $5::bytea[], $6::int4[]) \
                     AS q(scope, message_id, lease_us, keep_us, fingerprint, max_attempts)), \
+                 cur AS MATERIALIZED (\
+                    SELECT c.*, q.fingerprint AS req_fingerprint, q.max_attempts AS req_max_attempts \
+                    FROM {t} c JOIN req q ON c.scope = q.scope AND c.message_id = q.message_id), \
                  up AS (\
                     INSERT INTO {t} AS r (scope, message_id, status, retry_times, owner_token, \
                         lease_until_us, expires_at_us, fingerprint, output) \
                     SELECT q.scope, q.message_id, 0, 1, n.now_us, n.now_us + q.lease_us, \
                         n.now_us + q.keep_us, q.fingerprint, NULL FROM req q, n \
+                    WHERE NOT EXISTS (SELECT 1 FROM cur c \
+                        WHERE c.scope = q.scope AND c.message_id = q.message_id AND {}) \
                     {} \
                     RETURNING r.scope, r.message_id, r.owner_token, r.retry_times::int8 AS retry_times) \
                  SELECT up.scope, up.message_id, TRUE, up.owner_token, up.retry_times, \
@@ -175,8 +199,9 @@ impl Statements {
                  FROM up \
                  UNION ALL \
                  SELECT c.scope, c.message_id, FALSE, NULL::int8, NULL::int8, {VIEW} \
-                 FROM {t} c JOIN req q ON c.scope = q.scope AND c.message_id = q.message_id, n \
+                 FROM cur c, n \
                  WHERE NOT EXISTS (SELECT 1 FROM up WHERE up.scope = c.scope AND up.message_id = c.message_id)",
+                blocks("c.req_fingerprint", "c.req_max_attempts"),
                 takeover(
                     "COALESCE(r.retry_times < (SELECT q.max_attempts FROM req q \
                      WHERE q.scope = r.scope AND q.message_id = r.message_id), TRUE)"
@@ -277,21 +302,24 @@ impl PostgresStore {
             .connect(url)
             .await
             .map_err(err("connecting to PostgreSQL"))?;
-        let store = PostgresStore {
+        let store = PostgresStore::new(pool, table);
+        store.migrate().await?;
+        store.prepare().await?;
+        Ok(store)
+    }
+
+    fn new(pool: PgPool, table: TableName) -> Self {
+        PostgresStore {
+            claims: common::ClaimGate::for_pool_size(pool.options().get_max_connections()),
             pool,
             sql: Arc::new(Statements::new(table)),
-        };
-        store.migrate().await?;
-        Ok(store)
+        }
     }
 
     /// Uses the application's pool; the table `message_idempotent` must exist (call
     /// [`migrate`](Self::migrate) or create it by hand). Touches no schema.
     pub fn from_pool(pool: PgPool) -> Self {
-        PostgresStore {
-            pool,
-            sql: Arc::new(Statements::new(TableName::default_table())),
-        }
+        PostgresStore::new(pool, TableName::default_table())
     }
 
     /// The same pool on another table: letters, digits and `_`, optionally
@@ -302,6 +330,7 @@ impl PostgresStore {
         Ok(PostgresStore {
             pool: self.pool,
             sql: Arc::new(Statements::new(table)),
+            claims: self.claims,
         })
     }
 
@@ -322,6 +351,28 @@ impl PostgresStore {
                 .map_err(err(op))?;
         }
         tx.commit().await.map_err(err(op))
+    }
+
+    /// Prepares the protocol's statements on the connection the pool holds, so the
+    /// first claims do not pay for parsing and planning.
+    async fn prepare(&self) -> Result<(), StoreError> {
+        use sqlx::Executor;
+        let mut conn = self
+            .pool
+            .acquire()
+            .await
+            .map_err(err("preparing statements"))?;
+        for stmt in [
+            &self.sql.claim,
+            &self.sql.complete,
+            &self.sql.release,
+            &self.sql.renew,
+        ] {
+            conn.prepare(stmt.clone())
+                .await
+                .map_err(err("preparing statements"))?;
+        }
+        Ok(())
     }
 
     /// The pool this store uses.
@@ -370,6 +421,7 @@ impl PostgresStore {
 #[async_trait]
 impl Store for PostgresStore {
     async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        let _slot = self.claims.enter().await;
         for _ in 0..CLAIM_RETRIES {
             let row = sqlx::query(self.sql.claim.clone())
                 .bind(req.key.scope())
@@ -381,9 +433,10 @@ impl Store for PostgresStore {
                     req.max_attempts
                         .map(|m| i32::try_from(m).unwrap_or(i32::MAX)),
                 )
-                .fetch_optional(&self.pool)
+                .fetch_all(&self.pool)
                 .await
-                .map_err(err("claim"))?;
+                .map_err(err("claim"))?
+                .pop();
             // no row: a concurrent claim inserted the key after this statement's snapshot
             if let Some(row) = row {
                 if let Some(outcome) = Self::decode_claim(&row, 0, req)? {
@@ -439,9 +492,10 @@ impl Store for PostgresStore {
         let row = sqlx::query(self.sql.inspect.clone())
             .bind(key.scope())
             .bind(key.key())
-            .fetch_optional(&self.pool)
+            .fetch_all(&self.pool)
             .await
-            .map_err(err("inspect"))?;
+            .map_err(err("inspect"))?
+            .pop();
         match row {
             Some(row) => RowView::decode(&row, 0)?.into_record(),
             None => Ok(None),
@@ -480,6 +534,7 @@ impl Store for PostgresStore {
         // one statement for the distinct keys; a key repeated within the batch is
         // answered as a second claim of it would be (it cannot be upserted twice in one
         // statement), and a key whose row changed under the statement is asked again
+        let _slot = self.claims.enter().await;
         let mut out: Vec<Option<ClaimOutcome>> = vec![None; reqs.len()];
         let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(reqs.len());
         for (i, r) in reqs.iter().enumerate() {

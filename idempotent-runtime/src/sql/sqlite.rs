@@ -76,6 +76,7 @@ const NOW_US: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
 pub struct SqliteStore {
     pool: SqlitePool,
     sql: Arc<Statements>,
+    claims: common::ClaimGate,
     write_gate: Arc<Mutex<()>>,
 }
 
@@ -251,6 +252,7 @@ impl SqliteStore {
 
     fn new(pool: SqlitePool, table: TableName) -> Self {
         SqliteStore {
+            claims: common::ClaimGate::for_pool_size(pool.options().get_max_connections()),
             pool,
             sql: Arc::new(Statements::new(table)),
             write_gate: Arc::new(Mutex::new(())),
@@ -272,6 +274,7 @@ impl SqliteStore {
         Ok(SqliteStore {
             pool: self.pool,
             sql: Arc::new(Statements::new(table)),
+            claims: self.claims,
             write_gate: self.write_gate,
         })
     }
@@ -312,9 +315,10 @@ impl SqliteStore {
         let row = sqlx::query(self.sql.read.clone())
             .bind(key.scope())
             .bind(key.key())
-            .fetch_optional(&self.pool)
+            .fetch_all(&self.pool)
             .await
-            .map_err(err("reading a record"))?;
+            .map_err(err("reading a record"))?
+            .pop();
         row.map(|r| RowView::decode(&r, 0)).transpose()
     }
 
@@ -354,7 +358,7 @@ impl SqliteStore {
         }
         let row = {
             let _gate = self.write_gate.lock().await;
-            q.fetch_optional(&self.pool).await.map_err(err("claim"))?
+            q.fetch_all(&self.pool).await.map_err(err("claim"))?.pop()
         };
         let Some(row) = row else { return Ok(None) };
         let token: i64 = row.try_get(0).map_err(err("claim"))?;
@@ -372,6 +376,7 @@ impl SqliteStore {
 #[async_trait]
 impl Store for SqliteStore {
     async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        let _slot = self.claims.enter().await;
         for _ in 0..CLAIM_RETRIES {
             let seen = self.read(req.key).await?;
             if let Some(outcome) = self.act(req, seen).await? {

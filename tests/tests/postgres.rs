@@ -1,0 +1,585 @@
+//! `PostgresStore`: the conformance suite against the shared server
+//! (`IDEMPOTENT_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`), and
+//! the PostgreSQL-specific behaviour: round trips, the database clock, killed
+//! connections, a server that goes away, table names, purging and bad data.
+#![cfg(feature = "postgres")]
+
+use idempotent_runtime::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
+use idempotent_runtime::sqlx::{self, AssertSqlSafe};
+use idempotent_runtime::{
+    ClaimOutcome, ClaimRequest, Completion, Error, Fence, Idempotency, PostgresStore, RecordKey,
+    RecordState, Release, Store, StoreErrorKind, Token,
+};
+use idempotent_tests::conformance::unique_scope;
+use idempotent_tests::sql_support::{
+    Proxy, Wire, env_url, poison_is_shared, race_two_stores, sql_keys_are_data, unique_name,
+};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+const URL_VAR: &str = "IDEMPOTENT_POSTGRES_URL";
+const TTL: Duration = Duration::from_secs(60);
+
+fn url() -> String {
+    env_url(URL_VAR, "postgres://postgres@127.0.0.1:5432/test")
+}
+
+fn options() -> PgConnectOptions {
+    PgConnectOptions::from_str(&url())
+        .unwrap_or_else(|e| panic!("{URL_VAR} is not a PostgreSQL URL: {e}"))
+}
+
+/// A store on the shared server (default table); panics, naming the variable, when
+/// the server is unreachable.
+async fn connect() -> PostgresStore {
+    let url = url();
+    PostgresStore::connect(&url).await.unwrap_or_else(|e| {
+        panic!(
+            "the PostgreSQL tests need a server at {url} (set {URL_VAR} to use another): {e} ({:?})",
+            std::error::Error::source(&e)
+        )
+    })
+}
+
+/// A pool of one connection that is not pinged before use (so a dead connection is
+/// used, and fails, instead of being replaced silently).
+async fn one_connection(opts: PgConnectOptions) -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_with(opts)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL (set {URL_VAR}): {e}"))
+}
+
+async fn admin() -> PgPool {
+    PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options())
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL (set {URL_VAR}): {e}"))
+}
+
+idempotent_tests::conformance_suite!(async { Arc::new(connect().await) as Arc<dyn Store> });
+
+fn req(key: &RecordKey, lease: Duration) -> ClaimRequest<'_> {
+    ClaimRequest {
+        key,
+        lease,
+        ttl: TTL,
+        fingerprint: None,
+        max_attempts: None,
+    }
+}
+
+async fn acquire(store: &dyn Store, r: &ClaimRequest<'_>) -> Token {
+    match store.claim(r).await.expect("claim") {
+        ClaimOutcome::Acquired { token, .. } => token,
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+async fn db_now_us(pool: &PgPool) -> i64 {
+    sqlx::query_scalar("SELECT floor(extract(epoch FROM clock_timestamp()) * 1000000)::int8")
+        .fetch_one(pool)
+        .await
+        .expect("clock")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_on_separate_pools_run_each_key_once() {
+    let a = Arc::new(connect().await) as Arc<dyn Store>;
+    let b = Arc::new(connect().await) as Arc<dyn Store>;
+    race_two_stores(a, b, 40, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poisoning_is_shared_between_stores() {
+    let a = Arc::new(connect().await) as Arc<dyn Store>;
+    let b = Arc::new(connect().await) as Arc<dyn Store>;
+    poison_is_shared(a, b, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_metacharacters_and_binary_keys_are_data() {
+    sql_keys_are_data(Arc::new(connect().await)).await;
+}
+
+/// Each protocol step is one statement: with the statements prepared (first use on a
+/// connection), a fresh claim, a completion and the duplicate of a completed key each
+/// cost exactly one round trip, counted on the wire by a proxy (the pool's own ping
+/// when a connection goes back to it is counted apart).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_step_is_one_round_trip() {
+    connect().await; // the table exists
+    let opts = options();
+    let target = format!("{}:{}", opts.get_host(), opts.get_port());
+    let proxy = Proxy::start(&target, Wire::Postgres).await;
+    let opts = opts.port(proxy.port()).ssl_mode(PgSslMode::Disable);
+    let store = PostgresStore::from_pool(one_connection(opts).await);
+    let scope = unique_scope("pg-rt");
+    // warm up: prepare every statement once on the single connection
+    let warm = RecordKey::new(&scope, "warm").unwrap();
+    let t = acquire(&store, &req(&warm, TTL)).await;
+    store.renew(&warm, t, TTL).await.unwrap();
+    store
+        .release(&Release {
+            key: &warm,
+            token: t,
+        })
+        .await
+        .unwrap();
+    let t = acquire(&store, &req(&warm, TTL)).await;
+    store
+        .complete(&Completion {
+            key: &warm,
+            token: t,
+            output: Some(b"w"),
+            ttl: TTL,
+        })
+        .await
+        .unwrap();
+    store.claim(&req(&warm, TTL)).await.unwrap();
+
+    let k = RecordKey::new(&scope, "m-1").unwrap();
+    let before = proxy.round_trips();
+    let token = acquire(&store, &req(&k, TTL)).await;
+    assert_eq!(proxy.round_trips() - before, 1, "fresh claim");
+
+    let before = proxy.round_trips();
+    assert_eq!(store.renew(&k, token, TTL).await.unwrap(), Fence::Held);
+    assert_eq!(proxy.round_trips() - before, 1, "renew");
+
+    let before = proxy.round_trips();
+    let done = store
+        .complete(&Completion {
+            key: &k,
+            token,
+            output: Some(b"42"),
+            ttl: TTL,
+        })
+        .await
+        .unwrap();
+    assert_eq!(done, Fence::Held);
+    assert_eq!(proxy.round_trips() - before, 1, "complete");
+
+    let before = proxy.round_trips();
+    match store.claim(&req(&k, TTL)).await.unwrap() {
+        ClaimOutcome::Completed { output } => assert_eq!(output.as_deref(), Some(&b"42"[..])),
+        other => panic!("expected Completed, got {other:?}"),
+    }
+    assert_eq!(
+        proxy.round_trips() - before,
+        1,
+        "duplicate of a completed key"
+    );
+
+    let before = proxy.round_trips();
+    match store.claim(&req(&warm, TTL)).await.unwrap() {
+        ClaimOutcome::Completed { .. } => {}
+        other => panic!("expected Completed, got {other:?}"),
+    }
+    assert_eq!(proxy.round_trips() - before, 1, "another duplicate");
+
+    // a batch of 50 claims, then 50 completions: one round trip each
+    let keys: Vec<RecordKey> = (0..50)
+        .map(|i| RecordKey::new(&scope, &format!("b-{i}")).unwrap())
+        .collect();
+    let reqs: Vec<_> = keys.iter().map(|k| req(k, TTL)).collect();
+    store.claim_batch(&reqs[..1]).await.unwrap(); // prepare
+    let before = proxy.round_trips();
+    let outcomes = store.claim_batch(&reqs).await.unwrap();
+    assert_eq!(proxy.round_trips() - before, 1, "claim_batch");
+    let completions: Vec<_> = keys
+        .iter()
+        .zip(&outcomes)
+        .map(|(k, o)| match o {
+            ClaimOutcome::Acquired { token, .. } => Completion {
+                key: k,
+                token: *token,
+                output: Some(b"b"),
+                ttl: TTL,
+            },
+            // the first key was claimed by the preparing call
+            ClaimOutcome::InProgress { .. } => Completion {
+                key: k,
+                token: Token(0),
+                output: None,
+                ttl: TTL,
+            },
+            other => panic!("unexpected {other:?}"),
+        })
+        .collect();
+    store.complete_batch(&completions[..1]).await.unwrap(); // prepare
+    let before = proxy.round_trips();
+    let fences = store.complete_batch(&completions).await.unwrap();
+    assert_eq!(proxy.round_trips() - before, 1, "complete_batch");
+    assert_eq!(fences[0], Fence::Lost);
+    assert!(fences[1..].iter().all(|f| *f == Fence::Held));
+}
+
+/// Lease and expiry decisions use the database clock: a store whose session resolves
+/// `clock_timestamp()` to a clock two hours ahead writes leases two hours ahead, and
+/// a store on the real database clock sees a claim with two hours left, although every
+/// client shares one clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_use_the_database_clock() {
+    let real = connect().await;
+    let admin = admin().await;
+    let schema = unique_name("skewed_clock");
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE SCHEMA {schema}; \
+         CREATE FUNCTION {schema}.clock_timestamp() RETURNS timestamptz LANGUAGE sql \
+         AS 'SELECT pg_catalog.clock_timestamp() + interval ''2 hours''';"
+    )))
+    .execute(&admin)
+    .await
+    .expect("create the skewed clock");
+    let skewed_pool = PgPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options().options([("search_path", format!("{schema},public,pg_catalog"))]))
+        .await
+        .expect("connect with the skewed clock");
+    let skewed = PostgresStore::from_pool(skewed_pool);
+
+    let scope = unique_scope("pg-clock");
+    let k = RecordKey::new(&scope, "m-1").unwrap();
+    let lease = Duration::from_secs(5);
+    let now = db_now_us(&admin).await;
+    let token = acquire(&skewed, &req(&k, lease)).await;
+    // the token is at least the (skewed) database clock in microseconds
+    assert!(
+        token.get() as i64 >= now + 7_190_000_000,
+        "token {token} vs now {now}"
+    );
+    match real.claim(&req(&k, lease)).await.unwrap() {
+        ClaimOutcome::InProgress { retry_after } => assert!(
+            retry_after > Duration::from_secs(7100) && retry_after < Duration::from_secs(7300),
+            "retry_after {retry_after:?}"
+        ),
+        other => panic!("expected InProgress, got {other:?}"),
+    }
+    // the holder sees its own lease on its own (database) clock
+    let rec = skewed.inspect(&k).await.unwrap().unwrap();
+    assert!(rec.lease_remaining.unwrap() <= lease);
+    let rec = real.inspect(&k).await.unwrap().unwrap();
+    assert!(rec.lease_remaining.unwrap() > Duration::from_secs(7100));
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&admin)
+        .await
+        .expect("drop the skewed clock");
+}
+
+/// A connection killed while a claim waits on it: the delivery fails closed with
+/// `Error::Store` (the body does not run), and the same store recovers on the next
+/// delivery.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connection_fails_closed_and_recovers() {
+    connect().await;
+    let admin = admin().await;
+    let pool = one_connection(options()).await;
+    let store = PostgresStore::from_pool(pool.clone());
+    let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let scope = unique_scope("pg-kill");
+    let h = Idempotency::new(scope.clone())
+        .shared_store(Arc::new(store.clone()))
+        .lease(Duration::from_secs(10));
+    // a released record, then a transaction that locks its row
+    let k = RecordKey::new(&scope, "m-1").unwrap();
+    let t = acquire(&store, &req(&k, TTL)).await;
+    store.release(&Release { key: &k, token: t }).await.unwrap();
+    let mut tx = admin.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM message_idempotent WHERE scope = $1 FOR UPDATE")
+        .bind(&scope)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let delivery = {
+        let h = h.clone();
+        let runs = runs.clone();
+        tokio::spawn(async move {
+            h.run("m-1", async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<u32, Error>(1)
+            })
+            .await
+        })
+    };
+    // wait until the claim blocks on the row lock, then kill its connection
+    let mut waited = 0;
+    loop {
+        let waiting: bool = sqlx::query_scalar(
+            "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity WHERE pid = $1",
+        )
+        .bind(pid)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+        if waiting {
+            break;
+        }
+        waited += 1;
+        assert!(waited < 200, "the claim never blocked on the row lock");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+        .bind(pid)
+        .fetch_one(&admin)
+        .await
+        .unwrap();
+    assert!(killed);
+    match delivery.await.unwrap() {
+        Err(Error::Store(e)) => assert!(e.is_retryable(), "{e:?}"),
+        other => panic!("expected a fail-closed store error, got {other:?}"),
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "the body ran without a claim"
+    );
+    tx.rollback().await.unwrap();
+    // the same store, a new connection
+    let r: Result<u32, Error> = h.run("m-1", async { Ok(2) }).await;
+    assert_eq!(r.unwrap(), 2);
+    let r: Result<u32, Error> = h.run("m-1", async { Ok(3) }).await;
+    assert_eq!(r.unwrap(), 2, "the duplicate replays");
+}
+
+/// The server's port goes away: deliveries fail closed with an `Unavailable` store
+/// error; when it comes back the same store works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_going_away_fails_closed_and_recovers() {
+    connect().await;
+    let opts = options();
+    let target = format!("{}:{}", opts.get_host(), opts.get_port());
+    let mut proxy = Proxy::start(&target, Wire::Postgres).await;
+    let store = PostgresStore::from_pool(one_connection(opts.port(proxy.port())).await);
+    let h = Idempotency::new(unique_scope("pg-away")).shared_store(Arc::new(store.clone()));
+    let r: Result<u32, Error> = h.run("a", async { Ok(1) }).await;
+    assert_eq!(r.unwrap(), 1);
+
+    proxy.cut().await;
+    let runs = AtomicU32::new(0);
+    for key in ["a", "b"] {
+        let r: Result<u32, Error> = h
+            .run(key, async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(9)
+            })
+            .await;
+        match r {
+            Err(Error::Store(e)) => assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e:?}"),
+            other => panic!("expected a fail-closed store error, got {other:?}"),
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+
+    proxy.restore().await;
+    let r: Result<u32, Error> = h.run("a", async { Ok(5) }).await;
+    assert_eq!(r.unwrap(), 1, "completed before the outage: replayed");
+    let r: Result<u32, Error> = h.run("b", async { Ok(5) }).await;
+    assert_eq!(r.unwrap(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_names_are_validated_and_custom_tables_work() {
+    let store = connect().await;
+    for bad in ["", "a-b", "x; DROP TABLE y", "a.b.c", "\"q\"", "1x"] {
+        let e = store.clone().with_table(bad).unwrap_err();
+        assert_eq!(e.kind(), StoreErrorKind::Rejected, "{bad:?}");
+    }
+    let e = PostgresStore::connect_with_table(&url(), "no good")
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Rejected);
+
+    // a table that does not exist is a Rejected error, not a panic
+    let missing = store.clone().with_table(&unique_name("missing")).unwrap();
+    let k = RecordKey::new("s", "k").unwrap();
+    let e = missing.claim(&req(&k, TTL)).await.unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Rejected, "{e:?}");
+    assert!(!e.is_retryable());
+
+    // a schema-qualified custom table, created by migrate (twice: idempotent)
+    let admin = admin().await;
+    let schema = unique_name("idem_schema");
+    sqlx::raw_sql(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let custom = store.with_table(&format!("{schema}.Dedup_Table")).unwrap();
+    custom.migrate().await.unwrap();
+    custom.migrate().await.unwrap();
+    assert_eq!(custom.table(), format!("{schema}.Dedup_Table"));
+    let t = acquire(&custom, &req(&k, TTL)).await;
+    let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT count(*) FROM {schema}.\"Dedup_Table\" WHERE owner_token = $1"
+    )))
+    .bind(t.get() as i64)
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!(n, 1);
+    // concurrent migrations of a new table do not trip over each other
+    let fresh = custom
+        .clone()
+        .with_table(&format!("{schema}.concurrent"))
+        .unwrap();
+    let all = futures_util::future::join_all((0..6).map(|_| fresh.migrate())).await;
+    assert!(all.iter().all(Result::is_ok), "{all:?}");
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_deletes_expired_rows_in_batches_and_the_sweeper_runs_it() {
+    let admin = admin().await;
+    let store = connect().await.with_table(&unique_name("purge")).unwrap();
+    store.migrate().await.unwrap();
+    let t = store.table();
+    // 2500 expired rows and 10 live ones
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO \"{t}\" (scope, message_id, status, retry_times, owner_token, lease_until_us, expires_at_us) \
+         SELECT 's', int4send(g), 1, 1, 1, NULL, 1 FROM generate_series(1, 2500) g"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let live: Vec<RecordKey> = (0..10)
+        .map(|i| RecordKey::new("live", &i.to_string()).unwrap())
+        .collect();
+    for k in &live {
+        acquire(&store, &req(k, TTL)).await;
+    }
+    assert_eq!(store.purge_expired().await.unwrap(), 2500);
+    assert_eq!(store.purge_expired().await.unwrap(), 0);
+    for k in &live {
+        assert!(store.inspect(k).await.unwrap().is_some());
+    }
+
+    // the sweeper purges records whose ttl ran out
+    let k = RecordKey::new("short", "k").unwrap();
+    let short = ClaimRequest {
+        key: &k,
+        lease: Duration::from_millis(50),
+        ttl: Duration::from_millis(50),
+        fingerprint: None,
+        max_attempts: None,
+    };
+    acquire(&store, &short).await;
+    let sweeper = store.spawn_sweeper(Duration::from_millis(50)).unwrap();
+    let count = format!("SELECT count(*) FROM \"{t}\" WHERE scope = 'short'");
+    let mut left = 1;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = sqlx::query_scalar::<_, i64>(AssertSqlSafe(count.clone()))
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+    }
+    sweeper.abort();
+    assert_eq!(left, 0, "the sweeper did not purge the expired record");
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE \"{t}\"")))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
+
+/// A row this store did not write (bad status, negative token) is a `Corrupt` error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_rows_are_corrupt_errors() {
+    let store = connect().await;
+    let admin = admin().await;
+    let scope = unique_scope("pg-corrupt");
+    let k = RecordKey::new(&scope, "m").unwrap();
+    let t = acquire(&store, &req(&k, TTL)).await;
+    sqlx::query("UPDATE message_idempotent SET status = 7 WHERE scope = $1")
+        .bind(&scope)
+        .execute(&admin)
+        .await
+        .unwrap();
+    let e = store.claim(&req(&k, TTL)).await.unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e:?}");
+    let e = store.inspect(&k).await.unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e:?}");
+    sqlx::query("UPDATE message_idempotent SET status = 0, owner_token = -5 WHERE scope = $1")
+        .bind(&scope)
+        .execute(&admin)
+        .await
+        .unwrap();
+    let e = store.inspect(&k).await.unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e:?}");
+    // the fence still holds: the old token does not own the row any more
+    assert_eq!(
+        store.release(&Release { key: &k, token: t }).await.unwrap(),
+        Fence::Lost
+    );
+}
+
+/// The states map onto the documented columns (`status`, `retry_times`, and a NULL
+/// lease deadline for Released), so a DBA can read the table.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_use_the_classic_columns() {
+    let store = connect().await;
+    let admin = admin().await;
+    let scope = unique_scope("pg-cols");
+    let k = RecordKey::new(&scope, "order-17").unwrap();
+    let row = |admin: PgPool, scope: String| async move {
+        sqlx::query_as::<_, (Vec<u8>, i16, i32, Option<i64>)>(
+            "SELECT message_id, status, retry_times, lease_until_us FROM message_idempotent WHERE scope = $1",
+        )
+        .bind(scope)
+        .fetch_one(&admin)
+        .await
+        .unwrap()
+    };
+    let t = acquire(&store, &req(&k, TTL)).await;
+    let (id, status, retry, lease) = row(admin.clone(), scope.clone()).await;
+    assert_eq!((id.as_slice(), status, retry), (&b"order-17"[..], 0, 1));
+    assert!(lease.is_some());
+    store.release(&Release { key: &k, token: t }).await.unwrap();
+    let (_, status, retry, lease) = row(admin.clone(), scope.clone()).await;
+    assert_eq!((status, retry, lease), (0, 1, None));
+    assert_eq!(
+        store.inspect(&k).await.unwrap().unwrap().state,
+        RecordState::Released
+    );
+    let t = acquire(&store, &req(&k, TTL)).await;
+    store
+        .complete(&Completion {
+            key: &k,
+            token: t,
+            output: Some(b"{}"),
+            ttl: TTL,
+        })
+        .await
+        .unwrap();
+    let (_, status, retry, lease) = row(admin, scope).await;
+    assert_eq!((status, retry, lease), (1, 2, None));
+}
+
+/// A connection string that points nowhere is an `Unavailable` error, not a panic.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_server_is_unavailable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("postgres://postgres@127.0.0.1:{port}/test");
+    let e = PostgresStore::connect(&url).await.unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e:?}");
+    assert!(std::error::Error::source(&e).is_some());
+}
