@@ -4,4 +4,3 @@
 pub mod conformance;
 pub mod redis_support;
 pub mod sql_support;
-pub mod sql_support;
