@@ -203,6 +203,16 @@ impl RedisStore {
     /// (`&["redis://10.0.0.1:6379", "redis://10.0.0.2:6379"]`; `rediss://` for TLS),
     /// discovering the others.
     ///
+    /// ```no_run
+    /// # async fn start() -> Result<(), idempotent_runtime::StoreError> {
+    /// let store = idempotent_runtime::RedisStore::connect_cluster(&[
+    ///     "redis://10.0.0.1:6379",
+    ///     "redis://10.0.0.2:6379",
+    /// ])
+    /// .await?;
+    /// # Ok(()) }
+    /// ```
+    ///
     /// A request that meets a failing node or a moving slot is retried up to 3 times,
     /// waiting at most 1 s between tries, before it fails with
     /// [`StoreErrorKind::Unavailable`]; build a connection with
