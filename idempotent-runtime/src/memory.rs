@@ -153,10 +153,10 @@ impl MemoryStore {
                 attempt: 1,
             };
         };
-        if let (Some(have), Some(want)) = (&e.fingerprint, req.fingerprint) {
-            if **have != *want {
-                return ClaimOutcome::FingerprintMismatch;
-            }
+        if let (Some(have), Some(want)) = (&e.fingerprint, req.fingerprint)
+            && **have != *want
+        {
+            return ClaimOutcome::FingerprintMismatch;
         }
         match e.state {
             RecordState::Completed => {
@@ -171,12 +171,12 @@ impl MemoryStore {
             }
             _ => {}
         }
-        if let Some(max) = req.max_attempts {
-            if e.attempts >= max {
-                return ClaimOutcome::Exhausted {
-                    attempts: e.attempts,
-                };
-            }
+        if let Some(max) = req.max_attempts
+            && e.attempts >= max
+        {
+            return ClaimOutcome::Exhausted {
+                attempts: e.attempts,
+            };
         }
         let prev = e.token;
         let token = self.next_token(now, prev);

@@ -58,12 +58,14 @@ pub fn fingerprint<F: Serialize + ?Sized>(value: &F) -> Result<[u8; 32], Error> 
 }
 
 /// The default scope from the type name of a marker fn declared inside the handler:
-/// `crate::module::Type::handler::__idempotent_scope` → `crate::module::Type::handler`.
+/// `crate::module::Type::handler::{{closure}}::__idempotent_scope` →
+/// `crate::module::Type::handler` (the attribute passes it already stripped).
 #[inline]
 pub fn default_scope(marker: &'static str) -> &'static str {
-    marker
+    let s = marker
         .strip_suffix("::__idempotent_scope")
-        .unwrap_or(marker)
+        .unwrap_or(marker);
+    s.strip_suffix("::{{closure}}").unwrap_or(s)
 }
 
 /// The wrapper the attribute emits around the handler's body.

@@ -419,10 +419,7 @@ pub async fn keys_are_data(store: Arc<dyn Store>) {
         .collect();
     keys.push(RecordKey::new(&scope, &("a:b", "c")).unwrap());
     keys.push(RecordKey::new(&scope, &("a", "b:c")).unwrap());
-    keys.push(
-        RecordKey::new(&scope, &("1:a", ""))
-            .map_or_else(|_| RecordKey::new(&scope, &("1", ":a")).unwrap(), |k| k),
-    );
+    keys.push(RecordKey::new(&scope, &("1", ":a")).unwrap());
     let distinct: HashSet<_> = keys.iter().collect();
     assert_eq!(distinct.len(), keys.len(), "encodings are distinct");
     for (i, k) in keys.iter().enumerate() {
@@ -932,8 +929,8 @@ pub async fn batch_protocol_runs_each_key_once(store: Arc<dyn Store>) {
         )
         .await;
     assert_eq!(again[8].as_ref().unwrap(), &70);
-    for id in 1..7 {
-        assert_eq!(runs[id].load(Ordering::SeqCst), 1, "key {id}");
+    for (id, n) in runs.iter().enumerate().take(7).skip(1) {
+        assert_eq!(n.load(Ordering::SeqCst), 1, "key {id}");
     }
     assert_eq!(runs[7].load(Ordering::SeqCst), 2);
     let rec = store
