@@ -112,6 +112,7 @@ impl TableName {
     }
 
     /// The table part.
+    #[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
     pub(crate) fn name(&self) -> &str {
         &self.name
     }
@@ -160,6 +161,7 @@ pub(crate) fn token_param(t: Token) -> i64 {
 }
 
 /// The `max_attempts` of a request as a `BIGINT` parameter.
+#[cfg_attr(not(feature = "postgres"), allow(dead_code))]
 pub(crate) fn max_attempts_param(req: &ClaimRequest<'_>) -> Option<i64> {
     req.max_attempts.map(i64::from)
 }
@@ -354,6 +356,7 @@ pub(crate) fn sql_error(
 }
 
 /// Classifies an SQLSTATE (PostgreSQL, and MySQL errors without a more precise number).
+#[cfg_attr(not(any(feature = "mysql", feature = "postgres")), allow(dead_code))]
 pub(crate) fn classify_sqlstate(state: &str) -> StoreErrorKind {
     match state.get(..2).unwrap_or_default() {
         // connection exception, insufficient resources, operator intervention

@@ -1,0 +1,485 @@
+//! `MySqlStore`: the conformance suite against the shared server
+//! (`IDEMPOTENT_MYSQL_URL`, default `mysql://root@127.0.0.1:3306/test`; MariaDB 10.11 or
+//! MySQL 8), and the MySQL-specific behaviour: round trips, the database clock, killed
+//! connections, a server that goes away, table names, purging and bad data.
+#![cfg(feature = "mysql")]
+
+use idempotent_runtime::sqlx::mysql::{
+    MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlSslMode,
+};
+use idempotent_runtime::sqlx::{self, AssertSqlSafe, Executor};
+use idempotent_runtime::{
+    ClaimOutcome, ClaimRequest, Completion, Error, Fence, Idempotency, MySqlStore, RecordKey,
+    RecordState, Release, Store, StoreErrorKind, Token,
+};
+use idempotent_tests::conformance::unique_scope;
+use idempotent_tests::sql_support::{
+    Proxy, Wire, env_url, poison_is_shared, race_two_stores, sql_keys_are_data, unique_name,
+};
+use std::str::FromStr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+const URL_VAR: &str = "IDEMPOTENT_MYSQL_URL";
+const TTL: Duration = Duration::from_secs(60);
+
+fn url() -> String {
+    env_url(URL_VAR, "mysql://root@127.0.0.1:3306/test")
+}
+
+fn options() -> MySqlConnectOptions {
+    MySqlConnectOptions::from_str(&url())
+        .unwrap_or_else(|e| panic!("{URL_VAR} is not a MySQL URL: {e}"))
+}
+
+/// A store on the shared server (default table); panics, naming the variable, when
+/// the server is unreachable.
+async fn connect() -> MySqlStore {
+    let url = url();
+    MySqlStore::connect(&url).await.unwrap_or_else(|e| {
+        panic!(
+            "the MySQL tests need a server at {url} (set {URL_VAR} to use another): {e} ({:?})",
+            std::error::Error::source(&e)
+        )
+    })
+}
+
+/// A pool of one connection that is not pinged before use.
+async fn one_connection(opts: MySqlConnectOptions) -> MySqlPool {
+    MySqlPoolOptions::new()
+        .max_connections(1)
+        .test_before_acquire(false)
+        .acquire_timeout(Duration::from_secs(3))
+        .connect_with(opts)
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to MySQL (set {URL_VAR}): {e}"))
+}
+
+async fn admin() -> MySqlPool {
+    MySqlPoolOptions::new()
+        .max_connections(2)
+        .connect_with(options())
+        .await
+        .unwrap_or_else(|e| panic!("cannot connect to MySQL (set {URL_VAR}): {e}"))
+}
+
+idempotent_tests::conformance_suite!(async { Arc::new(connect().await) as Arc<dyn Store> });
+
+fn req(key: &RecordKey, lease: Duration) -> ClaimRequest<'_> {
+    ClaimRequest {
+        key,
+        lease,
+        ttl: TTL,
+        fingerprint: None,
+        max_attempts: None,
+    }
+}
+
+async fn acquire(store: &dyn Store, r: &ClaimRequest<'_>) -> Token {
+    match store.claim(r).await.expect("claim") {
+        ClaimOutcome::Acquired { token, .. } => token,
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_on_separate_pools_run_each_key_once() {
+    let a = Arc::new(connect().await) as Arc<dyn Store>;
+    let b = Arc::new(connect().await) as Arc<dyn Store>;
+    race_two_stores(a, b, 40, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poisoning_is_shared_between_stores() {
+    let a = Arc::new(connect().await) as Arc<dyn Store>;
+    let b = Arc::new(connect().await) as Arc<dyn Store>;
+    poison_is_shared(a, b, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_metacharacters_and_binary_keys_are_data() {
+    sql_keys_are_data(Arc::new(connect().await)).await;
+}
+
+/// Round trips on the wire, with the statements prepared: the duplicate of a
+/// completed key is one (a plain read), a fresh claim two (read, then insert),
+/// complete and renew one each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn round_trips_per_step() {
+    connect().await;
+    let opts = options();
+    let target = format!("{}:{}", opts.get_host(), opts.get_port());
+    let proxy = Proxy::start(&target, Wire::MySql).await;
+    let opts = opts.port(proxy.port()).ssl_mode(MySqlSslMode::Disabled);
+    let store = MySqlStore::from_pool(one_connection(opts).await);
+    let scope = unique_scope("my-rt");
+    // warm up: prepare every statement once on the single connection
+    let warm = RecordKey::new(&scope, "warm").unwrap();
+    let t = acquire(&store, &req(&warm, TTL)).await;
+    store.renew(&warm, t, TTL).await.unwrap();
+    store
+        .release(&Release {
+            key: &warm,
+            token: t,
+        })
+        .await
+        .unwrap();
+    let t = acquire(&store, &req(&warm, TTL)).await;
+    store
+        .complete(&Completion {
+            key: &warm,
+            token: t,
+            output: Some(b"w"),
+            ttl: TTL,
+        })
+        .await
+        .unwrap();
+
+    let k = RecordKey::new(&scope, "m-1").unwrap();
+    let before = proxy.round_trips();
+    let token = acquire(&store, &req(&k, TTL)).await;
+    assert_eq!(proxy.round_trips() - before, 2, "fresh claim");
+
+    let before = proxy.round_trips();
+    assert_eq!(store.renew(&k, token, TTL).await.unwrap(), Fence::Held);
+    assert_eq!(proxy.round_trips() - before, 1, "renew");
+
+    let before = proxy.round_trips();
+    let done = store
+        .complete(&Completion {
+            key: &k,
+            token,
+            output: Some(b"42"),
+            ttl: TTL,
+        })
+        .await
+        .unwrap();
+    assert_eq!(done, Fence::Held);
+    assert_eq!(proxy.round_trips() - before, 1, "complete");
+
+    for _ in 0..3 {
+        let before = proxy.round_trips();
+        match store.claim(&req(&k, TTL)).await.unwrap() {
+            ClaimOutcome::Completed { output } => assert_eq!(output.as_deref(), Some(&b"42"[..])),
+            other => panic!("expected Completed, got {other:?}"),
+        }
+        assert_eq!(
+            proxy.round_trips() - before,
+            1,
+            "duplicate of a completed key"
+        );
+    }
+
+    // a batch of completed duplicates: one read for the whole batch
+    let keys: Vec<RecordKey> = (0..20)
+        .map(|i| RecordKey::new(&scope, &format!("b-{i}")).unwrap())
+        .collect();
+    for k in &keys {
+        let t = acquire(&store, &req(k, TTL)).await;
+        store
+            .complete(&Completion {
+                key: k,
+                token: t,
+                output: Some(b"b"),
+                ttl: TTL,
+            })
+            .await
+            .unwrap();
+    }
+    let reqs: Vec<_> = keys.iter().map(|k| req(k, TTL)).collect();
+    store.claim_batch(&reqs).await.unwrap(); // prepare
+    let before = proxy.round_trips();
+    let outcomes = store.claim_batch(&reqs).await.unwrap();
+    assert_eq!(proxy.round_trips() - before, 1, "claim_batch of duplicates");
+    assert!(
+        outcomes
+            .iter()
+            .all(|o| matches!(o, ClaimOutcome::Completed { .. }))
+    );
+}
+
+/// Lease and expiry decisions use the database clock: a store whose sessions run two
+/// hours ahead (`SET timestamp`) writes leases two hours ahead, and a store on the
+/// real database clock sees a claim with two hours left, although every client shares
+/// one clock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn decisions_use_the_database_clock() {
+    let real = connect().await;
+    // one connection: `SET timestamp` freezes that session's clock
+    let skewed_pool = MySqlPoolOptions::new()
+        .max_connections(1)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute("SET timestamp = UNIX_TIMESTAMP(NOW(6)) + 7200")
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect_with(options())
+        .await
+        .expect("connect with the skewed clock");
+    let skewed = MySqlStore::from_pool(skewed_pool);
+    let scope = unique_scope("my-clock");
+    let k = RecordKey::new(&scope, "m-1").unwrap();
+    let lease = Duration::from_secs(5);
+    let before_us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_micros() as u64;
+    let token = acquire(&skewed, &req(&k, lease)).await;
+    assert!(
+        token.get() >= before_us + 7_190_000_000,
+        "token {token} follows the database clock, not the client's ({before_us})"
+    );
+    match real.claim(&req(&k, lease)).await.unwrap() {
+        ClaimOutcome::InProgress { retry_after } => assert!(
+            retry_after > Duration::from_secs(7100) && retry_after < Duration::from_secs(7300),
+            "retry_after {retry_after:?}"
+        ),
+        other => panic!("expected InProgress, got {other:?}"),
+    }
+    let rec = skewed.inspect(&k).await.unwrap().unwrap();
+    assert!(rec.lease_remaining.unwrap() <= lease);
+}
+
+/// A connection killed while a claim waits on a row lock: the delivery fails closed
+/// with `Error::Store` (the body does not run), and the same store recovers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_connection_fails_closed_and_recovers() {
+    connect().await;
+    let admin = admin().await;
+    let pool = one_connection(options()).await;
+    let store = MySqlStore::from_pool(pool.clone());
+    let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let scope = unique_scope("my-kill");
+    let h = Idempotency::new(scope.clone())
+        .shared_store(Arc::new(store.clone()))
+        .lease(Duration::from_secs(10));
+    let k = RecordKey::new(&scope, "m-1").unwrap();
+    let t = acquire(&store, &req(&k, TTL)).await;
+    store.release(&Release { key: &k, token: t }).await.unwrap();
+    let mut tx = admin.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM message_idempotent WHERE scope = ? FOR UPDATE")
+        .bind(&scope)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let runs = Arc::new(AtomicU32::new(0));
+    let delivery = {
+        let h = h.clone();
+        let runs = runs.clone();
+        tokio::spawn(async move {
+            h.run("m-1", async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<u32, Error>(1)
+            })
+            .await
+        })
+    };
+    let mut waited = 0;
+    loop {
+        let state: Option<String> = sqlx::query_scalar(
+            "SELECT STATE FROM information_schema.PROCESSLIST WHERE ID = ? AND INFO LIKE 'UPDATE%'",
+        )
+        .bind(id)
+        .fetch_optional(&admin)
+        .await
+        .unwrap();
+        if state.is_some() {
+            break;
+        }
+        waited += 1;
+        assert!(waited < 200, "the claim never blocked on the row lock");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    sqlx::query(AssertSqlSafe(format!("KILL {id}")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    match delivery.await.unwrap() {
+        Err(Error::Store(e)) => assert!(e.is_retryable(), "{e:?}"),
+        other => panic!("expected a fail-closed store error, got {other:?}"),
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "the body ran without a claim"
+    );
+    tx.rollback().await.unwrap();
+    let r: Result<u32, Error> = h.run("m-1", async { Ok(2) }).await;
+    assert_eq!(r.unwrap(), 2);
+    let r: Result<u32, Error> = h.run("m-1", async { Ok(3) }).await;
+    assert_eq!(r.unwrap(), 2, "the duplicate replays");
+}
+
+/// The server's port goes away: deliveries fail closed with an `Unavailable` store
+/// error; when it comes back the same store works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_going_away_fails_closed_and_recovers() {
+    connect().await;
+    let opts = options();
+    let target = format!("{}:{}", opts.get_host(), opts.get_port());
+    let mut proxy = Proxy::start(&target, Wire::MySql).await;
+    let store = MySqlStore::from_pool(one_connection(opts.port(proxy.port())).await);
+    let h = Idempotency::new(unique_scope("my-away")).shared_store(Arc::new(store.clone()));
+    let r: Result<u32, Error> = h.run("a", async { Ok(1) }).await;
+    assert_eq!(r.unwrap(), 1);
+
+    proxy.cut().await;
+    let runs = AtomicU32::new(0);
+    for key in ["a", "b"] {
+        let r: Result<u32, Error> = h
+            .run(key, async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(9)
+            })
+            .await;
+        match r {
+            Err(Error::Store(e)) => assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e:?}"),
+            other => panic!("expected a fail-closed store error, got {other:?}"),
+        }
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+
+    proxy.restore().await;
+    let r: Result<u32, Error> = h.run("a", async { Ok(5) }).await;
+    assert_eq!(r.unwrap(), 1, "completed before the outage: replayed");
+    let r: Result<u32, Error> = h.run("b", async { Ok(5) }).await;
+    assert_eq!(r.unwrap(), 5);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_names_are_validated_and_custom_tables_work() {
+    let store = connect().await;
+    for bad in ["", "a-b", "x; DROP TABLE y", "a.b.c", "`q`", "1x"] {
+        let e = store.clone().with_table(bad).unwrap_err();
+        assert_eq!(e.kind(), StoreErrorKind::Rejected, "{bad:?}");
+    }
+    let missing = store.clone().with_table(&unique_name("missing")).unwrap();
+    let k = RecordKey::new("s", "k").unwrap();
+    let e = missing.claim(&req(&k, TTL)).await.unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Rejected, "{e:?}");
+    assert!(!e.is_retryable());
+
+    let admin = admin().await;
+    let name = unique_name("custom");
+    let custom = store.with_table(&format!("test.{name}")).unwrap();
+    custom.migrate().await.unwrap();
+    custom.migrate().await.unwrap();
+    let t = acquire(&custom, &req(&k, TTL)).await;
+    let n: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT COUNT(*) FROM test.`{name}` WHERE owner_token = ?"
+    )))
+    .bind(t.get() as i64)
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!(n, 1);
+    sqlx::query(AssertSqlSafe(format!("DROP TABLE test.`{name}`")))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn purge_deletes_expired_rows_in_batches_and_the_sweeper_runs_it() {
+    let admin = admin().await;
+    let store = connect().await.with_table(&unique_name("purge")).unwrap();
+    store.migrate().await.unwrap();
+    let t = store.table();
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO `{t}` (scope, message_id, status, retry_times, owner_token, lease_until_us, expires_at_us) \
+         SELECT 's', seq, 1, 1, 1, NULL, 1 FROM seq_1_to_2500"
+    )))
+    .execute(&admin)
+    .await
+    .expect("MariaDB's sequence engine");
+    let live: Vec<RecordKey> = (0..10)
+        .map(|i| RecordKey::new("live", &i.to_string()).unwrap())
+        .collect();
+    for k in &live {
+        acquire(&store, &req(k, TTL)).await;
+    }
+    assert_eq!(store.purge_expired().await.unwrap(), 2500);
+    assert_eq!(store.purge_expired().await.unwrap(), 0);
+    for k in &live {
+        assert!(store.inspect(k).await.unwrap().is_some());
+    }
+    let k = RecordKey::new("short", "k").unwrap();
+    let short = ClaimRequest {
+        key: &k,
+        lease: Duration::from_millis(50),
+        ttl: Duration::from_millis(50),
+        fingerprint: None,
+        max_attempts: None,
+    };
+    acquire(&store, &short).await;
+    let sweeper = store.spawn_sweeper(Duration::from_millis(50)).unwrap();
+    let count = format!("SELECT COUNT(*) FROM `{t}` WHERE scope = 'short'");
+    let mut left = 1;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = sqlx::query_scalar::<_, i64>(AssertSqlSafe(count.clone()))
+            .fetch_one(&admin)
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+    }
+    sweeper.abort();
+    assert_eq!(left, 0, "the sweeper did not purge the expired record");
+    sqlx::query(AssertSqlSafe(format!("DROP TABLE `{t}`")))
+        .execute(&admin)
+        .await
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_rows_are_corrupt_errors_and_columns_are_classic() {
+    let store = connect().await;
+    let admin = admin().await;
+    let scope = unique_scope("my-corrupt");
+    let k = RecordKey::new(&scope, "order-17").unwrap();
+    let t = acquire(&store, &req(&k, TTL)).await;
+    store.release(&Release { key: &k, token: t }).await.unwrap();
+    let (id, status, retry, lease): (Vec<u8>, i8, i32, Option<i64>) = sqlx::query_as(
+        "SELECT message_id, status, retry_times, lease_until_us FROM message_idempotent WHERE scope = ?",
+    )
+    .bind(&scope)
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        (id.as_slice(), status, retry, lease),
+        (&b"order-17"[..], 0, 1, None)
+    );
+    assert_eq!(
+        store.inspect(&k).await.unwrap().unwrap().state,
+        RecordState::Released
+    );
+    sqlx::query("UPDATE message_idempotent SET status = 7 WHERE scope = ?")
+        .bind(&scope)
+        .execute(&admin)
+        .await
+        .unwrap();
+    let e = store.claim(&req(&k, TTL)).await.unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_server_is_unavailable() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let e = MySqlStore::connect(&format!("mysql://root@127.0.0.1:{port}/test"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e:?}");
+}

@@ -1,0 +1,307 @@
+//! `SqliteStore`, the embedded durable store: the conformance suite on a temporary
+//! file, restarts, concurrent writers, two stores on one file, table names, purging and
+//! bad data.
+#![cfg(feature = "sqlite")]
+
+use futures_util::future::join_all;
+use idempotent_runtime::sqlx::{self, AssertSqlSafe};
+use idempotent_runtime::{
+    ClaimOutcome, ClaimRequest, Error, Fence, Idempotency, RecordKey, RecordState, Release,
+    SqliteStore, Store, StoreErrorKind, Token,
+};
+use idempotent_tests::conformance::unique_scope;
+use idempotent_tests::sql_support::{
+    poison_is_shared, race_two_stores, sql_keys_are_data, unique_name,
+};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::Duration;
+
+const TTL: Duration = Duration::from_secs(60);
+
+/// A database file in the temporary directory that no other test uses (removed, with
+/// its WAL files, when dropped).
+struct TempDb(PathBuf);
+
+impl TempDb {
+    fn new() -> TempDb {
+        TempDb(std::env::temp_dir().join(format!("{}.db", unique_name("idempotent_sqlite"))))
+    }
+
+    fn url(&self) -> String {
+        format!("sqlite://{}?mode=rwc", self.0.display())
+    }
+}
+
+impl Drop for TempDb {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = self.0.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+async fn open(db: &TempDb) -> SqliteStore {
+    SqliteStore::connect(&db.url()).await.unwrap_or_else(|e| {
+        panic!(
+            "cannot open {}: {e} ({:?})",
+            db.url(),
+            std::error::Error::source(&e)
+        )
+    })
+}
+
+/// One shared file for the conformance cases (each case uses its own scope).
+static SHARED: std::sync::LazyLock<TempDb> = std::sync::LazyLock::new(TempDb::new);
+
+idempotent_tests::conformance_suite!(async { Arc::new(open(&SHARED).await) as Arc<dyn Store> });
+
+fn req(key: &RecordKey, lease: Duration) -> ClaimRequest<'_> {
+    ClaimRequest {
+        key,
+        lease,
+        ttl: TTL,
+        fingerprint: None,
+        max_attempts: None,
+    }
+}
+
+async fn acquire(store: &dyn Store, r: &ClaimRequest<'_>) -> Token {
+    match store.claim(r).await.expect("claim") {
+        ClaimOutcome::Acquired { token, .. } => token,
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+/// Completed keys survive dropping the store and opening the file again: the
+/// duplicate after a restart replays the output; a key in progress at the "crash"
+/// is claimable once its lease runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn completed_keys_survive_a_restart() {
+    let db = TempDb::new();
+    let scope = unique_scope("restart");
+    {
+        let store = open(&db).await;
+        let h = Idempotency::new(scope.clone()).store(store.clone());
+        for i in 0..20u32 {
+            let r: Result<u32, Error> = h.run(&i, async move { Ok(i * 3) }).await;
+            assert_eq!(r.unwrap(), i * 3);
+        }
+        let k = RecordKey::new(&scope, "crashed").unwrap();
+        acquire(&store, &req(&k, Duration::from_millis(200))).await;
+        store.pool().close().await;
+    }
+    let store = open(&db).await;
+    let h = Idempotency::new(scope.clone()).store(store.clone());
+    let runs = AtomicU32::new(0);
+    for i in 0..20u32 {
+        let r: Result<u32, Error> = h
+            .run(&i, async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(0)
+            })
+            .await;
+        assert_eq!(r.unwrap(), i * 3, "key {i} replays after the restart");
+    }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    let k = RecordKey::new(&scope, "crashed").unwrap();
+    match store.claim(&req(&k, TTL)).await.unwrap() {
+        ClaimOutcome::Acquired { attempt: 2, .. } => {}
+        other => panic!("expected a take-over, got {other:?}"),
+    }
+}
+
+/// 32 tasks write at once (fresh claims, completions, duplicates, failures) through
+/// one store: no "database is locked" error reaches anyone, and each key runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_concurrent_writers_never_see_database_is_locked() {
+    let db = TempDb::new();
+    let store = Arc::new(open(&db).await) as Arc<dyn Store>;
+    let h = Idempotency::new(unique_scope("writers"))
+        .shared_store(store)
+        .lease(Duration::from_secs(10))
+        .on_in_progress(idempotent_runtime::OnInProgress::Wait);
+    let runs: Arc<Vec<AtomicU32>> = Arc::new((0..200).map(|_| AtomicU32::new(0)).collect());
+    let tasks = (0..32).map(|w| {
+        let h = h.clone();
+        let runs = runs.clone();
+        tokio::spawn(async move {
+            for n in 0..50usize {
+                // every key is delivered by several writers
+                let key = (w * 50 + n) % 200;
+                let runs = runs.clone();
+                let r: Result<usize, Error> = h
+                    .run(&key, async move {
+                        runs[key].fetch_add(1, Ordering::SeqCst);
+                        Ok(key)
+                    })
+                    .await;
+                match r {
+                    Ok(v) => assert_eq!(v, key),
+                    Err(e) => panic!("writer {w}: {e} ({e:?})"),
+                }
+            }
+        })
+    });
+    for t in join_all(tasks).await {
+        t.expect("writer");
+    }
+    for (k, n) in runs.iter().enumerate() {
+        assert_eq!(n.load(Ordering::SeqCst), 1, "key {k}");
+    }
+}
+
+/// Two stores (two pools, two write gates) on one file: writers of both wait on
+/// SQLite's busy timeout, and each key still runs once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_stores_on_one_file_run_each_key_once() {
+    let db = TempDb::new();
+    let a = Arc::new(open(&db).await) as Arc<dyn Store>;
+    let b = Arc::new(open(&db).await) as Arc<dyn Store>;
+    race_two_stores(a, b, 40, 8).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn poisoning_is_shared_between_stores() {
+    let db = TempDb::new();
+    let a = Arc::new(open(&db).await) as Arc<dyn Store>;
+    let b = Arc::new(open(&db).await) as Arc<dyn Store>;
+    poison_is_shared(a, b, 3).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_metacharacters_and_binary_keys_are_data() {
+    let db = TempDb::new();
+    sql_keys_are_data(Arc::new(open(&db).await)).await;
+}
+
+/// Leases are judged against the lease deadline stored in the row and SQLite's clock:
+/// a deadline moved an hour ahead in the table is an hour of `retry_after`, and one
+/// moved into the past lets the key be taken over at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leases_are_judged_on_the_database_clock() {
+    let db = TempDb::new();
+    let store = open(&db).await;
+    let scope = unique_scope("lite-clock");
+    let k = RecordKey::new(&scope, "m").unwrap();
+    acquire(&store, &req(&k, Duration::from_secs(5))).await;
+    sqlx::query(
+        "UPDATE message_idempotent SET lease_until_us = CAST(unixepoch('subsec') * 1000000 AS INTEGER) + 3600000000 WHERE scope = ?",
+    )
+    .bind(&scope)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    match store.claim(&req(&k, TTL)).await.unwrap() {
+        ClaimOutcome::InProgress { retry_after } => assert!(
+            retry_after > Duration::from_secs(3590) && retry_after <= Duration::from_secs(3600),
+            "{retry_after:?}"
+        ),
+        other => panic!("expected InProgress, got {other:?}"),
+    }
+    sqlx::query(
+        "UPDATE message_idempotent SET lease_until_us = CAST(unixepoch('subsec') * 1000000 AS INTEGER) - 1 WHERE scope = ?",
+    )
+    .bind(&scope)
+    .execute(store.pool())
+    .await
+    .unwrap();
+    match store.claim(&req(&k, TTL)).await.unwrap() {
+        ClaimOutcome::Acquired { attempt: 2, .. } => {}
+        other => panic!("expected a take-over, got {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn table_names_purge_and_bad_data() {
+    let db = TempDb::new();
+    let store = open(&db).await;
+    for bad in ["", "a-b", "x; DROP TABLE y", "a.b.c", "\"q\"", "1x"] {
+        let e = store.clone().with_table(bad).unwrap_err();
+        assert_eq!(e.kind(), StoreErrorKind::Rejected, "{bad:?}");
+    }
+    let k = RecordKey::new("s", "k").unwrap();
+    let missing = store.clone().with_table("missing_table").unwrap();
+    let e = missing.claim(&req(&k, TTL)).await.unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Rejected, "{e:?}");
+
+    let custom = store.clone().with_table("main.custom_dedup").unwrap();
+    custom.migrate().await.unwrap();
+    custom.migrate().await.unwrap();
+    let t = acquire(&custom, &req(&k, TTL)).await;
+    assert_eq!(
+        custom
+            .release(&Release { key: &k, token: t })
+            .await
+            .unwrap(),
+        Fence::Held
+    );
+    assert_eq!(
+        custom.inspect(&k).await.unwrap().unwrap().state,
+        RecordState::Released
+    );
+
+    // purge: 2500 expired rows go, live ones stay
+    sqlx::query(AssertSqlSafe(
+        "WITH RECURSIVE n(i) AS (SELECT 1 UNION ALL SELECT i + 1 FROM n WHERE i < 2500) \
+         INSERT INTO custom_dedup (scope, message_id, status, retry_times, owner_token, expires_at_us) \
+         SELECT 'old', CAST(i AS BLOB), 1, 1, 1, 1 FROM n"
+            .to_owned(),
+    ))
+    .execute(custom.pool())
+    .await
+    .unwrap();
+    assert_eq!(custom.purge_expired().await.unwrap(), 2500);
+    assert_eq!(custom.purge_expired().await.unwrap(), 0);
+    assert!(custom.inspect(&k).await.unwrap().is_some());
+
+    let short_key = RecordKey::new("short", "k").unwrap();
+    let short = ClaimRequest {
+        key: &short_key,
+        lease: Duration::from_millis(50),
+        ttl: Duration::from_millis(50),
+        fingerprint: None,
+        max_attempts: None,
+    };
+    acquire(&custom, &short).await;
+    let sweeper = custom.spawn_sweeper(Duration::from_millis(50)).unwrap();
+    let mut left = 1i64;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = sqlx::query_scalar("SELECT COUNT(*) FROM custom_dedup WHERE scope = 'short'")
+            .fetch_one(custom.pool())
+            .await
+            .unwrap();
+        if left == 0 {
+            break;
+        }
+    }
+    sweeper.abort();
+    assert_eq!(left, 0);
+
+    // a row this store did not write is a Corrupt error
+    sqlx::query("UPDATE custom_dedup SET status = 9 WHERE scope = 's'")
+        .execute(custom.pool())
+        .await
+        .unwrap();
+    let e = custom.claim(&req(&k, TTL)).await.unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_file_that_cannot_be_opened_is_an_error() {
+    let e = SqliteStore::connect("sqlite:///nonexistent-dir/x/y.db?mode=rwc")
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(
+            e.kind(),
+            StoreErrorKind::Unavailable | StoreErrorKind::Rejected
+        ),
+        "{e:?}"
+    );
+}
