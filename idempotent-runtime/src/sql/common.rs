@@ -247,10 +247,10 @@ impl RowView {
         }
         let state = self.state()?;
         let attempts = attempts(self.attempts)?;
-        if let (Some(have), Some(want)) = (&self.fingerprint, req.fingerprint) {
-            if have.as_slice() != want {
-                return Ok(Decision::Answer(ClaimOutcome::FingerprintMismatch));
-            }
+        if let (Some(have), Some(want)) = (&self.fingerprint, req.fingerprint)
+            && have.as_slice() != want
+        {
+            return Ok(Decision::Answer(ClaimOutcome::FingerprintMismatch));
         }
         match (state, self.lease_left) {
             (RecordState::Completed, _) => {
@@ -265,10 +265,10 @@ impl RowView {
             }
             _ => {}
         }
-        if let Some(max) = req.max_attempts {
-            if attempts >= max {
-                return Ok(Decision::Answer(ClaimOutcome::Exhausted { attempts }));
-            }
+        if let Some(max) = req.max_attempts
+            && attempts >= max
+        {
+            return Ok(Decision::Answer(ClaimOutcome::Exhausted { attempts }));
         }
         Ok(Decision::Claimable { expired: false })
     }

@@ -25,7 +25,11 @@ const NOW_US: &str = "floor(extract(epoch FROM clock_timestamp()) * 1000000)::in
 /// statement prepared once per pooled connection): a claim is a single
 /// `INSERT … ON CONFLICT DO UPDATE … WHERE … RETURNING` wrapped in a CTE that also
 /// returns the existing row when the claim is refused, so the duplicate of a
-/// completed key gets its cached output in that same round trip. Complete, release and
+/// completed key gets its cached output in that same round trip. The CTE reads the row
+/// first and attempts the upsert only when that read shows the key claimable, so a
+/// duplicate is a plain read that takes no row lock and writes nothing; the upsert's
+/// own `WHERE` re-checks every rule on the latest row version, and a claim whose read
+/// raced a concurrent claim is simply asked again. Complete, release and
 /// renew are `UPDATE`s that compare-and-set on the owner token. Lease and expiry
 /// decisions use the database's `clock_timestamp()`, never the client's clock.
 ///
@@ -438,10 +442,10 @@ impl Store for PostgresStore {
                 .map_err(err("claim"))?
                 .pop();
             // no row: a concurrent claim inserted the key after this statement's snapshot
-            if let Some(row) = row {
-                if let Some(outcome) = Self::decode_claim(&row, 0, req)? {
-                    return Ok(outcome);
-                }
+            if let Some(row) = row
+                && let Some(outcome) = Self::decode_claim(&row, 0, req)?
+            {
+                return Ok(outcome);
             }
         }
         Err(common::contended())
