@@ -1,0 +1,958 @@
+//! Throughput of `#[idempotent]` beside a hand-written raw baseline, per store.
+//!
+//! Every case runs the raw baseline and the framework in the same process, interleaved
+//! in rounds (raw, framework, raw, framework, …) so that drift of the machine or the
+//! server hits both alike, and prints messages per second and the ratio. Each case
+//! runs on a current-thread and on a multi-thread tokio runtime. The table is written
+//! to `BENCHMARKS.md`.
+//!
+//! ```sh
+//! cargo run --release -p idempotent-examples --example bench --features bench
+//! cargo run --release -p idempotent-examples --example bench --features bench -- \
+//!     --stores memory,redis --messages 5000 --scale 0 --out /tmp/bench.md
+//! ```
+//!
+//! Options: `--stores` (comma list of memory, redis, mysql, postgres, sqlite; default
+//! all), `--messages N` per case and runtime (default 20 000), `--scale N` existing
+//! records for the scale cases (default 1 000 000; 0 skips them), `--out PATH`
+//! (default `BENCHMARKS.md`). Servers come from `IDEMPOTENT_REDIS_URL`,
+//! `IDEMPOTENT_MYSQL_URL` and `IDEMPOTENT_POSTGRES_URL` with the local defaults.
+
+use idempotent_runtime::redis::{self, AsyncCommands, aio::ConnectionManager};
+use idempotent_runtime::sqlx;
+use idempotent_runtime::{
+    ClaimOutcome, ClaimRequest, Completion, Error, Idempotency, MemoryStore, MySqlStore,
+    PostgresStore, RecordKey, RedisStore, SqliteStore, Store, idempotent,
+};
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::fmt::Write as _;
+use std::future::Future;
+use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
+use std::sync::{Arc, LazyLock, RwLock};
+use std::time::{Duration, Instant};
+
+// ------------------------------------------------------------ allocation counting
+
+/// Counts live heap bytes, to measure memory per record of the memory store.
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+        LIVE.fetch_add(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.alloc(l) }
+    }
+    unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as isize, Ordering::Relaxed);
+        unsafe { System.dealloc(p, l) }
+    }
+    unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+        LIVE.fetch_add(new as isize - l.size() as isize, Ordering::Relaxed);
+        unsafe { System.realloc(p, l, new) }
+    }
+}
+
+#[global_allocator]
+static ALLOC: Counting = Counting;
+
+// ------------------------------------------------------------------ options
+
+struct Options {
+    stores: Vec<String>,
+    messages: u64,
+    scale: u64,
+    out: String,
+}
+
+fn options() -> Result<Options, String> {
+    let mut o = Options {
+        stores: ["memory", "redis", "mysql", "postgres", "sqlite"]
+            .map(String::from)
+            .to_vec(),
+        messages: 20_000,
+        scale: 1_000_000,
+        out: "BENCHMARKS.md".into(),
+    };
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut value = || args.next().ok_or(format!("{a} needs a value"));
+        match a.as_str() {
+            "--stores" => o.stores = value()?.split(',').map(str::to_owned).collect(),
+            "--messages" => {
+                o.messages = value()?.parse().map_err(|e| format!("--messages: {e}"))?
+            }
+            "--scale" => o.scale = value()?.parse().map_err(|e| format!("--scale: {e}"))?,
+            "--out" => o.out = value()?,
+            "-h" | "--help" => {
+                return Err(
+                    "usage: bench [--stores memory,redis,mysql,postgres,sqlite] \
+                            [--messages N] [--scale N] [--out PATH]"
+                        .into(),
+                );
+            }
+            other => return Err(format!("unknown option {other}; see --help")),
+        }
+    }
+    for s in &o.stores {
+        if !["memory", "redis", "mysql", "postgres", "sqlite"].contains(&s.as_str()) {
+            return Err(format!("unknown store {s}"));
+        }
+    }
+    o.messages = o.messages.max(1000);
+    Ok(o)
+}
+
+fn env_url(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_owned())
+}
+
+// ------------------------------------------------------------------ results
+
+struct Row {
+    store: &'static str,
+    case: String,
+    runtime: &'static str,
+    raw_label: &'static str,
+    raw: f64,
+    framework: f64,
+    /// minimum framework/raw ratio this case must reach, if any
+    target: Option<f64>,
+}
+
+impl Row {
+    fn ratio(&self) -> f64 {
+        self.framework / self.raw
+    }
+}
+
+#[derive(Default)]
+struct Report {
+    rows: Vec<Row>,
+    notes: Vec<String>,
+}
+
+impl Report {
+    fn push(&mut self, r: Row) {
+        let met = match r.target {
+            Some(t) if r.ratio() >= t => format!("≥ {t:.2} met"),
+            Some(t) => format!("≥ {t:.2} NOT met"),
+            None => String::new(),
+        };
+        println!(
+            "{:<9} {:<44} {:<8} {:>10.0}/s {:>10.0}/s  ×{:<6.2} {met}",
+            r.store,
+            r.case,
+            r.runtime,
+            r.raw,
+            r.framework,
+            r.ratio()
+        );
+        self.rows.push(r);
+    }
+
+    fn note(&mut self, n: String) {
+        println!("  {n}");
+        self.notes.push(n);
+    }
+}
+
+// ------------------------------------------------------------------ timing
+
+static RUN: AtomicU64 = AtomicU64::new(0);
+
+/// A prefix no earlier run used, so every key is fresh.
+fn run_prefix() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_nanos();
+    format!("b{nanos:x}-{}", RUN.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Runs `raw` and `framework` over `n` messages each, in 5 interleaved rounds, with
+/// `tasks` concurrent workers; returns messages per second of each.
+async fn compare<R, RF, F, FF>(n: u64, tasks: u64, raw: R, framework: F) -> (f64, f64)
+where
+    R: Fn(String) -> RF + Clone + Send + Sync + 'static,
+    RF: Future<Output = ()> + Send,
+    F: Fn(String) -> FF + Clone + Send + Sync + 'static,
+    FF: Future<Output = ()> + Send,
+{
+    const ROUNDS: u64 = 5;
+    let per_round = n / ROUNDS;
+    let (mut t_raw, mut t_fw) = (Duration::ZERO, Duration::ZERO);
+    for round in 0..ROUNDS {
+        let prefix = run_prefix();
+        t_raw += drive(per_round, tasks, format!("{prefix}-r{round}"), raw.clone()).await;
+        t_fw += drive(
+            per_round,
+            tasks,
+            format!("{prefix}-f{round}"),
+            framework.clone(),
+        )
+        .await;
+    }
+    let total = (per_round * ROUNDS) as f64;
+    (total / t_raw.as_secs_f64(), total / t_fw.as_secs_f64())
+}
+
+/// Calls `f` with `n` distinct keys from `tasks` concurrent tasks.
+async fn drive<G, GF>(n: u64, tasks: u64, prefix: String, f: G) -> Duration
+where
+    G: Fn(String) -> GF + Clone + Send + Sync + 'static,
+    GF: Future<Output = ()> + Send,
+{
+    let start = Instant::now();
+    if tasks == 1 {
+        for i in 0..n {
+            f(format!("{prefix}-{i}")).await;
+        }
+    } else {
+        let mut set = tokio::task::JoinSet::new();
+        for t in 0..tasks {
+            let f = f.clone();
+            let prefix = prefix.clone();
+            set.spawn(async move {
+                let mut i = t;
+                while i < n {
+                    f(format!("{prefix}-{i}")).await;
+                    i += tasks;
+                }
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            r.expect("benchmark task");
+        }
+    }
+    start.elapsed()
+}
+
+// ------------------------------------------------------------------ handlers
+
+#[derive(Debug)]
+struct BenchError(#[allow(dead_code)] Error);
+
+impl From<Error> for BenchError {
+    fn from(e: Error) -> Self {
+        BenchError(e)
+    }
+}
+
+/// The business body of every case: nothing but its output.
+async fn body(key: &str) -> Result<u32, BenchError> {
+    Ok(key.len() as u32)
+}
+
+static MEMORY: LazyLock<MemoryStore> = LazyLock::new(MemoryStore::new);
+
+/// The store of the shared-store cases. Each runtime flavour connects its own stores
+/// (connections belong to the runtime that made them), so this is a swappable slot;
+/// stores put here live for the rest of the run.
+static CURRENT: RwLock<Option<&'static dyn Store>> = RwLock::new(None);
+
+fn current() -> &'static dyn Store {
+    CURRENT.read().unwrap().expect("a store is selected")
+}
+
+fn select(store: Arc<dyn Store>) -> Arc<dyn Store> {
+    let leaked: &'static Arc<dyn Store> = Box::leak(Box::new(store.clone()));
+    *CURRENT.write().unwrap() = Some(&**leaked);
+    store
+}
+
+#[idempotent(key = "key", store = MEMORY, scope = "bench-memory")]
+async fn on_memory(key: &str) -> Result<u32, BenchError> {
+    body(key).await
+}
+
+#[idempotent(key = "key", store = current(), scope = "bench")]
+async fn on_message(key: &str) -> Result<u32, BenchError> {
+    body(key).await
+}
+
+// ------------------------------------------------------------------ memory
+
+async fn memory_cases(report: &mut Report, runtime: &'static str, n: u64) {
+    // framework overhead: the attribute + protocol around a body that does nothing
+    let (raw, fw) = compare(
+        n * 10,
+        1,
+        |k: String| async move {
+            std::hint::black_box(body(&k).await.unwrap());
+        },
+        |k: String| async move {
+            std::hint::black_box(on_memory(&k).await.unwrap());
+        },
+    )
+    .await;
+    let overhead_ns = (1e9 / fw - 1e9 / raw).max(0.0);
+    report.push(Row {
+        store: "memory",
+        case: "first delivery, sequential".into(),
+        runtime,
+        raw_label: "body called directly",
+        raw,
+        framework: fw,
+        target: None,
+    });
+    report.note(format!(
+        "memory ({runtime}): framework overhead {overhead_ns:.0} ns per message (target < 1000 ns: {})",
+        if overhead_ns < 1000.0 { "met" } else { "NOT met" }
+    ));
+}
+
+async fn memory_per_record(report: &mut Report) {
+    let store = MemoryStore::new();
+    let n = 200_000u32;
+    let keys: Vec<RecordKey> = (0..n)
+        .map(|i| RecordKey::new("s", format!("order-{i:08}").as_str()).unwrap())
+        .collect();
+    let before = LIVE.load(Ordering::SeqCst);
+    fill(&store, &keys, b"12").await;
+    let per = (LIVE.load(Ordering::SeqCst) - before) as f64 / f64::from(n);
+    // scope (1 B), its length byte, the key (14 B) and the output (2 B)
+    let payload = 18.0;
+    report.note(format!(
+        "memory: {per:.0} bytes per completed record, {payload:.0} of them scope, key and output: \
+         {:.0} bytes of overhead (target ≤ 200: {})",
+        per - payload,
+        if per - payload <= 200.0 {
+            "met"
+        } else {
+            "NOT met"
+        }
+    ));
+}
+
+/// Completes `keys` in `store` through the batch operations, 1000 at a time.
+async fn fill(store: &dyn Store, keys: &[RecordKey], output: &[u8]) {
+    for chunk in keys.chunks(1000) {
+        let reqs: Vec<ClaimRequest<'_>> = chunk
+            .iter()
+            .map(|k| ClaimRequest {
+                key: k,
+                lease: Duration::from_secs(60),
+                ttl: Duration::from_secs(7 * 24 * 3600),
+                fingerprint: None,
+                max_attempts: None,
+            })
+            .collect();
+        let outcomes = store.claim_batch(&reqs).await.expect("claim batch");
+        let done: Vec<Completion<'_>> = chunk
+            .iter()
+            .zip(&outcomes)
+            .filter_map(|(k, o)| match o {
+                ClaimOutcome::Acquired { token, .. } => Some(Completion {
+                    key: k,
+                    token: *token,
+                    output: Some(output),
+                    ttl: Duration::from_secs(7 * 24 * 3600),
+                }),
+                _ => None,
+            })
+            .collect();
+        store.complete_batch(&done).await.expect("complete batch");
+    }
+}
+
+// ------------------------------------------------------------------ shared stores
+
+/// The hand-written baseline of one store: the classic two-step claim/complete.
+#[derive(Clone)]
+enum Raw {
+    Redis(ConnectionManager),
+    MySql(sqlx::MySqlPool),
+    Postgres(sqlx::PgPool),
+    Sqlite(sqlx::SqlitePool),
+}
+
+impl Raw {
+    fn label(&self) -> &'static str {
+        match self {
+            Raw::Redis(_) => "SET NX PX + SET XX PX",
+            _ => "INSERT claim + UPDATE complete",
+        }
+    }
+
+    fn dup_label(&self) -> &'static str {
+        match self {
+            Raw::Redis(_) => "SET NX (fails) + GET",
+            _ => "INSERT (duplicate key) + SELECT",
+        }
+    }
+
+    async fn setup(&self) {
+        match self {
+            Raw::Redis(_) => {}
+            Raw::MySql(p) => {
+                sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw (message_id VARCHAR(200) PRIMARY KEY, status INT NOT NULL, output VARBINARY(255))")
+                    .execute(p).await.unwrap();
+            }
+            Raw::Postgres(p) => {
+                sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw (message_id VARCHAR(200) PRIMARY KEY, status INT NOT NULL, output BYTEA)")
+                    .execute(p).await.unwrap();
+            }
+            Raw::Sqlite(p) => {
+                sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw (message_id TEXT PRIMARY KEY, status INT NOT NULL, output BLOB)")
+                    .execute(p).await.unwrap();
+            }
+        }
+    }
+
+    /// Claim, run the body, complete: two round trips.
+    async fn first(&self, k: &str) {
+        match self {
+            Raw::Redis(c) => {
+                let mut c = c.clone();
+                let claimed: Option<String> = redis::cmd("SET")
+                    .arg(k)
+                    .arg("0")
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(60_000)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                assert!(claimed.is_some());
+                let out = body(k).await.unwrap();
+                let _: Option<String> = redis::cmd("SET")
+                    .arg(k)
+                    .arg(out)
+                    .arg("XX")
+                    .arg("PX")
+                    .arg(604_800_000)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+            }
+            Raw::MySql(p) => {
+                sqlx::query("INSERT INTO bench_raw (message_id, status) VALUES (?, 0)")
+                    .bind(k)
+                    .execute(p)
+                    .await
+                    .unwrap();
+                let out = body(k).await.unwrap();
+                sqlx::query("UPDATE bench_raw SET status = 1, output = ? WHERE message_id = ?")
+                    .bind(out.to_string().into_bytes())
+                    .bind(k)
+                    .execute(p)
+                    .await
+                    .unwrap();
+            }
+            Raw::Postgres(p) => {
+                sqlx::query("INSERT INTO bench_raw (message_id, status) VALUES ($1, 0)")
+                    .bind(k)
+                    .execute(p)
+                    .await
+                    .unwrap();
+                let out = body(k).await.unwrap();
+                sqlx::query("UPDATE bench_raw SET status = 1, output = $1 WHERE message_id = $2")
+                    .bind(out.to_string().into_bytes())
+                    .bind(k)
+                    .execute(p)
+                    .await
+                    .unwrap();
+            }
+            Raw::Sqlite(p) => {
+                sqlx::query("INSERT INTO bench_raw (message_id, status) VALUES (?, 0)")
+                    .bind(k)
+                    .execute(p)
+                    .await
+                    .unwrap();
+                let out = body(k).await.unwrap();
+                sqlx::query("UPDATE bench_raw SET status = 1, output = ? WHERE message_id = ?")
+                    .bind(out.to_string().into_bytes())
+                    .bind(k)
+                    .execute(p)
+                    .await
+                    .unwrap();
+            }
+        }
+    }
+
+    /// The duplicate of a completed key: the claim fails, then the output is read.
+    async fn duplicate(&self, k: &str) {
+        match self {
+            Raw::Redis(c) => {
+                let mut c = c.clone();
+                let claimed: Option<String> = redis::cmd("SET")
+                    .arg(k)
+                    .arg("0")
+                    .arg("NX")
+                    .arg("PX")
+                    .arg(60_000)
+                    .query_async(&mut c)
+                    .await
+                    .unwrap();
+                assert!(claimed.is_none());
+                let out: Option<String> = c.get(k).await.unwrap();
+                std::hint::black_box(out.expect("completed"));
+            }
+            Raw::MySql(p) => {
+                let r = sqlx::query("INSERT INTO bench_raw (message_id, status) VALUES (?, 0)")
+                    .bind(k)
+                    .execute(p)
+                    .await;
+                assert!(r.is_err());
+                let row = sqlx::query("SELECT status, output FROM bench_raw WHERE message_id = ?")
+                    .bind(k)
+                    .fetch_one(p)
+                    .await
+                    .unwrap();
+                std::hint::black_box(row);
+            }
+            Raw::Postgres(p) => {
+                // ON CONFLICT DO NOTHING: a failed INSERT would abort nothing here, but
+                // it logs an error per duplicate on the server
+                let r = sqlx::query(
+                    "INSERT INTO bench_raw (message_id, status) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+                )
+                .bind(k)
+                .execute(p)
+                .await
+                .unwrap();
+                assert_eq!(r.rows_affected(), 0);
+                let row = sqlx::query("SELECT status, output FROM bench_raw WHERE message_id = $1")
+                    .bind(k)
+                    .fetch_one(p)
+                    .await
+                    .unwrap();
+                std::hint::black_box(row);
+            }
+            Raw::Sqlite(p) => {
+                let r = sqlx::query("INSERT INTO bench_raw (message_id, status) VALUES (?, 0)")
+                    .bind(k)
+                    .execute(p)
+                    .await;
+                assert!(r.is_err());
+                let row = sqlx::query("SELECT status, output FROM bench_raw WHERE message_id = ?")
+                    .bind(k)
+                    .fetch_one(p)
+                    .await
+                    .unwrap();
+                std::hint::black_box(row);
+            }
+        }
+    }
+}
+
+/// Connects the store `name` and its raw baseline on the current runtime.
+async fn connect(name: &str, sqlite_path: &str) -> (Arc<dyn Store>, Raw) {
+    match name {
+        "redis" => {
+            let url = env_url("IDEMPOTENT_REDIS_URL", "redis://127.0.0.1:6379");
+            let client = redis::Client::open(url.as_str()).expect("redis url");
+            let conn = ConnectionManager::new(client)
+                .await
+                .unwrap_or_else(|e| panic!("Redis at {url} (IDEMPOTENT_REDIS_URL): {e}"));
+            let store = RedisStore::connect(url.as_str())
+                .await
+                .expect("redis store");
+            (Arc::new(store), Raw::Redis(conn))
+        }
+        "mysql" => {
+            let url = env_url("IDEMPOTENT_MYSQL_URL", "mysql://root@127.0.0.1:3306/test");
+            let store = MySqlStore::connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("MySQL at {url} (IDEMPOTENT_MYSQL_URL): {e}"));
+            let raw = Raw::MySql(store.pool().clone());
+            (Arc::new(store), raw)
+        }
+        "postgres" => {
+            let url = env_url(
+                "IDEMPOTENT_POSTGRES_URL",
+                "postgres://postgres@127.0.0.1:5432/test",
+            );
+            let store = PostgresStore::connect(&url)
+                .await
+                .unwrap_or_else(|e| panic!("PostgreSQL at {url} (IDEMPOTENT_POSTGRES_URL): {e}"));
+            let raw = Raw::Postgres(store.pool().clone());
+            (Arc::new(store), raw)
+        }
+        "sqlite" => {
+            let url = format!("sqlite://{sqlite_path}?mode=rwc");
+            let store = SqliteStore::connect(&url).await.expect("sqlite store");
+            let raw = Raw::Sqlite(store.pool().clone());
+            (Arc::new(store), raw)
+        }
+        other => unreachable!("store {other}"),
+    }
+}
+
+fn static_name(name: &str) -> &'static str {
+    match name {
+        "redis" => "redis",
+        "mysql" => "mysql",
+        "postgres" => "postgres",
+        _ => "sqlite",
+    }
+}
+
+/// First deliveries, duplicates and concurrent first deliveries on one store.
+async fn store_cases(
+    report: &mut Report,
+    runtime: &'static str,
+    name: &str,
+    store: Arc<dyn Store>,
+    raw: Raw,
+    n: u64,
+    label: &str,
+) -> f64 {
+    let store_name = static_name(name);
+    let redis = matches!(raw, Raw::Redis(_));
+    select(store.clone());
+
+    let raw_first = {
+        let raw = raw.clone();
+        move |k: String| {
+            let raw = raw.clone();
+            async move { raw.first(&k).await }
+        }
+    };
+    let fw_first = |k: String| async move {
+        on_message(&k).await.unwrap();
+    };
+    let (r, f) = compare(n, 1, raw_first.clone(), fw_first).await;
+    let sequential = f;
+    report.push(Row {
+        store: store_name,
+        case: format!("first delivery, sequential{label}"),
+        runtime,
+        raw_label: raw.label(),
+        raw: r,
+        framework: f,
+        target: Some(if redis { 0.85 } else { 0.80 }),
+    });
+
+    // duplicates: complete m keys both ways, then deliver them again round-robin
+    let m = n.clamp(1000, 5000);
+    let prefix = run_prefix();
+    for i in 0..m {
+        raw.first(&format!("{prefix}-raw-{i}")).await;
+        on_message(&format!("{prefix}-fw-{i}")).await.unwrap();
+    }
+    let index = move |k: &str| k.rsplit('-').next().unwrap().parse::<u64>().unwrap() % m;
+    let raw_dup = {
+        let raw = raw.clone();
+        let prefix = prefix.clone();
+        move |k: String| {
+            let raw = raw.clone();
+            let key = format!("{prefix}-raw-{}", index(&k));
+            async move { raw.duplicate(&key).await }
+        }
+    };
+    let fw_dup = move |k: String| {
+        let key = format!("{prefix}-fw-{}", index(&k));
+        async move {
+            on_message(&key).await.unwrap();
+        }
+    };
+    let (r, f) = compare(n, 1, raw_dup, fw_dup).await;
+    report.push(Row {
+        store: store_name,
+        case: format!("duplicate, sequential{label}"),
+        runtime,
+        raw_label: raw.dup_label(),
+        raw: r,
+        framework: f,
+        target: redis.then_some(1.5),
+    });
+
+    let tasks = if redis { 32 } else { 16 };
+    let (r, f) = compare(n * 2, tasks, raw_first, fw_first).await;
+    report.push(Row {
+        store: store_name,
+        case: format!("first delivery, {tasks} tasks{label}"),
+        runtime,
+        raw_label: raw.label(),
+        raw: r,
+        framework: f,
+        target: Some(0.80),
+    });
+
+    if redis {
+        // batches of 64 through run_batch, against the framework's own sequential rate
+        let batches = Idempotency::new("bench-batch").shared_store(store.clone());
+        let prefix = run_prefix();
+        let total = (n / 64).max(10) * 64;
+        let start = Instant::now();
+        for b in 0..total / 64 {
+            let msgs: Vec<String> = (0..64).map(|i| format!("{prefix}-{b}-{i}")).collect();
+            let results: Vec<Result<u32, BenchError>> =
+                batches.run_batch(&msgs, |m| m.as_str(), |m| body(m)).await;
+            assert!(results.iter().all(Result::is_ok));
+        }
+        let rate = total as f64 / start.elapsed().as_secs_f64();
+        report.push(Row {
+            store: store_name,
+            case: format!("batch of 64{label}"),
+            runtime,
+            raw_label: "framework, one message at a time",
+            raw: sequential,
+            framework: rate,
+            target: Some(5.0),
+        });
+    }
+    sequential
+}
+
+async fn redis_memory_usage(report: &mut Report) {
+    let url = env_url("IDEMPOTENT_REDIS_URL", "redis://127.0.0.1:6379");
+    let store = RedisStore::connect(url.as_str())
+        .await
+        .expect("redis store");
+    let mut conn = ConnectionManager::new(redis::Client::open(url.as_str()).unwrap())
+        .await
+        .unwrap();
+    let key = RecordKey::new("bench", format!("{}-order-00000001", run_prefix()).as_str()).unwrap();
+    fill(&store, std::slice::from_ref(&key), b"12").await;
+    let rk = store.redis_key(&key);
+    let bytes: Option<u64> = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(&rk)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let raw_key = format!("{}-raw", run_prefix());
+    let _: () = conn.set_ex(&raw_key, "12", 604_800).await.unwrap();
+    let raw_bytes: Option<u64> = redis::cmd("MEMORY")
+        .arg("USAGE")
+        .arg(&raw_key)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    report.note(format!(
+        "redis: MEMORY USAGE of a completed record {} bytes (Redis key {} bytes); a raw `SET key 12 EX` of a similar key: {} bytes",
+        bytes.unwrap_or(0),
+        rk.len(),
+        raw_bytes.unwrap_or(0)
+    ));
+}
+
+/// Puts `count` completed records in the store and as many rows in the raw table.
+async fn prefill(name: &str, store: &dyn Store, raw: &Raw, count: u64) {
+    let start = Instant::now();
+    let prefix = run_prefix();
+    let mut done = 0;
+    while done < count {
+        let n = (count - done).min(10_000);
+        let keys: Vec<RecordKey> = (done..done + n)
+            .map(|i| RecordKey::new("bench", format!("{prefix}-old-{i}").as_str()).unwrap())
+            .collect();
+        fill(store, &keys, b"12").await;
+        match raw {
+            Raw::Redis(c) => {
+                let mut c = c.clone();
+                let mut pipe = redis::pipe();
+                for i in done..done + n {
+                    pipe.cmd("SET")
+                        .arg(format!("{prefix}-raw-old-{i}"))
+                        .arg("12")
+                        .arg("PX")
+                        .arg(604_800_000)
+                        .ignore();
+                }
+                let _: () = pipe.query_async(&mut c).await.unwrap();
+            }
+            Raw::MySql(p) => {
+                for chunk in (done..done + n).collect::<Vec<_>>().chunks(1000) {
+                    let mut qb = sqlx::QueryBuilder::new(
+                        "INSERT INTO bench_raw (message_id, status, output) ",
+                    );
+                    qb.push_values(chunk, |mut b, i| {
+                        b.push_bind(format!("{prefix}-raw-old-{i}"))
+                            .push_bind(1)
+                            .push_bind(b"12".to_vec());
+                    });
+                    qb.build().execute(p).await.unwrap();
+                }
+            }
+            Raw::Postgres(p) => {
+                for chunk in (done..done + n).collect::<Vec<_>>().chunks(1000) {
+                    let mut qb = sqlx::QueryBuilder::new(
+                        "INSERT INTO bench_raw (message_id, status, output) ",
+                    );
+                    qb.push_values(chunk, |mut b, i| {
+                        b.push_bind(format!("{prefix}-raw-old-{i}"))
+                            .push_bind(1)
+                            .push_bind(b"12".to_vec());
+                    });
+                    qb.build().execute(p).await.unwrap();
+                }
+            }
+            Raw::Sqlite(p) => {
+                for chunk in (done..done + n).collect::<Vec<_>>().chunks(300) {
+                    let mut qb = sqlx::QueryBuilder::new(
+                        "INSERT INTO bench_raw (message_id, status, output) ",
+                    );
+                    qb.push_values(chunk, |mut b, i| {
+                        b.push_bind(format!("{prefix}-raw-old-{i}"))
+                            .push_bind(1)
+                            .push_bind(b"12".to_vec());
+                    });
+                    qb.build().execute(p).await.unwrap();
+                }
+            }
+        }
+        done += n;
+    }
+    println!(
+        "  {name}: {count} existing records written in {:.1} s",
+        start.elapsed().as_secs_f64()
+    );
+}
+
+async fn run_flavour(
+    report: &mut Report,
+    runtime: &'static str,
+    opts: &Options,
+    sqlite_path: &str,
+) {
+    let n = opts.messages;
+    for name in &opts.stores {
+        match name.as_str() {
+            "memory" => memory_cases(report, runtime, n).await,
+            store_name => {
+                let (store, raw) = connect(store_name, sqlite_path).await;
+                raw.setup().await;
+                let empty = store_cases(
+                    report,
+                    runtime,
+                    store_name,
+                    store.clone(),
+                    raw.clone(),
+                    n,
+                    "",
+                )
+                .await;
+                if opts.scale > 0 && runtime == "multi" {
+                    prefill(store_name, &*store, &raw, opts.scale).await;
+                    let label = format!(", {}k existing records", opts.scale / 1000);
+                    let scaled =
+                        store_cases(report, runtime, store_name, store.clone(), raw, n, &label)
+                            .await;
+                    report.push(Row {
+                        store: static_name(store_name),
+                        case: format!("framework sequential{label} vs empty"),
+                        runtime,
+                        raw_label: "framework, empty store",
+                        raw: empty,
+                        framework: scaled,
+                        target: Some(0.8),
+                    });
+                }
+            }
+        }
+    }
+}
+
+fn write_markdown(report: &Report, opts: &Options) -> std::io::Result<()> {
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    let date = std::process::Command::new("date")
+        .arg("-u")
+        .arg("+%Y-%m-%d")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok())
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_default();
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "# Benchmarks
+"
+    );
+    let _ = writeln!(
+        md,
+        "Measured on {date} on a machine with {cores} cores, services on loopback, by
+         `cargo run --release -p idempotent-examples --example bench --features bench`
+         ({} messages per case and runtime; raw baseline and framework interleaved in the same process).
+         `current` is a current-thread tokio runtime, `multi` a multi-thread one with one worker per core.
+",
+        opts.messages
+    );
+    let _ = writeln!(
+        md,
+        "| store | case | runtime | baseline | baseline msg/s | framework msg/s | ratio | target |"
+    );
+    let _ = writeln!(md, "| --- | --- | --- | --- | ---: | ---: | ---: | --- |");
+    for r in &report.rows {
+        let target = match r.target {
+            Some(t) if r.ratio() >= t => format!("≥ {t:.2} ✓"),
+            Some(t) => format!("≥ {t:.2} ✗"),
+            None => "—".into(),
+        };
+        let _ = writeln!(
+            md,
+            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {target} |",
+            r.store,
+            r.case,
+            r.runtime,
+            r.raw_label,
+            r.raw,
+            r.framework,
+            r.ratio()
+        );
+    }
+    if !report.notes.is_empty() {
+        let _ = writeln!(
+            md,
+            "
+## Notes
+"
+        );
+        for n in &report.notes {
+            let _ = writeln!(md, "- {n}");
+        }
+    }
+    std::fs::write(&opts.out, md)
+}
+
+fn main() {
+    let opts = match options() {
+        Ok(o) => o,
+        Err(e) => {
+            eprintln!("{e}");
+            std::process::exit(2);
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("idempotent-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).expect("temp dir");
+    let sqlite_path = dir.join("bench.db").display().to_string();
+    let mut report = Report::default();
+    println!(
+        "{:<9} {:<44} {:<8} {:>12} {:>12}  ratio",
+        "store", "case", "runtime", "baseline", "framework"
+    );
+    for runtime in ["current", "multi"] {
+        let rt = match runtime {
+            "current" => tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build(),
+            _ => tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build(),
+        }
+        .expect("runtime");
+        rt.block_on(run_flavour(&mut report, runtime, &opts, &sqlite_path));
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    if opts.stores.iter().any(|s| s == "memory") {
+        rt.block_on(memory_per_record(&mut report));
+    }
+    if opts.stores.iter().any(|s| s == "redis") {
+        rt.block_on(redis_memory_usage(&mut report));
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+    match write_markdown(&report, &opts) {
+        Ok(()) => println!("wrote {}", opts.out),
+        Err(e) => {
+            eprintln!("could not write {}: {e}", opts.out);
+            std::process::exit(1);
+        }
+    }
+}
