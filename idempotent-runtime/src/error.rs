@@ -157,7 +157,7 @@ pub enum StoreErrorKind {
     /// The store rejected a request, for example a missing table or a bad
     /// configuration (not retryable).
     Rejected,
-    /// An injected fault from [`FaultyStore`](crate::testing::FaultyStore) or
+    /// An injected fault from `testing::FaultyStore` (feature `testing`) or
     /// another failure that a retry may fix.
     Other,
 }

@@ -6,9 +6,10 @@ use crate::store::{
 };
 use crate::{RecordKey, StoreError};
 use async_trait::async_trait;
-use std::collections::HashMap;
+use foldhash::fast::RandomState;
+use hashbrown::HashTable;
 use std::fmt;
-use std::hash::{BuildHasher, RandomState};
+use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -37,11 +38,18 @@ pub struct MemoryStore {
 
 #[derive(Default)]
 struct Shard {
-    map: HashMap<Box<[u8]>, Entry>,
+    map: HashTable<Entry>,
     ops_since_sweep: usize,
+    /// No record of the shard expires before this (a lower bound, made exact by each
+    /// sweep): until then sweeping cannot free anything and is skipped.
+    earliest_expiry: u64,
 }
 
 struct Entry {
+    /// `RecordKey::as_bytes()`: scope and key
+    key: Box<[u8]>,
+    /// the key's hash, kept so growing the table never hashes keys again
+    hash: u64,
     state: RecordState,
     attempts: u32,
     token: u64,
@@ -81,7 +89,7 @@ impl MemoryStore {
     pub fn with_clock(clock: impl Clock + 'static) -> Self {
         MemoryStore {
             shards: (0..SHARDS).map(|_| Mutex::default()).collect(),
-            hasher: RandomState::new(),
+            hasher: RandomState::default(),
             clock: Arc::new(clock),
             last_token: AtomicU64::new(0),
         }
@@ -101,9 +109,11 @@ impl MemoryStore {
         micros(self.clock.now())
     }
 
-    fn shard(&self, key: &[u8]) -> MutexGuard<'_, Shard> {
-        let h = self.hasher.hash_one(key) as usize;
-        lock(&self.shards[h % SHARDS])
+    /// The key's hash and its shard, locked. The shard index comes from bits the
+    /// table itself does not use for bucket selection or its control bytes.
+    fn shard(&self, key: &[u8]) -> (u64, MutexGuard<'_, Shard>) {
+        let h = self.hasher.hash_one(key);
+        (h, lock(&self.shards[((h >> 40) as usize) % SHARDS]))
     }
 
     fn next_token(&self, now: u64, prev: u64) -> u64 {
@@ -128,31 +138,51 @@ impl MemoryStore {
         let now = self.now();
         let lease = micros(req.lease);
         let keep = micros(req.ttl).max(lease);
-        let mut shard = self.shard(req.key.as_bytes());
+        let key = req.key.as_bytes();
+        let (hash, mut shard) = self.shard(key);
+        let shard = &mut *shard;
         shard.tick(now);
-        let live = match shard.map.get_mut(req.key.as_bytes()) {
-            Some(e) if e.expires_at > now => Some(e),
-            _ => None,
+        let fresh = |token| Entry {
+            key: key.into(),
+            hash,
+            state: RecordState::InProgress,
+            attempts: 1,
+            token,
+            lease_until: now.saturating_add(lease),
+            expires_at: now.saturating_add(keep),
+            fingerprint: req.fingerprint.map(Into::into),
+            output: None,
         };
-        let Some(e) = live else {
-            let token = self.next_token(now, 0);
-            shard.map.insert(
-                req.key.as_bytes().into(),
-                Entry {
-                    state: RecordState::InProgress,
-                    attempts: 1,
-                    token,
-                    lease_until: now.saturating_add(lease),
-                    expires_at: now.saturating_add(keep),
-                    fingerprint: req.fingerprint.map(Into::into),
-                    output: None,
-                },
-            );
-            return ClaimOutcome::Acquired {
-                token: Token(token),
-                attempt: 1,
-            };
+        let token = match shard.map.find_mut(hash, |e| *e.key == *key) {
+            Some(e) if e.expires_at > now => return self.claim_live(e, req, now, lease, keep),
+            Some(expired) => {
+                // an expired record starts over, its token floor kept
+                let token = self.next_token(now, expired.token);
+                *expired = fresh(token);
+                token
+            }
+            None => {
+                let token = self.next_token(now, 0);
+                shard.map.insert_unique(hash, fresh(token), |e| e.hash);
+                token
+            }
         };
+        shard.note_expiry(now.saturating_add(keep));
+        ClaimOutcome::Acquired {
+            token: Token(token),
+            attempt: 1,
+        }
+    }
+
+    /// A claim on a record that has not expired: rules 2–5 of [`ClaimOutcome`].
+    fn claim_live(
+        &self,
+        e: &mut Entry,
+        req: &ClaimRequest<'_>,
+        now: u64,
+        lease: u64,
+        keep: u64,
+    ) -> ClaimOutcome {
         if let (Some(have), Some(want)) = (&e.fingerprint, req.fingerprint)
             && **have != *want
         {
@@ -178,8 +208,7 @@ impl MemoryStore {
                 attempts: e.attempts,
             };
         }
-        let prev = e.token;
-        let token = self.next_token(now, prev);
+        let token = self.next_token(now, e.token);
         e.state = RecordState::InProgress;
         e.attempts = e.attempts.saturating_add(1);
         e.token = token;
@@ -201,15 +230,20 @@ impl MemoryStore {
         f: impl FnOnce(&mut Entry, u64) -> R,
     ) -> Option<R> {
         let now = self.now();
-        let mut shard = self.shard(key.as_bytes());
+        let bytes = key.as_bytes();
+        let (hash, mut shard) = self.shard(bytes);
         shard.tick(now);
-        match shard.map.get_mut(key.as_bytes()) {
+        let shard = &mut *shard;
+        match shard.map.find_mut(hash, |e| *e.key == *bytes) {
             Some(e)
                 if e.token == token.0
                     && e.state == RecordState::InProgress
                     && e.expires_at > now =>
             {
-                Some(f(e, now))
+                let r = f(e, now);
+                let expiry = e.expires_at;
+                shard.note_expiry(expiry);
+                Some(r)
             }
             _ => None,
         }
@@ -251,17 +285,29 @@ impl Shard {
     /// records, frees the expired ones: amortised O(1) per operation.
     fn tick(&mut self, now: u64) {
         self.ops_since_sweep += 1;
-        if self.ops_since_sweep > self.map.len().max(64) {
+        if now >= self.earliest_expiry && self.ops_since_sweep > self.map.len().max(64) {
             self.sweep(now);
         }
+    }
+
+    fn note_expiry(&mut self, at: u64) {
+        self.earliest_expiry = self.earliest_expiry.min(at);
     }
 
     fn sweep(&mut self, now: u64) -> usize {
         self.ops_since_sweep = 0;
         let before = self.map.len();
-        self.map.retain(|_, e| e.expires_at > now);
+        let mut earliest = u64::MAX;
+        self.map.retain(|e| {
+            let keep = e.expires_at > now;
+            if keep {
+                earliest = earliest.min(e.expires_at);
+            }
+            keep
+        });
+        self.earliest_expiry = earliest;
         if self.map.capacity() > 4 * self.map.len() + 64 {
-            self.map.shrink_to(2 * self.map.len());
+            self.map.shrink_to(2 * self.map.len(), |e| e.hash);
         }
         before - self.map.len()
     }
@@ -296,10 +342,11 @@ impl Store for MemoryStore {
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         let now = self.now();
-        let shard = self.shard(key.as_bytes());
+        let bytes = key.as_bytes();
+        let (hash, shard) = self.shard(bytes);
         Ok(shard
             .map
-            .get(key.as_bytes())
+            .find(hash, |e| *e.key == *bytes)
             .filter(|e| e.expires_at > now)
             .map(|e| {
                 let mut r = Record::new(e.state, e.attempts, Token(e.token));
@@ -313,11 +360,15 @@ impl Store for MemoryStore {
     }
 
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        Ok(self
-            .shard(key.as_bytes())
-            .map
-            .remove(key.as_bytes())
-            .is_some())
+        let bytes = key.as_bytes();
+        let (hash, mut shard) = self.shard(bytes);
+        Ok(match shard.map.find_entry(hash, |e| *e.key == *bytes) {
+            Ok(entry) => {
+                entry.remove();
+                true
+            }
+            Err(_) => false,
+        })
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {

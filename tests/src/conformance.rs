@@ -771,14 +771,17 @@ pub async fn lost_completion_frees_after_lease(store: Arc<dyn Store>) {
 pub async fn waiting_duplicate_gets_winners_output(store: Arc<dyn Store>) {
     let h = Arc::new(handler(&store, "wait").on_in_progress(OnInProgress::Wait));
     let h1 = h.clone();
+    let (started, running) = tokio::sync::oneshot::channel();
     let first = tokio::spawn(async move {
         h1.run("m-1", async {
+            let _ = started.send(());
             tokio::time::sleep(Duration::from_millis(150)).await;
             Ok::<u32, HandlerError>(77)
         })
         .await
     });
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // the duplicate arrives while the first holds the claim
+    running.await.expect("the first delivery runs");
     let dup: Result<u32, HandlerError> = h.run("m-1", async { Ok(0) }).await;
     assert_eq!(dup.unwrap(), 77);
     assert_eq!(first.await.unwrap().unwrap(), 77);
