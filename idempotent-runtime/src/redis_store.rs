@@ -11,7 +11,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{
-    ErrorKind, IntoConnectionInfo, RedisError, Script, ScriptInvocation, ServerErrorKind, Value,
+    Cmd, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerError, ServerErrorKind, Value,
 };
 use std::collections::HashMap;
 use std::fmt;
@@ -285,27 +285,49 @@ impl RedisStore {
         out
     }
 
-    /// Runs one script invocation, reloading the script after a `NOSCRIPT`.
-    async fn eval(&self, inv: &ScriptInvocation<'_>) -> Result<Value, RedisError> {
+    /// The `FCALL` of `op` on `key`; the caller appends the arguments.
+    fn fcall(op: Op, key: &[u8]) -> Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(op.function()).arg(1).arg(key);
+        cmd
+    }
+
+    async fn query(&self, cmd: &Cmd) -> Result<Value, RedisError> {
         match &self.conn {
-            Conn::Single(c) => inv.invoke_async(&mut c.clone()).await,
-            Conn::Cluster(c) => inv.invoke_async(&mut c.clone()).await,
+            Conn::Single(c) => cmd.query_async(&mut c.clone()).await,
+            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await,
         }
     }
 
-    async fn load(&self, script: &Script) -> Result<(), RedisError> {
-        let inv = script.prepare_invoke();
-        match &self.conn {
-            Conn::Single(c) => inv.load_async(&mut c.clone()).await.map(drop),
-            Conn::Cluster(c) => inv.load_async(&mut c.clone()).await.map(drop),
+    /// Runs one function call, loading the library when the server does not know the
+    /// function (a new or restarted server, a flushed library, a new cluster node).
+    async fn call(&self, cmd: &Cmd) -> Result<Value, RedisError> {
+        match self.query(cmd).await {
+            Err(e) if function_missing(e.code().unwrap_or(""), e.detail()) => {
+                self.load().await?;
+                self.query(cmd).await
+            }
+            v => v,
         }
     }
 
-    async fn pipeline(&self, invs: &[&ScriptInvocation<'_>]) -> Result<Vec<Value>, RedisError> {
+    /// Loads the function library (`FUNCTION LOAD REPLACE`; on a cluster, on every
+    /// master).
+    async fn load(&self) -> Result<(), RedisError> {
+        let mut cmd = redis::cmd("FUNCTION");
+        cmd.arg("LOAD").arg("REPLACE").arg(LIB.code.as_str());
+        let _: Value = match &self.conn {
+            Conn::Single(c) => cmd.query_async(&mut c.clone()).await?,
+            Conn::Cluster(c) => cmd.query_async(&mut c.clone()).await?,
+        };
+        Ok(())
+    }
+
+    async fn pipeline(&self, cmds: &[&Cmd]) -> Result<Vec<Value>, RedisError> {
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        for inv in invs {
-            pipe.invoke_script(inv);
+        for cmd in cmds {
+            pipe.add_command((*cmd).clone());
         }
         match &self.conn {
             Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
@@ -313,18 +335,13 @@ impl RedisStore {
         }
     }
 
-    /// Runs many invocations of `script` (each on the key at the same index of `keys`)
-    /// in pipelines: one for a single node, one per hash slot on a cluster. Items that
-    /// the server did not run (`NOSCRIPT` after a restart, a slot moving) run again one
-    /// by one.
-    async fn eval_batch(
-        &self,
-        script: &Script,
-        invs: &[ScriptInvocation<'_>],
-        keys: &[Vec<u8>],
-    ) -> Result<Vec<Value>, StoreError> {
+    /// Runs many function calls (each on the key at the same index of `keys`) in
+    /// pipelines: one for a single node, one per hash slot on a cluster. Calls that the
+    /// server did not run (the library missing after a restart, a slot moving) run
+    /// again one by one.
+    async fn call_batch(&self, cmds: &[Cmd], keys: &[Vec<u8>]) -> Result<Vec<Value>, StoreError> {
         let groups: Vec<Vec<usize>> = match self.conn {
-            Conn::Single(_) => vec![(0..invs.len()).collect()],
+            Conn::Single(_) => vec![(0..cmds.len()).collect()],
             Conn::Cluster(_) => {
                 let mut by_slot: HashMap<Slot, Vec<usize>> = HashMap::new();
                 for (i, k) in keys.iter().enumerate() {
@@ -334,18 +351,18 @@ impl RedisStore {
             }
         };
         let replies = join_all(groups.iter().map(|g| {
-            let items: Vec<&ScriptInvocation<'_>> = g.iter().map(|&i| &invs[i]).collect();
+            let items: Vec<&Cmd> = g.iter().map(|&i| &cmds[i]).collect();
             async move { self.pipeline(&items).await }
         }))
         .await;
-        let mut out = vec![Value::Nil; invs.len()];
+        let mut out = vec![Value::Nil; cmds.len()];
         for (group, reply) in groups.iter().zip(replies) {
             let values = reply.map_err(|e| redis_error(e, "Redis pipeline failed"))?;
             if values.len() != group.len() {
                 return Err(StoreError::new(
                     StoreErrorKind::Corrupt,
                     format!(
-                        "Redis answered a pipeline of {} scripts with {} replies",
+                        "Redis answered a pipeline of {} function calls with {} replies",
                         group.len(),
                         values.len()
                     ),
@@ -356,74 +373,96 @@ impl RedisStore {
             }
         }
         let again: Vec<usize> = (0..out.len())
-            .filter(|&i| matches!(&out[i], Value::ServerError(e) if not_run(e.kind())))
+            .filter(|&i| matches!(&out[i], Value::ServerError(e) if not_run(e)))
             .collect();
         if !again.is_empty() {
-            if out.iter().any(|v| {
-                matches!(v, Value::ServerError(e) if e.kind() == Some(ServerErrorKind::NoScript))
-            }) {
-                self.load(script)
-                    .await
-                    .map_err(|e| redis_error(e, "could not load a script into Redis"))?;
+            if out.iter().any(
+                |v| matches!(v, Value::ServerError(e) if function_missing(e.code(), e.details())),
+            ) {
+                self.load().await.map_err(|e| {
+                    redis_error(
+                        e,
+                        "could not load the function library into Redis (Redis 7.0 or later is required)",
+                    )
+                })?;
             }
-            let replies = join_all(again.iter().map(|&i| self.eval(&invs[i]))).await;
+            let replies = join_all(again.iter().map(|&i| self.call(&cmds[i]))).await;
             for (&i, reply) in again.iter().zip(replies) {
-                out[i] = reply.map_err(|e| redis_error(e, "Redis script failed"))?;
+                out[i] = reply.map_err(|e| redis_error(e, "Redis function call failed"))?;
             }
         }
         for v in &mut out {
             if let Value::ServerError(e) = v {
                 let e = RedisError::from(e.clone());
-                return Err(redis_error(e, "Redis script failed"));
+                return Err(redis_error(e, "Redis function call failed"));
             }
         }
         Ok(out)
     }
 
-    fn claim_invocation<'s>(&self, req: &ClaimRequest<'_>, key: &[u8]) -> ScriptInvocation<'s> {
-        let lease = micros(req.lease);
-        let keep = millis(req.ttl.max(req.lease));
-        let mut inv = CLAIM.prepare_invoke();
-        inv.key(key)
-            .arg(lease)
-            .arg(keep)
-            .arg(u8::from(req.fingerprint.is_some()))
-            .arg(req.fingerprint.unwrap_or_default())
+    fn claim_cmd(req: &ClaimRequest<'_>, key: &[u8]) -> Cmd {
+        let mut cmd = Self::fcall(Op::Claim, key);
+        cmd.arg(micros(req.lease))
+            .arg(millis(req.ttl.max(req.lease)))
             .arg(req.max_attempts.unwrap_or(0));
-        inv
+        if let Some(fp) = req.fingerprint {
+            cmd.arg(fp);
+        }
+        cmd
     }
 
-    fn complete_invocation<'s>(c: &Completion<'_>, key: &[u8]) -> ScriptInvocation<'s> {
-        let mut inv = COMPLETE.prepare_invoke();
-        inv.key(key)
-            .arg(c.token.0.to_string())
-            .arg(millis(c.ttl))
-            .arg(u8::from(c.output.is_some()))
-            .arg(c.output.unwrap_or_default());
-        inv
+    fn complete_cmd(c: &Completion<'_>, key: &[u8]) -> Cmd {
+        let mut cmd = Self::fcall(Op::Complete, key);
+        cmd.arg(c.token.0).arg(millis(c.ttl));
+        if let Some(out) = c.output {
+            cmd.arg(out);
+        }
+        cmd
     }
 
-    fn release_invocation<'s>(r: &Release<'_>, key: &[u8]) -> ScriptInvocation<'s> {
-        let mut inv = RELEASE.prepare_invoke();
-        inv.key(key).arg(r.token.0.to_string());
-        inv
+    fn release_cmd(r: &Release<'_>, key: &[u8]) -> Cmd {
+        let mut cmd = Self::fcall(Op::Release, key);
+        cmd.arg(r.token.0);
+        cmd
+    }
+
+    /// Runs one call of `op` and maps a failure to a [`StoreError`].
+    async fn run(&self, op: Op, cmd: &Cmd) -> Result<Value, StoreError> {
+        self.call(cmd).await.map_err(|e| {
+            let what = match op {
+                Op::Claim => "claim failed",
+                Op::Complete => "complete failed",
+                Op::Release => "release failed",
+                Op::Renew => "renew failed",
+                Op::Inspect => "inspect failed",
+            };
+            if e.detail().is_some_and(|d| d.contains("unknown command 'FCALL'")) {
+                return redis_error(e, &format!("{what} (the store needs Redis 7.0 or later)"));
+            }
+            redis_error(e, what)
+        })
     }
 }
 
-/// Server errors after which the script did not run, so running it again is safe.
-fn not_run(kind: Option<ServerErrorKind>) -> bool {
-    matches!(
-        kind,
-        Some(
-            ServerErrorKind::NoScript
-                | ServerErrorKind::Moved
-                | ServerErrorKind::Ask
-                | ServerErrorKind::TryAgain
-                | ServerErrorKind::ClusterDown
-                | ServerErrorKind::MasterDown
-                | ServerErrorKind::BusyLoading
+/// Whether a server error says that a function of the library is not loaded.
+fn function_missing(code: &str, detail: Option<&str>) -> bool {
+    code == "ERR" && detail.is_some_and(|d| d.starts_with("Function not found"))
+}
+
+/// Server errors after which the function did not run, so running it again is safe.
+fn not_run(e: &ServerError) -> bool {
+    function_missing(e.code(), e.details())
+        || matches!(
+            e.kind(),
+            Some(
+                ServerErrorKind::Moved
+                    | ServerErrorKind::Ask
+                    | ServerErrorKind::TryAgain
+                    | ServerErrorKind::ClusterDown
+                    | ServerErrorKind::MasterDown
+                    | ServerErrorKind::BusyLoading
+            )
         )
-    )
 }
 
 fn push_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
@@ -478,23 +517,36 @@ fn redis_error(e: RedisError, what: &str) -> StoreError {
 }
 
 // ---------------------------------------------------------------------------------------
-// Scripts
+// The function library
 // ---------------------------------------------------------------------------------------
 
-/// Shared by every script: the record layout (see [`RedisStore`]) and the server clock.
-const PRELUDE: &str = r#"
+/// The Lua library loaded with `FUNCTION LOAD`: the record layout (see [`RedisStore`]),
+/// the server clock and one function per protocol step. `$V` stands for the version
+/// of the library (a hash of this text), so that processes running different versions
+/// of the store each call their own functions.
+///
+/// Every function reads the key with one `GET` and writes it with at most one `SET`;
+/// `TIME` is read only when a decision needs the clock (not for a duplicate of a
+/// completed key), and `PTTL` only where a record's expiry may only grow (a takeover,
+/// a renewal) or is reported (inspect).
+const LIBRARY: &str = r#"#!lua name=idempotent_$V
+
 local IN_PROGRESS, COMPLETED, RELEASED = 225, 226, 227
 local HEAD = '>BBI4I8I8'
+local NO_LEASE = '\0\0\0\0\0\0\0\0'
 
 local function now_us()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000000 + tonumber(t[2])
+  return t[1] * 1000000 + t[2]
 end
 
 local function int(n)
   return string.format('%d', n)
 end
 
+-- Checks the record `v`. Returns its state, flags, attempts, token, lease deadline and
+-- the position of the last byte of its fingerprint part (22 without a fingerprint),
+-- or nil and why `v` is not a record.
 local function decode(v)
   local n = #v
   if n < 22 then
@@ -510,173 +562,258 @@ local function decode(v)
   if attempts < 1 or token < 1 then
     return nil, 'zero attempts or token'
   end
-  local r = {state = state, attempts = attempts, token = token, lease = lease}
-  local pos = 23
+  local e = 22
   if flags % 2 == 1 then
     if n < 26 then
       return nil, 'truncated fingerprint length'
     end
-    local len = struct.unpack('>I4', v, 23)
-    if 26 + len > n then
+    e = 26 + struct.unpack('>I4', v, 23)
+    if e > n then
       return nil, 'truncated fingerprint'
     end
-    r.fp = string.sub(v, 27, 26 + len)
-    pos = 27 + len
   end
-  if flags >= 2 then
-    r.out = string.sub(v, pos)
-  elseif pos <= n then
-    return nil, (n - pos + 1) .. ' unexpected trailing bytes'
+  if flags < 2 and e < n then
+    return nil, (n - e) .. ' unexpected trailing bytes'
   end
-  return r
+  return state, flags, attempts, token, lease, e
 end
 
-local function encode(r)
-  local flags = 0
-  if r.fp then flags = flags + 1 end
-  if r.out then flags = flags + 2 end
-  local s = struct.pack(HEAD, r.state, flags, r.attempts, r.token, r.lease)
-  if r.fp then s = s .. struct.pack('>I4', #r.fp) .. r.fp end
-  if r.out then s = s .. r.out end
-  return s
-end
-
--- The record under `key`: a table, false when absent, nil and a reason when the key
--- holds something else.
-local function load(key)
+-- The string under `key`, false when absent, nil and a reason for another type.
+local function get(key)
   local v = redis.pcall('GET', key)
-  if type(v) == 'table' and v.err then
+  if type(v) == 'table' then
     return nil, 'the key holds a ' .. redis.call('TYPE', key).ok .. ', not a string'
   end
-  if not v then
-    return false
-  end
-  return decode(v)
+  return v
 end
 
--- The record if `token` owns it (in progress, same token), false if not.
+-- The record under `key` if `token` owns it (in progress, same token): the record,
+-- its flags and the end of its fingerprint part; false if not; nil and a reason if
+-- the key holds no record.
 local function owned(key, token)
-  local r, err = load(key)
-  if r == nil then return nil, err end
-  if r == false or r.state ~= IN_PROGRESS or int(r.token) ~= token then
+  local v, err = get(key)
+  if not v then
+    return v, err
+  end
+  local state, flags, _, t, _, e = decode(v)
+  if not state then
+    return nil, flags
+  end
+  if state ~= IN_PROGRESS or t ~= tonumber(token) then
     return false
   end
-  return r
+  return v, flags, e
 end
 
--- Writes the record, keeping the key's expiry at least `keep_ms` away (a later expiry,
--- or none, stays).
-local function save_extend(key, r, keep_ms)
+-- Writes `v`, keeping the key's expiry at least `keep_ms` away (a later expiry, or
+-- none, stays).
+local function save_extend(key, v, keep_ms)
   local pttl = redis.call('PTTL', key)
   if pttl == -1 then
-    redis.call('SET', key, encode(r), 'KEEPTTL')
+    redis.call('SET', key, v, 'KEEPTTL')
   else
-    redis.call('SET', key, encode(r), 'PX', int(math.max(pttl, keep_ms)))
+    redis.call('SET', key, v, 'PX', int(math.max(pttl, keep_ms)))
   end
 end
-"#;
 
-/// KEYS[1] record; ARGV lease µs, keep ms, has fingerprint, fingerprint, max attempts (0: none).
-/// Reply: {0, reason} corrupt, {1, token, attempt} acquired, {2[, output]} completed,
-/// {3, retry after µs} in progress, {4, attempts} exhausted, {5} fingerprint mismatch.
-const CLAIM_BODY: &str = r#"
-local key = KEYS[1]
-local lease_us = tonumber(ARGV[1])
-local keep_ms = tonumber(ARGV[2])
-local fp = nil
-if ARGV[3] == '1' then fp = ARGV[4] end
-local max = tonumber(ARGV[5])
-local now = now_us()
-local r, err = load(key)
-if r == nil then return {0, err} end
-if r == false then
-  local rec = {state = IN_PROGRESS, attempts = 1, token = math.max(1, now),
-               lease = now + lease_us, fp = fp}
-  redis.call('SET', key, encode(rec), 'PX', int(keep_ms))
-  return {1, rec.token, 1}
+-- ARGV lease µs, keep ms, max attempts (0: none)[, fingerprint].
+-- Reply: {0, reason} corrupt, {1, token, attempt} acquired, {2[, output]} completed,
+-- {3, retry after µs} in progress, {4, attempts} exhausted, {5} fingerprint mismatch.
+local function claim(keys, args)
+  local key = keys[1]
+  local fp = args[4]
+  local v, err = get(key)
+  if v == nil then
+    return {0, err}
+  end
+  if not v then
+    local now = now_us()
+    local rec
+    if fp then
+      rec = struct.pack('>BBI4I8I8I4', IN_PROGRESS, 1, 1, now, now + args[1], #fp) .. fp
+    else
+      rec = struct.pack(HEAD, IN_PROGRESS, 0, 1, now, now + args[1])
+    end
+    redis.call('SET', key, rec, 'PX', args[2])
+    return {1, now, 1}
+  end
+  local state, flags, attempts, token, lease, e = decode(v)
+  if not state then
+    return {0, flags}
+  end
+  local has_fp = flags % 2 == 1
+  if fp and has_fp and string.sub(v, 27, e) ~= fp then
+    return {5}
+  end
+  if state == COMPLETED then
+    if flags >= 2 then
+      return {2, string.sub(v, e + 1)}
+    end
+    return {2}
+  end
+  local now = now_us()
+  if state == IN_PROGRESS and lease > now then
+    return {3, lease - now}
+  end
+  local max = tonumber(args[3])
+  if max > 0 and attempts >= max then
+    return {4, attempts}
+  end
+  if attempts < 4294967295 then
+    attempts = attempts + 1
+  end
+  token = math.max(token + 1, now)
+  local f, rest = 0, ''
+  if has_fp then
+    f, rest = 1, string.sub(v, 23, e)
+  elseif fp then
+    f, rest = 1, struct.pack('>I4', #fp) .. fp
+  end
+  local rec = struct.pack(HEAD, IN_PROGRESS, f, attempts, token, now + args[1]) .. rest
+  save_extend(key, rec, tonumber(args[2]))
+  return {1, token, attempts}
 end
-if r.fp and fp and r.fp ~= fp then return {5} end
-if r.state == COMPLETED then
-  if r.out then return {2, r.out} end
-  return {2}
+
+-- ARGV token, ttl ms[, output]. Reply {0, reason} | 1 held | 2 lost.
+local function complete(keys, args)
+  local key = keys[1]
+  local v, flags, e = owned(key, args[1])
+  if v == nil then
+    return {0, flags}
+  end
+  if not v then
+    return 2
+  end
+  local out = args[3]
+  local f = flags % 2
+  if out then
+    f = f + 2
+  else
+    out = ''
+  end
+  local rec = string.char(COMPLETED, f) .. string.sub(v, 3, 14) .. NO_LEASE
+    .. string.sub(v, 23, e) .. out
+  redis.call('SET', key, rec, 'PX', args[2])
+  return 1
 end
-if r.state == IN_PROGRESS and r.lease > now then return {3, r.lease - now} end
-if max > 0 and r.attempts >= max then return {4, r.attempts} end
-r.state = IN_PROGRESS
-if r.attempts < 4294967295 then r.attempts = r.attempts + 1 end
-r.token = math.max(r.token + 1, now)
-r.lease = now + lease_us
-if not r.fp then r.fp = fp end
-save_extend(key, r, keep_ms)
-return {1, r.token, r.attempts}
+
+-- ARGV token. Reply {0, reason} | 1 held | 2 lost.
+local function release(keys, args)
+  local key = keys[1]
+  local v, flags, e = owned(key, args[1])
+  if v == nil then
+    return {0, flags}
+  end
+  if not v then
+    return 2
+  end
+  local rec = string.char(RELEASED, flags % 2) .. string.sub(v, 3, 14) .. NO_LEASE
+    .. string.sub(v, 23, e)
+  redis.call('SET', key, rec, 'KEEPTTL')
+  return 1
+end
+
+-- ARGV token, lease µs, lease ms. Reply {0, reason} | 1 held | 2 lost.
+local function renew(keys, args)
+  local key = keys[1]
+  local v, flags = owned(key, args[1])
+  if v == nil then
+    return {0, flags}
+  end
+  if not v then
+    return 2
+  end
+  local rec = string.sub(v, 1, 14) .. struct.pack('>I8', now_us() + args[2])
+    .. string.sub(v, 23)
+  save_extend(key, rec, tonumber(args[3]))
+  return 1
+end
+
+-- Reply {0, reason} | {2} absent |
+-- {1, state, attempts, token, lease left µs or -1, pttl ms, has fp, fp, has output, output}.
+local function inspect(keys)
+  local key = keys[1]
+  local v, err = get(key)
+  if v == nil then
+    return {0, err}
+  end
+  if not v then
+    return {2}
+  end
+  local state, flags, attempts, token, lease, e = decode(v)
+  if not state then
+    return {0, flags}
+  end
+  local now = now_us()
+  local left = -1
+  if state == IN_PROGRESS and lease > now then
+    left = lease - now
+  end
+  local has_fp, fp, has_out, out = 0, '', 0, ''
+  if flags % 2 == 1 then
+    has_fp, fp = 1, string.sub(v, 27, e)
+  end
+  if flags >= 2 then
+    has_out, out = 1, string.sub(v, e + 1)
+  end
+  return {1, state, attempts, token, left, redis.call('PTTL', key), has_fp, fp, has_out, out}
+end
+
+redis.register_function('idempotent_$V_claim', claim)
+redis.register_function('idempotent_$V_complete', complete)
+redis.register_function('idempotent_$V_release', release)
+redis.register_function('idempotent_$V_renew', renew)
+redis.register_function('idempotent_$V_inspect', inspect)
 "#;
 
-/// KEYS[1] record; ARGV token, ttl ms, has output, output. Reply {0, reason} | {1} held | {2} lost.
-const COMPLETE_BODY: &str = r#"
-local r, err = owned(KEYS[1], ARGV[1])
-if r == nil then return {0, err} end
-if r == false then return {2} end
-r.state = COMPLETED
-r.lease = 0
-r.out = nil
-if ARGV[3] == '1' then r.out = ARGV[4] end
-redis.call('SET', KEYS[1], encode(r), 'PX', ARGV[2])
-return {1}
-"#;
-
-/// KEYS[1] record; ARGV token. Reply {0, reason} | {1} held | {2} lost.
-const RELEASE_BODY: &str = r#"
-local r, err = owned(KEYS[1], ARGV[1])
-if r == nil then return {0, err} end
-if r == false then return {2} end
-r.state = RELEASED
-r.lease = 0
-r.out = nil
-redis.call('SET', KEYS[1], encode(r), 'KEEPTTL')
-return {1}
-"#;
-
-/// KEYS[1] record; ARGV token, lease µs, lease ms. Reply {0, reason} | {1} held | {2} lost.
-const RENEW_BODY: &str = r#"
-local r, err = owned(KEYS[1], ARGV[1])
-if r == nil then return {0, err} end
-if r == false then return {2} end
-r.lease = now_us() + tonumber(ARGV[2])
-save_extend(KEYS[1], r, tonumber(ARGV[3]))
-return {1}
-"#;
-
-/// KEYS[1] record. Reply {0, reason} | {2} absent |
-/// {1, state, attempts, token, lease left µs or -1, pttl ms, has fp, fp, has output, output}.
-const INSPECT_BODY: &str = r#"
-local r, err = load(KEYS[1])
-if r == nil then return {0, err} end
-if r == false then return {2} end
-local now = now_us()
-local left = -1
-if r.state == IN_PROGRESS and r.lease > now then left = r.lease - now end
-local has_fp, has_out = 0, 0
-if r.fp then has_fp = 1 end
-if r.out then has_out = 1 end
-return {1, r.state, r.attempts, r.token, left, redis.call('PTTL', KEYS[1]),
-        has_fp, r.fp or '', has_out, r.out or ''}
-"#;
-
-fn script(body: &str) -> Script {
-    Script::new(&format!("{PRELUDE}{body}"))
+/// A protocol step: one function of the library.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Op {
+    Claim,
+    Complete,
+    Release,
+    Renew,
+    Inspect,
 }
 
-static CLAIM: LazyLock<Script> = LazyLock::new(|| script(CLAIM_BODY));
-static COMPLETE: LazyLock<Script> = LazyLock::new(|| script(COMPLETE_BODY));
-static RELEASE: LazyLock<Script> = LazyLock::new(|| script(RELEASE_BODY));
-static RENEW: LazyLock<Script> = LazyLock::new(|| script(RENEW_BODY));
-static INSPECT: LazyLock<Script> = LazyLock::new(|| script(INSPECT_BODY));
+impl Op {
+    /// The name given to `FCALL`.
+    fn function(self) -> &'static str {
+        &LIB.functions[self as usize]
+    }
+
+    fn what(self) -> &'static str {
+        match self {
+            Op::Claim => "claim",
+            Op::Complete => "complete",
+            Op::Release => "release",
+            Op::Renew => "renew",
+            Op::Inspect => "inspect",
+        }
+    }
+}
+
+/// The library with its version filled in, and the names of its functions.
+struct Library {
+    code: String,
+    functions: [String; 5],
+}
+
+static LIB: LazyLock<Library> = LazyLock::new(|| {
+    // the first 16 hex digits of the SHA-1 of the template name this version
+    let script = Script::new(LIBRARY);
+    let version = &script.get_hash()[..16];
+    let code = LIBRARY.replace("$V", version);
+    let functions = [Op::Claim, Op::Complete, Op::Release, Op::Renew, Op::Inspect]
+        .map(|op| format!("idempotent_{version}_{}", op.what()));
+    Library { code, functions }
+});
 
 // ---------------------------------------------------------------------------------------
 // Replies
 // ---------------------------------------------------------------------------------------
 
-/// A script reply, split into its code and the rest.
+/// A function reply, split into its code and the rest.
 struct Reply<'a> {
     key: &'a RecordKey,
     op: &'static str,
@@ -717,7 +854,7 @@ impl<'a> Reply<'a> {
         StoreError::new(
             StoreErrorKind::Corrupt,
             format!(
-                "unexpected reply from the Redis {} script for a record in scope `{}`",
+                "unexpected reply from the Redis {} function for a record in scope `{}`",
                 self.op,
                 self.key.scope()
             ),
@@ -776,9 +913,16 @@ fn claim_outcome(key: &RecordKey, v: Value) -> Result<ClaimOutcome, StoreError> 
     })
 }
 
+/// A fence reply: `1` held, `2` lost, or `{0, reason}` for data that is not a record.
 fn fence(key: &RecordKey, op: &'static str, v: Value) -> Result<Fence, StoreError> {
-    let (code, r) = Reply::new(key, op, v)?;
-    r.fence(code)
+    match v {
+        Value::Int(1) => Ok(Fence::Held),
+        Value::Int(2) => Ok(Fence::Lost),
+        v => {
+            let (code, r) = Reply::new(key, op, v)?;
+            r.fence(code)
+        }
+    }
 }
 
 fn record(key: &RecordKey, v: Value) -> Result<Option<Record>, StoreError> {
@@ -809,33 +953,18 @@ fn record(key: &RecordKey, v: Value) -> Result<Option<Record>, StoreError> {
 #[async_trait]
 impl Store for RedisStore {
     async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        let key = self.redis_key(req.key);
-        let inv = self.claim_invocation(req, &key);
-        let v = self
-            .eval(&inv)
-            .await
-            .map_err(|e| redis_error(e, "claim failed"))?;
-        claim_outcome(req.key, v)
+        let cmd = Self::claim_cmd(req, &self.redis_key(req.key));
+        claim_outcome(req.key, self.run(Op::Claim, &cmd).await?)
     }
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        let key = self.redis_key(c.key);
-        let inv = Self::complete_invocation(c, &key);
-        let v = self
-            .eval(&inv)
-            .await
-            .map_err(|e| redis_error(e, "complete failed"))?;
-        fence(c.key, "complete", v)
+        let cmd = Self::complete_cmd(c, &self.redis_key(c.key));
+        fence(c.key, "complete", self.run(Op::Complete, &cmd).await?)
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        let key = self.redis_key(r.key);
-        let inv = Self::release_invocation(r, &key);
-        let v = self
-            .eval(&inv)
-            .await
-            .map_err(|e| redis_error(e, "release failed"))?;
-        fence(r.key, "release", v)
+        let cmd = Self::release_cmd(r, &self.redis_key(r.key));
+        fence(r.key, "release", self.run(Op::Release, &cmd).await?)
     }
 
     async fn renew(
@@ -844,28 +973,14 @@ impl Store for RedisStore {
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
-        let rkey = self.redis_key(key);
-        let mut inv = RENEW.prepare_invoke();
-        inv.key(&rkey)
-            .arg(token.0.to_string())
-            .arg(micros(lease))
-            .arg(millis(lease));
-        let v = self
-            .eval(&inv)
-            .await
-            .map_err(|e| redis_error(e, "renew failed"))?;
-        fence(key, "renew", v)
+        let mut cmd = Self::fcall(Op::Renew, &self.redis_key(key));
+        cmd.arg(token.0).arg(micros(lease)).arg(millis(lease));
+        fence(key, "renew", self.run(Op::Renew, &cmd).await?)
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        let rkey = self.redis_key(key);
-        let mut inv = INSPECT.prepare_invoke();
-        inv.key(&rkey);
-        let v = self
-            .eval(&inv)
-            .await
-            .map_err(|e| redis_error(e, "inspect failed"))?;
-        record(key, v)
+        let cmd = Self::fcall(Op::Inspect, &self.redis_key(key));
+        record(key, self.run(Op::Inspect, &cmd).await?)
     }
 
     /// Deletes the key with one `DEL`, whatever it holds (a record or foreign data).
@@ -890,12 +1005,12 @@ impl Store for RedisStore {
         reqs: &[ClaimRequest<'_>],
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
         let keys: Vec<Vec<u8>> = reqs.iter().map(|r| self.redis_key(r.key)).collect();
-        let invs: Vec<_> = reqs
+        let cmds: Vec<Cmd> = reqs
             .iter()
             .zip(&keys)
-            .map(|(r, k)| self.claim_invocation(r, k))
+            .map(|(r, k)| Self::claim_cmd(r, k))
             .collect();
-        let values = self.eval_batch(&CLAIM, &invs, &keys).await?;
+        let values = self.call_batch(&cmds, &keys).await?;
         reqs.iter()
             .zip(values)
             .map(|(r, v)| claim_outcome(r.key, v))
@@ -904,12 +1019,12 @@ impl Store for RedisStore {
 
     async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
         let keys: Vec<Vec<u8>> = items.iter().map(|c| self.redis_key(c.key)).collect();
-        let invs: Vec<_> = items
+        let cmds: Vec<Cmd> = items
             .iter()
             .zip(&keys)
-            .map(|(c, k)| Self::complete_invocation(c, k))
+            .map(|(c, k)| Self::complete_cmd(c, k))
             .collect();
-        let values = self.eval_batch(&COMPLETE, &invs, &keys).await?;
+        let values = self.call_batch(&cmds, &keys).await?;
         items
             .iter()
             .zip(values)
@@ -919,12 +1034,12 @@ impl Store for RedisStore {
 
     async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
         let keys: Vec<Vec<u8>> = items.iter().map(|r| self.redis_key(r.key)).collect();
-        let invs: Vec<_> = items
+        let cmds: Vec<Cmd> = items
             .iter()
             .zip(&keys)
-            .map(|(r, k)| Self::release_invocation(r, k))
+            .map(|(r, k)| Self::release_cmd(r, k))
             .collect();
-        let values = self.eval_batch(&RELEASE, &invs, &keys).await?;
+        let values = self.call_batch(&cmds, &keys).await?;
         items
             .iter()
             .zip(values)

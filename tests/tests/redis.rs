@@ -39,8 +39,8 @@ async fn acquire(store: &dyn Store, r: &ClaimRequest<'_>) -> Token {
     }
 }
 
-/// `evalsha` calls and whether any `set` ran since the last `CONFIG RESETSTAT`.
-async fn script_calls(conn: &mut redis::aio::ConnectionManager) -> (u64, bool) {
+/// `fcall` calls and whether any `set` ran since the last `CONFIG RESETSTAT`.
+async fn function_calls(conn: &mut redis::aio::ConnectionManager) -> (u64, bool) {
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query_async(conn)
@@ -48,7 +48,7 @@ async fn script_calls(conn: &mut redis::aio::ConnectionManager) -> (u64, bool) {
         .expect("INFO");
     let calls = info
         .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_evalsha:calls="))
+        .find_map(|l| l.strip_prefix("cmdstat_fcall:calls="))
         .map(|rest| rest.split(',').next().unwrap().parse().unwrap())
         .unwrap_or(0);
     (calls, info.contains("cmdstat_set:"))
@@ -63,7 +63,7 @@ async fn reset_stats(conn: &mut redis::aio::ConnectionManager) {
 }
 
 #[tokio::test]
-async fn each_protocol_step_is_one_script_call_and_a_duplicate_writes_nothing() {
+async fn each_protocol_step_is_one_function_call_and_a_duplicate_writes_nothing() {
     let server = RedisServer::start();
     let store = RedisStore::connect(server.url().as_str()).await.unwrap();
     let mut conn = raw(&server.url()).await;
@@ -71,7 +71,7 @@ async fn each_protocol_step_is_one_script_call_and_a_duplicate_writes_nothing() 
     let k = RecordKey::new(&scope, "order-1").unwrap();
     let lease = Duration::from_secs(10);
 
-    // warm up: the first call of each script loads it after a NOSCRIPT
+    // warm up: the first call loads the function library into the new server
     let t = acquire(&store, &req(&k, lease)).await;
     let c = Completion {
         key: &k,
@@ -90,9 +90,9 @@ async fn each_protocol_step_is_one_script_call_and_a_duplicate_writes_nothing() 
         }
     );
     assert_eq!(
-        script_calls(&mut conn).await,
+        function_calls(&mut conn).await,
         (1, false),
-        "a duplicate of a completed key is one EVALSHA and writes nothing"
+        "a duplicate of a completed key is one FCALL and writes nothing"
     );
 
     let k2 = RecordKey::new(&scope, "order-2").unwrap();
@@ -106,7 +106,7 @@ async fn each_protocol_step_is_one_script_call_and_a_duplicate_writes_nothing() 
     };
     assert_eq!(store.complete(&c2).await.unwrap(), Fence::Held);
     assert_eq!(
-        script_calls(&mut conn).await.0,
+        function_calls(&mut conn).await.0,
         2,
         "first delivery: claim + complete"
     );
@@ -131,24 +131,24 @@ async fn each_protocol_step_is_one_script_call_and_a_duplicate_writes_nothing() 
         .unwrap();
     assert_eq!(r, Fence::Held);
     assert_eq!(
-        script_calls(&mut conn).await.0,
+        function_calls(&mut conn).await.0,
         2,
         "failed delivery: claim + release"
     );
 }
 
 #[tokio::test]
-async fn batches_recover_from_a_flushed_script_cache() {
+async fn batches_recover_from_a_flushed_function_library() {
     let server = RedisServer::start();
     let store = RedisStore::connect(server.url().as_str()).await.unwrap();
     let mut conn = raw(&server.url()).await;
-    let scope = unique_scope("batch-noscript");
+    let scope = unique_scope("batch-nofunction");
     let keys: Vec<RecordKey> = (0..40)
         .map(|i| RecordKey::new(&scope, &format!("k{i}")).unwrap())
         .collect();
     let lease = Duration::from_secs(10);
 
-    let _: () = redis::cmd("SCRIPT")
+    let _: () = redis::cmd("FUNCTION")
         .arg("FLUSH")
         .query_async(&mut conn)
         .await
@@ -163,7 +163,7 @@ async fn batches_recover_from_a_flushed_script_cache() {
         })
         .collect();
 
-    let _: () = redis::cmd("SCRIPT")
+    let _: () = redis::cmd("FUNCTION")
         .arg("FLUSH")
         .query_async(&mut conn)
         .await
@@ -191,7 +191,7 @@ async fn batches_recover_from_a_flushed_script_cache() {
     assert!(fences[..20].iter().all(|f| *f == Fence::Held));
     assert!(fences[20..].iter().all(|f| *f == Fence::Lost));
 
-    let _: () = redis::cmd("SCRIPT")
+    let _: () = redis::cmd("FUNCTION")
         .arg("FLUSH")
         .query_async(&mut conn)
         .await
