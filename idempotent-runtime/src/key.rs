@@ -60,13 +60,30 @@ pub trait KeyPart {
 }
 
 /// Collects the parts of a key; see [`KeyPart`].
-#[derive(Default)]
+///
+/// Keys up to 64 bytes are collected without allocating.
 pub struct KeyBuilder {
-    // parts are stored length-prefixed: `len:bytes` each
-    buf: Vec<u8>,
+    // the parts: the first one raw while it is the only one, then every part
+    // length-prefixed (`len:bytes`); inline until they outgrow it
+    inline: [u8; INLINE],
+    len: usize,
+    heap: Vec<u8>,
     parts: usize,
-    first_len: usize,
     missing: bool,
+}
+
+const INLINE: usize = 64;
+
+impl Default for KeyBuilder {
+    fn default() -> Self {
+        KeyBuilder {
+            inline: [0; INLINE],
+            len: 0,
+            heap: Vec::new(),
+            parts: 0,
+            missing: false,
+        }
+    }
 }
 
 impl fmt::Debug for KeyBuilder {
@@ -84,22 +101,60 @@ impl KeyBuilder {
         Self::default()
     }
 
+    fn bytes(&self) -> &[u8] {
+        if self.heap.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.heap
+        }
+    }
+
+    fn extend(&mut self, b: &[u8]) {
+        if self.heap.is_empty() && self.len + b.len() <= INLINE {
+            self.inline[self.len..self.len + b.len()].copy_from_slice(b);
+            self.len += b.len();
+        } else {
+            if self.heap.is_empty() {
+                self.heap.reserve(self.len + b.len() + 16);
+                self.heap.extend_from_slice(&self.inline[..self.len]);
+            }
+            self.heap.extend_from_slice(b);
+        }
+    }
+
+    fn extend_len_prefixed(&mut self, part: &[u8]) {
+        let mut digits = [0u8; 21];
+        let mut n = part.len();
+        let mut i = digits.len();
+        loop {
+            i -= 1;
+            digits[i] = b'0' + (n % 10) as u8;
+            n /= 10;
+            if n == 0 {
+                break;
+            }
+        }
+        self.extend(&digits[i..]);
+        self.extend(b":");
+        self.extend(part);
+    }
+
     /// Appends one part. An empty part marks the key as missing.
     pub fn push(&mut self, part: &[u8]) {
         if part.is_empty() {
             self.missing = true;
         }
+        if self.parts == 1 {
+            // the first part was stored raw; re-encode it with its length prefix
+            let first = self.bytes().to_vec();
+            self.len = 0;
+            self.heap.clear();
+            self.extend_len_prefixed(&first);
+        }
         if self.parts == 0 {
-            self.first_len = part.len();
-            self.buf.extend_from_slice(part);
+            self.extend(part);
         } else {
-            if self.parts == 1 {
-                // the first part was stored raw; re-encode it with its length prefix
-                let first = std::mem::take(&mut self.buf);
-                self.buf.reserve(first.len() + part.len() + 16);
-                push_len_prefixed(&mut self.buf, &first);
-            }
-            push_len_prefixed(&mut self.buf, part);
+            self.extend_len_prefixed(part);
         }
         self.parts += 1;
     }
@@ -114,31 +169,21 @@ impl KeyBuilder {
         if self.missing || self.parts == 0 {
             return Err(Error::MissingKey);
         }
-        let mut encoded = Vec::with_capacity(self.buf.len() + 2);
-        if self.parts == 1 {
-            if self.buf.first() == Some(&0) {
-                encoded.extend_from_slice(&[0, 0]);
-            }
-            encoded.extend_from_slice(&self.buf);
-        } else {
-            encoded.extend_from_slice(&[0, 1]);
-            encoded.extend_from_slice(&self.buf);
+        let body = self.bytes();
+        let prefix: &[u8] = match (self.parts, body.first()) {
+            (1, Some(0)) => &[0, 0],
+            (1, _) => &[],
+            _ => &[0, 1],
+        };
+        if prefix.len() + body.len() > MAX_KEY_BYTES {
+            let mut h = Sha256::new();
+            h.update(prefix);
+            h.update(body);
+            let digest = h.finalize();
+            return Ok(RecordKey::from_parts(scope, &[&[0, 2], &digest]));
         }
-        if encoded.len() > MAX_KEY_BYTES {
-            let digest = Sha256::digest(&encoded);
-            encoded.clear();
-            encoded.extend_from_slice(&[0, 2]);
-            encoded.extend_from_slice(&digest);
-        }
-        Ok(RecordKey::from_encoded(scope, &encoded))
+        Ok(RecordKey::from_parts(scope, &[prefix, body]))
     }
-}
-
-fn push_len_prefixed(buf: &mut Vec<u8>, part: &[u8]) {
-    use std::io::Write;
-    // writing to a Vec cannot fail
-    let _ = write!(buf, "{}:", part.len());
-    buf.extend_from_slice(part);
 }
 
 /// A scope and an encoded key: the identity of one dedup record.
@@ -163,11 +208,19 @@ impl RecordKey {
 
     /// A record key from bytes already in the stored encoding (see the module docs).
     pub fn from_encoded(scope: &str, encoded: &[u8]) -> Self {
+        Self::from_parts(scope, &[encoded])
+    }
+
+    /// One allocation of exactly the right size: scope length, scope, key parts.
+    fn from_parts(scope: &str, parts: &[&[u8]]) -> Self {
         let scope = bounded_scope(scope);
-        let mut buf = Vec::with_capacity(1 + scope.len() + encoded.len());
+        let len = 1 + scope.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+        let mut buf = Vec::with_capacity(len);
         buf.push(scope.len() as u8);
         buf.extend_from_slice(scope.as_bytes());
-        buf.extend_from_slice(encoded);
+        for p in parts {
+            buf.extend_from_slice(p);
+        }
         RecordKey {
             buf: buf.into_boxed_slice(),
         }

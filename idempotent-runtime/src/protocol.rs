@@ -263,7 +263,7 @@ impl Drop for CancelGuard<'_> {
         if matches!(pending, Pending::Nothing) {
             return;
         }
-        record(Outcome::Cancelled, self.key.scope());
+        record_key(Outcome::Cancelled, self.key);
         // Without a runtime to run the cleanup on, the lease expires on its own.
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
@@ -337,10 +337,29 @@ impl Outcome {
     }
 }
 
+/// Records an outcome for `key`: as [`record`], without reading the scope out of the
+/// key unless metrics need it.
+pub(crate) fn record_key(outcome: Outcome, key: &RecordKey) {
+    #[cfg(feature = "metrics")]
+    record(outcome, key.scope());
+    #[cfg(not(feature = "metrics"))]
+    {
+        let _ = key;
+        record_span("outcome", outcome.as_str());
+    }
+}
+
+/// Sets a field of the current span; free when nothing collects traces.
+fn record_span<V: tracing::Value>(field: &str, value: V) {
+    if tracing::dispatcher::has_been_set() {
+        tracing::Span::current().record(field, value);
+    }
+}
+
 /// Records an outcome on the current span and, with the `metrics` feature, in the
 /// `idempotent_messages_total{scope, outcome}` counter.
 pub(crate) fn record(outcome: Outcome, scope: &str) {
-    tracing::Span::current().record("outcome", outcome.as_str());
+    record_span("outcome", outcome.as_str());
     #[cfg(feature = "metrics")]
     metrics::counter!(
         "idempotent_messages_total",
@@ -428,7 +447,7 @@ where
         };
         match outcome {
             ClaimOutcome::Acquired { token, attempt } => {
-                tracing::Span::current().record("attempt", attempt);
+                record_span("attempt", attempt);
                 let claim = Claim {
                     scope,
                     token,
@@ -442,12 +461,12 @@ where
                     Ok(_) => Outcome::Replayed,
                     Err(_) => Outcome::NotReplayable,
                 };
-                record(outcome, key.scope());
+                record_key(outcome, &key);
                 return r.map_err(E::from);
             }
             ClaimOutcome::InProgress { retry_after } => {
                 if settings.on_in_progress == OnInProgress::Reject || waited >= settings.lease {
-                    record(Outcome::InProgress, key.scope());
+                    record_key(Outcome::InProgress, &key);
                     return Err(Error::InProgress { retry_after }.into());
                 }
                 let pause = backoff
@@ -458,11 +477,11 @@ where
                 backoff = (backoff * 2).min(Duration::from_millis(500));
             }
             ClaimOutcome::Exhausted { attempts } => {
-                record(Outcome::Exhausted, key.scope());
+                record_key(Outcome::Exhausted, &key);
                 return Err(Error::AttemptsExhausted { attempts }.into());
             }
             ClaimOutcome::FingerprintMismatch => {
-                record(Outcome::FingerprintMismatch, key.scope());
+                record_key(Outcome::FingerprintMismatch, &key);
                 return Err(Error::FingerprintMismatch.into());
             }
         }
@@ -562,19 +581,19 @@ where
                 complete_with_retry(store, &completion, settings.lease).await;
             }
             guard.disarm();
-            record(Outcome::Executed, key.scope());
+            record_key(Outcome::Executed, key);
             Ok(value)
         }
         Ok(Err(e)) => {
             release(store, key, token).await;
             guard.disarm();
-            record(Outcome::Failed, key.scope());
+            record_key(Outcome::Failed, key);
             Err(e)
         }
         Err(panic) => {
             release(store, key, token).await;
             guard.disarm();
-            record(Outcome::Panicked, key.scope());
+            record_key(Outcome::Panicked, key);
             std::panic::resume_unwind(panic)
         }
     }
