@@ -357,7 +357,8 @@ fn record_span<V: tracing::Value>(field: &str, value: V) {
 }
 
 /// Records an outcome on the current span and, with the `metrics` feature, in the
-/// `idempotent_messages_total{scope, outcome}` counter.
+/// `idempotent_messages_total{scope, outcome}` counter. (The handler's run time goes
+/// to the `idempotent_handler_seconds{scope}` histogram.)
 pub(crate) fn record(outcome: Outcome, scope: &str) {
     record_span("outcome", outcome.as_str());
     #[cfg(feature = "metrics")]
@@ -561,7 +562,12 @@ where
 {
     let token = claim.token;
     let mut guard = CancelGuard::new(store, key, token);
+    #[cfg(feature = "metrics")]
+    let started = std::time::Instant::now();
     let result = run_body(store.get(), key, claim, settings.lease, body).await;
+    #[cfg(feature = "metrics")]
+    metrics::histogram!("idempotent_handler_seconds", "scope" => key.scope().to_owned())
+        .record(started.elapsed().as_secs_f64());
     let store = store.get();
     match result {
         Ok(Ok(value)) => {
