@@ -15,6 +15,7 @@ use redis::{
 };
 use std::collections::HashMap;
 use std::fmt;
+use std::io::Write as _;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
 
@@ -275,20 +276,22 @@ impl RedisStore {
     pub fn redis_key(&self, key: &RecordKey) -> Vec<u8> {
         let scope = key.scope().as_bytes();
         let bytes = key.key();
-        let len = scope.len().to_string();
-        let mut out =
-            Vec::with_capacity(self.prefix.len() + len.len() + scope.len() + bytes.len() + 8);
+        let mut out = Vec::with_capacity(self.prefix.len() + scope.len() + bytes.len() + 32);
         out.extend_from_slice(&self.prefix);
-        for part in [len.as_bytes(), b":", scope, b":", bytes] {
-            push_escaped(&mut out, part);
-        }
+        // decimal digits need no escaping
+        write!(out, "{}:", scope.len()).expect("writing to a Vec");
+        push_escaped(&mut out, scope);
+        out.push(b':');
+        push_escaped(&mut out, bytes);
         out
     }
 
-    /// The `FCALL` of `op` on `key`; the caller appends the arguments.
-    fn fcall(op: Op, key: &[u8]) -> Cmd {
-        let mut cmd = redis::cmd("FCALL");
-        cmd.arg(op.function()).arg(1).arg(key);
+    /// The `FCALL` of `op` on `key`; the caller appends up to four arguments, `extra`
+    /// bytes in all.
+    fn fcall(op: Op, key: &[u8], extra: usize) -> Cmd {
+        let name = op.function();
+        let mut cmd = Cmd::with_capacity(8, 5 + name.len() + 1 + key.len() + extra + 64);
+        cmd.arg("FCALL").arg(name).arg(1).arg(key);
         cmd
     }
 
@@ -401,7 +404,7 @@ impl RedisStore {
     }
 
     fn claim_cmd(req: &ClaimRequest<'_>, key: &[u8]) -> Cmd {
-        let mut cmd = Self::fcall(Op::Claim, key);
+        let mut cmd = Self::fcall(Op::Claim, key, req.fingerprint.map_or(0, <[u8]>::len));
         cmd.arg(micros(req.lease))
             .arg(millis(req.ttl.max(req.lease)))
             .arg(req.max_attempts.unwrap_or(0));
@@ -412,7 +415,7 @@ impl RedisStore {
     }
 
     fn complete_cmd(c: &Completion<'_>, key: &[u8]) -> Cmd {
-        let mut cmd = Self::fcall(Op::Complete, key);
+        let mut cmd = Self::fcall(Op::Complete, key, c.output.map_or(0, <[u8]>::len));
         cmd.arg(c.token.0).arg(millis(c.ttl));
         if let Some(out) = c.output {
             cmd.arg(out);
@@ -421,7 +424,7 @@ impl RedisStore {
     }
 
     fn release_cmd(r: &Release<'_>, key: &[u8]) -> Cmd {
-        let mut cmd = Self::fcall(Op::Release, key);
+        let mut cmd = Self::fcall(Op::Release, key, 0);
         cmd.arg(r.token.0);
         cmd
     }
@@ -617,8 +620,10 @@ local function save_extend(key, v, keep_ms)
 end
 
 -- ARGV lease µs, keep ms, max attempts (0: none)[, fingerprint].
--- Reply: {0, reason} corrupt, {1, token, attempt} acquired, {2[, output]} completed,
--- {3, retry after µs} in progress, {4, attempts} exhausted, {5} fingerprint mismatch.
+-- Reply, shortest for the two common answers: token (an integer) acquired for the
+-- first attempt, output (a string) completed; otherwise {0, reason} corrupt,
+-- {1, token, attempt} acquired, {2} completed without output, {3, retry after µs} in
+-- progress, {4, attempts} exhausted, {5} fingerprint mismatch.
 local function claim(keys, args)
   local key = keys[1]
   local fp = args[4]
@@ -635,7 +640,7 @@ local function claim(keys, args)
       rec = struct.pack(HEAD, IN_PROGRESS, 0, 1, now, now + args[1])
     end
     redis.call('SET', key, rec, 'PX', args[2])
-    return {1, now, 1}
+    return now
   end
   local state, flags, attempts, token, lease, e = decode(v)
   if not state then
@@ -647,7 +652,7 @@ local function claim(keys, args)
   end
   if state == COMPLETED then
     if flags >= 2 then
-      return {2, string.sub(v, e + 1)}
+      return string.sub(v, e + 1)
     end
     return {2}
   end
@@ -889,6 +894,20 @@ impl<'a> Reply<'a> {
 }
 
 fn claim_outcome(key: &RecordKey, v: Value) -> Result<ClaimOutcome, StoreError> {
+    let v = match v {
+        Value::Int(token) if token > 0 => {
+            return Ok(ClaimOutcome::Acquired {
+                token: Token(token.unsigned_abs()),
+                attempt: 1,
+            });
+        }
+        Value::BulkString(output) => {
+            return Ok(ClaimOutcome::Completed {
+                output: Some(output),
+            });
+        }
+        v => v,
+    };
     let (code, mut r) = Reply::new(key, "claim", v)?;
     Ok(match code {
         1 => ClaimOutcome::Acquired {
@@ -973,13 +992,13 @@ impl Store for RedisStore {
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
-        let mut cmd = Self::fcall(Op::Renew, &self.redis_key(key));
+        let mut cmd = Self::fcall(Op::Renew, &self.redis_key(key), 0);
         cmd.arg(token.0).arg(micros(lease)).arg(millis(lease));
         fence(key, "renew", self.run(Op::Renew, &cmd).await?)
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        let cmd = Self::fcall(Op::Inspect, &self.redis_key(key));
+        let cmd = Self::fcall(Op::Inspect, &self.redis_key(key), 0);
         record(key, self.run(Op::Inspect, &cmd).await?)
     }
 
