@@ -11,7 +11,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
 use redis::{
-    Cmd, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerError, ServerErrorKind, Value,
+    Cmd, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind, Value,
 };
 use std::collections::HashMap;
 use std::fmt;
@@ -326,78 +326,78 @@ impl RedisStore {
         Ok(())
     }
 
-    async fn pipeline(&self, cmds: &[&Cmd]) -> Result<Vec<Value>, RedisError> {
-        let mut pipe = redis::pipe();
-        pipe.ignore_errors();
-        for cmd in cmds {
-            pipe.add_command((*cmd).clone());
-        }
-        match &self.conn {
-            Conn::Single(c) => pipe.query_async(&mut c.clone()).await,
-            Conn::Cluster(c) => pipe.query_async(&mut c.clone()).await,
-        }
-    }
-
-    /// Runs many function calls (each on the key at the same index of `keys`) in
-    /// pipelines: one for a single node, one per hash slot on a cluster. Calls that the
-    /// server did not run (the library missing after a restart, a slot moving) run
-    /// again one by one.
-    async fn call_batch(&self, cmds: &[Cmd], keys: &[Vec<u8>]) -> Result<Vec<Value>, StoreError> {
+    /// The batch calls of `op` over `keys`: on a single node one call per
+    /// [`BATCH_CALL_KEYS`] keys, on a cluster one per hash slot (and as many keys);
+    /// `push_args` appends the arguments of the key at an index. Returns the indices
+    /// each call covers, and the calls.
+    fn many_cmds(
+        &self,
+        op: Op,
+        keys: &[Vec<u8>],
+        push_args: impl Fn(usize, &mut Cmd),
+    ) -> (Vec<Vec<usize>>, Vec<Cmd>) {
+        let all: Vec<usize> = (0..keys.len()).collect();
         let groups: Vec<Vec<usize>> = match self.conn {
-            Conn::Single(_) => vec![(0..cmds.len()).collect()],
+            Conn::Single(_) => all.chunks(BATCH_CALL_KEYS).map(<[usize]>::to_vec).collect(),
             Conn::Cluster(_) => {
                 let mut by_slot: HashMap<Slot, Vec<usize>> = HashMap::new();
-                for (i, k) in keys.iter().enumerate() {
-                    by_slot.entry(Slot::for_key(k)).or_default().push(i);
+                for i in all {
+                    by_slot.entry(Slot::for_key(&keys[i])).or_default().push(i);
                 }
-                by_slot.into_values().collect()
+                by_slot
+                    .into_values()
+                    .flat_map(|g| {
+                        g.chunks(BATCH_CALL_KEYS)
+                            .map(<[usize]>::to_vec)
+                            .collect::<Vec<_>>()
+                    })
+                    .collect()
             }
         };
-        let replies = join_all(groups.iter().map(|g| {
-            let items: Vec<&Cmd> = g.iter().map(|&i| &cmds[i]).collect();
-            async move { self.pipeline(&items).await }
-        }))
-        .await;
-        let mut out = vec![Value::Nil; cmds.len()];
-        for (group, reply) in groups.iter().zip(replies) {
-            let values = reply.map_err(|e| redis_error(e, "Redis pipeline failed"))?;
-            if values.len() != group.len() {
-                return Err(StoreError::new(
-                    StoreErrorKind::Corrupt,
-                    format!(
-                        "Redis answered a pipeline of {} function calls with {} replies",
-                        group.len(),
-                        values.len()
-                    ),
-                ));
-            }
-            for (&i, v) in group.iter().zip(values) {
-                out[i] = v;
-            }
-        }
-        let again: Vec<usize> = (0..out.len())
-            .filter(|&i| matches!(&out[i], Value::ServerError(e) if not_run(e)))
+        let cmds = groups
+            .iter()
+            .map(|g| {
+                let mut cmd = redis::cmd("FCALL");
+                cmd.arg(op.function()).arg(g.len());
+                for &i in g {
+                    cmd.arg(&keys[i]);
+                }
+                for &i in g {
+                    push_args(i, &mut cmd);
+                }
+                cmd
+            })
             .collect();
-        if !again.is_empty() {
-            if out.iter().any(
-                |v| matches!(v, Value::ServerError(e) if function_missing(e.code(), e.details())),
-            ) {
-                self.load().await.map_err(|e| {
-                    redis_error(
-                        e,
-                        "could not load the function library into Redis (Redis 7.0 or later is required)",
-                    )
-                })?;
-            }
-            let replies = join_all(again.iter().map(|&i| self.call(&cmds[i]))).await;
-            for (&i, reply) in again.iter().zip(replies) {
-                out[i] = reply.map_err(|e| redis_error(e, "Redis function call failed"))?;
-            }
-        }
-        for v in &mut out {
-            if let Value::ServerError(e) = v {
-                let e = RedisError::from(e.clone());
-                return Err(redis_error(e, "Redis function call failed"));
+        (groups, cmds)
+    }
+
+    /// Sends the batch calls all at once (they share the connection, so a single
+    /// node gets them in one write) and splits their replies back into one per key.
+    async fn call_many(
+        &self,
+        op: Op,
+        n: usize,
+        (groups, cmds): (Vec<Vec<usize>>, Vec<Cmd>),
+    ) -> Result<Vec<Value>, StoreError> {
+        let replies = join_all(cmds.iter().map(|c| self.run(op, c))).await;
+        let mut out = vec![Value::Nil; n];
+        for (group, reply) in groups.iter().zip(replies) {
+            match reply? {
+                Value::Array(items) if items.len() == group.len() => {
+                    for (&i, v) in group.iter().zip(items) {
+                        out[i] = v;
+                    }
+                }
+                _ => {
+                    return Err(StoreError::new(
+                        StoreErrorKind::Corrupt,
+                        format!(
+                            "unexpected reply from the Redis {} function for {} keys",
+                            op.what(),
+                            group.len()
+                        ),
+                    ));
+                }
             }
         }
         Ok(out)
@@ -438,6 +438,9 @@ impl RedisStore {
                 Op::Release => "release failed",
                 Op::Renew => "renew failed",
                 Op::Inspect => "inspect failed",
+                Op::ClaimMany => "claim batch failed",
+                Op::CompleteMany => "complete batch failed",
+                Op::ReleaseMany => "release batch failed",
             };
             if e.detail().is_some_and(|d| d.contains("unknown command 'FCALL'")) {
                 return redis_error(e, &format!("{what} (the store needs Redis 7.0 or later)"));
@@ -452,22 +455,6 @@ fn function_missing(code: &str, detail: Option<&str>) -> bool {
     code == "ERR" && detail.is_some_and(|d| d.starts_with("Function not found"))
 }
 
-/// Server errors after which the function did not run, so running it again is safe.
-fn not_run(e: &ServerError) -> bool {
-    function_missing(e.code(), e.details())
-        || matches!(
-            e.kind(),
-            Some(
-                ServerErrorKind::Moved
-                    | ServerErrorKind::Ask
-                    | ServerErrorKind::TryAgain
-                    | ServerErrorKind::ClusterDown
-                    | ServerErrorKind::MasterDown
-                    | ServerErrorKind::BusyLoading
-            )
-        )
-}
-
 fn push_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
     for &b in bytes {
         match b {
@@ -478,6 +465,10 @@ fn push_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
         }
     }
 }
+
+/// Keys per batch call, so that one call holds the server for a bounded time (about
+/// a millisecond).
+const BATCH_CALL_KEYS: usize = 128;
 
 /// Durations are clamped to 100 years so that server time plus a lease stays exact in
 /// Lua's numbers (2^53 µs is year 2255).
@@ -764,11 +755,46 @@ local function inspect(keys)
   return {1, state, attempts, token, left, redis.call('PTTL', key), has_fp, fp, has_out, out}
 end
 
+-- The batch forms: one call over many keys (on a cluster, keys of one hash slot),
+-- `n` arguments per key; the reply holds each key's answer, in order.
+local function claim_args(args, b)
+  local a = {args[b + 1], args[b + 2], args[b + 3]}
+  if args[b + 4] == '1' then
+    a[4] = args[b + 5]
+  end
+  return a
+end
+
+local function complete_args(args, b)
+  local a = {args[b + 1], args[b + 2]}
+  if args[b + 3] == '1' then
+    a[3] = args[b + 4]
+  end
+  return a
+end
+
+local function release_args(args, b)
+  return {args[b + 1]}
+end
+
+local function many(step, n, args_of)
+  return function(keys, args)
+    local out = {}
+    for i = 1, #keys do
+      out[i] = step({keys[i]}, args_of(args, (i - 1) * n))
+    end
+    return out
+  end
+end
+
 redis.register_function('idempotent_$V_claim', claim)
 redis.register_function('idempotent_$V_complete', complete)
 redis.register_function('idempotent_$V_release', release)
 redis.register_function('idempotent_$V_renew', renew)
 redis.register_function('idempotent_$V_inspect', inspect)
+redis.register_function('idempotent_$V_claim_many', many(claim, 5, claim_args))
+redis.register_function('idempotent_$V_complete_many', many(complete, 4, complete_args))
+redis.register_function('idempotent_$V_release_many', many(release, 1, release_args))
 "#;
 
 /// A protocol step: one function of the library.
@@ -779,6 +805,9 @@ enum Op {
     Release,
     Renew,
     Inspect,
+    ClaimMany,
+    CompleteMany,
+    ReleaseMany,
 }
 
 impl Op {
@@ -794,6 +823,9 @@ impl Op {
             Op::Release => "release",
             Op::Renew => "renew",
             Op::Inspect => "inspect",
+            Op::ClaimMany => "claim_many",
+            Op::CompleteMany => "complete_many",
+            Op::ReleaseMany => "release_many",
         }
     }
 }
@@ -801,7 +833,7 @@ impl Op {
 /// The library with its version filled in, and the names of its functions.
 struct Library {
     code: String,
-    functions: [String; 5],
+    functions: [String; 8],
 }
 
 static LIB: LazyLock<Library> = LazyLock::new(|| {
@@ -809,8 +841,17 @@ static LIB: LazyLock<Library> = LazyLock::new(|| {
     let script = Script::new(LIBRARY);
     let version = &script.get_hash()[..16];
     let code = LIBRARY.replace("$V", version);
-    let functions = [Op::Claim, Op::Complete, Op::Release, Op::Renew, Op::Inspect]
-        .map(|op| format!("idempotent_{version}_{}", op.what()));
+    let functions = [
+        Op::Claim,
+        Op::Complete,
+        Op::Release,
+        Op::Renew,
+        Op::Inspect,
+        Op::ClaimMany,
+        Op::CompleteMany,
+        Op::ReleaseMany,
+    ]
+    .map(|op| format!("idempotent_{version}_{}", op.what()));
     Library { code, functions }
 });
 
@@ -1024,12 +1065,15 @@ impl Store for RedisStore {
         reqs: &[ClaimRequest<'_>],
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
         let keys: Vec<Vec<u8>> = reqs.iter().map(|r| self.redis_key(r.key)).collect();
-        let cmds: Vec<Cmd> = reqs
-            .iter()
-            .zip(&keys)
-            .map(|(r, k)| Self::claim_cmd(r, k))
-            .collect();
-        let values = self.call_batch(&cmds, &keys).await?;
+        let calls = self.many_cmds(Op::ClaimMany, &keys, |i, cmd| {
+            let r = &reqs[i];
+            cmd.arg(micros(r.lease))
+                .arg(millis(r.ttl.max(r.lease)))
+                .arg(r.max_attempts.unwrap_or(0))
+                .arg(u8::from(r.fingerprint.is_some()))
+                .arg(r.fingerprint.unwrap_or_default());
+        });
+        let values = self.call_many(Op::ClaimMany, reqs.len(), calls).await?;
         reqs.iter()
             .zip(values)
             .map(|(r, v)| claim_outcome(r.key, v))
@@ -1038,12 +1082,16 @@ impl Store for RedisStore {
 
     async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
         let keys: Vec<Vec<u8>> = items.iter().map(|c| self.redis_key(c.key)).collect();
-        let cmds: Vec<Cmd> = items
-            .iter()
-            .zip(&keys)
-            .map(|(c, k)| Self::complete_cmd(c, k))
-            .collect();
-        let values = self.call_batch(&cmds, &keys).await?;
+        let calls = self.many_cmds(Op::CompleteMany, &keys, |i, cmd| {
+            let c = &items[i];
+            cmd.arg(c.token.0)
+                .arg(millis(c.ttl))
+                .arg(u8::from(c.output.is_some()))
+                .arg(c.output.unwrap_or_default());
+        });
+        let values = self
+            .call_many(Op::CompleteMany, items.len(), calls)
+            .await?;
         items
             .iter()
             .zip(values)
@@ -1053,12 +1101,10 @@ impl Store for RedisStore {
 
     async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
         let keys: Vec<Vec<u8>> = items.iter().map(|r| self.redis_key(r.key)).collect();
-        let cmds: Vec<Cmd> = items
-            .iter()
-            .zip(&keys)
-            .map(|(r, k)| Self::release_cmd(r, k))
-            .collect();
-        let values = self.call_batch(&cmds, &keys).await?;
+        let calls = self.many_cmds(Op::ReleaseMany, &keys, |i, cmd| {
+            cmd.arg(items[i].token.0);
+        });
+        let values = self.call_many(Op::ReleaseMany, items.len(), calls).await?;
         items
             .iter()
             .zip(values)
