@@ -2,5 +2,6 @@
 //! real servers.
 
 pub mod conformance;
+pub mod nats_support;
 pub mod redis_support;
 pub mod sql_support;
