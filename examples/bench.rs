@@ -358,6 +358,52 @@ async fn fill(store: &dyn Store, keys: &[RecordKey], output: &[u8]) {
 
 // ------------------------------------------------------------------ shared stores
 
+/// The classic unique-key claim: `INSERT` the id with status 0, run the body, `UPDATE`
+/// it to status 1 with the output.
+macro_rules! sql_first {
+    ($pool:expr, $k:expr, $insert:literal, $update:literal) => {{
+        sqlx::query($insert).bind($k).execute($pool).await.unwrap();
+        let out = body($k).await.unwrap();
+        sqlx::query($update)
+            .bind(out.to_string().into_bytes())
+            .bind($k)
+            .execute($pool)
+            .await
+            .unwrap();
+    }};
+}
+
+/// The classic duplicate: the `INSERT` finds the id taken and inserts nothing, then a
+/// `SELECT` reads the status and output.
+macro_rules! sql_duplicate {
+    ($pool:expr, $k:expr, $insert:literal, $select:literal) => {{
+        let r = sqlx::query($insert).bind($k).execute($pool).await.unwrap();
+        assert_eq!(r.rows_affected(), 0);
+        let row = sqlx::query($select)
+            .bind($k)
+            .fetch_one($pool)
+            .await
+            .unwrap();
+        std::hint::black_box(row);
+    }};
+}
+
+/// Inserts completed rows `old-{i}` for `range` into the raw table, `per` rows a statement.
+macro_rules! sql_prefill {
+    ($pool:expr, $prefix:expr, $range:expr, $per:expr) => {{
+        for chunk in $range.collect::<Vec<_>>().chunks($per) {
+            let mut qb =
+                sqlx::QueryBuilder::new("INSERT INTO bench_raw (message_id, status, output) ");
+            qb.push_values(chunk, |mut b, i| {
+                b.push_bind(format!("{}-raw-old-{i}", $prefix))
+                    .push_bind(1)
+                    .push_bind(b"12".to_vec());
+            });
+            qb.build().execute($pool).await.unwrap();
+        }
+    }};
+}
+
 /// The hand-written baseline of one store: the classic two-step claim/complete.
 #[derive(Clone)]
 enum Raw {
@@ -426,48 +472,24 @@ impl Raw {
                     .await
                     .unwrap();
             }
-            Raw::MySql(p) => {
-                sqlx::query("INSERT INTO bench_raw (message_id, status) VALUES (?, 0)")
-                    .bind(k)
-                    .execute(p)
-                    .await
-                    .unwrap();
-                let out = body(k).await.unwrap();
-                sqlx::query("UPDATE bench_raw SET status = 1, output = ? WHERE message_id = ?")
-                    .bind(out.to_string().into_bytes())
-                    .bind(k)
-                    .execute(p)
-                    .await
-                    .unwrap();
-            }
-            Raw::Postgres(p) => {
-                sqlx::query("INSERT INTO bench_raw (message_id, status) VALUES ($1, 0)")
-                    .bind(k)
-                    .execute(p)
-                    .await
-                    .unwrap();
-                let out = body(k).await.unwrap();
-                sqlx::query("UPDATE bench_raw SET status = 1, output = $1 WHERE message_id = $2")
-                    .bind(out.to_string().into_bytes())
-                    .bind(k)
-                    .execute(p)
-                    .await
-                    .unwrap();
-            }
-            Raw::Sqlite(p) => {
-                sqlx::query("INSERT INTO bench_raw (message_id, status) VALUES (?, 0)")
-                    .bind(k)
-                    .execute(p)
-                    .await
-                    .unwrap();
-                let out = body(k).await.unwrap();
-                sqlx::query("UPDATE bench_raw SET status = 1, output = ? WHERE message_id = ?")
-                    .bind(out.to_string().into_bytes())
-                    .bind(k)
-                    .execute(p)
-                    .await
-                    .unwrap();
-            }
+            Raw::MySql(p) => sql_first!(
+                p,
+                k,
+                "INSERT INTO bench_raw (message_id, status) VALUES (?, 0)",
+                "UPDATE bench_raw SET status = 1, output = ? WHERE message_id = ?"
+            ),
+            Raw::Postgres(p) => sql_first!(
+                p,
+                k,
+                "INSERT INTO bench_raw (message_id, status) VALUES ($1, 0)",
+                "UPDATE bench_raw SET status = 1, output = $1 WHERE message_id = $2"
+            ),
+            Raw::Sqlite(p) => sql_first!(
+                p,
+                k,
+                "INSERT INTO bench_raw (message_id, status) VALUES (?, 0)",
+                "UPDATE bench_raw SET status = 1, output = ? WHERE message_id = ?"
+            ),
         }
     }
 
@@ -489,50 +511,24 @@ impl Raw {
                 let out: Option<String> = c.get(k).await.unwrap();
                 std::hint::black_box(out.expect("completed"));
             }
-            Raw::MySql(p) => {
-                let r = sqlx::query("INSERT INTO bench_raw (message_id, status) VALUES (?, 0)")
-                    .bind(k)
-                    .execute(p)
-                    .await;
-                assert!(r.is_err());
-                let row = sqlx::query("SELECT status, output FROM bench_raw WHERE message_id = ?")
-                    .bind(k)
-                    .fetch_one(p)
-                    .await
-                    .unwrap();
-                std::hint::black_box(row);
-            }
-            Raw::Postgres(p) => {
-                // ON CONFLICT DO NOTHING: a failed INSERT would abort nothing here, but
-                // it logs an error per duplicate on the server
-                let r = sqlx::query(
-                    "INSERT INTO bench_raw (message_id, status) VALUES ($1, 0) ON CONFLICT DO NOTHING",
-                )
-                .bind(k)
-                .execute(p)
-                .await
-                .unwrap();
-                assert_eq!(r.rows_affected(), 0);
-                let row = sqlx::query("SELECT status, output FROM bench_raw WHERE message_id = $1")
-                    .bind(k)
-                    .fetch_one(p)
-                    .await
-                    .unwrap();
-                std::hint::black_box(row);
-            }
-            Raw::Sqlite(p) => {
-                let r = sqlx::query("INSERT INTO bench_raw (message_id, status) VALUES (?, 0)")
-                    .bind(k)
-                    .execute(p)
-                    .await;
-                assert!(r.is_err());
-                let row = sqlx::query("SELECT status, output FROM bench_raw WHERE message_id = ?")
-                    .bind(k)
-                    .fetch_one(p)
-                    .await
-                    .unwrap();
-                std::hint::black_box(row);
-            }
+            Raw::MySql(p) => sql_duplicate!(
+                p,
+                k,
+                "INSERT IGNORE INTO bench_raw (message_id, status) VALUES (?, 0)",
+                "SELECT status, output FROM bench_raw WHERE message_id = ?"
+            ),
+            Raw::Postgres(p) => sql_duplicate!(
+                p,
+                k,
+                "INSERT INTO bench_raw (message_id, status) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+                "SELECT status, output FROM bench_raw WHERE message_id = $1"
+            ),
+            Raw::Sqlite(p) => sql_duplicate!(
+                p,
+                k,
+                "INSERT INTO bench_raw (message_id, status) VALUES (?, 0) ON CONFLICT DO NOTHING",
+                "SELECT status, output FROM bench_raw WHERE message_id = ?"
+            ),
         }
     }
 }
@@ -755,45 +751,10 @@ async fn prefill(name: &str, store: &dyn Store, raw: &Raw, count: u64) {
                 }
                 let _: () = pipe.query_async(&mut c).await.unwrap();
             }
-            Raw::MySql(p) => {
-                for chunk in (done..done + n).collect::<Vec<_>>().chunks(1000) {
-                    let mut qb = sqlx::QueryBuilder::new(
-                        "INSERT INTO bench_raw (message_id, status, output) ",
-                    );
-                    qb.push_values(chunk, |mut b, i| {
-                        b.push_bind(format!("{prefix}-raw-old-{i}"))
-                            .push_bind(1)
-                            .push_bind(b"12".to_vec());
-                    });
-                    qb.build().execute(p).await.unwrap();
-                }
-            }
-            Raw::Postgres(p) => {
-                for chunk in (done..done + n).collect::<Vec<_>>().chunks(1000) {
-                    let mut qb = sqlx::QueryBuilder::new(
-                        "INSERT INTO bench_raw (message_id, status, output) ",
-                    );
-                    qb.push_values(chunk, |mut b, i| {
-                        b.push_bind(format!("{prefix}-raw-old-{i}"))
-                            .push_bind(1)
-                            .push_bind(b"12".to_vec());
-                    });
-                    qb.build().execute(p).await.unwrap();
-                }
-            }
-            Raw::Sqlite(p) => {
-                for chunk in (done..done + n).collect::<Vec<_>>().chunks(300) {
-                    let mut qb = sqlx::QueryBuilder::new(
-                        "INSERT INTO bench_raw (message_id, status, output) ",
-                    );
-                    qb.push_values(chunk, |mut b, i| {
-                        b.push_bind(format!("{prefix}-raw-old-{i}"))
-                            .push_bind(1)
-                            .push_bind(b"12".to_vec());
-                    });
-                    qb.build().execute(p).await.unwrap();
-                }
-            }
+            Raw::MySql(p) => sql_prefill!(p, &prefix, done..done + n, 1000),
+            Raw::Postgres(p) => sql_prefill!(p, &prefix, done..done + n, 1000),
+            // SQLite binds at most 999 parameters per statement
+            Raw::Sqlite(p) => sql_prefill!(p, &prefix, done..done + n, 300),
         }
         done += n;
     }
@@ -865,11 +826,11 @@ fn write_markdown(report: &Report, opts: &Options) -> std::io::Result<()> {
     );
     let _ = writeln!(
         md,
-        "Measured on {date} on a machine with {cores} cores, services on loopback, by
-         `cargo run --release -p idempotent-examples --example bench --features bench`
-         ({} messages per case and runtime; raw baseline and framework interleaved in the same process).
-         `current` is a current-thread tokio runtime, `multi` a multi-thread one with one worker per core.
-",
+        "Measured on {date} on a machine with {cores} cores, services on loopback, by\n\
+         `cargo run --release -p idempotent-examples --example bench --features bench`\n\
+         ({} messages per case and runtime; raw baseline and framework interleaved in the\n\
+         same process). `current` is a current-thread tokio runtime, `multi` a multi-thread\n\
+         one with one worker per core.\n",
         opts.messages
     );
     let _ = writeln!(
