@@ -307,15 +307,13 @@ impl Idempotency {
         for i in 0..messages.len() {
             if matches!(slots[i], Slot::Wait) {
                 let key = keys[i].clone().expect("key");
-                let r = protocol::execute(
-                    &settings,
-                    scope.clone(),
-                    store.clone(),
+                let call = protocol::Call {
+                    scope: scope.clone(),
+                    store: store.clone(),
                     key,
-                    None,
-                    handler(&messages[i]),
-                )
-                .await;
+                    fingerprint: None,
+                };
+                let r = protocol::execute(&settings, call, handler(&messages[i])).await;
                 slots[i] = Slot::Done(r);
             }
         }

@@ -156,11 +156,13 @@ impl Idempotency {
     pub(crate) fn resolve_store(&self) -> Result<StoreHandle, Error> {
         match &self.store {
             StoreChoice::Handle(h) => Ok(h.clone()),
-            StoreChoice::Named(name) => registered_store(name)
-                .map(StoreHandle::Static)
-                .ok_or_else(|| Error::UnknownStore {
-                    name: name.to_string(),
-                }),
+            StoreChoice::Named(name) => {
+                registered_store(name)
+                    .map(StoreHandle::Static)
+                    .ok_or_else(|| Error::UnknownStore {
+                        name: name.to_string(),
+                    })
+            }
         }
     }
 
@@ -193,14 +195,12 @@ impl Idempotency {
                 })?)
             }
         };
-        protocol::execute(
-            &self.settings,
-            self.scope.clone(),
+        let call = protocol::Call {
+            scope: self.scope.clone(),
             store,
             key,
             fingerprint,
-            body,
-        )
-        .await
+        };
+        protocol::execute(&self.settings, call, body).await
     }
 }

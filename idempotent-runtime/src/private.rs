@@ -105,13 +105,11 @@ where
             }
         },
     };
-    protocol::execute(
-        &config.settings,
-        Cow::Borrowed(scope),
+    let call = protocol::Call {
+        scope: Cow::Borrowed(scope),
         store,
         key,
         fingerprint,
-        body,
-    )
-    .await
+    };
+    protocol::execute(&config.settings, call, body).await
 }

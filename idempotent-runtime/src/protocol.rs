@@ -392,16 +392,17 @@ async fn renew_loop(store: &dyn Store, key: &RecordKey, token: Token, lease: Dur
     }
 }
 
-/// Runs `body` under the protocol. The key is already encoded; `fingerprint` is the
-/// hash of the declared fingerprint expression.
-pub(crate) async fn execute<T, E, Fut>(
-    settings: &Settings,
-    scope: Cow<'static, str>,
-    store: StoreHandle,
-    key: RecordKey,
-    fingerprint: Option<[u8; 32]>,
-    body: Fut,
-) -> Result<T, E>
+/// One message to run under the protocol: where, under which key, with which
+/// fingerprint (the hash of the declared fingerprint expression).
+pub(crate) struct Call {
+    pub(crate) scope: Cow<'static, str>,
+    pub(crate) store: StoreHandle,
+    pub(crate) key: RecordKey,
+    pub(crate) fingerprint: Option<[u8; 32]>,
+}
+
+/// Runs `body` under the protocol.
+pub(crate) async fn execute<T, E, Fut>(settings: &Settings, call: Call, body: Fut) -> Result<T, E>
 where
     T: Serialize + DeserializeOwned,
     E: From<Error>,
@@ -410,28 +411,25 @@ where
     // one span per handled message: the scope and the outcome, never the key
     let span = tracing::info_span!(
         "idempotent",
-        scope = %scope,
+        scope = %call.scope,
         attempt = tracing::field::Empty,
         outcome = tracing::field::Empty,
     );
-    execute_in_span(settings, scope, store, key, fingerprint, body)
-        .instrument(span)
-        .await
+    execute_in_span(settings, call, body).instrument(span).await
 }
 
-async fn execute_in_span<T, E, Fut>(
-    settings: &Settings,
-    scope: Cow<'static, str>,
-    store: StoreHandle,
-    key: RecordKey,
-    fingerprint: Option<[u8; 32]>,
-    body: Fut,
-) -> Result<T, E>
+async fn execute_in_span<T, E, Fut>(settings: &Settings, call: Call, body: Fut) -> Result<T, E>
 where
     T: Serialize + DeserializeOwned,
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
+    let Call {
+        scope,
+        store,
+        key,
+        fingerprint,
+    } = call;
     let req = ClaimRequest {
         key: &key,
         lease: settings.lease,
