@@ -7,8 +7,8 @@
 //! to `BENCHMARKS.md`.
 //!
 //! ```sh
-//! cargo run --release -p idempotent-examples --example bench --features bench
-//! cargo run --release -p idempotent-examples --example bench --features bench -- \
+//! cargo run --release -p idempotent-examples --example bench --features stores
+//! cargo run --release -p idempotent-examples --example bench --features stores -- \
 //!     --stores memory,redis --messages 5000 --scale 0 --out /tmp/bench.md
 //! ```
 //!
@@ -827,7 +827,7 @@ fn write_markdown(report: &Report, opts: &Options) -> std::io::Result<()> {
     let _ = writeln!(
         md,
         "Measured on {date} on a machine with {cores} cores, services on loopback, by\n\
-         `cargo run --release -p idempotent-examples --example bench --features bench`\n\
+         `cargo run --release -p idempotent-examples --example bench --features stores`\n\
          ({} messages per case and runtime; raw baseline and framework interleaved in the\n\
          same process). `current` is a current-thread tokio runtime, `multi` a multi-thread\n\
          one with one worker per core.\n",
