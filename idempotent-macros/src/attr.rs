@@ -8,7 +8,7 @@ use syn::{Expr, ExprLit, Lit, LitInt, LitStr, Path};
 
 /// Every argument the attribute accepts, for the "unknown argument" message.
 pub(crate) const ARGUMENTS: &str = "`key`, `store`, `ttl`, `lease`, `max_attempts`, `scope`, \
-     `fingerprint`, `on_store_error`, `on_in_progress`, `crate`";
+     `fingerprint`, `on_store_error`, `on_in_progress`, `tx`, `table`, `crate`";
 
 /// `store = "name"` or `store = PATH`.
 pub(crate) enum StoreArg {
@@ -28,6 +28,8 @@ pub(crate) struct Args {
     pub(crate) fingerprint: Option<LitStr>,
     pub(crate) on_store_error: Option<LitStr>,
     pub(crate) on_in_progress: Option<LitStr>,
+    pub(crate) tx: Option<LitStr>,
+    pub(crate) table: Option<LitStr>,
     pub(crate) krate: Option<Path>,
     /// Arguments that were given with a value of the wrong shape (already reported),
     /// so that `key = msg.id` is not also reported as a missing `key`.
@@ -140,6 +142,11 @@ impl Args {
                 on_in_progress,
                 expect_str("on_in_progress", "reject", parse_value(&meta)?)
             ),
+            "tx" => set_once!(tx, expect_str("tx", "tx", parse_value(&meta)?)),
+            "table" => set_once!(
+                table,
+                expect_str("table", "message_idempotent", parse_value(&meta)?)
+            ),
             "max_attempts" => {
                 let v = match parse_value(&meta)? {
                     Expr::Lit(ExprLit {
@@ -188,6 +195,7 @@ impl Args {
                     "timeout" | "expiry" | "expire" | "retention" => " (did you mean `ttl`?)",
                     "retries" | "max_retries" | "attempts" => " (did you mean `max_attempts`?)",
                     "namespace" => " (did you mean `scope`?)",
+                    "transaction" | "txn" | "in_tx" => " (did you mean `tx`?)",
                     _ => "",
                 };
                 errors.at(

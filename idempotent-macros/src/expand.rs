@@ -28,7 +28,7 @@
 //! `<my_crate::Type as my_crate::Trait>::on_paid` in a trait impl).
 
 use crate::attr::StoreArg;
-use crate::validate::Checked;
+use crate::validate::{Checked, TxMode};
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned};
 use syn::spanned::Spanned;
@@ -115,6 +115,26 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
         ReturnType::Default => quote!(()),
     };
 
+    if let Some(tx) = &c.tx {
+        let parts = Parts {
+            private: &private,
+            scope: &scope,
+            scope_name: &scope_name,
+            fingerprint: &fingerprint,
+            ret_ty: &ret_ty,
+            ttl,
+        };
+        let body = expand_tx(tx, &parts, quote!(#(#key_parts)*), &block);
+        return quote! {
+            #(#attrs)*
+            #vis #defaultness #sig {
+                #[allow(non_snake_case, dead_code, clippy::items_after_statements)]
+                fn #marker() {}
+                #body
+            }
+        };
+    }
+
     quote! {
         #(#attrs)*
         #vis #defaultness #sig {
@@ -148,6 +168,101 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
             )
             .await
         }
+    }
+}
+
+/// What the tx-mode expansion shares with the store mode.
+struct Parts<'a> {
+    private: &'a TokenStream,
+    scope: &'a TokenStream,
+    scope_name: &'a TokenStream,
+    fingerprint: &'a TokenStream,
+    ret_ty: &'a TokenStream,
+    ttl: u64,
+}
+
+/// `tx = "PARAM"`: the claim and the completion are written through the caller's
+/// transaction, around the body, which uses the same transaction in between.
+///
+/// ```text
+/// // Input:
+/// #[idempotent(key = "msg.id", tx = "tx")]
+/// async fn on_paid(msg: &Paid, tx: &mut Transaction<'_, Postgres>) -> Result<Receipt, AppError> { body }
+///
+/// // Output (paths shortened; the marker fn and key as above):
+/// static CONFIG: __private::TxConfig = /* scope, ttl, TxTable::new("message_idempotent") */;
+/// let (call, span) = __private::TxCall::new(&CONFIG, { /* scope */ }, key, None);
+/// Instrument::instrument(async move {
+///     let claim = match call.claim(__private::tx_conn(&mut *tx)).await {
+///         ControlFlow::Continue(claim) => claim,         // claimed: run the body
+///         ControlFlow::Break(done) => return done,       // replayed output or error
+///     };
+///     let ret: Result<Receipt, AppError> = {
+///         let tx = &mut *tx;                             // the body reborrows the transaction
+///         async move { let ret: Result<Receipt, AppError> = { body }; ret }.await
+///     };
+///     claim.finish(__private::tx_conn(&mut *tx), ret).await  // completion in the same transaction
+/// }, span).await
+/// ```
+fn expand_tx(
+    tx: &TxMode,
+    p: &Parts<'_>,
+    key_parts: TokenStream,
+    block: &syn::Block,
+) -> TokenStream {
+    let Parts {
+        private,
+        scope,
+        scope_name,
+        fingerprint,
+        ret_ty,
+        ttl,
+    } = p;
+    let site = Span::mixed_site();
+    let key = quote_spanned!(site=> __idempotent_key);
+    let config = quote_spanned!(site=> __IDEMPOTENT_TX_CONFIG);
+    let call = quote_spanned!(site=> __idempotent_call);
+    let span = quote_spanned!(site=> __idempotent_span);
+    let claim = quote_spanned!(site=> __idempotent_claim);
+    let ret = quote_spanned!(site=> __idempotent_ret);
+    let done = quote_spanned!(site=> __idempotent_done);
+    let param = &tx.param;
+    let table = &tx.table;
+    // spanned at the parameter's type: a type that is not a transaction is reported there
+    let conn = quote_spanned! {tx.ty_span=>
+        #private::tx_conn(&mut *#param)
+    };
+    quote! {
+        static #config: #private::TxConfig = #private::TxConfig {
+            scope: #scope,
+            ttl: #private::Duration::from_millis(#ttl),
+            table: #private::TxTable::new(#table),
+        };
+        let mut #key = #private::KeyBuilder::new();
+        #key_parts
+        let (#call, #span) = #private::TxCall::new(&#config, #scope_name, #key, #fingerprint);
+        #private::Instrument::instrument(
+            async move {
+                let #claim = match #call.claim(#conn).await {
+                    #private::core::ops::ControlFlow::Continue(#claim) => #claim,
+                    #private::core::ops::ControlFlow::Break(#done) => return #done,
+                };
+                let #ret: #ret_ty = {
+                    #[allow(unused_variables)]
+                    let #param = &mut *#param;
+                    async move {
+                        #[allow(unreachable_code, clippy::let_and_return, clippy::needless_return)]
+                        let #ret: #ret_ty = #block;
+                        #[allow(unreachable_code)]
+                        #ret
+                    }
+                    .await
+                };
+                #claim.finish(#conn, #ret).await
+            },
+            #span,
+        )
+        .await
     }
 }
 

@@ -1,5 +1,8 @@
 //! Checks the arguments against the function and turns them into what `expand` emits.
 
+mod tx;
+
+pub(crate) use tx::TxMode;
 use crate::attr::{Args, Errors, StoreArg};
 use proc_macro2::{Group, Span, TokenStream, TokenTree};
 use std::collections::BTreeSet;
@@ -24,6 +27,8 @@ pub(crate) struct Checked {
     pub(crate) scope: Option<LitStr>,
     pub(crate) on_store_error_process: bool,
     pub(crate) on_in_progress_wait: bool,
+    /// `tx = "PARAM"`: the dedup row is written in the caller's transaction.
+    pub(crate) tx: Option<TxMode>,
     pub(crate) krate: Path,
 }
 
@@ -57,9 +62,11 @@ pub(crate) fn check(args: Args, func: &ItemFn, errors: &mut Errors) -> Option<Ch
         .and_then(|l| duration(l, "lease", errors));
     let ttl_ms = ttl.unwrap_or(DEFAULT_TTL_MS);
     let lease_ms = lease.unwrap_or(DEFAULT_LEASE_MS);
-    // compared only when both are valid (or defaults): a bad one is reported alone
-    let both_valid =
-        (args.ttl.is_none() || ttl.is_some()) && (args.lease.is_none() || lease.is_some());
+    // compared only when both are valid (or defaults): a bad one is reported alone; tx
+    // mode has no lease (a given one is reported by the tx checks)
+    let both_valid = (args.ttl.is_none() || ttl.is_some())
+        && (args.lease.is_none() || lease.is_some())
+        && args.tx.is_none();
     if both_valid && lease_ms >= ttl_ms {
         match (&args.lease, &args.ttl) {
             (Some(l), _) => errors.at(
@@ -132,6 +139,11 @@ pub(crate) fn check(args: Args, func: &ItemFn, errors: &mut Errors) -> Option<Ch
         errors,
     ) == Some(1);
 
+    let tx = tx::check(&args, func, errors);
+    if args.tx.is_some() && tx.is_none() {
+        return None;
+    }
+
     let krate = args
         .krate
         .unwrap_or_else(|| syn::parse_quote!(::idempotent_runtime));
@@ -146,6 +158,7 @@ pub(crate) fn check(args: Args, func: &ItemFn, errors: &mut Errors) -> Option<Ch
         scope: args.scope,
         on_store_error_process,
         on_in_progress_wait,
+        tx,
         krate,
     })
 }

@@ -160,6 +160,12 @@ pub enum StoreErrorKind {
     /// An injected fault from `testing::FaultyStore` (feature `testing`) or
     /// another failure that a retry may fix.
     Other,
+    /// The database aborted a statement, or the whole transaction, because it
+    /// conflicted with a concurrent transaction: a deadlock, a serialization failure
+    /// under `SERIALIZABLE` / `REPEATABLE READ`, a lock wait timeout (retryable). Raised
+    /// by transactional mode (`tx = "…"`): roll the transaction back and deliver the
+    /// message again.
+    Conflict,
 }
 
 /// A failure reported by a [`Store`](crate::Store), with the driver's error as its source.
@@ -201,7 +207,7 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.kind,
-            StoreErrorKind::Unavailable | StoreErrorKind::Other
+            StoreErrorKind::Unavailable | StoreErrorKind::Other | StoreErrorKind::Conflict
         )
     }
 }

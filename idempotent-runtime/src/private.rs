@@ -2,16 +2,19 @@
 //! guarantees.
 
 use crate::protocol::{self, Settings, StoreHandle};
-use crate::{Error, KeyPart, Store, registered_store};
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Token};
+use crate::{Error, KeyPart, RecordKey, Store, StoreError, StoreErrorKind, registered_store};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::borrow::Cow;
 use std::future::Future;
+use std::ops::ControlFlow;
 
 pub use crate::protocol::{OnInProgress, OnStoreError};
 pub use crate::store::Store as StoreTrait;
 pub use core;
 pub use std::time::Duration;
+pub use tracing::Instrument;
 
 /// One handler's configuration, built by the attribute as a `static`.
 #[derive(Debug)]
@@ -112,4 +115,261 @@ where
         fingerprint,
     };
     protocol::execute(&config.settings, call, body).await
+}
+
+// ---- transactional mode (`tx = "…"`) ----
+
+/// One tx-mode handler's configuration, built by the attribute as a `static`.
+#[derive(Debug)]
+pub struct TxConfig {
+    /// Explicit `scope = "…"`, or `None` for the handler's path.
+    pub scope: Option<&'static str>,
+    /// How long a completed key is remembered.
+    pub ttl: Duration,
+    /// The dedup table.
+    pub table: TxTable,
+}
+
+/// The dedup table of a tx-mode handler, with its statements for each database,
+/// built on first use.
+pub struct TxTable {
+    name: &'static str,
+    #[cfg(feature = "mysql")]
+    pub(crate) mysql: crate::sql::tx::Prepared<crate::sql::tx::MySqlTx>,
+    #[cfg(feature = "postgres")]
+    pub(crate) postgres: crate::sql::tx::Prepared<crate::sql::tx::PostgresTx>,
+    #[cfg(feature = "sqlite")]
+    pub(crate) sqlite: crate::sql::tx::Prepared<crate::sql::tx::SqliteTx>,
+}
+
+impl TxTable {
+    /// The table `name` (validated by the attribute; checked again on first use).
+    pub const fn new(name: &'static str) -> Self {
+        TxTable {
+            name,
+            #[cfg(feature = "mysql")]
+            mysql: std::sync::OnceLock::new(),
+            #[cfg(feature = "postgres")]
+            postgres: std::sync::OnceLock::new(),
+            #[cfg(feature = "sqlite")]
+            sqlite: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// The table name as given.
+    pub fn name(&self) -> &'static str {
+        self.name
+    }
+}
+
+impl std::fmt::Debug for TxTable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_tuple("TxTable").field(&self.name).finish()
+    }
+}
+
+/// The boxed future of a [`DedupTransaction`] step.
+pub type TxFuture<'a, T> =
+    std::pin::Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A SQL transaction the dedup row of `#[idempotent(tx = "…")]` can be written in:
+/// `sqlx::Transaction<'_, MySql>`, `<'_, Postgres>` and `<'_, Sqlite>`, with the
+/// runtime's `mysql`, `postgres` and `sqlite` features.
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a SQL transaction the dedup record can be written in",
+    label = "`tx = …` names this parameter",
+    note = "`tx = \"PARAM\"` takes a parameter of type `&mut sqlx::Transaction<'_, DB>` that the caller begins and commits, \
+            for `DB` = `MySql`, `Postgres` or `Sqlite` (use the driver re-exported as `idempotent_runtime::sqlx`)",
+    note = "enable the matching feature of `idempotent-runtime`: `mysql`, `postgres` or `sqlite`"
+)]
+pub trait DedupTransaction: Send {
+    /// Claims the key inside the transaction; see [`ClaimOutcome`]. An acquired claim
+    /// holds the row's lock until the transaction ends.
+    fn claim_in_tx<'a>(
+        &'a mut self,
+        table: &'a TxTable,
+        req: &'a ClaimRequest<'a>,
+    ) -> TxFuture<'a, ClaimOutcome>;
+
+    /// Marks the claimed key Completed with its output, in the same transaction.
+    fn complete_in_tx<'a>(
+        &'a mut self,
+        table: &'a TxTable,
+        completion: &'a Completion<'a>,
+    ) -> TxFuture<'a, Fence>;
+}
+
+/// The `tx = "…"` parameter as the transaction the dedup row is written in; spanned
+/// at the parameter so a parameter of another type reports [`DedupTransaction`] there.
+#[inline]
+pub fn tx_conn<X: DedupTransaction>(tx: &mut X) -> &mut dyn DedupTransaction {
+    tx
+}
+
+/// One message handled in tx mode: the key and fingerprint, before the claim.
+#[derive(Debug)]
+pub struct TxCall {
+    config: &'static TxConfig,
+    scope: &'static str,
+    key: Result<RecordKey, Error>,
+    fingerprint: Option<Result<[u8; 32], Error>>,
+}
+
+/// A tx-mode claim: the body runs, then [`finish`](Self::finish) records its output in
+/// the same transaction.
+#[derive(Debug)]
+pub struct TxClaim {
+    config: &'static TxConfig,
+    /// `None` when deduplication is disabled.
+    claimed: Option<(RecordKey, Token)>,
+}
+
+impl TxCall {
+    /// Resolves the scope and opens the message's span.
+    pub fn new(
+        config: &'static TxConfig,
+        marker: &'static str,
+        key: KeyBuilder,
+        fingerprint: Option<Result<[u8; 32], Error>>,
+    ) -> (Self, tracing::Span) {
+        let scope = config.scope.unwrap_or_else(|| default_scope(marker));
+        let span = tracing::info_span!(
+            "idempotent",
+            scope = %scope,
+            attempt = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let call = TxCall {
+            config,
+            scope,
+            key: key.finish(scope),
+            fingerprint,
+        };
+        (call, span)
+    }
+
+    /// Claims the key in `tx`: `Continue` to run the body, `Break` with what the
+    /// handler returns without running it (a replayed output or an error).
+    pub async fn claim<T, E>(
+        self,
+        tx: &mut dyn DedupTransaction,
+    ) -> ControlFlow<Result<T, E>, TxClaim>
+    where
+        T: DeserializeOwned,
+        E: From<Error>,
+    {
+        let config = self.config;
+        if protocol::disabled() {
+            protocol::note_disabled();
+            return ControlFlow::Continue(TxClaim {
+                config,
+                claimed: None,
+            });
+        }
+        let key = match self.key {
+            Ok(k) => k,
+            Err(e) => return ControlFlow::Break(Err(e.into())),
+        };
+        let fingerprint = match self.fingerprint {
+            None => None,
+            Some(Ok(f)) => Some(f),
+            Some(Err(e)) => return ControlFlow::Break(Err(e.into())),
+        };
+        let req = ClaimRequest {
+            key: &key,
+            // the row lock is the claim; a claim committed without a completion (the
+            // caller committed after a handler error) is claimable again at once
+            lease: Duration::ZERO,
+            ttl: config.ttl,
+            fingerprint: fingerprint.as_ref().map(|f| &f[..]),
+            max_attempts: None,
+        };
+        let outcome = match tx.claim_in_tx(&config.table, &req).await {
+            Ok(o) => o,
+            Err(e) => {
+                protocol::record(protocol::Outcome::StoreError, self.scope);
+                return ControlFlow::Break(Err(Error::Store(e).into()));
+            }
+        };
+        let (outcome, result) = match outcome {
+            ClaimOutcome::Acquired { token, attempt } => {
+                tracing::Span::current().record("attempt", attempt);
+                return ControlFlow::Continue(TxClaim {
+                    config,
+                    claimed: Some((key, token)),
+                });
+            }
+            ClaimOutcome::Completed { output } => match protocol::decode_output(output) {
+                Ok(t) => (protocol::Outcome::Replayed, Ok(t)),
+                Err(e) => (protocol::Outcome::NotReplayable, Err(e)),
+            },
+            // a live claim of the same key by a store (not a transaction) in this table
+            ClaimOutcome::InProgress { retry_after } => (
+                protocol::Outcome::InProgress,
+                Err(Error::InProgress { retry_after }),
+            ),
+            ClaimOutcome::Exhausted { attempts } => (
+                protocol::Outcome::Exhausted,
+                Err(Error::AttemptsExhausted { attempts }),
+            ),
+            ClaimOutcome::FingerprintMismatch => (
+                protocol::Outcome::FingerprintMismatch,
+                Err(Error::FingerprintMismatch),
+            ),
+        };
+        protocol::record(outcome, self.scope);
+        ControlFlow::Break(result.map_err(E::from))
+    }
+}
+
+impl TxClaim {
+    /// After the body: on success, marks the key Completed with the output in `tx`
+    /// (the caller's commit makes both visible at once); on error, returns it and
+    /// writes nothing (the caller's rollback removes the claim).
+    pub async fn finish<T, E>(
+        self,
+        tx: &mut dyn DedupTransaction,
+        result: Result<T, E>,
+    ) -> Result<T, E>
+    where
+        T: Serialize,
+        E: From<Error>,
+    {
+        let Some((key, token)) = self.claimed else {
+            return result;
+        };
+        let value = match result {
+            Ok(v) => v,
+            Err(e) => {
+                protocol::record(protocol::Outcome::Failed, key.scope());
+                return Err(e);
+            }
+        };
+        let output = protocol::encode_output(&value, protocol::output_cap(&Settings::DEFAULT));
+        let completion = Completion {
+            key: &key,
+            token,
+            output: output.as_deref(),
+            ttl: self.config.ttl,
+        };
+        match tx.complete_in_tx(&self.config.table, &completion).await {
+            Ok(Fence::Held) => {
+                protocol::record(protocol::Outcome::Executed, key.scope());
+                Ok(value)
+            }
+            Ok(Fence::Lost) => {
+                protocol::record(protocol::Outcome::StoreError, key.scope());
+                Err(Error::Store(StoreError::new(
+                    StoreErrorKind::Other,
+                    "the dedup row claimed in this transaction was deleted or expired before \
+                     its completion; roll the transaction back",
+                ))
+                .into())
+            }
+            Err(e) => {
+                protocol::record(protocol::Outcome::StoreError, key.scope());
+                Err(Error::Store(e).into())
+            }
+        }
+    }
 }

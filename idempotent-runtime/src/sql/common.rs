@@ -346,6 +346,9 @@ pub(crate) fn sql_error(
         StoreErrorKind::Unavailable => "the database is unavailable",
         StoreErrorKind::Rejected => "the database rejected the request",
         StoreErrorKind::Corrupt => "the database returned data this store does not understand",
+        StoreErrorKind::Conflict => {
+            "the transaction conflicted with a concurrent one; roll it back and retry"
+        }
         _ => "the database failed",
     };
     let message = match &e {

@@ -14,6 +14,7 @@ mod mysql;
 mod postgres;
 #[cfg(feature = "sqlite")]
 mod sqlite;
+pub(crate) mod tx;
 
 pub use common::DEFAULT_TABLE;
 #[cfg(feature = "mysql")]

@@ -80,13 +80,13 @@ pub struct MySqlStore {
     claims: common::ClaimGate,
 }
 
-struct Statements {
+pub(crate) struct Statements {
     table: TableName,
-    read: SqlStr,
-    insert: SqlStr,
-    take_over: SqlStr,
-    take_over_expired: SqlStr,
-    complete: SqlStr,
+    pub(crate) read: SqlStr,
+    pub(crate) insert: SqlStr,
+    pub(crate) take_over: SqlStr,
+    pub(crate) take_over_expired: SqlStr,
+    pub(crate) complete: SqlStr,
     release: SqlStr,
     renew: SqlStr,
     forget: SqlStr,
@@ -94,7 +94,7 @@ struct Statements {
     create: SqlStr,
 }
 
-fn sql(s: String) -> SqlStr {
+pub(crate) fn sql(s: String) -> SqlStr {
     // every statement is built from constant text and a validated, quoted table name;
     // all values are bound parameters
     sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(Arc::<str>::from(s)))
@@ -109,7 +109,7 @@ fn view() -> String {
 }
 
 impl Statements {
-    fn new(table: TableName) -> Self {
+    pub(crate) fn new(table: TableName) -> Self {
         let t = table.quoted('`');
         let view = view();
         let owned = format!(
@@ -202,7 +202,7 @@ impl fmt::Debug for MySqlStore {
     }
 }
 
-fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
+pub(crate) fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
     if let Some(my) = e.try_downcast_ref::<MySqlDatabaseError>() {
         match my.number() {
             // no such table / column, access denied, syntax, unknown database

@@ -71,11 +71,11 @@ pub struct PostgresStore {
     claims: common::ClaimGate,
 }
 
-struct Statements {
+pub(crate) struct Statements {
     table: TableName,
-    claim: SqlStr,
+    pub(crate) claim: SqlStr,
     claim_batch: SqlStr,
-    complete: SqlStr,
+    pub(crate) complete: SqlStr,
     complete_batch: SqlStr,
     release: SqlStr,
     release_batch: SqlStr,
@@ -137,7 +137,7 @@ fn takeover(budget: &str) -> String {
 }
 
 impl Statements {
-    fn new(table: TableName) -> Self {
+    pub(crate) fn new(table: TableName) -> Self {
         let t = table.quoted('"');
         let owned = "scope = $1 AND message_id = $2 AND owner_token = $3 AND status = 0 \
                      AND lease_until_us IS NOT NULL AND expires_at_us > n.now_us";
@@ -273,7 +273,7 @@ impl fmt::Debug for PostgresStore {
     }
 }
 
-fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
+pub(crate) fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
     match e.code() {
         // serialization failure, deadlock: a retry may succeed
         Some(code) if code.starts_with("40") => StoreErrorKind::Other,
@@ -399,7 +399,7 @@ impl PostgresStore {
         common::spawn_sweeper(self.clone(), every)
     }
 
-    fn decode_claim(
+    pub(crate) fn decode_claim(
         row: &PgRow,
         at: usize,
         req: &ClaimRequest<'_>,

@@ -80,13 +80,13 @@ pub struct SqliteStore {
     write_gate: Arc<Mutex<()>>,
 }
 
-struct Statements {
+pub(crate) struct Statements {
     table: TableName,
-    read: SqlStr,
-    insert: SqlStr,
-    take_over: SqlStr,
-    take_over_expired: SqlStr,
-    complete: SqlStr,
+    pub(crate) read: SqlStr,
+    pub(crate) insert: SqlStr,
+    pub(crate) take_over: SqlStr,
+    pub(crate) take_over_expired: SqlStr,
+    pub(crate) complete: SqlStr,
     release: SqlStr,
     renew: SqlStr,
     forget: SqlStr,
@@ -101,7 +101,7 @@ fn sql(s: String) -> SqlStr {
 }
 
 impl Statements {
-    fn new(table: TableName) -> Self {
+    pub(crate) fn new(table: TableName) -> Self {
         let t = table.quoted('"');
         let owned = format!(
             "scope = ?1 AND message_id = ?2 AND owner_token = ?3 AND status = 0 \
@@ -198,7 +198,7 @@ impl fmt::Debug for SqliteStore {
     }
 }
 
-fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
+pub(crate) fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
     let code: i64 = e.code().and_then(|c| c.parse().ok()).unwrap_or(0);
     match code & 0xff {
         // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN

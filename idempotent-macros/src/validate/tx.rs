@@ -1,0 +1,256 @@
+//! Checks of transactional mode (`tx = "PARAM"`, `table = "…"`): the parameter exists
+//! and is a `&mut` reference (its type is checked by the runtime's `DedupTransaction`
+//! bound), the arguments that cannot apply are rejected with the reason, and the table
+//! name is an identifier.
+
+use crate::attr::{Args, Errors, StoreArg};
+use proc_macro2::Span;
+use syn::spanned::Spanned;
+use syn::{FnArg, Ident, ItemFn, LitStr, Pat, Type};
+
+/// The dedup table when `table` is not given: the SQL stores' default.
+const DEFAULT_TABLE: &str = "message_idempotent";
+
+/// Longest identifier part the SQL stores accept.
+const MAX_IDENT: usize = 63;
+
+/// A validated `tx = "PARAM"`.
+pub(crate) struct TxMode {
+    /// The parameter, as the signature spells it (so the body's uses resolve to the
+    /// reborrow the wrapper binds under the same name).
+    pub(crate) param: Ident,
+    /// The parameter's type, where a type that is not a transaction is reported.
+    pub(crate) ty_span: Span,
+    /// The dedup table.
+    pub(crate) table: String,
+}
+
+/// `None` when `tx` is absent or wrong (the errors are in `errors`).
+pub(crate) fn check(args: &Args, func: &ItemFn, errors: &mut Errors) -> Option<TxMode> {
+    let Some(tx) = &args.tx else {
+        if let Some(table) = &args.table {
+            errors.at(
+                table.span(),
+                "`table` picks the dedup table of transactional mode; add `tx = \"PARAM\"`, \
+                 or give the table to the store (`MySqlStore::with_table`, `PostgresStore::with_table`, …)",
+            );
+        }
+        return None;
+    };
+    conflicts(args, errors);
+    let table = match &args.table {
+        None => Some(DEFAULT_TABLE.to_owned()),
+        Some(lit) => table_name(lit, errors),
+    };
+    let param = parameter(tx, func, errors);
+    let (param, ty_span) = param?;
+    Some(TxMode {
+        param,
+        ty_span,
+        table: table?,
+    })
+}
+
+/// The arguments that have no meaning when the dedup row lives in the caller's
+/// transaction, each with the reason.
+fn conflicts(args: &Args, errors: &mut Errors) {
+    if let Some(store) = &args.store {
+        let span = match store {
+            StoreArg::Name(lit) => lit.span(),
+            StoreArg::Expr(e) => e.span(),
+        };
+        errors.at(
+            span,
+            "`store` cannot be used with `tx`: the dedup row is written in the transaction's own database; \
+             remove `store`, or remove `tx` to keep the record in the store",
+        );
+    }
+    if let Some(lease) = &args.lease {
+        errors.at(
+            lease.span(),
+            "`lease` cannot be used with `tx`: the claim is the row lock the transaction holds until it \
+             commits or rolls back, so there is no lease to renew or expire; remove `lease`",
+        );
+    }
+    if let Some(on_in_progress) = &args.on_in_progress {
+        errors.at(
+            on_in_progress.span(),
+            "`on_in_progress` cannot be used with `tx`: a duplicate always waits on the row lock of the \
+             transaction that claimed the key, then replays its committed output or, after a rollback, \
+             claims the key itself; remove `on_in_progress`",
+        );
+    }
+    if let Some(max_attempts) = &args.max_attempts {
+        errors.at(
+            max_attempts.span(),
+            "`max_attempts` cannot be used with `tx`: a failed attempt rolls back with the caller's \
+             transaction, and the attempt count written in it rolls back too; remove `max_attempts` \
+             and dead-letter on the broker's delivery count (RocketMQ `reconsumeTimes`, \
+             SQS `ApproximateReceiveCount`, RabbitMQ `x-delivery-count`)",
+        );
+    }
+    if let Some(on_store_error) = &args.on_store_error {
+        errors.at(
+            on_store_error.span(),
+            "`on_store_error` cannot be used with `tx`: the dedup row is written in the caller's \
+             transaction, so a database failure fails that transaction too and there is nothing to run \
+             without deduplication; remove `on_store_error`",
+        );
+    }
+}
+
+/// The parameter `tx` names: a plain `name: &mut T` parameter.
+fn parameter(tx: &LitStr, func: &ItemFn, errors: &mut Errors) -> Option<(Ident, Span)> {
+    let name = tx.value();
+    if name == "self" {
+        errors.at(
+            tx.span(),
+            "`tx` cannot be `self`: name the parameter that holds the caller's transaction, \
+             like `tx = \"tx\"` for `tx: &mut sqlx::Transaction<'_, Postgres>`",
+        );
+        return None;
+    }
+    if syn::parse_str::<Ident>(&name).is_err() {
+        errors.at(
+            tx.span(),
+            format!(
+                "`tx = {name:?}` is not a parameter name; name the parameter that holds the caller's \
+                 transaction, like `tx = \"tx\"` for `tx: &mut sqlx::Transaction<'_, Postgres>`"
+            ),
+        );
+        return None;
+    }
+    for input in &func.sig.inputs {
+        let FnArg::Typed(arg) = input else { continue };
+        let Pat::Ident(p) = &*arg.pat else { continue };
+        if p.ident != name {
+            continue;
+        }
+        if !is_mut_reference(&arg.ty) {
+            errors.at(
+                arg.ty.span(),
+                format!(
+                    "`tx = {name:?}` names a parameter of type `{}`; transactional mode needs the caller's \
+                     transaction as `{name}: &mut sqlx::Transaction<'_, DB>` (DB = MySql, Postgres or Sqlite)",
+                    type_text(&arg.ty)
+                ),
+            );
+            return None;
+        }
+        return Some((p.ident.clone(), arg.ty.span()));
+    }
+    let params = super::parameters(func);
+    let listed = if params.is_empty() {
+        "the handler has no parameters".to_owned()
+    } else {
+        format!(
+            "the handler's parameters are {}",
+            params
+                .iter()
+                .map(|p| format!("`{p}`"))
+                .collect::<Vec<_>>()
+                .join(", ")
+        )
+    };
+    let hint = if params.contains(&name) {
+        format!(" as a plain name (`{name}: &mut sqlx::Transaction<'_, DB>`), not inside a pattern")
+    } else {
+        String::new()
+    };
+    errors.at(
+        tx.span(),
+        format!(
+            "`tx = {name:?}`: the transaction must be a parameter of this function{hint}; {listed}"
+        ),
+    );
+    None
+}
+
+fn is_mut_reference(ty: &Type) -> bool {
+    match ty {
+        Type::Reference(r) => r.mutability.is_some(),
+        Type::Group(g) => is_mut_reference(&g.elem),
+        Type::Paren(p) => is_mut_reference(&p.elem),
+        _ => false,
+    }
+}
+
+/// A type as source text, with the spacing a user writes.
+fn type_text(ty: &Type) -> String {
+    let s = quote::quote!(#ty).to_string();
+    s.replace(" < ", "<")
+        .replace("< ", "<")
+        .replace(" >", ">")
+        .replace("& ", "&")
+        .replace(" ,", ",")
+        .replace(" :: ", "::")
+        .replace("' ", "'")
+}
+
+/// `table = "…"`: letters, digits and `_`, optionally qualified by one schema, each
+/// part starting with a letter or `_` and at most 63 bytes (the SQL stores' rules).
+fn table_name(lit: &LitStr, errors: &mut Errors) -> Option<String> {
+    let name = lit.value();
+    let Some(why) = table_problem(&name) else {
+        return Some(name);
+    };
+    errors.at(
+        lit.span(),
+        format!(
+            "`table = {name:?}` {why}; use letters, digits and `_`, optionally qualified by one schema, \
+             like `table = \"billing.message_idempotent\"`"
+        ),
+    );
+    None
+}
+
+/// What is wrong with a table name, or `None` when it is valid.
+fn table_problem(name: &str) -> Option<&'static str> {
+    let parts: Vec<&str> = name.split('.').collect();
+    if parts.len() > 2 {
+        return Some("has more than one `.`");
+    }
+    for part in parts {
+        if part.is_empty() {
+            return Some("has an empty name part");
+        }
+        if part.len() > MAX_IDENT {
+            return Some("has a part longer than 63 bytes");
+        }
+        if !part.starts_with(|c: char| c.is_ascii_alphabetic() || c == '_') {
+            return Some("has a part that does not start with a letter or `_`");
+        }
+        if !part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
+            return Some("has a character other than a letter, digit or `_`");
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::table_problem;
+
+    #[test]
+    fn table_names() {
+        for good in ["message_idempotent", "_x", "billing.dedup_2", "A1"] {
+            assert_eq!(table_problem(good), None, "{good:?}");
+        }
+        for bad in [
+            "",
+            "a.b.c",
+            ".a",
+            "a.",
+            "1abc",
+            "a-b",
+            "a b",
+            "a\"b",
+            "a`b",
+            "a;drop table x",
+            "é",
+            &"x".repeat(64),
+        ] {
+            assert!(table_problem(bad).is_some(), "{bad:?} should be rejected");
+        }
+    }
+}
