@@ -1,5 +1,5 @@
-//! The Redis store: one single-key Lua script per protocol step, records packed into
-//! one string per key, expiry and leases on the server's clock.
+//! The Redis store: one Redis function (`FCALL`) per protocol step over one key,
+//! records packed into one string per key, expiry and leases on the server's clock.
 
 use crate::store::{
     ClaimOutcome, ClaimRequest, Completion, Fence, Record, RecordState, Release, Store, Token,
@@ -10,9 +10,7 @@ use futures_util::future::join_all;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::cluster_routing::Slot;
-use redis::{
-    Cmd, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind, Value,
-};
+use redis::{Cmd, ErrorKind, IntoConnectionInfo, RedisError, Script, ServerErrorKind, Value};
 use std::collections::HashMap;
 use std::fmt;
 use std::io::Write as _;
@@ -43,14 +41,34 @@ use std::time::Duration;
 ///
 /// # Protocol on the server
 ///
-/// Every step — claim, complete, release, renew, inspect — is one Lua script over one
-/// key, run with `EVALSHA` (the script is loaded again by itself after a `NOSCRIPT`, for
-/// example after a server restart); [`forget`](Store::forget) is one `DEL`. No script
-/// touches any other key, so the store works on Redis Cluster unchanged, and a duplicate
-/// of a completed key is answered, with its cached output, by the claim script in one
-/// round trip.
+/// The store keeps its logic in one Redis function library (Redis Functions), loaded
+/// with `FUNCTION LOAD` the first time a call finds it missing (a new server, a
+/// restart without persistence, `FUNCTION FLUSH`, a node added to a cluster; on a
+/// cluster it is loaded on every master at once). Each step — claim, complete,
+/// release, renew, inspect — is one `FCALL` of one function over one key, atomic on
+/// the server; [`forget`](Store::forget) is one `DEL`. No function touches a key it is
+/// not given, so the store works on Redis Cluster unchanged. The library's name
+/// carries a hash of its code (`idempotent_<hash>`), so processes running different
+/// versions of the store never replace each other's functions (each version leaves its
+/// own library on the server; `FUNCTION DELETE` removes an old one).
 ///
-/// Leases and expiry use the server's clock only (guarantee G5): the scripts read
+/// Inside each function, Redis commands are kept to the minimum a step needs:
+///
+/// | step | commands | writes |
+/// | --- | --- | --- |
+/// | claim of a new key | `GET`, `TIME`, `SET … PX` | 1 |
+/// | claim of a completed key (a duplicate) | `GET` | none |
+/// | claim refused (in progress, exhausted) | `GET`, `TIME` | none |
+/// | claim taking over a released or expired record | `GET`, `TIME`, `PTTL`, `SET` | 1 |
+/// | complete | `GET`, `SET … PX` | 1 |
+/// | release | `GET`, `SET … KEEPTTL` | 1 |
+/// | renew | `GET`, `TIME`, `PTTL`, `SET` | 1 |
+/// | inspect | `GET`, `TIME`, `PTTL` | none |
+///
+/// A fenced-off complete, release or renew is a `GET` alone. A duplicate of a
+/// completed key is answered, with its cached output, by the claim in one round trip.
+///
+/// Leases and expiry use the server's clock only (guarantee G5): the functions read
 /// `TIME`, and the key's own expiry (`PX`) is the record's expiry, so Redis frees
 /// expired records by itself and [`purge_expired`](Store::purge_expired) returns 0. The
 /// store has no clock of its own; the consumers' clocks never enter a decision. Fencing
@@ -59,10 +77,13 @@ use std::time::Duration;
 ///
 /// The batch methods ([`claim_batch`](Store::claim_batch),
 /// [`complete_batch`](Store::complete_batch), [`release_batch`](Store::release_batch))
-/// send their scripts in one pipeline: one round trip per batch on a single node; on a
-/// cluster, one pipeline per hash slot, all sent at once.
+/// send one `FCALL` of a batch function over many keys, which applies the single-key
+/// step to each key in turn (each key's answer is exactly the single-key answer):
+/// on a single node one call per 128 keys, on a cluster one call per hash slot, all
+/// sent at once, so a batch is one round trip.
 ///
-/// Requires Redis 6.0 or later (or Valkey) for `SET … KEEPTTL`.
+/// Requires Redis 7.0 or later (or Valkey 7.2 or later) for Redis Functions; an older
+/// server refuses every step with [`StoreErrorKind::Rejected`].
 ///
 /// # Keys
 ///
@@ -133,9 +154,9 @@ use std::time::Duration;
 ///
 /// A connection that fails, times out or is being re-established gives
 /// [`StoreErrorKind::Unavailable`] (retryable) with the `redis` error as its source.
-/// Commands the server refuses (authentication, permissions, a server without Lua)
-/// give [`StoreErrorKind::Rejected`]. When a connection breaks after a request was sent,
-/// the script may have run without its answer arriving: a claim answered that way frees
+/// Commands the server refuses (authentication, permissions, a server without Redis
+/// Functions) give [`StoreErrorKind::Rejected`]. When a connection breaks after a
+/// request was sent, the function may have run without its answer arriving: a claim answered that way frees
 /// when its lease expires.
 #[derive(Clone)]
 pub struct RedisStore {
@@ -442,7 +463,9 @@ impl RedisStore {
                 Op::CompleteMany => "complete batch failed",
                 Op::ReleaseMany => "release batch failed",
             };
-            if e.detail().is_some_and(|d| d.contains("unknown command 'FCALL'")) {
+            if e.detail()
+                .is_some_and(|d| d.contains("unknown command 'FCALL'"))
+            {
                 return redis_error(e, &format!("{what} (the store needs Redis 7.0 or later)"));
             }
             redis_error(e, what)
@@ -456,6 +479,10 @@ fn function_missing(code: &str, detail: Option<&str>) -> bool {
 }
 
 fn push_escaped(out: &mut Vec<u8>, bytes: &[u8]) {
+    if !bytes.iter().any(|&b| matches!(b, b'{' | b'}' | 0xff)) {
+        out.extend_from_slice(bytes);
+        return;
+    }
     for &b in bytes {
         match b {
             b'{' => out.extend_from_slice(&[0xff, b'(']),
@@ -1089,9 +1116,7 @@ impl Store for RedisStore {
                 .arg(u8::from(c.output.is_some()))
                 .arg(c.output.unwrap_or_default());
         });
-        let values = self
-            .call_many(Op::CompleteMany, items.len(), calls)
-            .await?;
+        let values = self.call_many(Op::CompleteMany, items.len(), calls).await?;
         items
             .iter()
             .zip(values)

@@ -624,3 +624,69 @@ async fn a_store_is_a_cheap_clone_sharing_its_connection() {
     assert!(format!("{copy:?}").contains("single node"));
     assert!(!copy.is_cluster());
 }
+
+/// A batch step is one `FCALL` on a single node, whatever the batch size up to 128 keys,
+/// and every key gets the answer the single-key step would give.
+#[tokio::test]
+async fn a_batch_step_is_one_function_call() {
+    let server = RedisServer::start();
+    let store = RedisStore::connect(server.url().as_str()).await.unwrap();
+    let mut conn = raw(&server.url()).await;
+    let scope = unique_scope("batch-one-call");
+    let keys: Vec<RecordKey> = (0..64)
+        .map(|i| RecordKey::new(&scope, &format!("k{i}")).unwrap())
+        .collect();
+    let lease = Duration::from_secs(10);
+    let fp = [7u8; 32];
+    let reqs: Vec<_> = keys
+        .iter()
+        .enumerate()
+        .map(|(i, k)| ClaimRequest {
+            fingerprint: (i % 2 == 0).then_some(&fp[..]),
+            ..req(k, lease)
+        })
+        .collect();
+    // warm up: loads the function library into the new server
+    let _ = store.claim(&req(&keys[0], lease)).await.unwrap();
+
+    reset_stats(&mut conn).await;
+    let outcomes = store.claim_batch(&reqs).await.unwrap();
+    assert_eq!(function_calls(&mut conn).await.0, 1, "claim batch");
+    assert!(matches!(outcomes[0], ClaimOutcome::InProgress { .. }));
+    let tokens: Vec<Token> = outcomes[1..]
+        .iter()
+        .map(|o| match o {
+            ClaimOutcome::Acquired { token, attempt: 1 } => *token,
+            other => panic!("expected a first Acquired, got {other:?}"),
+        })
+        .collect();
+
+    reset_stats(&mut conn).await;
+    let completions: Vec<_> = keys[1..]
+        .iter()
+        .zip(&tokens)
+        .enumerate()
+        .map(|(i, (k, t))| Completion {
+            key: k,
+            token: *t,
+            output: (i % 3 != 0).then_some(b"out".as_slice()),
+            ttl: TTL,
+        })
+        .collect();
+    let fences = store.complete_batch(&completions).await.unwrap();
+    assert!(fences.iter().all(|f| *f == Fence::Held));
+    assert_eq!(function_calls(&mut conn).await.0, 1, "complete batch");
+
+    for (i, k) in keys[1..].iter().enumerate() {
+        let rec = store.inspect(k).await.unwrap().expect("record");
+        assert_eq!(rec.state, RecordState::Completed);
+        assert_eq!(
+            rec.output.as_deref(),
+            (i % 3 != 0).then_some(b"out".as_slice())
+        );
+        assert_eq!(
+            rec.fingerprint.as_deref(),
+            ((i + 1) % 2 == 0).then_some(&fp[..])
+        );
+    }
+}
