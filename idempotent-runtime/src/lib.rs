@@ -21,6 +21,9 @@ mod store;
 #[cfg(feature = "testing")]
 pub mod testing;
 
+#[cfg(feature = "rocketmq")]
+pub mod rocketmq;
+
 #[cfg(feature = "redis")]
 mod redis_store;
 /// The `redis` driver this crate's [`RedisStore`] uses.

@@ -4,4 +4,5 @@
 pub mod conformance;
 pub mod nats_support;
 pub mod redis_support;
+pub mod rocketmq_support;
 pub mod sql_support;
