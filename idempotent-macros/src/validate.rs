@@ -2,13 +2,13 @@
 
 mod tx;
 
-pub(crate) use tx::TxMode;
 use crate::attr::{Args, Errors, StoreArg};
 use proc_macro2::{Group, Span, TokenStream, TokenTree};
 use std::collections::BTreeSet;
 use syn::spanned::Spanned;
 use syn::visit::Visit;
 use syn::{Expr, FnArg, ItemFn, LitStr, Pat, Path, ReturnType, Type};
+pub(crate) use tx::TxMode;
 
 /// Longest accepted `ttl` or `lease`: ten years (every store can represent the deadline).
 const MAX_DURATION_MS: u64 = 3650 * 24 * 3600 * 1000;

@@ -19,7 +19,8 @@ pub(crate) struct TxMode {
     /// The parameter, as the signature spells it (so the body's uses resolve to the
     /// reborrow the wrapper binds under the same name).
     pub(crate) param: Ident,
-    /// The parameter's type, where a type that is not a transaction is reported.
+    /// The referenced type of the parameter (`T` of `&mut T`), where a type that is not
+    /// a transaction is reported.
     pub(crate) ty_span: Span,
     /// The dedup table.
     pub(crate) table: String,
@@ -126,18 +127,18 @@ fn parameter(tx: &LitStr, func: &ItemFn, errors: &mut Errors) -> Option<(Ident, 
         if p.ident != name {
             continue;
         }
-        if !is_mut_reference(&arg.ty) {
-            errors.at(
-                arg.ty.span(),
+        let Some(target) = mut_reference_target(&arg.ty) else {
+            errors.push(syn::Error::new_spanned(
+                &arg.ty,
                 format!(
                     "`tx = {name:?}` names a parameter of type `{}`; transactional mode needs the caller's \
                      transaction as `{name}: &mut sqlx::Transaction<'_, DB>` (DB = MySql, Postgres or Sqlite)",
                     type_text(&arg.ty)
                 ),
-            );
+            ));
             return None;
-        }
-        return Some((p.ident.clone(), arg.ty.span()));
+        };
+        return Some((p.ident.clone(), target.span()));
     }
     let params = super::parameters(func);
     let listed = if params.is_empty() {
@@ -166,12 +167,13 @@ fn parameter(tx: &LitStr, func: &ItemFn, errors: &mut Errors) -> Option<(Ident, 
     None
 }
 
-fn is_mut_reference(ty: &Type) -> bool {
+/// `T` of a `&mut T` type.
+fn mut_reference_target(ty: &Type) -> Option<&Type> {
     match ty {
-        Type::Reference(r) => r.mutability.is_some(),
-        Type::Group(g) => is_mut_reference(&g.elem),
-        Type::Paren(p) => is_mut_reference(&p.elem),
-        _ => false,
+        Type::Reference(r) if r.mutability.is_some() => Some(&r.elem),
+        Type::Group(g) => mut_reference_target(&g.elem),
+        Type::Paren(p) => mut_reference_target(&p.elem),
+        _ => None,
     }
 }
 
