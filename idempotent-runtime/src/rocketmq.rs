@@ -198,7 +198,7 @@ mod tests {
     fn ext(keys: Option<&str>, uniq: Option<&str>) -> MessageExt {
         let mut b = Message::builder().topic("T").body_slice(b"x");
         if let Some(k) = keys {
-            b = b.keys(k);
+            b = b.keys(k.split(' ').map(str::to_owned).collect());
         }
         let mut m = b.build_unchecked();
         if let Some(u) = uniq {
