@@ -102,9 +102,10 @@ async fn sql_metacharacters_and_binary_keys_are_data() {
     sql_keys_are_data(Arc::new(connect().await)).await;
 }
 
-/// Round trips on the wire, with the statements prepared: the duplicate of a
-/// completed key is one (a plain read), a fresh claim two (read, then insert),
-/// complete and renew one each.
+/// Round trips on the wire, with the statements prepared: a claim is one (the claim
+/// procedure), whether fresh or the duplicate of a completed key; complete and renew
+/// one each; a batch is one per step. Without the procedure a fresh claim takes two
+/// (read, then insert) and a duplicate still one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn round_trips_per_step() {
     connect().await;
@@ -139,7 +140,7 @@ async fn round_trips_per_step() {
     let k = RecordKey::new(&scope, "m-1").unwrap();
     let before = proxy.round_trips();
     let token = acquire(&store, &req(&k, TTL)).await;
-    assert_eq!(proxy.round_trips() - before, 2, "fresh claim");
+    assert_eq!(proxy.round_trips() - before, 1, "fresh claim");
 
     let before = proxy.round_trips();
     assert_eq!(store.renew(&k, token, TTL).await.unwrap(), Fence::Held);
@@ -197,6 +198,175 @@ async fn round_trips_per_step() {
             .iter()
             .all(|o| matches!(o, ClaimOutcome::Completed { .. }))
     );
+
+    // fresh batches: one read and one insert to claim, one statement to complete or
+    // release (each statement prepared by a first batch of the same size)
+    for round in 0..2 {
+        let keys: Vec<RecordKey> = (0..20)
+            .map(|i| RecordKey::new(&scope, &format!("f-{round}-{i}")).unwrap())
+            .collect();
+        let reqs: Vec<_> = keys.iter().map(|k| req(k, TTL)).collect();
+        let before = proxy.round_trips();
+        let outcomes = store.claim_batch(&reqs).await.unwrap();
+        let claim_trips = proxy.round_trips() - before;
+        let tokens: Vec<Token> = outcomes
+            .iter()
+            .map(|o| match o {
+                ClaimOutcome::Acquired { token, attempt: 1 } => *token,
+                other => panic!("expected Acquired, got {other:?}"),
+            })
+            .collect();
+        let completions: Vec<Completion<'_>> = keys[..10]
+            .iter()
+            .zip(&tokens)
+            .map(|(key, &token)| Completion {
+                key,
+                token,
+                output: Some(b"c"),
+                ttl: TTL,
+            })
+            .collect();
+        let releases: Vec<Release<'_>> = keys[10..]
+            .iter()
+            .zip(&tokens[10..])
+            .map(|(key, &token)| Release { key, token })
+            .collect();
+        let before = proxy.round_trips();
+        let fences = store.complete_batch(&completions).await.unwrap();
+        let complete_trips = proxy.round_trips() - before;
+        assert!(fences.iter().all(|f| *f == Fence::Held));
+        let before = proxy.round_trips();
+        let fences = store.release_batch(&releases).await.unwrap();
+        let release_trips = proxy.round_trips() - before;
+        assert!(fences.iter().all(|f| *f == Fence::Held));
+        if round == 1 {
+            assert_eq!(claim_trips, 2, "claim_batch of fresh keys");
+            assert_eq!(complete_trips, 1, "complete_batch");
+            assert_eq!(release_trips, 1, "release_batch");
+        }
+    }
+}
+
+/// Batches whose items are partly stale: each item gets its own fence, in order,
+/// and a key repeated in a batch is applied once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_fences_are_per_item() {
+    let store = connect().await;
+    let scope = unique_scope("my-fences");
+    let keys: Vec<RecordKey> = (0..6)
+        .map(|i| RecordKey::new(&scope, &format!("m-{i}")).unwrap())
+        .collect();
+    let mut tokens = Vec::new();
+    for k in &keys {
+        tokens.push(acquire(&store, &req(k, TTL)).await);
+    }
+    // key 1 is completed and key 4 released by their owners beforehand: stale in a batch
+    store
+        .complete(&Completion {
+            key: &keys[1],
+            token: tokens[1],
+            output: Some(b"x"),
+            ttl: TTL,
+        })
+        .await
+        .unwrap();
+    store
+        .release(&Release {
+            key: &keys[4],
+            token: tokens[4],
+        })
+        .await
+        .unwrap();
+    let completions: Vec<Completion<'_>> = [0, 1, 2, 0]
+        .iter()
+        .map(|&i| Completion {
+            key: &keys[i],
+            token: if i == 2 {
+                Token(tokens[2].0 + 1)
+            } else {
+                tokens[i]
+            },
+            output: Some(b"y"),
+            ttl: TTL,
+        })
+        .collect();
+    assert_eq!(
+        store.complete_batch(&completions).await.unwrap(),
+        vec![Fence::Held, Fence::Lost, Fence::Lost, Fence::Lost]
+    );
+    let releases: Vec<Release<'_>> = [3, 5, 3]
+        .iter()
+        .map(|&i| Release {
+            key: &keys[i],
+            token: tokens[i],
+        })
+        .collect();
+    assert_eq!(
+        store.release_batch(&releases).await.unwrap(),
+        vec![Fence::Held, Fence::Held, Fence::Lost]
+    );
+    let stale = [Release {
+        key: &keys[2],
+        token: Token(tokens[2].0 + 1),
+    }];
+    assert_eq!(
+        store.release_batch(&stale).await.unwrap(),
+        vec![Fence::Lost]
+    );
+    assert_eq!(
+        store.inspect(&keys[0]).await.unwrap().unwrap().output,
+        Some(b"y".to_vec())
+    );
+    assert_eq!(
+        store.inspect(&keys[2]).await.unwrap().unwrap().state,
+        RecordState::InProgress
+    );
+}
+
+/// Without the claim procedure (a store on a table whose procedure was never created)
+/// claims fall back to the two statements and follow the same rules.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_work_without_the_procedure() {
+    connect().await;
+    let admin = admin().await;
+    let table = unique_name("idem_noproc");
+    let store = MySqlStore::connect_with_table(&url(), &table)
+        .await
+        .unwrap();
+    sqlx::query(AssertSqlSafe(format!("DROP PROCEDURE `{table}_claim_v1`")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    let store = MySqlStore::from_pool(store.pool().clone())
+        .with_table(&table)
+        .unwrap();
+    let scope = unique_scope("my-noproc");
+    let k = RecordKey::new(&scope, "m-1").unwrap();
+    let t = acquire(&store, &req(&k, TTL)).await;
+    assert!(matches!(
+        store.claim(&req(&k, TTL)).await.unwrap(),
+        ClaimOutcome::InProgress { .. }
+    ));
+    store.release(&Release { key: &k, token: t }).await.unwrap();
+    match store.claim(&req(&k, TTL)).await.unwrap() {
+        ClaimOutcome::Acquired { token, attempt } => {
+            assert!(token > t);
+            assert_eq!(attempt, 2);
+        }
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+    // migrate creates it again, and claims use it
+    store.migrate().await.unwrap();
+    let k2 = RecordKey::new(&scope, "m-2").unwrap();
+    acquire(&store, &req(&k2, TTL)).await;
+    sqlx::query(AssertSqlSafe(format!("DROP TABLE `{table}`")))
+        .execute(&admin)
+        .await
+        .unwrap();
+    sqlx::query(AssertSqlSafe(format!("DROP PROCEDURE `{table}_claim_v1`")))
+        .execute(&admin)
+        .await
+        .unwrap();
 }
 
 /// Lease and expiry decisions use the database clock: a store whose sessions run two

@@ -13,7 +13,8 @@ use sqlx::{AssertSqlSafe, Row, SqlStr};
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::time::{Duration, Instant};
 
 /// The database clock in microseconds since the Unix epoch. `UTC_TIMESTAMP(6)` is read
 /// once per statement, so every use within one statement sees the same instant, and it
@@ -78,7 +79,62 @@ pub struct MySqlStore {
     pool: MySqlPool,
     sql: Arc<Statements>,
     claims: common::ClaimGate,
+    procedure: Arc<ProcedureState>,
 }
+
+/// Whether claims call the claim procedure: they do until a call finds it missing
+/// (or not executable); then the two-statement claim is used for
+/// [`PROCEDURE_RETRY`], after which the procedure is tried again.
+struct ProcedureState {
+    since: Instant,
+    /// Milliseconds after `since` before which the procedure is not called.
+    skip_until_ms: AtomicU64,
+}
+
+/// How long claims do without a missing claim procedure before looking again.
+const PROCEDURE_RETRY: Duration = Duration::from_secs(30);
+
+impl ProcedureState {
+    fn new() -> Arc<Self> {
+        Arc::new(ProcedureState {
+            since: Instant::now(),
+            skip_until_ms: AtomicU64::new(0),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn usable(&self) -> bool {
+        let skip = self.skip_until_ms.load(AtomicOrdering::Relaxed);
+        skip == 0 || self.now_ms() >= skip
+    }
+
+    fn missing(&self) {
+        let until = self
+            .now_ms()
+            .saturating_add(PROCEDURE_RETRY.as_millis() as u64);
+        self.skip_until_ms
+            .store(until.max(1), AtomicOrdering::Relaxed);
+    }
+
+    fn present(&self) {
+        self.skip_until_ms.store(0, AtomicOrdering::Relaxed);
+    }
+}
+
+/// Errors that mean the claim procedure cannot be called (does not exist, no
+/// `EXECUTE` privilege, another version's parameters).
+fn procedure_missing(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d)
+        if d.try_downcast_ref::<MySqlDatabaseError>()
+            .is_some_and(|my| matches!(my.number(), 1305 | 1370 | 1318)))
+}
+
+/// Bytes of cached outputs sent in one batch statement, well below the default
+/// `max_allowed_packet` of MariaDB (16 MiB).
+const BATCH_BYTES: usize = 4 << 20;
 
 pub(crate) struct Statements {
     table: TableName,
@@ -92,6 +148,10 @@ pub(crate) struct Statements {
     forget: SqlStr,
     purge: SqlStr,
     create: SqlStr,
+    /// `CALL <table>_claim_v1(…)`, when the procedure's name fits in an identifier.
+    claim_call: Option<SqlStr>,
+    /// The `CREATE PROCEDURE` of that procedure.
+    claim_procedure: Option<SqlStr>,
 }
 
 pub(crate) fn sql(s: String) -> SqlStr {
@@ -108,10 +168,123 @@ fn view() -> String {
     )
 }
 
+/// Longest identifier MySQL accepts.
+const MAX_PROCEDURE_NAME: usize = 64;
+
+/// The claim procedure of `table`: `<table>_claim_v1` in the table's database, quoted;
+/// `None` when that name is longer than an identifier may be. The version suffix
+/// changes whenever the procedure's parameters or results do, so a store never calls
+/// a procedure of another version.
+fn claim_procedure_name(table: &TableName) -> Option<String> {
+    let name = format!("{}_claim_v1", table.name());
+    (name.len() <= MAX_PROCEDURE_NAME).then(|| match table.schema() {
+        Some(s) => format!("`{s}`.`{name}`"),
+        None => format!("`{name}`"),
+    })
+}
+
+/// The claim as a stored procedure, so that every claim is one round trip: the same
+/// read and conditional writes as the two-statement claim, run on the server. Each
+/// statement in it commits on its own (autocommit), exactly as when the client sends
+/// them: the read is a plain consistent read (a duplicate takes no lock and writes
+/// nothing), the insert fails on a concurrent insert (error 1062, handled: read again)
+/// and the takeovers are compare-and-set on the owner token read, with every rule
+/// re-checked by the `UPDATE`'s own `WHERE` on the database clock of that statement.
+/// Answers one row: `acquired, token, attempt` then the row as read
+/// (see [`RowView::decode`]); `acquired = 0` with no row read means the claim kept
+/// losing races.
+fn claim_procedure(name: &str, t: &str) -> String {
+    format!(
+        "CREATE PROCEDURE {name} (\
+            IN p_scope VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, \
+            IN p_id VARBINARY(130), IN p_lease BIGINT, IN p_keep BIGINT, \
+            IN p_fp VARBINARY(32), IN p_max BIGINT) \
+         MODIFIES SQL DATA SQL SECURITY INVOKER \
+         COMMENT 'idempotent: claims one key of the dedup table (MySqlStore)' \
+         BEGIN \
+            DECLARE v_acquired, v_new_token, v_new_attempt, v_status, v_attempts, v_token, \
+                v_lease, v_expires, v_now BIGINT; \
+            DECLARE v_fp VARBINARY(32); \
+            DECLARE v_out LONGBLOB; \
+            DECLARE v_dup, v_tries INT DEFAULT 0; \
+            DECLARE CONTINUE HANDLER FOR 1062 SET v_dup = 1; \
+            DECLARE CONTINUE HANDLER FOR NOT FOUND SET v_status = NULL; \
+            claim: LOOP \
+                SET v_tries = v_tries + 1, v_acquired = 0, v_status = NULL, v_dup = 0; \
+                SELECT status, retry_times, owner_token, lease_until_us, expires_at_us, \
+                    fingerprint, output, {NOW_US} \
+                INTO v_status, v_attempts, v_token, v_lease, v_expires, v_fp, v_out, v_now \
+                FROM {t} WHERE scope = p_scope AND message_id = p_id; \
+                IF v_status IS NULL THEN \
+                    INSERT INTO {t} (scope, message_id, status, retry_times, owner_token, \
+                        lease_until_us, expires_at_us, fingerprint, output) \
+                    VALUES (p_scope, p_id, 0, 1, LAST_INSERT_ID({NOW_US}), {NOW_US} + p_lease, \
+                        {NOW_US} + p_keep, p_fp, NULL); \
+                    IF v_dup = 0 THEN \
+                        SET v_acquired = 1, v_new_token = LAST_INSERT_ID(), v_new_attempt = 1; \
+                        LEAVE claim; \
+                    END IF; \
+                ELSEIF v_expires <= v_now THEN \
+                    UPDATE {t} SET status = 0, retry_times = 1, \
+                        owner_token = LAST_INSERT_ID(GREATEST(owner_token + 1, {NOW_US})), \
+                        lease_until_us = {NOW_US} + p_lease, expires_at_us = {NOW_US} + p_keep, \
+                        fingerprint = p_fp, output = NULL \
+                    WHERE scope = p_scope AND message_id = p_id AND owner_token = v_token \
+                        AND expires_at_us <= {NOW_US}; \
+                    IF ROW_COUNT() > 0 THEN \
+                        SET v_acquired = 1, v_new_token = LAST_INSERT_ID(), v_new_attempt = 1; \
+                        LEAVE claim; \
+                    END IF; \
+                ELSEIF v_status <> 0 OR v_attempts < 0 OR v_token < 0 \
+                    OR (v_fp IS NOT NULL AND p_fp IS NOT NULL AND v_fp <> p_fp) \
+                    OR (v_lease IS NOT NULL AND v_lease > v_now) \
+                    OR (p_max IS NOT NULL AND v_attempts >= p_max) THEN \
+                    LEAVE claim; \
+                ELSE \
+                    UPDATE {t} SET status = 0, retry_times = retry_times + 1, \
+                        owner_token = LAST_INSERT_ID(GREATEST(owner_token + 1, {NOW_US})), \
+                        lease_until_us = {NOW_US} + p_lease, \
+                        expires_at_us = GREATEST(expires_at_us, {NOW_US} + p_keep), \
+                        fingerprint = COALESCE(fingerprint, p_fp), output = NULL \
+                    WHERE scope = p_scope AND message_id = p_id AND owner_token = v_token \
+                        AND retry_times = v_attempts AND expires_at_us > {NOW_US} AND status = 0 \
+                        AND (lease_until_us IS NULL OR lease_until_us <= {NOW_US}); \
+                    IF ROW_COUNT() > 0 THEN \
+                        SET v_acquired = 1, v_new_token = LAST_INSERT_ID(), \
+                            v_new_attempt = v_attempts + 1; \
+                        LEAVE claim; \
+                    END IF; \
+                END IF; \
+                IF v_tries >= {CLAIM_RETRIES} THEN \
+                    SET v_status = NULL; \
+                    LEAVE claim; \
+                END IF; \
+            END LOOP; \
+            SELECT v_acquired, v_new_token, v_new_attempt, v_status, v_attempts, v_token, \
+                v_lease - v_now, v_expires - v_now, v_fp, v_out; \
+         END"
+    )
+}
+
+/// `n` placeholder rows of `cols` columns as a derived table `b` with the columns
+/// named `names` (`SELECT ? AS a, ? AS b UNION ALL SELECT ?, ? …`).
+fn derived(n: usize, names: &[&str]) -> String {
+    let first: Vec<String> = names.iter().map(|c| format!("? AS {c}")).collect();
+    let mut s = format!("(SELECT {}", first.join(", "));
+    let rest = vec!["?"; names.len()].join(", ");
+    for _ in 1..n {
+        s.push_str(" UNION ALL SELECT ");
+        s.push_str(&rest);
+    }
+    s.push_str(") AS b");
+    s
+}
+
 impl Statements {
     pub(crate) fn new(table: TableName) -> Self {
         let t = table.quoted('`');
         let view = view();
+        let procedure = claim_procedure_name(&table);
         let owned = format!(
             "scope = ? AND message_id = ? AND owner_token = ? AND status = 0 \
              AND lease_until_us IS NOT NULL AND expires_at_us > {NOW_US}"
@@ -164,6 +337,10 @@ impl Statements {
             purge: sql(format!(
                 "DELETE FROM {t} WHERE expires_at_us <= {NOW_US} ORDER BY expires_at_us LIMIT ?"
             )),
+            claim_call: procedure
+                .as_ref()
+                .map(|p| sql(format!("CALL {p}(?, ?, ?, ?, ?, ?)"))),
+            claim_procedure: procedure.map(|p| sql(claim_procedure(&p, &t))),
             create: sql(format!(
                 "CREATE TABLE IF NOT EXISTS {t} (\
                  scope VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, \
@@ -189,6 +366,61 @@ impl Statements {
         sql(format!(
             "SELECT scope, message_id, {} FROM {t} WHERE (scope, message_id) IN ({tuples})",
             view()
+        ))
+    }
+
+    /// Inserts `n` absent keys in one statement; a duplicate key fails it as a whole.
+    /// Every row gets the same token, the statement's clock reading, returned in the
+    /// OK packet.
+    fn insert_many(&self, n: usize) -> SqlStr {
+        let t = self.table.quoted('`');
+        let mut rows = format!(
+            "(?, ?, 0, 1, LAST_INSERT_ID({NOW_US}), {NOW_US} + ?, {NOW_US} + ?, ?, NULL), "
+        )
+        .repeat(n);
+        rows.truncate(rows.len().saturating_sub(2));
+        sql(format!(
+            "INSERT INTO {t} (scope, message_id, status, retry_times, owner_token, \
+                lease_until_us, expires_at_us, fingerprint, output) VALUES {rows}"
+        ))
+    }
+
+    /// Completes `n` distinct keys in one statement, compare-and-set on each token.
+    /// `LAST_INSERT_ID` carries the statement's clock reading back, so the rows this
+    /// statement completed can be told apart afterwards by their expiry.
+    fn complete_many(&self, n: usize) -> SqlStr {
+        let t = self.table.quoted('`');
+        sql(format!(
+            "UPDATE {t} AS r JOIN {} ON r.scope = b.scope AND r.message_id = b.message_id \
+                AND r.owner_token = b.token \
+             SET r.status = 1, r.output = b.output, r.lease_until_us = NULL, \
+                r.expires_at_us = LAST_INSERT_ID({NOW_US}) + b.ttl_us \
+             WHERE r.status = 0 AND r.lease_until_us IS NOT NULL AND r.expires_at_us > {NOW_US}",
+            derived(n, &["scope", "message_id", "token", "output", "ttl_us"])
+        ))
+    }
+
+    /// Releases `n` distinct keys in one statement, compare-and-set on each token.
+    fn release_many(&self, n: usize) -> SqlStr {
+        let t = self.table.quoted('`');
+        sql(format!(
+            "UPDATE {t} AS r JOIN {} ON r.scope = b.scope AND r.message_id = b.message_id \
+                AND r.owner_token = b.token \
+             SET r.lease_until_us = NULL \
+             WHERE r.status = 0 AND r.lease_until_us IS NOT NULL AND r.expires_at_us > {NOW_US}",
+            derived(n, &["scope", "message_id", "token"])
+        ))
+    }
+
+    /// Reads back `n` keys after a batch step that did not apply to all of them.
+    fn state_many(&self, n: usize) -> SqlStr {
+        let t = self.table.quoted('`');
+        let mut tuples = "(?, ?), ".repeat(n);
+        tuples.truncate(tuples.len().saturating_sub(2));
+        sql(format!(
+            "SELECT scope, message_id, CAST(status AS SIGNED), owner_token, \
+                lease_until_us IS NULL, expires_at_us, expires_at_us > {NOW_US} \
+             FROM {t} WHERE (scope, message_id) IN ({tuples})"
         ))
     }
 }
@@ -230,6 +462,34 @@ fn err(op: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
     move |e| common::sql_error(op, e, classify)
 }
 
+/// The row the claim procedure answers: `Some` outcome, or `None` when the claim must
+/// be tried again (the procedure kept losing races, or the row it read is claimable
+/// after all).
+fn decode_procedure(
+    row: &sqlx::mysql::MySqlRow,
+    req: &ClaimRequest<'_>,
+) -> Result<Option<ClaimOutcome>, StoreError> {
+    let get = |i: usize| {
+        row.try_get::<Option<i64>, _>(i)
+            .map_err(err("reading a claim"))
+    };
+    if get(0)? == Some(1) {
+        let token = get(1)?.ok_or_else(|| common::corrupt("claim without a token".into()))?;
+        let attempt = get(2)?.ok_or_else(|| common::corrupt("claim without an attempt".into()))?;
+        return Ok(Some(ClaimOutcome::Acquired {
+            token: common::token(token)?,
+            attempt: common::attempts(attempt)?,
+        }));
+    }
+    if get(3)?.is_none() {
+        return Ok(None);
+    }
+    match RowView::decode(row, 3)?.decide(req)? {
+        Decision::Answer(outcome) => Ok(Some(outcome)),
+        Decision::Claimable { .. } => Ok(None),
+    }
+}
+
 fn fence(rows: u64) -> Fence {
     // the connection sets CLIENT_FOUND_ROWS: rows matched, not rows changed
     if rows > 0 { Fence::Held } else { Fence::Lost }
@@ -261,6 +521,7 @@ impl MySqlStore {
             claims: common::ClaimGate::for_pool_size(pool.options().get_max_connections()),
             pool,
             sql: Arc::new(Statements::new(table)),
+            procedure: ProcedureState::new(),
         }
     }
 
@@ -279,15 +540,33 @@ impl MySqlStore {
             pool: self.pool,
             sql: Arc::new(Statements::new(table)),
             claims: self.claims,
+            procedure: ProcedureState::new(),
         })
     }
 
-    /// Creates the table (with its expiry index) if it is missing.
+    /// Creates the table (with its expiry index) and the claim procedure
+    /// `<table>_claim_v1` if they are missing. Creating the procedure needs the
+    /// `CREATE ROUTINE` privilege on the database (its creator may then execute it;
+    /// other users need `EXECUTE`). Without the procedure (or when the name would
+    /// be longer than 64 characters, for a table name longer than 55), claims still
+    /// work, in two round trips instead of one.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         sqlx::query(self.sql.create.clone())
             .execute(&self.pool)
             .await
             .map_err(err("creating the dedup table"))?;
+        if let Some(create) = &self.sql.claim_procedure {
+            // sent as text: CREATE PROCEDURE cannot be a prepared statement
+            match sqlx::raw_sql(create.clone()).execute(&self.pool).await {
+                Ok(_) => {}
+                // already there (created by hand or by another process)
+                Err(sqlx::Error::Database(d))
+                    if d.try_downcast_ref::<MySqlDatabaseError>()
+                        .is_some_and(|my| my.number() == 1304) => {}
+                Err(e) => return Err(err("creating the claim procedure")(e)),
+            }
+            self.procedure.present();
+        }
         Ok(())
     }
 
@@ -312,6 +591,34 @@ impl MySqlStore {
     }
 
     async fn claim_unguarded(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        if let Some(call) = &self.sql.claim_call
+            && self.procedure.usable()
+        {
+            let row = sqlx::query(call.clone())
+                .bind(req.key.scope())
+                .bind(req.key.key())
+                .bind(micros(req.lease))
+                .bind(keep_micros(req))
+                .bind(req.fingerprint)
+                .bind(req.max_attempts.map(i64::from))
+                .fetch_all(&self.pool)
+                .await;
+            match row {
+                Ok(mut rows) => {
+                    if let Some(row) = rows.pop()
+                        && let Some(outcome) = decode_procedure(&row, req)?
+                    {
+                        return Ok(outcome);
+                    }
+                    // the procedure kept losing races: go on with the statements
+                }
+                Err(e) if procedure_missing(&e) => {
+                    tracing::debug!(error = %e, "claim procedure unavailable; claiming in two statements");
+                    self.procedure.missing();
+                }
+                Err(e) => return Err(err("claim")(e)),
+            }
+        }
         for _ in 0..CLAIM_RETRIES {
             let seen = self.read(req.key).await?;
             if let Some(outcome) = self.act(req, seen).await? {
@@ -509,11 +816,43 @@ impl Store for MySqlStore {
                 );
             }
         }
+        // the keys no row was read for are inserted together: one statement per chunk,
+        // which a concurrent insert of any of them fails as a whole (nothing is
+        // written; those keys then go the single-key way)
+        let mut inserted: HashMap<usize, Token> = HashMap::new();
+        let absent: Vec<usize> = distinct
+            .iter()
+            .copied()
+            .filter(|&i| !seen.contains_key(reqs[i].key))
+            .collect();
+        for chunk in absent.chunks(BATCH_READ) {
+            let mut q = sqlx::query(self.sql.insert_many(chunk.len()));
+            for &i in chunk {
+                let r = &reqs[i];
+                q = q
+                    .bind(r.key.scope())
+                    .bind(r.key.key())
+                    .bind(micros(r.lease))
+                    .bind(keep_micros(r))
+                    .bind(r.fingerprint);
+            }
+            match q.execute(&self.pool).await {
+                Ok(done) => {
+                    for &i in chunk {
+                        inserted.insert(i, Token(done.last_insert_id()));
+                    }
+                }
+                Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {}
+                Err(e) => return Err(err("claim_batch")(e)),
+            }
+        }
         let mut out: Vec<ClaimOutcome> = Vec::with_capacity(reqs.len());
         for (i, req) in reqs.iter().enumerate() {
             let f = first[req.key.as_bytes()];
             let outcome = if f != i {
                 repeated(&out[f], req)
+            } else if let Some(&token) = inserted.get(&i) {
+                ClaimOutcome::Acquired { token, attempt: 1 }
             } else {
                 match self.act(req, seen.remove(req.key)).await? {
                     Some(outcome) => outcome,
@@ -524,4 +863,164 @@ impl Store for MySqlStore {
         }
         Ok(out)
     }
+
+    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
+        let mut out = vec![Fence::Lost; items.len()];
+        let (distinct, repeats) = distinct_keys(items.iter().map(|c| c.key));
+        for chunk in chunks_by_bytes(&distinct, |&i| items[i].output.map_or(0, <[u8]>::len)) {
+            let mut q = sqlx::query(self.sql.complete_many(chunk.len()));
+            for &i in chunk {
+                let c = &items[i];
+                q = q
+                    .bind(c.key.scope())
+                    .bind(c.key.key())
+                    .bind(token_param(c.token))
+                    .bind(c.output)
+                    .bind(micros(c.ttl));
+            }
+            let done = q.execute(&self.pool).await.map_err(err("complete_batch"))?;
+            if done.rows_affected() == chunk.len() as u64 {
+                chunk.iter().for_each(|&i| out[i] = Fence::Held);
+            } else if done.rows_affected() > 0 {
+                // some were not owned any more: the ones this statement completed
+                // carry its clock reading in their expiry
+                let now = i64::try_from(done.last_insert_id()).unwrap_or(-1);
+                let rows = self.states(chunk.iter().map(|&i| items[i].key)).await?;
+                for &i in chunk {
+                    let c = &items[i];
+                    if let Some(s) = rows.get(c.key)
+                        && s.status == 1
+                        && s.token == token_param(c.token)
+                        && s.lease_null
+                        && s.expires_at == now.saturating_add(micros(c.ttl))
+                    {
+                        out[i] = Fence::Held;
+                    }
+                }
+            }
+        }
+        // a key repeated in the batch: what a completion right after the first would get
+        for i in repeats {
+            out[i] = self.complete(&items[i]).await?;
+        }
+        Ok(out)
+    }
+
+    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
+        let mut out = vec![Fence::Lost; items.len()];
+        let (distinct, repeats) = distinct_keys(items.iter().map(|r| r.key));
+        for chunk in distinct.chunks(BATCH_READ) {
+            let mut q = sqlx::query(self.sql.release_many(chunk.len()));
+            for &i in chunk {
+                let r = &items[i];
+                q = q
+                    .bind(r.key.scope())
+                    .bind(r.key.key())
+                    .bind(token_param(r.token));
+            }
+            let done = q.execute(&self.pool).await.map_err(err("release_batch"))?;
+            if done.rows_affected() == chunk.len() as u64 {
+                chunk.iter().for_each(|&i| out[i] = Fence::Held);
+            } else if done.rows_affected() > 0 {
+                // some were not owned any more: a released row still carries its
+                // owner's token (a release repeated by the same owner reads as Held)
+                let rows = self.states(chunk.iter().map(|&i| items[i].key)).await?;
+                for &i in chunk {
+                    let r = &items[i];
+                    if let Some(s) = rows.get(r.key)
+                        && s.status == 0
+                        && s.token == token_param(r.token)
+                        && s.lease_null
+                        && s.live
+                    {
+                        out[i] = Fence::Held;
+                    }
+                }
+            }
+        }
+        for i in repeats {
+            out[i] = self.release(&items[i]).await?;
+        }
+        Ok(out)
+    }
+}
+
+/// What a batch step reads back about a row.
+struct RowState {
+    status: i64,
+    token: i64,
+    lease_null: bool,
+    expires_at: i64,
+    live: bool,
+}
+
+impl MySqlStore {
+    async fn states<'k>(
+        &self,
+        keys: impl ExactSizeIterator<Item = &'k RecordKey> + Clone,
+    ) -> Result<HashMap<RecordKey, RowState>, StoreError> {
+        let mut q = sqlx::query(self.sql.state_many(keys.len()));
+        for k in keys {
+            q = q.bind(k.scope()).bind(k.key());
+        }
+        let rows = q
+            .fetch_all(&self.pool)
+            .await
+            .map_err(err("reading a batch"))?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let e = err("reading a batch");
+            let scope: String = row.try_get(0).map_err(e)?;
+            let id: Vec<u8> = row.try_get(1).map_err(err("reading a batch"))?;
+            let get = |i: usize| row.try_get::<i64, _>(i).map_err(err("reading a batch"));
+            out.insert(
+                RecordKey::from_encoded(&scope, &id),
+                RowState {
+                    status: get(2)?,
+                    token: get(3)?,
+                    lease_null: get(4)? != 0,
+                    expires_at: get(5)?,
+                    live: get(6)? != 0,
+                },
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// Splits item indexes into the first occurrence of each key and the later ones.
+fn distinct_keys<'k>(keys: impl Iterator<Item = &'k RecordKey>) -> (Vec<usize>, Vec<usize>) {
+    let mut seen: HashMap<&[u8], ()> = HashMap::new();
+    let (mut distinct, mut repeats) = (Vec::new(), Vec::new());
+    for (i, k) in keys.enumerate() {
+        if seen.insert(k.as_bytes(), ()).is_none() {
+            distinct.push(i);
+        } else {
+            repeats.push(i);
+        }
+    }
+    (distinct, repeats)
+}
+
+/// Chunks of at most [`BATCH_READ`] items and about [`BATCH_BYTES`] of outputs each.
+fn chunks_by_bytes<'a>(
+    items: &'a [usize],
+    bytes: impl Fn(&usize) -> usize + 'a,
+) -> impl Iterator<Item = &'a [usize]> + 'a {
+    let mut rest = items;
+    std::iter::from_fn(move || {
+        if rest.is_empty() {
+            return None;
+        }
+        let mut n = 0;
+        let mut total = 0;
+        while n < rest.len() && n < BATCH_READ && (n == 0 || total + bytes(&rest[n]) <= BATCH_BYTES)
+        {
+            total += bytes(&rest[n]);
+            n += 1;
+        }
+        let (chunk, tail) = rest.split_at(n);
+        rest = tail;
+        Some(chunk)
+    })
 }

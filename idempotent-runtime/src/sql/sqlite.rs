@@ -9,15 +9,17 @@ use crate::{RecordKey, StoreError, StoreErrorKind};
 use async_trait::async_trait;
 use sqlx::error::DatabaseError;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Row, SqlStr};
+use sqlx::{AssertSqlSafe, Connection, Row, SqlStr};
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
 use std::time::Duration;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex, MutexGuard};
 
 /// The database clock in microseconds since the Unix epoch (SQLite reads the clock once
 /// per statement step, so every use in one statement sees the same instant).
@@ -77,13 +79,19 @@ pub struct SqliteStore {
     pool: SqlitePool,
     sql: Arc<Statements>,
     claims: common::ClaimGate,
-    write_gate: Arc<Mutex<()>>,
+    /// The one connection every write of this store (and of its clones) goes through,
+    /// taken out of the pool at the first write (the pool may open a replacement).
+    writer: Arc<Mutex<Option<SqliteConnection>>>,
+    /// The largest token this store issued (see `write_claim`).
+    last_token: Arc<AtomicI64>,
 }
 
 pub(crate) struct Statements {
     table: TableName,
     pub(crate) read: SqlStr,
     pub(crate) insert: SqlStr,
+    /// `insert` with a lower bound `?6` on the token.
+    insert_after: SqlStr,
     pub(crate) take_over: SqlStr,
     pub(crate) take_over_expired: SqlStr,
     pub(crate) complete: SqlStr,
@@ -122,6 +130,13 @@ impl Statements {
                 "INSERT INTO {t} (scope, message_id, status, retry_times, owner_token, \
                     lease_until_us, expires_at_us, fingerprint, output) \
                  VALUES (?1, ?2, 0, 1, {NOW_US}, {NOW_US} + ?3, {NOW_US} + ?4, ?5, NULL) \
+                 ON CONFLICT (scope, message_id) DO NOTHING \
+                 RETURNING owner_token"
+            )),
+            insert_after: sql(format!(
+                "INSERT INTO {t} (scope, message_id, status, retry_times, owner_token, \
+                    lease_until_us, expires_at_us, fingerprint, output) \
+                 VALUES (?1, ?2, 0, 1, max({NOW_US}, ?6), {NOW_US} + ?3, {NOW_US} + ?4, ?5, NULL) \
                  ON CONFLICT (scope, message_id) DO NOTHING \
                  RETURNING owner_token"
             )),
@@ -241,7 +256,10 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Self::BUSY_TIMEOUT);
+        // an embedded database has no network between the pool and it: a connection
+        // cannot go stale while idle, so it is not pinged before each use
         let pool = SqlitePoolOptions::new()
+            .test_before_acquire(false)
             .connect_with(options)
             .await
             .map_err(err("opening the SQLite database"))?;
@@ -255,7 +273,8 @@ impl SqliteStore {
             claims: common::ClaimGate::for_pool_size(pool.options().get_max_connections()),
             pool,
             sql: Arc::new(Statements::new(table)),
-            write_gate: Arc::new(Mutex::new(())),
+            writer: Arc::new(Mutex::new(None)),
+            last_token: Arc::new(AtomicI64::new(0)),
         }
     }
 
@@ -275,20 +294,39 @@ impl SqliteStore {
             pool: self.pool,
             sql: Arc::new(Statements::new(table)),
             claims: self.claims,
-            write_gate: self.write_gate,
+            writer: self.writer,
+            last_token: self.last_token,
         })
     }
 
     /// Creates the table and its expiry index if they are missing.
     pub async fn migrate(&self) -> Result<(), StoreError> {
-        let _gate = self.write_gate.lock().await;
         for stmt in &self.sql.create {
-            sqlx::query(stmt.clone())
-                .execute(&self.pool)
-                .await
-                .map_err(err("creating the dedup table"))?;
+            self.execute("creating the dedup table", sqlx::query(stmt.clone()))
+                .await?;
         }
         Ok(())
+    }
+
+    /// The writer connection, taken out of the pool if this is the first write.
+    async fn writer(&self) -> Result<Writer<'_>, StoreError> {
+        let mut slot = self.writer.lock().await;
+        if slot.is_none() {
+            let conn = self
+                .pool
+                .acquire()
+                .await
+                .map_err(err("opening the writer connection"))?;
+            *slot = Some(conn.detach());
+        }
+        Ok(Writer(slot))
+    }
+
+    /// Runs one write statement on the writer connection.
+    async fn execute(&self, op: &'static str, q: SqliteQuery<'_>) -> Result<u64, StoreError> {
+        let mut w = self.writer().await?;
+        let done = q.execute(w.conn()?).await;
+        Ok(w.check(done).map_err(err(op))?.rows_affected())
     }
 
     /// The pool this store uses.
@@ -329,47 +367,126 @@ impl SqliteStore {
         req: &ClaimRequest<'_>,
         seen: Option<RowView>,
     ) -> Result<Option<ClaimOutcome>, StoreError> {
-        let (stmt, seen_token, seen_attempts) = match seen {
-            None => (&self.sql.insert, None, None),
-            Some(seen) => {
-                let (token, attempts) = (seen.token, seen.attempts);
-                match seen.decide(req)? {
-                    Decision::Answer(outcome) => return Ok(Some(outcome)),
-                    Decision::Claimable { expired: true } => {
-                        (&self.sql.take_over_expired, Some(token), None)
-                    }
-                    Decision::Claimable { expired: false } => {
-                        (&self.sql.take_over, Some(token), Some(attempts))
-                    }
-                }
+        let plan = match Plan::of(req, seen)? {
+            Plan::Answer(outcome) => return Ok(Some(outcome)),
+            plan => plan,
+        };
+        let mut w = self.writer().await?;
+        let outcome = self.write_claim(w.conn()?, req, plan).await;
+        w.check_store(outcome)
+    }
+
+    /// Makes a claim's conditional write on `conn` (the writer connection, locked, or
+    /// a transaction on it). A new record's token is at least one more than the last
+    /// token this store issued: the database clock has millisecond resolution, so a
+    /// key forgotten and claimed again within one millisecond still gets a larger
+    /// token.
+    async fn write_claim(
+        &self,
+        conn: &mut SqliteConnection,
+        req: &ClaimRequest<'_>,
+        plan: Plan,
+    ) -> Result<Option<ClaimOutcome>, StoreError> {
+        let q = |stmt: &SqlStr| {
+            sqlx::query(stmt.clone())
+                .bind(req.key.scope())
+                .bind(req.key.key())
+                .bind(micros(req.lease))
+                .bind(keep_micros(req))
+                .bind(req.fingerprint)
+        };
+        let (query, takes_over) = match plan {
+            Plan::Answer(outcome) => return Ok(Some(outcome)),
+            Plan::Insert => {
+                let floor = self
+                    .last_token
+                    .load(AtomicOrdering::Relaxed)
+                    .saturating_add(1);
+                (q(&self.sql.insert_after).bind(floor), false)
+            }
+            Plan::TakeOverExpired { token } => (q(&self.sql.take_over_expired).bind(token), true),
+            Plan::TakeOver { token, attempts } => {
+                (q(&self.sql.take_over).bind(token).bind(attempts), true)
             }
         };
-        let mut q = sqlx::query(stmt.clone())
-            .bind(req.key.scope())
-            .bind(req.key.key())
-            .bind(micros(req.lease))
-            .bind(keep_micros(req))
-            .bind(req.fingerprint);
-        if let Some(token) = seen_token {
-            q = q.bind(token);
-        }
-        if let Some(attempts) = seen_attempts {
-            q = q.bind(attempts);
-        }
-        let row = {
-            let _gate = self.write_gate.lock().await;
-            q.fetch_all(&self.pool).await.map_err(err("claim"))?.pop()
-        };
+        let row = query
+            .fetch_optional(&mut *conn)
+            .await
+            .map_err(err("claim"))?;
         let Some(row) = row else { return Ok(None) };
         let token: i64 = row.try_get(0).map_err(err("claim"))?;
-        let attempt: i64 = match seen_token {
-            None => 1,
-            Some(_) => row.try_get(1).map_err(err("claim"))?,
+        let attempt: i64 = if takes_over {
+            row.try_get(1).map_err(err("claim"))?
+        } else {
+            1
         };
+        self.last_token.fetch_max(token, AtomicOrdering::Relaxed);
         Ok(Some(ClaimOutcome::Acquired {
             token: common::token(token)?,
             attempt: common::attempts(attempt)?,
         }))
+    }
+}
+
+/// What a claim does after its read.
+enum Plan {
+    Answer(ClaimOutcome),
+    Insert,
+    TakeOverExpired { token: i64 },
+    TakeOver { token: i64, attempts: i64 },
+}
+
+impl Plan {
+    fn of(req: &ClaimRequest<'_>, seen: Option<RowView>) -> Result<Plan, StoreError> {
+        let Some(seen) = seen else {
+            return Ok(Plan::Insert);
+        };
+        let (token, attempts) = (seen.token, seen.attempts);
+        Ok(match seen.decide(req)? {
+            Decision::Answer(outcome) => Plan::Answer(outcome),
+            Decision::Claimable { expired: true } => Plan::TakeOverExpired { token },
+            Decision::Claimable { expired: false } => Plan::TakeOver { token, attempts },
+        })
+    }
+}
+
+/// Whether an error leaves the writer connection unusable; it is then dropped and the
+/// next write takes a fresh one from the pool.
+fn broken(e: &sqlx::Error) -> bool {
+    matches!(
+        e,
+        sqlx::Error::Io(_) | sqlx::Error::Protocol(_) | sqlx::Error::WorkerCrashed
+    )
+}
+
+/// The writer connection, locked.
+struct Writer<'a>(MutexGuard<'a, Option<SqliteConnection>>);
+
+impl Writer<'_> {
+    fn conn(&mut self) -> Result<&mut SqliteConnection, StoreError> {
+        self.0
+            .as_mut()
+            .ok_or_else(|| StoreError::new(StoreErrorKind::Unavailable, "no writer connection"))
+    }
+
+    /// Passes a result through, dropping the connection when it may have broken.
+    fn check_store<T>(&mut self, r: Result<T, StoreError>) -> Result<T, StoreError> {
+        if let Err(e) = &r
+            && e.kind() == StoreErrorKind::Unavailable
+        {
+            *self.0 = None;
+        }
+        r
+    }
+
+    /// Passes a result through, dropping the connection when it broke.
+    fn check<T>(&mut self, r: Result<T, sqlx::Error>) -> Result<T, sqlx::Error> {
+        if let Err(e) = &r
+            && broken(e)
+        {
+            *self.0 = None;
+        }
+        r
     }
 }
 
@@ -387,25 +504,13 @@ impl Store for SqliteStore {
     }
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        let q = sqlx::query(self.sql.complete.clone())
-            .bind(c.key.scope())
-            .bind(c.key.key())
-            .bind(token_param(c.token))
-            .bind(c.output)
-            .bind(micros(c.ttl));
-        let _gate = self.write_gate.lock().await;
-        let done = q.execute(&self.pool).await.map_err(err("complete"))?;
-        Ok(fence(done.rows_affected()))
+        let rows = self.execute("complete", self.sql.complete_query(c)).await?;
+        Ok(fence(rows))
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        let q = sqlx::query(self.sql.release.clone())
-            .bind(r.key.scope())
-            .bind(r.key.key())
-            .bind(token_param(r.token));
-        let _gate = self.write_gate.lock().await;
-        let done = q.execute(&self.pool).await.map_err(err("release"))?;
-        Ok(fence(done.rows_affected()))
+        let rows = self.execute("release", self.sql.release_query(r)).await?;
+        Ok(fence(rows))
     }
 
     async fn renew(
@@ -419,9 +524,7 @@ impl Store for SqliteStore {
             .bind(key.key())
             .bind(token_param(token))
             .bind(micros(lease));
-        let _gate = self.write_gate.lock().await;
-        let done = q.execute(&self.pool).await.map_err(err("renew"))?;
-        Ok(fence(done.rows_affected()))
+        Ok(fence(self.execute("renew", q).await?))
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
@@ -435,25 +538,17 @@ impl Store for SqliteStore {
         let q = sqlx::query(self.sql.forget.clone())
             .bind(key.scope())
             .bind(key.key());
-        let _gate = self.write_gate.lock().await;
-        let done = q.execute(&self.pool).await.map_err(err("forget"))?;
-        Ok(done.rows_affected() > 0)
+        Ok(self.execute("forget", q).await? > 0)
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
         let mut total = 0;
         loop {
-            // the gate is taken per batch, so claims interleave with a long purge
-            let done = {
-                let _gate = self.write_gate.lock().await;
-                sqlx::query(self.sql.purge.clone())
-                    .bind(PURGE_BATCH)
-                    .execute(&self.pool)
-                    .await
-                    .map_err(err("purge_expired"))?
-            };
-            total += done.rows_affected();
-            if done.rows_affected() < PURGE_BATCH as u64 {
+            // the writer is taken per batch, so claims interleave with a long purge
+            let q = sqlx::query(self.sql.purge.clone()).bind(PURGE_BATCH);
+            let rows = self.execute("purge_expired", q).await?;
+            total += rows;
+            if rows < PURGE_BATCH as u64 {
                 return Ok(total);
             }
         }
@@ -463,19 +558,109 @@ impl Store for SqliteStore {
         &self,
         reqs: &[ClaimRequest<'_>],
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        // a repeated key in the batch gets what a second claim right after the first
-        // would get, without another read
+        // one transaction holding the write lock: every read in it sees the latest
+        // rows and no other writer can change them before its write, so the whole
+        // batch commits once. A repeated key in the batch gets what a second claim
+        // right after the first would get, without another read.
+        let _slot = self.claims.enter().await;
+        let mut w = self.writer().await?;
+        let done = self.claim_batch_in(w.conn()?, reqs).await;
+        w.check_store(done)
+    }
+
+    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
+        let mut w = self.writer().await?;
+        let queries = items.iter().map(|c| self.sql.complete_query(c));
+        let done = apply_all(w.conn()?, "complete_batch", queries).await;
+        w.check_store(done)
+    }
+
+    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
+        let mut w = self.writer().await?;
+        let queries = items.iter().map(|r| self.sql.release_query(r));
+        let done = apply_all(w.conn()?, "release_batch", queries).await;
+        w.check_store(done)
+    }
+}
+
+/// Runs compare-and-set `UPDATE`s in one transaction; one fence each.
+async fn apply_all<'q>(
+    conn: &mut SqliteConnection,
+    op: &'static str,
+    queries: impl Iterator<Item = SqliteQuery<'q>>,
+) -> Result<Vec<Fence>, StoreError> {
+    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(err(op))?;
+    let mut out = Vec::with_capacity(queries.size_hint().0);
+    for q in queries {
+        let done = q.execute(&mut *tx).await.map_err(err(op))?;
+        out.push(fence(done.rows_affected()));
+    }
+    tx.commit().await.map_err(err(op))?;
+    Ok(out)
+}
+
+impl SqliteStore {
+    async fn claim_batch_in(
+        &self,
+        conn: &mut SqliteConnection,
+        reqs: &[ClaimRequest<'_>],
+    ) -> Result<Vec<ClaimOutcome>, StoreError> {
         let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(reqs.len());
         let mut out: Vec<ClaimOutcome> = Vec::with_capacity(reqs.len());
+        let mut tx = conn
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(err("claim_batch"))?;
         for (i, req) in reqs.iter().enumerate() {
             let f = *first.entry(req.key.as_bytes()).or_insert(i);
             let outcome = if f != i {
                 repeated(&out[f], req)
             } else {
-                self.claim(req).await?
+                let mut outcome = None;
+                for _ in 0..CLAIM_RETRIES {
+                    let row = self
+                        .sql
+                        .read_query(req.key)
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(err("claim_batch"))?;
+                    let seen = row.map(|r| RowView::decode(&r, 0)).transpose()?;
+                    outcome = self.write_claim(&mut tx, req, Plan::of(req, seen)?).await?;
+                    if outcome.is_some() {
+                        break;
+                    }
+                }
+                outcome.ok_or_else(common::contended)?
             };
             out.push(outcome);
         }
+        tx.commit().await.map_err(err("claim_batch"))?;
         Ok(out)
+    }
+}
+
+type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+
+impl Statements {
+    fn read_query<'q>(&self, key: &'q RecordKey) -> SqliteQuery<'q> {
+        sqlx::query(self.read.clone())
+            .bind(key.scope())
+            .bind(key.key())
+    }
+
+    fn complete_query<'q>(&self, c: &Completion<'q>) -> SqliteQuery<'q> {
+        sqlx::query(self.complete.clone())
+            .bind(c.key.scope())
+            .bind(c.key.key())
+            .bind(token_param(c.token))
+            .bind(c.output)
+            .bind(micros(c.ttl))
+    }
+
+    fn release_query<'q>(&self, r: &Release<'q>) -> SqliteQuery<'q> {
+        sqlx::query(self.release.clone())
+            .bind(r.key.scope())
+            .bind(r.key.key())
+            .bind(token_param(r.token))
     }
 }
