@@ -199,7 +199,7 @@ struct Parts<'a> {
 ///     };
 ///     let ret: Result<Receipt, AppError> = {
 ///         let tx = &mut *tx;                             // the body reborrows the transaction
-///         async move { let ret: Result<Receipt, AppError> = { body }; ret }.await
+///         claim.scoped(async move { let ret: Result<Receipt, AppError> = { body }; ret }).await
 ///     };
 ///     claim.finish(__private::tx_conn(&mut *tx), ret).await  // completion in the same transaction
 /// }, span).await
@@ -250,12 +250,12 @@ fn expand_tx(
                 let #ret: #ret_ty = {
                     #[allow(unused_variables)]
                     let #param = &mut *#param;
-                    async move {
+                    #claim.scoped(async move {
                         #[allow(unreachable_code, clippy::let_and_return, clippy::needless_return)]
                         let #ret: #ret_ty = #block;
                         #[allow(unreachable_code)]
                         #ret
-                    }
+                    })
                     .await
                 };
                 #claim.finish(#conn, #ret).await

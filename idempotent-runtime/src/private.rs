@@ -222,6 +222,8 @@ pub struct TxClaim {
     config: &'static TxConfig,
     /// `None` when deduplication is disabled.
     claimed: Option<(RecordKey, Token)>,
+    /// What [`current_claim`](crate::current_claim) shows the body.
+    claim: Option<protocol::Claim>,
 }
 
 impl TxCall {
@@ -264,6 +266,7 @@ impl TxCall {
             return ControlFlow::Continue(TxClaim {
                 config,
                 claimed: None,
+                claim: None,
             });
         }
         let key = match self.key {
@@ -297,6 +300,11 @@ impl TxCall {
                 return ControlFlow::Continue(TxClaim {
                     config,
                     claimed: Some((key, token)),
+                    claim: Some(protocol::Claim {
+                        scope: Cow::Borrowed(self.scope),
+                        token,
+                        attempt,
+                    }),
                 });
             }
             ClaimOutcome::Completed { output } => match protocol::decode_output(output) {
@@ -323,6 +331,11 @@ impl TxCall {
 }
 
 impl TxClaim {
+    /// Runs the body with its claim visible to [`current_claim`](crate::current_claim).
+    pub async fn scoped<F: Future>(&self, body: F) -> F::Output {
+        protocol::with_claim(self.claim.clone(), body).await
+    }
+
     /// After the body: on success, marks the key Completed with the output in `tx`
     /// (the caller's commit makes both visible at once); on error, returns it and
     /// writes nothing (the caller's rollback removes the claim).

@@ -143,6 +143,14 @@ pub fn current_claim() -> Option<Claim> {
     CURRENT_CLAIM.try_with(Claim::clone).ok()
 }
 
+/// Runs `body` with `claim` visible to [`current_claim`] (as is when `None`).
+pub(crate) async fn with_claim<F: Future>(claim: Option<Claim>, body: F) -> F::Output {
+    match claim {
+        Some(c) => CURRENT_CLAIM.scope(c, body).await,
+        None => body.await,
+    }
+}
+
 /// A store reference that can outlive the call (needed to release a cancelled claim
 /// from a spawned task).
 #[derive(Clone, Debug)]

@@ -73,6 +73,9 @@ macro_rules! tx_cases {
         /// Inserts the ledger row, then fails if the payment is declined.
         #[idempotent(key = "payment.id", tx = "tx")]
         async fn pay(payment: &Payment, tx: &mut Transaction<'_, Db>) -> Result<Receipt, AppError> {
+            // the body sees its claim, as in the store mode
+            let claim = idempotent_runtime::current_claim().expect("runs under a claim");
+            assert!(claim.attempt >= 1 && claim.token.get() > 0);
             let seq = SEQ.fetch_add(1, Ordering::SeqCst);
             sqlx::query(INSERT)
                 .bind(payment.id.as_str())
