@@ -30,19 +30,41 @@ const BATCH_READ: usize = 500;
 ///
 /// 1. `SELECT` the row (a plain consistent read, no lock). A completed key (the
 ///    duplicate case), a live claim, an exhausted or mismatched key is answered right
-///    there: **one round trip**.
+///    there, without a lock or a write.
 /// 2. Otherwise one conditional write, atomic on the server: an `INSERT` for an absent
 ///    key, or an `UPDATE … WHERE owner_token = <token read> AND <still claimable>` that
 ///    takes over a released, lapsed or expired row (compare-and-set on what step 1
-///    saw). The new token comes back in the OK packet through `LAST_INSERT_ID(expr)`.
-///    A first delivery therefore costs **two round trips**. If the row changed in
-///    between (a duplicate-key error, or the `UPDATE` matched no row), the claim
-///    starts over from step 1; no decision is ever taken on data that is not
-///    re-checked by the write itself.
+///    saw). The new token is `LAST_INSERT_ID(expr)`. If the row changed in between (a
+///    duplicate-key error, or the `UPDATE` matched no row), the claim starts over from
+///    step 1; no decision is ever taken on data that is not re-checked by the write
+///    itself.
+///
+/// Both steps run on the server in the stored procedure `<table>_claim_v1` that
+/// [`connect`](Self::connect) and [`migrate`](Self::migrate) create (each statement in
+/// it commits on its own, as if the client had sent it), so **every claim is one round
+/// trip**: `CALL <table>_claim_v1(scope, key, lease_us, keep_us, fingerprint,
+/// max_attempts)` answers one row. Creating it needs the `CREATE ROUTINE` privilege;
+/// it runs with the caller's privileges (`SQL SECURITY INVOKER`), so other users need
+/// `EXECUTE` on it besides their table privileges. A store made with
+/// [`from_pool`](Self::from_pool) touches no schema: it calls the procedure if it is
+/// there and, when it is missing (or not executable), sends the two steps as two
+/// statements (a duplicate still one round trip, a first delivery two), looking for
+/// the procedure again every 30 seconds.
 ///
 /// Complete, release and renew are one `UPDATE` each (one round trip), compare-and-set
 /// on the owner token. Lease and expiry decisions use `UTC_TIMESTAMP(6)` on the server,
 /// never the client's clock.
+///
+/// Batches: `claim_batch` reads every key in one `SELECT … WHERE (scope, message_id)
+/// IN (…)` (which answers all duplicates), inserts all absent keys in one multi-row
+/// `INSERT` (a concurrent insert of any of them fails it as a whole, and those keys go
+/// the single-key way), and takes over released or lapsed keys one at a time.
+/// `complete_batch` and `release_batch` are one `UPDATE … JOIN (SELECT ? … UNION ALL
+/// …)` each, compare-and-set per row; when it matched fewer rows than items, one more
+/// `SELECT` tells which items were applied (a completion by the statement's clock
+/// reading in the expiry; for a release, a row that is Released under the item's
+/// token, so a release repeated by the same owner also reads as applied). Up to 500
+/// keys (and about 4 MiB of outputs) go in one statement.
 ///
 /// Handles are cheap to clone (a pool and a shared set of statements).
 ///
@@ -67,6 +89,9 @@ const BATCH_READ: usize = 500;
 ///     KEY expires_at_us_idx (expires_at_us)
 /// ) ENGINE = InnoDB;
 /// ```
+///
+/// and the claim procedure, whose text is in this crate's source
+/// (`claim_procedure` in `sql/mysql.rs`; [`migrate`](Self::migrate) creates it).
 ///
 /// Times are microseconds since the Unix epoch by the database clock
 /// (`FROM_UNIXTIME(expires_at_us / 1e6)` shows them as timestamps). The record states

@@ -29,21 +29,35 @@ const NOW_US: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
 ///
 /// `SqliteStore::connect("sqlite://dedup.db?mode=rwc")` creates the file and the table
 /// if they are missing, turns on write-ahead logging (readers never wait for the
-/// writer) and a busy timeout of [`BUSY_TIMEOUT`](Self::BUSY_TIMEOUT), and keeps every record across
-/// process restarts. Writes of one store (and of its clones) go through one
-/// in-process gate, so concurrent tasks queue for the write lock instead of spinning
-/// on it and never see `database is locked`; other processes sharing the file wait
-/// on SQLite's busy timeout.
+/// writer) with `synchronous = NORMAL`, and a busy timeout of
+/// [`BUSY_TIMEOUT`](Self::BUSY_TIMEOUT). Every record survives a process crash; with
+/// `synchronous = NORMAL` the last commits before a power loss or OS crash may be
+/// lost (SQLite syncs the log at checkpoints, not at every commit), which can let a
+/// message completed just before it run again. Use `synchronous = FULL` on your own
+/// pool ([`from_pool`](Self::from_pool)) to sync every commit, at the cost of one
+/// fsync per write. The pool's connections are not pinged before use (an embedded
+/// database has no network to fail).
+///
+/// Every write of one store (and of its clones) goes through one connection of its
+/// own, taken out of the pool at the first write, so concurrent tasks queue for it
+/// instead of spinning on SQLite's write lock and never see `database is locked`;
+/// other processes sharing the file wait on SQLite's busy timeout.
 ///
 /// A claim reads first and writes only when it must: the row is read with a plain
-/// `SELECT` (one call; this answers every duplicate of a completed key, live claim,
-/// exhausted or mismatched key); an absent key is inserted with
-/// `INSERT … ON CONFLICT DO NOTHING RETURNING owner_token`, a released, lapsed or
-/// expired one taken over with `UPDATE … WHERE owner_token = <token read> AND <still
-/// claimable> RETURNING owner_token, retry_times` (compare-and-set on what was read;
-/// the claim starts over if the row changed). Complete, release and renew are one
-/// `UPDATE` each, compare-and-set on the owner token. Times come from SQLite's
-/// `unixepoch('subsec')`.
+/// `SELECT` on a pooled connection (one statement; this answers every duplicate of a
+/// completed key, live claim, exhausted or mismatched key without the writer); an
+/// absent key is inserted with `INSERT … ON CONFLICT DO NOTHING RETURNING owner_token`,
+/// a released, lapsed or expired one taken over with `UPDATE … WHERE owner_token =
+/// <token read> AND <still claimable> RETURNING owner_token, retry_times`
+/// (compare-and-set on what was read; the claim starts over if the row changed). A
+/// first delivery is therefore two statements. SQLite's clock has millisecond
+/// resolution, so a new record's token is also at least one more than the last token
+/// the store issued. Complete, release and renew are one `UPDATE` each,
+/// compare-and-set on the owner token. Times come from SQLite's `unixepoch('subsec')`.
+///
+/// Batches run in one `BEGIN IMMEDIATE` transaction on the writer (one commit for the
+/// whole batch): the same statements per key, with every read seeing the latest rows
+/// since no other writer can commit in between.
 ///
 /// # Table
 ///
