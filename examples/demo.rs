@@ -67,7 +67,7 @@ async fn on_order_paid(msg: &OrderPaid, ledger: &Ledger) -> Result<Receipt, AppE
     ledger.executions.fetch_add(1, Ordering::Relaxed);
     // every 25th order meets a flaky gateway on its first attempt
     let attempt = current_claim().map_or(1, |c| c.attempt);
-    if attempt == 1 && seeded(&msg.order_id) % 25 == 0 {
+    if attempt == 1 && seeded(&msg.order_id).is_multiple_of(25) {
         return Err(AppError::Gateway);
     }
     tokio::time::sleep(Duration::from_millis(2)).await; // the gateway call

@@ -341,7 +341,7 @@ async fn main() -> Result<ExitCode, async_nats::Error> {
         let order_id = format!("order-{run}-{i}");
         let msg_id = format!("{run}-{i}");
         publish(&js, &msg_id, &order_id, 100 + i).await?;
-        if i % 10 == 0 && publish(&js, &msg_id, &order_id, 100 + i).await? {
+        if i.is_multiple_of(10) && publish(&js, &msg_id, &order_id, 100 + i).await? {
             dropped += 1; // a publish retry inside the window: JetStream drops it
         }
         if i % 10 == 5 {

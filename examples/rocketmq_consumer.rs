@@ -209,7 +209,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     };
     for i in 0..ORDERS {
         send(i).await?;
-        if i % 10 == 0 {
+        if i.is_multiple_of(10) {
             send(i).await?; // a send retry: a new message with the same business key
         }
     }

@@ -23,6 +23,9 @@ use std::time::Duration;
 
 /// Short lease used by the cases that wait for expiry.
 pub const LEASE: Duration = Duration::from_millis(300);
+/// Lease of the cases that do not wait for expiry: long enough that a loaded machine
+/// never lets it lapse mid-case.
+const LONG_LEASE: Duration = Duration::from_secs(30);
 const TTL: Duration = Duration::from_secs(60);
 
 /// A scope no other case or run uses.
@@ -39,7 +42,7 @@ fn key(scope: &str, k: &str) -> RecordKey {
 fn req(key: &RecordKey) -> ClaimRequest<'_> {
     ClaimRequest {
         key,
-        lease: LEASE,
+        lease: LONG_LEASE,
         ttl: TTL,
         fingerprint: None,
         max_attempts: None,
@@ -70,6 +73,14 @@ async fn release(store: &dyn Store, key: &RecordKey, token: Token) -> Fence {
         .release(&Release { key, token })
         .await
         .expect("release")
+}
+
+/// A claim with the short lease, for the cases that wait for it to expire.
+fn short(key: &RecordKey) -> ClaimRequest<'_> {
+    ClaimRequest {
+        lease: LEASE,
+        ..req(key)
+    }
 }
 
 fn handler(store: &Arc<dyn Store>, case: &str) -> Idempotency {
@@ -108,7 +119,7 @@ pub async fn claim_fresh_key_acquires(store: Arc<dyn Store>) {
     assert_eq!(rec.token, token);
     let left = rec.lease_remaining.expect("lease is live");
     assert!(
-        left <= LEASE && left > Duration::ZERO,
+        left <= LONG_LEASE && left > Duration::ZERO,
         "lease left {left:?}"
     );
 }
@@ -163,7 +174,7 @@ pub async fn live_claim_refuses_others(store: Arc<dyn Store>) {
     acquire(&*store, &req(&k)).await;
     match store.claim(&req(&k)).await.unwrap() {
         ClaimOutcome::InProgress { retry_after } => {
-            assert!(retry_after <= LEASE && retry_after > Duration::ZERO);
+            assert!(retry_after <= LONG_LEASE && retry_after > Duration::ZERO);
         }
         other => panic!("expected InProgress, got {other:?}"),
     }
@@ -207,9 +218,9 @@ pub async fn released_key_is_claimable_at_once(store: Arc<dyn Store>) {
 pub async fn expired_lease_is_taken_over(store: Arc<dyn Store>) {
     let scope = unique_scope("takeover");
     let k = key(&scope, "m-1");
-    let (t1, _) = acquire(&*store, &req(&k)).await;
+    let (t1, _) = acquire(&*store, &short(&k)).await;
     tokio::time::sleep(LEASE + Duration::from_millis(150)).await;
-    let (t2, attempt) = acquire(&*store, &req(&k)).await;
+    let (t2, attempt) = acquire(&*store, &short(&k)).await;
     assert_eq!(attempt, 2);
     assert!(t2 > t1);
 }
@@ -219,9 +230,9 @@ pub async fn expired_lease_is_taken_over(store: Arc<dyn Store>) {
 pub async fn stale_owner_is_fenced(store: Arc<dyn Store>) {
     let scope = unique_scope("fencing");
     let k = key(&scope, "m-1");
-    let (old, _) = acquire(&*store, &req(&k)).await;
+    let (old, _) = acquire(&*store, &short(&k)).await;
     tokio::time::sleep(LEASE + Duration::from_millis(150)).await;
-    let (new, _) = acquire(&*store, &req(&k)).await;
+    let (new, _) = acquire(&*store, &short(&k)).await;
     assert_eq!(complete(&*store, &k, old, b"\"stale\"").await, Fence::Lost);
     assert_eq!(release(&*store, &k, old).await, Fence::Lost);
     assert_eq!(store.renew(&k, old, LEASE).await.unwrap(), Fence::Lost);
@@ -230,7 +241,7 @@ pub async fn stale_owner_is_fenced(store: Arc<dyn Store>) {
     assert_eq!(rec.token, new);
     assert_eq!(complete(&*store, &k, new, b"\"fresh\"").await, Fence::Held);
     assert_eq!(
-        store.claim(&req(&k)).await.unwrap(),
+        store.claim(&short(&k)).await.unwrap(),
         ClaimOutcome::Completed {
             output: Some(b"\"fresh\"".to_vec())
         }
@@ -262,14 +273,14 @@ pub async fn tokens_strictly_increase(store: Arc<dyn Store>) {
 pub async fn renewal_extends_the_lease(store: Arc<dyn Store>) {
     let scope = unique_scope("renew");
     let k = key(&scope, "m-1");
-    let (t, _) = acquire(&*store, &req(&k)).await;
+    let (t, _) = acquire(&*store, &short(&k)).await;
     for _ in 0..4 {
         tokio::time::sleep(LEASE / 2).await;
         assert_eq!(store.renew(&k, t, LEASE).await.unwrap(), Fence::Held);
     }
     // 4 × LEASE/2 after the claim: without renewals the lease would have expired twice
     assert!(matches!(
-        store.claim(&req(&k)).await.unwrap(),
+        store.claim(&short(&k)).await.unwrap(),
         ClaimOutcome::InProgress { .. }
     ));
 }
@@ -281,7 +292,7 @@ pub async fn max_attempts_poisons_the_key(store: Arc<dyn Store>) {
     let k = key(&scope, "m-1");
     let r = ClaimRequest {
         max_attempts: Some(3),
-        ..req(&k)
+        ..short(&k)
     };
     for attempt in 1..=2 {
         let (t, a) = acquire(&*store, &r).await;
@@ -297,7 +308,7 @@ pub async fn max_attempts_poisons_the_key(store: Arc<dyn Store>) {
         ClaimOutcome::Exhausted { attempts: 3 }
     );
     // without the limit the key is claimable (the limit belongs to the handler)
-    let (_, a) = acquire(&*store, &req(&k)).await;
+    let (_, a) = acquire(&*store, &short(&k)).await;
     assert_eq!(a, 4);
 }
 
