@@ -1,11 +1,18 @@
-//! What the three SQL stores share: table names, time arithmetic, reading a record row,
-//! the claim rules applied to a row read from the database, error classification and
-//! the background sweeper.
+//! What the three SQL stores share: table names, statement text, binding the protocol's
+//! values, time arithmetic, reading a record row, the claim rules applied to a row read
+//! from the database, error classification, the accessors every store has and the
+//! background sweeper.
 
-use crate::store::{ClaimOutcome, ClaimRequest, Record, RecordState, Store, Token};
-use crate::{StoreError, StoreErrorKind};
+use crate::store::{
+    ClaimOutcome, ClaimRequest, Completion, Fence, Record, RecordState, Store, Token,
+};
+use crate::{RecordKey, StoreError, StoreErrorKind};
 use sqlx::error::DatabaseError;
+use sqlx::query::Query;
+use sqlx::{AssertSqlSafe, Database, Encode, Executor, IntoArguments, SqlStr, Type};
 use std::fmt;
+use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 /// The table every SQL store uses unless told otherwise, after the classic
@@ -123,6 +130,124 @@ impl TableName {
         match &self.schema {
             Some(s) => format!("{q}{s}{q}.{q}{}{q}", self.name),
             None => format!("{q}{}{q}", self.name),
+        }
+    }
+}
+
+/// A statement's text as `sqlx` takes it. Every statement is built from constant text and
+/// a validated, quoted table name; all values are bound parameters.
+pub(crate) fn sql(s: String) -> SqlStr {
+    sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(Arc::<str>::from(s)))
+}
+
+/// The fence of a compare-and-set write that matched `rows` rows.
+pub(crate) fn fence(rows: u64) -> Fence {
+    if rows > 0 { Fence::Held } else { Fence::Lost }
+}
+
+/// Binds the protocol's values, in the order every store's statements take them.
+pub(crate) trait BindExt: Sized {
+    /// `scope, message_id`.
+    fn bind_key(self, key: &RecordKey) -> Self;
+    /// `scope, message_id, owner_token`: the record a claim owns.
+    fn bind_owned(self, key: &RecordKey, token: Token) -> Self;
+    /// `scope, message_id, lease_us, keep_us, fingerprint`: a claim.
+    fn bind_claim(self, req: &ClaimRequest<'_>) -> Self;
+    /// `scope, message_id, owner_token, output, ttl_us`: a completion.
+    fn bind_completion(self, c: &Completion<'_>) -> Self;
+}
+
+impl<DB> BindExt for Query<'_, DB, DB::Arguments>
+where
+    DB: Database,
+    for<'a> &'a str: Encode<'a, DB> + Type<DB>,
+    for<'a> &'a [u8]: Encode<'a, DB> + Type<DB>,
+    for<'a> Option<&'a [u8]>: Encode<'a, DB> + Type<DB>,
+    for<'a> i64: Encode<'a, DB> + Type<DB>,
+{
+    fn bind_key(self, key: &RecordKey) -> Self {
+        self.bind(key.scope()).bind(key.key())
+    }
+
+    fn bind_owned(self, key: &RecordKey, token: Token) -> Self {
+        self.bind_key(key).bind(token_param(token))
+    }
+
+    fn bind_claim(self, req: &ClaimRequest<'_>) -> Self {
+        self.bind_key(req.key)
+            .bind(micros(req.lease))
+            .bind(keep_micros(req))
+            .bind(req.fingerprint)
+    }
+
+    fn bind_completion(self, c: &Completion<'_>) -> Self {
+        self.bind_owned(c.key, c.token)
+            .bind(c.output)
+            .bind(micros(c.ttl))
+    }
+}
+
+/// A database the SQL stores run on: how the errors its server returns are classified.
+pub(crate) trait SqlDatabase: Database {
+    /// The kind of an error the server returned.
+    fn classify(e: &dyn DatabaseError) -> StoreErrorKind;
+
+    /// The rows a statement matched.
+    fn rows_affected(done: &Self::QueryResult) -> u64;
+
+    /// Whether an error the server returned is a conflict with a concurrent
+    /// transaction (deadlock, serialization failure, lock wait): in transactional mode
+    /// the caller rolls back and redelivers.
+    fn conflict(e: &dyn DatabaseError) -> bool;
+
+    /// Wraps a driver error of the operation `op`, classifying it.
+    fn err(op: &str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
+        move |e| sql_error(op, e, Self::classify)
+    }
+
+    /// Wraps a driver error of the operation `op` in transactional mode: conflicts
+    /// are [`StoreErrorKind::Conflict`], everything else is classified as the stores
+    /// do.
+    fn tx_err(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
+        move |e| {
+            let conflicted = matches!(&e, sqlx::Error::Database(d) if Self::conflict(d.as_ref()));
+            if conflicted {
+                sql_error(op, e, |_| StoreErrorKind::Conflict)
+            } else {
+                sql_error(op, e, Self::classify)
+            }
+        }
+    }
+}
+
+/// Runs one write on `conn`: the rows it matched. `err` wraps a driver error.
+pub(crate) async fn execute<'c, DB, E>(
+    conn: E,
+    q: Query<'_, DB, DB::Arguments>,
+    err: impl FnOnce(sqlx::Error) -> StoreError,
+) -> Result<u64, StoreError>
+where
+    DB: SqlDatabase,
+    DB::Arguments: IntoArguments<DB>,
+    E: Executor<'c, Database = DB>,
+{
+    let done = q.execute(conn).await.map_err(err)?;
+    Ok(DB::rows_affected(&done))
+}
+
+/// Deletes expired records in batches of [`PURGE_BATCH`] until a batch comes back
+/// short; `batch` deletes one batch and answers how many rows it deleted.
+pub(crate) async fn purge_in_batches<F, Fut>(mut batch: F) -> Result<u64, StoreError>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<u64, StoreError>>,
+{
+    let mut total = 0;
+    loop {
+        let rows = batch().await?;
+        total += rows;
+        if rows < PURGE_BATCH as u64 {
+            return Ok(total);
         }
     }
 }
@@ -287,6 +412,36 @@ pub(crate) enum Decision {
     },
 }
 
+/// What a claim does after its read.
+#[cfg_attr(not(any(feature = "mysql", feature = "sqlite")), allow(dead_code))]
+pub(crate) enum Plan {
+    /// The row answers the claim without a write.
+    Answer(ClaimOutcome),
+    /// No row: insert one.
+    Insert,
+    /// Take over the expired row read (compare-and-set on its token).
+    TakeOverExpired { token: i64 },
+    /// Take over the released or lapsed row read (compare-and-set on its token and
+    /// attempts).
+    TakeOver { token: i64, attempts: i64 },
+}
+
+#[cfg_attr(not(any(feature = "mysql", feature = "sqlite")), allow(dead_code))]
+impl Plan {
+    /// The plan for the row a claim read (`None`: no row).
+    pub(crate) fn of(req: &ClaimRequest<'_>, seen: Option<RowView>) -> Result<Plan, StoreError> {
+        let Some(seen) = seen else {
+            return Ok(Plan::Insert);
+        };
+        let (token, attempts) = (seen.token, seen.attempts);
+        Ok(match seen.decide(req)? {
+            Decision::Answer(outcome) => Plan::Answer(outcome),
+            Decision::Claimable { expired: true } => Plan::TakeOverExpired { token },
+            Decision::Claimable { expired: false } => Plan::TakeOver { token, attempts },
+        })
+    }
+}
+
 /// The outcome of a repeated claim of a key within one batch, given the first one's:
 /// what a second claim right after the first would get.
 pub(crate) fn repeated(first: &ClaimOutcome, req: &ClaimRequest<'_>) -> ClaimOutcome {
@@ -381,7 +536,12 @@ pub(crate) fn classify_sqlstate(state: &str) -> StoreErrorKind {
 pub(crate) struct ClaimGate(std::sync::Arc<tokio::sync::Semaphore>);
 
 impl ClaimGate {
-    pub(crate) fn for_pool_size(max_connections: u32) -> Self {
+    /// The gate of a pool.
+    pub(crate) fn for_pool<DB: Database>(pool: &sqlx::Pool<DB>) -> Self {
+        Self::for_pool_size(pool.options().get_max_connections())
+    }
+
+    fn for_pool_size(max_connections: u32) -> Self {
         let max = max_connections.max(1) as usize;
         let reserve = if max > 1 { (max / 4).max(1) } else { 0 };
         ClaimGate(std::sync::Arc::new(tokio::sync::Semaphore::new(
@@ -424,6 +584,45 @@ where
         }
     }))
 }
+
+/// The methods every SQL store has alike (`pool`, `table`, `spawn_sweeper`) and its
+/// `Debug`, for a store type with the fields `pool` (of type `$pool`) and `sql` (its
+/// statements, which know the table).
+macro_rules! store_accessors {
+    ($store:ident, $pool:ty) => {
+        impl $store {
+            /// The pool this store uses.
+            pub fn pool(&self) -> &$pool {
+                &self.pool
+            }
+
+            /// The table name, as given.
+            pub fn table(&self) -> String {
+                self.sql.table.display()
+            }
+
+            /// Spawns a task that deletes expired records every `every`
+            /// (see [`purge_expired`](Store::purge_expired)); abort the returned handle to stop
+            /// it. Fails outside a Tokio runtime.
+            pub fn spawn_sweeper(
+                &self,
+                every: std::time::Duration,
+            ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+                $crate::sql::common::spawn_sweeper(self.clone(), every)
+            }
+        }
+
+        impl std::fmt::Debug for $store {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($store))
+                    .field("table", &self.sql.table)
+                    .field("pool", &self.pool)
+                    .finish()
+            }
+        }
+    };
+}
+pub(crate) use store_accessors;
 
 #[cfg(test)]
 mod tests {

@@ -1,17 +1,16 @@
 //! [`MySqlStore`]: the dedup table in MySQL 8 or MariaDB 10.11+.
 
 use super::common::{
-    self, CLAIM_RETRIES, DEFAULT_TABLE, Decision, PURGE_BATCH, RowView, TableName, keep_micros,
-    micros, repeated, token_param,
+    self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, Decision, PURGE_BATCH, Plan, RowView, SqlDatabase,
+    TableName, fence, keep_micros, micros, repeated, sql, token_param,
 };
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use crate::{RecordKey, StoreError, StoreErrorKind};
 use async_trait::async_trait;
 use sqlx::error::DatabaseError;
-use sqlx::mysql::{MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
-use sqlx::{AssertSqlSafe, Row, SqlStr};
+use sqlx::mysql::{MySql, MySqlArguments, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
+use sqlx::{Executor, Row, SqlStr};
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
@@ -165,9 +164,9 @@ pub(crate) struct Statements {
     table: TableName,
     pub(crate) read: SqlStr,
     pub(crate) insert: SqlStr,
-    pub(crate) take_over: SqlStr,
-    pub(crate) take_over_expired: SqlStr,
-    pub(crate) complete: SqlStr,
+    take_over: SqlStr,
+    take_over_expired: SqlStr,
+    complete: SqlStr,
     release: SqlStr,
     renew: SqlStr,
     forget: SqlStr,
@@ -177,12 +176,6 @@ pub(crate) struct Statements {
     claim_call: Option<SqlStr>,
     /// The `CREATE PROCEDURE` of that procedure.
     claim_procedure: Option<SqlStr>,
-}
-
-pub(crate) fn sql(s: String) -> SqlStr {
-    // every statement is built from constant text and a validated, quoted table name;
-    // all values are bound parameters
-    sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(Arc::<str>::from(s)))
 }
 
 /// Columns of a row read back (see [`RowView::decode`]).
@@ -384,6 +377,53 @@ impl Statements {
         }
     }
 
+    /// Makes a claim's conditional write for `plan` on `conn`: answers, inserts an
+    /// absent key or takes over the row read, compare-and-set on what was read.
+    /// `Ok(None)`: the row changed since the read (a concurrent insert of the key, or
+    /// no row matched the take-over); read again. `err` wraps a driver error.
+    pub(crate) async fn write_claim<'c>(
+        &self,
+        conn: impl Executor<'c, Database = MySql>,
+        req: &ClaimRequest<'_>,
+        plan: Plan,
+        err: impl FnOnce(sqlx::Error) -> StoreError,
+    ) -> Result<Option<ClaimOutcome>, StoreError> {
+        let take_over = |stmt: &SqlStr, token: i64| {
+            sqlx::query(stmt.clone())
+                .bind(micros(req.lease))
+                .bind(keep_micros(req))
+                .bind(req.fingerprint)
+                .bind_key(req.key)
+                .bind(token)
+        };
+        let (q, attempt) = match plan {
+            Plan::Answer(outcome) => return Ok(Some(outcome)),
+            Plan::Insert => (sqlx::query(self.insert.clone()).bind_claim(req), 1),
+            Plan::TakeOverExpired { token } => (take_over(&self.take_over_expired, token), 1),
+            Plan::TakeOver { token, attempts } => (
+                take_over(&self.take_over, token).bind(attempts),
+                common::attempts(attempts)?.saturating_add(1),
+            ),
+        };
+        match q.execute(conn).await {
+            Ok(done) if done.rows_affected() > 0 => Ok(Some(ClaimOutcome::Acquired {
+                token: Token(done.last_insert_id()),
+                attempt,
+            })),
+            Ok(_) => Ok(None),
+            Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Ok(None),
+            Err(e) => Err(err(e)),
+        }
+    }
+
+    /// The completion `c`: `output, ttl_us` come before the record it owns.
+    pub(crate) fn complete_query(&self, c: &Completion<'_>) -> MySqlQuery<'static> {
+        sqlx::query(self.complete.clone())
+            .bind(c.output)
+            .bind(micros(c.ttl))
+            .bind_owned(c.key, c.token)
+    }
+
     fn read_many(&self, n: usize) -> SqlStr {
         let t = self.table.quoted('`');
         let mut tuples = "(?, ?), ".repeat(n);
@@ -450,42 +490,48 @@ impl Statements {
     }
 }
 
-impl fmt::Debug for MySqlStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("MySqlStore")
-            .field("table", &self.sql.table)
-            .field("pool", &self.pool)
-            .finish()
-    }
-}
+common::store_accessors!(MySqlStore, MySqlPool);
 
-pub(crate) fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
-    if let Some(my) = e.try_downcast_ref::<MySqlDatabaseError>() {
-        match my.number() {
-            // no such table / column, access denied, syntax, unknown database
-            1044 | 1045 | 1049 | 1054 | 1064 | 1142 | 1143 | 1146 => {
-                return StoreErrorKind::Rejected;
+impl SqlDatabase for MySql {
+    fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
+        if let Some(my) = e.try_downcast_ref::<MySqlDatabaseError>() {
+            match my.number() {
+                // no such table / column, access denied, syntax, unknown database
+                1044 | 1045 | 1049 | 1054 | 1064 | 1142 | 1143 | 1146 => {
+                    return StoreErrorKind::Rejected;
+                }
+                // lock wait timeout, deadlock: a retry may succeed
+                1205 | 1213 => return StoreErrorKind::Other,
+                // too many connections, shutdown, killed, interrupted, read-only during failover
+                1040 | 1053 | 1317 | 1290 | 1792 | 1836 | 1927 | 2006 | 2013 => {
+                    return StoreErrorKind::Unavailable;
+                }
+                // value too long, out of range, incorrect value
+                1264 | 1366 | 1406 => return StoreErrorKind::Corrupt,
+                _ => {}
             }
-            // lock wait timeout, deadlock: a retry may succeed
-            1205 | 1213 => return StoreErrorKind::Other,
-            // too many connections, shutdown, killed, interrupted, read-only during failover
-            1040 | 1053 | 1317 | 1290 | 1792 | 1836 | 1927 | 2006 | 2013 => {
-                return StoreErrorKind::Unavailable;
-            }
-            // value too long, out of range, incorrect value
-            1264 | 1366 | 1406 => return StoreErrorKind::Corrupt,
-            _ => {}
+        }
+        match e.code() {
+            Some(code) => common::classify_sqlstate(&code),
+            None => StoreErrorKind::Other,
         }
     }
-    match e.code() {
-        Some(code) => common::classify_sqlstate(&code),
-        None => StoreErrorKind::Other,
+
+    fn rows_affected(done: &Self::QueryResult) -> u64 {
+        // the connection sets CLIENT_FOUND_ROWS: rows matched, not rows changed
+        done.rows_affected()
+    }
+
+    fn conflict(e: &dyn DatabaseError) -> bool {
+        // 1213 deadlock, 1205 lock wait timeout, 1020 record changed since the
+        // snapshot (MariaDB's snapshot isolation), 3572 NOWAIT lock not granted
+        e.try_downcast_ref::<MySqlDatabaseError>()
+            .is_some_and(|my| matches!(my.number(), 1213 | 1205 | 1020 | 3572))
+            || e.code().as_deref() == Some("40001")
     }
 }
 
-fn err(op: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
-    move |e| common::sql_error(op, e, classify)
-}
+pub(crate) type MySqlQuery<'q> = sqlx::query::Query<'q, MySql, MySqlArguments>;
 
 /// The row the claim procedure answers: `Some` outcome, or `None` when the claim must
 /// be tried again (the procedure kept losing races, or the row it read is claimable
@@ -496,7 +542,7 @@ fn decode_procedure(
 ) -> Result<Option<ClaimOutcome>, StoreError> {
     let get = |i: usize| {
         row.try_get::<Option<i64>, _>(i)
-            .map_err(err("reading a claim"))
+            .map_err(MySql::err("reading a claim"))
     };
     if get(0)? == Some(1) {
         let token = get(1)?.ok_or_else(|| common::corrupt("claim without a token".into()))?;
@@ -515,11 +561,6 @@ fn decode_procedure(
     }
 }
 
-fn fence(rows: u64) -> Fence {
-    // the connection sets CLIENT_FOUND_ROWS: rows matched, not rows changed
-    if rows > 0 { Fence::Held } else { Fence::Lost }
-}
-
 impl MySqlStore {
     /// Connects to `url` (`mysql://user:password@host:3306/db`, TLS with
     /// `?ssl-mode=required`) with a pool of default size and creates the table
@@ -535,7 +576,7 @@ impl MySqlStore {
         let pool = MySqlPoolOptions::new()
             .connect(url)
             .await
-            .map_err(err("connecting to MySQL"))?;
+            .map_err(MySql::err("connecting to MySQL"))?;
         let store = MySqlStore::new(pool, table);
         store.migrate().await?;
         Ok(store)
@@ -543,7 +584,7 @@ impl MySqlStore {
 
     fn new(pool: MySqlPool, table: TableName) -> Self {
         MySqlStore {
-            claims: common::ClaimGate::for_pool_size(pool.options().get_max_connections()),
+            claims: common::ClaimGate::for_pool(&pool),
             pool,
             sql: Arc::new(Statements::new(table)),
             procedure: ProcedureState::new(),
@@ -579,7 +620,7 @@ impl MySqlStore {
         sqlx::query(self.sql.create.clone())
             .execute(&self.pool)
             .await
-            .map_err(err("creating the dedup table"))?;
+            .map_err(MySql::err("creating the dedup table"))?;
         if let Some(create) = &self.sql.claim_procedure {
             // sent as text: CREATE PROCEDURE cannot be a prepared statement
             match sqlx::raw_sql(create.clone()).execute(&self.pool).await {
@@ -588,31 +629,11 @@ impl MySqlStore {
                 Err(sqlx::Error::Database(d))
                     if d.try_downcast_ref::<MySqlDatabaseError>()
                         .is_some_and(|my| my.number() == 1304) => {}
-                Err(e) => return Err(err("creating the claim procedure")(e)),
+                Err(e) => return Err(MySql::err("creating the claim procedure")(e)),
             }
             self.procedure.present();
         }
         Ok(())
-    }
-
-    /// The pool this store uses.
-    pub fn pool(&self) -> &MySqlPool {
-        &self.pool
-    }
-
-    /// The table name, as given.
-    pub fn table(&self) -> String {
-        self.sql.table.display()
-    }
-
-    /// Spawns a task that deletes expired records every `every`
-    /// (see [`purge_expired`](Store::purge_expired)); abort the returned handle to stop
-    /// it. Fails outside a Tokio runtime.
-    pub fn spawn_sweeper(
-        &self,
-        every: Duration,
-    ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
-        common::spawn_sweeper(self.clone(), every)
     }
 
     async fn claim_unguarded(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
@@ -620,11 +641,7 @@ impl MySqlStore {
             && self.procedure.usable()
         {
             let row = sqlx::query(call.clone())
-                .bind(req.key.scope())
-                .bind(req.key.key())
-                .bind(micros(req.lease))
-                .bind(keep_micros(req))
-                .bind(req.fingerprint)
+                .bind_claim(req)
                 .bind(req.max_attempts.map(i64::from))
                 .fetch_all(&self.pool)
                 .await;
@@ -641,7 +658,7 @@ impl MySqlStore {
                     tracing::debug!(error = %e, "claim procedure unavailable; claiming in two statements");
                     self.procedure.missing();
                 }
-                Err(e) => return Err(err("claim")(e)),
+                Err(e) => return Err(MySql::err("claim")(e)),
             }
         }
         for _ in 0..CLAIM_RETRIES {
@@ -655,11 +672,10 @@ impl MySqlStore {
 
     async fn read(&self, key: &RecordKey) -> Result<Option<RowView>, StoreError> {
         let row = sqlx::query(self.sql.read.clone())
-            .bind(key.scope())
-            .bind(key.key())
+            .bind_key(key)
             .fetch_all(&self.pool)
             .await
-            .map_err(err("reading a record"))?
+            .map_err(MySql::err("reading a record"))?
             .pop();
         row.map(|r| RowView::decode(&r, 0)).transpose()
     }
@@ -671,62 +687,10 @@ impl MySqlStore {
         req: &ClaimRequest<'_>,
         seen: Option<RowView>,
     ) -> Result<Option<ClaimOutcome>, StoreError> {
-        let Some(seen) = seen else {
-            let done = sqlx::query(self.sql.insert.clone())
-                .bind(req.key.scope())
-                .bind(req.key.key())
-                .bind(micros(req.lease))
-                .bind(keep_micros(req))
-                .bind(req.fingerprint)
-                .execute(&self.pool)
-                .await;
-            return match done {
-                Ok(done) => Ok(Some(ClaimOutcome::Acquired {
-                    token: Token(done.last_insert_id()),
-                    attempt: 1,
-                })),
-                Err(sqlx::Error::Database(d)) if d.is_unique_violation() => Ok(None),
-                Err(e) => Err(err("claim")(e)),
-            };
-        };
-        let seen_token = seen.token;
-        let seen_attempts = seen.attempts;
-        let (done, attempt) = match seen.decide(req)? {
-            Decision::Answer(outcome) => return Ok(Some(outcome)),
-            Decision::Claimable { expired: true } => {
-                let done = sqlx::query(self.sql.take_over_expired.clone())
-                    .bind(micros(req.lease))
-                    .bind(keep_micros(req))
-                    .bind(req.fingerprint)
-                    .bind(req.key.scope())
-                    .bind(req.key.key())
-                    .bind(seen_token)
-                    .execute(&self.pool)
-                    .await;
-                (done, 1)
-            }
-            Decision::Claimable { expired: false } => {
-                let done = sqlx::query(self.sql.take_over.clone())
-                    .bind(micros(req.lease))
-                    .bind(keep_micros(req))
-                    .bind(req.fingerprint)
-                    .bind(req.key.scope())
-                    .bind(req.key.key())
-                    .bind(seen_token)
-                    .bind(seen_attempts)
-                    .execute(&self.pool)
-                    .await;
-                (done, common::attempts(seen_attempts)?.saturating_add(1))
-            }
-        };
-        let done = done.map_err(err("claim"))?;
-        if done.rows_affected() == 0 {
-            return Ok(None);
-        }
-        Ok(Some(ClaimOutcome::Acquired {
-            token: Token(done.last_insert_id()),
-            attempt,
-        }))
+        let plan = Plan::of(req, seen)?;
+        self.sql
+            .write_claim(&self.pool, req, plan, MySql::err("claim"))
+            .await
     }
 }
 
@@ -738,27 +702,17 @@ impl Store for MySqlStore {
     }
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        let done = sqlx::query(self.sql.complete.clone())
-            .bind(c.output)
-            .bind(micros(c.ttl))
-            .bind(c.key.scope())
-            .bind(c.key.key())
-            .bind(token_param(c.token))
-            .execute(&self.pool)
-            .await
-            .map_err(err("complete"))?;
-        Ok(fence(done.rows_affected()))
+        let q = self.sql.complete_query(c);
+        Ok(fence(
+            common::execute(&self.pool, q, MySql::err("complete")).await?,
+        ))
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        let done = sqlx::query(self.sql.release.clone())
-            .bind(r.key.scope())
-            .bind(r.key.key())
-            .bind(token_param(r.token))
-            .execute(&self.pool)
-            .await
-            .map_err(err("release"))?;
-        Ok(fence(done.rows_affected()))
+        let q = sqlx::query(self.sql.release.clone()).bind_owned(r.key, r.token);
+        Ok(fence(
+            common::execute(&self.pool, q, MySql::err("release")).await?,
+        ))
     }
 
     async fn renew(
@@ -767,16 +721,13 @@ impl Store for MySqlStore {
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
-        let done = sqlx::query(self.sql.renew.clone())
+        let q = sqlx::query(self.sql.renew.clone())
             .bind(micros(lease))
             .bind(micros(lease))
-            .bind(key.scope())
-            .bind(key.key())
-            .bind(token_param(token))
-            .execute(&self.pool)
-            .await
-            .map_err(err("renew"))?;
-        Ok(fence(done.rows_affected()))
+            .bind_owned(key, token);
+        Ok(fence(
+            common::execute(&self.pool, q, MySql::err("renew")).await?,
+        ))
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
@@ -787,28 +738,16 @@ impl Store for MySqlStore {
     }
 
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.forget.clone())
-            .bind(key.scope())
-            .bind(key.key())
-            .execute(&self.pool)
-            .await
-            .map_err(err("forget"))?;
-        Ok(done.rows_affected() > 0)
+        let q = sqlx::query(self.sql.forget.clone()).bind_key(key);
+        Ok(common::execute(&self.pool, q, MySql::err("forget")).await? > 0)
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
-        let mut total = 0;
-        loop {
-            let done = sqlx::query(self.sql.purge.clone())
-                .bind(PURGE_BATCH)
-                .execute(&self.pool)
-                .await
-                .map_err(err("purge_expired"))?;
-            total += done.rows_affected();
-            if done.rows_affected() < PURGE_BATCH as u64 {
-                return Ok(total);
-            }
-        }
+        common::purge_in_batches(|| {
+            let q = sqlx::query(self.sql.purge.clone()).bind(PURGE_BATCH);
+            common::execute(&self.pool, q, MySql::err("purge_expired"))
+        })
+        .await
     }
 
     async fn claim_batch(
@@ -829,12 +768,15 @@ impl Store for MySqlStore {
         for chunk in distinct.chunks(BATCH_READ) {
             let mut q = sqlx::query(self.sql.read_many(chunk.len()));
             for &i in chunk {
-                q = q.bind(reqs[i].key.scope()).bind(reqs[i].key.key());
+                q = q.bind_key(reqs[i].key);
             }
-            let rows = q.fetch_all(&self.pool).await.map_err(err("claim_batch"))?;
+            let rows = q
+                .fetch_all(&self.pool)
+                .await
+                .map_err(MySql::err("claim_batch"))?;
             for row in &rows {
-                let scope: String = row.try_get(0).map_err(err("claim_batch"))?;
-                let id: Vec<u8> = row.try_get(1).map_err(err("claim_batch"))?;
+                let scope: String = row.try_get(0).map_err(MySql::err("claim_batch"))?;
+                let id: Vec<u8> = row.try_get(1).map_err(MySql::err("claim_batch"))?;
                 seen.insert(
                     RecordKey::from_encoded(&scope, &id),
                     RowView::decode(row, 2)?,
@@ -853,13 +795,7 @@ impl Store for MySqlStore {
         for chunk in absent.chunks(BATCH_READ) {
             let mut q = sqlx::query(self.sql.insert_many(chunk.len()));
             for &i in chunk {
-                let r = &reqs[i];
-                q = q
-                    .bind(r.key.scope())
-                    .bind(r.key.key())
-                    .bind(micros(r.lease))
-                    .bind(keep_micros(r))
-                    .bind(r.fingerprint);
+                q = q.bind_claim(&reqs[i]);
             }
             match q.execute(&self.pool).await {
                 Ok(done) => {
@@ -868,7 +804,7 @@ impl Store for MySqlStore {
                     }
                 }
                 Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {}
-                Err(e) => return Err(err("claim_batch")(e)),
+                Err(e) => return Err(MySql::err("claim_batch")(e)),
             }
         }
         let mut out: Vec<ClaimOutcome> = Vec::with_capacity(reqs.len());
@@ -895,15 +831,12 @@ impl Store for MySqlStore {
         for chunk in chunks_by_bytes(&distinct, |&i| items[i].output.map_or(0, <[u8]>::len)) {
             let mut q = sqlx::query(self.sql.complete_many(chunk.len()));
             for &i in chunk {
-                let c = &items[i];
-                q = q
-                    .bind(c.key.scope())
-                    .bind(c.key.key())
-                    .bind(token_param(c.token))
-                    .bind(c.output)
-                    .bind(micros(c.ttl));
+                q = q.bind_completion(&items[i]);
             }
-            let done = q.execute(&self.pool).await.map_err(err("complete_batch"))?;
+            let done = q
+                .execute(&self.pool)
+                .await
+                .map_err(MySql::err("complete_batch"))?;
             if done.rows_affected() == chunk.len() as u64 {
                 chunk.iter().for_each(|&i| out[i] = Fence::Held);
             } else if done.rows_affected() > 0 {
@@ -937,13 +870,12 @@ impl Store for MySqlStore {
         for chunk in distinct.chunks(BATCH_READ) {
             let mut q = sqlx::query(self.sql.release_many(chunk.len()));
             for &i in chunk {
-                let r = &items[i];
-                q = q
-                    .bind(r.key.scope())
-                    .bind(r.key.key())
-                    .bind(token_param(r.token));
+                q = q.bind_owned(items[i].key, items[i].token);
             }
-            let done = q.execute(&self.pool).await.map_err(err("release_batch"))?;
+            let done = q
+                .execute(&self.pool)
+                .await
+                .map_err(MySql::err("release_batch"))?;
             if done.rows_affected() == chunk.len() as u64 {
                 chunk.iter().for_each(|&i| out[i] = Fence::Held);
             } else if done.rows_affected() > 0 {
@@ -986,18 +918,21 @@ impl MySqlStore {
     ) -> Result<HashMap<RecordKey, RowState>, StoreError> {
         let mut q = sqlx::query(self.sql.state_many(keys.len()));
         for k in keys {
-            q = q.bind(k.scope()).bind(k.key());
+            q = q.bind_key(k);
         }
         let rows = q
             .fetch_all(&self.pool)
             .await
-            .map_err(err("reading a batch"))?;
+            .map_err(MySql::err("reading a batch"))?;
         let mut out = HashMap::with_capacity(rows.len());
         for row in &rows {
-            let e = err("reading a batch");
+            let e = MySql::err("reading a batch");
             let scope: String = row.try_get(0).map_err(e)?;
-            let id: Vec<u8> = row.try_get(1).map_err(err("reading a batch"))?;
-            let get = |i: usize| row.try_get::<i64, _>(i).map_err(err("reading a batch"));
+            let id: Vec<u8> = row.try_get(1).map_err(MySql::err("reading a batch"))?;
+            let get = |i: usize| {
+                row.try_get::<i64, _>(i)
+                    .map_err(MySql::err("reading a batch"))
+            };
             out.insert(
                 RecordKey::from_encoded(&scope, &id),
                 RowState {

@@ -1,17 +1,16 @@
 //! [`PostgresStore`]: the dedup table in PostgreSQL.
 
 use super::common::{
-    self, CLAIM_RETRIES, DEFAULT_TABLE, Decision, PURGE_BATCH, RowView, TableName, keep_micros,
-    max_attempts_param, micros, repeated, token_param,
+    self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, Decision, PURGE_BATCH, RowView, SqlDatabase,
+    TableName, fence, keep_micros, max_attempts_param, micros, repeated, sql, token_param,
 };
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use crate::{RecordKey, StoreError, StoreErrorKind};
 use async_trait::async_trait;
 use sqlx::error::DatabaseError;
-use sqlx::postgres::{PgPool, PgPoolOptions, PgRow};
-use sqlx::{AssertSqlSafe, Row, SqlStr};
+use sqlx::postgres::{PgArguments, PgPool, PgPoolOptions, PgRow, Postgres};
+use sqlx::{Row, SqlStr};
 use std::collections::{HashMap, HashSet};
-use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -84,12 +83,6 @@ pub(crate) struct Statements {
     forget: SqlStr,
     purge: SqlStr,
     create: Vec<SqlStr>,
-}
-
-fn sql(s: String) -> SqlStr {
-    // every statement is built from constant text and a validated, quoted table name;
-    // all values are bound parameters
-    sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(Arc::<str>::from(s)))
 }
 
 /// Columns of a row read back, relative to the clock value `n.now_us`.
@@ -264,30 +257,38 @@ impl Statements {
     }
 }
 
-impl fmt::Debug for PostgresStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("PostgresStore")
-            .field("table", &self.sql.table)
-            .field("pool", &self.pool)
-            .finish()
+common::store_accessors!(PostgresStore, PgPool);
+
+impl SqlDatabase for Postgres {
+    fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
+        match e.code() {
+            // serialization failure, deadlock: a retry may succeed
+            Some(code) if code.starts_with("40") => StoreErrorKind::Other,
+            Some(code) => common::classify_sqlstate(&code),
+            None => StoreErrorKind::Other,
+        }
+    }
+
+    fn rows_affected(done: &Self::QueryResult) -> u64 {
+        done.rows_affected()
+    }
+
+    fn conflict(e: &dyn DatabaseError) -> bool {
+        // serialization failure, deadlock, lock not available (lock_timeout, NOWAIT)
+        matches!(e.code().as_deref(), Some("40001" | "40P01" | "55P03"))
     }
 }
 
-pub(crate) fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
-    match e.code() {
-        // serialization failure, deadlock: a retry may succeed
-        Some(code) if code.starts_with("40") => StoreErrorKind::Other,
-        Some(code) => common::classify_sqlstate(&code),
-        None => StoreErrorKind::Other,
-    }
-}
+type PgQuery<'q> = sqlx::query::Query<'q, Postgres, PgArguments>;
 
-fn err(op: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
-    move |e| common::sql_error(op, e, classify)
-}
-
-fn fence(rows: u64) -> Fence {
-    if rows > 0 { Fence::Held } else { Fence::Lost }
+/// Binds the `scope`, `message_id` and `owner_token` arrays of a batch step.
+fn bind_owned_arrays<'k>(
+    q: PgQuery<'_>,
+    items: impl Iterator<Item = (&'k RecordKey, Token)> + Clone,
+) -> PgQuery<'_> {
+    q.bind(items.clone().map(|(k, _)| k.scope()).collect::<Vec<_>>())
+        .bind(items.clone().map(|(k, _)| k.key()).collect::<Vec<_>>())
+        .bind(items.map(|(_, t)| token_param(t)).collect::<Vec<_>>())
 }
 
 impl PostgresStore {
@@ -305,7 +306,7 @@ impl PostgresStore {
         let pool = PgPoolOptions::new()
             .connect(url)
             .await
-            .map_err(err("connecting to PostgreSQL"))?;
+            .map_err(Postgres::err("connecting to PostgreSQL"))?;
         let store = PostgresStore::new(pool, table);
         store.migrate().await?;
         store.prepare().await?;
@@ -314,7 +315,7 @@ impl PostgresStore {
 
     fn new(pool: PgPool, table: TableName) -> Self {
         PostgresStore {
-            claims: common::ClaimGate::for_pool_size(pool.options().get_max_connections()),
+            claims: common::ClaimGate::for_pool(&pool),
             pool,
             sql: Arc::new(Statements::new(table)),
         }
@@ -342,19 +343,19 @@ impl PostgresStore {
     /// from many processes are serialized by an advisory lock.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let op = "creating the dedup table";
-        let mut tx = self.pool.begin().await.map_err(err(op))?;
+        let mut tx = self.pool.begin().await.map_err(Postgres::err(op))?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1)::int8)")
             .bind(self.sql.table.display())
             .execute(&mut *tx)
             .await
-            .map_err(err(op))?;
+            .map_err(Postgres::err(op))?;
         for stmt in &self.sql.create {
             sqlx::query(stmt.clone())
                 .execute(&mut *tx)
                 .await
-                .map_err(err(op))?;
+                .map_err(Postgres::err(op))?;
         }
-        tx.commit().await.map_err(err(op))
+        tx.commit().await.map_err(Postgres::err(op))
     }
 
     /// Prepares the protocol's statements on the connection the pool holds, so the
@@ -365,7 +366,7 @@ impl PostgresStore {
             .pool
             .acquire()
             .await
-            .map_err(err("preparing statements"))?;
+            .map_err(Postgres::err("preparing statements"))?;
         for stmt in [
             &self.sql.claim,
             &self.sql.complete,
@@ -374,29 +375,9 @@ impl PostgresStore {
         ] {
             conn.prepare(stmt.clone())
                 .await
-                .map_err(err("preparing statements"))?;
+                .map_err(Postgres::err("preparing statements"))?;
         }
         Ok(())
-    }
-
-    /// The pool this store uses.
-    pub fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    /// The table name, as given.
-    pub fn table(&self) -> String {
-        self.sql.table.display()
-    }
-
-    /// Spawns a task that deletes expired records every `every`
-    /// (see [`purge_expired`](Store::purge_expired)); abort the returned handle to stop
-    /// it. Fails outside a Tokio runtime.
-    pub fn spawn_sweeper(
-        &self,
-        every: Duration,
-    ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
-        common::spawn_sweeper(self.clone(), every)
     }
 
     pub(crate) fn decode_claim(
@@ -404,10 +385,14 @@ impl PostgresStore {
         at: usize,
         req: &ClaimRequest<'_>,
     ) -> Result<Option<ClaimOutcome>, StoreError> {
-        let acquired: bool = row.try_get(at).map_err(err("reading a claim"))?;
+        let acquired: bool = row.try_get(at).map_err(Postgres::err("reading a claim"))?;
         if acquired {
-            let token: i64 = row.try_get(at + 1).map_err(err("reading a claim"))?;
-            let attempt: i64 = row.try_get(at + 2).map_err(err("reading a claim"))?;
+            let token: i64 = row
+                .try_get(at + 1)
+                .map_err(Postgres::err("reading a claim"))?;
+            let attempt: i64 = row
+                .try_get(at + 2)
+                .map_err(Postgres::err("reading a claim"))?;
             return Ok(Some(ClaimOutcome::Acquired {
                 token: common::token(token)?,
                 attempt: common::attempts(attempt)?,
@@ -428,18 +413,14 @@ impl Store for PostgresStore {
         let _slot = self.claims.enter().await;
         for _ in 0..CLAIM_RETRIES {
             let row = sqlx::query(self.sql.claim.clone())
-                .bind(req.key.scope())
-                .bind(req.key.key())
-                .bind(micros(req.lease))
-                .bind(keep_micros(req))
-                .bind(req.fingerprint)
+                .bind_claim(req)
                 .bind(
                     req.max_attempts
                         .map(|m| i32::try_from(m).unwrap_or(i32::MAX)),
                 )
                 .fetch_all(&self.pool)
                 .await
-                .map_err(err("claim"))?
+                .map_err(Postgres::err("claim"))?
                 .pop();
             // no row: a concurrent claim inserted the key after this statement's snapshot
             if let Some(row) = row
@@ -452,27 +433,17 @@ impl Store for PostgresStore {
     }
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        let done = sqlx::query(self.sql.complete.clone())
-            .bind(c.key.scope())
-            .bind(c.key.key())
-            .bind(token_param(c.token))
-            .bind(c.output)
-            .bind(micros(c.ttl))
-            .execute(&self.pool)
-            .await
-            .map_err(err("complete"))?;
-        Ok(fence(done.rows_affected()))
+        let q = sqlx::query(self.sql.complete.clone()).bind_completion(c);
+        Ok(fence(
+            common::execute(&self.pool, q, Postgres::err("complete")).await?,
+        ))
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        let done = sqlx::query(self.sql.release.clone())
-            .bind(r.key.scope())
-            .bind(r.key.key())
-            .bind(token_param(r.token))
-            .execute(&self.pool)
-            .await
-            .map_err(err("release"))?;
-        Ok(fence(done.rows_affected()))
+        let q = sqlx::query(self.sql.release.clone()).bind_owned(r.key, r.token);
+        Ok(fence(
+            common::execute(&self.pool, q, Postgres::err("release")).await?,
+        ))
     }
 
     async fn renew(
@@ -481,24 +452,20 @@ impl Store for PostgresStore {
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
-        let done = sqlx::query(self.sql.renew.clone())
-            .bind(key.scope())
-            .bind(key.key())
-            .bind(token_param(token))
-            .bind(micros(lease))
-            .execute(&self.pool)
-            .await
-            .map_err(err("renew"))?;
-        Ok(fence(done.rows_affected()))
+        let q = sqlx::query(self.sql.renew.clone())
+            .bind_owned(key, token)
+            .bind(micros(lease));
+        Ok(fence(
+            common::execute(&self.pool, q, Postgres::err("renew")).await?,
+        ))
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         let row = sqlx::query(self.sql.inspect.clone())
-            .bind(key.scope())
-            .bind(key.key())
+            .bind_key(key)
             .fetch_all(&self.pool)
             .await
-            .map_err(err("inspect"))?
+            .map_err(Postgres::err("inspect"))?
             .pop();
         match row {
             Some(row) => RowView::decode(&row, 0)?.into_record(),
@@ -507,28 +474,16 @@ impl Store for PostgresStore {
     }
 
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        let done = sqlx::query(self.sql.forget.clone())
-            .bind(key.scope())
-            .bind(key.key())
-            .execute(&self.pool)
-            .await
-            .map_err(err("forget"))?;
-        Ok(done.rows_affected() > 0)
+        let q = sqlx::query(self.sql.forget.clone()).bind_key(key);
+        Ok(common::execute(&self.pool, q, Postgres::err("forget")).await? > 0)
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
-        let mut total = 0;
-        loop {
-            let done = sqlx::query(self.sql.purge.clone())
-                .bind(PURGE_BATCH)
-                .execute(&self.pool)
-                .await
-                .map_err(err("purge_expired"))?;
-            total += done.rows_affected();
-            if done.rows_affected() < PURGE_BATCH as u64 {
-                return Ok(total);
-            }
-        }
+        common::purge_in_batches(|| {
+            let q = sqlx::query(self.sql.purge.clone()).bind(PURGE_BATCH);
+            common::execute(&self.pool, q, Postgres::err("purge_expired"))
+        })
+        .await
     }
 
     async fn claim_batch(
@@ -593,10 +548,10 @@ impl Store for PostgresStore {
                 )
                 .fetch_all(&self.pool)
                 .await
-                .map_err(err("claim_batch"))?;
+                .map_err(Postgres::err("claim_batch"))?;
             for row in &rows {
-                let scope: String = row.try_get(0).map_err(err("claim_batch"))?;
-                let id: Vec<u8> = row.try_get(1).map_err(err("claim_batch"))?;
+                let scope: String = row.try_get(0).map_err(Postgres::err("claim_batch"))?;
+                let id: Vec<u8> = row.try_get(1).map_err(Postgres::err("claim_batch"))?;
                 let key = RecordKey::from_encoded(&scope, &id);
                 let Some(&i) = first.get(key.as_bytes()) else {
                     return Err(common::corrupt(
@@ -624,37 +579,23 @@ impl Store for PostgresStore {
     }
 
     async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
-        let rows = sqlx::query(self.sql.complete_batch.clone())
-            .bind(items.iter().map(|c| c.key.scope()).collect::<Vec<_>>())
-            .bind(items.iter().map(|c| c.key.key()).collect::<Vec<_>>())
-            .bind(
-                items
-                    .iter()
-                    .map(|c| token_param(c.token))
-                    .collect::<Vec<_>>(),
-            )
+        let owned = items.iter().map(|c| (c.key, c.token));
+        let rows = bind_owned_arrays(sqlx::query(self.sql.complete_batch.clone()), owned.clone())
             .bind(items.iter().map(|c| c.output).collect::<Vec<_>>())
             .bind(items.iter().map(|c| micros(c.ttl)).collect::<Vec<_>>())
             .fetch_all(&self.pool)
             .await
-            .map_err(err("complete_batch"))?;
-        fences(&rows, items.iter().map(|c| (c.key, c.token)))
+            .map_err(Postgres::err("complete_batch"))?;
+        fences(&rows, owned)
     }
 
     async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
-        let rows = sqlx::query(self.sql.release_batch.clone())
-            .bind(items.iter().map(|r| r.key.scope()).collect::<Vec<_>>())
-            .bind(items.iter().map(|r| r.key.key()).collect::<Vec<_>>())
-            .bind(
-                items
-                    .iter()
-                    .map(|r| token_param(r.token))
-                    .collect::<Vec<_>>(),
-            )
+        let owned = items.iter().map(|r| (r.key, r.token));
+        let rows = bind_owned_arrays(sqlx::query(self.sql.release_batch.clone()), owned.clone())
             .fetch_all(&self.pool)
             .await
-            .map_err(err("release_batch"))?;
-        fences(&rows, items.iter().map(|r| (r.key, r.token)))
+            .map_err(Postgres::err("release_batch"))?;
+        fences(&rows, owned)
     }
 }
 
@@ -666,9 +607,9 @@ fn fences<'a>(
 ) -> Result<Vec<Fence>, StoreError> {
     let mut held: HashSet<(RecordKey, i64)> = HashSet::with_capacity(rows.len());
     for row in rows {
-        let scope: String = row.try_get(0).map_err(err("reading a batch"))?;
-        let id: Vec<u8> = row.try_get(1).map_err(err("reading a batch"))?;
-        let token: i64 = row.try_get(2).map_err(err("reading a batch"))?;
+        let scope: String = row.try_get(0).map_err(Postgres::err("reading a batch"))?;
+        let id: Vec<u8> = row.try_get(1).map_err(Postgres::err("reading a batch"))?;
+        let token: i64 = row.try_get(2).map_err(Postgres::err("reading a batch"))?;
         held.insert((RecordKey::from_encoded(&scope, &id), token));
     }
     Ok(items

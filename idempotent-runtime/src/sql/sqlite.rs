@@ -1,20 +1,19 @@
 //! [`SqliteStore`]: the embedded durable store.
 
 use super::common::{
-    self, CLAIM_RETRIES, DEFAULT_TABLE, Decision, PURGE_BATCH, RowView, TableName, keep_micros,
-    micros, repeated, token_param,
+    self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, PURGE_BATCH, Plan, RowView, SqlDatabase,
+    TableName, fence, micros, repeated, sql, token_param,
 };
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use crate::{RecordKey, StoreError, StoreErrorKind};
 use async_trait::async_trait;
 use sqlx::error::DatabaseError;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteSynchronous,
+    Sqlite, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
+    SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{AssertSqlSafe, Connection, Row, SqlStr};
+use sqlx::{Connection, Row, SqlStr};
 use std::collections::HashMap;
-use std::fmt;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
@@ -102,24 +101,18 @@ pub struct SqliteStore {
 
 pub(crate) struct Statements {
     table: TableName,
-    pub(crate) read: SqlStr,
-    pub(crate) insert: SqlStr,
+    read: SqlStr,
+    insert: SqlStr,
     /// `insert` with a lower bound `?6` on the token.
     insert_after: SqlStr,
-    pub(crate) take_over: SqlStr,
-    pub(crate) take_over_expired: SqlStr,
+    take_over: SqlStr,
+    take_over_expired: SqlStr,
     pub(crate) complete: SqlStr,
     release: SqlStr,
     renew: SqlStr,
     forget: SqlStr,
     purge: SqlStr,
     create: [SqlStr; 2],
-}
-
-fn sql(s: String) -> SqlStr {
-    // every statement is built from constant text and a validated, quoted table name;
-    // all values are bound parameters
-    sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(Arc::<str>::from(s)))
 }
 
 impl Statements {
@@ -218,34 +211,36 @@ impl Statements {
     }
 }
 
-impl fmt::Debug for SqliteStore {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("table", &self.sql.table)
-            .field("pool", &self.pool)
-            .finish()
-    }
-}
+common::store_accessors!(SqliteStore, SqlitePool);
 
-pub(crate) fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
+/// The primary result code of an SQLite error (its low byte).
+fn primary_code(e: &dyn DatabaseError) -> i64 {
     let code: i64 = e.code().and_then(|c| c.parse().ok()).unwrap_or(0);
-    match code & 0xff {
-        // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN
-        5 | 6 | 10 | 13 | 14 => StoreErrorKind::Unavailable,
-        // SQLITE_ERROR (no such table, …), SQLITE_PERM, SQLITE_READONLY, SQLITE_AUTH
-        1 | 3 | 8 | 23 => StoreErrorKind::Rejected,
-        // SQLITE_CORRUPT, SQLITE_NOTADB, SQLITE_CONSTRAINT, SQLITE_MISMATCH
-        11 | 26 | 19 | 20 => StoreErrorKind::Corrupt,
-        _ => StoreErrorKind::Other,
+    code & 0xff
+}
+
+impl SqlDatabase for Sqlite {
+    fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
+        match primary_code(e) {
+            // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN
+            5 | 6 | 10 | 13 | 14 => StoreErrorKind::Unavailable,
+            // SQLITE_ERROR (no such table, …), SQLITE_PERM, SQLITE_READONLY, SQLITE_AUTH
+            1 | 3 | 8 | 23 => StoreErrorKind::Rejected,
+            // SQLITE_CORRUPT, SQLITE_NOTADB, SQLITE_CONSTRAINT, SQLITE_MISMATCH
+            11 | 26 | 19 | 20 => StoreErrorKind::Corrupt,
+            _ => StoreErrorKind::Other,
+        }
     }
-}
 
-fn err(op: &str) -> impl FnOnce(sqlx::Error) -> StoreError + '_ {
-    move |e| common::sql_error(op, e, classify)
-}
+    fn rows_affected(done: &Self::QueryResult) -> u64 {
+        done.rows_affected()
+    }
 
-fn fence(rows: u64) -> Fence {
-    if rows > 0 { Fence::Held } else { Fence::Lost }
+    fn conflict(e: &dyn DatabaseError) -> bool {
+        // SQLITE_BUSY and its extended codes (BUSY_SNAPSHOT: a deferred transaction that
+        // read first cannot take the write lock after another writer committed)
+        primary_code(e) == 5
+    }
 }
 
 impl SqliteStore {
@@ -266,7 +261,7 @@ impl SqliteStore {
     pub async fn connect_with_table(url: &str, table: &str) -> Result<Self, StoreError> {
         let table = TableName::parse(table)?;
         let options = SqliteConnectOptions::from_str(url)
-            .map_err(err("parsing the SQLite URL"))?
+            .map_err(Sqlite::err("parsing the SQLite URL"))?
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Self::BUSY_TIMEOUT);
@@ -276,7 +271,7 @@ impl SqliteStore {
             .test_before_acquire(false)
             .connect_with(options)
             .await
-            .map_err(err("opening the SQLite database"))?;
+            .map_err(Sqlite::err("opening the SQLite database"))?;
         let store = SqliteStore::new(pool, table);
         store.migrate().await?;
         Ok(store)
@@ -284,7 +279,7 @@ impl SqliteStore {
 
     fn new(pool: SqlitePool, table: TableName) -> Self {
         SqliteStore {
-            claims: common::ClaimGate::for_pool_size(pool.options().get_max_connections()),
+            claims: common::ClaimGate::for_pool(&pool),
             pool,
             sql: Arc::new(Statements::new(table)),
             writer: Arc::new(Mutex::new(None)),
@@ -330,7 +325,7 @@ impl SqliteStore {
                 .pool
                 .acquire()
                 .await
-                .map_err(err("opening the writer connection"))?;
+                .map_err(Sqlite::err("opening the writer connection"))?;
             *slot = Some(conn.detach());
         }
         Ok(Writer(slot))
@@ -340,36 +335,16 @@ impl SqliteStore {
     async fn execute(&self, op: &'static str, q: SqliteQuery<'_>) -> Result<u64, StoreError> {
         let mut w = self.writer().await?;
         let done = q.execute(w.conn()?).await;
-        Ok(w.check(done).map_err(err(op))?.rows_affected())
-    }
-
-    /// The pool this store uses.
-    pub fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    /// The table name, as given.
-    pub fn table(&self) -> String {
-        self.sql.table.display()
-    }
-
-    /// Spawns a task that deletes expired records every `every`
-    /// (see [`purge_expired`](Store::purge_expired)); abort the returned handle to stop
-    /// it. Fails outside a Tokio runtime.
-    pub fn spawn_sweeper(
-        &self,
-        every: Duration,
-    ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
-        common::spawn_sweeper(self.clone(), every)
+        Ok(w.check(done).map_err(Sqlite::err(op))?.rows_affected())
     }
 
     async fn read(&self, key: &RecordKey) -> Result<Option<RowView>, StoreError> {
-        let row = sqlx::query(self.sql.read.clone())
-            .bind(key.scope())
-            .bind(key.key())
+        let row = self
+            .sql
+            .read_query(key)
             .fetch_all(&self.pool)
             .await
-            .map_err(err("reading a record"))?
+            .map_err(Sqlite::err("reading a record"))?
             .pop();
         row.map(|r| RowView::decode(&r, 0)).transpose()
     }
@@ -401,66 +376,19 @@ impl SqliteStore {
         req: &ClaimRequest<'_>,
         plan: Plan,
     ) -> Result<Option<ClaimOutcome>, StoreError> {
-        let q = |stmt: &SqlStr| {
-            sqlx::query(stmt.clone())
-                .bind(req.key.scope())
-                .bind(req.key.key())
-                .bind(micros(req.lease))
-                .bind(keep_micros(req))
-                .bind(req.fingerprint)
-        };
-        let (query, takes_over) = match plan {
-            Plan::Answer(outcome) => return Ok(Some(outcome)),
-            Plan::Insert => {
-                let floor = self
-                    .last_token
-                    .load(AtomicOrdering::Relaxed)
-                    .saturating_add(1);
-                (q(&self.sql.insert_after).bind(floor), false)
-            }
-            Plan::TakeOverExpired { token } => (q(&self.sql.take_over_expired).bind(token), true),
-            Plan::TakeOver { token, attempts } => {
-                (q(&self.sql.take_over).bind(token).bind(attempts), true)
-            }
-        };
-        let row = query
-            .fetch_optional(&mut *conn)
-            .await
-            .map_err(err("claim"))?;
-        let Some(row) = row else { return Ok(None) };
-        let token: i64 = row.try_get(0).map_err(err("claim"))?;
-        let attempt: i64 = if takes_over {
-            row.try_get(1).map_err(err("claim"))?
-        } else {
-            1
-        };
-        self.last_token.fetch_max(token, AtomicOrdering::Relaxed);
-        Ok(Some(ClaimOutcome::Acquired {
-            token: common::token(token)?,
-            attempt: common::attempts(attempt)?,
-        }))
-    }
-}
-
-/// What a claim does after its read.
-enum Plan {
-    Answer(ClaimOutcome),
-    Insert,
-    TakeOverExpired { token: i64 },
-    TakeOver { token: i64, attempts: i64 },
-}
-
-impl Plan {
-    fn of(req: &ClaimRequest<'_>, seen: Option<RowView>) -> Result<Plan, StoreError> {
-        let Some(seen) = seen else {
-            return Ok(Plan::Insert);
-        };
-        let (token, attempts) = (seen.token, seen.attempts);
-        Ok(match seen.decide(req)? {
-            Decision::Answer(outcome) => Plan::Answer(outcome),
-            Decision::Claimable { expired: true } => Plan::TakeOverExpired { token },
-            Decision::Claimable { expired: false } => Plan::TakeOver { token, attempts },
-        })
+        let floor = self
+            .last_token
+            .load(AtomicOrdering::Relaxed)
+            .saturating_add(1);
+        let outcome = self
+            .sql
+            .write_claim(conn, req, plan, Some(floor), Sqlite::err("claim"))
+            .await?;
+        if let Some(ClaimOutcome::Acquired { token, .. }) = &outcome {
+            self.last_token
+                .fetch_max(token_param(*token), AtomicOrdering::Relaxed);
+        }
+        Ok(outcome)
     }
 }
 
@@ -534,9 +462,7 @@ impl Store for SqliteStore {
         lease: Duration,
     ) -> Result<Fence, StoreError> {
         let q = sqlx::query(self.sql.renew.clone())
-            .bind(key.scope())
-            .bind(key.key())
-            .bind(token_param(token))
+            .bind_owned(key, token)
             .bind(micros(lease));
         Ok(fence(self.execute("renew", q).await?))
     }
@@ -549,23 +475,17 @@ impl Store for SqliteStore {
     }
 
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        let q = sqlx::query(self.sql.forget.clone())
-            .bind(key.scope())
-            .bind(key.key());
+        let q = sqlx::query(self.sql.forget.clone()).bind_key(key);
         Ok(self.execute("forget", q).await? > 0)
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
-        let mut total = 0;
-        loop {
-            // the writer is taken per batch, so claims interleave with a long purge
+        // the writer is taken per batch, so claims interleave with a long purge
+        common::purge_in_batches(|| {
             let q = sqlx::query(self.sql.purge.clone()).bind(PURGE_BATCH);
-            let rows = self.execute("purge_expired", q).await?;
-            total += rows;
-            if rows < PURGE_BATCH as u64 {
-                return Ok(total);
-            }
-        }
+            self.execute("purge_expired", q)
+        })
+        .await
     }
 
     async fn claim_batch(
@@ -603,13 +523,16 @@ async fn apply_all<'q>(
     op: &'static str,
     queries: impl Iterator<Item = SqliteQuery<'q>>,
 ) -> Result<Vec<Fence>, StoreError> {
-    let mut tx = conn.begin_with("BEGIN IMMEDIATE").await.map_err(err(op))?;
+    let mut tx = conn
+        .begin_with("BEGIN IMMEDIATE")
+        .await
+        .map_err(Sqlite::err(op))?;
     let mut out = Vec::with_capacity(queries.size_hint().0);
     for q in queries {
-        let done = q.execute(&mut *tx).await.map_err(err(op))?;
+        let done = q.execute(&mut *tx).await.map_err(Sqlite::err(op))?;
         out.push(fence(done.rows_affected()));
     }
-    tx.commit().await.map_err(err(op))?;
+    tx.commit().await.map_err(Sqlite::err(op))?;
     Ok(out)
 }
 
@@ -624,7 +547,7 @@ impl SqliteStore {
         let mut tx = conn
             .begin_with("BEGIN IMMEDIATE")
             .await
-            .map_err(err("claim_batch"))?;
+            .map_err(Sqlite::err("claim_batch"))?;
         for (i, req) in reqs.iter().enumerate() {
             let f = *first.entry(req.key.as_bytes()).or_insert(i);
             let outcome = if f != i {
@@ -637,7 +560,7 @@ impl SqliteStore {
                         .read_query(req.key)
                         .fetch_optional(&mut *tx)
                         .await
-                        .map_err(err("claim_batch"))?;
+                        .map_err(Sqlite::err("claim_batch"))?;
                     let seen = row.map(|r| RowView::decode(&r, 0)).transpose()?;
                     outcome = self.write_claim(&mut tx, req, Plan::of(req, seen)?).await?;
                     if outcome.is_some() {
@@ -648,7 +571,7 @@ impl SqliteStore {
             };
             out.push(outcome);
         }
-        tx.commit().await.map_err(err("claim_batch"))?;
+        tx.commit().await.map_err(Sqlite::err("claim_batch"))?;
         Ok(out)
     }
 }
@@ -656,25 +579,53 @@ impl SqliteStore {
 type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
 
 impl Statements {
-    fn read_query<'q>(&self, key: &'q RecordKey) -> SqliteQuery<'q> {
-        sqlx::query(self.read.clone())
-            .bind(key.scope())
-            .bind(key.key())
+    /// Makes a claim's conditional write for `plan` on `conn`: answers, inserts an
+    /// absent key (with a token of at least `floor`, if given) or takes over the row
+    /// read, compare-and-set on what was read. `Ok(None)`: the row changed since the
+    /// read; read again. `err` wraps a driver error.
+    pub(crate) async fn write_claim(
+        &self,
+        conn: &mut SqliteConnection,
+        req: &ClaimRequest<'_>,
+        plan: Plan,
+        floor: Option<i64>,
+        err: impl Fn(sqlx::Error) -> StoreError,
+    ) -> Result<Option<ClaimOutcome>, StoreError> {
+        let q = |stmt: &SqlStr| sqlx::query(stmt.clone()).bind_claim(req);
+        let (query, takes_over) = match plan {
+            Plan::Answer(outcome) => return Ok(Some(outcome)),
+            Plan::Insert => match floor {
+                Some(floor) => (q(&self.insert_after).bind(floor), false),
+                None => (q(&self.insert), false),
+            },
+            Plan::TakeOverExpired { token } => (q(&self.take_over_expired).bind(token), true),
+            Plan::TakeOver { token, attempts } => {
+                (q(&self.take_over).bind(token).bind(attempts), true)
+            }
+        };
+        let row = query.fetch_optional(&mut *conn).await.map_err(&err)?;
+        let Some(row) = row else { return Ok(None) };
+        let token: i64 = row.try_get(0).map_err(&err)?;
+        let attempt: i64 = if takes_over {
+            row.try_get(1).map_err(&err)?
+        } else {
+            1
+        };
+        Ok(Some(ClaimOutcome::Acquired {
+            token: common::token(token)?,
+            attempt: common::attempts(attempt)?,
+        }))
+    }
+
+    pub(crate) fn read_query<'q>(&self, key: &'q RecordKey) -> SqliteQuery<'q> {
+        sqlx::query(self.read.clone()).bind_key(key)
     }
 
     fn complete_query<'q>(&self, c: &Completion<'q>) -> SqliteQuery<'q> {
-        sqlx::query(self.complete.clone())
-            .bind(c.key.scope())
-            .bind(c.key.key())
-            .bind(token_param(c.token))
-            .bind(c.output)
-            .bind(micros(c.ttl))
+        sqlx::query(self.complete.clone()).bind_completion(c)
     }
 
     fn release_query<'q>(&self, r: &Release<'q>) -> SqliteQuery<'q> {
-        sqlx::query(self.release.clone())
-            .bind(r.key.scope())
-            .bind(r.key.key())
-            .bind(token_param(r.token))
+        sqlx::query(self.release.clone()).bind_owned(r.key, r.token)
     }
 }

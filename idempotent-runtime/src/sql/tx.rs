@@ -14,12 +14,11 @@
 //! what keeps a concurrent duplicate out, and a claim that is committed without a
 //! completion (the caller committed after a handler error) is claimable again at once.
 
-use super::common::{self, CLAIM_RETRIES, TableName, keep_micros, micros};
+use super::common::{self, BindExt, CLAIM_RETRIES, SqlDatabase, TableName, fence};
 use crate::__private::{TxFuture, TxTable};
 use crate::StoreError;
 use crate::StoreErrorKind;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence};
-use sqlx::error::DatabaseError;
 use std::sync::OnceLock;
 
 /// The statements of one table, built on first use by a handler and kept in its
@@ -40,36 +39,14 @@ fn prepared<'t, S>(
     .map_err(|e| StoreError::new(StoreErrorKind::Rejected, e.clone()))
 }
 
-/// Wraps a driver error: conflicts with a concurrent transaction are
-/// [`StoreErrorKind::Conflict`], everything else is classified as the store does.
-fn tx_error(
-    op: &'static str,
-    conflict: fn(&dyn DatabaseError) -> bool,
-    store: fn(&dyn DatabaseError) -> StoreErrorKind,
-) -> impl Fn(sqlx::Error) -> StoreError {
-    move |e| {
-        let conflicted = matches!(&e, sqlx::Error::Database(d) if conflict(d.as_ref()));
-        if conflicted {
-            common::sql_error(op, e, |_| StoreErrorKind::Conflict)
-        } else {
-            common::sql_error(op, e, store)
-        }
-    }
-}
-
-/// The outcome of a completion, as the attribute reports it.
-fn fence(rows: u64) -> Fence {
-    if rows > 0 { Fence::Held } else { Fence::Lost }
-}
-
 #[cfg(feature = "mysql")]
 mod mysql {
     use super::*;
-    use crate::sql::common::{Decision, RowView};
-    use crate::sql::mysql::{self as store, Statements};
+    use crate::sql::common::{Plan, RowView};
+    use crate::sql::mysql::Statements;
     use crate::store::Token;
     use sqlx::SqlStr;
-    use sqlx::mysql::{MySql, MySqlDatabaseError};
+    use sqlx::mysql::MySql;
 
     /// The MySQL store's statements plus the two locking ones of tx mode.
     pub(crate) struct MySqlTx {
@@ -88,26 +65,18 @@ mod mysql {
         fn new(table: TableName) -> Self {
             let s = Statements::new(table);
             MySqlTx {
-                insert_or_lock: store::sql(format!(
+                insert_or_lock: common::sql(format!(
                     "{} ON DUPLICATE KEY UPDATE owner_token = owner_token + LAST_INSERT_ID(0)",
                     s.insert.as_str()
                 )),
-                read_for_update: store::sql(format!("{} FOR UPDATE", s.read.as_str())),
+                read_for_update: common::sql(format!("{} FOR UPDATE", s.read.as_str())),
                 store: s,
             }
         }
     }
 
-    fn conflict(e: &dyn DatabaseError) -> bool {
-        // 1213 deadlock, 1205 lock wait timeout, 1020 record changed since the
-        // snapshot (MariaDB's snapshot isolation), 3572 NOWAIT lock not granted
-        e.try_downcast_ref::<MySqlDatabaseError>()
-            .is_some_and(|my| matches!(my.number(), 1213 | 1205 | 1020 | 3572))
-            || e.code().as_deref() == Some("40001")
-    }
-
     fn err(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
-        tx_error(op, conflict, store::classify)
+        MySql::tx_err(op)
     }
 
     impl crate::__private::DedupTransaction for sqlx::Transaction<'_, MySql> {
@@ -121,11 +90,7 @@ mod mysql {
                 let conn = &mut **self;
                 for _ in 0..CLAIM_RETRIES {
                     let done = sqlx::query(s.insert_or_lock.clone())
-                        .bind(req.key.scope())
-                        .bind(req.key.key())
-                        .bind(micros(req.lease))
-                        .bind(keep_micros(req))
-                        .bind(req.fingerprint)
+                        .bind_claim(req)
                         .execute(&mut *conn)
                         .await
                         .map_err(err("claim in transaction"))?;
@@ -136,50 +101,19 @@ mod mysql {
                         });
                     }
                     let row = sqlx::query(s.read_for_update.clone())
-                        .bind(req.key.scope())
-                        .bind(req.key.key())
+                        .bind_key(req.key)
                         .fetch_optional(&mut *conn)
                         .await
                         .map_err(err("claim in transaction"))?;
                     // deleted between the two statements (forget, purge): insert again
                     let Some(row) = row else { continue };
-                    let seen = RowView::decode(&row, 0)?;
-                    let (token, attempts) = (seen.token, seen.attempts);
                     // the row is locked by this transaction: the compare-and-set holds
-                    let (done, attempt) = match seen.decide(req)? {
-                        Decision::Answer(outcome) => return Ok(outcome),
-                        Decision::Claimable { expired: true } => {
-                            let done = sqlx::query(s.store.take_over_expired.clone())
-                                .bind(micros(req.lease))
-                                .bind(keep_micros(req))
-                                .bind(req.fingerprint)
-                                .bind(req.key.scope())
-                                .bind(req.key.key())
-                                .bind(token)
-                                .execute(&mut *conn)
-                                .await;
-                            (done, 1)
-                        }
-                        Decision::Claimable { expired: false } => {
-                            let done = sqlx::query(s.store.take_over.clone())
-                                .bind(micros(req.lease))
-                                .bind(keep_micros(req))
-                                .bind(req.fingerprint)
-                                .bind(req.key.scope())
-                                .bind(req.key.key())
-                                .bind(token)
-                                .bind(attempts)
-                                .execute(&mut *conn)
-                                .await;
-                            (done, common::attempts(attempts)?.saturating_add(1))
-                        }
-                    };
-                    let done = done.map_err(err("claim in transaction"))?;
-                    if done.rows_affected() > 0 {
-                        return Ok(ClaimOutcome::Acquired {
-                            token: Token(done.last_insert_id()),
-                            attempt,
-                        });
+                    let plan = Plan::of(req, Some(RowView::decode(&row, 0)?))?;
+                    let written =
+                        s.store
+                            .write_claim(&mut *conn, req, plan, err("claim in transaction"));
+                    if let Some(outcome) = written.await? {
+                        return Ok(outcome);
                     }
                 }
                 Err(common::contended())
@@ -193,16 +127,9 @@ mod mysql {
         ) -> TxFuture<'a, Fence> {
             Box::pin(async move {
                 let s = prepared(&table.mysql, table, MySqlTx::new)?;
-                let done = sqlx::query(s.store.complete.clone())
-                    .bind(c.output)
-                    .bind(micros(c.ttl))
-                    .bind(c.key.scope())
-                    .bind(c.key.key())
-                    .bind(common::token_param(c.token))
-                    .execute(&mut **self)
-                    .await
-                    .map_err(err("complete in transaction"))?;
-                Ok(fence(done.rows_affected()))
+                let q = s.store.complete_query(c);
+                let rows = common::execute(&mut **self, q, err("complete in transaction"));
+                Ok(fence(rows.await?))
             })
         }
     }
@@ -214,7 +141,7 @@ pub(crate) use mysql::MySqlTx;
 mod postgres {
     use super::*;
     use crate::PostgresStore;
-    use crate::sql::postgres::{self as store, Statements};
+    use crate::sql::postgres::Statements;
     use sqlx::postgres::Postgres;
 
     /// The PostgreSQL store's statements: its claim already locks what it writes.
@@ -226,13 +153,8 @@ mod postgres {
         }
     }
 
-    fn conflict(e: &dyn DatabaseError) -> bool {
-        // serialization failure, deadlock, lock not available (lock_timeout, NOWAIT)
-        matches!(e.code().as_deref(), Some("40001" | "40P01" | "55P03"))
-    }
-
     fn err(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
-        tx_error(op, conflict, store::classify)
+        Postgres::tx_err(op)
     }
 
     impl crate::__private::DedupTransaction for sqlx::Transaction<'_, Postgres> {
@@ -245,11 +167,7 @@ mod postgres {
                 let s = prepared(&table.postgres, table, PostgresTx::new)?;
                 for _ in 0..CLAIM_RETRIES {
                     let row = sqlx::query(s.0.claim.clone())
-                        .bind(req.key.scope())
-                        .bind(req.key.key())
-                        .bind(micros(req.lease))
-                        .bind(keep_micros(req))
-                        .bind(req.fingerprint)
+                        .bind_claim(req)
                         .bind(None::<i32>)
                         .fetch_optional(&mut **self)
                         .await
@@ -275,16 +193,9 @@ mod postgres {
         ) -> TxFuture<'a, Fence> {
             Box::pin(async move {
                 let s = prepared(&table.postgres, table, PostgresTx::new)?;
-                let done = sqlx::query(s.0.complete.clone())
-                    .bind(c.key.scope())
-                    .bind(c.key.key())
-                    .bind(common::token_param(c.token))
-                    .bind(c.output)
-                    .bind(micros(c.ttl))
-                    .execute(&mut **self)
-                    .await
-                    .map_err(err("complete in transaction"))?;
-                Ok(fence(done.rows_affected()))
+                let q = sqlx::query(s.0.complete.clone()).bind_completion(c);
+                let rows = common::execute(&mut **self, q, err("complete in transaction"));
+                Ok(fence(rows.await?))
             })
         }
     }
@@ -295,9 +206,8 @@ pub(crate) use postgres::PostgresTx;
 #[cfg(feature = "sqlite")]
 mod sqlite {
     use super::*;
-    use crate::sql::common::{Decision, RowView};
-    use crate::sql::sqlite::{self as store, Statements};
-    use sqlx::Row;
+    use crate::sql::common::{Plan, RowView};
+    use crate::sql::sqlite::Statements;
     use sqlx::sqlite::Sqlite;
 
     /// The SQLite store's statements; the transaction holds the database's write lock
@@ -310,15 +220,8 @@ mod sqlite {
         }
     }
 
-    fn conflict(e: &dyn DatabaseError) -> bool {
-        // SQLITE_BUSY and its extended codes (BUSY_SNAPSHOT: a deferred transaction that
-        // read first cannot take the write lock after another writer committed)
-        let code: i64 = e.code().and_then(|c| c.parse().ok()).unwrap_or(0);
-        code & 0xff == 5
-    }
-
     fn err(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
-        tx_error(op, conflict, store::classify)
+        Sqlite::tx_err(op)
     }
 
     impl crate::__private::DedupTransaction for sqlx::Transaction<'_, Sqlite> {
@@ -330,58 +233,21 @@ mod sqlite {
             Box::pin(async move {
                 let s = &prepared(&table.sqlite, table, SqliteTx::new)?.0;
                 let conn = &mut **self;
+                let err = || err("claim in transaction");
                 for _ in 0..CLAIM_RETRIES {
-                    let inserted = sqlx::query(s.insert.clone())
-                        .bind(req.key.scope())
-                        .bind(req.key.key())
-                        .bind(micros(req.lease))
-                        .bind(keep_micros(req))
-                        .bind(req.fingerprint)
-                        .fetch_optional(&mut *conn)
-                        .await
-                        .map_err(err("claim in transaction"))?;
-                    if let Some(row) = inserted {
-                        let token: i64 = row.try_get(0).map_err(err("claim in transaction"))?;
-                        return Ok(ClaimOutcome::Acquired {
-                            token: common::token(token)?,
-                            attempt: 1,
-                        });
+                    let inserted = s.write_claim(conn, req, Plan::Insert, None, err());
+                    if let Some(outcome) = inserted.await? {
+                        return Ok(outcome);
                     }
-                    let row = sqlx::query(s.read.clone())
-                        .bind(req.key.scope())
-                        .bind(req.key.key())
+                    let row = s
+                        .read_query(req.key)
                         .fetch_optional(&mut *conn)
                         .await
-                        .map_err(err("claim in transaction"))?;
+                        .map_err(err())?;
                     let Some(row) = row else { continue };
-                    let seen = RowView::decode(&row, 0)?;
-                    let (token, attempts) = (seen.token, seen.attempts);
-                    let (stmt, counts_attempt) = match seen.decide(req)? {
-                        Decision::Answer(outcome) => return Ok(outcome),
-                        Decision::Claimable { expired: true } => (&s.take_over_expired, false),
-                        Decision::Claimable { expired: false } => (&s.take_over, true),
-                    };
-                    let mut q = sqlx::query(stmt.clone())
-                        .bind(req.key.scope())
-                        .bind(req.key.key())
-                        .bind(micros(req.lease))
-                        .bind(keep_micros(req))
-                        .bind(req.fingerprint)
-                        .bind(token);
-                    if counts_attempt {
-                        q = q.bind(attempts);
-                    }
-                    let taken = q
-                        .fetch_optional(&mut *conn)
-                        .await
-                        .map_err(err("claim in transaction"))?;
-                    if let Some(row) = taken {
-                        let token: i64 = row.try_get(0).map_err(err("claim in transaction"))?;
-                        let attempt: i64 = row.try_get(1).map_err(err("claim in transaction"))?;
-                        return Ok(ClaimOutcome::Acquired {
-                            token: common::token(token)?,
-                            attempt: common::attempts(attempt)?,
-                        });
+                    let plan = Plan::of(req, Some(RowView::decode(&row, 0)?))?;
+                    if let Some(outcome) = s.write_claim(conn, req, plan, None, err()).await? {
+                        return Ok(outcome);
                     }
                 }
                 Err(common::contended())
@@ -395,16 +261,9 @@ mod sqlite {
         ) -> TxFuture<'a, Fence> {
             Box::pin(async move {
                 let s = &prepared(&table.sqlite, table, SqliteTx::new)?.0;
-                let done = sqlx::query(s.complete.clone())
-                    .bind(c.key.scope())
-                    .bind(c.key.key())
-                    .bind(common::token_param(c.token))
-                    .bind(c.output)
-                    .bind(micros(c.ttl))
-                    .execute(&mut **self)
-                    .await
-                    .map_err(err("complete in transaction"))?;
-                Ok(fence(done.rows_affected()))
+                let q = sqlx::query(s.complete.clone()).bind_completion(c);
+                let rows = common::execute(&mut **self, q, err("complete in transaction"));
+                Ok(fence(rows.await?))
             })
         }
     }
