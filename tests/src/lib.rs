@@ -3,6 +3,7 @@
 
 pub mod conformance;
 pub mod nats_support;
+pub mod proxy;
 pub mod redis_support;
 pub mod rocketmq_support;
 pub mod sql_support;

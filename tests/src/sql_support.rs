@@ -1,20 +1,18 @@
 //! Helpers for the SQL store tests: server URLs from the environment, unique names,
-//! a TCP proxy that can be cut and restored (and counts round trips), and the
-//! store-agnostic scenarios every SQL store runs: two stores racing on the same keys,
-//! shared poisoning, and keys full of SQL metacharacters.
+//! and the store-agnostic scenarios every SQL store runs: two stores racing on the same
+//! keys, shared poisoning, and keys full of SQL metacharacters.
 //!
 //! Compiled with any of the `mysql`, `postgres` and `sqlite` features.
 #![cfg(any(feature = "mysql", feature = "postgres", feature = "sqlite"))]
 
+use crate::proxy::Proxy;
 use futures_util::future::join_all;
 use idempotent_runtime::{ClaimOutcome, ClaimRequest, Completion, Error, Fence, Idempotency};
-use idempotent_runtime::{OnInProgress, RecordKey, Store};
+use idempotent_runtime::{OnInProgress, RecordKey, Release, Store, StoreErrorKind, Token};
+use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::task::JoinHandle;
 
 /// `$var`, or `default` when it is unset.
 pub fn env_url(var: &str, default: &str) -> String {
@@ -29,183 +27,194 @@ pub fn unique_name(prefix: &str) -> String {
     format!("{prefix}_{n:012x}")
 }
 
-/// The protocol a [`Proxy`] carries, so it can tell statements from pool pings.
-///
-/// `sqlx` 0.9 pings a connection each time it goes back to the pool (after the caller
-/// has its answer); those pings are counted apart from the round trips of statements.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Wire {
-    /// PostgreSQL: the server is done when it sends `ReadyForQuery`; a ping is a lone
-    /// `Sync` message.
-    Postgres,
-    /// MySQL: one request is one client write; a ping is `COM_PING`.
-    MySql,
+/// The ttl of the records the SQL store tests claim.
+pub const TTL: Duration = Duration::from_secs(60);
+
+/// A claim of `key` with `lease`, a ttl of [`TTL`], no fingerprint and no attempt limit.
+pub fn req(key: &RecordKey, lease: Duration) -> ClaimRequest<'_> {
+    ClaimRequest {
+        key,
+        lease,
+        ttl: TTL,
+        fingerprint: None,
+        max_attempts: None,
+    }
 }
 
-/// A TCP proxy on a loopback port in front of `target`. [`cut`](Self::cut) drops every
-/// connection and stops listening (the port "goes away"); [`restore`](Self::restore)
-/// listens on the same port again. It counts round trips: a client write that follows
-/// a complete server answer (or is the first) starts a new one.
-#[derive(Debug)]
-pub struct Proxy {
-    port: u16,
-    target: String,
-    wire: Wire,
-    task: Option<JoinHandle<()>>,
-    round_trips: Arc<AtomicU64>,
-    pings: Arc<AtomicU64>,
+/// Claims `r`, which must be acquired; its token.
+pub async fn acquire(store: &dyn Store, r: &ClaimRequest<'_>) -> Token {
+    match store.claim(r).await.expect("claim") {
+        ClaimOutcome::Acquired { token, .. } => token,
+        other => panic!("expected Acquired, got {other:?}"),
+    }
 }
 
-impl Proxy {
-    /// Starts a proxy to `target` (`host:port`) on a free port.
-    pub async fn start(target: &str, wire: Wire) -> Proxy {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind a port");
-        let port = listener.local_addr().expect("local addr").port();
-        let mut p = Proxy {
-            port,
-            target: target.to_owned(),
-            wire,
-            task: None,
-            round_trips: Arc::new(AtomicU64::new(0)),
-            pings: Arc::new(AtomicU64::new(0)),
-        };
-        p.serve(listener);
-        p
-    }
+/// A loopback port nothing listens on (at the time of the call).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
 
-    /// The proxy's port.
-    pub fn port(&self) -> u16 {
-        self.port
-    }
+/// Prepares every protocol statement on `store`'s single connection behind `proxy`,
+/// then checks that a fresh claim, a renewal, a completion and the duplicates of
+/// completed keys cost one round trip each. Returns the scope it used.
+pub async fn single_steps_are_one_round_trip(
+    store: &dyn Store,
+    proxy: &Proxy,
+    prefix: &str,
+) -> String {
+    let scope = crate::conformance::unique_scope(prefix);
+    // warm up: prepare every statement once on the single connection
+    let warm = RecordKey::new(&scope, "warm").unwrap();
+    let t = acquire(store, &req(&warm, TTL)).await;
+    store.renew(&warm, t, TTL).await.unwrap();
+    store
+        .release(&Release {
+            key: &warm,
+            token: t,
+        })
+        .await
+        .unwrap();
+    let t = acquire(store, &req(&warm, TTL)).await;
+    store
+        .complete(&Completion {
+            key: &warm,
+            token: t,
+            output: Some(b"w"),
+            ttl: TTL,
+        })
+        .await
+        .unwrap();
+    store.claim(&req(&warm, TTL)).await.unwrap();
 
-    /// Round trips of statements seen so far.
-    pub fn round_trips(&self) -> u64 {
-        self.round_trips.load(Ordering::SeqCst)
-    }
+    let k = RecordKey::new(&scope, "m-1").unwrap();
+    let before = proxy.round_trips();
+    let token = acquire(store, &req(&k, TTL)).await;
+    assert_eq!(proxy.round_trips() - before, 1, "fresh claim");
 
-    /// Pool pings seen so far.
-    pub fn pings(&self) -> u64 {
-        self.pings.load(Ordering::SeqCst)
-    }
+    let before = proxy.round_trips();
+    assert_eq!(store.renew(&k, token, TTL).await.unwrap(), Fence::Held);
+    assert_eq!(proxy.round_trips() - before, 1, "renew");
 
-    fn serve(&mut self, listener: TcpListener) {
-        let target = self.target.clone();
-        let rt = self.round_trips.clone();
-        let pings = self.pings.clone();
-        let wire = self.wire;
-        self.task = Some(tokio::spawn(async move {
-            let mut conns = tokio::task::JoinSet::new();
-            loop {
-                let Ok((client, _)) = listener.accept().await else {
-                    continue;
-                };
-                let Ok(server) = TcpStream::connect(&target).await else {
-                    continue;
-                };
-                let counters = (rt.clone(), pings.clone());
-                conns.spawn(pipe(client, server, counters, wire));
-            }
-        }));
-    }
+    let before = proxy.round_trips();
+    let done = store
+        .complete(&Completion {
+            key: &k,
+            token,
+            output: Some(b"42"),
+            ttl: TTL,
+        })
+        .await
+        .unwrap();
+    assert_eq!(done, Fence::Held);
+    assert_eq!(proxy.round_trips() - before, 1, "complete");
 
-    /// Drops every proxied connection and stops listening.
-    pub async fn cut(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-            let _ = t.await;
+    for _ in 0..3 {
+        let before = proxy.round_trips();
+        match store.claim(&req(&k, TTL)).await.unwrap() {
+            ClaimOutcome::Completed { output } => assert_eq!(output.as_deref(), Some(&b"42"[..])),
+            other => panic!("expected Completed, got {other:?}"),
         }
+        assert_eq!(
+            proxy.round_trips() - before,
+            1,
+            "duplicate of a completed key"
+        );
     }
 
-    /// Listens on the same port again.
-    pub async fn restore(&mut self) {
-        let mut tries = 0;
-        let listener = loop {
-            match TcpListener::bind(("127.0.0.1", self.port)).await {
-                Ok(l) => break l,
-                Err(e) if tries < 50 => {
-                    tries += 1;
-                    let _ = e;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => panic!("cannot listen on port {} again: {e}", self.port),
-            }
-        };
-        self.serve(listener);
+    let before = proxy.round_trips();
+    match store.claim(&req(&warm, TTL)).await.unwrap() {
+        ClaimOutcome::Completed { .. } => {}
+        other => panic!("expected Completed, got {other:?}"),
     }
+    assert_eq!(proxy.round_trips() - before, 1, "another duplicate");
+    scope
 }
 
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        if let Some(t) = self.task.take() {
-            t.abort();
-        }
-    }
-}
-
-async fn pipe(
-    client: TcpStream,
-    server: TcpStream,
-    (round_trips, pings): (Arc<AtomicU64>, Arc<AtomicU64>),
-    wire: Wire,
+/// The server's port goes away: deliveries through `store` (whose pool connects
+/// through `proxy`) fail closed with an `Unavailable` store error and their bodies do
+/// not run; when it comes back the same store works again.
+pub async fn fails_closed_while_the_server_is_away(
+    store: Arc<dyn Store>,
+    proxy: &mut Proxy,
+    prefix: &str,
 ) {
-    let (mut cr, mut cw) = client.into_split();
-    let (mut sr, mut sw) = server.into_split();
-    // true once the server has answered since the client last wrote
-    let answered = Arc::new(AtomicBool::new(true));
-    let up = {
-        let answered = answered.clone();
-        async move {
-            let mut buf = vec![0u8; 64 * 1024];
-            loop {
-                let n = match cr.read(&mut buf).await {
-                    Ok(0) | Err(_) => return,
-                    Ok(n) => n,
-                };
-                if answered.swap(false, Ordering::SeqCst) {
-                    let ping = match wire {
-                        Wire::Postgres => buf[..n] == *b"S\0\0\0\x04",
-                        Wire::MySql => n == 5 && buf[..3] == [1, 0, 0] && buf[4] == 0x0e,
-                    };
-                    if ping { &pings } else { &round_trips }.fetch_add(1, Ordering::SeqCst);
-                }
-                if sw.write_all(&buf[..n]).await.is_err() {
-                    return;
-                }
-            }
+    let h = Idempotency::new(crate::conformance::unique_scope(prefix)).shared_store(store);
+    let r: Result<u32, Error> = h.run("a", async { Ok(1) }).await;
+    assert_eq!(r.unwrap(), 1);
+
+    proxy.cut().await;
+    let runs = AtomicU32::new(0);
+    for key in ["a", "b"] {
+        let r: Result<u32, Error> = h
+            .run(key, async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(9)
+            })
+            .await;
+        match r {
+            Err(Error::Store(e)) => assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e:?}"),
+            other => panic!("expected a fail-closed store error, got {other:?}"),
         }
-    };
-    let down = async move {
-        let mut buf = vec![0u8; 64 * 1024];
-        // the last bytes the server sent, to find a ReadyForQuery split across reads
-        let mut tail: Vec<u8> = Vec::with_capacity(64);
-        loop {
-            let n = match sr.read(&mut buf).await {
-                Ok(0) | Err(_) => return,
-                Ok(n) => n,
-            };
-            let done = match wire {
-                Wire::MySql => true,
-                Wire::Postgres => {
-                    tail.extend_from_slice(&buf[..n]);
-                    if tail.len() > 6 {
-                        tail.drain(..tail.len() - 6);
-                    }
-                    // 'Z', length 5, transaction status
-                    tail.len() == 6 && tail[..5] == *b"Z\0\0\0\x05"
-                }
-            };
-            if done {
-                answered.store(true, Ordering::SeqCst);
-            }
-            if cw.write_all(&buf[..n]).await.is_err() {
-                return;
-            }
-        }
-    };
-    tokio::select! {
-        _ = up => {}
-        _ = down => {}
     }
+    assert_eq!(runs.load(Ordering::SeqCst), 0);
+
+    proxy.restore().await;
+    let r: Result<u32, Error> = h.run("a", async { Ok(5) }).await;
+    assert_eq!(r.unwrap(), 1, "completed before the outage: replayed");
+    let r: Result<u32, Error> = h.run("b", async { Ok(5) }).await;
+    assert_eq!(r.unwrap(), 5);
+}
+
+/// `expired` expired rows are already in `store`'s table: `purge_expired` deletes
+/// exactly those (in batches) and leaves live records alone; then the sweeper that
+/// `spawn_sweeper` starts purges a record whose ttl ran out. `count_short` counts the
+/// rows of the scope `short` in the table.
+pub async fn purge_and_sweep<S, C, F>(
+    store: &dyn Store,
+    expired: u64,
+    spawn_sweeper: S,
+    mut count_short: C,
+) where
+    S: FnOnce(Duration) -> tokio::task::JoinHandle<()>,
+    C: FnMut() -> F,
+    F: Future<Output = i64>,
+{
+    let live: Vec<RecordKey> = (0..10)
+        .map(|i| RecordKey::new("live", &i.to_string()).unwrap())
+        .collect();
+    for k in &live {
+        acquire(store, &req(k, TTL)).await;
+    }
+    assert_eq!(store.purge_expired().await.unwrap(), expired);
+    assert_eq!(store.purge_expired().await.unwrap(), 0);
+    for k in &live {
+        assert!(store.inspect(k).await.unwrap().is_some());
+    }
+
+    // the sweeper purges records whose ttl ran out
+    let k = RecordKey::new("short", "k").unwrap();
+    let short = ClaimRequest {
+        key: &k,
+        lease: Duration::from_millis(50),
+        ttl: Duration::from_millis(50),
+        fingerprint: None,
+        max_attempts: None,
+    };
+    acquire(store, &short).await;
+    let sweeper = spawn_sweeper(Duration::from_millis(50));
+    let mut left = 1;
+    for _ in 0..100 {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        left = count_short().await;
+        if left == 0 {
+            break;
+        }
+    }
+    sweeper.abort();
+    assert_eq!(left, 0, "the sweeper did not purge the expired record");
 }
 
 /// Many tasks deliver the same `keys` through two stores (separate pools, so

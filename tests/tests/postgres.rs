@@ -4,15 +4,19 @@
 //! connections, a server that goes away, table names, purging and bad data.
 #![cfg(feature = "postgres")]
 
+use futures_util::FutureExt;
 use idempotent_runtime::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use idempotent_runtime::sqlx::{self, AssertSqlSafe};
 use idempotent_runtime::{
-    ClaimOutcome, ClaimRequest, Completion, Error, Fence, Idempotency, PostgresStore, RecordKey,
-    RecordState, Release, Store, StoreErrorKind, Token,
+    ClaimOutcome, Completion, Error, Fence, Idempotency, PostgresStore, RecordKey, RecordState,
+    Release, Store, StoreErrorKind, Token,
 };
 use idempotent_tests::conformance::unique_scope;
+use idempotent_tests::proxy::{Proxy, Wire};
 use idempotent_tests::sql_support::{
-    Proxy, Wire, env_url, poison_is_shared, race_two_stores, sql_keys_are_data, unique_name,
+    TTL, acquire, env_url, fails_closed_while_the_server_is_away, free_port, poison_is_shared,
+    purge_and_sweep, race_two_stores, req, single_steps_are_one_round_trip, sql_keys_are_data,
+    unique_name,
 };
 use std::str::FromStr;
 use std::sync::Arc;
@@ -20,7 +24,6 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 const URL_VAR: &str = "IDEMPOTENT_POSTGRES_URL";
-const TTL: Duration = Duration::from_secs(60);
 
 fn url() -> String {
     env_url(URL_VAR, "postgres://postgres@127.0.0.1:5432/test")
@@ -65,23 +68,6 @@ async fn admin() -> PgPool {
 
 idempotent_tests::conformance_suite!(async { Arc::new(connect().await) as Arc<dyn Store> });
 
-fn req(key: &RecordKey, lease: Duration) -> ClaimRequest<'_> {
-    ClaimRequest {
-        key,
-        lease,
-        ttl: TTL,
-        fingerprint: None,
-        max_attempts: None,
-    }
-}
-
-async fn acquire(store: &dyn Store, r: &ClaimRequest<'_>) -> Token {
-    match store.claim(r).await.expect("claim") {
-        ClaimOutcome::Acquired { token, .. } => token,
-        other => panic!("expected Acquired, got {other:?}"),
-    }
-}
-
 async fn db_now_us(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT floor(extract(epoch FROM clock_timestamp()) * 1000000)::int8")
         .fetch_one(pool)
@@ -120,69 +106,7 @@ async fn every_step_is_one_round_trip() {
     let proxy = Proxy::start(&target, Wire::Postgres).await;
     let opts = opts.port(proxy.port()).ssl_mode(PgSslMode::Disable);
     let store = PostgresStore::from_pool(one_connection(opts).await);
-    let scope = unique_scope("pg-rt");
-    // warm up: prepare every statement once on the single connection
-    let warm = RecordKey::new(&scope, "warm").unwrap();
-    let t = acquire(&store, &req(&warm, TTL)).await;
-    store.renew(&warm, t, TTL).await.unwrap();
-    store
-        .release(&Release {
-            key: &warm,
-            token: t,
-        })
-        .await
-        .unwrap();
-    let t = acquire(&store, &req(&warm, TTL)).await;
-    store
-        .complete(&Completion {
-            key: &warm,
-            token: t,
-            output: Some(b"w"),
-            ttl: TTL,
-        })
-        .await
-        .unwrap();
-    store.claim(&req(&warm, TTL)).await.unwrap();
-
-    let k = RecordKey::new(&scope, "m-1").unwrap();
-    let before = proxy.round_trips();
-    let token = acquire(&store, &req(&k, TTL)).await;
-    assert_eq!(proxy.round_trips() - before, 1, "fresh claim");
-
-    let before = proxy.round_trips();
-    assert_eq!(store.renew(&k, token, TTL).await.unwrap(), Fence::Held);
-    assert_eq!(proxy.round_trips() - before, 1, "renew");
-
-    let before = proxy.round_trips();
-    let done = store
-        .complete(&Completion {
-            key: &k,
-            token,
-            output: Some(b"42"),
-            ttl: TTL,
-        })
-        .await
-        .unwrap();
-    assert_eq!(done, Fence::Held);
-    assert_eq!(proxy.round_trips() - before, 1, "complete");
-
-    let before = proxy.round_trips();
-    match store.claim(&req(&k, TTL)).await.unwrap() {
-        ClaimOutcome::Completed { output } => assert_eq!(output.as_deref(), Some(&b"42"[..])),
-        other => panic!("expected Completed, got {other:?}"),
-    }
-    assert_eq!(
-        proxy.round_trips() - before,
-        1,
-        "duplicate of a completed key"
-    );
-
-    let before = proxy.round_trips();
-    match store.claim(&req(&warm, TTL)).await.unwrap() {
-        ClaimOutcome::Completed { .. } => {}
-        other => panic!("expected Completed, got {other:?}"),
-    }
-    assert_eq!(proxy.round_trips() - before, 1, "another duplicate");
+    let scope = single_steps_are_one_round_trip(&store, &proxy, "pg-rt").await;
 
     // a batch of 50 claims, then 50 completions: one round trip each
     let keys: Vec<RecordKey> = (0..50)
@@ -361,31 +285,7 @@ async fn server_going_away_fails_closed_and_recovers() {
     let target = format!("{}:{}", opts.get_host(), opts.get_port());
     let mut proxy = Proxy::start(&target, Wire::Postgres).await;
     let store = PostgresStore::from_pool(one_connection(opts.port(proxy.port())).await);
-    let h = Idempotency::new(unique_scope("pg-away")).shared_store(Arc::new(store.clone()));
-    let r: Result<u32, Error> = h.run("a", async { Ok(1) }).await;
-    assert_eq!(r.unwrap(), 1);
-
-    proxy.cut().await;
-    let runs = AtomicU32::new(0);
-    for key in ["a", "b"] {
-        let r: Result<u32, Error> = h
-            .run(key, async {
-                runs.fetch_add(1, Ordering::SeqCst);
-                Ok(9)
-            })
-            .await;
-        match r {
-            Err(Error::Store(e)) => assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e:?}"),
-            other => panic!("expected a fail-closed store error, got {other:?}"),
-        }
-    }
-    assert_eq!(runs.load(Ordering::SeqCst), 0);
-
-    proxy.restore().await;
-    let r: Result<u32, Error> = h.run("a", async { Ok(5) }).await;
-    assert_eq!(r.unwrap(), 1, "completed before the outage: replayed");
-    let r: Result<u32, Error> = h.run("b", async { Ok(5) }).await;
-    assert_eq!(r.unwrap(), 5);
+    fails_closed_while_the_server_is_away(Arc::new(store), &mut proxy, "pg-away").await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -454,43 +354,18 @@ async fn purge_deletes_expired_rows_in_batches_and_the_sweeper_runs_it() {
     .execute(&admin)
     .await
     .unwrap();
-    let live: Vec<RecordKey> = (0..10)
-        .map(|i| RecordKey::new("live", &i.to_string()).unwrap())
-        .collect();
-    for k in &live {
-        acquire(&store, &req(k, TTL)).await;
-    }
-    assert_eq!(store.purge_expired().await.unwrap(), 2500);
-    assert_eq!(store.purge_expired().await.unwrap(), 0);
-    for k in &live {
-        assert!(store.inspect(k).await.unwrap().is_some());
-    }
-
-    // the sweeper purges records whose ttl ran out
-    let k = RecordKey::new("short", "k").unwrap();
-    let short = ClaimRequest {
-        key: &k,
-        lease: Duration::from_millis(50),
-        ttl: Duration::from_millis(50),
-        fingerprint: None,
-        max_attempts: None,
-    };
-    acquire(&store, &short).await;
-    let sweeper = store.spawn_sweeper(Duration::from_millis(50)).unwrap();
     let count = format!("SELECT count(*) FROM \"{t}\" WHERE scope = 'short'");
-    let mut left = 1;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        left = sqlx::query_scalar::<_, i64>(AssertSqlSafe(count.clone()))
-            .fetch_one(&admin)
-            .await
-            .unwrap();
-        if left == 0 {
-            break;
-        }
-    }
-    sweeper.abort();
-    assert_eq!(left, 0, "the sweeper did not purge the expired record");
+    purge_and_sweep(
+        &store,
+        2500,
+        |every| store.spawn_sweeper(every).unwrap(),
+        || {
+            sqlx::query_scalar::<_, i64>(AssertSqlSafe(count.clone()))
+                .fetch_one(&admin)
+                .map(Result::unwrap)
+        },
+    )
+    .await;
     sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE \"{t}\"")))
         .execute(&admin)
         .await
@@ -573,11 +448,7 @@ async fn rows_use_the_classic_columns() {
 /// A connection string that points nowhere is an `Unavailable` error, not a panic.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unreachable_server_is_unavailable() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("postgres://postgres@127.0.0.1:{port}/test");
     let e = PostgresStore::connect(&url).await.unwrap_err();
     assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e:?}");

@@ -3,22 +3,22 @@
 //! bad data.
 #![cfg(feature = "sqlite")]
 
+use futures_util::FutureExt;
 use futures_util::future::join_all;
 use idempotent_runtime::sqlx::{self, AssertSqlSafe};
 use idempotent_runtime::{
-    ClaimOutcome, ClaimRequest, Error, Fence, Idempotency, RecordKey, RecordState, Release,
-    SqliteStore, Store, StoreErrorKind, Token,
+    ClaimOutcome, Error, Fence, Idempotency, RecordKey, RecordState, Release, SqliteStore, Store,
+    StoreErrorKind,
 };
 use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::sql_support::{
-    poison_is_shared, race_two_stores, sql_keys_are_data, unique_name,
+    TTL, acquire, poison_is_shared, purge_and_sweep, race_two_stores, req, sql_keys_are_data,
+    unique_name,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-
-const TTL: Duration = Duration::from_secs(60);
 
 /// A database file in the temporary directory that no other test uses (removed, with
 /// its WAL files, when dropped).
@@ -58,23 +58,6 @@ async fn open(db: &TempDb) -> SqliteStore {
 static SHARED: std::sync::LazyLock<TempDb> = std::sync::LazyLock::new(TempDb::new);
 
 idempotent_tests::conformance_suite!(async { Arc::new(open(&SHARED).await) as Arc<dyn Store> });
-
-fn req(key: &RecordKey, lease: Duration) -> ClaimRequest<'_> {
-    ClaimRequest {
-        key,
-        lease,
-        ttl: TTL,
-        fingerprint: None,
-        max_attempts: None,
-    }
-}
-
-async fn acquire(store: &dyn Store, r: &ClaimRequest<'_>) -> Token {
-    match store.claim(r).await.expect("claim") {
-        ClaimOutcome::Acquired { token, .. } => token,
-        other => panic!("expected Acquired, got {other:?}"),
-    }
-}
 
 /// Completed keys survive dropping the store and opening the file again: the
 /// duplicate after a restart replays the output; a key in progress at the "crash"
@@ -255,33 +238,18 @@ async fn table_names_purge_and_bad_data() {
     .execute(custom.pool())
     .await
     .unwrap();
-    assert_eq!(custom.purge_expired().await.unwrap(), 2500);
-    assert_eq!(custom.purge_expired().await.unwrap(), 0);
+    purge_and_sweep(
+        &custom,
+        2500,
+        |every| custom.spawn_sweeper(every).unwrap(),
+        || {
+            sqlx::query_scalar("SELECT COUNT(*) FROM custom_dedup WHERE scope = 'short'")
+                .fetch_one(custom.pool())
+                .map(Result::unwrap)
+        },
+    )
+    .await;
     assert!(custom.inspect(&k).await.unwrap().is_some());
-
-    let short_key = RecordKey::new("short", "k").unwrap();
-    let short = ClaimRequest {
-        key: &short_key,
-        lease: Duration::from_millis(50),
-        ttl: Duration::from_millis(50),
-        fingerprint: None,
-        max_attempts: None,
-    };
-    acquire(&custom, &short).await;
-    let sweeper = custom.spawn_sweeper(Duration::from_millis(50)).unwrap();
-    let mut left = 1i64;
-    for _ in 0..100 {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        left = sqlx::query_scalar("SELECT COUNT(*) FROM custom_dedup WHERE scope = 'short'")
-            .fetch_one(custom.pool())
-            .await
-            .unwrap();
-        if left == 0 {
-            break;
-        }
-    }
-    sweeper.abort();
-    assert_eq!(left, 0);
 
     // a row this store did not write is a Corrupt error
     sqlx::query("UPDATE custom_dedup SET status = 9 WHERE scope = 's'")
