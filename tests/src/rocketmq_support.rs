@@ -47,6 +47,70 @@ fn free_broker_port() -> u16 {
     panic!("no pair of free loopback ports (p, p - 2) for the embedded RocketMQ broker");
 }
 
+/// How many times [`EmbeddedRocketMq::start`] tries to start the broker.
+const BROKER_START_ATTEMPTS: usize = 4;
+
+/// An error and its sources, one per line.
+fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = format!("{e} ({e:?})");
+    let mut source = e.source();
+    while let Some(cause) = source {
+        s.push_str(&format!("\n  caused by: {cause}"));
+        source = cause.source();
+    }
+    s
+}
+
+/// One attempt to initialize and start a broker registered with `namesrv_addr`.
+async fn start_broker(
+    context: &RuntimeContext,
+    store_root: &std::path::Path,
+    name: &str,
+    namesrv_addr: &str,
+) -> Result<rocketmq_broker::BrokerBootstrap<rocketmq_broker::Running>, String> {
+    let broker_port = free_broker_port();
+    let store_root_str = store_root.to_string_lossy().into_owned();
+    let mut broker_config = BrokerConfig {
+        broker_ip1: "127.0.0.1".into(),
+        listen_port: u32::from(broker_port),
+        store_path_root_dir: store_root_str.clone().into(),
+        namesrv_addr: Some(namesrv_addr.to_owned().into()),
+        auto_create_topic_enable: true,
+        ..BrokerConfig::default()
+    };
+    broker_config.broker_server_config.bind_address = "127.0.0.1".to_owned();
+    broker_config.broker_server_config.listen_port = u32::from(broker_port);
+    broker_config.broker_identity.broker_name = format!("idempotent-{name}").into();
+    let store_config = MessageStoreConfig {
+        store_path_root_dir: store_root_str.into(),
+        message_delay_level: ONE_SECOND_DELAY_LEVELS.to_owned(),
+        ha_listen_address: std::net::Ipv4Addr::LOCALHOST.into(),
+        ha_listen_port: usize::from(free_port()),
+        ..MessageStoreConfig::default()
+    };
+    let validated = ValidatedBrokerConfig::try_from_parts(broker_config, store_config)
+        .map_err(|e| format!("configuration (port {broker_port}): {}", chain(&e)))?;
+    let broker = rocketmq_broker::Builder::new(
+        context.service_context("broker"),
+        TelemetryRuntimeGuard::noop(),
+    )
+    .with_validated_config(validated)
+    .build()
+    .initialize()
+    .await
+    .map_err(|e| format!("initialization (port {broker_port}): {}", chain(&e)))?
+    .start()
+    .await
+    .map_err(|e| format!("start (port {broker_port}): {}", chain(&e)))?;
+    if !broker.readiness().registration_ready() {
+        broker.shutdown().await;
+        return Err(format!(
+            "the broker on port {broker_port} did not register with its name server"
+        ));
+    }
+    Ok(broker)
+}
+
 fn temp_root() -> PathBuf {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).expect("random bytes");
@@ -137,46 +201,32 @@ impl EmbeddedRocketMq {
         }
         let namesrv_addr = format!("127.0.0.1:{namesrv_port}");
 
-        // the broker
-        let broker_port = free_broker_port();
-        let store_root = root.join("store");
-        let store_root_str = store_root.to_string_lossy().into_owned();
-        let mut broker_config = BrokerConfig {
-            broker_ip1: "127.0.0.1".into(),
-            listen_port: u32::from(broker_port),
-            store_path_root_dir: store_root_str.clone().into(),
-            namesrv_addr: Some(namesrv_addr.clone().into()),
-            auto_create_topic_enable: true,
-            ..BrokerConfig::default()
+        // the broker: a start that fails (a port taken between probing and binding, a
+        // registration that times out on a loaded machine) is retried with fresh ports
+        // and a fresh store directory, reporting the whole error chain each time
+        let mut failures = Vec::new();
+        let broker = loop {
+            let attempt = failures.len() + 1;
+            match start_broker(
+                &context,
+                &root.join(format!("store-{attempt}")),
+                name,
+                &namesrv_addr,
+            )
+            .await
+            {
+                Ok(broker) => break broker,
+                Err(e) => {
+                    eprintln!("embedded RocketMQ broker, attempt {attempt}: {e}");
+                    failures.push(e);
+                    assert!(
+                        failures.len() < BROKER_START_ATTEMPTS,
+                        "the embedded RocketMQ broker did not start in {BROKER_START_ATTEMPTS} attempts: {failures:#?}"
+                    );
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
         };
-        broker_config.broker_server_config.bind_address = "127.0.0.1".to_owned();
-        broker_config.broker_server_config.listen_port = u32::from(broker_port);
-        broker_config.broker_identity.broker_name = format!("idempotent-{name}").into();
-        let store_config = MessageStoreConfig {
-            store_path_root_dir: store_root_str.into(),
-            message_delay_level: ONE_SECOND_DELAY_LEVELS.to_owned(),
-            ha_listen_address: std::net::Ipv4Addr::LOCALHOST.into(),
-            ha_listen_port: usize::from(free_port()),
-            ..MessageStoreConfig::default()
-        };
-        let validated = ValidatedBrokerConfig::try_from_parts(broker_config, store_config)
-            .unwrap_or_else(|e| panic!("embedded RocketMQ broker configuration: {e}"));
-        let broker = rocketmq_broker::Builder::new(
-            context.service_context("broker"),
-            TelemetryRuntimeGuard::noop(),
-        )
-        .with_validated_config(validated)
-        .build()
-        .initialize()
-        .await
-        .unwrap_or_else(|e| panic!("embedded RocketMQ broker initialization: {e}"))
-        .start()
-        .await
-        .unwrap_or_else(|e| panic!("embedded RocketMQ broker start: {e}"));
-        assert!(
-            broker.readiness().registration_ready(),
-            "the embedded RocketMQ broker did not register with its name server"
-        );
         EmbeddedRocketMq {
             namesrv_addr,
             root,

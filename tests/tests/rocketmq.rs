@@ -297,8 +297,6 @@ async fn wait_for(world: &World, secs: u64, what: &str, done: impl Fn(&World) ->
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "the embedded RocketMQ broker does not start reliably on a loaded 2-core machine; \
-            run with `cargo test -p idempotent-tests --features rocketmq --test rocketmq -- --ignored`"]
 async fn every_effect_once_across_send_retries_lost_acks_restarts_and_rebalances() {
     register_store("redis", idempotent_tests::redis_support::connect().await);
     let started = Instant::now();
