@@ -1,5 +1,5 @@
 //! An idempotent Apache RocketMQ consumer (the Rust client, 1.0), with deduplication
-//! records in Redis.
+//! records in Redis or, in transactional mode, in MySQL / MariaDB.
 //!
 //! - a producer that puts the business id in the message `KEYS`;
 //! - a CLUSTERING push consumer whose synchronous listener runs an async
@@ -11,18 +11,26 @@
 //!   `idempotent_runtime::rocketmq::consume_status`: duplicates → success, in progress and
 //!   retryable errors → reconsume later, attempts exhausted → the broker's `%DLQ%` topic.
 //!
+//! The effect that must happen once per order is a non-idempotent write: with
+//! `--store redis` (the default) an increment of the order's charge in a Redis hash, with
+//! `--store mysql` an order row inserted in a table without a unique key, in the same
+//! transaction as the dedup row (`tx = "tx"`), so the row and the mark commit together.
+//!
 //! The program sends 50 orders (5 of them twice, as a producer's send retry), makes the
 //! listener report failure after the work of 5 of them (a lost ack: the broker
-//! redelivers), and checks in Redis that every order was charged exactly once. It needs
-//! a RocketMQ name server with a broker that auto-creates topics, and Redis:
+//! redelivers), and checks that every order was charged exactly once. It needs a
+//! RocketMQ name server with a broker that auto-creates topics, and Redis or MySQL:
 //!
 //! ```sh
 //! ROCKETMQ_NAMESRV_ADDR=127.0.0.1:9876 \
 //!     cargo run -p idempotent-examples --example rocketmq_consumer --features rocketmq
+//! ROCKETMQ_NAMESRV_ADDR=127.0.0.1:9876 \
+//!     cargo run -p idempotent-examples --example rocketmq_consumer --features rocketmq -- --store mysql
 //! ```
 //!
-//! `IDEMPOTENT_REDIS_URL` overrides `redis://127.0.0.1:6379`. Redeliveries after
-//! `ReconsumeLater` follow the broker's delay levels (10 s for the first retry by default).
+//! `IDEMPOTENT_REDIS_URL` overrides `redis://127.0.0.1:6379` and `IDEMPOTENT_MYSQL_URL`
+//! overrides `mysql://root@127.0.0.1:3306/test`. Redeliveries after `ReconsumeLater`
+//! follow the broker's delay levels (10 s for the first retry by default).
 
 use idempotent_runtime::redis::{self, AsyncCommands, aio::ConnectionManager};
 use idempotent_runtime::rocketmq::client::{
@@ -34,9 +42,10 @@ use idempotent_runtime::rocketmq::model::common::consumer::consume_from_where::C
 use idempotent_runtime::rocketmq::model::common::message::message_ext::MessageExt;
 use idempotent_runtime::rocketmq::model::common::message::message_single::Message;
 use idempotent_runtime::rocketmq::{
-    AsIdempotencyError, OnExhausted, block_on_listener, consume_status,
+    AsIdempotencyError, OnExhausted, block_on_listener, business_key, consume_status,
 };
-use idempotent_runtime::{Error, RedisStore, idempotent, register_store};
+use idempotent_runtime::sqlx::{self, MySql, MySqlPool, Transaction};
+use idempotent_runtime::{Error, MySqlStore, RedisStore, idempotent, register_store};
 use rocketmq_protocol::protocol::heartbeat::message_model::MessageModel;
 use rocketmq_runtime::RuntimeContext;
 use serde::{Deserialize, Serialize};
@@ -58,6 +67,8 @@ enum AppError {
     Idempotency(Error),
     /// The ledger (Redis) failed; a redelivery retries.
     Ledger(redis::RedisError),
+    /// The orders table (MySQL) failed; the transaction rolls back and a redelivery retries.
+    Orders(sqlx::Error),
 }
 
 impl From<Error> for AppError {
@@ -66,22 +77,45 @@ impl From<Error> for AppError {
     }
 }
 
+impl std::fmt::Display for AppError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AppError::Idempotency(e) => write!(f, "{e}"),
+            AppError::Ledger(e) => write!(f, "ledger: {e}"),
+            AppError::Orders(e) => write!(f, "orders table: {e}"),
+        }
+    }
+}
+
 /// Lets `consume_status` tell the dedup outcomes from business failures.
 impl AsIdempotencyError for AppError {
     fn idempotency_error(&self) -> Option<&Error> {
         match self {
             AppError::Idempotency(e) => Some(e),
-            AppError::Ledger(_) => None,
+            AppError::Ledger(_) | AppError::Orders(_) => None,
         }
     }
 }
 
-/// The effect that must happen once per order: a non-idempotent increment.
+/// The amount in cents a message carries in its body.
+fn amount_of(msg: &MessageExt) -> u64 {
+    msg.body()
+        .and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Where the effect lands: a Redis hash, or rows of a MySQL table.
 #[derive(Clone)]
-struct Ledger {
-    redis: ConnectionManager,
-    charges: String,
-    counts: String,
+enum Ledger {
+    Redis {
+        redis: ConnectionManager,
+        charges: String,
+        counts: String,
+    },
+    MySql {
+        pool: MySqlPool,
+        run: String,
+    },
 }
 
 /// Business code only: claims the order's business key in Redis before the body runs.
@@ -93,22 +127,109 @@ struct Ledger {
     lease = "30s",
     max_attempts = 5
 )]
-async fn on_order_paid(msg: &MessageExt, ledger: &Ledger) -> Result<Receipt, AppError> {
-    let order_id = idempotent_runtime::rocketmq::business_key(msg).unwrap_or_default();
-    let amount: u64 = msg
-        .body()
-        .and_then(|b| std::str::from_utf8(&b).ok()?.parse().ok())
-        .unwrap_or(0);
-    let mut redis = ledger.redis.clone();
+async fn on_order_paid(
+    msg: &MessageExt,
+    redis: &ConnectionManager,
+    charges: &str,
+    counts: &str,
+) -> Result<Receipt, AppError> {
+    let order_id = business_key(msg).unwrap_or_default();
+    let amount = amount_of(msg);
+    let mut redis = redis.clone();
+    // a non-idempotent increment: run twice, it would charge twice
     let _: () = redis::pipe()
-        .hincr(&ledger.charges, order_id, amount)
-        .hincr(&ledger.counts, order_id, 1)
+        .hincr(charges, order_id, amount)
+        .hincr(counts, order_id, 1)
         .query_async(&mut redis)
         .await
         .map_err(AppError::Ledger)?;
     Ok(Receipt {
         charged_cents: amount,
     })
+}
+
+/// The same handler in transactional mode on MySQL: the dedup row is claimed and
+/// completed in `tx`, beside the order row, so both commit or roll back together.
+#[idempotent(
+    key = "idempotent_runtime::rocketmq::dedup_key(msg)",
+    tx = "tx",
+    scope = "billing.on_order_paid",
+    ttl = "7d"
+)]
+async fn on_order_paid_in_tx(
+    msg: &MessageExt,
+    run: &str,
+    tx: &mut Transaction<'_, MySql>,
+) -> Result<Receipt, AppError> {
+    let order_id = business_key(msg).unwrap_or_default();
+    let amount = amount_of(msg);
+    // no unique key on purpose: run twice, it would insert the order twice
+    sqlx::query(
+        "INSERT INTO example_rocketmq_orders (run, order_id, amount_cents) VALUES (?, ?, ?)",
+    )
+    .bind(run)
+    .bind(order_id)
+    .bind(amount)
+    .execute(&mut **tx)
+    .await
+    .map_err(AppError::Orders)?;
+    Ok(Receipt {
+        charged_cents: amount,
+    })
+}
+
+impl Ledger {
+    /// Handles one message: the attribute's handler, and for MySQL the transaction
+    /// around it (committed before the listener acknowledges, rolled back on error).
+    async fn handle(&self, msg: &MessageExt) -> Result<Receipt, AppError> {
+        match self {
+            Ledger::Redis {
+                redis,
+                charges,
+                counts,
+            } => on_order_paid(msg, redis, charges, counts).await,
+            Ledger::MySql { pool, run } => {
+                let mut tx = pool.begin().await.map_err(AppError::Orders)?;
+                let receipt = on_order_paid_in_tx(msg, run, &mut tx).await?;
+                tx.commit().await.map_err(AppError::Orders)?;
+                Ok(receipt)
+            }
+        }
+    }
+
+    /// How many times each order was charged so far.
+    async fn charges(&self) -> Result<Vec<(String, u64)>, Box<dyn std::error::Error>> {
+        Ok(match self {
+            Ledger::Redis { redis, counts, .. } => redis.clone().hgetall(counts).await?,
+            Ledger::MySql { pool, run } => sqlx::query_as::<_, (String, i64)>(
+                "SELECT order_id, COUNT(*) FROM example_rocketmq_orders WHERE run = ? GROUP BY order_id",
+            )
+            .bind(run)
+            .fetch_all(pool)
+            .await?
+            .into_iter()
+            .map(|(order, n)| (order, n.unsigned_abs()))
+            .collect(),
+        })
+    }
+
+    /// Removes what this run wrote.
+    async fn clean_up(&self) -> Result<(), Box<dyn std::error::Error>> {
+        match self {
+            Ledger::Redis {
+                redis,
+                charges,
+                counts,
+            } => redis.clone().del::<_, ()>(&[charges, counts]).await?,
+            Ledger::MySql { pool, run } => {
+                sqlx::query("DELETE FROM example_rocketmq_orders WHERE run = ?")
+                    .bind(run)
+                    .execute(pool)
+                    .await?;
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Default)]
@@ -136,14 +257,10 @@ impl MessageListenerConcurrently for Listener {
         let mut status = ConsumeConcurrentlyStatus::ConsumeSuccess;
         for msg in msgs {
             self.stats.deliveries.fetch_add(1, Ordering::Relaxed);
-            let result = block_on_listener(&self.runtime, on_order_paid(msg, &self.ledger));
+            let result = block_on_listener(&self.runtime, self.ledger.handle(msg));
             let mut s = consume_status(&result, OnExhausted::BrokerDeadLetter);
-            match &result {
-                Ok(_) => {}
-                Err(AppError::Idempotency(e)) => eprintln!("{}: {e} ({s:?})", msg.msg_id()),
-                Err(AppError::Ledger(e)) => {
-                    eprintln!("{}: ledger failed: {e} ({s:?})", msg.msg_id())
-                }
+            if let Err(e) = &result {
+                eprintln!("{}: {e} ({s:?})", msg.msg_id());
             }
             // simulation: a few orders lose their first ack (the work is done, the
             // broker hears failure) and come back through the retry topic
@@ -165,19 +282,46 @@ impl MessageListenerConcurrently for Listener {
 
 #[tokio::main]
 async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let store = match std::env::args().skip(1).collect::<Vec<_>>().as_slice() {
+        [] => "redis".to_owned(),
+        [flag, store] if flag == "--store" && (store == "redis" || store == "mysql") => {
+            store.clone()
+        }
+        _ => {
+            eprintln!("usage: rocketmq_consumer [--store redis|mysql]");
+            return Ok(ExitCode::from(2));
+        }
+    };
     let namesrv =
         std::env::var("ROCKETMQ_NAMESRV_ADDR").unwrap_or_else(|_| "127.0.0.1:9876".into());
-    let redis_url =
-        std::env::var("IDEMPOTENT_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    register_store("redis", RedisStore::connect(redis_url.as_str()).await?);
-
     let run = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis();
     let topic = format!("ExampleOrders{run}");
-    let redis = ConnectionManager::new(redis::Client::open(redis_url.as_str())?).await?;
-    let ledger = Ledger {
-        redis: redis.clone(),
-        charges: format!("example:rocketmq:{run}:charges"),
-        counts: format!("example:rocketmq:{run}:counts"),
+    let ledger = if store == "mysql" {
+        let url = std::env::var("IDEMPOTENT_MYSQL_URL")
+            .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+        // creates the dedup table the transactional handler writes to
+        let store = MySqlStore::connect(&url).await?;
+        let pool = store.pool().clone();
+        sqlx::query(
+            "CREATE TABLE IF NOT EXISTS example_rocketmq_orders (id BIGINT AUTO_INCREMENT \
+             PRIMARY KEY, run VARCHAR(32) NOT NULL, order_id VARCHAR(64) NOT NULL, \
+             amount_cents BIGINT UNSIGNED NOT NULL, KEY (run))",
+        )
+        .execute(&pool)
+        .await?;
+        Ledger::MySql {
+            pool,
+            run: run.to_string(),
+        }
+    } else {
+        let url = std::env::var("IDEMPOTENT_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
+        register_store("redis", RedisStore::connect(url.as_str()).await?);
+        Ledger::Redis {
+            redis: ConnectionManager::new(redis::Client::open(url.as_str())?).await?,
+            charges: format!("example:rocketmq:{run}:charges"),
+            counts: format!("example:rocketmq:{run}:counts"),
+        }
     };
 
     let context = RuntimeContext::from_current("idempotent-rocketmq-example");
@@ -234,10 +378,9 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     consumer.start().await?;
 
     // consume until every order is charged and the lost acks were redelivered
-    let mut conn = redis.clone();
     let deadline = Instant::now() + Duration::from_secs(180);
     loop {
-        let charged: u64 = conn.hlen(&ledger.counts).await?;
+        let charged = ledger.charges().await?.len() as u64;
         let lost = stats.lost_acks.load(Ordering::Relaxed);
         let expected = sends + lost;
         if charged == ORDERS && lost > 0 && stats.deliveries.load(Ordering::Relaxed) >= expected {
@@ -252,7 +395,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     consumer.shutdown().await;
     producer.shutdown().await;
 
-    let counts: Vec<(String, u64)> = conn.hgetall(&ledger.counts).await?;
+    let counts = ledger.charges().await?;
     let twice = counts.iter().filter(|(_, n)| *n != 1).count();
     println!(
         "sent {sends} messages for {ORDERS} orders; {} deliveries ({} reported ReconsumeLater, \
@@ -265,7 +408,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         "{} orders charged, {twice} charged more than once",
         counts.len()
     );
-    let _: () = conn.del(&[&ledger.charges, &ledger.counts]).await?;
+    ledger.clean_up().await?;
     Ok(if twice == 0 && counts.len() as u64 == ORDERS {
         ExitCode::SUCCESS
     } else {
