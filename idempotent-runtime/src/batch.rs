@@ -225,7 +225,14 @@ impl Idempotency {
         // run the claimed handlers concurrently; a drop releases the unfinished ones
         let mut guards: Vec<CancelGuard<'_>> = run
             .iter()
-            .map(|(i, c)| CancelGuard::new(&store, keys[*i].as_ref().expect("key"), c.token))
+            .map(|(i, c)| {
+                CancelGuard::new(
+                    store.at(),
+                    keys[*i].as_ref().expect("key"),
+                    (&scope).into(),
+                    c.token,
+                )
+            })
             .collect();
         let results = join_all(run.iter().map(|(i, claim)| {
             run_body(
@@ -308,8 +315,8 @@ impl Idempotency {
             if matches!(slots[i], Slot::Wait) {
                 let key = keys[i].clone().expect("key");
                 let call = protocol::Call {
-                    scope: scope.clone(),
-                    store: store.clone(),
+                    scope: (&scope).into(),
+                    store: store.at(),
                     key,
                     fingerprint: None,
                 };
@@ -348,7 +355,7 @@ impl Idempotency {
         slots: &mut [Slot<T, E>],
         e: StoreError,
     ) {
-        record(Outcome::StoreError, self.scope());
+        record(Outcome::StoreError, self.scope_cow());
         let e = Arc::new(e);
         for &i in claimed {
             slots[i] = Slot::Done(Err(shared_store_error(&e).into()));

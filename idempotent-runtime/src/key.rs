@@ -74,6 +74,20 @@ pub struct KeyBuilder {
 
 const INLINE: usize = 64;
 
+/// `n` in decimal, written at the end of `buf` (at least 20 bytes long).
+fn decimal(mut n: usize, buf: &mut [u8]) -> &[u8] {
+    let mut i = buf.len();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (n % 10) as u8;
+        n /= 10;
+        if n == 0 {
+            break;
+        }
+    }
+    &buf[i..]
+}
+
 impl Default for KeyBuilder {
     fn default() -> Self {
         KeyBuilder {
@@ -124,17 +138,7 @@ impl KeyBuilder {
 
     fn extend_len_prefixed(&mut self, part: &[u8]) {
         let mut digits = [0u8; 21];
-        let mut n = part.len();
-        let mut i = digits.len();
-        loop {
-            i -= 1;
-            digits[i] = b'0' + (n % 10) as u8;
-            n /= 10;
-            if n == 0 {
-                break;
-            }
-        }
-        self.extend(&digits[i..]);
+        self.extend(decimal(part.len(), &mut digits));
         self.extend(b":");
         self.extend(part);
     }
@@ -145,11 +149,23 @@ impl KeyBuilder {
             self.missing = true;
         }
         if self.parts == 1 {
-            // the first part was stored raw; re-encode it with its length prefix
-            let first = self.bytes().to_vec();
-            self.len = 0;
-            self.heap.clear();
-            self.extend_len_prefixed(&first);
+            // the first part was stored raw; prefix it with its length, in place
+            let first = self.bytes().len();
+            let mut digits = [0u8; 22];
+            let n = decimal(first, &mut digits[..21]).len();
+            let prefix = &mut digits[21 - n..];
+            prefix[n] = b':';
+            let prefix = &prefix[..=n];
+            if self.heap.is_empty() && first + prefix.len() <= INLINE {
+                self.inline.copy_within(..first, prefix.len());
+                self.inline[..prefix.len()].copy_from_slice(prefix);
+                self.len += prefix.len();
+            } else {
+                let mut heap = Vec::with_capacity(prefix.len() + first + part.len() + 16);
+                heap.extend_from_slice(prefix);
+                heap.extend_from_slice(self.bytes());
+                self.heap = heap;
+            }
         }
         if self.parts == 0 {
             self.extend(part);
@@ -191,10 +207,23 @@ impl KeyBuilder {
 /// Build one with [`RecordKey::new`] (any [`KeyPart`], encoded as the attribute does)
 /// or [`RecordKey::from_encoded`] (bytes already in the stored encoding, e.g. read back
 /// from a store).
-#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[derive(Clone)]
 pub struct RecordKey {
     // [scope_len: u8][scope bytes][key bytes]
-    buf: Box<[u8]>,
+    buf: KeyBuf,
+}
+
+/// Bytes of a [`RecordKey`] kept inline: a typical scope (a module path) and key fit,
+/// so building one does not allocate.
+const INLINE_RECORD_KEY: usize = 118;
+
+#[derive(Clone)]
+enum KeyBuf {
+    Inline {
+        len: u8,
+        bytes: [u8; INLINE_RECORD_KEY],
+    },
+    Heap(Box<[u8]>),
 }
 
 impl RecordKey {
@@ -211,10 +240,27 @@ impl RecordKey {
         Self::from_parts(scope, &[encoded])
     }
 
-    /// One allocation of exactly the right size: scope length, scope, key parts.
+    /// Scope length, scope, key parts: inline when they fit, else one allocation of
+    /// exactly the right size.
     fn from_parts(scope: &str, parts: &[&[u8]]) -> Self {
         let scope = bounded_scope(scope);
         let len = 1 + scope.len() + parts.iter().map(|p| p.len()).sum::<usize>();
+        if len <= INLINE_RECORD_KEY {
+            let mut bytes = [0u8; INLINE_RECORD_KEY];
+            bytes[0] = scope.len() as u8;
+            let mut at = 1 + scope.len();
+            bytes[1..at].copy_from_slice(scope.as_bytes());
+            for p in parts {
+                bytes[at..at + p.len()].copy_from_slice(p);
+                at += p.len();
+            }
+            return RecordKey {
+                buf: KeyBuf::Inline {
+                    len: len as u8,
+                    bytes,
+                },
+            };
+        }
         let mut buf = Vec::with_capacity(len);
         buf.push(scope.len() as u8);
         buf.extend_from_slice(scope.as_bytes());
@@ -222,32 +268,67 @@ impl RecordKey {
             buf.extend_from_slice(p);
         }
         RecordKey {
-            buf: buf.into_boxed_slice(),
+            buf: KeyBuf::Heap(buf.into_boxed_slice()),
+        }
+    }
+
+    fn buf(&self) -> &[u8] {
+        match &self.buf {
+            KeyBuf::Inline { len, bytes } => &bytes[..usize::from(*len)],
+            KeyBuf::Heap(b) => b,
         }
     }
 
     /// The scope (namespace) of the record.
     pub fn scope(&self) -> &str {
-        let n = self.buf[0] as usize;
+        let buf = self.buf();
+        let n = buf[0] as usize;
         // built from a &str in `from_encoded`, cut on a char boundary by `bounded_scope`
-        std::str::from_utf8(&self.buf[1..1 + n]).unwrap_or_default()
+        std::str::from_utf8(&buf[1..1 + n]).unwrap_or_default()
     }
 
     /// The encoded key bytes, at most [`MAX_KEY_BYTES`] long (plus two when hashed).
     pub fn key(&self) -> &[u8] {
-        let n = self.buf[0] as usize;
-        &self.buf[1 + n..]
+        let buf = self.buf();
+        let n = buf[0] as usize;
+        &buf[1 + n..]
     }
 
     /// Scope and key in one unambiguous byte string (a length byte, the scope, the key);
     /// handy as a map key for in-process stores.
     pub fn as_bytes(&self) -> &[u8] {
-        &self.buf
+        self.buf()
     }
 
     /// Whether the key is the SHA-256 of an encoding that was too long.
     pub fn is_hashed(&self) -> bool {
         self.key().starts_with(&[0, 2])
+    }
+}
+
+impl PartialEq for RecordKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.buf() == other.buf()
+    }
+}
+
+impl Eq for RecordKey {}
+
+impl std::hash::Hash for RecordKey {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.buf().hash(state)
+    }
+}
+
+impl PartialOrd for RecordKey {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for RecordKey {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.buf().cmp(other.buf())
     }
 }
 
@@ -421,6 +502,43 @@ mod tests {
         // a single part can never look like a composite or a hash
         assert_ne!(enc(b"\x00\x013:a:b1:c".as_slice()), enc(&("a:b", "c")));
         assert_eq!(enc(b"\x00\x01".as_slice()), b"\x00\x00\x00\x01");
+    }
+
+    #[test]
+    fn composite_keys_of_any_length_use_the_same_encoding() {
+        for first in [0usize, 1, 9, 10, 60, 61, 62, 63, 64, 65, 99, 100] {
+            let a = "a".repeat(first);
+            let mut want = b"\x00\x01".to_vec();
+            want.extend_from_slice(format!("{first}:{a}2:bc").as_bytes());
+            let got = RecordKey::new("s", &(a.as_str(), "bc"));
+            if first == 0 {
+                assert!(matches!(got, Err(Error::MissingKey)));
+                continue;
+            }
+            let got = got.unwrap();
+            if want.len() > MAX_KEY_BYTES {
+                assert!(got.is_hashed());
+                let hashed = RecordKey::from_parts("s", &[&[0, 2], &Sha256::digest(&want)]);
+                assert_eq!(got, hashed);
+            } else {
+                assert_eq!(got.key(), want.as_slice(), "first part of {first} bytes");
+            }
+        }
+    }
+
+    #[test]
+    fn long_record_keys_equal_their_inline_peers() {
+        let scope = "m".repeat(MAX_SCOPE_BYTES);
+        let long = RecordKey::new(&scope, "k").unwrap();
+        let short = RecordKey::new("s", "k").unwrap();
+        assert_eq!(long.scope(), scope);
+        assert_eq!(long.key(), b"k");
+        assert_eq!(long.clone(), long);
+        assert_ne!(long, short);
+        assert_eq!(
+            RecordKey::from_encoded(long.scope(), long.key()).as_bytes(),
+            long.as_bytes()
+        );
     }
 
     #[test]

@@ -1,8 +1,8 @@
 //! The protocol without the attribute: for closures, trait objects and code that
 //! computes its key at run time.
 
-use crate::protocol::{self, OnInProgress, OnStoreError, Settings, StoreHandle};
-use crate::{Error, KeyPart, RecordKey, Store, registered_store};
+use crate::protocol::{self, OnInProgress, OnStoreError, Settings, StoreHandle, StoreSource};
+use crate::{Error, KeyBuilder, KeyPart, RecordKey, Store};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::borrow::Cow;
@@ -150,19 +150,13 @@ impl Idempotency {
         Fut: Future<Output = Result<T, E>>,
     {
         let fp = crate::fingerprint::fingerprint(fingerprint)?;
-        self.run_inner(key, Some(fp), body).await
+        self.run_inner(key, Some(Ok(fp)), body).await
     }
 
     pub(crate) fn resolve_store(&self) -> Result<StoreHandle, Error> {
         match &self.store {
             StoreChoice::Handle(h) => Ok(h.clone()),
-            StoreChoice::Named(name) => {
-                registered_store(name)
-                    .map(StoreHandle::Static)
-                    .ok_or_else(|| Error::UnknownStore {
-                        name: name.to_string(),
-                    })
-            }
+            StoreChoice::Named(name) => protocol::lookup_store(name).map(StoreHandle::Static),
         }
     }
 
@@ -170,37 +164,31 @@ impl Idempotency {
         &self.scope
     }
 
-    async fn run_inner<K, T, E, Fut>(
+    fn run_inner<K, T, E, Fut>(
         &self,
         key: &K,
-        fingerprint: Option<[u8; 32]>,
+        fingerprint: Option<Result<[u8; 32], Error>>,
         body: Fut,
-    ) -> Result<T, E>
+    ) -> impl Future<Output = Result<T, E>>
     where
         K: KeyPart + ?Sized,
         T: Serialize + DeserializeOwned,
         E: From<Error>,
         Fut: Future<Output = Result<T, E>>,
     {
-        if protocol::disabled() {
-            protocol::note_disabled();
-            return body.await;
-        }
-        let key = RecordKey::new(&self.scope, key)?;
+        let mut builder = KeyBuilder::new();
+        key.write_key(&mut builder);
         let store = match &self.store {
-            StoreChoice::Handle(h) => h.clone(),
-            StoreChoice::Named(name) => {
-                StoreHandle::Static(registered_store(name).ok_or_else(|| Error::UnknownStore {
-                    name: name.to_string(),
-                })?)
-            }
+            StoreChoice::Handle(h) => StoreSource::Handle(h),
+            StoreChoice::Named(name) => StoreSource::Named(name),
         };
-        let call = protocol::Call {
-            scope: self.scope.clone(),
-            store,
-            key,
+        protocol::run(
+            &self.settings,
+            (&self.scope).into(),
+            builder,
             fingerprint,
-        };
-        protocol::execute(&self.settings, call, body).await
+            store,
+            body,
+        )
     }
 }

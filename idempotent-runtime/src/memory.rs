@@ -7,7 +7,7 @@ use crate::store::{
 use crate::{RecordKey, StoreError};
 use async_trait::async_trait;
 use foldhash::fast::RandomState;
-use hashbrown::HashTable;
+use hashbrown::{HashTable, hash_table};
 use std::fmt;
 use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,7 +47,7 @@ struct Shard {
 
 struct Entry {
     /// `RecordKey::as_bytes()`: scope and key
-    key: Box<[u8]>,
+    key: Bytes,
     /// the key's hash, kept so growing the table never hashes keys again
     hash: u64,
     state: RecordState,
@@ -57,7 +57,39 @@ struct Entry {
     lease_until: u64,
     expires_at: u64,
     fingerprint: Option<Box<[u8]>>,
-    output: Option<Box<[u8]>>,
+    output: Option<Bytes>,
+}
+
+/// Bytes inline up to [`INLINE_BYTES`] of them (short keys, small outputs such as `()`
+/// or an id), so recording them does not allocate; boxed beyond. The same size as a
+/// `Box<[u8]>` plus one word.
+enum Bytes {
+    Inline { len: u8, data: [u8; INLINE_BYTES] },
+    Boxed(Box<[u8]>),
+}
+
+const INLINE_BYTES: usize = 22;
+
+impl Bytes {
+    fn new(b: &[u8]) -> Self {
+        if b.len() <= INLINE_BYTES {
+            let mut data = [0; INLINE_BYTES];
+            data[..b.len()].copy_from_slice(b);
+            Bytes::Inline {
+                len: b.len() as u8,
+                data,
+            }
+        } else {
+            Bytes::Boxed(b.into())
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        match self {
+            Bytes::Inline { len, data } => &data[..usize::from(*len)],
+            Bytes::Boxed(b) => b,
+        }
+    }
 }
 
 impl fmt::Debug for MemoryStore {
@@ -143,7 +175,7 @@ impl MemoryStore {
         let shard = &mut *shard;
         shard.tick(now);
         let fresh = |token| Entry {
-            key: key.into(),
+            key: Bytes::new(key),
             hash,
             state: RecordState::InProgress,
             attempts: 1,
@@ -153,17 +185,24 @@ impl MemoryStore {
             fingerprint: req.fingerprint.map(Into::into),
             output: None,
         };
-        let token = match shard.map.find_mut(hash, |e| *e.key == *key) {
-            Some(e) if e.expires_at > now => return self.claim_live(e, req, now, lease, keep),
-            Some(expired) => {
+        // one probe finds the record or the slot for a new one
+        let token = match shard
+            .map
+            .entry(hash, |e| e.key.as_slice() == key, |e| e.hash)
+        {
+            hash_table::Entry::Occupied(e) => {
+                let e = e.into_mut();
+                if e.expires_at > now {
+                    return self.claim_live(e, req, now, lease, keep);
+                }
                 // an expired record starts over, its token floor kept
-                let token = self.next_token(now, expired.token);
-                *expired = fresh(token);
+                let token = self.next_token(now, e.token);
+                *e = fresh(token);
                 token
             }
-            None => {
+            hash_table::Entry::Vacant(slot) => {
                 let token = self.next_token(now, 0);
-                shard.map.insert_unique(hash, fresh(token), |e| e.hash);
+                slot.insert(fresh(token));
                 token
             }
         };
@@ -191,7 +230,7 @@ impl MemoryStore {
         match e.state {
             RecordState::Completed => {
                 return ClaimOutcome::Completed {
-                    output: e.output.as_deref().map(<[u8]>::to_vec),
+                    output: e.output.as_ref().map(|o| o.as_slice().to_vec()),
                 };
             }
             RecordState::InProgress if e.lease_until > now => {
@@ -234,7 +273,7 @@ impl MemoryStore {
         let (hash, mut shard) = self.shard(bytes);
         shard.tick(now);
         let shard = &mut *shard;
-        match shard.map.find_mut(hash, |e| *e.key == *bytes) {
+        match shard.map.find_mut(hash, |e| e.key.as_slice() == bytes) {
             Some(e)
                 if e.token == token.0
                     && e.state == RecordState::InProgress
@@ -253,7 +292,7 @@ impl MemoryStore {
         let ttl = micros(c.ttl);
         fence(self.with_owned(c.key, c.token, |e, now| {
             e.state = RecordState::Completed;
-            e.output = c.output.map(Into::into);
+            e.output = c.output.map(Bytes::new);
             e.expires_at = now.saturating_add(ttl);
             e.lease_until = 0;
         }))
@@ -346,7 +385,7 @@ impl Store for MemoryStore {
         let (hash, shard) = self.shard(bytes);
         Ok(shard
             .map
-            .find(hash, |e| *e.key == *bytes)
+            .find(hash, |e| e.key.as_slice() == bytes)
             .filter(|e| e.expires_at > now)
             .map(|e| {
                 let mut r = Record::new(e.state, e.attempts, Token(e.token));
@@ -354,7 +393,7 @@ impl Store for MemoryStore {
                     .then(|| Duration::from_micros(e.lease_until - now));
                 r.expires_in = Some(Duration::from_micros(e.expires_at - now));
                 r.fingerprint = e.fingerprint.as_deref().map(<[u8]>::to_vec);
-                r.output = e.output.as_deref().map(<[u8]>::to_vec);
+                r.output = e.output.as_ref().map(|o| o.as_slice().to_vec());
                 r
             }))
     }
@@ -362,18 +401,32 @@ impl Store for MemoryStore {
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
         let bytes = key.as_bytes();
         let (hash, mut shard) = self.shard(bytes);
-        Ok(match shard.map.find_entry(hash, |e| *e.key == *bytes) {
-            Ok(entry) => {
-                entry.remove();
-                true
-            }
-            Err(_) => false,
-        })
+        Ok(
+            match shard.map.find_entry(hash, |e| e.key.as_slice() == bytes) {
+                Ok(entry) => {
+                    entry.remove();
+                    true
+                }
+                Err(_) => false,
+            },
+        )
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
         let now = self.now();
         Ok(self.shards.iter().map(|s| lock(s).sweep(now) as u64).sum())
+    }
+
+    fn claim_now(&self, req: &ClaimRequest<'_>) -> Option<Result<ClaimOutcome, StoreError>> {
+        Some(Ok(self.claim_sync(req)))
+    }
+
+    fn complete_now(&self, c: &Completion<'_>) -> Option<Result<Fence, StoreError>> {
+        Some(Ok(self.complete_sync(c)))
+    }
+
+    fn release_now(&self, r: &Release<'_>) -> Option<Result<Fence, StoreError>> {
+        Some(Ok(self.release_sync(r)))
     }
 
     async fn claim_batch(

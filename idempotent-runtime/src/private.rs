@@ -1,9 +1,9 @@
 //! Items used by the code `#[idempotent]` generates. Not public API: no stability
 //! guarantees.
 
-use crate::protocol::{self, Settings, StoreHandle};
+use crate::protocol::{self, Settings, StoreSource};
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Token};
-use crate::{Error, KeyPart, RecordKey, Store, StoreError, StoreErrorKind, registered_store};
+use crate::{Error, KeyPart, RecordKey, Store, StoreError, StoreErrorKind};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::borrow::Cow;
@@ -73,48 +73,32 @@ pub fn default_scope(marker: &'static str) -> &'static str {
 
 /// The wrapper the attribute emits around the handler's body.
 #[inline]
-pub async fn execute<T, E, Fut>(
+pub fn execute<T, E, Fut>(
     config: &'static Config,
     marker: &'static str,
     store: StoreArg,
     key: KeyBuilder,
     fingerprint: Option<Result<[u8; 32], Error>>,
     body: Fut,
-) -> Result<T, E>
+) -> impl Future<Output = Result<T, E>>
 where
     T: Serialize + DeserializeOwned,
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
-    if protocol::disabled() {
-        protocol::note_disabled();
-        return body.await;
-    }
     let scope = config.scope.unwrap_or_else(|| default_scope(marker));
-    let key = key.finish(scope)?;
-    let fingerprint = match fingerprint {
-        None => None,
-        Some(r) => Some(r?),
-    };
     let store = match store {
-        StoreArg::Typed(s) => StoreHandle::Static(s),
-        StoreArg::Named(name) => match registered_store(name) {
-            Some(s) => StoreHandle::Static(s),
-            None => {
-                return Err(Error::UnknownStore {
-                    name: name.to_owned(),
-                }
-                .into());
-            }
-        },
+        StoreArg::Typed(s) => StoreSource::Static(s),
+        StoreArg::Named(name) => StoreSource::Named(name),
     };
-    let call = protocol::Call {
-        scope: Cow::Borrowed(scope),
-        store,
+    protocol::run(
+        &config.settings,
+        scope.into(),
         key,
         fingerprint,
-    };
-    protocol::execute(&config.settings, call, body).await
+        store,
+        body,
+    )
 }
 
 // ---- transactional mode (`tx = "…"`) ----
@@ -220,6 +204,7 @@ pub struct TxCall {
 #[derive(Debug)]
 pub struct TxClaim {
     config: &'static TxConfig,
+    scope: &'static str,
     /// `None` when deduplication is disabled.
     claimed: Option<(RecordKey, Token)>,
     /// What [`current_claim`](crate::current_claim) shows the body.
@@ -265,6 +250,7 @@ impl TxCall {
             protocol::note_disabled();
             return ControlFlow::Continue(TxClaim {
                 config,
+                scope: self.scope,
                 claimed: None,
                 claim: None,
             });
@@ -299,6 +285,7 @@ impl TxCall {
                 tracing::Span::current().record("attempt", attempt);
                 return ControlFlow::Continue(TxClaim {
                     config,
+                    scope: self.scope,
                     claimed: Some((key, token)),
                     claim: Some(protocol::Claim {
                         scope: Cow::Borrowed(self.scope),
@@ -354,7 +341,7 @@ impl TxClaim {
         let value = match result {
             Ok(v) => v,
             Err(e) => {
-                protocol::record(protocol::Outcome::Failed, key.scope());
+                protocol::record(protocol::Outcome::Failed, self.scope);
                 return Err(e);
             }
         };
@@ -367,11 +354,11 @@ impl TxClaim {
         };
         match tx.complete_in_tx(&self.config.table, &completion).await {
             Ok(Fence::Held) => {
-                protocol::record(protocol::Outcome::Executed, key.scope());
+                protocol::record(protocol::Outcome::Executed, self.scope);
                 Ok(value)
             }
             Ok(Fence::Lost) => {
-                protocol::record(protocol::Outcome::StoreError, key.scope());
+                protocol::record(protocol::Outcome::StoreError, self.scope);
                 Err(Error::Store(StoreError::new(
                     StoreErrorKind::Other,
                     "the dedup row claimed in this transaction was deleted or expired before \
@@ -380,7 +367,7 @@ impl TxClaim {
                 .into())
             }
             Err(e) => {
-                protocol::record(protocol::Outcome::StoreError, key.scope());
+                protocol::record(protocol::Outcome::StoreError, self.scope);
                 Err(Error::Store(e).into())
             }
         }

@@ -12,8 +12,9 @@
 //! ```
 
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Store, Token};
-use crate::{Error, NotReplayable, RecordKey, StoreError};
+use crate::{Error, KeyBuilder, NotReplayable, RecordKey, StoreError, registered_store};
 use futures_util::FutureExt;
+use futures_util::future::{Either, ready};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::borrow::Cow;
@@ -166,6 +167,76 @@ impl StoreHandle {
             StoreHandle::Shared(s) => &**s,
         }
     }
+
+    /// The store for one call, without touching the reference count.
+    pub(crate) fn at(&self) -> StoreAt<'_> {
+        match self {
+            StoreHandle::Static(s) => StoreAt::Static(*s),
+            StoreHandle::Shared(s) => StoreAt::Shared(s),
+        }
+    }
+}
+
+/// The store of one call: a [`StoreHandle`] borrowed, or a `'static` store.
+#[derive(Clone, Copy)]
+pub(crate) enum StoreAt<'a> {
+    Static(&'static dyn Store),
+    Shared(&'a Arc<dyn Store>),
+}
+
+impl<'a> StoreAt<'a> {
+    pub(crate) fn get(self) -> &'a dyn Store {
+        match self {
+            StoreAt::Static(s) => s,
+            StoreAt::Shared(s) => &**s,
+        }
+    }
+
+    fn to_handle(self) -> StoreHandle {
+        match self {
+            StoreAt::Static(s) => StoreHandle::Static(s),
+            StoreAt::Shared(s) => StoreHandle::Shared(s.clone()),
+        }
+    }
+}
+
+/// A handler's scope as the protocol passes it around: the attribute's is `'static`,
+/// so neither the claim nor a metrics label copies it.
+#[derive(Clone, Copy)]
+pub(crate) enum Scope<'a> {
+    Static(&'static str),
+    Shared(&'a Cow<'static, str>),
+}
+
+impl Scope<'_> {
+    pub(crate) fn as_str(&self) -> &str {
+        match self {
+            Scope::Static(s) => s,
+            Scope::Shared(s) => s,
+        }
+    }
+
+    fn to_cow(self) -> Cow<'static, str> {
+        match self {
+            Scope::Static(s) => Cow::Borrowed(s),
+            Scope::Shared(s) => s.clone(),
+        }
+    }
+}
+
+impl From<&'static str> for Scope<'_> {
+    fn from(s: &'static str) -> Self {
+        Scope::Static(s)
+    }
+}
+
+impl<'a> From<&'a Cow<'static, str>> for Scope<'a> {
+    fn from(s: &'a Cow<'static, str>) -> Self {
+        match s {
+            Cow::Borrowed(s) => Scope::Static(s),
+            Cow::Owned(_) => Scope::Shared(s),
+        }
+    }
 }
 
 /// `IDEMPOTENT_DISABLED=1` (read once, at the first handled message).
@@ -190,24 +261,105 @@ fn warn_once(flag: &AtomicBool, msg: &str) {
     }
 }
 
+/// Bytes of a serialized output kept on the stack; most outputs (`()`, ids, small
+/// receipts) fit, so caching them does not allocate.
+const INLINE_OUTPUT: usize = 64;
+
+/// A serialized output: inline while it fits, on the heap after.
+struct OutputBuf {
+    len: usize,
+    inline: [u8; INLINE_OUTPUT],
+    // empty until the output outgrows `inline`; then holds all of it
+    heap: Vec<u8>,
+}
+
+impl OutputBuf {
+    fn new() -> Self {
+        OutputBuf {
+            len: 0,
+            inline: [0; INLINE_OUTPUT],
+            heap: Vec::new(),
+        }
+    }
+
+    fn as_slice(&self) -> &[u8] {
+        if self.heap.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.heap
+        }
+    }
+
+    fn into_vec(self) -> Vec<u8> {
+        if self.heap.is_empty() {
+            self.inline[..self.len].to_vec()
+        } else {
+            self.heap
+        }
+    }
+}
+
+impl std::io::Write for OutputBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.write_all(b)?;
+        Ok(b.len())
+    }
+
+    fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        if self.heap.is_empty() && self.len + b.len() <= INLINE_OUTPUT {
+            self.inline[self.len..self.len + b.len()].copy_from_slice(b);
+            self.len += b.len();
+        } else {
+            if self.heap.is_empty() {
+                self.heap.reserve(2 * (self.len + b.len()));
+                self.heap.extend_from_slice(&self.inline[..self.len]);
+            }
+            self.heap.extend_from_slice(b);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Whether a serialized output can be cached; warns when it cannot.
+fn cacheable(serialized: Result<usize, serde_json::Error>, cap: usize) -> bool {
+    match serialized {
+        Ok(size) if size <= cap => true,
+        Ok(size) => {
+            tracing::warn!(
+                size,
+                cap,
+                "handler output is over the cache cap; duplicates will get OutputNotReplayable"
+            );
+            false
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "handler output does not serialize; it is not cached");
+            false
+        }
+    }
+}
+
 /// Serializes an output for the cache; `None` when it is over the cap or cannot be
 /// serialized (it is still returned to the caller).
 pub(crate) fn encode_output<T: Serialize>(value: &T, cap: usize) -> Option<Vec<u8>> {
     match serde_json::to_vec(value) {
-        Ok(bytes) if bytes.len() <= cap => Some(bytes),
-        Ok(bytes) => {
-            tracing::warn!(
-                size = bytes.len(),
-                cap,
-                "handler output is over the cache cap; duplicates will get OutputNotReplayable"
-            );
-            None
-        }
+        Ok(bytes) => cacheable(Ok(bytes.len()), cap).then_some(bytes),
         Err(e) => {
-            tracing::warn!(error = %e, "handler output does not serialize; it is not cached");
+            cacheable(Err(e), cap);
             None
         }
     }
+}
+
+/// As [`encode_output`], into a buffer that stays on the stack for small outputs.
+fn encode_output_buf<T: Serialize>(value: &T, cap: usize) -> Option<OutputBuf> {
+    let mut buf = OutputBuf::new();
+    let r = serde_json::to_writer(&mut buf, value).map(|()| buf.as_slice().len());
+    cacheable(r, cap).then_some(buf)
 }
 
 pub(crate) fn decode_output<T: DeserializeOwned>(output: Option<Vec<u8>>) -> Result<T, Error> {
@@ -237,18 +389,25 @@ enum Pending {
 
 /// Cleans up a claim whose handler future is dropped before the protocol finished.
 pub(crate) struct CancelGuard<'a> {
-    store: &'a StoreHandle,
+    store: StoreAt<'a>,
     key: &'a RecordKey,
+    scope: Scope<'a>,
     token: Token,
     pending: Pending,
 }
 
 impl<'a> CancelGuard<'a> {
     /// A guard that releases the claim if dropped before [`disarm`](Self::disarm).
-    pub(crate) fn new(store: &'a StoreHandle, key: &'a RecordKey, token: Token) -> Self {
+    pub(crate) fn new(
+        store: StoreAt<'a>,
+        key: &'a RecordKey,
+        scope: Scope<'a>,
+        token: Token,
+    ) -> Self {
         CancelGuard {
             store,
             key,
+            scope,
             token,
             pending: Pending::Release,
         }
@@ -271,12 +430,12 @@ impl Drop for CancelGuard<'_> {
         if matches!(pending, Pending::Nothing) {
             return;
         }
-        record_key(Outcome::Cancelled, self.key);
+        record(Outcome::Cancelled, self.scope);
         // Without a runtime to run the cleanup on, the lease expires on its own.
         let Ok(rt) = tokio::runtime::Handle::try_current() else {
             return;
         };
-        let store = self.store.clone();
+        let store = self.store.to_handle();
         let key = self.key.clone();
         let token = self.token;
         rt.spawn(async move {
@@ -289,9 +448,18 @@ impl Drop for CancelGuard<'_> {
                         output: output.as_deref(),
                         ttl,
                     };
-                    store.complete(&c).await
+                    match store.complete_now(&c) {
+                        Some(r) => r,
+                        None => store.complete(&c).await,
+                    }
                 }
-                _ => store.release(&Release { key: &key, token }).await,
+                _ => {
+                    let r = Release { key: &key, token };
+                    match store.release_now(&r) {
+                        Some(f) => f,
+                        None => store.release(&r).await,
+                    }
+                }
             };
             if let Err(e) = r {
                 tracing::warn!(error = %e, "could not clean up a cancelled claim; it frees when its lease expires");
@@ -345,18 +513,6 @@ impl Outcome {
     }
 }
 
-/// Records an outcome for `key`: as [`record`], without reading the scope out of the
-/// key unless metrics need it.
-pub(crate) fn record_key(outcome: Outcome, key: &RecordKey) {
-    #[cfg(feature = "metrics")]
-    record(outcome, key.scope());
-    #[cfg(not(feature = "metrics"))]
-    {
-        let _ = key;
-        record_span("outcome", outcome.as_str());
-    }
-}
-
 /// Sets a field of the current span; free when nothing collects traces.
 fn record_span<V: tracing::Value>(field: &str, value: V) {
     if tracing::dispatcher::has_been_set() {
@@ -367,12 +523,12 @@ fn record_span<V: tracing::Value>(field: &str, value: V) {
 /// Records an outcome on the current span and, with the `metrics` feature, in the
 /// `idempotent_messages_total{scope, outcome}` counter. (The handler's run time goes
 /// to the `idempotent_handler_seconds{scope}` histogram.)
-pub(crate) fn record(outcome: Outcome, scope: &str) {
+pub(crate) fn record<'a>(outcome: Outcome, scope: impl Into<Scope<'a>>) {
     record_span("outcome", outcome.as_str());
     #[cfg(feature = "metrics")]
     metrics::counter!(
         "idempotent_messages_total",
-        "scope" => scope.to_owned(),
+        "scope" => scope.into().to_cow(),
         "outcome" => outcome.as_str()
     )
     .increment(1);
@@ -400,17 +556,82 @@ async fn renew_loop(store: &dyn Store, key: &RecordKey, token: Token, lease: Dur
     }
 }
 
+/// Where a message's store comes from.
+pub(crate) enum StoreSource<'a> {
+    /// A store the caller holds.
+    Handle(&'a StoreHandle),
+    /// `store = PATH` of the attribute.
+    Static(&'static dyn Store),
+    /// A store registered under this name, looked up now.
+    Named(&'a str),
+}
+
+/// The store registered under `name`, or [`Error::UnknownStore`].
+pub(crate) fn lookup_store(name: &str) -> Result<&'static dyn Store, Error> {
+    registered_store(name).ok_or_else(|| Error::UnknownStore {
+        name: name.to_owned(),
+    })
+}
+
+/// Runs one message under the protocol: what the attribute and the manual API share.
+/// With `IDEMPOTENT_DISABLED` the body runs as is; otherwise the key is finished under
+/// `scope`, the fingerprint checked and the store resolved (in that order, the first
+/// failure returned without running anything), and [`execute`] takes over.
+#[inline]
+pub(crate) fn run<'a, T, E, Fut>(
+    settings: &'a Settings,
+    scope: Scope<'a>,
+    key: KeyBuilder,
+    fingerprint: Option<Result<[u8; 32], Error>>,
+    store: StoreSource<'a>,
+    body: Fut,
+) -> impl Future<Output = Result<T, E>>
+where
+    T: Serialize + DeserializeOwned,
+    E: From<Error>,
+    Fut: Future<Output = Result<T, E>>,
+{
+    if disabled() {
+        note_disabled();
+        return Either::Left(body);
+    }
+    let call = (|| {
+        let key = key.finish(scope.as_str())?;
+        let fingerprint = fingerprint.transpose()?;
+        let store = match store {
+            StoreSource::Handle(h) => h.at(),
+            StoreSource::Static(s) => StoreAt::Static(s),
+            StoreSource::Named(name) => StoreAt::Static(lookup_store(name)?),
+        };
+        Ok::<_, Error>(Call {
+            scope,
+            store,
+            key,
+            fingerprint,
+        })
+    })();
+    Either::Right(match call {
+        Ok(call) => Either::Left(execute(settings, call, body)),
+        Err(e) => Either::Right(ready(Err(e.into()))),
+    })
+}
+
 /// One message to run under the protocol: where, under which key, with which
 /// fingerprint (the hash of the declared fingerprint expression).
-pub(crate) struct Call {
-    pub(crate) scope: Cow<'static, str>,
-    pub(crate) store: StoreHandle,
+pub(crate) struct Call<'a> {
+    pub(crate) scope: Scope<'a>,
+    pub(crate) store: StoreAt<'a>,
     pub(crate) key: RecordKey,
     pub(crate) fingerprint: Option<[u8; 32]>,
 }
 
-/// Runs `body` under the protocol.
-pub(crate) async fn execute<T, E, Fut>(settings: &Settings, call: Call, body: Fut) -> Result<T, E>
+/// Runs `body` under the protocol, in the message's span.
+#[inline]
+pub(crate) fn execute<'a, T, E, Fut>(
+    settings: &'a Settings,
+    call: Call<'a>,
+    body: Fut,
+) -> impl Future<Output = Result<T, E>>
 where
     T: Serialize + DeserializeOwned,
     E: From<Error>,
@@ -419,77 +640,156 @@ where
     // one span per handled message: the scope and the outcome, never the key
     let span = tracing::info_span!(
         "idempotent",
-        scope = %call.scope,
+        scope = %call.scope.as_str(),
         attempt = tracing::field::Empty,
         outcome = tracing::field::Empty,
     );
-    execute_in_span(settings, call, body).instrument(span).await
+    let fut = execute_in_span(settings, call, body);
+    if span.is_disabled() {
+        // nothing collects it: no enter and exit on every poll
+        Either::Left(fut)
+    } else {
+        Either::Right(fut.instrument(span))
+    }
 }
 
-async fn execute_in_span<T, E, Fut>(settings: &Settings, call: Call, body: Fut) -> Result<T, E>
+// Not an `async fn`: that would keep a second copy of its arguments in the future
+// (rustc moves them into locals); an `async move` block uses its captures in place.
+#[inline]
+#[allow(clippy::manual_async_fn)]
+fn execute_in_span<'a, T, E, Fut>(
+    settings: &'a Settings,
+    call: Call<'a>,
+    body: Fut,
+) -> impl Future<Output = Result<T, E>>
 where
     T: Serialize + DeserializeOwned,
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
-    let Call {
-        scope,
-        store,
-        key,
-        fingerprint,
-    } = call;
-    let req = ClaimRequest {
-        key: &key,
-        lease: settings.lease,
-        ttl: settings.ttl,
-        fingerprint: fingerprint.as_ref().map(|f| &f[..]),
-        max_attempts: settings.max_attempts,
-    };
-    let mut waited = Duration::ZERO;
-    let mut backoff = Duration::from_millis(5);
-    loop {
-        let outcome = match store.get().claim(&req).await {
-            Ok(o) => o,
-            Err(e) => return store_unavailable(settings, key.scope(), e, body).await,
-        };
-        match outcome {
-            ClaimOutcome::Acquired { token, attempt } => {
-                record_span("attempt", attempt);
-                let claim = Claim {
-                    scope,
-                    token,
-                    attempt,
-                };
-                return run_claimed(settings, &store, &key, claim, body).await;
-            }
-            ClaimOutcome::Completed { output } => {
-                let r = decode_output(output);
-                let outcome = match r {
-                    Ok(_) => Outcome::Replayed,
-                    Err(_) => Outcome::NotReplayable,
-                };
-                record_key(outcome, &key);
-                return r.map_err(E::from);
-            }
-            ClaimOutcome::InProgress { retry_after } => {
-                if settings.on_in_progress == OnInProgress::Reject || waited >= settings.lease {
-                    record_key(Outcome::InProgress, &key);
-                    return Err(Error::InProgress { retry_after }.into());
+    async move {
+        // the call's fields are used in place: copies would be kept in this future too
+        let (scope, store, key) = (call.scope, call.store, &call.key);
+        let mut waited = Duration::ZERO;
+        let mut backoff = Duration::from_millis(5);
+        let (token, attempt) = loop {
+            let req = ClaimRequest {
+                key,
+                lease: settings.lease,
+                ttl: settings.ttl,
+                fingerprint: call.fingerprint.as_ref().map(|f| &f[..]),
+                max_attempts: settings.max_attempts,
+            };
+            let outcome = match store.get().claim_now(&req) {
+                Some(r) => r,
+                None => store.get().claim(&req).await,
+            };
+            let outcome = match outcome {
+                Ok(o) => o,
+                Err(e) => return store_unavailable(settings, scope, e, body).await,
+            };
+            match outcome {
+                ClaimOutcome::Acquired { token, attempt } => break (token, attempt),
+                ClaimOutcome::Completed { output } => {
+                    let r = decode_output(output);
+                    let outcome = match r {
+                        Ok(_) => Outcome::Replayed,
+                        Err(_) => Outcome::NotReplayable,
+                    };
+                    record(outcome, scope);
+                    return r.map_err(E::from);
                 }
-                let pause = backoff
-                    .min(retry_after + Duration::from_millis(1))
-                    .min(settings.lease - waited);
-                tokio::time::sleep(pause).await;
-                waited += pause;
-                backoff = (backoff * 2).min(Duration::from_millis(500));
+                ClaimOutcome::InProgress { retry_after } => {
+                    if settings.on_in_progress == OnInProgress::Reject || waited >= settings.lease {
+                        record(Outcome::InProgress, scope);
+                        return Err(Error::InProgress { retry_after }.into());
+                    }
+                    let pause = backoff
+                        .min(retry_after + Duration::from_millis(1))
+                        .min(settings.lease - waited);
+                    // boxed: kept out of the handler's future, which stays small
+                    Box::pin(tokio::time::sleep(pause)).await;
+                    waited += pause;
+                    backoff = (backoff * 2).min(Duration::from_millis(500));
+                }
+                ClaimOutcome::Exhausted { attempts } => {
+                    record(Outcome::Exhausted, scope);
+                    return Err(Error::AttemptsExhausted { attempts }.into());
+                }
+                ClaimOutcome::FingerprintMismatch => {
+                    record(Outcome::FingerprintMismatch, scope);
+                    return Err(Error::FingerprintMismatch.into());
+                }
             }
-            ClaimOutcome::Exhausted { attempts } => {
-                record_key(Outcome::Exhausted, &key);
-                return Err(Error::AttemptsExhausted { attempts }.into());
+        };
+
+        // claimed: run the body, then complete or release
+        record_span("attempt", attempt);
+        let claim = Claim {
+            scope: scope.to_cow(),
+            token,
+            attempt,
+        };
+        let mut guard = CancelGuard::new(store, key, scope, token);
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
+        let result = run_body(store.get(), key, claim, settings.lease, body).await;
+        #[cfg(feature = "metrics")]
+        metrics::histogram!("idempotent_handler_seconds", "scope" => scope.to_cow())
+            .record(started.elapsed().as_secs_f64());
+        let store = store.get();
+        match result {
+            Ok(Ok(value)) => {
+                // stores that answer at once complete here, with the output on the stack
+                let slow = {
+                    let output = encode_output_buf(&value, output_cap(settings));
+                    let completion = Completion {
+                        key,
+                        token,
+                        output: output.as_ref().map(OutputBuf::as_slice),
+                        ttl: settings.ttl,
+                    };
+                    match store.complete_now(&completion) {
+                        Some(Ok(Fence::Held)) => None,
+                        first => Some((first, output.map(OutputBuf::into_vec))),
+                    }
+                };
+                if let Some((first, output)) = slow {
+                    // if this future is dropped while completing, the guard records the
+                    // completion from a spawned task instead of releasing: the work happened
+                    guard.completing(output, settings.ttl);
+                    if let Pending::Complete { output, ttl } = &guard.pending {
+                        let completion = Completion {
+                            key,
+                            token,
+                            output: output.as_deref(),
+                            ttl: *ttl,
+                        };
+                        // boxed: kept out of the handler's future, which stays small
+                        Box::pin(complete_with_retry(
+                            store,
+                            completion,
+                            settings.lease,
+                            first,
+                        ))
+                        .await;
+                    }
+                }
+                guard.disarm();
+                record(Outcome::Executed, scope);
+                Ok(value)
             }
-            ClaimOutcome::FingerprintMismatch => {
-                record_key(Outcome::FingerprintMismatch, &key);
-                return Err(Error::FingerprintMismatch.into());
+            Ok(Err(e)) => {
+                release(store, key, token).await;
+                guard.disarm();
+                record(Outcome::Failed, scope);
+                Err(e)
+            }
+            Err(panic) => {
+                release(store, key, token).await;
+                guard.disarm();
+                record(Outcome::Panicked, scope);
+                std::panic::resume_unwind(panic)
             }
         }
     }
@@ -497,7 +797,7 @@ where
 
 async fn store_unavailable<T, E, Fut>(
     settings: &Settings,
-    scope: &str,
+    scope: Scope<'_>,
     e: StoreError,
     body: Fut,
 ) -> Result<T, E>
@@ -520,32 +820,41 @@ where
 
 /// Runs the body under `claim`: visible to [`current_claim`], with the lease renewed
 /// every third of it, and panics caught.
-pub(crate) async fn run_body<T, E, Fut>(
-    store: &dyn Store,
-    key: &RecordKey,
+#[inline]
+#[allow(clippy::manual_async_fn)] // see `execute_in_span`
+pub(crate) fn run_body<'a, T, E, Fut>(
+    store: &'a dyn Store,
+    key: &'a RecordKey,
     claim: Claim,
     lease: Duration,
     body: Fut,
-) -> std::thread::Result<Result<T, E>>
+) -> impl Future<Output = std::thread::Result<Result<T, E>>> + 'a
 where
-    Fut: Future<Output = Result<T, E>>,
+    Fut: Future<Output = Result<T, E>> + 'a,
 {
-    let token = claim.token;
-    let mut body = pin!(CURRENT_CLAIM.scope(claim, AssertUnwindSafe(body).catch_unwind()));
-    let mut renew = pin!(renew_loop(store, key, token, lease));
-    let mut renewing = true;
-    poll_fn(|cx| {
-        if let Poll::Ready(r) = body.as_mut().poll(cx) {
-            return Poll::Ready(r);
-        }
-        // polled only after the body first yields: a handler that finishes at once
-        // never arms a timer
-        if renewing && renew.as_mut().poll(cx).is_ready() {
-            renewing = false;
-        }
-        Poll::Pending
-    })
-    .await
+    // an `async move` block, not an `async fn`: see `execute_in_span`
+    async move {
+        let token = claim.token;
+        let mut body = pin!(CURRENT_CLAIM.scope(claim, AssertUnwindSafe(body).catch_unwind()));
+        // started when the body first yields: a handler that finishes at once never
+        // arms a timer, and its future does not carry one
+        let mut renew = None;
+        let mut renewing = true;
+        poll_fn(|cx| {
+            if let Poll::Ready(r) = body.as_mut().poll(cx) {
+                return Poll::Ready(r);
+            }
+            if renewing {
+                let renew =
+                    renew.get_or_insert_with(|| Box::pin(renew_loop(store, key, token, lease)));
+                if renew.as_mut().poll(cx).is_ready() {
+                    renewing = false;
+                }
+            }
+            Poll::Pending
+        })
+        .await
+    }
 }
 
 pub(crate) fn output_cap(settings: &Settings) -> usize {
@@ -554,72 +863,28 @@ pub(crate) fn output_cap(settings: &Settings) -> usize {
         .unwrap_or_else(|| MAX_OUTPUT_BYTES.load(Ordering::Relaxed))
 }
 
-async fn run_claimed<T, E, Fut>(
-    settings: &Settings,
-    store: &StoreHandle,
-    key: &RecordKey,
-    claim: Claim,
-    body: Fut,
-) -> Result<T, E>
-where
-    T: Serialize + DeserializeOwned,
-    E: From<Error>,
-    Fut: Future<Output = Result<T, E>>,
-{
-    let token = claim.token;
-    let mut guard = CancelGuard::new(store, key, token);
-    #[cfg(feature = "metrics")]
-    let started = std::time::Instant::now();
-    let result = run_body(store.get(), key, claim, settings.lease, body).await;
-    #[cfg(feature = "metrics")]
-    metrics::histogram!("idempotent_handler_seconds", "scope" => key.scope().to_owned())
-        .record(started.elapsed().as_secs_f64());
-    let store = store.get();
-    match result {
-        Ok(Ok(value)) => {
-            // if this future is dropped while completing, the guard records the
-            // completion from a spawned task instead of releasing: the work happened
-            guard.pending = Pending::Complete {
-                output: encode_output(&value, output_cap(settings)),
-                ttl: settings.ttl,
-            };
-            if let Pending::Complete { output, ttl } = &guard.pending {
-                let completion = Completion {
-                    key,
-                    token,
-                    output: output.as_deref(),
-                    ttl: *ttl,
-                };
-                complete_with_retry(store, &completion, settings.lease).await;
-            }
-            guard.disarm();
-            record_key(Outcome::Executed, key);
-            Ok(value)
-        }
-        Ok(Err(e)) => {
-            release(store, key, token).await;
-            guard.disarm();
-            record_key(Outcome::Failed, key);
-            Err(e)
-        }
-        Err(panic) => {
-            release(store, key, token).await;
-            guard.disarm();
-            record_key(Outcome::Panicked, key);
-            std::panic::resume_unwind(panic)
-        }
-    }
-}
-
 /// Records the completion, retrying transient store errors for up to a third of the
 /// lease. If it still fails the handler's value is returned anyway (its effects
-/// happened); the claim then frees when its lease expires.
-async fn complete_with_retry(store: &dyn Store, completion: &Completion<'_>, lease: Duration) {
+/// happened); the claim then frees when its lease expires. `first` is the answer of
+/// [`Store::complete_now`], if the store gave one.
+async fn complete_with_retry(
+    store: &dyn Store,
+    completion: Completion<'_>,
+    lease: Duration,
+    mut first: Option<Result<Fence, StoreError>>,
+) {
     let deadline = lease / 3;
     let mut spent = Duration::ZERO;
     let mut pause = Duration::from_millis(10);
     loop {
-        match store.complete(completion).await {
+        let r = match first.take() {
+            Some(r) => r,
+            None => match store.complete_now(&completion) {
+                Some(r) => r,
+                None => store.complete(&completion).await,
+            },
+        };
+        match r {
             Ok(Fence::Held) => return,
             Ok(Fence::Lost) => {
                 tracing::error!(
@@ -646,8 +911,16 @@ async fn complete_with_retry(store: &dyn Store, completion: &Completion<'_>, lea
     }
 }
 
+/// Releases a claim after a failed attempt; a refusal or a failure is logged (the key
+/// frees when its lease expires).
 pub(crate) async fn release(store: &dyn Store, key: &RecordKey, token: Token) {
-    match store.release(&Release { key, token }).await {
+    let r = Release { key, token };
+    let r = match store.release_now(&r) {
+        Some(f) => f,
+        // boxed: kept out of the handler's future, which stays small
+        None => Box::pin(store.release(&r)).await,
+    };
+    match r {
         Ok(Fence::Held) => {}
         Ok(Fence::Lost) => tracing::warn!(
             scope = key.scope(),

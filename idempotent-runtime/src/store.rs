@@ -210,6 +210,29 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// their own (Redis) return 0.
     async fn purge_expired(&self) -> Result<u64, StoreError>;
 
+    /// Answers [`claim`](Self::claim) at once, for stores that never wait (an
+    /// in-process store): `Some` is the answer `claim` would give, `None` (the default)
+    /// means the protocol awaits `claim`. It spares the protocol a boxed future per step.
+    #[doc(hidden)]
+    fn claim_now(&self, req: &ClaimRequest<'_>) -> Option<Result<ClaimOutcome, StoreError>> {
+        let _ = req;
+        None
+    }
+
+    /// As [`claim_now`](Self::claim_now), for [`complete`](Self::complete).
+    #[doc(hidden)]
+    fn complete_now(&self, completion: &Completion<'_>) -> Option<Result<Fence, StoreError>> {
+        let _ = completion;
+        None
+    }
+
+    /// As [`claim_now`](Self::claim_now), for [`release`](Self::release).
+    #[doc(hidden)]
+    fn release_now(&self, release: &Release<'_>) -> Option<Result<Fence, StoreError>> {
+        let _ = release;
+        None
+    }
+
     /// Claims many keys; the answer has one outcome per request, in order.
     async fn claim_batch(
         &self,
