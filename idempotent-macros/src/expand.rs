@@ -8,14 +8,17 @@
 //! // Output (paths shortened):
 //! pub async fn on_paid(msg: &OrderPaid) -> Result<Receipt, AppError> {
 //!     fn __idempotent_scope() {}                       // its type name is the default scope
-//!     static CONFIG: __private::Config = /* ttl, lease, … */;
+//!     static CONFIG: __private::Config = /* scope, ttl, lease, … */;
+//!     static SCOPE: __private::DefaultScope = DefaultScope::new();
 //!     let mut key = KeyBuilder::new();
 //!     __private::key_part(&mut key, &(msg.id));        // one call per tuple element
 //!     __private::execute(
 //!         &CONFIG,
-//!         { /* type_name_of_val(&__idempotent_scope) without `::{{closure}}::__idempotent_scope` */ },
-//!         StoreArg::Named("redis"),                    // `store = ORDERS`: see `typed_store`
 //!         key,
+//!         // the explicit scope, or (worked out once) the type name of
+//!         // `__idempotent_scope` without `::{{closure}}::__idempotent_scope`
+//!         SCOPE.get(CONFIG.scope, || { /* type_name_of_val(&__idempotent_scope) … */ }),
+//!         StoreArg::Named("redis"),                    // `store = ORDERS`: see `typed_store`
 //!         None,                                        // `Some(fingerprint(&(…)))`
 //!         async move { let ret: Result<Receipt, AppError> = { body }; ret },
 //!     ).await
@@ -48,6 +51,7 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
     let site = Span::mixed_site();
     let key = quote_spanned!(site=> __idempotent_key);
     let config = quote_spanned!(site=> __IDEMPOTENT_CONFIG);
+    let default_scope = quote_spanned!(site=> __IDEMPOTENT_SCOPE);
     let marker = quote_spanned!(site=> __idempotent_scope);
     let ret = quote_spanned!(site=> __idempotent_ret);
 
@@ -151,13 +155,14 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
                     max_output_bytes: #private::core::option::Option::None,
                 },
             };
+            static #default_scope: #private::DefaultScope = #private::DefaultScope::new();
             let mut #key = #private::KeyBuilder::new();
             #(#key_parts)*
             #private::execute(
                 &#config,
-                #scope_name,
-                #store,
                 #key,
+                #default_scope.get(#config.scope, || #scope_name),
+                #store,
                 #fingerprint,
                 async move {
                     #[allow(unreachable_code, clippy::let_and_return, clippy::needless_return)]

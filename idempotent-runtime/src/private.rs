@@ -35,6 +35,37 @@ impl Config {
     }
 }
 
+/// A handler's scope, worked out at its first call: a `static` of its own beside the
+/// [`Config`], which stays immutable so the compiler can fold its settings.
+#[derive(Debug)]
+pub struct DefaultScope(std::sync::OnceLock<&'static str>);
+
+impl DefaultScope {
+    /// Not worked out yet.
+    pub const fn new() -> Self {
+        DefaultScope(std::sync::OnceLock::new())
+    }
+
+    /// The explicit scope, or the handler's path from `marker` (see [`default_scope`]).
+    #[inline]
+    pub fn get(
+        &'static self,
+        explicit: Option<&'static str>,
+        marker: fn() -> &'static str,
+    ) -> &'static str {
+        match explicit {
+            Some(s) => s,
+            None => self.0.get_or_init(|| default_scope(marker())),
+        }
+    }
+}
+
+impl Default for DefaultScope {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
 pub use crate::KeyBuilder;
 pub use crate::protocol::Settings as ConfigSettings;
 
@@ -75,9 +106,9 @@ pub fn default_scope(marker: &'static str) -> &'static str {
 #[inline]
 pub fn execute<T, E, Fut>(
     config: &'static Config,
-    marker: &'static str,
-    store: StoreArg,
     key: KeyBuilder,
+    scope: &'static str,
+    store: StoreArg,
     fingerprint: Option<Result<[u8; 32], Error>>,
     body: Fut,
 ) -> impl Future<Output = Result<T, E>>
@@ -86,7 +117,6 @@ where
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
-    let scope = config.scope.unwrap_or_else(|| default_scope(marker));
     let store = match store {
         StoreArg::Typed(s) => StoreSource::Static(s),
         StoreArg::Named(name) => StoreSource::Named(name),

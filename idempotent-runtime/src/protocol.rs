@@ -14,16 +14,16 @@
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Store, Token};
 use crate::{Error, KeyBuilder, NotReplayable, RecordKey, StoreError, registered_store};
 use futures_util::FutureExt;
-use futures_util::future::{Either, ready};
+use futures_util::future::{Either, Ready, ready};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::borrow::Cow;
 use std::future::{Future, poll_fn};
 use std::panic::AssertUnwindSafe;
-use std::pin::pin;
+use std::pin::{Pin, pin};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::task::Poll;
+use std::task::{Context, Poll};
 use std::time::Duration;
 use tracing::Instrument;
 
@@ -655,6 +655,9 @@ where
 
 // Not an `async fn`: that would keep a second copy of its arguments in the future
 // (rustc moves them into locals); an `async move` block uses its captures in place.
+// Everything a store answering at once does not need (awaited claims, waiting on
+// another execution, completion retries) is boxed, so the future stays small: it is
+// moved into every caller's future.
 #[inline]
 #[allow(clippy::manual_async_fn)]
 fn execute_in_span<'a, T, E, Fut>(
@@ -668,72 +671,39 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     async move {
-        // the call's fields are used in place: copies would be kept in this future too
         let (scope, store, key) = (call.scope, call.store, &call.key);
-        let mut waited = Duration::ZERO;
-        let mut backoff = Duration::from_millis(5);
-        let (token, attempt) = loop {
-            let req = ClaimRequest {
-                key,
-                lease: settings.lease,
-                ttl: settings.ttl,
-                fingerprint: call.fingerprint.as_ref().map(|f| &f[..]),
-                max_attempts: settings.max_attempts,
-            };
-            let outcome = match store.get().claim_now(&req) {
-                Some(r) => r,
-                None => store.get().claim(&req).await,
-            };
-            let outcome = match outcome {
-                Ok(o) => o,
-                Err(e) => return store_unavailable(settings, scope, e, body).await,
-            };
-            match outcome {
-                ClaimOutcome::Acquired { token, attempt } => break (token, attempt),
-                ClaimOutcome::Completed { output } => {
-                    let r = decode_output(output);
-                    let outcome = match r {
-                        Ok(_) => Outcome::Replayed,
-                        Err(_) => Outcome::NotReplayable,
-                    };
-                    record(outcome, scope);
-                    return r.map_err(E::from);
+        let (token, attempt) = match store.get().claim_now(&claim_request(settings, &call)) {
+            Some(Ok(ClaimOutcome::Acquired { token, attempt })) => (token, attempt),
+            Some(Ok(ClaimOutcome::Completed { output })) => return replay(output, scope),
+            first => match Box::pin(claim_slowly(settings, &call, first)).await {
+                Claimed::Acquired { token, attempt } => (token, attempt),
+                Claimed::Done(r) => return r.map_err(E::from),
+                Claimed::Unavailable(e) => {
+                    return Box::pin(store_unavailable(settings, scope, e, body)).await;
                 }
-                ClaimOutcome::InProgress { retry_after } => {
-                    if settings.on_in_progress == OnInProgress::Reject || waited >= settings.lease {
-                        record(Outcome::InProgress, scope);
-                        return Err(Error::InProgress { retry_after }.into());
-                    }
-                    let pause = backoff
-                        .min(retry_after + Duration::from_millis(1))
-                        .min(settings.lease - waited);
-                    // boxed: kept out of the handler's future, which stays small
-                    Box::pin(tokio::time::sleep(pause)).await;
-                    waited += pause;
-                    backoff = (backoff * 2).min(Duration::from_millis(500));
-                }
-                ClaimOutcome::Exhausted { attempts } => {
-                    record(Outcome::Exhausted, scope);
-                    return Err(Error::AttemptsExhausted { attempts }.into());
-                }
-                ClaimOutcome::FingerprintMismatch => {
-                    record(Outcome::FingerprintMismatch, scope);
-                    return Err(Error::FingerprintMismatch.into());
-                }
-            }
+            },
         };
 
         // claimed: run the body, then complete or release
         record_span("attempt", attempt);
+        let mut guard = CancelGuard::new(store, key, scope, token);
+        #[cfg(feature = "metrics")]
+        let started = std::time::Instant::now();
         let claim = Claim {
             scope: scope.to_cow(),
             token,
             attempt,
         };
-        let mut guard = CancelGuard::new(store, key, scope, token);
-        #[cfg(feature = "metrics")]
-        let started = std::time::Instant::now();
-        let result = run_body(store.get(), key, claim, settings.lease, body).await;
+        let mut body = pin!(CURRENT_CLAIM.scope(claim, AssertUnwindSafe(body).catch_unwind()));
+        let mut renewal = Renewal::new(store.get(), key, token, settings.lease);
+        let result = poll_fn(|cx| match body.as_mut().poll(cx) {
+            Poll::Ready(r) => Poll::Ready(r),
+            Poll::Pending => {
+                renewal.poll(cx);
+                Poll::Pending
+            }
+        })
+        .await;
         #[cfg(feature = "metrics")]
         metrics::histogram!("idempotent_handler_seconds", "scope" => scope.to_cow())
             .record(started.elapsed().as_secs_f64());
@@ -756,7 +726,8 @@ where
                 };
                 if let Some((first, output)) = slow {
                     // if this future is dropped while completing, the guard records the
-                    // completion from a spawned task instead of releasing: the work happened
+                    // completion from a spawned task instead of releasing: the work
+                    // happened
                     guard.completing(output, settings.ttl);
                     if let Pending::Complete { output, ttl } = &guard.pending {
                         let completion = Completion {
@@ -765,7 +736,6 @@ where
                             output: output.as_deref(),
                             ttl: *ttl,
                         };
-                        // boxed: kept out of the handler's future, which stays small
                         Box::pin(complete_with_retry(
                             store,
                             completion,
@@ -780,16 +750,103 @@ where
                 Ok(value)
             }
             Ok(Err(e)) => {
-                release(store, key, token).await;
+                release_soon(store, key, token).await;
                 guard.disarm();
                 record(Outcome::Failed, scope);
                 Err(e)
             }
             Err(panic) => {
-                release(store, key, token).await;
+                release_soon(store, key, token).await;
                 guard.disarm();
                 record(Outcome::Panicked, scope);
                 std::panic::resume_unwind(panic)
+            }
+        }
+    }
+}
+
+fn claim_request<'a>(settings: &Settings, call: &'a Call<'_>) -> ClaimRequest<'a> {
+    ClaimRequest {
+        key: &call.key,
+        lease: settings.lease,
+        ttl: settings.ttl,
+        fingerprint: call.fingerprint.as_ref().map(|f| &f[..]),
+        max_attempts: settings.max_attempts,
+    }
+}
+
+/// A duplicate of a completed key: the cached output.
+fn replay<T: DeserializeOwned, E: From<Error>>(
+    output: Option<Vec<u8>>,
+    scope: Scope<'_>,
+) -> Result<T, E> {
+    let r = decode_output(output);
+    let outcome = match r {
+        Ok(_) => Outcome::Replayed,
+        Err(_) => Outcome::NotReplayable,
+    };
+    record(outcome, scope);
+    r.map_err(E::from)
+}
+
+/// How a claim that was not acquired at once ended.
+enum Claimed<T> {
+    Acquired {
+        token: Token,
+        attempt: u32,
+    },
+    /// What the handler returns without running.
+    Done(Result<T, Error>),
+    Unavailable(StoreError),
+}
+
+/// The claim, from the store's first answer (`None`: the store must be awaited) on:
+/// awaiting the store, and waiting on another execution (`on_in_progress = "wait"`).
+async fn claim_slowly<T: DeserializeOwned>(
+    settings: &Settings,
+    call: &Call<'_>,
+    mut first: Option<Result<ClaimOutcome, StoreError>>,
+) -> Claimed<T> {
+    let scope = call.scope;
+    let req = claim_request(settings, call);
+    let mut waited = Duration::ZERO;
+    let mut backoff = Duration::from_millis(5);
+    loop {
+        let outcome = match first.take() {
+            Some(r) => r,
+            None => match call.store.get().claim_now(&req) {
+                Some(r) => r,
+                None => call.store.get().claim(&req).await,
+            },
+        };
+        let outcome = match outcome {
+            Ok(o) => o,
+            Err(e) => return Claimed::Unavailable(e),
+        };
+        match outcome {
+            ClaimOutcome::Acquired { token, attempt } => {
+                return Claimed::Acquired { token, attempt };
+            }
+            ClaimOutcome::Completed { output } => return Claimed::Done(replay(output, scope)),
+            ClaimOutcome::InProgress { retry_after } => {
+                if settings.on_in_progress == OnInProgress::Reject || waited >= settings.lease {
+                    record(Outcome::InProgress, scope);
+                    return Claimed::Done(Err(Error::InProgress { retry_after }));
+                }
+                let pause = backoff
+                    .min(retry_after + Duration::from_millis(1))
+                    .min(settings.lease - waited);
+                tokio::time::sleep(pause).await;
+                waited += pause;
+                backoff = (backoff * 2).min(Duration::from_millis(500));
+            }
+            ClaimOutcome::Exhausted { attempts } => {
+                record(Outcome::Exhausted, scope);
+                return Claimed::Done(Err(Error::AttemptsExhausted { attempts }));
+            }
+            ClaimOutcome::FingerprintMismatch => {
+                record(Outcome::FingerprintMismatch, scope);
+                return Claimed::Done(Err(Error::FingerprintMismatch));
             }
         }
     }
@@ -818,43 +875,72 @@ where
     }
 }
 
-/// Runs the body under `claim`: visible to [`current_claim`], with the lease renewed
-/// every third of it, and panics caught.
-#[inline]
-#[allow(clippy::manual_async_fn)] // see `execute_in_span`
-pub(crate) fn run_body<'a, T, E, Fut>(
+/// The lease renewal of a running body, every third of the lease. It starts when the
+/// body first yields: a handler that finishes at once never arms a timer, and its
+/// future does not carry one.
+struct Renewal<'a> {
     store: &'a dyn Store,
     key: &'a RecordKey,
+    token: Token,
+    lease: Duration,
+    state: RenewalState<'a>,
+}
+
+enum RenewalState<'a> {
+    NotStarted,
+    Running(Pin<Box<dyn Future<Output = ()> + Send + 'a>>),
+    /// The lease was lost: nothing more to renew.
+    Stopped,
+}
+
+impl<'a> Renewal<'a> {
+    fn new(store: &'a dyn Store, key: &'a RecordKey, token: Token, lease: Duration) -> Self {
+        Renewal {
+            store,
+            key,
+            token,
+            lease,
+            state: RenewalState::NotStarted,
+        }
+    }
+
+    /// Drives the renewal while the body is pending.
+    fn poll(&mut self, cx: &mut Context<'_>) {
+        if let RenewalState::NotStarted = self.state {
+            self.state = RenewalState::Running(Box::pin(renew_loop(
+                self.store, self.key, self.token, self.lease,
+            )));
+        }
+        if let RenewalState::Running(f) = &mut self.state
+            && f.as_mut().poll(cx).is_ready()
+        {
+            self.state = RenewalState::Stopped;
+        }
+    }
+}
+
+/// Runs the body under `claim`: visible to [`current_claim`], with the lease renewed
+/// every third of it, and panics caught.
+pub(crate) async fn run_body<T, E, Fut>(
+    store: &dyn Store,
+    key: &RecordKey,
     claim: Claim,
     lease: Duration,
     body: Fut,
-) -> impl Future<Output = std::thread::Result<Result<T, E>>> + 'a
+) -> std::thread::Result<Result<T, E>>
 where
-    Fut: Future<Output = Result<T, E>> + 'a,
+    Fut: Future<Output = Result<T, E>>,
 {
-    // an `async move` block, not an `async fn`: see `execute_in_span`
-    async move {
-        let token = claim.token;
-        let mut body = pin!(CURRENT_CLAIM.scope(claim, AssertUnwindSafe(body).catch_unwind()));
-        // started when the body first yields: a handler that finishes at once never
-        // arms a timer, and its future does not carry one
-        let mut renew = None;
-        let mut renewing = true;
-        poll_fn(|cx| {
-            if let Poll::Ready(r) = body.as_mut().poll(cx) {
-                return Poll::Ready(r);
-            }
-            if renewing {
-                let renew =
-                    renew.get_or_insert_with(|| Box::pin(renew_loop(store, key, token, lease)));
-                if renew.as_mut().poll(cx).is_ready() {
-                    renewing = false;
-                }
-            }
+    let mut renewal = Renewal::new(store, key, claim.token, lease);
+    let mut body = pin!(CURRENT_CLAIM.scope(claim, AssertUnwindSafe(body).catch_unwind()));
+    poll_fn(|cx| match body.as_mut().poll(cx) {
+        Poll::Ready(r) => Poll::Ready(r),
+        Poll::Pending => {
+            renewal.poll(cx);
             Poll::Pending
-        })
-        .await
-    }
+        }
+    })
+    .await
 }
 
 pub(crate) fn output_cap(settings: &Settings) -> usize {
@@ -912,14 +998,27 @@ async fn complete_with_retry(
 }
 
 /// Releases a claim after a failed attempt; a refusal or a failure is logged (the key
-/// frees when its lease expires).
-pub(crate) async fn release(store: &dyn Store, key: &RecordKey, token: Token) {
+/// frees when its lease expires). Done when this returns if the store answers at once,
+/// else when the returned future (boxed: it is rare) completes.
+fn release_soon<'a>(
+    store: &'a dyn Store,
+    key: &'a RecordKey,
+    token: Token,
+) -> Either<Ready<()>, Pin<Box<dyn Future<Output = ()> + Send + 'a>>> {
     let r = Release { key, token };
-    let r = match store.release_now(&r) {
-        Some(f) => f,
-        // boxed: kept out of the handler's future, which stays small
-        None => Box::pin(store.release(&r)).await,
-    };
+    match store.release_now(&r) {
+        Some(r) => {
+            released(key, r);
+            Either::Left(ready(()))
+        }
+        None => Either::Right(Box::pin(async move {
+            let r = Release { key, token };
+            released(key, store.release(&r).await);
+        })),
+    }
+}
+
+fn released(key: &RecordKey, r: Result<Fence, StoreError>) {
     match r {
         Ok(Fence::Held) => {}
         Ok(Fence::Lost) => tracing::warn!(
