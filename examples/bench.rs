@@ -167,7 +167,91 @@ fn run_prefix() -> String {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap_or_default()
         .as_nanos();
-    format!("b{nanos:x}-{}", RUN.fetch_add(1, Ordering::Relaxed))
+    format!(
+        "{RAW_PREFIX}{nanos:x}-{}",
+        RUN.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// The framework's dedup table in the SQL databases; dropped when the run ends.
+const BENCH_TABLE: &str = "idempotent_bench";
+/// The prefix of the framework's Redis keys (the store's key prefix).
+const REDIS_PREFIX: &str = "idempotent-bench:";
+/// The prefix of every message id, hence of the baseline's Redis keys.
+const RAW_PREFIX: &str = "idempotent-bench-raw:";
+
+/// Removes what a run wrote: the Redis keys under both prefixes, the SQL tables (and
+/// MySQL's claim procedure). A run never touches the default table or key prefix, so
+/// it can be pointed at a database that holds real records.
+async fn clean_up(raw: &Raw) {
+    let started = Instant::now();
+    match raw {
+        Raw::Redis(c) => {
+            let mut c = c.clone();
+            let mut removed = 0u64;
+            for pattern in [format!("{REDIS_PREFIX}*"), format!("{RAW_PREFIX}*")] {
+                let mut cursor = 0u64;
+                loop {
+                    let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
+                        .arg(cursor)
+                        .arg("MATCH")
+                        .arg(&pattern)
+                        .arg("COUNT")
+                        .arg(10_000)
+                        .query_async(&mut c)
+                        .await
+                        .expect("SCAN the benchmark's keys");
+                    if !keys.is_empty() {
+                        removed += keys.len() as u64;
+                        let _: () = redis::cmd("UNLINK")
+                            .arg(&keys)
+                            .query_async(&mut c)
+                            .await
+                            .expect("UNLINK the benchmark's keys");
+                    }
+                    if next == 0 {
+                        break;
+                    }
+                    cursor = next;
+                }
+            }
+            println!(
+                "  redis: removed {removed} benchmark keys in {:.1} s",
+                started.elapsed().as_secs_f64()
+            );
+            return;
+        }
+        Raw::MySql(p) => {
+            for stmt in [
+                format!("DROP PROCEDURE IF EXISTS {BENCH_TABLE}_claim_v1"),
+                format!("DROP TABLE IF EXISTS {BENCH_TABLE}"),
+                "DROP TABLE IF EXISTS bench_raw".to_owned(),
+            ] {
+                sqlx::query(sqlx::AssertSqlSafe(stmt))
+                    .execute(p)
+                    .await
+                    .expect("drop the benchmark's MySQL objects");
+            }
+        }
+        Raw::Postgres(p) => {
+            for stmt in [
+                format!("DROP TABLE IF EXISTS {BENCH_TABLE}"),
+                "DROP TABLE IF EXISTS bench_raw".to_owned(),
+            ] {
+                sqlx::query(sqlx::AssertSqlSafe(stmt))
+                    .execute(p)
+                    .await
+                    .expect("drop the benchmark's PostgreSQL tables");
+            }
+        }
+        // a file in the run's temporary directory, removed with it
+        Raw::Sqlite(_) => return,
+    }
+    println!(
+        "  {}: dropped the benchmark's tables in {:.1} s",
+        raw.name(),
+        started.elapsed().as_secs_f64()
+    );
 }
 
 /// Runs `raw` and `framework` over `n` messages each, in 5 interleaved rounds, with
@@ -414,6 +498,15 @@ enum Raw {
 }
 
 impl Raw {
+    fn name(&self) -> &'static str {
+        match self {
+            Raw::Redis(_) => "redis",
+            Raw::MySql(_) => "mysql",
+            Raw::Postgres(_) => "postgres",
+            Raw::Sqlite(_) => "sqlite",
+        }
+    }
+
     fn label(&self) -> &'static str {
         match self {
             Raw::Redis(_) => "SET NX PX + SET XX PX",
@@ -544,12 +637,13 @@ async fn connect(name: &str, sqlite_path: &str) -> (Arc<dyn Store>, Raw) {
                 .unwrap_or_else(|e| panic!("Redis at {url} (IDEMPOTENT_REDIS_URL): {e}"));
             let store = RedisStore::connect(url.as_str())
                 .await
-                .expect("redis store");
+                .expect("redis store")
+                .with_prefix(REDIS_PREFIX);
             (Arc::new(store), Raw::Redis(conn))
         }
         "mysql" => {
             let url = env_url("IDEMPOTENT_MYSQL_URL", "mysql://root@127.0.0.1:3306/test");
-            let store = MySqlStore::connect(&url)
+            let store = MySqlStore::connect_with_table(&url, BENCH_TABLE)
                 .await
                 .unwrap_or_else(|e| panic!("MySQL at {url} (IDEMPOTENT_MYSQL_URL): {e}"));
             let raw = Raw::MySql(store.pool().clone());
@@ -560,7 +654,7 @@ async fn connect(name: &str, sqlite_path: &str) -> (Arc<dyn Store>, Raw) {
                 "IDEMPOTENT_POSTGRES_URL",
                 "postgres://postgres@127.0.0.1:5432/test",
             );
-            let store = PostgresStore::connect(&url)
+            let store = PostgresStore::connect_with_table(&url, BENCH_TABLE)
                 .await
                 .unwrap_or_else(|e| panic!("PostgreSQL at {url} (IDEMPOTENT_POSTGRES_URL): {e}"));
             let raw = Raw::Postgres(store.pool().clone());
@@ -568,7 +662,9 @@ async fn connect(name: &str, sqlite_path: &str) -> (Arc<dyn Store>, Raw) {
         }
         "sqlite" => {
             let url = format!("sqlite://{sqlite_path}?mode=rwc");
-            let store = SqliteStore::connect(&url).await.expect("sqlite store");
+            let store = SqliteStore::connect_with_table(&url, BENCH_TABLE)
+                .await
+                .expect("sqlite store");
             let raw = Raw::Sqlite(store.pool().clone());
             (Arc::new(store), raw)
         }
@@ -697,11 +793,13 @@ async fn redis_memory_usage(report: &mut Report) {
     let url = env_url("IDEMPOTENT_REDIS_URL", "redis://127.0.0.1:6379");
     let store = RedisStore::connect(url.as_str())
         .await
-        .expect("redis store");
+        .expect("redis store")
+        .with_prefix(REDIS_PREFIX);
     let mut conn = ConnectionManager::new(redis::Client::open(url.as_str()).unwrap())
         .await
         .unwrap();
-    let key = RecordKey::new("bench", format!("{}-order-00000001", run_prefix()).as_str()).unwrap();
+    // a typical order id, as a user's record would hold it
+    let key = RecordKey::new("bench", "order-00000001").unwrap();
     fill(&store, std::slice::from_ref(&key), b"12").await;
     let rk = store.redis_key(&key);
     let bytes: Option<u64> = redis::cmd("MEMORY")
@@ -710,7 +808,7 @@ async fn redis_memory_usage(report: &mut Report) {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let raw_key = format!("{}-raw", run_prefix());
+    let raw_key = format!("{RAW_PREFIX}order-00000001");
     let _: () = conn.set_ex(&raw_key, "12", 604_800).await.unwrap();
     let raw_bytes: Option<u64> = redis::cmd("MEMORY")
         .arg("USAGE")
@@ -724,6 +822,7 @@ async fn redis_memory_usage(report: &mut Report) {
         rk.len(),
         raw_bytes.unwrap_or(0)
     ));
+    clean_up(&Raw::Redis(conn)).await;
 }
 
 /// Puts `count` completed records in the store and as many rows in the raw table.
@@ -790,9 +889,16 @@ async fn run_flavour(
                 if opts.scale > 0 && runtime == "multi" {
                     prefill(store_name, &*store, &raw, opts.scale).await;
                     let label = format!(", {}k existing records", opts.scale / 1000);
-                    let scaled =
-                        store_cases(report, runtime, store_name, store.clone(), raw, n, &label)
-                            .await;
+                    let scaled = store_cases(
+                        report,
+                        runtime,
+                        store_name,
+                        store.clone(),
+                        raw.clone(),
+                        n,
+                        &label,
+                    )
+                    .await;
                     report.push(Row {
                         store: static_name(store_name),
                         case: format!("framework sequential{label} vs empty"),
@@ -803,6 +909,7 @@ async fn run_flavour(
                         target: Some(0.8),
                     });
                 }
+                clean_up(&raw).await;
             }
         }
     }
