@@ -159,6 +159,13 @@ macro_rules! tx_cases {
                 .expect("count ledger rows")
         }
 
+        /// Neither a ledger row nor a record is left of the payment.
+        async fn assert_no_mark(env: &Env, id: &str) {
+            assert_eq!(ledger(&env.pool, id).await, (0, None), "ledger rows");
+            let rec = env.store.inspect(&key(id)).await.expect("inspect");
+            assert!(rec.is_none(), "a record is left: {rec:?}");
+        }
+
         fn payment(prefix: &str) -> Payment {
             Payment::new(unique_name(prefix))
         }
@@ -244,14 +251,7 @@ macro_rules! tx_cases {
             let r = pay(&p.declined(), &mut tx).await;
             assert!(matches!(r, Err(AppError::Declined)), "{r:?}");
             tx.rollback().await.expect("rollback");
-            assert_eq!(ledger(&env.pool, &p.id).await, (0, None));
-            assert!(
-                env.store
-                    .inspect(&key(&p.id))
-                    .await
-                    .expect("inspect")
-                    .is_none()
-            );
+            assert_no_mark(&env, &p.id).await;
 
             let receipt = deliver(&env.pool, &p).await;
             assert_eq!(ledger(&env.pool, &p.id).await, (1, Some(receipt.seq)));
@@ -306,14 +306,7 @@ macro_rules! tx_cases {
             let mut tx = env.pool.begin().await.expect("begin");
             let lost = pay(&p, &mut tx).await.expect("first run");
             tx.rollback().await.expect("rollback");
-            assert_eq!(ledger(&env.pool, &p.id).await, (0, None));
-            assert!(
-                env.store
-                    .inspect(&key(&p.id))
-                    .await
-                    .expect("inspect")
-                    .is_none()
-            );
+            assert_no_mark(&env, &p.id).await;
 
             let receipt = deliver(&env.pool, &p).await;
             assert_ne!(receipt.seq, lost.seq, "the redelivery ran the body again");
@@ -331,14 +324,7 @@ macro_rules! tx_cases {
             let mut tx = env.pool.begin().await.expect("begin");
             pay(&p, &mut tx).await.expect("the body ran");
             drop(tx);
-            assert_eq!(ledger(&env.pool, &p.id).await, (0, None));
-            assert!(
-                env.store
-                    .inspect(&key(&p.id))
-                    .await
-                    .expect("inspect")
-                    .is_none()
-            );
+            assert_no_mark(&env, &p.id).await;
 
             let receipt = deliver(&env.pool, &p).await;
             assert_eq!(ledger(&env.pool, &p.id).await, (1, Some(receipt.seq)));
@@ -444,6 +430,35 @@ macro_rules! tx_cases {
     };
 }
 
+/// The consumer's connection is killed between the business write (and the
+/// completion) and the commit: the commit fails and leaves no mark, and the
+/// redelivery applies the payment once. `$id` reads the connection's id, and `$kill`
+/// kills the connection of that id from another connection of the pool.
+macro_rules! killed_connection_case {
+    ($id:expr, $kill:expr) => {
+        #[tokio::test]
+        async fn killed_connection_before_commit_leaves_no_mark() {
+            let env = env().await;
+            let p = payment("killed");
+            let mut tx = env.pool.begin().await.expect("begin");
+            let id = sqlx::query_scalar($id)
+                .fetch_one(&mut *tx)
+                .await
+                .expect("connection id");
+            pay(&p, &mut tx).await.expect("the body ran");
+            let kill = $kill;
+            kill(&env.pool, id).await;
+            assert!(
+                tx.commit().await.is_err(),
+                "the commit reached a dead connection"
+            );
+            assert_no_mark(&env, &p.id).await;
+            let receipt = deliver(&env.pool, &p).await;
+            assert_eq!(ledger(&env.pool, &p.id).await, (1, Some(receipt.seq)));
+        }
+    };
+}
+
 mod postgres {
     use super::*;
     use idempotent_runtime::PostgresStore;
@@ -498,37 +513,17 @@ mod postgres {
 
     tx_cases!();
 
-    #[tokio::test]
-    async fn killed_connection_before_commit_leaves_no_mark() {
-        let env = env().await;
-        let p = payment("killed");
-        let mut tx = env.pool.begin().await.expect("begin");
-        let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut *tx)
-            .await
-            .expect("pid");
-        pay(&p, &mut tx).await.expect("the body ran");
-        let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-            .bind(pid)
-            .fetch_one(&env.pool)
-            .await
-            .expect("terminate");
-        assert!(killed);
-        assert!(
-            tx.commit().await.is_err(),
-            "the commit reached a dead connection"
-        );
-        assert_eq!(ledger(&env.pool, &p.id).await, (0, None));
-        assert!(
-            env.store
-                .inspect(&key(&p.id))
+    killed_connection_case!(
+        "SELECT pg_backend_pid()",
+        async |pool: &sqlx::PgPool, pid: i32| {
+            let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+                .bind(pid)
+                .fetch_one(pool)
                 .await
-                .expect("inspect")
-                .is_none()
-        );
-        let receipt = deliver(&env.pool, &p).await;
-        assert_eq!(ledger(&env.pool, &p.id).await, (1, Some(receipt.seq)));
-    }
+                .expect("terminate");
+            assert!(killed);
+        }
+    );
 
     /// Under REPEATABLE READ (and SERIALIZABLE) a duplicate whose snapshot predates the
     /// first delivery's commit cannot see that row: its claim fails with a retryable
@@ -617,35 +612,15 @@ mod mysql {
 
     tx_cases!();
 
-    #[tokio::test]
-    async fn killed_connection_before_commit_leaves_no_mark() {
-        let env = env().await;
-        let p = payment("killed");
-        let mut tx = env.pool.begin().await.expect("begin");
-        let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
-            .fetch_one(&mut *tx)
-            .await
-            .expect("connection id");
-        pay(&p, &mut tx).await.expect("the body ran");
-        sqlx::query(AssertSqlSafe(format!("KILL {id}")))
-            .execute(&env.pool)
-            .await
-            .expect("kill");
-        assert!(
-            tx.commit().await.is_err(),
-            "the commit reached a dead connection"
-        );
-        assert_eq!(ledger(&env.pool, &p.id).await, (0, None));
-        assert!(
-            env.store
-                .inspect(&key(&p.id))
+    killed_connection_case!(
+        "SELECT CONNECTION_ID()",
+        async |pool: &sqlx::MySqlPool, id: u64| {
+            sqlx::query(AssertSqlSafe(format!("KILL {id}")))
+                .execute(pool)
                 .await
-                .expect("inspect")
-                .is_none()
-        );
-        let receipt = deliver(&env.pool, &p).await;
-        assert_eq!(ledger(&env.pool, &p.id).await, (1, Some(receipt.seq)));
-    }
+                .expect("kill");
+        }
+    );
 
     /// InnoDB: the claim's locking statements read the latest committed row whatever
     /// the transaction's snapshot, so under REPEATABLE READ (the default) and
