@@ -1,6 +1,6 @@
 //! The store conformance suite: one set of checks, run against every store.
 //!
-//! Every public `async fn` here takes a fresh handle to the store under test and
+//! Every case here takes a fresh handle to the store under test and
 //! checks one rule of the [`Store`] contract or one guarantee of the protocol
 //! (G1–G6, G8). Each case works in its own random scope, so cases can run in parallel
 //! against one shared server.
@@ -8,6 +8,9 @@
 //! Use [`conformance_suite!`](crate::conformance_suite) to get one `#[tokio::test]` per
 //! case, or [`run_all`] to run every case in one test (for fixtures that are
 //! expensive to start, such as a Redis Cluster).
+//!
+//! The store-specific tests share its claim requests ([`claim_request`],
+//! [`acquire_token`]), [`free_port`] and the two-store race ([`race_two_stores`]).
 
 use futures_util::future::join_all;
 use idempotent_runtime::testing::FaultyStore;
@@ -26,7 +29,8 @@ pub const LEASE: Duration = Duration::from_millis(300);
 /// Lease of the cases that do not wait for expiry: long enough that a loaded machine
 /// never lets it lapse mid-case.
 const LONG_LEASE: Duration = Duration::from_secs(30);
-const TTL: Duration = Duration::from_secs(60);
+/// The ttl of the records the cases (and the store-specific tests) claim.
+pub const TTL: Duration = Duration::from_secs(60);
 
 /// A scope no other case or run uses.
 pub fn unique_scope(case: &str) -> String {
@@ -39,14 +43,19 @@ fn key(scope: &str, k: &str) -> RecordKey {
     RecordKey::new(scope, k).expect("valid key")
 }
 
-fn req(key: &RecordKey) -> ClaimRequest<'_> {
+/// A claim of `key` with `lease`, a ttl of [`TTL`], no fingerprint and no attempt limit.
+pub fn claim_request(key: &RecordKey, lease: Duration) -> ClaimRequest<'_> {
     ClaimRequest {
         key,
-        lease: LONG_LEASE,
+        lease,
         ttl: TTL,
         fingerprint: None,
         max_attempts: None,
     }
+}
+
+fn req(key: &RecordKey) -> ClaimRequest<'_> {
+    claim_request(key, LONG_LEASE)
 }
 
 async fn acquire(store: &dyn Store, r: &ClaimRequest<'_>) -> (Token, u32) {
@@ -54,6 +63,19 @@ async fn acquire(store: &dyn Store, r: &ClaimRequest<'_>) -> (Token, u32) {
         ClaimOutcome::Acquired { token, attempt } => (token, attempt),
         other => panic!("expected Acquired, got {other:?}"),
     }
+}
+
+/// Claims `r`, which must be acquired; its token.
+pub async fn acquire_token(store: &dyn Store, r: &ClaimRequest<'_>) -> Token {
+    acquire(store, r).await.0
+}
+
+/// A loopback port nothing listens on (at the time of the call).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
 }
 
 async fn complete(store: &dyn Store, key: &RecordKey, token: Token, output: &[u8]) -> Fence {
@@ -953,6 +975,64 @@ pub async fn batch_protocol_runs_each_key_once(store: Arc<dyn Store>) {
         .unwrap()
         .unwrap();
     assert_eq!((rec.state, rec.attempts), (RecordState::Completed, 2));
+}
+
+// ---------------------------------------------------------------- two stores
+
+/// Two stores (separate connections, as two consumer processes have) run `tasks`
+/// concurrent deliveries of each of `keys` keys, half through each store, waiting on
+/// each other's claims (handlers with `lease`, in a scope named after `case`). Asserts
+/// that every key's body ran exactly once and that every delivery got that key's output.
+pub async fn race_two_stores(
+    case: &str,
+    lease: Duration,
+    a: Arc<dyn Store>,
+    b: Arc<dyn Store>,
+    keys: usize,
+    tasks: usize,
+) {
+    let scope = unique_scope(case);
+    let make = |s: &Arc<dyn Store>| {
+        Idempotency::new(scope.clone())
+            .shared_store(s.clone())
+            .lease(lease)
+            .ttl(Duration::from_secs(120))
+            .on_in_progress(OnInProgress::Wait)
+    };
+    let handlers = [make(&a), make(&b)];
+    let runs: Arc<Vec<AtomicU32>> = Arc::new((0..keys).map(|_| AtomicU32::new(0)).collect());
+    let mut jobs = Vec::new();
+    for t in 0..tasks {
+        for k in 0..keys {
+            let h = handlers[(t + k) % 2].clone();
+            let runs = runs.clone();
+            jobs.push(tokio::spawn(async move {
+                let id = format!("order-{k}");
+                let r: Result<u64, Error> = h
+                    .run(id.as_str(), async {
+                        runs[k].fetch_add(1, Ordering::SeqCst);
+                        tokio::time::sleep(Duration::from_millis(20)).await;
+                        Ok(k as u64 * 7 + 1)
+                    })
+                    .await;
+                (k, r)
+            }));
+        }
+    }
+    for j in join_all(jobs).await {
+        let (k, r) = j.expect("task");
+        match r {
+            Ok(v) => assert_eq!(v, k as u64 * 7 + 1, "key {k} got another key's output"),
+            Err(e) => panic!("delivery of key {k} failed: {e} ({e:?})"),
+        }
+    }
+    for (k, n) in runs.iter().enumerate() {
+        assert_eq!(
+            n.load(Ordering::SeqCst),
+            1,
+            "the body of key {k} ran {n:?} times"
+        );
+    }
 }
 
 /// Runs every case against stores made by `make`, one after another.

@@ -5,15 +5,14 @@
 //! Compiled with the `redis` feature only.
 #![cfg(feature = "redis")]
 
-use futures_util::future::join_all;
+pub use crate::conformance::free_port;
 use idempotent_runtime::redis::{self, aio::ConnectionManager};
-use idempotent_runtime::{Error, Idempotency, OnInProgress, RedisStore, Store};
+use idempotent_runtime::{RedisStore, Store};
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 
 /// The environment variable naming the shared Redis server.
@@ -48,14 +47,6 @@ pub async fn raw(url: &str) -> ConnectionManager {
 pub async fn server_time_us(conn: &mut ConnectionManager) -> u64 {
     let (s, us): (u64, u64) = redis::cmd("TIME").query_async(conn).await.expect("TIME");
     s * 1_000_000 + us
-}
-
-/// A loopback port nothing listens on (at the time of the call).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 fn unique_dir(tag: &str) -> PathBuf {
@@ -259,50 +250,9 @@ impl RedisCluster {
     }
 }
 
-/// Two stores (separate connections, as two consumer processes have) run `tasks`
-/// concurrent deliveries of each of `keys` keys, half through each store. Asserts that
-/// every key's body ran exactly once and that every delivery got the winner's output.
+/// [`conformance::race_two_stores`](crate::conformance::race_two_stores) with the
+/// Redis tests' lease of 5 s.
 pub async fn race_two_stores(a: Arc<dyn Store>, b: Arc<dyn Store>, keys: usize, tasks: usize) {
-    let scope = crate::conformance::unique_scope("redis-race");
-    let make = |s: &Arc<dyn Store>| {
-        Idempotency::new(scope.clone())
-            .shared_store(s.clone())
-            .lease(Duration::from_secs(5))
-            .ttl(Duration::from_secs(120))
-            .on_in_progress(OnInProgress::Wait)
-    };
-    let handlers = [make(&a), make(&b)];
-    let runs: Arc<Vec<AtomicU32>> = Arc::new((0..keys).map(|_| AtomicU32::new(0)).collect());
-    let mut jobs = Vec::new();
-    for t in 0..tasks {
-        for k in 0..keys {
-            let h = handlers[(t + k) % 2].clone();
-            let runs = runs.clone();
-            jobs.push(tokio::spawn(async move {
-                let id = format!("order-{k}");
-                let r: Result<u64, Error> = h
-                    .run(id.as_str(), async {
-                        runs[k].fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        Ok(k as u64 * 7 + 1)
-                    })
-                    .await;
-                (k, r)
-            }));
-        }
-    }
-    for j in join_all(jobs).await {
-        let (k, r) = j.expect("task");
-        match r {
-            Ok(v) => assert_eq!(v, k as u64 * 7 + 1, "key {k} got another key's output"),
-            Err(e) => panic!("delivery of key {k} failed: {e} ({e:?})"),
-        }
-    }
-    for (k, n) in runs.iter().enumerate() {
-        assert_eq!(
-            n.load(Ordering::SeqCst),
-            1,
-            "the body of key {k} ran {n:?} times"
-        );
-    }
+    crate::conformance::race_two_stores("redis-race", Duration::from_secs(5), a, b, keys, tasks)
+        .await;
 }

@@ -1,14 +1,16 @@
 //! Helpers for the SQL store tests: server URLs from the environment, unique names,
-//! and the store-agnostic scenarios every SQL store runs: two stores racing on the same
-//! keys, shared poisoning, and keys full of SQL metacharacters.
+//! and the store-agnostic scenarios the SQL stores run: round trips, a server that goes
+//! away, killed connections, purging, two stores racing on the same keys, shared
+//! poisoning, and keys full of SQL metacharacters.
 //!
 //! Compiled with any of the `mysql`, `postgres` and `sqlite` features.
 #![cfg(any(feature = "mysql", feature = "postgres", feature = "sqlite"))]
 
+pub use crate::conformance::{TTL, acquire_token as acquire, claim_request as req, free_port};
 use crate::proxy::Proxy;
 use futures_util::future::join_all;
 use idempotent_runtime::{ClaimOutcome, ClaimRequest, Completion, Error, Fence, Idempotency};
-use idempotent_runtime::{OnInProgress, RecordKey, Release, Store, StoreErrorKind, Token};
+use idempotent_runtime::{RecordKey, Release, Store, StoreErrorKind};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -25,36 +27,6 @@ pub fn unique_name(prefix: &str) -> String {
     getrandom::fill(&mut b).expect("random bytes");
     let n = b.iter().fold(0u64, |acc, &x| acc << 8 | u64::from(x));
     format!("{prefix}_{n:012x}")
-}
-
-/// The ttl of the records the SQL store tests claim.
-pub const TTL: Duration = Duration::from_secs(60);
-
-/// A claim of `key` with `lease`, a ttl of [`TTL`], no fingerprint and no attempt limit.
-pub fn req(key: &RecordKey, lease: Duration) -> ClaimRequest<'_> {
-    ClaimRequest {
-        key,
-        lease,
-        ttl: TTL,
-        fingerprint: None,
-        max_attempts: None,
-    }
-}
-
-/// Claims `r`, which must be acquired; its token.
-pub async fn acquire(store: &dyn Store, r: &ClaimRequest<'_>) -> Token {
-    match store.claim(r).await.expect("claim") {
-        ClaimOutcome::Acquired { token, .. } => token,
-        other => panic!("expected Acquired, got {other:?}"),
-    }
-}
-
-/// A loopback port nothing listens on (at the time of the call).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
 }
 
 /// Prepares every protocol statement on `store`'s single connection behind `proxy`,
@@ -168,6 +140,66 @@ pub async fn fails_closed_while_the_server_is_away(
     assert_eq!(r.unwrap(), 5);
 }
 
+/// A connection killed while a claim waits on a row lock: the delivery through `store`
+/// (a pool of that one connection) fails closed with a retryable `Error::Store` (the
+/// body does not run), and the same store recovers on a new connection. The hooks, on
+/// another connection: `lock` locks the rows of a scope in a transaction, `blocked`
+/// tells whether the store's connection waits on that lock, `kill` kills it, and
+/// `unlock` rolls the transaction back.
+pub async fn killed_connection_fails_closed_and_recovers<T>(
+    store: Arc<dyn Store>,
+    prefix: &str,
+    lock: impl AsyncFnOnce(&str) -> T,
+    mut blocked: impl AsyncFnMut() -> bool,
+    kill: impl AsyncFnOnce(),
+    unlock: impl AsyncFnOnce(T),
+) {
+    let scope = crate::conformance::unique_scope(prefix);
+    let h = Idempotency::new(scope.clone())
+        .shared_store(store.clone())
+        .lease(Duration::from_secs(10));
+    // a released record, then a transaction that locks its row
+    let k = RecordKey::new(&scope, "m-1").unwrap();
+    let t = acquire(&*store, &req(&k, TTL)).await;
+    store.release(&Release { key: &k, token: t }).await.unwrap();
+    let locked = lock(&scope).await;
+    let runs = Arc::new(AtomicU32::new(0));
+    let delivery = {
+        let h = h.clone();
+        let runs = runs.clone();
+        tokio::spawn(async move {
+            h.run("m-1", async move {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok::<u32, Error>(1)
+            })
+            .await
+        })
+    };
+    // wait until the claim blocks on the row lock, then kill its connection
+    let mut waited = 0;
+    while !blocked().await {
+        waited += 1;
+        assert!(waited < 200, "the claim never blocked on the row lock");
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    kill().await;
+    match delivery.await.unwrap() {
+        Err(Error::Store(e)) => assert!(e.is_retryable(), "{e:?}"),
+        other => panic!("expected a fail-closed store error, got {other:?}"),
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        0,
+        "the body ran without a claim"
+    );
+    unlock(locked).await;
+    // the same store, a new connection
+    let r: Result<u32, Error> = h.run("m-1", async { Ok(2) }).await;
+    assert_eq!(r.unwrap(), 2);
+    let r: Result<u32, Error> = h.run("m-1", async { Ok(3) }).await;
+    assert_eq!(r.unwrap(), 2, "the duplicate replays");
+}
+
 /// `expired` expired rows are already in `store`'s table: `purge_expired` deletes
 /// exactly those (in batches) and leaves live records alone; then the sweeper that
 /// `spawn_sweeper` starts purges a record whose ttl ran out. `count_short` counts the
@@ -217,52 +249,36 @@ pub async fn purge_and_sweep<S, C, F>(
     assert_eq!(left, 0, "the sweeper did not purge the expired record");
 }
 
-/// Many tasks deliver the same `keys` through two stores (separate pools, so
-/// separate connections) at once, waiting on each other's claims: every key's body
-/// runs exactly once and every delivery gets that key's output.
+/// [`purge_and_sweep`] on a table of its own: `table` (its name quoted, created by
+/// `store`) gets 2500 expired rows, whose message ids `ids_from` gives as the end of a
+/// `SELECT` (`seq FROM seq_1_to_2500`), and is dropped at the end. `exec` runs a
+/// statement and `count` a `COUNT(*)` on another connection.
+pub async fn purge_and_sweep_table<S>(
+    store: &dyn Store,
+    spawn_sweeper: S,
+    table: &str,
+    ids_from: &str,
+    exec: impl AsyncFn(&str),
+    count: impl AsyncFn(&str) -> i64,
+) where
+    S: FnOnce(Duration) -> tokio::task::JoinHandle<()>,
+{
+    exec(&format!(
+        "INSERT INTO {table} \
+         (scope, status, retry_times, owner_token, lease_until_us, expires_at_us, message_id) \
+         SELECT 's', 1, 1, 1, NULL, 1, {ids_from}"
+    ))
+    .await;
+    let count_short = format!("SELECT COUNT(*) FROM {table} WHERE scope = 'short'");
+    purge_and_sweep(store, 2500, spawn_sweeper, || count(&count_short)).await;
+    exec(&format!("DROP TABLE {table}")).await;
+}
+
+/// [`conformance::race_two_stores`](crate::conformance::race_two_stores) with the SQL
+/// tests' lease of 10 s.
 pub async fn race_two_stores(a: Arc<dyn Store>, b: Arc<dyn Store>, keys: usize, tasks: usize) {
-    let scope = crate::conformance::unique_scope("sql-race");
-    let make = |s: &Arc<dyn Store>| {
-        Idempotency::new(scope.clone())
-            .shared_store(s.clone())
-            .lease(Duration::from_secs(10))
-            .ttl(Duration::from_secs(120))
-            .on_in_progress(OnInProgress::Wait)
-    };
-    let handlers = [make(&a), make(&b)];
-    let runs: Arc<Vec<AtomicU32>> = Arc::new((0..keys).map(|_| AtomicU32::new(0)).collect());
-    let mut jobs = Vec::new();
-    for t in 0..tasks {
-        for k in 0..keys {
-            let h = handlers[(t + k) % 2].clone();
-            let runs = runs.clone();
-            jobs.push(tokio::spawn(async move {
-                let id = format!("order-{k}");
-                let r: Result<u64, Error> = h
-                    .run(id.as_str(), async {
-                        runs[k].fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        Ok(k as u64 * 7 + 1)
-                    })
-                    .await;
-                (k, r)
-            }));
-        }
-    }
-    for j in join_all(jobs).await {
-        let (k, r) = j.expect("task");
-        match r {
-            Ok(v) => assert_eq!(v, k as u64 * 7 + 1, "key {k} got another key's output"),
-            Err(e) => panic!("delivery of key {k} failed: {e} ({e:?})"),
-        }
-    }
-    for (k, n) in runs.iter().enumerate() {
-        assert_eq!(
-            n.load(Ordering::SeqCst),
-            1,
-            "the body of key {k} ran {n:?} times"
-        );
-    }
+    crate::conformance::race_two_stores("sql-race", Duration::from_secs(10), a, b, keys, tasks)
+        .await;
 }
 
 /// A failing message delivered alternately through two stores: the attempt count is
@@ -361,8 +377,8 @@ pub async fn sql_keys_are_data(store: Arc<dyn Store>) {
         .map(|k| RecordKey::new(&scope, k.as_slice()).expect("key"))
         .collect();
     for (i, k) in rks.iter().enumerate() {
-        let req = claim_req(k);
-        let token = match store.claim(&req).await.expect("claim") {
+        let r = req(k, Duration::from_secs(30));
+        let token = match store.claim(&r).await.expect("claim") {
             ClaimOutcome::Acquired { token, attempt: 1 } => token,
             other => panic!(
                 "key #{i} {:?}: expected a fresh claim, got {other:?}",
@@ -375,14 +391,18 @@ pub async fn sql_keys_are_data(store: Arc<dyn Store>) {
                 key: k,
                 token,
                 output: Some(out.as_bytes()),
-                ttl: Duration::from_secs(60),
+                ttl: TTL,
             })
             .await
             .expect("complete");
         assert_eq!(fence, Fence::Held);
     }
     for (i, k) in rks.iter().enumerate() {
-        match store.claim(&claim_req(k)).await.expect("claim") {
+        match store
+            .claim(&req(k, Duration::from_secs(30)))
+            .await
+            .expect("claim")
+        {
             ClaimOutcome::Completed { output } => {
                 assert_eq!(output.as_deref(), Some(format!("out-{i}").as_bytes()))
             }
@@ -399,15 +419,5 @@ pub async fn sql_keys_are_data(store: Arc<dyn Store>) {
             store.inspect(k).await.expect("inspect").is_some(),
             "key #{i} was removed with key #6"
         );
-    }
-}
-
-fn claim_req(key: &RecordKey) -> ClaimRequest<'_> {
-    ClaimRequest {
-        key,
-        lease: Duration::from_secs(30),
-        ttl: Duration::from_secs(60),
-        fingerprint: None,
-        max_attempts: None,
     }
 }

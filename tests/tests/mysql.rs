@@ -4,25 +4,23 @@
 //! connections, a server that goes away, table names, purging and bad data.
 #![cfg(feature = "mysql")]
 
-use futures_util::FutureExt;
 use idempotent_runtime::sqlx::mysql::{
     MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlSslMode,
 };
 use idempotent_runtime::sqlx::{self, AssertSqlSafe, Executor};
 use idempotent_runtime::{
-    ClaimOutcome, Completion, Error, Fence, Idempotency, MySqlStore, RecordKey, RecordState,
-    Release, Store, StoreErrorKind, Token,
+    ClaimOutcome, Completion, Fence, MySqlStore, RecordKey, RecordState, Release, Store,
+    StoreErrorKind, Token,
 };
 use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::proxy::{Proxy, Wire};
 use idempotent_tests::sql_support::{
-    TTL, acquire, env_url, fails_closed_while_the_server_is_away, free_port, poison_is_shared,
-    purge_and_sweep, race_two_stores, req, single_steps_are_one_round_trip, sql_keys_are_data,
-    unique_name,
+    self, TTL, acquire, env_url, fails_closed_while_the_server_is_away, free_port,
+    poison_is_shared, purge_and_sweep_table, race_two_stores, req, single_steps_are_one_round_trip,
+    sql_keys_are_data, unique_name,
 };
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 const URL_VAR: &str = "IDEMPOTENT_MYSQL_URL";
@@ -350,70 +348,41 @@ async fn killed_connection_fails_closed_and_recovers() {
     connect().await;
     let admin = admin().await;
     let pool = one_connection(options()).await;
-    let store = MySqlStore::from_pool(pool.clone());
     let id: u64 = sqlx::query_scalar("SELECT CONNECTION_ID()")
         .fetch_one(&pool)
         .await
         .unwrap();
-    let scope = unique_scope("my-kill");
-    let h = Idempotency::new(scope.clone())
-        .shared_store(Arc::new(store.clone()))
-        .lease(Duration::from_secs(10));
-    let k = RecordKey::new(&scope, "m-1").unwrap();
-    let t = acquire(&store, &req(&k, TTL)).await;
-    store.release(&Release { key: &k, token: t }).await.unwrap();
-    let mut tx = admin.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM message_idempotent WHERE scope = ? FOR UPDATE")
-        .bind(&scope)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let runs = Arc::new(AtomicU32::new(0));
-    let delivery = {
-        let h = h.clone();
-        let runs = runs.clone();
-        tokio::spawn(async move {
-            h.run("m-1", async move {
-                runs.fetch_add(1, Ordering::SeqCst);
-                Ok::<u32, Error>(1)
-            })
+    sql_support::killed_connection_fails_closed_and_recovers(
+        Arc::new(MySqlStore::from_pool(pool)),
+        "my-kill",
+        async |scope| {
+            let mut tx = admin.begin().await.unwrap();
+            sqlx::query("SELECT 1 FROM message_idempotent WHERE scope = ? FOR UPDATE")
+                .bind(scope)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx
+        },
+        async || {
+            sqlx::query_scalar::<_, String>(
+                "SELECT STATE FROM information_schema.PROCESSLIST WHERE ID = ? AND INFO LIKE 'UPDATE%'",
+            )
+            .bind(id)
+            .fetch_optional(&admin)
             .await
-        })
-    };
-    let mut waited = 0;
-    loop {
-        let state: Option<String> = sqlx::query_scalar(
-            "SELECT STATE FROM information_schema.PROCESSLIST WHERE ID = ? AND INFO LIKE 'UPDATE%'",
-        )
-        .bind(id)
-        .fetch_optional(&admin)
-        .await
-        .unwrap();
-        if state.is_some() {
-            break;
-        }
-        waited += 1;
-        assert!(waited < 200, "the claim never blocked on the row lock");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    sqlx::query(AssertSqlSafe(format!("KILL {id}")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    match delivery.await.unwrap() {
-        Err(Error::Store(e)) => assert!(e.is_retryable(), "{e:?}"),
-        other => panic!("expected a fail-closed store error, got {other:?}"),
-    }
-    assert_eq!(
-        runs.load(Ordering::SeqCst),
-        0,
-        "the body ran without a claim"
-    );
-    tx.rollback().await.unwrap();
-    let r: Result<u32, Error> = h.run("m-1", async { Ok(2) }).await;
-    assert_eq!(r.unwrap(), 2);
-    let r: Result<u32, Error> = h.run("m-1", async { Ok(3) }).await;
-    assert_eq!(r.unwrap(), 2, "the duplicate replays");
+            .unwrap()
+            .is_some()
+        },
+        async || {
+            sqlx::query(AssertSqlSafe(format!("KILL {id}")))
+                .execute(&admin)
+                .await
+                .unwrap();
+        },
+        async |tx| tx.rollback().await.unwrap(),
+    )
+    .await;
 }
 
 /// The server's port goes away: deliveries fail closed with an `Unavailable` store
@@ -466,30 +435,25 @@ async fn purge_deletes_expired_rows_in_batches_and_the_sweeper_runs_it() {
     let admin = admin().await;
     let store = connect().await.with_table(&unique_name("purge")).unwrap();
     store.migrate().await.unwrap();
-    let t = store.table();
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO `{t}` (scope, message_id, status, retry_times, owner_token, lease_until_us, expires_at_us) \
-         SELECT 's', seq, 1, 1, 1, NULL, 1 FROM seq_1_to_2500"
-    )))
-    .execute(&admin)
-    .await
-    .expect("MariaDB's sequence engine");
-    let count = format!("SELECT COUNT(*) FROM `{t}` WHERE scope = 'short'");
-    purge_and_sweep(
+    purge_and_sweep_table(
         &store,
-        2500,
         |every| store.spawn_sweeper(every).unwrap(),
-        || {
-            sqlx::query_scalar::<_, i64>(AssertSqlSafe(count.clone()))
+        &format!("`{}`", store.table()),
+        "seq FROM seq_1_to_2500", // MariaDB's sequence engine
+        async |sql| {
+            sqlx::query(AssertSqlSafe(sql))
+                .execute(&admin)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        },
+        async |sql| {
+            sqlx::query_scalar(AssertSqlSafe(sql))
                 .fetch_one(&admin)
-                .map(Result::unwrap)
+                .await
+                .unwrap()
         },
     )
     .await;
-    sqlx::query(AssertSqlSafe(format!("DROP TABLE `{t}`")))
-        .execute(&admin)
-        .await
-        .unwrap();
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -4,23 +4,21 @@
 //! connections, a server that goes away, table names, purging and bad data.
 #![cfg(feature = "postgres")]
 
-use futures_util::FutureExt;
 use idempotent_runtime::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use idempotent_runtime::sqlx::{self, AssertSqlSafe};
 use idempotent_runtime::{
-    ClaimOutcome, Completion, Error, Fence, Idempotency, PostgresStore, RecordKey, RecordState,
-    Release, Store, StoreErrorKind, Token,
+    ClaimOutcome, Completion, Fence, PostgresStore, RecordKey, RecordState, Release, Store,
+    StoreErrorKind, Token,
 };
 use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::proxy::{Proxy, Wire};
 use idempotent_tests::sql_support::{
-    TTL, acquire, env_url, fails_closed_while_the_server_is_away, free_port, poison_is_shared,
-    purge_and_sweep, race_two_stores, req, single_steps_are_one_round_trip, sql_keys_are_data,
-    unique_name,
+    self, TTL, acquire, env_url, fails_closed_while_the_server_is_away, free_port,
+    poison_is_shared, purge_and_sweep_table, race_two_stores, req, single_steps_are_one_round_trip,
+    sql_keys_are_data, unique_name,
 };
 use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 const URL_VAR: &str = "IDEMPOTENT_POSTGRES_URL";
@@ -205,75 +203,42 @@ async fn killed_connection_fails_closed_and_recovers() {
     connect().await;
     let admin = admin().await;
     let pool = one_connection(options()).await;
-    let store = PostgresStore::from_pool(pool.clone());
     let pid: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
         .fetch_one(&pool)
         .await
         .unwrap();
-    let scope = unique_scope("pg-kill");
-    let h = Idempotency::new(scope.clone())
-        .shared_store(Arc::new(store.clone()))
-        .lease(Duration::from_secs(10));
-    // a released record, then a transaction that locks its row
-    let k = RecordKey::new(&scope, "m-1").unwrap();
-    let t = acquire(&store, &req(&k, TTL)).await;
-    store.release(&Release { key: &k, token: t }).await.unwrap();
-    let mut tx = admin.begin().await.unwrap();
-    sqlx::query("SELECT 1 FROM message_idempotent WHERE scope = $1 FOR UPDATE")
-        .bind(&scope)
-        .execute(&mut *tx)
-        .await
-        .unwrap();
-    let runs = Arc::new(AtomicU32::new(0));
-    let delivery = {
-        let h = h.clone();
-        let runs = runs.clone();
-        tokio::spawn(async move {
-            h.run("m-1", async move {
-                runs.fetch_add(1, Ordering::SeqCst);
-                Ok::<u32, Error>(1)
-            })
+    sql_support::killed_connection_fails_closed_and_recovers(
+        Arc::new(PostgresStore::from_pool(pool)),
+        "pg-kill",
+        async |scope| {
+            let mut tx = admin.begin().await.unwrap();
+            sqlx::query("SELECT 1 FROM message_idempotent WHERE scope = $1 FOR UPDATE")
+                .bind(scope)
+                .execute(&mut *tx)
+                .await
+                .unwrap();
+            tx
+        },
+        async || {
+            sqlx::query_scalar(
+                "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity WHERE pid = $1",
+            )
+            .bind(pid)
+            .fetch_one(&admin)
             .await
-        })
-    };
-    // wait until the claim blocks on the row lock, then kill its connection
-    let mut waited = 0;
-    loop {
-        let waiting: bool = sqlx::query_scalar(
-            "SELECT coalesce(bool_or(wait_event_type = 'Lock'), false) FROM pg_stat_activity WHERE pid = $1",
-        )
-        .bind(pid)
-        .fetch_one(&admin)
-        .await
-        .unwrap();
-        if waiting {
-            break;
-        }
-        waited += 1;
-        assert!(waited < 200, "the claim never blocked on the row lock");
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
-    let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
-        .bind(pid)
-        .fetch_one(&admin)
-        .await
-        .unwrap();
-    assert!(killed);
-    match delivery.await.unwrap() {
-        Err(Error::Store(e)) => assert!(e.is_retryable(), "{e:?}"),
-        other => panic!("expected a fail-closed store error, got {other:?}"),
-    }
-    assert_eq!(
-        runs.load(Ordering::SeqCst),
-        0,
-        "the body ran without a claim"
-    );
-    tx.rollback().await.unwrap();
-    // the same store, a new connection
-    let r: Result<u32, Error> = h.run("m-1", async { Ok(2) }).await;
-    assert_eq!(r.unwrap(), 2);
-    let r: Result<u32, Error> = h.run("m-1", async { Ok(3) }).await;
-    assert_eq!(r.unwrap(), 2, "the duplicate replays");
+            .unwrap()
+        },
+        async || {
+            let killed: bool = sqlx::query_scalar("SELECT pg_terminate_backend($1)")
+                .bind(pid)
+                .fetch_one(&admin)
+                .await
+                .unwrap();
+            assert!(killed);
+        },
+        async |tx| tx.rollback().await.unwrap(),
+    )
+    .await;
 }
 
 /// The server's port goes away: deliveries fail closed with an `Unavailable` store
@@ -345,31 +310,25 @@ async fn purge_deletes_expired_rows_in_batches_and_the_sweeper_runs_it() {
     let admin = admin().await;
     let store = connect().await.with_table(&unique_name("purge")).unwrap();
     store.migrate().await.unwrap();
-    let t = store.table();
-    // 2500 expired rows and 10 live ones
-    sqlx::query(AssertSqlSafe(format!(
-        "INSERT INTO \"{t}\" (scope, message_id, status, retry_times, owner_token, lease_until_us, expires_at_us) \
-         SELECT 's', int4send(g), 1, 1, 1, NULL, 1 FROM generate_series(1, 2500) g"
-    )))
-    .execute(&admin)
-    .await
-    .unwrap();
-    let count = format!("SELECT count(*) FROM \"{t}\" WHERE scope = 'short'");
-    purge_and_sweep(
+    purge_and_sweep_table(
         &store,
-        2500,
         |every| store.spawn_sweeper(every).unwrap(),
-        || {
-            sqlx::query_scalar::<_, i64>(AssertSqlSafe(count.clone()))
+        &format!("\"{}\"", store.table()),
+        "int4send(g) FROM generate_series(1, 2500) g",
+        async |sql| {
+            sqlx::raw_sql(AssertSqlSafe(sql))
+                .execute(&admin)
+                .await
+                .unwrap_or_else(|e| panic!("{sql}: {e}"));
+        },
+        async |sql| {
+            sqlx::query_scalar(AssertSqlSafe(sql))
                 .fetch_one(&admin)
-                .map(Result::unwrap)
+                .await
+                .unwrap()
         },
     )
     .await;
-    sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE \"{t}\"")))
-        .execute(&admin)
-        .await
-        .unwrap();
 }
 
 /// A row this store did not write (bad status, negative token) is a `Corrupt` error.

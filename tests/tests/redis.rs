@@ -9,7 +9,9 @@ use idempotent_runtime::{
     ClaimOutcome, ClaimRequest, Completion, Fence, RecordKey, RecordState, RedisStore, Release,
     Store, StoreErrorKind, Token,
 };
-use idempotent_tests::conformance::unique_scope;
+use idempotent_tests::conformance::{
+    TTL, acquire_token as acquire, claim_request as req, unique_scope,
+};
 use idempotent_tests::redis_support::{
     RedisServer, connect, free_port, race_two_stores, raw, redis_url, server_time_us,
 };
@@ -19,25 +21,6 @@ use std::time::Duration;
 idempotent_tests::conformance_suite!(async {
     Arc::new(idempotent_tests::redis_support::connect().await) as Arc<dyn Store>
 });
-
-const TTL: Duration = Duration::from_secs(60);
-
-fn req(key: &RecordKey, lease: Duration) -> ClaimRequest<'_> {
-    ClaimRequest {
-        key,
-        lease,
-        ttl: TTL,
-        fingerprint: None,
-        max_attempts: None,
-    }
-}
-
-async fn acquire(store: &dyn Store, r: &ClaimRequest<'_>) -> Token {
-    match store.claim(r).await.expect("claim") {
-        ClaimOutcome::Acquired { token, .. } => token,
-        other => panic!("expected Acquired, got {other:?}"),
-    }
-}
 
 /// `fcall` calls and whether any `set` ran since the last `CONFIG RESETSTAT`.
 async fn function_calls(conn: &mut redis::aio::ConnectionManager) -> (u64, bool) {
