@@ -313,7 +313,7 @@ impl Idempotency {
         // keys claimed elsewhere, with on_in_progress = wait: the single-key protocol waits
         for i in 0..messages.len() {
             if matches!(slots[i], Slot::Wait) {
-                let key = keys[i].clone().expect("key");
+                let key = protocol::CallKey::Finished(keys[i].clone().expect("key"));
                 let call = protocol::Call {
                     scope: (&scope).into(),
                     store: store.at(),

@@ -182,9 +182,23 @@ impl KeyBuilder {
 
     /// Finishes the key into its stored encoding under `scope`.
     pub fn finish(self, scope: &str) -> Result<RecordKey, Error> {
+        let mut key = RecordKey::EMPTY;
+        self.finish_into(scope, &mut key)?;
+        Ok(key)
+    }
+
+    /// [`Error::MissingKey`] if [`finish`](Self::finish) would fail.
+    pub(crate) fn check(&self) -> Result<(), Error> {
         if self.missing || self.parts == 0 {
             return Err(Error::MissingKey);
         }
+        Ok(())
+    }
+
+    /// As [`finish`](Self::finish), into `key` where it lies (moving a finished key
+    /// costs more than writing it in place).
+    pub(crate) fn finish_into(&self, scope: &str, key: &mut RecordKey) -> Result<(), Error> {
+        self.check()?;
         let body = self.bytes();
         let prefix: &[u8] = match (self.parts, body.first()) {
             (1, Some(0)) => &[0, 0],
@@ -196,9 +210,11 @@ impl KeyBuilder {
             h.update(prefix);
             h.update(body);
             let digest = h.finalize();
-            return Ok(RecordKey::from_parts(scope, &[&[0, 2], &digest]));
+            key.set(scope, &[&[0, 2], &digest]);
+        } else {
+            key.set(scope, &[prefix, body]);
         }
-        Ok(RecordKey::from_parts(scope, &[prefix, body]))
+        Ok(())
     }
 }
 
@@ -209,22 +225,16 @@ impl KeyBuilder {
 /// from a store).
 #[derive(Clone)]
 pub struct RecordKey {
-    // [scope_len: u8][scope bytes][key bytes]
-    buf: KeyBuf,
+    // [scope_len: u8][scope bytes][key bytes]: in `heap` if it is set, else in
+    // `inline[..len]`. A plain struct, not an enum, so moving one is a straight copy.
+    inline: [u8; INLINE_RECORD_KEY],
+    len: usize,
+    heap: Option<Box<[u8]>>,
 }
 
 /// Bytes of a [`RecordKey`] kept inline: a typical scope (a module path) and key fit,
 /// so building one does not allocate.
-const INLINE_RECORD_KEY: usize = 118;
-
-#[derive(Clone)]
-enum KeyBuf {
-    Inline {
-        len: u8,
-        bytes: [u8; INLINE_RECORD_KEY],
-    },
-    Heap(Box<[u8]>),
-}
+const INLINE_RECORD_KEY: usize = 104;
 
 impl RecordKey {
     /// Encodes `key` under `scope`. Fails with [`Error::MissingKey`] when the key is
@@ -240,13 +250,28 @@ impl RecordKey {
         Self::from_parts(scope, &[encoded])
     }
 
-    /// Scope length, scope, key parts: inline when they fit, else one allocation of
-    /// exactly the right size.
+    /// No bytes: only a place to [`set`](Self::set) a key into.
+    pub(crate) const EMPTY: RecordKey = RecordKey {
+        heap: None,
+        len: 0,
+        inline: [0; INLINE_RECORD_KEY],
+    };
+
     fn from_parts(scope: &str, parts: &[&[u8]]) -> Self {
+        let mut key = Self::EMPTY;
+        key.set(scope, parts);
+        key
+    }
+
+    /// Sets scope length, scope and key parts: inline when they fit, else in one
+    /// allocation of exactly the right size.
+    fn set(&mut self, scope: &str, parts: &[&[u8]]) {
         let scope = bounded_scope(scope);
         let len = 1 + scope.len() + parts.iter().map(|p| p.len()).sum::<usize>();
         if len <= INLINE_RECORD_KEY {
-            let mut bytes = [0u8; INLINE_RECORD_KEY];
+            self.heap = None;
+            self.len = len;
+            let bytes = &mut self.inline;
             bytes[0] = scope.len() as u8;
             let mut at = 1 + scope.len();
             bytes[1..at].copy_from_slice(scope.as_bytes());
@@ -254,12 +279,7 @@ impl RecordKey {
                 bytes[at..at + p.len()].copy_from_slice(p);
                 at += p.len();
             }
-            return RecordKey {
-                buf: KeyBuf::Inline {
-                    len: len as u8,
-                    bytes,
-                },
-            };
+            return;
         }
         let mut buf = Vec::with_capacity(len);
         buf.push(scope.len() as u8);
@@ -267,15 +287,14 @@ impl RecordKey {
         for p in parts {
             buf.extend_from_slice(p);
         }
-        RecordKey {
-            buf: KeyBuf::Heap(buf.into_boxed_slice()),
-        }
+        self.heap = Some(buf.into_boxed_slice());
+        self.len = len;
     }
 
     fn buf(&self) -> &[u8] {
-        match &self.buf {
-            KeyBuf::Inline { len, bytes } => &bytes[..usize::from(*len)],
-            KeyBuf::Heap(b) => b,
+        match &self.heap {
+            None => &self.inline[..self.len],
+            Some(b) => b,
         }
     }
 

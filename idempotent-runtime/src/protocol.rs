@@ -596,7 +596,7 @@ where
         return Either::Left(body);
     }
     let call = (|| {
-        let key = key.finish(scope.as_str())?;
+        key.check()?;
         let fingerprint = fingerprint.transpose()?;
         let store = match store {
             StoreSource::Handle(h) => h.at(),
@@ -606,7 +606,7 @@ where
         Ok::<_, Error>(Call {
             scope,
             store,
-            key,
+            key: CallKey::Builder(key),
             fingerprint,
         })
     })();
@@ -621,8 +621,15 @@ where
 pub(crate) struct Call<'a> {
     pub(crate) scope: Scope<'a>,
     pub(crate) store: StoreAt<'a>,
-    pub(crate) key: RecordKey,
+    pub(crate) key: CallKey,
     pub(crate) fingerprint: Option<[u8; 32]>,
+}
+
+/// The key of a [`Call`]: finished by the protocol's future, in place.
+pub(crate) enum CallKey {
+    /// Checked: it finishes.
+    Builder(KeyBuilder),
+    Finished(RecordKey),
 }
 
 /// Runs `body` under the protocol, in the message's span.
@@ -671,18 +678,43 @@ where
     Fut: Future<Output = Result<T, E>>,
 {
     async move {
-        let (scope, store, key) = (call.scope, call.store, &call.key);
-        let (token, attempt) = match store.get().claim_now(&claim_request(settings, &call)) {
-            Some(Ok(ClaimOutcome::Acquired { token, attempt })) => (token, attempt),
-            Some(Ok(ClaimOutcome::Completed { output })) => return replay(output, scope),
-            first => match Box::pin(claim_slowly(settings, &call, first)).await {
-                Claimed::Acquired { token, attempt } => (token, attempt),
-                Claimed::Done(r) => return r.map_err(E::from),
-                Claimed::Unavailable(e) => {
-                    return Box::pin(store_unavailable(settings, scope, e, body)).await;
+        let (scope, store) = (call.scope, call.store);
+        // written in place: moving a finished key costs more
+        let mut key = RecordKey::EMPTY;
+        match call.key {
+            CallKey::Builder(b) => {
+                if let Err(e) = b.finish_into(scope.as_str(), &mut key) {
+                    return Err(e.into());
                 }
-            },
-        };
+            }
+            CallKey::Finished(k) => key = k,
+        }
+        let key = &key;
+        let fingerprint = call.fingerprint.as_ref();
+        let (token, attempt) =
+            match store
+                .get()
+                .claim_now(&claim_request(settings, key, fingerprint))
+            {
+                Some(Ok(ClaimOutcome::Acquired { token, attempt })) => (token, attempt),
+                Some(Ok(ClaimOutcome::Completed { output })) => return replay(output, scope),
+                first => match Box::pin(claim_slowly(
+                    settings,
+                    store,
+                    scope,
+                    key,
+                    fingerprint,
+                    first,
+                ))
+                .await
+                {
+                    Claimed::Acquired { token, attempt } => (token, attempt),
+                    Claimed::Done(r) => return r.map_err(E::from),
+                    Claimed::Unavailable(e) => {
+                        return Box::pin(store_unavailable(settings, scope, e, body)).await;
+                    }
+                },
+            };
 
         // claimed: run the body, then complete or release
         record_span("attempt", attempt);
@@ -765,12 +797,16 @@ where
     }
 }
 
-fn claim_request<'a>(settings: &Settings, call: &'a Call<'_>) -> ClaimRequest<'a> {
+fn claim_request<'a>(
+    settings: &Settings,
+    key: &'a RecordKey,
+    fingerprint: Option<&'a [u8; 32]>,
+) -> ClaimRequest<'a> {
     ClaimRequest {
-        key: &call.key,
+        key,
         lease: settings.lease,
         ttl: settings.ttl,
-        fingerprint: call.fingerprint.as_ref().map(|f| &f[..]),
+        fingerprint: fingerprint.map(|f| &f[..]),
         max_attempts: settings.max_attempts,
     }
 }
@@ -804,19 +840,21 @@ enum Claimed<T> {
 /// awaiting the store, and waiting on another execution (`on_in_progress = "wait"`).
 async fn claim_slowly<T: DeserializeOwned>(
     settings: &Settings,
-    call: &Call<'_>,
+    store: StoreAt<'_>,
+    scope: Scope<'_>,
+    key: &RecordKey,
+    fingerprint: Option<&[u8; 32]>,
     mut first: Option<Result<ClaimOutcome, StoreError>>,
 ) -> Claimed<T> {
-    let scope = call.scope;
-    let req = claim_request(settings, call);
+    let req = claim_request(settings, key, fingerprint);
     let mut waited = Duration::ZERO;
     let mut backoff = Duration::from_millis(5);
     loop {
         let outcome = match first.take() {
             Some(r) => r,
-            None => match call.store.get().claim_now(&req) {
+            None => match store.get().claim_now(&req) {
                 Some(r) => r,
-                None => call.store.get().claim(&req).await,
+                None => store.get().claim(&req).await,
             },
         };
         let outcome = match outcome {
