@@ -72,6 +72,15 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
         (**self).release(r).await
     }
+    fn claim_now(&self, req: &ClaimRequest<'_>) -> Option<Result<ClaimOutcome, StoreError>> {
+        (**self).claim_now(req)
+    }
+    fn complete_now(&self, c: &Completion<'_>) -> Option<Result<Fence, StoreError>> {
+        (**self).complete_now(c)
+    }
+    fn release_now(&self, r: &Release<'_>) -> Option<Result<Fence, StoreError>> {
+        (**self).release_now(r)
+    }
     async fn renew(
         &self,
         key: &RecordKey,
