@@ -459,6 +459,29 @@ macro_rules! killed_connection_case {
     };
 }
 
+/// An [`EnvOf`] on `$pool` (and its `$files`) with two stores of type `$store`, their
+/// tables created.
+macro_rules! env_of {
+    ($store:ty, $pool:expr, $files:expr) => {{
+        let pool = $pool;
+        let store = <$store>::from_pool(pool.clone());
+        store.migrate().await.expect("create the dedup table");
+        let custom = <$store>::from_pool(pool.clone())
+            .with_table("tx_custom_dedup")
+            .expect("table name");
+        custom
+            .migrate()
+            .await
+            .expect("create the custom dedup table");
+        EnvOf {
+            pool,
+            store: Arc::new(store),
+            custom: Arc::new(custom),
+            files: $files,
+        }
+    }};
+}
+
 mod postgres {
     use super::*;
     use idempotent_runtime::PostgresStore;
@@ -479,15 +502,6 @@ mod postgres {
             .unwrap_or_else(|e| {
                 panic!("the tx tests need PostgreSQL at {url} (set {URL_VAR} to use another): {e}")
             });
-        let store = PostgresStore::from_pool(pool.clone());
-        store.migrate().await.expect("create the dedup table");
-        let custom = PostgresStore::from_pool(pool.clone())
-            .with_table("tx_custom_dedup")
-            .expect("table name");
-        custom
-            .migrate()
-            .await
-            .expect("create the custom dedup table");
         // serialized like the stores' migrations: concurrent CREATE TABLE IF NOT EXISTS
         // can collide in PostgreSQL's catalog
         let mut tx = pool.begin().await.expect("begin");
@@ -503,12 +517,7 @@ mod postgres {
         .await
         .expect("create the ledger");
         tx.commit().await.expect("commit");
-        Env {
-            pool,
-            store: Arc::new(store),
-            custom: Arc::new(custom),
-            files: Vec::new(),
-        }
+        env_of!(PostgresStore, pool, Vec::new())
     }
 
     tx_cases!();
@@ -585,15 +594,6 @@ mod mysql {
             .unwrap_or_else(|e| {
                 panic!("the tx tests need MySQL at {url} (set {URL_VAR} to use another): {e}")
             });
-        let store = MySqlStore::from_pool(pool.clone());
-        store.migrate().await.expect("create the dedup table");
-        let custom = MySqlStore::from_pool(pool.clone())
-            .with_table("tx_custom_dedup")
-            .expect("table name");
-        custom
-            .migrate()
-            .await
-            .expect("create the custom dedup table");
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS tx_ledger (\
              payment_id VARCHAR(100) NOT NULL, seq BIGINT NOT NULL, amount BIGINT NOT NULL) \
@@ -602,12 +602,7 @@ mod mysql {
         .execute(&pool)
         .await
         .expect("create the ledger");
-        Env {
-            pool,
-            store: Arc::new(store),
-            custom: Arc::new(custom),
-            files: Vec::new(),
-        }
+        env_of!(MySqlStore, pool, Vec::new())
     }
 
     tx_cases!();
@@ -687,15 +682,6 @@ mod sqlite {
             .connect_with(options)
             .await
             .expect("open the SQLite file");
-        let store = SqliteStore::from_pool(pool.clone());
-        store.migrate().await.expect("create the dedup table");
-        let custom = SqliteStore::from_pool(pool.clone())
-            .with_table("tx_custom_dedup")
-            .expect("table name");
-        custom
-            .migrate()
-            .await
-            .expect("create the custom dedup table");
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS tx_ledger (\
              payment_id TEXT NOT NULL, seq INTEGER NOT NULL, amount INTEGER NOT NULL)",
@@ -703,12 +689,7 @@ mod sqlite {
         .execute(&pool)
         .await
         .expect("create the ledger");
-        Env {
-            pool,
-            store: Arc::new(store),
-            custom: Arc::new(custom),
-            files: vec![file],
-        }
+        env_of!(SqliteStore, pool, vec![file])
     }
 
     tx_cases!();
