@@ -65,6 +65,14 @@ async fn admin() -> MySqlPool {
         .unwrap_or_else(|e| panic!("cannot connect to MySQL (set {URL_VAR}): {e}"))
 }
 
+/// Runs `sql` on `admin`; panics, naming the statement, when it fails.
+async fn exec(admin: &MySqlPool, sql: &str) {
+    sqlx::query(AssertSqlSafe(sql))
+        .execute(admin)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
 idempotent_tests::conformance_suite!(async { Arc::new(connect().await) as Arc<dyn Store> });
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -261,10 +269,7 @@ async fn claims_work_without_the_procedure() {
     let store = MySqlStore::connect_with_table(&url(), &table)
         .await
         .unwrap();
-    sqlx::query(AssertSqlSafe(format!("DROP PROCEDURE `{table}_claim_v1`")))
-        .execute(&admin)
-        .await
-        .unwrap();
+    exec(&admin, &format!("DROP PROCEDURE `{table}_claim_v1`")).await;
     let store = MySqlStore::from_pool(store.pool().clone())
         .with_table(&table)
         .unwrap();
@@ -287,14 +292,8 @@ async fn claims_work_without_the_procedure() {
     store.migrate().await.unwrap();
     let k2 = RecordKey::new(&scope, "m-2").unwrap();
     acquire(&store, &req(&k2, TTL)).await;
-    sqlx::query(AssertSqlSafe(format!("DROP TABLE `{table}`")))
-        .execute(&admin)
-        .await
-        .unwrap();
-    sqlx::query(AssertSqlSafe(format!("DROP PROCEDURE `{table}_claim_v1`")))
-        .execute(&admin)
-        .await
-        .unwrap();
+    exec(&admin, &format!("DROP TABLE `{table}`")).await;
+    exec(&admin, &format!("DROP PROCEDURE `{table}_claim_v1`")).await;
 }
 
 /// Lease and expiry decisions use the database clock: a store whose sessions run two
@@ -375,10 +374,7 @@ async fn killed_connection_fails_closed_and_recovers() {
             .is_some()
         },
         async || {
-            sqlx::query(AssertSqlSafe(format!("KILL {id}")))
-                .execute(&admin)
-                .await
-                .unwrap();
+            exec(&admin, &format!("KILL {id}")).await;
         },
         async |tx| tx.rollback().await.unwrap(),
     )
@@ -424,10 +420,7 @@ async fn table_names_are_validated_and_custom_tables_work() {
     .await
     .unwrap();
     assert_eq!(n, 1);
-    sqlx::query(AssertSqlSafe(format!("DROP TABLE test.`{name}`")))
-        .execute(&admin)
-        .await
-        .unwrap();
+    exec(&admin, &format!("DROP TABLE test.`{name}`")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,12 +433,7 @@ async fn purge_deletes_expired_rows_in_batches_and_the_sweeper_runs_it() {
         |every| store.spawn_sweeper(every).unwrap(),
         &format!("`{}`", store.table()),
         "seq FROM seq_1_to_2500", // MariaDB's sequence engine
-        async |sql| {
-            sqlx::query(AssertSqlSafe(sql))
-                .execute(&admin)
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        },
+        async |sql| exec(&admin, sql).await,
         async |sql| {
             sqlx::query_scalar(AssertSqlSafe(sql))
                 .fetch_one(&admin)

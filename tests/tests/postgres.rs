@@ -64,6 +64,14 @@ async fn admin() -> PgPool {
         .unwrap_or_else(|e| panic!("cannot connect to PostgreSQL (set {URL_VAR}): {e}"))
 }
 
+/// Runs `sql` on `admin`; panics, naming the statement, when it fails.
+async fn exec(admin: &PgPool, sql: &str) {
+    sqlx::raw_sql(AssertSqlSafe(sql))
+        .execute(admin)
+        .await
+        .unwrap_or_else(|e| panic!("{sql}: {e}"));
+}
+
 idempotent_tests::conformance_suite!(async { Arc::new(connect().await) as Arc<dyn Store> });
 
 async fn db_now_us(pool: &PgPool) -> i64 {
@@ -152,14 +160,12 @@ async fn decisions_use_the_database_clock() {
     let real = connect().await;
     let admin = admin().await;
     let schema = unique_name("skewed_clock");
-    sqlx::raw_sql(AssertSqlSafe(format!(
+    let skewed_clock = format!(
         "CREATE SCHEMA {schema}; \
          CREATE FUNCTION {schema}.clock_timestamp() RETURNS timestamptz LANGUAGE sql \
          AS 'SELECT pg_catalog.clock_timestamp() + interval ''2 hours''';"
-    )))
-    .execute(&admin)
-    .await
-    .expect("create the skewed clock");
+    );
+    exec(&admin, &skewed_clock).await;
     let skewed_pool = PgPoolOptions::new()
         .max_connections(2)
         .connect_with(options().options([("search_path", format!("{schema},public,pg_catalog"))]))
@@ -189,10 +195,7 @@ async fn decisions_use_the_database_clock() {
     assert!(rec.lease_remaining.unwrap() <= lease);
     let rec = real.inspect(&k).await.unwrap().unwrap();
     assert!(rec.lease_remaining.unwrap() > Duration::from_secs(7100));
-    sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-        .execute(&admin)
-        .await
-        .expect("drop the skewed clock");
+    exec(&admin, &format!("DROP SCHEMA {schema} CASCADE")).await;
 }
 
 /// A connection killed while a claim waits on it: the delivery fails closed with
@@ -275,10 +278,7 @@ async fn table_names_are_validated_and_custom_tables_work() {
     // a schema-qualified custom table, created by migrate (twice: idempotent)
     let admin = admin().await;
     let schema = unique_name("idem_schema");
-    sqlx::raw_sql(AssertSqlSafe(format!("CREATE SCHEMA {schema}")))
-        .execute(&admin)
-        .await
-        .unwrap();
+    exec(&admin, &format!("CREATE SCHEMA {schema}")).await;
     let custom = store.with_table(&format!("{schema}.Dedup_Table")).unwrap();
     custom.migrate().await.unwrap();
     custom.migrate().await.unwrap();
@@ -299,10 +299,7 @@ async fn table_names_are_validated_and_custom_tables_work() {
         .unwrap();
     let all = futures_util::future::join_all((0..6).map(|_| fresh.migrate())).await;
     assert!(all.iter().all(Result::is_ok), "{all:?}");
-    sqlx::raw_sql(AssertSqlSafe(format!("DROP SCHEMA {schema} CASCADE")))
-        .execute(&admin)
-        .await
-        .unwrap();
+    exec(&admin, &format!("DROP SCHEMA {schema} CASCADE")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -315,12 +312,7 @@ async fn purge_deletes_expired_rows_in_batches_and_the_sweeper_runs_it() {
         |every| store.spawn_sweeper(every).unwrap(),
         &format!("\"{}\"", store.table()),
         "int4send(g) FROM generate_series(1, 2500) g",
-        async |sql| {
-            sqlx::raw_sql(AssertSqlSafe(sql))
-                .execute(&admin)
-                .await
-                .unwrap_or_else(|e| panic!("{sql}: {e}"));
-        },
+        async |sql| exec(&admin, sql).await,
         async |sql| {
             sqlx::query_scalar(AssertSqlSafe(sql))
                 .fetch_one(&admin)
