@@ -90,3 +90,45 @@ async fn memory_stays_bounded_under_unique_keys() {
     store.purge_expired().await.unwrap();
     assert_eq!(store.len(), 0);
 }
+
+/// The manual API with an owned scope over the scope bound and keys on the heap:
+/// a cancelled run releases its claim, a completed one replays, and the record is the
+/// one `record_key` names.
+#[tokio::test]
+async fn manual_runs_with_long_scopes_and_keys() {
+    use idempotent_runtime::{Error, Idempotency, RecordState};
+    let store = Arc::new(MemoryStore::new());
+    let scope = format!("{}-{}", "s".repeat(250), std::process::id());
+    let h = Idempotency::new(scope)
+        .shared_store(store.clone())
+        .lease(Duration::from_secs(30));
+    for len in [5usize, 80, 104, 127, 128, 129, 1000] {
+        let key = ("tenant", "k".repeat(len));
+        let slow = h.run(&key, async {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            Ok::<u32, Error>(0)
+        });
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), slow)
+                .await
+                .is_err()
+        );
+        let k = h.record_key(&key).unwrap();
+        let mut state = None;
+        for _ in 0..50 {
+            state = store.inspect(&k).await.unwrap().map(|r| r.state);
+            if state == Some(RecordState::Released) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(state, Some(RecordState::Released), "key of {len} bytes");
+        let out = "o".repeat(len);
+        let r: Result<String, Error> = h.run(&key, async { Ok(out.clone()) }).await;
+        assert_eq!(r.unwrap(), out);
+        let r: Result<String, Error> = h.run(&key, async { Ok(String::new()) }).await;
+        assert_eq!(r.unwrap(), out, "replayed");
+        let rec = store.inspect(&k).await.unwrap().unwrap();
+        assert_eq!((rec.state, rec.attempts), (RecordState::Completed, 2));
+    }
+}
