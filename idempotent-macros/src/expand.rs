@@ -28,7 +28,10 @@
 //! The marker fn is declared in the async fn's body, which rustc names
 //! `on_paid::{{closure}}`; the generated code strips that segment, so the default scope
 //! is `my_crate::module::on_paid` (`my_crate::module::Type::on_paid` for a method,
-//! `<my_crate::Type as my_crate::Trait>::on_paid` in a trait impl).
+//! `<my_crate::Type as my_crate::Trait>::on_paid` in a trait impl). A method with a
+//! `self` receiver calls `SCOPE.get_for(…, type_name::<Self>())` instead, which adds the
+//! implementing type where the path lacks it: a trait's default method
+//! (`my_crate::Trait::on_paid for my_crate::Type`).
 
 use crate::attr::StoreArg;
 use crate::validate::{Checked, TxMode};
@@ -92,11 +95,26 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
     // the marker's path, without its own name and without the `{{closure}}` segment of
     // the async fn's body it is declared in: `my_crate::orders::Orders::handle`
     let name = quote_spanned!(site=> __idempotent_name);
-    let scope_name = quote! {{
+    let path = quote! {{
         let #name: &'static str = #private::core::any::type_name_of_val(&#marker);
         let #name = #name.strip_suffix("::__idempotent_scope").unwrap_or(#name);
         #name.strip_suffix("::{{closure}}").unwrap_or(#name)
     }};
+    // a method's path may not name `Self` (a trait's default method, a generic type's
+    // method): its default scope then adds the type name of `Self`
+    let self_ty = sig
+        .receiver()
+        .map(|_| quote!(#private::core::any::type_name::<Self>()));
+    let scope_name = match &self_ty {
+        Some(self_ty) => quote!(#private::method_scope(#path, #self_ty)),
+        None => path.clone(),
+    };
+    let default_scope_get = match &self_ty {
+        Some(self_ty) => {
+            quote!(#default_scope.get_for(#config.scope, || #path, #self_ty))
+        }
+        None => quote!(#default_scope.get(#config.scope, || #path)),
+    };
     let ttl = c.ttl_ms;
     let lease = c.lease_ms;
     let max_attempts = match c.max_attempts {
@@ -161,7 +179,7 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
             #private::execute(
                 &#config,
                 #key,
-                #default_scope.get(#config.scope, || #scope_name),
+                #default_scope_get,
                 #store,
                 #fingerprint,
                 async move {

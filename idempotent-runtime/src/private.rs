@@ -58,6 +58,80 @@ impl DefaultScope {
             None => self.0.get_or_init(|| default_scope(marker())),
         }
     }
+
+    /// As [`get`](Self::get), for a method: the default scope names `Self` (see
+    /// [`method_scope`]).
+    #[inline]
+    pub fn get_for(
+        &'static self,
+        explicit: Option<&'static str>,
+        marker: fn() -> &'static str,
+        self_ty: &'static str,
+    ) -> &'static str {
+        match explicit {
+            Some(s) => s,
+            None => method_scope(self.get(None, marker), self_ty),
+        }
+    }
+}
+
+/// The default scope of a method with a `self` receiver, from its path and the type
+/// name of `Self`. The path names `Self` already for a method of an inherent or trait
+/// impl (`app::Orders::handle`, `<app::Orders as app::Handler>::handle`, and for a
+/// generic type `app::Queue<_>::handle`: every instantiation of a generic impl is one
+/// handler). For a trait's default method (`app::Handler::handle`) it does not, and the
+/// scope becomes `app::Handler::handle for app::Orders`, so that two implementing
+/// types never share records. Those scopes are made once per pair and kept for the
+/// life of the process.
+pub fn method_scope(path: &'static str, self_ty: &'static str) -> &'static str {
+    let erased = erase_type_args(self_ty);
+    let inherent = path
+        .strip_prefix(erased.as_str())
+        .and_then(|rest| rest.strip_prefix("::"))
+        .is_some_and(|name| !name.contains(':'));
+    let trait_impl = path
+        .strip_prefix('<')
+        .and_then(|rest| rest.strip_prefix(erased.as_str()))
+        .is_some_and(|rest| rest.starts_with(" as "));
+    if inherent || trait_impl {
+        return path;
+    }
+    type Interned = std::collections::HashMap<(&'static str, &'static str), &'static str>;
+    static SCOPES: std::sync::Mutex<Option<Interned>> = std::sync::Mutex::new(None);
+    let mut scopes = SCOPES
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    scopes
+        .get_or_insert_with(Interned::new)
+        .entry((path, self_ty))
+        .or_insert_with(|| Box::leak(format!("{path} for {erased}").into_boxed_str()))
+}
+
+/// A type name with its generic arguments shown as in the path of a generic item:
+/// `app::Queue<alloc::string::String, u8>` → `app::Queue<_, _>`.
+fn erase_type_args(ty: &str) -> String {
+    let mut out = String::with_capacity(ty.len());
+    let mut depth = 0usize;
+    for c in ty.chars() {
+        match c {
+            '<' => {
+                if depth == 0 {
+                    out.push_str("<_");
+                }
+                depth += 1;
+            }
+            '>' if depth > 0 => {
+                depth -= 1;
+                if depth == 0 {
+                    out.push('>');
+                }
+            }
+            ',' if depth == 1 => out.push_str(", _"),
+            _ if depth == 0 => out.push(c),
+            _ => {}
+        }
+    }
+    out
 }
 
 impl Default for DefaultScope {
@@ -401,5 +475,55 @@ impl TxClaim {
                 Err(Error::Store(e).into())
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{erase_type_args, method_scope};
+
+    #[test]
+    fn type_arguments_are_erased_as_in_item_paths() {
+        assert_eq!(erase_type_args("app::Orders"), "app::Orders");
+        assert_eq!(erase_type_args("app::Queue<u8>"), "app::Queue<_>");
+        assert_eq!(
+            erase_type_args("app::Queue<alloc::vec::Vec<u8>, core::option::Option<(u8, u16)>>"),
+            "app::Queue<_, _>"
+        );
+        assert_eq!(erase_type_args("&app::Orders"), "&app::Orders");
+    }
+
+    #[test]
+    fn a_method_scope_names_self_once() {
+        // the path names Self: kept as is
+        assert_eq!(
+            method_scope("app::Orders::handle", "app::Orders"),
+            "app::Orders::handle"
+        );
+        assert_eq!(
+            method_scope("app::Queue<_>::handle", "app::Queue<u8>"),
+            "app::Queue<_>::handle"
+        );
+        assert_eq!(
+            method_scope("<app::Queue<_> as app::H>::handle", "app::Queue<u8>"),
+            "<app::Queue<_> as app::H>::handle"
+        );
+        // a trait's default method: Self added, the same string on every call
+        let a = method_scope("app::H::handle", "app::Orders");
+        assert_eq!(a, "app::H::handle for app::Orders");
+        assert!(std::ptr::eq(
+            a,
+            method_scope("app::H::handle", "app::Orders")
+        ));
+        assert_eq!(
+            method_scope("app::H::handle", "app::Queue<u8>"),
+            "app::H::handle for app::Queue<_>"
+        );
+        // a method of another type's path (a nested module named like the type) is not
+        // taken for the type's own
+        assert_eq!(
+            method_scope("app::Orders::inner::handle", "app::Orders"),
+            "app::Orders::inner::handle for app::Orders"
+        );
     }
 }
