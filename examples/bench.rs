@@ -65,13 +65,68 @@ struct Options {
     out: String,
 }
 
+const ALL_STORES: [&str; 5] = ["memory", "redis", "mysql", "postgres", "sqlite"];
+const DEFAULT_MESSAGES: u64 = 20_000;
+const DEFAULT_SCALE: u64 = 1_000_000;
+
+impl Options {
+    /// The command that runs this benchmark with these options.
+    fn command(&self) -> String {
+        let mut cmd =
+            "cargo run --release -p idempotent-examples --example bench --features stores"
+                .to_owned();
+        let mut args = Vec::new();
+        if self.stores != ALL_STORES {
+            args.push(format!("--stores {}", self.stores.join(",")));
+        }
+        if self.messages != DEFAULT_MESSAGES {
+            args.push(format!("--messages {}", self.messages));
+        }
+        if self.scale != DEFAULT_SCALE {
+            args.push(format!("--scale {}", self.scale));
+        }
+        if !args.is_empty() {
+            cmd.push_str(" -- ");
+            cmd.push_str(&args.join(" "));
+        }
+        cmd
+    }
+}
+
+/// What bounds the ratios below the targets, measured on a 2-core machine with the
+/// services on loopback (written under every table).
+const BOUNDS: &str = "
+## Where the framework pays more than the baseline
+
+- **Redis, first delivery with 32 tasks.** The baseline's two steps are plain `SET`s; the
+  framework's are calls of a Lua function (`FCALL`) that reads the record, checks owner
+  and lease and writes it in one atomic step: that is what fences claims and makes
+  completions compare-and-set. Server time per call from `INFO commandstats` (Redis
+  7.0): a claim of a new key 5.1 µs, the smallest Lua function doing its
+  `GET` + `TIME` + `SET` 4.8 µs, a plain `SET NX PX` 1.8 µs. With 32 tasks the single
+  Redis thread, sharing two cores with the client, is the bound. Sequential cases are
+  bound by round trips, where the framework's one round trip per step matches the
+  baseline.
+- **MySQL / MariaDB, 16 tasks.** A claim is one `CALL` of the claim procedure (a read,
+  then the insert or takeover, then one result row) where the baseline sends one
+  `INSERT`; in the slow query log of one run the `CALL` averaged 1.5 ms of server time
+  and the `INSERT` 1.0 ms, both including the commit's log flush. A procedure that
+  inserts first stayed within the noise for first deliveries and slowed duplicates.
+- **SQLite, sequential first delivery.** A claim reads, then inserts (two statements to
+  the baseline's one), so that a duplicate is answered by one read without taking the
+  single writer connection: duplicates run at 1.7–1.9 × the baseline. Inserting first
+  measured 0.80–1.05 for first deliveries and 0.75–0.95 for duplicates.
+- **PostgreSQL, 16 tasks.** A claim is one statement that reads and then inserts or
+  takes over (a CTE), heavier than the baseline's plain `INSERT`.
+- Disk flushes dominate every SQL case (each commit waits for its log flush), so the
+  SQL ratios move by ±0.1 from run to run on a shared machine.
+";
+
 fn options() -> Result<Options, String> {
     let mut o = Options {
-        stores: ["memory", "redis", "mysql", "postgres", "sqlite"]
-            .map(String::from)
-            .to_vec(),
-        messages: 20_000,
-        scale: 1_000_000,
+        stores: ALL_STORES.map(String::from).to_vec(),
+        messages: DEFAULT_MESSAGES,
+        scale: DEFAULT_SCALE,
         out: "BENCHMARKS.md".into(),
     };
     let mut args = std::env::args().skip(1);
@@ -95,7 +150,7 @@ fn options() -> Result<Options, String> {
         }
     }
     for s in &o.stores {
-        if !["memory", "redis", "mysql", "postgres", "sqlite"].contains(&s.as_str()) {
+        if !ALL_STORES.contains(&s.as_str()) {
             return Err(format!("unknown store {s}"));
         }
     }
@@ -934,10 +989,11 @@ fn write_markdown(report: &Report, opts: &Options) -> std::io::Result<()> {
     let _ = writeln!(
         md,
         "Measured on {date} on a machine with {cores} cores, services on loopback, by\n\
-         `cargo run --release -p idempotent-examples --example bench --features stores`\n\
+         `{}`\n\
          ({} messages per case and runtime; raw baseline and framework interleaved in the\n\
          same process). `current` is a current-thread tokio runtime, `multi` a multi-thread\n\
          one with one worker per core.\n",
+        opts.command(),
         opts.messages
     );
     let _ = writeln!(
@@ -974,6 +1030,7 @@ fn write_markdown(report: &Report, opts: &Options) -> std::io::Result<()> {
             let _ = writeln!(md, "- {n}");
         }
     }
+    md.push_str(BOUNDS);
     std::fs::write(&opts.out, md)
 }
 

@@ -421,6 +421,7 @@ async fn table_names_are_validated_and_custom_tables_work() {
     .unwrap();
     assert_eq!(n, 1);
     exec(&admin, &format!("DROP TABLE test.`{name}`")).await;
+    exec(&admin, &format!("DROP PROCEDURE test.`{name}_claim_v1`")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -440,6 +441,12 @@ async fn purge_deletes_expired_rows_in_batches_and_the_sweeper_runs_it() {
                 .await
                 .unwrap()
         },
+    )
+    .await;
+    // the table is gone; its claim procedure goes too
+    exec(
+        &admin,
+        &format!("DROP PROCEDURE `{}_claim_v1`", store.table()),
     )
     .await;
 }
