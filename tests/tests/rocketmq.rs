@@ -17,7 +17,8 @@
 //!   restarts, and `b` leaves, moving queues between them while messages are in flight.
 //!
 //! Every delivery's outcome is logged and counted; the test checks that each business
-//! effect happened exactly once, nothing was lost, and why each duplicate was skipped.
+//! effect happened exactly once, nothing was lost, why each duplicate was skipped, and
+//! that the framework's `idempotent_messages_total` counters say the same.
 #![cfg(feature = "rocketmq")]
 #![recursion_limit = "512"]
 
@@ -25,6 +26,7 @@ use idempotent_runtime::rocketmq::{
     AsIdempotencyError, OnExhausted, block_on_listener, consume_status, dedup_key, unique_key,
 };
 use idempotent_runtime::{Error, idempotent, register_store};
+use idempotent_tests::metrics_support::Counts;
 use idempotent_tests::rocketmq_support::EmbeddedRocketMq;
 use rocketmq_client_rust::{
     ClientResult, ConsumeConcurrentlyContext, ConsumeConcurrentlyStatus, DefaultMQProducer,
@@ -299,6 +301,7 @@ async fn wait_for(world: &World, secs: u64, what: &str, done: impl Fn(&World) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn every_effect_once_across_send_retries_lost_acks_restarts_and_rebalances() {
     register_store("redis", idempotent_tests::redis_support::connect().await);
+    let counters = Counts::install();
     let started = Instant::now();
     let mq = EmbeddedRocketMq::start("rocketmq-test").await;
     eprintln!(
@@ -539,6 +542,16 @@ async fn every_effect_once_across_send_retries_lost_acks_restarts_and_rebalances
         duplicates,
         "every duplicate explained"
     );
+    // the framework's own counters agree with what the listeners saw
+    let counted = |outcome: &str| {
+        counters.get(
+            "idempotent_messages_total",
+            &[("scope", "rocketmq::charge"), ("outcome", outcome)],
+        )
+    };
+    assert_eq!(counted("executed"), n(Outcome::Executed) as u64);
+    assert_eq!(counted("replayed"), n(Outcome::Replayed) as u64);
+    assert_eq!(counted("in_progress"), in_progress as u64);
     println!(
         "RocketMQ: {ORDERS} orders, {} messages sent ({} send retries); {} deliveries: {} executed, \
          {} replayed ({send_retry} send retries, {after_reconsume_later} redeliveries after \
