@@ -209,6 +209,15 @@ fn parameters(func: &ItemFn) -> Vec<String> {
     names
 }
 
+/// The end of an error about a name that is not a parameter: which names are.
+fn listed_parameters(params: &[String]) -> String {
+    if params.is_empty() {
+        return "the handler has no parameters".to_owned();
+    }
+    let names: Vec<String> = params.iter().map(|p| format!("`{p}`")).collect();
+    format!("the handler's parameters are {}", names.join(", "))
+}
+
 fn pattern_names(pat: &Pat, out: &mut Vec<String>) {
     struct V<'a>(&'a mut Vec<String>);
     impl<'ast> Visit<'ast> for V<'_> {
@@ -244,18 +253,7 @@ fn expression(lit: &LitStr, what: &str, params: &[String], errors: &mut Errors) 
             continue;
         }
         ok = false;
-        let listed = if params.is_empty() {
-            "the handler has no parameters".to_owned()
-        } else {
-            format!(
-                "the handler's parameters are {}",
-                params
-                    .iter()
-                    .map(|p| format!("`{p}`"))
-                    .collect::<Vec<_>>()
-                    .join(", ")
-            )
-        };
+        let listed = listed_parameters(params);
         errors.at(
             lit.span(),
             format!("`{what}` uses `{name}`, which is not a parameter of this function; {listed}"),

@@ -141,18 +141,7 @@ fn parameter(tx: &LitStr, func: &ItemFn, errors: &mut Errors) -> Option<(Ident, 
         return Some((p.ident.clone(), target.span()));
     }
     let params = super::parameters(func);
-    let listed = if params.is_empty() {
-        "the handler has no parameters".to_owned()
-    } else {
-        format!(
-            "the handler's parameters are {}",
-            params
-                .iter()
-                .map(|p| format!("`{p}`"))
-                .collect::<Vec<_>>()
-                .join(", ")
-        )
-    };
+    let listed = super::listed_parameters(&params);
     let hint = if params.contains(&name) {
         format!(" as a plain name (`{name}: &mut sqlx::Transaction<'_, DB>`), not inside a pattern")
     } else {
