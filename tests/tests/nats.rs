@@ -501,15 +501,7 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
     let effects = world.effects.lock().unwrap().clone();
 
     // every business effect exactly once, nothing lost, nothing for poison messages
-    let expected: HashSet<String> = (0..ORDERS).map(id).collect();
-    assert_eq!(
-        effects.keys().cloned().collect::<HashSet<_>>(),
-        expected,
-        "nothing lost"
-    );
-    for (order, n) in &effects {
-        assert_eq!(*n, 1, "{order} applied {n} times");
-    }
+    idempotent_tests::assert_applied_once(&effects, (0..ORDERS).map(id));
     let amounts = world.amounts.lock().unwrap().clone();
     for i in 0..ORDERS {
         assert_eq!(

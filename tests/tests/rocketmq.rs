@@ -432,15 +432,7 @@ async fn every_effect_once_across_send_retries_lost_acks_restarts_and_rebalances
     let effects = world.effects.lock().unwrap().clone();
 
     // every effect exactly once, nothing lost
-    let expected: HashSet<String> = (0..ORDERS).map(id).collect();
-    assert_eq!(
-        effects.keys().cloned().collect::<HashSet<_>>(),
-        expected,
-        "nothing lost"
-    );
-    for (order, n) in &effects {
-        assert_eq!(*n, 1, "{order} applied {n} times");
-    }
+    idempotent_tests::assert_applied_once(&effects, (0..ORDERS).map(id));
     let mut count: BTreeMap<Outcome, usize> = BTreeMap::new();
     for d in &log {
         *count.entry(d.outcome).or_default() += 1;
