@@ -105,10 +105,7 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
     let self_ty = sig
         .receiver()
         .map(|_| quote!(#private::core::any::type_name::<Self>()));
-    let scope_name = match &self_ty {
-        Some(self_ty) => quote!(#private::method_scope(#path, #self_ty)),
-        None => path.clone(),
-    };
+    // the explicit scope, or the default worked out once (per `Self` type for methods)
     let default_scope_get = match &self_ty {
         Some(self_ty) => {
             quote!(#default_scope.get_for(#config.scope, || #path, #self_ty))
@@ -141,7 +138,9 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
         let parts = Parts {
             private: &private,
             scope: &scope,
-            scope_name: &scope_name,
+            config: &config,
+            default_scope: &default_scope,
+            scope_get: &default_scope_get,
             fingerprint: &fingerprint,
             ret_ty: &ret_ty,
             ttl,
@@ -198,7 +197,11 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
 struct Parts<'a> {
     private: &'a TokenStream,
     scope: &'a TokenStream,
-    scope_name: &'a TokenStream,
+    /// the config static's name
+    config: &'a TokenStream,
+    /// the default-scope static's name, and the expression reading the scope from it
+    default_scope: &'a TokenStream,
+    scope_get: &'a TokenStream,
     fingerprint: &'a TokenStream,
     ret_ty: &'a TokenStream,
     ttl: u64,
@@ -214,7 +217,8 @@ struct Parts<'a> {
 ///
 /// // Output (paths shortened; the marker fn and key as above):
 /// static CONFIG: __private::TxConfig = /* scope, ttl, TxTable::new("message_idempotent") */;
-/// let (call, span) = __private::TxCall::new(&CONFIG, { /* scope */ }, key, None);
+/// static SCOPE: __private::DefaultScope = DefaultScope::new();
+/// let (call, span) = __private::TxCall::new(&CONFIG, SCOPE.get(CONFIG.scope, || …), key, None);
 /// Instrument::instrument(async move {
 ///     let claim = match call.claim(__private::tx_conn(&mut *tx)).await {
 ///         ControlFlow::Continue(claim) => claim,         // claimed: run the body
@@ -236,14 +240,15 @@ fn expand_tx(
     let Parts {
         private,
         scope,
-        scope_name,
+        config,
+        default_scope,
+        scope_get,
         fingerprint,
         ret_ty,
         ttl,
     } = p;
     let site = Span::mixed_site();
     let key = quote_spanned!(site=> __idempotent_key);
-    let config = quote_spanned!(site=> __IDEMPOTENT_TX_CONFIG);
     let call = quote_spanned!(site=> __idempotent_call);
     let span = quote_spanned!(site=> __idempotent_span);
     let claim = quote_spanned!(site=> __idempotent_claim);
@@ -261,9 +266,10 @@ fn expand_tx(
             ttl: #private::Duration::from_millis(#ttl),
             table: #private::TxTable::new(#table),
         };
+        static #default_scope: #private::DefaultScope = #private::DefaultScope::new();
         let mut #key = #private::KeyBuilder::new();
         #key_parts
-        let (#call, #span) = #private::TxCall::new(&#config, #scope_name, #key, #fingerprint);
+        let (#call, #span) = #private::TxCall::new(&#config, #scope_get, #key, #fingerprint);
         #private::Instrument::instrument(
             async move {
                 let #claim = match #call.claim(#conn).await {

@@ -36,26 +36,36 @@ impl Config {
 }
 
 /// A handler's scope, worked out at its first call: a `static` of its own beside the
-/// [`Config`], which stays immutable so the compiler can fold its settings.
+/// [`Config`], which stays immutable so the compiler can fold its settings. A `static`
+/// in a generic fn is one for all its instantiations, so a method's scope is kept for
+/// the first `Self` type seen; other types look theirs up in [`method_scope`].
 #[derive(Debug)]
-pub struct DefaultScope(std::sync::OnceLock<&'static str>);
+pub struct DefaultScope {
+    path: std::sync::OnceLock<&'static str>,
+    first_self: std::sync::OnceLock<(&'static str, &'static str)>,
+}
 
 impl DefaultScope {
     /// Not worked out yet.
     pub const fn new() -> Self {
-        DefaultScope(std::sync::OnceLock::new())
+        DefaultScope {
+            path: std::sync::OnceLock::new(),
+            first_self: std::sync::OnceLock::new(),
+        }
     }
 
-    /// The explicit scope, or the handler's path from `marker` (see [`default_scope`]).
+    /// The explicit scope, or the handler's path: the type name of a marker fn
+    /// declared in the handler, which the attribute passes without its own name and
+    /// the async body's `::{{closure}}` segment (`crate::module::Type::handler`).
     #[inline]
     pub fn get(
         &'static self,
         explicit: Option<&'static str>,
-        marker: fn() -> &'static str,
+        path: fn() -> &'static str,
     ) -> &'static str {
         match explicit {
             Some(s) => s,
-            None => self.0.get_or_init(|| default_scope(marker())),
+            None => self.path.get_or_init(path),
         }
     }
 
@@ -65,13 +75,26 @@ impl DefaultScope {
     pub fn get_for(
         &'static self,
         explicit: Option<&'static str>,
-        marker: fn() -> &'static str,
+        path: fn() -> &'static str,
         self_ty: &'static str,
     ) -> &'static str {
-        match explicit {
-            Some(s) => s,
-            None => method_scope(self.get(None, marker), self_ty),
+        if let Some(s) = explicit {
+            return s;
         }
+        let &(first_ty, scope) = self
+            .first_self
+            .get_or_init(|| (self_ty, method_scope(self.get(None, path), self_ty)));
+        if first_ty == self_ty {
+            scope
+        } else {
+            method_scope(self.get(None, path), self_ty)
+        }
+    }
+}
+
+impl Default for DefaultScope {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -81,21 +104,9 @@ impl DefaultScope {
 /// generic type `app::Queue<_>::handle`: every instantiation of a generic impl is one
 /// handler). For a trait's default method (`app::Handler::handle`) it does not, and the
 /// scope becomes `app::Handler::handle for app::Orders`, so that two implementing
-/// types never share records. Those scopes are made once per pair and kept for the
-/// life of the process.
+/// types never share records. Each pair is worked out once and kept for the life of
+/// the process.
 pub fn method_scope(path: &'static str, self_ty: &'static str) -> &'static str {
-    let erased = erase_type_args(self_ty);
-    let inherent = path
-        .strip_prefix(erased.as_str())
-        .and_then(|rest| rest.strip_prefix("::"))
-        .is_some_and(|name| !name.contains(':'));
-    let trait_impl = path
-        .strip_prefix('<')
-        .and_then(|rest| rest.strip_prefix(erased.as_str()))
-        .is_some_and(|rest| rest.starts_with(" as "));
-    if inherent || trait_impl {
-        return path;
-    }
     type Interned = std::collections::HashMap<(&'static str, &'static str), &'static str>;
     static SCOPES: std::sync::Mutex<Option<Interned>> = std::sync::Mutex::new(None);
     let mut scopes = SCOPES
@@ -104,7 +115,22 @@ pub fn method_scope(path: &'static str, self_ty: &'static str) -> &'static str {
     scopes
         .get_or_insert_with(Interned::new)
         .entry((path, self_ty))
-        .or_insert_with(|| Box::leak(format!("{path} for {erased}").into_boxed_str()))
+        .or_insert_with(|| {
+            let erased = erase_type_args(self_ty);
+            let inherent = path
+                .strip_prefix(erased.as_str())
+                .and_then(|rest| rest.strip_prefix("::"))
+                .is_some_and(|name| !name.contains(':'));
+            let trait_impl = path
+                .strip_prefix('<')
+                .and_then(|rest| rest.strip_prefix(erased.as_str()))
+                .is_some_and(|rest| rest.starts_with(" as "));
+            if inherent || trait_impl {
+                path
+            } else {
+                Box::leak(format!("{path} for {erased}").into_boxed_str())
+            }
+        })
 }
 
 /// A type name with its generic arguments shown as in the path of a generic item:
@@ -134,12 +160,6 @@ fn erase_type_args(ty: &str) -> String {
     out
 }
 
-impl Default for DefaultScope {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
 pub use crate::KeyBuilder;
 pub use crate::protocol::Settings as ConfigSettings;
 
@@ -163,17 +183,6 @@ pub fn key_part<K: KeyPart + ?Sized>(builder: &mut KeyBuilder, part: &K) {
 #[inline]
 pub fn fingerprint<F: Serialize + ?Sized>(value: &F) -> Result<[u8; 32], Error> {
     crate::fingerprint::fingerprint(value)
-}
-
-/// The default scope from the type name of a marker fn declared inside the handler:
-/// `crate::module::Type::handler::{{closure}}::__idempotent_scope` →
-/// `crate::module::Type::handler` (the attribute passes it already stripped).
-#[inline]
-pub fn default_scope(marker: &'static str) -> &'static str {
-    let s = marker
-        .strip_suffix("::__idempotent_scope")
-        .unwrap_or(marker);
-    s.strip_suffix("::{{closure}}").unwrap_or(s)
 }
 
 /// The wrapper the attribute emits around the handler's body.
@@ -316,14 +325,13 @@ pub struct TxClaim {
 }
 
 impl TxCall {
-    /// Resolves the scope and opens the message's span.
+    /// Finishes the key under `scope` and opens the message's span.
     pub fn new(
         config: &'static TxConfig,
-        marker: &'static str,
+        scope: &'static str,
         key: KeyBuilder,
         fingerprint: Option<Result<[u8; 32], Error>>,
     ) -> (Self, tracing::Span) {
-        let scope = config.scope.unwrap_or_else(|| default_scope(marker));
         let span = tracing::info_span!(
             "idempotent",
             scope = %scope,
