@@ -690,7 +690,7 @@ async fn connect(name: &str, sqlite_path: &str) -> (Arc<dyn Store>, Raw) {
             let conn = ConnectionManager::new(client)
                 .await
                 .unwrap_or_else(|e| panic!("Redis at {url} (IDEMPOTENT_REDIS_URL): {e}"));
-            let store = RedisStore::connect(url.as_str())
+            let store = RedisStore::connect(&url)
                 .await
                 .expect("redis store")
                 .with_prefix(REDIS_PREFIX);
@@ -846,7 +846,7 @@ async fn store_cases(
 
 async fn redis_memory_usage(report: &mut Report) {
     let url = env_url("IDEMPOTENT_REDIS_URL", "redis://127.0.0.1:6379");
-    let store = RedisStore::connect(url.as_str())
+    let store = RedisStore::connect(&url)
         .await
         .expect("redis store")
         .with_prefix(REDIS_PREFIX);

@@ -289,7 +289,7 @@ fn nats_url() -> String {
 async fn main() -> Result<ExitCode, async_nats::Error> {
     let redis_url =
         std::env::var("IDEMPOTENT_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    register_store("redis", RedisStore::connect(redis_url.as_str()).await?);
+    register_store("redis", RedisStore::connect(&redis_url).await?);
 
     let client = async_nats::connect(nats_url()).await?;
     let js = jetstream::new(client);

@@ -316,7 +316,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     } else {
         let url = std::env::var("IDEMPOTENT_REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        register_store("redis", RedisStore::connect(url.as_str()).await?);
+        register_store("redis", RedisStore::connect(&url).await?);
         Ledger::Redis {
             redis: ConnectionManager::new(redis::Client::open(url.as_str())?).await?,
             charges: format!("example:rocketmq:{run}:charges"),

@@ -14,6 +14,8 @@ pub(crate) use tx::TxMode;
 const MAX_DURATION_MS: u64 = 3650 * 24 * 3600 * 1000;
 const DEFAULT_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
 const DEFAULT_LEASE_MS: u64 = 60 * 1000;
+/// Shortest accepted `lease` (the runtime's `MIN_LEASE`).
+const MIN_LEASE_MS: u64 = 100;
 const MAX_SCOPE_BYTES: usize = 200;
 
 /// Everything `expand` needs, validated.
@@ -60,6 +62,22 @@ pub(crate) fn check(args: Args, func: &ItemFn, errors: &mut Errors) -> Option<Ch
         .lease
         .as_ref()
         .and_then(|l| duration(l, "lease", errors));
+    let lease = match (lease, &args.lease) {
+        (Some(ms), Some(l)) if ms < MIN_LEASE_MS => {
+            errors.at(
+                l.span(),
+                format!(
+                    "`lease = {:?}` is shorter than the minimum of 100ms: the lease is renewed every \
+                     third of it, and a store round trip under load can take longer than that, so the \
+                     claim would lapse under a running handler and duplicates would run it again; \
+                     use `lease = \"100ms\"` or more (the default is 60s)",
+                    l.value()
+                ),
+            );
+            None
+        }
+        (lease, _) => lease,
+    };
     let ttl_ms = ttl.unwrap_or(DEFAULT_TTL_MS);
     let lease_ms = lease.unwrap_or(DEFAULT_LEASE_MS);
     // compared only when both are valid (or defaults): a bad one is reported alone; tx

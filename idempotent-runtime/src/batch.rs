@@ -103,6 +103,17 @@ impl Idempotency {
             }
         };
         let settings = *self.settings();
+        if let Err(Error::InvalidSettings { reason }) = settings.check() {
+            return messages
+                .iter()
+                .map(|_| {
+                    Err(Error::InvalidSettings {
+                        reason: reason.clone(),
+                    }
+                    .into())
+                })
+                .collect();
+        }
         let scope = self.scope_cow().clone();
 
         // keys, with repeats inside the batch folded onto their first message
@@ -258,7 +269,6 @@ impl Idempotency {
                     guard.completing(output.clone(), settings.ttl);
                     outputs.insert(*i, output);
                     completions.push(*i);
-                    record(Outcome::Executed, &scope);
                     slots[*i] = Slot::Done(Ok(value));
                 }
                 Ok(Err(e)) => {
@@ -294,10 +304,21 @@ impl Idempotency {
             })
             .collect();
         if !completion_items.is_empty() {
-            settle(
-                store.get().complete_batch(&completion_items).await,
-                "completion",
-            );
+            let r = store.get().complete_batch(&completion_items).await;
+            // executed, or (the handler's value is returned all the same) fenced out or
+            // not recorded
+            for n in 0..completion_items.len() {
+                let outcome = match &r {
+                    Ok(fences) => match fences.get(n) {
+                        Some(Fence::Held) => Outcome::Executed,
+                        Some(Fence::Lost) => Outcome::LeaseLost,
+                        None => Outcome::Unrecorded,
+                    },
+                    Err(_) => Outcome::Unrecorded,
+                };
+                record(outcome, &scope);
+            }
+            settle(r, "completion");
         }
         if !releases.is_empty() {
             settle(store.get().release_batch(&releases).await, "release");

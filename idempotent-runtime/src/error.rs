@@ -17,6 +17,7 @@ use std::time::Duration;
 /// | [`Store`](Error::Store) | the store failed or is unreachable | nack |
 /// | [`UnknownStore`](Error::UnknownStore) | `store = "name"` was never registered | fix start-up |
 /// | [`OutputNotReplayable`](Error::OutputNotReplayable) | duplicate of a completed key whose output cannot be replayed | ack or alert |
+/// | [`InvalidSettings`](Error::InvalidSettings) | the manual API was configured with settings the protocol refuses | fix the code |
 ///
 /// [`is_retryable`](Error::is_retryable) tells the first and the transient store
 /// failures apart from the rest.
@@ -58,6 +59,13 @@ pub enum Error {
         /// Why the output could not be replayed.
         reason: NotReplayable,
     },
+    /// The settings of an [`Idempotency`](crate::Idempotency) are invalid (a lease
+    /// shorter than [`MIN_LEASE`](crate::MIN_LEASE)); nothing ran. The attribute
+    /// rejects the same settings at compile time.
+    InvalidSettings {
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
 }
 
 /// Why a completed key's output could not be replayed to a duplicate.
@@ -70,6 +78,13 @@ pub enum NotReplayable {
     /// The stored output does not deserialize into the handler's output type
     /// (for example after the type changed between deployments).
     Decode(serde_json::Error),
+    /// The handler's output could not be serialized when it was recorded (its
+    /// `Serialize` implementation failed); the record is Completed with this reason
+    /// instead of a value.
+    NotSerializable {
+        /// The serializer's error message.
+        message: String,
+    },
 }
 
 impl Error {
@@ -85,7 +100,8 @@ impl Error {
             | Error::FingerprintMismatch
             | Error::Fingerprint(_)
             | Error::UnknownStore { .. }
-            | Error::OutputNotReplayable { .. } => false,
+            | Error::OutputNotReplayable { .. }
+            | Error::InvalidSettings { .. } => false,
         }
     }
 }
@@ -114,12 +130,19 @@ impl fmt::Display for Error {
                 "no idempotency store registered under the name `{name}`; \
                  call `idempotent_runtime::register_store({name:?}, store)` at start-up"
             ),
+            Error::InvalidSettings { reason } => {
+                write!(f, "invalid idempotency settings: {reason}")
+            }
             Error::OutputNotReplayable { reason } => match reason {
                 NotReplayable::TooLarge => {
                     f.write_str("duplicate of a completed key whose output was too large to cache")
                 }
                 NotReplayable::Decode(_) => f.write_str(
                     "duplicate of a completed key whose cached output no longer deserializes",
+                ),
+                NotReplayable::NotSerializable { message } => write!(
+                    f,
+                    "duplicate of a completed key whose output could not be serialized: {message}"
                 ),
             },
         }

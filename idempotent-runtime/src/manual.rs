@@ -78,9 +78,11 @@ impl Idempotency {
     }
 
     /// How long a claim holds without renewal (renewed every third of it while the
-    /// body runs). A zero lease is taken as one millisecond.
+    /// body runs). At least [`MIN_LEASE`](crate::MIN_LEASE): with a shorter lease every
+    /// run returns [`Error::InvalidSettings`] without running anything, since renewals
+    /// could not keep up and duplicates would run the body again.
     pub fn lease(mut self, lease: Duration) -> Self {
-        self.settings.lease = lease.max(Duration::from_millis(1));
+        self.settings.lease = lease;
         self
     }
 

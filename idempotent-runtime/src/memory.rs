@@ -290,12 +290,30 @@ impl MemoryStore {
 
     fn complete_sync(&self, c: &Completion<'_>) -> Fence {
         let ttl = micros(c.ttl);
-        fence(self.with_owned(c.key, c.token, |e, now| {
+        match self.with_owned(c.key, c.token, |e, now| {
             e.state = RecordState::Completed;
             e.output = c.output.map(Bytes::new);
             e.expires_at = now.saturating_add(ttl);
             e.lease_until = 0;
-        }))
+        }) {
+            Some(()) => Fence::Held,
+            // a retried completion whose first attempt was applied: already done
+            None if self.completed_by(c.key, c.token) => Fence::Held,
+            None => Fence::Lost,
+        }
+    }
+
+    /// Whether `key` is Completed (and not expired) by the claim of `token`.
+    fn completed_by(&self, key: &RecordKey, token: Token) -> bool {
+        let now = self.now();
+        let bytes = key.as_bytes();
+        let (hash, shard) = self.shard(bytes);
+        shard
+            .map
+            .find(hash, |e| e.key.as_slice() == bytes)
+            .is_some_and(|e| {
+                e.token == token.0 && e.state == RecordState::Completed && e.expires_at > now
+            })
     }
 
     fn release_sync(&self, r: &Release<'_>) -> Fence {

@@ -63,6 +63,33 @@ pub enum OnInProgress {
     Wait,
 }
 
+/// The shortest lease the protocol accepts: 100 ms.
+///
+/// A running handler's lease is renewed every third of it, and a store round trip
+/// under load can take tens of milliseconds; a shorter lease would lapse under running
+/// handlers and let duplicates run them again. The attribute rejects a shorter `lease`
+/// at compile time; [`Idempotency::lease`](crate::Idempotency::lease) at run time
+/// ([`Error::InvalidSettings`]).
+pub const MIN_LEASE: Duration = Duration::from_millis(100);
+
+impl Settings {
+    /// Checks what the compiler cannot check for the manual API: the lease is at least
+    /// [`MIN_LEASE`].
+    pub(crate) fn check(&self) -> Result<(), Error> {
+        if self.lease < MIN_LEASE {
+            return Err(Error::InvalidSettings {
+                reason: format!(
+                    "a lease of {:?} is shorter than the minimum of 100ms: renewals (every third of \
+                     the lease) could not keep up with the store, and duplicates would run the \
+                     handler again; use a lease of at least 100ms",
+                    self.lease
+                ),
+            });
+        }
+        Ok(())
+    }
+}
+
 /// Protocol settings of one handler. The attribute builds it from its arguments;
 /// the manual API from [`Idempotency`](crate::Idempotency)'s builder methods.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -324,48 +351,64 @@ impl std::io::Write for OutputBuf {
     }
 }
 
-/// Whether a serialized output can be cached; warns when it cannot.
-fn cacheable(serialized: Result<usize, serde_json::Error>, cap: usize) -> bool {
-    match serialized {
-        Ok(size) if size <= cap => true,
-        Ok(size) => {
-            tracing::warn!(
-                size,
-                cap,
-                "handler output is over the cache cap; duplicates will get OutputNotReplayable"
-            );
-            false
-        }
-        Err(e) => {
-            tracing::warn!(error = %e, "handler output does not serialize; it is not cached");
-            false
-        }
+/// First byte of a cached output that holds no value but the reason it could not be
+/// cached (JSON text never starts with it), followed by that reason in UTF-8.
+const NOT_CACHED: u8 = 0x01;
+
+/// Whether a serialized output fits the cache; warns when it does not.
+fn fits(size: usize, cap: usize) -> bool {
+    if size > cap {
+        tracing::warn!(
+            size,
+            cap,
+            "handler output is over the cache cap; duplicates will get OutputNotReplayable"
+        );
+        return false;
     }
+    true
 }
 
-/// Serializes an output for the cache; `None` when it is over the cap or cannot be
-/// serialized (it is still returned to the caller).
+/// What is cached for an output that does not serialize: the marker and the reason,
+/// so that duplicates are told why they get no value.
+fn not_serializable(e: &serde_json::Error) -> Vec<u8> {
+    tracing::warn!(error = %e, "handler output does not serialize; it is not cached");
+    let mut v = vec![NOT_CACHED];
+    v.extend_from_slice(e.to_string().as_bytes());
+    v.truncate(1024);
+    v
+}
+
+/// Serializes an output for the cache; `None` when it is over the cap. An output that
+/// cannot be serialized is cached as the reason why (it is still returned to the caller).
 pub(crate) fn encode_output<T: Serialize>(value: &T, cap: usize) -> Option<Vec<u8>> {
     match serde_json::to_vec(value) {
-        Ok(bytes) => cacheable(Ok(bytes.len()), cap).then_some(bytes),
-        Err(e) => {
-            cacheable(Err(e), cap);
-            None
-        }
+        Ok(bytes) => fits(bytes.len(), cap).then_some(bytes),
+        Err(e) => Some(not_serializable(&e)),
     }
 }
 
 /// As [`encode_output`], into a buffer that stays on the stack for small outputs.
 fn encode_output_buf<T: Serialize>(value: &T, cap: usize) -> Option<OutputBuf> {
     let mut buf = OutputBuf::new();
-    let r = serde_json::to_writer(&mut buf, value).map(|()| buf.as_slice().len());
-    cacheable(r, cap).then_some(buf)
+    match serde_json::to_writer(&mut buf, value) {
+        Ok(()) => fits(buf.as_slice().len(), cap).then_some(buf),
+        Err(e) => {
+            let mut buf = OutputBuf::new();
+            let _ = std::io::Write::write_all(&mut buf, &not_serializable(&e));
+            Some(buf)
+        }
+    }
 }
 
 pub(crate) fn decode_output<T: DeserializeOwned>(output: Option<Vec<u8>>) -> Result<T, Error> {
     match output {
         None => Err(Error::OutputNotReplayable {
             reason: NotReplayable::TooLarge,
+        }),
+        Some(bytes) if bytes.first() == Some(&NOT_CACHED) => Err(Error::OutputNotReplayable {
+            reason: NotReplayable::NotSerializable {
+                message: String::from_utf8_lossy(&bytes[1..]).into_owned(),
+            },
         }),
         Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::OutputNotReplayable {
             reason: NotReplayable::Decode(e),
@@ -493,6 +536,13 @@ pub(crate) enum Outcome {
     StoreError,
     /// The store failed and the body ran without deduplication.
     Unprotected,
+    /// The body ran and succeeded, but its completion could not be stored (the store
+    /// failed for a third of the lease): the handler returned its value, the key is
+    /// not Completed, and a later duplicate runs the body again.
+    Unrecorded,
+    /// The body ran and succeeded, but its lease had expired and another execution had
+    /// taken the key over: the completion was refused (fenced out).
+    LeaseLost,
 }
 
 impl Outcome {
@@ -509,6 +559,8 @@ impl Outcome {
             Outcome::NotReplayable => "not_replayable",
             Outcome::StoreError => "store_error",
             Outcome::Unprotected => "unprotected",
+            Outcome::Unrecorded => "unrecorded",
+            Outcome::LeaseLost => "lease_lost",
         }
     }
 }
@@ -596,6 +648,7 @@ where
         return Either::Left(body);
     }
     let call = (|| {
+        settings.check()?;
         key.check()?;
         let fingerprint = fingerprint.transpose()?;
         let store = match store {
@@ -736,6 +789,9 @@ where
             }
         })
         .await;
+        // The renewal ends before the completion or release starts: a renewal waiting
+        // for (or holding) a store's lock must not keep it from its own next step.
+        drop(renewal);
         #[cfg(feature = "metrics")]
         metrics::histogram!("idempotent_handler_seconds", "scope" => scope.to_cow())
             .record(started.elapsed().as_secs_f64());
@@ -768,13 +824,16 @@ where
                             output: output.as_deref(),
                             ttl: *ttl,
                         };
-                        Box::pin(complete_with_retry(
+                        let outcome = Box::pin(complete_with_retry(
                             store,
                             completion,
                             settings.lease,
                             first,
                         ))
                         .await;
+                        guard.disarm();
+                        record(outcome, scope);
+                        return Ok(value);
                     }
                 }
                 guard.disarm();
@@ -990,13 +1049,14 @@ pub(crate) fn output_cap(settings: &Settings) -> usize {
 /// Records the completion, retrying transient store errors for up to a third of the
 /// lease. If it still fails the handler's value is returned anyway (its effects
 /// happened); the claim then frees when its lease expires. `first` is the answer of
-/// [`Store::complete_now`], if the store gave one.
+/// [`Store::complete_now`], if the store gave one. Returns the message's outcome:
+/// executed, unrecorded or lease lost.
 async fn complete_with_retry(
     store: &dyn Store,
     completion: Completion<'_>,
     lease: Duration,
     mut first: Option<Result<Fence, StoreError>>,
-) {
+) -> Outcome {
     let deadline = lease / 3;
     let mut spent = Duration::ZERO;
     let mut pause = Duration::from_millis(10);
@@ -1009,13 +1069,13 @@ async fn complete_with_retry(
             },
         };
         match r {
-            Ok(Fence::Held) => return,
+            Ok(Fence::Held) => return Outcome::Executed,
             Ok(Fence::Lost) => {
                 tracing::error!(
                     scope = completion.key.scope(),
                     "completion refused: the lease expired and another execution took the key over"
                 );
-                return;
+                return Outcome::LeaseLost;
             }
             Err(e) if e.is_retryable() && spent + pause <= deadline => {
                 tracing::warn!(error = %e, "completion failed; retrying");
@@ -1029,7 +1089,7 @@ async fn complete_with_retry(
                     scope = completion.key.scope(),
                     "could not record the completion; the key frees when its lease expires and a redelivery would run again"
                 );
-                return;
+                return Outcome::Unrecorded;
             }
         }
     }

@@ -199,8 +199,11 @@ impl RedisStore {
     /// [`connect_with_config`](Self::connect_with_config) for other settings.
     ///
     /// An unreachable server is [`StoreErrorKind::Unavailable`]; a malformed URL is
-    /// [`StoreErrorKind::Rejected`].
-    pub async fn connect(url: impl IntoConnectionInfo) -> Result<Self, StoreError> {
+    /// [`StoreErrorKind::Rejected`]. Like every store's `connect`, it takes the URL as
+    /// `&str` (so `&String` works too); for a prepared [`redis::ConnectionInfo`] build
+    /// the connection yourself and use
+    /// [`from_connection_manager`](Self::from_connection_manager).
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
         let config = ConnectionManagerConfig::new()
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
@@ -210,7 +213,7 @@ impl RedisStore {
     /// Connects to a single Redis server with the given connection manager settings
     /// (timeouts, reconnection backoff).
     pub async fn connect_with_config(
-        url: impl IntoConnectionInfo,
+        url: &str,
         config: ConnectionManagerConfig,
     ) -> Result<Self, StoreError> {
         let client = redis::Client::open(url)
@@ -555,6 +558,9 @@ const LIBRARY: &str = r#"#!lua name=idempotent_$V
 local IN_PROGRESS, COMPLETED, RELEASED = 225, 226, 227
 local HEAD = '>BBI4I8I8'
 local NO_LEASE = '\0\0\0\0\0\0\0\0'
+-- Lua numbers are doubles: tokens and times stay below 2^53 - 1, so that every value
+-- read, incremented and written back is exact (a larger one is a corrupt record)
+local MAX_EXACT = 9007199254740991
 
 local function now_us()
   local t = redis.call('TIME')
@@ -583,6 +589,9 @@ local function decode(v)
   if attempts < 1 or token < 1 then
     return nil, 'zero attempts or token'
   end
+  if token >= MAX_EXACT or lease >= MAX_EXACT then
+    return nil, 'token or lease deadline out of range'
+  end
   local e = 22
   if flags % 2 == 1 then
     if n < 26 then
@@ -609,8 +618,8 @@ local function get(key)
 end
 
 -- The record under `key` if `token` owns it (in progress, same token): the record,
--- its flags and the end of its fingerprint part; false if not; nil and a reason if
--- the key holds no record.
+-- its flags and the end of its fingerprint part; false if not, with the record's state
+-- and token when there is one; nil and a reason if the key holds no record.
 local function owned(key, token)
   local v, err = get(key)
   if not v then
@@ -621,7 +630,7 @@ local function owned(key, token)
     return nil, flags
   end
   if state ~= IN_PROGRESS or t ~= tonumber(token) then
-    return false
+    return false, state, t
   end
   return v, flags, e
 end
@@ -705,6 +714,10 @@ local function complete(keys, args)
     return {0, flags}
   end
   if not v then
+    -- completed by this very token: a retry of a completion whose reply was lost
+    if flags == COMPLETED and e == tonumber(args[1]) then
+      return 1
+    end
     return 2
   end
   local out = args[3]

@@ -1,8 +1,10 @@
 //! Test your own handlers under the failures that cause duplicates (feature `testing`).
 //!
 //! [`FaultyStore`] wraps any store and injects faults on command: the store going
-//! down, completions that never arrive, renewals that never arrive (so leases expire
-//! under a running handler), and a slow store. It also counts the calls each protocol
+//! down, completions that never arrive, completions whose reply never arrives,
+//! renewals that never arrive (so leases expire under a running handler), a slow store,
+//! and a write path blocked from outside (as another connection holding a database's
+//! write lock blocks a single-writer store). It also counts the calls each protocol
 //! step makes, so tests can assert round trips. Pair it with a
 //! [`MemoryStore`](crate::MemoryStore) on a [`ManualClock`](crate::ManualClock) to move
 //! time by hand.
@@ -30,8 +32,8 @@
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use crate::{RecordKey, StoreError, StoreErrorKind};
 use async_trait::async_trait;
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// How many times each operation was called on a [`FaultyStore`] (faulted calls included).
@@ -54,8 +56,10 @@ pub struct FaultyStore<S> {
     inner: S,
     down: AtomicBool,
     lose_completions: AtomicU64,
+    lose_completion_replies: AtomicU64,
     drop_renewals: AtomicBool,
     delay: Mutex<Duration>,
+    writer: Arc<tokio::sync::Mutex<()>>,
     claim: AtomicU64,
     complete: AtomicU64,
     release: AtomicU64,
@@ -76,8 +80,10 @@ impl<S: Store> FaultyStore<S> {
             inner,
             down: AtomicBool::new(false),
             lose_completions: AtomicU64::new(0),
+            lose_completion_replies: AtomicU64::new(0),
             drop_renewals: AtomicBool::new(false),
             delay: Mutex::new(Duration::ZERO),
+            writer: Arc::new(tokio::sync::Mutex::new(())),
             claim: AtomicU64::new(0),
             complete: AtomicU64::new(0),
             release: AtomicU64::new(0),
@@ -99,6 +105,23 @@ impl<S: Store> FaultyStore<S> {
     /// unavailable error, the record stays In progress until its lease expires.
     pub fn lose_next_completions(&self, n: u64) {
         self.lose_completions.store(n, Ordering::SeqCst);
+    }
+
+    /// The next `n` completions are applied by the store but their reply is lost: the
+    /// caller sees an unavailable error while the record is already Completed (a
+    /// store that applied the write and died before answering).
+    pub fn lose_next_completion_replies(&self, n: u64) {
+        self.lose_completion_replies.store(n, Ordering::SeqCst);
+    }
+
+    /// Blocks the store's write path until the returned guard is dropped.
+    ///
+    /// Every claim, completion, release and renewal goes through one writer, in
+    /// order, as on a single-writer store (SQLite); while the guard is held they queue
+    /// behind it, as they do while another connection holds the database's write lock.
+    /// Waits for the writes already running to finish.
+    pub async fn block_writes(&self) -> WriteBlock {
+        WriteBlock(self.writer.clone().lock_owned().await)
     }
 
     /// While set, renewals are dropped (answered as held, never applied), so the
@@ -134,17 +157,28 @@ impl<S: Store> FaultyStore<S> {
     }
 
     fn take_lost_completion(&self) -> bool {
-        self.lose_completions
-            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
-            .is_ok()
+        take_one(&self.lose_completions)
     }
 }
+
+fn take_one(counter: &AtomicU64) -> bool {
+    counter
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+}
+
+/// The write path of a [`FaultyStore`] blocked by
+/// [`block_writes`](FaultyStore::block_writes); dropping it lets the queued writes run.
+#[derive(Debug)]
+#[must_use = "the writes are blocked only while this guard is held"]
+pub struct WriteBlock(#[allow(dead_code)] tokio::sync::OwnedMutexGuard<()>);
 
 #[async_trait]
 impl<S: Store> Store for FaultyStore<S> {
     async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         self.claim.fetch_add(1, Ordering::SeqCst);
         self.gate("store down").await?;
+        let _writer = self.writer.lock().await;
         self.inner.claim(req).await
     }
 
@@ -154,12 +188,18 @@ impl<S: Store> Store for FaultyStore<S> {
         if self.take_lost_completion() {
             return Err(unavailable("completion lost"));
         }
-        self.inner.complete(c).await
+        let _writer = self.writer.lock().await;
+        let fence = self.inner.complete(c).await?;
+        if take_one(&self.lose_completion_replies) {
+            return Err(unavailable("completion applied, its reply lost"));
+        }
+        Ok(fence)
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
         self.release.fetch_add(1, Ordering::SeqCst);
         self.gate("store down").await?;
+        let _writer = self.writer.lock().await;
         self.inner.release(r).await
     }
 
@@ -174,6 +214,7 @@ impl<S: Store> Store for FaultyStore<S> {
         if self.drop_renewals.load(Ordering::SeqCst) {
             return Ok(Fence::Held);
         }
+        let _writer = self.writer.lock().await;
         self.inner.renew(key, token, lease).await
     }
 

@@ -15,8 +15,8 @@
 use futures_util::future::join_all;
 use idempotent_runtime::testing::FaultyStore;
 use idempotent_runtime::{
-    ClaimOutcome, ClaimRequest, Completion, Error, Fence, Idempotency, OnInProgress, OnStoreError,
-    RecordKey, RecordState, Release, Store, Token, current_claim,
+    ClaimOutcome, ClaimRequest, Completion, Error, Fence, Idempotency, NotReplayable, OnInProgress,
+    OnStoreError, RecordKey, RecordState, Release, Store, Token, current_claim,
 };
 use std::collections::HashSet;
 use std::future::Future;
@@ -268,9 +268,11 @@ pub async fn stale_owner_is_fenced(store: Arc<dyn Store>) {
             output: Some(b"\"fresh\"".to_vec())
         }
     );
-    // a completed record cannot be released or completed again by anyone
+    // a completed record cannot be released by anyone nor completed by another claim
+    // (its own claim's retried completion is held: see
+    // `retried_completion_after_a_lost_reply_is_held`)
     assert_eq!(release(&*store, &k, new).await, Fence::Lost);
-    assert_eq!(complete(&*store, &k, new, b"\"again\"").await, Fence::Lost);
+    assert_eq!(complete(&*store, &k, old, b"\"again\"").await, Fence::Lost);
 }
 
 /// G6: tokens strictly increase per key, also when the record is forgotten and
@@ -800,6 +802,91 @@ pub async fn lost_completion_frees_after_lease(store: Arc<dyn Store>) {
     assert_eq!(retry.unwrap(), 3);
 }
 
+/// A completion applied by the store whose reply was lost (the store died before
+/// answering) is retried; the retry finds the record Completed by the same token and
+/// is a success, not a refusal: no execution took the key over. Any other token is
+/// still refused.
+pub async fn retried_completion_after_a_lost_reply_is_held(store: Arc<dyn Store>) {
+    let scope = unique_scope("lost-reply");
+    let k = key(&scope, "m-1");
+    let token = acquire_token(&*store, &req(&k)).await;
+    assert_eq!(complete(&*store, &k, token, b"1").await, Fence::Held);
+    assert_eq!(
+        complete(&*store, &k, token, b"1").await,
+        Fence::Held,
+        "a retried completion by the token that completed the key"
+    );
+    let other = Token(token.get() + 1);
+    assert_eq!(complete(&*store, &k, other, b"2").await, Fence::Lost);
+    assert_eq!(release(&*store, &k, token).await, Fence::Lost);
+    let replay = store.claim(&req(&k)).await.expect("claim");
+    assert!(
+        matches!(&replay, ClaimOutcome::Completed { output: Some(o) } if o == b"1"),
+        "{replay:?}"
+    );
+
+    // through the protocol: the first completion's reply is lost, the retry succeeds
+    let faulty = Arc::new(FaultyStore::new(store.clone()));
+    let h = Idempotency::new(unique_scope("lost-reply-protocol"))
+        .shared_store(faulty.clone())
+        .lease(LONG_LEASE);
+    faulty.lose_next_completion_replies(1);
+    let r: Result<u32, HandlerError> = h.run("m-1", async { Ok(5) }).await;
+    assert_eq!(r.unwrap(), 5);
+    assert_eq!(
+        faulty.calls().complete,
+        2,
+        "the completion was retried once"
+    );
+    let dup: Result<u32, HandlerError> = h.run("m-1", async { Ok(6) }).await;
+    assert_eq!(dup.unwrap(), 5);
+}
+
+/// A renewal in flight when the body returns, while the store's write path is
+/// blocked from outside (another connection holding a database's write lock): the
+/// renewal must be finished before the completion starts, or the completion waits
+/// behind a renewal nobody drives any more and the handler never returns.
+///
+/// Regression: on a single-writer store the handler hung for good, and every later
+/// write on that store with it.
+pub async fn renewal_in_flight_when_the_body_returns(store: Arc<dyn Store>) {
+    let faulty = Arc::new(FaultyStore::new(store.clone()));
+    let h = Idempotency::new(unique_scope("renewal-in-flight"))
+        .shared_store(faulty.clone())
+        .lease(LEASE)
+        .ttl(TTL);
+    // renewals every LEASE / 3 = 100 ms; the body returns at 150 ms while the
+    // renewal of 100 ms waits for the writer, blocked from 50 ms to 250 ms
+    let blocker = faulty.clone();
+    let blocked = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let block = blocker.block_writes().await;
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        drop(block);
+    });
+    let run = h.run("m-1", async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        Ok::<u32, HandlerError>(21)
+    });
+    let r = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the handler returns once the store's writes are unblocked");
+    assert_eq!(r.unwrap(), 21);
+    blocked.await.unwrap();
+    assert!(faulty.calls().renew >= 1, "a renewal was in flight");
+    let k = h.record_key("m-1").unwrap();
+    let state = store.inspect(&k).await.unwrap().map(|r| r.state);
+    assert_eq!(state, Some(RecordState::Completed));
+    // the store still takes writes: another key runs and completes
+    let next = tokio::time::timeout(
+        Duration::from_secs(10),
+        h.run("m-2", async { Ok::<u32, HandlerError>(22) }),
+    )
+    .await
+    .expect("later writes are not wedged");
+    assert_eq!(next.unwrap(), 22);
+}
+
 /// `on_in_progress = wait` returns the winner's output instead of an error.
 pub async fn waiting_duplicate_gets_winners_output(store: Arc<dyn Store>) {
     let h = Arc::new(handler(&store, "wait").on_in_progress(OnInProgress::Wait));
@@ -873,8 +960,34 @@ pub async fn oversized_output_is_not_replayed(store: Arc<dyn Store>) {
     assert_eq!(r.unwrap(), big);
     let r: Result<String, HandlerError> = h.run("m-1", async { Ok("again".into()) }).await;
     match r {
-        Err(HandlerError::Idem(Error::OutputNotReplayable { .. })) => {}
-        other => panic!("expected OutputNotReplayable, got {other:?}"),
+        Err(HandlerError::Idem(Error::OutputNotReplayable {
+            reason: NotReplayable::TooLarge,
+        })) => {}
+        other => panic!("expected OutputNotReplayable (too large), got {other:?}"),
+    }
+}
+
+/// An output whose `Serialize` fails: the first delivery gets its value, the key is
+/// Completed, and a duplicate is told that the output could not be serialized (not
+/// that it was too large).
+pub async fn unserializable_output_says_why(store: Arc<dyn Store>) {
+    use std::collections::HashMap;
+    // JSON object keys must be strings: a map keyed by tuples does not serialize
+    let h = handler(&store, "unserializable-output");
+    let value: HashMap<(u32, u32), u32> = HashMap::from([((1, 2), 3)]);
+    let first = value.clone();
+    let r: Result<HashMap<(u32, u32), u32>, HandlerError> =
+        h.run("m-1", async move { Ok(first) }).await;
+    assert_eq!(r.unwrap(), value);
+    let r: Result<HashMap<(u32, u32), u32>, HandlerError> =
+        h.run("m-1", async { Ok(HashMap::new()) }).await;
+    match r {
+        Err(HandlerError::Idem(
+            e @ Error::OutputNotReplayable {
+                reason: NotReplayable::NotSerializable { .. },
+            },
+        )) => assert!(e.to_string().contains("could not be serialized"), "{e}"),
+        other => panic!("expected OutputNotReplayable (not serializable), got {other:?}"),
     }
 }
 
@@ -1084,10 +1197,13 @@ macro_rules! __conformance_cases {
             expired_holder_cannot_overwrite,
             store_outage_fails_closed,
             lost_completion_frees_after_lease,
+            retried_completion_after_a_lost_reply_is_held,
+            renewal_in_flight_when_the_body_returns,
             waiting_duplicate_gets_winners_output,
             attempts_exhausted_after_failures,
             fingerprint_mismatch_through_protocol,
             oversized_output_is_not_replayed,
+            unserializable_output_says_why,
             current_claim_matches_the_record,
             batch_protocol_runs_each_key_once,
         );

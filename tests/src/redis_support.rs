@@ -26,7 +26,8 @@ pub fn redis_url() -> String {
 /// A store on the shared server; panics, naming the variable, when it is unreachable.
 pub async fn connect() -> RedisStore {
     let url = redis_url();
-    match RedisStore::connect(url.as_str()).await {
+    // `&String`, as every store's `connect` takes it
+    match RedisStore::connect(&url).await {
         Ok(s) => s,
         Err(e) => panic!(
             "the Redis tests need a server at {url} (set {URL_VAR} to use another): {e} ({:?})",

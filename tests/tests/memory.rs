@@ -1,7 +1,8 @@
 //! The conformance suite and the memory-specific guarantees on `MemoryStore`.
 
 use idempotent_runtime::{
-    ClaimOutcome, ClaimRequest, Completion, Fence, ManualClock, MemoryStore, RecordKey, Store,
+    ClaimOutcome, ClaimRequest, Completion, Error, Fence, Idempotency, ManualClock, MemoryStore,
+    RecordKey, Store,
 };
 use std::sync::Arc;
 use std::time::Duration;
@@ -131,4 +132,40 @@ async fn manual_runs_with_long_scopes_and_keys() {
         let rec = store.inspect(&k).await.unwrap().unwrap();
         assert_eq!((rec.state, rec.attempts), (RecordState::Completed, 2));
     }
+}
+
+/// Regression: `lease(1ms)` was accepted silently, and with duplicates arriving while
+/// the body ran, every store executed the body several times (the lease lapsed between
+/// renewals). A lease under `MIN_LEASE` is refused before anything runs, for single
+/// messages and batches alike; `MIN_LEASE` itself is accepted.
+#[tokio::test]
+async fn a_lease_below_the_minimum_is_refused() {
+    use idempotent_runtime::MIN_LEASE;
+    let ran = std::sync::atomic::AtomicU32::new(0);
+    let h = Idempotency::new("short-lease").lease(Duration::from_millis(1));
+    let r: Result<u32, Error> = h
+        .run("k", async {
+            ran.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            Ok(1)
+        })
+        .await;
+    match r {
+        Err(e @ Error::InvalidSettings { .. }) => {
+            assert!(!e.is_retryable());
+            assert!(e.to_string().contains("100ms"), "{e}");
+        }
+        other => panic!("expected InvalidSettings, got {other:?}"),
+    }
+    let batch: Vec<Result<u32, Error>> = h
+        .run_batch(&[1u32, 2], |m| *m, |m| async move { Ok(*m) })
+        .await;
+    assert!(
+        batch
+            .iter()
+            .all(|r| matches!(r, Err(Error::InvalidSettings { .. })))
+    );
+    assert_eq!(ran.load(std::sync::atomic::Ordering::SeqCst), 0);
+    let ok = Idempotency::new("min-lease").lease(MIN_LEASE);
+    let r: Result<u32, Error> = ok.run("k", async { Ok(2) }).await;
+    assert_eq!(r.unwrap(), 2);
 }

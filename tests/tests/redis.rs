@@ -48,7 +48,7 @@ async fn reset_stats(conn: &mut redis::aio::ConnectionManager) {
 #[tokio::test]
 async fn each_protocol_step_is_one_function_call_and_a_duplicate_writes_nothing() {
     let server = RedisServer::start();
-    let store = RedisStore::connect(server.url().as_str()).await.unwrap();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
     let mut conn = raw(&server.url()).await;
     let scope = unique_scope("round-trips");
     let k = RecordKey::new(&scope, "order-1").unwrap();
@@ -123,7 +123,7 @@ async fn each_protocol_step_is_one_function_call_and_a_duplicate_writes_nothing(
 #[tokio::test]
 async fn batches_recover_from_a_flushed_function_library() {
     let server = RedisServer::start();
-    let store = RedisStore::connect(server.url().as_str()).await.unwrap();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
     let mut conn = raw(&server.url()).await;
     let scope = unique_scope("batch-nofunction");
     let keys: Vec<RecordKey> = (0..40)
@@ -484,6 +484,18 @@ async fn foreign_data_under_a_key_is_corrupt_not_a_panic() {
     bad_tag[0] = b'x';
     let mut zero_token = header.clone();
     zero_token[6..14].copy_from_slice(&0u64.to_be_bytes());
+    // Regression: Lua numbers are doubles, so a token above 2^53 was rounded down
+    // (the next claim's token could be smaller than the last), and one near 2^64 made
+    // the claim write a record its own decoder rejects. Released records, so that a
+    // claim would take them over.
+    let mut released = header.clone();
+    released[0] = 0xE3;
+    let mut inexact_token = released.clone();
+    inexact_token[6..14].copy_from_slice(&((1u64 << 53) + 1).to_be_bytes());
+    let mut huge_token = released.clone();
+    huge_token[6..14].copy_from_slice(&(u64::MAX - 1).to_be_bytes());
+    let mut huge_lease = header.clone();
+    huge_lease[14..22].copy_from_slice(&(u64::MAX - 1).to_be_bytes());
 
     enum Foreign {
         Str(Vec<u8>),
@@ -500,6 +512,9 @@ async fn foreign_data_under_a_key_is_corrupt_not_a_panic() {
         ("truncated fingerprint", Foreign::Str(truncated_fp)),
         ("unknown tag", Foreign::Str(bad_tag)),
         ("zero token", Foreign::Str(zero_token)),
+        ("token above 2^53", Foreign::Str(inexact_token)),
+        ("token near 2^64", Foreign::Str(huge_token)),
+        ("lease near 2^64", Foreign::Str(huge_lease)),
         ("hash", Foreign::Hash),
         ("list", Foreign::List),
     ];
@@ -574,7 +589,7 @@ async fn foreign_data_under_a_key_is_corrupt_not_a_panic() {
 #[tokio::test]
 async fn an_unreachable_server_is_unavailable_with_the_redis_error_as_source() {
     let url = format!("redis://127.0.0.1:{}", free_port());
-    let e = RedisStore::connect(url.as_str())
+    let e = RedisStore::connect(&url)
         .await
         .expect_err("nothing listens there");
     assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e}");
@@ -613,7 +628,7 @@ async fn a_store_is_a_cheap_clone_sharing_its_connection() {
 #[tokio::test]
 async fn a_batch_step_is_one_function_call() {
     let server = RedisServer::start();
-    let store = RedisStore::connect(server.url().as_str()).await.unwrap();
+    let store = RedisStore::connect(&server.url()).await.unwrap();
     let mut conn = raw(&server.url()).await;
     let scope = unique_scope("batch-one-call");
     let keys: Vec<RecordKey> = (0..64)

@@ -45,7 +45,7 @@ async fn a_killed_server_fails_closed_and_the_same_store_reconnects_after_restar
         "always",
     ]);
     let store = Arc::new(
-        RedisStore::connect(server.url().as_str())
+        RedisStore::connect(&server.url())
             .await
             .expect("connect to the private server"),
     );

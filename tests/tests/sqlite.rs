@@ -273,3 +273,55 @@ async fn a_file_that_cannot_be_opened_is_an_error() {
         "{e:?}"
     );
 }
+
+/// Regression: a renewal waiting for the writer connection when the body returned kept
+/// that connection from the completion of its own task, so the handler never returned
+/// and every later write on the store hung. Here another connection holds the
+/// database's write lock (`BEGIN IMMEDIATE`) from 50 ms to 250 ms; the lease is 300 ms
+/// (renewed every 100 ms), the body takes 150 ms, so a renewal is waiting on the lock
+/// when the body returns.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_waiting_for_the_writer_when_the_body_returns() {
+    use idempotent_runtime::sqlx::{Connection, SqliteConnection};
+
+    let db = TempDb::new();
+    let store = open(&db).await;
+    let h = Idempotency::new(unique_scope("renewal-writer"))
+        .store(store.clone())
+        .lease(Duration::from_millis(300));
+    let url = db.url();
+    let locker = tokio::spawn(async move {
+        let mut conn = SqliteConnection::connect(&url)
+            .await
+            .expect("second connection");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        sqlx::raw_sql("BEGIN IMMEDIATE")
+            .execute(&mut conn)
+            .await
+            .expect("write lock");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        sqlx::raw_sql("COMMIT")
+            .execute(&mut conn)
+            .await
+            .expect("release the write lock");
+    });
+    let run = h.run("m-1", async {
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        Ok::<u32, Error>(1)
+    });
+    let r = tokio::time::timeout(Duration::from_secs(10), run)
+        .await
+        .expect("the handler returns after the write lock is released");
+    assert_eq!(r.unwrap(), 1);
+    locker.await.unwrap();
+    let next = tokio::time::timeout(
+        Duration::from_secs(10),
+        h.run("m-2", async { Ok::<u32, Error>(2) }),
+    )
+    .await
+    .expect("later writes on the store do not hang");
+    assert_eq!(next.unwrap(), 2);
+    let k = h.record_key("m-1").unwrap();
+    let state = store.inspect(&k).await.unwrap().map(|r| r.state);
+    assert_eq!(state, Some(RecordState::Completed));
+}
