@@ -10,7 +10,7 @@ use async_trait::async_trait;
 use sqlx::error::DatabaseError;
 use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 use sqlx::{Row, SqlStr};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -229,14 +229,28 @@ impl Statements {
                     expires_at_us = n.now_us + $5 \
                  FROM n WHERE {owned}"
             )),
+            // the rows it completed, then the others as read (the statement's snapshot):
+            // a completion not applied is Held when its record is Completed by its own
+            // claim, and a corrupt row is an error, all in one round trip
             complete_batch: sql(format!(
-                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
-                 UPDATE {t} AS r SET status = 1, output = b.output, lease_until_us = NULL, \
-                    expires_at_us = n.now_us + b.ttl_us \
-                 FROM n, unnest($1::text[], $2::bytea[], $3::int8[], $4::bytea[], $5::int8[]) \
-                    AS b(scope, message_id, token, output, ttl_us) \
-                 WHERE {owned_r} \
-                 RETURNING r.scope, r.message_id, r.owner_token"
+                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us), \
+                 b AS (SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::bytea[], $5::int8[]) \
+                    AS b(scope, message_id, token, output, ttl_us)), \
+                 up AS (\
+                    UPDATE {t} AS r SET status = 1, output = b.output, lease_until_us = NULL, \
+                        expires_at_us = n.now_us + b.ttl_us \
+                    FROM n, b WHERE {owned_r} \
+                    RETURNING r.scope, r.message_id, r.owner_token) \
+                 SELECT up.scope, up.message_id, up.owner_token, TRUE, \
+                    NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::bytea, NULL::bytea, \
+                    NULL::int8 \
+                 FROM up \
+                 UNION ALL \
+                 SELECT c.scope, c.message_id, c.owner_token, FALSE, {VIEW} \
+                 FROM {t} c, n \
+                 WHERE (c.scope, c.message_id) IN (SELECT b.scope, b.message_id FROM b) \
+                    AND NOT EXISTS (SELECT 1 FROM up \
+                        WHERE up.scope = c.scope AND up.message_id = c.message_id)"
             )),
             release: sql(format!(
                 "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
@@ -601,18 +615,25 @@ impl Store for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(Postgres::err("complete_batch"))?;
-        let mut out = fences(&rows, owned)?;
-        // the items not applied: Held when the record is Completed by the item's own
-        // claim (by an earlier completion whose reply was lost, or by the same item
-        // repeated in this batch); a corrupt row is an error
-        let lost: Vec<usize> = (0..items.len()).filter(|&i| out[i] == Fence::Lost).collect();
-        if !lost.is_empty() {
-            let rows = self.read_many(lost.iter().map(|&i| items[i].key)).await?;
-            for i in lost {
-                let c = &items[i];
-                if rows.get(c.key).is_some_and(|r| r.completed_by(c.token)) {
-                    out[i] = Fence::Held;
-                }
+        // the rows not applied, as read: Held when the record is Completed by the
+        // item's own claim (an earlier completion whose reply was lost); a corrupt
+        // row is an error
+        let mut applied = Vec::with_capacity(rows.len());
+        let mut seen = HashMap::new();
+        for row in rows {
+            if row.try_get(3).map_err(Postgres::err("complete_batch"))? {
+                applied.push(row);
+            } else {
+                let key = returned_key(&row)?;
+                let view = RowView::decode(&row, 4, key.scope())?;
+                seen.insert(key, view);
+            }
+        }
+        let mut out = fences(&applied, owned, true)?;
+        for (i, c) in items.iter().enumerate() {
+            if out[i] == Fence::Lost && seen.get(c.key).is_some_and(|r| r.completed_by(c.token))
+            {
+                out[i] = Fence::Held;
             }
         }
         Ok(out)
@@ -625,7 +646,7 @@ impl Store for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(Postgres::err("release_batch"))?;
-        let out = fences(&rows, owned)?;
+        let out = fences(&rows, owned, false)?;
         if out.contains(&Fence::Lost) {
             // a corrupt row is an error, not a lost claim
             let lost = (0..items.len()).filter(|&i| out[i] == Fence::Lost);
@@ -706,29 +727,34 @@ impl PostgresStore {
     }
 }
 
+/// The record key of a returned row whose first two columns are `scope, message_id`.
+fn returned_key(row: &PgRow) -> Result<RecordKey, StoreError> {
+    let scope: String = row.try_get(0).map_err(Postgres::err("reading a batch"))?;
+    let id: Vec<u8> = row.try_get(1).map_err(Postgres::err("reading a batch"))?;
+    Ok(RecordKey::from_encoded(&scope, &id))
+}
+
 /// Maps the rows an `UPDATE … RETURNING scope, message_id, owner_token` changed back
-/// onto the items, in order.
+/// onto the items, in order. Each (key, token) was applied once: a repeat in the same
+/// batch is [`Fence::Held`] when `repeat_held` (a completion repeated by its own claim
+/// finds its record Completed), else [`Fence::Lost`] (a release repeated).
 fn fences<'a>(
     rows: &[PgRow],
     items: impl Iterator<Item = (&'a RecordKey, Token)>,
+    repeat_held: bool,
 ) -> Result<Vec<Fence>, StoreError> {
-    let mut held: HashSet<(RecordKey, i64)> = HashSet::with_capacity(rows.len());
+    let mut held: HashMap<(RecordKey, i64), bool> = HashMap::with_capacity(rows.len());
     for row in rows {
-        let scope: String = row.try_get(0).map_err(Postgres::err("reading a batch"))?;
-        let id: Vec<u8> = row.try_get(1).map_err(Postgres::err("reading a batch"))?;
         let token: i64 = row.try_get(2).map_err(Postgres::err("reading a batch"))?;
-        held.insert((RecordKey::from_encoded(&scope, &id), token));
+        held.insert((returned_key(row)?, token), false);
     }
     Ok(items
-        .map(|(key, token)| {
-            // each (key, token) is applied once: a repeat in the same batch is Lost
-            // here, as a release right after the first one would be (the caller
-            // reads a completion's repeat back)
-            if held.remove(&(key.clone(), token_param(token))) {
+        .map(|(key, token)| match held.get_mut(&(key.clone(), token_param(token))) {
+            Some(used) if !*used || repeat_held => {
+                *used = true;
                 Fence::Held
-            } else {
-                Fence::Lost
             }
+            _ => Fence::Lost,
         })
         .collect())
 }

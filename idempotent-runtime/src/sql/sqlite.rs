@@ -273,8 +273,23 @@ impl SqliteStore {
             "opening the SQLite database {}",
             options.get_filename().display()
         );
+        let dir = options
+            .get_filename()
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(std::path::Path::to_path_buf);
         let pool = SqlitePoolOptions::new().test_before_acquire(false);
-        let pool = common::open_pool(pool, options, &op).await?;
+        let pool = common::open_pool(pool, options, &op)
+            .await
+            .map_err(|e| match dir {
+                // SQLite says only "unable to open database file"
+                Some(dir) if !dir.is_dir() => StoreError::with_source(
+                    StoreErrorKind::Rejected,
+                    format!("{op}: the directory {} does not exist", dir.display()),
+                    e,
+                ),
+                _ => e,
+            })?;
         let store = SqliteStore::new(pool, table);
         store.migrate().await?;
         Ok(store)
