@@ -501,7 +501,10 @@ async fn unreachable_server_fails_fast_with_the_cause() {
 /// now; every byte is data, in single steps and batches alike.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn scopes_differing_only_by_trailing_spaces_are_separate_records() {
-    let store = connect().await;
+    let table = unique_name("idem_pad");
+    let store = MySqlStore::connect_with_table(&url(), &table)
+        .await
+        .unwrap();
     let scope = unique_scope("h_sc");
     let scopes = [
         scope.clone(),
@@ -531,12 +534,16 @@ async fn scopes_differing_only_by_trailing_spaces_are_separate_records() {
             .all(|o| matches!(o, ClaimOutcome::Acquired { attempt: 1, .. })),
         "{out:?}"
     );
+    let admin = admin().await;
+    exec(&admin, &format!("DROP TABLE `{table}`")).await;
+    exec(&admin, &format!("DROP PROCEDURE `{table}_claim_v2`")).await;
 }
 
 /// Regression (migration): a table made by an earlier version, with the `VARCHAR`
 /// scope column and the old claim procedure, is migrated by `connect`: the column
-/// becomes `VARBINARY(200)` with its records intact, the old procedure is dropped and
-/// the new one created, and scopes differing by trailing spaces are then separate.
+/// becomes `VARBINARY(200)` with its records intact, the new claim procedure is
+/// created beside the old one (which processes of the earlier version still call),
+/// and scopes differing by trailing spaces are then separate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connect_migrates_a_table_with_a_varchar_scope() {
     connect().await;
@@ -597,7 +604,10 @@ async fn connect_migrates_a_table_with_a_varchar_scope() {
     .fetch_all(&admin)
     .await
     .unwrap();
-    assert_eq!(procedures, vec![format!("{table}_claim_v2")]);
+    assert_eq!(
+        procedures,
+        vec![format!("{table}_claim_v1"), format!("{table}_claim_v2")]
+    );
 
     let h = Idempotency::new(scope.clone()).store(store.clone());
     let r: Result<u32, Error> = h.run("k", async { Ok(9) }).await;
@@ -608,6 +618,7 @@ async fn connect_migrates_a_table_with_a_varchar_scope() {
     // migrating again changes nothing
     store.migrate().await.unwrap();
     exec(&admin, &format!("DROP TABLE `{table}`")).await;
+    exec(&admin, &format!("DROP PROCEDURE `{table}_claim_v1`")).await;
     exec(&admin, &format!("DROP PROCEDURE `{table}_claim_v2`")).await;
 }
 

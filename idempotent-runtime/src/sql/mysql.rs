@@ -43,10 +43,10 @@ const BATCH_READ: usize = 500;
 ///    step 1; no decision is ever taken on data that is not re-checked by the write
 ///    itself.
 ///
-/// Both steps run on the server in the stored procedure `<table>_claim_v1` that
+/// Both steps run on the server in the stored procedure `<table>_claim_v2` that
 /// [`connect`](Self::connect) and [`migrate`](Self::migrate) create (each statement in
 /// it commits on its own, as if the client had sent it), so **every claim is one round
-/// trip**: `CALL <table>_claim_v1(scope, key, lease_us, keep_us, fingerprint,
+/// trip**: `CALL <table>_claim_v2(scope, key, lease_us, keep_us, fingerprint,
 /// max_attempts)` answers one row. Creating it needs the `CREATE ROUTINE` privilege;
 /// it runs with the caller's privileges (`SQL SECURITY INVOKER`), so other users need
 /// `EXECUTE` on it besides their table privileges. A store made with
@@ -65,10 +65,11 @@ const BATCH_READ: usize = 500;
 /// the single-key way), and takes over released or lapsed keys one at a time.
 /// `complete_batch` and `release_batch` are one `UPDATE … JOIN (SELECT ? … UNION ALL
 /// …)` each, compare-and-set per row; when it matched fewer rows than items, one more
-/// `SELECT` tells which items were applied (a completion by the statement's clock
-/// reading in the expiry; for a release, a row that is Released under the item's
-/// token, so a release repeated by the same owner also reads as applied). Up to 500
-/// keys (and about 4 MiB of outputs) go in one statement.
+/// `SELECT` tells which items were applied (for a completion, a row Completed under
+/// the item's token, whether by this statement or by an earlier completion whose
+/// reply was lost; for a release, a row that is Released under the item's token, so a
+/// release repeated by the same owner also reads as applied). Up to 500 keys (and
+/// about 4 MiB of outputs) go in one statement.
 ///
 /// Handles are cheap to clone (a pool and a shared set of statements).
 ///
@@ -80,7 +81,7 @@ const BATCH_READ: usize = 500;
 ///
 /// ```sql
 /// CREATE TABLE IF NOT EXISTS message_idempotent (
-///     scope          VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+///     scope          VARBINARY(200) NOT NULL,  -- the handler's namespace, as UTF-8 bytes
 ///     message_id     VARBINARY(130) NOT NULL,  -- the encoded key
 ///     status         TINYINT        NOT NULL,  -- 0 not yet consumed successfully, 1 consumed
 ///     retry_times    INT            NOT NULL,  -- attempts claimed so far
@@ -177,7 +178,7 @@ pub(crate) struct Statements {
     forget: SqlStr,
     purge: SqlStr,
     create: SqlStr,
-    /// `CALL <table>_claim_v1(…)`, when the procedure's name fits in an identifier.
+    /// `CALL <table>_claim_v2(…)`, when the procedure's name fits in an identifier.
     claim_call: Option<SqlStr>,
     /// The `CREATE PROCEDURE` of that procedure.
     claim_procedure: Option<SqlStr>,
@@ -199,22 +200,13 @@ const MAX_PROCEDURE_NAME: usize = 64;
 /// changes whenever the procedure's parameters or results do, so a store never calls
 /// a procedure of another version.
 fn claim_procedure_name(table: &TableName) -> Option<String> {
-    procedure_name(table, "claim_v2")
-}
-
-/// The procedure `<table>_<suffix>` in the table's database, quoted; `None` when the
-/// name is longer than an identifier may be.
-fn procedure_name(table: &TableName, suffix: &str) -> Option<String> {
-    let name = format!("{}_{suffix}", table.name());
+    let name = format!("{}_claim_v2", table.name());
     (name.len() <= MAX_PROCEDURE_NAME).then(|| match table.schema() {
         Some(s) => format!("`{s}`.`{name}`"),
         None => format!("`{name}`"),
     })
 }
 
-/// Names of claim procedures earlier versions of this store created; `migrate` drops
-/// them (a process still running such a version then claims in two statements).
-const OLD_PROCEDURES: &[&str] = &["claim_v1"];
 
 /// The claim as a stored procedure, so that every claim is one round trip: the same
 /// read and conditional writes as the two-statement claim, run on the server. Each
@@ -577,6 +569,9 @@ impl MySqlStore {
     /// Connects to `url` (`mysql://user:password@host:3306/db`, TLS with
     /// `?ssl-mode=required`) with a pool of default size and creates the table
     /// `message_idempotent` if it is missing.
+    /// The first connection is opened directly, so a server that refuses it (or a bad
+    /// password, an unknown host) is an error at once, with the cause as its source;
+    /// the pool's acquire timeout (30 s) applies to later use.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with_table(url, DEFAULT_TABLE).await
     }
@@ -631,9 +626,11 @@ impl MySqlStore {
     /// A table created by an earlier version is brought up to date: a `scope` column
     /// of type `VARCHAR` (whose collation ignores trailing spaces, so that scopes
     /// differing only by them shared records) becomes `VARBINARY(200)` with one
-    /// `ALTER TABLE` (which rebuilds the table), and the claim procedures of earlier
-    /// versions are dropped. Concurrent calls from many processes are serialized by a
-    /// named lock (`GET_LOCK`).
+    /// `ALTER TABLE` (which rebuilds the table), and the claim procedure of this
+    /// version is created beside the one of earlier versions (`<table>_claim_v1`,
+    /// which processes of an earlier version still call during a rolling upgrade;
+    /// drop it by hand once none runs). Concurrent calls from many processes are
+    /// serialized by a named lock (`GET_LOCK`).
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let op = "migrating the dedup table";
         let mut conn = self.pool.acquire().await.map_err(MySql::err(op))?;
@@ -676,16 +673,6 @@ impl MySqlStore {
             .execute(&mut *conn)
             .await
             .map_err(MySql::err("changing the scope column to VARBINARY"))?;
-        }
-        for old in OLD_PROCEDURES {
-            if let Some(name) = procedure_name(&self.sql.table, old) {
-                // sent as text, as every statement on routines; a user without the
-                // privilege to drop it leaves it (it is never called)
-                let drop = sql(format!("DROP PROCEDURE IF EXISTS {name}"));
-                if let Err(e) = sqlx::raw_sql(drop).execute(&mut *conn).await {
-                    tracing::debug!(error = %e, "dropping an old claim procedure failed");
-                }
-            }
         }
         if let Some(create) = &self.sql.claim_procedure {
             // sent as text: CREATE PROCEDURE cannot be a prepared statement

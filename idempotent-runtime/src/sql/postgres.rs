@@ -332,6 +332,9 @@ impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:5432/db`, TLS with `?sslmode=require`)
     /// with a pool of default size and creates the table `message_idempotent` if it is
     /// missing.
+    /// The first connection is opened directly, so a server that refuses it (or a bad
+    /// password, an unknown host) is an error at once, with the cause as its source;
+    /// the pool's acquire timeout (30 s) applies to later use.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with_table(url, DEFAULT_TABLE).await
     }
