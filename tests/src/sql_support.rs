@@ -479,9 +479,18 @@ pub async fn corrupt_records_are_refused_unchanged(
             );
         };
         check("claim", store.claim(&req(&k, TTL)).await.unwrap_err());
+        // a batch with a corrupt record fails as a whole and claims nothing
+        let fresh = RecordKey::new(&scope, "fresh").unwrap();
         check(
             "claim_batch",
-            store.claim_batch(&[req(&k, TTL)]).await.unwrap_err(),
+            store
+                .claim_batch(&[req(&fresh, TTL), req(&k, TTL)])
+                .await
+                .unwrap_err(),
+        );
+        assert!(
+            store.inspect(&fresh).await.unwrap().is_none(),
+            "{clause}: the batch claimed another key"
         );
         check("inspect", store.inspect(&k).await.unwrap_err());
         let completion = Completion {
@@ -558,10 +567,7 @@ pub async fn repeated_completion_by_the_same_claim_is_held(store: &dyn Store) {
     );
     // batches: an item completed before, a fresh one, the fresh one repeated, a stale
     // token, and a key released (not Completed) by its own claim
-    store
-        .complete(&completion(1, tokens[1]))
-        .await
-        .unwrap();
+    store.complete(&completion(1, tokens[1])).await.unwrap();
     store
         .release(&Release {
             key: &keys[3],

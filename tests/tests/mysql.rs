@@ -17,8 +17,8 @@ use idempotent_tests::proxy::{Proxy, Wire};
 use idempotent_tests::sql_support::{
     self, CORRUPTIONS, TTL, acquire, corrupt_records_are_refused_unchanged, env_url,
     fails_closed_while_the_server_is_away, free_port, poison_is_shared, purge_and_sweep_table,
-    race_two_stores, refused_connection_fails_fast,
-    req, single_steps_are_one_round_trip, sql_keys_are_data, unique_name,
+    race_two_stores, refused_connection_fails_fast, req, single_steps_are_one_round_trip,
+    sql_keys_are_data, unique_name,
 };
 use std::str::FromStr;
 use std::sync::Arc;
@@ -614,7 +614,11 @@ async fn connect_migrates_a_table_with_a_varchar_scope() {
     assert_eq!(r.unwrap(), 5, "the old record replays");
     let h = Idempotency::new(format!("{scope} ")).store(store.clone());
     let r: Result<u32, Error> = h.run("k", async { Ok(9) }).await;
-    assert_eq!(r.unwrap(), 9, "a scope with a trailing space is its own record");
+    assert_eq!(
+        r.unwrap(),
+        9,
+        "a scope with a trailing space is its own record"
+    );
     // migrating again changes nothing
     store.migrate().await.unwrap();
     exec(&admin, &format!("DROP TABLE `{table}`")).await;

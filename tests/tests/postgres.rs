@@ -436,13 +436,19 @@ async fn scope_with_a_nul_is_rejected_not_corrupt() {
         ttl: TTL,
     };
     check("complete", store.complete(&c).await.unwrap_err());
-    check("complete_batch", store.complete_batch(&[c]).await.unwrap_err());
+    check(
+        "complete_batch",
+        store.complete_batch(&[c]).await.unwrap_err(),
+    );
     let r = Release {
         key: &k,
         token: Token(1),
     };
     check("release", store.release(&r).await.unwrap_err());
-    check("release_batch", store.release_batch(&[r]).await.unwrap_err());
+    check(
+        "release_batch",
+        store.release_batch(&[r]).await.unwrap_err(),
+    );
     check("renew", store.renew(&k, Token(1), TTL).await.unwrap_err());
     let h = Idempotency::new(scope.clone()).store(store.clone());
     let r: Result<u32, Error> = h.run("m", async { Ok(1) }).await;

@@ -342,9 +342,7 @@ pub(crate) fn sane(r: &str, sqlite: bool) -> String {
         s.push_str(&format!(
             " AND typeof({r}status) = 'integer' AND typeof({r}retry_times) = 'integer' \
              AND typeof({r}owner_token) = 'integer' AND typeof({r}expires_at_us) = 'integer' \
-             AND typeof({r}lease_until_us) IN ('integer', 'null') \
-             AND typeof({r}fingerprint) IN ('blob', 'null') \
-             AND typeof({r}output) IN ('blob', 'null')"
+             AND typeof({r}lease_until_us) IN ('integer', 'null')"
         ));
     }
     s
@@ -416,7 +414,10 @@ impl RowView {
             ),
         };
         let int = |i: usize| row.try_get::<Option<i64>, _>(at + i).map_err(|e| bad(i, e));
-        let bytes = |i: usize| row.try_get::<Option<Vec<u8>>, _>(at + i).map_err(|e| bad(i, e));
+        let bytes = |i: usize| {
+            row.try_get::<Option<Vec<u8>>, _>(at + i)
+                .map_err(|e| bad(i, e))
+        };
         let required = |i: usize| -> Result<i64, StoreError> {
             int(i)?.ok_or_else(|| corrupt_record(scope, format_args!("`{}` is NULL", NAMES[i])))
         };
@@ -455,11 +456,16 @@ impl RowView {
             if let Some(t) = t
                 && !(0..=MAX_TIME).contains(&t)
             {
-                return Err(corrupt_record(scope, format_args!("{name} {t} is out of range")));
+                return Err(corrupt_record(
+                    scope,
+                    format_args!("{name} {t} is out of range"),
+                ));
             }
         }
         if !(0..=MAX_TIME).contains(&now) {
-            return Err(corrupt(format!("the database clock reads {now} µs since the epoch")));
+            return Err(corrupt(format!(
+                "the database clock reads {now} µs since the epoch"
+            )));
         }
         Ok(RowView {
             state,

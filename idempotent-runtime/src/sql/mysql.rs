@@ -207,7 +207,6 @@ fn claim_procedure_name(table: &TableName) -> Option<String> {
     })
 }
 
-
 /// The claim as a stored procedure, so that every claim is one round trip: the same
 /// read and conditional writes as the two-statement claim, run on the server. Each
 /// statement in it commits on its own (autocommit), exactly as when the client sends
@@ -992,11 +991,7 @@ fn row_key(row: &sqlx::mysql::MySqlRow) -> Result<RecordKey, StoreError> {
     let scope: Vec<u8> = row.try_get(0).map_err(MySql::err("reading a batch"))?;
     let id: Vec<u8> = row.try_get(1).map_err(MySql::err("reading a batch"))?;
     let scope = String::from_utf8(scope).map_err(|e| {
-        StoreError::with_source(
-            StoreErrorKind::Corrupt,
-            "a record's scope is not UTF-8",
-            e,
-        )
+        StoreError::with_source(StoreErrorKind::Corrupt, "a record's scope is not UTF-8", e)
     })?;
     Ok(RecordKey::from_encoded(&scope, &id))
 }

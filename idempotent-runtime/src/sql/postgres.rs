@@ -207,6 +207,7 @@ impl Statements {
                         n.now_us + q.keep_us, q.fingerprint, NULL FROM req q, n \
                     WHERE NOT EXISTS (SELECT 1 FROM cur c \
                         WHERE c.scope = q.scope AND c.message_id = q.message_id AND {}) \
+                    AND NOT EXISTS (SELECT 1 FROM cur c WHERE NOT ({})) \
                     {} \
                     RETURNING r.scope, r.message_id, r.owner_token, r.retry_times::int8 AS retry_times) \
                  SELECT up.scope, up.message_id, TRUE, up.owner_token, up.retry_times, \
@@ -218,6 +219,8 @@ impl Statements {
                  FROM cur c, n \
                  WHERE NOT EXISTS (SELECT 1 FROM up WHERE up.scope = c.scope AND up.message_id = c.message_id)",
                 blocks("c.req_fingerprint", "c.req_max_attempts"),
+                // a corrupt row fails the whole batch: nothing is claimed
+                common::sane("c.", false),
                 takeover(
                     "COALESCE(r.retry_times < (SELECT q.max_attempts FROM req q \
                      WHERE q.scope = r.scope AND q.message_id = r.message_id), TRUE)"
@@ -634,8 +637,7 @@ impl Store for PostgresStore {
         }
         let mut out = fences(&applied, owned, true)?;
         for (i, c) in items.iter().enumerate() {
-            if out[i] == Fence::Lost && seen.get(c.key).is_some_and(|r| r.completed_by(c.token))
-            {
+            if out[i] == Fence::Lost && seen.get(c.key).is_some_and(|r| r.completed_by(c.token)) {
                 out[i] = Fence::Held;
             }
         }
@@ -752,12 +754,14 @@ fn fences<'a>(
         held.insert((returned_key(row)?, token), false);
     }
     Ok(items
-        .map(|(key, token)| match held.get_mut(&(key.clone(), token_param(token))) {
-            Some(used) if !*used || repeat_held => {
-                *used = true;
-                Fence::Held
-            }
-            _ => Fence::Lost,
-        })
+        .map(
+            |(key, token)| match held.get_mut(&(key.clone(), token_param(token))) {
+                Some(used) if !*used || repeat_held => {
+                    *used = true;
+                    Fence::Held
+                }
+                _ => Fence::Lost,
+            },
+        )
         .collect())
 }
