@@ -592,8 +592,8 @@ pub async fn repeated_completion_by_the_same_claim_is_held(store: &dyn Store) {
             Fence::Lost
         ]
     );
-    for i in 0..3 {
-        match store.claim(&req(&keys[i], TTL)).await.unwrap() {
+    for (i, k) in keys.iter().enumerate().take(3) {
+        match store.claim(&req(k, TTL)).await.unwrap() {
             ClaimOutcome::Completed { output } => assert_eq!(output.as_deref(), Some(&b"7"[..])),
             other => panic!("key {i}: expected Completed, got {other:?}"),
         }
