@@ -597,7 +597,10 @@ impl MySqlStore {
     }
 
     /// Uses the application's pool; the table `message_idempotent` must exist (call
-    /// [`migrate`](Self::migrate) or create it by hand). Touches no schema.
+    /// [`migrate`](Self::migrate) or create it by hand). Touches no schema: a table
+    /// created by an earlier version keeps its `VARCHAR` scope column, under which
+    /// scopes differing only by trailing spaces share records, until
+    /// [`migrate`](Self::migrate) runs.
     pub fn from_pool(pool: MySqlPool) -> Self {
         MySqlStore::new(pool, TableName::default_table())
     }
