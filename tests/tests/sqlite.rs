@@ -301,6 +301,8 @@ async fn corrupt_records_fail_as_corrupt_and_stay_unchanged() {
         "retry_times = 1.5",
         "retry_times = x'00'",
         "owner_token = 'token'",
+        "fingerprint = 5",
+        "output = 1.5",
     ]);
     corrupt_records_are_refused_unchanged(
         Arc::new(store),

@@ -327,7 +327,8 @@ pub(crate) const MAX_ATTEMPTS_VALUE: i64 = i32::MAX as i64 - 1;
 /// The SQL condition "the row `r` holds only values this store writes": a status of 0
 /// or 1, an attempt count, token, lease deadline and expiry within range (so that one
 /// more attempt, the next token and every time computed from them fit a `BIGINT`), and
-/// on SQLite, whose columns take any type, integers in the integer columns. Claims and
+/// on SQLite, whose columns take any type, integers in the integer columns and bytes
+/// (or text) in the fingerprint and output. Claims and
 /// the compare-and-set writes touch only such rows; any other row is reported as
 /// [`StoreErrorKind::Corrupt`] by [`RowView::decode`], which applies the same rules.
 pub(crate) fn sane(r: &str, sqlite: bool) -> String {
@@ -342,7 +343,9 @@ pub(crate) fn sane(r: &str, sqlite: bool) -> String {
         s.push_str(&format!(
             " AND typeof({r}status) = 'integer' AND typeof({r}retry_times) = 'integer' \
              AND typeof({r}owner_token) = 'integer' AND typeof({r}expires_at_us) = 'integer' \
-             AND typeof({r}lease_until_us) IN ('integer', 'null')"
+             AND typeof({r}lease_until_us) IN ('integer', 'null') \
+             AND typeof({r}fingerprint) IN ('blob', 'text', 'null') \
+             AND typeof({r}output) IN ('blob', 'text', 'null')"
         ));
     }
     s
