@@ -328,9 +328,9 @@ pub(crate) const MAX_ATTEMPTS_VALUE: i64 = i32::MAX as i64 - 1;
 /// or 1, an attempt count, token, lease deadline and expiry within range (so that one
 /// more attempt, the next token and every time computed from them fit a `BIGINT`), and
 /// on SQLite, whose columns take any type, integers in the integer columns and bytes
-/// (or text) in the fingerprint and output. Claims and
-/// the compare-and-set writes touch only such rows; any other row is reported as
-/// [`StoreErrorKind::Corrupt`] by [`RowView::decode`], which applies the same rules.
+/// (or text) in the fingerprint and output. Claims and the compare-and-set writes
+/// touch only such rows; any other row is reported as [`StoreErrorKind::Corrupt`] by
+/// [`RowView::decode`], which applies the same rules.
 pub(crate) fn sane(r: &str, sqlite: bool) -> String {
     let mut s = format!(
         "{r}status IN (0, 1) AND {r}retry_times BETWEEN 0 AND {MAX_ATTEMPTS_VALUE} \
