@@ -278,7 +278,7 @@ async fn clean_up(raw: &Raw) {
         }
         Raw::MySql(p) => {
             for stmt in [
-                format!("DROP PROCEDURE IF EXISTS {BENCH_TABLE}_claim_v1"),
+                format!("DROP PROCEDURE IF EXISTS {BENCH_TABLE}_claim_v2"),
                 format!("DROP TABLE IF EXISTS {BENCH_TABLE}"),
                 "DROP TABLE IF EXISTS bench_raw".to_owned(),
             ] {

@@ -186,8 +186,8 @@ pub enum StoreErrorKind {
     /// The database aborted a statement, or the whole transaction, because it
     /// conflicted with a concurrent transaction: a deadlock, a serialization failure
     /// under `SERIALIZABLE` / `REPEATABLE READ`, a lock wait timeout (retryable). Raised
-    /// by transactional mode (`tx = "…"`): roll the transaction back and deliver the
-    /// message again.
+    /// by the SQL stores (deliver the message again) and by transactional mode
+    /// (`tx = "…"`: roll the transaction back and deliver the message again).
     Conflict,
 }
 

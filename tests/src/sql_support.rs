@@ -421,3 +421,209 @@ pub async fn sql_keys_are_data(store: Arc<dyn Store>) {
         );
     }
 }
+
+/// Corruptions every SQL store must refuse, as `SET` clauses valid on all three
+/// databases: values the stores never write in each column they read.
+pub const CORRUPTIONS: &[&str] = &[
+    "lease_until_us = -9223372036854775808",
+    "expires_at_us = -9223372036854775808",
+    "lease_until_us = 9223372036854775807",
+    "expires_at_us = 9223372036854775807",
+    "status = 7",
+    "status = -1",
+    "retry_times = -1",
+    "retry_times = 2147483647",
+    "owner_token = -5",
+    "owner_token = 9223372036854775807",
+];
+
+/// Regression: a row holding a value the store never writes (a lease or expiry of
+/// `i64::MIN` or `i64::MAX`, a status other than 0 or 1, a negative or overflowing
+/// attempt count or token, and whatever else `corruptions` lists) made claims loop
+/// until "the record changed under every claim attempt" (a retryable error, so the
+/// message was redelivered forever), or made MariaDB's claim procedure take the row
+/// over and then fail, leaving it claimed with an attempt used. Every step on such a
+/// record (claim, complete, release, renew, inspect and the batches) must now fail with
+/// a non-retryable `Corrupt` error that names the record's scope, and leave the row as
+/// it was.
+///
+/// `set(scope, clause)` runs `UPDATE <table> SET <clause> WHERE scope = <scope>` on
+/// another connection; `snapshot(scope)` returns the row's columns as text.
+pub async fn corrupt_records_are_refused_unchanged(
+    shared: Arc<dyn Store>,
+    prefix: &str,
+    corruptions: &[&str],
+    set: impl AsyncFn(&str, &str),
+    snapshot: impl AsyncFn(&str) -> String,
+) {
+    let store = &*shared;
+    for (n, clause) in corruptions.iter().enumerate() {
+        let scope = crate::conformance::unique_scope(&format!("{prefix}-{n}"));
+        let k = RecordKey::new(&scope, "m-1").unwrap();
+        let token = acquire(store, &req(&k, TTL)).await;
+        // a released record: a claim would take it over
+        assert_eq!(
+            store.release(&Release { key: &k, token }).await.unwrap(),
+            Fence::Held
+        );
+        // the claim that owns it now, whose steps must also see the corruption
+        let token = acquire(store, &req(&k, TTL)).await;
+        set(&scope, clause).await;
+        let before = snapshot(&scope).await;
+        let check = |step: &str, e: idempotent_runtime::StoreError| {
+            assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{clause}: {step}: {e:?}");
+            assert!(!e.is_retryable(), "{clause}: {step}");
+            assert!(
+                e.to_string().contains(&scope),
+                "{clause}: {step}: the error names the scope: {e}"
+            );
+        };
+        check("claim", store.claim(&req(&k, TTL)).await.unwrap_err());
+        // a batch with a corrupt record fails as a whole and claims nothing
+        let fresh = RecordKey::new(&scope, "fresh").unwrap();
+        check(
+            "claim_batch",
+            store
+                .claim_batch(&[req(&fresh, TTL), req(&k, TTL)])
+                .await
+                .unwrap_err(),
+        );
+        assert!(
+            store.inspect(&fresh).await.unwrap().is_none(),
+            "{clause}: the batch claimed another key"
+        );
+        check("inspect", store.inspect(&k).await.unwrap_err());
+        let completion = Completion {
+            key: &k,
+            token,
+            output: Some(b"1"),
+            ttl: TTL,
+        };
+        check("complete", store.complete(&completion).await.unwrap_err());
+        check(
+            "complete_batch",
+            store.complete_batch(&[completion]).await.unwrap_err(),
+        );
+        let release = Release { key: &k, token };
+        check("release", store.release(&release).await.unwrap_err());
+        check(
+            "release_batch",
+            store.release_batch(&[release]).await.unwrap_err(),
+        );
+        check("renew", store.renew(&k, token, TTL).await.unwrap_err());
+        // the protocol: a non-retryable store error, the body does not run
+        let h = Idempotency::new(scope.clone()).shared_store(shared.clone());
+        let runs = AtomicU32::new(0);
+        let r: Result<u32, Error> = h
+            .run("m-1", async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(1)
+            })
+            .await;
+        match r {
+            Err(Error::Store(e)) => check("run", e),
+            other => panic!("{clause}: expected a Corrupt store error, got {other:?}"),
+        }
+        assert_eq!(runs.load(Ordering::SeqCst), 0, "{clause}: the body ran");
+        assert_eq!(snapshot(&scope).await, before, "{clause}: the row changed");
+    }
+}
+
+/// Regression: a completion applied by the store whose reply was lost is retried
+/// with the same token; the store answered `Lost` (the record was already Completed,
+/// by this very claim), and the protocol reported a take-over that never happened. A
+/// completion that finds the record Completed by its own claim is `Held`, alone or in
+/// a batch (also a key repeated in one batch); any other token, and a record that is
+/// not Completed, is still `Lost`.
+pub async fn repeated_completion_by_the_same_claim_is_held(store: &dyn Store) {
+    let scope = crate::conformance::unique_scope("sql-complete-again");
+    let keys: Vec<RecordKey> = (0..4)
+        .map(|i| RecordKey::new(&scope, &format!("m-{i}")).unwrap())
+        .collect();
+    let mut tokens = Vec::new();
+    for k in &keys {
+        tokens.push(acquire(store, &req(k, TTL)).await);
+    }
+    let completion = |i: usize, token| Completion {
+        key: &keys[i],
+        token,
+        output: Some(b"7"),
+        ttl: TTL,
+    };
+    assert_eq!(
+        store.complete(&completion(0, tokens[0])).await.unwrap(),
+        Fence::Held
+    );
+    // the same completion again (its first reply lost)
+    assert_eq!(
+        store.complete(&completion(0, tokens[0])).await.unwrap(),
+        Fence::Held
+    );
+    // another token: Lost
+    let other = idempotent_runtime::Token(tokens[0].get() + 1);
+    assert_eq!(
+        store.complete(&completion(0, other)).await.unwrap(),
+        Fence::Lost
+    );
+    // batches: an item completed before, a fresh one, the fresh one repeated, a stale
+    // token, and a key released (not Completed) by its own claim
+    store.complete(&completion(1, tokens[1])).await.unwrap();
+    store
+        .release(&Release {
+            key: &keys[3],
+            token: tokens[3],
+        })
+        .await
+        .unwrap();
+    let batch = [
+        completion(1, tokens[1]),
+        completion(2, tokens[2]),
+        completion(2, tokens[2]),
+        completion(1, idempotent_runtime::Token(tokens[1].get() + 1)),
+        completion(3, tokens[3]),
+    ];
+    assert_eq!(
+        store.complete_batch(&batch).await.unwrap(),
+        vec![
+            Fence::Held,
+            Fence::Held,
+            Fence::Held,
+            Fence::Lost,
+            Fence::Lost
+        ]
+    );
+    for (i, k) in keys.iter().enumerate().take(3) {
+        match store.claim(&req(k, TTL)).await.unwrap() {
+            ClaimOutcome::Completed { output } => assert_eq!(output.as_deref(), Some(&b"7"[..])),
+            other => panic!("key {i}: expected Completed, got {other:?}"),
+        }
+    }
+    assert_eq!(
+        store.inspect(&keys[3]).await.unwrap().unwrap().state,
+        idempotent_runtime::RecordState::Released
+    );
+}
+
+/// Regression: connecting to a port nothing listens on took the pool's acquire
+/// timeout (30 s) and said only "pool timed out while waiting for an open
+/// connection". `connect` must fail well under a second, with kind `Unavailable` and
+/// the refused connection in its error chain.
+pub async fn refused_connection_fails_fast<T: std::fmt::Debug>(
+    connect: impl Future<Output = Result<T, idempotent_runtime::StoreError>>,
+) {
+    let started = std::time::Instant::now();
+    let e = connect.await.unwrap_err();
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(1), "connect took {took:?}: {e}");
+    assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e:?}");
+    let mut chain = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        chain.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    assert!(
+        chain.to_lowercase().contains("refused"),
+        "the cause is in the error chain: {chain}"
+    );
+}

@@ -9,14 +9,15 @@ use idempotent_runtime::sqlx::mysql::{
 };
 use idempotent_runtime::sqlx::{self, AssertSqlSafe, Executor};
 use idempotent_runtime::{
-    ClaimOutcome, Completion, Fence, MySqlStore, RecordKey, RecordState, Release, Store,
-    StoreErrorKind, Token,
+    ClaimOutcome, Completion, Error, Fence, Idempotency, MySqlStore, RecordKey, RecordState,
+    Release, Store, StoreErrorKind, Token,
 };
 use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::proxy::{Proxy, Wire};
 use idempotent_tests::sql_support::{
-    self, TTL, acquire, env_url, fails_closed_while_the_server_is_away, free_port,
-    poison_is_shared, purge_and_sweep_table, race_two_stores, req, single_steps_are_one_round_trip,
+    self, CORRUPTIONS, TTL, acquire, corrupt_records_are_refused_unchanged, env_url,
+    fails_closed_while_the_server_is_away, free_port, poison_is_shared, purge_and_sweep_table,
+    race_two_stores, refused_connection_fails_fast, req, single_steps_are_one_round_trip,
     sql_keys_are_data, unique_name,
 };
 use std::str::FromStr;
@@ -226,9 +227,10 @@ async fn batch_fences_are_per_item() {
             ttl: TTL,
         })
         .collect();
+    // key 1 and the repeat of key 0 are Completed by the item's own claim: Held
     assert_eq!(
         store.complete_batch(&completions).await.unwrap(),
-        vec![Fence::Held, Fence::Lost, Fence::Lost, Fence::Lost]
+        vec![Fence::Held, Fence::Held, Fence::Lost, Fence::Held]
     );
     let releases: Vec<Release<'_>> = [3, 5, 3]
         .iter()
@@ -269,7 +271,7 @@ async fn claims_work_without_the_procedure() {
     let store = MySqlStore::connect_with_table(&url(), &table)
         .await
         .unwrap();
-    exec(&admin, &format!("DROP PROCEDURE `{table}_claim_v1`")).await;
+    exec(&admin, &format!("DROP PROCEDURE `{table}_claim_v2`")).await;
     let store = MySqlStore::from_pool(store.pool().clone())
         .with_table(&table)
         .unwrap();
@@ -293,7 +295,7 @@ async fn claims_work_without_the_procedure() {
     let k2 = RecordKey::new(&scope, "m-2").unwrap();
     acquire(&store, &req(&k2, TTL)).await;
     exec(&admin, &format!("DROP TABLE `{table}`")).await;
-    exec(&admin, &format!("DROP PROCEDURE `{table}_claim_v1`")).await;
+    exec(&admin, &format!("DROP PROCEDURE `{table}_claim_v2`")).await;
 }
 
 /// Lease and expiry decisions use the database clock: a store whose sessions run two
@@ -357,7 +359,7 @@ async fn killed_connection_fails_closed_and_recovers() {
         async |scope| {
             let mut tx = admin.begin().await.unwrap();
             sqlx::query("SELECT 1 FROM message_idempotent WHERE scope = ? FOR UPDATE")
-                .bind(scope)
+                .bind(scope.as_bytes())
                 .execute(&mut *tx)
                 .await
                 .unwrap();
@@ -421,7 +423,7 @@ async fn table_names_are_validated_and_custom_tables_work() {
     .unwrap();
     assert_eq!(n, 1);
     exec(&admin, &format!("DROP TABLE test.`{name}`")).await;
-    exec(&admin, &format!("DROP PROCEDURE test.`{name}_claim_v1`")).await;
+    exec(&admin, &format!("DROP PROCEDURE test.`{name}_claim_v2`")).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -446,7 +448,7 @@ async fn purge_deletes_expired_rows_in_batches_and_the_sweeper_runs_it() {
     // the table is gone; its claim procedure goes too
     exec(
         &admin,
-        &format!("DROP PROCEDURE `{}_claim_v1`", store.table()),
+        &format!("DROP PROCEDURE `{}_claim_v2`", store.table()),
     )
     .await;
 }
@@ -462,7 +464,7 @@ async fn foreign_rows_are_corrupt_errors_and_columns_are_classic() {
     let (id, status, retry, lease): (Vec<u8>, i8, i32, Option<i64>) = sqlx::query_as(
         "SELECT message_id, status, retry_times, lease_until_us FROM message_idempotent WHERE scope = ?",
     )
-    .bind(&scope)
+    .bind(scope.as_bytes())
     .fetch_one(&admin)
     .await
     .unwrap();
@@ -475,7 +477,7 @@ async fn foreign_rows_are_corrupt_errors_and_columns_are_classic() {
         RecordState::Released
     );
     sqlx::query("UPDATE message_idempotent SET status = 7 WHERE scope = ?")
-        .bind(&scope)
+        .bind(scope.as_bytes())
         .execute(&admin)
         .await
         .unwrap();
@@ -483,11 +485,249 @@ async fn foreign_rows_are_corrupt_errors_and_columns_are_classic() {
     assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e:?}");
 }
 
+/// Regression: connecting to a closed port took 30 s and said only "pool timed out
+/// while waiting for an open connection"; it fails at once with the refused
+/// connection as the cause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreachable_server_is_unavailable() {
-    let port = free_port();
-    let e = MySqlStore::connect(&format!("mysql://root@127.0.0.1:{port}/test"))
+async fn unreachable_server_fails_fast_with_the_cause() {
+    let url = format!("mysql://root@127.0.0.1:{}/test", free_port());
+    refused_connection_fails_fast(MySqlStore::connect(&url)).await;
+    refused_connection_fails_fast(MySqlStore::connect_with_table(&url, "t")).await;
+}
+
+/// Regression: the `scope` column was `VARCHAR … COLLATE utf8mb4_bin`, a PAD SPACE
+/// collation, so `"h_sc"` and `"h_sc "` were one primary key: the handler of the
+/// second scope replayed the first one's output without running. Scopes are bytes
+/// now; every byte is data, in single steps and batches alike.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scopes_differing_only_by_trailing_spaces_are_separate_records() {
+    let table = unique_name("idem_pad");
+    let store = MySqlStore::connect_with_table(&url(), &table)
         .await
-        .unwrap_err();
-    assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e:?}");
+        .unwrap();
+    let scope = unique_scope("h_sc");
+    let scopes = [
+        scope.clone(),
+        format!("{scope} "),
+        format!("{scope}  "),
+        format!("{scope}\t"),
+    ];
+    for (n, s) in scopes.iter().enumerate() {
+        let h = Idempotency::new(s.clone()).store(store.clone());
+        let r: Result<usize, Error> = h.run("k", async move { Ok(n) }).await;
+        assert_eq!(r.unwrap(), n, "scope {s:?} runs its own body");
+    }
+    for (n, s) in scopes.iter().enumerate() {
+        let k = RecordKey::new(s, "k").unwrap();
+        let rec = store.inspect(&k).await.unwrap().unwrap();
+        assert_eq!(rec.output, Some(n.to_string().into_bytes()), "{s:?}");
+    }
+    // a batch over the same key in each scope
+    let keys: Vec<RecordKey> = scopes
+        .iter()
+        .map(|s| RecordKey::new(s, "b").unwrap())
+        .collect();
+    let reqs: Vec<_> = keys.iter().map(|k| req(k, TTL)).collect();
+    let out = store.claim_batch(&reqs).await.unwrap();
+    assert!(
+        out.iter()
+            .all(|o| matches!(o, ClaimOutcome::Acquired { attempt: 1, .. })),
+        "{out:?}"
+    );
+    let admin = admin().await;
+    exec(&admin, &format!("DROP TABLE `{table}`")).await;
+    exec(&admin, &format!("DROP PROCEDURE `{table}_claim_v2`")).await;
+}
+
+/// Regression (migration): a table made by an earlier version, with the `VARCHAR`
+/// scope column and the old claim procedure, is migrated by `connect`: the column
+/// becomes `VARBINARY(200)` with its records intact, the new claim procedure is
+/// created beside the old one (which processes of the earlier version still call),
+/// and scopes differing by trailing spaces are then separate.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connect_migrates_a_table_with_a_varchar_scope() {
+    connect().await;
+    let admin = admin().await;
+    let table = unique_name("idem_oldscope");
+    exec(
+        &admin,
+        &format!(
+            "CREATE TABLE `{table}` (\
+             scope VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, \
+             message_id VARBINARY(130) NOT NULL, status TINYINT NOT NULL, \
+             retry_times INT NOT NULL, owner_token BIGINT NOT NULL, \
+             lease_until_us BIGINT NULL, expires_at_us BIGINT NOT NULL, \
+             fingerprint VARBINARY(32) NULL, output LONGBLOB NULL, \
+             PRIMARY KEY (scope, message_id), KEY expires_at_us_idx (expires_at_us)) \
+             ENGINE = InnoDB"
+        ),
+    )
+    .await;
+    // sent as text: CREATE PROCEDURE cannot be a prepared statement
+    sqlx::raw_sql(AssertSqlSafe(format!(
+        "CREATE PROCEDURE `{table}_claim_v1` () BEGIN SELECT 1; END"
+    )))
+    .execute(&admin)
+    .await
+    .unwrap();
+    let scope = unique_scope("old");
+    let old = RecordKey::new(&scope, "k").unwrap();
+    sqlx::query(AssertSqlSafe(format!(
+        "INSERT INTO `{table}` (scope, message_id, status, retry_times, owner_token, \
+            lease_until_us, expires_at_us, fingerprint, output) \
+         VALUES (?, ?, 1, 1, 1, NULL, \
+            TIMESTAMPDIFF(MICROSECOND, '1970-01-01', UTC_TIMESTAMP(6)) + 3600000000, NULL, '5')"
+    )))
+    .bind(&scope)
+    .bind(old.key())
+    .execute(&admin)
+    .await
+    .unwrap();
+
+    let store = MySqlStore::connect_with_table(&url(), &table)
+        .await
+        .unwrap();
+    let column: String = sqlx::query_scalar(
+        "SELECT CAST(COLUMN_TYPE AS CHAR) FROM information_schema.COLUMNS \
+         WHERE TABLE_SCHEMA = DATABASE() AND TABLE_NAME = ? AND COLUMN_NAME = 'scope'",
+    )
+    .bind(&table)
+    .fetch_one(&admin)
+    .await
+    .unwrap();
+    assert_eq!(column, "varbinary(200)");
+    let procedures: Vec<String> = sqlx::query_scalar(
+        "SELECT CAST(ROUTINE_NAME AS CHAR) FROM information_schema.ROUTINES \
+         WHERE ROUTINE_SCHEMA = DATABASE() AND ROUTINE_NAME LIKE ? ORDER BY 1",
+    )
+    .bind(format!("{table}\\_%"))
+    .fetch_all(&admin)
+    .await
+    .unwrap();
+    assert_eq!(
+        procedures,
+        vec![format!("{table}_claim_v1"), format!("{table}_claim_v2")]
+    );
+
+    let h = Idempotency::new(scope.clone()).store(store.clone());
+    let r: Result<u32, Error> = h.run("k", async { Ok(9) }).await;
+    assert_eq!(r.unwrap(), 5, "the old record replays");
+    let h = Idempotency::new(format!("{scope} ")).store(store.clone());
+    let r: Result<u32, Error> = h.run("k", async { Ok(9) }).await;
+    assert_eq!(
+        r.unwrap(),
+        9,
+        "a scope with a trailing space is its own record"
+    );
+    // migrating again changes nothing
+    store.migrate().await.unwrap();
+    exec(&admin, &format!("DROP TABLE `{table}`")).await;
+    exec(&admin, &format!("DROP PROCEDURE `{table}_claim_v1`")).await;
+    exec(&admin, &format!("DROP PROCEDURE `{table}_claim_v2`")).await;
+}
+
+/// Runs `UPDATE <table> SET <clause> WHERE scope = <scope>` on `admin`.
+async fn corrupt(admin: &MySqlPool, table: &str, scope: &str, clause: &str) {
+    sqlx::query(AssertSqlSafe(format!(
+        "UPDATE `{table}` SET {clause} WHERE scope = ?"
+    )))
+    .bind(scope.as_bytes())
+    .execute(admin)
+    .await
+    .unwrap_or_else(|e| panic!("{clause}: {e}"));
+}
+
+/// The row of `scope` in `table` as text.
+async fn snapshot(admin: &MySqlPool, table: &str, scope: &str) -> String {
+    sqlx::query_scalar(AssertSqlSafe(format!(
+        "SELECT CAST(CONCAT_WS(',', status, retry_times, owner_token, \
+            COALESCE(lease_until_us, 'null'), expires_at_us, COALESCE(HEX(fingerprint), ''), \
+            COALESCE(HEX(output), '')) AS CHAR) FROM `{table}` WHERE scope = ?"
+    )))
+    .bind(scope.as_bytes())
+    .fetch_one(admin)
+    .await
+    .unwrap()
+}
+
+/// Regression: a lease or expiry of `i64::MIN` made the claim procedure take the row
+/// over and then fail its final step, leaving the row claimed with an attempt used
+/// (the next delivery got `InProgress`). Every value the store never writes, in every
+/// column, is now a `Corrupt` error naming the scope, for every step, with the claim
+/// procedure and without it, and the row stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_records_fail_as_corrupt_and_stay_unchanged() {
+    let store = connect().await;
+    let admin = admin().await;
+    let t = "message_idempotent";
+    corrupt_records_are_refused_unchanged(
+        Arc::new(store.clone()),
+        "my-corrupt",
+        CORRUPTIONS,
+        async |scope, clause| corrupt(&admin, t, scope, clause).await,
+        async |scope| snapshot(&admin, t, scope).await,
+    )
+    .await;
+
+    // the two-statement claim (no procedure)
+    let table = unique_name("idem_corrupt");
+    let with_procedure = MySqlStore::connect_with_table(&url(), &table)
+        .await
+        .unwrap();
+    exec(&admin, &format!("DROP PROCEDURE `{table}_claim_v2`")).await;
+    let store = MySqlStore::from_pool(with_procedure.pool().clone())
+        .with_table(&table)
+        .unwrap();
+    corrupt_records_are_refused_unchanged(
+        Arc::new(store),
+        "my-corrupt-noproc",
+        CORRUPTIONS,
+        async |scope, clause| corrupt(&admin, &table, scope, clause).await,
+        async |scope| snapshot(&admin, &table, scope).await,
+    )
+    .await;
+    exec(&admin, &format!("DROP TABLE `{table}`")).await;
+}
+
+/// Regression: a completion applied but whose reply was lost, retried with the same
+/// token, was `Lost`; it is `Held`, alone and in batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_completion_by_the_same_claim_is_held() {
+    let store = connect().await;
+    sql_support::repeated_completion_by_the_same_claim_is_held(&store).await;
+}
+
+/// Regression: a lock wait timeout (or a deadlock) in a store step was
+/// `StoreErrorKind::Other`; it is a `Conflict` (retryable), as in transactional mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_wait_timeout_is_a_retryable_conflict() {
+    connect().await;
+    let admin = admin().await;
+    let pool = MySqlPoolOptions::new()
+        .max_connections(1)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                conn.execute("SET SESSION innodb_lock_wait_timeout = 1")
+                    .await?;
+                Ok(())
+            })
+        })
+        .connect_with(options())
+        .await
+        .unwrap();
+    let store = MySqlStore::from_pool(pool);
+    let scope = unique_scope("my-lockwait");
+    let k = RecordKey::new(&scope, "m").unwrap();
+    let t = acquire(&store, &req(&k, TTL)).await;
+    let mut tx = admin.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM message_idempotent WHERE scope = ? FOR UPDATE")
+        .bind(scope.as_bytes())
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let e = store.renew(&k, t, TTL).await.unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Conflict, "{e:?}");
+    assert!(e.is_retryable());
+    tx.rollback().await.unwrap();
+    assert_eq!(store.renew(&k, t, TTL).await.unwrap(), Fence::Held);
 }

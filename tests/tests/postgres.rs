@@ -7,14 +7,15 @@
 use idempotent_runtime::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use idempotent_runtime::sqlx::{self, AssertSqlSafe};
 use idempotent_runtime::{
-    ClaimOutcome, Completion, Fence, PostgresStore, RecordKey, RecordState, Release, Store,
-    StoreErrorKind, Token,
+    ClaimOutcome, Completion, Error, Fence, Idempotency, PostgresStore, RecordKey, RecordState,
+    Release, Store, StoreErrorKind, Token,
 };
 use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::proxy::{Proxy, Wire};
 use idempotent_tests::sql_support::{
-    self, TTL, acquire, env_url, fails_closed_while_the_server_is_away, free_port,
-    poison_is_shared, purge_and_sweep_table, race_two_stores, req, single_steps_are_one_round_trip,
+    self, CORRUPTIONS, TTL, acquire, corrupt_records_are_refused_unchanged, env_url,
+    fails_closed_while_the_server_is_away, free_port, poison_is_shared, purge_and_sweep_table,
+    race_two_stores, refused_connection_fails_fast, req, single_steps_are_one_round_trip,
     sql_keys_are_data, unique_name,
 };
 use std::str::FromStr;
@@ -347,11 +348,12 @@ async fn foreign_rows_are_corrupt_errors() {
         .unwrap();
     let e = store.inspect(&k).await.unwrap_err();
     assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e:?}");
-    // the fence still holds: the old token does not own the row any more
-    assert_eq!(
-        store.release(&Release { key: &k, token: t }).await.unwrap(),
-        Fence::Lost
-    );
+    // the owner's steps say so too, rather than that the claim was lost
+    let e = store
+        .release(&Release { key: &k, token: t })
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e:?}");
 }
 
 /// The states map onto the documented columns (`status`, `retry_times`, and a NULL
@@ -396,12 +398,142 @@ async fn rows_use_the_classic_columns() {
     assert_eq!((status, retry, lease), (1, 2, None));
 }
 
-/// A connection string that points nowhere is an `Unavailable` error, not a panic.
+/// Regression: connecting to a closed port took 30 s and said only "pool timed out
+/// while waiting for an open connection"; it fails at once, `Unavailable`, with the
+/// refused connection as the cause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn unreachable_server_is_unavailable() {
-    let port = free_port();
-    let url = format!("postgres://postgres@127.0.0.1:{port}/test");
-    let e = PostgresStore::connect(&url).await.unwrap_err();
-    assert_eq!(e.kind(), StoreErrorKind::Unavailable, "{e:?}");
-    assert!(std::error::Error::source(&e).is_some());
+async fn unreachable_server_fails_fast_with_the_cause() {
+    let url = format!("postgres://postgres@127.0.0.1:{}/test", free_port());
+    refused_connection_fails_fast(PostgresStore::connect(&url)).await;
+    refused_connection_fails_fast(PostgresStore::connect_with_table(&url, "t")).await;
+}
+
+/// Regression: a scope containing a NUL byte was reported as `Corrupt` ("the database
+/// returned data this store does not understand"); PostgreSQL cannot store NUL in a
+/// text column, so it is a request the database cannot store: `Rejected`, with a
+/// message naming the NUL, on every step and through the protocol (the body does not
+/// run).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn scope_with_a_nul_is_rejected_not_corrupt() {
+    let store = connect().await;
+    let scope = format!("{}\0tail", unique_scope("pg-nul"));
+    let k = RecordKey::new(&scope, "m").unwrap();
+    let check = |step: &str, e: idempotent_runtime::StoreError| {
+        assert_eq!(e.kind(), StoreErrorKind::Rejected, "{step}: {e:?}");
+        assert!(e.to_string().contains("NUL"), "{step}: {e}");
+    };
+    check("claim", store.claim(&req(&k, TTL)).await.unwrap_err());
+    check(
+        "claim_batch",
+        store.claim_batch(&[req(&k, TTL)]).await.unwrap_err(),
+    );
+    check("inspect", store.inspect(&k).await.unwrap_err());
+    check("forget", store.forget(&k).await.unwrap_err());
+    let c = Completion {
+        key: &k,
+        token: Token(1),
+        output: None,
+        ttl: TTL,
+    };
+    check("complete", store.complete(&c).await.unwrap_err());
+    check(
+        "complete_batch",
+        store.complete_batch(&[c]).await.unwrap_err(),
+    );
+    let r = Release {
+        key: &k,
+        token: Token(1),
+    };
+    check("release", store.release(&r).await.unwrap_err());
+    check(
+        "release_batch",
+        store.release_batch(&[r]).await.unwrap_err(),
+    );
+    check("renew", store.renew(&k, Token(1), TTL).await.unwrap_err());
+    let h = Idempotency::new(scope.clone()).store(store.clone());
+    let r: Result<u32, Error> = h.run("m", async { Ok(1) }).await;
+    match r {
+        Err(Error::Store(e)) => check("run", e),
+        other => panic!("expected a Rejected store error, got {other:?}"),
+    }
+}
+
+/// Regression: a lease of `i64::MIN` let a claim take the row over (and a row with
+/// an out-of-range value failed with a database error that named no record). Every
+/// value the store never writes, in every column, is a `Corrupt` error naming the
+/// scope, for every step, and the row stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_records_fail_as_corrupt_and_stay_unchanged() {
+    let store = connect().await;
+    let admin = admin().await;
+    corrupt_records_are_refused_unchanged(
+        Arc::new(store),
+        "pg-corrupt",
+        CORRUPTIONS,
+        async |scope, clause| {
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE message_idempotent SET {clause} WHERE scope = $1"
+            )))
+            .bind(scope)
+            .execute(&admin)
+            .await
+            .unwrap_or_else(|e| panic!("{clause}: {e}"));
+        },
+        async |scope| {
+            sqlx::query_scalar(
+                "SELECT concat_ws(',', status, retry_times, owner_token, \
+                    coalesce(lease_until_us::text, 'null'), expires_at_us, \
+                    encode(fingerprint, 'hex'), encode(output, 'hex')) \
+                 FROM message_idempotent WHERE scope = $1",
+            )
+            .bind(scope)
+            .fetch_one(&admin)
+            .await
+            .unwrap()
+        },
+    )
+    .await;
+}
+
+/// Regression: a completion applied but whose reply was lost, retried with the same
+/// token, was `Lost`; it is `Held`, alone and in batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_completion_by_the_same_claim_is_held() {
+    let store = connect().await;
+    sql_support::repeated_completion_by_the_same_claim_is_held(&store).await;
+}
+
+/// Regression: a lock timeout (or a deadlock, or a serialization failure) in a store
+/// step was `StoreErrorKind::Other`; it is a `Conflict` (retryable), as in
+/// transactional mode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lock_timeout_is_a_retryable_conflict() {
+    connect().await;
+    let admin = admin().await;
+    let pool = PgPoolOptions::new()
+        .max_connections(1)
+        .after_connect(|conn, _| {
+            Box::pin(async move {
+                sqlx::Executor::execute(&mut *conn, "SET lock_timeout = '300ms'").await?;
+                Ok(())
+            })
+        })
+        .connect_with(options())
+        .await
+        .unwrap();
+    let store = PostgresStore::from_pool(pool);
+    let scope = unique_scope("pg-lockwait");
+    let k = RecordKey::new(&scope, "m").unwrap();
+    let t = acquire(&store, &req(&k, TTL)).await;
+    let mut tx = admin.begin().await.unwrap();
+    sqlx::query("SELECT 1 FROM message_idempotent WHERE scope = $1 FOR UPDATE")
+        .bind(&scope)
+        .execute(&mut *tx)
+        .await
+        .unwrap();
+    let e = store.renew(&k, t, TTL).await.unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Conflict, "{e:?}");
+    assert!(e.is_retryable());
+    tx.rollback().await.unwrap();
+    assert_eq!(store.renew(&k, t, TTL).await.unwrap(), Fence::Held);
 }

@@ -12,8 +12,8 @@ use idempotent_runtime::{
 };
 use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::sql_support::{
-    TTL, acquire, poison_is_shared, purge_and_sweep, race_two_stores, req, sql_keys_are_data,
-    unique_name,
+    self, CORRUPTIONS, TTL, acquire, corrupt_records_are_refused_unchanged, poison_is_shared,
+    purge_and_sweep, race_two_stores, req, sql_keys_are_data, unique_name,
 };
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -260,11 +260,15 @@ async fn table_names_purge_and_bad_data() {
     assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e:?}");
 }
 
+/// Regression: a database file that cannot be opened (its directory does not exist)
+/// is an error at once that names the file and the cause.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_file_that_cannot_be_opened_is_an_error() {
+async fn a_file_that_cannot_be_opened_is_an_error_naming_the_cause() {
+    let started = std::time::Instant::now();
     let e = SqliteStore::connect("sqlite:///nonexistent-dir/x/y.db?mode=rwc")
         .await
         .unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(1), "{e}");
     assert!(
         matches!(
             e.kind(),
@@ -272,6 +276,70 @@ async fn a_file_that_cannot_be_opened_is_an_error() {
         ),
         "{e:?}"
     );
+    let message = e.to_string();
+    assert!(message.contains("/nonexistent-dir/x/y.db"), "{message}");
+    assert!(message.contains("does not exist"), "{message}");
+}
+
+/// Regression: a non-integer value in `lease_until_us` made every delivery fail with
+/// a retryable "the record changed under every claim attempt" (so the message was
+/// redelivered forever) instead of `Corrupt`. SQLite columns take any type: every
+/// value of the wrong type or out of range, in every column, is now a `Corrupt` error
+/// naming the scope, for every step, and the row stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_records_fail_as_corrupt_and_stay_unchanged() {
+    let db = TempDb::new();
+    let store = open(&db).await;
+    let pool = store.pool().clone();
+    let mut corruptions = CORRUPTIONS.to_vec();
+    corruptions.extend([
+        "lease_until_us = 'abc'",
+        "lease_until_us = 1.5",
+        "expires_at_us = 'soon'",
+        "status = '1x'",
+        "status = 0.5",
+        "retry_times = 1.5",
+        "retry_times = x'00'",
+        "owner_token = 'token'",
+        "fingerprint = 5",
+        "output = 1.5",
+    ]);
+    corrupt_records_are_refused_unchanged(
+        Arc::new(store),
+        "lite-corrupt",
+        &corruptions,
+        async |scope, clause| {
+            sqlx::query(AssertSqlSafe(format!(
+                "UPDATE message_idempotent SET {clause} WHERE scope = ?"
+            )))
+            .bind(scope)
+            .execute(&pool)
+            .await
+            .unwrap_or_else(|e| panic!("{clause}: {e}"));
+        },
+        async |scope| {
+            sqlx::query_scalar(
+                "SELECT quote(status) || ',' || quote(retry_times) || ',' || quote(owner_token) \
+                    || ',' || quote(lease_until_us) || ',' || quote(expires_at_us) || ',' \
+                    || quote(fingerprint) || ',' || quote(output) \
+                 FROM message_idempotent WHERE scope = ?",
+            )
+            .bind(scope)
+            .fetch_one(&pool)
+            .await
+            .unwrap()
+        },
+    )
+    .await;
+}
+
+/// Regression: a completion applied but whose reply was lost, retried with the same
+/// token, was `Lost`; it is `Held`, alone and in batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn repeated_completion_by_the_same_claim_is_held() {
+    let db = TempDb::new();
+    let store = open(&db).await;
+    sql_support::repeated_completion_by_the_same_claim_is_held(&store).await;
 }
 
 /// Regression: a renewal waiting for the writer connection when the body returned kept

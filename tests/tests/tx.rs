@@ -67,7 +67,8 @@ impl Payment {
     }
 }
 
-/// The per-database cases; each module defines `Db`, `INSERT`, `COUNT`, `env()`.
+/// The per-database cases; each module defines `Db`, `INSERT`, `COUNT`, `CORRUPT`,
+/// `env()`.
 macro_rules! tx_cases {
     () => {
         /// Inserts the ledger row, then fails if the payment is declined.
@@ -168,6 +169,34 @@ macro_rules! tx_cases {
 
         fn payment(prefix: &str) -> Payment {
             Payment::new(unique_name(prefix))
+        }
+
+        /// Regression: a record holding a value the stores never write (here a status
+        /// of 7) fails a delivery with a non-retryable `Corrupt` error that names the
+        /// record's scope; the body does not run and the row is left as it was.
+        #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn corrupt_record_fails_the_delivery_as_corrupt() {
+            let env = env().await;
+            let p = payment("corrupt");
+            deliver(&env.pool, &p).await;
+            sqlx::query(CORRUPT)
+                .bind(key(&p.id).key())
+                .execute(&env.pool)
+                .await
+                .expect("corrupt the record");
+            let mut tx = env.pool.begin().await.expect("begin");
+            match pay(&p, &mut tx).await {
+                Err(AppError::Idempotency(Error::Store(e))) => {
+                    assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e:?}");
+                    assert!(!e.is_retryable());
+                    assert!(e.to_string().contains(key(&p.id).scope()), "{e}");
+                }
+                other => panic!("expected a Corrupt store error, got {other:?}"),
+            }
+            tx.rollback().await.expect("rollback");
+            assert_eq!(ledger(&env.pool, &p.id).await.0, 1, "the body ran again");
+            let e = env.store.inspect(&key(&p.id)).await.unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e:?}");
         }
 
         #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -492,6 +521,7 @@ mod postgres {
     const URL_VAR: &str = "IDEMPOTENT_POSTGRES_URL";
     const INSERT: &str = "INSERT INTO tx_ledger (payment_id, seq, amount) VALUES ($1, $2, $3)";
     const COUNT: &str = "SELECT COUNT(*), MIN(seq) FROM tx_ledger WHERE payment_id = $1";
+    const CORRUPT: &str = "UPDATE message_idempotent SET status = 7 WHERE message_id = $1";
 
     async fn env() -> Env {
         let url = env_url(URL_VAR, "postgres://postgres@127.0.0.1:5432/test");
@@ -584,6 +614,7 @@ mod mysql {
     const URL_VAR: &str = "IDEMPOTENT_MYSQL_URL";
     const INSERT: &str = "INSERT INTO tx_ledger (payment_id, seq, amount) VALUES (?, ?, ?)";
     const COUNT: &str = "SELECT COUNT(*), MIN(seq) FROM tx_ledger WHERE payment_id = ?";
+    const CORRUPT: &str = "UPDATE message_idempotent SET status = 7 WHERE message_id = ?";
 
     async fn env() -> Env {
         let url = env_url(URL_VAR, "mysql://root@127.0.0.1:3306/test");
@@ -668,6 +699,7 @@ mod sqlite {
     type Env = super::EnvOf<Db>;
     const INSERT: &str = "INSERT INTO tx_ledger (payment_id, seq, amount) VALUES (?1, ?2, ?3)";
     const COUNT: &str = "SELECT COUNT(*), MIN(seq) FROM tx_ledger WHERE payment_id = ?1";
+    const CORRUPT: &str = "UPDATE message_idempotent SET status = 7 WHERE message_id = ?1";
 
     /// One database file per test, removed with the test's `Env`.
     async fn env() -> Env {

@@ -140,11 +140,6 @@ pub(crate) fn sql(s: String) -> SqlStr {
     sqlx::SqlSafeStr::into_sql_str(AssertSqlSafe(Arc::<str>::from(s)))
 }
 
-/// The fence of a compare-and-set write that matched `rows` rows.
-pub(crate) fn fence(rows: u64) -> Fence {
-    if rows > 0 { Fence::Held } else { Fence::Lost }
-}
-
 /// Binds the protocol's values, in the order every store's statements take them.
 pub(crate) trait BindExt: Sized {
     /// `scope, message_id`.
@@ -159,14 +154,19 @@ pub(crate) trait BindExt: Sized {
 
 impl<DB> BindExt for Query<'_, DB, DB::Arguments>
 where
-    DB: Database,
+    DB: SqlDatabase,
     for<'a> &'a str: Encode<'a, DB> + Type<DB>,
     for<'a> &'a [u8]: Encode<'a, DB> + Type<DB>,
     for<'a> Option<&'a [u8]>: Encode<'a, DB> + Type<DB>,
     for<'a> i64: Encode<'a, DB> + Type<DB>,
 {
     fn bind_key(self, key: &RecordKey) -> Self {
-        self.bind(key.scope()).bind(key.key())
+        let q = if DB::SCOPE_AS_BYTES {
+            self.bind(key.scope().as_bytes())
+        } else {
+            self.bind(key.scope())
+        };
+        q.bind(key.key())
     }
 
     fn bind_owned(self, key: &RecordKey, token: Token) -> Self {
@@ -189,6 +189,10 @@ where
 
 /// A database the SQL stores run on: how the errors its server returns are classified.
 pub(crate) trait SqlDatabase: Database {
+    /// Whether the `scope` column holds bytes (bound as bytes, compared byte for byte)
+    /// rather than text.
+    const SCOPE_AS_BYTES: bool = false;
+
     /// The kind of an error the server returned.
     fn classify(e: &dyn DatabaseError) -> StoreErrorKind;
 
@@ -196,19 +200,15 @@ pub(crate) trait SqlDatabase: Database {
     fn rows_affected(done: &Self::QueryResult) -> u64;
 
     /// Whether an error the server returned is a conflict with a concurrent
-    /// transaction (deadlock, serialization failure, lock wait): in transactional mode
-    /// the caller rolls back and redelivers.
+    /// transaction (deadlock, serialization failure, lock wait timeout): the statement
+    /// (in transactional mode, the whole transaction) was rolled back and a retry may
+    /// succeed.
     fn conflict(e: &dyn DatabaseError) -> bool;
 
-    /// Wraps a driver error of the operation `op`, classifying it.
+    /// Wraps a driver error of the operation `op`, classifying it: conflicts are
+    /// [`StoreErrorKind::Conflict`], other errors the server returned are classified
+    /// by [`classify`](Self::classify).
     fn err(op: &str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
-        move |e| sql_error(op, e, Self::classify)
-    }
-
-    /// Wraps a driver error of the operation `op` in transactional mode: conflicts
-    /// are [`StoreErrorKind::Conflict`], everything else is classified as the stores
-    /// do.
-    fn tx_err(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
         move |e| {
             let conflicted = matches!(&e, sqlx::Error::Database(d) if Self::conflict(d.as_ref()));
             if conflicted {
@@ -218,6 +218,35 @@ pub(crate) trait SqlDatabase: Database {
             }
         }
     }
+}
+
+/// Opens a pool with `pool` on `options`, failing fast: the first connection is
+/// opened directly (bounded by the pool's acquire timeout), so a refused connection, a
+/// bad password or an unknown host is reported at once, as its own error (kind
+/// [`StoreErrorKind::Unavailable`] for a server that cannot be reached), instead of
+/// after the pool's acquire timeout. The pool keeps its acquire timeout for later use.
+pub(crate) async fn open_pool<DB>(
+    pool: sqlx::pool::PoolOptions<DB>,
+    options: <DB::Connection as sqlx::Connection>::Options,
+    op: &str,
+) -> Result<sqlx::Pool<DB>, StoreError>
+where
+    DB: SqlDatabase,
+{
+    use sqlx::Connection;
+    let limit = pool.get_acquire_timeout();
+    let first = tokio::time::timeout(limit, DB::Connection::connect_with(&options))
+        .await
+        .map_err(|_| {
+            StoreError::new(
+                StoreErrorKind::Unavailable,
+                format!("{op}: the database did not accept a connection within {limit:?}"),
+            )
+        })?
+        .map_err(DB::err(op))?;
+    // the pool opens its own connections; this one only proved the server answers
+    let _ = first.close().await;
+    pool.connect_with(options).await.map_err(DB::err(op))
 }
 
 /// Runs one write on `conn`: the rows it matched. `err` wraps a driver error.
@@ -267,18 +296,6 @@ pub(crate) fn from_micros(us: i64) -> Duration {
     Duration::from_micros(u64::try_from(us).unwrap_or(0))
 }
 
-/// A token read from a `BIGINT` column.
-pub(crate) fn token(raw: i64) -> Result<Token, StoreError> {
-    u64::try_from(raw)
-        .map(Token)
-        .map_err(|_| corrupt(format!("negative owner_token {raw}")))
-}
-
-/// An attempt count read from the `retry_times` column.
-pub(crate) fn attempts(raw: i64) -> Result<u32, StoreError> {
-    u32::try_from(raw).map_err(|_| corrupt(format!("retry_times out of range: {raw}")))
-}
-
 /// A token as a `BIGINT` parameter. Tokens the stores issue are microseconds since the
 /// epoch, far below `i64::MAX`; a larger one cannot own any record.
 pub(crate) fn token_param(t: Token) -> i64 {
@@ -295,12 +312,59 @@ pub(crate) fn corrupt(message: String) -> StoreError {
     StoreError::new(StoreErrorKind::Corrupt, message)
 }
 
-/// One record row as every store reads it: times are relative to the database clock
-/// at the moment of the read.
+/// The error for a record whose row holds a value this store never writes: names the
+/// record's scope (never its key, which is message data) and what is wrong.
+pub(crate) fn corrupt_record(scope: &str, what: impl fmt::Display) -> StoreError {
+    corrupt(format!(
+        "the record of scope {scope:?} is corrupt: {what}; fix the row or forget the record"
+    ))
+}
+
+/// Largest `retry_times` a valid row holds: one more attempt must still fit the
+/// column (`INT`).
+pub(crate) const MAX_ATTEMPTS_VALUE: i64 = i32::MAX as i64 - 1;
+
+/// The SQL condition "the row `r` holds only values this store writes": a status of 0
+/// or 1, an attempt count, token, lease deadline and expiry within range (so that one
+/// more attempt, the next token and every time computed from them fit a `BIGINT`), and
+/// on SQLite, whose columns take any type, integers in the integer columns and bytes
+/// (or text) in the fingerprint and output. Claims and the compare-and-set writes
+/// touch only such rows; any other row is reported as [`StoreErrorKind::Corrupt`] by
+/// [`RowView::decode`], which applies the same rules.
+pub(crate) fn sane(r: &str, sqlite: bool) -> String {
+    let mut s = format!(
+        "{r}status IN (0, 1) AND {r}retry_times BETWEEN 0 AND {MAX_ATTEMPTS_VALUE} \
+         AND {r}owner_token BETWEEN 0 AND {max_token} \
+         AND ({r}lease_until_us IS NULL OR {r}lease_until_us BETWEEN 0 AND {MAX_TIME}) \
+         AND {r}expires_at_us BETWEEN 0 AND {MAX_TIME}",
+        max_token = i64::MAX - 1,
+    );
+    if sqlite {
+        s.push_str(&format!(
+            " AND typeof({r}status) = 'integer' AND typeof({r}retry_times) = 'integer' \
+             AND typeof({r}owner_token) = 'integer' AND typeof({r}expires_at_us) = 'integer' \
+             AND typeof({r}lease_until_us) IN ('integer', 'null') \
+             AND typeof({r}fingerprint) IN ('blob', 'text', 'null') \
+             AND typeof({r}output) IN ('blob', 'text', 'null')"
+        ));
+    }
+    s
+}
+
+/// Largest time a valid row holds: far beyond any clock reading plus [`MAX_MICROS`],
+/// and small enough that subtracting a clock reading or adding a duration of up to
+/// [`MAX_MICROS`] fits a `BIGINT`.
+pub(crate) const MAX_TIME: i64 = 4 * MAX_MICROS;
+
+/// One record row as every store reads it, checked: every value is one this store
+/// writes (see [`sane`]). Times are relative to the database clock at the moment of
+/// the read.
 #[derive(Debug)]
 pub(crate) struct RowView {
-    pub(crate) status: i64,
-    pub(crate) attempts: i64,
+    pub(crate) state: RecordState,
+    /// Attempts claimed so far.
+    pub(crate) attempts: u32,
+    /// The `owner_token` column (non-negative).
     pub(crate) token: i64,
     /// `lease_until_us - now`, `None` when the lease column is NULL.
     pub(crate) lease_left: Option<i64>,
@@ -311,91 +375,192 @@ pub(crate) struct RowView {
 }
 
 impl RowView {
-    /// Decodes the columns `status, retry_times, owner_token, lease_left, expires_left,
-    /// fingerprint, output` starting at column `at`.
-    pub(crate) fn decode<'r, R>(row: &'r R, at: usize) -> Result<Self, StoreError>
+    /// Decodes and checks the columns `status, retry_times, owner_token,
+    /// lease_until_us, expires_at_us, fingerprint, output, now_us` (integers as
+    /// `BIGINT`) starting at column `at`, of a row of the record of scope `scope`. A
+    /// value this store never writes (a status other than 0 or 1, a negative token,
+    /// attempt count or time, a value of the wrong type) is a
+    /// [`StoreErrorKind::Corrupt`] error naming the scope.
+    pub(crate) fn decode<'r, R>(row: &'r R, at: usize, scope: &str) -> Result<Self, StoreError>
     where
         R: sqlx::Row,
         usize: sqlx::ColumnIndex<R>,
         i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
         Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
     {
-        let get_i64 = |i: usize| row.try_get::<i64, _>(at + i).map_err(decode_error);
-        let get_opt_i64 = |i: usize| row.try_get::<Option<i64>, _>(at + i).map_err(decode_error);
-        let get_bytes = |i: usize| {
-            row.try_get::<Option<Vec<u8>>, _>(at + i)
-                .map_err(decode_error)
+        const NAMES: [&str; 8] = [
+            "status",
+            "retry_times",
+            "owner_token",
+            "lease_until_us",
+            "expires_at_us",
+            "fingerprint",
+            "output",
+            "the database clock",
+        ];
+        let bad = |i: usize, e: sqlx::Error| match e {
+            sqlx::Error::ColumnNotFound(_) | sqlx::Error::ColumnIndexOutOfBounds { .. } => {
+                StoreError::with_source(
+                    StoreErrorKind::Rejected,
+                    "a record row does not have the expected columns",
+                    e,
+                )
+            }
+            e => StoreError::with_source(
+                StoreErrorKind::Corrupt,
+                format!(
+                    "the record of scope {scope:?} is corrupt: `{}` does not hold a value of \
+                     its type; fix the row or forget the record",
+                    NAMES[i]
+                ),
+                e,
+            ),
         };
+        let int = |i: usize| row.try_get::<Option<i64>, _>(at + i).map_err(|e| bad(i, e));
+        let bytes = |i: usize| {
+            row.try_get::<Option<Vec<u8>>, _>(at + i)
+                .map_err(|e| bad(i, e))
+        };
+        let required = |i: usize| -> Result<i64, StoreError> {
+            int(i)?.ok_or_else(|| corrupt_record(scope, format_args!("`{}` is NULL", NAMES[i])))
+        };
+        let status = required(0)?;
+        let attempts = required(1)?;
+        let token = required(2)?;
+        let lease = int(3)?;
+        let expires = required(4)?;
+        let fingerprint = bytes(5)?;
+        let output = bytes(6)?;
+        let now = required(7)?;
+        let state = match (status, lease) {
+            (1, _) => RecordState::Completed,
+            (0, Some(_)) => RecordState::InProgress,
+            (0, None) => RecordState::Released,
+            (s, _) => {
+                return Err(corrupt_record(
+                    scope,
+                    format_args!("status {s} is neither 0 (not yet consumed) nor 1 (consumed)"),
+                ));
+            }
+        };
+        if !(0..=MAX_ATTEMPTS_VALUE).contains(&attempts) {
+            return Err(corrupt_record(
+                scope,
+                format_args!("retry_times {attempts} is out of range"),
+            ));
+        }
+        if !(0..i64::MAX).contains(&token) {
+            return Err(corrupt_record(
+                scope,
+                format_args!("owner_token {token} is out of range"),
+            ));
+        }
+        for (name, t) in [("lease_until_us", lease), ("expires_at_us", Some(expires))] {
+            if let Some(t) = t
+                && !(0..=MAX_TIME).contains(&t)
+            {
+                return Err(corrupt_record(
+                    scope,
+                    format_args!("{name} {t} is out of range"),
+                ));
+            }
+        }
+        if !(0..=MAX_TIME).contains(&now) {
+            return Err(corrupt(format!(
+                "the database clock reads {now} µs since the epoch"
+            )));
+        }
         Ok(RowView {
-            status: get_i64(0)?,
-            attempts: get_i64(1)?,
-            token: get_i64(2)?,
-            lease_left: get_opt_i64(3)?,
-            expires_left: get_i64(4)?,
-            fingerprint: get_bytes(5)?,
-            output: get_bytes(6)?,
+            state,
+            attempts: attempts as u32,
+            token,
+            lease_left: lease.map(|l| l - now),
+            expires_left: expires - now,
+            fingerprint,
+            output,
         })
     }
 
-    fn state(&self) -> Result<RecordState, StoreError> {
-        match (self.status, self.lease_left) {
-            (1, _) => Ok(RecordState::Completed),
-            (0, Some(_)) => Ok(RecordState::InProgress),
-            (0, None) => Ok(RecordState::Released),
-            (s, _) => Err(corrupt(format!(
-                "status {s} is neither 0 (not yet consumed) nor 1 (consumed)"
-            ))),
-        }
-    }
-
     /// The record this row describes; `None` when it has expired.
-    pub(crate) fn into_record(self) -> Result<Option<Record>, StoreError> {
+    pub(crate) fn into_record(self) -> Option<Record> {
         if self.expires_left <= 0 {
-            return Ok(None);
+            return None;
         }
-        let state = self.state()?;
-        let mut r = Record::new(state, attempts(self.attempts)?, token(self.token)?);
-        r.lease_remaining = match (state, self.lease_left) {
+        let mut r = Record::new(self.state, self.attempts, Token(self.token as u64));
+        r.lease_remaining = match (self.state, self.lease_left) {
             (RecordState::InProgress, Some(l)) if l > 0 => Some(from_micros(l)),
             _ => None,
         };
         r.expires_in = Some(from_micros(self.expires_left));
         r.fingerprint = self.fingerprint;
         r.output = self.output;
-        Ok(Some(r))
+        Some(r)
+    }
+
+    /// Whether this row is the live record completed by the claim `token`: a
+    /// completion by that claim was applied before (its reply may have been lost).
+    pub(crate) fn completed_by(&self, token: Token) -> bool {
+        self.expires_left > 0
+            && self.state == RecordState::Completed
+            && self.token == token_param(token)
     }
 
     /// Applies the claim rules (see [`ClaimOutcome`]) to this row, as read.
-    pub(crate) fn decide(self, req: &ClaimRequest<'_>) -> Result<Decision, StoreError> {
+    pub(crate) fn decide(self, req: &ClaimRequest<'_>) -> Decision {
         if self.expires_left <= 0 {
-            return Ok(Decision::Claimable { expired: true });
+            return Decision::Claimable { expired: true };
         }
-        let state = self.state()?;
-        let attempts = attempts(self.attempts)?;
         if let (Some(have), Some(want)) = (&self.fingerprint, req.fingerprint)
             && have.as_slice() != want
         {
-            return Ok(Decision::Answer(ClaimOutcome::FingerprintMismatch));
+            return Decision::Answer(ClaimOutcome::FingerprintMismatch);
         }
-        match (state, self.lease_left) {
+        match (self.state, self.lease_left) {
             (RecordState::Completed, _) => {
-                return Ok(Decision::Answer(ClaimOutcome::Completed {
+                return Decision::Answer(ClaimOutcome::Completed {
                     output: self.output,
-                }));
+                });
             }
             (RecordState::InProgress, Some(left)) if left > 0 => {
-                return Ok(Decision::Answer(ClaimOutcome::InProgress {
+                return Decision::Answer(ClaimOutcome::InProgress {
                     retry_after: from_micros(left),
-                }));
+                });
             }
             _ => {}
         }
         if let Some(max) = req.max_attempts
-            && attempts >= max
+            && self.attempts >= max
         {
-            return Ok(Decision::Answer(ClaimOutcome::Exhausted { attempts }));
+            return Decision::Answer(ClaimOutcome::Exhausted {
+                attempts: self.attempts,
+            });
         }
-        Ok(Decision::Claimable { expired: false })
+        Decision::Claimable { expired: false }
+    }
+}
+
+/// The outcome of a claim the database says it acquired, from the token and attempt
+/// number its write returned.
+pub(crate) fn acquired(token: i64, attempt: i64, scope: &str) -> Result<ClaimOutcome, StoreError> {
+    match (u64::try_from(token), u32::try_from(attempt)) {
+        (Ok(token), Ok(attempt)) if attempt > 0 => Ok(ClaimOutcome::Acquired {
+            token: Token(token),
+            attempt,
+        }),
+        _ => Err(corrupt_record(
+            scope,
+            format_args!("a claim wrote owner_token {token} and retry_times {attempt}"),
+        )),
+    }
+}
+
+/// The fence of a completion whose compare-and-set matched no row, given the row read
+/// right after it: [`Fence::Held`] when the record is Completed by the same claim (the
+/// completion was applied before and its reply lost), else [`Fence::Lost`].
+pub(crate) fn completion_fence(seen: Option<RowView>, token: Token) -> Fence {
+    match seen {
+        Some(row) if row.completed_by(token) => Fence::Held,
+        _ => Fence::Lost,
     }
 }
 
@@ -429,16 +594,16 @@ pub(crate) enum Plan {
 #[cfg_attr(not(any(feature = "mysql", feature = "sqlite")), allow(dead_code))]
 impl Plan {
     /// The plan for the row a claim read (`None`: no row).
-    pub(crate) fn of(req: &ClaimRequest<'_>, seen: Option<RowView>) -> Result<Plan, StoreError> {
+    pub(crate) fn of(req: &ClaimRequest<'_>, seen: Option<RowView>) -> Plan {
         let Some(seen) = seen else {
-            return Ok(Plan::Insert);
+            return Plan::Insert;
         };
-        let (token, attempts) = (seen.token, seen.attempts);
-        Ok(match seen.decide(req)? {
+        let (token, attempts) = (seen.token, i64::from(seen.attempts));
+        match seen.decide(req) {
             Decision::Answer(outcome) => Plan::Answer(outcome),
             Decision::Claimable { expired: true } => Plan::TakeOverExpired { token },
             Decision::Claimable { expired: false } => Plan::TakeOver { token, attempts },
-        })
+        }
     }
 }
 
@@ -451,16 +616,6 @@ pub(crate) fn repeated(first: &ClaimOutcome, req: &ClaimRequest<'_>) -> ClaimOut
         },
         other => other.clone(),
     }
-}
-
-fn decode_error(e: sqlx::Error) -> StoreError {
-    let kind = match &e {
-        sqlx::Error::ColumnNotFound(_) | sqlx::Error::ColumnIndexOutOfBounds { .. } => {
-            StoreErrorKind::Rejected
-        }
-        _ => StoreErrorKind::Corrupt,
-    };
-    StoreError::with_source(kind, "a record row does not decode", e)
 }
 
 /// The error when a claim kept losing races on the same row.
@@ -502,13 +657,15 @@ pub(crate) fn sql_error(
         StoreErrorKind::Rejected => "the database rejected the request",
         StoreErrorKind::Corrupt => "the database returned data this store does not understand",
         StoreErrorKind::Conflict => {
-            "the transaction conflicted with a concurrent one; roll it back and retry"
+            "the statement conflicted with a concurrent transaction (deadlock, serialization \
+             failure or lock wait timeout); retry it (in transactional mode, roll the \
+             transaction back first)"
         }
         _ => "the database failed",
     };
     let message = match &e {
         sqlx::Error::Database(d) => format!("{op}: {what}: {}", d.message()),
-        _ => format!("{op}: {what}"),
+        e => format!("{op}: {what}: {e}"),
     };
     StoreError::with_source(kind, message, e)
 }
@@ -662,6 +819,6 @@ mod tests {
         assert_eq!(micros(Duration::MAX), MAX_MICROS);
         assert_eq!(from_micros(-5), Duration::ZERO);
         assert_eq!(token_param(Token(u64::MAX)), -1);
-        assert!(token(-1).is_err());
+        assert!(acquired(-1, 1, "s").is_err());
     }
 }

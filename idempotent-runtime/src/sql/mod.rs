@@ -6,6 +6,14 @@
 //! and cached output; each store's docs give its DDL), keep every value in bound
 //! parameters (only the validated table name is part of the SQL text), and take every
 //! lease and expiry decision on the database clock.
+//!
+//! A row holding a value the stores never write (a status other than 0 or 1, a
+//! negative or out-of-range attempt count, token, lease or expiry, a value of the
+//! wrong type) is never acted on: every step on that record fails with
+//! [`StoreErrorKind::Corrupt`](crate::StoreErrorKind::Corrupt), naming its scope, and
+//! leaves the row as it is. A completion retried by the claim that made it (its
+//! first reply lost) finds the record Completed under its own token and is
+//! [`Fence::Held`](crate::Fence::Held).
 
 mod common;
 #[cfg(feature = "mysql")]

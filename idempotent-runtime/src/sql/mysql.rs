@@ -2,15 +2,20 @@
 
 use super::common::{
     self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, Decision, PURGE_BATCH, Plan, RowView, SqlDatabase,
-    TableName, fence, keep_micros, micros, repeated, sql, token_param,
+    TableName, keep_micros, micros, repeated, sql, token_param,
 };
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
+use crate::store::{
+    ClaimOutcome, ClaimRequest, Completion, Fence, Record, RecordState, Release, Store, Token,
+};
 use crate::{RecordKey, StoreError, StoreErrorKind};
 use async_trait::async_trait;
 use sqlx::error::DatabaseError;
-use sqlx::mysql::{MySql, MySqlArguments, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
+use sqlx::mysql::{
+    MySql, MySqlArguments, MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions,
+};
 use sqlx::{Executor, Row, SqlStr};
 use std::collections::HashMap;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
 use std::time::{Duration, Instant};
@@ -38,10 +43,10 @@ const BATCH_READ: usize = 500;
 ///    step 1; no decision is ever taken on data that is not re-checked by the write
 ///    itself.
 ///
-/// Both steps run on the server in the stored procedure `<table>_claim_v1` that
+/// Both steps run on the server in the stored procedure `<table>_claim_v2` that
 /// [`connect`](Self::connect) and [`migrate`](Self::migrate) create (each statement in
 /// it commits on its own, as if the client had sent it), so **every claim is one round
-/// trip**: `CALL <table>_claim_v1(scope, key, lease_us, keep_us, fingerprint,
+/// trip**: `CALL <table>_claim_v2(scope, key, lease_us, keep_us, fingerprint,
 /// max_attempts)` answers one row. Creating it needs the `CREATE ROUTINE` privilege;
 /// it runs with the caller's privileges (`SQL SECURITY INVOKER`), so other users need
 /// `EXECUTE` on it besides their table privileges. A store made with
@@ -60,10 +65,11 @@ const BATCH_READ: usize = 500;
 /// the single-key way), and takes over released or lapsed keys one at a time.
 /// `complete_batch` and `release_batch` are one `UPDATE … JOIN (SELECT ? … UNION ALL
 /// …)` each, compare-and-set per row; when it matched fewer rows than items, one more
-/// `SELECT` tells which items were applied (a completion by the statement's clock
-/// reading in the expiry; for a release, a row that is Released under the item's
-/// token, so a release repeated by the same owner also reads as applied). Up to 500
-/// keys (and about 4 MiB of outputs) go in one statement.
+/// `SELECT` tells which items were applied (for a completion, a row Completed under
+/// the item's token, whether by this statement or by an earlier completion whose
+/// reply was lost; for a release, a row that is Released under the item's token, so a
+/// release repeated by the same owner also reads as applied). Up to 500 keys (and
+/// about 4 MiB of outputs) go in one statement.
 ///
 /// Handles are cheap to clone (a pool and a shared set of statements).
 ///
@@ -75,7 +81,7 @@ const BATCH_READ: usize = 500;
 ///
 /// ```sql
 /// CREATE TABLE IF NOT EXISTS message_idempotent (
-///     scope          VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL,
+///     scope          VARBINARY(200) NOT NULL,  -- the handler's namespace, as UTF-8 bytes
 ///     message_id     VARBINARY(130) NOT NULL,  -- the encoded key
 ///     status         TINYINT        NOT NULL,  -- 0 not yet consumed successfully, 1 consumed
 ///     retry_times    INT            NOT NULL,  -- attempts claimed so far
@@ -172,7 +178,7 @@ pub(crate) struct Statements {
     forget: SqlStr,
     purge: SqlStr,
     create: SqlStr,
-    /// `CALL <table>_claim_v1(…)`, when the procedure's name fits in an identifier.
+    /// `CALL <table>_claim_v2(…)`, when the procedure's name fits in an identifier.
     claim_call: Option<SqlStr>,
     /// The `CREATE PROCEDURE` of that procedure.
     claim_procedure: Option<SqlStr>,
@@ -182,19 +188,19 @@ pub(crate) struct Statements {
 fn view() -> String {
     format!(
         "CAST(status AS SIGNED), CAST(retry_times AS SIGNED), owner_token, \
-         lease_until_us - {NOW_US}, expires_at_us - {NOW_US}, fingerprint, output"
+         lease_until_us, expires_at_us, fingerprint, output, {NOW_US}"
     )
 }
 
 /// Longest identifier MySQL accepts.
 const MAX_PROCEDURE_NAME: usize = 64;
 
-/// The claim procedure of `table`: `<table>_claim_v1` in the table's database, quoted;
+/// The claim procedure of `table`: `<table>_claim_v2` in the table's database, quoted;
 /// `None` when that name is longer than an identifier may be. The version suffix
 /// changes whenever the procedure's parameters or results do, so a store never calls
 /// a procedure of another version.
 fn claim_procedure_name(table: &TableName) -> Option<String> {
-    let name = format!("{}_claim_v1", table.name());
+    let name = format!("{}_claim_v2", table.name());
     (name.len() <= MAX_PROCEDURE_NAME).then(|| match table.schema() {
         Some(s) => format!("`{s}`.`{name}`"),
         None => format!("`{name}`"),
@@ -208,13 +214,15 @@ fn claim_procedure_name(table: &TableName) -> Option<String> {
 /// nothing), the insert fails on a concurrent insert (error 1062, handled: read again)
 /// and the takeovers are compare-and-set on the owner token read, with every rule
 /// re-checked by the `UPDATE`'s own `WHERE` on the database clock of that statement.
+/// A row holding a value this store never writes (see [`common::sane`]) is answered
+/// as read, without any write, and reported as corrupt by the caller.
 /// Answers one row: `acquired, token, attempt` then the row as read
 /// (see [`RowView::decode`]); `acquired = 0` with no row read means the claim kept
 /// losing races.
 fn claim_procedure(name: &str, t: &str) -> String {
     format!(
         "CREATE PROCEDURE {name} (\
-            IN p_scope VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin, \
+            IN p_scope VARBINARY(200), \
             IN p_id VARBINARY(130), IN p_lease BIGINT, IN p_keep BIGINT, \
             IN p_fp VARBINARY(32), IN p_max BIGINT) \
          MODIFIES SQL DATA SQL SECURITY INVOKER \
@@ -242,6 +250,11 @@ fn claim_procedure(name: &str, t: &str) -> String {
                         SET v_acquired = 1, v_new_token = LAST_INSERT_ID(), v_new_attempt = 1; \
                         LEAVE claim; \
                     END IF; \
+                ELSEIF v_status NOT IN (0, 1) OR v_attempts NOT BETWEEN 0 AND {max_attempts} \
+                    OR v_token NOT BETWEEN 0 AND {max_token} \
+                    OR v_lease NOT BETWEEN 0 AND {max_time} \
+                    OR v_expires NOT BETWEEN 0 AND {max_time} THEN \
+                    LEAVE claim; \
                 ELSEIF v_expires <= v_now THEN \
                     UPDATE {t} SET status = 0, retry_times = 1, \
                         owner_token = LAST_INSERT_ID(GREATEST(owner_token + 1, {NOW_US})), \
@@ -253,7 +266,7 @@ fn claim_procedure(name: &str, t: &str) -> String {
                         SET v_acquired = 1, v_new_token = LAST_INSERT_ID(), v_new_attempt = 1; \
                         LEAVE claim; \
                     END IF; \
-                ELSEIF v_status <> 0 OR v_attempts < 0 OR v_token < 0 \
+                ELSEIF v_status <> 0 \
                     OR (v_fp IS NOT NULL AND p_fp IS NOT NULL AND v_fp <> p_fp) \
                     OR (v_lease IS NOT NULL AND v_lease > v_now) \
                     OR (p_max IS NOT NULL AND v_attempts >= p_max) THEN \
@@ -279,8 +292,11 @@ fn claim_procedure(name: &str, t: &str) -> String {
                 END IF; \
             END LOOP; \
             SELECT v_acquired, v_new_token, v_new_attempt, v_status, v_attempts, v_token, \
-                v_lease - v_now, v_expires - v_now, v_fp, v_out; \
-         END"
+                v_lease, v_expires, v_fp, v_out, v_now; \
+         END",
+        max_attempts = common::MAX_ATTEMPTS_VALUE,
+        max_token = i64::MAX - 1,
+        max_time = common::MAX_TIME,
     )
 }
 
@@ -305,7 +321,8 @@ impl Statements {
         let procedure = claim_procedure_name(&table);
         let owned = format!(
             "scope = ? AND message_id = ? AND owner_token = ? AND status = 0 \
-             AND lease_until_us IS NOT NULL AND expires_at_us > {NOW_US}"
+             AND lease_until_us IS NOT NULL AND expires_at_us > {NOW_US} AND {}",
+            common::sane("", false)
         );
         Statements {
             read: sql(format!(
@@ -361,7 +378,7 @@ impl Statements {
             claim_procedure: procedure.map(|p| sql(claim_procedure(&p, &t))),
             create: sql(format!(
                 "CREATE TABLE IF NOT EXISTS {t} (\
-                 scope VARCHAR(200) CHARACTER SET utf8mb4 COLLATE utf8mb4_bin NOT NULL, \
+                 scope VARBINARY(200) NOT NULL, \
                  message_id VARBINARY(130) NOT NULL, \
                  status TINYINT NOT NULL, \
                  retry_times INT NOT NULL, \
@@ -402,7 +419,7 @@ impl Statements {
             Plan::TakeOverExpired { token } => (take_over(&self.take_over_expired, token), 1),
             Plan::TakeOver { token, attempts } => (
                 take_over(&self.take_over, token).bind(attempts),
-                common::attempts(attempts)?.saturating_add(1),
+                u32::try_from(attempts.saturating_add(1)).unwrap_or(u32::MAX),
             ),
         };
         match q.execute(conn).await {
@@ -451,17 +468,17 @@ impl Statements {
     }
 
     /// Completes `n` distinct keys in one statement, compare-and-set on each token.
-    /// `LAST_INSERT_ID` carries the statement's clock reading back, so the rows this
-    /// statement completed can be told apart afterwards by their expiry.
     fn complete_many(&self, n: usize) -> SqlStr {
         let t = self.table.quoted('`');
         sql(format!(
             "UPDATE {t} AS r JOIN {} ON r.scope = b.scope AND r.message_id = b.message_id \
                 AND r.owner_token = b.token \
              SET r.status = 1, r.output = b.output, r.lease_until_us = NULL, \
-                r.expires_at_us = LAST_INSERT_ID({NOW_US}) + b.ttl_us \
-             WHERE r.status = 0 AND r.lease_until_us IS NOT NULL AND r.expires_at_us > {NOW_US}",
-            derived(n, &["scope", "message_id", "token", "output", "ttl_us"])
+                r.expires_at_us = {NOW_US} + b.ttl_us \
+             WHERE r.status = 0 AND r.lease_until_us IS NOT NULL AND r.expires_at_us > {NOW_US} \
+                AND {}",
+            derived(n, &["scope", "message_id", "token", "output", "ttl_us"]),
+            common::sane("r.", false)
         ))
     }
 
@@ -472,20 +489,10 @@ impl Statements {
             "UPDATE {t} AS r JOIN {} ON r.scope = b.scope AND r.message_id = b.message_id \
                 AND r.owner_token = b.token \
              SET r.lease_until_us = NULL \
-             WHERE r.status = 0 AND r.lease_until_us IS NOT NULL AND r.expires_at_us > {NOW_US}",
-            derived(n, &["scope", "message_id", "token"])
-        ))
-    }
-
-    /// Reads back `n` keys after a batch step that did not apply to all of them.
-    fn state_many(&self, n: usize) -> SqlStr {
-        let t = self.table.quoted('`');
-        let mut tuples = "(?, ?), ".repeat(n);
-        tuples.truncate(tuples.len().saturating_sub(2));
-        sql(format!(
-            "SELECT scope, message_id, CAST(status AS SIGNED), owner_token, \
-                lease_until_us IS NULL, expires_at_us, expires_at_us > {NOW_US} \
-             FROM {t} WHERE (scope, message_id) IN ({tuples})"
+             WHERE r.status = 0 AND r.lease_until_us IS NOT NULL AND r.expires_at_us > {NOW_US} \
+                AND {}",
+            derived(n, &["scope", "message_id", "token"]),
+            common::sane("r.", false)
         ))
     }
 }
@@ -500,8 +507,6 @@ impl SqlDatabase for MySql {
                 1044 | 1045 | 1049 | 1054 | 1064 | 1142 | 1143 | 1146 => {
                     return StoreErrorKind::Rejected;
                 }
-                // lock wait timeout, deadlock: a retry may succeed
-                1205 | 1213 => return StoreErrorKind::Other,
                 // too many connections, shutdown, killed, interrupted, read-only during failover
                 1040 | 1053 | 1317 | 1290 | 1792 | 1836 | 1927 | 2006 | 2013 => {
                     return StoreErrorKind::Unavailable;
@@ -521,6 +526,8 @@ impl SqlDatabase for MySql {
         // the connection sets CLIENT_FOUND_ROWS: rows matched, not rows changed
         done.rows_affected()
     }
+
+    const SCOPE_AS_BYTES: bool = true;
 
     fn conflict(e: &dyn DatabaseError) -> bool {
         // 1213 deadlock, 1205 lock wait timeout, 1020 record changed since the
@@ -544,18 +551,14 @@ fn decode_procedure(
         row.try_get::<Option<i64>, _>(i)
             .map_err(MySql::err("reading a claim"))
     };
+    let scope = req.key.scope();
     if get(0)? == Some(1) {
-        let token = get(1)?.ok_or_else(|| common::corrupt("claim without a token".into()))?;
-        let attempt = get(2)?.ok_or_else(|| common::corrupt("claim without an attempt".into()))?;
-        return Ok(Some(ClaimOutcome::Acquired {
-            token: common::token(token)?,
-            attempt: common::attempts(attempt)?,
-        }));
+        return common::acquired(get(1)?.unwrap_or(-1), get(2)?.unwrap_or(-1), scope).map(Some);
     }
     if get(3)?.is_none() {
         return Ok(None);
     }
-    match RowView::decode(row, 3)?.decide(req)? {
+    match RowView::decode(row, 3, scope)?.decide(req) {
         Decision::Answer(outcome) => Ok(Some(outcome)),
         Decision::Claimable { .. } => Ok(None),
     }
@@ -565,6 +568,9 @@ impl MySqlStore {
     /// Connects to `url` (`mysql://user:password@host:3306/db`, TLS with
     /// `?ssl-mode=required`) with a pool of default size and creates the table
     /// `message_idempotent` if it is missing.
+    /// The first connection is opened directly, so a server that refuses it (or a bad
+    /// password, an unknown host) is an error at once, with the cause as its source;
+    /// the pool's acquire timeout (30 s) applies to later use.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with_table(url, DEFAULT_TABLE).await
     }
@@ -573,10 +579,9 @@ impl MySqlStore {
     /// be qualified by a database name (`db.table`).
     pub async fn connect_with_table(url: &str, table: &str) -> Result<Self, StoreError> {
         let table = TableName::parse(table)?;
-        let pool = MySqlPoolOptions::new()
-            .connect(url)
-            .await
-            .map_err(MySql::err("connecting to MySQL"))?;
+        let op = "connecting to MySQL";
+        let options = MySqlConnectOptions::from_str(url).map_err(MySql::err(op))?;
+        let pool = common::open_pool(MySqlPoolOptions::new(), options, op).await?;
         let store = MySqlStore::new(pool, table);
         store.migrate().await?;
         Ok(store)
@@ -592,7 +597,10 @@ impl MySqlStore {
     }
 
     /// Uses the application's pool; the table `message_idempotent` must exist (call
-    /// [`migrate`](Self::migrate) or create it by hand). Touches no schema.
+    /// [`migrate`](Self::migrate) or create it by hand). Touches no schema: a table
+    /// created by an earlier version keeps its `VARCHAR` scope column, under which
+    /// scopes differing only by trailing spaces share records, until
+    /// [`migrate`](Self::migrate) runs.
     pub fn from_pool(pool: MySqlPool) -> Self {
         MySqlStore::new(pool, TableName::default_table())
     }
@@ -611,19 +619,66 @@ impl MySqlStore {
     }
 
     /// Creates the table (with its expiry index) and the claim procedure
-    /// `<table>_claim_v1` if they are missing. Creating the procedure needs the
+    /// `<table>_claim_v2` if they are missing. Creating the procedure needs the
     /// `CREATE ROUTINE` privilege on the database (its creator may then execute it;
     /// other users need `EXECUTE`). Without the procedure (or when the name would
     /// be longer than 64 characters, for a table name longer than 55), claims still
     /// work, in two round trips instead of one.
+    ///
+    /// A table created by an earlier version is brought up to date: a `scope` column
+    /// of type `VARCHAR` (whose collation ignores trailing spaces, so that scopes
+    /// differing only by them shared records) becomes `VARBINARY(200)` with one
+    /// `ALTER TABLE` (which rebuilds the table), and the claim procedure of this
+    /// version is created beside the one of earlier versions (`<table>_claim_v1`,
+    /// which processes of an earlier version still call during a rolling upgrade;
+    /// drop it by hand once none runs). Concurrent calls from many processes are
+    /// serialized by a named lock (`GET_LOCK`).
     pub async fn migrate(&self) -> Result<(), StoreError> {
+        let op = "migrating the dedup table";
+        let mut conn = self.pool.acquire().await.map_err(MySql::err(op))?;
+        // the named lock belongs to the session: closing it (on every path) frees it
+        conn.close_on_drop();
+        let locked: Option<i64> = sqlx::query_scalar(
+            "SELECT GET_LOCK(CONCAT('idempotent:', \
+                LEFT(SHA2(CONCAT(COALESCE(?, DATABASE()), '.', ?), 256), 40)), 60)",
+        )
+        .bind(self.sql.table.schema())
+        .bind(self.sql.table.name())
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(MySql::err(op))?;
+        if locked != Some(1) {
+            return Err(StoreError::new(
+                StoreErrorKind::Unavailable,
+                format!("{op}: another process held the migration lock for 60 s"),
+            ));
+        }
         sqlx::query(self.sql.create.clone())
-            .execute(&self.pool)
+            .execute(&mut *conn)
             .await
             .map_err(MySql::err("creating the dedup table"))?;
+        let scope_type: Option<String> = sqlx::query_scalar(
+            "SELECT CAST(DATA_TYPE AS CHAR) FROM information_schema.COLUMNS \
+             WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ? \
+                AND COLUMN_NAME = 'scope'",
+        )
+        .bind(self.sql.table.schema())
+        .bind(self.sql.table.name())
+        .fetch_optional(&mut *conn)
+        .await
+        .map_err(MySql::err(op))?;
+        if scope_type.is_some_and(|t| !t.eq_ignore_ascii_case("varbinary")) {
+            let t = self.sql.table.quoted('`');
+            sqlx::query(sql(format!(
+                "ALTER TABLE {t} MODIFY scope VARBINARY(200) NOT NULL"
+            )))
+            .execute(&mut *conn)
+            .await
+            .map_err(MySql::err("changing the scope column to VARBINARY"))?;
+        }
         if let Some(create) = &self.sql.claim_procedure {
             // sent as text: CREATE PROCEDURE cannot be a prepared statement
-            match sqlx::raw_sql(create.clone()).execute(&self.pool).await {
+            match sqlx::raw_sql(create.clone()).execute(&mut *conn).await {
                 Ok(_) => {}
                 // already there (created by hand or by another process)
                 Err(sqlx::Error::Database(d))
@@ -677,7 +732,27 @@ impl MySqlStore {
             .await
             .map_err(MySql::err("reading a record"))?
             .pop();
-        row.map(|r| RowView::decode(&r, 0)).transpose()
+        row.map(|r| RowView::decode(&r, 0, key.scope())).transpose()
+    }
+
+    /// The fence of a compare-and-set write on `key` that matched `rows` rows: when it
+    /// matched none, the row is read to tell a corrupt record (an error) from one
+    /// another claim owns; `completed` is what a completion that finds the record
+    /// Completed by its own claim answers.
+    async fn fence_of(
+        &self,
+        rows: u64,
+        key: &RecordKey,
+        completed_by: Option<Token>,
+    ) -> Result<Fence, StoreError> {
+        if rows > 0 {
+            return Ok(Fence::Held);
+        }
+        let seen = self.read(key).await?;
+        Ok(match completed_by {
+            Some(token) => common::completion_fence(seen, token),
+            None => Fence::Lost,
+        })
     }
 
     /// Acts on what a read saw: answers, or tries the one conditional write.
@@ -687,7 +762,7 @@ impl MySqlStore {
         req: &ClaimRequest<'_>,
         seen: Option<RowView>,
     ) -> Result<Option<ClaimOutcome>, StoreError> {
-        let plan = Plan::of(req, seen)?;
+        let plan = Plan::of(req, seen);
         self.sql
             .write_claim(&self.pool, req, plan, MySql::err("claim"))
             .await
@@ -703,16 +778,14 @@ impl Store for MySqlStore {
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
         let q = self.sql.complete_query(c);
-        Ok(fence(
-            common::execute(&self.pool, q, MySql::err("complete")).await?,
-        ))
+        let rows = common::execute(&self.pool, q, MySql::err("complete")).await?;
+        self.fence_of(rows, c.key, Some(c.token)).await
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
         let q = sqlx::query(self.sql.release.clone()).bind_owned(r.key, r.token);
-        Ok(fence(
-            common::execute(&self.pool, q, MySql::err("release")).await?,
-        ))
+        let rows = common::execute(&self.pool, q, MySql::err("release")).await?;
+        self.fence_of(rows, r.key, None).await
     }
 
     async fn renew(
@@ -725,16 +798,12 @@ impl Store for MySqlStore {
             .bind(micros(lease))
             .bind(micros(lease))
             .bind_owned(key, token);
-        Ok(fence(
-            common::execute(&self.pool, q, MySql::err("renew")).await?,
-        ))
+        let rows = common::execute(&self.pool, q, MySql::err("renew")).await?;
+        self.fence_of(rows, key, None).await
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        match self.read(key).await? {
-            Some(row) => row.into_record(),
-            None => Ok(None),
-        }
+        Ok(self.read(key).await?.and_then(RowView::into_record))
     }
 
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
@@ -775,12 +844,9 @@ impl Store for MySqlStore {
                 .await
                 .map_err(MySql::err("claim_batch"))?;
             for row in &rows {
-                let scope: String = row.try_get(0).map_err(MySql::err("claim_batch"))?;
-                let id: Vec<u8> = row.try_get(1).map_err(MySql::err("claim_batch"))?;
-                seen.insert(
-                    RecordKey::from_encoded(&scope, &id),
-                    RowView::decode(row, 2)?,
-                );
+                let key = row_key(row)?;
+                let view = RowView::decode(row, 2, key.scope())?;
+                seen.insert(key, view);
             }
         }
         // the keys no row was read for are inserted together: one statement per chunk,
@@ -839,19 +905,15 @@ impl Store for MySqlStore {
                 .map_err(MySql::err("complete_batch"))?;
             if done.rows_affected() == chunk.len() as u64 {
                 chunk.iter().for_each(|&i| out[i] = Fence::Held);
-            } else if done.rows_affected() > 0 {
-                // some were not owned any more: the ones this statement completed
-                // carry its clock reading in their expiry
-                let now = i64::try_from(done.last_insert_id()).unwrap_or(-1);
+            } else {
+                // some were not owned any more: the rows Completed by the item's own
+                // claim were completed by this statement or by an earlier completion
+                // whose reply was lost; any other row is Lost (or, if it is corrupt,
+                // an error)
                 let rows = self.states(chunk.iter().map(|&i| items[i].key)).await?;
                 for &i in chunk {
                     let c = &items[i];
-                    if let Some(s) = rows.get(c.key)
-                        && s.status == 1
-                        && s.token == token_param(c.token)
-                        && s.lease_null
-                        && s.expires_at == now.saturating_add(micros(c.ttl))
-                    {
+                    if rows.get(c.key).is_some_and(|r| r.completed_by(c.token)) {
                         out[i] = Fence::Held;
                     }
                 }
@@ -878,17 +940,17 @@ impl Store for MySqlStore {
                 .map_err(MySql::err("release_batch"))?;
             if done.rows_affected() == chunk.len() as u64 {
                 chunk.iter().for_each(|&i| out[i] = Fence::Held);
-            } else if done.rows_affected() > 0 {
+            } else {
                 // some were not owned any more: a released row still carries its
-                // owner's token (a release repeated by the same owner reads as Held)
+                // owner's token (a release repeated by the same owner reads as Held);
+                // a corrupt row is an error
                 let rows = self.states(chunk.iter().map(|&i| items[i].key)).await?;
                 for &i in chunk {
                     let r = &items[i];
                     if let Some(s) = rows.get(r.key)
-                        && s.status == 0
+                        && s.state == RecordState::Released
                         && s.token == token_param(r.token)
-                        && s.lease_null
-                        && s.live
+                        && s.expires_left > 0
                     {
                         out[i] = Fence::Held;
                     }
@@ -902,21 +964,14 @@ impl Store for MySqlStore {
     }
 }
 
-/// What a batch step reads back about a row.
-struct RowState {
-    status: i64,
-    token: i64,
-    lease_null: bool,
-    expires_at: i64,
-    live: bool,
-}
-
 impl MySqlStore {
+    /// Reads back the rows of `keys` after a batch step that did not apply to all of
+    /// them.
     async fn states<'k>(
         &self,
-        keys: impl ExactSizeIterator<Item = &'k RecordKey> + Clone,
-    ) -> Result<HashMap<RecordKey, RowState>, StoreError> {
-        let mut q = sqlx::query(self.sql.state_many(keys.len()));
+        keys: impl ExactSizeIterator<Item = &'k RecordKey>,
+    ) -> Result<HashMap<RecordKey, RowView>, StoreError> {
+        let mut q = sqlx::query(self.sql.read_many(keys.len()));
         for k in keys {
             q = q.bind_key(k);
         }
@@ -926,26 +981,22 @@ impl MySqlStore {
             .map_err(MySql::err("reading a batch"))?;
         let mut out = HashMap::with_capacity(rows.len());
         for row in &rows {
-            let e = MySql::err("reading a batch");
-            let scope: String = row.try_get(0).map_err(e)?;
-            let id: Vec<u8> = row.try_get(1).map_err(MySql::err("reading a batch"))?;
-            let get = |i: usize| {
-                row.try_get::<i64, _>(i)
-                    .map_err(MySql::err("reading a batch"))
-            };
-            out.insert(
-                RecordKey::from_encoded(&scope, &id),
-                RowState {
-                    status: get(2)?,
-                    token: get(3)?,
-                    lease_null: get(4)? != 0,
-                    expires_at: get(5)?,
-                    live: get(6)? != 0,
-                },
-            );
+            let key = row_key(row)?;
+            let view = RowView::decode(row, 2, key.scope())?;
+            out.insert(key, view);
         }
         Ok(out)
     }
+}
+
+/// The record key of a row whose first two columns are `scope, message_id`.
+fn row_key(row: &sqlx::mysql::MySqlRow) -> Result<RecordKey, StoreError> {
+    let scope: Vec<u8> = row.try_get(0).map_err(MySql::err("reading a batch"))?;
+    let id: Vec<u8> = row.try_get(1).map_err(MySql::err("reading a batch"))?;
+    let scope = String::from_utf8(scope).map_err(|e| {
+        StoreError::with_source(StoreErrorKind::Corrupt, "a record's scope is not UTF-8", e)
+    })?;
+    Ok(RecordKey::from_encoded(&scope, &id))
 }
 
 /// Splits item indexes into the first occurrence of each key and the later ones.

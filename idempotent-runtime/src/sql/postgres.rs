@@ -2,15 +2,16 @@
 
 use super::common::{
     self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, Decision, PURGE_BATCH, RowView, SqlDatabase,
-    TableName, fence, keep_micros, max_attempts_param, micros, repeated, sql, token_param,
+    TableName, keep_micros, max_attempts_param, micros, repeated, sql, token_param,
 };
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use crate::{RecordKey, StoreError, StoreErrorKind};
 use async_trait::async_trait;
 use sqlx::error::DatabaseError;
-use sqlx::postgres::{PgArguments, PgPool, PgPoolOptions, PgRow, Postgres};
+use sqlx::postgres::{PgArguments, PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
 use sqlx::{Row, SqlStr};
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
+use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,27 +80,33 @@ pub(crate) struct Statements {
     release: SqlStr,
     release_batch: SqlStr,
     renew: SqlStr,
-    inspect: SqlStr,
+    pub(crate) inspect: SqlStr,
+    /// The rows of many keys, each with its scope and message id.
+    inspect_batch: SqlStr,
     forget: SqlStr,
     purge: SqlStr,
     create: Vec<SqlStr>,
 }
 
-/// Columns of a row read back, relative to the clock value `n.now_us`.
+/// Columns of a row read back, with the clock value `n.now_us` (see
+/// [`RowView::decode`]).
 const VIEW: &str = "c.status::int8, c.retry_times::int8, c.owner_token, \
-     c.lease_until_us - n.now_us, c.expires_at_us - n.now_us, c.fingerprint, c.output";
+     c.lease_until_us, c.expires_at_us, c.fingerprint, c.output, n.now_us";
 
 /// The condition under which the row `c` read from the statement's snapshot answers a
 /// claim without any write (rules 2, 3, 4 and an exhausted rule 5): live, and
 /// mismatched, completed, leased or out of attempts. Only when it does not hold is the
 /// upsert attempted, so duplicates are plain reads that take no row lock.
+/// A row holding a value this store never writes blocks too: it is returned as
+/// read, without any write, and reported as corrupt.
 fn blocks(fingerprint: &str, max_attempts: &str) -> String {
     format!(
-        "c.expires_at_us > n.now_us AND (\
+        "(NOT ({}) OR c.expires_at_us > n.now_us AND (\
             (c.fingerprint IS NOT NULL AND {fingerprint} IS NOT NULL AND c.fingerprint <> {fingerprint}) \
             OR c.status <> 0 \
             OR coalesce(c.lease_until_us > n.now_us, FALSE) \
-            OR coalesce(c.retry_times >= {max_attempts}, FALSE))"
+            OR coalesce(c.retry_times >= {max_attempts}, FALSE)))",
+        common::sane("c.", false)
     )
 }
 
@@ -121,19 +128,29 @@ fn takeover(budget: &str) -> String {
             fingerprint = CASE WHEN r.expires_at_us <= EXCLUDED.owner_token THEN EXCLUDED.fingerprint \
                 ELSE COALESCE(r.fingerprint, EXCLUDED.fingerprint) END, \
             output = NULL \
-        WHERE r.expires_at_us <= EXCLUDED.owner_token \
+        WHERE ({}) AND (r.expires_at_us <= EXCLUDED.owner_token \
            OR (r.status = 0 \
                AND (r.lease_until_us IS NULL OR r.lease_until_us <= EXCLUDED.owner_token) \
                AND (r.fingerprint IS NULL OR EXCLUDED.fingerprint IS NULL OR r.fingerprint = EXCLUDED.fingerprint) \
-               AND ({budget}))"
+               AND ({budget})))",
+        common::sane("r.", false)
     )
 }
 
 impl Statements {
     pub(crate) fn new(table: TableName) -> Self {
         let t = table.quoted('"');
-        let owned = "scope = $1 AND message_id = $2 AND owner_token = $3 AND status = 0 \
-                     AND lease_until_us IS NOT NULL AND expires_at_us > n.now_us";
+        let owned = format!(
+            "scope = $1 AND message_id = $2 AND owner_token = $3 AND status = 0 \
+             AND lease_until_us IS NOT NULL AND expires_at_us > n.now_us AND {}",
+            common::sane("", false)
+        );
+        let owned_r = format!(
+            "r.scope = b.scope AND r.message_id = b.message_id AND r.owner_token = b.token \
+             AND r.status = 0 AND r.lease_until_us IS NOT NULL AND r.expires_at_us > n.now_us \
+             AND {}",
+            common::sane("r.", false)
+        );
         let index = format!("{}_expires_at_us_idx", table.name());
         let mut create = vec![
             sql(format!(
@@ -167,7 +184,8 @@ impl Statements {
                     {} \
                     RETURNING r.owner_token, r.retry_times::int8 AS retry_times) \
                  SELECT TRUE, up.owner_token, up.retry_times, \
-                    NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::bytea, NULL::bytea \
+                    NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::bytea, NULL::bytea, \
+                    NULL::int8 \
                  FROM up \
                  UNION ALL \
                  SELECT FALSE, NULL::int8, NULL::int8, {VIEW} \
@@ -189,16 +207,20 @@ impl Statements {
                         n.now_us + q.keep_us, q.fingerprint, NULL FROM req q, n \
                     WHERE NOT EXISTS (SELECT 1 FROM cur c \
                         WHERE c.scope = q.scope AND c.message_id = q.message_id AND {}) \
+                    AND NOT EXISTS (SELECT 1 FROM cur c WHERE NOT ({})) \
                     {} \
                     RETURNING r.scope, r.message_id, r.owner_token, r.retry_times::int8 AS retry_times) \
                  SELECT up.scope, up.message_id, TRUE, up.owner_token, up.retry_times, \
-                    NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::bytea, NULL::bytea \
+                    NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::bytea, NULL::bytea, \
+                    NULL::int8 \
                  FROM up \
                  UNION ALL \
                  SELECT c.scope, c.message_id, FALSE, NULL::int8, NULL::int8, {VIEW} \
                  FROM cur c, n \
                  WHERE NOT EXISTS (SELECT 1 FROM up WHERE up.scope = c.scope AND up.message_id = c.message_id)",
                 blocks("c.req_fingerprint", "c.req_max_attempts"),
+                // a corrupt row fails the whole batch: nothing is claimed
+                common::sane("c.", false),
                 takeover(
                     "COALESCE(r.retry_times < (SELECT q.max_attempts FROM req q \
                      WHERE q.scope = r.scope AND q.message_id = r.message_id), TRUE)"
@@ -210,15 +232,28 @@ impl Statements {
                     expires_at_us = n.now_us + $5 \
                  FROM n WHERE {owned}"
             )),
+            // the rows it completed, then the others as read (the statement's snapshot):
+            // a completion not applied is Held when its record is Completed by its own
+            // claim, and a corrupt row is an error, all in one round trip
             complete_batch: sql(format!(
-                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
-                 UPDATE {t} AS r SET status = 1, output = b.output, lease_until_us = NULL, \
-                    expires_at_us = n.now_us + b.ttl_us \
-                 FROM n, unnest($1::text[], $2::bytea[], $3::int8[], $4::bytea[], $5::int8[]) \
-                    AS b(scope, message_id, token, output, ttl_us) \
-                 WHERE r.scope = b.scope AND r.message_id = b.message_id AND r.owner_token = b.token \
-                    AND r.status = 0 AND r.lease_until_us IS NOT NULL AND r.expires_at_us > n.now_us \
-                 RETURNING r.scope, r.message_id, r.owner_token"
+                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us), \
+                 b AS (SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::bytea[], $5::int8[]) \
+                    AS b(scope, message_id, token, output, ttl_us)), \
+                 up AS (\
+                    UPDATE {t} AS r SET status = 1, output = b.output, lease_until_us = NULL, \
+                        expires_at_us = n.now_us + b.ttl_us \
+                    FROM n, b WHERE {owned_r} \
+                    RETURNING r.scope, r.message_id, r.owner_token) \
+                 SELECT up.scope, up.message_id, up.owner_token, TRUE, \
+                    NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::int8, NULL::bytea, NULL::bytea, \
+                    NULL::int8 \
+                 FROM up \
+                 UNION ALL \
+                 SELECT c.scope, c.message_id, c.owner_token, FALSE, {VIEW} \
+                 FROM {t} c, n \
+                 WHERE (c.scope, c.message_id) IN (SELECT b.scope, b.message_id FROM b) \
+                    AND NOT EXISTS (SELECT 1 FROM up \
+                        WHERE up.scope = c.scope AND up.message_id = c.message_id)"
             )),
             release: sql(format!(
                 "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
@@ -228,8 +263,7 @@ impl Statements {
                 "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
                  UPDATE {t} AS r SET lease_until_us = NULL \
                  FROM n, unnest($1::text[], $2::bytea[], $3::int8[]) AS b(scope, message_id, token) \
-                 WHERE r.scope = b.scope AND r.message_id = b.message_id AND r.owner_token = b.token \
-                    AND r.status = 0 AND r.lease_until_us IS NOT NULL AND r.expires_at_us > n.now_us \
+                 WHERE {owned_r} \
                  RETURNING r.scope, r.message_id, r.owner_token"
             )),
             renew: sql(format!(
@@ -241,6 +275,12 @@ impl Statements {
             inspect: sql(format!(
                 "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
                  SELECT {VIEW} FROM {t} c, n WHERE c.scope = $1 AND c.message_id = $2"
+            )),
+            inspect_batch: sql(format!(
+                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
+                 SELECT c.scope, c.message_id, {VIEW} \
+                 FROM {t} c JOIN unnest($1::text[], $2::bytea[]) AS b(scope, message_id) \
+                    ON c.scope = b.scope AND c.message_id = b.message_id, n"
             )),
             forget: sql(format!(
                 "DELETE FROM {t} WHERE scope = $1 AND message_id = $2"
@@ -262,8 +302,8 @@ common::store_accessors!(PostgresStore, PgPool);
 impl SqlDatabase for Postgres {
     fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
         match e.code() {
-            // serialization failure, deadlock: a retry may succeed
-            Some(code) if code.starts_with("40") => StoreErrorKind::Other,
+            // transaction rollback (serialization failure, deadlock, …): a retry may succeed
+            Some(code) if code.starts_with("40") => StoreErrorKind::Conflict,
             Some(code) => common::classify_sqlstate(&code),
             None => StoreErrorKind::Other,
         }
@@ -295,6 +335,9 @@ impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:5432/db`, TLS with `?sslmode=require`)
     /// with a pool of default size and creates the table `message_idempotent` if it is
     /// missing.
+    /// The first connection is opened directly, so a server that refuses it (or a bad
+    /// password, an unknown host) is an error at once, with the cause as its source;
+    /// the pool's acquire timeout (30 s) applies to later use.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with_table(url, DEFAULT_TABLE).await
     }
@@ -303,10 +346,9 @@ impl PostgresStore {
     /// be schema-qualified (`schema.table`).
     pub async fn connect_with_table(url: &str, table: &str) -> Result<Self, StoreError> {
         let table = TableName::parse(table)?;
-        let pool = PgPoolOptions::new()
-            .connect(url)
-            .await
-            .map_err(Postgres::err("connecting to PostgreSQL"))?;
+        let op = "connecting to PostgreSQL";
+        let options = PgConnectOptions::from_str(url).map_err(Postgres::err(op))?;
+        let pool = common::open_pool(PgPoolOptions::new(), options, op).await?;
         let store = PostgresStore::new(pool, table);
         store.migrate().await?;
         store.prepare().await?;
@@ -393,12 +435,9 @@ impl PostgresStore {
             let attempt: i64 = row
                 .try_get(at + 2)
                 .map_err(Postgres::err("reading a claim"))?;
-            return Ok(Some(ClaimOutcome::Acquired {
-                token: common::token(token)?,
-                attempt: common::attempts(attempt)?,
-            }));
+            return common::acquired(token, attempt, req.key.scope()).map(Some);
         }
-        match RowView::decode(row, at + 3)?.decide(req)? {
+        match RowView::decode(row, at + 3, req.key.scope())?.decide(req) {
             Decision::Answer(outcome) => Ok(Some(outcome)),
             // the row was read from the statement's snapshot, older than the version the
             // upsert saw (a concurrent claim committed in between): ask again
@@ -410,6 +449,7 @@ impl PostgresStore {
 #[async_trait]
 impl Store for PostgresStore {
     async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        storable(req.key)?;
         let _slot = self.claims.enter().await;
         for _ in 0..CLAIM_RETRIES {
             let row = sqlx::query(self.sql.claim.clone())
@@ -433,17 +473,17 @@ impl Store for PostgresStore {
     }
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
+        storable(c.key)?;
         let q = sqlx::query(self.sql.complete.clone()).bind_completion(c);
-        Ok(fence(
-            common::execute(&self.pool, q, Postgres::err("complete")).await?,
-        ))
+        let rows = common::execute(&self.pool, q, Postgres::err("complete")).await?;
+        self.fence_of(rows, c.key, Some(c.token)).await
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
+        storable(r.key)?;
         let q = sqlx::query(self.sql.release.clone()).bind_owned(r.key, r.token);
-        Ok(fence(
-            common::execute(&self.pool, q, Postgres::err("release")).await?,
-        ))
+        let rows = common::execute(&self.pool, q, Postgres::err("release")).await?;
+        self.fence_of(rows, r.key, None).await
     }
 
     async fn renew(
@@ -452,28 +492,21 @@ impl Store for PostgresStore {
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
+        storable(key)?;
         let q = sqlx::query(self.sql.renew.clone())
             .bind_owned(key, token)
             .bind(micros(lease));
-        Ok(fence(
-            common::execute(&self.pool, q, Postgres::err("renew")).await?,
-        ))
+        let rows = common::execute(&self.pool, q, Postgres::err("renew")).await?;
+        self.fence_of(rows, key, None).await
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        let row = sqlx::query(self.sql.inspect.clone())
-            .bind_key(key)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Postgres::err("inspect"))?
-            .pop();
-        match row {
-            Some(row) => RowView::decode(&row, 0)?.into_record(),
-            None => Ok(None),
-        }
+        storable(key)?;
+        Ok(self.read(key).await?.and_then(RowView::into_record))
     }
 
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        storable(key)?;
         let q = sqlx::query(self.sql.forget.clone()).bind_key(key);
         Ok(common::execute(&self.pool, q, Postgres::err("forget")).await? > 0)
     }
@@ -493,6 +526,7 @@ impl Store for PostgresStore {
         // one statement for the distinct keys; a key repeated within the batch is
         // answered as a second claim of it would be (it cannot be upserted twice in one
         // statement), and a key whose row changed under the statement is asked again
+        reqs.iter().try_for_each(|r| storable(r.key))?;
         let _slot = self.claims.enter().await;
         let mut out: Vec<Option<ClaimOutcome>> = vec![None; reqs.len()];
         let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(reqs.len());
@@ -579,6 +613,7 @@ impl Store for PostgresStore {
     }
 
     async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
+        items.iter().try_for_each(|c| storable(c.key))?;
         let owned = items.iter().map(|c| (c.key, c.token));
         let rows = bind_owned_arrays(sqlx::query(self.sql.complete_batch.clone()), owned.clone())
             .bind(items.iter().map(|c| c.output).collect::<Vec<_>>())
@@ -586,41 +621,147 @@ impl Store for PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(Postgres::err("complete_batch"))?;
-        fences(&rows, owned)
+        // the rows not applied, as read: Held when the record is Completed by the
+        // item's own claim (an earlier completion whose reply was lost); a corrupt
+        // row is an error
+        let mut applied = Vec::with_capacity(rows.len());
+        let mut seen = HashMap::new();
+        for row in rows {
+            if row.try_get(3).map_err(Postgres::err("complete_batch"))? {
+                applied.push(row);
+            } else {
+                let key = returned_key(&row)?;
+                let view = RowView::decode(&row, 4, key.scope())?;
+                seen.insert(key, view);
+            }
+        }
+        let mut out = fences(&applied, owned, true)?;
+        for (i, c) in items.iter().enumerate() {
+            if out[i] == Fence::Lost && seen.get(c.key).is_some_and(|r| r.completed_by(c.token)) {
+                out[i] = Fence::Held;
+            }
+        }
+        Ok(out)
     }
 
     async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
+        items.iter().try_for_each(|r| storable(r.key))?;
         let owned = items.iter().map(|r| (r.key, r.token));
         let rows = bind_owned_arrays(sqlx::query(self.sql.release_batch.clone()), owned.clone())
             .fetch_all(&self.pool)
             .await
             .map_err(Postgres::err("release_batch"))?;
-        fences(&rows, owned)
+        let out = fences(&rows, owned, false)?;
+        if out.contains(&Fence::Lost) {
+            // a corrupt row is an error, not a lost claim
+            let lost = (0..items.len()).filter(|&i| out[i] == Fence::Lost);
+            self.read_many(lost.map(|i| items[i].key)).await?;
+        }
+        Ok(out)
     }
 }
 
+/// Checks that PostgreSQL can store the scope of `key`: its text columns cannot hold
+/// a NUL character, so a scope with one is a request the database cannot store
+/// ([`StoreErrorKind::Rejected`]).
+pub(crate) fn storable(key: &RecordKey) -> Result<(), StoreError> {
+    if key.scope().contains('\0') {
+        return Err(StoreError::new(
+            StoreErrorKind::Rejected,
+            format!(
+                "the scope {:?} contains a NUL character, which PostgreSQL cannot store in \
+                 a text column; use a scope without NUL",
+                key.scope()
+            ),
+        ));
+    }
+    Ok(())
+}
+
+impl PostgresStore {
+    /// The row of `key`, checked; `None` when there is none.
+    async fn read(&self, key: &RecordKey) -> Result<Option<RowView>, StoreError> {
+        let row = sqlx::query(self.sql.inspect.clone())
+            .bind_key(key)
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Postgres::err("inspect"))?
+            .pop();
+        row.map(|r| RowView::decode(&r, 0, key.scope())).transpose()
+    }
+
+    /// The rows of `keys`, checked.
+    async fn read_many<'k>(
+        &self,
+        keys: impl Iterator<Item = &'k RecordKey> + Clone,
+    ) -> Result<HashMap<RecordKey, RowView>, StoreError> {
+        let rows = sqlx::query(self.sql.inspect_batch.clone())
+            .bind(keys.clone().map(|k| k.scope()).collect::<Vec<_>>())
+            .bind(keys.map(|k| k.key()).collect::<Vec<_>>())
+            .fetch_all(&self.pool)
+            .await
+            .map_err(Postgres::err("reading a batch"))?;
+        let mut out = HashMap::with_capacity(rows.len());
+        for row in &rows {
+            let scope: String = row.try_get(0).map_err(Postgres::err("reading a batch"))?;
+            let id: Vec<u8> = row.try_get(1).map_err(Postgres::err("reading a batch"))?;
+            let view = RowView::decode(row, 2, &scope)?;
+            out.insert(RecordKey::from_encoded(&scope, &id), view);
+        }
+        Ok(out)
+    }
+
+    /// The fence of a compare-and-set write on `key` that matched `rows` rows: when it
+    /// matched none, the row is read to tell a corrupt record (an error) from one
+    /// another claim owns; a completion (`completed_by`) that finds the record
+    /// Completed by its own claim is [`Fence::Held`].
+    async fn fence_of(
+        &self,
+        rows: u64,
+        key: &RecordKey,
+        completed_by: Option<Token>,
+    ) -> Result<Fence, StoreError> {
+        if rows > 0 {
+            return Ok(Fence::Held);
+        }
+        let seen = self.read(key).await?;
+        Ok(match completed_by {
+            Some(token) => common::completion_fence(seen, token),
+            None => Fence::Lost,
+        })
+    }
+}
+
+/// The record key of a returned row whose first two columns are `scope, message_id`.
+fn returned_key(row: &PgRow) -> Result<RecordKey, StoreError> {
+    let scope: String = row.try_get(0).map_err(Postgres::err("reading a batch"))?;
+    let id: Vec<u8> = row.try_get(1).map_err(Postgres::err("reading a batch"))?;
+    Ok(RecordKey::from_encoded(&scope, &id))
+}
+
 /// Maps the rows an `UPDATE … RETURNING scope, message_id, owner_token` changed back
-/// onto the items, in order.
+/// onto the items, in order. Each (key, token) was applied once: a repeat in the same
+/// batch is [`Fence::Held`] when `repeat_held` (a completion repeated by its own claim
+/// finds its record Completed), else [`Fence::Lost`] (a release repeated).
 fn fences<'a>(
     rows: &[PgRow],
     items: impl Iterator<Item = (&'a RecordKey, Token)>,
+    repeat_held: bool,
 ) -> Result<Vec<Fence>, StoreError> {
-    let mut held: HashSet<(RecordKey, i64)> = HashSet::with_capacity(rows.len());
+    let mut held: HashMap<(RecordKey, i64), bool> = HashMap::with_capacity(rows.len());
     for row in rows {
-        let scope: String = row.try_get(0).map_err(Postgres::err("reading a batch"))?;
-        let id: Vec<u8> = row.try_get(1).map_err(Postgres::err("reading a batch"))?;
         let token: i64 = row.try_get(2).map_err(Postgres::err("reading a batch"))?;
-        held.insert((RecordKey::from_encoded(&scope, &id), token));
+        held.insert((returned_key(row)?, token), false);
     }
     Ok(items
-        .map(|(key, token)| {
-            // each (key, token) is applied once: a repeat in the same batch is Lost,
-            // as it would be after the first one
-            if held.remove(&(key.clone(), token_param(token))) {
-                Fence::Held
-            } else {
-                Fence::Lost
-            }
-        })
+        .map(
+            |(key, token)| match held.get_mut(&(key.clone(), token_param(token))) {
+                Some(used) if !*used || repeat_held => {
+                    *used = true;
+                    Fence::Held
+                }
+                _ => Fence::Lost,
+            },
+        )
         .collect())
 }

@@ -2,7 +2,7 @@
 
 use super::common::{
     self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, PURGE_BATCH, Plan, RowView, SqlDatabase,
-    TableName, fence, micros, repeated, sql, token_param,
+    TableName, micros, repeated, sql, token_param,
 };
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use crate::{RecordKey, StoreError, StoreErrorKind};
@@ -120,8 +120,10 @@ impl Statements {
         let t = table.quoted('"');
         let owned = format!(
             "scope = ?1 AND message_id = ?2 AND owner_token = ?3 AND status = 0 \
-             AND lease_until_us IS NOT NULL AND expires_at_us > {NOW_US}"
+             AND lease_until_us IS NOT NULL AND expires_at_us > {NOW_US} AND {}",
+            common::sane("", true)
         );
+        let sane = common::sane("", true);
         // SQLite qualifies the index name, not the table, with the schema
         let index = match table.schema() {
             Some(s) => format!("\"{s}\".\"{}_expires_at_us_idx\"", table.name()),
@@ -129,8 +131,8 @@ impl Statements {
         };
         Statements {
             read: sql(format!(
-                "SELECT status, retry_times, owner_token, lease_until_us - {NOW_US}, \
-                    expires_at_us - {NOW_US}, fingerprint, output \
+                "SELECT status, retry_times, owner_token, lease_until_us, expires_at_us, \
+                    fingerprint, output, {NOW_US} \
                  FROM {t} WHERE scope = ?1 AND message_id = ?2"
             )),
             insert: sql(format!(
@@ -155,7 +157,7 @@ impl Statements {
                     fingerprint = coalesce(fingerprint, ?5), output = NULL \
                  WHERE scope = ?1 AND message_id = ?2 AND owner_token = ?6 AND retry_times = ?7 \
                     AND expires_at_us > {NOW_US} AND status = 0 \
-                    AND (lease_until_us IS NULL OR lease_until_us <= {NOW_US}) \
+                    AND (lease_until_us IS NULL OR lease_until_us <= {NOW_US}) AND {sane} \
                  RETURNING owner_token, retry_times"
             )),
             take_over_expired: sql(format!(
@@ -164,7 +166,7 @@ impl Statements {
                     lease_until_us = {NOW_US} + ?3, expires_at_us = {NOW_US} + ?4, \
                     fingerprint = ?5, output = NULL \
                  WHERE scope = ?1 AND message_id = ?2 AND owner_token = ?6 \
-                    AND expires_at_us <= {NOW_US} \
+                    AND expires_at_us <= {NOW_US} AND {sane} \
                  RETURNING owner_token, retry_times"
             )),
             complete: sql(format!(
@@ -267,11 +269,27 @@ impl SqliteStore {
             .busy_timeout(Self::BUSY_TIMEOUT);
         // an embedded database has no network between the pool and it: a connection
         // cannot go stale while idle, so it is not pinged before each use
-        let pool = SqlitePoolOptions::new()
-            .test_before_acquire(false)
-            .connect_with(options)
+        let op = format!(
+            "opening the SQLite database {}",
+            options.get_filename().display()
+        );
+        let dir = options
+            .get_filename()
+            .parent()
+            .filter(|d| !d.as_os_str().is_empty())
+            .map(std::path::Path::to_path_buf);
+        let pool = SqlitePoolOptions::new().test_before_acquire(false);
+        let pool = common::open_pool(pool, options, &op)
             .await
-            .map_err(Sqlite::err("opening the SQLite database"))?;
+            .map_err(|e| match dir {
+                // SQLite says only "unable to open database file"
+                Some(dir) if !dir.is_dir() => StoreError::with_source(
+                    StoreErrorKind::Rejected,
+                    format!("{op}: the directory {} does not exist", dir.display()),
+                    e,
+                ),
+                _ => e,
+            })?;
         let store = SqliteStore::new(pool, table);
         store.migrate().await?;
         Ok(store)
@@ -346,7 +364,27 @@ impl SqliteStore {
             .await
             .map_err(Sqlite::err("reading a record"))?
             .pop();
-        row.map(|r| RowView::decode(&r, 0)).transpose()
+        row.map(|r| RowView::decode(&r, 0, key.scope())).transpose()
+    }
+
+    /// The fence of a compare-and-set write on `key` that matched `rows` rows: when it
+    /// matched none, the row is read to tell a corrupt record (an error) from one
+    /// another claim owns; a completion (`completed_by`) that finds the record
+    /// Completed by its own claim is [`Fence::Held`].
+    async fn fence_of(
+        &self,
+        rows: u64,
+        key: &RecordKey,
+        completed_by: Option<Token>,
+    ) -> Result<Fence, StoreError> {
+        if rows > 0 {
+            return Ok(Fence::Held);
+        }
+        let seen = self.read(key).await?;
+        Ok(match completed_by {
+            Some(token) => common::completion_fence(seen, token),
+            None => Fence::Lost,
+        })
     }
 
     /// Acts on what a read saw: answers, or tries the one conditional write.
@@ -356,7 +394,7 @@ impl SqliteStore {
         req: &ClaimRequest<'_>,
         seen: Option<RowView>,
     ) -> Result<Option<ClaimOutcome>, StoreError> {
-        let plan = match Plan::of(req, seen)? {
+        let plan = match Plan::of(req, seen) {
             Plan::Answer(outcome) => return Ok(Some(outcome)),
             plan => plan,
         };
@@ -447,12 +485,12 @@ impl Store for SqliteStore {
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
         let rows = self.execute("complete", self.sql.complete_query(c)).await?;
-        Ok(fence(rows))
+        self.fence_of(rows, c.key, Some(c.token)).await
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
         let rows = self.execute("release", self.sql.release_query(r)).await?;
-        Ok(fence(rows))
+        self.fence_of(rows, r.key, None).await
     }
 
     async fn renew(
@@ -464,14 +502,12 @@ impl Store for SqliteStore {
         let q = sqlx::query(self.sql.renew.clone())
             .bind_owned(key, token)
             .bind(micros(lease));
-        Ok(fence(self.execute("renew", q).await?))
+        let rows = self.execute("renew", q).await?;
+        self.fence_of(rows, key, None).await
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        match self.read(key).await? {
-            Some(row) => row.into_record(),
-            None => Ok(None),
-        }
+        Ok(self.read(key).await?.and_then(RowView::into_record))
     }
 
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
@@ -504,36 +540,62 @@ impl Store for SqliteStore {
 
     async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
         let mut w = self.writer().await?;
-        let queries = items.iter().map(|c| self.sql.complete_query(c));
-        let done = apply_all(w.conn()?, "complete_batch", queries).await;
+        let queries = items
+            .iter()
+            .map(|c| (self.sql.complete_query(c), c.key, Some(c.token)));
+        let done = self.apply_all(w.conn()?, "complete_batch", queries).await;
         w.check_store(done)
     }
 
     async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
         let mut w = self.writer().await?;
-        let queries = items.iter().map(|r| self.sql.release_query(r));
-        let done = apply_all(w.conn()?, "release_batch", queries).await;
+        let queries = items
+            .iter()
+            .map(|r| (self.sql.release_query(r), r.key, None));
+        let done = self.apply_all(w.conn()?, "release_batch", queries).await;
         w.check_store(done)
     }
 }
 
-/// Runs compare-and-set `UPDATE`s in one transaction; one fence each.
-async fn apply_all<'q>(
-    conn: &mut SqliteConnection,
-    op: &'static str,
-    queries: impl Iterator<Item = SqliteQuery<'q>>,
-) -> Result<Vec<Fence>, StoreError> {
-    let mut tx = conn
-        .begin_with("BEGIN IMMEDIATE")
-        .await
-        .map_err(Sqlite::err(op))?;
-    let mut out = Vec::with_capacity(queries.size_hint().0);
-    for q in queries {
-        let done = q.execute(&mut *tx).await.map_err(Sqlite::err(op))?;
-        out.push(fence(done.rows_affected()));
+impl SqliteStore {
+    /// Runs compare-and-set `UPDATE`s in one transaction; one fence each, as the
+    /// single-key steps answer it (an item that matched no row reads its row back:
+    /// a corrupt row is an error, and a completion whose record is Completed by its
+    /// own claim is [`Fence::Held`]).
+    async fn apply_all<'q>(
+        &self,
+        conn: &mut SqliteConnection,
+        op: &'static str,
+        queries: impl Iterator<Item = (SqliteQuery<'q>, &'q RecordKey, Option<Token>)>,
+    ) -> Result<Vec<Fence>, StoreError> {
+        let mut tx = conn
+            .begin_with("BEGIN IMMEDIATE")
+            .await
+            .map_err(Sqlite::err(op))?;
+        let mut out = Vec::with_capacity(queries.size_hint().0);
+        for (q, key, completed_by) in queries {
+            let done = q.execute(&mut *tx).await.map_err(Sqlite::err(op))?;
+            if done.rows_affected() > 0 {
+                out.push(Fence::Held);
+                continue;
+            }
+            let row = self
+                .sql
+                .read_query(key)
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(Sqlite::err(op))?;
+            let seen = row
+                .map(|r| RowView::decode(&r, 0, key.scope()))
+                .transpose()?;
+            out.push(match completed_by {
+                Some(token) => common::completion_fence(seen, token),
+                None => Fence::Lost,
+            });
+        }
+        tx.commit().await.map_err(Sqlite::err(op))?;
+        Ok(out)
     }
-    tx.commit().await.map_err(Sqlite::err(op))?;
-    Ok(out)
 }
 
 impl SqliteStore {
@@ -561,8 +623,10 @@ impl SqliteStore {
                         .fetch_optional(&mut *tx)
                         .await
                         .map_err(Sqlite::err("claim_batch"))?;
-                    let seen = row.map(|r| RowView::decode(&r, 0)).transpose()?;
-                    outcome = self.write_claim(&mut tx, req, Plan::of(req, seen)?).await?;
+                    let seen = row
+                        .map(|r| RowView::decode(&r, 0, req.key.scope()))
+                        .transpose()?;
+                    outcome = self.write_claim(&mut tx, req, Plan::of(req, seen)).await?;
                     if outcome.is_some() {
                         break;
                     }
@@ -611,10 +675,7 @@ impl Statements {
         } else {
             1
         };
-        Ok(Some(ClaimOutcome::Acquired {
-            token: common::token(token)?,
-            attempt: common::attempts(attempt)?,
-        }))
+        common::acquired(token, attempt, req.key.scope()).map(Some)
     }
 
     pub(crate) fn read_query<'q>(&self, key: &'q RecordKey) -> SqliteQuery<'q> {

@@ -14,7 +14,7 @@
 //! what keeps a concurrent duplicate out, and a claim that is committed without a
 //! completion (the caller committed after a handler error) is claimable again at once.
 
-use super::common::{self, BindExt, CLAIM_RETRIES, SqlDatabase, TableName, fence};
+use super::common::{self, BindExt, CLAIM_RETRIES, SqlDatabase, TableName};
 use crate::__private::{TxFuture, TxTable};
 use crate::StoreError;
 use crate::StoreErrorKind;
@@ -76,7 +76,7 @@ mod mysql {
     }
 
     fn err(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
-        MySql::tx_err(op)
+        MySql::err(op)
     }
 
     impl crate::__private::DedupTransaction for sqlx::Transaction<'_, MySql> {
@@ -108,7 +108,7 @@ mod mysql {
                     // deleted between the two statements (forget, purge): insert again
                     let Some(row) = row else { continue };
                     // the row is locked by this transaction: the compare-and-set holds
-                    let plan = Plan::of(req, Some(RowView::decode(&row, 0)?))?;
+                    let plan = Plan::of(req, Some(RowView::decode(&row, 0, req.key.scope())?));
                     let written =
                         s.store
                             .write_claim(&mut *conn, req, plan, err("claim in transaction"));
@@ -128,8 +128,18 @@ mod mysql {
             Box::pin(async move {
                 let s = prepared(&table.mysql, table, MySqlTx::new)?;
                 let q = s.store.complete_query(c);
-                let rows = common::execute(&mut **self, q, err("complete in transaction"));
-                Ok(fence(rows.await?))
+                let conn = &mut **self;
+                let op = "complete in transaction";
+                if common::execute(&mut *conn, q, err(op)).await? > 0 {
+                    return Ok(Fence::Held);
+                }
+                let row = sqlx::query(s.store.read.clone())
+                    .bind_key(c.key)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(err(op))?;
+                let seen = row.map(|r| RowView::decode(&r, 0, c.key.scope()));
+                Ok(common::completion_fence(seen.transpose()?, c.token))
             })
         }
     }
@@ -141,7 +151,8 @@ pub(crate) use mysql::MySqlTx;
 mod postgres {
     use super::*;
     use crate::PostgresStore;
-    use crate::sql::postgres::Statements;
+    use crate::sql::common::RowView;
+    use crate::sql::postgres::{Statements, storable};
     use sqlx::postgres::Postgres;
 
     /// The PostgreSQL store's statements: its claim already locks what it writes.
@@ -154,7 +165,7 @@ mod postgres {
     }
 
     fn err(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
-        Postgres::tx_err(op)
+        Postgres::err(op)
     }
 
     impl crate::__private::DedupTransaction for sqlx::Transaction<'_, Postgres> {
@@ -165,6 +176,7 @@ mod postgres {
         ) -> TxFuture<'a, ClaimOutcome> {
             Box::pin(async move {
                 let s = prepared(&table.postgres, table, PostgresTx::new)?;
+                storable(req.key)?;
                 for _ in 0..CLAIM_RETRIES {
                     let row = sqlx::query(s.0.claim.clone())
                         .bind_claim(req)
@@ -193,9 +205,20 @@ mod postgres {
         ) -> TxFuture<'a, Fence> {
             Box::pin(async move {
                 let s = prepared(&table.postgres, table, PostgresTx::new)?;
+                storable(c.key)?;
                 let q = sqlx::query(s.0.complete.clone()).bind_completion(c);
-                let rows = common::execute(&mut **self, q, err("complete in transaction"));
-                Ok(fence(rows.await?))
+                let conn = &mut **self;
+                let op = "complete in transaction";
+                if common::execute(&mut *conn, q, err(op)).await? > 0 {
+                    return Ok(Fence::Held);
+                }
+                let row = sqlx::query(s.0.inspect.clone())
+                    .bind_key(c.key)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(err(op))?;
+                let seen = row.map(|r| RowView::decode(&r, 0, c.key.scope()));
+                Ok(common::completion_fence(seen.transpose()?, c.token))
             })
         }
     }
@@ -221,7 +244,7 @@ mod sqlite {
     }
 
     fn err(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
-        Sqlite::tx_err(op)
+        Sqlite::err(op)
     }
 
     impl crate::__private::DedupTransaction for sqlx::Transaction<'_, Sqlite> {
@@ -245,7 +268,7 @@ mod sqlite {
                         .await
                         .map_err(err())?;
                     let Some(row) = row else { continue };
-                    let plan = Plan::of(req, Some(RowView::decode(&row, 0)?))?;
+                    let plan = Plan::of(req, Some(RowView::decode(&row, 0, req.key.scope())?));
                     if let Some(outcome) = s.write_claim(conn, req, plan, None, err()).await? {
                         return Ok(outcome);
                     }
@@ -262,8 +285,18 @@ mod sqlite {
             Box::pin(async move {
                 let s = &prepared(&table.sqlite, table, SqliteTx::new)?.0;
                 let q = sqlx::query(s.complete.clone()).bind_completion(c);
-                let rows = common::execute(&mut **self, q, err("complete in transaction"));
-                Ok(fence(rows.await?))
+                let conn = &mut **self;
+                let op = "complete in transaction";
+                if common::execute(&mut *conn, q, err(op)).await? > 0 {
+                    return Ok(Fence::Held);
+                }
+                let row = s
+                    .read_query(c.key)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(err(op))?;
+                let seen = row.map(|r| RowView::decode(&r, 0, c.key.scope()));
+                Ok(common::completion_fence(seen.transpose()?, c.token))
             })
         }
     }
