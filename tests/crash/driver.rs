@@ -37,6 +37,8 @@ pub struct Profile {
     pub failures: f64,
     /// Share of orders whose body panics on a message's first delivery.
     pub panics: f64,
+    /// Messages published per second (spreads the run so faults meet work in flight).
+    pub publish_per_s: u64,
     /// The body's work, in milliseconds (uniform).
     pub work_ms: (u64, u64),
     /// Time between two `kill -9` of a worker, in milliseconds (uniform).
@@ -54,11 +56,12 @@ impl Profile {
         Profile {
             name: "short",
             workers: 3,
-            orders: 150,
+            orders: 300,
             duplicates: 0.3,
             failures: 0.1,
             panics: 0.03,
-            work_ms: (5, 25),
+            publish_per_s: 25,
+            work_ms: (50, 300),
             kill_every_ms: (500, 1200),
             restarts: 1,
             cut_every_ms: (1000, 2500),
@@ -74,7 +77,8 @@ impl Profile {
             duplicates: 0.3,
             failures: 0.1,
             panics: 0.02,
-            work_ms: (5, 25),
+            publish_per_s: 60,
+            work_ms: (50, 300),
             kill_every_ms: (1000, 3000),
             restarts: 2,
             cut_every_ms: (2000, 5000),
@@ -355,7 +359,7 @@ impl Backend {
                 n as u64
             }
             Backend::Mysql { admin, db } => {
-                let ids: Vec<u64> = sqlx::query_scalar(
+                let ids: Vec<i64> = sqlx::query_scalar(
                     "SELECT ID FROM information_schema.PROCESSLIST WHERE DB = ? AND ID <> CONNECTION_ID()",
                 )
                 .bind(db)
@@ -379,7 +383,7 @@ impl Backend {
     }
 
     /// The store the checker reads the final records from, and the effect rows.
-    async fn final_state(&self, ids: &[String]) -> (HashMap<String, Option<idempotent_runtime::Record>>, Option<HashMap<String, Vec<u64>>>) {
+    async fn final_state(&self, mode: Mode, ids: &[String]) -> (HashMap<String, Option<idempotent_runtime::Record>>, Option<HashMap<String, Vec<u64>>>) {
         let (store, effects): (Arc<dyn Store>, Option<HashMap<String, Vec<u64>>>) = match self {
             Backend::Redis(server) => (
                 Arc::new(
@@ -391,12 +395,18 @@ impl Backend {
             ),
             Backend::Postgres { schema, app, .. } => {
                 let pool = crate::pg_pool_in(schema, &format!("{app}-driver"), 2).await;
-                let rows: Vec<(String, i64)> =
-                    sqlx::query_as("SELECT order_id, token FROM crash_effects")
-                        .fetch_all(&pool)
-                        .await
-                        .expect("read the effects");
-                (Arc::new(PostgresStore::from_pool(pool)), Some(group(rows)))
+                // store mode writes no effect rows
+                let effects = if mode.is_tx() {
+                    let rows: Vec<(String, i64)> =
+                        sqlx::query_as("SELECT order_id, token FROM crash_effects")
+                            .fetch_all(&pool)
+                            .await
+                            .expect("read the effects");
+                    Some(group(rows))
+                } else {
+                    None
+                };
+                (Arc::new(PostgresStore::from_pool(pool)), effects)
             }
             Backend::Mysql { db, .. } => {
                 let pool = crate::mysql_pool_in(Some(db), 2).await;
@@ -553,8 +563,11 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
                 (msg_id.clone(), o.id.clone(), o.plan, o.work_ms)
             })
             .collect();
+        let every = Duration::from_micros(1_000_000 / p.publish_per_s.max(1));
         tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
             for (msg_id, id, plan, work_ms) in msgs {
+                tick.tick().await;
                 let ack = js
                     .send_publish(
                         subject.clone(),
@@ -661,7 +674,7 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
     publisher.abort();
     let info = consumer.info().await.expect("consumer info").clone();
     let ids: Vec<String> = orders.iter().map(|o| o.id.clone()).collect();
-    let (records, effects) = backend.final_state(&ids).await;
+    let (records, effects) = backend.final_state(mode, &ids).await;
     let lines = history::read_all(&dir);
     let report = check::check(&check::Input {
         mode,
