@@ -464,3 +464,168 @@ pub fn check(inp: &Input<'_>) -> Report {
     }
     r
 }
+
+#[cfg(test)]
+mod tests {
+    //! The checker on hand-written histories: each broken invariant is reported.
+    use super::*;
+
+    const LEASE_US: u64 = 2_000_000;
+
+    fn line(pid: u32, at: u64, kind: &str, fields: &[&str]) -> Line {
+        Line {
+            kind: kind.to_owned(),
+            fields: fields.iter().map(|f| f.to_string()).collect(),
+            at,
+            pid,
+        }
+    }
+
+    fn completed(token: u64) -> Option<Record> {
+        let mut r = Record::new(RecordState::Completed, 1, idempotent_runtime::Token(token));
+        r.output = Some(token.to_string().into_bytes());
+        Some(r)
+    }
+
+    fn run(
+        mode: Mode,
+        lines: &[Line],
+        kills: &[(u32, u64)],
+        faults: &[Fault],
+        record: Option<Record>,
+        effects: Option<Vec<u64>>,
+    ) -> Report {
+        let orders = vec!["o1".to_owned()];
+        check(&Input {
+            mode,
+            lease_us: LEASE_US,
+            orders: &orders,
+            messages: 1,
+            duplicates: 0,
+            planned_failures: 0,
+            planned_panics: 0,
+            lines,
+            kills,
+            faults,
+            stopped: &[],
+            stopped_at: u64::MAX,
+            final_state: FinalState {
+                pending: 0,
+                ack_pending: 0,
+                deliveries: 1,
+                records: HashMap::from([("o1".to_owned(), record)]),
+                effects: effects.map(|e| HashMap::from([("o1".to_owned(), e)])),
+            },
+            timed_out: false,
+            elapsed: Duration::ZERO,
+        })
+    }
+
+    /// A failed first attempt, a second killed mid-body, a third that completes.
+    fn clean() -> Vec<Line> {
+        vec![
+            line(1, 100, "S", &["o1", "100", "1"]),
+            line(1, 150, "F", &["o1", "100"]),
+            line(1, 160, "O", &["o1", "failed", "100"]),
+            line(2, 200, "S", &["o1", "200", "2"]),
+            line(3, 3_000_000, "S", &["o1", "2500000", "3"]),
+            line(3, 3_000_100, "E", &["o1", "2500000"]),
+            line(3, 3_000_200, "O", &["o1", "executed", "2500000"]),
+            line(3, 3_000_300, "A", &["o1", "1"]),
+        ]
+    }
+
+    #[test]
+    fn a_clean_history_passes_and_each_rerun_has_its_reason() {
+        let r = run(Mode::Redis, &clean(), &[(2, 300)], &[], completed(2_500_000), None);
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!(r.executions, 3);
+        assert_eq!(r.reexecutions.get(&Reason::HandlerFailed), Some(&1));
+        assert_eq!(r.reexecutions.get(&Reason::Killed), Some(&1));
+        assert_eq!(r.kills_mid_body, 1);
+    }
+
+    #[test]
+    fn an_execution_after_the_completion_breaks_g2() {
+        let mut h = clean();
+        h.push(line(4, 4_000_000, "S", &["o1", "4000000", "4"]));
+        h.push(line(4, 4_000_100, "E", &["o1", "4000000"]));
+        let r = run(Mode::Redis, &h, &[(2, 300)], &[], completed(2_500_000), None);
+        assert!(r.violations.iter().any(|v| v.contains("G2")), "{:?}", r.violations);
+    }
+
+    #[test]
+    fn overlapping_executions_break_g1() {
+        let h = vec![
+            line(1, 100, "S", &["o1", "100", "1"]),
+            line(2, 200, "S", &["o1", "200", "2"]),
+            line(1, 300, "F", &["o1", "100"]),
+            line(2, 400, "E", &["o1", "200"]),
+            line(2, 500, "O", &["o1", "executed", "200"]),
+        ];
+        let r = run(Mode::Redis, &h, &[], &[], completed(200), None);
+        assert!(r.violations.iter().any(|v| v.contains("G1")), "{:?}", r.violations);
+        // the same overlap beside a store fault is counted, not a violation
+        let fault = Fault {
+            kind: "redis-restart",
+            start: 150,
+            end: 180,
+        };
+        let r = run(Mode::Redis, &h, &[], &[fault], completed(200), None);
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!(r.overlaps_after_store_fault, 1);
+    }
+
+    #[test]
+    fn a_takeover_before_a_killed_holders_lease_ran_out_breaks_g1() {
+        let h = vec![
+            line(1, 100, "S", &["o1", "100", "1"]),
+            line(2, 1_000, "S", &["o1", "900000", "2"]),
+            line(2, 1_100, "E", &["o1", "900000"]),
+            line(2, 1_200, "O", &["o1", "executed", "900000"]),
+        ];
+        let r = run(Mode::Redis, &h, &[(1, 500)], &[], completed(900_000), None);
+        assert!(
+            r.violations.iter().any(|v| v.contains("lease")),
+            "{:?}",
+            r.violations
+        );
+    }
+
+    #[test]
+    fn a_key_not_completed_is_lost() {
+        let h = vec![line(1, 100, "S", &["o1", "100", "1"])];
+        let r = run(Mode::Redis, &h, &[(1, 200)], &[], None, None);
+        assert_eq!(r.lost, 1);
+        assert!(!r.violations.is_empty());
+    }
+
+    #[test]
+    fn two_effect_rows_break_g7() {
+        let h = vec![
+            line(1, 100, "S", &["o1", "100", "1"]),
+            line(1, 200, "E", &["o1", "100"]),
+            line(1, 300, "O", &["o1", "committed", "100"]),
+        ];
+        let r = run(Mode::PgTx, &h, &[], &[], completed(100), Some(vec![100]));
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        let r = run(Mode::PgTx, &h, &[], &[], completed(100), Some(vec![100, 100]));
+        assert_eq!(r.double_effects, 1);
+        assert!(r.violations.iter().any(|v| v.contains("G7")), "{:?}", r.violations);
+    }
+
+    #[test]
+    fn an_unexplained_rerun_is_reported() {
+        // the first execution completed and was acknowledged; nothing explains a second
+        let h = vec![
+            line(1, 100, "S", &["o1", "100", "1"]),
+            line(1, 200, "E", &["o1", "100"]),
+            line(1, 300, "O", &["o1", "executed", "100"]),
+            line(2, 5_000, "S", &["o1", "5000", "2"]),
+            line(2, 5_100, "E", &["o1", "5000"]),
+            line(2, 5_200, "O", &["o1", "executed", "5000"]),
+        ];
+        let r = run(Mode::Redis, &h, &[], &[], completed(5_000), None);
+        assert_eq!(r.unexplained(), 1, "{:?}", r.violations);
+    }
+}

@@ -188,7 +188,14 @@ pub async fn run_all(opts: Options) -> bool {
     let mut reports = Vec::new();
     for (i, &mode) in opts.modes.iter().enumerate() {
         let started = Instant::now();
-        let report = run_mode(&opts, mode, opts.seed.wrapping_add(i as u64)).await;
+        // on SIGINT / SIGTERM the run is dropped: its workers and Redis server are killed
+        let report = tokio::select! {
+            r = run_mode(&opts, mode, opts.seed.wrapping_add(i as u64)) => r,
+            s = stop_signal() => {
+                eprintln!("crash: {s}: stopping every process started");
+                return false;
+            }
+        };
         println!(
             "\n== {} ({:.1} s)\n{}",
             mode.name(),
@@ -209,6 +216,15 @@ pub async fn run_all(opts: Options) -> bool {
     } else {
         println!("INVARIANTS BROKEN in: {}", failed.join(", "));
         false
+    }
+}
+
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate()).expect("SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => "interrupted",
+        _ = term.recv() => "terminated",
     }
 }
 
