@@ -185,6 +185,18 @@ impl StoreError {
         }
     }
 
+    /// Names the record a [`Corrupt`](StoreErrorKind::Corrupt) error is about, so an
+    /// operator can find the row or key; other kinds are returned as they are.
+    pub(crate) fn naming(mut self, scope: &str, place: &str) -> Self {
+        if self.kind == StoreErrorKind::Corrupt && !self.message.contains("in scope `") {
+            self.message = format!(
+                "{} (a record in scope `{scope}` of {place}; inspect it, and delete it with `forget` if it is stale)",
+                self.message
+            );
+        }
+        self
+    }
+
     /// A store error of `kind` wrapping the driver's error.
     pub fn with_source(
         kind: StoreErrorKind,

@@ -98,7 +98,10 @@ pub struct Report {
 
 impl Report {
     pub fn unexplained(&self) -> usize {
-        self.reexecutions.get(&Reason::Unexplained).copied().unwrap_or(0)
+        self.reexecutions
+            .get(&Reason::Unexplained)
+            .copied()
+            .unwrap_or(0)
     }
 
     fn explained(&self) -> usize {
@@ -185,30 +188,58 @@ pub fn table(p: &Profile, reports: &[(Mode, Report)]) -> String {
     };
     let n = |r: &Report, k: Reason| r.reexecutions.get(&k).copied().unwrap_or(0);
     row(&mut s, "messages published", &|r| r.messages.to_string());
-    row(&mut s, "duplicates sent (new Nats-Msg-Id)", &|r| r.duplicates.to_string());
-    row(&mut s, "orders failing / panicking on first delivery", &|r| {
-        format!("{} / {}", r.planned_failures, r.planned_panics)
+    row(&mut s, "duplicates sent (new Nats-Msg-Id)", &|r| {
+        r.duplicates.to_string()
     });
+    row(
+        &mut s,
+        "orders failing / panicking on first delivery",
+        &|r| format!("{} / {}", r.planned_failures, r.planned_panics),
+    );
     row(&mut s, "`kill -9` of a worker (mid-body)", &|r| {
         format!("{} ({})", r.kills, r.kills_mid_body)
     });
     row(&mut s, "Redis restarts", &|r| {
-        r.store_faults.get("redis-restart").copied().unwrap_or(0).to_string()
+        r.store_faults
+            .get("redis-restart")
+            .copied()
+            .unwrap_or(0)
+            .to_string()
     });
     row(&mut s, "connection cuts", &|r| {
-        r.store_faults.get("connections-cut").copied().unwrap_or(0).to_string()
+        r.store_faults
+            .get("connections-cut")
+            .copied()
+            .unwrap_or(0)
+            .to_string()
     });
     row(&mut s, "deliveries", &|r| r.deliveries.to_string());
-    row(&mut s, "executions (bodies started)", &|r| r.executions.to_string());
-    row(&mut s, "replays of a completed key", &|r| r.replays.to_string());
-    row(&mut s, "re-executions after a handler error / panic", &|r| {
-        format!("{} / {}", n(r, Reason::HandlerFailed), n(r, Reason::Panicked))
+    row(&mut s, "executions (bodies started)", &|r| {
+        r.executions.to_string()
     });
+    row(&mut s, "replays of a completed key", &|r| {
+        r.replays.to_string()
+    });
+    row(
+        &mut s,
+        "re-executions after a handler error / panic",
+        &|r| {
+            format!(
+                "{} / {}",
+                n(r, Reason::HandlerFailed),
+                n(r, Reason::Panicked)
+            )
+        },
+    );
     row(&mut s, "re-executions after a kill / a store fault", &|r| {
         format!("{} / {}", n(r, Reason::Killed), n(r, Reason::StoreFault))
     });
-    row(&mut s, "re-executions explained (total)", &|r| r.explained().to_string());
-    row(&mut s, "**unexplained re-executions**", &|r| format!("**{}**", r.unexplained()));
+    row(&mut s, "re-executions explained (total)", &|r| {
+        r.explained().to_string()
+    });
+    row(&mut s, "**unexplained re-executions**", &|r| {
+        format!("**{}**", r.unexplained())
+    });
     row(&mut s, "**lost**", &|r| format!("**{}**", r.lost));
     row(&mut s, "**double effects (tx modes)**", &|r| {
         if r.mode.is_some_and(Mode::is_tx) {
@@ -217,8 +248,12 @@ pub fn table(p: &Profile, reports: &[(Mode, Report)]) -> String {
             "n/a".to_owned()
         }
     });
-    row(&mut s, "invariant violations", &|r| r.violations.len().to_string());
-    row(&mut s, "run time", &|r| format!("{:.0} s", r.elapsed.as_secs_f64()));
+    row(&mut s, "invariant violations", &|r| {
+        r.violations.len().to_string()
+    });
+    row(&mut s, "run time", &|r| {
+        format!("{:.0} s", r.elapsed.as_secs_f64())
+    });
     s
 }
 
@@ -374,7 +409,10 @@ pub fn check(inp: &Input<'_>) -> Report {
                 if rows.len() > 1 {
                     r.double_effects += 1;
                 }
-                v.push(format!("{id}: G7: {} effect rows (tokens {rows:?})", rows.len()));
+                v.push(format!(
+                    "{id}: G7: {} effect rows (tokens {rows:?})",
+                    rows.len()
+                ));
             } else if rows[0] != done {
                 v.push(format!(
                     "{id}: G7: the effect row has token {}, the completion {done}",
@@ -428,10 +466,7 @@ pub fn check(inp: &Input<'_>) -> Report {
             }
             // G1 on the store's clock: a killed holder's lease ran out before the
             // takeover (tokens are the store's clock at the claim)
-            if !inp.mode.is_tx()
-                && reason == Reason::Killed
-                && b.token < a.token + inp.lease_us
-            {
+            if !inp.mode.is_tx() && reason == Reason::Killed && b.token < a.token + inp.lease_us {
                 v.push(format!(
                     "{id}: G1: token {} taken over at {} µs by the store clock, before the killed holder's lease ({} µs) ran out",
                     a.token,
@@ -455,7 +490,10 @@ pub fn check(inp: &Input<'_>) -> Report {
                 && e.outcome.is_none()
                 && es.last().is_some_and(|l| l.token == e.token)
             {
-                v.push(format!("{id}: execution {} still running at the end", e.token));
+                v.push(format!(
+                    "{id}: execution {} still running at the end",
+                    e.token
+                ));
             }
         }
     }
@@ -537,7 +575,14 @@ mod tests {
 
     #[test]
     fn a_clean_history_passes_and_each_rerun_has_its_reason() {
-        let r = run(Mode::Redis, &clean(), &[(2, 300)], &[], completed(2_500_000), None);
+        let r = run(
+            Mode::Redis,
+            &clean(),
+            &[(2, 300)],
+            &[],
+            completed(2_500_000),
+            None,
+        );
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         assert_eq!(r.executions, 3);
         assert_eq!(r.reexecutions.get(&Reason::HandlerFailed), Some(&1));
@@ -550,8 +595,19 @@ mod tests {
         let mut h = clean();
         h.push(line(4, 4_000_000, "S", &["o1", "4000000", "4"]));
         h.push(line(4, 4_000_100, "E", &["o1", "4000000"]));
-        let r = run(Mode::Redis, &h, &[(2, 300)], &[], completed(2_500_000), None);
-        assert!(r.violations.iter().any(|v| v.contains("G2")), "{:?}", r.violations);
+        let r = run(
+            Mode::Redis,
+            &h,
+            &[(2, 300)],
+            &[],
+            completed(2_500_000),
+            None,
+        );
+        assert!(
+            r.violations.iter().any(|v| v.contains("G2")),
+            "{:?}",
+            r.violations
+        );
     }
 
     #[test]
@@ -564,7 +620,11 @@ mod tests {
             line(2, 500, "O", &["o1", "executed", "200"]),
         ];
         let r = run(Mode::Redis, &h, &[], &[], completed(200), None);
-        assert!(r.violations.iter().any(|v| v.contains("G1")), "{:?}", r.violations);
+        assert!(
+            r.violations.iter().any(|v| v.contains("G1")),
+            "{:?}",
+            r.violations
+        );
         // the same overlap beside a store fault is counted, not a violation
         let fault = Fault {
             kind: "redis-restart",
@@ -609,9 +669,20 @@ mod tests {
         ];
         let r = run(Mode::PgTx, &h, &[], &[], completed(100), Some(vec![100]));
         assert!(r.violations.is_empty(), "{:?}", r.violations);
-        let r = run(Mode::PgTx, &h, &[], &[], completed(100), Some(vec![100, 100]));
+        let r = run(
+            Mode::PgTx,
+            &h,
+            &[],
+            &[],
+            completed(100),
+            Some(vec![100, 100]),
+        );
         assert_eq!(r.double_effects, 1);
-        assert!(r.violations.iter().any(|v| v.contains("G7")), "{:?}", r.violations);
+        assert!(
+            r.violations.iter().any(|v| v.contains("G7")),
+            "{:?}",
+            r.violations
+        );
     }
 
     #[test]

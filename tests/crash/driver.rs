@@ -121,7 +121,9 @@ impl Options {
                         m.split(',').map(str::parse).collect::<Result<_, _>>()?
                     };
                 }
-                "--orders" => orders = Some(value()?.parse().map_err(|e| format!("--orders: {e}"))?),
+                "--orders" => {
+                    orders = Some(value()?.parse().map_err(|e| format!("--orders: {e}"))?)
+                }
                 "--workers" => {
                     workers = Some(value()?.parse().map_err(|e| format!("--workers: {e}"))?)
                 }
@@ -399,7 +401,14 @@ impl Backend {
     }
 
     /// The store the checker reads the final records from, and the effect rows.
-    async fn final_state(&self, mode: Mode, ids: &[String]) -> (HashMap<String, Option<idempotent_runtime::Record>>, Option<HashMap<String, Vec<u64>>>) {
+    async fn final_state(
+        &self,
+        mode: Mode,
+        ids: &[String],
+    ) -> (
+        HashMap<String, Option<idempotent_runtime::Record>>,
+        Option<HashMap<String, Vec<u64>>>,
+    ) {
         let (store, effects): (Arc<dyn Store>, Option<HashMap<String, Vec<u64>>>) = match self {
             Backend::Redis(server) => (
                 Arc::new(
@@ -537,7 +546,8 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
         })
         .collect();
     // (order, message id) in publish order; a resend goes up to 200 messages later
-    let mut sends: Vec<(usize, String)> = (0..p.orders).map(|i| (i, format!("{run}-{i}"))).collect();
+    let mut sends: Vec<(usize, String)> =
+        (0..p.orders).map(|i| (i, format!("{run}-{i}"))).collect();
     let mut duplicates = 0;
     for i in 0..p.orders {
         if rng.chance(p.duplicates) {
@@ -653,7 +663,8 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
         }
         match &mut backend {
             Backend::Redis(server) => {
-                if restarts < p.restarts && progress >= (restarts + 1) as f64 / (p.restarts + 1) as f64
+                if restarts < p.restarts
+                    && progress >= (restarts + 1) as f64 / (p.restarts + 1) as f64
                 {
                     let down = now_us();
                     server.kill();
@@ -725,4 +736,3 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
     }
     report
 }
-

@@ -136,12 +136,7 @@ pub async fn mysql_pool_in(db: Option<&str>, max: u32) -> sqlx::MySqlPool {
 }
 
 /// A NATS client and its JetStream context.
-pub async fn nats(
-    name: &str,
-) -> (
-    async_nats::Client,
-    async_nats::jetstream::Context,
-) {
+pub async fn nats(name: &str) -> (async_nats::Client, async_nats::jetstream::Context) {
     idempotent_tests::nats_support::connect(name).await
 }
 

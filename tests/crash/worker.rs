@@ -12,8 +12,8 @@
 //!   `store_error`, `error`), and in transactional mode `committed` / `commit_failed`;
 //! - `A key seq` / `N key seq` — the ack (confirmed by the server) / the nak of a delivery.
 
-use crate::history::History;
 use crate::Mode;
+use crate::history::History;
 use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures_util::StreamExt;
 use idempotent_runtime::sqlx::{self, MySql, Postgres, Transaction};
@@ -69,8 +69,7 @@ async fn body_start(order: &Order, ctx: &Ctx, mine: &AtomicU64) -> u64 {
     let claim = current_claim().expect("the body runs under a claim");
     let token = claim.token.get();
     mine.store(token, Ordering::SeqCst);
-    ctx.history
-        .event("S", &[&order.id, &token, &claim.attempt]);
+    ctx.history.event("S", &[&order.id, &token, &claim.attempt]);
     tokio::time::sleep(order.work).await;
     token
 }
@@ -91,7 +90,13 @@ fn body_plan(order: &Order, ctx: &Ctx, token: u64) -> Result<(), WorkError> {
 
 /// Store mode (Redis or PostgreSQL, registered as "crash"): the effect is the
 /// execution itself, recorded in the history.
-#[idempotent(key = "order.id", store = "crash", scope = "crash", ttl = "1h", lease = "2s")]
+#[idempotent(
+    key = "order.id",
+    store = "crash",
+    scope = "crash",
+    ttl = "1h",
+    lease = "2s"
+)]
 async fn handle_in_store(order: &Order, ctx: &Ctx, mine: &AtomicU64) -> Result<u64, WorkError> {
     let token = body_start(order, ctx, mine).await;
     body_plan(order, ctx, token)?;

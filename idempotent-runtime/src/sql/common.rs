@@ -601,6 +601,11 @@ macro_rules! store_accessors {
                 self.sql.table.display()
             }
 
+            /// Where the records live, for error messages: `table \`name\``.
+            fn place(&self) -> String {
+                format!("table `{}`", self.sql.table.display())
+            }
+
             /// Spawns a task that deletes expired records every `every`
             /// (see [`purge_expired`](Store::purge_expired)); abort the returned handle to stop
             /// it. Fails outside a Tokio runtime.

@@ -697,22 +697,34 @@ impl MySqlStore {
 #[async_trait]
 impl Store for MySqlStore {
     async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        let _slot = self.claims.enter().await;
-        self.claim_unguarded(req).await
+        async {
+            let _slot = self.claims.enter().await;
+            self.claim_unguarded(req).await
+        }
+        .await
+        .map_err(|e: StoreError| e.naming(req.key.scope(), &self.place()))
     }
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        let q = self.sql.complete_query(c);
-        Ok(fence(
-            common::execute(&self.pool, q, MySql::err("complete")).await?,
-        ))
+        async {
+            let q = self.sql.complete_query(c);
+            Ok(fence(
+                common::execute(&self.pool, q, MySql::err("complete")).await?,
+            ))
+        }
+        .await
+        .map_err(|e: StoreError| e.naming(c.key.scope(), &self.place()))
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        let q = sqlx::query(self.sql.release.clone()).bind_owned(r.key, r.token);
-        Ok(fence(
-            common::execute(&self.pool, q, MySql::err("release")).await?,
-        ))
+        async {
+            let q = sqlx::query(self.sql.release.clone()).bind_owned(r.key, r.token);
+            Ok(fence(
+                common::execute(&self.pool, q, MySql::err("release")).await?,
+            ))
+        }
+        .await
+        .map_err(|e: StoreError| e.naming(r.key.scope(), &self.place()))
     }
 
     async fn renew(
@@ -721,20 +733,28 @@ impl Store for MySqlStore {
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
-        let q = sqlx::query(self.sql.renew.clone())
-            .bind(micros(lease))
-            .bind(micros(lease))
-            .bind_owned(key, token);
-        Ok(fence(
-            common::execute(&self.pool, q, MySql::err("renew")).await?,
-        ))
+        async {
+            let q = sqlx::query(self.sql.renew.clone())
+                .bind(micros(lease))
+                .bind(micros(lease))
+                .bind_owned(key, token);
+            Ok(fence(
+                common::execute(&self.pool, q, MySql::err("renew")).await?,
+            ))
+        }
+        .await
+        .map_err(|e: StoreError| e.naming(key.scope(), &self.place()))
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        match self.read(key).await? {
-            Some(row) => row.into_record(),
-            None => Ok(None),
+        async {
+            match self.read(key).await? {
+                Some(row) => row.into_record(),
+                None => Ok(None),
+            }
         }
+        .await
+        .map_err(|e: StoreError| e.naming(key.scope(), &self.place()))
     }
 
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
@@ -754,75 +774,81 @@ impl Store for MySqlStore {
         &self,
         reqs: &[ClaimRequest<'_>],
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        // one read for up to BATCH_READ distinct keys answers every duplicate, live claim
-        // and poisoned key; only the keys that must be written cost a round trip each
-        let _slot = self.claims.enter().await;
-        let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(reqs.len());
-        for (i, r) in reqs.iter().enumerate() {
-            first.entry(r.key.as_bytes()).or_insert(i);
-        }
-        let distinct: Vec<usize> = (0..reqs.len())
-            .filter(|&i| first[reqs[i].key.as_bytes()] == i)
-            .collect();
-        let mut seen: HashMap<RecordKey, RowView> = HashMap::new();
-        for chunk in distinct.chunks(BATCH_READ) {
-            let mut q = sqlx::query(self.sql.read_many(chunk.len()));
-            for &i in chunk {
-                q = q.bind_key(reqs[i].key);
+        async {
+            // one read for up to BATCH_READ distinct keys answers every duplicate, live claim
+            // and poisoned key; only the keys that must be written cost a round trip each
+            let _slot = self.claims.enter().await;
+            let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(reqs.len());
+            for (i, r) in reqs.iter().enumerate() {
+                first.entry(r.key.as_bytes()).or_insert(i);
             }
-            let rows = q
-                .fetch_all(&self.pool)
-                .await
-                .map_err(MySql::err("claim_batch"))?;
-            for row in &rows {
-                let scope: String = row.try_get(0).map_err(MySql::err("claim_batch"))?;
-                let id: Vec<u8> = row.try_get(1).map_err(MySql::err("claim_batch"))?;
-                seen.insert(
-                    RecordKey::from_encoded(&scope, &id),
-                    RowView::decode(row, 2)?,
-                );
+            let distinct: Vec<usize> = (0..reqs.len())
+                .filter(|&i| first[reqs[i].key.as_bytes()] == i)
+                .collect();
+            let mut seen: HashMap<RecordKey, RowView> = HashMap::new();
+            for chunk in distinct.chunks(BATCH_READ) {
+                let mut q = sqlx::query(self.sql.read_many(chunk.len()));
+                for &i in chunk {
+                    q = q.bind_key(reqs[i].key);
+                }
+                let rows = q
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(MySql::err("claim_batch"))?;
+                for row in &rows {
+                    let scope: String = row.try_get(0).map_err(MySql::err("claim_batch"))?;
+                    let id: Vec<u8> = row.try_get(1).map_err(MySql::err("claim_batch"))?;
+                    seen.insert(
+                        RecordKey::from_encoded(&scope, &id),
+                        RowView::decode(row, 2)?,
+                    );
+                }
             }
-        }
-        // the keys no row was read for are inserted together: one statement per chunk,
-        // which a concurrent insert of any of them fails as a whole (nothing is
-        // written; those keys then go the single-key way)
-        let mut inserted: HashMap<usize, Token> = HashMap::new();
-        let absent: Vec<usize> = distinct
-            .iter()
-            .copied()
-            .filter(|&i| !seen.contains_key(reqs[i].key))
-            .collect();
-        for chunk in absent.chunks(BATCH_READ) {
-            let mut q = sqlx::query(self.sql.insert_many(chunk.len()));
-            for &i in chunk {
-                q = q.bind_claim(&reqs[i]);
-            }
-            match q.execute(&self.pool).await {
-                Ok(done) => {
-                    for &i in chunk {
-                        inserted.insert(i, Token(done.last_insert_id()));
+            // the keys no row was read for are inserted together: one statement per chunk,
+            // which a concurrent insert of any of them fails as a whole (nothing is
+            // written; those keys then go the single-key way)
+            let mut inserted: HashMap<usize, Token> = HashMap::new();
+            let absent: Vec<usize> = distinct
+                .iter()
+                .copied()
+                .filter(|&i| !seen.contains_key(reqs[i].key))
+                .collect();
+            for chunk in absent.chunks(BATCH_READ) {
+                let mut q = sqlx::query(self.sql.insert_many(chunk.len()));
+                for &i in chunk {
+                    q = q.bind_claim(&reqs[i]);
+                }
+                match q.execute(&self.pool).await {
+                    Ok(done) => {
+                        for &i in chunk {
+                            inserted.insert(i, Token(done.last_insert_id()));
+                        }
                     }
+                    Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {}
+                    Err(e) => return Err(MySql::err("claim_batch")(e)),
                 }
-                Err(sqlx::Error::Database(d)) if d.is_unique_violation() => {}
-                Err(e) => return Err(MySql::err("claim_batch")(e)),
             }
+            let mut out: Vec<ClaimOutcome> = Vec::with_capacity(reqs.len());
+            for (i, req) in reqs.iter().enumerate() {
+                let f = first[req.key.as_bytes()];
+                let outcome = if f != i {
+                    repeated(&out[f], req)
+                } else if let Some(&token) = inserted.get(&i) {
+                    ClaimOutcome::Acquired { token, attempt: 1 }
+                } else {
+                    match self.act(req, seen.remove(req.key)).await? {
+                        Some(outcome) => outcome,
+                        None => self.claim_unguarded(req).await?,
+                    }
+                };
+                out.push(outcome);
+            }
+            Ok(out)
         }
-        let mut out: Vec<ClaimOutcome> = Vec::with_capacity(reqs.len());
-        for (i, req) in reqs.iter().enumerate() {
-            let f = first[req.key.as_bytes()];
-            let outcome = if f != i {
-                repeated(&out[f], req)
-            } else if let Some(&token) = inserted.get(&i) {
-                ClaimOutcome::Acquired { token, attempt: 1 }
-            } else {
-                match self.act(req, seen.remove(req.key)).await? {
-                    Some(outcome) => outcome,
-                    None => self.claim_unguarded(req).await?,
-                }
-            };
-            out.push(outcome);
-        }
-        Ok(out)
+        .await
+        .map_err(|e: StoreError| {
+            e.naming(reqs.first().map_or("", |r| r.key.scope()), &self.place())
+        })
     }
 
     async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {

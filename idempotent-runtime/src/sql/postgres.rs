@@ -410,40 +410,52 @@ impl PostgresStore {
 #[async_trait]
 impl Store for PostgresStore {
     async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        let _slot = self.claims.enter().await;
-        for _ in 0..CLAIM_RETRIES {
-            let row = sqlx::query(self.sql.claim.clone())
-                .bind_claim(req)
-                .bind(
-                    req.max_attempts
-                        .map(|m| i32::try_from(m).unwrap_or(i32::MAX)),
-                )
-                .fetch_all(&self.pool)
-                .await
-                .map_err(Postgres::err("claim"))?
-                .pop();
-            // no row: a concurrent claim inserted the key after this statement's snapshot
-            if let Some(row) = row
-                && let Some(outcome) = Self::decode_claim(&row, 0, req)?
-            {
-                return Ok(outcome);
+        async {
+            let _slot = self.claims.enter().await;
+            for _ in 0..CLAIM_RETRIES {
+                let row = sqlx::query(self.sql.claim.clone())
+                    .bind_claim(req)
+                    .bind(
+                        req.max_attempts
+                            .map(|m| i32::try_from(m).unwrap_or(i32::MAX)),
+                    )
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(Postgres::err("claim"))?
+                    .pop();
+                // no row: a concurrent claim inserted the key after this statement's snapshot
+                if let Some(row) = row
+                    && let Some(outcome) = Self::decode_claim(&row, 0, req)?
+                {
+                    return Ok(outcome);
+                }
             }
+            Err(common::contended())
         }
-        Err(common::contended())
+        .await
+        .map_err(|e: StoreError| e.naming(req.key.scope(), &self.place()))
     }
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        let q = sqlx::query(self.sql.complete.clone()).bind_completion(c);
-        Ok(fence(
-            common::execute(&self.pool, q, Postgres::err("complete")).await?,
-        ))
+        async {
+            let q = sqlx::query(self.sql.complete.clone()).bind_completion(c);
+            Ok(fence(
+                common::execute(&self.pool, q, Postgres::err("complete")).await?,
+            ))
+        }
+        .await
+        .map_err(|e: StoreError| e.naming(c.key.scope(), &self.place()))
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        let q = sqlx::query(self.sql.release.clone()).bind_owned(r.key, r.token);
-        Ok(fence(
-            common::execute(&self.pool, q, Postgres::err("release")).await?,
-        ))
+        async {
+            let q = sqlx::query(self.sql.release.clone()).bind_owned(r.key, r.token);
+            Ok(fence(
+                common::execute(&self.pool, q, Postgres::err("release")).await?,
+            ))
+        }
+        .await
+        .map_err(|e: StoreError| e.naming(r.key.scope(), &self.place()))
     }
 
     async fn renew(
@@ -452,25 +464,33 @@ impl Store for PostgresStore {
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
-        let q = sqlx::query(self.sql.renew.clone())
-            .bind_owned(key, token)
-            .bind(micros(lease));
-        Ok(fence(
-            common::execute(&self.pool, q, Postgres::err("renew")).await?,
-        ))
+        async {
+            let q = sqlx::query(self.sql.renew.clone())
+                .bind_owned(key, token)
+                .bind(micros(lease));
+            Ok(fence(
+                common::execute(&self.pool, q, Postgres::err("renew")).await?,
+            ))
+        }
+        .await
+        .map_err(|e: StoreError| e.naming(key.scope(), &self.place()))
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        let row = sqlx::query(self.sql.inspect.clone())
-            .bind_key(key)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Postgres::err("inspect"))?
-            .pop();
-        match row {
-            Some(row) => RowView::decode(&row, 0)?.into_record(),
-            None => Ok(None),
+        async {
+            let row = sqlx::query(self.sql.inspect.clone())
+                .bind_key(key)
+                .fetch_all(&self.pool)
+                .await
+                .map_err(Postgres::err("inspect"))?
+                .pop();
+            match row {
+                Some(row) => RowView::decode(&row, 0)?.into_record(),
+                None => Ok(None),
+            }
         }
+        .await
+        .map_err(|e: StoreError| e.naming(key.scope(), &self.place()))
     }
 
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
@@ -490,92 +510,98 @@ impl Store for PostgresStore {
         &self,
         reqs: &[ClaimRequest<'_>],
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        // one statement for the distinct keys; a key repeated within the batch is
-        // answered as a second claim of it would be (it cannot be upserted twice in one
-        // statement), and a key whose row changed under the statement is asked again
-        let _slot = self.claims.enter().await;
-        let mut out: Vec<Option<ClaimOutcome>> = vec![None; reqs.len()];
-        let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(reqs.len());
-        for (i, r) in reqs.iter().enumerate() {
-            first.entry(r.key.as_bytes()).or_insert(i);
-        }
-        let mut pending: Vec<usize> = (0..reqs.len())
-            .filter(|&i| first[reqs[i].key.as_bytes()] == i)
-            .collect();
-        for _ in 0..CLAIM_RETRIES {
-            if pending.is_empty() {
-                break;
+        async {
+            // one statement for the distinct keys; a key repeated within the batch is
+            // answered as a second claim of it would be (it cannot be upserted twice in one
+            // statement), and a key whose row changed under the statement is asked again
+            let _slot = self.claims.enter().await;
+            let mut out: Vec<Option<ClaimOutcome>> = vec![None; reqs.len()];
+            let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(reqs.len());
+            for (i, r) in reqs.iter().enumerate() {
+                first.entry(r.key.as_bytes()).or_insert(i);
             }
-            let rows = sqlx::query(self.sql.claim_batch.clone())
-                .bind(
-                    pending
-                        .iter()
-                        .map(|&i| reqs[i].key.scope())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    pending
-                        .iter()
-                        .map(|&i| reqs[i].key.key())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    pending
-                        .iter()
-                        .map(|&i| micros(reqs[i].lease))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    pending
-                        .iter()
-                        .map(|&i| keep_micros(&reqs[i]))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    pending
-                        .iter()
-                        .map(|&i| reqs[i].fingerprint)
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    pending
-                        .iter()
-                        .map(|&i| {
-                            max_attempts_param(&reqs[i])
-                                .map(|m| i32::try_from(m).unwrap_or(i32::MAX))
-                        })
-                        .collect::<Vec<_>>(),
-                )
-                .fetch_all(&self.pool)
-                .await
-                .map_err(Postgres::err("claim_batch"))?;
-            for row in &rows {
-                let scope: String = row.try_get(0).map_err(Postgres::err("claim_batch"))?;
-                let id: Vec<u8> = row.try_get(1).map_err(Postgres::err("claim_batch"))?;
-                let key = RecordKey::from_encoded(&scope, &id);
-                let Some(&i) = first.get(key.as_bytes()) else {
-                    return Err(common::corrupt(
-                        "claim_batch returned a key it was not asked for".into(),
-                    ));
+            let mut pending: Vec<usize> = (0..reqs.len())
+                .filter(|&i| first[reqs[i].key.as_bytes()] == i)
+                .collect();
+            for _ in 0..CLAIM_RETRIES {
+                if pending.is_empty() {
+                    break;
+                }
+                let rows = sqlx::query(self.sql.claim_batch.clone())
+                    .bind(
+                        pending
+                            .iter()
+                            .map(|&i| reqs[i].key.scope())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        pending
+                            .iter()
+                            .map(|&i| reqs[i].key.key())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        pending
+                            .iter()
+                            .map(|&i| micros(reqs[i].lease))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        pending
+                            .iter()
+                            .map(|&i| keep_micros(&reqs[i]))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        pending
+                            .iter()
+                            .map(|&i| reqs[i].fingerprint)
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        pending
+                            .iter()
+                            .map(|&i| {
+                                max_attempts_param(&reqs[i])
+                                    .map(|m| i32::try_from(m).unwrap_or(i32::MAX))
+                            })
+                            .collect::<Vec<_>>(),
+                    )
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(Postgres::err("claim_batch"))?;
+                for row in &rows {
+                    let scope: String = row.try_get(0).map_err(Postgres::err("claim_batch"))?;
+                    let id: Vec<u8> = row.try_get(1).map_err(Postgres::err("claim_batch"))?;
+                    let key = RecordKey::from_encoded(&scope, &id);
+                    let Some(&i) = first.get(key.as_bytes()) else {
+                        return Err(common::corrupt(
+                            "claim_batch returned a key it was not asked for".into(),
+                        ));
+                    };
+                    out[i] = Self::decode_claim(row, 2, &reqs[i])?;
+                }
+                pending.retain(|&i| out[i].is_none());
+            }
+            if !pending.is_empty() {
+                return Err(common::contended());
+            }
+            let mut result = Vec::with_capacity(reqs.len());
+            for (i, r) in reqs.iter().enumerate() {
+                let f = first[r.key.as_bytes()];
+                let outcome = if f == i {
+                    out[i].take().ok_or_else(common::contended)?
+                } else {
+                    repeated(&result[f], r)
                 };
-                out[i] = Self::decode_claim(row, 2, &reqs[i])?;
+                result.push(outcome);
             }
-            pending.retain(|&i| out[i].is_none());
+            Ok(result)
         }
-        if !pending.is_empty() {
-            return Err(common::contended());
-        }
-        let mut result = Vec::with_capacity(reqs.len());
-        for (i, r) in reqs.iter().enumerate() {
-            let f = first[r.key.as_bytes()];
-            let outcome = if f == i {
-                out[i].take().ok_or_else(common::contended)?
-            } else {
-                repeated(&result[f], r)
-            };
-            result.push(outcome);
-        }
-        Ok(result)
+        .await
+        .map_err(|e: StoreError| {
+            e.naming(reqs.first().map_or("", |r| r.key.scope()), &self.place())
+        })
     }
 
     async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {

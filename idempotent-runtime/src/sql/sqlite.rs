@@ -435,24 +435,36 @@ impl Writer<'_> {
 #[async_trait]
 impl Store for SqliteStore {
     async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        let _slot = self.claims.enter().await;
-        for _ in 0..CLAIM_RETRIES {
-            let seen = self.read(req.key).await?;
-            if let Some(outcome) = self.act(req, seen).await? {
-                return Ok(outcome);
+        async {
+            let _slot = self.claims.enter().await;
+            for _ in 0..CLAIM_RETRIES {
+                let seen = self.read(req.key).await?;
+                if let Some(outcome) = self.act(req, seen).await? {
+                    return Ok(outcome);
+                }
             }
+            Err(common::contended())
         }
-        Err(common::contended())
+        .await
+        .map_err(|e: StoreError| e.naming(req.key.scope(), &self.place()))
     }
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        let rows = self.execute("complete", self.sql.complete_query(c)).await?;
-        Ok(fence(rows))
+        async {
+            let rows = self.execute("complete", self.sql.complete_query(c)).await?;
+            Ok(fence(rows))
+        }
+        .await
+        .map_err(|e: StoreError| e.naming(c.key.scope(), &self.place()))
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        let rows = self.execute("release", self.sql.release_query(r)).await?;
-        Ok(fence(rows))
+        async {
+            let rows = self.execute("release", self.sql.release_query(r)).await?;
+            Ok(fence(rows))
+        }
+        .await
+        .map_err(|e: StoreError| e.naming(r.key.scope(), &self.place()))
     }
 
     async fn renew(
@@ -461,17 +473,25 @@ impl Store for SqliteStore {
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
-        let q = sqlx::query(self.sql.renew.clone())
-            .bind_owned(key, token)
-            .bind(micros(lease));
-        Ok(fence(self.execute("renew", q).await?))
+        async {
+            let q = sqlx::query(self.sql.renew.clone())
+                .bind_owned(key, token)
+                .bind(micros(lease));
+            Ok(fence(self.execute("renew", q).await?))
+        }
+        .await
+        .map_err(|e: StoreError| e.naming(key.scope(), &self.place()))
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        match self.read(key).await? {
-            Some(row) => row.into_record(),
-            None => Ok(None),
+        async {
+            match self.read(key).await? {
+                Some(row) => row.into_record(),
+                None => Ok(None),
+            }
         }
+        .await
+        .map_err(|e: StoreError| e.naming(key.scope(), &self.place()))
     }
 
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
@@ -492,14 +512,20 @@ impl Store for SqliteStore {
         &self,
         reqs: &[ClaimRequest<'_>],
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        // one transaction holding the write lock: every read in it sees the latest
-        // rows and no other writer can change them before its write, so the whole
-        // batch commits once. A repeated key in the batch gets what a second claim
-        // right after the first would get, without another read.
-        let _slot = self.claims.enter().await;
-        let mut w = self.writer().await?;
-        let done = self.claim_batch_in(w.conn()?, reqs).await;
-        w.check_store(done)
+        async {
+            // one transaction holding the write lock: every read in it sees the latest
+            // rows and no other writer can change them before its write, so the whole
+            // batch commits once. A repeated key in the batch gets what a second claim
+            // right after the first would get, without another read.
+            let _slot = self.claims.enter().await;
+            let mut w = self.writer().await?;
+            let done = self.claim_batch_in(w.conn()?, reqs).await;
+            w.check_store(done)
+        }
+        .await
+        .map_err(|e: StoreError| {
+            e.naming(reqs.first().map_or("", |r| r.key.scope()), &self.place())
+        })
     }
 
     async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
