@@ -284,6 +284,11 @@ impl Drop for Workers {
     }
 }
 
+/// The final record of each order.
+type Records = HashMap<String, Option<idempotent_runtime::Record>>;
+/// The effect rows' tokens of each order (transactional modes).
+type Effects = HashMap<String, Vec<u64>>;
+
 /// The store side of a run.
 enum Backend {
     Redis(RedisServer),
@@ -401,15 +406,8 @@ impl Backend {
     }
 
     /// The store the checker reads the final records from, and the effect rows.
-    async fn final_state(
-        &self,
-        mode: Mode,
-        ids: &[String],
-    ) -> (
-        HashMap<String, Option<idempotent_runtime::Record>>,
-        Option<HashMap<String, Vec<u64>>>,
-    ) {
-        let (store, effects): (Arc<dyn Store>, Option<HashMap<String, Vec<u64>>>) = match self {
+    async fn final_state(&self, mode: Mode, ids: &[String]) -> (Records, Option<Effects>) {
+        let (store, effects): (Arc<dyn Store>, Option<Effects>) = match self {
             Backend::Redis(server) => (
                 Arc::new(
                     RedisStore::connect(server.url().as_str())
@@ -466,7 +464,7 @@ impl Backend {
     }
 }
 
-fn group(rows: Vec<(String, i64)>) -> HashMap<String, Vec<u64>> {
+fn group(rows: Vec<(String, i64)>) -> Effects {
     let mut m: HashMap<String, Vec<u64>> = HashMap::new();
     for (id, token) in rows {
         m.entry(id).or_default().push(token as u64);

@@ -108,6 +108,11 @@ enum Op {
     },
 }
 
+/// A record as the model sees it: its state, attempts, which claim owns it, whether its
+/// lease holds, and its output.
+#[derive(Debug, PartialEq)]
+struct Seen(RecordState, u32, usize, bool, Option<Vec<u8>>);
+
 /// What a claim answers, in the model's terms.
 #[derive(Debug, PartialEq)]
 enum Answer {
@@ -117,7 +122,7 @@ enum Answer {
     Exhausted(u32),
     Fence(Fence),
     Forgot(bool),
-    Record(Option<(RecordState, u32, usize, bool, Option<Vec<u8>>)>),
+    Record(Option<Seen>),
     Expired,
 }
 
@@ -220,15 +225,21 @@ impl Model {
                     owner,
                     attempts,
                     live,
-                } => Some((RecordState::InProgress, *attempts, *owner, *live, None)),
+                } => Some(Seen(
+                    RecordState::InProgress,
+                    *attempts,
+                    *owner,
+                    *live,
+                    None,
+                )),
                 State::Released { owner, attempts } => {
-                    Some((RecordState::Released, *attempts, *owner, false, None))
+                    Some(Seen(RecordState::Released, *attempts, *owner, false, None))
                 }
                 State::Completed {
                     owner,
                     attempts,
                     output,
-                } => Some((
+                } => Some(Seen(
                     RecordState::Completed,
                     *attempts,
                     *owner,
@@ -380,7 +391,7 @@ async fn run(
                                 .unwrap_or_else(|| {
                                     panic!("{name}: record with a token never issued: {r:?}")
                                 });
-                        (
+                        Seen(
                             r.state,
                             r.attempts,
                             owner,
