@@ -134,11 +134,14 @@ struct Model {
 }
 
 impl Model {
-    fn owns(&self, key: usize, claim: Option<usize>) -> bool {
-        matches!((&self.keys[key], claim), (State::InProgress { owner, .. }, Some(c)) if *owner == c)
+    /// Whether `claim`'s token owns `key`. Tokens are compared by value: a store's clock
+    /// may hand two keys the same token (SQLite reads it in milliseconds), and then a
+    /// token presented for the other key is that key's token all the same.
+    fn owns(&self, key: usize, claim: Option<usize>, tokens: &[Token]) -> bool {
+        matches!((&self.keys[key], claim), (State::InProgress { owner, .. }, Some(c)) if tokens[*owner] == tokens[c])
     }
 
-    fn apply(&mut self, op: &Op) -> Answer {
+    fn apply(&mut self, op: &Op, tokens: &[Token]) -> Answer {
         match op {
             Op::Claim { key } => {
                 let next = self.claims.len();
@@ -168,7 +171,7 @@ impl Model {
                 Answer::Acquired { attempt }
             }
             Op::Complete { key, claim, output } => {
-                if !self.owns(*key, *claim) {
+                if !self.owns(*key, *claim, tokens) {
                     return Answer::Fence(Fence::Lost);
                 }
                 let State::InProgress {
@@ -185,7 +188,7 @@ impl Model {
                 Answer::Fence(Fence::Held)
             }
             Op::Release { key, claim } => {
-                if !self.owns(*key, *claim) {
+                if !self.owns(*key, *claim, tokens) {
                     return Answer::Fence(Fence::Lost);
                 }
                 let State::InProgress {
@@ -198,7 +201,7 @@ impl Model {
                 Answer::Fence(Fence::Held)
             }
             Op::Renew { key, claim } => {
-                if !self.owns(*key, *claim) {
+                if !self.owns(*key, *claim, tokens) {
                     return Answer::Fence(Fence::Lost);
                 }
                 if let State::InProgress { live, .. } = &mut self.keys[*key] {
@@ -316,7 +319,7 @@ async fn run(
         let mut history = Vec::new();
         for _ in 0..len {
             let op = random_op(&mut rng, tokens.len());
-            let expected = model.apply(&op);
+            let expected = model.apply(&op, &tokens);
             let token_of = |c: Option<usize>| c.map_or(Token(1), |c| tokens[c]);
             let got = match &op {
                 Op::Claim { key } => {
@@ -384,13 +387,11 @@ async fn run(
                 Op::Inspect { key } => {
                     let rec: Option<Record> = store.inspect(&keys[*key]).await.expect("inspect");
                     Answer::Record(rec.map(|r| {
-                        let owner =
-                            tokens
-                                .iter()
-                                .position(|t| *t == r.token)
-                                .unwrap_or_else(|| {
-                                    panic!("{name}: record with a token never issued: {r:?}")
-                                });
+                        let owner = (0..tokens.len())
+                            .rfind(|&i| model.claims[i] == *key && tokens[i] == r.token)
+                            .unwrap_or_else(|| {
+                                panic!("{name}: record with a token never issued: {r:?}")
+                            });
                         Seen(
                             r.state,
                             r.attempts,
