@@ -488,3 +488,38 @@ async fn sqlite_store_follows_the_model() {
     drop(store);
     let _ = std::fs::remove_file(&path);
 }
+
+/// Tokens of one record keep growing when it is forgotten and claimed again at once,
+/// faster than the store's clock ticks (SQLite reads its clock in milliseconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokens_grow_across_forget_faster_than_the_clock_ticks() {
+    let path = std::env::temp_dir().join(format!("{}.db", unique_name("idempotent_tokens")));
+    let sqlite = SqliteStore::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+        .await
+        .unwrap();
+    let memory = MemoryStore::with_clock(ManualClock::new());
+    let stores: [(&str, &dyn Store); 2] = [("sqlite", &sqlite), ("memory", &memory)];
+    for (name, store) in stores {
+        let k = RecordKey::new(&unique_scope("tokens"), "k").unwrap();
+        let r = ClaimRequest {
+            key: &k,
+            lease: TTL / 2,
+            ttl: TTL,
+            fingerprint: None,
+            max_attempts: None,
+        };
+        let mut last = None;
+        for _ in 0..200 {
+            let ClaimOutcome::Acquired { token, .. } = store.claim(&r).await.unwrap() else {
+                panic!("{name}: a forgotten key is claimable")
+            };
+            if let Some(prev) = last {
+                assert!(token > prev, "{name}: token {token} after {prev}");
+            }
+            last = Some(token);
+            assert!(store.forget(&k).await.unwrap());
+        }
+    }
+    drop(sqlite);
+    let _ = std::fs::remove_file(&path);
+}
