@@ -12,6 +12,7 @@ mod common;
 mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod scan;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 pub(crate) mod tx;

@@ -742,6 +742,34 @@ impl Store for MySqlStore {
         Ok(common::execute(&self.pool, q, MySql::err("forget")).await? > 0)
     }
 
+    /// Keyset pagination on `(scope, message_id)` with the filter in the `WHERE`
+    /// clause.
+    async fn scan(
+        &self,
+        filter: &crate::ScanFilter,
+        cursor: Option<&crate::ScanCursor>,
+        limit: usize,
+    ) -> Result<crate::ScanPage, StoreError> {
+        super::scan::scan(&self.pool, &self.table(), filter, cursor, limit).await
+    }
+
+    /// One `GROUP BY` statement.
+    async fn stats(
+        &self,
+        scope: Option<&str>,
+        poisoned_at: Option<u32>,
+    ) -> Result<Vec<crate::ScopeStats>, StoreError> {
+        super::scan::stats(&self.pool, &self.table(), scope, poisoned_at).await
+    }
+
+    async fn force_release(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
+        super::scan::admin(self, &self.pool, &self.table(), key, false).await
+    }
+
+    async fn reset_attempts(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
+        super::scan::admin(self, &self.pool, &self.table(), key, true).await
+    }
+
     async fn purge_expired(&self) -> Result<u64, StoreError> {
         common::purge_in_batches(|| {
             let q = sqlx::query(self.sql.purge.clone()).bind(PURGE_BATCH);
