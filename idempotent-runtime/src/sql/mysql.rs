@@ -492,6 +492,18 @@ impl Statements {
 
 common::store_accessors!(MySqlStore, MySqlPool);
 
+impl MySqlStore {
+    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
+    /// hand: the `CREATE TABLE` and, when the table's name leaves room for it, the
+    /// `CREATE PROCEDURE` of the claim procedure.
+    pub fn schema(&self) -> Vec<String> {
+        std::iter::once(&self.sql.create)
+            .chain(self.sql.claim_procedure.as_ref())
+            .map(|s| s.as_str().to_owned())
+            .collect()
+    }
+}
+
 impl SqlDatabase for MySql {
     fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
         if let Some(my) = e.try_downcast_ref::<MySqlDatabaseError>() {

@@ -259,6 +259,18 @@ impl Statements {
 
 common::store_accessors!(PostgresStore, PgPool);
 
+impl PostgresStore {
+    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
+    /// hand: the `CREATE TABLE` and its index.
+    pub fn schema(&self) -> Vec<String> {
+        self.sql
+            .create
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect()
+    }
+}
+
 impl SqlDatabase for Postgres {
     fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
         match e.code() {

@@ -213,6 +213,18 @@ impl Statements {
 
 common::store_accessors!(SqliteStore, SqlitePool);
 
+impl SqliteStore {
+    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
+    /// hand: the `CREATE TABLE` and its index.
+    pub fn schema(&self) -> Vec<String> {
+        self.sql
+            .create
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect()
+    }
+}
+
 /// The primary result code of an SQLite error (its low byte).
 fn primary_code(e: &dyn DatabaseError) -> i64 {
     let code: i64 = e.code().and_then(|c| c.parse().ok()).unwrap_or(0);
