@@ -29,7 +29,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 /// Parses hex (upper or lower case, even length).
 pub(crate) fn unhex(s: &str) -> Result<Vec<u8>, String> {
     let s = s.trim();
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(format!("`{s}` is not hex: odd number of digits"));
     }
     (0..s.len())
