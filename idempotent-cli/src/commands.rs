@@ -355,10 +355,11 @@ async fn change(cli: &Cli, c: &ChangeArgs, what: Change) -> Result<Outcome, CliE
     confirm(
         &c.confirm,
         &format!(
-            "{verb} {} ({}, {} attempts)?",
+            "{verb} {} ({}, {} attempt{})?",
             shown(&key),
             state_name(before.state),
-            before.attempts
+            before.attempts,
+            if before.attempts == 1 { "" } else { "s" }
         ),
     )?;
     let result = match what {
