@@ -16,6 +16,7 @@ mod manual;
 mod memory;
 mod protocol;
 mod registry;
+mod scan;
 mod store;
 
 #[cfg(feature = "testing")]
@@ -56,6 +57,10 @@ pub use protocol::{
     current_claim, set_max_output_bytes,
 };
 pub use registry::{register_store, registered_store};
+pub use scan::{
+    AdminOutcome, DEFAULT_PAGE, ScanCursor, ScanFilter, ScanItem, ScanPage, ScopeStats,
+    stats_by_scan,
+};
 pub use store::{
     ClaimOutcome, ClaimRequest, Completion, Fence, Record, RecordState, Release, Store, Token,
 };
@@ -97,6 +102,27 @@ impl<S: Store + ?Sized> Store for std::sync::Arc<S> {
     }
     async fn purge_expired(&self) -> Result<u64, StoreError> {
         (**self).purge_expired().await
+    }
+    async fn scan(
+        &self,
+        filter: &ScanFilter,
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanPage, StoreError> {
+        (**self).scan(filter, cursor, limit).await
+    }
+    async fn stats(
+        &self,
+        scope: Option<&str>,
+        poisoned_at: Option<u32>,
+    ) -> Result<Vec<ScopeStats>, StoreError> {
+        (**self).stats(scope, poisoned_at).await
+    }
+    async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+        (**self).force_release(key).await
+    }
+    async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+        (**self).reset_attempts(key).await
     }
     async fn claim_batch(
         &self,

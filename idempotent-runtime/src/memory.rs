@@ -1,6 +1,7 @@
 //! The in-process store: sharded maps under short critical sections.
 
 use crate::clock::{Clock, SystemClock};
+use crate::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage};
 use crate::store::{
     ClaimOutcome, ClaimRequest, Completion, Fence, Record, RecordState, Release, Store, Token,
 };
@@ -13,6 +14,9 @@ use std::hash::BuildHasher;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
+
+#[path = "memory_scan.rs"]
+mod scan;
 
 const SHARDS: usize = 64;
 
@@ -433,6 +437,27 @@ impl Store for MemoryStore {
     async fn purge_expired(&self) -> Result<u64, StoreError> {
         let now = self.now();
         Ok(self.shards.iter().map(|s| lock(s).sweep(now) as u64).sum())
+    }
+
+    async fn scan(
+        &self,
+        filter: &ScanFilter,
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanPage, StoreError> {
+        self.scan_page(filter, cursor, limit)
+    }
+
+    async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+        Ok(self.admin_change(key, |state, _| state == RecordState::InProgress, |_, _| {}))
+    }
+
+    async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+        Ok(self.admin_change(
+            key,
+            |state, leased| state != RecordState::Completed && !leased,
+            |e, _| e.attempts = 0,
+        ))
     }
 
     fn claim_now(&self, req: &ClaimRequest<'_>) -> Option<Result<ClaimOutcome, StoreError>> {

@@ -1,6 +1,7 @@
 //! The Redis store: one Redis function (`FCALL`) per protocol step over one key,
 //! records packed into one string per key, expiry and leases on the server's clock.
 
+use crate::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage};
 use crate::store::{
     ClaimOutcome, ClaimRequest, Completion, Fence, Record, RecordState, Release, Store, Token,
 };
@@ -16,6 +17,9 @@ use std::fmt;
 use std::io::Write as _;
 use std::sync::{Arc, LazyLock};
 use std::time::Duration;
+
+#[path = "redis_scan.rs"]
+mod scan;
 
 /// A dedup store in Redis (single node or Redis Cluster), shared by every process that
 /// connects to the same server.
@@ -586,8 +590,8 @@ local function decode(v)
   if flags > 3 then
     return nil, 'unknown flags ' .. flags
   end
-  if attempts < 1 or token < 1 then
-    return nil, 'zero attempts or token'
+  if token < 1 then
+    return nil, 'zero token'
   end
   if token >= MAX_EXACT or lease >= MAX_EXACT then
     return nil, 'token or lease deadline out of range'
@@ -1098,6 +1102,27 @@ impl Store for RedisStore {
     /// Redis expires records by itself (each key carries the record's expiry): returns 0.
     async fn purge_expired(&self) -> Result<u64, StoreError> {
         Ok(0)
+    }
+
+    /// `SCAN` with the store's prefix (and the scope's part of the key when the filter
+    /// names a scope), on a cluster master after master; each batch of keys is read
+    /// with one pipelined `GET` and `PTTL` per key. Keys under the prefix that do not
+    /// hold a record are skipped.
+    async fn scan(
+        &self,
+        filter: &ScanFilter,
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanPage, StoreError> {
+        self.scan_page(filter, cursor, limit).await
+    }
+
+    async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+        self.admin(key, "release").await
+    }
+
+    async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+        self.admin(key, "reset").await
     }
 
     async fn claim_batch(

@@ -1,6 +1,7 @@
 //! The [`Store`] trait: the four protocol steps and the admin operations every store
 //! implements atomically on its own side.
 
+use crate::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
 use crate::{RecordKey, StoreError};
 use async_trait::async_trait;
 use std::fmt;
@@ -209,6 +210,64 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// Deletes expired records and returns how many. Stores whose records expire on
     /// their own (Redis) return 0.
     async fn purge_expired(&self) -> Result<u64, StoreError>;
+
+    /// Reads one page of the records that pass `filter`, starting at `cursor` (`None`:
+    /// the beginning), about `limit` records per page (a hint: a page may hold fewer,
+    /// even none, and still have a next one). Cursor based, so a scan of any number of
+    /// records holds one page at a time; records created, changed or deleted during a
+    /// scan may or may not be seen, and on Redis a record may be seen twice.
+    ///
+    /// The default fails with [`StoreErrorKind::Rejected`](crate::StoreErrorKind::Rejected)
+    /// ("not supported"); every store of this crate implements it.
+    async fn scan(
+        &self,
+        filter: &ScanFilter,
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanPage, StoreError> {
+        let _ = (filter, cursor, limit);
+        Err(crate::scan::unsupported(self, "scanning records"))
+    }
+
+    /// Counts the live records per scope and state (only `scope`'s when given), with
+    /// the age of the oldest claim, the records past their lease and, when
+    /// `poisoned_at` is given, the records a claim with that `max_attempts` would refuse.
+    /// Sorted by scope, then In progress, Released, Completed.
+    ///
+    /// The default walks [`scan`](Self::scan) ([`stats_by_scan`](crate::stats_by_scan));
+    /// the SQL stores count in the database.
+    async fn stats(
+        &self,
+        scope: Option<&str>,
+        poisoned_at: Option<u32>,
+    ) -> Result<Vec<ScopeStats>, StoreError> {
+        crate::scan::stats_by_scan(self, scope, poisoned_at).await
+    }
+
+    /// An operator frees a stuck claim: an In progress record (lease live or run out)
+    /// becomes Released with a new, larger token, so the key is claimable at once and a
+    /// holder still running is fenced out (its complete, release and renew are
+    /// [`Fence::Lost`]). Attempts are kept. Other states are left
+    /// [`Unchanged`](AdminOutcome::Unchanged).
+    ///
+    /// The default fails with [`StoreErrorKind::Rejected`](crate::StoreErrorKind::Rejected)
+    /// ("not supported").
+    async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+        let _ = key;
+        Err(crate::scan::unsupported(self, "releasing a claim"))
+    }
+
+    /// An operator un-poisons a key: a Released record, or an In progress one whose
+    /// lease ran out, becomes Released with zero attempts and a new, larger token, so
+    /// the next delivery runs as attempt 1 whatever its `max_attempts`. A Completed
+    /// record or a live claim is left [`Unchanged`](AdminOutcome::Unchanged).
+    ///
+    /// The default fails with [`StoreErrorKind::Rejected`](crate::StoreErrorKind::Rejected)
+    /// ("not supported").
+    async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+        let _ = key;
+        Err(crate::scan::unsupported(self, "resetting attempts"))
+    }
 
     /// Answers [`claim`](Self::claim) at once, for stores that never wait (an
     /// in-process store): `Some` is the answer `claim` would give, `None` (the default)

@@ -232,4 +232,33 @@ impl<S: Store> Store for FaultyStore<S> {
         self.gate("store down").await?;
         self.inner.purge_expired().await
     }
+
+    async fn scan(
+        &self,
+        filter: &crate::ScanFilter,
+        cursor: Option<&crate::ScanCursor>,
+        limit: usize,
+    ) -> Result<crate::ScanPage, StoreError> {
+        self.gate("store down").await?;
+        self.inner.scan(filter, cursor, limit).await
+    }
+
+    async fn stats(
+        &self,
+        scope: Option<&str>,
+        poisoned_at: Option<u32>,
+    ) -> Result<Vec<crate::ScopeStats>, StoreError> {
+        self.gate("store down").await?;
+        self.inner.stats(scope, poisoned_at).await
+    }
+
+    async fn force_release(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
+        self.gate("store down").await?;
+        self.inner.force_release(key).await
+    }
+
+    async fn reset_attempts(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
+        self.gate("store down").await?;
+        self.inner.reset_attempts(key).await
+    }
 }

@@ -24,6 +24,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
+pub use crate::conformance_scan::{
+    force_release_fences_the_holder, reset_attempts_unpoisons,
+    scan_pages_through_records_with_filters, stats_count_per_scope_and_state,
+};
+
 /// Short lease used by the cases that wait for expiry.
 pub const LEASE: Duration = Duration::from_millis(300);
 /// Lease of the cases that do not wait for expiry: long enough that a loaded machine
@@ -1206,6 +1211,10 @@ macro_rules! __conformance_cases {
             unserializable_output_says_why,
             current_claim_matches_the_record,
             batch_protocol_runs_each_key_once,
+            scan_pages_through_records_with_filters,
+            stats_count_per_scope_and_state,
+            force_release_fences_the_holder,
+            reset_attempts_unpoisons,
         );
     };
 }

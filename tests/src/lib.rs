@@ -2,6 +2,7 @@
 //! real servers.
 
 pub mod conformance;
+pub mod conformance_scan;
 pub mod metrics_support;
 pub mod nats_support;
 pub mod proxy;

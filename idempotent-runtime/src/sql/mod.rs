@@ -20,6 +20,7 @@ mod common;
 mod mysql;
 #[cfg(feature = "postgres")]
 mod postgres;
+mod scan;
 #[cfg(feature = "sqlite")]
 mod sqlite;
 pub(crate) mod tx;

@@ -499,6 +499,18 @@ impl Statements {
 
 common::store_accessors!(MySqlStore, MySqlPool);
 
+impl MySqlStore {
+    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
+    /// hand: the `CREATE TABLE` and, when the table's name leaves room for it, the
+    /// `CREATE PROCEDURE` of the claim procedure.
+    pub fn schema(&self) -> Vec<String> {
+        std::iter::once(&self.sql.create)
+            .chain(self.sql.claim_procedure.as_ref())
+            .map(|s| s.as_str().to_owned())
+            .collect()
+    }
+}
+
 impl SqlDatabase for MySql {
     fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
         if let Some(my) = e.try_downcast_ref::<MySqlDatabaseError>() {
@@ -809,6 +821,34 @@ impl Store for MySqlStore {
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
         let q = sqlx::query(self.sql.forget.clone()).bind_key(key);
         Ok(common::execute(&self.pool, q, MySql::err("forget")).await? > 0)
+    }
+
+    /// Keyset pagination on `(scope, message_id)` with the filter in the `WHERE`
+    /// clause.
+    async fn scan(
+        &self,
+        filter: &crate::ScanFilter,
+        cursor: Option<&crate::ScanCursor>,
+        limit: usize,
+    ) -> Result<crate::ScanPage, StoreError> {
+        super::scan::scan(&self.pool, &self.table(), filter, cursor, limit).await
+    }
+
+    /// One `GROUP BY` statement.
+    async fn stats(
+        &self,
+        scope: Option<&str>,
+        poisoned_at: Option<u32>,
+    ) -> Result<Vec<crate::ScopeStats>, StoreError> {
+        super::scan::stats(&self.pool, &self.table(), scope, poisoned_at).await
+    }
+
+    async fn force_release(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
+        super::scan::admin(self, &self.pool, &self.table(), key, false).await
+    }
+
+    async fn reset_attempts(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
+        super::scan::admin(self, &self.pool, &self.table(), key, true).await
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {

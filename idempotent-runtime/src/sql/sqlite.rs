@@ -215,6 +215,18 @@ impl Statements {
 
 common::store_accessors!(SqliteStore, SqlitePool);
 
+impl SqliteStore {
+    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
+    /// hand: the `CREATE TABLE` and its index.
+    pub fn schema(&self) -> Vec<String> {
+        self.sql
+            .create
+            .iter()
+            .map(|s| s.as_str().to_owned())
+            .collect()
+    }
+}
+
 /// The primary result code of an SQLite error (its low byte).
 fn primary_code(e: &dyn DatabaseError) -> i64 {
     let code: i64 = e.code().and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -513,6 +525,34 @@ impl Store for SqliteStore {
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
         let q = sqlx::query(self.sql.forget.clone()).bind_key(key);
         Ok(self.execute("forget", q).await? > 0)
+    }
+
+    /// Keyset pagination on `(scope, message_id)` with the filter in the `WHERE`
+    /// clause.
+    async fn scan(
+        &self,
+        filter: &crate::ScanFilter,
+        cursor: Option<&crate::ScanCursor>,
+        limit: usize,
+    ) -> Result<crate::ScanPage, StoreError> {
+        super::scan::scan(&self.pool, &self.table(), filter, cursor, limit).await
+    }
+
+    /// One `GROUP BY` statement.
+    async fn stats(
+        &self,
+        scope: Option<&str>,
+        poisoned_at: Option<u32>,
+    ) -> Result<Vec<crate::ScopeStats>, StoreError> {
+        super::scan::stats(&self.pool, &self.table(), scope, poisoned_at).await
+    }
+
+    async fn force_release(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
+        super::scan::admin(self, &self.pool, &self.table(), key, false).await
+    }
+
+    async fn reset_attempts(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
+        super::scan::admin(self, &self.pool, &self.table(), key, true).await
     }
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {

@@ -1,0 +1,54 @@
+//! The `idempotent` binary against the shared MariaDB / MySQL server
+//! (`IDEMPOTENT_MYSQL_URL`, default `mysql://root@127.0.0.1:3306/test`), on a table of
+//! its own that `migrate` creates: every command's output and effect.
+#![cfg(feature = "mysql")]
+
+mod support;
+
+use idempotent_runtime::MySqlStore;
+use idempotent_runtime::sqlx::{self, AssertSqlSafe};
+use support::{ERROR, FOUND, Target, check_every_command, seed, unique};
+
+#[tokio::test]
+async fn every_command_on_mysql() {
+    let url = std::env::var("IDEMPOTENT_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+    let table = unique("cli_test_");
+    let target = Target {
+        global: vec![
+            "--store".into(),
+            url.clone(),
+            "--table".into(),
+            table.clone(),
+        ],
+        sql: true,
+    };
+    let r = target.run(&["stats"]).expect(ERROR);
+    assert!(r.stderr.contains("idempotent migrate"), "{}", r.stderr);
+    let r = target.run(&["schema", "--print"]).expect(FOUND);
+    assert!(
+        r.stdout
+            .contains(&format!("CREATE TABLE IF NOT EXISTS `{table}`")),
+        "{}",
+        r.stdout
+    );
+    assert!(r.stdout.contains("CREATE PROCEDURE"), "{}", r.stdout);
+    target.run(&["migrate"]).expect(FOUND);
+    let store = MySqlStore::connect_with_table(&url, &table)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("the MySQL tests need a server at {url} (set IDEMPOTENT_MYSQL_URL): {e}")
+        });
+    let scope = unique("orders-");
+    let seeded = seed(&store, &scope).await;
+    check_every_command(&target, &store, &seeded).await;
+    for stmt in [
+        format!("DROP TABLE `{table}`"),
+        format!("DROP PROCEDURE IF EXISTS `{table}_claim_v1`"),
+    ] {
+        sqlx::raw_sql(AssertSqlSafe(stmt))
+            .execute(store.pool())
+            .await
+            .unwrap();
+    }
+}

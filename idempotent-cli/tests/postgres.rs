@@ -1,0 +1,50 @@
+//! The `idempotent` binary against the shared PostgreSQL server
+//! (`IDEMPOTENT_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`), on a
+//! table of its own that `migrate` creates: every command's output and effect.
+#![cfg(feature = "postgres")]
+
+mod support;
+
+use idempotent_runtime::PostgresStore;
+use support::{ERROR, FOUND, Target, check_every_command, seed, unique};
+
+#[tokio::test]
+async fn every_command_on_postgres() {
+    let url = std::env::var("IDEMPOTENT_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let table = unique("cli_test_");
+    let target = Target {
+        global: vec![
+            "--store".into(),
+            url.clone(),
+            "--table".into(),
+            table.clone(),
+        ],
+        sql: true,
+    };
+    let r = target.run(&["list"]).expect(ERROR);
+    assert!(r.stderr.contains("idempotent migrate"), "{}", r.stderr);
+    let r = target.run(&["schema", "--print"]).expect(FOUND);
+    assert!(
+        r.stdout
+            .contains(&format!("CREATE TABLE IF NOT EXISTS \"{table}\""))
+    );
+    target.run(&["migrate"]).expect(FOUND);
+    let store = PostgresStore::connect_with_table(&url, &table)
+        .await
+        .unwrap_or_else(|e| {
+            panic!("the PostgreSQL tests need a server at {url} (set IDEMPOTENT_POSTGRES_URL): {e}")
+        });
+    let scope = unique("orders-");
+    let seeded = seed(&store, &scope).await;
+    check_every_command(&target, &store, &seeded).await;
+    let r =
+        support::run(&["--store", &url.replace("/test", "/no_such_db_cli"), "list"]).expect(ERROR);
+    assert!(r.stderr.contains("database name"), "{}", r.stderr);
+    idempotent_runtime::sqlx::query(idempotent_runtime::sqlx::AssertSqlSafe(format!(
+        "DROP TABLE \"{table}\""
+    )))
+    .execute(store.pool())
+    .await
+    .unwrap();
+}

@@ -1,0 +1,536 @@
+//! What the command tests share: running the built `idempotent` binary, seeding a
+//! store through the library with a record in every state, and one walk through every
+//! command that checks each command's output and its effect on the store.
+
+#![allow(dead_code)]
+
+use idempotent_runtime::{
+    ClaimOutcome, ClaimRequest, Completion, Fence, RecordKey, RecordState, Release, ScanFilter,
+    Store, Token,
+};
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
+
+/// Exit codes of the command.
+pub const FOUND: i32 = 0;
+pub const NOT_FOUND: i32 = 1;
+pub const ERROR: i32 = 2;
+pub const UNCHANGED: i32 = 3;
+
+/// A name no other test run uses: `prefix` and 12 random hex digits.
+pub fn unique(prefix: &str) -> String {
+    use std::hash::{BuildHasher, RandomState};
+    let n = RandomState::new().hash_one(std::time::SystemTime::now()) & 0xffff_ffff_ffff;
+    format!("{prefix}{n:012x}")
+}
+
+/// One run of the binary.
+pub struct Run {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+}
+
+impl Run {
+    /// The stdout lines parsed as JSON objects.
+    pub fn json(&self) -> Vec<Value> {
+        self.stdout
+            .lines()
+            .map(|l| {
+                serde_json::from_str(l)
+                    .unwrap_or_else(|e| panic!("not a JSON line ({e}): {l}\n{}", self.stderr))
+            })
+            .collect()
+    }
+
+    /// Asserts the exit code, showing the output on failure.
+    #[track_caller]
+    pub fn expect(self, code: i32) -> Self {
+        assert_eq!(
+            self.code, code,
+            "exit code\n--- stdout\n{}\n--- stderr\n{}",
+            self.stdout, self.stderr
+        );
+        self
+    }
+}
+
+/// Runs `idempotent` with `args` (stdin closed, so confirmations need `--yes`).
+pub fn run(args: &[&str]) -> Run {
+    let out: Output = Command::new(env!("CARGO_BIN_EXE_idempotent"))
+        .args(args)
+        .env_remove("IDEMPOTENT_STORE_URL")
+        .env_remove("IDEMPOTENT_TABLE")
+        .env_remove("IDEMPOTENT_PREFIX")
+        .env_remove("IDEMPOTENT_MAX_ATTEMPTS")
+        .stdin(Stdio::null())
+        .output()
+        .expect("the idempotent binary runs");
+    Run {
+        code: out.status.code().unwrap_or(-1),
+        stdout: String::from_utf8_lossy(&out.stdout).into_owned(),
+        stderr: String::from_utf8_lossy(&out.stderr).into_owned(),
+    }
+}
+
+/// The environment a test's store lives in: the global arguments that reach it.
+pub struct Target {
+    /// `--store URL` and `--table …` / `--prefix …`.
+    pub global: Vec<String>,
+    /// Whether the store is an SQL store.
+    pub sql: bool,
+}
+
+impl Target {
+    /// Runs the binary with the target's global arguments, then `args`.
+    pub fn run(&self, args: &[&str]) -> Run {
+        let mut all: Vec<&str> = self.global.iter().map(String::as_str).collect();
+        all.extend_from_slice(args);
+        run(&all)
+    }
+}
+
+const LONG: Duration = Duration::from_secs(60);
+const SHORT: Duration = Duration::from_millis(300);
+const TTL: Duration = Duration::from_secs(600);
+
+fn key(scope: &str, k: &str) -> RecordKey {
+    RecordKey::new(scope, k).unwrap()
+}
+
+fn req(key: &RecordKey, lease: Duration) -> ClaimRequest<'_> {
+    ClaimRequest {
+        key,
+        lease,
+        ttl: TTL,
+        fingerprint: None,
+        max_attempts: None,
+    }
+}
+
+async fn acquire(store: &dyn Store, r: &ClaimRequest<'_>) -> Token {
+    match store.claim(r).await.expect("claim") {
+        ClaimOutcome::Acquired { token, .. } => token,
+        other => panic!("expected Acquired, got {other:?}"),
+    }
+}
+
+async fn complete(store: &dyn Store, key: &RecordKey, token: Token, out: &[u8], ttl: Duration) {
+    let c = Completion {
+        key,
+        token,
+        output: Some(out),
+        ttl,
+    };
+    assert_eq!(store.complete(&c).await.unwrap(), Fence::Held);
+}
+
+async fn release(store: &dyn Store, key: &RecordKey, token: Token) {
+    let r = Release { key, token };
+    assert_eq!(store.release(&r).await.unwrap(), Fence::Held);
+}
+
+/// The records [`seed`] writes, by key; `busy` is the token of the live claim.
+pub struct Seeded {
+    pub scope: String,
+    pub busy: Token,
+}
+
+/// Seeds `scope` through the library with: `done` (completed, output `"ok"`), `busy`
+/// (in progress, live lease), `stuck` (in progress, lease run out), `failed` (released
+/// after one attempt), `poison` (released after three attempts), `gone` (completed,
+/// expired), the composite key `("eu", "17")` (completed) and a 200-byte key (hashed,
+/// completed). Returns once the short lease and the short ttl have passed.
+pub async fn seed(store: &dyn Store, scope: &str) -> Seeded {
+    let done = key(scope, "done");
+    let t = acquire(store, &req(&done, LONG)).await;
+    complete(store, &done, t, b"\"ok\"", TTL).await;
+    let busy = key(scope, "busy");
+    let busy_token = acquire(store, &req(&busy, LONG)).await;
+    let stuck = key(scope, "stuck");
+    acquire(store, &req(&stuck, SHORT)).await;
+    let failed = key(scope, "failed");
+    let t = acquire(store, &req(&failed, LONG)).await;
+    release(store, &failed, t).await;
+    let poison = key(scope, "poison");
+    for _ in 0..3 {
+        let t = acquire(store, &req(&poison, LONG)).await;
+        release(store, &poison, t).await;
+    }
+    let gone = key(scope, "gone");
+    let t = acquire(store, &req(&gone, LONG)).await;
+    complete(store, &gone, t, b"1", Duration::from_millis(200)).await;
+    let composite = RecordKey::new(scope, &("eu", "17")).unwrap();
+    let t = acquire(store, &req(&composite, LONG)).await;
+    complete(store, &composite, t, b"2", TTL).await;
+    let long = key(scope, &"x".repeat(200));
+    assert!(long.is_hashed());
+    let t = acquire(store, &req(&long, LONG)).await;
+    complete(store, &long, t, b"3", TTL).await;
+    tokio::time::sleep(SHORT + Duration::from_millis(200)).await;
+    Seeded {
+        scope: scope.to_owned(),
+        busy: busy_token,
+    }
+}
+
+fn by_key(lines: Vec<Value>) -> BTreeMap<String, Value> {
+    lines
+        .into_iter()
+        .map(|v| (v["key"].as_str().unwrap().to_owned(), v))
+        .collect()
+}
+
+fn keys(r: Run) -> Vec<String> {
+    by_key(r.json()).into_keys().collect()
+}
+
+/// Runs every command against `target` (whose store `store` was seeded with
+/// [`seed`]) and checks their output and effects.
+pub async fn check_every_command(target: &Target, store: &dyn Store, seeded: &Seeded) {
+    let s = seeded.scope.as_str();
+    let hashed = format!("sha256:{}", {
+        let k = key(s, &"x".repeat(200));
+        k.key()[2..]
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    });
+
+    // key: the runtime's encoding, no store needed
+    let r = run(&["key", s, "done"]).expect(FOUND);
+    assert!(r.stdout.contains("key hex  646f6e65"), "{}", r.stdout);
+    let r = run(&["--format", "json", "key", s, "eu", "17"]).expect(FOUND);
+    let v = &r.json()[0];
+    assert_eq!(v["key"], "(\"eu\", \"17\")");
+    assert_eq!(
+        v["key_hex"],
+        RecordKey::new(s, &("eu", "17"))
+            .unwrap()
+            .key()
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    );
+
+    // inspect
+    let r = target.run(&["inspect", s, "done"]).expect(FOUND);
+    assert!(r.stdout.contains("state       completed"), "{}", r.stdout);
+    assert!(
+        r.stdout.contains("output      \"ok\" (4 B)"),
+        "{}",
+        r.stdout
+    );
+    let r = target
+        .run(&["--format", "json", "inspect", s, "poison"])
+        .expect(FOUND);
+    let v = &r.json()[0];
+    assert_eq!(
+        (v["state"].as_str(), v["attempts"].as_u64()),
+        (Some("released"), Some(3))
+    );
+    target.run(&["inspect", s, "missing"]).expect(NOT_FOUND);
+    target.run(&["inspect", s, "gone"]).expect(NOT_FOUND);
+    target
+        .run(&["inspect", s, "--hex", "6661696c6564"])
+        .expect(FOUND);
+    target.run(&["inspect", s, "eu", "17"]).expect(FOUND);
+
+    // list: every live record once, expired ones left out
+    let all = by_key(
+        target
+            .run(&["--format", "json", "list", "--scope", s])
+            .expect(FOUND)
+            .json(),
+    );
+    let names: Vec<&str> = all.keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        [
+            "(\"eu\", \"17\")",
+            "busy",
+            "done",
+            "failed",
+            "poison",
+            hashed.as_str(),
+            "stuck"
+        ]
+    );
+    assert_eq!(all["stuck"]["stuck"], true);
+    assert_eq!(all["busy"]["stuck"], false);
+    assert!(all["busy"]["lease_remaining_ms"].as_u64().unwrap() > 1000);
+    assert_eq!(all["done"]["output_bytes"], 4);
+    assert_eq!(all["done"]["scope"], s);
+    assert_eq!(all[&hashed]["hashed"], true);
+    assert_eq!(all["poison"]["attempts"], 3);
+    assert!(all["done"]["expires_in_ms"].as_u64().unwrap() > 500_000);
+
+    // the table form: a header, aligned columns, human durations
+    let r = target.run(&["list", "--scope", s]).expect(FOUND);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 8, "{}", r.stdout);
+    assert!(lines[0].starts_with("SCOPE"));
+    let col = lines[0].find("STATE").unwrap();
+    for l in &lines[1..] {
+        let state = &l[col..];
+        assert!(
+            ["in-progress", "completed", "released"]
+                .iter()
+                .any(|p| state.starts_with(p)),
+            "misaligned: {l}"
+        );
+    }
+    assert!(r.stdout.contains("in-progress (lease expired)"));
+    // the ttl of ten minutes, in human units
+    assert!(
+        r.stdout.contains("10m 00s") || r.stdout.contains("  9m "),
+        "{}",
+        r.stdout
+    );
+
+    // filters
+    let completed = keys(
+        target
+            .run(&[
+                "--format",
+                "json",
+                "list",
+                "--scope",
+                s,
+                "--state",
+                "completed",
+            ])
+            .expect(FOUND),
+    );
+    assert_eq!(completed, ["(\"eu\", \"17\")", "done", hashed.as_str()]);
+    let tried = keys(
+        target
+            .run(&[
+                "--format",
+                "json",
+                "list",
+                "--scope",
+                s,
+                "--min-attempts",
+                "2",
+            ])
+            .expect(FOUND),
+    );
+    assert_eq!(tried, ["poison"]);
+    let lapsed = keys(
+        target
+            .run(&["--format", "json", "list", "--scope", s, "--lease-expired"])
+            .expect(FOUND),
+    );
+    assert_eq!(lapsed, ["stuck"]);
+    let limited = target
+        .run(&["--format", "json", "list", "--scope", s, "--limit", "2"])
+        .expect(FOUND);
+    assert_eq!(limited.json().len(), 2);
+    target
+        .run(&["list", "--scope", s, "--older-than", "1h"])
+        .expect(NOT_FOUND);
+    target
+        .run(&["list", "--scope", s, "--older-than", "soon"])
+        .expect(ERROR);
+
+    // stuck and poisoned
+    let stuck = keys(
+        target
+            .run(&["--format", "json", "stuck", "--scope", s])
+            .expect(FOUND),
+    );
+    assert_eq!(stuck, ["stuck"]);
+    let poisoned = keys(
+        target
+            .run(&[
+                "--format",
+                "json",
+                "poisoned",
+                "--scope",
+                s,
+                "--max-attempts",
+                "3",
+            ])
+            .expect(FOUND),
+    );
+    assert_eq!(poisoned, ["poison"]);
+    let any_failure = keys(
+        target
+            .run(&[
+                "--format",
+                "json",
+                "poisoned",
+                "--scope",
+                s,
+                "--max-attempts",
+                "1",
+            ])
+            .expect(FOUND),
+    );
+    assert_eq!(any_failure, ["failed", "poison", "stuck"]);
+    target
+        .run(&["poisoned", "--scope", s, "--max-attempts", "4"])
+        .expect(NOT_FOUND);
+
+    // stats
+    let stats = target
+        .run(&[
+            "--format",
+            "json",
+            "stats",
+            "--scope",
+            s,
+            "--max-attempts",
+            "3",
+        ])
+        .expect(FOUND)
+        .json();
+    let rows: Vec<(String, u64, u64, u64)> = stats
+        .iter()
+        .map(|v| {
+            (
+                v["state"].as_str().unwrap().to_owned(),
+                v["count"].as_u64().unwrap(),
+                v["past_lease"].as_u64().unwrap(),
+                v["poisoned"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("in-progress".to_owned(), 2, 1, 0),
+            ("released".to_owned(), 2, 0, 1),
+            ("completed".to_owned(), 3, 0, 0),
+        ]
+    );
+    assert!(
+        stats
+            .iter()
+            .all(|v| v["oldest_claim_ms"].as_u64().unwrap() < 60_000)
+    );
+    let r = target.run(&["stats", "--scope", s]).expect(FOUND);
+    assert!(r.stdout.starts_with("SCOPE"), "{}", r.stdout);
+    assert_eq!(r.stdout.lines().count(), 4);
+
+    // release: dry run, refusal without --yes, then for real; the old holder is fenced
+    let busy = key(s, "busy");
+    let r = target
+        .run(&["release", s, "busy", "--dry-run"])
+        .expect(FOUND);
+    assert!(r.stdout.contains("would release"), "{}", r.stdout);
+    let still = store.inspect(&busy).await.unwrap().unwrap();
+    assert_eq!(
+        (still.state, still.token),
+        (RecordState::InProgress, seeded.busy)
+    );
+    let r = target.run(&["release", s, "busy"]).expect(ERROR);
+    assert!(r.stderr.contains("--yes"), "{}", r.stderr);
+    target.run(&["release", s, "busy", "--yes"]).expect(FOUND);
+    let after = store.inspect(&busy).await.unwrap().unwrap();
+    assert_eq!(after.state, RecordState::Released);
+    assert!(after.token > seeded.busy);
+    let late = Completion {
+        key: &busy,
+        token: seeded.busy,
+        output: None,
+        ttl: TTL,
+    };
+    assert_eq!(store.complete(&late).await.unwrap(), Fence::Lost);
+    target
+        .run(&["release", s, "done", "--yes"])
+        .expect(UNCHANGED);
+    target
+        .run(&["release", s, "missing", "--yes"])
+        .expect(NOT_FOUND);
+
+    // reset-attempts: the poisoned message runs again as attempt 1
+    let poison = key(s, "poison");
+    let limited = ClaimRequest {
+        max_attempts: Some(3),
+        ..req(&poison, LONG)
+    };
+    assert_eq!(
+        store.claim(&limited).await.unwrap(),
+        ClaimOutcome::Exhausted { attempts: 3 }
+    );
+    target
+        .run(&["reset-attempts", s, "poison", "--dry-run"])
+        .expect(FOUND);
+    assert_eq!(store.inspect(&poison).await.unwrap().unwrap().attempts, 3);
+    let r = target
+        .run(&["--format", "json", "reset-attempts", s, "poison", "--yes"])
+        .expect(FOUND);
+    assert_eq!(r.json()[0]["done"], "attempts_reset");
+    assert!(matches!(
+        store.claim(&limited).await.unwrap(),
+        ClaimOutcome::Acquired { attempt: 1, .. }
+    ));
+    target
+        .run(&["reset-attempts", s, "done", "--yes"])
+        .expect(UNCHANGED);
+    target
+        .run(&["reset-attempts", s, "stuck", "--yes"])
+        .expect(FOUND);
+    assert_eq!(
+        store
+            .inspect(&key(s, "stuck"))
+            .await
+            .unwrap()
+            .unwrap()
+            .attempts,
+        0
+    );
+
+    // forget
+    target
+        .run(&["forget", s, "done", "--dry-run"])
+        .expect(FOUND);
+    assert!(store.inspect(&key(s, "done")).await.unwrap().is_some());
+    target.run(&["forget", s, "done", "--yes"]).expect(FOUND);
+    assert!(store.inspect(&key(s, "done")).await.unwrap().is_none());
+    target
+        .run(&["forget", s, "done", "--yes"])
+        .expect(NOT_FOUND);
+
+    // purge
+    let r = target.run(&["purge", "--expired", "--yes"]).expect(FOUND);
+    if target.sql {
+        let n: u64 = r
+            .stdout
+            .trim()
+            .strip_prefix("purged ")
+            .and_then(|t| t.strip_suffix(" expired records"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("{}", r.stdout));
+        assert_eq!(
+            n, 1,
+            "the expired record `gone` (the table is this test's own)"
+        );
+        target
+            .run(&["purge", "--expired", "--dry-run"])
+            .expect(FOUND);
+    } else {
+        assert!(r.stdout.contains("nothing to purge"));
+    }
+    target.run(&["purge"]).expect(ERROR);
+}
+
+/// Deletes every record of `scope` through the library.
+pub async fn clean(store: &dyn Store, scope: &str) {
+    let filter = ScanFilter::new().scope(scope);
+    let mut cursor = None;
+    loop {
+        let page = store.scan(&filter, cursor.as_ref(), 1000).await.unwrap();
+        for i in &page.items {
+            store.forget(&i.key).await.unwrap();
+        }
+        match page.next {
+            Some(c) => cursor = Some(c),
+            None => return,
+        }
+    }
+}
