@@ -25,7 +25,7 @@ use idempotent_runtime::redis::streams::{StreamInfoGroupsReply, StreamInfoStream
 use idempotent_runtime::redis::{self, AsyncCommands};
 use idempotent_runtime::redis_streams::{Entry, Settled, StreamGroup, dedup_key};
 use idempotent_runtime::{
-    AsIdempotencyError, Disposition, Error, RetryPolicy, current_claim, idempotent,
+    AsIdempotencyError, Error, RetryPolicy, current_claim, idempotent,
     register_store,
 };
 use idempotent_tests::broker_support::run_id;
