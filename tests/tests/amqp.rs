@@ -230,7 +230,8 @@ async fn handle(consumer: &'static str, d: AmqpDelivery, world: &World, settle: 
         }
     };
     // the work is done, and the consumer nacks with requeue instead of acking
-    let nacked_after_work = outcome == Outcome::Executed
+    let nacked_after_work = settle
+        && outcome == Outcome::Executed
         && !d.redelivered
         && world.nacked_after_work.contains(&order.id);
     let settled = if settle {
