@@ -215,7 +215,8 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     for i in 0..ORDERS {
         let props = BasicProperties::default().with_message_id(format!("order-{run}-{i}").into());
         // every tenth order is published twice: a retry after a lost publisher confirm
-        for _ in 0..if i % 10 == 5 { 2 } else { 1 } {
+        let copies = if i % 10 == 5 { 2 } else { 1 };
+        for _ in 0..copies {
             admin
                 .basic_publish(
                     "".into(),

@@ -22,12 +22,12 @@
 //!
 //! `IDEMPOTENT_REDIS_URL` overrides `redis://127.0.0.1:6379`.
 
+use idempotent_runtime::kafka::rdkafka::Message;
 use idempotent_runtime::kafka::rdkafka::config::ClientConfig;
 use idempotent_runtime::kafka::rdkafka::consumer::{Consumer, StreamConsumer};
 use idempotent_runtime::kafka::rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use idempotent_runtime::kafka::rdkafka::mocking::MockCluster;
 use idempotent_runtime::kafka::rdkafka::producer::{FutureProducer, FutureRecord};
-use idempotent_runtime::kafka::rdkafka::Message;
 use idempotent_runtime::kafka::{self, DeadLetter};
 use idempotent_runtime::redis::{self, AsyncCommands, aio::ConnectionManager};
 use idempotent_runtime::{
@@ -204,14 +204,15 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     for i in 0..ORDERS {
         let order = format!("order-{run}-{i}");
         // every tenth order is produced twice: an application retry, a new record
-        for _ in 0..if i % 10 == 5 { 2 } else { 1 } {
+        let (copies, amount) = (if i % 10 == 5 { 2 } else { 1 }, (100 + i).to_string());
+        for _ in 0..copies {
             let headers = OwnedHeaders::new().insert(Header {
                 key: "order-id",
                 value: Some(&order),
             });
             let record = FutureRecord::to(&cluster.topic)
                 .key(&order)
-                .payload(&(100 + i).to_string())
+                .payload(&amount)
                 .headers(headers);
             producer
                 .send(record, Duration::from_secs(10))

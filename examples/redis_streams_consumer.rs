@@ -190,8 +190,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         let charged: u64 = conn.hlen(&ledger.counts).await?;
-        let pending: redis::streams::StreamPendingReply =
-            conn.xpending(&stream, "billing").await?;
+        let pending: redis::streams::StreamPendingReply = conn.xpending(&stream, "billing").await?;
         let dead: u64 = conn.xlen(&dead_stream).await?;
         if charged == ORDERS && pending.count() == 0 && dead == 1 {
             break;

@@ -204,7 +204,11 @@ pub async fn settle(delivery: &Delivery, disposition: Disposition) -> lapin::Res
             Settled::Rejected,
         ),
     };
-    Ok(if sent { settled } else { Settled::ChannelClosed })
+    Ok(if sent {
+        settled
+    } else {
+        Settled::ChannelClosed
+    })
 }
 
 #[cfg(test)]

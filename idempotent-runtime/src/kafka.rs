@@ -427,7 +427,10 @@ mod tests {
         assert_eq!(enc(dedup_key(&both, "order-id")).unwrap(), b"o-1");
 
         let key_only = record(Some(b"o-9"), None);
-        assert_eq!(dedup_key(&key_only, "order-id"), DedupKey::RecordKey(b"o-9"));
+        assert_eq!(
+            dedup_key(&key_only, "order-id"),
+            DedupKey::RecordKey(b"o-9")
+        );
         assert_ne!(
             enc(dedup_key(&key_only, "order-id")).unwrap(),
             enc(DedupKey::Header(b"o-9")).unwrap()

@@ -229,16 +229,18 @@ impl StreamGroup {
     /// (`XREADGROUP … >`, blocking up to the block time). Entries past
     /// [`max_deliveries`](Self::max_deliveries) are moved to the dead-letter stream here
     /// and not returned.
-    pub async fn read<C: ConnectionLike + Send + Sync>(&self, conn: &mut C) -> RedisResult<Vec<Entry>> {
+    pub async fn read<C: ConnectionLike + Send + Sync>(
+        &self,
+        conn: &mut C,
+    ) -> RedisResult<Vec<Entry>> {
         let mut entries = self.claim_abandoned(conn).await?;
         if entries.is_empty() {
             let opts = StreamReadOptions::default()
                 .group(&self.group, &self.consumer)
                 .count(self.count)
                 .block(millis(self.block));
-            let reply: Option<StreamReadReply> = conn
-                .xread_options(&[&self.stream], &[">"], &opts)
-                .await?;
+            let reply: Option<StreamReadReply> =
+                conn.xread_options(&[&self.stream], &[">"], &opts).await?;
             for key in reply.into_iter().flat_map(|r| r.keys) {
                 for id in key.ids {
                     entries.push(Entry {
@@ -256,7 +258,11 @@ impl StreamGroup {
         &self,
         conn: &mut C,
     ) -> RedisResult<Vec<Entry>> {
-        let start = self.cursor.lock().unwrap_or_else(|e| e.into_inner()).clone();
+        let start = self
+            .cursor
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
         let reply: StreamAutoClaimReply = conn
             .xautoclaim_options(
                 &self.stream,

@@ -27,7 +27,7 @@
 //! | `Ok(_)`: first run, or a duplicate that replayed the cached output | `ConsumeSuccess` | the work is done: a duplicate must be acknowledged, or the broker redelivers it forever |
 //! | `Error::InProgress` | `ReconsumeLater` | another consumer (often after a rebalance) is still working on it; the retry comes back after the delay level and then replays |
 //! | a retryable `Error` (store unreachable; nothing ran) | `ReconsumeLater` | a later delivery may succeed |
-//! | a business error (anything that is not an [`Error`]) | `ReconsumeLater` | retried; `max_attempts` bounds the retries |
+//! | a business error (anything that is not an [`Error`](crate::Error)) | `ReconsumeLater` | retried; `max_attempts` bounds the retries |
 //! | `Error::OutputNotReplayable` | `ConsumeSuccess` | the work was done; only its output is not cached |
 //! | `Error::AttemptsExhausted`, `MissingKey`, `FingerprintMismatch`, … | the [`OnExhausted`] choice | no retry will help |
 //!
@@ -46,7 +46,7 @@
 //! `consume_thread_min(1).consume_thread_max(4)` is a good start (`min` must not exceed
 //! `max`, or the consumer fails to start).
 
-use crate::{Disposition, Error, KeyBuilder, KeyPart};
+use crate::{Disposition, KeyBuilder, KeyPart};
 use rocketmq_client_rust::ConsumeConcurrentlyStatus;
 
 /// The `rocketmq-client-rust` crate this module is written against.
@@ -61,7 +61,7 @@ use std::future::Future;
 ///
 /// A business key is one key part, the key itself (`order-17` is stored as
 /// `order-17`); a `UNIQ_KEY` is two parts, `("UNIQ_KEY", id)`, so the two can never
-/// collide. A message with neither is [`Error::MissingKey`].
+/// collide. A message with neither is [`Error::MissingKey`](crate::Error::MissingKey).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DedupKey<'a> {
     /// The first of the message's `KEYS`.
@@ -179,6 +179,7 @@ pub fn block_on_listener<F: Future>(handle: &tokio::runtime::Handle, handler: F)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
     use crate::RecordKey;
     use rocketmq_model::common::message::MessageTrait;
     use rocketmq_model::common::message::message_single::Message;

@@ -37,8 +37,7 @@ use idempotent_runtime::amqp::{
     self, Settled, dead_letter_arguments, dedup_key, delivery_count, header,
 };
 use idempotent_runtime::{
-    AsIdempotencyError, Disposition, Error, RetryPolicy, current_claim, idempotent,
-    register_store,
+    AsIdempotencyError, Disposition, Error, RetryPolicy, current_claim, idempotent, register_store,
 };
 use idempotent_tests::broker_support::run_id;
 use serde::{Deserialize, Serialize};
@@ -474,7 +473,11 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
     idempotent_tests::assert_applied_once(&effects, (0..ORDERS).map(id));
     let amounts = world.amounts.lock().unwrap().clone();
     for i in 0..ORDERS {
-        assert_eq!(amounts[&id(i)], 100 + i as u64, "charged once, the right amount");
+        assert_eq!(
+            amounts[&id(i)],
+            100 + i as u64,
+            "charged once, the right amount"
+        );
     }
 
     let mut count: BTreeMap<Outcome, usize> = BTreeMap::new();
@@ -566,10 +569,7 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
     // the dead-letter queue holds the poison messages, with their message_id
     let mut dead_ids = HashSet::new();
     while let Some(m) = admin
-        .basic_get(
-            dead_queue.as_str().into(),
-            BasicGetOptions { no_ack: true },
-        )
+        .basic_get(dead_queue.as_str().into(), BasicGetOptions { no_ack: true })
         .await
         .expect("basic.get")
     {
@@ -621,7 +621,10 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
     ch.queue_delete(dead_queue.as_str().into(), QueueDeleteOptions::default())
         .await
         .expect("delete the dead-letter queue");
-    ch.exchange_delete(dead_exchange.as_str().into(), ExchangeDeleteOptions::default())
-        .await
-        .expect("delete the dead-letter exchange");
+    ch.exchange_delete(
+        dead_exchange.as_str().into(),
+        ExchangeDeleteOptions::default(),
+    )
+    .await
+    .expect("delete the dead-letter exchange");
 }

@@ -32,8 +32,8 @@ use idempotent_runtime::kafka::rdkafka::producer::{FutureProducer, FutureRecord}
 use idempotent_runtime::kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use idempotent_runtime::kafka::rdkafka::{Message, Offset, TopicPartitionList};
 use idempotent_runtime::kafka::{self, DeadLetter, SettleError};
-use idempotent_runtime::{AsIdempotencyError, Disposition, Error, Idempotency, RetryPolicy};
 use idempotent_runtime::register_store;
+use idempotent_runtime::{AsIdempotencyError, Disposition, Error, Idempotency, RetryPolicy};
 use idempotent_tests::broker_support::run_id;
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -138,7 +138,11 @@ fn order_of(m: &BorrowedMessage<'_>) -> String {
 }
 
 /// The business side: runs once per order, whichever consumer and record.
-async fn charge(m: &BorrowedMessage<'_>, tag: String, world: &World) -> Result<Applied, HandleError> {
+async fn charge(
+    m: &BorrowedMessage<'_>,
+    tag: String,
+    world: &World,
+) -> Result<Applied, HandleError> {
     let order = order_of(m);
     if world.poison.contains(&order) {
         return Err(HandleError::Rejected);
@@ -150,7 +154,12 @@ async fn charge(m: &BorrowedMessage<'_>, tag: String, world: &World) -> Result<A
         .payload()
         .and_then(|p| std::str::from_utf8(p).ok()?.parse().ok())
         .expect("the payload is an amount");
-    *world.effects.lock().unwrap().entry(order.clone()).or_default() += 1;
+    *world
+        .effects
+        .lock()
+        .unwrap()
+        .entry(order.clone())
+        .or_default() += 1;
     *world.amounts.lock().unwrap().entry(order).or_default() += amount;
     Ok(Applied { by: tag })
 }
@@ -184,8 +193,7 @@ async fn process(
             |m| charge(m, tag(name, batch_no, m), world),
         )
         .await;
-    let dispositions: Vec<Disposition> =
-        results.iter().map(|r| RETRY.disposition(r, 1)).collect();
+    let dispositions: Vec<Disposition> = results.iter().map(|r| RETRY.disposition(r, 1)).collect();
     let (commit_failed, retry_after) = match dead_letter {
         None => (false, None),
         Some(dl) => match kafka::settle(consumer, batch, &dispositions, Some(dl)).await {
@@ -193,7 +201,9 @@ async fn process(
             Err(SettleError::Commit(_)) => {
                 world.commit_failures.fetch_add(1, Ordering::SeqCst);
                 // the seeks were done before the commit; retried records come back
-                let retry = dispositions.iter().any(|d| !d.is_ack() && *d != Disposition::DeadLetter);
+                let retry = dispositions
+                    .iter()
+                    .any(|d| !d.is_ack() && *d != Disposition::DeadLetter);
                 (true, retry.then_some(RETRY.initial))
             }
             Err(e) => panic!("settle: {e}"),
@@ -347,7 +357,8 @@ async fn every_effect_once_across_resends_a_dead_consumer_failed_commits_and_a_r
     let topic = format!("orders-{run}");
     let dead_topic = format!("orders-dead-{run}");
     mock.create_topic(&topic, PARTITIONS, 1).expect("topic");
-    mock.create_topic(&dead_topic, 1, 1).expect("dead-letter topic");
+    mock.create_topic(&dead_topic, 1, 1)
+        .expect("dead-letter topic");
     let group = format!("billing-{run}");
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &bootstrap)
@@ -381,9 +392,10 @@ async fn every_effect_once_across_resends_a_dead_consumer_failed_commits_and_a_r
         crasher.subscribe(&[&topic]).expect("subscribe");
         let mut batch = Vec::new();
         while batch.len() < CRASHED {
-            let more = kafka::recv_batch(&crasher, CRASHED - batch.len(), Duration::from_millis(200))
-                .await
-                .expect("receive");
+            let more =
+                kafka::recv_batch(&crasher, CRASHED - batch.len(), Duration::from_millis(200))
+                    .await
+                    .expect("receive");
             batch.extend(more);
         }
         process("crasher", 1, &crasher, &batch, None, &world).await;
@@ -415,7 +427,10 @@ async fn every_effect_once_across_resends_a_dead_consumer_failed_commits_and_a_r
         while !cond(&world) {
             assert!(Instant::now() < deadline, "timed out waiting until {what}");
             let unexpected = world.unexpected.lock().unwrap().clone();
-            assert!(unexpected.is_empty(), "unexpected outcomes: {unexpected:#?}");
+            assert!(
+                unexpected.is_empty(),
+                "unexpected outcomes: {unexpected:#?}"
+            );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     };
@@ -474,9 +489,15 @@ async fn every_effect_once_across_resends_a_dead_consumer_failed_commits_and_a_r
         if applied == ORDERS && dead == POISON as i64 && all_committed {
             break;
         }
-        assert!(!a.is_finished() && !b.is_finished(), "a consumer stopped early");
+        assert!(
+            !a.is_finished() && !b.is_finished(),
+            "a consumer stopped early"
+        );
         let unexpected = world.unexpected.lock().unwrap().clone();
-        assert!(unexpected.is_empty(), "unexpected outcomes: {unexpected:#?}");
+        assert!(
+            unexpected.is_empty(),
+            "unexpected outcomes: {unexpected:#?}"
+        );
         assert!(
             Instant::now() < deadline,
             "not settled after 60 s: {applied}/{ORDERS} applied, {dead}/{POISON} dead-lettered, \
@@ -486,7 +507,11 @@ async fn every_effect_once_across_resends_a_dead_consumer_failed_commits_and_a_r
     }
     let settled = world.log.lock().unwrap().len();
     tokio::time::sleep(Duration::from_secs(1)).await;
-    assert_eq!(world.log.lock().unwrap().len(), settled, "deliveries after the group settled");
+    assert_eq!(
+        world.log.lock().unwrap().len(),
+        settled,
+        "deliveries after the group settled"
+    );
     stop.store(true, Ordering::SeqCst);
     let _ = tokio::join!(a, b);
 
@@ -495,7 +520,11 @@ async fn every_effect_once_across_resends_a_dead_consumer_failed_commits_and_a_r
     idempotent_tests::assert_applied_once(&effects, (0..ORDERS).map(id));
     let amounts = world.amounts.lock().unwrap().clone();
     for i in 0..ORDERS {
-        assert_eq!(amounts[&id(i)], 100 + i as u64, "charged once, the right amount");
+        assert_eq!(
+            amounts[&id(i)],
+            100 + i as u64,
+            "charged once, the right amount"
+        );
     }
 
     let mut count: BTreeMap<Outcome, usize> = BTreeMap::new();
@@ -546,13 +575,17 @@ async fn every_effect_once_across_resends_a_dead_consumer_failed_commits_and_a_r
         }
     }
     for cause in ["dead consumer", "failed commit", "resend"] {
-        assert!(by_cause.get(cause).copied().unwrap_or(0) > 0, "no duplicate from a {cause}");
+        assert!(
+            by_cause.get(cause).copied().unwrap_or(0) > 0,
+            "no duplicate from a {cause}"
+        );
     }
     for r in (0..ORDERS).filter(|&i| is_resend(i)).map(id) {
         let winner = executed_by[r.as_str()];
         assert!(
-            log.iter()
-                .any(|d| d.order == r && d.record != winner.record && d.outcome == Outcome::Replayed),
+            log.iter().any(|d| d.order == r
+                && d.record != winner.record
+                && d.outcome == Outcome::Replayed),
             "{r}: the resent record was replayed"
         );
     }
@@ -560,7 +593,8 @@ async fn every_effect_once_across_resends_a_dead_consumer_failed_commits_and_a_r
     assert_eq!(n(Outcome::Exhausted), POISON);
     for name in ["consumer-a", "consumer-b"] {
         assert!(
-            log.iter().any(|d| d.consumer == name && d.outcome == Outcome::Executed),
+            log.iter()
+                .any(|d| d.consumer == name && d.outcome == Outcome::Executed),
             "{name} executed nothing"
         );
     }
@@ -573,14 +607,18 @@ async fn every_effect_once_across_resends_a_dead_consumer_failed_commits_and_a_r
                 .create()
                 .expect("reader");
             let mut tpl = TopicPartitionList::new();
-            tpl.add_partition_offset(&t, 0, Offset::Beginning).expect("partition");
+            tpl.add_partition_offset(&t, 0, Offset::Beginning)
+                .expect("partition");
             reader.assign(&tpl).expect("assign");
             let mut orders = HashSet::new();
             let deadline = Instant::now() + Duration::from_secs(10);
             while orders.len() < POISON && Instant::now() < deadline {
                 if let Some(Ok(m)) = reader.poll(Duration::from_millis(200)) {
                     assert!(kafka::header(&m, "dead-offset").is_some());
-                    orders.insert(String::from_utf8_lossy(kafka::header(&m, "order-id").unwrap()).into_owned());
+                    orders.insert(
+                        String::from_utf8_lossy(kafka::header(&m, "order-id").unwrap())
+                            .into_owned(),
+                    );
                 }
             }
             orders
@@ -591,7 +629,11 @@ async fn every_effect_once_across_resends_a_dead_consumer_failed_commits_and_a_r
     assert_eq!(dead_orders, world.poison);
 
     let duplicates = n(Outcome::Replayed) + n(Outcome::InProgress);
-    assert_eq!(by_cause.values().sum::<usize>(), duplicates, "every duplicate explained");
+    assert_eq!(
+        by_cause.values().sum::<usize>(),
+        duplicates,
+        "every duplicate explained"
+    );
     println!(
         "Kafka (mock cluster, {PARTITIONS} partitions): {ORDERS} orders + {POISON} poison produced, \
          {resends} resent as new records; {} deliveries: {} executed, {} replayed, {} in progress, \

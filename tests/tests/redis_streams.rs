@@ -25,8 +25,7 @@ use idempotent_runtime::redis::streams::{StreamInfoGroupsReply, StreamInfoStream
 use idempotent_runtime::redis::{self, AsyncCommands};
 use idempotent_runtime::redis_streams::{Entry, Settled, StreamGroup, dedup_key};
 use idempotent_runtime::{
-    AsIdempotencyError, Error, RetryPolicy, current_claim, idempotent,
-    register_store,
+    AsIdempotencyError, Error, RetryPolicy, current_claim, idempotent, register_store,
 };
 use idempotent_tests::broker_support::run_id;
 use idempotent_tests::redis_support::{raw, redis_url};
@@ -341,7 +340,11 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
     idempotent_tests::assert_applied_once(&effects, (0..ORDERS).map(id));
     let amounts = world.amounts.lock().unwrap().clone();
     for i in 0..ORDERS {
-        assert_eq!(amounts[&id(i)], 100 + i as u64, "charged once, the right amount");
+        assert_eq!(
+            amounts[&id(i)],
+            100 + i as u64,
+            "charged once, the right amount"
+        );
     }
 
     let mut count: BTreeMap<Outcome, usize> = BTreeMap::new();
@@ -442,7 +445,11 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
     }
 
     assert_eq!(n(Outcome::Failed), world.flaky.len() + 3 * POISON);
-    assert_eq!(n(Outcome::Exhausted), POISON, "each poison entry dead-lettered once");
+    assert_eq!(
+        n(Outcome::Exhausted),
+        POISON,
+        "each poison entry dead-lettered once"
+    );
     let dead: Vec<redis::streams::StreamId> = conn
         .xrange_all::<_, redis::streams::StreamRangeReply>(&dead_stream)
         .await
@@ -450,7 +457,10 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
         .ids;
     let dead_ids: HashSet<String> = dead
         .iter()
-        .map(|e| e.get::<String>("order_id").expect("dead letters keep the fields"))
+        .map(|e| {
+            e.get::<String>("order_id")
+                .expect("dead letters keep the fields")
+        })
         .collect();
     assert_eq!(dead_ids, world.poison);
     assert!(dead.iter().all(|e| e.contains_key("dead.reason")));
