@@ -145,6 +145,9 @@ async fn consume(
                 stats.redelivered.fetch_add(1, Ordering::Relaxed);
             }
             let result = on_order_paid(&delivery, &ledger).await;
+            if let Err(AppError::Ledger(e)) = &result {
+                eprintln!("the ledger failed, the message is requeued: {e}");
+            }
             let disposition = RETRY.disposition(&result, amqp::delivery_count(&delivery));
             match amqp::settle(&delivery, disposition).await {
                 Ok(Settled::Acked) => stats.acked.fetch_add(1, Ordering::Relaxed),

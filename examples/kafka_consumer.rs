@@ -148,6 +148,11 @@ async fn consume(
                 |m| on_order_paid(m, &ledger),
             )
             .await;
+        for r in &results {
+            if let Err(AppError::Ledger(e)) = r {
+                eprintln!("the ledger failed, the record is retried: {e}");
+            }
+        }
         let dispositions: Vec<_> = results.iter().map(|r| RETRY.disposition(r, 1)).collect();
         let dead_letter = DeadLetter {
             producer: &producer,

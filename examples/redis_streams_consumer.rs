@@ -117,6 +117,9 @@ async fn consume(
         for entry in group.read(&mut conn).await? {
             stats.deliveries.fetch_add(1, Ordering::Relaxed);
             let result = on_order_paid(&entry, &ledger).await;
+            if let Err(AppError::Ledger(e)) = &result {
+                eprintln!("the ledger failed, entry {} stays pending: {e}", entry.id());
+            }
             let settled = group
                 .settle(
                     &mut conn,
