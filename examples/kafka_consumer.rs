@@ -116,6 +116,9 @@ fn consumer(c: &Cluster) -> Result<StreamConsumer, Box<dyn std::error::Error>> {
         .set("group.id", &c.group)
         .set("enable.auto.commit", "false")
         .set("auto.offset.reset", "earliest")
+        // a consumer that dies without leaving the group gives up its partitions after this
+        .set("session.timeout.ms", "6000")
+        .set("heartbeat.interval.ms", "1000")
         .create()?;
     consumer.subscribe(&[&c.topic])?;
     Ok(consumer)

@@ -107,14 +107,17 @@ struct Stats {
 }
 
 /// One consumer of the group: claims abandoned entries, reads new ones, settles each.
+/// Its blocking reads have a connection of their own.
 async fn consume(
     group: StreamGroup,
+    client: redis::Client,
     mut conn: ConnectionManager,
     ledger: Ledger,
     stats: Arc<Stats>,
 ) -> redis::RedisResult<()> {
+    let mut reads = ConnectionManager::new(client).await?;
     loop {
-        for entry in group.read(&mut conn).await? {
+        for entry in group.read(&mut reads).await? {
             stats.deliveries.fetch_add(1, Ordering::Relaxed);
             let result = on_order_paid(&entry, &ledger).await;
             if let Err(AppError::Ledger(e)) = &result {
@@ -142,15 +145,14 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let url =
         std::env::var("IDEMPOTENT_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     register_store("redis", RedisStore::connect(url.as_str()).await?);
-    let mut conn = ConnectionManager::new(redis::Client::open(url.as_str())?).await?;
+    let client = redis::Client::open(url.as_str())?;
+    let mut conn = ConnectionManager::new(client.clone()).await?;
 
     // a stream and business ids unique to this run (the records outlive it)
     let run = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis();
     let stream = format!("example:orders:{run}");
     let group = |consumer: &str| {
-        StreamGroup::new(stream.as_str(), "billing", consumer)
-            .claim_idle(CLAIM_IDLE)
-            .block(Duration::from_millis(500))
+        StreamGroup::new(stream.as_str(), "billing", consumer).claim_idle(CLAIM_IDLE)
     };
     let dying = group("billing-0").batch(20);
     dying.create(&mut conn).await?;
@@ -183,6 +185,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         .map(|name| {
             tokio::spawn(consume(
                 group(name),
+                client.clone(),
                 conn.clone(),
                 ledger.clone(),
                 stats.clone(),

@@ -123,6 +123,11 @@ pub enum Settled {
 
 /// One consumer of a consumer group on one stream: reads new and abandoned entries, and
 /// settles each after its handler ran. See the [module docs](self).
+///
+/// A blocking [`read`](Self::read) holds up every other command sent on the same
+/// connection until it returns (Redis serves one connection's commands in order): read on
+/// a connection of its own, not the one the store, the handler or
+/// [`settle`](Self::settle) use.
 #[derive(Debug)]
 pub struct StreamGroup {
     stream: String,
@@ -140,7 +145,7 @@ pub struct StreamGroup {
 impl StreamGroup {
     /// The consumer `consumer` of the group `group` on `stream`, with the dead-letter
     /// stream `<stream>:dead`, a claim threshold of 30 s, at most 16 deliveries, batches
-    /// of 32 entries and reads that block up to 1 s.
+    /// of 32 entries and reads that block up to 250 ms.
     pub fn new(
         stream: impl Into<String>,
         group: impl Into<String>,
@@ -155,7 +160,7 @@ impl StreamGroup {
             claim_idle: Duration::from_secs(30),
             max_deliveries: 16,
             count: 32,
-            block: Duration::from_secs(1),
+            block: Duration::from_millis(250),
             cursor: Mutex::new("0-0".to_owned()),
         }
     }
@@ -187,6 +192,10 @@ impl StreamGroup {
     }
 
     /// How long a [`read`](Self::read) waits for new entries when there are none.
+    ///
+    /// Keep it below the connection's response timeout (500 ms by default for the
+    /// driver's `ConnectionManager` and multiplexed connections), or the read fails with a
+    /// timeout.
     pub fn block(mut self, block: Duration) -> Self {
         self.block = block;
         self

@@ -215,9 +215,11 @@ async fn consume(name: &'static str, stream: String, world: Arc<World>) {
             .batch(16)
             .block(Duration::from_millis(200)),
     );
-    let mut conn = raw(&redis_url()).await;
+    // blocking reads on a connection of their own; settles on another
+    let mut reads = raw(&redis_url()).await;
+    let conn = raw(&redis_url()).await;
     loop {
-        let entries = group.read(&mut conn).await.expect("read the group");
+        let entries = group.read(&mut reads).await.expect("read the group");
         for entry in entries {
             let (group, world, mut conn) = (group.clone(), world.clone(), conn.clone());
             tokio::spawn(async move { handle(name, &group, &mut conn, entry, &world, true).await });
