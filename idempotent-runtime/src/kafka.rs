@@ -137,6 +137,14 @@ pub fn dedup_key<'a, M: Message>(msg: &'a M, header_name: &str) -> DedupKey<'a> 
 ///
 /// An error is returned when nothing was received; after the first record, an error
 /// ends the batch (it is logged), and the next call sees the consumer's state again.
+///
+/// # Cancel safety
+///
+/// Not cancel safe: records received before the returned future is dropped (by a
+/// `timeout` or the losing branch of a `select!`) are gone from the consumer's position,
+/// and the next commit of their partition skips them. Await it to completion; to stop a
+/// consumer, stop calling it (or abort its task and drop the consumer without
+/// committing).
 pub async fn recv_batch<'c, C: ConsumerContext + 'static>(
     consumer: &'c StreamConsumer<C>,
     max: usize,
@@ -204,7 +212,11 @@ pub enum SettleError {
         /// Dispositions given.
         dispositions: usize,
     },
-    /// Seeking back to a retried record failed.
+    /// Seeking back to a retried record failed, and nothing of the batch was committed.
+    /// This happens when the partition was revoked meanwhile (its new owner reads from
+    /// the last commit); otherwise, leave the group and join again (recreate the consumer),
+    /// so the partition is read again from its last commit and the retried record is not
+    /// committed past by a later batch.
     Seek(KafkaError),
     /// The offset commit failed (for example during a rebalance).
     Commit(KafkaError),
