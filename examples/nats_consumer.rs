@@ -32,7 +32,9 @@ use async_nats::jetstream::{
 };
 use futures_util::StreamExt;
 use idempotent_runtime::redis::{self, AsyncCommands, aio::ConnectionManager};
-use idempotent_runtime::{Error, RedisStore, idempotent, register_store};
+use idempotent_runtime::{
+    AsIdempotencyError, Disposition, Error, RedisStore, RetryPolicy, idempotent, register_store,
+};
 use serde::{Deserialize, Serialize};
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -111,36 +113,24 @@ async fn on_order_paid(order: &OrderPaid, ledger: &Ledger) -> Result<Receipt, Ap
     })
 }
 
-/// What to tell JetStream about a handled message.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Reply {
-    Ack,
-    Nak(Duration),
-    DeadLetter,
-}
-
-/// The outcome → acknowledgement mapping.
-fn reply_for(result: &Result<Receipt, AppError>, delivered: i64) -> Reply {
-    // 1 s, 2 s, 4 s … up to a minute for failures a later delivery may fix
-    let backoff =
-        Duration::from_secs(1u64 << (delivered.clamp(1, 7) - 1)).min(Duration::from_secs(60));
-    match result {
-        // first run or duplicate of a completed order: the work is done
-        Ok(_) => Reply::Ack,
-        // another consumer holds the claim: come back soon, it is probably finishing
-        Err(AppError::Idempotency(Error::InProgress { retry_after })) => {
-            Reply::Nak((*retry_after).min(IN_PROGRESS_RETRY))
+impl AsIdempotencyError for AppError {
+    fn idempotency_error(&self) -> Option<&Error> {
+        match self {
+            AppError::Idempotency(e) => Some(e),
+            AppError::Ledger(_) | AppError::Invalid => None,
         }
-        // a duplicate whose output was not cached: the work is done all the same
-        Err(AppError::Idempotency(Error::OutputNotReplayable { .. })) => Reply::Ack,
-        // store unreachable (nothing ran): retry later
-        Err(AppError::Idempotency(e)) if e.is_retryable() => Reply::Nak(backoff),
-        // attempts exhausted, missing key, fingerprint mismatch: no retry will help
-        Err(AppError::Idempotency(_)) => Reply::DeadLetter,
-        // business failures: retry; `max_attempts` turns them into AttemptsExhausted
-        Err(AppError::Ledger(_) | AppError::Invalid) => Reply::Nak(backoff),
     }
 }
+
+/// The outcome → acknowledgement mapping: `Ok` (first run or replay) is done; in
+/// progress elsewhere comes back within a second; store outages and business failures
+/// back off 1 s, 2 s, 4 s … up to a minute (`max_attempts` bounds them); attempts
+/// exhausted, no key or a fingerprint mismatch go to the dead-letter stream.
+const RETRY: RetryPolicy = RetryPolicy {
+    initial: Duration::from_secs(1),
+    max: Duration::from_secs(60),
+    in_progress_max: IN_PROGRESS_RETRY,
+};
 
 #[derive(Default)]
 struct Stats {
@@ -191,19 +181,20 @@ async fn handle(m: jetstream::Message, js: &jetstream::Context, ledger: &Ledger,
         return;
     }
 
-    let sent = match reply_for(&result, delivered) {
-        Reply::Ack => {
+    let delivery = u32::try_from(delivered).unwrap_or(u32::MAX);
+    let sent = match RETRY.disposition(&result, delivery) {
+        Disposition::Ack => {
             stats.acked.fetch_add(1, Ordering::Relaxed);
             m.double_ack().await
         }
-        Reply::Nak(delay) => {
+        Disposition::Retry { after: delay } => {
             stats.naked.fetch_add(1, Ordering::Relaxed);
             if let Err(AppError::Ledger(e)) = &result {
                 eprintln!("message {seq}: the ledger failed, retrying in {delay:?}: {e}");
             }
             m.ack_with(AckKind::Nak(Some(delay))).await
         }
-        Reply::DeadLetter => {
+        Disposition::DeadLetter => {
             stats.dead.fetch_add(1, Ordering::Relaxed);
             let reason = match &result {
                 Err(AppError::Idempotency(e)) => e.to_string(),

@@ -9,6 +9,7 @@
 
 mod batch;
 mod clock;
+mod disposition;
 mod error;
 mod fingerprint;
 mod key;
@@ -24,6 +25,15 @@ pub mod testing;
 
 #[cfg(feature = "rocketmq")]
 pub mod rocketmq;
+
+#[cfg(feature = "kafka")]
+pub mod kafka;
+
+#[cfg(feature = "amqp")]
+pub mod amqp;
+
+#[cfg(feature = "redis-streams")]
+pub mod redis_streams;
 
 #[cfg(feature = "redis")]
 mod redis_store;
@@ -46,6 +56,7 @@ pub use sqlx;
 pub mod __private;
 
 pub use clock::{Clock, ManualClock, SystemClock};
+pub use disposition::{AsIdempotencyError, Disposition, RetryPolicy};
 pub use error::{Error, NotReplayable, StoreError, StoreErrorKind};
 pub use fingerprint::fingerprint;
 pub use idempotent_macros::idempotent;

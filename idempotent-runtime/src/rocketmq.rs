@@ -19,15 +19,15 @@
 //!
 //! # The status
 //!
-//! [`consume_status`] maps what an `#[idempotent]` handler returned to
-//! `ConsumeConcurrentlyStatus`:
+//! [`consume_status`] maps what an `#[idempotent]` handler returned, through its
+//! [`Disposition`](crate::Disposition), to `ConsumeConcurrentlyStatus`:
 //!
 //! | handler returned | status | why |
 //! | --- | --- | --- |
 //! | `Ok(_)`: first run, or a duplicate that replayed the cached output | `ConsumeSuccess` | the work is done: a duplicate must be acknowledged, or the broker redelivers it forever |
 //! | `Error::InProgress` | `ReconsumeLater` | another consumer (often after a rebalance) is still working on it; the retry comes back after the delay level and then replays |
 //! | a retryable `Error` (store unreachable; nothing ran) | `ReconsumeLater` | a later delivery may succeed |
-//! | a business error (anything that is not an [`Error`]) | `ReconsumeLater` | retried; `max_attempts` bounds the retries |
+//! | a business error (anything that is not an [`Error`](crate::Error)) | `ReconsumeLater` | retried; `max_attempts` bounds the retries |
 //! | `Error::OutputNotReplayable` | `ConsumeSuccess` | the work was done; only its output is not cached |
 //! | `Error::AttemptsExhausted`, `MissingKey`, `FingerprintMismatch`, … | the [`OnExhausted`] choice | no retry will help |
 //!
@@ -46,7 +46,7 @@
 //! `consume_thread_min(1).consume_thread_max(4)` is a good start (`min` must not exceed
 //! `max`, or the consumer fails to start).
 
-use crate::{Error, KeyBuilder, KeyPart};
+use crate::{Disposition, KeyBuilder, KeyPart};
 use rocketmq_client_rust::ConsumeConcurrentlyStatus;
 
 /// The `rocketmq-client-rust` crate this module is written against.
@@ -61,7 +61,7 @@ use std::future::Future;
 ///
 /// A business key is one key part, the key itself (`order-17` is stored as
 /// `order-17`); a `UNIQ_KEY` is two parts, `("UNIQ_KEY", id)`, so the two can never
-/// collide. A message with neither is [`Error::MissingKey`].
+/// collide. A message with neither is [`Error::MissingKey`](crate::Error::MissingKey).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DedupKey<'a> {
     /// The first of the message's `KEYS`.
@@ -140,35 +140,24 @@ pub enum OnExhausted {
     Acknowledge,
 }
 
-/// The error type of a handler, seen as the dedup layer's [`Error`] when it is one.
-///
-/// Implement it for your handler's error type (the one with `From<Error>`) so
-/// [`consume_status`] can tell the dedup outcomes from business failures.
-pub trait AsIdempotencyError {
-    /// The dedup layer's error this value carries, if any.
-    fn idempotency_error(&self) -> Option<&Error>;
-}
-
-impl AsIdempotencyError for Error {
-    fn idempotency_error(&self) -> Option<&Error> {
-        Some(self)
-    }
-}
+/// The core trait that tells dedup outcomes from business failures, under the name this
+/// module has always used for it.
+pub use crate::AsIdempotencyError;
 
 /// The listener status for a handler's result; see the [module docs](self).
+///
+/// The result's [`Disposition`] decides: [`Ack`](Disposition::Ack) is
+/// `ConsumeSuccess`, [`Retry`](Disposition::Retry) is `ReconsumeLater` (the broker's
+/// delay levels, not the disposition's delay, pace the retry), and
+/// [`DeadLetter`](Disposition::DeadLetter) is the `on_exhausted` choice.
 pub fn consume_status<T, E: AsIdempotencyError>(
     result: &Result<T, E>,
     on_exhausted: OnExhausted,
 ) -> ConsumeConcurrentlyStatus {
-    let e = match result {
-        Ok(_) => return ConsumeConcurrentlyStatus::ConsumeSuccess,
-        Err(e) => e,
-    };
-    match e.idempotency_error() {
-        None => ConsumeConcurrentlyStatus::ReconsumeLater,
-        Some(Error::OutputNotReplayable { .. }) => ConsumeConcurrentlyStatus::ConsumeSuccess,
-        Some(e) if e.is_retryable() => ConsumeConcurrentlyStatus::ReconsumeLater,
-        Some(_) => match on_exhausted {
+    match Disposition::of(result, 1) {
+        Disposition::Ack => ConsumeConcurrentlyStatus::ConsumeSuccess,
+        Disposition::Retry { .. } => ConsumeConcurrentlyStatus::ReconsumeLater,
+        Disposition::DeadLetter => match on_exhausted {
             OnExhausted::BrokerDeadLetter => ConsumeConcurrentlyStatus::ReconsumeLater,
             OnExhausted::Acknowledge => ConsumeConcurrentlyStatus::ConsumeSuccess,
         },
@@ -190,6 +179,7 @@ pub fn block_on_listener<F: Future>(handle: &tokio::runtime::Handle, handler: F)
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::Error;
     use crate::RecordKey;
     use rocketmq_model::common::message::MessageTrait;
     use rocketmq_model::common::message::message_single::Message;

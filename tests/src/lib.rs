@@ -1,6 +1,7 @@
 //! Shared test support: the store conformance suite and helpers for tests that need
 //! real servers.
 
+pub mod broker_support;
 pub mod conformance;
 pub mod conformance_scan;
 pub mod metrics_support;
