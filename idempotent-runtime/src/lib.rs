@@ -14,6 +14,7 @@ mod fingerprint;
 mod key;
 mod manual;
 mod memory;
+mod output;
 mod protocol;
 mod registry;
 mod store;
@@ -23,6 +24,9 @@ pub mod testing;
 
 #[cfg(feature = "rocketmq")]
 pub mod rocketmq;
+
+#[cfg(feature = "tower")]
+pub mod http;
 
 #[cfg(feature = "redis")]
 mod redis_store;

@@ -11,6 +11,7 @@
 //!   └─FingerprintMismatch──▶ Err(FingerprintMismatch)
 //! ```
 
+use crate::output::Output;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Store, Token};
 use crate::{Error, KeyBuilder, NotReplayable, RecordKey, StoreError, registered_store};
 use futures_util::FutureExt;
@@ -266,7 +267,7 @@ fn warn_once(flag: &AtomicBool, msg: &str) {
 const INLINE_OUTPUT: usize = 64;
 
 /// A serialized output: inline while it fits, on the heap after.
-struct OutputBuf {
+pub(crate) struct OutputBuf {
     len: usize,
     inline: [u8; INLINE_OUTPUT],
     // empty until the output outgrows `inline`; then holds all of it
@@ -274,7 +275,7 @@ struct OutputBuf {
 }
 
 impl OutputBuf {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         OutputBuf {
             len: 0,
             inline: [0; INLINE_OUTPUT],
@@ -282,7 +283,7 @@ impl OutputBuf {
         }
     }
 
-    fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
         if self.heap.is_empty() {
             &self.inline[..self.len]
         } else {
@@ -325,7 +326,7 @@ impl std::io::Write for OutputBuf {
 }
 
 /// Whether a serialized output can be cached; warns when it cannot.
-fn cacheable(serialized: Result<usize, serde_json::Error>, cap: usize) -> bool {
+pub(crate) fn cacheable(serialized: Result<usize, serde_json::Error>, cap: usize) -> bool {
     match serialized {
         Ok(size) if size <= cap => true,
         Ok(size) => {
@@ -355,11 +356,11 @@ pub(crate) fn encode_output<T: Serialize>(value: &T, cap: usize) -> Option<Vec<u
     }
 }
 
-/// As [`encode_output`], into a buffer that stays on the stack for small outputs.
-fn encode_output_buf<T: Serialize>(value: &T, cap: usize) -> Option<OutputBuf> {
+/// The cached form of an output (see [`Output`]), in a buffer that stays on the stack
+/// for small outputs; `None` when it is not cached.
+fn encode_output_buf<T: Output>(value: &T, cap: usize) -> Option<OutputBuf> {
     let mut buf = OutputBuf::new();
-    let r = serde_json::to_writer(&mut buf, value).map(|()| buf.as_slice().len());
-    cacheable(r, cap).then_some(buf)
+    value.encode(&mut buf, cap).then_some(buf)
 }
 
 pub(crate) fn decode_output<T: DeserializeOwned>(output: Option<Vec<u8>>) -> Result<T, Error> {
@@ -587,7 +588,7 @@ pub(crate) fn run<'a, T, E, Fut>(
     body: Fut,
 ) -> impl Future<Output = Result<T, E>>
 where
-    T: Serialize + DeserializeOwned,
+    T: Output,
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
@@ -640,7 +641,7 @@ pub(crate) fn execute<'a, T, E, Fut>(
     body: Fut,
 ) -> impl Future<Output = Result<T, E>>
 where
-    T: Serialize + DeserializeOwned,
+    T: Output,
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
@@ -673,7 +674,7 @@ fn execute_in_span<'a, T, E, Fut>(
     body: Fut,
 ) -> impl Future<Output = Result<T, E>>
 where
-    T: Serialize + DeserializeOwned,
+    T: Output,
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
@@ -812,11 +813,8 @@ fn claim_request<'a>(
 }
 
 /// A duplicate of a completed key: the cached output.
-fn replay<T: DeserializeOwned, E: From<Error>>(
-    output: Option<Vec<u8>>,
-    scope: Scope<'_>,
-) -> Result<T, E> {
-    let r = decode_output(output);
+fn replay<T: Output, E: From<Error>>(output: Option<Vec<u8>>, scope: Scope<'_>) -> Result<T, E> {
+    let r = T::decode(output);
     let outcome = match r {
         Ok(_) => Outcome::Replayed,
         Err(_) => Outcome::NotReplayable,
@@ -838,7 +836,7 @@ enum Claimed<T> {
 
 /// The claim, from the store's first answer (`None`: the store must be awaited) on:
 /// awaiting the store, and waiting on another execution (`on_in_progress = "wait"`).
-async fn claim_slowly<T: DeserializeOwned>(
+async fn claim_slowly<T: Output>(
     settings: &Settings,
     store: StoreAt<'_>,
     scope: Scope<'_>,
