@@ -101,6 +101,7 @@ impl<B> Output for HttpOutput<B> {
 
     fn decode(cached: Option<Vec<u8>>) -> Result<Self, Error> {
         let bytes = read_raw(cached.as_deref())?;
+        let total = bytes.len();
         let mut r = Reader(bytes);
         if r.take(1)? != [FORMAT] {
             return Err(not_replayable("unknown cached response format"));
@@ -119,7 +120,17 @@ impl<B> Output for HttpOutput<B> {
                 .map_err(|_| not_replayable("bad header value in the cached response"))?;
             headers.append(name, value);
         }
-        let body = (flags & BODY_OMITTED == 0).then(|| Bytes::copy_from_slice(r.0));
+        // the body is the end of the cached bytes: kept in place, not copied
+        let body_len = r.0.len();
+        let body = match cached {
+            Some(v) if flags & BODY_OMITTED == 0 => {
+                let end = v.len();
+                let start = end - body_len;
+                debug_assert_eq!(end - total, 1);
+                Some(Bytes::from(v).slice(start..end))
+            }
+            _ => None,
+        };
         Ok(HttpOutput::Replayed {
             status,
             headers,
