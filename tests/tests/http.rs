@@ -868,3 +868,24 @@ async fn killed_server_on_sqlite() {
     let file = TempFile(std::env::temp_dir().join(format!("{}.db", unique_name("http_kill"))));
     killed_server_retry_runs_once_after_the_lease("sqlite", sqlite_url(&file.0)).await;
 }
+
+/// The layer costs the store what a message costs it: a first request one claim and
+/// one completion, a replay one claim, a released request one claim and one release,
+/// and no renewal for a request that finishes within a third of its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_steps_per_request() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let fx = Effects::new(Duration::ZERO);
+    let app = app(store.clone(), fx.clone(), |l| l);
+    let (who, key) = (unique("client"), unique("key"));
+    oneshot(&app, post_req("/orders", &who, Some(&key), "x")).await;
+    let c = store.calls();
+    assert_eq!((c.claim, c.complete, c.release, c.renew), (1, 1, 0, 0));
+    oneshot(&app, post_req("/orders", &who, Some(&key), "x")).await;
+    let c = store.calls();
+    assert_eq!((c.claim, c.complete, c.release, c.renew), (2, 1, 0, 0));
+    let flaky = unique("key");
+    oneshot(&app, post_req("/flaky", &who, Some(&flaky), "")).await;
+    let c = store.calls();
+    assert_eq!((c.claim, c.complete, c.release, c.renew), (3, 1, 1, 0));
+}

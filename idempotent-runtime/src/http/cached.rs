@@ -72,12 +72,12 @@ impl<B> Output for HttpOutput<B> {
             HttpOutput::Over { head, skip, .. } => (head, None, skip),
             HttpOutput::Replayed { .. } => return false,
         };
-        let stored: Vec<(&HeaderName, &HeaderValue)> = head
-            .headers
-            .iter()
-            .filter(|(n, _)| replayable_header(n, skip) && (body.is_some() || !is_body_header(n)))
-            .collect();
-        let Ok(count) = u16::try_from(stored.len()) else {
+        let stored = || {
+            head.headers.iter().filter(|(n, _)| {
+                replayable_header(n, skip) && (body.is_some() || !is_body_header(n))
+            })
+        };
+        let Ok(count) = u16::try_from(stored().count()) else {
             tracing::warn!("response has over 65535 headers; it is not cached");
             return false;
         };
@@ -85,7 +85,7 @@ impl<B> Output for HttpOutput<B> {
         let status = head.status.as_u16().to_be_bytes();
         let count = count.to_be_bytes();
         write_raw(buf, &[&[FORMAT], &status, &[flags], &count]);
-        for (name, value) in stored {
+        for (name, value) in stored() {
             let (n, v) = (name.as_str().as_bytes(), value.as_bytes());
             // names are short and values are bounded by the server's header limits
             let (Ok(nl), Ok(vl)) = (u16::try_from(n.len()), u32::try_from(v.len())) else {
@@ -100,10 +100,13 @@ impl<B> Output for HttpOutput<B> {
     }
 
     fn decode(cached: Option<Vec<u8>>) -> Result<Self, Error> {
-        let bytes = read_raw(cached.as_deref())?;
-        let total = bytes.len();
-        let mut r = Reader(bytes);
-        if r.take(1)? != [FORMAT] {
+        read_raw(cached.as_deref())?;
+        // one buffer for all: header values and the body are slices of it, not copies
+        let mut r = Reader {
+            all: Bytes::from(cached.unwrap_or_default()),
+            pos: 1, // after the raw-bytes tag
+        };
+        if r.take(1)?[..] != [FORMAT] {
             return Err(not_replayable("unknown cached response format"));
         }
         let status = StatusCode::from_u16(r.u16()?)
@@ -113,24 +116,14 @@ impl<B> Output for HttpOutput<B> {
         let mut headers = HeaderMap::with_capacity(usize::from(count));
         for _ in 0..count {
             let n = usize::from(r.u16()?);
-            let name = HeaderName::from_bytes(r.take(n)?)
+            let name = HeaderName::from_bytes(&r.take(n)?)
                 .map_err(|_| not_replayable("bad header name in the cached response"))?;
             let v = r.u32()? as usize;
-            let value = HeaderValue::from_bytes(r.take(v)?)
+            let value = HeaderValue::from_maybe_shared(r.take(v)?)
                 .map_err(|_| not_replayable("bad header value in the cached response"))?;
             headers.append(name, value);
         }
-        // the body is the end of the cached bytes: kept in place, not copied
-        let body_len = r.0.len();
-        let body = match cached {
-            Some(v) if flags & BODY_OMITTED == 0 => {
-                let end = v.len();
-                let start = end - body_len;
-                debug_assert_eq!(end - total, 1);
-                Some(Bytes::from(v).slice(start..end))
-            }
-            _ => None,
-        };
+        let body = (flags & BODY_OMITTED == 0).then(|| r.all.slice(r.pos..));
         Ok(HttpOutput::Replayed {
             status,
             headers,
@@ -154,16 +147,20 @@ fn write_raw_more(buf: &mut OutputBuf, parts: &[&[u8]]) {
     }
 }
 
-struct Reader<'a>(&'a [u8]);
+/// Reads a cached response from `pos` on.
+struct Reader {
+    all: Bytes,
+    pos: usize,
+}
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8], Error> {
-        if self.0.len() < n {
+impl Reader {
+    fn take(&mut self, n: usize) -> Result<Bytes, Error> {
+        if self.all.len() - self.pos < n {
             return Err(not_replayable("the cached response is truncated"));
         }
-        let (head, rest) = self.0.split_at(n);
-        self.0 = rest;
-        Ok(head)
+        let b = self.all.slice(self.pos..self.pos + n);
+        self.pos += n;
+        Ok(b)
     }
 
     fn u16(&mut self) -> Result<u16, Error> {
@@ -286,19 +283,22 @@ where
 }
 
 /// A body read under a cap.
-pub(crate) enum Read<B: Body> {
+pub(crate) enum Read<E> {
     /// The whole body (trailers are dropped).
     Whole(Bytes),
-    /// Over the cap: what was read, and the body to read the rest from.
-    Over(Bytes, Pin<Box<B>>),
+    /// Over the cap: what was read; the rest is still in the body.
+    Over(Bytes),
     /// The body failed.
-    Failed(B::Error),
+    Failed(E),
 }
 
 /// Reads `body` to its end, or until it is over `cap` bytes.
-pub(crate) async fn read_body<B: Body<Data = Bytes>>(mut body: Pin<Box<B>>, cap: usize) -> Read<B> {
+pub(crate) async fn read_body<B: Body<Data = Bytes>>(
+    mut body: Pin<&mut B>,
+    cap: usize,
+) -> Read<B::Error> {
     if body.size_hint().lower() > cap as u64 {
-        return Read::Over(Bytes::new(), body);
+        return Read::Over(Bytes::new());
     }
     let mut first: Option<Bytes> = None;
     let mut more: Option<BytesMut> = None;
@@ -326,11 +326,10 @@ pub(crate) async fn read_body<B: Body<Data = Bytes>>(mut body: Pin<Box<B>>, cap:
                     (_, Some(m)) => m.extend_from_slice(&data),
                 }
                 if len > cap {
-                    let read = match more {
+                    return Read::Over(match more {
                         Some(m) => m.freeze(),
                         None => first.unwrap_or_default(),
-                    };
-                    return Read::Over(read, body);
+                    });
                 }
             }
         }
@@ -339,4 +338,92 @@ pub(crate) async fn read_body<B: Body<Data = Bytes>>(mut body: Pin<Box<B>>, cap:
         Some(m) => m.freeze(),
         None => first.unwrap_or_default(),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+
+    fn head(status: u16, headers: &[(&'static str, &'static str)]) -> response::Parts {
+        let mut res = http::Response::new(());
+        *res.status_mut() = StatusCode::from_u16(status).unwrap();
+        for (n, v) in headers {
+            res.headers_mut().append(*n, HeaderValue::from_static(v));
+        }
+        res.into_parts().0
+    }
+
+    fn encoded(out: &HttpOutput<()>) -> Vec<u8> {
+        let mut buf = OutputBuf::new();
+        assert!(out.encode(&mut buf, 0));
+        buf.as_slice().to_vec()
+    }
+
+    #[test]
+    fn a_recorded_response_comes_back_whole_without_hop_by_hop_headers() {
+        let out = HttpOutput::<()>::Whole {
+            head: head(
+                201,
+                &[
+                    ("content-type", "application/json"),
+                    ("set-cookie", "a=1"),
+                    ("set-cookie", "b=2"),
+                    ("connection", "keep-alive"),
+                    ("x-skipped", "1"),
+                ],
+            ),
+            body: Bytes::from_static(b"{\"id\":17}"),
+            skip: Arc::new([HeaderName::from_static("x-skipped")]),
+        };
+        let HttpOutput::Replayed {
+            status,
+            headers,
+            body,
+        } = HttpOutput::<()>::decode(Some(encoded(&out))).unwrap()
+        else {
+            panic!("a replay");
+        };
+        assert_eq!(status, StatusCode::CREATED);
+        assert_eq!(headers.len(), 3);
+        assert_eq!(headers.get_all("set-cookie").iter().count(), 2);
+        assert!(!headers.contains_key("connection") && !headers.contains_key("x-skipped"));
+        assert_eq!(body.unwrap(), Bytes::from_static(b"{\"id\":17}"));
+    }
+
+    #[test]
+    fn an_over_cap_response_is_recorded_without_its_body() {
+        let out = HttpOutput::<()>::Over {
+            head: head(200, &[("content-length", "999999"), ("location", "/x/1")]),
+            prefix: Bytes::new(),
+            rest: Box::pin(()),
+            skip: Arc::new([]),
+        };
+        let HttpOutput::Replayed { headers, body, .. } =
+            HttpOutput::<()>::decode(Some(encoded(&out))).unwrap()
+        else {
+            panic!("a replay");
+        };
+        assert!(body.is_none());
+        assert!(!headers.contains_key("content-length"));
+        assert_eq!(headers["location"], "/x/1");
+    }
+
+    #[test]
+    fn damaged_records_are_errors_not_panics() {
+        let out = HttpOutput::<()>::Whole {
+            head: head(200, &[("x-a", "b")]),
+            body: Bytes::from_static(b"body"),
+            skip: Arc::new([]),
+        };
+        let good = encoded(&out);
+        for cut in 0..good.len() - 4 {
+            assert!(HttpOutput::<()>::decode(Some(good[..cut].to_vec())).is_err());
+        }
+        assert!(HttpOutput::<()>::decode(Some(b"{\"json\":1}".to_vec())).is_err());
+        assert!(HttpOutput::<()>::decode(None).is_err());
+        let mut bad_status = good.clone();
+        bad_status[2..4].copy_from_slice(&1000u16.to_be_bytes());
+        assert!(HttpOutput::<()>::decode(Some(bad_status)).is_err());
+    }
 }

@@ -79,6 +79,7 @@ impl<E, B> From<Error> for Failure<E, B> {
 
 type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
 type BoxAnswer<B, E> = Pin<Box<dyn Future<Output = Answer<B, E>> + Send>>;
+type BoxRun<B, E> = Pin<Box<dyn Future<Output = Result<HttpOutput<B>, Failure<E, B>>> + Send>>;
 
 impl<S, ReqB, ResB> tower::Service<Request<ReqB>> for Idempotent<S>
 where
@@ -151,7 +152,8 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    let body = match read_body(Box::pin(body), config.max_request_body).await {
+    let mut body = std::pin::pin!(body);
+    let body = match read_body(body.as_mut(), config.max_request_body).await {
         Read::Whole(b) => b,
         Read::Over(..) => {
             return Ok(Problem::new(
@@ -198,15 +200,25 @@ where
         config.max_cached_body,
         config.skip_headers.clone(),
     );
-    let run = async move {
+    // boxed: the protocol's future moves it, and it holds the request
+    let run: BoxRun<ResB, S::Error> = Box::pin(async move {
         let res = inner.call(req).await.map_err(Failure::Service)?;
         if release_on(res.status()) {
             return Err(Failure::Released(res));
         }
         let (head, body) = res.into_parts();
-        match read_body(Box::pin(body), cap).await {
+        if body.size_hint().upper().is_some_and(|n| n <= cap as u64) {
+            // it fits (as most do): read in place, no box for the rest
+            let mut body = std::pin::pin!(body);
+            return match read_body(body.as_mut(), usize::MAX).await {
+                Read::Whole(body) | Read::Over(body) => Ok(HttpOutput::Whole { head, body, skip }),
+                Read::Failed(e) => Err(Failure::Body(head, e.into())),
+            };
+        }
+        let mut rest = Box::pin(body);
+        match read_body(rest.as_mut(), cap).await {
             Read::Whole(body) => Ok(HttpOutput::Whole { head, body, skip }),
-            Read::Over(prefix, rest) => {
+            Read::Over(prefix) => {
                 tracing::warn!(
                     cap,
                     "response body is over the cache cap; replays get its status and headers without it"
@@ -220,7 +232,7 @@ where
             }
             Read::Failed(e) => Err(Failure::Body(head, e.into())),
         }
-    };
+    });
     let call = Call {
         scope: scope.into(),
         store: config.store.at(),
