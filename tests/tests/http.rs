@@ -889,3 +889,33 @@ async fn store_steps_per_request() {
     let c = store.calls();
     assert_eq!((c.claim, c.complete, c.release, c.renew), (3, 1, 1, 0));
 }
+
+/// The default scope is the method and axum's matched route: two paths of one route
+/// share the key space (so the same key on another path is a reused key, 422), and the
+/// record is found under `POST /customers/{id}/orders`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_scope_is_method_and_route() {
+    let store = Arc::new(MemoryStore::new());
+    let fx = Effects::new(Duration::ZERO);
+    let app = app(store.clone(), fx.clone(), |l| l);
+    let (who, key) = (unique("client"), unique("key"));
+    let first = oneshot(
+        &app,
+        post_req("/customers/c-1/orders", &who, Some(&key), ""),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::NOT_FOUND);
+    let other = oneshot(
+        &app,
+        post_req("/customers/c-2/orders", &who, Some(&key), ""),
+    )
+    .await;
+    other.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+    let record = idempotent_runtime::RecordKey::new(
+        "POST /customers/{id}/orders",
+        &(who.as_str(), key.as_str()),
+    )
+    .unwrap();
+    assert!(store.inspect(&record).await.unwrap().is_some());
+    assert_eq!(fx.runs(&key), 1);
+}
