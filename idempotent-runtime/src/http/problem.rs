@@ -35,14 +35,16 @@ impl Problem {
     /// The response: `{"type":"about:blank","title":…,"status":…,"detail":…,"code":…}`
     /// and, when set, `Retry-After` in whole seconds (rounded up, at least 1).
     pub(crate) fn into_response<B>(self) -> Response<ResponseBody<B>> {
-        let body = serde_json::json!({
-            "type": "about:blank",
-            "title": self.status.canonical_reason().unwrap_or("Error"),
-            "status": self.status.as_u16(),
-            "detail": self.detail,
-            "code": self.code,
-        });
-        let mut res = Response::new(ResponseBody::full(Bytes::from(body.to_string())));
+        // members in the order RFC 9457 lists them; strings escaped as JSON
+        let text = |s: &str| serde_json::Value::from(s).to_string();
+        let body = format!(
+            r#"{{"type":"about:blank","title":{},"status":{},"detail":{},"code":{}}}"#,
+            text(self.status.canonical_reason().unwrap_or("Error")),
+            self.status.as_u16(),
+            text(&self.detail),
+            text(self.code),
+        );
+        let mut res = Response::new(ResponseBody::full(Bytes::from(body)));
         *res.status_mut() = self.status;
         res.headers_mut().insert(
             CONTENT_TYPE,
