@@ -15,6 +15,7 @@ mod fingerprint;
 mod key;
 mod manual;
 mod memory;
+mod output;
 mod protocol;
 mod registry;
 mod scan;
@@ -34,6 +35,8 @@ pub mod amqp;
 
 #[cfg(feature = "redis-streams")]
 pub mod redis_streams;
+#[cfg(feature = "tower")]
+pub mod http;
 
 #[cfg(feature = "redis")]
 mod redis_store;

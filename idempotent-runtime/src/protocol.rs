@@ -11,6 +11,7 @@
 //!   └─FingerprintMismatch──▶ Err(FingerprintMismatch)
 //! ```
 
+use crate::output::Output;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Store, Token};
 use crate::{Error, KeyBuilder, NotReplayable, RecordKey, StoreError, registered_store};
 use futures_util::FutureExt;
@@ -293,7 +294,7 @@ fn warn_once(flag: &AtomicBool, msg: &str) {
 const INLINE_OUTPUT: usize = 64;
 
 /// A serialized output: inline while it fits, on the heap after.
-struct OutputBuf {
+pub(crate) struct OutputBuf {
     len: usize,
     inline: [u8; INLINE_OUTPUT],
     // empty until the output outgrows `inline`; then holds all of it
@@ -301,7 +302,7 @@ struct OutputBuf {
 }
 
 impl OutputBuf {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         OutputBuf {
             len: 0,
             inline: [0; INLINE_OUTPUT],
@@ -309,7 +310,7 @@ impl OutputBuf {
         }
     }
 
-    fn as_slice(&self) -> &[u8] {
+    pub(crate) fn as_slice(&self) -> &[u8] {
         if self.heap.is_empty() {
             &self.inline[..self.len]
         } else {
@@ -356,7 +357,7 @@ impl std::io::Write for OutputBuf {
 const NOT_CACHED: u8 = 0x01;
 
 /// Whether a serialized output fits the cache; warns when it does not.
-fn fits(size: usize, cap: usize) -> bool {
+pub(crate) fn fits(size: usize, cap: usize) -> bool {
     if size > cap {
         tracing::warn!(
             size,
@@ -370,7 +371,7 @@ fn fits(size: usize, cap: usize) -> bool {
 
 /// What is cached for an output that does not serialize: the marker and the reason,
 /// so that duplicates are told why they get no value.
-fn not_serializable(e: &serde_json::Error) -> Vec<u8> {
+pub(crate) fn not_serializable(e: &serde_json::Error) -> Vec<u8> {
     tracing::warn!(error = %e, "handler output does not serialize; it is not cached");
     let mut v = vec![NOT_CACHED];
     v.extend_from_slice(e.to_string().as_bytes());
@@ -387,17 +388,11 @@ pub(crate) fn encode_output<T: Serialize>(value: &T, cap: usize) -> Option<Vec<u
     }
 }
 
-/// As [`encode_output`], into a buffer that stays on the stack for small outputs.
-fn encode_output_buf<T: Serialize>(value: &T, cap: usize) -> Option<OutputBuf> {
+/// The cached form of an output (see [`Output`]), in a buffer that stays on the stack
+/// for small outputs; `None` when it is not cached.
+fn encode_output_buf<T: Output>(value: &T, cap: usize) -> Option<OutputBuf> {
     let mut buf = OutputBuf::new();
-    match serde_json::to_writer(&mut buf, value) {
-        Ok(()) => fits(buf.as_slice().len(), cap).then_some(buf),
-        Err(e) => {
-            let mut buf = OutputBuf::new();
-            let _ = std::io::Write::write_all(&mut buf, &not_serializable(&e));
-            Some(buf)
-        }
-    }
+    value.encode(&mut buf, cap).then_some(buf)
 }
 
 pub(crate) fn decode_output<T: DeserializeOwned>(output: Option<Vec<u8>>) -> Result<T, Error> {
@@ -639,7 +634,7 @@ pub(crate) fn run<'a, T, E, Fut>(
     body: Fut,
 ) -> impl Future<Output = Result<T, E>>
 where
-    T: Serialize + DeserializeOwned,
+    T: Output,
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
@@ -693,7 +688,7 @@ pub(crate) fn execute<'a, T, E, Fut>(
     body: Fut,
 ) -> impl Future<Output = Result<T, E>>
 where
-    T: Serialize + DeserializeOwned,
+    T: Output,
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
@@ -726,7 +721,7 @@ fn execute_in_span<'a, T, E, Fut>(
     body: Fut,
 ) -> impl Future<Output = Result<T, E>>
 where
-    T: Serialize + DeserializeOwned,
+    T: Output,
     E: From<Error>,
     Fut: Future<Output = Result<T, E>>,
 {
@@ -871,11 +866,8 @@ fn claim_request<'a>(
 }
 
 /// A duplicate of a completed key: the cached output.
-fn replay<T: DeserializeOwned, E: From<Error>>(
-    output: Option<Vec<u8>>,
-    scope: Scope<'_>,
-) -> Result<T, E> {
-    let r = decode_output(output);
+fn replay<T: Output, E: From<Error>>(output: Option<Vec<u8>>, scope: Scope<'_>) -> Result<T, E> {
+    let r = T::decode(output);
     let outcome = match r {
         Ok(_) => Outcome::Replayed,
         Err(_) => Outcome::NotReplayable,
@@ -897,7 +889,7 @@ enum Claimed<T> {
 
 /// The claim, from the store's first answer (`None`: the store must be awaited) on:
 /// awaiting the store, and waiting on another execution (`on_in_progress = "wait"`).
-async fn claim_slowly<T: DeserializeOwned>(
+async fn claim_slowly<T: Output>(
     settings: &Settings,
     store: StoreAt<'_>,
     scope: Scope<'_>,

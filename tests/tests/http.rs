@@ -1,0 +1,921 @@
+//! The `Idempotency-Key` layer (`idempotent_runtime::http`) under axum, in process
+//! (`tower::ServiceExt::oneshot`) and over real sockets (`axum::serve` on 127.0.0.1:0
+//! with hyper's client), on the memory, Redis, PostgreSQL and SQLite stores: replays,
+//! concurrent duplicates, changed bodies, missing and hostile keys, released 5xx,
+//! clients that disconnect mid-request, and a server process killed mid-request.
+//!
+//! Every case uses its own client identity (`x-client`) and keys, so runs sharing the
+//! servers never meet.
+#![cfg(all(
+    feature = "axum",
+    feature = "redis",
+    feature = "postgres",
+    feature = "sqlite"
+))]
+
+use axum::Router;
+use axum::body::Body;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{HeaderMap, HeaderValue, Request, StatusCode};
+use axum::response::IntoResponse;
+use axum::routing::post;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use idempotent_runtime::http::{IdempotencyKey, IdempotencyLayer};
+use idempotent_runtime::testing::FaultyStore;
+use idempotent_runtime::{
+    MemoryStore, OnInProgress, OnStoreError, PostgresStore, RedisStore, SqliteStore, Store,
+};
+use idempotent_tests::redis_support::redis_url;
+use idempotent_tests::sql_support::{env_url, unique_name};
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use tokio::io::AsyncWriteExt;
+use tower::ServiceExt;
+
+// ---------------------------------------------------------------- the application
+
+/// What the handlers did, per idempotency key.
+struct Effects {
+    runs: Mutex<HashMap<String, u32>>,
+    finished: Mutex<HashMap<String, u32>>,
+    /// how long `/slow` works
+    slow_for: Duration,
+    /// `/slow` prints `STARTED key` (the child server's signal to its parent)
+    announce: bool,
+}
+
+impl Effects {
+    fn new(slow_for: Duration) -> Arc<Effects> {
+        Arc::new(Effects {
+            runs: Mutex::default(),
+            finished: Mutex::default(),
+            slow_for,
+            announce: false,
+        })
+    }
+
+    fn run(&self, key: &str) -> u32 {
+        let mut runs = self.runs.lock().unwrap();
+        let n = runs.entry(key.to_owned()).or_default();
+        *n += 1;
+        *n
+    }
+
+    fn runs(&self, key: &str) -> u32 {
+        self.runs.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+
+    fn total_runs(&self) -> u32 {
+        self.runs.lock().unwrap().values().sum()
+    }
+
+    fn finished(&self, key: &str) -> u32 {
+        self.finished.lock().unwrap().get(key).copied().unwrap_or(0)
+    }
+}
+
+type Fx = State<Arc<Effects>>;
+
+async fn create_order(
+    State(fx): Fx,
+    IdempotencyKey(key): IdempotencyKey,
+    body: String,
+) -> impl IntoResponse {
+    let n = fx.run(&key);
+    (
+        StatusCode::CREATED,
+        [
+            ("content-type", "application/json".to_owned()),
+            ("x-order-run", n.to_string()),
+            ("set-cookie", format!("order={key}")),
+        ],
+        format!(r#"{{"key":{key:?},"run":{n},"echo":{body:?}}}"#),
+    )
+}
+
+async fn unknown_customer(State(fx): Fx, IdempotencyKey(key): IdempotencyKey) -> impl IntoResponse {
+    let n = fx.run(&key);
+    (
+        StatusCode::NOT_FOUND,
+        [("x-order-run", n.to_string())],
+        "no such customer",
+    )
+}
+
+async fn flaky(State(fx): Fx, IdempotencyKey(key): IdempotencyKey) -> impl IntoResponse {
+    match fx.run(&key) {
+        1 => (StatusCode::BAD_GATEWAY, "payment gateway down".to_owned()),
+        n => (StatusCode::CREATED, format!("charged on run {n}")),
+    }
+}
+
+async fn slow(State(fx): Fx, IdempotencyKey(key): IdempotencyKey) -> impl IntoResponse {
+    let n = fx.run(&key);
+    if fx.announce {
+        println!("STARTED {key}");
+    }
+    tokio::time::sleep(fx.slow_for).await;
+    *fx.finished.lock().unwrap().entry(key.clone()).or_default() += 1;
+    (
+        StatusCode::CREATED,
+        format!("slow work {key} done on run {n}"),
+    )
+}
+
+async fn big(State(fx): Fx, IdempotencyKey(key): IdempotencyKey) -> impl IntoResponse {
+    fx.run(&key);
+    (StatusCode::OK, [("x-big", "yes")], vec![b'x'; 100 * 1024])
+}
+
+fn client_identity(req: &axum::http::request::Parts) -> Option<String> {
+    req.headers
+        .get("x-client")?
+        .to_str()
+        .ok()
+        .map(str::to_owned)
+}
+
+/// The application: every POST needs a key; the client is `x-client`.
+fn app(
+    store: Arc<dyn Store>,
+    fx: Arc<Effects>,
+    configure: impl FnOnce(IdempotencyLayer) -> IdempotencyLayer,
+) -> Router {
+    let layer = configure(
+        IdempotencyLayer::with_shared_store(store)
+            .required()
+            .client_identity(client_identity),
+    );
+    Router::new()
+        .route("/orders", post(create_order).get(|| async { "orders" }))
+        .route("/customers/{id}/orders", post(unknown_customer))
+        .route("/flaky", post(flaky))
+        .route("/slow", post(slow))
+        .route("/big", post(big))
+        .layer(layer)
+        .with_state(fx)
+}
+
+// ---------------------------------------------------------------- stores
+
+/// A store under test, with the temporary file of SQLite.
+struct Backend {
+    store: Arc<dyn Store>,
+    _file: Option<TempFile>,
+}
+
+struct TempFile(PathBuf);
+
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        for suffix in ["", "-wal", "-shm"] {
+            let mut p = self.0.clone().into_os_string();
+            p.push(suffix);
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
+fn postgres_url() -> String {
+    env_url(
+        "IDEMPOTENT_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:5432/test",
+    )
+}
+
+fn sqlite_url(path: &std::path::Path) -> String {
+    format!("sqlite://{}?mode=rwc", path.display())
+}
+
+/// Opens a store of `kind` at `url`; panics, naming the server, when it cannot.
+async fn open_store(kind: &str, url: &str) -> Arc<dyn Store> {
+    let r: Result<Arc<dyn Store>, _> = match kind {
+        "redis" => RedisStore::connect(url).await.map(|s| Arc::new(s) as _),
+        "postgres" => PostgresStore::connect(url).await.map(|s| Arc::new(s) as _),
+        "sqlite" => SqliteStore::connect(url).await.map(|s| Arc::new(s) as _),
+        other => panic!("unknown store kind {other}"),
+    };
+    r.unwrap_or_else(|e| {
+        panic!(
+            "the HTTP tests need the {kind} store at {url} (IDEMPOTENT_REDIS_URL, \
+             IDEMPOTENT_POSTGRES_URL): {e} ({:?})",
+            std::error::Error::source(&e)
+        )
+    })
+}
+
+impl Backend {
+    async fn memory() -> Backend {
+        Backend {
+            store: Arc::new(MemoryStore::new()),
+            _file: None,
+        }
+    }
+
+    async fn redis() -> Backend {
+        Backend {
+            store: open_store("redis", &redis_url()).await,
+            _file: None,
+        }
+    }
+
+    async fn postgres() -> Backend {
+        Backend {
+            store: open_store("postgres", &postgres_url()).await,
+            _file: None,
+        }
+    }
+
+    async fn sqlite() -> Backend {
+        let file = TempFile(std::env::temp_dir().join(format!("{}.db", unique_name("http"))));
+        Backend {
+            store: open_store("sqlite", &sqlite_url(&file.0)).await,
+            _file: Some(file),
+        }
+    }
+}
+
+// ---------------------------------------------------------------- requests
+
+fn unique(tag: &str) -> String {
+    unique_name(tag)
+}
+
+/// `"key"` as a Structured Field String.
+fn sf(key: &str) -> HeaderValue {
+    HeaderValue::from_str(&format!("\"{key}\"")).unwrap()
+}
+
+fn post_req(path: &str, client: &str, key: Option<&str>, body: &str) -> Request<Body> {
+    let mut b = Request::post(path).header("x-client", client);
+    if let Some(k) = key {
+        b = b.header("idempotency-key", sf(k));
+    }
+    b.body(Body::from(body.to_owned())).unwrap()
+}
+
+struct Answer {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: Bytes,
+}
+
+impl Answer {
+    fn replayed(&self) -> bool {
+        self.headers.get("idempotent-replayed").is_some()
+    }
+
+    fn code(&self) -> String {
+        let body = String::from_utf8_lossy(&self.body);
+        let at = body
+            .find("\"code\":\"")
+            .unwrap_or_else(|| panic!("no problem code in {body}"));
+        body[at + 8..].split('"').next().unwrap().to_owned()
+    }
+
+    /// Headers without the replay marker and the date the server writes at send time.
+    fn headers_as_sent(&self) -> HeaderMap {
+        let mut h = self.headers.clone();
+        h.remove("idempotent-replayed");
+        h.remove("date");
+        h
+    }
+
+    fn assert_problem(&self, status: StatusCode, code: &str) {
+        assert_eq!(self.status, status, "{:?}", self.body);
+        assert_eq!(
+            self.headers.get("content-type").unwrap(),
+            "application/problem+json"
+        );
+        assert_eq!(self.code(), code);
+    }
+}
+
+async fn oneshot(app: &Router, req: Request<Body>) -> Answer {
+    let res = app.clone().oneshot(req).await.unwrap();
+    let (parts, body) = res.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    }
+}
+
+async fn serve(app: Router) -> SocketAddr {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    addr
+}
+
+type HttpClient = Client<HttpConnector, Full<Bytes>>;
+
+fn http_client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+/// A POST over the socket; `keys` are the raw values of the `Idempotency-Key` headers.
+async fn send(
+    client: &HttpClient,
+    addr: SocketAddr,
+    path: &str,
+    who: &str,
+    keys: &[&[u8]],
+    body: &str,
+) -> Result<Answer, hyper_util::client::legacy::Error> {
+    let mut b = Request::post(format!("http://{addr}{path}")).header("x-client", who);
+    for k in keys {
+        b = b.header("idempotency-key", HeaderValue::from_bytes(k).unwrap());
+    }
+    let res = client
+        .request(b.body(Full::new(Bytes::from(body.to_owned()))).unwrap())
+        .await?;
+    let (parts, body) = res.into_parts();
+    Ok(Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+    })
+}
+
+async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
+    let until = Instant::now() + within;
+    while !check() {
+        assert!(Instant::now() < until, "timed out waiting for {what}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+// ---------------------------------------------------------------- cases on every store
+
+/// A 201 and a 404 are recorded and replayed with the same status, headers and body,
+/// marked `Idempotent-Replayed`; the handler ran once each.
+async fn replays_2xx_and_4xx_identically(store: Arc<dyn Store>) {
+    let fx = Effects::new(Duration::ZERO);
+    let app = app(store, fx.clone(), |l| l);
+    let (who, key) = (unique("client"), unique("key"));
+
+    let first = oneshot(&app, post_req("/orders", &who, Some(&key), "pay 5")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(!first.replayed());
+    let again = oneshot(&app, post_req("/orders", &who, Some(&key), "pay 5")).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(again.headers.get("idempotent-replayed").unwrap(), "true");
+    assert_eq!(again.headers_as_sent(), first.headers_as_sent());
+    assert_eq!(again.body, first.body);
+    assert_eq!(fx.runs(&key), 1);
+
+    let key4 = unique("key");
+    let path = "/customers/c-9/orders";
+    let first = oneshot(&app, post_req(path, &who, Some(&key4), "")).await;
+    assert_eq!(first.status, StatusCode::NOT_FOUND);
+    let again = oneshot(&app, post_req(path, &who, Some(&key4), "")).await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+    assert!(again.replayed());
+    assert_eq!(again.headers_as_sent(), first.headers_as_sent());
+    assert_eq!(again.body, first.body);
+    assert_eq!(fx.runs(&key4), 1);
+
+    // over the socket too: a fresh 201, then its replay
+    let addr = serve(app).await;
+    let client = http_client();
+    let key = unique("key");
+    let k = format!("\"{key}\"");
+    let first = send(&client, addr, "/orders", &who, &[k.as_bytes()], "x")
+        .await
+        .unwrap();
+    let again = send(&client, addr, "/orders", &who, &[k.as_bytes()], "x")
+        .await
+        .unwrap();
+    assert_eq!(
+        (first.status, again.status),
+        (StatusCode::CREATED, StatusCode::CREATED)
+    );
+    assert!(!first.replayed() && again.replayed());
+    assert_eq!(again.headers_as_sent(), first.headers_as_sent());
+    assert_eq!(again.body, first.body);
+    assert_eq!(fx.runs(&key), 1);
+}
+
+/// The same key with another body is 422; another client's identical key is its own.
+async fn changed_body_is_422_and_clients_are_separate(store: Arc<dyn Store>) {
+    let fx = Effects::new(Duration::ZERO);
+    let app = app(store, fx.clone(), |l| l);
+    let (who, key) = (unique("client"), unique("key"));
+    let first = oneshot(&app, post_req("/orders", &who, Some(&key), "amount=5")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let changed = oneshot(&app, post_req("/orders", &who, Some(&key), "amount=500")).await;
+    changed.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+    assert_eq!(fx.runs(&key), 1);
+
+    // another client with the same key: its own record, its own execution
+    let other = unique("client");
+    let theirs = oneshot(&app, post_req("/orders", &other, Some(&key), "amount=500")).await;
+    assert_eq!(theirs.status, StatusCode::CREATED);
+    assert!(!theirs.replayed());
+    assert_eq!(fx.runs(&key), 2);
+}
+
+/// A POST without the key is 400 with a problem body that says what is missing; a GET
+/// passes through untouched.
+async fn missing_key_is_400_when_required(store: Arc<dyn Store>) {
+    let fx = Effects::new(Duration::ZERO);
+    let app = app(store, fx.clone(), |l| l);
+    let who = unique("client");
+    let res = oneshot(&app, post_req("/orders", &who, None, "x")).await;
+    res.assert_problem(StatusCode::BAD_REQUEST, "idempotency_key_missing");
+    assert!(String::from_utf8_lossy(&res.body).contains("requires an Idempotency-Key header"));
+    assert_eq!(fx.total_runs(), 0);
+
+    let get = Request::get("/orders").body(Body::empty()).unwrap();
+    let res = oneshot(&app, get).await;
+    assert_eq!(res.status, StatusCode::OK);
+    assert_eq!(&res.body[..], b"orders");
+}
+
+/// A 502 releases the key: the retry runs again and its 201 is then replayed.
+async fn server_error_releases_and_retry_runs(store: Arc<dyn Store>) {
+    let fx = Effects::new(Duration::ZERO);
+    let app = app(store, fx.clone(), |l| l);
+    let (who, key) = (unique("client"), unique("key"));
+    let first = oneshot(&app, post_req("/flaky", &who, Some(&key), "")).await;
+    assert_eq!(first.status, StatusCode::BAD_GATEWAY);
+    assert!(!first.replayed());
+    let retry = oneshot(&app, post_req("/flaky", &who, Some(&key), "")).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(!retry.replayed());
+    let again = oneshot(&app, post_req("/flaky", &who, Some(&key), "")).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert!(again.replayed());
+    assert_eq!(again.body, retry.body);
+    assert_eq!(fx.runs(&key), 2);
+}
+
+/// 20 concurrent requests with one key over real sockets: one runs, 19 get 409 with
+/// `Retry-After`; afterwards the key replays.
+async fn twenty_concurrent_requests_run_once(store: Arc<dyn Store>) {
+    let fx = Effects::new(Duration::from_millis(600));
+    let addr = serve(app(store, fx.clone(), |l| l)).await;
+    let client = http_client();
+    let (who, key) = (unique("client"), unique("key"));
+    let k = format!("\"{key}\"");
+    let answers = futures_util::future::join_all((0..20).map(|_| {
+        let (client, who, k) = (client.clone(), who.clone(), k.clone());
+        async move {
+            send(&client, addr, "/slow", &who, &[k.as_bytes()], "")
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    let created = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::CREATED)
+        .count();
+    let in_use: Vec<&Answer> = answers
+        .iter()
+        .filter(|a| a.status == StatusCode::CONFLICT)
+        .collect();
+    assert_eq!((created, in_use.len()), (1, 19));
+    for a in in_use {
+        a.assert_problem(StatusCode::CONFLICT, "idempotency_key_in_use");
+        let secs: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
+        assert!((1..=60).contains(&secs), "Retry-After {secs}");
+    }
+    assert_eq!(fx.runs(&key), 1);
+    let after = send(&client, addr, "/slow", &who, &[k.as_bytes()], "")
+        .await
+        .unwrap();
+    assert_eq!(after.status, StatusCode::CREATED);
+    assert!(after.replayed());
+    assert_eq!(fx.runs(&key), 1);
+}
+
+/// Keys of hostile shapes get 400 with a problem code naming what is wrong, over real
+/// sockets; the handler never runs.
+async fn hostile_keys_get_400(store: Arc<dyn Store>) {
+    let fx = Effects::new(Duration::ZERO);
+    let addr = serve(app(store, fx.clone(), |l| l)).await;
+    let client = http_client();
+    let who = unique("client");
+    let long = format!("\"{}\"", "k".repeat(10 * 1024));
+    let cases: [(&[&[u8]], &str); 7] = [
+        (&[b"\"\""], "idempotency_key_empty"),
+        (&[long.as_bytes()], "idempotency_key_too_long"),
+        (
+            &["\"caf\u{e9}-\u{1f600}\"".as_bytes()],
+            "idempotency_key_not_ascii",
+        ),
+        (&[b"\"a\"", b"\"a\""], "idempotency_key_repeated"),
+        (&[b"\"a\", \"b\""], "idempotency_key_repeated"),
+        (&[b"\"unterminated"], "idempotency_key_malformed"),
+        (&[b"\"a\\x\""], "idempotency_key_malformed"),
+    ];
+    for (keys, code) in cases {
+        let res = send(&client, addr, "/orders", &who, keys, "x")
+            .await
+            .unwrap();
+        res.assert_problem(StatusCode::BAD_REQUEST, code);
+    }
+    assert_eq!(fx.total_runs(), 0);
+}
+
+/// A client that goes away mid-request: the handler still finishes once and its response
+/// is recorded, so the retry gets the replay. Over a real socket (closed by the client)
+/// and in process (the response future dropped).
+async fn client_disconnect_still_completes_once(store: Arc<dyn Store>) {
+    let fx = Effects::new(Duration::from_millis(300));
+    let app = app(store, fx.clone(), |l| l);
+    let addr = serve(app.clone()).await;
+    let (who, key) = (unique("client"), unique("key"));
+
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let raw = format!(
+        "POST /slow HTTP/1.1\r\nhost: {addr}\r\nx-client: {who}\r\nidempotency-key: \"{key}\"\r\ncontent-length: 2\r\n\r\nhi"
+    );
+    socket.write_all(raw.as_bytes()).await.unwrap();
+    eventually("the handler to start", Duration::from_secs(5), || {
+        fx.runs(&key) == 1
+    })
+    .await;
+    drop(socket);
+    eventually("the handler to finish", Duration::from_secs(5), || {
+        fx.finished(&key) == 1
+    })
+    .await;
+    let client = http_client();
+    let k = format!("\"{key}\"");
+    // the completion follows the handler's return at once; a retry in between is 409
+    let mut retry = send(&client, addr, "/slow", &who, &[k.as_bytes()], "hi")
+        .await
+        .unwrap();
+    for _ in 0..100 {
+        if retry.status != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        retry = send(&client, addr, "/slow", &who, &[k.as_bytes()], "hi")
+            .await
+            .unwrap();
+    }
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed());
+    assert_eq!(fx.runs(&key), 1);
+
+    // in process: the response future is dropped after 50 ms
+    let key = unique("key");
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(50),
+        app.clone()
+            .oneshot(post_req("/slow", &who, Some(&key), "hi")),
+    )
+    .await;
+    assert!(dropped.is_err(), "the handler takes 300 ms");
+    eventually(
+        "the detached handler to finish",
+        Duration::from_secs(5),
+        || fx.finished(&key) == 1,
+    )
+    .await;
+    let mut retry = oneshot(&app, post_req("/slow", &who, Some(&key), "hi")).await;
+    for _ in 0..100 {
+        if retry.status != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        retry = oneshot(&app, post_req("/slow", &who, Some(&key), "hi")).await;
+    }
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed());
+    assert_eq!(fx.runs(&key), 1);
+}
+
+macro_rules! on_every_store {
+    ($($case:ident),* $(,)?) => {
+        on_every_store!(@store memory: $($case),*);
+        on_every_store!(@store redis: $($case),*);
+        on_every_store!(@store postgres: $($case),*);
+        on_every_store!(@store sqlite: $($case),*);
+    };
+    (@store $store:ident: $($case:ident),*) => {
+        mod $store {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn $case() {
+                    let backend = super::Backend::$store().await;
+                    super::$case(backend.store.clone()).await;
+                }
+            )*
+        }
+    };
+}
+
+on_every_store!(
+    replays_2xx_and_4xx_identically,
+    changed_body_is_422_and_clients_are_separate,
+    missing_key_is_400_when_required,
+    server_error_releases_and_retry_runs,
+    twenty_concurrent_requests_run_once,
+    hostile_keys_get_400,
+    client_disconnect_still_completes_once,
+);
+
+// ---------------------------------------------------------------- policies (memory store)
+
+/// With `on_in_progress = wait`, concurrent duplicates wait and get the first
+/// request's response, replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiting_duplicates_get_the_first_response() {
+    let fx = Effects::new(Duration::from_millis(200));
+    let app = app(Arc::new(MemoryStore::new()), fx.clone(), |l| {
+        l.on_in_progress(OnInProgress::Wait)
+    });
+    let (who, key) = (unique("client"), unique("key"));
+    let answers = futures_util::future::join_all(
+        (0..5).map(|_| oneshot(&app, post_req("/slow", &who, Some(&key), ""))),
+    )
+    .await;
+    assert!(answers.iter().all(|a| a.status == StatusCode::CREATED));
+    assert_eq!(answers.iter().filter(|a| a.replayed()).count(), 4);
+    assert!(answers.iter().all(|a| a.body == answers[0].body));
+    assert_eq!(fx.runs(&key), 1);
+}
+
+/// A store that is down: 503 with `Retry-After` and nothing runs (fail closed); with
+/// `on_store_error = process` the request runs without deduplication.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_down_is_503_or_passes_through() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    store.set_down(true);
+    let fx = Effects::new(Duration::ZERO);
+    let closed = app(store.clone(), fx.clone(), |l| l);
+    let (who, key) = (unique("client"), unique("key"));
+    let res = oneshot(&closed, post_req("/orders", &who, Some(&key), "")).await;
+    res.assert_problem(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "idempotency_store_unavailable",
+    );
+    assert_eq!(res.headers["retry-after"], "1");
+    assert_eq!(fx.runs(&key), 0);
+
+    let open = app(store, fx.clone(), |l| {
+        l.on_store_error(OnStoreError::Process)
+    });
+    for _ in 0..2 {
+        let res = oneshot(&open, post_req("/orders", &who, Some(&key), "")).await;
+        assert_eq!(res.status, StatusCode::CREATED);
+    }
+    assert_eq!(fx.runs(&key), 2, "no deduplication while the store is down");
+}
+
+/// A response body over the cache cap streams to the client whole; its replay has the
+/// status and headers, no body, and says so.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn body_over_the_cap_is_streamed_and_its_replay_says_omitted() {
+    let fx = Effects::new(Duration::ZERO);
+    let app = app(Arc::new(MemoryStore::new()), fx.clone(), |l| {
+        l.max_cached_body(16 * 1024)
+    });
+    let (who, key) = (unique("client"), unique("key"));
+    let first = oneshot(&app, post_req("/big", &who, Some(&key), "")).await;
+    assert_eq!(first.status, StatusCode::OK);
+    assert_eq!(first.body.len(), 100 * 1024);
+    let again = oneshot(&app, post_req("/big", &who, Some(&key), "")).await;
+    assert_eq!(again.status, StatusCode::OK);
+    assert!(again.replayed());
+    assert_eq!(again.headers["idempotent-body-omitted"], "true");
+    assert_eq!(again.headers["x-big"], "yes");
+    assert!(again.body.is_empty());
+    assert_eq!(fx.runs(&key), 1);
+}
+
+/// A request body over the layer's cap is refused with 413 before anything is claimed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_body_over_the_cap_is_413() {
+    let fx = Effects::new(Duration::ZERO);
+    let app = app(Arc::new(MemoryStore::new()), fx.clone(), |l| {
+        l.max_request_body(1024)
+    });
+    let (who, key) = (unique("client"), unique("key"));
+    let res = oneshot(
+        &app,
+        post_req("/orders", &who, Some(&key), &"x".repeat(2048)),
+    )
+    .await;
+    res.assert_problem(StatusCode::PAYLOAD_TOO_LARGE, "request_body_too_large");
+    let res = oneshot(&app, post_req("/orders", &who, Some(&key), "small")).await;
+    assert_eq!(res.status, StatusCode::CREATED);
+    assert_eq!(fx.runs(&key), 1);
+}
+
+// ---------------------------------------------------------------- a killed server
+
+const CHILD_KIND: &str = "IDEMPOTENT_HTTP_CHILD_STORE";
+const CHILD_URL: &str = "IDEMPOTENT_HTTP_CHILD_URL";
+const KILL_LEASE: Duration = Duration::from_millis(1500);
+
+/// The server the killed-server cases start as a child process (this test binary, run
+/// with `CHILD_KIND` set): it prints `PORT n`, then `STARTED key` when `/slow` starts,
+/// whose work takes a minute. Without `CHILD_KIND` it returns at once.
+#[test]
+fn child_server() {
+    let Ok(kind) = std::env::var(CHILD_KIND) else {
+        return;
+    };
+    let url = std::env::var(CHILD_URL).expect("the child server needs its store URL");
+    tokio::runtime::Runtime::new().unwrap().block_on(async {
+        let store = open_store(&kind, &url).await;
+        let fx = Arc::new(Effects {
+            runs: Mutex::default(),
+            finished: Mutex::default(),
+            slow_for: Duration::from_secs(60),
+            announce: true,
+        });
+        let app = app(store, fx, |l| l.lease(KILL_LEASE));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        println!("PORT {}", listener.local_addr().unwrap().port());
+        axum::serve(listener, app).await.unwrap();
+    });
+}
+
+/// Kills the child when dropped, so a failing case leaves no server behind.
+struct ChildGuard(Child);
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A server process killed with SIGKILL while it runs a request: the retry gets 409
+/// while the dead server's lease lasts, then runs once on another server on the same
+/// store; the next retry is a replay.
+async fn killed_server_retry_runs_once_after_the_lease(kind: &str, url: String) {
+    let exe = std::env::current_exe().unwrap();
+    let mut child = Command::new(exe)
+        .args(["child_server", "--exact", "--nocapture", "--test-threads=1"])
+        .env(CHILD_KIND, kind)
+        .env(CHILD_URL, &url)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start the child server");
+    let stdout = child.stdout.take().unwrap();
+    let mut child = ChildGuard(child);
+    let (lines_tx, mut lines) = tokio::sync::mpsc::unbounded_channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines() {
+            let Ok(line) = line else { break };
+            if lines_tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    let mut next_line = async |prefix: &str| loop {
+        let line = tokio::time::timeout(Duration::from_secs(30), lines.recv())
+            .await
+            .unwrap_or_else(|_| panic!("the child server printed no {prefix} line"))
+            .unwrap_or_else(|| panic!("the child server exited before {prefix}"));
+        // the test harness may print `test child_server ... ` before it on the line
+        if let Some(at) = line.find(prefix) {
+            return line[at + prefix.len()..].trim().to_owned();
+        }
+    };
+    let port: u16 = next_line("PORT ").await.parse().unwrap();
+    let child_addr = SocketAddr::from(([127, 0, 0, 1], port));
+
+    let client = http_client();
+    let (who, key) = (unique("client"), unique("key"));
+    let k = format!("\"{key}\"");
+    let in_flight = {
+        let (client, who, k) = (client.clone(), who.clone(), k.clone());
+        tokio::spawn(
+            async move { send(&client, child_addr, "/slow", &who, &[k.as_bytes()], "").await },
+        )
+    };
+    assert_eq!(next_line("STARTED ").await, key);
+    child.0.kill().unwrap();
+    child.0.wait().unwrap();
+    assert!(
+        in_flight.await.unwrap().is_err(),
+        "the killed server answered"
+    );
+
+    // another server on the same store takes the retries
+    let fx = Effects::new(Duration::from_millis(50));
+    let addr = serve(app(open_store(kind, &url).await, fx.clone(), |l| {
+        l.lease(KILL_LEASE)
+    }))
+    .await;
+    let first = send(&client, addr, "/slow", &who, &[k.as_bytes()], "")
+        .await
+        .unwrap();
+    first.assert_problem(StatusCode::CONFLICT, "idempotency_key_in_use");
+    let secs: u64 = first.headers["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(secs <= KILL_LEASE.as_secs() + 1, "Retry-After {secs}");
+    let until = Instant::now() + Duration::from_secs(15);
+    let done = loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let a = send(&client, addr, "/slow", &who, &[k.as_bytes()], "")
+            .await
+            .unwrap();
+        if a.status != StatusCode::CONFLICT {
+            break a;
+        }
+        assert!(
+            Instant::now() < until,
+            "the dead server's lease never expired"
+        );
+    };
+    assert_eq!(done.status, StatusCode::CREATED);
+    assert!(!done.replayed());
+    assert_eq!(fx.runs(&key), 1);
+    let again = send(&client, addr, "/slow", &who, &[k.as_bytes()], "")
+        .await
+        .unwrap();
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert!(again.replayed());
+    assert_eq!(again.body, done.body);
+    assert_eq!(fx.runs(&key), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_server_on_redis() {
+    killed_server_retry_runs_once_after_the_lease("redis", redis_url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_server_on_postgres() {
+    killed_server_retry_runs_once_after_the_lease("postgres", postgres_url()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_server_on_sqlite() {
+    let file = TempFile(std::env::temp_dir().join(format!("{}.db", unique_name("http_kill"))));
+    killed_server_retry_runs_once_after_the_lease("sqlite", sqlite_url(&file.0)).await;
+}
+
+/// The layer costs the store what a message costs it: a first request one claim and
+/// one completion, a replay one claim, a released request one claim and one release,
+/// and no renewal for a request that finishes within a third of its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn store_steps_per_request() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let fx = Effects::new(Duration::ZERO);
+    let app = app(store.clone(), fx.clone(), |l| l);
+    let (who, key) = (unique("client"), unique("key"));
+    oneshot(&app, post_req("/orders", &who, Some(&key), "x")).await;
+    let c = store.calls();
+    assert_eq!((c.claim, c.complete, c.release, c.renew), (1, 1, 0, 0));
+    oneshot(&app, post_req("/orders", &who, Some(&key), "x")).await;
+    let c = store.calls();
+    assert_eq!((c.claim, c.complete, c.release, c.renew), (2, 1, 0, 0));
+    let flaky = unique("key");
+    oneshot(&app, post_req("/flaky", &who, Some(&flaky), "")).await;
+    let c = store.calls();
+    assert_eq!((c.claim, c.complete, c.release, c.renew), (3, 1, 1, 0));
+}
+
+/// The default scope is the method and axum's matched route: two paths of one route
+/// share the key space (so the same key on another path is a reused key, 422), and the
+/// record is found under `POST /customers/{id}/orders`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn default_scope_is_method_and_route() {
+    let store = Arc::new(MemoryStore::new());
+    let fx = Effects::new(Duration::ZERO);
+    let app = app(store.clone(), fx.clone(), |l| l);
+    let (who, key) = (unique("client"), unique("key"));
+    let first = oneshot(
+        &app,
+        post_req("/customers/c-1/orders", &who, Some(&key), ""),
+    )
+    .await;
+    assert_eq!(first.status, StatusCode::NOT_FOUND);
+    let other = oneshot(
+        &app,
+        post_req("/customers/c-2/orders", &who, Some(&key), ""),
+    )
+    .await;
+    other.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
+    let record = idempotent_runtime::RecordKey::new(
+        "POST /customers/{id}/orders",
+        &(who.as_str(), key.as_str()),
+    )
+    .unwrap();
+    assert!(store.inspect(&record).await.unwrap().is_some());
+    assert_eq!(fx.runs(&key), 1);
+}
