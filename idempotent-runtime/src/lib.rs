@@ -33,10 +33,10 @@ pub mod kafka;
 #[cfg(feature = "amqp")]
 pub mod amqp;
 
-#[cfg(feature = "redis-streams")]
-pub mod redis_streams;
 #[cfg(feature = "tower")]
 pub mod http;
+#[cfg(feature = "redis-streams")]
+pub mod redis_streams;
 
 #[cfg(feature = "redis")]
 mod redis_store;

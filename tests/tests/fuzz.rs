@@ -616,7 +616,7 @@ fuzz_sql_rows!(
 /// store's own).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_corrupt_errors_name_the_scope() {
-    async fn case<S: Store>(store: S, table: String, corrupt: impl AsyncFnOnce(&RecordKey)) {
+    async fn case<S: Store>(store: S, corrupt: impl AsyncFnOnce(&RecordKey)) {
         let scope = idempotent_tests::conformance::unique_scope("named");
         let k = RecordKey::new(&scope, "m").unwrap();
         let r = ClaimRequest {
@@ -639,7 +639,7 @@ async fn sql_corrupt_errors_name_the_scope() {
     }
     let (store, pool, drop_pg) = postgres().await;
     let table = store.table();
-    case(store, table.clone(), async |k| {
+    case(store, async |k| {
         sqlx::query(AssertSqlSafe(format!(
             "UPDATE {table} SET status = 7 WHERE scope = $1"
         )))
@@ -655,7 +655,7 @@ async fn sql_corrupt_errors_name_the_scope() {
         .unwrap();
     let (store, pool, drop_my) = mysql().await;
     let table = store.table();
-    case(store, table.clone(), async |k| {
+    case(store, async |k| {
         sqlx::query(AssertSqlSafe(format!(
             "UPDATE {table} SET status = 7 WHERE scope = ?"
         )))
@@ -671,7 +671,7 @@ async fn sql_corrupt_errors_name_the_scope() {
         .unwrap();
     let (store, pool, _) = sqlite().await;
     let table = store.table();
-    case(store, table.clone(), async |k| {
+    case(store, async |k| {
         sqlx::query(AssertSqlSafe(format!(
             "UPDATE {table} SET status = 7 WHERE scope = ?"
         )))
