@@ -20,7 +20,7 @@
 //! # The status
 //!
 //! [`consume_status`] maps what an `#[idempotent]` handler returned, through its
-//! [`Disposition`](crate::Disposition), to `ConsumeConcurrentlyStatus`:
+//! [`Disposition`], to `ConsumeConcurrentlyStatus`:
 //!
 //! | handler returned | status | why |
 //! | --- | --- | --- |
