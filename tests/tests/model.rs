@@ -171,6 +171,13 @@ impl Model {
                 Answer::Acquired { attempt }
             }
             Op::Complete { key, claim, output } => {
+                // a completion repeated by the claim that completed the key (its first
+                // reply was lost) is held and changes nothing
+                if let (State::Completed { owner, .. }, Some(c)) = (&self.keys[*key], claim)
+                    && tokens[*owner] == tokens[*c]
+                {
+                    return Answer::Fence(Fence::Held);
+                }
                 if !self.owns(*key, *claim, tokens) {
                     return Answer::Fence(Fence::Lost);
                 }

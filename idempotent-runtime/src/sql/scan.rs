@@ -5,7 +5,7 @@
 //! The scope is read back as bytes and decoded leniently, whatever the column's type
 //! (text or binary).
 
-use super::common::{SqlDatabase, TableName, from_micros};
+use super::common::{SqlDatabase, TableName, from_micros, sane};
 use crate::scan::{
     AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage, ScopeStats, state_rank,
 };
@@ -26,6 +26,8 @@ pub(crate) trait Dialect: SqlDatabase {
     /// (`(a, b) > (x, y)`, which PostgreSQL and SQLite turn into one index range);
     /// otherwise as `a > x OR (a = x AND b > y)` (which MySQL ranges over).
     const ROW_VALUES: bool;
+    /// Whether the columns take values of any type (SQLite), for [`sane`].
+    const ANY_TYPE: bool = false;
     /// The `n`-th placeholder (from 1).
     fn param(n: usize) -> String;
     /// The scope column as bytes.
@@ -83,6 +85,7 @@ impl Dialect for sqlx::Sqlite {
     const QUOTE: char = '"';
     const GREATEST: &'static str = "max";
     const ROW_VALUES: bool = true;
+    const ANY_TYPE: bool = true;
     fn param(_: usize) -> String {
         "?".to_owned()
     }
@@ -276,7 +279,12 @@ where
         DB::byte_len("c.output"),
     ));
     s.push(&from::<DB>(&t));
-    s.push(" WHERE c.expires_at_us > n.now_us");
+    // rows holding values the store never writes (see `sane`) are left out: the
+    // arithmetic on them could overflow, and every step on them reports them as corrupt
+    s.push(&format!(
+        " WHERE {} AND c.expires_at_us > n.now_us",
+        sane("c.", DB::ANY_TYPE)
+    ));
     if let Some(c) = cursor {
         let (scope, id) = decode_cursor(c)?;
         if DB::ROW_VALUES {
@@ -385,7 +393,12 @@ where
          AND c.retry_times >= {at} THEN 1 ELSE 0 END)"
     )));
     s.push(&from::<DB>(&t));
-    s.push(" WHERE c.expires_at_us > n.now_us");
+    // rows holding values the store never writes (see `sane`) are left out: the
+    // arithmetic on them could overflow, and every step on them reports them as corrupt
+    s.push(&format!(
+        " WHERE {} AND c.expires_at_us > n.now_us",
+        sane("c.", DB::ANY_TYPE)
+    ));
     if let Some(scope) = scope {
         let bounded = RecordKey::from_encoded(scope, b"").scope().to_owned();
         s.push(" AND c.scope = ").bind(Param::Text(bounded));
