@@ -39,7 +39,9 @@ use idempotent_runtime::amqp::{
 use idempotent_runtime::{
     AsIdempotencyError, Disposition, Error, RetryPolicy, current_claim, idempotent, register_store,
 };
-use idempotent_tests::broker_support::run_id;
+use idempotent_tests::broker_support::{
+    Applied, HandleError, Ledger, Logged, Order, Tally, run_id,
+};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -88,42 +90,9 @@ async fn connect() -> Connection {
         })
 }
 
-struct Order {
-    id: String,
-    amount: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Applied {
-    by: String,
-}
-
-#[derive(Debug)]
-enum HandleError {
-    Idempotency(Error),
-    Gateway,
-    Rejected,
-}
-
-impl From<Error> for HandleError {
-    fn from(e: Error) -> Self {
-        HandleError::Idempotency(e)
-    }
-}
-
-impl AsIdempotencyError for HandleError {
-    fn idempotency_error(&self) -> Option<&Error> {
-        match self {
-            HandleError::Idempotency(e) => Some(e),
-            HandleError::Gateway | HandleError::Rejected => None,
-        }
-    }
-}
-
 #[derive(Default)]
 struct World {
-    effects: Mutex<HashMap<String, u32>>,
-    amounts: Mutex<HashMap<String, u64>>,
+    ledger: Ledger,
     nacked_after_work: HashSet<String>,
     flaky: HashSet<String>,
     slow: HashSet<String>,
@@ -157,18 +126,7 @@ async fn charge(
     if world.slow.contains(&order.id) {
         tokio::time::sleep(SLOW_WORK).await;
     }
-    *world
-        .effects
-        .lock()
-        .unwrap()
-        .entry(order.id.clone())
-        .or_default() += 1;
-    *world
-        .amounts
-        .lock()
-        .unwrap()
-        .entry(order.id.clone())
-        .or_default() += order.amount;
+    world.ledger.charge(&order.id, order.amount);
     Ok(Applied { by: tag.to_owned() })
 }
 
@@ -192,6 +150,16 @@ struct Delivery {
     /// `None`: the channel was closed before settling
     settled: Option<Settled>,
     nacked_after_work: bool,
+}
+
+impl Logged for Delivery {
+    type Outcome = Outcome;
+    fn order(&self) -> &str {
+        &self.order
+    }
+    fn outcome(&self) -> Outcome {
+        self.outcome
+    }
 }
 
 async fn handle(consumer: &'static str, d: AmqpDelivery, world: &World, settle: bool) {
@@ -435,7 +403,7 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let applied = world.effects.lock().unwrap().len();
+        let applied = world.ledger.applied();
         let dead = ready(&admin, &dead_queue).await as usize;
         let waiting = ready(&admin, &queue).await;
         let in_flight = world.in_flight.load(Ordering::SeqCst);
@@ -469,29 +437,13 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
     }
 
     let log = world.log.lock().unwrap().clone();
-    let effects = world.effects.lock().unwrap().clone();
-    idempotent_tests::assert_applied_once(&effects, (0..ORDERS).map(id));
-    let amounts = world.amounts.lock().unwrap().clone();
-    for i in 0..ORDERS {
-        assert_eq!(
-            amounts[&id(i)],
-            100 + i as u64,
-            "charged once, the right amount"
-        );
-    }
+    let effects = world
+        .ledger
+        .assert_charged_once((0..ORDERS).map(|i| (id(i), 100 + i as u64)));
 
-    let mut count: BTreeMap<Outcome, usize> = BTreeMap::new();
-    for d in &log {
-        *count.entry(d.outcome).or_default() += 1;
-    }
-    let n = |o: Outcome| count.get(&o).copied().unwrap_or(0);
-    let executed_by: HashMap<&str, &Delivery> = log
-        .iter()
-        .filter(|d| d.outcome == Outcome::Executed)
-        .map(|d| (d.order.as_str(), d))
-        .collect();
-    assert_eq!(n(Outcome::Executed), ORDERS, "one execution per order");
-    assert_eq!(executed_by.len(), ORDERS, "no order executed twice");
+    let tally = Tally::new(&log, Outcome::Executed, ORDERS);
+    let n = |o: Outcome| tally.n(o);
+    let executed_by = &tally.executed_by;
 
     // why each duplicate was skipped
     let mut redelivery_replays = 0; // the same copy again, redelivered

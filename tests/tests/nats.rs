@@ -29,6 +29,7 @@ use async_nats::jetstream::{
 };
 use futures_util::StreamExt;
 use idempotent_runtime::{Error, current_claim, idempotent, register_store};
+use idempotent_tests::broker_support::{Applied, HandleError, Ledger, Logged, Order, Tally};
 use idempotent_tests::nats_support::{connect, run_id};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -62,40 +63,10 @@ fn is_slow(i: usize) -> bool {
 }
 const POISON: usize = 2;
 
-/// A delivered order, read from the message: the business id from its `Order-Id`
-/// header, the amount from its payload.
-struct Order {
-    id: String,
-    amount: u64,
-}
-
-/// What the handler returns (and the store caches): which delivery did the work.
-#[derive(Debug, Serialize, Deserialize)]
-struct Applied {
-    by: String,
-}
-
-#[derive(Debug)]
-enum HandleError {
-    Idempotency(Error),
-    /// A dependency failed; a redelivery retries.
-    Gateway,
-    /// The order is invalid; retried until `max_attempts`, then dead-lettered.
-    Rejected,
-}
-
-impl From<Error> for HandleError {
-    fn from(e: Error) -> Self {
-        HandleError::Idempotency(e)
-    }
-}
-
 /// The business side: the effect table and the behaviour of each id.
 #[derive(Default)]
 struct World {
-    /// business id → times the effect was applied (must end at 1 for every order)
-    effects: Mutex<HashMap<String, u32>>,
-    amounts: Mutex<HashMap<String, u64>>,
+    ledger: Ledger,
     withheld: HashSet<String>,
     flaky: HashSet<String>,
     slow: HashSet<String>,
@@ -123,18 +94,7 @@ async fn charge(order: &Order, tag: &str, world: &World) -> Result<Applied, Hand
     if world.slow.contains(&order.id) {
         tokio::time::sleep(SLOW_WORK).await;
     }
-    *world
-        .effects
-        .lock()
-        .unwrap()
-        .entry(order.id.clone())
-        .or_default() += 1;
-    *world
-        .amounts
-        .lock()
-        .unwrap()
-        .entry(order.id.clone())
-        .or_default() += order.amount;
+    world.ledger.charge(&order.id, order.amount);
     Ok(Applied { by: tag.to_owned() })
 }
 
@@ -184,6 +144,16 @@ struct Delivery {
     outcome: Outcome,
     disposition: Disposition,
     ack_withheld: bool,
+}
+
+impl Logged for Delivery {
+    type Outcome = Outcome;
+    fn order(&self) -> &str {
+        &self.order
+    }
+    fn outcome(&self) -> Outcome {
+        self.outcome
+    }
 }
 
 async fn handle(
@@ -453,7 +423,7 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
         .await
         .expect("consumer");
     loop {
-        let applied = world.effects.lock().unwrap().len();
+        let applied = world.ledger.applied();
         let dead = dead_stream
             .info()
             .await
@@ -498,32 +468,15 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
     }
 
     let log = world.log.lock().unwrap().clone();
-    let effects = world.effects.lock().unwrap().clone();
-
     // every business effect exactly once, nothing lost, nothing for poison messages
-    idempotent_tests::assert_applied_once(&effects, (0..ORDERS).map(id));
-    let amounts = world.amounts.lock().unwrap().clone();
-    for i in 0..ORDERS {
-        assert_eq!(
-            amounts[&id(i)],
-            100 + i as u64,
-            "charged once, the right amount"
-        );
-    }
+    let effects = world
+        .ledger
+        .assert_charged_once((0..ORDERS).map(|i| (id(i), 100 + i as u64)));
 
     // outcomes per delivery
-    let mut count: BTreeMap<Outcome, usize> = BTreeMap::new();
-    for d in &log {
-        *count.entry(d.outcome).or_default() += 1;
-    }
-    let n = |o: Outcome| count.get(&o).copied().unwrap_or(0);
-    let executed_by: HashMap<&str, &Delivery> = log
-        .iter()
-        .filter(|d| d.outcome == Outcome::Executed)
-        .map(|d| (d.order.as_str(), d))
-        .collect();
-    assert_eq!(n(Outcome::Executed), ORDERS, "one execution per order");
-    assert_eq!(executed_by.len(), ORDERS, "no order executed twice");
+    let tally = Tally::new(&log, Outcome::Executed, ORDERS);
+    let n = |o: Outcome| tally.n(o);
+    let executed_by = &tally.executed_by;
 
     // why each duplicate was skipped
     let mut lost_ack_replays = 0; // the same stored message again, after its work completed

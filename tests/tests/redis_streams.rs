@@ -27,7 +27,9 @@ use idempotent_runtime::redis_streams::{Entry, Settled, StreamGroup, dedup_key};
 use idempotent_runtime::{
     AsIdempotencyError, Error, RetryPolicy, current_claim, idempotent, register_store,
 };
-use idempotent_tests::broker_support::run_id;
+use idempotent_tests::broker_support::{
+    Applied, HandleError, Ledger, Logged, Order, Tally, run_id,
+};
 use idempotent_tests::redis_support::{raw, redis_url};
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -57,44 +59,9 @@ fn is_slow(i: usize) -> bool {
     i % 25 == 7
 }
 
-struct Order {
-    id: String,
-    amount: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Applied {
-    by: String,
-}
-
-#[derive(Debug)]
-enum HandleError {
-    Idempotency(Error),
-    /// A dependency failed; a redelivery retries.
-    Gateway,
-    /// The order is invalid; retried until `max_attempts`, then dead-lettered.
-    Rejected,
-}
-
-impl From<Error> for HandleError {
-    fn from(e: Error) -> Self {
-        HandleError::Idempotency(e)
-    }
-}
-
-impl AsIdempotencyError for HandleError {
-    fn idempotency_error(&self) -> Option<&Error> {
-        match self {
-            HandleError::Idempotency(e) => Some(e),
-            HandleError::Gateway | HandleError::Rejected => None,
-        }
-    }
-}
-
 #[derive(Default)]
 struct World {
-    effects: Mutex<HashMap<String, u32>>,
-    amounts: Mutex<HashMap<String, u64>>,
+    ledger: Ledger,
     flaky: HashSet<String>,
     slow: HashSet<String>,
     poison: HashSet<String>,
@@ -120,18 +87,7 @@ async fn charge(order: &Order, tag: &str, world: &World) -> Result<Applied, Hand
     if world.slow.contains(&order.id) {
         tokio::time::sleep(SLOW_WORK).await;
     }
-    *world
-        .effects
-        .lock()
-        .unwrap()
-        .entry(order.id.clone())
-        .or_default() += 1;
-    *world
-        .amounts
-        .lock()
-        .unwrap()
-        .entry(order.id.clone())
-        .or_default() += order.amount;
+    world.ledger.charge(&order.id, order.amount);
     Ok(Applied { by: tag.to_owned() })
 }
 
@@ -153,6 +109,16 @@ struct Delivery {
     outcome: Outcome,
     /// `None`: the consumer died before settling.
     settled: Option<Settled>,
+}
+
+impl Logged for Delivery {
+    type Outcome = Outcome;
+    fn order(&self) -> &str {
+        &self.order
+    }
+    fn outcome(&self) -> Outcome {
+        self.outcome
+    }
 }
 
 /// Runs the handler on one entry, then settles it unless the consumer is about to die.
@@ -300,7 +266,7 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let applied = world.effects.lock().unwrap().len();
+        let applied = world.ledger.applied();
         let dead: usize = conn.xlen(&dead_stream).await.expect("XLEN dead");
         let groups: StreamInfoGroupsReply = conn.xinfo_groups(&stream).await.expect("XINFO");
         let info: StreamInfoStreamReply = conn.xinfo_stream(&stream).await.expect("XINFO");
@@ -338,29 +304,13 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
     }
 
     let log = world.log.lock().unwrap().clone();
-    let effects = world.effects.lock().unwrap().clone();
-    idempotent_tests::assert_applied_once(&effects, (0..ORDERS).map(id));
-    let amounts = world.amounts.lock().unwrap().clone();
-    for i in 0..ORDERS {
-        assert_eq!(
-            amounts[&id(i)],
-            100 + i as u64,
-            "charged once, the right amount"
-        );
-    }
+    let effects = world
+        .ledger
+        .assert_charged_once((0..ORDERS).map(|i| (id(i), 100 + i as u64)));
 
-    let mut count: BTreeMap<Outcome, usize> = BTreeMap::new();
-    for d in &log {
-        *count.entry(d.outcome).or_default() += 1;
-    }
-    let n = |o: Outcome| count.get(&o).copied().unwrap_or(0);
-    let executed_by: HashMap<&str, &Delivery> = log
-        .iter()
-        .filter(|d| d.outcome == Outcome::Executed)
-        .map(|d| (d.order.as_str(), d))
-        .collect();
-    assert_eq!(n(Outcome::Executed), ORDERS, "one execution per order");
-    assert_eq!(executed_by.len(), ORDERS, "no order executed twice");
+    let tally = Tally::new(&log, Outcome::Executed, ORDERS);
+    let n = |o: Outcome| tally.n(o);
+    let executed_by = &tally.executed_by;
 
     // why each duplicate was skipped
     let mut claimed_replays = 0; // the same entry again, claimed after its consumer died or lagged
