@@ -37,13 +37,12 @@ use idempotent_runtime::amqp::{
     self, Settled, dead_letter_arguments, dedup_key, delivery_count, header,
 };
 use idempotent_runtime::{
-    AsIdempotencyError, Disposition, Error, RetryPolicy, current_claim, idempotent, register_store,
+    Disposition, Error, RetryPolicy, current_claim, idempotent, register_store,
 };
 use idempotent_tests::broker_support::{
     Applied, HandleError, Ledger, Logged, Order, Tally, run_id,
 };
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

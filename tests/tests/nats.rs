@@ -31,8 +31,7 @@ use futures_util::StreamExt;
 use idempotent_runtime::{Error, current_claim, idempotent, register_store};
 use idempotent_tests::broker_support::{Applied, HandleError, Ledger, Logged, Order, Tally};
 use idempotent_tests::nats_support::{connect, run_id};
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 

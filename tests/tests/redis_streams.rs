@@ -24,15 +24,12 @@ use idempotent_runtime::redis::aio::ConnectionManager;
 use idempotent_runtime::redis::streams::{StreamInfoGroupsReply, StreamInfoStreamReply};
 use idempotent_runtime::redis::{self, AsyncCommands};
 use idempotent_runtime::redis_streams::{Entry, Settled, StreamGroup, dedup_key};
-use idempotent_runtime::{
-    AsIdempotencyError, Error, RetryPolicy, current_claim, idempotent, register_store,
-};
+use idempotent_runtime::{Error, RetryPolicy, current_claim, idempotent, register_store};
 use idempotent_tests::broker_support::{
     Applied, HandleError, Ledger, Logged, Order, Tally, run_id,
 };
 use idempotent_tests::redis_support::{raw, redis_url};
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
