@@ -8,10 +8,11 @@ pub fn run_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-use idempotent_runtime::{AsIdempotencyError, Error};
+use idempotent_runtime::{AsIdempotencyError, Error, current_claim};
 use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Mutex;
+use std::time::Duration;
 
 /// A delivered order, read from the message: its business id and the amount to charge.
 pub struct Order {
@@ -99,6 +100,43 @@ impl Ledger {
             assert_eq!(amounts[order], *amount, "charged once, the right amount");
         }
         effects
+    }
+}
+
+/// The business side of the NATS, RabbitMQ and Redis Streams tests: the ledger and the
+/// behaviour of each id.
+#[derive(Default)]
+pub struct Business {
+    pub ledger: Ledger,
+    /// fail their first attempt (a dependency is down)
+    pub flaky: HashSet<String>,
+    /// take `slow_for` (their duplicates arrive while they are worked on)
+    pub slow: HashSet<String>,
+    /// always rejected, until dead-lettered
+    pub poison: HashSet<String>,
+}
+
+impl Business {
+    /// The handler's body: rejects poison, fails a flaky order's first attempt, waits
+    /// `slow_for` on a slow one, then charges the order; `tag` names the delivery.
+    pub async fn charge(
+        &self,
+        order: &Order,
+        tag: &str,
+        slow_for: Duration,
+    ) -> Result<Applied, HandleError> {
+        let attempt = current_claim().map_or(1, |c| c.attempt);
+        if self.poison.contains(&order.id) {
+            return Err(HandleError::Rejected);
+        }
+        if self.flaky.contains(&order.id) && attempt == 1 {
+            return Err(HandleError::Gateway);
+        }
+        if self.slow.contains(&order.id) {
+            tokio::time::sleep(slow_for).await;
+        }
+        self.ledger.charge(&order.id, order.amount);
+        Ok(Applied { by: tag.to_owned() })
     }
 }
 

@@ -36,11 +36,9 @@ use idempotent_runtime::amqp::lapin::{
 use idempotent_runtime::amqp::{
     self, Settled, dead_letter_arguments, dedup_key, delivery_count, header,
 };
-use idempotent_runtime::{
-    Disposition, Error, RetryPolicy, current_claim, idempotent, register_store,
-};
+use idempotent_runtime::{Disposition, Error, RetryPolicy, idempotent, register_store};
 use idempotent_tests::broker_support::{
-    Applied, HandleError, Ledger, Logged, Order, Tally, run_id,
+    Applied, Business, HandleError, Logged, Order, Tally, run_id,
 };
 use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, Ordering};
@@ -91,11 +89,8 @@ async fn connect() -> Connection {
 
 #[derive(Default)]
 struct World {
-    ledger: Ledger,
+    business: Business,
     nacked_after_work: HashSet<String>,
-    flaky: HashSet<String>,
-    slow: HashSet<String>,
-    poison: HashSet<String>,
     log: Mutex<Vec<Delivery>>,
     unexpected: Mutex<Vec<String>>,
     /// deliveries received by a live consumer and not yet settled
@@ -115,18 +110,7 @@ async fn charge(
     tag: &str,
     world: &World,
 ) -> Result<Applied, HandleError> {
-    let attempt = current_claim().map_or(1, |c| c.attempt);
-    if world.poison.contains(&order.id) {
-        return Err(HandleError::Rejected);
-    }
-    if world.flaky.contains(&order.id) && attempt == 1 {
-        return Err(HandleError::Gateway);
-    }
-    if world.slow.contains(&order.id) {
-        tokio::time::sleep(SLOW_WORK).await;
-    }
-    world.ledger.charge(&order.id, order.amount);
-    Ok(Applied { by: tag.to_owned() })
+    world.business.charge(order, tag, SLOW_WORK).await
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -336,9 +320,12 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
             .filter(|&i| is_nacked_after_work(i))
             .map(id)
             .collect(),
-        flaky: (0..ORDERS).filter(|&i| is_flaky(i)).map(id).collect(),
-        slow: (0..ORDERS).filter(|&i| is_slow(i)).map(id).collect(),
-        poison: (0..POISON).map(poison_id).collect(),
+        business: Business {
+            flaky: (0..ORDERS).filter(|&i| is_flaky(i)).map(id).collect(),
+            slow: (0..ORDERS).filter(|&i| is_slow(i)).map(id).collect(),
+            poison: (0..POISON).map(poison_id).collect(),
+            ..Default::default()
+        },
         ..Default::default()
     });
 
@@ -402,7 +389,7 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let applied = world.ledger.applied();
+        let applied = world.business.ledger.applied();
         let dead = ready(&admin, &dead_queue).await as usize;
         let waiting = ready(&admin, &queue).await;
         let in_flight = world.in_flight.load(Ordering::SeqCst);
@@ -437,6 +424,7 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
 
     let log = world.log.lock().unwrap().clone();
     let effects = world
+        .business
         .ledger
         .assert_charged_once((0..ORDERS).map(|i| (id(i), 100 + i as u64)));
 
@@ -502,6 +490,7 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
         );
     }
     for s in world
+        .business
         .slow
         .iter()
         .filter(|s| executed_by[s.as_str()].consumer != "crasher")
@@ -514,7 +503,7 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
     for d in log.iter().filter(|d| d.outcome == Outcome::InProgress) {
         assert!(matches!(d.settled, None | Some(Settled::Requeued)));
     }
-    assert_eq!(n(Outcome::Failed), world.flaky.len() + 3 * POISON);
+    assert_eq!(n(Outcome::Failed), world.business.flaky.len() + 3 * POISON);
     assert_eq!(n(Outcome::Exhausted), POISON);
 
     // the dead-letter queue holds the poison messages, with their message_id
@@ -526,7 +515,7 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
     {
         dead_ids.insert(amqp::message_id(&m.delivery).unwrap_or_default().to_owned());
     }
-    assert_eq!(dead_ids, world.poison);
+    assert_eq!(dead_ids, world.business.poison);
 
     for name in ["consumer-a", "consumer-b"] {
         assert!(

@@ -28,8 +28,8 @@ use async_nats::jetstream::{
     stream,
 };
 use futures_util::StreamExt;
-use idempotent_runtime::{Error, current_claim, idempotent, register_store};
-use idempotent_tests::broker_support::{Applied, HandleError, Ledger, Logged, Order, Tally};
+use idempotent_runtime::{Error, idempotent, register_store};
+use idempotent_tests::broker_support::{Applied, Business, HandleError, Logged, Order, Tally};
 use idempotent_tests::nats_support::{connect, run_id};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -65,11 +65,8 @@ const POISON: usize = 2;
 /// The business side: the effect table and the behaviour of each id.
 #[derive(Default)]
 struct World {
-    ledger: Ledger,
+    business: Business,
     withheld: HashSet<String>,
-    flaky: HashSet<String>,
-    slow: HashSet<String>,
-    poison: HashSet<String>,
     log: Mutex<Vec<Delivery>>,
     /// outcomes the test does not expect, reported by the handling tasks
     unexpected: Mutex<Vec<String>>,
@@ -83,18 +80,7 @@ struct World {
     max_attempts = 3
 )]
 async fn charge(order: &Order, tag: &str, world: &World) -> Result<Applied, HandleError> {
-    let attempt = current_claim().map_or(1, |c| c.attempt);
-    if world.poison.contains(&order.id) {
-        return Err(HandleError::Rejected);
-    }
-    if world.flaky.contains(&order.id) && attempt == 1 {
-        return Err(HandleError::Gateway);
-    }
-    if world.slow.contains(&order.id) {
-        tokio::time::sleep(SLOW_WORK).await;
-    }
-    world.ledger.charge(&order.id, order.amount);
-    Ok(Applied { by: tag.to_owned() })
+    world.business.charge(order, tag, SLOW_WORK).await
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -341,9 +327,12 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
             .filter(|&i| is_withheld_ack(i))
             .map(id)
             .collect(),
-        flaky: (0..ORDERS).filter(|&i| is_flaky(i)).map(id).collect(),
-        slow: (0..ORDERS).filter(|&i| is_slow(i)).map(id).collect(),
-        poison: (0..POISON).map(poison_id).collect(),
+        business: Business {
+            flaky: (0..ORDERS).filter(|&i| is_flaky(i)).map(id).collect(),
+            slow: (0..ORDERS).filter(|&i| is_slow(i)).map(id).collect(),
+            poison: (0..POISON).map(poison_id).collect(),
+            ..Default::default()
+        },
         ..Default::default()
     });
 
@@ -422,7 +411,7 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
         .await
         .expect("consumer");
     loop {
-        let applied = world.ledger.applied();
+        let applied = world.business.ledger.applied();
         let dead = dead_stream
             .info()
             .await
@@ -469,6 +458,7 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
     let log = world.log.lock().unwrap().clone();
     // every business effect exactly once, nothing lost, nothing for poison messages
     let effects = world
+        .business
         .ledger
         .assert_charged_once((0..ORDERS).map(|i| (id(i), 100 + i as u64)));
 
@@ -524,7 +514,7 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
         );
         assert!(log.iter().any(|d| &d.order == w && d.ack_withheld));
     }
-    for s in &world.slow {
+    for s in &world.business.slow {
         assert!(
             redelivered_during_work.contains(s),
             "{s}: redelivered after ack_wait while the first delivery worked: in progress"
@@ -552,8 +542,8 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
     }
 
     // failures: the flaky first attempts, and three attempts of each poison message
-    assert_eq!(n(Outcome::Failed), world.flaky.len() + 3 * POISON);
-    for f in &world.flaky {
+    assert_eq!(n(Outcome::Failed), world.business.flaky.len() + 3 * POISON);
+    for f in &world.business.flaky {
         let attempts: Vec<Outcome> = log
             .iter()
             .filter(|d| &d.order == f && matches!(d.outcome, Outcome::Failed | Outcome::Executed))
@@ -570,7 +560,7 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
         POISON,
         "each poison message is dead-lettered once"
     );
-    for p in &world.poison {
+    for p in &world.business.poison {
         assert!(
             log.iter()
                 .any(|d| &d.order == p && d.disposition == Disposition::Term)
@@ -586,7 +576,7 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
                 .expect("dead letters keep the business id"),
         );
     }
-    assert_eq!(dead_ids, world.poison);
+    assert_eq!(dead_ids, world.business.poison);
 
     // both clients of the durable consumer did work
     for name in ["consumer-a", "consumer-b"] {

@@ -24,9 +24,9 @@ use idempotent_runtime::redis::aio::ConnectionManager;
 use idempotent_runtime::redis::streams::{StreamInfoGroupsReply, StreamInfoStreamReply};
 use idempotent_runtime::redis::{self, AsyncCommands};
 use idempotent_runtime::redis_streams::{Entry, Settled, StreamGroup, dedup_key};
-use idempotent_runtime::{Error, RetryPolicy, current_claim, idempotent, register_store};
+use idempotent_runtime::{Error, RetryPolicy, idempotent, register_store};
 use idempotent_tests::broker_support::{
-    Applied, HandleError, Ledger, Logged, Order, Tally, run_id,
+    Applied, Business, HandleError, Logged, Order, Tally, run_id,
 };
 use idempotent_tests::redis_support::{raw, redis_url};
 use std::collections::HashSet;
@@ -58,10 +58,7 @@ fn is_slow(i: usize) -> bool {
 
 #[derive(Default)]
 struct World {
-    ledger: Ledger,
-    flaky: HashSet<String>,
-    slow: HashSet<String>,
-    poison: HashSet<String>,
+    business: Business,
     log: Mutex<Vec<Delivery>>,
     unexpected: Mutex<Vec<String>>,
 }
@@ -74,18 +71,7 @@ struct World {
     max_attempts = 3
 )]
 async fn charge(order: &Order, tag: &str, world: &World) -> Result<Applied, HandleError> {
-    let attempt = current_claim().map_or(1, |c| c.attempt);
-    if world.poison.contains(&order.id) {
-        return Err(HandleError::Rejected);
-    }
-    if world.flaky.contains(&order.id) && attempt == 1 {
-        return Err(HandleError::Gateway);
-    }
-    if world.slow.contains(&order.id) {
-        tokio::time::sleep(SLOW_WORK).await;
-    }
-    world.ledger.charge(&order.id, order.amount);
-    Ok(Applied { by: tag.to_owned() })
+    world.business.charge(order, tag, SLOW_WORK).await
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -201,9 +187,12 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
     let id = |i: usize| format!("order-{run}-{i}");
     let poison_id = |k: usize| format!("poison-{run}-{k}");
     let world = Arc::new(World {
-        flaky: (0..ORDERS).filter(|&i| is_flaky(i)).map(id).collect(),
-        slow: (0..ORDERS).filter(|&i| is_slow(i)).map(id).collect(),
-        poison: (0..POISON).map(poison_id).collect(),
+        business: Business {
+            flaky: (0..ORDERS).filter(|&i| is_flaky(i)).map(id).collect(),
+            slow: (0..ORDERS).filter(|&i| is_slow(i)).map(id).collect(),
+            poison: (0..POISON).map(poison_id).collect(),
+            ..Default::default()
+        },
         ..Default::default()
     });
 
@@ -263,7 +252,7 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let applied = world.ledger.applied();
+        let applied = world.business.ledger.applied();
         let dead: usize = conn.xlen(&dead_stream).await.expect("XLEN dead");
         let groups: StreamInfoGroupsReply = conn.xinfo_groups(&stream).await.expect("XINFO");
         let info: StreamInfoStreamReply = conn.xinfo_stream(&stream).await.expect("XINFO");
@@ -302,6 +291,7 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
 
     let log = world.log.lock().unwrap().clone();
     let effects = world
+        .business
         .ledger
         .assert_charged_once((0..ORDERS).map(|i| (id(i), 100 + i as u64)));
 
@@ -380,6 +370,7 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
     // a slow order handled by a live consumer is claimed while it works (the dead
     // consumer's slow order finished before anyone could claim it)
     for s in world
+        .business
         .slow
         .iter()
         .filter(|s| executed_by[s.as_str()].consumer != "crasher")
@@ -393,7 +384,7 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
         assert!(matches!(d.settled, None | Some(Settled::Pending)));
     }
 
-    assert_eq!(n(Outcome::Failed), world.flaky.len() + 3 * POISON);
+    assert_eq!(n(Outcome::Failed), world.business.flaky.len() + 3 * POISON);
     assert_eq!(
         n(Outcome::Exhausted),
         POISON,
@@ -411,7 +402,7 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
                 .expect("dead letters keep the fields")
         })
         .collect();
-    assert_eq!(dead_ids, world.poison);
+    assert_eq!(dead_ids, world.business.poison);
     assert!(dead.iter().all(|e| e.contains_key("dead.reason")));
 
     for name in ["consumer-a", "consumer-b"] {
