@@ -19,14 +19,14 @@ impl Rng {
         println!("{test}: {seed_var}={seed}");
         Rng(seed | 1)
     }
-    pub fn next(&mut self) -> u64 {
+    pub fn next_u64(&mut self) -> u64 {
         self.0 ^= self.0 >> 12;
         self.0 ^= self.0 << 25;
         self.0 ^= self.0 >> 27;
         self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
     }
     pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
+        self.next_u64() % n.max(1)
     }
     pub fn chance(&mut self, one_in: u64) -> bool {
         self.below(one_in) == 0
@@ -40,7 +40,7 @@ impl Rng {
                 if self.chance(2) {
                     ALPHABET[self.below(ALPHABET.len() as u64) as usize]
                 } else {
-                    self.next() as u8
+                    self.next_u64() as u8
                 }
             })
             .collect()
@@ -54,7 +54,7 @@ impl Rng {
             3 => i64::MIN,
             4 => i64::from(i32::MAX),
             5 => self.below(10) as i64,
-            _ => self.next() as i64,
+            _ => self.next_u64() as i64,
         }
     }
 }

@@ -197,7 +197,7 @@ async fn arbitrary_cached_outputs_replay_exactly_or_not_at_all() {
         if rng.chance(8) {
             output = serde_json::to_vec(&Receipt {
                 order: key.clone(),
-                cents: rng.next(),
+                cents: rng.next_u64(),
             })
             .unwrap();
         }
@@ -301,7 +301,7 @@ async fn arbitrary_redis_values_are_corrupt_errors_or_records() {
                     2 => v.extend(rng.bytes(8)),
                     _ if !v.is_empty() => {
                         let at = rng.below(v.len() as u64) as usize;
-                        v[at] = rng.next() as u8;
+                        v[at] = rng.next_u64() as u8;
                     }
                     _ => {}
                 }
