@@ -14,15 +14,7 @@ async fn every_command_on_mysql() {
     let url = std::env::var("IDEMPOTENT_MYSQL_URL")
         .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
     let table = unique("cli_test_");
-    let target = Target {
-        global: vec![
-            "--store".into(),
-            url.clone(),
-            "--table".into(),
-            table.clone(),
-        ],
-        sql: true,
-    };
+    let target = Target::sql_table(&url, &table);
     let r = target.run(&["stats"]).expect(ERROR);
     assert!(r.stderr.contains("idempotent migrate"), "{}", r.stderr);
     let r = target.run(&["schema", "--print"]).expect(FOUND);

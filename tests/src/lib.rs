@@ -8,6 +8,7 @@ pub mod metrics_support;
 pub mod nats_support;
 pub mod proxy;
 pub mod redis_support;
+pub mod rng;
 pub mod rocketmq_support;
 pub mod sql_support;
 

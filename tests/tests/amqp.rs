@@ -36,12 +36,11 @@ use idempotent_runtime::amqp::lapin::{
 use idempotent_runtime::amqp::{
     self, Settled, dead_letter_arguments, dedup_key, delivery_count, header,
 };
-use idempotent_runtime::{
-    AsIdempotencyError, Disposition, Error, RetryPolicy, current_claim, idempotent, register_store,
+use idempotent_runtime::{Disposition, Error, RetryPolicy, idempotent, register_store};
+use idempotent_tests::broker_support::{
+    Applied, Business, HandleError, Logged, Order, Tally, run_id,
 };
-use idempotent_tests::broker_support::run_id;
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -88,46 +87,10 @@ async fn connect() -> Connection {
         })
 }
 
-struct Order {
-    id: String,
-    amount: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Applied {
-    by: String,
-}
-
-#[derive(Debug)]
-enum HandleError {
-    Idempotency(Error),
-    Gateway,
-    Rejected,
-}
-
-impl From<Error> for HandleError {
-    fn from(e: Error) -> Self {
-        HandleError::Idempotency(e)
-    }
-}
-
-impl AsIdempotencyError for HandleError {
-    fn idempotency_error(&self) -> Option<&Error> {
-        match self {
-            HandleError::Idempotency(e) => Some(e),
-            HandleError::Gateway | HandleError::Rejected => None,
-        }
-    }
-}
-
 #[derive(Default)]
 struct World {
-    effects: Mutex<HashMap<String, u32>>,
-    amounts: Mutex<HashMap<String, u64>>,
+    business: Business,
     nacked_after_work: HashSet<String>,
-    flaky: HashSet<String>,
-    slow: HashSet<String>,
-    poison: HashSet<String>,
     log: Mutex<Vec<Delivery>>,
     unexpected: Mutex<Vec<String>>,
     /// deliveries received by a live consumer and not yet settled
@@ -147,29 +110,7 @@ async fn charge(
     tag: &str,
     world: &World,
 ) -> Result<Applied, HandleError> {
-    let attempt = current_claim().map_or(1, |c| c.attempt);
-    if world.poison.contains(&order.id) {
-        return Err(HandleError::Rejected);
-    }
-    if world.flaky.contains(&order.id) && attempt == 1 {
-        return Err(HandleError::Gateway);
-    }
-    if world.slow.contains(&order.id) {
-        tokio::time::sleep(SLOW_WORK).await;
-    }
-    *world
-        .effects
-        .lock()
-        .unwrap()
-        .entry(order.id.clone())
-        .or_default() += 1;
-    *world
-        .amounts
-        .lock()
-        .unwrap()
-        .entry(order.id.clone())
-        .or_default() += order.amount;
-    Ok(Applied { by: tag.to_owned() })
+    world.business.charge(order, tag, SLOW_WORK).await
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -192,6 +133,16 @@ struct Delivery {
     /// `None`: the channel was closed before settling
     settled: Option<Settled>,
     nacked_after_work: bool,
+}
+
+impl Logged for Delivery {
+    type Outcome = Outcome;
+    fn order(&self) -> &str {
+        &self.order
+    }
+    fn outcome(&self) -> Outcome {
+        self.outcome
+    }
 }
 
 async fn handle(consumer: &'static str, d: AmqpDelivery, world: &World, settle: bool) {
@@ -369,9 +320,12 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
             .filter(|&i| is_nacked_after_work(i))
             .map(id)
             .collect(),
-        flaky: (0..ORDERS).filter(|&i| is_flaky(i)).map(id).collect(),
-        slow: (0..ORDERS).filter(|&i| is_slow(i)).map(id).collect(),
-        poison: (0..POISON).map(poison_id).collect(),
+        business: Business {
+            flaky: (0..ORDERS).filter(|&i| is_flaky(i)).map(id).collect(),
+            slow: (0..ORDERS).filter(|&i| is_slow(i)).map(id).collect(),
+            poison: (0..POISON).map(poison_id).collect(),
+            ..Default::default()
+        },
         ..Default::default()
     });
 
@@ -435,7 +389,7 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let applied = world.effects.lock().unwrap().len();
+        let applied = world.business.ledger.applied();
         let dead = ready(&admin, &dead_queue).await as usize;
         let waiting = ready(&admin, &queue).await;
         let in_flight = world.in_flight.load(Ordering::SeqCst);
@@ -469,29 +423,14 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
     }
 
     let log = world.log.lock().unwrap().clone();
-    let effects = world.effects.lock().unwrap().clone();
-    idempotent_tests::assert_applied_once(&effects, (0..ORDERS).map(id));
-    let amounts = world.amounts.lock().unwrap().clone();
-    for i in 0..ORDERS {
-        assert_eq!(
-            amounts[&id(i)],
-            100 + i as u64,
-            "charged once, the right amount"
-        );
-    }
+    let effects = world
+        .business
+        .ledger
+        .assert_charged_once((0..ORDERS).map(|i| (id(i), 100 + i as u64)));
 
-    let mut count: BTreeMap<Outcome, usize> = BTreeMap::new();
-    for d in &log {
-        *count.entry(d.outcome).or_default() += 1;
-    }
-    let n = |o: Outcome| count.get(&o).copied().unwrap_or(0);
-    let executed_by: HashMap<&str, &Delivery> = log
-        .iter()
-        .filter(|d| d.outcome == Outcome::Executed)
-        .map(|d| (d.order.as_str(), d))
-        .collect();
-    assert_eq!(n(Outcome::Executed), ORDERS, "one execution per order");
-    assert_eq!(executed_by.len(), ORDERS, "no order executed twice");
+    let tally = Tally::new(&log, Outcome::Executed, ORDERS);
+    let n = |o: Outcome| tally.n(o);
+    let executed_by = &tally.executed_by;
 
     // why each duplicate was skipped
     let mut redelivery_replays = 0; // the same copy again, redelivered
@@ -551,6 +490,7 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
         );
     }
     for s in world
+        .business
         .slow
         .iter()
         .filter(|s| executed_by[s.as_str()].consumer != "crasher")
@@ -563,7 +503,7 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
     for d in log.iter().filter(|d| d.outcome == Outcome::InProgress) {
         assert!(matches!(d.settled, None | Some(Settled::Requeued)));
     }
-    assert_eq!(n(Outcome::Failed), world.flaky.len() + 3 * POISON);
+    assert_eq!(n(Outcome::Failed), world.business.flaky.len() + 3 * POISON);
     assert_eq!(n(Outcome::Exhausted), POISON);
 
     // the dead-letter queue holds the poison messages, with their message_id
@@ -575,7 +515,7 @@ async fn every_effect_once_across_resends_closed_channels_requeues_and_two_consu
     {
         dead_ids.insert(amqp::message_id(&m.delivery).unwrap_or_default().to_owned());
     }
-    assert_eq!(dead_ids, world.poison);
+    assert_eq!(dead_ids, world.business.poison);
 
     for name in ["consumer-a", "consumer-b"] {
         assert!(

@@ -22,6 +22,7 @@ use idempotent_runtime::{
     ClaimOutcome, ClaimRequest, Completion, Error, Idempotency, MemoryStore, MySqlStore,
     NotReplayable, PostgresStore, RecordKey, Release, SqliteStore, Store, StoreErrorKind, Token,
 };
+use idempotent_tests::rng::{Rng, scaled};
 use idempotent_tests::sql_support::{env_url, unique_name};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -31,68 +32,8 @@ use std::time::Duration;
 
 const TTL: Duration = Duration::from_secs(300);
 
-/// xorshift64*, seeded per test.
-struct Rng(u64);
-
-impl Rng {
-    fn seeded(test: &str) -> Rng {
-        let seed = std::env::var("IDEMPOTENT_FUZZ_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                let mut b = [0u8; 8];
-                getrandom::fill(&mut b).expect("random bytes");
-                u64::from_le_bytes(b)
-            });
-        println!("{test}: IDEMPOTENT_FUZZ_SEED={seed}");
-        Rng(seed | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-    fn chance(&mut self, one_in: u64) -> bool {
-        self.below(one_in) == 0
-    }
-    /// Bytes biased towards what decoders trip on: short, JSON-ish, record-like.
-    fn bytes(&mut self, max: usize) -> Vec<u8> {
-        let len = self.below(max as u64 + 1) as usize;
-        const ALPHABET: &[u8] = b"{}[]\":,0123456789-.eE \\nulltruefalse\xE1\x00\xff";
-        (0..len)
-            .map(|_| {
-                if self.chance(2) {
-                    ALPHABET[self.below(ALPHABET.len() as u64) as usize]
-                } else {
-                    self.next() as u8
-                }
-            })
-            .collect()
-    }
-    /// An integer biased towards edges.
-    fn int(&mut self) -> i64 {
-        match self.below(8) {
-            0 => 0,
-            1 => -1,
-            2 => i64::MAX,
-            3 => i64::MIN,
-            4 => i64::from(i32::MAX),
-            5 => self.below(10) as i64,
-            _ => self.next() as i64,
-        }
-    }
-}
-
 fn budget(n: usize) -> usize {
-    let scale: usize = std::env::var("IDEMPOTENT_FUZZ_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    n * scale.max(1)
+    scaled(n, "IDEMPOTENT_FUZZ_CASES")
 }
 
 #[derive(Debug, PartialEq, Serialize, Deserialize)]
@@ -105,7 +46,7 @@ struct Receipt {
 /// composite keys split at different places) never share an encoding.
 #[test]
 fn key_encoding_is_total_bounded_and_unambiguous() {
-    let mut rng = Rng::seeded("key_encoding");
+    let mut rng = Rng::seeded("key_encoding", "IDEMPOTENT_FUZZ_SEED");
     let n = budget(20_000);
     let mut seen: HashMap<Vec<u8>, Vec<u8>> = HashMap::new();
     for _ in 0..n {
@@ -244,7 +185,7 @@ async fn every_step(store: &dyn Store, k: &RecordKey, rng: &mut Rng) -> usize {
 /// value they decode to, or `OutputNotReplayable`; the body never runs.
 #[tokio::test]
 async fn arbitrary_cached_outputs_replay_exactly_or_not_at_all() {
-    let mut rng = Rng::seeded("cached_outputs");
+    let mut rng = Rng::seeded("cached_outputs", "IDEMPOTENT_FUZZ_SEED");
     let store = Arc::new(MemoryStore::new());
     let h = Idempotency::new("fuzz-output").shared_store(store.clone());
     let n = budget(5_000);
@@ -256,7 +197,7 @@ async fn arbitrary_cached_outputs_replay_exactly_or_not_at_all() {
         if rng.chance(8) {
             output = serde_json::to_vec(&Receipt {
                 order: key.clone(),
-                cents: rng.next(),
+                cents: rng.next_u64(),
             })
             .unwrap();
         }
@@ -299,7 +240,7 @@ async fn arbitrary_cached_outputs_replay_exactly_or_not_at_all() {
 /// Redis record key.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn arbitrary_redis_values_are_corrupt_errors_or_records() {
-    let mut rng = Rng::seeded("redis_records");
+    let mut rng = Rng::seeded("redis_records", "IDEMPOTENT_FUZZ_SEED");
     let store = Arc::new(idempotent_tests::redis_support::connect().await);
     let mut conn =
         idempotent_tests::redis_support::raw(&idempotent_tests::redis_support::redis_url()).await;
@@ -360,7 +301,7 @@ async fn arbitrary_redis_values_are_corrupt_errors_or_records() {
                     2 => v.extend(rng.bytes(8)),
                     _ if !v.is_empty() => {
                         let at = rng.below(v.len() as u64) as usize;
-                        v[at] = rng.next() as u8;
+                        v[at] = rng.next_u64() as u8;
                     }
                     _ => {}
                 }
@@ -471,7 +412,7 @@ macro_rules! fuzz_sql_rows {
     ($name:ident, $label:literal, $store:ty, $pool:ty, $connect:expr, $placeholder:expr, $narrow:expr) => {
         #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
         async fn $name() {
-            let mut rng = Rng::seeded($label);
+            let mut rng = Rng::seeded($label, "IDEMPOTENT_FUZZ_SEED");
             let (store, pool, drop_table): ($store, $pool, String) = $connect.await;
             let store = Arc::new(store);
             let table = store.table();

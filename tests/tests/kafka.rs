@@ -33,9 +33,8 @@ use idempotent_runtime::kafka::rdkafka::types::{RDKafkaApiKey, RDKafkaRespErr};
 use idempotent_runtime::kafka::rdkafka::{Message, Offset, TopicPartitionList};
 use idempotent_runtime::kafka::{self, DeadLetter, SettleError};
 use idempotent_runtime::register_store;
-use idempotent_runtime::{AsIdempotencyError, Disposition, Error, Idempotency, RetryPolicy};
-use idempotent_tests::broker_support::run_id;
-use serde::{Deserialize, Serialize};
+use idempotent_runtime::{Disposition, Error, Idempotency, RetryPolicy};
+use idempotent_tests::broker_support::{Applied, HandleError, Ledger, Logged, Tally, run_id};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -59,33 +58,6 @@ fn is_resend(i: usize) -> bool {
 }
 fn is_flaky(i: usize) -> bool {
     i >= FIRST_WAVE && i % 10 == 8
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Applied {
-    by: String,
-}
-
-#[derive(Debug)]
-enum HandleError {
-    Idempotency(Error),
-    Gateway,
-    Rejected,
-}
-
-impl From<Error> for HandleError {
-    fn from(e: Error) -> Self {
-        HandleError::Idempotency(e)
-    }
-}
-
-impl AsIdempotencyError for HandleError {
-    fn idempotency_error(&self) -> Option<&Error> {
-        match self {
-            HandleError::Idempotency(e) => Some(e),
-            HandleError::Gateway | HandleError::Rejected => None,
-        }
-    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -119,10 +91,19 @@ struct Delivery {
     fate: Fate,
 }
 
+impl Logged for Delivery {
+    type Outcome = Outcome;
+    fn order(&self) -> &str {
+        &self.order
+    }
+    fn outcome(&self) -> Outcome {
+        self.outcome
+    }
+}
+
 #[derive(Default)]
 struct World {
-    effects: Mutex<HashMap<String, u32>>,
-    amounts: Mutex<HashMap<String, u64>>,
+    ledger: Ledger,
     flaky: HashSet<String>,
     failed_once: Mutex<HashSet<String>>,
     poison: HashSet<String>,
@@ -155,13 +136,7 @@ async fn charge(
         .payload()
         .and_then(|p| std::str::from_utf8(p).ok()?.parse().ok())
         .expect("the payload is an amount");
-    *world
-        .effects
-        .lock()
-        .unwrap()
-        .entry(order.clone())
-        .or_default() += 1;
-    *world.amounts.lock().unwrap().entry(order).or_default() += amount;
+    world.ledger.charge(&order, amount);
     Ok(Applied { by: tag })
 }
 
@@ -443,8 +418,7 @@ async fn every_effect_once_across_resends_a_dead_consumer_failed_commits_and_a_r
         }
     };
     wait_until("a applied the first wave", &|w| {
-        w.effects.lock().unwrap().len() == FIRST_WAVE
-            && w.commit_failures.load(Ordering::SeqCst) > 0
+        w.ledger.applied() == FIRST_WAVE && w.commit_failures.load(Ordering::SeqCst) > 0
     })
     .await;
     let b = start("consumer-b");
@@ -474,7 +448,7 @@ async fn every_effect_once_across_resends_a_dead_consumer_failed_commits_and_a_r
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let applied = world.effects.lock().unwrap().len();
+        let applied = world.ledger.applied();
         let offs = {
             let (b, g, t) = (bootstrap.clone(), group.clone(), topic.clone());
             tokio::task::spawn_blocking(move || offsets(&b, &g, &t))
@@ -507,7 +481,7 @@ async fn every_effect_once_across_resends_a_dead_consumer_failed_commits_and_a_r
             "unexpected outcomes: {unexpected:#?}"
         );
         if Instant::now() >= deadline {
-            let effects = world.effects.lock().unwrap().clone();
+            let effects = world.ledger.effects();
             let missing: Vec<String> = (0..ORDERS)
                 .map(id)
                 .filter(|o| !effects.contains_key(o))
@@ -532,29 +506,13 @@ async fn every_effect_once_across_resends_a_dead_consumer_failed_commits_and_a_r
     b.abort();
 
     let log = world.log.lock().unwrap().clone();
-    let effects = world.effects.lock().unwrap().clone();
-    idempotent_tests::assert_applied_once(&effects, (0..ORDERS).map(id));
-    let amounts = world.amounts.lock().unwrap().clone();
-    for i in 0..ORDERS {
-        assert_eq!(
-            amounts[&id(i)],
-            100 + i as u64,
-            "charged once, the right amount"
-        );
-    }
+    let effects = world
+        .ledger
+        .assert_charged_once((0..ORDERS).map(|i| (id(i), 100 + i as u64)));
 
-    let mut count: BTreeMap<Outcome, usize> = BTreeMap::new();
-    for d in &log {
-        *count.entry(d.outcome).or_default() += 1;
-    }
-    let n = |o: Outcome| count.get(&o).copied().unwrap_or(0);
-    let executed_by: HashMap<&str, &Delivery> = log
-        .iter()
-        .filter(|d| d.outcome == Outcome::Executed)
-        .map(|d| (d.order.as_str(), d))
-        .collect();
-    assert_eq!(n(Outcome::Executed), ORDERS, "one execution per order");
-    assert_eq!(executed_by.len(), ORDERS, "no order executed twice");
+    let tally = Tally::new(&log, Outcome::Executed, ORDERS);
+    let n = |o: Outcome| tally.n(o);
+    let executed_by = &tally.executed_by;
 
     // why each duplicate was skipped: a replay of the record that executed, by what
     // became of that record's offset; or another record with the same order (a resend)

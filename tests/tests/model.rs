@@ -18,44 +18,15 @@ use idempotent_runtime::{
     PostgresStore, Record, RecordKey, RecordState, Release, SqliteStore, Store, Token,
 };
 use idempotent_tests::conformance::unique_scope;
+use idempotent_tests::rng::{Rng, scaled};
 use idempotent_tests::sql_support::{env_url, unique_name};
 use std::time::Duration;
 
 const TTL: Duration = Duration::from_secs(600);
 const KEYS: usize = 2;
 
-struct Rng(u64);
-
-impl Rng {
-    fn seeded(test: &str) -> Rng {
-        let seed = std::env::var("IDEMPOTENT_MODEL_SEED")
-            .ok()
-            .and_then(|s| s.parse().ok())
-            .unwrap_or_else(|| {
-                let mut b = [0u8; 8];
-                getrandom::fill(&mut b).expect("random bytes");
-                u64::from_le_bytes(b)
-            });
-        println!("{test}: IDEMPOTENT_MODEL_SEED={seed}");
-        Rng(seed | 1)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n.max(1)
-    }
-}
-
 fn cases(n: usize) -> usize {
-    let scale: usize = std::env::var("IDEMPOTENT_MODEL_CASES")
-        .ok()
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(1);
-    n * scale.max(1)
+    scaled(n, "IDEMPOTENT_MODEL_CASES")
 }
 
 /// One key in the model.
@@ -309,7 +280,7 @@ async fn run(
     sequences: usize,
     len: usize,
 ) {
-    let mut rng = Rng::seeded(name);
+    let mut rng = Rng::seeded(name, "IDEMPOTENT_MODEL_SEED");
     let mut ops_checked = 0;
     for seq in 0..sequences {
         let scope = unique_scope("model");

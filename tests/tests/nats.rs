@@ -28,10 +28,10 @@ use async_nats::jetstream::{
     stream,
 };
 use futures_util::StreamExt;
-use idempotent_runtime::{Error, current_claim, idempotent, register_store};
+use idempotent_runtime::{Error, idempotent, register_store};
+use idempotent_tests::broker_support::{Applied, Business, HandleError, Logged, Order, Tally};
 use idempotent_tests::nats_support::{connect, run_id};
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -62,44 +62,11 @@ fn is_slow(i: usize) -> bool {
 }
 const POISON: usize = 2;
 
-/// A delivered order, read from the message: the business id from its `Order-Id`
-/// header, the amount from its payload.
-struct Order {
-    id: String,
-    amount: u64,
-}
-
-/// What the handler returns (and the store caches): which delivery did the work.
-#[derive(Debug, Serialize, Deserialize)]
-struct Applied {
-    by: String,
-}
-
-#[derive(Debug)]
-enum HandleError {
-    Idempotency(Error),
-    /// A dependency failed; a redelivery retries.
-    Gateway,
-    /// The order is invalid; retried until `max_attempts`, then dead-lettered.
-    Rejected,
-}
-
-impl From<Error> for HandleError {
-    fn from(e: Error) -> Self {
-        HandleError::Idempotency(e)
-    }
-}
-
 /// The business side: the effect table and the behaviour of each id.
 #[derive(Default)]
 struct World {
-    /// business id → times the effect was applied (must end at 1 for every order)
-    effects: Mutex<HashMap<String, u32>>,
-    amounts: Mutex<HashMap<String, u64>>,
+    business: Business,
     withheld: HashSet<String>,
-    flaky: HashSet<String>,
-    slow: HashSet<String>,
-    poison: HashSet<String>,
     log: Mutex<Vec<Delivery>>,
     /// outcomes the test does not expect, reported by the handling tasks
     unexpected: Mutex<Vec<String>>,
@@ -113,29 +80,7 @@ struct World {
     max_attempts = 3
 )]
 async fn charge(order: &Order, tag: &str, world: &World) -> Result<Applied, HandleError> {
-    let attempt = current_claim().map_or(1, |c| c.attempt);
-    if world.poison.contains(&order.id) {
-        return Err(HandleError::Rejected);
-    }
-    if world.flaky.contains(&order.id) && attempt == 1 {
-        return Err(HandleError::Gateway);
-    }
-    if world.slow.contains(&order.id) {
-        tokio::time::sleep(SLOW_WORK).await;
-    }
-    *world
-        .effects
-        .lock()
-        .unwrap()
-        .entry(order.id.clone())
-        .or_default() += 1;
-    *world
-        .amounts
-        .lock()
-        .unwrap()
-        .entry(order.id.clone())
-        .or_default() += order.amount;
-    Ok(Applied { by: tag.to_owned() })
+    world.business.charge(order, tag, SLOW_WORK).await
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -184,6 +129,16 @@ struct Delivery {
     outcome: Outcome,
     disposition: Disposition,
     ack_withheld: bool,
+}
+
+impl Logged for Delivery {
+    type Outcome = Outcome;
+    fn order(&self) -> &str {
+        &self.order
+    }
+    fn outcome(&self) -> Outcome {
+        self.outcome
+    }
 }
 
 async fn handle(
@@ -372,9 +327,12 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
             .filter(|&i| is_withheld_ack(i))
             .map(id)
             .collect(),
-        flaky: (0..ORDERS).filter(|&i| is_flaky(i)).map(id).collect(),
-        slow: (0..ORDERS).filter(|&i| is_slow(i)).map(id).collect(),
-        poison: (0..POISON).map(poison_id).collect(),
+        business: Business {
+            flaky: (0..ORDERS).filter(|&i| is_flaky(i)).map(id).collect(),
+            slow: (0..ORDERS).filter(|&i| is_slow(i)).map(id).collect(),
+            poison: (0..POISON).map(poison_id).collect(),
+            ..Default::default()
+        },
         ..Default::default()
     });
 
@@ -453,7 +411,7 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
         .await
         .expect("consumer");
     loop {
-        let applied = world.effects.lock().unwrap().len();
+        let applied = world.business.ledger.applied();
         let dead = dead_stream
             .info()
             .await
@@ -498,32 +456,16 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
     }
 
     let log = world.log.lock().unwrap().clone();
-    let effects = world.effects.lock().unwrap().clone();
-
     // every business effect exactly once, nothing lost, nothing for poison messages
-    idempotent_tests::assert_applied_once(&effects, (0..ORDERS).map(id));
-    let amounts = world.amounts.lock().unwrap().clone();
-    for i in 0..ORDERS {
-        assert_eq!(
-            amounts[&id(i)],
-            100 + i as u64,
-            "charged once, the right amount"
-        );
-    }
+    let effects = world
+        .business
+        .ledger
+        .assert_charged_once((0..ORDERS).map(|i| (id(i), 100 + i as u64)));
 
     // outcomes per delivery
-    let mut count: BTreeMap<Outcome, usize> = BTreeMap::new();
-    for d in &log {
-        *count.entry(d.outcome).or_default() += 1;
-    }
-    let n = |o: Outcome| count.get(&o).copied().unwrap_or(0);
-    let executed_by: HashMap<&str, &Delivery> = log
-        .iter()
-        .filter(|d| d.outcome == Outcome::Executed)
-        .map(|d| (d.order.as_str(), d))
-        .collect();
-    assert_eq!(n(Outcome::Executed), ORDERS, "one execution per order");
-    assert_eq!(executed_by.len(), ORDERS, "no order executed twice");
+    let tally = Tally::new(&log, Outcome::Executed, ORDERS);
+    let n = |o: Outcome| tally.n(o);
+    let executed_by = &tally.executed_by;
 
     // why each duplicate was skipped
     let mut lost_ack_replays = 0; // the same stored message again, after its work completed
@@ -572,7 +514,7 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
         );
         assert!(log.iter().any(|d| &d.order == w && d.ack_withheld));
     }
-    for s in &world.slow {
+    for s in &world.business.slow {
         assert!(
             redelivered_during_work.contains(s),
             "{s}: redelivered after ack_wait while the first delivery worked: in progress"
@@ -600,8 +542,8 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
     }
 
     // failures: the flaky first attempts, and three attempts of each poison message
-    assert_eq!(n(Outcome::Failed), world.flaky.len() + 3 * POISON);
-    for f in &world.flaky {
+    assert_eq!(n(Outcome::Failed), world.business.flaky.len() + 3 * POISON);
+    for f in &world.business.flaky {
         let attempts: Vec<Outcome> = log
             .iter()
             .filter(|d| &d.order == f && matches!(d.outcome, Outcome::Failed | Outcome::Executed))
@@ -618,7 +560,7 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
         POISON,
         "each poison message is dead-lettered once"
     );
-    for p in &world.poison {
+    for p in &world.business.poison {
         assert!(
             log.iter()
                 .any(|d| &d.order == p && d.disposition == Disposition::Term)
@@ -634,7 +576,7 @@ async fn every_effect_once_across_publish_retries_resends_lost_acks_and_two_cons
                 .expect("dead letters keep the business id"),
         );
     }
-    assert_eq!(dead_ids, world.poison);
+    assert_eq!(dead_ids, world.business.poison);
 
     // both clients of the durable consumer did work
     for name in ["consumer-a", "consumer-b"] {

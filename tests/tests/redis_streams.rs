@@ -24,13 +24,12 @@ use idempotent_runtime::redis::aio::ConnectionManager;
 use idempotent_runtime::redis::streams::{StreamInfoGroupsReply, StreamInfoStreamReply};
 use idempotent_runtime::redis::{self, AsyncCommands};
 use idempotent_runtime::redis_streams::{Entry, Settled, StreamGroup, dedup_key};
-use idempotent_runtime::{
-    AsIdempotencyError, Error, RetryPolicy, current_claim, idempotent, register_store,
+use idempotent_runtime::{Error, RetryPolicy, idempotent, register_store};
+use idempotent_tests::broker_support::{
+    Applied, Business, HandleError, Logged, Order, Tally, run_id,
 };
-use idempotent_tests::broker_support::run_id;
 use idempotent_tests::redis_support::{raw, redis_url};
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -57,47 +56,9 @@ fn is_slow(i: usize) -> bool {
     i % 25 == 7
 }
 
-struct Order {
-    id: String,
-    amount: u64,
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Applied {
-    by: String,
-}
-
-#[derive(Debug)]
-enum HandleError {
-    Idempotency(Error),
-    /// A dependency failed; a redelivery retries.
-    Gateway,
-    /// The order is invalid; retried until `max_attempts`, then dead-lettered.
-    Rejected,
-}
-
-impl From<Error> for HandleError {
-    fn from(e: Error) -> Self {
-        HandleError::Idempotency(e)
-    }
-}
-
-impl AsIdempotencyError for HandleError {
-    fn idempotency_error(&self) -> Option<&Error> {
-        match self {
-            HandleError::Idempotency(e) => Some(e),
-            HandleError::Gateway | HandleError::Rejected => None,
-        }
-    }
-}
-
 #[derive(Default)]
 struct World {
-    effects: Mutex<HashMap<String, u32>>,
-    amounts: Mutex<HashMap<String, u64>>,
-    flaky: HashSet<String>,
-    slow: HashSet<String>,
-    poison: HashSet<String>,
+    business: Business,
     log: Mutex<Vec<Delivery>>,
     unexpected: Mutex<Vec<String>>,
 }
@@ -110,29 +71,7 @@ struct World {
     max_attempts = 3
 )]
 async fn charge(order: &Order, tag: &str, world: &World) -> Result<Applied, HandleError> {
-    let attempt = current_claim().map_or(1, |c| c.attempt);
-    if world.poison.contains(&order.id) {
-        return Err(HandleError::Rejected);
-    }
-    if world.flaky.contains(&order.id) && attempt == 1 {
-        return Err(HandleError::Gateway);
-    }
-    if world.slow.contains(&order.id) {
-        tokio::time::sleep(SLOW_WORK).await;
-    }
-    *world
-        .effects
-        .lock()
-        .unwrap()
-        .entry(order.id.clone())
-        .or_default() += 1;
-    *world
-        .amounts
-        .lock()
-        .unwrap()
-        .entry(order.id.clone())
-        .or_default() += order.amount;
-    Ok(Applied { by: tag.to_owned() })
+    world.business.charge(order, tag, SLOW_WORK).await
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -153,6 +92,16 @@ struct Delivery {
     outcome: Outcome,
     /// `None`: the consumer died before settling.
     settled: Option<Settled>,
+}
+
+impl Logged for Delivery {
+    type Outcome = Outcome;
+    fn order(&self) -> &str {
+        &self.order
+    }
+    fn outcome(&self) -> Outcome {
+        self.outcome
+    }
 }
 
 /// Runs the handler on one entry, then settles it unless the consumer is about to die.
@@ -238,9 +187,12 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
     let id = |i: usize| format!("order-{run}-{i}");
     let poison_id = |k: usize| format!("poison-{run}-{k}");
     let world = Arc::new(World {
-        flaky: (0..ORDERS).filter(|&i| is_flaky(i)).map(id).collect(),
-        slow: (0..ORDERS).filter(|&i| is_slow(i)).map(id).collect(),
-        poison: (0..POISON).map(poison_id).collect(),
+        business: Business {
+            flaky: (0..ORDERS).filter(|&i| is_flaky(i)).map(id).collect(),
+            slow: (0..ORDERS).filter(|&i| is_slow(i)).map(id).collect(),
+            poison: (0..POISON).map(poison_id).collect(),
+            ..Default::default()
+        },
         ..Default::default()
     });
 
@@ -300,7 +252,7 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
 
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        let applied = world.effects.lock().unwrap().len();
+        let applied = world.business.ledger.applied();
         let dead: usize = conn.xlen(&dead_stream).await.expect("XLEN dead");
         let groups: StreamInfoGroupsReply = conn.xinfo_groups(&stream).await.expect("XINFO");
         let info: StreamInfoStreamReply = conn.xinfo_stream(&stream).await.expect("XINFO");
@@ -338,29 +290,14 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
     }
 
     let log = world.log.lock().unwrap().clone();
-    let effects = world.effects.lock().unwrap().clone();
-    idempotent_tests::assert_applied_once(&effects, (0..ORDERS).map(id));
-    let amounts = world.amounts.lock().unwrap().clone();
-    for i in 0..ORDERS {
-        assert_eq!(
-            amounts[&id(i)],
-            100 + i as u64,
-            "charged once, the right amount"
-        );
-    }
+    let effects = world
+        .business
+        .ledger
+        .assert_charged_once((0..ORDERS).map(|i| (id(i), 100 + i as u64)));
 
-    let mut count: BTreeMap<Outcome, usize> = BTreeMap::new();
-    for d in &log {
-        *count.entry(d.outcome).or_default() += 1;
-    }
-    let n = |o: Outcome| count.get(&o).copied().unwrap_or(0);
-    let executed_by: HashMap<&str, &Delivery> = log
-        .iter()
-        .filter(|d| d.outcome == Outcome::Executed)
-        .map(|d| (d.order.as_str(), d))
-        .collect();
-    assert_eq!(n(Outcome::Executed), ORDERS, "one execution per order");
-    assert_eq!(executed_by.len(), ORDERS, "no order executed twice");
+    let tally = Tally::new(&log, Outcome::Executed, ORDERS);
+    let n = |o: Outcome| tally.n(o);
+    let executed_by = &tally.executed_by;
 
     // why each duplicate was skipped
     let mut claimed_replays = 0; // the same entry again, claimed after its consumer died or lagged
@@ -433,6 +370,7 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
     // a slow order handled by a live consumer is claimed while it works (the dead
     // consumer's slow order finished before anyone could claim it)
     for s in world
+        .business
         .slow
         .iter()
         .filter(|s| executed_by[s.as_str()].consumer != "crasher")
@@ -446,7 +384,7 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
         assert!(matches!(d.settled, None | Some(Settled::Pending)));
     }
 
-    assert_eq!(n(Outcome::Failed), world.flaky.len() + 3 * POISON);
+    assert_eq!(n(Outcome::Failed), world.business.flaky.len() + 3 * POISON);
     assert_eq!(
         n(Outcome::Exhausted),
         POISON,
@@ -464,7 +402,7 @@ async fn every_effect_once_across_a_dead_consumer_resends_and_two_consumers() {
                 .expect("dead letters keep the fields")
         })
         .collect();
-    assert_eq!(dead_ids, world.poison);
+    assert_eq!(dead_ids, world.business.poison);
     assert!(dead.iter().all(|e| e.contains_key("dead.reason")));
 
     for name in ["consumer-a", "consumer-b"] {

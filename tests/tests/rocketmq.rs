@@ -26,6 +26,7 @@ use idempotent_runtime::rocketmq::{
     AsIdempotencyError, OnExhausted, block_on_listener, consume_status, dedup_key, unique_key,
 };
 use idempotent_runtime::{Error, idempotent, register_store};
+use idempotent_tests::broker_support::{Applied, Logged, Tally};
 use idempotent_tests::metrics_support::Counts;
 use idempotent_tests::rocketmq_support::EmbeddedRocketMq;
 use rocketmq_client_rust::{
@@ -36,8 +37,7 @@ use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
 use rocketmq_model::common::message::message_ext::MessageExt;
 use rocketmq_model::common::message::message_single::Message;
 use rocketmq_protocol::protocol::heartbeat::message_model::MessageModel;
-use serde::{Deserialize, Serialize};
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
@@ -51,11 +51,6 @@ fn sent_twice(i: usize) -> bool {
 }
 fn loses_first_ack(i: usize) -> bool {
     i % 10 == 3
-}
-
-#[derive(Debug, Serialize, Deserialize)]
-struct Applied {
-    by: String,
 }
 
 #[derive(Debug)]
@@ -95,6 +90,16 @@ struct Delivery {
     status: ConsumeConcurrentlyStatus,
     /// the listener did the work and stalled before returning (consumer `a`, phase 2)
     stalled: bool,
+}
+
+impl Logged for Delivery {
+    type Outcome = Outcome;
+    fn order(&self) -> &str {
+        &self.order
+    }
+    fn outcome(&self) -> Outcome {
+        self.outcome
+    }
 }
 
 /// A gate the stalled listener waits on.
@@ -433,18 +438,9 @@ async fn every_effect_once_across_send_retries_lost_acks_restarts_and_rebalances
 
     // every effect exactly once, nothing lost
     idempotent_tests::assert_applied_once(&effects, (0..ORDERS).map(id));
-    let mut count: BTreeMap<Outcome, usize> = BTreeMap::new();
-    for d in &log {
-        *count.entry(d.outcome).or_default() += 1;
-    }
-    let n = |o: Outcome| count.get(&o).copied().unwrap_or(0);
-    let executed: HashMap<&str, &Delivery> = log
-        .iter()
-        .filter(|d| d.outcome == Outcome::Executed)
-        .map(|d| (d.order.as_str(), d))
-        .collect();
-    assert_eq!(n(Outcome::Executed), ORDERS, "one execution per order");
-    assert_eq!(executed.len(), ORDERS);
+    let tally = Tally::new(&log, Outcome::Executed, ORDERS);
+    let n = |o: Outcome| tally.n(o);
+    let executed = &tally.executed_by;
 
     // why each duplicate was skipped
     let mut send_retry = 0; // another message (another UNIQ_KEY) with the same KEYS

@@ -84,6 +84,19 @@ pub struct Target {
 }
 
 impl Target {
+    /// An SQL store at `url`, on its own `table`.
+    pub fn sql_table(url: &str, table: &str) -> Target {
+        Target {
+            global: vec![
+                "--store".into(),
+                url.to_owned(),
+                "--table".into(),
+                table.to_owned(),
+            ],
+            sql: true,
+        }
+    }
+
     /// Runs the binary with the target's global arguments, then `args`.
     pub fn run(&self, args: &[&str]) -> Run {
         let mut all: Vec<&str> = self.global.iter().map(String::as_str).collect();
@@ -183,8 +196,13 @@ fn by_key(lines: Vec<Value>) -> BTreeMap<String, Value> {
         .collect()
 }
 
-fn keys(r: Run) -> Vec<String> {
-    by_key(r.json()).into_keys().collect()
+/// Runs `--format json` then `args` against `target`, expecting records; their keys.
+fn json_keys(target: &Target, args: &[&str]) -> Vec<String> {
+    let mut all = vec!["--format", "json"];
+    all.extend_from_slice(args);
+    by_key(target.run(&all).expect(FOUND).json())
+        .into_keys()
+        .collect()
 }
 
 /// Runs every command against `target` (whose store `store` was seeded with
@@ -291,39 +309,11 @@ pub async fn check_every_command(target: &Target, store: &dyn Store, seeded: &Se
     );
 
     // filters
-    let completed = keys(
-        target
-            .run(&[
-                "--format",
-                "json",
-                "list",
-                "--scope",
-                s,
-                "--state",
-                "completed",
-            ])
-            .expect(FOUND),
-    );
+    let completed = json_keys(target, &["list", "--scope", s, "--state", "completed"]);
     assert_eq!(completed, ["(\"eu\", \"17\")", "done", hashed.as_str()]);
-    let tried = keys(
-        target
-            .run(&[
-                "--format",
-                "json",
-                "list",
-                "--scope",
-                s,
-                "--min-attempts",
-                "2",
-            ])
-            .expect(FOUND),
-    );
+    let tried = json_keys(target, &["list", "--scope", s, "--min-attempts", "2"]);
     assert_eq!(tried, ["poison"]);
-    let lapsed = keys(
-        target
-            .run(&["--format", "json", "list", "--scope", s, "--lease-expired"])
-            .expect(FOUND),
-    );
+    let lapsed = json_keys(target, &["list", "--scope", s, "--lease-expired"]);
     assert_eq!(lapsed, ["stuck"]);
     let limited = target
         .run(&["--format", "json", "list", "--scope", s, "--limit", "2"])
@@ -337,39 +327,11 @@ pub async fn check_every_command(target: &Target, store: &dyn Store, seeded: &Se
         .expect(ERROR);
 
     // stuck and poisoned
-    let stuck = keys(
-        target
-            .run(&["--format", "json", "stuck", "--scope", s])
-            .expect(FOUND),
-    );
+    let stuck = json_keys(target, &["stuck", "--scope", s]);
     assert_eq!(stuck, ["stuck"]);
-    let poisoned = keys(
-        target
-            .run(&[
-                "--format",
-                "json",
-                "poisoned",
-                "--scope",
-                s,
-                "--max-attempts",
-                "3",
-            ])
-            .expect(FOUND),
-    );
+    let poisoned = json_keys(target, &["poisoned", "--scope", s, "--max-attempts", "3"]);
     assert_eq!(poisoned, ["poison"]);
-    let any_failure = keys(
-        target
-            .run(&[
-                "--format",
-                "json",
-                "poisoned",
-                "--scope",
-                s,
-                "--max-attempts",
-                "1",
-            ])
-            .expect(FOUND),
-    );
+    let any_failure = json_keys(target, &["poisoned", "--scope", s, "--max-attempts", "1"]);
     assert_eq!(any_failure, ["failed", "poison", "stuck"]);
     target
         .run(&["poisoned", "--scope", s, "--max-attempts", "4"])
