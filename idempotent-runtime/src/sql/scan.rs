@@ -152,12 +152,10 @@ fn quoted<DB: Dialect>(table: &str) -> Result<String, StoreError> {
     Ok(TableName::parse(table)?.quoted(DB::QUOTE))
 }
 
-/// Runs `stmt` and returns its rows.
-async fn fetch<DB>(pool: &Pool<DB>, op: &str, stmt: Stmt<DB>) -> Result<Vec<DB::Row>, StoreError>
+/// `stmt` as a query with its parameters bound.
+fn query<DB>(stmt: Stmt<DB>) -> sqlx::query::Query<'static, DB, DB::Arguments>
 where
     DB: Dialect,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    for<'q> DB::Arguments: IntoArguments<DB>,
     for<'q> String: Encode<'q, DB> + Type<DB>,
     for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
@@ -170,7 +168,20 @@ where
             Param::Int(i) => q.bind(i),
         };
     }
-    q.fetch_all(pool).await.map_err(DB::err(op))
+    q
+}
+
+/// Runs `stmt` and returns its rows.
+async fn fetch<DB>(pool: &Pool<DB>, op: &str, stmt: Stmt<DB>) -> Result<Vec<DB::Row>, StoreError>
+where
+    DB: Dialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    for<'q> DB::Arguments: IntoArguments<DB>,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+{
+    query(stmt).fetch_all(pool).await.map_err(DB::err(op))
 }
 
 /// Runs `stmt` and returns the rows it changed.
@@ -183,15 +194,7 @@ where
     for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
 {
-    let mut q = sqlx::query::<DB>(super::common::sql(stmt.text));
-    for p in stmt.params {
-        q = match p {
-            Param::Text(s) => q.bind(s),
-            Param::Bytes(b) => q.bind(b),
-            Param::Int(i) => q.bind(i),
-        };
-    }
-    let done = q.execute(pool).await.map_err(DB::err(op))?;
+    let done = query(stmt).execute(pool).await.map_err(DB::err(op))?;
     Ok(DB::rows_affected(&done))
 }
 
