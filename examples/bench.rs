@@ -20,9 +20,10 @@
 
 use idempotent_runtime::redis::{self, AsyncCommands, aio::ConnectionManager};
 use idempotent_runtime::sqlx;
+use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion};
 use idempotent_runtime::{
-    ClaimOutcome, ClaimRequest, Completion, Error, Idempotency, MemoryStore, MySqlStore,
-    PostgresStore, RecordKey, RedisStore, SqliteStore, Store, idempotent,
+    Error, Idempotency, MemoryStore, MySqlStore, PostgresStore, RecordKey, RedisStore, SqliteStore,
+    Store, idempotent,
 };
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;

@@ -18,7 +18,8 @@
 
 use idempotent_runtime::redis::{self, aio::ConnectionManager};
 use idempotent_runtime::sqlx::{self, AssertSqlSafe, postgres::PgPoolOptions};
-use idempotent_runtime::{ClaimOutcome, ClaimRequest, Completion, RecordKey, RedisStore, Store};
+use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion};
+use idempotent_runtime::{RecordKey, RedisStore, Store};
 use std::io::Read;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};

@@ -22,9 +22,8 @@ use axum::body::Bytes;
 use axum::http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use idempotent_runtime::http::IdempotencyLayer;
-use idempotent_runtime::{
-    ClaimOutcome, ClaimRequest, Completion, MemoryStore, RecordKey, RedisStore, Store,
-};
+use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion};
+use idempotent_runtime::{MemoryStore, RecordKey, RedisStore, Store};
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -3,10 +3,8 @@
 use crate::connect::{self, Backend};
 use crate::output::{self, ItemPrinter, hex, state_name, unhex};
 use crate::{ChangeArgs, Cli, CliError, Command, Confirm, Format, KeyArgs, Outcome, StateArg};
-use idempotent_runtime::{
-    AdminOutcome, DEFAULT_PAGE, KeyBuilder, RecordKey, RecordState, ScanCursor, ScanFilter,
-    StoreError,
-};
+use idempotent_runtime::store::{AdminOutcome, DEFAULT_PAGE, RecordState, ScanCursor, ScanFilter};
+use idempotent_runtime::{KeyBuilder, RecordKey, StoreError};
 use std::io::{self, BufRead, IsTerminal, Write};
 
 /// Runs the command of `cli`.

@@ -1,7 +1,8 @@
 //! Printing: aligned tables for people, one JSON object per line for scripts.
 
 use crate::duration::human;
-use idempotent_runtime::{Record, RecordKey, RecordState, ScanItem, ScopeStats};
+use idempotent_runtime::RecordKey;
+use idempotent_runtime::store::{Record, RecordState, ScanItem, ScopeStats};
 use serde::Serialize;
 use std::io::{self, Write};
 use std::time::Duration;

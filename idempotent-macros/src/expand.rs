@@ -216,7 +216,7 @@ struct Parts<'a> {
 /// async fn on_paid(msg: &Paid, tx: &mut Transaction<'_, Postgres>) -> Result<Receipt, AppError> { body }
 ///
 /// // Output (paths shortened; the marker fn and key as above):
-/// static CONFIG: __private::TxConfig = /* scope, ttl, TxTable::new("message_idempotent") */;
+/// static CONFIG: __private::TxConfig = /* scope, ttl, table: "message_idempotent" */;
 /// static SCOPE: __private::DefaultScope = DefaultScope::new();
 /// let (call, span) = __private::TxCall::new(&CONFIG, SCOPE.get(CONFIG.scope, || …), key, None);
 /// Instrument::instrument(async move {
@@ -264,7 +264,7 @@ fn expand_tx(
         static #config: #private::TxConfig = #private::TxConfig {
             scope: #scope,
             ttl: #private::Duration::from_millis(#ttl),
-            table: #private::TxTable::new(#table),
+            table: #table,
         };
         static #default_scope: #private::DefaultScope = #private::DefaultScope::new();
         let mut #key = #private::KeyBuilder::new();

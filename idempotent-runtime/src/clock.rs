@@ -50,7 +50,8 @@ impl Clock for SystemClock {
 /// Clones share the same time.
 ///
 /// ```
-/// use idempotent_runtime::{ManualClock, MemoryStore};
+/// use idempotent_runtime::MemoryStore;
+/// use idempotent_runtime::memory::ManualClock;
 /// use std::time::Duration;
 ///
 /// let clock = ManualClock::new();

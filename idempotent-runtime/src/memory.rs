@@ -1,9 +1,14 @@
-//! The in-process store: sharded maps under short critical sections.
+//! The in-process store, [`MemoryStore`], and the clocks it can run on: the system
+//! clock, or a [`ManualClock`] that tests advance by hand.
+//!
+//! Sharded maps under short critical sections.
 
-use crate::clock::{Clock, SystemClock};
+pub use crate::clock::{Clock, ManualClock, SystemClock};
+
 use crate::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage};
 use crate::store::{
-    ClaimOutcome, ClaimRequest, Completion, Fence, Record, RecordState, Release, Store, Token,
+    ClaimOutcome, ClaimRequest, Completion, Fence, ImmediateStore, Record, RecordState, Release,
+    Store, Token,
 };
 use crate::{RecordKey, StoreError};
 use async_trait::async_trait;
@@ -32,7 +37,7 @@ const SHARDS: usize = 64;
 /// memory stays proportional to the keys live within one `ttl`.
 ///
 /// Lease and expiry decisions use the store's [`Clock`]; [`MemoryStore::with_clock`]
-/// takes a [`ManualClock`](crate::ManualClock) for tests.
+/// takes a [`ManualClock`](crate::memory::ManualClock) for tests.
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,
@@ -374,6 +379,20 @@ impl Shard {
     }
 }
 
+impl ImmediateStore for MemoryStore {
+    fn claim_immediate(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        Ok(self.claim_sync(req))
+    }
+
+    fn complete_immediate(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
+        Ok(self.complete_sync(c))
+    }
+
+    fn release_immediate(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
+        Ok(self.release_sync(r))
+    }
+}
+
 #[async_trait]
 impl Store for MemoryStore {
     async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
@@ -460,16 +479,8 @@ impl Store for MemoryStore {
         ))
     }
 
-    fn claim_now(&self, req: &ClaimRequest<'_>) -> Option<Result<ClaimOutcome, StoreError>> {
-        Some(Ok(self.claim_sync(req)))
-    }
-
-    fn complete_now(&self, c: &Completion<'_>) -> Option<Result<Fence, StoreError>> {
-        Some(Ok(self.complete_sync(c)))
-    }
-
-    fn release_now(&self, r: &Release<'_>) -> Option<Result<Fence, StoreError>> {
-        Some(Ok(self.release_sync(r)))
+    fn as_immediate(&self) -> Option<&dyn ImmediateStore> {
+        Some(self)
     }
 
     async fn claim_batch(

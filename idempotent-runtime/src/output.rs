@@ -12,11 +12,132 @@
 //!   for each other: a JSON output read as raw, or raw bytes read as JSON, is
 //!   [`Error::OutputNotReplayable`] instead of a wrong value.
 
-use crate::protocol::{OutputBuf, decode_output, fits, not_serializable};
 use crate::{Error, NotReplayable};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::io::Write;
+
+/// Bytes of a serialized output kept on the stack; most outputs (`()`, ids, small
+/// receipts) fit, so caching them does not allocate.
+const INLINE_OUTPUT: usize = 64;
+
+/// A serialized output: inline while it fits, on the heap after.
+pub(crate) struct OutputBuf {
+    len: usize,
+    inline: [u8; INLINE_OUTPUT],
+    // empty until the output outgrows `inline`; then holds all of it
+    heap: Vec<u8>,
+}
+
+impl OutputBuf {
+    pub(crate) fn new() -> Self {
+        OutputBuf {
+            len: 0,
+            inline: [0; INLINE_OUTPUT],
+            heap: Vec::new(),
+        }
+    }
+
+    pub(crate) fn as_slice(&self) -> &[u8] {
+        if self.heap.is_empty() {
+            &self.inline[..self.len]
+        } else {
+            &self.heap
+        }
+    }
+
+    pub(crate) fn into_vec(self) -> Vec<u8> {
+        if self.heap.is_empty() {
+            self.inline[..self.len].to_vec()
+        } else {
+            self.heap
+        }
+    }
+}
+
+impl std::io::Write for OutputBuf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.write_all(b)?;
+        Ok(b.len())
+    }
+
+    fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
+        if self.heap.is_empty() && self.len + b.len() <= INLINE_OUTPUT {
+            self.inline[self.len..self.len + b.len()].copy_from_slice(b);
+            self.len += b.len();
+        } else {
+            if self.heap.is_empty() {
+                self.heap.reserve(2 * (self.len + b.len()));
+                self.heap.extend_from_slice(&self.inline[..self.len]);
+            }
+            self.heap.extend_from_slice(b);
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// First byte of a cached output that holds no value but the reason it could not be
+/// cached (JSON text never starts with it), followed by that reason in UTF-8.
+const NOT_CACHED: u8 = 0x01;
+
+/// Whether a serialized output fits the cache; warns when it does not.
+pub(crate) fn fits(size: usize, cap: usize) -> bool {
+    if size > cap {
+        tracing::warn!(
+            size,
+            cap,
+            "handler output is over the cache cap; duplicates will get OutputNotReplayable"
+        );
+        return false;
+    }
+    true
+}
+
+/// What is cached for an output that does not serialize: the marker and the reason,
+/// so that duplicates are told why they get no value.
+pub(crate) fn not_serializable(e: &serde_json::Error) -> Vec<u8> {
+    tracing::warn!(error = %e, "handler output does not serialize; it is not cached");
+    let mut v = vec![NOT_CACHED];
+    v.extend_from_slice(e.to_string().as_bytes());
+    v.truncate(1024);
+    v
+}
+
+/// Serializes an output for the cache; `None` when it is over the cap. An output that
+/// cannot be serialized is cached as the reason why (it is still returned to the caller).
+pub(crate) fn encode_output<T: Serialize>(value: &T, cap: usize) -> Option<Vec<u8>> {
+    match serde_json::to_vec(value) {
+        Ok(bytes) => fits(bytes.len(), cap).then_some(bytes),
+        Err(e) => Some(not_serializable(&e)),
+    }
+}
+
+/// The cached form of an output (see [`Output`]), in a buffer that stays on the stack
+/// for small outputs; `None` when it is not cached.
+pub(crate) fn encode_output_buf<T: Output>(value: &T, cap: usize) -> Option<OutputBuf> {
+    let mut buf = OutputBuf::new();
+    value.encode(&mut buf, cap).then_some(buf)
+}
+
+pub(crate) fn decode_output<T: DeserializeOwned>(output: Option<Vec<u8>>) -> Result<T, Error> {
+    match output {
+        None => Err(Error::OutputNotReplayable {
+            reason: NotReplayable::TooLarge,
+        }),
+        Some(bytes) if bytes.first() == Some(&NOT_CACHED) => Err(Error::OutputNotReplayable {
+            reason: NotReplayable::NotSerializable {
+                message: String::from_utf8_lossy(&bytes[1..]).into_owned(),
+            },
+        }),
+        Some(bytes) => serde_json::from_slice(&bytes).map_err(|e| Error::OutputNotReplayable {
+            reason: NotReplayable::Decode(e),
+        }),
+    }
+}
 
 /// First byte of a raw-bytes output.
 pub(crate) const RAW_TAG: u8 = 0x00;

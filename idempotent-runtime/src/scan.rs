@@ -11,7 +11,7 @@ use std::time::Duration;
 /// Which records a [`Store::scan`] returns; every condition set must hold.
 ///
 /// ```
-/// use idempotent_runtime::{RecordState, ScanFilter};
+/// use idempotent_runtime::store::{RecordState, ScanFilter};
 /// use std::time::Duration;
 ///
 /// // claims of `orders` whose holder stopped renewing more than five minutes ago
@@ -152,7 +152,7 @@ impl ScanItem {
     }
 
     /// Whether a claim with `max_attempts` would be refused with
-    /// [`ClaimOutcome::Exhausted`](crate::ClaimOutcome::Exhausted): not Completed, not
+    /// [`ClaimOutcome::Exhausted`](crate::store::ClaimOutcome::Exhausted): not Completed, not
     /// held by a live lease, and at least `max_attempts` attempts.
     pub fn is_poisoned(&self, max_attempts: u32) -> bool {
         self.state != RecordState::Completed

@@ -1,8 +1,18 @@
-//! The [`Store`] trait: the four protocol steps and the admin operations every store
-//! implements atomically on its own side.
+//! For store implementers and operators' tools: the [`Store`] trait (the protocol
+//! steps and the admin operations every store implements atomically on its own side),
+//! its request and record types, record scans, and [`DedupTransaction`] for
+//! transactional mode. Handler authors need none of it beyond the stores themselves.
+//!
+//! A store passes when the conformance suite of this crate's repository passes
+//! against it; the rules are on [`ClaimOutcome`] and on each method.
 
-use crate::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
-use crate::{RecordKey, StoreError};
+pub use crate::error::{StoreError, StoreErrorKind};
+pub use crate::key::RecordKey;
+pub use crate::protocol::tx::{DedupTransaction, TxFuture};
+pub use crate::scan::{
+    AdminOutcome, DEFAULT_PAGE, ScanCursor, ScanFilter, ScanItem, ScanPage, ScopeStats,
+    stats_by_scan,
+};
 use async_trait::async_trait;
 use std::fmt;
 use std::time::Duration;
@@ -172,6 +182,22 @@ impl Record {
     }
 }
 
+/// The protocol steps of a store that answers at once, without awaiting: an
+/// in-process store such as [`MemoryStore`](crate::MemoryStore). See
+/// [`Store::as_immediate`].
+///
+/// Each method gives exactly the answer of the [`Store`] method of the same step.
+pub trait ImmediateStore: Send + Sync {
+    /// As [`Store::claim`].
+    fn claim_immediate(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError>;
+
+    /// As [`Store::complete`].
+    fn complete_immediate(&self, completion: &Completion<'_>) -> Result<Fence, StoreError>;
+
+    /// As [`Store::release`].
+    fn release_immediate(&self, release: &Release<'_>) -> Result<Fence, StoreError>;
+}
+
 /// A dedup store: the claim → complete/release protocol, with leases and fencing, on
 /// the store's own clock.
 ///
@@ -234,7 +260,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// `poisoned_at` is given, the records a claim with that `max_attempts` would refuse.
     /// Sorted by scope, then In progress, Released, Completed.
     ///
-    /// The default walks [`scan`](Self::scan) ([`stats_by_scan`](crate::stats_by_scan));
+    /// The default walks [`scan`](Self::scan) ([`stats_by_scan`](crate::store::stats_by_scan));
     /// the SQL stores count in the database.
     async fn stats(
         &self,
@@ -269,26 +295,14 @@ pub trait Store: Send + Sync + fmt::Debug {
         Err(crate::scan::unsupported(self, "resetting attempts"))
     }
 
-    /// Answers [`claim`](Self::claim) at once, for stores that never wait (an
-    /// in-process store): `Some` is the answer `claim` would give, `None` (the default)
-    /// means the protocol awaits `claim`. It spares the protocol a boxed future per step.
-    #[doc(hidden)]
-    fn claim_now(&self, req: &ClaimRequest<'_>) -> Option<Result<ClaimOutcome, StoreError>> {
-        let _ = req;
-        None
-    }
-
-    /// As [`claim_now`](Self::claim_now), for [`complete`](Self::complete).
-    #[doc(hidden)]
-    fn complete_now(&self, completion: &Completion<'_>) -> Option<Result<Fence, StoreError>> {
-        let _ = completion;
-        None
-    }
-
-    /// As [`claim_now`](Self::claim_now), for [`release`](Self::release).
-    #[doc(hidden)]
-    fn release_now(&self, release: &Release<'_>) -> Option<Result<Fence, StoreError>> {
-        let _ = release;
+    /// The same store as an [`ImmediateStore`], if it answers the protocol steps
+    /// without awaiting (an in-process store); `None`, the default, otherwise. The
+    /// protocol then calls the immediate methods and spares a boxed future per step.
+    ///
+    /// A wrapper store that changes what `claim`, `complete` or `release` do (one that
+    /// injects faults, counts or logs) returns `None`, so that its own methods run; a
+    /// wrapper that only forwards may forward this too.
+    fn as_immediate(&self) -> Option<&dyn ImmediateStore> {
         None
     }
 
@@ -322,3 +336,103 @@ pub trait Store: Send + Sync + fmt::Debug {
         Ok(out)
     }
 }
+
+/// [`Store::claim`], answered at once when the store can.
+pub(crate) async fn claim(
+    store: &dyn Store,
+    req: &ClaimRequest<'_>,
+) -> Result<ClaimOutcome, StoreError> {
+    match store.as_immediate() {
+        Some(s) => s.claim_immediate(req),
+        None => store.claim(req).await,
+    }
+}
+
+/// [`Store::complete`], answered at once when the store can.
+pub(crate) async fn complete(store: &dyn Store, c: &Completion<'_>) -> Result<Fence, StoreError> {
+    match store.as_immediate() {
+        Some(s) => s.complete_immediate(c),
+        None => store.complete(c).await,
+    }
+}
+
+/// [`Store::release`], answered at once when the store can.
+pub(crate) async fn release(store: &dyn Store, r: &Release<'_>) -> Result<Fence, StoreError> {
+    match store.as_immediate() {
+        Some(s) => s.release_immediate(r),
+        None => store.release(r).await,
+    }
+}
+
+/// A store behind a pointer is a store, so one store can be registered and also kept.
+macro_rules! forward_store {
+    ($($ty:ty),+) => {$(
+        #[async_trait]
+        impl<S: Store + ?Sized> Store for $ty {
+            async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+                (**self).claim(req).await
+            }
+            async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
+                (**self).complete(c).await
+            }
+            async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
+                (**self).release(r).await
+            }
+            async fn renew(
+                &self,
+                key: &RecordKey,
+                token: Token,
+                lease: Duration,
+            ) -> Result<Fence, StoreError> {
+                (**self).renew(key, token, lease).await
+            }
+            async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+                (**self).inspect(key).await
+            }
+            async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
+                (**self).forget(key).await
+            }
+            async fn purge_expired(&self) -> Result<u64, StoreError> {
+                (**self).purge_expired().await
+            }
+            async fn scan(
+                &self,
+                filter: &ScanFilter,
+                cursor: Option<&ScanCursor>,
+                limit: usize,
+            ) -> Result<ScanPage, StoreError> {
+                (**self).scan(filter, cursor, limit).await
+            }
+            async fn stats(
+                &self,
+                scope: Option<&str>,
+                poisoned_at: Option<u32>,
+            ) -> Result<Vec<ScopeStats>, StoreError> {
+                (**self).stats(scope, poisoned_at).await
+            }
+            async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+                (**self).force_release(key).await
+            }
+            async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+                (**self).reset_attempts(key).await
+            }
+            fn as_immediate(&self) -> Option<&dyn ImmediateStore> {
+                (**self).as_immediate()
+            }
+            async fn claim_batch(
+                &self,
+                reqs: &[ClaimRequest<'_>],
+            ) -> Result<Vec<ClaimOutcome>, StoreError> {
+                (**self).claim_batch(reqs).await
+            }
+            async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
+                (**self).complete_batch(items).await
+            }
+            async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
+                (**self).release_batch(items).await
+            }
+        }
+    )+};
+}
+
+forward_store!(std::sync::Arc<S>, Box<S>, &S);

@@ -6,7 +6,7 @@
 //! and a write path blocked from outside (as another connection holding a database's
 //! write lock blocks a single-writer store). It also counts the calls each protocol
 //! step makes, so tests can assert round trips. Pair it with a
-//! [`MemoryStore`](crate::MemoryStore) on a [`ManualClock`](crate::ManualClock) to move
+//! [`MemoryStore`](crate::MemoryStore) on a [`ManualClock`](crate::memory::ManualClock) to move
 //! time by hand.
 //!
 //! ```

@@ -4,7 +4,7 @@
 use crate::Mode;
 use crate::driver::Profile;
 use crate::history::Line;
-use idempotent_runtime::{Record, RecordState};
+use idempotent_runtime::store::{Record, RecordState};
 use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write;
 use std::time::Duration;

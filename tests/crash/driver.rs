@@ -285,7 +285,7 @@ impl Drop for Workers {
 }
 
 /// The final record of each order.
-type Records = HashMap<String, Option<idempotent_runtime::Record>>;
+type Records = HashMap<String, Option<idempotent_runtime::store::Record>>;
 /// The effect rows' tokens of each order (transactional modes).
 type Effects = HashMap<String, Vec<u64>>;
 

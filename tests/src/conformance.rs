@@ -13,10 +13,13 @@
 //! [`acquire_token`]), [`free_port`] and the two-store race ([`race_two_stores`]).
 
 use futures_util::future::join_all;
+use idempotent_runtime::store::{
+    ClaimOutcome, ClaimRequest, Completion, Fence, RecordState, Release,
+};
 use idempotent_runtime::testing::FaultyStore;
 use idempotent_runtime::{
-    ClaimOutcome, ClaimRequest, Completion, Error, Fence, Idempotency, NotReplayable, OnInProgress,
-    OnStoreError, RecordKey, RecordState, Release, Store, Token, current_claim,
+    Error, Idempotency, NotReplayable, OnInProgress, OnStoreError, RecordKey, Store, Token,
+    current_claim,
 };
 use std::collections::HashSet;
 use std::future::Future;

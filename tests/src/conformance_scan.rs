@@ -2,10 +2,11 @@
 //! release and attempt reset. Part of [`conformance`](crate::conformance): every
 //! store runs them.
 
-use idempotent_runtime::{
-    AdminOutcome, ClaimOutcome, ClaimRequest, Completion, Fence, RecordKey, RecordState, Release,
-    ScanCursor, ScanFilter, ScanItem, Store, Token,
+use idempotent_runtime::store::{
+    AdminOutcome, ClaimOutcome, ClaimRequest, Completion, Fence, RecordState, Release, ScanCursor,
+    ScanFilter, ScanItem,
 };
+use idempotent_runtime::{RecordKey, Store, Token};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;

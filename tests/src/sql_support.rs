@@ -9,8 +9,10 @@
 pub use crate::conformance::{TTL, acquire_token as acquire, claim_request as req, free_port};
 use crate::proxy::Proxy;
 use futures_util::future::join_all;
-use idempotent_runtime::{ClaimOutcome, ClaimRequest, Completion, Error, Fence, Idempotency};
-use idempotent_runtime::{RecordKey, Release, Store, StoreErrorKind};
+use idempotent_runtime::store::Release;
+use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion, Fence};
+use idempotent_runtime::{Error, Idempotency};
+use idempotent_runtime::{RecordKey, Store, StoreErrorKind};
 use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -600,7 +602,7 @@ pub async fn repeated_completion_by_the_same_claim_is_held(store: &dyn Store) {
     }
     assert_eq!(
         store.inspect(&keys[3]).await.unwrap().unwrap().state,
-        idempotent_runtime::RecordState::Released
+        idempotent_runtime::store::RecordState::Released
     );
 }
 

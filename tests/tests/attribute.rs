@@ -188,8 +188,9 @@ async fn spawned_handlers_run_once_per_key() {
 
 // ---------------------------------------------------------------- hot path edges
 
+use idempotent_runtime::store::RecordState;
 use idempotent_runtime::testing::FaultyStore;
-use idempotent_runtime::{RecordKey, RecordState, Store};
+use idempotent_runtime::{RecordKey, Store};
 use std::sync::Arc;
 use std::time::Duration;
 

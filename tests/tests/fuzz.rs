@@ -18,9 +18,10 @@
 
 use idempotent_runtime::redis::AsyncCommands;
 use idempotent_runtime::sqlx::{self, AssertSqlSafe};
+use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion, Release};
 use idempotent_runtime::{
-    ClaimOutcome, ClaimRequest, Completion, Error, Idempotency, MemoryStore, MySqlStore,
-    NotReplayable, PostgresStore, RecordKey, Release, SqliteStore, Store, StoreErrorKind, Token,
+    Error, Idempotency, MemoryStore, MySqlStore, NotReplayable, PostgresStore, RecordKey,
+    SqliteStore, Store, StoreErrorKind, Token,
 };
 use idempotent_tests::rng::{Rng, scaled};
 use idempotent_tests::sql_support::{env_url, unique_name};
@@ -459,7 +460,7 @@ macro_rules! fuzz_sql_rows {
                     continue;
                 }
                 let stored_output = match store.inspect(&k).await {
-                    Ok(Some(rec)) if rec.state == idempotent_runtime::RecordState::Completed => rec.output,
+                    Ok(Some(rec)) if rec.state == idempotent_runtime::store::RecordState::Completed => rec.output,
                     _ => None,
                 };
                 failed += every_step(&*store, &k, &mut rng).await;

@@ -1,9 +1,8 @@
 //! The conformance suite and the memory-specific guarantees on `MemoryStore`.
 
-use idempotent_runtime::{
-    ClaimOutcome, ClaimRequest, Completion, Error, Fence, Idempotency, ManualClock, MemoryStore,
-    RecordKey, Store,
-};
+use idempotent_runtime::memory::ManualClock;
+use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion, Fence};
+use idempotent_runtime::{Error, Idempotency, MemoryStore, RecordKey, Store};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -97,7 +96,8 @@ async fn memory_stays_bounded_under_unique_keys() {
 /// one `record_key` names.
 #[tokio::test]
 async fn manual_runs_with_long_scopes_and_keys() {
-    use idempotent_runtime::{Error, Idempotency, RecordState};
+    use idempotent_runtime::store::RecordState;
+    use idempotent_runtime::{Error, Idempotency};
     let store = Arc::new(MemoryStore::new());
     let scope = format!("{}-{}", "s".repeat(250), std::process::id());
     let h = Idempotency::new(scope)

@@ -42,8 +42,9 @@ async fn outcomes_are_counted_per_scope() {
 /// which, so it can be alerted on (a later duplicate runs again).
 #[tokio::test]
 async fn unrecorded_and_fenced_out_completions_have_their_own_outcomes() {
+    use idempotent_runtime::store::{ClaimOutcome, ClaimRequest};
     use idempotent_runtime::testing::FaultyStore;
-    use idempotent_runtime::{ClaimOutcome, ClaimRequest, Idempotency, MemoryStore, Store};
+    use idempotent_runtime::{Idempotency, MemoryStore, Store};
     use std::time::Duration;
 
     let counts = counts();

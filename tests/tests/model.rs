@@ -13,9 +13,12 @@
     feature = "sqlite"
 ))]
 
+use idempotent_runtime::memory::ManualClock;
+use idempotent_runtime::store::{
+    ClaimOutcome, ClaimRequest, Completion, Fence, Record, RecordState, Release,
+};
 use idempotent_runtime::{
-    ClaimOutcome, ClaimRequest, Completion, Fence, ManualClock, MemoryStore, MySqlStore,
-    PostgresStore, Record, RecordKey, RecordState, Release, SqliteStore, Store, Token,
+    MemoryStore, MySqlStore, PostgresStore, RecordKey, SqliteStore, Store, Token,
 };
 use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::rng::{Rng, scaled};

@@ -8,10 +8,8 @@ use idempotent_runtime::sqlx::mysql::{
     MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlSslMode,
 };
 use idempotent_runtime::sqlx::{self, AssertSqlSafe, Executor};
-use idempotent_runtime::{
-    ClaimOutcome, Completion, Error, Fence, Idempotency, MySqlStore, RecordKey, RecordState,
-    Release, Store, StoreErrorKind, Token,
-};
+use idempotent_runtime::store::{ClaimOutcome, Completion, Fence, RecordState, Release};
+use idempotent_runtime::{Error, Idempotency, MySqlStore, RecordKey, Store, StoreErrorKind, Token};
 use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::proxy::{Proxy, Wire};
 use idempotent_tests::sql_support::{

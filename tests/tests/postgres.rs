@@ -6,9 +6,9 @@
 
 use idempotent_runtime::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use idempotent_runtime::sqlx::{self, AssertSqlSafe};
+use idempotent_runtime::store::{ClaimOutcome, Completion, Fence, RecordState, Release};
 use idempotent_runtime::{
-    ClaimOutcome, Completion, Error, Fence, Idempotency, PostgresStore, RecordKey, RecordState,
-    Release, Store, StoreErrorKind, Token,
+    Error, Idempotency, PostgresStore, RecordKey, Store, StoreErrorKind, Token,
 };
 use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::proxy::{Proxy, Wire};

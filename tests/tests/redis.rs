@@ -5,10 +5,10 @@
 #![cfg(feature = "redis")]
 
 use idempotent_runtime::redis::{self, AsyncCommands};
-use idempotent_runtime::{
-    ClaimOutcome, ClaimRequest, Completion, Fence, RecordKey, RecordState, RedisStore, Release,
-    Store, StoreErrorKind, Token,
+use idempotent_runtime::store::{
+    ClaimOutcome, ClaimRequest, Completion, Fence, RecordState, Release,
 };
+use idempotent_runtime::{RecordKey, RedisStore, Store, StoreErrorKind, Token};
 use idempotent_tests::conformance::{
     TTL, acquire_token as acquire, claim_request as req, unique_scope,
 };

@@ -5,7 +5,8 @@
 #![cfg(feature = "redis")]
 
 use futures_util::future::join_all;
-use idempotent_runtime::{Error, Idempotency, OnInProgress, RecordState, RedisStore, Store};
+use idempotent_runtime::store::RecordState;
+use idempotent_runtime::{Error, Idempotency, OnInProgress, RedisStore, Store};
 use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::redis_support::RedisServer;
 use std::sync::Arc;

@@ -6,10 +6,8 @@
 use futures_util::FutureExt;
 use futures_util::future::join_all;
 use idempotent_runtime::sqlx::{self, AssertSqlSafe};
-use idempotent_runtime::{
-    ClaimOutcome, Error, Fence, Idempotency, RecordKey, RecordState, Release, SqliteStore, Store,
-    StoreErrorKind,
-};
+use idempotent_runtime::store::{ClaimOutcome, Fence, RecordState, Release};
+use idempotent_runtime::{Error, Idempotency, RecordKey, SqliteStore, Store, StoreErrorKind};
 use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::sql_support::{
     self, CORRUPTIONS, TTL, acquire, corrupt_records_are_refused_unchanged, poison_is_shared,

@@ -13,7 +13,8 @@
 
 use futures_util::future::join_all;
 use idempotent_runtime::sqlx::{self, Transaction};
-use idempotent_runtime::{Error, RecordKey, RecordState, Store, StoreErrorKind, idempotent};
+use idempotent_runtime::store::RecordState;
+use idempotent_runtime::{Error, RecordKey, Store, StoreErrorKind, idempotent};
 use idempotent_tests::sql_support::{env_url, unique_name};
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;

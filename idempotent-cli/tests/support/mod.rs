@@ -4,10 +4,10 @@
 
 #![allow(dead_code)]
 
-use idempotent_runtime::{
-    ClaimOutcome, ClaimRequest, Completion, Fence, RecordKey, RecordState, Release, ScanFilter,
-    Store, Token,
+use idempotent_runtime::store::{
+    ClaimOutcome, ClaimRequest, Completion, Fence, RecordState, Release, ScanFilter,
 };
+use idempotent_runtime::{RecordKey, Store, Token};
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::process::{Command, Output, Stdio};

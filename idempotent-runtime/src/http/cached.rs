@@ -6,8 +6,8 @@
 //! integers big-endian; flag bit 0 says the body was over the cap and is not cached.
 
 use crate::Error;
+use crate::output::OutputBuf;
 use crate::output::{Output, not_replayable, read_raw, write_raw};
-use crate::protocol::OutputBuf;
 use bytes::{Bytes, BytesMut};
 use http::header::{HeaderName, HeaderValue};
 use http::{HeaderMap, StatusCode, response};

@@ -13,7 +13,7 @@
 //! [`StoreErrorKind::Corrupt`](crate::StoreErrorKind::Corrupt), naming its scope, and
 //! leaves the row as it is. A completion retried by the claim that made it (its
 //! first reply lost) finds the record Completed under its own token and is
-//! [`Fence::Held`](crate::Fence::Held).
+//! [`Fence::Held`](crate::store::Fence::Held).
 
 mod common;
 #[cfg(feature = "mysql")]

@@ -15,28 +15,41 @@
 //! completion (the caller committed after a handler error) is claimable again at once.
 
 use super::common::{self, BindExt, CLAIM_RETRIES, SqlDatabase, TableName};
-use crate::__private::{TxFuture, TxTable};
 use crate::StoreError;
 use crate::StoreErrorKind;
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence};
-use std::sync::OnceLock;
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, DedupTransaction, Fence, TxFuture};
+use std::collections::BTreeMap;
+use std::sync::{Arc, PoisonError, RwLock};
 
-/// The statements of one table, built on first use by a handler and kept in its
-/// [`TxTable`]; a bad table name is kept as its error message.
-pub(crate) type Prepared<S> = OnceLock<Result<S, String>>;
+/// The statements of each dedup table a transactional handler used, by table name,
+/// built on first use; a bad table name is kept as its error message.
+type Prepared<S> = RwLock<BTreeMap<Box<str>, Result<Arc<S>, String>>>;
 
-fn prepared<'t, S>(
-    cell: &'t Prepared<S>,
-    table: &TxTable,
+fn prepared<S>(
+    cache: &Prepared<S>,
+    table: &str,
     build: fn(TableName) -> S,
-) -> Result<&'t S, StoreError> {
-    cell.get_or_init(|| {
-        TableName::parse(table.name())
-            .map(build)
-            .map_err(|e| e.to_string())
-    })
-    .as_ref()
-    .map_err(|e| StoreError::new(StoreErrorKind::Rejected, e.clone()))
+) -> Result<Arc<S>, StoreError> {
+    let known = cache
+        .read()
+        .unwrap_or_else(PoisonError::into_inner)
+        .get(table)
+        .cloned();
+    let built = match known {
+        Some(b) => b,
+        None => {
+            let built = TableName::parse(table)
+                .map(|t| Arc::new(build(t)))
+                .map_err(|e| e.to_string());
+            cache
+                .write()
+                .unwrap_or_else(PoisonError::into_inner)
+                .entry(table.into())
+                .or_insert(built)
+                .clone()
+        }
+    };
+    built.map_err(|e| StoreError::new(StoreErrorKind::Rejected, e))
 }
 
 #[cfg(feature = "mysql")]
@@ -48,8 +61,10 @@ mod mysql {
     use sqlx::SqlStr;
     use sqlx::mysql::MySql;
 
+    static MYSQL: Prepared<MySqlTx> = RwLock::new(BTreeMap::new());
+
     /// The MySQL store's statements plus the two locking ones of tx mode.
-    pub(crate) struct MySqlTx {
+    struct MySqlTx {
         store: Statements,
         /// The store's insert; on a duplicate key it takes the existing row's
         /// exclusive lock (waiting for a concurrent claimant's transaction to end)
@@ -79,14 +94,14 @@ mod mysql {
         MySql::err(op)
     }
 
-    impl crate::__private::DedupTransaction for sqlx::Transaction<'_, MySql> {
+    impl DedupTransaction for sqlx::Transaction<'_, MySql> {
         fn claim_in_tx<'a>(
             &'a mut self,
-            table: &'a TxTable,
+            table: &'a str,
             req: &'a ClaimRequest<'a>,
         ) -> TxFuture<'a, ClaimOutcome> {
             Box::pin(async move {
-                let s = prepared(&table.mysql, table, MySqlTx::new)?;
+                let s = prepared(&MYSQL, table, MySqlTx::new)?;
                 let conn = &mut **self;
                 for _ in 0..CLAIM_RETRIES {
                     let done = sqlx::query(s.insert_or_lock.clone())
@@ -122,11 +137,11 @@ mod mysql {
 
         fn complete_in_tx<'a>(
             &'a mut self,
-            table: &'a TxTable,
+            table: &'a str,
             c: &'a Completion<'a>,
         ) -> TxFuture<'a, Fence> {
             Box::pin(async move {
-                let s = prepared(&table.mysql, table, MySqlTx::new)?;
+                let s = prepared(&MYSQL, table, MySqlTx::new)?;
                 let q = s.store.complete_query(c);
                 let conn = &mut **self;
                 let op = "complete in transaction";
@@ -144,8 +159,6 @@ mod mysql {
         }
     }
 }
-#[cfg(feature = "mysql")]
-pub(crate) use mysql::MySqlTx;
 
 #[cfg(feature = "postgres")]
 mod postgres {
@@ -155,8 +168,10 @@ mod postgres {
     use crate::sql::postgres::{Statements, storable};
     use sqlx::postgres::Postgres;
 
+    static POSTGRES: Prepared<PostgresTx> = RwLock::new(BTreeMap::new());
+
     /// The PostgreSQL store's statements: its claim already locks what it writes.
-    pub(crate) struct PostgresTx(Statements);
+    struct PostgresTx(Statements);
 
     impl PostgresTx {
         fn new(table: TableName) -> Self {
@@ -168,14 +183,14 @@ mod postgres {
         Postgres::err(op)
     }
 
-    impl crate::__private::DedupTransaction for sqlx::Transaction<'_, Postgres> {
+    impl DedupTransaction for sqlx::Transaction<'_, Postgres> {
         fn claim_in_tx<'a>(
             &'a mut self,
-            table: &'a TxTable,
+            table: &'a str,
             req: &'a ClaimRequest<'a>,
         ) -> TxFuture<'a, ClaimOutcome> {
             Box::pin(async move {
-                let s = prepared(&table.postgres, table, PostgresTx::new)?;
+                let s = prepared(&POSTGRES, table, PostgresTx::new)?;
                 storable(req.key)?;
                 for _ in 0..CLAIM_RETRIES {
                     let row = sqlx::query(s.0.claim.clone())
@@ -200,11 +215,11 @@ mod postgres {
 
         fn complete_in_tx<'a>(
             &'a mut self,
-            table: &'a TxTable,
+            table: &'a str,
             c: &'a Completion<'a>,
         ) -> TxFuture<'a, Fence> {
             Box::pin(async move {
-                let s = prepared(&table.postgres, table, PostgresTx::new)?;
+                let s = prepared(&POSTGRES, table, PostgresTx::new)?;
                 storable(c.key)?;
                 let q = sqlx::query(s.0.complete.clone()).bind_completion(c);
                 let conn = &mut **self;
@@ -223,8 +238,6 @@ mod postgres {
         }
     }
 }
-#[cfg(feature = "postgres")]
-pub(crate) use postgres::PostgresTx;
 
 #[cfg(feature = "sqlite")]
 mod sqlite {
@@ -233,9 +246,11 @@ mod sqlite {
     use crate::sql::sqlite::Statements;
     use sqlx::sqlite::Sqlite;
 
+    static SQLITE: Prepared<SqliteTx> = RwLock::new(BTreeMap::new());
+
     /// The SQLite store's statements; the transaction holds the database's write lock
     /// from its first write, so reads after the insert see the latest rows.
-    pub(crate) struct SqliteTx(Statements);
+    struct SqliteTx(Statements);
 
     impl SqliteTx {
         fn new(table: TableName) -> Self {
@@ -247,14 +262,15 @@ mod sqlite {
         Sqlite::err(op)
     }
 
-    impl crate::__private::DedupTransaction for sqlx::Transaction<'_, Sqlite> {
+    impl DedupTransaction for sqlx::Transaction<'_, Sqlite> {
         fn claim_in_tx<'a>(
             &'a mut self,
-            table: &'a TxTable,
+            table: &'a str,
             req: &'a ClaimRequest<'a>,
         ) -> TxFuture<'a, ClaimOutcome> {
             Box::pin(async move {
-                let s = &prepared(&table.sqlite, table, SqliteTx::new)?.0;
+                let s = prepared(&SQLITE, table, SqliteTx::new)?;
+                let s = &s.0;
                 let conn = &mut **self;
                 let err = || err("claim in transaction");
                 for _ in 0..CLAIM_RETRIES {
@@ -279,11 +295,12 @@ mod sqlite {
 
         fn complete_in_tx<'a>(
             &'a mut self,
-            table: &'a TxTable,
+            table: &'a str,
             c: &'a Completion<'a>,
         ) -> TxFuture<'a, Fence> {
             Box::pin(async move {
-                let s = &prepared(&table.sqlite, table, SqliteTx::new)?.0;
+                let s = prepared(&SQLITE, table, SqliteTx::new)?;
+                let s = &s.0;
                 let q = sqlx::query(s.complete.clone()).bind_completion(c);
                 let conn = &mut **self;
                 let op = "complete in transaction";
@@ -301,5 +318,3 @@ mod sqlite {
         }
     }
 }
-#[cfg(feature = "sqlite")]
-pub(crate) use sqlite::SqliteTx;

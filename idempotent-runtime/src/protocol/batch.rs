@@ -2,10 +2,12 @@
 //! complete it and one to release its failures, for consumers that receive messages in
 //! lists (RocketMQ and Kafka listeners, SQS `ReceiveMessage`, NATS fetch).
 
-use crate::protocol::{
-    self, CancelGuard, Claim, OnInProgress, OnStoreError, Outcome, decode_output, encode_output,
-    output_cap, record, run_body,
+use super::decide::{Decision, Finished, decide};
+use super::{
+    self as protocol, CancelGuard, Claim, OnInProgress, OnStoreError, Outcome, output_cap, record,
+    run_body,
 };
+use crate::output::encode_output;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release};
 use crate::{Error, Idempotency, KeyPart, RecordKey, StoreError};
 use futures_util::future::join_all;
@@ -85,6 +87,68 @@ impl Idempotency {
         HF: Fn(&'m M) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
+        self.run_batch_inner(messages, key_of, None, handler).await
+    }
+
+    /// Like [`run_batch`](Self::run_batch), with a fingerprint per message, as
+    /// [`run_with_fingerprint`](Self::run_with_fingerprint) takes for one: a message
+    /// whose key was claimed before with a different fingerprint (by an earlier batch,
+    /// or by an earlier message of the same batch) gets [`Error::FingerprintMismatch`]
+    /// instead of a cached output, and its handler does not run.
+    ///
+    /// ```
+    /// use idempotent_runtime::{Error, Idempotency};
+    ///
+    /// struct Msg { id: &'static str, amount: u64 }
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let ledger = Idempotency::new("ledger-fp");
+    /// let batch = [Msg { id: "a", amount: 1 }, Msg { id: "a", amount: 2 }];
+    /// let results: Vec<Result<u64, Error>> = ledger
+    ///     .run_batch_with_fingerprint(&batch, |m| m.id, |m| m.amount, |m| async move { Ok(m.amount) })
+    ///     .await;
+    /// assert_eq!(*results[0].as_ref().unwrap(), 1);
+    /// assert!(matches!(results[1], Err(Error::FingerprintMismatch)));
+    /// # });
+    /// ```
+    pub async fn run_batch_with_fingerprint<'m, M, K, F, T, E, KF, FF, HF, Fut>(
+        &self,
+        messages: &'m [M],
+        key_of: KF,
+        fingerprint_of: FF,
+        handler: HF,
+    ) -> Vec<Result<T, E>>
+    where
+        K: KeyPart,
+        F: Serialize,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        KF: Fn(&'m M) -> K,
+        FF: Fn(&'m M) -> F,
+        HF: Fn(&'m M) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let fingerprint_of = |m: &'m M| crate::fingerprint::fingerprint(&fingerprint_of(m));
+        self.run_batch_inner(messages, key_of, Some(&fingerprint_of), handler)
+            .await
+    }
+
+    #[allow(clippy::type_complexity)]
+    async fn run_batch_inner<'m, M, K, T, E, KF, HF, Fut>(
+        &self,
+        messages: &'m [M],
+        key_of: KF,
+        fingerprint_of: Option<&dyn Fn(&'m M) -> Result<[u8; 32], Error>>,
+        handler: HF,
+    ) -> Vec<Result<T, E>>
+    where
+        K: KeyPart,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        KF: Fn(&'m M) -> K,
+        HF: Fn(&'m M) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
         if protocol::disabled() {
             protocol::note_disabled();
             return join_all(messages.iter().map(&handler)).await;
@@ -116,28 +180,44 @@ impl Idempotency {
         }
         let scope = self.scope_cow().clone();
 
-        // keys, with repeats inside the batch folded onto their first message
+        // keys and fingerprints, with repeats inside the batch folded onto their first
+        // message (a repeat with another fingerprint is a mismatch)
         let mut slots: Vec<Slot<T, E>> = Vec::with_capacity(messages.len());
         let mut keys: Vec<Option<RecordKey>> = Vec::with_capacity(messages.len());
+        let mut fingerprints: Vec<Option<[u8; 32]>> = Vec::with_capacity(messages.len());
         let mut first: HashMap<RecordKey, usize> = HashMap::new();
         for (i, m) in messages.iter().enumerate() {
-            match RecordKey::new(&scope, &key_of(m)) {
-                Err(e) => {
+            let key = RecordKey::new(&scope, &key_of(m));
+            let fingerprint = fingerprint_of.map(|f| f(m)).transpose();
+            let (key, fingerprint) = match (key, fingerprint) {
+                (Ok(k), Ok(f)) => (k, f),
+                (Err(e), _) | (_, Err(e)) => {
                     slots.push(Slot::Done(Err(e.into())));
                     keys.push(None);
+                    fingerprints.push(None);
+                    continue;
                 }
-                Ok(k) => match first.get(&k) {
-                    Some(&f) => {
-                        slots.push(Slot::SameAs(f));
-                        keys.push(None);
-                    }
-                    None => {
-                        first.insert(k.clone(), i);
-                        slots.push(Slot::Open);
-                        keys.push(Some(k));
-                    }
-                },
+            };
+            match first.get(&key) {
+                Some(&f) if fingerprints[f] != fingerprint => {
+                    let done = match decide::<T>(ClaimOutcome::FingerprintMismatch) {
+                        Decision::Done(done) => done.finish(&scope),
+                        _ => Err(Error::FingerprintMismatch.into()),
+                    };
+                    slots.push(Slot::Done(done));
+                    keys.push(None);
+                }
+                Some(&f) => {
+                    slots.push(Slot::SameAs(f));
+                    keys.push(None);
+                }
+                None => {
+                    first.insert(key.clone(), i);
+                    slots.push(Slot::Open);
+                    keys.push(Some(key));
+                }
             }
+            fingerprints.push(fingerprint);
         }
         drop(first);
 
@@ -149,7 +229,7 @@ impl Idempotency {
                 key: keys[i].as_ref().expect("claimed keys exist"),
                 lease: settings.lease,
                 ttl: settings.ttl,
-                fingerprint: None,
+                fingerprint: fingerprints[i].as_ref().map(|f| &f[..]),
                 max_attempts: settings.max_attempts,
             })
             .collect();
@@ -188,49 +268,30 @@ impl Idempotency {
         let mut outputs: HashMap<usize, Option<Vec<u8>>> = HashMap::new();
         let mut run: Vec<(usize, Claim)> = Vec::new();
         for (&i, outcome) in claimed.iter().zip(outcomes) {
-            let done: Result<T, E> = match outcome {
-                ClaimOutcome::Acquired { token, attempt } => {
+            if let ClaimOutcome::Completed { output } = &outcome {
+                outputs.insert(i, output.clone());
+            }
+            let done = match decide::<T>(outcome) {
+                Decision::Run { token, attempt } => {
+                    let scope = scope.clone();
                     run.push((
                         i,
                         Claim {
-                            scope: scope.clone(),
+                            scope,
                             token,
                             attempt,
                         },
                     ));
                     continue;
                 }
-                ClaimOutcome::Completed { output } => {
-                    outputs.insert(i, output.clone());
-                    let r = decode_output(output);
-                    record(
-                        if r.is_ok() {
-                            Outcome::Replayed
-                        } else {
-                            Outcome::NotReplayable
-                        },
-                        &scope,
-                    );
-                    r.map_err(E::from)
+                Decision::InProgress { .. } if settings.on_in_progress == OnInProgress::Wait => {
+                    slots[i] = Slot::Wait;
+                    continue;
                 }
-                ClaimOutcome::InProgress { retry_after } => {
-                    if settings.on_in_progress == OnInProgress::Wait {
-                        slots[i] = Slot::Wait;
-                        continue;
-                    }
-                    record(Outcome::InProgress, &scope);
-                    Err(Error::InProgress { retry_after }.into())
-                }
-                ClaimOutcome::Exhausted { attempts } => {
-                    record(Outcome::Exhausted, &scope);
-                    Err(Error::AttemptsExhausted { attempts }.into())
-                }
-                ClaimOutcome::FingerprintMismatch => {
-                    record(Outcome::FingerprintMismatch, &scope);
-                    Err(Error::FingerprintMismatch.into())
-                }
+                Decision::InProgress { retry_after } => Finished::in_progress(retry_after),
+                Decision::Done(done) => done,
             };
-            slots[i] = Slot::Done(done);
+            slots[i] = Slot::Done(done.finish(&scope));
         }
 
         // run the claimed handlers concurrently; a drop releases the unfinished ones
@@ -339,7 +400,7 @@ impl Idempotency {
                     scope: (&scope).into(),
                     store: store.at(),
                     key,
-                    fingerprint: None,
+                    fingerprint: fingerprints[i],
                 };
                 let r = protocol::execute(&settings, call, handler(&messages[i])).await;
                 slots[i] = Slot::Done(r);
@@ -352,9 +413,15 @@ impl Idempotency {
             out.push(match slot {
                 Slot::Done(r) => r,
                 Slot::SameAs(f) => match outputs.get(&f) {
-                    Some(bytes) => {
-                        record(Outcome::Replayed, &scope);
-                        decode_output(bytes.clone()).map_err(E::from)
+                    Some(output) => {
+                        let output = output.clone();
+                        match decide::<T>(ClaimOutcome::Completed { output }) {
+                            Decision::Done(done) => done.finish(&scope),
+                            _ => Err(Error::InProgress {
+                                retry_after: Duration::ZERO,
+                            }
+                            .into()),
+                        }
                     }
                     None => Err(Error::InProgress {
                         retry_after: Duration::ZERO,

@@ -1,0 +1,264 @@
+//! The transactional driver (`#[idempotent(tx = "…")]`): the claim and the completion
+//! are written through the caller's SQL transaction, around the body, which uses the
+//! same transaction in between; the caller's commit makes the business writes and the
+//! dedup mark visible at once, and a rollback removes both.
+//!
+//! The driver knows transactions only through [`DedupTransaction`]; the SQL stores
+//! implement it for `sqlx::Transaction` and keep their statements per table.
+
+use super::claim::{CURRENT_CLAIM, Claim};
+use super::decide::{Decision, Finished, decide};
+use super::settings::{Settings, output_cap};
+use super::telemetry::{Outcome, disabled, note_disabled, record, record_span};
+use crate::output::encode_output;
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence};
+use crate::{Error, KeyBuilder, RecordKey, StoreError, StoreErrorKind};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::borrow::Cow;
+use std::future::Future;
+use std::ops::ControlFlow;
+use std::pin::Pin;
+use std::time::Duration;
+
+/// The boxed future of a [`DedupTransaction`] step.
+pub type TxFuture<'a, T> = Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
+
+/// A transaction the dedup record of `#[idempotent(tx = "…")]` can be written in.
+///
+/// With the runtime's `mysql`, `postgres` and `sqlite` features,
+/// `sqlx::Transaction<'_, MySql>`, `<'_, Postgres>` and `<'_, Sqlite>` implement it on
+/// the SQL stores' tables. Another transaction type can implement it to take part in
+/// transactional mode; both steps follow the rules of [`Store::claim`] and
+/// [`Store::complete`](crate::Store::complete), except that an acquired claim holds
+/// the row's lock until the transaction ends instead of a lease.
+///
+/// [`Store::claim`]: crate::Store::claim
+#[diagnostic::on_unimplemented(
+    message = "`{Self}` is not a SQL transaction the dedup record can be written in",
+    label = "`tx = …` names this parameter",
+    note = "`tx = \"PARAM\"` takes a parameter of type `&mut sqlx::Transaction<'_, DB>` that the caller begins and commits, \
+            for `DB` = `MySql`, `Postgres` or `Sqlite` (use the driver re-exported as `idempotent_runtime::sqlx`)",
+    note = "enable the matching feature of `idempotent-runtime`: `mysql`, `postgres` or `sqlite`"
+)]
+pub trait DedupTransaction: Send {
+    /// Claims the key in the dedup table `table` inside the transaction; see
+    /// [`ClaimOutcome`]. An acquired claim holds the row's lock until the transaction
+    /// ends. `table` is a table name the attribute checked; an implementation checks
+    /// it again and answers [`StoreErrorKind::Rejected`] for a name it cannot use.
+    fn claim_in_tx<'a>(
+        &'a mut self,
+        table: &'a str,
+        req: &'a ClaimRequest<'a>,
+    ) -> TxFuture<'a, ClaimOutcome>;
+
+    /// Marks the claimed key Completed with its output, in the same transaction.
+    fn complete_in_tx<'a>(
+        &'a mut self,
+        table: &'a str,
+        completion: &'a Completion<'a>,
+    ) -> TxFuture<'a, Fence>;
+}
+
+/// One transactional handler's configuration.
+#[derive(Debug)]
+pub struct TxConfig {
+    /// Explicit `scope = "…"`, or `None` for the handler's default scope.
+    pub scope: Option<&'static str>,
+    /// How long a completed key is remembered.
+    pub ttl: Duration,
+    /// The dedup table.
+    pub table: &'static str,
+}
+
+/// The transaction a [`TxCall`] writes in: the `tx = "…"` parameter, spanned at its
+/// type so that a parameter that is not a transaction reports [`DedupTransaction`]
+/// there.
+#[inline]
+pub fn tx_conn<X: DedupTransaction>(tx: &mut X) -> &mut dyn DedupTransaction {
+    tx
+}
+
+/// One message handled in transactional mode, before its claim.
+///
+/// The attribute emits three steps around the handler's body, which borrows the same
+/// transaction in between (one runtime call taking the body as a closure of the
+/// transaction would make the handler's future `Send` only for one lifetime, so a
+/// spawned handler would not compile):
+///
+/// ```text
+/// let (call, span) = TxCall::new(&CONFIG, scope, key, fingerprint);
+/// async move {
+///     let claim = match call.claim(tx_conn(&mut *tx)).await {
+///         ControlFlow::Continue(claim) => claim,   // claimed: run the body
+///         ControlFlow::Break(done) => return done, // replayed output or error
+///     };
+///     let ret = claim.scoped(async move { body }).await;
+///     claim.finish(tx_conn(&mut *tx), ret).await  // completion in the same transaction
+/// }.instrument(span).await
+/// ```
+#[derive(Debug)]
+pub struct TxCall {
+    config: &'static TxConfig,
+    scope: &'static str,
+    key: Result<RecordKey, Error>,
+    fingerprint: Option<Result<[u8; 32], Error>>,
+}
+
+/// A transactional claim: the body runs, then [`finish`](Self::finish) records its
+/// output in the same transaction.
+#[derive(Debug)]
+pub struct TxClaim {
+    config: &'static TxConfig,
+    scope: &'static str,
+    /// `None` when deduplication is disabled.
+    claimed: Option<(RecordKey, Claim)>,
+}
+
+impl TxCall {
+    /// Finishes the key under `scope` and opens the message's span.
+    pub fn new(
+        config: &'static TxConfig,
+        scope: &'static str,
+        key: KeyBuilder,
+        fingerprint: Option<Result<[u8; 32], Error>>,
+    ) -> (Self, tracing::Span) {
+        let span = tracing::info_span!(
+            "idempotent",
+            scope = %scope,
+            attempt = tracing::field::Empty,
+            outcome = tracing::field::Empty,
+        );
+        let call = TxCall {
+            config,
+            scope,
+            key: key.finish(scope),
+            fingerprint,
+        };
+        (call, span)
+    }
+
+    /// Claims the key in `tx`: `Continue` to run the body, `Break` with what the
+    /// handler returns without running it (a replayed output or an error).
+    pub async fn claim<T, E>(
+        self,
+        tx: &mut dyn DedupTransaction,
+    ) -> ControlFlow<Result<T, E>, TxClaim>
+    where
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+    {
+        let (config, scope) = (self.config, self.scope);
+        if disabled() {
+            note_disabled();
+            return ControlFlow::Continue(TxClaim {
+                config,
+                scope,
+                claimed: None,
+            });
+        }
+        let prepared = self
+            .key
+            .and_then(|key| Ok((key, self.fingerprint.transpose()?)));
+        let (key, fingerprint) = match prepared {
+            Ok(p) => p,
+            Err(e) => return ControlFlow::Break(Err(e.into())),
+        };
+        let req = ClaimRequest {
+            key: &key,
+            // the row lock is the claim; a claim committed without a completion (the
+            // caller committed after a handler error) is claimable again at once
+            lease: Duration::ZERO,
+            ttl: config.ttl,
+            fingerprint: fingerprint.as_ref().map(|f| &f[..]),
+            max_attempts: None,
+        };
+        let outcome = match tx.claim_in_tx(config.table, &req).await {
+            Ok(outcome) => outcome,
+            Err(e) => {
+                record(Outcome::StoreError, scope);
+                return ControlFlow::Break(Err(Error::Store(e).into()));
+            }
+        };
+        let done = match decide::<T>(outcome) {
+            Decision::Run { token, attempt } => {
+                record_span("attempt", attempt);
+                let claim = Claim {
+                    scope: Cow::Borrowed(scope),
+                    token,
+                    attempt,
+                };
+                return ControlFlow::Continue(TxClaim {
+                    config,
+                    scope,
+                    claimed: Some((key, claim)),
+                });
+            }
+            Decision::Done(done) => done,
+            // a live claim of the same key by a store (not a transaction) in this table
+            Decision::InProgress { retry_after } => Finished::in_progress(retry_after),
+        };
+        ControlFlow::Break(done.finish(scope))
+    }
+}
+
+impl TxClaim {
+    /// Runs the body with its claim visible to [`current_claim`](crate::current_claim).
+    pub async fn scoped<F: Future>(&self, body: F) -> F::Output {
+        match &self.claimed {
+            Some((_, claim)) => CURRENT_CLAIM.scope(claim.clone(), body).await,
+            None => body.await,
+        }
+    }
+
+    /// After the body: on success, marks the key Completed with the output in `tx`
+    /// (the caller's commit makes both visible at once); on error, returns it and
+    /// writes nothing (the caller's rollback removes the claim).
+    pub async fn finish<T, E>(
+        self,
+        tx: &mut dyn DedupTransaction,
+        result: Result<T, E>,
+    ) -> Result<T, E>
+    where
+        T: Serialize,
+        E: From<Error>,
+    {
+        let Some((key, claim)) = self.claimed else {
+            return result;
+        };
+        let scope = self.scope;
+        let value = match result {
+            Ok(value) => value,
+            Err(e) => {
+                record(Outcome::Failed, scope);
+                return Err(e);
+            }
+        };
+        let output = encode_output(&value, output_cap(&Settings::DEFAULT));
+        let completion = Completion {
+            key: &key,
+            token: claim.token,
+            output: output.as_deref(),
+            ttl: self.config.ttl,
+        };
+        match tx.complete_in_tx(self.config.table, &completion).await {
+            Ok(Fence::Held) => {
+                record(Outcome::Executed, scope);
+                Ok(value)
+            }
+            Ok(Fence::Lost) => {
+                record(Outcome::StoreError, scope);
+                Err(Error::Store(StoreError::new(
+                    StoreErrorKind::Other,
+                    "the dedup row claimed in this transaction was deleted or expired before \
+                     its completion; roll the transaction back",
+                ))
+                .into())
+            }
+            Err(e) => {
+                record(Outcome::StoreError, scope);
+                Err(Error::Store(e).into())
+            }
+        }
+    }
+}
