@@ -8,7 +8,10 @@
 //! // Output (paths shortened):
 //! pub async fn on_paid(msg: &OrderPaid) -> Result<Receipt, AppError> {
 //!     fn __idempotent_scope() {}                       // its type name is the default scope
-//!     static CONFIG: __private::Config = /* scope, ttl, lease, … */;
+//!     static CONFIG: __private::Config = Config {
+//!         scope: None,                                 // `Some("…")` for `scope = "…"`
+//!         settings: ConfigSettings::DEFAULT.with_ttl(/* only the arguments given */),
+//!     };
 //!     static SCOPE: __private::DefaultScope = DefaultScope::new();
 //!     let mut key = KeyBuilder::new();
 //!     __private::key_part(&mut key, &(msg.id));        // one call per tuple element
@@ -83,7 +86,10 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
     };
 
     let store = match &c.store {
-        None => quote!(#private::StoreArg::Named("memory")),
+        None => {
+            let name = crate::limits::DEFAULT_STORE;
+            quote!(#private::StoreArg::Named(#name))
+        }
         Some(StoreArg::Name(lit)) => quote!(#private::StoreArg::Named(#lit)),
         Some(StoreArg::Expr(e)) => typed_store(&private, e),
     };
@@ -112,21 +118,29 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
         }
         None => quote!(#default_scope.get(#config.scope, || #path)),
     };
-    let ttl = c.ttl_ms;
-    let lease = c.lease_ms;
-    let max_attempts = match c.max_attempts {
-        Some(n) => quote!(#private::core::option::Option::Some(#n)),
-        None => quote!(#private::core::option::Option::None),
-    };
-    let on_store_error = if c.on_store_error_process {
-        quote!(#private::OnStoreError::Process)
-    } else {
-        quote!(#private::OnStoreError::Fail)
-    };
-    let on_in_progress = if c.on_in_progress_wait {
-        quote!(#private::OnInProgress::Wait)
-    } else {
-        quote!(#private::OnInProgress::Reject)
+    // the runtime's defaults, changed only where an argument was given
+    let from_millis = |ms: u64| quote!(#private::Duration::from_millis(#ms));
+    let mut settings = quote!(#private::ConfigSettings::DEFAULT);
+    if let Some(ms) = c.ttl_ms {
+        let ttl = from_millis(ms);
+        settings = quote!(#settings.with_ttl(#ttl));
+    }
+    if let Some(ms) = c.lease_ms {
+        let lease = from_millis(ms);
+        settings = quote!(#settings.with_lease(#lease));
+    }
+    if let Some(n) = c.max_attempts {
+        settings = quote!(#settings.with_max_attempts(#private::core::option::Option::Some(#n)));
+    }
+    if c.on_store_error_process {
+        settings = quote!(#settings.with_on_store_error(#private::OnStoreError::Process));
+    }
+    if c.on_in_progress_wait {
+        settings = quote!(#settings.with_on_in_progress(#private::OnInProgress::Wait));
+    }
+    let ttl = match c.ttl_ms {
+        Some(ms) => from_millis(ms),
+        None => quote!(#private::ConfigSettings::DEFAULT.ttl),
     };
 
     let ret_ty = match &sig.output {
@@ -143,7 +157,7 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
             scope_get: &default_scope_get,
             fingerprint: &fingerprint,
             ret_ty: &ret_ty,
-            ttl,
+            ttl: &ttl,
         };
         let body = expand_tx(tx, &parts, quote!(#(#key_parts)*), &block);
         return quote! {
@@ -163,14 +177,7 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
             fn #marker() {}
             static #config: #private::Config = #private::Config {
                 scope: #scope,
-                settings: #private::ConfigSettings {
-                    ttl: #private::Duration::from_millis(#ttl),
-                    lease: #private::Duration::from_millis(#lease),
-                    max_attempts: #max_attempts,
-                    on_store_error: #on_store_error,
-                    on_in_progress: #on_in_progress,
-                    max_output_bytes: #private::core::option::Option::None,
-                },
+                settings: #settings,
             };
             static #default_scope: #private::DefaultScope = #private::DefaultScope::new();
             let mut #key = #private::KeyBuilder::new();
@@ -204,7 +211,8 @@ struct Parts<'a> {
     scope_get: &'a TokenStream,
     fingerprint: &'a TokenStream,
     ret_ty: &'a TokenStream,
-    ttl: u64,
+    /// the ttl: the given one, or the runtime's default
+    ttl: &'a TokenStream,
 }
 
 /// `tx = "PARAM"`: the claim and the completion are written through the caller's
@@ -263,7 +271,7 @@ fn expand_tx(
     quote! {
         static #config: #private::TxConfig = #private::TxConfig {
             scope: #scope,
-            ttl: #private::Duration::from_millis(#ttl),
+            ttl: #ttl,
             table: #table,
         };
         static #default_scope: #private::DefaultScope = #private::DefaultScope::new();

@@ -5,6 +5,7 @@
 
 mod attr;
 mod expand;
+mod limits;
 mod validate;
 
 use proc_macro::TokenStream;
@@ -59,4 +60,11 @@ fn with_original(err: syn::Error, original: proc_macro2::TokenStream) -> TokenSt
     let mut out = err.to_compile_error();
     out.extend(original);
     out.into()
+}
+
+/// The attribute's defaults and limits, for the runtime's test that they equal its own.
+#[doc(hidden)]
+#[proc_macro]
+pub fn __limits(_: TokenStream) -> TokenStream {
+    limits::expr().into()
 }

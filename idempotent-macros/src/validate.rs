@@ -10,21 +10,19 @@ use syn::visit::Visit;
 use syn::{Expr, FnArg, ItemFn, LitStr, Pat, Path, ReturnType, Type};
 pub(crate) use tx::TxMode;
 
-/// Longest accepted `ttl` or `lease`: ten years (every store can represent the deadline).
-const MAX_DURATION_MS: u64 = 3650 * 24 * 3600 * 1000;
-const DEFAULT_TTL_MS: u64 = 7 * 24 * 3600 * 1000;
-const DEFAULT_LEASE_MS: u64 = 60 * 1000;
-/// Shortest accepted `lease` (the runtime's `MIN_LEASE`).
-const MIN_LEASE_MS: u64 = 100;
-const MAX_SCOPE_BYTES: usize = 200;
+use crate::limits::{
+    DEFAULT_LEASE_MS, DEFAULT_TTL_MS, MAX_DURATION_MS, MAX_SCOPE_BYTES, MIN_LEASE_MS,
+};
 
 /// Everything `expand` needs, validated.
 pub(crate) struct Checked {
     pub(crate) key_parts: Vec<Expr>,
     pub(crate) fingerprint: Option<Expr>,
     pub(crate) store: Option<StoreArg>,
-    pub(crate) ttl_ms: u64,
-    pub(crate) lease_ms: u64,
+    /// `ttl` as given, in milliseconds; `None` leaves the runtime's default.
+    pub(crate) ttl_ms: Option<u64>,
+    /// `lease` as given, in milliseconds; `None` leaves the runtime's default.
+    pub(crate) lease_ms: Option<u64>,
     pub(crate) max_attempts: Option<u32>,
     pub(crate) scope: Option<LitStr>,
     pub(crate) on_store_error_process: bool,
@@ -170,8 +168,8 @@ pub(crate) fn check(args: Args, func: &ItemFn, errors: &mut Errors) -> Option<Ch
         key_parts: key_parts?,
         fingerprint,
         store: args.store,
-        ttl_ms,
-        lease_ms,
+        ttl_ms: ttl,
+        lease_ms: lease,
         max_attempts,
         scope: args.scope,
         on_store_error_process,

@@ -65,11 +65,12 @@ pub use key::{KeyBuilder, KeyPart, MAX_KEY_BYTES, MAX_SCOPE_BYTES, RecordKey};
 pub use manual::Idempotency;
 pub use memory::MemoryStore;
 pub use protocol::{
-    Claim, DEFAULT_MAX_OUTPUT_BYTES, MIN_LEASE, OnInProgress, OnStoreError, Settings,
+    Claim, DEFAULT_MAX_OUTPUT_BYTES, MAX_TTL, MIN_LEASE, OnInProgress, OnStoreError, Settings,
     current_claim, set_max_output_bytes,
 };
 pub use registry::{register_store, registered_store};
 pub use store::{Store, Token};
 
 // Paths the stores use inside the crate; public under `store`.
+#[allow(unused_imports)]
 pub(crate) use scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};

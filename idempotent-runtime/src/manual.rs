@@ -48,7 +48,7 @@ impl Idempotency {
     pub fn new(scope: impl Into<Cow<'static, str>>) -> Self {
         Idempotency {
             scope: scope.into(),
-            store: StoreChoice::Named(Cow::Borrowed("memory")),
+            store: StoreChoice::Named(Cow::Borrowed(crate::registry::DEFAULT_STORE)),
             settings: Settings::DEFAULT,
         }
     }

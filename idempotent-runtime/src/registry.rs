@@ -4,12 +4,15 @@ use crate::{MemoryStore, Store};
 use std::collections::HashMap;
 use std::sync::{LazyLock, RwLock};
 
+/// The name of the store a handler uses when it names none.
+pub(crate) const DEFAULT_STORE: &str = "memory";
+
 type Registry = RwLock<HashMap<Box<str>, &'static dyn Store>>;
 
 static REGISTRY: LazyLock<Registry> = LazyLock::new(|| {
     let memory: &'static dyn Store = Box::leak(Box::new(MemoryStore::new()));
     let mut map = HashMap::new();
-    map.insert(Box::from("memory"), memory);
+    map.insert(Box::from(DEFAULT_STORE), memory);
     RwLock::new(map)
 });
 

@@ -25,9 +25,15 @@ use std::time::Duration;
 /// Complete, release and renew are compare-and-set on it; handlers can use it to fence
 /// their own downstream writes (`UPDATE … SET version = token WHERE version < token`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub struct Token(pub u64);
+pub struct Token(pub(crate) u64);
 
 impl Token {
+    /// A token, for [`Store`] implementations outside this crate: the store issues
+    /// them, strictly growing per record.
+    pub const fn new(token: u64) -> Self {
+        Token(token)
+    }
+
     /// The token as a number.
     pub fn get(self) -> u64 {
         self.0

@@ -520,7 +520,11 @@ mod tests {
     }
 
     fn completed(token: u64) -> Option<Record> {
-        let mut r = Record::new(RecordState::Completed, 1, idempotent_runtime::Token(token));
+        let mut r = Record::new(
+            RecordState::Completed,
+            1,
+            idempotent_runtime::Token::new(token),
+        );
         r.output = Some(token.to_string().into_bytes());
         Some(r)
     }

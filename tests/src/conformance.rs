@@ -288,7 +288,7 @@ pub async fn stale_owner_is_fenced(store: Arc<dyn Store>) {
 pub async fn tokens_strictly_increase(store: Arc<dyn Store>) {
     let scope = unique_scope("tokens");
     let k = key(&scope, "m-1");
-    let mut last = Token(0);
+    let mut last = Token::new(0);
     for i in 0..10 {
         let (t, _) = acquire(&*store, &req(&k)).await;
         assert!(t > last, "token {t} after {last}");
@@ -824,7 +824,7 @@ pub async fn retried_completion_after_a_lost_reply_is_held(store: Arc<dyn Store>
         Fence::Held,
         "a retried completion by the token that completed the key"
     );
-    let other = Token(token.get() + 1);
+    let other = Token::new(token.get() + 1);
     assert_eq!(complete(&*store, &k, other, b"2").await, Fence::Lost);
     assert_eq!(release(&*store, &k, token).await, Fence::Lost);
     let replay = store.claim(&req(&k)).await.expect("claim");

@@ -562,7 +562,7 @@ pub async fn repeated_completion_by_the_same_claim_is_held(store: &dyn Store) {
         Fence::Held
     );
     // another token: Lost
-    let other = idempotent_runtime::Token(tokens[0].get() + 1);
+    let other = idempotent_runtime::Token::new(tokens[0].get() + 1);
     assert_eq!(
         store.complete(&completion(0, other)).await.unwrap(),
         Fence::Lost
@@ -581,7 +581,7 @@ pub async fn repeated_completion_by_the_same_claim_is_held(store: &dyn Store) {
         completion(1, tokens[1]),
         completion(2, tokens[2]),
         completion(2, tokens[2]),
-        completion(1, idempotent_runtime::Token(tokens[1].get() + 1)),
+        completion(1, idempotent_runtime::Token::new(tokens[1].get() + 1)),
         completion(3, tokens[3]),
     ];
     assert_eq!(

@@ -146,7 +146,7 @@ async fn every_step(store: &dyn Store, k: &RecordKey, rng: &mut Rng) -> usize {
         fingerprint: if rng.chance(2) { Some(b"fp") } else { None },
         max_attempts: if rng.chance(2) { Some(3) } else { None },
     };
-    let token = Token(rng.int() as u64);
+    let token = Token::new(rng.int() as u64);
     let mut failed = 0;
     let mut check = |r: Result<(), idempotent_runtime::StoreError>, op: &str| {
         if let Err(e) = r {

@@ -301,7 +301,7 @@ async fn run(
         for _ in 0..len {
             let op = random_op(&mut rng, tokens.len());
             let expected = model.apply(&op, &tokens);
-            let token_of = |c: Option<usize>| c.map_or(Token(1), |c| tokens[c]);
+            let token_of = |c: Option<usize>| c.map_or(Token::new(1), |c| tokens[c]);
             let got = match &op {
                 Op::Claim { key } => {
                     let r = ClaimRequest {

@@ -217,7 +217,7 @@ async fn batch_fences_are_per_item() {
         .map(|&i| Completion {
             key: &keys[i],
             token: if i == 2 {
-                Token(tokens[2].0 + 1)
+                Token::new(tokens[2].get() + 1)
             } else {
                 tokens[i]
             },
@@ -243,7 +243,7 @@ async fn batch_fences_are_per_item() {
     );
     let stale = [Release {
         key: &keys[2],
-        token: Token(tokens[2].0 + 1),
+        token: Token::new(tokens[2].get() + 1),
     }];
     assert_eq!(
         store.release_batch(&stale).await.unwrap(),

@@ -137,7 +137,7 @@ async fn every_step_is_one_round_trip() {
             // the first key was claimed by the preparing call
             ClaimOutcome::InProgress { .. } => Completion {
                 key: k,
-                token: Token(0),
+                token: Token::new(0),
                 output: None,
                 ttl: TTL,
             },
@@ -431,7 +431,7 @@ async fn scope_with_a_nul_is_rejected_not_corrupt() {
     check("forget", store.forget(&k).await.unwrap_err());
     let c = Completion {
         key: &k,
-        token: Token(1),
+        token: Token::new(1),
         output: None,
         ttl: TTL,
     };
@@ -442,14 +442,17 @@ async fn scope_with_a_nul_is_rejected_not_corrupt() {
     );
     let r = Release {
         key: &k,
-        token: Token(1),
+        token: Token::new(1),
     };
     check("release", store.release(&r).await.unwrap_err());
     check(
         "release_batch",
         store.release_batch(&[r]).await.unwrap_err(),
     );
-    check("renew", store.renew(&k, Token(1), TTL).await.unwrap_err());
+    check(
+        "renew",
+        store.renew(&k, Token::new(1), TTL).await.unwrap_err(),
+    );
     let h = Idempotency::new(scope.clone()).store(store.clone());
     let r: Result<u32, Error> = h.run("m", async { Ok(1) }).await;
     match r {

@@ -168,7 +168,7 @@ async fn batches_recover_from_a_flushed_function_library() {
     // half with a stale token: fenced
     let mut mixed = completions.clone();
     for c in mixed.iter_mut().skip(20) {
-        c.token = Token(c.token.0 - 1);
+        c.token = Token::new(c.token.get() - 1);
     }
     let fences = store.complete_batch(&mixed).await.unwrap();
     assert!(fences[..20].iter().all(|f| *f == Fence::Held));
@@ -547,7 +547,7 @@ async fn foreign_data_under_a_key_is_corrupt_not_a_panic() {
             store
                 .complete(&Completion {
                     key: &k,
-                    token: Token(5),
+                    token: Token::new(5),
                     output: None,
                     ttl: TTL,
                 })
@@ -559,13 +559,16 @@ async fn foreign_data_under_a_key_is_corrupt_not_a_panic() {
             store
                 .release(&Release {
                     key: &k,
-                    token: Token(5),
+                    token: Token::new(5),
                 })
                 .await
                 .map(drop),
             "release",
         );
-        check(store.renew(&k, Token(5), lease).await.map(drop), "renew");
+        check(
+            store.renew(&k, Token::new(5), lease).await.map(drop),
+            "renew",
+        );
         check(store.inspect(&k).await.map(drop), "inspect");
         check(
             store.claim_batch(&[req(&k, lease)]).await.map(drop),

@@ -8,11 +8,7 @@ use proc_macro2::Span;
 use syn::spanned::Spanned;
 use syn::{FnArg, Ident, ItemFn, LitStr, Pat, Type};
 
-/// The dedup table when `table` is not given: the SQL stores' default.
-const DEFAULT_TABLE: &str = "message_idempotent";
-
-/// Longest identifier part the SQL stores accept.
-const MAX_IDENT: usize = 63;
+use crate::limits::{DEFAULT_TABLE, MAX_IDENT};
 
 /// A validated `tx = "PARAM"`.
 pub(crate) struct TxMode {

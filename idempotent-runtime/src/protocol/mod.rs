@@ -37,7 +37,8 @@ pub(crate) use handle::{Scope, StoreHandle, StoreSource, lookup_store};
 pub(crate) use renewal::run_body;
 pub(crate) use settings::output_cap;
 pub use settings::{
-    DEFAULT_MAX_OUTPUT_BYTES, MIN_LEASE, OnInProgress, OnStoreError, Settings, set_max_output_bytes,
+    DEFAULT_MAX_OUTPUT_BYTES, MAX_TTL, MIN_LEASE, OnInProgress, OnStoreError, Settings,
+    set_max_output_bytes,
 };
 pub(crate) use single::{Call, CallKey, execute, run};
 pub(crate) use telemetry::{Outcome, disabled, note_disabled, record};

@@ -51,8 +51,16 @@ pub const MIN_LEASE: Duration = Duration::from_millis(100);
 
 impl Settings {
     /// Checks what the compiler cannot check for the manual API: the lease is at least
-    /// [`MIN_LEASE`].
+    /// [`MIN_LEASE`], and neither the ttl nor the lease is over [`MAX_TTL`].
     pub(crate) fn check(&self) -> Result<(), Error> {
+        if self.ttl > MAX_TTL || self.lease > MAX_TTL {
+            return Err(Error::InvalidSettings {
+                reason: format!(
+                    "a ttl of {:?} or a lease of {:?} is over the maximum of 3650 days",
+                    self.ttl, self.lease
+                ),
+            });
+        }
         if self.lease < MIN_LEASE {
             return Err(Error::InvalidSettings {
                 reason: format!(
@@ -67,9 +75,26 @@ impl Settings {
     }
 }
 
+/// The longest `ttl` and `lease` the protocol accepts: 3650 days (ten years), as the
+/// attribute checks at compile time.
+pub const MAX_TTL: Duration = Duration::from_secs(3650 * 24 * 3600);
+
 /// Protocol settings of one handler. The attribute builds it from its arguments;
-/// the manual API from [`Idempotency`](crate::Idempotency)'s builder methods.
+/// the manual API from [`Idempotency`](crate::Idempotency)'s builder methods. Other
+/// code starts from [`Settings::DEFAULT`] and changes what it needs with the `with_*`
+/// methods (the struct may gain fields):
+///
+/// ```
+/// use idempotent_runtime::Settings;
+/// use std::time::Duration;
+///
+/// const ORDERS: Settings = Settings::DEFAULT
+///     .with_ttl(Duration::from_secs(24 * 3600))
+///     .with_max_attempts(Some(5));
+/// assert_eq!(ORDERS.lease, Settings::DEFAULT.lease);
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub struct Settings {
     /// How long a completed key is remembered.
     pub ttl: Duration,
@@ -99,6 +124,44 @@ impl Settings {
     };
 }
 
+impl Settings {
+    /// With `ttl`: how long a completed key is remembered.
+    pub const fn with_ttl(mut self, ttl: Duration) -> Self {
+        self.ttl = ttl;
+        self
+    }
+
+    /// With `lease`: how long a claim holds without renewal (at least [`MIN_LEASE`]).
+    pub const fn with_lease(mut self, lease: Duration) -> Self {
+        self.lease = lease;
+        self
+    }
+
+    /// With `max_attempts`: poison the key after this many failed attempts.
+    pub const fn with_max_attempts(mut self, max_attempts: Option<u32>) -> Self {
+        self.max_attempts = max_attempts;
+        self
+    }
+
+    /// With the policy for an unreachable store.
+    pub const fn with_on_store_error(mut self, policy: OnStoreError) -> Self {
+        self.on_store_error = policy;
+        self
+    }
+
+    /// With the policy for a claim held elsewhere.
+    pub const fn with_on_in_progress(mut self, policy: OnInProgress) -> Self {
+        self.on_in_progress = policy;
+        self
+    }
+
+    /// With a cap on the cached output's size (`None`: the process-wide cap).
+    pub const fn with_max_output_bytes(mut self, bytes: Option<usize>) -> Self {
+        self.max_output_bytes = bytes;
+        self
+    }
+}
+
 impl Default for Settings {
     fn default() -> Self {
         Self::DEFAULT
@@ -109,4 +172,31 @@ pub(crate) fn output_cap(settings: &Settings) -> usize {
     settings
         .max_output_bytes
         .unwrap_or_else(|| MAX_OUTPUT_BYTES.load(Ordering::Relaxed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The attribute checks and fills in at compile time what the runtime checks and
+    /// fills in at run time: both must say the same.
+    #[test]
+    fn the_attribute_and_the_runtime_agree_on_defaults_and_limits() {
+        let m = idempotent_macros::__limits!();
+        assert_eq!(
+            Duration::from_millis(m.default_ttl_ms),
+            Settings::DEFAULT.ttl
+        );
+        assert_eq!(
+            Duration::from_millis(m.default_lease_ms),
+            Settings::DEFAULT.lease
+        );
+        assert_eq!(Duration::from_millis(m.min_lease_ms), MIN_LEASE);
+        assert_eq!(Duration::from_millis(m.max_duration_ms), MAX_TTL);
+        assert_eq!(m.max_scope_bytes, crate::MAX_SCOPE_BYTES);
+        assert_eq!(m.default_store, crate::registry::DEFAULT_STORE);
+        // the SQL side's table name and limit: `sql::tests`
+        let _ = m.max_ident;
+        assert_eq!(m.default_table, "message_idempotent");
+    }
 }
