@@ -19,6 +19,7 @@ mod output;
 mod protocol;
 mod registry;
 mod scan;
+mod scope;
 mod store;
 
 #[cfg(feature = "testing")]
