@@ -20,7 +20,7 @@ pub use tracing::Instrument;
 /// One handler's configuration, built by the attribute as a `static`.
 #[derive(Debug)]
 pub struct Config {
-    /// Explicit `scope = "…"`, or `None` for the handler's path.
+    /// Explicit `scope = "…"`, or `None` for the default scope ([`DefaultScope`]).
     pub scope: Option<&'static str>,
     /// The protocol settings.
     pub settings: Settings,
@@ -103,7 +103,7 @@ where
 /// One tx-mode handler's configuration, built by the attribute as a `static`.
 #[derive(Debug)]
 pub struct TxConfig {
-    /// Explicit `scope = "…"`, or `None` for the handler's path.
+    /// Explicit `scope = "…"`, or `None` for the default scope ([`DefaultScope`]).
     pub scope: Option<&'static str>,
     /// How long a completed key is remembered.
     pub ttl: Duration,

@@ -265,7 +265,7 @@ async fn default_scoped(id: &str) -> Result<u32, Error> {
     Ok(current_claim().expect("claim").attempt)
 }
 
-/// The default scope is the handler's path, the same on every call.
+/// The default scope is the module path and the fn name, the same on every call.
 #[tokio::test]
 async fn default_scope_is_the_handler_path() {
     assert_eq!(default_scoped("ds-1").await.unwrap(), 1);
