@@ -366,6 +366,57 @@ mod tests {
     }
 
     #[test]
+    fn the_default_scope_is_the_module_path_and_the_fn_name() {
+        let rt = ":: idempotent_runtime :: __private";
+        let scope = |name: &str| {
+            format!(
+                "{rt} :: core :: concat ! ({rt} :: core :: module_path ! () , \"::\" , \"{name}\")"
+            )
+        };
+        let free = expand(
+            quote::quote!(key = "msg.id"),
+            quote::quote!(
+                async fn handle(msg: &Msg) -> Result<(), Error> {
+                    Ok(())
+                }
+            ),
+        );
+        assert!(free.contains(&scope("handle")), "{free}");
+        assert!(
+            free.contains("__IDEMPOTENT_SCOPE . get (__IDEMPOTENT_CONFIG . scope)"),
+            "{free}"
+        );
+        // the type name of the marker fn only names the handler in messages
+        assert_eq!(free.matches("type_name").count(), 1, "{free}");
+
+        let raw = expand(
+            quote::quote!(key = "msg.id"),
+            quote::quote!(
+                async fn r#match(msg: &Msg) -> Result<(), Error> {
+                    Ok(())
+                }
+            ),
+        );
+        assert!(raw.contains(&scope("match")), "{raw}");
+
+        let method = expand(
+            quote::quote!(key = "msg.id"),
+            quote::quote!(
+                async fn handle(&self, msg: &Msg) -> Result<(), Error> {
+                    Ok(())
+                }
+            ),
+        );
+        assert!(method.contains(&scope("handle")), "{method}");
+        assert!(
+            method.contains(&format!(
+                "__IDEMPOTENT_SCOPE . get_for (__IDEMPOTENT_CONFIG . scope , {rt} :: core :: any :: type_name :: < Self > ())"
+            )),
+            "{method}"
+        );
+    }
+
+    #[test]
     fn crate_override_is_the_only_path_to_the_runtime() {
         let item = quote::quote! {
             async fn handle(msg: &Msg) -> Result<(), Error> { Ok(()) }
