@@ -7,20 +7,25 @@
 //!
 //! // Output (paths shortened):
 //! pub async fn on_paid(msg: &OrderPaid) -> Result<Receipt, AppError> {
-//!     fn __idempotent_scope() {}                       // its type name is the default scope
+//!     fn __idempotent_handler() -> &'static str {      // names the handler in messages
+//!         type_name_of_val(&__idempotent_handler)
+//!     }
+//!     static SCOPE: __private::DefaultScope = DefaultScope::new(
+//!         concat!(module_path!(), "::", "on_paid"),    // the default scope, a constant
+//!         __idempotent_handler,
+//!     );
 //!     static CONFIG: __private::Config = Config {
 //!         scope: None,                                 // `Some("…")` for `scope = "…"`
 //!         settings: ConfigSettings::DEFAULT.with_ttl(/* only the arguments given */),
 //!     };
-//!     static SCOPE: __private::DefaultScope = DefaultScope::new();
 //!     let mut key = KeyBuilder::new();
 //!     __private::key_part(&mut key, &(msg.id));        // one call per tuple element
 //!     __private::execute(
 //!         &CONFIG,
 //!         key,
-//!         // the explicit scope, or (worked out once) the type name of
-//!         // `__idempotent_scope` without `::{{closure}}::__idempotent_scope`
-//!         SCOPE.get(CONFIG.scope, || { /* type_name_of_val(&__idempotent_scope) … */ }),
+//!         // the explicit scope, or the default scope unless another handler of this
+//!         // process has it (then `Err(Error::InvalidSettings)`: nothing is claimed or run)
+//!         SCOPE.get(CONFIG.scope),
 //!         StoreArg::Named("redis"),                    // `store = ORDERS`: see `typed_store`
 //!         None,                                        // `Some(fingerprint(&(…)))`
 //!         async move { let ret: Result<Receipt, AppError> = { body }; ret },
@@ -28,18 +33,21 @@
 //! }
 //! ```
 //!
-//! The marker fn is declared in the async fn's body, which rustc names
-//! `on_paid::{{closure}}`; the generated code strips that segment, so the default scope
-//! is `my_crate::module::on_paid` (`my_crate::module::Type::on_paid` for a method,
-//! `<my_crate::Type as my_crate::Trait>::on_paid` in a trait impl). A method with a
-//! `self` receiver calls `SCOPE.get_for(…, type_name::<Self>())` instead, which adds the
-//! implementing type where the path lacks it: a trait's default method
-//! (`my_crate::Trait::on_paid for my_crate::Type`).
+//! The default scope is the module path and the fn name, `my_crate::module::on_paid`,
+//! for every handler: a method's too (`my_crate::module::handle` for `Orders::handle`),
+//! since an attribute on a fn sees neither the enclosing impl nor whether there is one.
+//! Two handlers can therefore have the same default scope; the `DefaultScope` static
+//! is the handler's identity in a process-wide guard that refuses the second one. A
+//! method with a `self` receiver calls `SCOPE.get_for(CONFIG.scope, type_name::<Self>())`
+//! instead: each `Self` type (its generic arguments erased) is a handler of its own, so
+//! a trait's default method called for two types is refused too. The type names are
+//! only compared in the process, never stored.
 
 use crate::attr::StoreArg;
 use crate::validate::{Checked, TxMode};
 use proc_macro2::{Span, TokenStream};
 use quote::{quote, quote_spanned};
+use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{Expr, ItemFn, ReturnType};
 
@@ -58,7 +66,7 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
     let key = quote_spanned!(site=> __idempotent_key);
     let config = quote_spanned!(site=> __IDEMPOTENT_CONFIG);
     let default_scope = quote_spanned!(site=> __IDEMPOTENT_SCOPE);
-    let marker = quote_spanned!(site=> __idempotent_scope);
+    let marker = quote_spanned!(site=> __idempotent_handler);
     let ret = quote_spanned!(site=> __idempotent_ret);
 
     let key_parts = c.key_parts.iter().map(|part| {
@@ -98,25 +106,28 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
         Some(s) => quote!(#private::core::option::Option::Some(#s)),
         None => quote!(#private::core::option::Option::None),
     };
-    // the marker's path, without its own name and without the `{{closure}}` segment of
-    // the async fn's body it is declared in: `my_crate::orders::Orders::handle`
-    let name = quote_spanned!(site=> __idempotent_name);
-    let path = quote! {{
-        let #name: &'static str = #private::core::any::type_name_of_val(&#marker);
-        let #name = #name.strip_suffix("::__idempotent_scope").unwrap_or(#name);
-        #name.strip_suffix("::{{closure}}").unwrap_or(#name)
-    }};
-    // a method's path may not name `Self` (a trait's default method, a generic type's
-    // method): its default scope then adds the type name of `Self`
-    let self_ty = sig
-        .receiver()
-        .map(|_| quote!(#private::core::any::type_name::<Self>()));
-    // the explicit scope, or the default worked out once (per `Self` type for methods)
-    let default_scope_get = match &self_ty {
-        Some(self_ty) => {
-            quote!(#default_scope.get_for(#config.scope, || #path, #self_ty))
+    // the default scope, a constant: the module path and the fn name, nothing the
+    // compiler may print differently from one version to the next
+    let fn_name = sig.ident.unraw().to_string();
+    // the explicit scope, or the default scope once the guard let this handler have it;
+    // a method is a handler per `Self` type (its generic arguments erased)
+    let default_scope_get = match sig.receiver() {
+        Some(_) => quote! {
+            #default_scope.get_for(#config.scope, #private::core::any::type_name::<Self>())
+        },
+        None => quote!(#default_scope.get(#config.scope)),
+    };
+    // the default-scope static, and the marker fn naming the handler in the guard's
+    // messages (never in a record)
+    let scope_items = quote! {
+        #[allow(clippy::items_after_statements)]
+        fn #marker() -> &'static str {
+            #private::core::any::type_name_of_val(&#marker)
         }
-        None => quote!(#default_scope.get(#config.scope, || #path)),
+        static #default_scope: #private::DefaultScope = #private::DefaultScope::new(
+            #private::core::concat!(#private::core::module_path!(), "::", #fn_name),
+            #marker,
+        );
     };
     // the runtime's defaults, changed only where an argument was given
     let from_millis = |ms: u64| quote!(#private::Duration::from_millis(#ms));
@@ -153,7 +164,6 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
             private: &private,
             scope: &scope,
             config: &config,
-            default_scope: &default_scope,
             scope_get: &default_scope_get,
             fingerprint: &fingerprint,
             ret_ty: &ret_ty,
@@ -163,8 +173,7 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
         return quote! {
             #(#attrs)*
             #vis #defaultness #sig {
-                #[allow(non_snake_case, dead_code, clippy::items_after_statements)]
-                fn #marker() {}
+                #scope_items
                 #body
             }
         };
@@ -173,13 +182,11 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
     quote! {
         #(#attrs)*
         #vis #defaultness #sig {
-            #[allow(non_snake_case, dead_code, clippy::items_after_statements)]
-            fn #marker() {}
+            #scope_items
             static #config: #private::Config = #private::Config {
                 scope: #scope,
                 settings: #settings,
             };
-            static #default_scope: #private::DefaultScope = #private::DefaultScope::new();
             let mut #key = #private::KeyBuilder::new();
             #(#key_parts)*
             #private::execute(
@@ -206,8 +213,7 @@ struct Parts<'a> {
     scope: &'a TokenStream,
     /// the config static's name
     config: &'a TokenStream,
-    /// the default-scope static's name, and the expression reading the scope from it
-    default_scope: &'a TokenStream,
+    /// the expression reading the scope from the default-scope static
     scope_get: &'a TokenStream,
     fingerprint: &'a TokenStream,
     ret_ty: &'a TokenStream,
@@ -223,10 +229,10 @@ struct Parts<'a> {
 /// #[idempotent(key = "msg.id", tx = "tx")]
 /// async fn on_paid(msg: &Paid, tx: &mut Transaction<'_, Postgres>) -> Result<Receipt, AppError> { body }
 ///
-/// // Output (paths shortened; the marker fn and key as above):
+/// // Output (paths shortened; the marker fn, the default-scope static and key as above):
 /// static CONFIG: __private::TxConfig = /* scope, ttl, table: "message_idempotent" */;
-/// static SCOPE: __private::DefaultScope = DefaultScope::new();
-/// let (call, span) = __private::TxCall::new(&CONFIG, SCOPE.get(CONFIG.scope, || …), key, None);
+/// // a scope refused by the guard comes back from `call.claim` before `tx` is used
+/// let (call, span) = __private::TxCall::new(&CONFIG, SCOPE.get(CONFIG.scope), key, None);
 /// Instrument::instrument(async move {
 ///     let claim = match call.claim(__private::tx_conn(&mut *tx)).await {
 ///         ControlFlow::Continue(claim) => claim,         // claimed: run the body
@@ -249,7 +255,6 @@ fn expand_tx(
         private,
         scope,
         config,
-        default_scope,
         scope_get,
         fingerprint,
         ret_ty,
@@ -274,7 +279,6 @@ fn expand_tx(
             ttl: #ttl,
             table: #table,
         };
-        static #default_scope: #private::DefaultScope = #private::DefaultScope::new();
         let mut #key = #private::KeyBuilder::new();
         #key_parts
         let (#call, #span) = #private::TxCall::new(&#config, #scope_get, #key, #fingerprint);
@@ -367,6 +371,57 @@ mod tests {
         let checked = validate::check(parsed, &func, &mut errors).unwrap();
         assert!(errors.finish().is_none());
         super::expand(func, checked).to_string()
+    }
+
+    #[test]
+    fn the_default_scope_is_the_module_path_and_the_fn_name() {
+        let rt = ":: idempotent_runtime :: __private";
+        let scope = |name: &str| {
+            format!(
+                "{rt} :: core :: concat ! ({rt} :: core :: module_path ! () , \"::\" , \"{name}\")"
+            )
+        };
+        let free = expand(
+            quote::quote!(key = "msg.id"),
+            quote::quote!(
+                async fn handle(msg: &Msg) -> Result<(), Error> {
+                    Ok(())
+                }
+            ),
+        );
+        assert!(free.contains(&scope("handle")), "{free}");
+        assert!(
+            free.contains("__IDEMPOTENT_SCOPE . get (__IDEMPOTENT_CONFIG . scope)"),
+            "{free}"
+        );
+        // the type name of the marker fn only names the handler in messages
+        assert_eq!(free.matches("type_name").count(), 1, "{free}");
+
+        let raw = expand(
+            quote::quote!(key = "msg.id"),
+            quote::quote!(
+                async fn r#match(msg: &Msg) -> Result<(), Error> {
+                    Ok(())
+                }
+            ),
+        );
+        assert!(raw.contains(&scope("match")), "{raw}");
+
+        let method = expand(
+            quote::quote!(key = "msg.id"),
+            quote::quote!(
+                async fn handle(&self, msg: &Msg) -> Result<(), Error> {
+                    Ok(())
+                }
+            ),
+        );
+        assert!(method.contains(&scope("handle")), "{method}");
+        assert!(
+            method.contains(&format!(
+                "__IDEMPOTENT_SCOPE . get_for (__IDEMPOTENT_CONFIG . scope , {rt} :: core :: any :: type_name :: < Self > ())"
+            )),
+            "{method}"
+        );
     }
 
     #[test]

@@ -18,6 +18,7 @@ mod output;
 mod protocol;
 mod registry;
 mod scan;
+mod scope;
 pub mod store;
 
 #[cfg(feature = "testing")]

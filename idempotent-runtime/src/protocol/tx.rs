@@ -116,13 +116,19 @@ pub struct TxClaim {
 }
 
 impl TxCall {
-    /// Finishes the key under `scope` and opens the message's span.
+    /// Finishes the key under `scope` and opens the message's span. A `scope` refused by
+    /// the default-scope guard is returned by [`claim`](Self::claim) as a key error is,
+    /// before the transaction is used.
     pub fn new(
         config: &'static TxConfig,
-        scope: &'static str,
+        scope: Result<&'static str, Error>,
         key: KeyBuilder,
         fingerprint: Option<Result<[u8; 32], Error>>,
     ) -> (Self, tracing::Span) {
+        let (scope, key) = match scope {
+            Ok(scope) => (scope, key.finish(scope)),
+            Err(e) => ("", Err(e)),
+        };
         let span = tracing::info_span!(
             "idempotent",
             scope = %scope,
@@ -132,7 +138,7 @@ impl TxCall {
         let call = TxCall {
             config,
             scope,
-            key: key.finish(scope),
+            key,
             fingerprint,
         };
         (call, span)
