@@ -66,8 +66,8 @@ pub use key::{KeyBuilder, KeyPart, MAX_KEY_BYTES, MAX_SCOPE_BYTES, RecordKey};
 pub use manual::Idempotency;
 pub use memory::MemoryStore;
 pub use protocol::{
-    Claim, DEFAULT_MAX_OUTPUT_BYTES, MAX_TTL, MIN_LEASE, OnInProgress, OnStoreError, Settings,
-    current_claim, set_max_output_bytes,
+    Claim, DEFAULT_MAX_OUTPUT_BYTES, MAX_TTL, MIN_LEASE, OnInProgress, OnStoreError, Outcome,
+    Settings, current_claim, observe, set_max_output_bytes,
 };
 pub use registry::{register_store, registered_store};
 pub use store::{Store, Token};

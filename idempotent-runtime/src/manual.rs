@@ -2,6 +2,7 @@
 //! computes its key at run time.
 
 use crate::protocol::{self, OnInProgress, OnStoreError, Settings, StoreHandle, StoreSource};
+use crate::store::Record;
 use crate::{Error, KeyBuilder, KeyPart, RecordKey, Store};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -120,9 +121,46 @@ impl Idempotency {
         &self.scope
     }
 
-    /// The record key of `key` in this scope, for [`Store::inspect`] and [`Store::forget`].
+    /// The record key of `key` in this scope: what the store holds the message's
+    /// record under, for [`Store`] methods and the `idempotent` command.
     pub fn record_key<K: KeyPart + ?Sized>(&self, key: &K) -> Result<RecordKey, Error> {
         RecordKey::new(&self.scope, key)
+    }
+
+    /// The record of `key` in this scope as the store holds it now, or `None` if there
+    /// is none (never claimed, forgotten, or expired).
+    ///
+    /// An `#[idempotent]` handler's records are under its scope: the `scope` argument,
+    /// or by default `module_path!()::fn_name`, so `Idempotency::new("my_app::orders::on_paid")
+    /// .store_named("redis")` reads the records of `on_paid` in `my_app::orders`.
+    ///
+    /// ```
+    /// use idempotent_runtime::store::RecordState;
+    /// use idempotent_runtime::{Error, Idempotency, MemoryStore};
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let payments = Idempotency::new("payments").store(MemoryStore::new());
+    /// payments.run("pay-1", async { Ok::<_, Error>(42) }).await.unwrap();
+    ///
+    /// let record = payments.inspect("pay-1").await.unwrap().expect("recorded");
+    /// assert_eq!((record.state, record.attempts), (RecordState::Completed, 1));
+    /// assert!(payments.forget("pay-1").await.unwrap()); // the next delivery runs again
+    /// assert_eq!(payments.inspect("pay-1").await.unwrap(), None);
+    /// # });
+    /// ```
+    pub async fn inspect<K: KeyPart + ?Sized>(&self, key: &K) -> Result<Option<Record>, Error> {
+        let key = self.record_key(key)?;
+        let store = self.resolve_store()?;
+        store.get().inspect(&key).await.map_err(Error::Store)
+    }
+
+    /// Deletes the record of `key` in this scope whatever its state, so that the next
+    /// delivery of the message runs the body again; returns whether there was one. A
+    /// holder still running is fenced out: its completion is refused.
+    pub async fn forget<K: KeyPart + ?Sized>(&self, key: &K) -> Result<bool, Error> {
+        let key = self.record_key(key)?;
+        let store = self.resolve_store()?;
+        store.get().forget(&key).await.map_err(Error::Store)
     }
 
     /// Runs `body` at most once per `key` (until the record expires).

@@ -1173,6 +1173,121 @@ where
 
 /// The list of cases, for [`conformance_suite!`](crate::conformance_suite) and [`run_all`]:
 /// calls `$m!($($arg)* case, case, …)`.
+
+/// `run_batch_with_fingerprint`: a key seen before with another fingerprint (in an
+/// earlier batch, or earlier in the same batch) is a mismatch and its handler does not
+/// run; the same fingerprint replays; a repeat whose first message failed runs.
+pub async fn batch_fingerprints_are_checked(store: Arc<dyn Store>) {
+    let h = handler(&store, "batch-fp");
+    let runs = AtomicU32::new(0);
+    let batch = [("a", 1u32), ("b", 1), ("a", 2), ("c", 0), ("c", 1)];
+    let r: Vec<Result<u32, HandlerError>> = h
+        .run_batch_with_fingerprint(
+            &batch,
+            |m| m.0,
+            |m| m.1,
+            |m| {
+                let runs = &runs;
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    match m.1 {
+                        0 => Err(HandlerError::Business("fails")),
+                        n => Ok(n * 10),
+                    }
+                }
+            },
+        )
+        .await;
+    assert_eq!(r[0].as_ref().unwrap(), &10);
+    assert_eq!(r[1].as_ref().unwrap(), &10);
+    assert!(
+        matches!(r[2], Err(HandlerError::Idem(Error::FingerprintMismatch))),
+        "{:?}",
+        r[2]
+    );
+    assert!(matches!(r[3], Err(HandlerError::Business("fails"))));
+    // the first `c` failed and released its claim; its record keeps the fingerprint it
+    // was created with, so the repeat with another one is refused too (rule 2 of
+    // `ClaimOutcome`)
+    assert!(
+        matches!(r[4], Err(HandlerError::Idem(Error::FingerprintMismatch))),
+        "{:?}",
+        r[4]
+    );
+    let ran_first = runs.load(Ordering::SeqCst);
+    assert_eq!(ran_first, 3, "a, b and the first c ran");
+
+    let again = [("a", 1u32), ("a", 2), ("b", 3)];
+    let r: Vec<Result<u32, HandlerError>> = h
+        .run_batch_with_fingerprint(
+            &again,
+            |m| m.0,
+            |m| m.1,
+            |m| {
+                let runs = &runs;
+                async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok(m.1 * 100)
+                }
+            },
+        )
+        .await;
+    assert_eq!(r[0].as_ref().unwrap(), &10, "replayed, not run again");
+    assert!(matches!(
+        r[1],
+        Err(HandlerError::Idem(Error::FingerprintMismatch))
+    ));
+    assert!(matches!(
+        r[2],
+        Err(HandlerError::Idem(Error::FingerprintMismatch))
+    ));
+    assert_eq!(runs.load(Ordering::SeqCst), ran_first, "no handler ran");
+}
+
+/// `observe` tells the caller how each message ended without reading logs.
+pub async fn observe_tells_replays_from_executions(store: Arc<dyn Store>) {
+    use idempotent_runtime::{Outcome, observe};
+    let h = handler(&store, "observe");
+    let (r, o) = observe(h.run("m-1", async { Ok::<_, HandlerError>(7) })).await;
+    assert_eq!((r.unwrap(), o), (7, Some(Outcome::Executed)));
+    let (r, o) = observe(h.run("m-1", async { Ok::<_, HandlerError>(8) })).await;
+    assert_eq!((r.unwrap(), o), (7, Some(Outcome::Replayed)));
+    let (r, o) = observe(h.run("m-2", async { Err::<u32, _>(HandlerError::Business("no")) })).await;
+    assert!(matches!(r, Err(HandlerError::Business("no"))));
+    assert_eq!(o, Some(Outcome::Failed));
+    // a handler that runs another: the caller sees the outer one's outcome
+    let inner = handler(&store, "observe-inner");
+    let (r, o) = observe(h.run("m-3", async {
+        let v: u32 = inner.run("i-1", async { Ok::<_, HandlerError>(1) }).await?;
+        let w: u32 = inner.run("i-1", async { Ok::<_, HandlerError>(2) }).await?;
+        Ok::<_, HandlerError>(v + w)
+    }))
+    .await;
+    assert_eq!((r.unwrap(), o), (2, Some(Outcome::Executed)));
+    let (_, o) = observe(h.run("m-3", async { Ok::<_, HandlerError>(0) })).await;
+    assert_eq!(o, Some(Outcome::Replayed));
+}
+
+/// `Idempotency::inspect` and `forget` work on a message key, in the handler's scope.
+pub async fn idempotency_inspects_and_forgets_by_message_key(store: Arc<dyn Store>) {
+    let h = handler(&store, "admin-helpers");
+    assert_eq!(h.inspect("m-1").await.unwrap(), None);
+    let r: Result<u32, HandlerError> = h.run("m-1", async { Ok(5) }).await;
+    assert_eq!(r.unwrap(), 5);
+    let rec = h.inspect("m-1").await.unwrap().expect("a record");
+    assert_eq!(rec.state, RecordState::Completed);
+    assert_eq!(rec.output.as_deref(), Some(&b"5"[..]));
+    let direct = store.inspect(&h.record_key("m-1").unwrap()).await.unwrap();
+    assert_eq!(
+        direct.map(|r| (r.state, r.token)),
+        Some((rec.state, rec.token))
+    );
+    assert!(h.forget("m-1").await.unwrap());
+    assert!(!h.forget("m-1").await.unwrap());
+    let r: Result<u32, HandlerError> = h.run("m-1", async { Ok(6) }).await;
+    assert_eq!(r.unwrap(), 6, "forgotten: the next delivery runs again");
+}
+
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_cases {
@@ -1214,6 +1329,9 @@ macro_rules! __conformance_cases {
             unserializable_output_says_why,
             current_claim_matches_the_record,
             batch_protocol_runs_each_key_once,
+            batch_fingerprints_are_checked,
+            observe_tells_replays_from_executions,
+            idempotency_inspects_and_forgets_by_message_key,
             scan_pages_through_records_with_filters,
             stats_count_per_scope_and_state,
             force_release_fences_the_holder,

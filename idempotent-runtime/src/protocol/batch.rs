@@ -28,6 +28,9 @@ enum Slot<T, E> {
     SameAs(usize),
     /// Claimed elsewhere with `on_in_progress = wait`: handled one by one afterwards.
     Wait,
+    /// Same key as an earlier message of the batch, another fingerprint: handled one by
+    /// one afterwards, against the record the earlier message left.
+    Later,
 }
 
 fn shared_store_error(e: &Arc<StoreError>) -> Error {
@@ -181,7 +184,7 @@ impl Idempotency {
         let scope = self.scope_cow().clone();
 
         // keys and fingerprints, with repeats inside the batch folded onto their first
-        // message (a repeat with another fingerprint is a mismatch)
+        // message (a repeat with another fingerprint runs alone after the batch)
         let mut slots: Vec<Slot<T, E>> = Vec::with_capacity(messages.len());
         let mut keys: Vec<Option<RecordKey>> = Vec::with_capacity(messages.len());
         let mut fingerprints: Vec<Option<[u8; 32]>> = Vec::with_capacity(messages.len());
@@ -199,13 +202,11 @@ impl Idempotency {
                 }
             };
             match first.get(&key) {
+                // the same key with another fingerprint: decided by the store after the
+                // batch, against the record the first message leaves
                 Some(&f) if fingerprints[f] != fingerprint => {
-                    let done = match decide::<T>(ClaimOutcome::FingerprintMismatch) {
-                        Decision::Done(done) => done.finish(&scope),
-                        _ => Err(Error::FingerprintMismatch.into()),
-                    };
-                    slots.push(Slot::Done(done));
-                    keys.push(None);
+                    slots.push(Slot::Later);
+                    keys.push(Some(key));
                 }
                 Some(&f) => {
                     slots.push(Slot::SameAs(f));
@@ -222,7 +223,9 @@ impl Idempotency {
         drop(first);
 
         // one round trip: claim every distinct key
-        let claimed: Vec<usize> = (0..messages.len()).filter(|&i| keys[i].is_some()).collect();
+        let claimed: Vec<usize> = (0..messages.len())
+            .filter(|&i| matches!(slots[i], Slot::Open))
+            .collect();
         let reqs: Vec<ClaimRequest<'_>> = claimed
             .iter()
             .map(|&i| ClaimRequest {
@@ -392,9 +395,10 @@ impl Idempotency {
             std::panic::resume_unwind(p);
         }
 
-        // keys claimed elsewhere, with on_in_progress = wait: the single-key protocol waits
+        // keys claimed elsewhere (with on_in_progress = wait: the single-key protocol
+        // waits), and repeats with another fingerprint
         for i in 0..messages.len() {
-            if matches!(slots[i], Slot::Wait) {
+            if matches!(slots[i], Slot::Wait | Slot::Later) {
                 let key = protocol::CallKey::Finished(keys[i].clone().expect("key"));
                 let call = protocol::Call {
                     scope: (&scope).into(),
@@ -428,7 +432,7 @@ impl Idempotency {
                     }
                     .into()),
                 },
-                Slot::Open | Slot::Wait => Err(Error::InProgress {
+                Slot::Open | Slot::Wait | Slot::Later => Err(Error::InProgress {
                     retry_after: Duration::ZERO,
                 }
                 .into()),

@@ -41,4 +41,5 @@ pub use settings::{
     set_max_output_bytes,
 };
 pub(crate) use single::{Call, CallKey, execute, run};
-pub(crate) use telemetry::{Outcome, disabled, note_disabled, record};
+pub use telemetry::{Outcome, observe};
+pub(crate) use telemetry::{disabled, note_disabled, record};

@@ -1,6 +1,8 @@
 //! The message's span and metrics, and the `IDEMPOTENT_DISABLED` switch.
 
 use super::handle::Scope;
+use std::cell::Cell;
+use std::future::Future;
 use std::sync::OnceLock;
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -26,9 +28,12 @@ fn warn_once(flag: &AtomicBool, msg: &str) {
     }
 }
 
-/// How one handled message ended; the `outcome` of its span and metrics.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Outcome {
+/// How one handled message ended: the `outcome` field of its span, the `outcome`
+/// label of the `idempotent_messages_total` counter, and what [`observe`] tells the
+/// caller.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum Outcome {
     /// The body ran and succeeded.
     Executed,
     /// A duplicate of a completed key: the cached output was returned.
@@ -61,7 +66,8 @@ pub(crate) enum Outcome {
 }
 
 impl Outcome {
-    pub(crate) fn as_str(self) -> &'static str {
+    /// The name in spans and metrics: `executed`, `replayed`, `in_progress`, ….
+    pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Executed => "executed",
             Outcome::Replayed => "replayed",
@@ -87,11 +93,60 @@ pub(crate) fn record_span<V: tracing::Value>(field: &str, value: V) {
     }
 }
 
-/// Records an outcome on the current span and, with the `metrics` feature, in the
-/// `idempotent_messages_total{scope, outcome}` counter. (The handler's run time goes
-/// to the `idempotent_handler_seconds{scope}` histogram.)
+impl std::fmt::Display for Outcome {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+tokio::task_local! {
+    /// The outcome [`observe`] reports: the last one recorded in its scope.
+    static OBSERVED: Cell<Option<Outcome>>;
+}
+
+/// Runs `handler` (a call of an `#[idempotent]` handler, or of
+/// [`Idempotency::run`](crate::Idempotency::run)) and returns its result together with
+/// how the message ended: [`Outcome::Replayed`] when the output came from the store
+/// and the body did not run, [`Outcome::Executed`] when the body ran and its completion
+/// was recorded, and so on. The handler's signature does not change; callers that do
+/// not care do not call this.
+///
+/// `None` when the handler ended before the protocol decided anything (a key that
+/// cannot be encoded, an unknown store, invalid settings) or ran with deduplication
+/// disabled (`IDEMPOTENT_DISABLED`). For a handler that calls other handlers, the
+/// outcome is the outer one's, which is recorded last. For a batch, use the
+/// per-message results.
+///
+/// ```
+/// use idempotent_runtime::{Error, Outcome, idempotent, observe};
+///
+/// #[idempotent(key = "id")]
+/// async fn charge(id: &str) -> Result<u64, Error> {
+///     Ok(100)
+/// }
+///
+/// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+/// let (first, outcome) = observe(charge("order-7")).await;
+/// assert_eq!((first.unwrap(), outcome), (100, Some(Outcome::Executed)));
+/// let (again, outcome) = observe(charge("order-7")).await;
+/// assert_eq!((again.unwrap(), outcome), (100, Some(Outcome::Replayed)));
+/// # });
+/// ```
+pub async fn observe<F: Future>(handler: F) -> (F::Output, Option<Outcome>) {
+    OBSERVED
+        .scope(Cell::new(None), async {
+            let output = handler.await;
+            (output, OBSERVED.with(Cell::get))
+        })
+        .await
+}
+
+/// Records an outcome on the current span, for [`observe`] and, with the `metrics`
+/// feature, in the `idempotent_messages_total{scope, outcome}` counter. (The handler's
+/// run time goes to the `idempotent_handler_seconds{scope}` histogram.)
 pub(crate) fn record<'a>(outcome: Outcome, scope: impl Into<Scope<'a>>) {
     record_span("outcome", outcome.as_str());
+    let _ = OBSERVED.try_with(|o| o.set(Some(outcome)));
     #[cfg(feature = "metrics")]
     metrics::counter!(
         "idempotent_messages_total",
