@@ -18,6 +18,7 @@
 //! binary-safe arguments, never as syntax.
 
 use crate::Error;
+use crate::inline::InlineBuf;
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::fmt;
@@ -64,15 +65,11 @@ pub trait KeyPart {
 /// Keys up to 64 bytes are collected without allocating.
 pub struct KeyBuilder {
     // the parts: the first one raw while it is the only one, then every part
-    // length-prefixed (`len:bytes`); inline until they outgrow it
-    inline: [u8; INLINE],
-    len: usize,
-    heap: Vec<u8>,
+    // length-prefixed (`len:bytes`)
+    bytes: InlineBuf<64>,
     parts: usize,
     missing: bool,
 }
-
-const INLINE: usize = 64;
 
 /// `n` in decimal, written at the end of `buf` (at least 20 bytes long).
 fn decimal(mut n: usize, buf: &mut [u8]) -> &[u8] {
@@ -91,9 +88,7 @@ fn decimal(mut n: usize, buf: &mut [u8]) -> &[u8] {
 impl Default for KeyBuilder {
     fn default() -> Self {
         KeyBuilder {
-            inline: [0; INLINE],
-            len: 0,
-            heap: Vec::new(),
+            bytes: InlineBuf::new(),
             parts: 0,
             missing: false,
         }
@@ -116,31 +111,14 @@ impl KeyBuilder {
     }
 
     fn bytes(&self) -> &[u8] {
-        if self.heap.is_empty() {
-            &self.inline[..self.len]
-        } else {
-            &self.heap
-        }
-    }
-
-    fn extend(&mut self, b: &[u8]) {
-        if self.heap.is_empty() && self.len + b.len() <= INLINE {
-            self.inline[self.len..self.len + b.len()].copy_from_slice(b);
-            self.len += b.len();
-        } else {
-            if self.heap.is_empty() {
-                self.heap.reserve(self.len + b.len() + 16);
-                self.heap.extend_from_slice(&self.inline[..self.len]);
-            }
-            self.heap.extend_from_slice(b);
-        }
+        self.bytes.as_slice()
     }
 
     fn extend_len_prefixed(&mut self, part: &[u8]) {
         let mut digits = [0u8; 21];
-        self.extend(decimal(part.len(), &mut digits));
-        self.extend(b":");
-        self.extend(part);
+        self.bytes.extend(decimal(part.len(), &mut digits));
+        self.bytes.extend(b":");
+        self.bytes.extend(part);
     }
 
     /// Appends one part. An empty part marks the key as missing.
@@ -155,20 +133,10 @@ impl KeyBuilder {
             let n = decimal(first, &mut digits[..21]).len();
             let prefix = &mut digits[21 - n..];
             prefix[n] = b':';
-            let prefix = &prefix[..=n];
-            if self.heap.is_empty() && first + prefix.len() <= INLINE {
-                self.inline.copy_within(..first, prefix.len());
-                self.inline[..prefix.len()].copy_from_slice(prefix);
-                self.len += prefix.len();
-            } else {
-                let mut heap = Vec::with_capacity(prefix.len() + first + part.len() + 16);
-                heap.extend_from_slice(prefix);
-                heap.extend_from_slice(self.bytes());
-                self.heap = heap;
-            }
+            self.bytes.prepend(&prefix[..=n]);
         }
         if self.parts == 0 {
-            self.extend(part);
+            self.bytes.extend(part);
         } else {
             self.extend_len_prefixed(part);
         }

@@ -11,6 +11,7 @@ mod clock;
 mod disposition;
 mod error;
 mod fingerprint;
+mod inline;
 mod key;
 mod manual;
 pub mod memory;

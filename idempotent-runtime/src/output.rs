@@ -17,68 +17,9 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::io::Write;
 
-/// Bytes of a serialized output kept on the stack; most outputs (`()`, ids, small
-/// receipts) fit, so caching them does not allocate.
-const INLINE_OUTPUT: usize = 64;
-
-/// A serialized output: inline while it fits, on the heap after.
-pub(crate) struct OutputBuf {
-    len: usize,
-    inline: [u8; INLINE_OUTPUT],
-    // empty until the output outgrows `inline`; then holds all of it
-    heap: Vec<u8>,
-}
-
-impl OutputBuf {
-    pub(crate) fn new() -> Self {
-        OutputBuf {
-            len: 0,
-            inline: [0; INLINE_OUTPUT],
-            heap: Vec::new(),
-        }
-    }
-
-    pub(crate) fn as_slice(&self) -> &[u8] {
-        if self.heap.is_empty() {
-            &self.inline[..self.len]
-        } else {
-            &self.heap
-        }
-    }
-
-    pub(crate) fn into_vec(self) -> Vec<u8> {
-        if self.heap.is_empty() {
-            self.inline[..self.len].to_vec()
-        } else {
-            self.heap
-        }
-    }
-}
-
-impl std::io::Write for OutputBuf {
-    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
-        self.write_all(b)?;
-        Ok(b.len())
-    }
-
-    fn write_all(&mut self, b: &[u8]) -> std::io::Result<()> {
-        if self.heap.is_empty() && self.len + b.len() <= INLINE_OUTPUT {
-            self.inline[self.len..self.len + b.len()].copy_from_slice(b);
-            self.len += b.len();
-        } else {
-            if self.heap.is_empty() {
-                self.heap.reserve(2 * (self.len + b.len()));
-                self.heap.extend_from_slice(&self.inline[..self.len]);
-            }
-            self.heap.extend_from_slice(b);
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> std::io::Result<()> {
-        Ok(())
-    }
-}
+/// A serialized output: its first 64 bytes on the stack, so most outputs (`()`, ids,
+/// small receipts) are cached without allocating.
+pub(crate) type OutputBuf = crate::inline::InlineBuf<64>;
 
 /// First byte of a cached output that holds no value but the reason it could not be
 /// cached (JSON text never starts with it), followed by that reason in UTF-8.
