@@ -4,8 +4,8 @@
 
 use super::decide::{Decision, Finished, decide};
 use super::{
-    self as protocol, CancelGuard, Claim, OnInProgress, OnStoreError, Outcome, output_cap, record,
-    run_body,
+    self as protocol, CancelGuard, Claim, OnInProgress, OnStoreError, Outcome, Settings,
+    StoreHandle, output_cap, record, run_body,
 };
 use crate::output::encode_output;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release};
@@ -13,6 +13,7 @@ use crate::{Error, Idempotency, KeyPart, RecordKey, StoreError};
 use futures_util::future::join_all;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
+use std::borrow::Cow;
 use std::collections::HashMap;
 use std::future::Future;
 use std::sync::Arc;
@@ -156,90 +157,132 @@ impl Idempotency {
             protocol::note_disabled();
             return join_all(messages.iter().map(&handler)).await;
         }
-        let store = match self.resolve_store() {
-            Ok(s) => s,
+        let mut batch = match Batch::new(self, messages.len()) {
+            Ok(b) => b,
+            Err(reason) => return refuse_all(messages.len(), &reason),
+        };
+        batch.prepare(messages, &key_of, fingerprint_of);
+        let run = match batch.claim().await {
+            Ok(run) => run,
             Err(e) => {
-                let name = match e {
-                    Error::UnknownStore { name } => name,
-                    _ => String::new(),
-                };
-                return messages
-                    .iter()
-                    .map(|_| Err(Error::UnknownStore { name: name.clone() }.into()))
-                    .collect();
+                tracing::warn!(error = %e, "store unavailable; running the batch without deduplication (on_store_error = \"process\")");
+                record(Outcome::Unprotected, &batch.scope);
+                return join_all(messages.iter().map(&handler)).await;
             }
         };
-        let settings = *self.settings();
-        if let Err(Error::InvalidSettings { reason }) = settings.check() {
-            return messages
-                .iter()
-                .map(|_| {
-                    Err(Error::InvalidSettings {
-                        reason: reason.clone(),
-                    }
-                    .into())
-                })
-                .collect();
-        }
-        let scope = self.scope_cow().clone();
+        batch.run(messages, &handler, run).await;
+        batch.run_deferred(messages, &handler).await;
+        batch.results()
+    }
+}
 
-        // keys and fingerprints, with repeats inside the batch folded onto their first
-        // message (a repeat with another fingerprint runs alone after the batch)
-        let mut slots: Vec<Slot<T, E>> = Vec::with_capacity(messages.len());
-        let mut keys: Vec<Option<RecordKey>> = Vec::with_capacity(messages.len());
-        let mut fingerprints: Vec<Option<[u8; 32]>> = Vec::with_capacity(messages.len());
+/// Every message of a batch refused before any claim: the store is unknown or the
+/// settings are invalid.
+fn refuse_all<T, E: From<Error>>(n: usize, e: &Error) -> Vec<Result<T, E>> {
+    let again = || match e {
+        Error::UnknownStore { name } => Error::UnknownStore { name: name.clone() },
+        Error::InvalidSettings { reason } => Error::InvalidSettings {
+            reason: reason.clone(),
+        },
+        other => Error::InvalidSettings {
+            reason: other.to_string(),
+        },
+    };
+    (0..n).map(|_| Err(again().into())).collect()
+}
+
+/// One batch in flight: per message its slot, key and fingerprint, and the cached
+/// output of each decided message, for its repeats in the batch.
+struct Batch<T, E> {
+    scope: Cow<'static, str>,
+    settings: Settings,
+    store: StoreHandle,
+    slots: Vec<Slot<T, E>>,
+    keys: Vec<Option<RecordKey>>,
+    fingerprints: Vec<Option<[u8; 32]>>,
+    outputs: HashMap<usize, Option<Vec<u8>>>,
+}
+
+impl<T, E> Batch<T, E>
+where
+    T: Serialize + DeserializeOwned,
+    E: From<Error>,
+{
+    fn new(idempotency: &Idempotency, n: usize) -> Result<Self, Error> {
+        let store = idempotency.resolve_store()?;
+        let settings = *idempotency.settings();
+        settings.check()?;
+        Ok(Batch {
+            scope: idempotency.scope_cow().clone(),
+            settings,
+            store,
+            slots: Vec::with_capacity(n),
+            keys: Vec::with_capacity(n),
+            fingerprints: Vec::with_capacity(n),
+            outputs: HashMap::new(),
+        })
+    }
+
+    /// Keys and fingerprints, with repeats inside the batch folded onto their first
+    /// message (a repeat with another fingerprint runs alone after the batch).
+    #[allow(clippy::type_complexity)]
+    fn prepare<'m, M, K: KeyPart>(
+        &mut self,
+        messages: &'m [M],
+        key_of: impl Fn(&'m M) -> K,
+        fingerprint_of: Option<&dyn Fn(&'m M) -> Result<[u8; 32], Error>>,
+    ) {
         let mut first: HashMap<RecordKey, usize> = HashMap::new();
         for (i, m) in messages.iter().enumerate() {
-            let key = RecordKey::new(&scope, &key_of(m));
+            let key = RecordKey::new(&self.scope, &key_of(m));
             let fingerprint = fingerprint_of.map(|f| f(m)).transpose();
             let (key, fingerprint) = match (key, fingerprint) {
                 (Ok(k), Ok(f)) => (k, f),
                 (Err(e), _) | (_, Err(e)) => {
-                    slots.push(Slot::Done(Err(e.into())));
-                    keys.push(None);
-                    fingerprints.push(None);
+                    self.slots.push(Slot::Done(Err(e.into())));
+                    self.keys.push(None);
+                    self.fingerprints.push(None);
                     continue;
                 }
             };
-            match first.get(&key) {
+            let slot = match first.get(&key) {
                 // the same key with another fingerprint: decided by the store after the
                 // batch, against the record the first message leaves
-                Some(&f) if fingerprints[f] != fingerprint => {
-                    slots.push(Slot::Later);
-                    keys.push(Some(key));
-                }
-                Some(&f) => {
-                    slots.push(Slot::SameAs(f));
-                    keys.push(None);
-                }
+                Some(&f) if self.fingerprints[f] != fingerprint => Slot::Later,
+                Some(&f) => Slot::SameAs(f),
                 None => {
                     first.insert(key.clone(), i);
-                    slots.push(Slot::Open);
-                    keys.push(Some(key));
+                    Slot::Open
                 }
-            }
-            fingerprints.push(fingerprint);
+            };
+            let keep = !matches!(slot, Slot::SameAs(_));
+            self.slots.push(slot);
+            self.keys.push(keep.then_some(key));
+            self.fingerprints.push(fingerprint);
         }
-        drop(first);
+    }
 
-        // one round trip: claim every distinct key
-        let claimed: Vec<usize> = (0..messages.len())
-            .filter(|&i| matches!(slots[i], Slot::Open))
+    /// One round trip claims every distinct key; each answer is decided. Returns the
+    /// claims to run, or the store's error when the batch is to run unprotected
+    /// (`on_store_error = "process"`).
+    async fn claim(&mut self) -> Result<Vec<(usize, Claim)>, StoreError> {
+        let claimed: Vec<usize> = (0..self.slots.len())
+            .filter(|&i| matches!(self.slots[i], Slot::Open))
             .collect();
         let reqs: Vec<ClaimRequest<'_>> = claimed
             .iter()
             .map(|&i| ClaimRequest {
-                key: keys[i].as_ref().expect("claimed keys exist"),
-                lease: settings.lease,
-                ttl: settings.ttl,
-                fingerprint: fingerprints[i].as_ref().map(|f| &f[..]),
-                max_attempts: settings.max_attempts,
+                key: self.keys[i].as_ref().expect("claimed keys exist"),
+                lease: self.settings.lease,
+                ttl: self.settings.ttl,
+                fingerprint: self.fingerprints[i].as_ref().map(|f| &f[..]),
+                max_attempts: self.settings.max_attempts,
             })
             .collect();
         let outcomes = if reqs.is_empty() {
             Ok(Vec::new())
         } else {
-            store.get().claim_batch(&reqs).await
+            self.store.get().claim_batch(&reqs).await
         };
         drop(reqs);
         let outcomes = match outcomes {
@@ -253,30 +296,23 @@ impl Idempotency {
                         claimed.len()
                     ),
                 );
-                self.fail_all(&claimed, &mut slots, e);
-                Vec::new()
+                self.fail_all(&claimed, e);
+                return Ok(Vec::new());
             }
+            Err(e) if self.settings.on_store_error == OnStoreError::Process => return Err(e),
             Err(e) => {
-                if settings.on_store_error == OnStoreError::Process {
-                    tracing::warn!(error = %e, "store unavailable; running the batch without deduplication (on_store_error = \"process\")");
-                    record(Outcome::Unprotected, &scope);
-                    return join_all(messages.iter().map(&handler)).await;
-                }
-                self.fail_all(&claimed, &mut slots, e);
-                Vec::new()
+                self.fail_all(&claimed, e);
+                return Ok(Vec::new());
             }
         };
-
-        // the output bytes of each decided message, for its repeats in the batch
-        let mut outputs: HashMap<usize, Option<Vec<u8>>> = HashMap::new();
-        let mut run: Vec<(usize, Claim)> = Vec::new();
+        let mut run = Vec::new();
         for (&i, outcome) in claimed.iter().zip(outcomes) {
             if let ClaimOutcome::Completed { output } = &outcome {
-                outputs.insert(i, output.clone());
+                self.outputs.insert(i, output.clone());
             }
             let done = match decide::<T>(outcome) {
                 Decision::Run { token, attempt } => {
-                    let scope = scope.clone();
+                    let scope = self.scope.clone();
                     run.push((
                         i,
                         Claim {
@@ -287,32 +323,57 @@ impl Idempotency {
                     ));
                     continue;
                 }
-                Decision::InProgress { .. } if settings.on_in_progress == OnInProgress::Wait => {
-                    slots[i] = Slot::Wait;
+                Decision::InProgress { .. }
+                    if self.settings.on_in_progress == OnInProgress::Wait =>
+                {
+                    self.slots[i] = Slot::Wait;
                     continue;
                 }
                 Decision::InProgress { retry_after } => Finished::in_progress(retry_after),
                 Decision::Done(done) => done,
             };
-            slots[i] = Slot::Done(done.finish(&scope));
+            self.slots[i] = Slot::Done(done.finish(&self.scope));
         }
+        Ok(run)
+    }
 
-        // run the claimed handlers concurrently; a drop releases the unfinished ones
+    fn fail_all(&mut self, claimed: &[usize], e: StoreError) {
+        record(Outcome::StoreError, &self.scope);
+        let e = Arc::new(e);
+        for &i in claimed {
+            self.slots[i] = Slot::Done(Err(shared_store_error(&e).into()));
+        }
+    }
+
+    /// Runs the claimed handlers concurrently, then one round trip completes the
+    /// successes and one releases the failures. A drop releases the unfinished claims;
+    /// a panic resumes once every claim is settled.
+    async fn run<'m, M, Fut>(
+        &mut self,
+        messages: &'m [M],
+        handler: impl Fn(&'m M) -> Fut,
+        run: Vec<(usize, Claim)>,
+    ) where
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let Batch {
+            scope,
+            settings,
+            store,
+            slots,
+            keys,
+            outputs,
+            ..
+        } = self;
+        let key = |i: usize| keys[i].as_ref().expect("claimed keys exist");
         let mut guards: Vec<CancelGuard<'_>> = run
             .iter()
-            .map(|(i, c)| {
-                CancelGuard::new(
-                    store.at(),
-                    keys[*i].as_ref().expect("key"),
-                    (&scope).into(),
-                    c.token,
-                )
-            })
+            .map(|(i, c)| CancelGuard::new(store.at(), key(*i), (&*scope).into(), c.token))
             .collect();
         let results = join_all(run.iter().map(|(i, claim)| {
             run_body(
                 store.get(),
-                keys[*i].as_ref().expect("key"),
+                key(*i),
                 claim.clone(),
                 settings.lease,
                 handler(&messages[*i]),
@@ -320,58 +381,53 @@ impl Idempotency {
         }))
         .await;
 
-        // one round trip for the successes, one for the failures
-        let cap = output_cap(&settings);
+        let cap = output_cap(settings);
         let mut completions = Vec::new();
         let mut releases = Vec::new();
         let mut panic = None;
         for ((i, claim), (result, guard)) in run.iter().zip(results.into_iter().zip(&mut guards)) {
-            let key = keys[*i].as_ref().expect("key");
-            match result {
+            let release = Release {
+                key: key(*i),
+                token: claim.token,
+            };
+            slots[*i] = Slot::Done(match result {
                 Ok(Ok(value)) => {
                     let output = encode_output(&value, cap);
                     guard.completing(output.clone(), settings.ttl);
                     outputs.insert(*i, output);
-                    completions.push(*i);
-                    slots[*i] = Slot::Done(Ok(value));
+                    completions.push((*i, claim.token));
+                    Ok(value)
                 }
                 Ok(Err(e)) => {
-                    releases.push(Release {
-                        key,
-                        token: claim.token,
-                    });
-                    record(Outcome::Failed, &scope);
-                    slots[*i] = Slot::Done(Err(e));
+                    releases.push(release);
+                    record(Outcome::Failed, &*scope);
+                    Err(e)
                 }
                 Err(p) => {
-                    releases.push(Release {
-                        key,
-                        token: claim.token,
-                    });
-                    record(Outcome::Panicked, &scope);
-                    slots[*i] = Slot::Done(Err(Error::InProgress {
+                    releases.push(release);
+                    record(Outcome::Panicked, &*scope);
+                    panic.get_or_insert(p);
+                    Err(Error::InProgress {
                         retry_after: Duration::ZERO,
                     }
-                    .into()));
-                    panic.get_or_insert(p);
+                    .into())
                 }
-            }
+            });
         }
-        let tokens: HashMap<usize, _> = run.iter().map(|(i, c)| (*i, c.token)).collect();
-        let completion_items: Vec<Completion<'_>> = completions
+        let completions: Vec<Completion<'_>> = completions
             .iter()
-            .map(|i| Completion {
-                key: keys[*i].as_ref().expect("key"),
-                token: tokens[i],
-                output: outputs[i].as_deref(),
+            .map(|&(i, token)| Completion {
+                key: key(i),
+                token,
+                output: outputs[&i].as_deref(),
                 ttl: settings.ttl,
             })
             .collect();
-        if !completion_items.is_empty() {
-            let r = store.get().complete_batch(&completion_items).await;
+        if !completions.is_empty() {
+            let r = store.get().complete_batch(&completions).await;
             // executed, or (the handler's value is returned all the same) fenced out or
             // not recorded
-            for n in 0..completion_items.len() {
+            for n in 0..completions.len() {
                 let outcome = match &r {
                     Ok(fences) => match fences.get(n) {
                         Some(Fence::Held) => Outcome::Executed,
@@ -380,7 +436,7 @@ impl Idempotency {
                     },
                     Err(_) => Outcome::Unrecorded,
                 };
-                record(outcome, &scope);
+                record(outcome, &*scope);
             }
             settle(r, "completion");
         }
@@ -394,64 +450,56 @@ impl Idempotency {
         if let Some(p) = panic {
             std::panic::resume_unwind(p);
         }
+    }
 
-        // keys claimed elsewhere (with on_in_progress = wait: the single-key protocol
-        // waits), and repeats with another fingerprint
+    /// Keys claimed elsewhere (with `on_in_progress = "wait"`, the single-message
+    /// protocol waits), and repeats with another fingerprint, one by one.
+    async fn run_deferred<'m, M, Fut>(&mut self, messages: &'m [M], handler: impl Fn(&'m M) -> Fut)
+    where
+        Fut: Future<Output = Result<T, E>>,
+    {
         for i in 0..messages.len() {
-            if matches!(slots[i], Slot::Wait | Slot::Later) {
-                let key = protocol::CallKey::Finished(keys[i].clone().expect("key"));
+            if matches!(self.slots[i], Slot::Wait | Slot::Later) {
+                let key = protocol::CallKey::Finished(self.keys[i].clone().expect("key"));
                 let call = protocol::Call {
-                    scope: (&scope).into(),
-                    store: store.at(),
+                    scope: (&self.scope).into(),
+                    store: self.store.at(),
                     key,
-                    fingerprint: fingerprints[i],
+                    fingerprint: self.fingerprints[i],
                 };
-                let r = protocol::execute(&settings, call, handler(&messages[i])).await;
-                slots[i] = Slot::Done(r);
+                let r = protocol::execute(&self.settings, call, handler(&messages[i])).await;
+                self.slots[i] = Slot::Done(r);
             }
         }
+    }
 
-        // repeats inside the batch get their first message's output
-        let mut out = Vec::with_capacity(messages.len());
-        for slot in slots.into_iter() {
-            out.push(match slot {
+    /// The results in the order of the messages; repeats inside the batch get their
+    /// first message's output.
+    fn results(self) -> Vec<Result<T, E>> {
+        let (scope, outputs) = (&self.scope, &self.outputs);
+        let not_done = || {
+            Err(Error::InProgress {
+                retry_after: Duration::ZERO,
+            }
+            .into())
+        };
+        self.slots
+            .into_iter()
+            .map(|slot| match slot {
                 Slot::Done(r) => r,
                 Slot::SameAs(f) => match outputs.get(&f) {
                     Some(output) => {
                         let output = output.clone();
                         match decide::<T>(ClaimOutcome::Completed { output }) {
-                            Decision::Done(done) => done.finish(&scope),
-                            _ => Err(Error::InProgress {
-                                retry_after: Duration::ZERO,
-                            }
-                            .into()),
+                            Decision::Done(done) => done.finish(scope),
+                            _ => not_done(),
                         }
                     }
-                    None => Err(Error::InProgress {
-                        retry_after: Duration::ZERO,
-                    }
-                    .into()),
+                    None => not_done(),
                 },
-                Slot::Open | Slot::Wait | Slot::Later => Err(Error::InProgress {
-                    retry_after: Duration::ZERO,
-                }
-                .into()),
-            });
-        }
-        out
-    }
-
-    fn fail_all<T, E: From<Error>>(
-        &self,
-        claimed: &[usize],
-        slots: &mut [Slot<T, E>],
-        e: StoreError,
-    ) {
-        record(Outcome::StoreError, self.scope_cow());
-        let e = Arc::new(e);
-        for &i in claimed {
-            slots[i] = Slot::Done(Err(shared_store_error(&e).into()));
-        }
+                Slot::Open | Slot::Wait | Slot::Later => not_done(),
+            })
+            .collect()
     }
 }
 
