@@ -37,7 +37,7 @@ const SHARDS: usize = 64;
 /// memory stays proportional to the keys live within one `ttl`.
 ///
 /// Lease and expiry decisions use the store's [`Clock`]; [`MemoryStore::with_clock`]
-/// takes a [`ManualClock`](crate::memory::ManualClock) for tests.
+/// takes a [`ManualClock`] for tests.
 pub struct MemoryStore {
     shards: Box<[Mutex<Shard>]>,
     hasher: RandomState,

@@ -249,7 +249,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// records holds one page at a time; records created, changed or deleted during a
     /// scan may or may not be seen, and on Redis a record may be seen twice.
     ///
-    /// The default fails with [`StoreErrorKind::Rejected`](crate::StoreErrorKind::Rejected)
+    /// The default fails with [`StoreErrorKind::Rejected`]
     /// ("not supported"); every store of this crate implements it.
     async fn scan(
         &self,
@@ -266,7 +266,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// `poisoned_at` is given, the records a claim with that `max_attempts` would refuse.
     /// Sorted by scope, then In progress, Released, Completed.
     ///
-    /// The default walks [`scan`](Self::scan) ([`stats_by_scan`](crate::store::stats_by_scan));
+    /// The default walks [`scan`](Self::scan) ([`stats_by_scan`]);
     /// the SQL stores count in the database.
     async fn stats(
         &self,
@@ -282,7 +282,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// [`Fence::Lost`]). Attempts are kept. Other states are left
     /// [`Unchanged`](AdminOutcome::Unchanged).
     ///
-    /// The default fails with [`StoreErrorKind::Rejected`](crate::StoreErrorKind::Rejected)
+    /// The default fails with [`StoreErrorKind::Rejected`]
     /// ("not supported").
     async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
         let _ = key;
@@ -294,7 +294,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// the next delivery runs as attempt 1 whatever its `max_attempts`. A Completed
     /// record or a live claim is left [`Unchanged`](AdminOutcome::Unchanged).
     ///
-    /// The default fails with [`StoreErrorKind::Rejected`](crate::StoreErrorKind::Rejected)
+    /// The default fails with [`StoreErrorKind::Rejected`]
     /// ("not supported").
     async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
         let _ = key;
