@@ -195,8 +195,20 @@ mod tests {
         assert_eq!(Duration::from_millis(m.max_duration_ms), MAX_TTL);
         assert_eq!(m.max_scope_bytes, crate::MAX_SCOPE_BYTES);
         assert_eq!(m.default_store, crate::registry::DEFAULT_STORE);
-        // the SQL side's table name and limit: `sql::tests`
-        let _ = m.max_ident;
+        // the SQL stores' table name and limit: the next test
         assert_eq!(m.default_table, "message_idempotent");
+    }
+
+    /// As above, for the dedup table of transactional mode and the SQL stores.
+    #[cfg(feature = "sqlite")]
+    #[tokio::test]
+    async fn the_attribute_and_the_sql_stores_agree_on_table_names() {
+        let m = idempotent_macros::__limits!();
+        assert_eq!(m.default_table, crate::DEFAULT_TABLE);
+        let store = || crate::SqliteStore::connect("sqlite::memory:");
+        let longest = "t".repeat(m.max_ident);
+        assert!(store().await.unwrap().with_table(&longest).is_ok());
+        let longer = "t".repeat(m.max_ident + 1);
+        assert!(store().await.unwrap().with_table(&longer).is_err());
     }
 }
