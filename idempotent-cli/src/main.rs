@@ -99,7 +99,7 @@ pub(crate) enum Command {
 /// A message's record key: its scope and key parts, or the encoded key in hex.
 #[derive(Debug, Args)]
 pub(crate) struct KeyArgs {
-    /// The handler's scope (`scope = "…"`, or its path such as `my_app::Orders::handle`).
+    /// The handler's scope (`scope = "…"`, or by default the module path and the fn name, such as `my_app::orders::on_paid`).
     pub(crate) scope: String,
     /// The key: one part, or one argument per element of a tuple key.
     #[arg(required_unless_present = "hex", conflicts_with = "hex")]

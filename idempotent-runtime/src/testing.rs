@@ -6,7 +6,7 @@
 //! and a write path blocked from outside (as another connection holding a database's
 //! write lock blocks a single-writer store). It also counts the calls each protocol
 //! step makes, so tests can assert round trips. Pair it with a
-//! [`MemoryStore`](crate::MemoryStore) on a [`ManualClock`](crate::memory::ManualClock) to move
+//! [`MemoryStore`](crate::MemoryStore) on a [`ManualClock`] to move
 //! time by hand.
 //!
 //! ```
@@ -29,6 +29,7 @@
 //! # });
 //! ```
 
+pub use crate::memory::ManualClock;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use crate::{RecordKey, StoreError, StoreErrorKind};
 use async_trait::async_trait;
