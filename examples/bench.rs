@@ -313,17 +313,39 @@ fn run_prefix() -> String {
         .unwrap_or_default()
         .as_nanos();
     format!(
-        "{RAW_PREFIX}{nanos:x}-{}",
+        "{}{nanos:x}-{}",
+        *RAW_PREFIX,
         RUN.fetch_add(1, Ordering::Relaxed)
     )
 }
 
+/// The names this run gives its tables and keys carry the process id, so that runs
+/// sharing a server (a run's clean-up drops its tables and deletes its keys) never
+/// touch each other's.
+fn named(base: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<(String, &'static str)>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap();
+    if let Some((_, n)) = names.iter().find(|(b, _)| b == base) {
+        return n;
+    }
+    let name: &'static str = base
+        .replace("{pid}", &std::process::id().to_string())
+        .leak();
+    names.push((base.to_owned(), name));
+    name
+}
+
 /// The framework's dedup table in the SQL databases; dropped when the run ends.
-const BENCH_TABLE: &str = "idempotent_bench";
+static BENCH_TABLE: LazyLock<&str> = LazyLock::new(|| named("idempotent_bench_{pid}"));
 /// The prefix of the framework's Redis keys (the store's key prefix).
-const REDIS_PREFIX: &str = "idempotent-bench:";
+static REDIS_PREFIX: LazyLock<&str> = LazyLock::new(|| named("idempotent-bench-{pid}:"));
 /// The prefix of every message id, hence of the baseline's Redis keys.
-const RAW_PREFIX: &str = "idempotent-bench-raw:";
+static RAW_PREFIX: LazyLock<&str> = LazyLock::new(|| named("idempotent-bench-raw-{pid}:"));
+
+/// A statement on the baseline's table, `bench_raw_{pid}`.
+fn raw_sql(statement: &'static str) -> &'static str {
+    named(statement)
+}
 
 /// Removes what a run wrote: the Redis keys under both prefixes, the SQL tables (and
 /// MySQL's claim procedure). A run never touches the default table or key prefix, so
@@ -334,7 +356,7 @@ async fn clean_up(raw: &Raw) {
         Raw::Redis(c) => {
             let mut c = c.clone();
             let mut removed = 0u64;
-            for pattern in [format!("{REDIS_PREFIX}*"), format!("{RAW_PREFIX}*")] {
+            for pattern in [format!("{}*", *REDIS_PREFIX), format!("{}*", *RAW_PREFIX)] {
                 let mut cursor = 0u64;
                 loop {
                     let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
@@ -368,9 +390,9 @@ async fn clean_up(raw: &Raw) {
         }
         Raw::MySql(p) => {
             for stmt in [
-                format!("DROP PROCEDURE IF EXISTS {BENCH_TABLE}_claim_v2"),
-                format!("DROP TABLE IF EXISTS {BENCH_TABLE}"),
-                "DROP TABLE IF EXISTS bench_raw".to_owned(),
+                format!("DROP PROCEDURE IF EXISTS {}_claim_v2", *BENCH_TABLE),
+                format!("DROP TABLE IF EXISTS {}", *BENCH_TABLE),
+                raw_sql("DROP TABLE IF EXISTS bench_raw_{pid}").to_owned(),
             ] {
                 sqlx::query(sqlx::AssertSqlSafe(stmt))
                     .execute(p)
@@ -380,8 +402,8 @@ async fn clean_up(raw: &Raw) {
         }
         Raw::Postgres(p) => {
             for stmt in [
-                format!("DROP TABLE IF EXISTS {BENCH_TABLE}"),
-                "DROP TABLE IF EXISTS bench_raw".to_owned(),
+                format!("DROP TABLE IF EXISTS {}", *BENCH_TABLE),
+                raw_sql("DROP TABLE IF EXISTS bench_raw_{pid}").to_owned(),
             ] {
                 sqlx::query(sqlx::AssertSqlSafe(stmt))
                     .execute(p)
@@ -605,9 +627,13 @@ async fn fill(store: &dyn Store, keys: &[RecordKey], output: &[u8]) {
 /// it to status 1 with the output.
 macro_rules! sql_first {
     ($pool:expr, $k:expr, $insert:literal, $update:literal) => {{
-        sqlx::query($insert).bind($k).execute($pool).await.unwrap();
+        sqlx::query(raw_sql($insert))
+            .bind($k)
+            .execute($pool)
+            .await
+            .unwrap();
         let out = body($k).await.unwrap();
-        sqlx::query($update)
+        sqlx::query(raw_sql($update))
             .bind(out.to_string().into_bytes())
             .bind($k)
             .execute($pool)
@@ -620,9 +646,13 @@ macro_rules! sql_first {
 /// `SELECT` reads the status and output.
 macro_rules! sql_duplicate {
     ($pool:expr, $k:expr, $insert:literal, $select:literal) => {{
-        let r = sqlx::query($insert).bind($k).execute($pool).await.unwrap();
+        let r = sqlx::query(raw_sql($insert))
+            .bind($k)
+            .execute($pool)
+            .await
+            .unwrap();
         assert_eq!(r.rows_affected(), 0);
-        let row = sqlx::query($select)
+        let row = sqlx::query(raw_sql($select))
             .bind($k)
             .fetch_one($pool)
             .await
@@ -635,8 +665,9 @@ macro_rules! sql_duplicate {
 macro_rules! sql_prefill {
     ($pool:expr, $prefix:expr, $range:expr, $per:expr) => {{
         for chunk in $range.collect::<Vec<_>>().chunks($per) {
-            let mut qb =
-                sqlx::QueryBuilder::new("INSERT INTO bench_raw (message_id, status, output) ");
+            let mut qb = sqlx::QueryBuilder::new(raw_sql(
+                "INSERT INTO bench_raw_{pid} (message_id, status, output) ",
+            ));
             qb.push_values(chunk, |mut b, i| {
                 b.push_bind(format!("{}-raw-old-{i}", $prefix))
                     .push_bind(1)
@@ -684,15 +715,15 @@ impl Raw {
         match self {
             Raw::Redis(_) => {}
             Raw::MySql(p) => {
-                sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw (message_id VARCHAR(200) PRIMARY KEY, status INT NOT NULL, output VARBINARY(255))")
+                sqlx::query(raw_sql("CREATE TABLE IF NOT EXISTS bench_raw_{pid} (message_id VARCHAR(200) PRIMARY KEY, status INT NOT NULL, output VARBINARY(255))"))
                     .execute(p).await.unwrap();
             }
             Raw::Postgres(p) => {
-                sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw (message_id VARCHAR(200) PRIMARY KEY, status INT NOT NULL, output BYTEA)")
+                sqlx::query(raw_sql("CREATE TABLE IF NOT EXISTS bench_raw_{pid} (message_id VARCHAR(200) PRIMARY KEY, status INT NOT NULL, output BYTEA)"))
                     .execute(p).await.unwrap();
             }
             Raw::Sqlite(p) => {
-                sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw (message_id TEXT PRIMARY KEY, status INT NOT NULL, output BLOB)")
+                sqlx::query(raw_sql("CREATE TABLE IF NOT EXISTS bench_raw_{pid} (message_id TEXT PRIMARY KEY, status INT NOT NULL, output BLOB)"))
                     .execute(p).await.unwrap();
             }
         }
@@ -727,20 +758,20 @@ impl Raw {
             Raw::MySql(p) => sql_first!(
                 p,
                 k,
-                "INSERT INTO bench_raw (message_id, status) VALUES (?, 0)",
-                "UPDATE bench_raw SET status = 1, output = ? WHERE message_id = ?"
+                "INSERT INTO bench_raw_{pid} (message_id, status) VALUES (?, 0)",
+                "UPDATE bench_raw_{pid} SET status = 1, output = ? WHERE message_id = ?"
             ),
             Raw::Postgres(p) => sql_first!(
                 p,
                 k,
-                "INSERT INTO bench_raw (message_id, status) VALUES ($1, 0)",
-                "UPDATE bench_raw SET status = 1, output = $1 WHERE message_id = $2"
+                "INSERT INTO bench_raw_{pid} (message_id, status) VALUES ($1, 0)",
+                "UPDATE bench_raw_{pid} SET status = 1, output = $1 WHERE message_id = $2"
             ),
             Raw::Sqlite(p) => sql_first!(
                 p,
                 k,
-                "INSERT INTO bench_raw (message_id, status) VALUES (?, 0)",
-                "UPDATE bench_raw SET status = 1, output = ? WHERE message_id = ?"
+                "INSERT INTO bench_raw_{pid} (message_id, status) VALUES (?, 0)",
+                "UPDATE bench_raw_{pid} SET status = 1, output = ? WHERE message_id = ?"
             ),
         }
     }
@@ -766,20 +797,20 @@ impl Raw {
             Raw::MySql(p) => sql_duplicate!(
                 p,
                 k,
-                "INSERT IGNORE INTO bench_raw (message_id, status) VALUES (?, 0)",
-                "SELECT status, output FROM bench_raw WHERE message_id = ?"
+                "INSERT IGNORE INTO bench_raw_{pid} (message_id, status) VALUES (?, 0)",
+                "SELECT status, output FROM bench_raw_{pid} WHERE message_id = ?"
             ),
             Raw::Postgres(p) => sql_duplicate!(
                 p,
                 k,
-                "INSERT INTO bench_raw (message_id, status) VALUES ($1, 0) ON CONFLICT DO NOTHING",
-                "SELECT status, output FROM bench_raw WHERE message_id = $1"
+                "INSERT INTO bench_raw_{pid} (message_id, status) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+                "SELECT status, output FROM bench_raw_{pid} WHERE message_id = $1"
             ),
             Raw::Sqlite(p) => sql_duplicate!(
                 p,
                 k,
-                "INSERT INTO bench_raw (message_id, status) VALUES (?, 0) ON CONFLICT DO NOTHING",
-                "SELECT status, output FROM bench_raw WHERE message_id = ?"
+                "INSERT INTO bench_raw_{pid} (message_id, status) VALUES (?, 0) ON CONFLICT DO NOTHING",
+                "SELECT status, output FROM bench_raw_{pid} WHERE message_id = ?"
             ),
         }
     }
@@ -797,12 +828,12 @@ async fn connect(name: &str, sqlite_path: &str) -> (Arc<dyn Store>, Raw) {
             let store = RedisStore::connect(&url)
                 .await
                 .expect("redis store")
-                .with_prefix(REDIS_PREFIX);
+                .with_prefix(*REDIS_PREFIX);
             (Arc::new(store), Raw::Redis(conn))
         }
         "mysql" => {
             let url = env_url("IDEMPOTENT_MYSQL_URL", "mysql://root@127.0.0.1:3306/test");
-            let store = MySqlStore::connect_with_table(&url, BENCH_TABLE)
+            let store = MySqlStore::connect_with_table(&url, *BENCH_TABLE)
                 .await
                 .unwrap_or_else(|e| panic!("MySQL at {url} (IDEMPOTENT_MYSQL_URL): {e}"));
             let raw = Raw::MySql(store.pool().clone());
@@ -813,7 +844,7 @@ async fn connect(name: &str, sqlite_path: &str) -> (Arc<dyn Store>, Raw) {
                 "IDEMPOTENT_POSTGRES_URL",
                 "postgres://postgres@127.0.0.1:5432/test",
             );
-            let store = PostgresStore::connect_with_table(&url, BENCH_TABLE)
+            let store = PostgresStore::connect_with_table(&url, *BENCH_TABLE)
                 .await
                 .unwrap_or_else(|e| panic!("PostgreSQL at {url} (IDEMPOTENT_POSTGRES_URL): {e}"));
             let raw = Raw::Postgres(store.pool().clone());
@@ -821,7 +852,7 @@ async fn connect(name: &str, sqlite_path: &str) -> (Arc<dyn Store>, Raw) {
         }
         "sqlite" => {
             let url = format!("sqlite://{sqlite_path}?mode=rwc");
-            let store = SqliteStore::connect_with_table(&url, BENCH_TABLE)
+            let store = SqliteStore::connect_with_table(&url, *BENCH_TABLE)
                 .await
                 .expect("sqlite store");
             let raw = Raw::Sqlite(store.pool().clone());
@@ -960,7 +991,7 @@ async fn redis_memory_usage(report: &mut Report) {
     let store = RedisStore::connect(&url)
         .await
         .expect("redis store")
-        .with_prefix(REDIS_PREFIX);
+        .with_prefix(*REDIS_PREFIX);
     let mut conn = ConnectionManager::new(redis::Client::open(url.as_str()).unwrap())
         .await
         .unwrap();
@@ -974,7 +1005,7 @@ async fn redis_memory_usage(report: &mut Report) {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let raw_key = format!("{RAW_PREFIX}order-00000001");
+    let raw_key = format!("{}order-00000001", *RAW_PREFIX);
     let _: () = conn.set_ex(&raw_key, "12", 604_800).await.unwrap();
     let raw_bytes: Option<u64> = redis::cmd("MEMORY")
         .arg("USAGE")
