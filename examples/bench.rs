@@ -1,10 +1,13 @@
 //! Throughput of `#[idempotent]` beside a hand-written raw baseline, per store.
 //!
 //! Every case runs the raw baseline and the framework in the same process, interleaved
-//! in rounds (raw, framework, raw, framework, …) so that drift of the machine or the
-//! server hits both alike, and prints messages per second and the ratio. Each case
-//! runs on a current-thread and on a multi-thread tokio runtime. The table is written
-//! to `BENCHMARKS.md`.
+//! in rounds (raw, framework, raw, framework, …; 5 unless `--rounds` asks for more) so
+//! that drift of the machine or the server hits both alike. Each figure is the median
+//! of the rounds, with their minimum and maximum: messages per second of each side, and
+//! the ratio framework / baseline of each round (the median ratio is the median of the
+//! rounds' ratios, not the ratio of the two medians). Each case runs on a
+//! current-thread and on a multi-thread tokio runtime. The table is written to
+//! `BENCHMARKS.md`.
 //!
 //! ```sh
 //! cargo run --release -p idempotent-examples --example bench --features stores
@@ -13,10 +16,11 @@
 //! ```
 //!
 //! Options: `--stores` (comma list of memory, redis, mysql, postgres, sqlite; default
-//! all), `--messages N` per case and runtime (default 20 000), `--scale N` existing
-//! records for the scale cases (default 1 000 000; 0 skips them), `--out PATH`
-//! (default `BENCHMARKS.md`). Servers come from `IDEMPOTENT_REDIS_URL`,
-//! `IDEMPOTENT_MYSQL_URL` and `IDEMPOTENT_POSTGRES_URL` with the local defaults.
+//! all), `--messages N` per case and runtime, split over the rounds (default 20 000),
+//! `--rounds N` (at least and by default 5), `--scale N` existing records for the scale
+//! cases (default 1 000 000; 0 skips them), `--out PATH` (default `BENCHMARKS.md`).
+//! Servers come from `IDEMPOTENT_REDIS_URL`, `IDEMPOTENT_MYSQL_URL` and
+//! `IDEMPOTENT_POSTGRES_URL` with the local defaults.
 
 use idempotent_runtime::redis::{self, AsyncCommands, aio::ConnectionManager};
 use idempotent_runtime::sqlx;
@@ -28,7 +32,7 @@ use idempotent_runtime::{
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::fmt::Write as _;
 use std::future::Future;
-use std::sync::atomic::{AtomicIsize, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicIsize, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, LazyLock, RwLock};
 use std::time::{Duration, Instant};
 
@@ -62,12 +66,16 @@ static ALLOC: Counting = Counting;
 struct Options {
     stores: Vec<String>,
     messages: u64,
+    rounds: usize,
     scale: u64,
     out: String,
 }
 
 const ALL_STORES: [&str; 5] = ["memory", "redis", "mysql", "postgres", "sqlite"];
 const DEFAULT_MESSAGES: u64 = 20_000;
+/// Rounds per case unless `--rounds` says more: raw and framework alternate, one round
+/// of each at a time.
+const DEFAULT_ROUNDS: usize = 5;
 const DEFAULT_SCALE: u64 = 1_000_000;
 
 impl Options {
@@ -82,6 +90,9 @@ impl Options {
         }
         if self.messages != DEFAULT_MESSAGES {
             args.push(format!("--messages {}", self.messages));
+        }
+        if self.rounds != DEFAULT_ROUNDS {
+            args.push(format!("--rounds {}", self.rounds));
         }
         if self.scale != DEFAULT_SCALE {
             args.push(format!("--scale {}", self.scale));
@@ -99,15 +110,27 @@ impl Options {
 const BOUNDS: &str = "
 ## Where the framework pays more than the baseline
 
-- **Redis, first delivery with 32 tasks.** The baseline's two steps are plain `SET`s; the
+- **Redis, first delivery.** The baseline's two steps are plain `SET`s; the
   framework's are calls of a Lua function (`FCALL`) that reads the record, checks owner
   and lease and writes it in one atomic step: that is what fences claims and makes
-  completions compare-and-set. Server time per call from `INFO commandstats` (Redis
-  7.0): a claim of a new key 5.1 µs, the smallest Lua function doing its
-  `GET` + `TIME` + `SET` 4.8 µs, a plain `SET NX PX` 1.8 µs. With 32 tasks the single
-  Redis thread, sharing two cores with the client, is the bound. Sequential cases are
-  bound by round trips, where the framework's one round trip per step matches the
-  baseline.
+  completions compare-and-set. Measured apart from this program (2026-12-02, Redis
+  7.0.15 on loopback, one client timing each call, 20 000 calls of each command
+  interleaved, median round trip): `SET NX PX` 25.9 µs, the claim `FCALL` of a new key
+  32.8 µs, a function that only returns 1 24.0 µs (the same as `PING`: calling a
+  function, and passing it a key and three arguments, costs under 1 µs), a function
+  doing one `SET NX PX` 29.9 µs, with `GET` + `TIME` + `SET` 32.5 µs. The extra time is
+  spent inside the function, in its `redis.call`s: each goes through the server's
+  command dispatch again and its reply is converted to Lua values, about 4 µs for the
+  inner `SET`; `TIME` and packing the record add 1–3 µs. Turning propagation off
+  (`redis.set_repl`) or `redis.setresp(3)` changes nothing measurable; `EVALSHA` of
+  the same code is 6 µs slower than `FCALL` (a script defines its local functions
+  again on every call). `INFO commandstats` agrees: 9.4 µs per claim against 0.9 µs
+  for the function that returns 1 (on a loaded machine; 5.1 µs on a quiet one). A
+  plain `SET NX` claim cannot replace the function: the record holds the lease
+  deadline and the fencing token in the server's microseconds (`TIME`), which a plain
+  command cannot write, and a token from the consumer's clock could be smaller than an
+  earlier claim's. With 32 tasks the single Redis thread, sharing two cores with the
+  client, is the bound.
 - **MySQL / MariaDB, 16 tasks.** A claim is one `CALL` of the claim procedure (a read,
   then the insert or takeover, then one result row) where the baseline sends one
   `INSERT`; in the slow query log of one run the `CALL` averaged 1.5 ms of server time
@@ -127,6 +150,7 @@ fn options() -> Result<Options, String> {
     let mut o = Options {
         stores: ALL_STORES.map(String::from).to_vec(),
         messages: DEFAULT_MESSAGES,
+        rounds: DEFAULT_ROUNDS,
         scale: DEFAULT_SCALE,
         out: "BENCHMARKS.md".into(),
     };
@@ -138,12 +162,13 @@ fn options() -> Result<Options, String> {
             "--messages" => {
                 o.messages = value()?.parse().map_err(|e| format!("--messages: {e}"))?
             }
+            "--rounds" => o.rounds = value()?.parse().map_err(|e| format!("--rounds: {e}"))?,
             "--scale" => o.scale = value()?.parse().map_err(|e| format!("--scale: {e}"))?,
             "--out" => o.out = value()?,
             "-h" | "--help" => {
                 return Err(
                     "usage: bench [--stores memory,redis,mysql,postgres,sqlite] \
-                            [--messages N] [--scale N] [--out PATH]"
+                            [--messages N] [--rounds N] [--scale N] [--out PATH]"
                         .into(),
                 );
             }
@@ -155,6 +180,9 @@ fn options() -> Result<Options, String> {
             return Err(format!("unknown store {s}"));
         }
     }
+    if o.rounds < DEFAULT_ROUNDS {
+        return Err(format!("--rounds: at least {DEFAULT_ROUNDS}"));
+    }
     o.messages = o.messages.max(1000);
     Ok(o)
 }
@@ -165,20 +193,88 @@ fn env_url(var: &str, default: &str) -> String {
 
 // ------------------------------------------------------------------ results
 
+/// Rounds per case (`--rounds`), set once before the first case.
+static ROUNDS: AtomicUsize = AtomicUsize::new(DEFAULT_ROUNDS);
+
+fn rounds() -> usize {
+    ROUNDS.load(Ordering::Relaxed)
+}
+
+/// The median, minimum and maximum of one figure over the rounds.
+#[derive(Clone, Copy)]
+struct Summary {
+    median: f64,
+    min: f64,
+    max: f64,
+}
+
+impl Summary {
+    fn of(values: &[f64]) -> Summary {
+        let mut v = values.to_vec();
+        v.sort_by(f64::total_cmp);
+        let mid = v.len() / 2;
+        let median = if v.len() % 2 == 1 {
+            v[mid]
+        } else {
+            (v[mid - 1] + v[mid]) / 2.0
+        };
+        Summary {
+            median,
+            min: v[0],
+            max: v[v.len() - 1],
+        }
+    }
+}
+
+/// Messages per second of each round, of the baseline and of the framework; round `i`
+/// of one ran next to round `i` of the other.
+struct Comparison {
+    raw: Vec<f64>,
+    framework: Vec<f64>,
+}
+
+impl Comparison {
+    fn ratios(&self) -> Vec<f64> {
+        self.raw
+            .iter()
+            .zip(&self.framework)
+            .map(|(r, f)| f / r)
+            .collect()
+    }
+}
+
 struct Row {
     store: &'static str,
     case: String,
     runtime: &'static str,
     raw_label: &'static str,
-    raw: f64,
-    framework: f64,
-    /// minimum framework/raw ratio this case must reach, if any
+    raw: Summary,
+    framework: Summary,
+    /// framework / baseline, round by round
+    ratio: Summary,
+    /// minimum median framework/raw ratio this case must reach, if any
     target: Option<f64>,
 }
 
 impl Row {
-    fn ratio(&self) -> f64 {
-        self.framework / self.raw
+    fn new(
+        store: &'static str,
+        case: String,
+        runtime: &'static str,
+        raw_label: &'static str,
+        c: &Comparison,
+        target: Option<f64>,
+    ) -> Row {
+        Row {
+            store,
+            case,
+            runtime,
+            raw_label,
+            raw: Summary::of(&c.raw),
+            framework: Summary::of(&c.framework),
+            ratio: Summary::of(&c.ratios()),
+            target,
+        }
     }
 }
 
@@ -191,18 +287,24 @@ struct Report {
 impl Report {
     fn push(&mut self, r: Row) {
         let met = match r.target {
-            Some(t) if r.ratio() >= t => format!("≥ {t:.2} met"),
+            Some(t) if r.ratio.median >= t => format!("≥ {t:.2} met"),
             Some(t) => format!("≥ {t:.2} NOT met"),
             None => String::new(),
         };
         println!(
-            "{:<9} {:<44} {:<8} {:>10.0}/s {:>10.0}/s  ×{:<6.2} {met}",
+            "{:<9} {:<44} {:<8} {:>9.0}/s ({:.0}–{:.0}) {:>9.0}/s ({:.0}–{:.0})  ×{:.2} ({:.2}–{:.2}) {met}",
             r.store,
             r.case,
             r.runtime,
-            r.raw,
-            r.framework,
-            r.ratio()
+            r.raw.median,
+            r.raw.min,
+            r.raw.max,
+            r.framework.median,
+            r.framework.min,
+            r.framework.max,
+            r.ratio.median,
+            r.ratio.min,
+            r.ratio.max,
         );
         self.rows.push(r);
     }
@@ -224,17 +326,39 @@ fn run_prefix() -> String {
         .unwrap_or_default()
         .as_nanos();
     format!(
-        "{RAW_PREFIX}{nanos:x}-{}",
+        "{}{nanos:x}-{}",
+        *RAW_PREFIX,
         RUN.fetch_add(1, Ordering::Relaxed)
     )
 }
 
+/// The names this run gives its tables and keys carry the process id, so that runs
+/// sharing a server (a run's clean-up drops its tables and deletes its keys) never
+/// touch each other's.
+fn named(base: &str) -> &'static str {
+    static NAMES: std::sync::Mutex<Vec<(String, &'static str)>> = std::sync::Mutex::new(Vec::new());
+    let mut names = NAMES.lock().unwrap();
+    if let Some((_, n)) = names.iter().find(|(b, _)| b == base) {
+        return n;
+    }
+    let name: &'static str = base
+        .replace("{pid}", &std::process::id().to_string())
+        .leak();
+    names.push((base.to_owned(), name));
+    name
+}
+
 /// The framework's dedup table in the SQL databases; dropped when the run ends.
-const BENCH_TABLE: &str = "idempotent_bench";
+static BENCH_TABLE: LazyLock<&str> = LazyLock::new(|| named("idempotent_bench_{pid}"));
 /// The prefix of the framework's Redis keys (the store's key prefix).
-const REDIS_PREFIX: &str = "idempotent-bench:";
+static REDIS_PREFIX: LazyLock<&str> = LazyLock::new(|| named("idempotent-bench-{pid}:"));
 /// The prefix of every message id, hence of the baseline's Redis keys.
-const RAW_PREFIX: &str = "idempotent-bench-raw:";
+static RAW_PREFIX: LazyLock<&str> = LazyLock::new(|| named("idempotent-bench-raw-{pid}:"));
+
+/// A statement on the baseline's table, `bench_raw_{pid}`.
+fn raw_sql(statement: &'static str) -> &'static str {
+    named(statement)
+}
 
 /// Removes what a run wrote: the Redis keys under both prefixes, the SQL tables (and
 /// MySQL's claim procedure). A run never touches the default table or key prefix, so
@@ -245,7 +369,7 @@ async fn clean_up(raw: &Raw) {
         Raw::Redis(c) => {
             let mut c = c.clone();
             let mut removed = 0u64;
-            for pattern in [format!("{REDIS_PREFIX}*"), format!("{RAW_PREFIX}*")] {
+            for pattern in [format!("{}*", *REDIS_PREFIX), format!("{}*", *RAW_PREFIX)] {
                 let mut cursor = 0u64;
                 loop {
                     let (next, keys): (u64, Vec<Vec<u8>>) = redis::cmd("SCAN")
@@ -279,9 +403,9 @@ async fn clean_up(raw: &Raw) {
         }
         Raw::MySql(p) => {
             for stmt in [
-                format!("DROP PROCEDURE IF EXISTS {BENCH_TABLE}_claim_v2"),
-                format!("DROP TABLE IF EXISTS {BENCH_TABLE}"),
-                "DROP TABLE IF EXISTS bench_raw".to_owned(),
+                format!("DROP PROCEDURE IF EXISTS {}_claim_v2", *BENCH_TABLE),
+                format!("DROP TABLE IF EXISTS {}", *BENCH_TABLE),
+                raw_sql("DROP TABLE IF EXISTS bench_raw_{pid}").to_owned(),
             ] {
                 sqlx::query(sqlx::AssertSqlSafe(stmt))
                     .execute(p)
@@ -291,8 +415,8 @@ async fn clean_up(raw: &Raw) {
         }
         Raw::Postgres(p) => {
             for stmt in [
-                format!("DROP TABLE IF EXISTS {BENCH_TABLE}"),
-                "DROP TABLE IF EXISTS bench_raw".to_owned(),
+                format!("DROP TABLE IF EXISTS {}", *BENCH_TABLE),
+                raw_sql("DROP TABLE IF EXISTS bench_raw_{pid}").to_owned(),
             ] {
                 sqlx::query(sqlx::AssertSqlSafe(stmt))
                     .execute(p)
@@ -310,31 +434,45 @@ async fn clean_up(raw: &Raw) {
     );
 }
 
-/// Runs `raw` and `framework` over `n` messages each, in 5 interleaved rounds, with
-/// `tasks` concurrent workers; returns messages per second of each.
-async fn compare<R, RF, F, FF>(n: u64, tasks: u64, raw: R, framework: F) -> (f64, f64)
+/// Runs [`rounds`] rounds of `raw` then `framework`; each call runs round `i` of its
+/// side and returns its messages per second.
+async fn interleave(
+    mut raw: impl AsyncFnMut(usize) -> f64,
+    mut framework: impl AsyncFnMut(usize) -> f64,
+) -> Comparison {
+    let mut c = Comparison {
+        raw: Vec::with_capacity(rounds()),
+        framework: Vec::with_capacity(rounds()),
+    };
+    for round in 0..rounds() {
+        c.raw.push(raw(round).await);
+        c.framework.push(framework(round).await);
+    }
+    c
+}
+
+/// Runs `raw` and `framework` over `n` messages each, split over [`rounds`]
+/// interleaved rounds, with `tasks` concurrent workers.
+async fn compare<R, RF, F, FF>(n: u64, tasks: u64, raw: R, framework: F) -> Comparison
 where
     R: Fn(String) -> RF + Clone + Send + Sync + 'static,
     RF: Future<Output = ()> + Send,
     F: Fn(String) -> FF + Clone + Send + Sync + 'static,
     FF: Future<Output = ()> + Send,
 {
-    const ROUNDS: u64 = 5;
-    let per_round = n / ROUNDS;
-    let (mut t_raw, mut t_fw) = (Duration::ZERO, Duration::ZERO);
-    for round in 0..ROUNDS {
-        let prefix = run_prefix();
-        t_raw += drive(per_round, tasks, format!("{prefix}-r{round}"), raw.clone()).await;
-        t_fw += drive(
-            per_round,
-            tasks,
-            format!("{prefix}-f{round}"),
-            framework.clone(),
-        )
-        .await;
-    }
-    let total = (per_round * ROUNDS) as f64;
-    (total / t_raw.as_secs_f64(), total / t_fw.as_secs_f64())
+    let per_round = n / rounds() as u64;
+    let rate = |t: Duration| per_round as f64 / t.as_secs_f64();
+    interleave(
+        async |round| {
+            let prefix = format!("{}-r{round}", run_prefix());
+            rate(drive(per_round, tasks, prefix, raw.clone()).await)
+        },
+        async |round| {
+            let prefix = format!("{}-f{round}", run_prefix());
+            rate(drive(per_round, tasks, prefix, framework.clone()).await)
+        },
+    )
+    .await
 }
 
 /// Calls `f` with `n` distinct keys from `tasks` concurrent tasks.
@@ -415,7 +553,7 @@ async fn on_message(key: &str) -> Result<u32, BenchError> {
 
 async fn memory_cases(report: &mut Report, runtime: &'static str, n: u64) {
     // framework overhead: the attribute + protocol around a body that does nothing
-    let (raw, fw) = compare(
+    let c = compare(
         n * 10,
         1,
         |k: String| async move {
@@ -426,18 +564,18 @@ async fn memory_cases(report: &mut Report, runtime: &'static str, n: u64) {
         },
     )
     .await;
-    let overhead_ns = (1e9 / fw - 1e9 / raw).max(0.0);
-    report.push(Row {
-        store: "memory",
-        case: "first delivery, sequential".into(),
+    let row = Row::new(
+        "memory",
+        "first delivery, sequential".into(),
         runtime,
-        raw_label: "body called directly",
-        raw,
-        framework: fw,
-        target: None,
-    });
+        "body called directly",
+        &c,
+        None,
+    );
+    let overhead_ns = (1e9 / row.framework.median - 1e9 / row.raw.median).max(0.0);
+    report.push(row);
     report.note(format!(
-        "memory ({runtime}): framework overhead {overhead_ns:.0} ns per message (target < 1000 ns: {})",
+        "memory ({runtime}): framework overhead {overhead_ns:.0} ns per message, from the medians (target < 1000 ns: {})",
         if overhead_ns < 1000.0 { "met" } else { "NOT met" }
     ));
 }
@@ -502,9 +640,13 @@ async fn fill(store: &dyn Store, keys: &[RecordKey], output: &[u8]) {
 /// it to status 1 with the output.
 macro_rules! sql_first {
     ($pool:expr, $k:expr, $insert:literal, $update:literal) => {{
-        sqlx::query($insert).bind($k).execute($pool).await.unwrap();
+        sqlx::query(raw_sql($insert))
+            .bind($k)
+            .execute($pool)
+            .await
+            .unwrap();
         let out = body($k).await.unwrap();
-        sqlx::query($update)
+        sqlx::query(raw_sql($update))
             .bind(out.to_string().into_bytes())
             .bind($k)
             .execute($pool)
@@ -517,9 +659,13 @@ macro_rules! sql_first {
 /// `SELECT` reads the status and output.
 macro_rules! sql_duplicate {
     ($pool:expr, $k:expr, $insert:literal, $select:literal) => {{
-        let r = sqlx::query($insert).bind($k).execute($pool).await.unwrap();
+        let r = sqlx::query(raw_sql($insert))
+            .bind($k)
+            .execute($pool)
+            .await
+            .unwrap();
         assert_eq!(r.rows_affected(), 0);
-        let row = sqlx::query($select)
+        let row = sqlx::query(raw_sql($select))
             .bind($k)
             .fetch_one($pool)
             .await
@@ -532,8 +678,9 @@ macro_rules! sql_duplicate {
 macro_rules! sql_prefill {
     ($pool:expr, $prefix:expr, $range:expr, $per:expr) => {{
         for chunk in $range.collect::<Vec<_>>().chunks($per) {
-            let mut qb =
-                sqlx::QueryBuilder::new("INSERT INTO bench_raw (message_id, status, output) ");
+            let mut qb = sqlx::QueryBuilder::new(raw_sql(
+                "INSERT INTO bench_raw_{pid} (message_id, status, output) ",
+            ));
             qb.push_values(chunk, |mut b, i| {
                 b.push_bind(format!("{}-raw-old-{i}", $prefix))
                     .push_bind(1)
@@ -581,15 +728,15 @@ impl Raw {
         match self {
             Raw::Redis(_) => {}
             Raw::MySql(p) => {
-                sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw (message_id VARCHAR(200) PRIMARY KEY, status INT NOT NULL, output VARBINARY(255))")
+                sqlx::query(raw_sql("CREATE TABLE IF NOT EXISTS bench_raw_{pid} (message_id VARCHAR(200) PRIMARY KEY, status INT NOT NULL, output VARBINARY(255))"))
                     .execute(p).await.unwrap();
             }
             Raw::Postgres(p) => {
-                sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw (message_id VARCHAR(200) PRIMARY KEY, status INT NOT NULL, output BYTEA)")
+                sqlx::query(raw_sql("CREATE TABLE IF NOT EXISTS bench_raw_{pid} (message_id VARCHAR(200) PRIMARY KEY, status INT NOT NULL, output BYTEA)"))
                     .execute(p).await.unwrap();
             }
             Raw::Sqlite(p) => {
-                sqlx::query("CREATE TABLE IF NOT EXISTS bench_raw (message_id TEXT PRIMARY KEY, status INT NOT NULL, output BLOB)")
+                sqlx::query(raw_sql("CREATE TABLE IF NOT EXISTS bench_raw_{pid} (message_id TEXT PRIMARY KEY, status INT NOT NULL, output BLOB)"))
                     .execute(p).await.unwrap();
             }
         }
@@ -624,20 +771,20 @@ impl Raw {
             Raw::MySql(p) => sql_first!(
                 p,
                 k,
-                "INSERT INTO bench_raw (message_id, status) VALUES (?, 0)",
-                "UPDATE bench_raw SET status = 1, output = ? WHERE message_id = ?"
+                "INSERT INTO bench_raw_{pid} (message_id, status) VALUES (?, 0)",
+                "UPDATE bench_raw_{pid} SET status = 1, output = ? WHERE message_id = ?"
             ),
             Raw::Postgres(p) => sql_first!(
                 p,
                 k,
-                "INSERT INTO bench_raw (message_id, status) VALUES ($1, 0)",
-                "UPDATE bench_raw SET status = 1, output = $1 WHERE message_id = $2"
+                "INSERT INTO bench_raw_{pid} (message_id, status) VALUES ($1, 0)",
+                "UPDATE bench_raw_{pid} SET status = 1, output = $1 WHERE message_id = $2"
             ),
             Raw::Sqlite(p) => sql_first!(
                 p,
                 k,
-                "INSERT INTO bench_raw (message_id, status) VALUES (?, 0)",
-                "UPDATE bench_raw SET status = 1, output = ? WHERE message_id = ?"
+                "INSERT INTO bench_raw_{pid} (message_id, status) VALUES (?, 0)",
+                "UPDATE bench_raw_{pid} SET status = 1, output = ? WHERE message_id = ?"
             ),
         }
     }
@@ -663,20 +810,20 @@ impl Raw {
             Raw::MySql(p) => sql_duplicate!(
                 p,
                 k,
-                "INSERT IGNORE INTO bench_raw (message_id, status) VALUES (?, 0)",
-                "SELECT status, output FROM bench_raw WHERE message_id = ?"
+                "INSERT IGNORE INTO bench_raw_{pid} (message_id, status) VALUES (?, 0)",
+                "SELECT status, output FROM bench_raw_{pid} WHERE message_id = ?"
             ),
             Raw::Postgres(p) => sql_duplicate!(
                 p,
                 k,
-                "INSERT INTO bench_raw (message_id, status) VALUES ($1, 0) ON CONFLICT DO NOTHING",
-                "SELECT status, output FROM bench_raw WHERE message_id = $1"
+                "INSERT INTO bench_raw_{pid} (message_id, status) VALUES ($1, 0) ON CONFLICT DO NOTHING",
+                "SELECT status, output FROM bench_raw_{pid} WHERE message_id = $1"
             ),
             Raw::Sqlite(p) => sql_duplicate!(
                 p,
                 k,
-                "INSERT INTO bench_raw (message_id, status) VALUES (?, 0) ON CONFLICT DO NOTHING",
-                "SELECT status, output FROM bench_raw WHERE message_id = ?"
+                "INSERT INTO bench_raw_{pid} (message_id, status) VALUES (?, 0) ON CONFLICT DO NOTHING",
+                "SELECT status, output FROM bench_raw_{pid} WHERE message_id = ?"
             ),
         }
     }
@@ -694,12 +841,12 @@ async fn connect(name: &str, sqlite_path: &str) -> (Arc<dyn Store>, Raw) {
             let store = RedisStore::connect(&url)
                 .await
                 .expect("redis store")
-                .with_prefix(REDIS_PREFIX);
+                .with_prefix(*REDIS_PREFIX);
             (Arc::new(store), Raw::Redis(conn))
         }
         "mysql" => {
             let url = env_url("IDEMPOTENT_MYSQL_URL", "mysql://root@127.0.0.1:3306/test");
-            let store = MySqlStore::connect_with_table(&url, BENCH_TABLE)
+            let store = MySqlStore::connect_with_table(&url, *BENCH_TABLE)
                 .await
                 .unwrap_or_else(|e| panic!("MySQL at {url} (IDEMPOTENT_MYSQL_URL): {e}"));
             let raw = Raw::MySql(store.pool().clone());
@@ -710,7 +857,7 @@ async fn connect(name: &str, sqlite_path: &str) -> (Arc<dyn Store>, Raw) {
                 "IDEMPOTENT_POSTGRES_URL",
                 "postgres://postgres@127.0.0.1:5432/test",
             );
-            let store = PostgresStore::connect_with_table(&url, BENCH_TABLE)
+            let store = PostgresStore::connect_with_table(&url, *BENCH_TABLE)
                 .await
                 .unwrap_or_else(|e| panic!("PostgreSQL at {url} (IDEMPOTENT_POSTGRES_URL): {e}"));
             let raw = Raw::Postgres(store.pool().clone());
@@ -718,7 +865,7 @@ async fn connect(name: &str, sqlite_path: &str) -> (Arc<dyn Store>, Raw) {
         }
         "sqlite" => {
             let url = format!("sqlite://{sqlite_path}?mode=rwc");
-            let store = SqliteStore::connect_with_table(&url, BENCH_TABLE)
+            let store = SqliteStore::connect_with_table(&url, *BENCH_TABLE)
                 .await
                 .expect("sqlite store");
             let raw = Raw::Sqlite(store.pool().clone());
@@ -746,7 +893,7 @@ async fn store_cases(
     raw: Raw,
     n: u64,
     label: &str,
-) -> f64 {
+) -> Vec<f64> {
     let store_name = static_name(name);
     let redis = matches!(raw, Raw::Redis(_));
     select(store.clone());
@@ -761,17 +908,16 @@ async fn store_cases(
     let fw_first = |k: String| async move {
         on_message(&k).await.unwrap();
     };
-    let (r, f) = compare(n, 1, raw_first.clone(), fw_first).await;
-    let sequential = f;
-    report.push(Row {
-        store: store_name,
-        case: format!("first delivery, sequential{label}"),
+    let c = compare(n, 1, raw_first.clone(), fw_first).await;
+    let sequential = c.framework.clone();
+    report.push(Row::new(
+        store_name,
+        format!("first delivery, sequential{label}"),
         runtime,
-        raw_label: raw.label(),
-        raw: r,
-        framework: f,
-        target: Some(if redis { 0.85 } else { 0.80 }),
-    });
+        raw.label(),
+        &c,
+        Some(if redis { 0.85 } else { 0.80 }),
+    ));
 
     // duplicates: complete m keys both ways, then deliver them again round-robin
     let m = n.clamp(1000, 5000);
@@ -796,51 +942,59 @@ async fn store_cases(
             on_message(&key).await.unwrap();
         }
     };
-    let (r, f) = compare(n, 1, raw_dup, fw_dup).await;
-    report.push(Row {
-        store: store_name,
-        case: format!("duplicate, sequential{label}"),
+    let c = compare(n, 1, raw_dup, fw_dup).await;
+    report.push(Row::new(
+        store_name,
+        format!("duplicate, sequential{label}"),
         runtime,
-        raw_label: raw.dup_label(),
-        raw: r,
-        framework: f,
-        target: redis.then_some(1.5),
-    });
+        raw.dup_label(),
+        &c,
+        redis.then_some(1.5),
+    ));
 
     let tasks = if redis { 32 } else { 16 };
-    let (r, f) = compare(n * 2, tasks, raw_first, fw_first).await;
-    report.push(Row {
-        store: store_name,
-        case: format!("first delivery, {tasks} tasks{label}"),
+    let c = compare(n * 2, tasks, raw_first, fw_first).await;
+    report.push(Row::new(
+        store_name,
+        format!("first delivery, {tasks} tasks{label}"),
         runtime,
-        raw_label: raw.label(),
-        raw: r,
-        framework: f,
-        target: Some(0.80),
-    });
+        raw.label(),
+        &c,
+        Some(0.80),
+    ));
 
     if redis {
-        // batches of 64 through run_batch, against the framework's own sequential rate
+        // batches of 64 through run_batch, against the framework one message at a
+        // time, interleaved like every other case
         let batches = Idempotency::new("bench-batch").shared_store(store.clone());
-        let prefix = run_prefix();
-        let total = (n / 64).max(10) * 64;
-        let start = Instant::now();
-        for b in 0..total / 64 {
-            let msgs: Vec<String> = (0..64).map(|i| format!("{prefix}-{b}-{i}")).collect();
-            let results: Vec<Result<u32, BenchError>> =
-                batches.run_batch(&msgs, |m| m.as_str(), |m| body(m)).await;
-            assert!(results.iter().all(Result::is_ok));
-        }
-        let rate = total as f64 / start.elapsed().as_secs_f64();
-        report.push(Row {
-            store: store_name,
-            case: format!("batch of 64{label}"),
+        let per_round = (n / rounds() as u64 / 64).max(2) * 64;
+        let c = interleave(
+            async |round| {
+                let prefix = format!("{}-s{round}", run_prefix());
+                let t = drive(per_round, 1, prefix, fw_first).await;
+                per_round as f64 / t.as_secs_f64()
+            },
+            async |round| {
+                let prefix = format!("{}-b{round}", run_prefix());
+                let start = Instant::now();
+                for b in 0..per_round / 64 {
+                    let msgs: Vec<String> = (0..64).map(|i| format!("{prefix}-{b}-{i}")).collect();
+                    let results: Vec<Result<u32, BenchError>> =
+                        batches.run_batch(&msgs, |m| m.as_str(), |m| body(m)).await;
+                    assert!(results.iter().all(Result::is_ok));
+                }
+                per_round as f64 / start.elapsed().as_secs_f64()
+            },
+        )
+        .await;
+        report.push(Row::new(
+            store_name,
+            format!("batch of 64{label}"),
             runtime,
-            raw_label: "framework, one message at a time",
-            raw: sequential,
-            framework: rate,
-            target: Some(5.0),
-        });
+            "framework, one message at a time",
+            &c,
+            Some(5.0),
+        ));
     }
     sequential
 }
@@ -850,7 +1004,7 @@ async fn redis_memory_usage(report: &mut Report) {
     let store = RedisStore::connect(&url)
         .await
         .expect("redis store")
-        .with_prefix(REDIS_PREFIX);
+        .with_prefix(*REDIS_PREFIX);
     let mut conn = ConnectionManager::new(redis::Client::open(url.as_str()).unwrap())
         .await
         .unwrap();
@@ -864,7 +1018,7 @@ async fn redis_memory_usage(report: &mut Report) {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let raw_key = format!("{RAW_PREFIX}order-00000001");
+    let raw_key = format!("{}order-00000001", *RAW_PREFIX);
     let _: () = conn.set_ex(&raw_key, "12", 604_800).await.unwrap();
     let raw_bytes: Option<u64> = redis::cmd("MEMORY")
         .arg("USAGE")
@@ -955,15 +1109,19 @@ async fn run_flavour(
                         &label,
                     )
                     .await;
-                    report.push(Row {
-                        store: static_name(store_name),
-                        case: format!("framework sequential{label} vs empty"),
+                    // round i of the full store against round i of the empty one
+                    // (measured one after the other, not interleaved)
+                    report.push(Row::new(
+                        static_name(store_name),
+                        format!("framework sequential{label} vs empty"),
                         runtime,
-                        raw_label: "framework, empty store",
-                        raw: empty,
-                        framework: scaled,
-                        target: Some(0.8),
-                    });
+                        "framework, empty store",
+                        &Comparison {
+                            raw: empty,
+                            framework: scaled,
+                        },
+                        Some(0.8),
+                    ));
                 }
                 clean_up(&raw).await;
             }
@@ -975,7 +1133,7 @@ fn write_markdown(report: &Report, opts: &Options) -> std::io::Result<()> {
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     let date = std::process::Command::new("date")
         .arg("-u")
-        .arg("+%Y-%m-%d")
+        .arg("+%Y-%m-%d %H:%M UTC")
         .output()
         .ok()
         .and_then(|o| String::from_utf8(o.stdout).ok())
@@ -990,34 +1148,51 @@ fn write_markdown(report: &Report, opts: &Options) -> std::io::Result<()> {
     let _ = writeln!(
         md,
         "Measured on {date} on a machine with {cores} cores, services on loopback, by\n\
-         `{}`\n\
-         ({} messages per case and runtime; raw baseline and framework interleaved in the\n\
-         same process). `current` is a current-thread tokio runtime, `multi` a multi-thread\n\
-         one with one worker per core.\n",
+         \n\
+         ```sh\n{}\n```\n\
+         \n\
+         {} messages per case and runtime, split over {rounds} rounds; the raw baseline and the\n\
+         framework run in the same process, interleaved round by round (raw, framework, raw,\n\
+         framework, …). Every figure is the median of the {rounds} rounds, with the lowest and\n\
+         highest round beside it; the ratio is framework / baseline of each round, and its\n\
+         median is the median of those {rounds} ratios (not the ratio of the two medians). A\n\
+         target is met when the median ratio reaches it. `current` is a current-thread tokio\n\
+         runtime, `multi` a multi-thread one with one worker per core. The machine is shared:\n\
+         one round can be off by a third, hence medians.\n",
         opts.command(),
-        opts.messages
+        opts.messages,
+        rounds = opts.rounds,
     );
     let _ = writeln!(
         md,
-        "| store | case | runtime | baseline | baseline msg/s | framework msg/s | ratio | target |"
+        "| store | case | runtime | baseline | baseline msg/s | min–max | framework msg/s | min–max | ratio | min–max | target |"
     );
-    let _ = writeln!(md, "| --- | --- | --- | --- | ---: | ---: | ---: | --- |");
+    let _ = writeln!(
+        md,
+        "| --- | --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | --- |"
+    );
     for r in &report.rows {
         let target = match r.target {
-            Some(t) if r.ratio() >= t => format!("≥ {t:.2} ✓"),
+            Some(t) if r.ratio.median >= t => format!("≥ {t:.2} ✓"),
             Some(t) => format!("≥ {t:.2} ✗"),
             None => "—".into(),
         };
         let _ = writeln!(
             md,
-            "| {} | {} | {} | {} | {:.0} | {:.0} | {:.2} | {target} |",
+            "| {} | {} | {} | {} | {:.0} | {:.0}–{:.0} | {:.0} | {:.0}–{:.0} | {:.2} | {:.2}–{:.2} | {target} |",
             r.store,
             r.case,
             r.runtime,
             r.raw_label,
-            r.raw,
-            r.framework,
-            r.ratio()
+            r.raw.median,
+            r.raw.min,
+            r.raw.max,
+            r.framework.median,
+            r.framework.min,
+            r.framework.max,
+            r.ratio.median,
+            r.ratio.min,
+            r.ratio.max,
         );
     }
     if !report.notes.is_empty() {
@@ -1046,10 +1221,11 @@ fn main() {
     let dir = std::env::temp_dir().join(format!("idempotent-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let sqlite_path = dir.join("bench.db").display().to_string();
+    ROUNDS.store(opts.rounds, Ordering::Relaxed);
     let mut report = Report::default();
     println!(
-        "{:<9} {:<44} {:<8} {:>12} {:>12}  ratio",
-        "store", "case", "runtime", "baseline", "framework"
+        "{:<9} {:<44} {:<8} baseline (min–max), framework (min–max), ratio (min–max); medians of {} rounds",
+        "store", "case", "runtime", opts.rounds
     );
     for runtime in ["current", "multi"] {
         let rt = match runtime {
