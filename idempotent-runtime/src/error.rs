@@ -17,7 +17,7 @@ use std::time::Duration;
 /// | [`Store`](Error::Store) | the store failed or is unreachable | nack |
 /// | [`UnknownStore`](Error::UnknownStore) | `store = "name"` was never registered | fix start-up |
 /// | [`OutputNotReplayable`](Error::OutputNotReplayable) | duplicate of a completed key whose output cannot be replayed | ack or alert |
-/// | [`InvalidSettings`](Error::InvalidSettings) | the manual API was configured with settings the protocol refuses | fix the code |
+/// | [`InvalidSettings`](Error::InvalidSettings) | the manual API was configured with settings the protocol refuses, or two handlers of the process have one default scope | fix the code |
 ///
 /// [`is_retryable`](Error::is_retryable) tells the first and the transient store
 /// failures apart from the rest.
@@ -60,8 +60,10 @@ pub enum Error {
         reason: NotReplayable,
     },
     /// The settings of an [`Idempotency`](crate::Idempotency) are invalid (a lease
-    /// shorter than [`MIN_LEASE`](crate::MIN_LEASE)); nothing ran. The attribute
-    /// rejects the same settings at compile time.
+    /// shorter than [`MIN_LEASE`](crate::MIN_LEASE), a ttl or lease over
+    /// [`MAX_TTL`](crate::MAX_TTL)), or an `#[idempotent]` handler has the default
+    /// scope of another handler of the process (give each an explicit `scope`);
+    /// nothing ran. The attribute rejects the same settings at compile time.
     InvalidSettings {
         /// What is wrong and how to fix it.
         reason: String,
