@@ -169,3 +169,17 @@ async fn a_lease_below_the_minimum_is_refused() {
     let r: Result<u32, Error> = ok.run("k", async { Ok(2) }).await;
     assert_eq!(r.unwrap(), 2);
 }
+
+#[tokio::test]
+async fn a_ttl_over_the_maximum_is_refused() {
+    use idempotent_runtime::MAX_TTL;
+    let h = Idempotency::new("long-ttl").ttl(MAX_TTL + Duration::from_secs(1));
+    let r: Result<u32, Error> = h.run("k", async { Ok(1) }).await;
+    match r {
+        Err(e @ Error::InvalidSettings { .. }) => assert!(e.to_string().contains("3650"), "{e}"),
+        other => panic!("expected InvalidSettings, got {other:?}"),
+    }
+    let ok = Idempotency::new("max-ttl").ttl(MAX_TTL);
+    let r: Result<u32, Error> = ok.run("k", async { Ok(2) }).await;
+    assert_eq!(r.unwrap(), 2);
+}
