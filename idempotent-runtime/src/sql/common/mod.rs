@@ -3,7 +3,7 @@
 //! store has and the background sweeper; reading a record row and the claim rules
 //! applied to it are in [`row`].
 
-use crate::store::{ClaimRequest, Completion, Store, Token};
+use crate::store::{ClaimRequest, Completion, Fence, Store, Token};
 use crate::{RecordKey, StoreError, StoreErrorKind};
 use sqlx::error::DatabaseError;
 use sqlx::query::Query;
@@ -266,6 +266,41 @@ where
     Ok(DB::rows_affected(&done))
 }
 
+/// Reads the row `q` selects (the record's columns, as [`RowView::decode`] takes them)
+/// on `conn`, checked; `None` when there is none. `err` wraps a driver error.
+pub(crate) async fn read_row<'c, DB, E>(
+    conn: E,
+    q: Query<'_, DB, DB::Arguments>,
+    scope: &str,
+    err: impl FnOnce(sqlx::Error) -> StoreError,
+) -> Result<Option<RowView>, StoreError>
+where
+    DB: SqlDatabase,
+    DB::Arguments: IntoArguments<DB>,
+    E: Executor<'c, Database = DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+    i64: for<'r> sqlx::Decode<'r, DB> + Type<DB>,
+    Vec<u8>: for<'r> sqlx::Decode<'r, DB> + Type<DB>,
+{
+    let row = q.fetch_all(conn).await.map_err(err)?.pop();
+    row.map(|r| RowView::decode(&r, 0, scope)).transpose()
+}
+
+/// The fence of a single-key compare-and-set write that matched `rows` rows:
+/// [`Fence::Held`] when it matched; else the key's row is read back (`read`) and
+/// [`unmatched_fence`] answers, so that a corrupt record is an error and a completion
+/// (`completed_by`) whose record is Completed by its own claim is Held.
+pub(crate) async fn fence_of(
+    rows: u64,
+    completed_by: Option<Token>,
+    read: impl Future<Output = Result<Option<RowView>, StoreError>>,
+) -> Result<Fence, StoreError> {
+    if rows > 0 {
+        return Ok(Fence::Held);
+    }
+    Ok(unmatched_fence(read.await?, completed_by))
+}
+
 /// Deletes expired records in batches of [`PURGE_BATCH`] until a batch comes back
 /// short; `batch` deletes one batch and answers how many rows it deleted.
 pub(crate) async fn purge_in_batches<F, Fut>(mut batch: F) -> Result<u64, StoreError>
@@ -464,6 +499,72 @@ macro_rules! store_accessors {
     };
 }
 pub(crate) use store_accessors;
+
+/// The [`Store`] methods every SQL store forwards to [`sql::scan`](super::scan) alike
+/// (`scan`, `stats`, `force_release`, `reset_attempts`), for the `impl Store` of a store
+/// type with the field `pool` and the method `table`. Written as `#[async_trait]` writes
+/// them (it does not see into a macro's output), so the signatures match the trait's.
+macro_rules! scan_methods {
+    () => {
+        /// Keyset pagination on `(scope, message_id)` with the filter in the `WHERE`
+        /// clause.
+        fn scan<'life0, 'life1, 'life2, 'async_trait>(
+            &'life0 self,
+            filter: &'life1 $crate::ScanFilter,
+            cursor: Option<&'life2 $crate::ScanCursor>,
+            limit: usize,
+        ) -> $crate::sql::common::StoreFuture<'async_trait, $crate::ScanPage>
+        where
+            'life0: 'async_trait,
+            'life1: 'async_trait,
+            'life2: 'async_trait,
+            Self: 'async_trait,
+        {
+            Box::pin(async move {
+                $crate::sql::scan::scan(&self.pool, &self.table(), filter, cursor, limit).await
+            })
+        }
+
+        /// One `GROUP BY` statement.
+        fn stats<'life0, 'life1, 'async_trait>(
+            &'life0 self,
+            scope: Option<&'life1 str>,
+            poisoned_at: Option<u32>,
+        ) -> $crate::sql::common::StoreFuture<'async_trait, Vec<$crate::ScopeStats>>
+        where
+            'life0: 'async_trait,
+            'life1: 'async_trait,
+            Self: 'async_trait,
+        {
+            Box::pin(async move {
+                $crate::sql::scan::stats(&self.pool, &self.table(), scope, poisoned_at).await
+            })
+        }
+
+        $crate::sql::common::scan_methods!(admin force_release, false);
+        $crate::sql::common::scan_methods!(admin reset_attempts, true);
+    };
+    (admin $name:ident, $reset:literal) => {
+        fn $name<'life0, 'life1, 'async_trait>(
+            &'life0 self,
+            key: &'life1 $crate::RecordKey,
+        ) -> $crate::sql::common::StoreFuture<'async_trait, $crate::AdminOutcome>
+        where
+            'life0: 'async_trait,
+            'life1: 'async_trait,
+            Self: 'async_trait,
+        {
+            Box::pin(async move {
+                $crate::sql::scan::admin(self, &self.pool, &self.table(), key, $reset).await
+            })
+        }
+    };
+}
+pub(crate) use scan_methods;
+
+/// The future a [`Store`] method returns, as `#[async_trait]` writes it.
+pub(crate) type StoreFuture<'a, T> =
+    std::pin::Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
 
 #[cfg(test)]
 mod tests {

@@ -205,6 +205,15 @@ impl RowView {
             && self.token == token_param(token)
     }
 
+    /// Whether this row is the live record released by the claim `token` (a released
+    /// row keeps its owner's token, so a release repeated by the same owner finds it).
+    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
+    pub(crate) fn released_by(&self, token: Token) -> bool {
+        self.expires_left > 0
+            && self.state == RecordState::Released
+            && self.token == token_param(token)
+    }
+
     /// Applies the claim rules (see [`ClaimOutcome`]) to this row, as read.
     pub(crate) fn decide(self, req: &ClaimRequest<'_>) -> Decision {
         if self.expires_left <= 0 {
@@ -261,6 +270,17 @@ pub(crate) fn completion_fence(seen: Option<RowView>, token: Token) -> Fence {
     match seen {
         Some(row) if row.completed_by(token) => Fence::Held,
         _ => Fence::Lost,
+    }
+}
+
+/// The fence of a compare-and-set write that matched no row, given the row read right
+/// after it: for a completion (`completed_by`), what [`completion_fence`] answers; for a
+/// release or renewal, [`Fence::Lost`] (the row is read all the same, so that a corrupt
+/// record is an error rather than a lost claim).
+pub(crate) fn unmatched_fence(seen: Option<RowView>, completed_by: Option<Token>) -> Fence {
+    match completed_by {
+        Some(token) => completion_fence(seen, token),
+        None => Fence::Lost,
     }
 }
 

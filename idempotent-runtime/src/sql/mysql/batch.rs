@@ -2,10 +2,9 @@
 //! one `UPDATE … JOIN` per chunk of completions or releases.
 
 use super::MySqlStore;
-use crate::sql::common::{BindExt, RowView, SqlDatabase, repeated, token_param};
-use crate::store::{
-    ClaimOutcome, ClaimRequest, Completion, Fence, RecordState, Release, Store, Token,
-};
+use super::statements::MySqlQuery;
+use crate::sql::common::{BindExt, RowView, SqlDatabase, repeated};
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Store, Token};
 use crate::{RecordKey, StoreError, StoreErrorKind};
 use sqlx::Row;
 use sqlx::mysql::MySql;
@@ -102,25 +101,12 @@ impl MySqlStore {
             for &i in chunk {
                 q = q.bind_completion(&items[i]);
             }
-            let done = q
-                .execute(&self.pool)
-                .await
-                .map_err(MySql::err("complete_batch"))?;
-            if done.rows_affected() == chunk.len() as u64 {
-                chunk.iter().for_each(|&i| out[i] = Fence::Held);
-            } else {
-                // some were not owned any more: the rows Completed by the item's own
-                // claim were completed by this statement or by an earlier completion
-                // whose reply was lost; any other row is Lost (or, if it is corrupt,
-                // an error)
-                let rows = self.states(chunk.iter().map(|&i| items[i].key)).await?;
-                for &i in chunk {
-                    let c = &items[i];
-                    if rows.get(c.key).is_some_and(|r| r.completed_by(c.token)) {
-                        out[i] = Fence::Held;
-                    }
-                }
-            }
+            // a row Completed by the item's own claim was completed by this statement or
+            // by an earlier completion whose reply was lost
+            let key = |i: usize| items[i].key;
+            let applied = |i: usize, r: &RowView| r.completed_by(items[i].token);
+            self.apply_chunk("complete_batch", q, chunk, key, applied, &mut out)
+                .await?;
         }
         // a key repeated in the batch: what a completion right after the first would get
         for i in repeats {
@@ -140,33 +126,44 @@ impl MySqlStore {
             for &i in chunk {
                 q = q.bind_owned(items[i].key, items[i].token);
             }
-            let done = q
-                .execute(&self.pool)
-                .await
-                .map_err(MySql::err("release_batch"))?;
-            if done.rows_affected() == chunk.len() as u64 {
-                chunk.iter().for_each(|&i| out[i] = Fence::Held);
-            } else {
-                // some were not owned any more: a released row still carries its
-                // owner's token (a release repeated by the same owner reads as Held);
-                // a corrupt row is an error
-                let rows = self.states(chunk.iter().map(|&i| items[i].key)).await?;
-                for &i in chunk {
-                    let r = &items[i];
-                    if let Some(s) = rows.get(r.key)
-                        && s.state == RecordState::Released
-                        && s.token == token_param(r.token)
-                        && s.expires_left > 0
-                    {
-                        out[i] = Fence::Held;
-                    }
-                }
-            }
+            // a release repeated by the same owner finds its row Released under its token
+            let key = |i: usize| items[i].key;
+            let applied = |i: usize, r: &RowView| r.released_by(items[i].token);
+            self.apply_chunk("release_batch", q, chunk, key, applied, &mut out)
+                .await?;
         }
         for i in repeats {
             out[i] = self.release(&items[i]).await?;
         }
         Ok(out)
+    }
+
+    /// Runs `q`, a compare-and-set `UPDATE` of the items `chunk` (indexes into `out`, one
+    /// key each, `key` gives it): all of them are [`Fence::Held`] when it matched a row
+    /// each. Else some were not owned any more: their rows are read back, and an item is
+    /// Held when `applied` finds its step applied to its row; any other is Lost (or, if
+    /// its row is corrupt, an error).
+    async fn apply_chunk<'k>(
+        &self,
+        op: &'static str,
+        q: MySqlQuery<'_>,
+        chunk: &[usize],
+        key: impl Fn(usize) -> &'k RecordKey,
+        applied: impl Fn(usize, &RowView) -> bool,
+        out: &mut [Fence],
+    ) -> Result<(), StoreError> {
+        let done = q.execute(&self.pool).await.map_err(MySql::err(op))?;
+        if done.rows_affected() == chunk.len() as u64 {
+            chunk.iter().for_each(|&i| out[i] = Fence::Held);
+            return Ok(());
+        }
+        let rows = self.states(chunk.iter().map(|&i| key(i))).await?;
+        for &i in chunk {
+            if rows.get(key(i)).is_some_and(|r| applied(i, r)) {
+                out[i] = Fence::Held;
+            }
+        }
+        Ok(())
     }
 
     /// Reads back the rows of `keys` after a batch step that did not apply to all of

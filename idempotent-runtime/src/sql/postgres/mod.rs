@@ -250,14 +250,14 @@ impl Store for PostgresStore {
         storable(c.key)?;
         let q = sqlx::query(self.sql.complete.clone()).bind_completion(c);
         let rows = common::execute(&self.pool, q, Postgres::err("complete")).await?;
-        self.fence_of(rows, c.key, Some(c.token)).await
+        common::fence_of(rows, Some(c.token), self.read(c.key)).await
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
         storable(r.key)?;
         let q = sqlx::query(self.sql.release.clone()).bind_owned(r.key, r.token);
         let rows = common::execute(&self.pool, q, Postgres::err("release")).await?;
-        self.fence_of(rows, r.key, None).await
+        common::fence_of(rows, None, self.read(r.key)).await
     }
 
     async fn renew(
@@ -271,7 +271,7 @@ impl Store for PostgresStore {
             .bind_owned(key, token)
             .bind(micros(lease));
         let rows = common::execute(&self.pool, q, Postgres::err("renew")).await?;
-        self.fence_of(rows, key, None).await
+        common::fence_of(rows, None, self.read(key)).await
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
@@ -285,33 +285,7 @@ impl Store for PostgresStore {
         Ok(common::execute(&self.pool, q, Postgres::err("forget")).await? > 0)
     }
 
-    /// Keyset pagination on `(scope, message_id)` with the filter in the `WHERE`
-    /// clause.
-    async fn scan(
-        &self,
-        filter: &crate::ScanFilter,
-        cursor: Option<&crate::ScanCursor>,
-        limit: usize,
-    ) -> Result<crate::ScanPage, StoreError> {
-        super::scan::scan(&self.pool, &self.table(), filter, cursor, limit).await
-    }
-
-    /// One `GROUP BY` statement.
-    async fn stats(
-        &self,
-        scope: Option<&str>,
-        poisoned_at: Option<u32>,
-    ) -> Result<Vec<crate::ScopeStats>, StoreError> {
-        super::scan::stats(&self.pool, &self.table(), scope, poisoned_at).await
-    }
-
-    async fn force_release(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
-        super::scan::admin(self, &self.pool, &self.table(), key, false).await
-    }
-
-    async fn reset_attempts(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
-        super::scan::admin(self, &self.pool, &self.table(), key, true).await
-    }
+    common::scan_methods!();
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
         common::purge_in_batches(|| {
@@ -357,32 +331,7 @@ pub(crate) fn storable(key: &RecordKey) -> Result<(), StoreError> {
 impl PostgresStore {
     /// The row of `key`, checked; `None` when there is none.
     async fn read(&self, key: &RecordKey) -> Result<Option<RowView>, StoreError> {
-        let row = sqlx::query(self.sql.inspect.clone())
-            .bind_key(key)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Postgres::err("inspect"))?
-            .pop();
-        row.map(|r| RowView::decode(&r, 0, key.scope())).transpose()
-    }
-
-    /// The fence of a compare-and-set write on `key` that matched `rows` rows: when it
-    /// matched none, the row is read to tell a corrupt record (an error) from one
-    /// another claim owns; a completion (`completed_by`) that finds the record
-    /// Completed by its own claim is [`Fence::Held`].
-    async fn fence_of(
-        &self,
-        rows: u64,
-        key: &RecordKey,
-        completed_by: Option<Token>,
-    ) -> Result<Fence, StoreError> {
-        if rows > 0 {
-            return Ok(Fence::Held);
-        }
-        let seen = self.read(key).await?;
-        Ok(match completed_by {
-            Some(token) => common::completion_fence(seen, token),
-            None => Fence::Lost,
-        })
+        let q = sqlx::query(self.sql.inspect.clone()).bind_key(key);
+        common::read_row(&self.pool, q, key.scope(), Postgres::err("inspect")).await
     }
 }

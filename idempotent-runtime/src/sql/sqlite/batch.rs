@@ -41,10 +41,7 @@ impl SqliteStore {
             let seen = row
                 .map(|r| RowView::decode(&r, 0, key.scope()))
                 .transpose()?;
-            out.push(match completed_by {
-                Some(token) => common::completion_fence(seen, token),
-                None => Fence::Lost,
-            });
+            out.push(common::unmatched_fence(seen, completed_by));
         }
         tx.commit().await.map_err(Sqlite::err(op))?;
         Ok(out)

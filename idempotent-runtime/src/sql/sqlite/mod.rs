@@ -255,34 +255,8 @@ impl SqliteStore {
     }
 
     async fn read(&self, key: &RecordKey) -> Result<Option<RowView>, StoreError> {
-        let row = self
-            .sql
-            .read_query(key)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Sqlite::err("reading a record"))?
-            .pop();
-        row.map(|r| RowView::decode(&r, 0, key.scope())).transpose()
-    }
-
-    /// The fence of a compare-and-set write on `key` that matched `rows` rows: when it
-    /// matched none, the row is read to tell a corrupt record (an error) from one
-    /// another claim owns; a completion (`completed_by`) that finds the record
-    /// Completed by its own claim is [`Fence::Held`].
-    async fn fence_of(
-        &self,
-        rows: u64,
-        key: &RecordKey,
-        completed_by: Option<Token>,
-    ) -> Result<Fence, StoreError> {
-        if rows > 0 {
-            return Ok(Fence::Held);
-        }
-        let seen = self.read(key).await?;
-        Ok(match completed_by {
-            Some(token) => common::completion_fence(seen, token),
-            None => Fence::Lost,
-        })
+        let q = self.sql.read_query(key);
+        common::read_row(&self.pool, q, key.scope(), Sqlite::err("reading a record")).await
     }
 
     /// Acts on what a read saw: answers, or tries the one conditional write.
@@ -383,12 +357,12 @@ impl Store for SqliteStore {
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
         let rows = self.execute("complete", self.sql.complete_query(c)).await?;
-        self.fence_of(rows, c.key, Some(c.token)).await
+        common::fence_of(rows, Some(c.token), self.read(c.key)).await
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
         let rows = self.execute("release", self.sql.release_query(r)).await?;
-        self.fence_of(rows, r.key, None).await
+        common::fence_of(rows, None, self.read(r.key)).await
     }
 
     async fn renew(
@@ -401,7 +375,7 @@ impl Store for SqliteStore {
             .bind_owned(key, token)
             .bind(micros(lease));
         let rows = self.execute("renew", q).await?;
-        self.fence_of(rows, key, None).await
+        common::fence_of(rows, None, self.read(key)).await
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
@@ -413,33 +387,7 @@ impl Store for SqliteStore {
         Ok(self.execute("forget", q).await? > 0)
     }
 
-    /// Keyset pagination on `(scope, message_id)` with the filter in the `WHERE`
-    /// clause.
-    async fn scan(
-        &self,
-        filter: &crate::ScanFilter,
-        cursor: Option<&crate::ScanCursor>,
-        limit: usize,
-    ) -> Result<crate::ScanPage, StoreError> {
-        super::scan::scan(&self.pool, &self.table(), filter, cursor, limit).await
-    }
-
-    /// One `GROUP BY` statement.
-    async fn stats(
-        &self,
-        scope: Option<&str>,
-        poisoned_at: Option<u32>,
-    ) -> Result<Vec<crate::ScopeStats>, StoreError> {
-        super::scan::stats(&self.pool, &self.table(), scope, poisoned_at).await
-    }
-
-    async fn force_release(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
-        super::scan::admin(self, &self.pool, &self.table(), key, false).await
-    }
-
-    async fn reset_attempts(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
-        super::scan::admin(self, &self.pool, &self.table(), key, true).await
-    }
+    common::scan_methods!();
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
         // the writer is taken per batch, so claims interleave with a long purge
