@@ -227,6 +227,14 @@ pub(crate) trait SqlDatabase: Database {
 /// bad password or an unknown host is reported at once, as its own error (kind
 /// [`StoreErrorKind::Unavailable`] for a server that cannot be reached), instead of
 /// after the pool's acquire timeout. The pool keeps its acquire timeout for later use.
+///
+/// The pool does not ping a connection before handing it out: sqlx already pings every
+/// connection when it comes back to the pool (and closes it if that fails), and closes
+/// connections idle for 10 minutes, so an idle connection is one that answered a moment
+/// before. One that died since (a server restart, a killed session) fails the step that
+/// uses it with an [`StoreErrorKind::Unavailable`] error, which the protocol handles as
+/// any outage (a claim fails closed, a completion is retried), and the pool replaces it.
+/// A ping on acquire would cost every step a second round trip to spare that.
 pub(crate) async fn open_pool<DB>(
     pool: sqlx::pool::PoolOptions<DB>,
     options: <DB::Connection as sqlx::Connection>::Options,
@@ -248,7 +256,10 @@ where
         .map_err(DB::err(op))?;
     // the pool opens its own connections; this one only proved the server answers
     let _ = first.close().await;
-    pool.connect_with(options).await.map_err(DB::err(op))
+    pool.test_before_acquire(false)
+        .connect_with(options)
+        .await
+        .map_err(DB::err(op))
 }
 
 /// Runs one write on `conn`: the rows it matched. `err` wraps a driver error.

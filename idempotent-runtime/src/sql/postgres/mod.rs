@@ -111,7 +111,11 @@ impl PostgresStore {
     /// missing.
     /// The first connection is opened directly, so a server that refuses it (or a bad
     /// password, an unknown host) is an error at once, with the cause as its source;
-    /// the pool's acquire timeout (30 s) applies to later use.
+    /// the pool's acquire timeout (30 s) applies to later use. The pool does not ping a
+    /// connection before each use (sqlx pings it when it comes back to the pool): a
+    /// connection that died while idle (a server restart, a killed session) fails the
+    /// step that uses it with a retryable [`StoreErrorKind::Unavailable`] error and is
+    /// replaced.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with_table(url, DEFAULT_TABLE).await
     }

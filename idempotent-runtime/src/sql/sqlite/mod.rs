@@ -165,8 +165,6 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Self::BUSY_TIMEOUT);
-        // an embedded database has no network between the pool and it: a connection
-        // cannot go stale while idle, so it is not pinged before each use
         let op = format!(
             "opening the SQLite database {}",
             options.get_filename().display()
@@ -176,8 +174,7 @@ impl SqliteStore {
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .map(std::path::Path::to_path_buf);
-        let pool = SqlitePoolOptions::new().test_before_acquire(false);
-        let pool = common::open_pool(pool, options, &op)
+        let pool = common::open_pool(SqlitePoolOptions::new(), options, &op)
             .await
             .map_err(|e| match dir {
                 // SQLite says only "unable to open database file"
