@@ -1,8 +1,14 @@
 //! [`SqliteStore`]: the embedded durable store.
 
+mod batch;
+mod statements;
+
+use statements::SqliteQuery;
+pub(crate) use statements::Statements;
+
 use super::common::{
     self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, PURGE_BATCH, Plan, RowView, SqlDatabase,
-    TableName, micros, repeated, sql, token_param,
+    TableName, micros, token_param,
 };
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use crate::{RecordKey, StoreError, StoreErrorKind};
@@ -12,17 +18,11 @@ use sqlx::sqlite::{
     Sqlite, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
     SqlitePoolOptions, SqliteSynchronous,
 };
-use sqlx::{Connection, Row, SqlStr};
-use std::collections::HashMap;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
 use std::time::Duration;
 use tokio::sync::{Mutex, MutexGuard};
-
-/// The database clock in microseconds since the Unix epoch (SQLite reads the clock once
-/// per statement step, so every use in one statement sees the same instant).
-const NOW_US: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
 
 /// The embedded durable store: the dedup table in an SQLite file, feature `sqlite`.
 ///
@@ -99,120 +99,6 @@ pub struct SqliteStore {
     last_token: Arc<AtomicI64>,
 }
 
-pub(crate) struct Statements {
-    table: TableName,
-    read: SqlStr,
-    insert: SqlStr,
-    /// `insert` with a lower bound `?6` on the token.
-    insert_after: SqlStr,
-    take_over: SqlStr,
-    take_over_expired: SqlStr,
-    pub(crate) complete: SqlStr,
-    release: SqlStr,
-    renew: SqlStr,
-    forget: SqlStr,
-    purge: SqlStr,
-    create: [SqlStr; 2],
-}
-
-impl Statements {
-    pub(crate) fn new(table: TableName) -> Self {
-        let t = table.quoted('"');
-        let owned = format!(
-            "scope = ?1 AND message_id = ?2 AND owner_token = ?3 AND status = 0 \
-             AND lease_until_us IS NOT NULL AND expires_at_us > {NOW_US} AND {}",
-            common::sane("", true)
-        );
-        let sane = common::sane("", true);
-        // SQLite qualifies the index name, not the table, with the schema
-        let index = match table.schema() {
-            Some(s) => format!("\"{s}\".\"{}_expires_at_us_idx\"", table.name()),
-            None => format!("\"{}_expires_at_us_idx\"", table.name()),
-        };
-        Statements {
-            read: sql(format!(
-                "SELECT status, retry_times, owner_token, lease_until_us, expires_at_us, \
-                    fingerprint, output, {NOW_US} \
-                 FROM {t} WHERE scope = ?1 AND message_id = ?2"
-            )),
-            insert: sql(format!(
-                "INSERT INTO {t} (scope, message_id, status, retry_times, owner_token, \
-                    lease_until_us, expires_at_us, fingerprint, output) \
-                 VALUES (?1, ?2, 0, 1, {NOW_US}, {NOW_US} + ?3, {NOW_US} + ?4, ?5, NULL) \
-                 ON CONFLICT (scope, message_id) DO NOTHING \
-                 RETURNING owner_token"
-            )),
-            insert_after: sql(format!(
-                "INSERT INTO {t} (scope, message_id, status, retry_times, owner_token, \
-                    lease_until_us, expires_at_us, fingerprint, output) \
-                 VALUES (?1, ?2, 0, 1, max({NOW_US}, ?6), {NOW_US} + ?3, {NOW_US} + ?4, ?5, NULL) \
-                 ON CONFLICT (scope, message_id) DO NOTHING \
-                 RETURNING owner_token"
-            )),
-            take_over: sql(format!(
-                "UPDATE {t} SET status = 0, retry_times = retry_times + 1, \
-                    owner_token = max(owner_token + 1, {NOW_US}), \
-                    lease_until_us = {NOW_US} + ?3, \
-                    expires_at_us = max(expires_at_us, {NOW_US} + ?4), \
-                    fingerprint = coalesce(fingerprint, ?5), output = NULL \
-                 WHERE scope = ?1 AND message_id = ?2 AND owner_token = ?6 AND retry_times = ?7 \
-                    AND expires_at_us > {NOW_US} AND status = 0 \
-                    AND (lease_until_us IS NULL OR lease_until_us <= {NOW_US}) AND {sane} \
-                 RETURNING owner_token, retry_times"
-            )),
-            take_over_expired: sql(format!(
-                "UPDATE {t} SET status = 0, retry_times = 1, \
-                    owner_token = max(owner_token + 1, {NOW_US}), \
-                    lease_until_us = {NOW_US} + ?3, expires_at_us = {NOW_US} + ?4, \
-                    fingerprint = ?5, output = NULL \
-                 WHERE scope = ?1 AND message_id = ?2 AND owner_token = ?6 \
-                    AND expires_at_us <= {NOW_US} AND {sane} \
-                 RETURNING owner_token, retry_times"
-            )),
-            complete: sql(format!(
-                "UPDATE {t} SET status = 1, output = ?4, lease_until_us = NULL, \
-                    expires_at_us = {NOW_US} + ?5 \
-                 WHERE {owned}"
-            )),
-            release: sql(format!(
-                "UPDATE {t} SET lease_until_us = NULL WHERE {owned}"
-            )),
-            renew: sql(format!(
-                "UPDATE {t} SET lease_until_us = {NOW_US} + ?4, \
-                    expires_at_us = max(expires_at_us, {NOW_US} + ?4) \
-                 WHERE {owned}"
-            )),
-            forget: sql(format!(
-                "DELETE FROM {t} WHERE scope = ?1 AND message_id = ?2"
-            )),
-            purge: sql(format!(
-                "DELETE FROM {t} WHERE rowid IN (\
-                    SELECT rowid FROM {t} WHERE expires_at_us <= {NOW_US} LIMIT ?1)"
-            )),
-            create: [
-                sql(format!(
-                    "CREATE TABLE IF NOT EXISTS {t} (\
-                     scope TEXT NOT NULL, \
-                     message_id BLOB NOT NULL, \
-                     status INTEGER NOT NULL, \
-                     retry_times INTEGER NOT NULL, \
-                     owner_token INTEGER NOT NULL, \
-                     lease_until_us INTEGER, \
-                     expires_at_us INTEGER NOT NULL, \
-                     fingerprint BLOB, \
-                     output BLOB, \
-                     PRIMARY KEY (scope, message_id))"
-                )),
-                sql(format!(
-                    "CREATE INDEX IF NOT EXISTS {index} ON \"{}\" (expires_at_us)",
-                    table.name()
-                )),
-            ],
-            table,
-        }
-    }
-}
-
 common::store_accessors!(SqliteStore, SqlitePool);
 
 impl SqliteStore {
@@ -279,8 +165,6 @@ impl SqliteStore {
             .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Self::BUSY_TIMEOUT);
-        // an embedded database has no network between the pool and it: a connection
-        // cannot go stale while idle, so it is not pinged before each use
         let op = format!(
             "opening the SQLite database {}",
             options.get_filename().display()
@@ -290,8 +174,7 @@ impl SqliteStore {
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .map(std::path::Path::to_path_buf);
-        let pool = SqlitePoolOptions::new().test_before_acquire(false);
-        let pool = common::open_pool(pool, options, &op)
+        let pool = common::open_pool(SqlitePoolOptions::new(), options, &op)
             .await
             .map_err(|e| match dir {
                 // SQLite says only "unable to open database file"
@@ -369,34 +252,8 @@ impl SqliteStore {
     }
 
     async fn read(&self, key: &RecordKey) -> Result<Option<RowView>, StoreError> {
-        let row = self
-            .sql
-            .read_query(key)
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Sqlite::err("reading a record"))?
-            .pop();
-        row.map(|r| RowView::decode(&r, 0, key.scope())).transpose()
-    }
-
-    /// The fence of a compare-and-set write on `key` that matched `rows` rows: when it
-    /// matched none, the row is read to tell a corrupt record (an error) from one
-    /// another claim owns; a completion (`completed_by`) that finds the record
-    /// Completed by its own claim is [`Fence::Held`].
-    async fn fence_of(
-        &self,
-        rows: u64,
-        key: &RecordKey,
-        completed_by: Option<Token>,
-    ) -> Result<Fence, StoreError> {
-        if rows > 0 {
-            return Ok(Fence::Held);
-        }
-        let seen = self.read(key).await?;
-        Ok(match completed_by {
-            Some(token) => common::completion_fence(seen, token),
-            None => Fence::Lost,
-        })
+        let q = self.sql.read_query(key);
+        common::read_row(&self.pool, q, key.scope(), Sqlite::err("reading a record")).await
     }
 
     /// Acts on what a read saw: answers, or tries the one conditional write.
@@ -497,12 +354,12 @@ impl Store for SqliteStore {
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
         let rows = self.execute("complete", self.sql.complete_query(c)).await?;
-        self.fence_of(rows, c.key, Some(c.token)).await
+        common::fence_of(rows, Some(c.token), self.read(c.key)).await
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
         let rows = self.execute("release", self.sql.release_query(r)).await?;
-        self.fence_of(rows, r.key, None).await
+        common::fence_of(rows, None, self.read(r.key)).await
     }
 
     async fn renew(
@@ -515,7 +372,7 @@ impl Store for SqliteStore {
             .bind_owned(key, token)
             .bind(micros(lease));
         let rows = self.execute("renew", q).await?;
-        self.fence_of(rows, key, None).await
+        common::fence_of(rows, None, self.read(key)).await
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
@@ -527,33 +384,7 @@ impl Store for SqliteStore {
         Ok(self.execute("forget", q).await? > 0)
     }
 
-    /// Keyset pagination on `(scope, message_id)` with the filter in the `WHERE`
-    /// clause.
-    async fn scan(
-        &self,
-        filter: &crate::ScanFilter,
-        cursor: Option<&crate::ScanCursor>,
-        limit: usize,
-    ) -> Result<crate::ScanPage, StoreError> {
-        super::scan::scan(&self.pool, &self.table(), filter, cursor, limit).await
-    }
-
-    /// One `GROUP BY` statement.
-    async fn stats(
-        &self,
-        scope: Option<&str>,
-        poisoned_at: Option<u32>,
-    ) -> Result<Vec<crate::ScopeStats>, StoreError> {
-        super::scan::stats(&self.pool, &self.table(), scope, poisoned_at).await
-    }
-
-    async fn force_release(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
-        super::scan::admin(self, &self.pool, &self.table(), key, false).await
-    }
-
-    async fn reset_attempts(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
-        super::scan::admin(self, &self.pool, &self.table(), key, true).await
-    }
+    common::scan_methods!();
 
     async fn purge_expired(&self) -> Result<u64, StoreError> {
         // the writer is taken per batch, so claims interleave with a long purge
@@ -594,139 +425,5 @@ impl Store for SqliteStore {
             .map(|r| (self.sql.release_query(r), r.key, None));
         let done = self.apply_all(w.conn()?, "release_batch", queries).await;
         w.check_store(done)
-    }
-}
-
-impl SqliteStore {
-    /// Runs compare-and-set `UPDATE`s in one transaction; one fence each, as the
-    /// single-key steps answer it (an item that matched no row reads its row back:
-    /// a corrupt row is an error, and a completion whose record is Completed by its
-    /// own claim is [`Fence::Held`]).
-    async fn apply_all<'q>(
-        &self,
-        conn: &mut SqliteConnection,
-        op: &'static str,
-        queries: impl Iterator<Item = (SqliteQuery<'q>, &'q RecordKey, Option<Token>)>,
-    ) -> Result<Vec<Fence>, StoreError> {
-        let mut tx = conn
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(Sqlite::err(op))?;
-        let mut out = Vec::with_capacity(queries.size_hint().0);
-        for (q, key, completed_by) in queries {
-            let done = q.execute(&mut *tx).await.map_err(Sqlite::err(op))?;
-            if done.rows_affected() > 0 {
-                out.push(Fence::Held);
-                continue;
-            }
-            let row = self
-                .sql
-                .read_query(key)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(Sqlite::err(op))?;
-            let seen = row
-                .map(|r| RowView::decode(&r, 0, key.scope()))
-                .transpose()?;
-            out.push(match completed_by {
-                Some(token) => common::completion_fence(seen, token),
-                None => Fence::Lost,
-            });
-        }
-        tx.commit().await.map_err(Sqlite::err(op))?;
-        Ok(out)
-    }
-}
-
-impl SqliteStore {
-    async fn claim_batch_in(
-        &self,
-        conn: &mut SqliteConnection,
-        reqs: &[ClaimRequest<'_>],
-    ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(reqs.len());
-        let mut out: Vec<ClaimOutcome> = Vec::with_capacity(reqs.len());
-        let mut tx = conn
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(Sqlite::err("claim_batch"))?;
-        for (i, req) in reqs.iter().enumerate() {
-            let f = *first.entry(req.key.as_bytes()).or_insert(i);
-            let outcome = if f != i {
-                repeated(&out[f], req)
-            } else {
-                let mut outcome = None;
-                for _ in 0..CLAIM_RETRIES {
-                    let row = self
-                        .sql
-                        .read_query(req.key)
-                        .fetch_optional(&mut *tx)
-                        .await
-                        .map_err(Sqlite::err("claim_batch"))?;
-                    let seen = row
-                        .map(|r| RowView::decode(&r, 0, req.key.scope()))
-                        .transpose()?;
-                    outcome = self.write_claim(&mut tx, req, Plan::of(req, seen)).await?;
-                    if outcome.is_some() {
-                        break;
-                    }
-                }
-                outcome.ok_or_else(common::contended)?
-            };
-            out.push(outcome);
-        }
-        tx.commit().await.map_err(Sqlite::err("claim_batch"))?;
-        Ok(out)
-    }
-}
-
-type SqliteQuery<'q> = sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
-
-impl Statements {
-    /// Makes a claim's conditional write for `plan` on `conn`: answers, inserts an
-    /// absent key (with a token of at least `floor`, if given) or takes over the row
-    /// read, compare-and-set on what was read. `Ok(None)`: the row changed since the
-    /// read; read again. `err` wraps a driver error.
-    pub(crate) async fn write_claim(
-        &self,
-        conn: &mut SqliteConnection,
-        req: &ClaimRequest<'_>,
-        plan: Plan,
-        floor: Option<i64>,
-        err: impl Fn(sqlx::Error) -> StoreError,
-    ) -> Result<Option<ClaimOutcome>, StoreError> {
-        let q = |stmt: &SqlStr| sqlx::query(stmt.clone()).bind_claim(req);
-        let (query, takes_over) = match plan {
-            Plan::Answer(outcome) => return Ok(Some(outcome)),
-            Plan::Insert => match floor {
-                Some(floor) => (q(&self.insert_after).bind(floor), false),
-                None => (q(&self.insert), false),
-            },
-            Plan::TakeOverExpired { token } => (q(&self.take_over_expired).bind(token), true),
-            Plan::TakeOver { token, attempts } => {
-                (q(&self.take_over).bind(token).bind(attempts), true)
-            }
-        };
-        let row = query.fetch_optional(&mut *conn).await.map_err(&err)?;
-        let Some(row) = row else { return Ok(None) };
-        let token: i64 = row.try_get(0).map_err(&err)?;
-        let attempt: i64 = if takes_over {
-            row.try_get(1).map_err(&err)?
-        } else {
-            1
-        };
-        common::acquired(token, attempt, req.key.scope()).map(Some)
-    }
-
-    pub(crate) fn read_query<'q>(&self, key: &'q RecordKey) -> SqliteQuery<'q> {
-        sqlx::query(self.read.clone()).bind_key(key)
-    }
-
-    fn complete_query<'q>(&self, c: &Completion<'q>) -> SqliteQuery<'q> {
-        sqlx::query(self.complete.clone()).bind_completion(c)
-    }
-
-    fn release_query<'q>(&self, r: &Release<'q>) -> SqliteQuery<'q> {
-        sqlx::query(self.release.clone()).bind_owned(r.key, r.token)
     }
 }

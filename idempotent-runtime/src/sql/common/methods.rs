@@ -1,0 +1,143 @@
+//! What every SQL store has alike besides its statements: the accessors, the scan
+//! and operator methods forwarded to [`sql::scan`](crate::sql::scan), and the
+//! background sweeper.
+
+use crate::StoreError;
+use crate::StoreErrorKind;
+use crate::store::Store;
+use std::future::Future;
+use std::time::Duration;
+
+/// Spawns a task that calls [`Store::purge_expired`] every `every`; fails when called
+/// outside a Tokio runtime.
+pub(crate) fn spawn_sweeper<S>(
+    store: S,
+    every: Duration,
+) -> Result<tokio::task::JoinHandle<()>, StoreError>
+where
+    S: Store + 'static,
+{
+    let rt = tokio::runtime::Handle::try_current().map_err(|e| {
+        StoreError::with_source(
+            StoreErrorKind::Rejected,
+            "the sweeper must be spawned from within a Tokio runtime",
+            e,
+        )
+    })?;
+    let every = every.max(Duration::from_millis(1));
+    Ok(rt.spawn(async move {
+        loop {
+            tokio::time::sleep(every).await;
+            match store.purge_expired().await {
+                Ok(0) => {}
+                Ok(n) => tracing::debug!(purged = n, "purged expired idempotency records"),
+                Err(e) => tracing::warn!(error = %e, "purging expired idempotency records failed"),
+            }
+        }
+    }))
+}
+
+/// The methods every SQL store has alike (`pool`, `table`, `spawn_sweeper`) and its
+/// `Debug`, for a store type with the fields `pool` (of type `$pool`) and `sql` (its
+/// statements, which know the table).
+macro_rules! store_accessors {
+    ($store:ident, $pool:ty) => {
+        impl $store {
+            /// The pool this store uses.
+            pub fn pool(&self) -> &$pool {
+                &self.pool
+            }
+
+            /// The table name, as given.
+            pub fn table(&self) -> String {
+                self.sql.table.display()
+            }
+
+            /// Spawns a task that deletes expired records every `every`
+            /// (see [`purge_expired`](Store::purge_expired)); abort the returned handle to stop
+            /// it. Fails outside a Tokio runtime.
+            pub fn spawn_sweeper(
+                &self,
+                every: std::time::Duration,
+            ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+                $crate::sql::common::spawn_sweeper(self.clone(), every)
+            }
+        }
+
+        impl std::fmt::Debug for $store {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($store))
+                    .field("table", &self.sql.table)
+                    .field("pool", &self.pool)
+                    .finish()
+            }
+        }
+    };
+}
+pub(crate) use store_accessors;
+
+/// The [`Store`] methods every SQL store forwards to [`sql::scan`](crate::sql::scan) alike
+/// (`scan`, `stats`, `force_release`, `reset_attempts`), for the `impl Store` of a store
+/// type with the field `pool` and the method `table`. Written as `#[async_trait]` writes
+/// them (it does not see into a macro's output), so the signatures match the trait's.
+macro_rules! scan_methods {
+    () => {
+        /// Keyset pagination on `(scope, message_id)` with the filter in the `WHERE`
+        /// clause.
+        fn scan<'life0, 'life1, 'life2, 'async_trait>(
+            &'life0 self,
+            filter: &'life1 $crate::ScanFilter,
+            cursor: Option<&'life2 $crate::ScanCursor>,
+            limit: usize,
+        ) -> $crate::sql::common::StoreFuture<'async_trait, $crate::ScanPage>
+        where
+            'life0: 'async_trait,
+            'life1: 'async_trait,
+            'life2: 'async_trait,
+            Self: 'async_trait,
+        {
+            Box::pin(async move {
+                $crate::sql::scan::scan(&self.pool, &self.table(), filter, cursor, limit).await
+            })
+        }
+
+        /// One `GROUP BY` statement.
+        fn stats<'life0, 'life1, 'async_trait>(
+            &'life0 self,
+            scope: Option<&'life1 str>,
+            poisoned_at: Option<u32>,
+        ) -> $crate::sql::common::StoreFuture<'async_trait, Vec<$crate::ScopeStats>>
+        where
+            'life0: 'async_trait,
+            'life1: 'async_trait,
+            Self: 'async_trait,
+        {
+            Box::pin(async move {
+                $crate::sql::scan::stats(&self.pool, &self.table(), scope, poisoned_at).await
+            })
+        }
+
+        $crate::sql::common::scan_methods!(admin force_release, false);
+        $crate::sql::common::scan_methods!(admin reset_attempts, true);
+    };
+    (admin $name:ident, $reset:literal) => {
+        fn $name<'life0, 'life1, 'async_trait>(
+            &'life0 self,
+            key: &'life1 $crate::RecordKey,
+        ) -> $crate::sql::common::StoreFuture<'async_trait, $crate::AdminOutcome>
+        where
+            'life0: 'async_trait,
+            'life1: 'async_trait,
+            Self: 'async_trait,
+        {
+            Box::pin(async move {
+                $crate::sql::scan::admin(self, &self.pool, &self.table(), key, $reset).await
+            })
+        }
+    };
+}
+pub(crate) use scan_methods;
+
+/// The future a [`Store`] method returns, as `#[async_trait]` writes it.
+pub(crate) type StoreFuture<'a, T> =
+    std::pin::Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;
