@@ -183,3 +183,18 @@ async fn a_ttl_over_the_maximum_is_refused() {
     let r: Result<u32, Error> = ok.run("k", async { Ok(2) }).await;
     assert_eq!(r.unwrap(), 2);
 }
+
+/// Batch futures are `Send`, so consumers can spawn them (fingerprint closure included).
+#[test]
+fn batch_futures_are_send() {
+    fn spawnable<F: std::future::Future + Send>(_: F) {}
+    let h = Idempotency::new("send");
+    let batch = [1u32, 2];
+    spawnable(h.run_batch(&batch, |m| *m, |m| async move { Ok::<_, Error>(*m) }));
+    spawnable(h.run_batch_with_fingerprint(
+        &batch,
+        |m| *m,
+        |m| m + 1,
+        |m| async move { Ok::<_, Error>(*m) },
+    ));
+}

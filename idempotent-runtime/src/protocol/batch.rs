@@ -91,7 +91,8 @@ impl Idempotency {
         HF: Fn(&'m M) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        self.run_batch_inner(messages, key_of, None, handler).await
+        let batch = Batch::prepared(self, messages, key_of, None);
+        Batch::drive(batch, messages, handler).await
     }
 
     /// Like [`run_batch`](Self::run_batch), with a fingerprint per message, as
@@ -132,47 +133,12 @@ impl Idempotency {
         HF: Fn(&'m M) -> Fut,
         Fut: Future<Output = Result<T, E>>,
     {
-        let fingerprint_of = |m: &'m M| crate::fingerprint::fingerprint(&fingerprint_of(m));
-        self.run_batch_inner(messages, key_of, Some(&fingerprint_of), handler)
-            .await
-    }
-
-    #[allow(clippy::type_complexity)]
-    async fn run_batch_inner<'m, M, K, T, E, KF, HF, Fut>(
-        &self,
-        messages: &'m [M],
-        key_of: KF,
-        fingerprint_of: Option<&dyn Fn(&'m M) -> Result<[u8; 32], Error>>,
-        handler: HF,
-    ) -> Vec<Result<T, E>>
-    where
-        K: KeyPart,
-        T: Serialize + DeserializeOwned,
-        E: From<Error>,
-        KF: Fn(&'m M) -> K,
-        HF: Fn(&'m M) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        if protocol::disabled() {
-            protocol::note_disabled();
-            return join_all(messages.iter().map(&handler)).await;
-        }
-        let mut batch = match Batch::new(self, messages.len()) {
-            Ok(b) => b,
-            Err(reason) => return refuse_all(messages.len(), &reason),
+        // used before the first await only: the batch's future does not hold it
+        let batch = {
+            let fingerprint_of = |m: &'m M| crate::fingerprint::fingerprint(&fingerprint_of(m));
+            Batch::prepared(self, messages, key_of, Some(&fingerprint_of))
         };
-        batch.prepare(messages, &key_of, fingerprint_of);
-        let run = match batch.claim().await {
-            Ok(run) => run,
-            Err(e) => {
-                tracing::warn!(error = %e, "store unavailable; running the batch without deduplication (on_store_error = \"process\")");
-                record(Outcome::Unprotected, &batch.scope);
-                return join_all(messages.iter().map(&handler)).await;
-            }
-        };
-        batch.run(messages, &handler, run).await;
-        batch.run_deferred(messages, &handler).await;
-        batch.results()
+        Batch::drive(batch, messages, handler).await
     }
 }
 
@@ -203,11 +169,63 @@ struct Batch<T, E> {
     outputs: HashMap<usize, Option<Vec<u8>>>,
 }
 
+/// Why a batch runs no claim: what its messages get instead.
+enum NotClaimed {
+    /// `IDEMPOTENT_DISABLED`: the handlers run as they are.
+    Disabled,
+    /// An unknown store or invalid settings: every message gets the error.
+    Refused(Error),
+}
+
 impl<T, E> Batch<T, E>
 where
     T: Serialize + DeserializeOwned,
     E: From<Error>,
 {
+    /// A batch with its keys and fingerprints worked out; nothing awaited yet.
+    #[allow(clippy::type_complexity)]
+    fn prepared<'m, M, K: KeyPart>(
+        idempotency: &Idempotency,
+        messages: &'m [M],
+        key_of: impl Fn(&'m M) -> K,
+        fingerprint_of: Option<&dyn Fn(&'m M) -> Result<[u8; 32], Error>>,
+    ) -> Result<Self, NotClaimed> {
+        if protocol::disabled() {
+            protocol::note_disabled();
+            return Err(NotClaimed::Disabled);
+        }
+        let mut batch = Batch::new(idempotency, messages.len()).map_err(NotClaimed::Refused)?;
+        batch.prepare(messages, key_of, fingerprint_of);
+        Ok(batch)
+    }
+
+    /// Claims, runs and settles a prepared batch; the results in message order.
+    async fn drive<'m, M, Fut>(
+        batch: Result<Self, NotClaimed>,
+        messages: &'m [M],
+        handler: impl Fn(&'m M) -> Fut,
+    ) -> Vec<Result<T, E>>
+    where
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(NotClaimed::Disabled) => return join_all(messages.iter().map(&handler)).await,
+            Err(NotClaimed::Refused(reason)) => return refuse_all(messages.len(), &reason),
+        };
+        let run = match batch.claim().await {
+            Ok(run) => run,
+            Err(e) => {
+                tracing::warn!(error = %e, "store unavailable; running the batch without deduplication (on_store_error = \"process\")");
+                record(Outcome::Unprotected, &batch.scope);
+                return join_all(messages.iter().map(&handler)).await;
+            }
+        };
+        batch.run(messages, &handler, run).await;
+        batch.run_deferred(messages, &handler).await;
+        batch.results()
+    }
+
     fn new(idempotency: &Idempotency, n: usize) -> Result<Self, Error> {
         let store = idempotency.resolve_store()?;
         let settings = *idempotency.settings();
@@ -458,7 +476,7 @@ where
     where
         Fut: Future<Output = Result<T, E>>,
     {
-        for i in 0..messages.len() {
+        for (i, message) in messages.iter().enumerate() {
             if matches!(self.slots[i], Slot::Wait | Slot::Later) {
                 let key = protocol::CallKey::Finished(self.keys[i].clone().expect("key"));
                 let call = protocol::Call {
@@ -467,7 +485,7 @@ where
                     key,
                     fingerprint: self.fingerprints[i],
                 };
-                let r = protocol::execute(&self.settings, call, handler(&messages[i])).await;
+                let r = protocol::execute(&self.settings, call, handler(message)).await;
                 self.slots[i] = Slot::Done(r);
             }
         }
