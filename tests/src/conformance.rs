@@ -1171,12 +1171,9 @@ where
     crate::__conformance_cases!(run!());
 }
 
-/// The list of cases, for [`conformance_suite!`](crate::conformance_suite) and [`run_all`]:
-/// calls `$m!($($arg)* case, case, …)`.
-
 /// `run_batch_with_fingerprint`: a key seen before with another fingerprint (in an
 /// earlier batch, or earlier in the same batch) is a mismatch and its handler does not
-/// run; the same fingerprint replays; a repeat whose first message failed runs.
+/// run; the same fingerprint replays.
 pub async fn batch_fingerprints_are_checked(store: Arc<dyn Store>) {
     let h = handler(&store, "batch-fp");
     let runs = AtomicU32::new(0);
@@ -1288,6 +1285,8 @@ pub async fn idempotency_inspects_and_forgets_by_message_key(store: Arc<dyn Stor
     assert_eq!(r.unwrap(), 6, "forgotten: the next delivery runs again");
 }
 
+/// The list of cases, for [`conformance_suite!`](crate::conformance_suite) and [`run_all`]:
+/// calls `$m!($($arg)* case, case, …)`.
 #[doc(hidden)]
 #[macro_export]
 macro_rules! __conformance_cases {
