@@ -629,3 +629,96 @@ pub async fn refused_connection_fails_fast<T: std::fmt::Debug>(
         "the cause is in the error chain: {chain}"
     );
 }
+
+/// Takes every connection of a pool (`size` of them) with `take`, which answers the
+/// connection and its server-side id, lets them go back idle (`idle` counts the idle
+/// ones), then kills each from another connection with `kill`: the pool then holds dead
+/// connections it has not noticed.
+pub async fn kill_idle_connections<C>(
+    size: u32,
+    take: impl AsyncFn() -> (C, String),
+    idle: impl Fn() -> usize,
+    kill: impl AsyncFn(String),
+) {
+    let mut held = Vec::new();
+    let mut ids = Vec::new();
+    for _ in 0..size.max(1) {
+        let (conn, id) = take().await;
+        held.push(conn);
+        ids.push(id);
+    }
+    let n = held.len();
+    drop(held);
+    // back in the pool (after sqlx's ping on release) before they are killed
+    for _ in 0..200 {
+        if idle() >= n {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    for id in ids {
+        kill(id).await;
+    }
+    tokio::time::sleep(Duration::from_millis(50)).await;
+}
+
+/// Delivers `key` (body answering `value`) until it succeeds, at most 12 times, each
+/// failure a retryable store error: the answer and how many times the body ran.
+async fn deliver_until_ok(h: &Idempotency, key: &str, value: u32) -> (u32, u32) {
+    let runs = AtomicU32::new(0);
+    for _ in 0..12 {
+        let r: Result<u32, Error> = h
+            .run(key, async {
+                runs.fetch_add(1, Ordering::SeqCst);
+                Ok(value)
+            })
+            .await;
+        match r {
+            Ok(v) => return (v, runs.into_inner()),
+            Err(Error::Store(e)) => assert!(e.is_retryable(), "{e:?}"),
+            Err(e) => panic!("expected a retryable store error, got {e:?}"),
+        }
+    }
+    panic!("the store never recovered");
+}
+
+/// Connections killed while idle in a pool that does not ping them before use (as
+/// `connect` makes it): a completion that meets one is retried on a fresh connection
+/// and recorded (never lost, never a hang), and a claim that meets one fails closed
+/// with a retryable error; the store then works on new connections. `single` is a
+/// store on a one-connection pool, `pooled` one from `connect`; `kill_single` and
+/// `kill_pooled` kill the idle connections of their pools.
+pub async fn killed_idle_connections_are_replaced(
+    case: &str,
+    single: Arc<dyn Store>,
+    kill_single: impl AsyncFn(),
+    pooled: Arc<dyn Store>,
+    kill_pooled: impl AsyncFn(),
+) {
+    // one connection, killed while the body runs: the completion meets it
+    let h = Idempotency::new(crate::conformance::unique_scope(case))
+        .shared_store(single)
+        .lease(Duration::from_secs(10));
+    let r: Result<u32, Error> = h
+        .run("a", async {
+            kill_single().await;
+            Ok(2)
+        })
+        .await;
+    assert_eq!(r.unwrap(), 2);
+    assert_eq!(
+        deliver_until_ok(&h, "a", 3).await,
+        (2, 0),
+        "the completion was recorded"
+    );
+
+    // the pool of `connect`, killed between deliveries: claims may fail closed,
+    // retryably, then work
+    let h = Idempotency::new(crate::conformance::unique_scope(case))
+        .shared_store(pooled)
+        .lease(Duration::from_secs(10));
+    assert_eq!(deliver_until_ok(&h, "b", 4).await, (4, 1));
+    kill_pooled().await;
+    assert_eq!(deliver_until_ok(&h, "c", 5).await, (5, 1));
+    assert_eq!(deliver_until_ok(&h, "b", 6).await, (4, 0));
+}

@@ -245,91 +245,38 @@ async fn killed_connection_fails_closed_and_recovers() {
     .await;
 }
 
-/// Reads the id of every connection `pool` holds, lets them go back idle and kills
-/// them from `admin`: the pool then holds dead connections it has not noticed.
+/// Kills every connection `pool` holds once they are idle again, from `admin`.
 async fn kill_idle_connections(pool: &PgPool, admin: &PgPool) {
-    let mut held = Vec::new();
-    for _ in 0..pool.size().max(1) {
-        held.push(pool.acquire().await.unwrap());
-    }
-    let mut ids = Vec::new();
-    for conn in &mut held {
-        let id: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
-            .fetch_one(&mut **conn)
-            .await
-            .unwrap();
-        ids.push(id);
-    }
-    let n = held.len();
-    drop(held);
-    // back in the pool (after sqlx's ping on release) before they are killed
-    for _ in 0..200 {
-        if pool.num_idle() >= n {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(5)).await;
-    }
-    for id in ids {
-        exec(admin, &format!("SELECT pg_terminate_backend({id})")).await;
-    }
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    sql_support::kill_idle_connections(
+        pool.size(),
+        async || {
+            let mut conn = pool.acquire().await.unwrap();
+            let id: i32 = sqlx::query_scalar("SELECT pg_backend_pid()")
+                .fetch_one(&mut *conn)
+                .await
+                .unwrap();
+            (conn, id.to_string())
+        },
+        || pool.num_idle(),
+        async |id| exec(admin, &format!("SELECT pg_terminate_backend({id})")).await,
+    )
+    .await;
 }
 
-/// Delivers `key` (body answering `value`) until it succeeds, at most 12 times, each
-/// failure a retryable store error: the answer and how many times the body ran.
-async fn deliver_until_ok(h: &Idempotency, key: &str, value: u32) -> (u32, u32) {
-    let runs = std::sync::atomic::AtomicU32::new(0);
-    for _ in 0..12 {
-        let r: Result<u32, Error> = h
-            .run(key, async {
-                runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-                Ok(value)
-            })
-            .await;
-        match r {
-            Ok(v) => return (v, runs.into_inner()),
-            Err(Error::Store(e)) => assert!(e.is_retryable(), "{e:?}"),
-            Err(e) => panic!("expected a retryable store error, got {e:?}"),
-        }
-    }
-    panic!("the store never recovered");
-}
-
-/// Connections killed while idle in a pool that does not ping them before use (as
-/// `connect` makes it): a completion that meets one is retried on a fresh connection
-/// and recorded (never lost, never a hang), and a claim that meets one fails closed
-/// with a retryable error; the store then works on new connections.
+/// See [`sql_support::killed_idle_connections_are_replaced`].
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_killed_while_idle_are_replaced() {
     let admin = admin().await;
-    // one connection, killed while the body runs: the completion meets it
     let pool = one_connection(options()).await;
-    let single = Idempotency::new(unique_scope("pg-idle"))
-        .shared_store(Arc::new(PostgresStore::from_pool(pool.clone())))
-        .lease(Duration::from_secs(10));
-    let r: Result<u32, Error> = single
-        .run("a", async {
-            kill_idle_connections(&pool, &admin).await;
-            Ok(2)
-        })
-        .await;
-    assert_eq!(r.unwrap(), 2);
-    assert_eq!(
-        deliver_until_ok(&single, "a", 3).await,
-        (2, 0),
-        "the completion was recorded"
-    );
-
-    // the pool of `connect`, killed between deliveries: claims may fail closed,
-    // retryably, then work
-    let store = Arc::new(connect().await);
-    let h = Idempotency::new(unique_scope("pg-idle"))
-        .shared_store(store.clone())
-        .lease(Duration::from_secs(10));
-    assert_eq!(deliver_until_ok(&h, "b", 4).await, (4, 1));
-    kill_idle_connections(store.pool(), &admin).await;
-    assert_eq!(deliver_until_ok(&h, "c", 5).await, (5, 1));
-    assert_eq!(deliver_until_ok(&h, "b", 6).await, (4, 0));
+    let pooled = Arc::new(connect().await);
+    sql_support::killed_idle_connections_are_replaced(
+        "pg-idle",
+        Arc::new(PostgresStore::from_pool(pool.clone())),
+        async || kill_idle_connections(&pool, &admin).await,
+        pooled.clone(),
+        async || kill_idle_connections(pooled.pool(), &admin).await,
+    )
+    .await;
 }
 
 /// The server's port goes away: deliveries fail closed with an `Unavailable` store
