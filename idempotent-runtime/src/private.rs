@@ -22,16 +22,6 @@ pub struct Config {
     pub settings: Settings,
 }
 
-impl Config {
-    /// A configuration with the default settings; the attribute replaces fields.
-    pub const fn new(scope: Option<&'static str>) -> Self {
-        Config {
-            scope,
-            settings: Settings::DEFAULT,
-        }
-    }
-}
-
 pub use crate::KeyBuilder;
 pub use crate::protocol::Settings as ConfigSettings;
 pub use crate::scope::DefaultScope;
