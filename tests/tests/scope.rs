@@ -122,7 +122,18 @@ mod nested {
 /// these strings are in the keys of stored records, so they are pinned here.
 #[tokio::test]
 async fn the_default_scope_is_the_module_path_and_the_fn_name() {
+    /// A fn declared in another fn's body: the module it is written in, not the
+    /// enclosing fn.
+    #[idempotent(key = "msg.id", store = STORE)]
+    async fn declared_in_a_body(msg: &Msg) -> Result<String, Error> {
+        Ok(claimed_scope())
+    }
+
     let m = msg("pinned");
+    assert_eq!(
+        declared_in_a_body(&m).await.unwrap(),
+        "scope::declared_in_a_body"
+    );
     assert_eq!(free(&m).await.unwrap(), "scope::free");
     assert_eq!(
         generic_free(&"pinned").await.unwrap(),
@@ -149,6 +160,7 @@ async fn the_default_scope_is_the_module_path_and_the_fn_name() {
         "scope::audit",
         "scope::on_queued",
         "scope::nested::deeper::handle",
+        "scope::declared_in_a_body",
     ] {
         assert_eq!(
             record(scope, "pinned").await,

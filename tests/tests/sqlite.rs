@@ -57,6 +57,46 @@ static SHARED: std::sync::LazyLock<TempDb> = std::sync::LazyLock::new(TempDb::ne
 
 idempotent_tests::conformance_suite!(async { Arc::new(open(&SHARED).await) as Arc<dyn Store> });
 
+/// Stores opening the same new file at the same moment as others write to it
+/// (consumers starting together) all open it and run their messages: switching a new
+/// file to write-ahead logging takes a lock SQLite's busy timeout does not wait for,
+/// and `connect` must wait for it itself.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_opening_one_new_file_while_others_write_all_open() {
+    for round in 0..60 {
+        let db = TempDb::new();
+        let scope = unique_scope("opening");
+        let tasks = join_all((0..8).map(|n| {
+            let url = db.url();
+            let scope = scope.clone();
+            tokio::spawn(async move {
+                let store = SqliteStore::connect(&url).await?;
+                let h = Idempotency::new(scope).store(store.clone());
+                for i in 0..10u32 {
+                    let r: Result<u32, Error> = h.run(&(n * 10 + i), async move { Ok(i) }).await;
+                    assert_eq!(r.unwrap(), i);
+                }
+                Ok::<_, idempotent_runtime::StoreError>(store)
+            })
+        }))
+        .await;
+        for store in tasks {
+            let store = store.unwrap().unwrap_or_else(|e| {
+                panic!(
+                    "round {round}: a concurrent open of {} failed: {e}",
+                    db.url()
+                )
+            });
+            let mode: String = sqlx::query_scalar("PRAGMA journal_mode")
+                .fetch_one(store.pool())
+                .await
+                .unwrap();
+            assert_eq!(mode, "wal");
+            store.pool().close().await;
+        }
+    }
+}
+
 /// Completed keys survive dropping the store and opening the file again: the
 /// duplicate after a restart replays the output; a key in progress at the "crash"
 /// is claimable once its lease runs out.

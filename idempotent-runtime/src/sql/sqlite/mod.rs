@@ -119,6 +119,34 @@ fn primary_code(e: &dyn DatabaseError) -> i64 {
     code & 0xff
 }
 
+/// Opens one connection that switches the file to write-ahead logging. The switch takes
+/// an exclusive lock SQLite's busy timeout does not wait for: a connection opening the
+/// same new file at the same moment (another process starting, another store of this
+/// one) gets `SQLITE_BUSY` at once, so this retries for up to
+/// [`SqliteStore::BUSY_TIMEOUT`].
+async fn switch_to_wal(options: &SqliteConnectOptions, op: &str) -> Result<(), StoreError> {
+    use sqlx::Connection;
+    let wal = options.clone().journal_mode(SqliteJournalMode::Wal);
+    let started = tokio::time::Instant::now();
+    let mut pause = Duration::from_millis(2);
+    loop {
+        match SqliteConnection::connect_with(&wal).await {
+            Ok(conn) => {
+                let _ = conn.close().await;
+                return Ok(());
+            }
+            Err(sqlx::Error::Database(e))
+                if primary_code(e.as_ref()) == 5
+                    && started.elapsed() + pause < SqliteStore::BUSY_TIMEOUT =>
+            {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_millis(100));
+            }
+            Err(e) => return Err(Sqlite::err(op)(e)),
+        }
+    }
+}
+
 impl SqlDatabase for Sqlite {
     fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
         match primary_code(e) {
@@ -162,7 +190,6 @@ impl SqliteStore {
         let table = TableName::parse(table)?;
         let options = SqliteConnectOptions::from_str(url)
             .map_err(Sqlite::err("parsing the SQLite URL"))?
-            .journal_mode(SqliteJournalMode::Wal)
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Self::BUSY_TIMEOUT);
         let op = format!(
@@ -174,17 +201,21 @@ impl SqliteStore {
             .parent()
             .filter(|d| !d.as_os_str().is_empty())
             .map(std::path::Path::to_path_buf);
+        let explain = |e: StoreError| match &dir {
+            // SQLite says only "unable to open database file"
+            Some(dir) if !dir.is_dir() => StoreError::with_source(
+                StoreErrorKind::Rejected,
+                format!("{op}: the directory {} does not exist", dir.display()),
+                e,
+            ),
+            _ => e,
+        };
+        // WAL is a property of the file: switched on once here, the pool's connections
+        // find it on and never ask for the exclusive lock the switch takes
+        switch_to_wal(&options, &op).await.map_err(explain)?;
         let pool = common::open_pool(SqlitePoolOptions::new(), options, &op)
             .await
-            .map_err(|e| match dir {
-                // SQLite says only "unable to open database file"
-                Some(dir) if !dir.is_dir() => StoreError::with_source(
-                    StoreErrorKind::Rejected,
-                    format!("{op}: the directory {} does not exist", dir.display()),
-                    e,
-                ),
-                _ => e,
-            })?;
+            .map_err(explain)?;
         let store = SqliteStore::new(pool, table);
         store.migrate().await?;
         Ok(store)
