@@ -299,37 +299,49 @@ impl MemoryStore {
 
     fn complete_sync(&self, c: &Completion<'_>) -> Fence {
         let ttl = micros(c.ttl);
-        match self.with_owned(c.key, c.token, |e, now| {
+        let applied = self.with_owned(c.key, c.token, |e, now| {
             e.state = RecordState::Completed;
             e.output = c.output.map(Bytes::new);
             e.expires_at = now.saturating_add(ttl);
             e.lease_until = 0;
-        }) {
+        });
+        self.leave_fence(applied, c.key, c.token, RecordState::Completed)
+    }
+
+    /// The fence of a completion or release by the claim of `token`, which leaves the
+    /// record in `state`: Held when it was `applied`, or when the record already is in
+    /// `state` under that claim (a retry of a step whose reply was lost: already done).
+    fn leave_fence(
+        &self,
+        applied: Option<()>,
+        key: &RecordKey,
+        token: Token,
+        state: RecordState,
+    ) -> Fence {
+        match applied {
             Some(()) => Fence::Held,
-            // a retried completion whose first attempt was applied: already done
-            None if self.completed_by(c.key, c.token) => Fence::Held,
+            None if self.left_by(key, token, state) => Fence::Held,
             None => Fence::Lost,
         }
     }
 
-    /// Whether `key` is Completed (and not expired) by the claim of `token`.
-    fn completed_by(&self, key: &RecordKey, token: Token) -> bool {
+    /// Whether `key` is in `state` (and not expired) under the claim of `token`.
+    fn left_by(&self, key: &RecordKey, token: Token, state: RecordState) -> bool {
         let now = self.now();
         let bytes = key.as_bytes();
         let (hash, shard) = self.shard(bytes);
         shard
             .map
             .find(hash, |e| e.key.as_slice() == bytes)
-            .is_some_and(|e| {
-                e.token == token.0 && e.state == RecordState::Completed && e.expires_at > now
-            })
+            .is_some_and(|e| e.token == token.0 && e.state == state && e.expires_at > now)
     }
 
     fn release_sync(&self, r: &Release<'_>) -> Fence {
-        fence(self.with_owned(r.key, r.token, |e, _| {
+        let applied = self.with_owned(r.key, r.token, |e, _| {
             e.state = RecordState::Released;
             e.lease_until = 0;
-        }))
+        });
+        self.leave_fence(applied, r.key, r.token, RecordState::Released)
     }
 }
 

@@ -113,7 +113,8 @@ pub enum ClaimOutcome {
 /// Result of a compare-and-set on a [`Token`] (complete, release, renew).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Fence {
-    /// The token still owned the record; the operation was applied.
+    /// The token still owned the record; the operation was applied (or had been: a
+    /// completion or release repeated by the same claim).
     Held,
     /// Another claim took the record over (or it was forgotten or expired); nothing changed.
     Lost,
@@ -219,10 +220,16 @@ pub trait Store: Send + Sync + fmt::Debug {
     async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError>;
 
     /// Marks a claimed key Completed with its output, if `token` still owns it.
+    ///
+    /// A completion repeated by the claim that completed the key (a retry after a
+    /// lost reply) is [`Fence::Held`] and changes nothing.
     async fn complete(&self, completion: &Completion<'_>) -> Result<Fence, StoreError>;
 
     /// Releases a claim after a failed attempt, if `token` still owns it: the key is
     /// claimable again at once and keeps its attempt count.
+    ///
+    /// A release repeated by the claim that released the key, before another claim
+    /// took it, is [`Fence::Held`] and changes nothing.
     async fn release(&self, release: &Release<'_>) -> Result<Fence, StoreError>;
 
     /// Extends the lease of a claim to `lease` from now, if `token` still owns it.

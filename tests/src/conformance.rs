@@ -850,6 +850,60 @@ pub async fn retried_completion_after_a_lost_reply_is_held(store: Arc<dyn Store>
     assert_eq!(dup.unwrap(), 5);
 }
 
+/// A release applied by the store whose reply was lost is Held when its claim repeats
+/// it, singly or in a batch (twice in one batch too): nothing took the key over, and
+/// the repeat changes nothing. Once another claim took the key, the old token's
+/// release is Lost.
+pub async fn retried_release_after_a_lost_reply_is_held(store: Arc<dyn Store>) {
+    let scope = unique_scope("lost-release");
+    let k = key(&scope, "m-1");
+    let first = acquire_token(&*store, &req(&k)).await;
+    assert_eq!(release(&*store, &k, first).await, Fence::Held);
+    assert_eq!(
+        release(&*store, &k, first).await,
+        Fence::Held,
+        "a retried release by the token that released the key"
+    );
+    let twice = [
+        Release {
+            key: &k,
+            token: first,
+        },
+        Release {
+            key: &k,
+            token: first,
+        },
+    ];
+    assert_eq!(
+        store.release_batch(&twice).await.unwrap(),
+        vec![Fence::Held, Fence::Held]
+    );
+    let other = Token::new(first.get() + 1);
+    assert_eq!(release(&*store, &k, other).await, Fence::Lost);
+    let rec = store.inspect(&k).await.unwrap().expect("record");
+    assert_eq!((rec.state, rec.attempts), (RecordState::Released, 1));
+    assert_eq!(rec.token, first, "the repeats changed nothing");
+
+    let (second, attempt) = acquire(&*store, &req(&k)).await;
+    assert_eq!(attempt, 2);
+    assert_eq!(release(&*store, &k, first).await, Fence::Lost);
+    assert_eq!(
+        store
+            .release_batch(&[Release {
+                key: &k,
+                token: first
+            }])
+            .await
+            .unwrap(),
+        vec![Fence::Lost]
+    );
+    let rec = store.inspect(&k).await.unwrap().expect("record");
+    assert_eq!((rec.state, rec.token), (RecordState::InProgress, second));
+    assert_eq!(release(&*store, &k, second).await, Fence::Held);
+    // a released claim cannot complete
+    assert_eq!(complete(&*store, &k, second, b"1").await, Fence::Lost);
+}
+
 /// A renewal in flight when the body returns, while the store's write path is
 /// blocked from outside (another connection holding a database's write lock): the
 /// renewal must be finished before the completion starts, or the completion waits
@@ -1320,6 +1374,7 @@ macro_rules! __conformance_cases {
             store_outage_fails_closed,
             lost_completion_frees_after_lease,
             retried_completion_after_a_lost_reply_is_held,
+            retried_release_after_a_lost_reply_is_held,
             renewal_in_flight_when_the_body_returns,
             waiting_duplicate_gets_winners_output,
             attempts_exhausted_after_failures,

@@ -186,6 +186,10 @@ local function release(keys, args)
     return {0, flags}
   end
   if not v then
+    -- released by this very token: a retry of a release whose reply was lost
+    if flags == RELEASED and e == tonumber(args[1]) then
+      return 1
+    end
     return 2
   end
   local rec = string.char(RELEASED, flags % 2) .. string.sub(v, 3, 14) .. NO_LEASE

@@ -301,17 +301,17 @@ where
 
 /// The fence of a single-key compare-and-set write that matched `rows` rows:
 /// [`Fence::Held`] when it matched; else the key's row is read back (`read`) and
-/// [`unmatched_fence`] answers, so that a corrupt record is an error and a completion
-/// (`completed_by`) whose record is Completed by its own claim is Held.
+/// [`unmatched_fence`] answers, so that a corrupt record is an error and a step already
+/// applied by the same claim (its reply lost) is Held.
 pub(crate) async fn fence_of(
     rows: u64,
-    completed_by: Option<Token>,
+    step: Step,
     read: impl Future<Output = Result<Option<RowView>, StoreError>>,
 ) -> Result<Fence, StoreError> {
     if rows > 0 {
         return Ok(Fence::Held);
     }
-    Ok(unmatched_fence(read.await?, completed_by))
+    Ok(unmatched_fence(read.await?, step))
 }
 
 /// Deletes expired records in batches of [`PURGE_BATCH`] until a batch comes back

@@ -207,7 +207,6 @@ impl RowView {
 
     /// Whether this row is the live record released by the claim `token` (a released
     /// row keeps its owner's token, so a release repeated by the same owner finds it).
-    #[cfg_attr(not(feature = "mysql"), allow(dead_code))]
     pub(crate) fn released_by(&self, token: Token) -> bool {
         self.expires_left > 0
             && self.state == RecordState::Released
@@ -273,14 +272,27 @@ pub(crate) fn completion_fence(seen: Option<RowView>, token: Token) -> Fence {
     }
 }
 
+/// A compare-and-set write of one key by the claim of a token.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Step {
+    /// Completes the claim.
+    Complete(Token),
+    /// Releases the claim.
+    Release(Token),
+    /// Extends the claim's lease.
+    Renew,
+}
+
 /// The fence of a compare-and-set write that matched no row, given the row read right
-/// after it: for a completion (`completed_by`), what [`completion_fence`] answers; for a
-/// release or renewal, [`Fence::Lost`] (the row is read all the same, so that a corrupt
-/// record is an error rather than a lost claim).
-pub(crate) fn unmatched_fence(seen: Option<RowView>, completed_by: Option<Token>) -> Fence {
-    match completed_by {
-        Some(token) => completion_fence(seen, token),
-        None => Fence::Lost,
+/// after it: [`Fence::Held`] when the row shows the same step already applied by the
+/// same claim (a retry after a lost reply: the record is Completed, or Released, under
+/// the step's token), else [`Fence::Lost`]. The row is read for a renewal all the same,
+/// so that a corrupt record is an error rather than a lost claim.
+pub(crate) fn unmatched_fence(seen: Option<RowView>, step: Step) -> Fence {
+    match (step, seen) {
+        (Step::Complete(token), seen) => completion_fence(seen, token),
+        (Step::Release(token), Some(row)) if row.released_by(token) => Fence::Held,
+        _ => Fence::Lost,
     }
 }
 

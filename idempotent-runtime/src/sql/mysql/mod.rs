@@ -7,7 +7,7 @@ pub(crate) use statements::Statements;
 
 use super::common::{
     self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, Decision, PURGE_BATCH, Plan, RowView, SqlDatabase,
-    TableName, micros, sql,
+    Step, TableName, micros, sql,
 };
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use crate::{RecordKey, StoreError, StoreErrorKind};
@@ -425,13 +425,13 @@ impl Store for MySqlStore {
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
         let q = self.sql.complete_query(c);
         let rows = common::execute(&self.pool, q, MySql::err("complete")).await?;
-        common::fence_of(rows, Some(c.token), self.read(c.key)).await
+        common::fence_of(rows, Step::Complete(c.token), self.read(c.key)).await
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
         let q = sqlx::query(self.sql.release.clone()).bind_owned(r.key, r.token);
         let rows = common::execute(&self.pool, q, MySql::err("release")).await?;
-        common::fence_of(rows, None, self.read(r.key)).await
+        common::fence_of(rows, Step::Release(r.token), self.read(r.key)).await
     }
 
     async fn renew(
@@ -445,7 +445,7 @@ impl Store for MySqlStore {
             .bind(micros(lease))
             .bind_owned(key, token);
         let rows = common::execute(&self.pool, q, MySql::err("renew")).await?;
-        common::fence_of(rows, None, self.read(key)).await
+        common::fence_of(rows, Step::Renew, self.read(key)).await
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {

@@ -162,11 +162,19 @@ impl PostgresStore {
             .fetch_all(&self.pool)
             .await
             .map_err(Postgres::err("release_batch"))?;
-        let out = fences(&rows, owned, false)?;
+        let mut out = fences(&rows, owned, false)?;
         if out.contains(&Fence::Lost) {
-            // a corrupt row is an error, not a lost claim
+            // the rows not applied, as read: Held when the record is Released by the
+            // item's own claim (a release repeated after a lost reply, or within this
+            // batch); a corrupt row is an error, not a lost claim
             let lost = (0..items.len()).filter(|&i| out[i] == Fence::Lost);
-            self.read_many(lost.map(|i| items[i].key)).await?;
+            let seen = self.read_many(lost.clone().map(|i| items[i].key)).await?;
+            for i in lost.collect::<Vec<_>>() {
+                let r = &items[i];
+                if seen.get(r.key).is_some_and(|row| row.released_by(r.token)) {
+                    out[i] = Fence::Held;
+                }
+            }
         }
         Ok(out)
     }

@@ -6,7 +6,7 @@ mod statements;
 pub(crate) use statements::Statements;
 
 use super::common::{
-    self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, Decision, PURGE_BATCH, RowView, SqlDatabase,
+    self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, Decision, PURGE_BATCH, RowView, SqlDatabase, Step,
     TableName, micros,
 };
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
@@ -254,14 +254,14 @@ impl Store for PostgresStore {
         storable(c.key)?;
         let q = sqlx::query(self.sql.complete.clone()).bind_completion(c);
         let rows = common::execute(&self.pool, q, Postgres::err("complete")).await?;
-        common::fence_of(rows, Some(c.token), self.read(c.key)).await
+        common::fence_of(rows, Step::Complete(c.token), self.read(c.key)).await
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
         storable(r.key)?;
         let q = sqlx::query(self.sql.release.clone()).bind_owned(r.key, r.token);
         let rows = common::execute(&self.pool, q, Postgres::err("release")).await?;
-        common::fence_of(rows, None, self.read(r.key)).await
+        common::fence_of(rows, Step::Release(r.token), self.read(r.key)).await
     }
 
     async fn renew(
@@ -275,7 +275,7 @@ impl Store for PostgresStore {
             .bind_owned(key, token)
             .bind(micros(lease));
         let rows = common::execute(&self.pool, q, Postgres::err("renew")).await?;
-        common::fence_of(rows, None, self.read(key)).await
+        common::fence_of(rows, Step::Renew, self.read(key)).await
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {

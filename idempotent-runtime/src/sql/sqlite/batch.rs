@@ -3,8 +3,8 @@
 
 use super::SqliteStore;
 use super::statements::SqliteQuery;
-use crate::sql::common::{self, CLAIM_RETRIES, Plan, RowView, SqlDatabase, repeated};
-use crate::store::{ClaimOutcome, ClaimRequest, Fence, Token};
+use crate::sql::common::{self, CLAIM_RETRIES, Plan, RowView, SqlDatabase, Step, repeated};
+use crate::store::{ClaimOutcome, ClaimRequest, Fence};
 use crate::{RecordKey, StoreError};
 use sqlx::Connection;
 use sqlx::sqlite::{Sqlite, SqliteConnection};
@@ -13,20 +13,20 @@ use std::collections::HashMap;
 impl SqliteStore {
     /// Runs compare-and-set `UPDATE`s in one transaction; one fence each, as the
     /// single-key steps answer it (an item that matched no row reads its row back:
-    /// a corrupt row is an error, and a completion whose record is Completed by its
-    /// own claim is [`Fence::Held`]).
+    /// a corrupt row is an error, and a step its row shows applied by the same claim
+    /// is [`Fence::Held`]).
     pub(super) async fn apply_all<'q>(
         &self,
         conn: &mut SqliteConnection,
         op: &'static str,
-        queries: impl Iterator<Item = (SqliteQuery<'q>, &'q RecordKey, Option<Token>)>,
+        queries: impl Iterator<Item = (SqliteQuery<'q>, &'q RecordKey, Step)>,
     ) -> Result<Vec<Fence>, StoreError> {
         let mut tx = conn
             .begin_with("BEGIN IMMEDIATE")
             .await
             .map_err(Sqlite::err(op))?;
         let mut out = Vec::with_capacity(queries.size_hint().0);
-        for (q, key, completed_by) in queries {
+        for (q, key, step) in queries {
             let done = q.execute(&mut *tx).await.map_err(Sqlite::err(op))?;
             if done.rows_affected() > 0 {
                 out.push(Fence::Held);
@@ -41,7 +41,7 @@ impl SqliteStore {
             let seen = row
                 .map(|r| RowView::decode(&r, 0, key.scope()))
                 .transpose()?;
-            out.push(common::unmatched_fence(seen, completed_by));
+            out.push(common::unmatched_fence(seen, step));
         }
         tx.commit().await.map_err(Sqlite::err(op))?;
         Ok(out)

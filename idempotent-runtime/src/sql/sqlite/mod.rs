@@ -7,7 +7,7 @@ use statements::SqliteQuery;
 pub(crate) use statements::Statements;
 
 use super::common::{
-    self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, PURGE_BATCH, Plan, RowView, SqlDatabase,
+    self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, PURGE_BATCH, Plan, RowView, SqlDatabase, Step,
     TableName, micros, token_param,
 };
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
@@ -385,12 +385,12 @@ impl Store for SqliteStore {
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
         let rows = self.execute("complete", self.sql.complete_query(c)).await?;
-        common::fence_of(rows, Some(c.token), self.read(c.key)).await
+        common::fence_of(rows, Step::Complete(c.token), self.read(c.key)).await
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
         let rows = self.execute("release", self.sql.release_query(r)).await?;
-        common::fence_of(rows, None, self.read(r.key)).await
+        common::fence_of(rows, Step::Release(r.token), self.read(r.key)).await
     }
 
     async fn renew(
@@ -403,7 +403,7 @@ impl Store for SqliteStore {
             .bind_owned(key, token)
             .bind(micros(lease));
         let rows = self.execute("renew", q).await?;
-        common::fence_of(rows, None, self.read(key)).await
+        common::fence_of(rows, Step::Renew, self.read(key)).await
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
@@ -444,7 +444,7 @@ impl Store for SqliteStore {
         let mut w = self.writer().await?;
         let queries = items
             .iter()
-            .map(|c| (self.sql.complete_query(c), c.key, Some(c.token)));
+            .map(|c| (self.sql.complete_query(c), c.key, Step::Complete(c.token)));
         let done = self.apply_all(w.conn()?, "complete_batch", queries).await;
         w.check_store(done)
     }
@@ -453,7 +453,7 @@ impl Store for SqliteStore {
         let mut w = self.writer().await?;
         let queries = items
             .iter()
-            .map(|r| (self.sql.release_query(r), r.key, None));
+            .map(|r| (self.sql.release_query(r), r.key, Step::Release(r.token)));
         let done = self.apply_all(w.conn()?, "release_batch", queries).await;
         w.check_store(done)
     }
