@@ -169,6 +169,12 @@ impl Model {
                 Answer::Fence(Fence::Held)
             }
             Op::Release { key, claim } => {
+                // so is a release repeated by the claim that released the key
+                if let (State::Released { owner, .. }, Some(c)) = (&self.keys[*key], claim)
+                    && tokens[*owner] == tokens[*c]
+                {
+                    return Answer::Fence(Fence::Held);
+                }
                 if !self.owns(*key, *claim, tokens) {
                     return Answer::Fence(Fence::Lost);
                 }

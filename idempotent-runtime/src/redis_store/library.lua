@@ -80,6 +80,24 @@ local function owned(key, token)
   return v, flags, e
 end
 
+-- For a step by the claim of `token` that leaves the record in state `done` (nil for
+-- a renewal): what `owned` gives when the claim owns the record; else false and, in
+-- place of the flags, the step's reply: {0, reason} corrupt, 1 held when the record is
+-- in `done` under `token` already (a retry of a step whose reply was lost), 2 lost.
+local function step_on(key, token, done)
+  local v, state, t = owned(key, token)
+  if v == nil then
+    return false, {0, state}
+  end
+  if not v then
+    if done and state == done and t == tonumber(token) then
+      return false, 1
+    end
+    return false, 2
+  end
+  return v, state, t
+end
+
 -- Writes `v`, keeping the key's expiry at least `keep_ms` away (a later expiry, or
 -- none, stays).
 local function save_extend(key, v, keep_ms)
@@ -154,16 +172,9 @@ end
 -- ARGV token, ttl ms[, output]. Reply {0, reason} | 1 held | 2 lost.
 local function complete(keys, args)
   local key = keys[1]
-  local v, flags, e = owned(key, args[1])
-  if v == nil then
-    return {0, flags}
-  end
+  local v, flags, e = step_on(key, args[1], COMPLETED)
   if not v then
-    -- completed by this very token: a retry of a completion whose reply was lost
-    if flags == COMPLETED and e == tonumber(args[1]) then
-      return 1
-    end
-    return 2
+    return flags
   end
   local out = args[3]
   local f = flags % 2
@@ -181,16 +192,9 @@ end
 -- ARGV token. Reply {0, reason} | 1 held | 2 lost.
 local function release(keys, args)
   local key = keys[1]
-  local v, flags, e = owned(key, args[1])
-  if v == nil then
-    return {0, flags}
-  end
+  local v, flags, e = step_on(key, args[1], RELEASED)
   if not v then
-    -- released by this very token: a retry of a release whose reply was lost
-    if flags == RELEASED and e == tonumber(args[1]) then
-      return 1
-    end
-    return 2
+    return flags
   end
   local rec = string.char(RELEASED, flags % 2) .. string.sub(v, 3, 14) .. NO_LEASE
     .. string.sub(v, 23, e)
@@ -201,12 +205,9 @@ end
 -- ARGV token, lease µs, lease ms. Reply {0, reason} | 1 held | 2 lost.
 local function renew(keys, args)
   local key = keys[1]
-  local v, flags = owned(key, args[1])
-  if v == nil then
-    return {0, flags}
-  end
+  local v, reply = step_on(key, args[1], nil)
   if not v then
-    return 2
+    return reply
   end
   local rec = string.sub(v, 1, 14) .. struct.pack('>I8', now_us() + args[2])
     .. string.sub(v, 23)
