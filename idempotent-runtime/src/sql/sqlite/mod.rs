@@ -179,7 +179,10 @@ impl SqliteStore {
     /// Opens the database at `url` (`sqlite://path/to/dedup.db?mode=rwc` creates the
     /// file if it is missing) in write-ahead-log mode with a busy timeout of
     /// [`BUSY_TIMEOUT`](Self::BUSY_TIMEOUT), and creates the table `message_idempotent` if it is
-    /// missing.
+    /// missing. Write-ahead logging is a property of the file, switched on by the first
+    /// `connect`; processes (or stores) opening one new file at the same moment wait for
+    /// each other, up to [`BUSY_TIMEOUT`](Self::BUSY_TIMEOUT), rather than fail with
+    /// `database is locked`.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with_table(url, DEFAULT_TABLE).await
     }
