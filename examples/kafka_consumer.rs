@@ -28,7 +28,7 @@ use idempotent_runtime::kafka::rdkafka::consumer::{Consumer, StreamConsumer};
 use idempotent_runtime::kafka::rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use idempotent_runtime::kafka::rdkafka::mocking::MockCluster;
 use idempotent_runtime::kafka::rdkafka::producer::{FutureProducer, FutureRecord};
-use idempotent_runtime::kafka::{self, DeadLetter};
+use idempotent_runtime::kafka::{self, DeadLetter, SettleError};
 use idempotent_runtime::redis::{self, AsyncCommands, aio::ConnectionManager};
 use idempotent_runtime::{
     AsIdempotencyError, Error, Idempotency, RedisStore, RetryPolicy, register_store,
@@ -172,6 +172,14 @@ async fn consume(
                     .fetch_add(s.dead_lettered as u64, Ordering::Relaxed);
                 if let Some(wait) = s.retry_after {
                     tokio::time::sleep(wait).await;
+                }
+            }
+            // the partition may still be ours: read it again from its last commit, or a
+            // later batch's commit would cover the retried record unseen
+            Err(SettleError::Seek(e)) => {
+                eprintln!("seeking back failed, joining the group again: {e}");
+                if let Err(e) = kafka::rejoin(&consumer) {
+                    eprintln!("joining the group again failed: {e}");
                 }
             }
             // nothing is lost: uncommitted records come again and replay

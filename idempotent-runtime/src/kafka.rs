@@ -214,9 +214,10 @@ pub enum SettleError {
     },
     /// Seeking back to a retried record failed, and nothing of the batch was committed.
     /// This happens when the partition was revoked meanwhile (its new owner reads from
-    /// the last commit); otherwise, leave the group and join again (recreate the consumer),
-    /// so the partition is read again from its last commit and the retried record is not
-    /// committed past by a later batch.
+    /// the last commit). It may also happen while the partition is still assigned: the
+    /// consumer would then read on past the retried record, and a later batch's commit
+    /// would cover it unseen. Call [`rejoin`], so that the partition is read again from
+    /// its last commit.
     Seek(KafkaError),
     /// The offset commit failed (for example during a rebalance).
     Commit(KafkaError),
@@ -340,6 +341,34 @@ where
         blocking(|| consumer.commit(&commits, CommitMode::Sync)).map_err(SettleError::Commit)?;
     }
     Ok(settled)
+}
+
+/// Leaves the consumer group and joins it again with the same topics, so that every
+/// partition this consumer is given is read from its last committed offset: what to do
+/// after [`SettleError::Seek`]. The records since the last commit come again and
+/// replay from the store.
+///
+/// Fails if the consumer has no subscription. For partitions assigned by hand, assign
+/// them again from their committed offsets instead.
+pub fn rejoin<Ctx, C>(consumer: &C) -> Result<(), KafkaError>
+where
+    Ctx: ConsumerContext,
+    C: Consumer<Ctx>,
+{
+    let topics: Vec<String> = consumer
+        .subscription()?
+        .elements()
+        .iter()
+        .map(|e| e.topic().to_owned())
+        .collect();
+    if topics.is_empty() {
+        return Err(KafkaError::Subscription(
+            "the consumer subscribes to no topic: nothing to join again".into(),
+        ));
+    }
+    consumer.unsubscribe();
+    let topics: Vec<&str> = topics.iter().map(String::as_str).collect();
+    consumer.subscribe(&topics)
 }
 
 /// Writes a record to the dead-letter topic with its key, payload and headers, plus

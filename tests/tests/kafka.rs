@@ -628,3 +628,55 @@ async fn every_effect_once_across_resends_a_dead_consumer_failed_commits_and_a_r
         started.elapsed().as_secs_f64(),
     );
 }
+
+/// `kafka::rejoin`, the remedy for a failed seek back: the consumer leaves the group and
+/// joins it again, and reads its partition from the last commit rather than from where
+/// it had read to, so the records it did not settle come again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rejoin_reads_again_from_the_last_commit() {
+    let run = run_id();
+    let mock = MockCluster::new(1).expect("mock cluster");
+    let bootstrap = mock.bootstrap_servers();
+    let topic = format!("rejoin-{run}");
+    mock.create_topic(&topic, 1, 1).expect("topic");
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", &bootstrap)
+        .create()
+        .expect("producer");
+    for i in 0..6u64 {
+        produce(&producer, &topic, &format!("r-{run}-{i}"), "first", i).await;
+    }
+    let consumer: StreamConsumer = consumer_config(&bootstrap, &format!("rejoin-{run}"))
+        .create()
+        .expect("consumer");
+    consumer.subscribe(&[&topic]).expect("subscribe");
+    let mut batch = Vec::new();
+    while batch.len() < 6 {
+        let more = kafka::recv_batch(&consumer, 6 - batch.len(), Duration::from_millis(200))
+            .await
+            .expect("receive");
+        batch.extend(more);
+    }
+    let offsets: Vec<i64> = batch.iter().map(|m| m.offset()).collect();
+    assert_eq!(offsets, (0..6).collect::<Vec<i64>>());
+    // the first two are acknowledged; the rest stay unsettled, as after a failed seek
+    // back to offset 2
+    kafka::settle(&consumer, &batch[..2], &[Disposition::Ack; 2], None)
+        .await
+        .expect("settle");
+    drop(batch);
+
+    kafka::rejoin(&consumer).expect("rejoin");
+    let again = tokio::time::timeout(Duration::from_secs(60), consumer.recv())
+        .await
+        .expect("the unsettled records come again after rejoining")
+        .expect("receive");
+    assert_eq!(again.offset(), 2, "read again from the last commit");
+
+    // a consumer without a subscription has no group to join again
+    let lone: BaseConsumer = consumer_config(&bootstrap, &format!("lone-{run}"))
+        .create()
+        .expect("consumer");
+    let err = kafka::rejoin(&lone).expect_err("no subscription");
+    assert!(err.to_string().contains("no topic"), "{err}");
+}
