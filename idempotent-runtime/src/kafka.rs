@@ -40,7 +40,7 @@
 //! store, and the next successful commit of the partition covers them.
 //!
 //! ```no_run
-//! use idempotent_runtime::kafka::{self, rdkafka};
+//! use idempotent_runtime::kafka::{self, SettleError, rdkafka};
 //! use idempotent_runtime::{Disposition, Error, Idempotency};
 //! use rdkafka::Message;
 //! use rdkafka::consumer::StreamConsumer;
@@ -58,9 +58,16 @@
 //!         )
 //!         .await;
 //!     let dispositions: Vec<Disposition> = results.iter().map(|r| Disposition::of(r, 1)).collect();
-//!     let settled = kafka::settle(&consumer, &batch, &dispositions, None).await?;
-//!     if let Some(wait) = settled.retry_after {
-//!         tokio::time::sleep(wait).await;
+//!     match kafka::settle(&consumer, &batch, &dispositions, None).await {
+//!         Ok(settled) => {
+//!             if let Some(wait) = settled.retry_after {
+//!                 tokio::time::sleep(wait).await;
+//!             }
+//!         }
+//!         // read the partitions again from their last commit
+//!         Err(SettleError::Seek(_)) => kafka::rejoin(&consumer)?,
+//!         // nothing is lost: the records not committed come again and replay
+//!         Err(e) => eprintln!("settling a batch failed: {e}"),
 //!     }
 //! }
 //! # }
