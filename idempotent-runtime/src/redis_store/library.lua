@@ -62,40 +62,30 @@ local function get(key)
   return v
 end
 
--- The record under `key` if `token` owns it (in progress, same token): the record,
--- its flags and the end of its fingerprint part; false if not, with the record's state
--- and token when there is one; nil and a reason if the key holds no record.
-local function owned(key, token)
+-- For a step by the claim of `token` that leaves the record in state `done` (nil for
+-- a renewal): the record, its flags and the end of its fingerprint part when the claim
+-- owns it (in progress, same token); else false and, in place of the flags, the step's
+-- reply: {0, reason} corrupt, 1 held when the record is in `done` under `token` already
+-- (a retry of a step whose reply was lost), 2 lost (no record, or not this claim's).
+local function step_on(key, token, done)
   local v, err = get(key)
+  if v == nil then
+    return false, {0, err}
+  end
   if not v then
-    return v, err
+    return false, 2
   end
   local state, flags, _, t, _, e = decode(v)
   if not state then
-    return nil, flags
+    return false, {0, flags}
   end
   if state ~= IN_PROGRESS or t ~= tonumber(token) then
-    return false, state, t
-  end
-  return v, flags, e
-end
-
--- For a step by the claim of `token` that leaves the record in state `done` (nil for
--- a renewal): what `owned` gives when the claim owns the record; else false and, in
--- place of the flags, the step's reply: {0, reason} corrupt, 1 held when the record is
--- in `done` under `token` already (a retry of a step whose reply was lost), 2 lost.
-local function step_on(key, token, done)
-  local v, state, t = owned(key, token)
-  if v == nil then
-    return false, {0, state}
-  end
-  if not v then
-    if done and state == done and t == tonumber(token) then
+    if state == done and t == tonumber(token) then
       return false, 1
     end
     return false, 2
   end
-  return v, state, t
+  return v, flags, e
 end
 
 -- Writes `v`, keeping the key's expiry at least `keep_ms` away (a later expiry, or

@@ -154,7 +154,10 @@ mod mysql {
                     .await
                     .map_err(err(op))?;
                 let seen = row.map(|r| RowView::decode(&r, 0, c.key.scope()));
-                Ok(common::completion_fence(seen.transpose()?, c.token))
+                Ok(common::unmatched_fence(
+                    seen.transpose()?,
+                    common::Step::Complete(c.token),
+                ))
             })
         }
     }
@@ -233,7 +236,10 @@ mod postgres {
                     .await
                     .map_err(err(op))?;
                 let seen = row.map(|r| RowView::decode(&r, 0, c.key.scope()));
-                Ok(common::completion_fence(seen.transpose()?, c.token))
+                Ok(common::unmatched_fence(
+                    seen.transpose()?,
+                    common::Step::Complete(c.token),
+                ))
             })
         }
     }
@@ -313,7 +319,10 @@ mod sqlite {
                     .await
                     .map_err(err(op))?;
                 let seen = row.map(|r| RowView::decode(&r, 0, c.key.scope()));
-                Ok(common::completion_fence(seen.transpose()?, c.token))
+                Ok(common::unmatched_fence(
+                    seen.transpose()?,
+                    common::Step::Complete(c.token),
+                ))
             })
         }
     }

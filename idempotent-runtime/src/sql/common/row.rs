@@ -262,16 +262,6 @@ pub(crate) fn acquired(token: i64, attempt: i64, scope: &str) -> Result<ClaimOut
     }
 }
 
-/// The fence of a completion whose compare-and-set matched no row, given the row read
-/// right after it: [`Fence::Held`] when the record is Completed by the same claim (the
-/// completion was applied before and its reply lost), else [`Fence::Lost`].
-pub(crate) fn completion_fence(seen: Option<RowView>, token: Token) -> Fence {
-    match seen {
-        Some(row) if row.completed_by(token) => Fence::Held,
-        _ => Fence::Lost,
-    }
-}
-
 /// A compare-and-set write of one key by the claim of a token.
 #[derive(Clone, Copy, Debug)]
 pub(crate) enum Step {
@@ -290,7 +280,7 @@ pub(crate) enum Step {
 /// so that a corrupt record is an error rather than a lost claim.
 pub(crate) fn unmatched_fence(seen: Option<RowView>, step: Step) -> Fence {
     match (step, seen) {
-        (Step::Complete(token), seen) => completion_fence(seen, token),
+        (Step::Complete(token), Some(row)) if row.completed_by(token) => Fence::Held,
         (Step::Release(token), Some(row)) if row.released_by(token) => Fence::Held,
         _ => Fence::Lost,
     }

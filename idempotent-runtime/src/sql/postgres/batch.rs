@@ -168,10 +168,11 @@ impl PostgresStore {
             // item's own claim (a release repeated after a lost reply, or within this
             // batch); a corrupt row is an error, not a lost claim
             let lost = (0..items.len()).filter(|&i| out[i] == Fence::Lost);
-            let seen = self.read_many(lost.clone().map(|i| items[i].key)).await?;
-            for i in lost.collect::<Vec<_>>() {
-                let r = &items[i];
-                if seen.get(r.key).is_some_and(|row| row.released_by(r.token)) {
+            let seen = self.read_many(lost.map(|i| items[i].key)).await?;
+            for (i, r) in items.iter().enumerate() {
+                if out[i] == Fence::Lost
+                    && seen.get(r.key).is_some_and(|row| row.released_by(r.token))
+                {
                     out[i] = Fence::Held;
                 }
             }
