@@ -64,7 +64,11 @@ fn app(store: Arc<dyn Store>, payments: Arc<Payments>) -> Router {
     Router::new()
         .route("/payments", post(pay))
         .route("/refunds", post(refund))
-        .layer(
+        // `route_layer`: requests no route matched get the router's own 404, and are
+        // never recorded. Authentication (an API-key check, a session) goes outside this
+        // layer, so a request it refuses is not recorded either, and the client that
+        // fixes its credentials retries with the same key.
+        .route_layer(
             IdempotencyLayer::with_shared_store(store)
                 .required()
                 // one client cannot see another's responses, even with the same key

@@ -72,7 +72,8 @@ impl Idempotency {
     }
 
     /// How long a completed key is remembered. The store keeps a record at least as
-    /// long as its lease.
+    /// long as its lease. Zero, or over [`MAX_TTL`](crate::MAX_TTL): every run returns
+    /// [`Error::InvalidSettings`] without running anything.
     pub fn ttl(mut self, ttl: Duration) -> Self {
         self.settings.ttl = ttl;
         self
@@ -87,9 +88,10 @@ impl Idempotency {
         self
     }
 
-    /// Poison the key after `n` failed attempts (`n = 0` is taken as 1).
+    /// Poison the key after `n` failed attempts. `n = 0` would never run the body:
+    /// every run then returns [`Error::InvalidSettings`] without running anything.
     pub fn max_attempts(mut self, n: u32) -> Self {
-        self.settings.max_attempts = Some(n.max(1));
+        self.settings.max_attempts = Some(n);
         self
     }
 

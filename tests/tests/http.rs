@@ -24,7 +24,7 @@ use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use idempotent_runtime::http::{IdempotencyKey, IdempotencyLayer};
+use idempotent_runtime::http::{Anonymous, IdempotencyKey, IdempotencyLayer, client_digest};
 use idempotent_runtime::testing::FaultyStore;
 use idempotent_runtime::{
     MemoryStore, OnInProgress, OnStoreError, PostgresStore, RedisStore, SqliteStore, Store,
@@ -51,6 +51,8 @@ struct Effects {
     slow_for: Duration,
     /// `/slow` prints `STARTED key` (the child server's signal to its parent)
     announce: bool,
+    /// `/events` sends its second event when notified
+    second: Arc<tokio::sync::Notify>,
 }
 
 impl Effects {
@@ -60,6 +62,7 @@ impl Effects {
             finished: Mutex::default(),
             slow_for,
             announce: false,
+            second: Arc::default(),
         })
     }
 
@@ -136,6 +139,71 @@ async fn big(State(fx): Fx, IdempotencyKey(key): IdempotencyKey) -> impl IntoRes
     (StatusCode::OK, [("x-big", "yes")], vec![b'x'; 100 * 1024])
 }
 
+/// Server-sent events: the first event at once, the second when the test says so
+/// (`/events` waits on `Effects::release_second`), then the end.
+async fn events(State(fx): Fx, IdempotencyKey(key): IdempotencyKey) -> impl IntoResponse {
+    let n = fx.run(&key);
+    let second = fx.second.clone();
+    let stream = futures_util::stream::unfold(0u8, move |step| {
+        let second = second.clone();
+        async move {
+            let event = match step {
+                0 => format!("data: first of run {n}\n\n"),
+                1 => {
+                    second.notified().await;
+                    format!("data: second of run {n}\n\n")
+                }
+                _ => return None,
+            };
+            Some((
+                Ok::<_, std::convert::Infallible>(Bytes::from(event)),
+                step + 1,
+            ))
+        }
+    });
+    (
+        [("content-type", "text/event-stream")],
+        Body::from_stream(stream),
+    )
+}
+
+/// A body followed by trailers, as gRPC answers.
+async fn with_trailers(State(fx): Fx, IdempotencyKey(key): IdempotencyKey) -> impl IntoResponse {
+    let n = fx.run(&key);
+    let mut trailers = HeaderMap::new();
+    trailers.insert("grpc-status", HeaderValue::from_static("0"));
+    trailers.insert("x-run", HeaderValue::from(n));
+    let frames = futures_util::stream::iter([
+        Ok::<_, std::convert::Infallible>(http_body::Frame::data(Bytes::from(format!(
+            "message of run {n}"
+        )))),
+        Ok(http_body::Frame::trailers(trailers)),
+    ]);
+    (
+        [
+            ("content-type", "application/grpc"),
+            // HTTP/1.1 sends the trailers a response declares
+            ("trailer", "grpc-status, x-run"),
+        ],
+        Body::new(http_body_util::StreamBody::new(frames)),
+    )
+}
+
+/// Checks its credentials inside the layer, as an axum extractor or a handler does:
+/// 401 without `authorization: Bearer good`, 403 with `Bearer read-only`.
+async fn charge(
+    State(fx): Fx,
+    IdempotencyKey(key): IdempotencyKey,
+    headers: HeaderMap,
+) -> impl IntoResponse {
+    let n = fx.run(&key);
+    match headers.get("authorization").and_then(|v| v.to_str().ok()) {
+        Some("Bearer good") => (StatusCode::CREATED, format!("charged on run {n}")),
+        Some("Bearer read-only") => (StatusCode::FORBIDDEN, "read-only token".to_owned()),
+        _ => (StatusCode::UNAUTHORIZED, "token expired".to_owned()),
+    }
+}
+
 fn client_identity(req: &axum::http::request::Parts) -> Option<String> {
     req.headers
         .get("x-client")?
@@ -144,7 +212,21 @@ fn client_identity(req: &axum::http::request::Parts) -> Option<String> {
         .map(str::to_owned)
 }
 
-/// The application: every POST needs a key; the client is `x-client`.
+/// The routes of the application, without the layer.
+fn routes() -> Router<Arc<Effects>> {
+    Router::new()
+        .route("/orders", post(create_order).get(|| async { "orders" }))
+        .route("/customers/{id}/orders", post(unknown_customer))
+        .route("/flaky", post(flaky))
+        .route("/slow", post(slow))
+        .route("/big", post(big))
+        .route("/events", post(events))
+        .route("/grpc", post(with_trailers))
+        .route("/charge", post(charge))
+}
+
+/// The application: every POST needs a key; the client is `x-client`; the layer runs
+/// on matched routes only (`route_layer`).
 fn app(
     store: Arc<dyn Store>,
     fx: Arc<Effects>,
@@ -155,14 +237,7 @@ fn app(
             .required()
             .client_identity(client_identity),
     );
-    Router::new()
-        .route("/orders", post(create_order).get(|| async { "orders" }))
-        .route("/customers/{id}/orders", post(unknown_customer))
-        .route("/flaky", post(flaky))
-        .route("/slow", post(slow))
-        .route("/big", post(big))
-        .layer(layer)
-        .with_state(fx)
+    routes().route_layer(layer).with_state(fx)
 }
 
 // ---------------------------------------------------------------- stores
@@ -290,6 +365,13 @@ impl Answer {
         h
     }
 
+    /// As sent, without `Set-Cookie` (never recorded).
+    fn headers_without_cookies(&self) -> HeaderMap {
+        let mut h = self.headers_as_sent();
+        h.remove("set-cookie");
+        h
+    }
+
     fn assert_problem(&self, status: StatusCode, code: &str) {
         assert_eq!(self.status, status, "{:?}", self.body);
         assert_eq!(
@@ -370,7 +452,10 @@ async fn replays_2xx_and_4xx_identically(store: Arc<dyn Store>) {
     let again = oneshot(&app, post_req("/orders", &who, Some(&key), "pay 5")).await;
     assert_eq!(again.status, StatusCode::CREATED);
     assert_eq!(again.headers.get("idempotent-replayed").unwrap(), "true");
-    assert_eq!(again.headers_as_sent(), first.headers_as_sent());
+    // the first caller's cookie is its own: never recorded, never replayed
+    assert_eq!(first.headers["set-cookie"], format!("order={key}"));
+    assert!(!again.headers.contains_key("set-cookie"));
+    assert_eq!(again.headers_as_sent(), first.headers_without_cookies());
     assert_eq!(again.body, first.body);
     assert_eq!(fx.runs(&key), 1);
 
@@ -401,7 +486,7 @@ async fn replays_2xx_and_4xx_identically(store: Arc<dyn Store>) {
         (StatusCode::CREATED, StatusCode::CREATED)
     );
     assert!(!first.replayed() && again.replayed());
-    assert_eq!(again.headers_as_sent(), first.headers_as_sent());
+    assert_eq!(again.headers_as_sent(), first.headers_without_cookies());
     assert_eq!(again.body, first.body);
     assert_eq!(fx.runs(&key), 1);
 }
@@ -488,8 +573,8 @@ async fn twenty_concurrent_requests_run_once(store: Arc<dyn Store>) {
     assert_eq!((created, in_use.len()), (1, 19));
     for a in in_use {
         a.assert_problem(StatusCode::CONFLICT, "idempotency_key_in_use");
-        let secs: u64 = a.headers["retry-after"].to_str().unwrap().parse().unwrap();
-        assert!((1..=60).contains(&secs), "Retry-After {secs}");
+        // a short hint (1 s by default), not the 60 s left on the lease
+        assert_eq!(a.headers["retry-after"], "1");
     }
     assert_eq!(fx.runs(&key), 1);
     let after = send(&client, addr, "/slow", &who, &[k.as_bytes()], "")
@@ -739,6 +824,7 @@ fn child_server() {
             finished: Mutex::default(),
             slow_for: Duration::from_secs(60),
             announce: true,
+            second: Arc::default(),
         });
         let app = app(store, fx, |l| l.lease(KILL_LEASE));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -913,9 +999,411 @@ async fn default_scope_is_method_and_route() {
     other.assert_problem(StatusCode::UNPROCESSABLE_ENTITY, "idempotency_key_reused");
     let record = idempotent_runtime::RecordKey::new(
         "POST /customers/{id}/orders",
-        &(who.as_str(), key.as_str()),
+        &(client_digest(&who).as_str(), key.as_str()),
     )
     .unwrap();
     assert!(store.inspect(&record).await.unwrap().is_some());
     assert_eq!(fx.runs(&key), 1);
+}
+
+// ---------------------------------------------------------------- clients and their keys
+
+/// Two clients with one key over real sockets: each gets its own execution and its own
+/// response, never the other's; the record keeps a digest of the identity, not the
+/// identity. A request whose client the identity function cannot name is refused with
+/// 401 by default, and runs without deduplication with `Anonymous::Process`.
+async fn clients_never_share_records(store: Arc<dyn Store>) {
+    let fx = Effects::new(Duration::ZERO);
+    let addr = serve(app(store.clone(), fx.clone(), |l| l)).await;
+    let client = http_client();
+    let (alice, mallory, key) = (unique("alice"), unique("mallory"), unique("key"));
+    let k = format!("\"{key}\"");
+    let theirs = send(&client, addr, "/orders", &alice, &[k.as_bytes()], "pay 5")
+        .await
+        .unwrap();
+    assert_eq!(theirs.status, StatusCode::CREATED);
+    // the same key and body from another client: its own execution, not alice's answer
+    let mine = send(&client, addr, "/orders", &mallory, &[k.as_bytes()], "pay 5")
+        .await
+        .unwrap();
+    assert_eq!(mine.status, StatusCode::CREATED);
+    assert!(!mine.replayed());
+    assert_ne!(mine.headers["x-order-run"], theirs.headers["x-order-run"]);
+    assert_eq!(fx.runs(&key), 2);
+
+    // records are under the identity's digest, never the identity itself
+    let scope = "POST /orders";
+    let digest = client_digest(&alice);
+    assert!(!digest.contains(&alice));
+    let under_digest =
+        idempotent_runtime::RecordKey::new(scope, &(digest.as_str(), key.as_str())).unwrap();
+    let under_plain =
+        idempotent_runtime::RecordKey::new(scope, &(alice.as_str(), key.as_str())).unwrap();
+    assert!(store.inspect(&under_digest).await.unwrap().is_some());
+    assert!(store.inspect(&under_plain).await.unwrap().is_none());
+
+    // no identity: 401, nothing runs, nothing is recorded
+    let anonymous = Request::post(format!("http://{addr}/orders"))
+        .header("idempotency-key", k.as_str())
+        .body(Full::new(Bytes::from_static(b"pay 5")))
+        .unwrap();
+    let res = client.request(anonymous).await.unwrap();
+    assert_eq!(res.status(), StatusCode::UNAUTHORIZED);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert!(String::from_utf8_lossy(&body).contains("idempotency_client_unidentified"));
+    assert_eq!(fx.runs(&key), 2);
+}
+
+/// The default release set: a 401 and a 403 answered inside the layer are not recorded,
+/// so the client that refreshes its credentials retries with the same key and runs.
+async fn unauthorized_is_released_and_the_authorised_retry_runs(store: Arc<dyn Store>) {
+    let fx = Effects::new(Duration::ZERO);
+    let addr = serve(app(store, fx.clone(), |l| l)).await;
+    let (who, key) = (unique("client"), unique("key"));
+    let client = http_client();
+    let charge = |token: &'static str| {
+        let (client, who, key) = (client.clone(), who.clone(), key.clone());
+        async move {
+            let req = Request::post(format!("http://{addr}/charge"))
+                .header("x-client", who)
+                .header("idempotency-key", sf(&key))
+                .header("authorization", token)
+                .body(Full::new(Bytes::from_static(b"amount=5")))
+                .unwrap();
+            let (parts, body) = client.request(req).await.unwrap().into_parts();
+            (parts, body.collect().await.unwrap().to_bytes())
+        }
+    };
+    let (expired, _) = charge("Bearer expired").await;
+    assert_eq!(expired.status, StatusCode::UNAUTHORIZED);
+    let (forbidden, _) = charge("Bearer read-only").await;
+    assert_eq!(forbidden.status, StatusCode::FORBIDDEN);
+    assert!(forbidden.headers.get("idempotent-replayed").is_none());
+    let (ok, body) = charge("Bearer good").await;
+    assert_eq!(ok.status, StatusCode::CREATED);
+    assert!(ok.headers.get("idempotent-replayed").is_none());
+    assert_eq!(&body[..], b"charged on run 3");
+    let (again, body) = charge("Bearer good").await;
+    assert_eq!(again.headers["idempotent-replayed"], "true");
+    assert_eq!(&body[..], b"charged on run 3");
+    assert_eq!(fx.runs(&key), 3);
+}
+
+/// Server-sent events reach the client as they are produced, through the layer and a
+/// real socket: the first event arrives while the handler still holds the second. The
+/// whole stream is recorded and its retry replays it. A client that goes away mid-stream
+/// does not keep the record from completing.
+async fn streamed_responses_reach_the_client_as_produced(store: Arc<dyn Store>) {
+    let fx = Effects::new(Duration::ZERO);
+    let addr = serve(app(store, fx.clone(), |l| l)).await;
+    let client = http_client();
+    let (who, key) = (unique("client"), unique("key"));
+    let request = |key: &str| {
+        Request::post(format!("http://{addr}/events"))
+            .header("x-client", who.as_str())
+            .header("idempotency-key", sf(key))
+            .body(Full::new(Bytes::new()))
+            .unwrap()
+    };
+    let res = client.request(request(&key)).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    assert_eq!(res.headers()["content-type"], "text/event-stream");
+    let mut body = res.into_body();
+    let first = tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .expect("the first event reaches the client before the handler finishes")
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert_eq!(&first[..], b"data: first of run 1\n\n");
+    fx.second.notify_one();
+    let rest = body.collect().await.unwrap().to_bytes();
+    assert_eq!(&rest[..], b"data: second of run 1\n\n");
+
+    // the stream is recorded once it ends; the retry replays it whole
+    let mut again = client.request(request(&key)).await.unwrap();
+    for _ in 0..100 {
+        if again.status() != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        again = client.request(request(&key)).await.unwrap();
+    }
+    assert_eq!(again.status(), StatusCode::OK);
+    assert_eq!(again.headers()["idempotent-replayed"], "true");
+    let replayed = again.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        &replayed[..],
+        b"data: first of run 1\n\ndata: second of run 1\n\n"
+    );
+    assert_eq!(fx.runs(&key), 1);
+
+    // a client that reads the first event and goes away: the stream still ends and is
+    // recorded, so the retry gets it
+    let gone = unique("key");
+    let res = client.request(request(&gone)).await.unwrap();
+    let mut body = res.into_body();
+    tokio::time::timeout(Duration::from_secs(5), body.frame())
+        .await
+        .unwrap();
+    drop(body);
+    fx.second.notify_one();
+    let mut retry = client.request(request(&gone)).await.unwrap();
+    for _ in 0..100 {
+        if retry.status() != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        retry = client.request(request(&gone)).await.unwrap();
+    }
+    assert_eq!(retry.headers()["idempotent-replayed"], "true");
+    let replayed = retry.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(
+        &replayed[..],
+        b"data: first of run 1\n\ndata: second of run 1\n\n"
+    );
+    assert_eq!(fx.runs(&gone), 1);
+}
+
+/// Trailers (gRPC's `grpc-status`) pass through the layer over a real socket, are
+/// recorded, and come back with the replay.
+async fn trailers_pass_through_and_are_replayed(store: Arc<dyn Store>) {
+    let fx = Effects::new(Duration::ZERO);
+    let addr = serve(app(store, fx.clone(), |l| l)).await;
+    let client = http_client();
+    let (who, key) = (unique("client"), unique("key"));
+    let call = || async {
+        let req = Request::post(format!("http://{addr}/grpc"))
+            .header("x-client", who.as_str())
+            .header("idempotency-key", sf(&key))
+            // HTTP/1.1 servers send trailers to clients that say they take them
+            .header("te", "trailers")
+            .body(Full::new(Bytes::new()))
+            .unwrap();
+        let res = client.request(req).await.unwrap();
+        let replayed = res.headers().contains_key("idempotent-replayed");
+        let collected = res.into_body().collect().await.unwrap();
+        let trailers = collected.trailers().cloned();
+        (replayed, collected.to_bytes(), trailers)
+    };
+    let (replayed, body, trailers) = call().await;
+    assert!(!replayed);
+    assert_eq!(&body[..], b"message of run 1");
+    let trailers = trailers.expect("the trailers reach the client");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-run"], "1");
+    let (replayed, body, trailers) = call().await;
+    assert!(replayed);
+    assert_eq!(&body[..], b"message of run 1");
+    let trailers = trailers.expect("the replay carries the trailers");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-run"], "1");
+    assert_eq!(fx.runs(&key), 1);
+}
+
+mod identity_and_streams {
+    macro_rules! on_every_store {
+        ($($case:ident),* $(,)?) => {
+            on_every_store!(@store memory: $($case),*);
+            on_every_store!(@store redis: $($case),*);
+            on_every_store!(@store postgres: $($case),*);
+            on_every_store!(@store sqlite: $($case),*);
+        };
+        (@store $store:ident: $($case:ident),*) => {
+            mod $store {
+                $(
+                    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                    async fn $case() {
+                        let backend = super::super::Backend::$store().await;
+                        super::super::$case(backend.store.clone()).await;
+                    }
+                )*
+            }
+        };
+    }
+
+    on_every_store!(
+        clients_never_share_records,
+        unauthorized_is_released_and_the_authorised_retry_runs,
+        streamed_responses_reach_the_client_as_produced,
+        trailers_pass_through_and_are_replayed,
+    );
+}
+
+/// With `Anonymous::Process`, a request no client is named for runs without
+/// deduplication: never answered from a record, never recorded.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_requests_run_without_deduplication_when_asked() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let fx = Effects::new(Duration::ZERO);
+    let app = app(store.clone(), fx.clone(), |l| {
+        l.on_anonymous(Anonymous::Process)
+    });
+    let key = unique("key");
+    for _ in 0..2 {
+        let req = Request::post("/orders")
+            .header("idempotency-key", sf(&key))
+            .body(Body::from("x"))
+            .unwrap();
+        let res = oneshot(&app, req).await;
+        assert_eq!(res.status, StatusCode::CREATED);
+        assert!(!res.replayed());
+    }
+    assert_eq!(fx.runs(&key), 2);
+    assert_eq!(
+        store.calls().claim,
+        0,
+        "nothing was claimed for anonymous requests"
+    );
+}
+
+/// A shared key space, chosen explicitly: one record per key whoever sends it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shared_key_space_is_one_record_per_key() {
+    let fx = Effects::new(Duration::ZERO);
+    let layer = IdempotencyLayer::new(MemoryStore::new()).shared_key_space();
+    let app = routes().route_layer(layer).with_state(fx.clone());
+    let key = unique("key");
+    let a = oneshot(&app, post_req("/orders", "a", Some(&key), "x")).await;
+    let b = oneshot(&app, post_req("/orders", "b", Some(&key), "x")).await;
+    assert!(!a.replayed() && b.replayed());
+    assert_eq!(fx.runs(&key), 1);
+}
+
+// ---------------------------------------------------------------- routes and settings
+
+/// Requests no route matched get the router's own answer and are never recorded, nor
+/// claimed under a scope of their own: with `route_layer` and with `layer` on the
+/// router (404, key or not), and on a method router's routes (405 for a method the
+/// route does not take, key or not). A layer outside the router records under one
+/// scope per method.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unmatched_requests_get_the_routers_answer_and_are_not_recorded() {
+    let store = Arc::new(FaultyStore::new(MemoryStore::new()));
+    let fx = Effects::new(Duration::ZERO);
+    let layer = || {
+        IdempotencyLayer::with_shared_store(store.clone())
+            .required()
+            .client_identity(client_identity)
+    };
+    let who = unique("client");
+    let on_routes = routes().route_layer(layer()).with_state(fx.clone());
+    let on_router = routes().layer(layer()).with_state(fx.clone());
+    for app in [&on_routes, &on_router] {
+        for key in [Some(unique("key")), None] {
+            let path = format!("/nope-{}", unique("path"));
+            for _ in 0..2 {
+                let res = oneshot(app, post_req(&path, &who, key.as_deref(), "x")).await;
+                assert_eq!(res.status, StatusCode::NOT_FOUND);
+                assert!(!res.replayed());
+            }
+        }
+    }
+    // a method the route does not take: with the layer on the method router's routes
+    // (`post(…).route_layer(…)`), the router's 405, key or not
+    let per_method = Router::new()
+        .route("/flaky", post(flaky).route_layer(layer()))
+        .with_state(fx.clone());
+    for key in [Some(unique("key")), None] {
+        let req = Request::patch("/flaky")
+            .header("x-client", who.as_str())
+            .body(Body::empty())
+            .unwrap();
+        let req = match &key {
+            Some(k) => {
+                let (mut parts, body) = req.into_parts();
+                parts.headers.insert("idempotency-key", sf(k));
+                Request::from_parts(parts, body)
+            }
+            None => req,
+        };
+        let res = oneshot(&per_method, req).await;
+        assert_eq!(res.status, StatusCode::METHOD_NOT_ALLOWED);
+    }
+    assert_eq!(store.calls().claim, 0, "no unmatched request was claimed");
+    assert_eq!(fx.total_runs(), 0);
+
+    // outside the router, nothing tells routes apart: one scope per method
+    let outside = tower::ServiceBuilder::new()
+        .layer(layer())
+        .service(routes().with_state(fx.clone()));
+    let key = unique("key");
+    for expect_replay in [false, true] {
+        let res = outside
+            .clone()
+            .oneshot(post_req("/orders", &who, Some(&key), "x"))
+            .await
+            .unwrap();
+        assert_eq!(res.status(), StatusCode::CREATED);
+        assert_eq!(
+            res.headers().contains_key("idempotent-replayed"),
+            expect_replay
+        );
+    }
+    let record =
+        idempotent_runtime::RecordKey::new("POST *", &(client_digest(&who).as_str(), key.as_str()))
+            .unwrap();
+    assert!(store.inspect(&record).await.unwrap().is_some());
+    assert_eq!(fx.runs(&key), 1);
+}
+
+/// `Retry-After` on 409 is the configured hint, bounded by the lease left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_a_short_hint_bounded_by_the_lease() {
+    let fx = Effects::new(Duration::from_millis(800));
+    for (hint, lease, expected) in [
+        (Duration::from_secs(3), Duration::from_secs(60), "3"),
+        (Duration::from_secs(30), Duration::from_secs(2), "2"),
+    ] {
+        let app = app(Arc::new(MemoryStore::new()), fx.clone(), |l| {
+            l.retry_after(hint).lease(lease)
+        });
+        let (who, key) = (unique("client"), unique("key"));
+        let first = tokio::spawn({
+            let app = app.clone();
+            let req = post_req("/slow", &who, Some(&key), "");
+            async move { oneshot(&app, req).await }
+        });
+        eventually("the first request to start", Duration::from_secs(5), || {
+            fx.runs(&key) == 1
+        })
+        .await;
+        let busy = oneshot(&app, post_req("/slow", &who, Some(&key), "")).await;
+        busy.assert_problem(StatusCode::CONFLICT, "idempotency_key_in_use");
+        assert_eq!(busy.headers["retry-after"], expected);
+        assert_eq!(first.await.unwrap().status, StatusCode::CREATED);
+    }
+}
+
+/// Settings the attribute and `Idempotency` refuse are refused by the layer while the
+/// service is built, with the same message.
+#[test]
+fn bad_settings_fail_when_the_layer_is_built() {
+    let refused = |f: fn(IdempotencyLayer<_>) -> IdempotencyLayer<_>| {
+        let err = std::panic::catch_unwind(|| f(IdempotencyLayer::new(MemoryStore::new())))
+            .expect_err("the setting is refused");
+        err.downcast_ref::<String>().cloned().unwrap_or_default()
+    };
+    let lease = refused(|l| l.lease(Duration::from_millis(1)));
+    assert!(
+        lease.contains("shorter than the minimum of 100ms"),
+        "{lease}"
+    );
+    let ttl = refused(|l| l.ttl(Duration::ZERO));
+    assert!(ttl.contains("a ttl of zero"), "{ttl}");
+    let long = refused(|l| l.ttl(Duration::from_secs(3651 * 24 * 3600)));
+    assert!(long.contains("over the maximum of 3650 days"), "{long}");
+    let attempts = refused(|l| l.max_attempts(0));
+    assert!(attempts.contains("max_attempts = 0"), "{attempts}");
+    // the message is the manual API's
+    let manual = idempotent_runtime::Idempotency::new("settings")
+        .store(MemoryStore::new())
+        .lease(Duration::from_millis(1));
+    let err = futures_util::FutureExt::now_or_never(
+        manual.run("k", async { Ok::<_, idempotent_runtime::Error>(()) }),
+    )
+    .unwrap()
+    .unwrap_err();
+    assert!(lease.ends_with(&err.to_string()), "{lease} / {err}");
 }

@@ -52,3 +52,17 @@ impl<S: Send + Sync> OptionalFromRequestParts<S> for IdempotencyKey {
         Ok(parse_key(&parts.headers, usize::MAX)?.map(IdempotencyKey))
     }
 }
+
+/// Whether an axum `Router` is routing `req`: it sets its path parameters on every
+/// request it routes, those its fallback answers included, and a matched route's path
+/// besides. A layer outside any router sees neither.
+pub(crate) fn inside_router(req: &mut Parts) -> bool {
+    use axum::extract::RawPathParams;
+    use axum::extract::rejection::RawPathParamsRejection;
+    use futures_util::FutureExt;
+    // the extractor reads an extension: it is ready at once
+    matches!(
+        <RawPathParams as FromRequestParts<()>>::from_request_parts(req, &()).now_or_never(),
+        Some(Ok(_) | Err(RawPathParamsRejection::InvalidUtf8InPathParam(_)))
+    )
+}

@@ -12,9 +12,12 @@
 //! let store = MemoryStore::new();
 //! let app = Router::new()
 //!     .route("/orders", post(|| async { (axum::http::StatusCode::CREATED, "order 17") }))
-//!     .layer(
+//!     // `route_layer`: only requests that matched a route are deduplicated; others get
+//!     // the router's own 404 or 405
+//!     .route_layer(
 //!         IdempotencyLayer::new(store)
 //!             .required() // POST and PATCH need the header
+//!             // each client's keys are its own (an API key, a tenant, a user)
 //!             .client_identity(|req| {
 //!                 req.headers.get("x-api-key")?.to_str().ok().map(str::to_owned)
 //!             }),
@@ -24,34 +27,55 @@
 //! # Ok(()) }
 //! ```
 //!
+//! A layer must be told who the client is before it is a layer: either
+//! [`client_identity`](IdempotencyLayer::client_identity) or, for a service whose
+//! callers all trust each other, [`shared_key_space`](IdempotencyLayer::shared_key_space).
+//! Without one of them it does not compile:
+//!
+//! ```compile_fail
+//! use idempotent_runtime::{MemoryStore, http::IdempotencyLayer};
+//!
+//! fn serve<L: tower::Layer<()>>(_layer: L) {}
+//! serve(IdempotencyLayer::new(MemoryStore::new())); // no decision on client identity
+//! ```
+//!
+//! ```
+//! # use idempotent_runtime::{MemoryStore, http::IdempotencyLayer};
+//! # fn serve<L: tower::Layer<()>>(_layer: L) {}
+//! serve(IdempotencyLayer::new(MemoryStore::new()).shared_key_space()); // compiles
+//! ```
+//!
 //! A request with a key is read in full (up to [`max_request_body`]), fingerprinted,
-//! and its record key `(scope, client identity, key)` claimed in the store with a lease
-//! and a fencing token; the inner service runs while the lease is renewed, and its
-//! response is recorded (status, headers and body, as raw bytes) or, for statuses that
-//! a retry may change (5xx, 408, 429 by default), the claim is released. A retry with
-//! the same key gets the recorded response again, marked with
-//! `Idempotent-Replayed: true`. The layer's own answers are
-//! `application/problem+json` (RFC 9457) with a stable `code` member:
+//! and its record key `(scope, client, key)` claimed in the store with a lease and a
+//! fencing token; the inner service runs while the lease is renewed, and its response
+//! is recorded (status, headers, body and trailers, as raw bytes) or, for statuses
+//! that a retry may change (5xx, 408, 429, 401, 403 and 405 by default), the claim is
+//! released. A retry with the same key gets the recorded response again, marked with
+//! `Idempotent-Replayed: true`. The layer's own answers are `application/problem+json`
+//! (RFC 9457) with a stable `code` member:
 //!
 //! | situation | status | `code` |
 //! | --- | --- | --- |
 //! | key required and absent | 400 | `idempotency_key_missing` |
 //! | key repeated, empty, too long, not ASCII, not a string | 400 | `idempotency_key_repeated`, `…_empty`, `…_too_long`, `…_not_ascii`, `…_malformed` |
 //! | request body over the cap | 413 | `request_body_too_large` |
+//! | the client identity function names no client ([`Anonymous::Reject`], the default) | 401 | `idempotency_client_unidentified` |
 //! | the first request with this key is still running | 409 + `Retry-After` | `idempotency_key_in_use` |
-//! | same key, other method, path or body | 422 | `idempotency_key_reused` |
+//! | same key, other method, path, content type or body | 422 | `idempotency_key_reused` |
 //! | `max_attempts` failed attempts | 422 | `idempotency_key_exhausted` |
 //! | store unreachable (fail closed) | 503 + `Retry-After` | `idempotency_store_unavailable` |
 //!
-//! The inner service keeps running when the client disconnects: the layer hands its
-//! future to the runtime instead of dropping it, so the response is recorded and the
-//! retry gets it.
+//! Responses stream to the client as the service produces them while they are
+//! recorded; the record is complete when the body has ended. The inner service keeps
+//! running when the client disconnects (the request runs in a task of its own), so the
+//! response is recorded and the retry gets it.
 //!
 //! [`max_request_body`]: IdempotencyLayer::max_request_body
 
 #[cfg(feature = "axum")]
 mod axum_support;
 mod cached;
+mod identity;
 mod key;
 mod problem;
 mod service;
@@ -59,16 +83,20 @@ mod service;
 #[cfg(feature = "axum")]
 pub use axum_support::IdempotencyKey;
 pub use cached::{BoxError, ResponseBody};
+pub use identity::{
+    Anonymous, IdentityDecided, IdentityDecision, IdentityUndecided, client_digest,
+};
 pub use key::{IDEMPOTENCY_KEY, KeyError, parse_key};
 pub use service::{Idempotent, ResponseFuture};
 
 use crate::Store;
 use crate::protocol::{OnInProgress, OnStoreError, Settings, StoreHandle};
-use http::header::HeaderName;
+use http::header::{HeaderName, SET_COOKIE};
 use http::{Method, StatusCode, request};
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::fmt;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -79,6 +107,12 @@ pub const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 /// `Idempotent-Body-Omitted: true`; the status and headers are the original ones, the
 /// body is empty.
 pub const BODY_OMITTED: HeaderName = HeaderName::from_static("idempotent-body-omitted");
+
+/// Response headers a layer never records nor replays unless told otherwise:
+/// `Set-Cookie` (a session handed to the first caller is not handed to whoever sends
+/// the key again). [`IdempotencyLayer::skip_header`] adds to the list; hop-by-hop
+/// headers (`Connection`, `Transfer-Encoding`, …) are never recorded either.
+pub const SKIPPED_BY_DEFAULT: [HeaderName; 1] = [SET_COOKIE];
 
 /// Whether a request must, may or may not carry an `Idempotency-Key`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -102,11 +136,31 @@ enum ScopeRule {
     Fixed(Cow<'static, str>),
 }
 
+/// The scope a request is recorded under, or why it is not recorded at all.
+pub(crate) enum RequestScope {
+    Scope(Cow<'static, str>),
+    /// Inside an axum `Router`, no route matched: the router answers (404, or its
+    /// fallback), and nothing is recorded.
+    Unrouted,
+}
+
 #[derive(Clone)]
 enum FingerprintRule {
     MethodPathBody,
     Custom(Arc<FingerprintFn>),
     Off,
+}
+
+/// Whose keys a record belongs to.
+#[derive(Clone)]
+pub(crate) enum Clients {
+    /// Every caller shares one key space.
+    Shared,
+    /// Each client named by the function has its own.
+    Identified {
+        identity: Arc<IdentityFn>,
+        anonymous: Anonymous,
+    },
 }
 
 /// The configuration a layer and its services share.
@@ -116,13 +170,16 @@ pub(crate) struct Config {
     settings: Settings,
     policy: Arc<PolicyFn>,
     scope: ScopeRule,
-    identity: Option<Arc<IdentityFn>>,
+    clients: Clients,
+    /// `on_anonymous` as set, kept for a `client_identity` call that comes later
+    anonymous: Anonymous,
     fingerprint: FingerprintRule,
     release_on: fn(StatusCode) -> bool,
     max_key_len: usize,
     max_request_body: usize,
     max_cached_body: usize,
     skip_headers: Arc<[HeaderName]>,
+    retry_after: Duration,
 }
 
 /// The default policy: `Optional` for POST and PATCH, `Off` for the other methods
@@ -142,29 +199,54 @@ fn required_on_unsafe(req: &request::Parts) -> KeyPolicy {
     }
 }
 
-/// The default release set: 5xx, 408 Request Timeout and 429 Too Many Requests.
-pub fn release_on_server_error_timeout_or_throttle(status: StatusCode) -> bool {
+/// The default release set: the statuses after which a retry with the same key runs
+/// the request again instead of getting the response replayed. 5xx (the server
+/// failed), 408 Request Timeout and 429 Too Many Requests (try later), 401
+/// Unauthorized and 403 Forbidden (the request was refused before it ran; a client
+/// that refreshes its credentials retries with the same key; 405 Method Not Allowed,
+/// a router's answer to a method its route does not take).
+pub fn release_by_default(status: StatusCode) -> bool {
     status.is_server_error()
         || status == StatusCode::REQUEST_TIMEOUT
         || status == StatusCode::TOO_MANY_REQUESTS
+        || status == StatusCode::UNAUTHORIZED
+        || status == StatusCode::FORBIDDEN
+        || status == StatusCode::METHOD_NOT_ALLOWED
 }
 
 /// A [`tower::Layer`] that makes a service idempotent under the `Idempotency-Key`
 /// header; see the [module documentation](self).
 ///
+/// Built in two steps: [`new`](Self::new) and the settings, then a decision on client
+/// identity ([`client_identity`](Self::client_identity) or
+/// [`shared_key_space`](Self::shared_key_space)), which makes it a layer. Settings
+/// are checked as they are given, by the rules of the attribute and of
+/// [`Idempotency`](crate::Idempotency): a bad value panics while the service is built,
+/// never at a request.
+///
 /// Defaults: the key is optional on POST and PATCH and ignored on other methods;
 /// records are kept 24 hours (`ttl`) with a 60 s lease renewed while the service runs;
-/// the scope is the method and route; no client identity; the fingerprint is the
-/// method, path and query and the SHA-256 of the body; 5xx, 408 and 429 responses
-/// release the key; keys up to 255 bytes; request bodies up to 1 MiB; response bodies
-/// cached up to 64 KiB; store errors fail closed (503); a request whose key is in use
-/// gets 409.
-#[derive(Clone)]
-pub struct IdempotencyLayer {
+/// the scope is the method and the matched route; the fingerprint is the method, path
+/// and query, `Content-Type`, `Content-Encoding` and the SHA-256 of the body; 5xx,
+/// 408, 429, 401, 403 and 405 responses release the key ([`release_by_default`]);
+/// `Set-Cookie` is not recorded ([`SKIPPED_BY_DEFAULT`]); keys up to 255 bytes;
+/// request bodies up to 1 MiB; response bodies recorded up to 64 KiB; store errors
+/// fail closed (503); a request whose key is in use gets 409 with `Retry-After: 1`.
+pub struct IdempotencyLayer<I = IdentityDecided> {
     config: Arc<Config>,
+    identity: PhantomData<fn() -> I>,
 }
 
-impl fmt::Debug for IdempotencyLayer {
+impl<I> Clone for IdempotencyLayer<I> {
+    fn clone(&self) -> Self {
+        IdempotencyLayer {
+            config: self.config.clone(),
+            identity: PhantomData,
+        }
+    }
+}
+
+impl<I> fmt::Debug for IdempotencyLayer<I> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         self.config.fmt(f)
     }
@@ -182,15 +264,22 @@ impl fmt::Debug for Config {
                     ScopeRule::Fixed(s) => s,
                 },
             )
-            .field("client_identity", &self.identity.is_some())
+            .field(
+                "clients",
+                &match &self.clients {
+                    Clients::Shared => "one shared key space",
+                    Clients::Identified { .. } => "identified",
+                },
+            )
             .field("max_key_len", &self.max_key_len)
             .field("max_request_body", &self.max_request_body)
             .field("max_cached_body", &self.max_cached_body)
+            .field("retry_after", &self.retry_after)
             .finish_non_exhaustive()
     }
 }
 
-impl IdempotencyLayer {
+impl IdempotencyLayer<IdentityUndecided> {
     /// A layer keeping its records in `store` (any [`Store`]; an `Arc` of one to share it).
     pub fn new(store: impl Store + 'static) -> Self {
         Self::with_shared_store(Arc::new(store))
@@ -207,19 +296,74 @@ impl IdempotencyLayer {
                 },
                 policy: Arc::new(optional_on_unsafe),
                 scope: ScopeRule::MethodAndRoute,
-                identity: None,
+                clients: Clients::Shared,
+                anonymous: Anonymous::default(),
                 fingerprint: FingerprintRule::MethodPathBody,
-                release_on: release_on_server_error_timeout_or_throttle,
+                release_on: release_by_default,
                 max_key_len: 255,
                 max_request_body: 1024 * 1024,
                 max_cached_body: crate::DEFAULT_MAX_OUTPUT_BYTES,
-                skip_headers: Arc::new([]),
+                skip_headers: Arc::new(SKIPPED_BY_DEFAULT),
+                retry_after: Duration::from_secs(1),
             }),
+            identity: PhantomData,
         }
     }
 
+    /// Who the client is (an API key, a tenant, an authenticated user): each client's
+    /// keys are its own, so one client can neither read another's responses by
+    /// sending its key nor take a key another will use. The identity is kept in
+    /// records as a digest (16 bytes of SHA-256, in hex), never as given.
+    ///
+    /// A request whose identity is `None` (or empty) is never answered from anyone's
+    /// records: it gets 401 by default, or what [`on_anonymous`](Self::on_anonymous)
+    /// says. Place the layer after authentication, so the function reads what it
+    /// established (an extension, a verified header).
+    pub fn client_identity<F>(self, f: F) -> IdempotencyLayer<IdentityDecided>
+    where
+        F: Fn(&request::Parts) -> Option<String> + Send + Sync + 'static,
+    {
+        self.with(|c| {
+            c.clients = Clients::Identified {
+                identity: Arc::new(f),
+                anonymous: c.anonymous,
+            }
+        })
+        .decided()
+    }
+
+    /// One key space for every caller: a caller sending another's key gets the other's
+    /// response. Only for services whose callers all trust each other (one internal
+    /// client, a service behind a gateway that already scopes keys); otherwise use
+    /// [`client_identity`](Self::client_identity).
+    pub fn shared_key_space(self) -> IdempotencyLayer<IdentityDecided> {
+        self.with(|c| c.clients = Clients::Shared).decided()
+    }
+
+    fn decided(self) -> IdempotencyLayer<IdentityDecided> {
+        IdempotencyLayer {
+            config: self.config,
+            identity: PhantomData,
+        }
+    }
+}
+
+impl<I> IdempotencyLayer<I> {
     fn with(mut self, f: impl FnOnce(&mut Config)) -> Self {
         f(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// Applies `f` to the settings and checks them with the rule every entry point
+    /// uses; panics (at the caller's line) with its message when they are refused.
+    #[track_caller]
+    fn with_settings(mut self, f: impl FnOnce(&mut Settings)) -> Self {
+        let mut settings = self.config.settings;
+        f(&mut settings);
+        if let Err(e) = settings.check() {
+            panic!("IdempotencyLayer: {e}");
+        }
+        Arc::make_mut(&mut self.config).settings = settings;
         self
     }
 
@@ -238,24 +382,27 @@ impl IdempotencyLayer {
         self.with(|c| c.policy = Arc::new(f))
     }
 
-    /// Uses one scope for every request of this layer, instead of the method and route
-    /// (`"POST /orders/{id}"`; the route is axum's matched path with the `axum`
-    /// feature, otherwise the request's path). Give routes that share a scope the
-    /// same scope explicitly, and keep it stable across releases: records are found by it.
+    /// Uses one scope for every request of this layer, instead of the method and
+    /// route. The default scope is `"POST /orders/{id}"` with axum's matched route;
+    /// outside an axum `Router` (plain tower or hyper) it is the method and `*`
+    /// (`"POST *"`), so give such a service its own scope here. Give routes that
+    /// share a scope the same scope explicitly, and keep it stable across releases:
+    /// records are found by it.
     pub fn scope(self, scope: impl Into<Cow<'static, str>>) -> Self {
         let scope = scope.into();
         self.with(|c| c.scope = ScopeRule::Fixed(scope))
     }
 
-    /// Who the client is (an API key, a tenant, an authenticated user), as the draft's
-    /// security considerations ask: keys of different clients never share a record, so
-    /// one client cannot read another's responses by reusing its key. `None` is an
-    /// anonymous client; all anonymous clients share one key space.
-    pub fn client_identity<F>(self, f: F) -> Self
-    where
-        F: Fn(&request::Parts) -> Option<String> + Send + Sync + 'static,
-    {
-        self.with(|c| c.identity = Some(Arc::new(f)))
+    /// What a request with a key gets when the
+    /// [`client_identity`](IdempotencyLayer::client_identity) function names no client
+    /// (default: [`Anonymous::Reject`] with 401). Unused with a shared key space.
+    pub fn on_anonymous(self, anonymous: Anonymous) -> Self {
+        self.with(|c| {
+            c.anonymous = anonymous;
+            if let Clients::Identified { anonymous: a, .. } = &mut c.clients {
+                *a = anonymous;
+            }
+        })
     }
 
     /// Chooses the request's fingerprint from its head and body (for example a hash of
@@ -274,26 +421,42 @@ impl IdempotencyLayer {
     }
 
     /// Which response statuses release the key so a retry runs the request again
-    /// (default: [`release_on_server_error_timeout_or_throttle`]). Every other response
-    /// is recorded and replayed.
+    /// (default: [`release_by_default`]). Every other response is recorded and
+    /// replayed.
     pub fn release_on(self, f: fn(StatusCode) -> bool) -> Self {
         self.with(|c| c.release_on = f)
     }
 
     /// How long a recorded response is kept (default 24 hours).
+    ///
+    /// # Panics
+    ///
+    /// When `ttl` is zero or over [`MAX_TTL`](crate::MAX_TTL).
+    #[track_caller]
     pub fn ttl(self, ttl: Duration) -> Self {
-        self.with(|c| c.settings.ttl = ttl)
+        self.with_settings(|s| s.ttl = ttl)
     }
 
     /// How long a claim holds without renewal (default 60 s; renewed every third of it
     /// while the service runs). After a crash, retries get 409 until it expires.
+    ///
+    /// # Panics
+    ///
+    /// When `lease` is under [`MIN_LEASE`](crate::MIN_LEASE) or over
+    /// [`MAX_TTL`](crate::MAX_TTL).
+    #[track_caller]
     pub fn lease(self, lease: Duration) -> Self {
-        self.with(|c| c.settings.lease = lease.max(Duration::from_millis(1)))
+        self.with_settings(|s| s.lease = lease)
     }
 
-    /// Refuse the key (422) after `n` released attempts (`n = 0` is taken as 1).
+    /// Refuse the key (422) after `n` released attempts.
+    ///
+    /// # Panics
+    ///
+    /// When `n` is 0 (the request would never run).
+    #[track_caller]
     pub fn max_attempts(self, n: u32) -> Self {
-        self.with(|c| c.settings.max_attempts = Some(n.max(1)))
+        self.with_settings(|s| s.max_attempts = Some(n))
     }
 
     /// Store unreachable: [`OnStoreError::Fail`] answers 503 without running the
@@ -309,8 +472,33 @@ impl IdempotencyLayer {
         self.with(|c| c.settings.on_in_progress = policy)
     }
 
+    /// The `Retry-After` of a 409 answer: how long a client should wait before it
+    /// retries a request whose key is in use (default 1 s). Never more than the time
+    /// left on the running request's lease; sent in whole seconds, at least 1.
+    ///
+    /// # Panics
+    ///
+    /// When `after` is zero.
+    #[track_caller]
+    pub fn retry_after(self, after: Duration) -> Self {
+        assert!(
+            !after.is_zero(),
+            "IdempotencyLayer: a retry_after of zero would tell clients to retry at once; give at least 1 s"
+        );
+        self.with(|c| c.retry_after = after)
+    }
+
     /// Longest accepted key, in bytes (default 255).
+    ///
+    /// # Panics
+    ///
+    /// When `bytes` is 0 (no key would be accepted).
+    #[track_caller]
     pub fn max_key_length(self, bytes: usize) -> Self {
+        assert!(
+            bytes > 0,
+            "IdempotencyLayer: a max_key_length of 0 would refuse every key; give at least 1"
+        );
         self.with(|c| c.max_key_len = bytes)
     }
 
@@ -327,7 +515,8 @@ impl IdempotencyLayer {
         self.with(|c| c.max_cached_body = bytes)
     }
 
-    /// A response header never recorded nor replayed (hop-by-hop headers never are).
+    /// A response header never recorded nor replayed, in addition to
+    /// [`SKIPPED_BY_DEFAULT`] and the hop-by-hop headers.
     pub fn skip_header(self, name: HeaderName) -> Self {
         self.with(|c| {
             let mut v = c.skip_headers.to_vec();
@@ -337,7 +526,7 @@ impl IdempotencyLayer {
     }
 }
 
-impl<S> tower::Layer<S> for IdempotencyLayer {
+impl<S, I: IdentityDecision> tower::Layer<S> for IdempotencyLayer<I> {
     type Service = Idempotent<S>;
 
     fn layer(&self, inner: S) -> Idempotent<S> {
@@ -346,16 +535,26 @@ impl<S> tower::Layer<S> for IdempotencyLayer {
 }
 
 impl Config {
-    /// The record scope of a request.
-    fn scope_of(&self, req: &request::Parts) -> Cow<'static, str> {
+    /// The record scope of a request, or [`RequestScope::Unrouted`] for a request an
+    /// axum `Router` matched no route for.
+    fn scope_of(&self, req: &mut request::Parts) -> RequestScope {
         match &self.scope {
-            ScopeRule::Fixed(s) => s.clone(),
+            ScopeRule::Fixed(s) => RequestScope::Scope(s.clone()),
             ScopeRule::MethodAndRoute => {
                 #[cfg(feature = "axum")]
-                if let Some(route) = req.extensions.get::<axum::extract::MatchedPath>() {
-                    return Cow::Owned(format!("{} {}", req.method, route.as_str()));
+                {
+                    if let Some(route) = req.extensions.get::<axum::extract::MatchedPath>() {
+                        return RequestScope::Scope(Cow::Owned(format!(
+                            "{} {}",
+                            req.method,
+                            route.as_str()
+                        )));
+                    }
+                    if axum_support::inside_router(req) {
+                        return RequestScope::Unrouted;
+                    }
                 }
-                Cow::Owned(format!("{} {}", req.method, req.uri.path()))
+                RequestScope::Scope(Cow::Owned(format!("{} *", req.method)))
             }
         }
     }

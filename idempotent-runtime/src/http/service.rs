@@ -1,26 +1,29 @@
 //! The service the layer wraps around the application: one request under the protocol.
 //!
 //! ```text
-//! request ──no key / Off──▶ inner service as is
+//! request ──no key / Off / no route matched / anonymous (Process)──▶ inner service as is
 //!    │ key
-//!    ├─bad key / body over cap──▶ 400 / 413 problem
-//!    └─read body, fingerprint, claim (scope, identity, key)
-//!         ├─Acquired──▶ inner service (lease renewed) ──2xx/3xx/4xx──▶ complete(status, headers, body)
-//!         │                                          └─5xx/408/429──▶ release, response as is
+//!    ├─bad key / body over cap / anonymous (Reject)──▶ 400 / 413 / 401 problem
+//!    └─read body, fingerprint, claim (scope, client digest, key)   [in a task of its own]
+//!         ├─Acquired──▶ inner service (lease renewed) ──2xx/3xx/4xx──▶ body streamed to the
+//!         │                                          │                client and recorded;
+//!         │                                          │                at its end complete
+//!         │                                          └─5xx/408/429/401/403──▶ release, response as is
 //!         ├─Completed──▶ recorded response + Idempotent-Replayed: true
 //!         ├─InProgress──▶ 409 + Retry-After, or wait for the response
 //!         ├─FingerprintMismatch──▶ 422
 //!         └─store error──▶ 503, or inner service as is (on_store_error = process)
 //! ```
 
-use super::cached::{BoxError, HttpOutput, Read, ResponseBody, read_body};
+use super::cached::{BoxError, Capture, HttpOutput, Read, ResponseBody, Tee, TeeEnd, read_body};
+use super::identity::{Anonymous, client_digest};
 use super::key::{KeyError, parse_key};
 use super::problem::Problem;
-use super::{BODY_OMITTED, Config, KeyPolicy, REPLAYED, ScopeRule};
+use super::{BODY_OMITTED, Clients, Config, KeyPolicy, REPLAYED, RequestScope};
 use crate::protocol::{self, Call, CallKey};
 use crate::{Error, RecordKey};
 use bytes::Bytes;
-use http::header::HeaderValue;
+use http::header::{HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, request};
 use http_body::Body;
 use pin_project_lite::pin_project;
@@ -28,8 +31,10 @@ use std::borrow::Cow;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
+use tokio::sync::oneshot;
+use tracing::Instrument;
 
 /// The service [`IdempotencyLayer`](super::IdempotencyLayer) wraps around an inner
 /// service.
@@ -69,6 +74,8 @@ enum Failure<E, B> {
     Service(E),
     /// The inner service's body failed while the layer read it.
     Body(http::response::Parts, BoxError),
+    /// The response went to the client, and its body failed on the way.
+    Streamed,
 }
 
 impl<E, B> From<Error> for Failure<E, B> {
@@ -78,8 +85,34 @@ impl<E, B> From<Error> for Failure<E, B> {
 }
 
 type Answer<B, E> = Result<Response<ResponseBody<B>>, E>;
-type BoxAnswer<B, E> = Pin<Box<dyn Future<Output = Answer<B, E>> + Send>>;
-type BoxRun<B, E> = Pin<Box<dyn Future<Output = Result<HttpOutput<B>, Failure<E, B>>> + Send>>;
+type BoxRun<E, B> = Pin<Box<dyn Future<Output = Result<HttpOutput, Failure<E, B>>> + Send>>;
+
+/// Where a keyed request's answer goes: given once, by whoever has it first (the
+/// response as soon as its head is known, or the protocol's answer).
+struct Reply<B, E>(Arc<Mutex<Option<AnswerTx<B, E>>>>);
+
+type AnswerTx<B, E> = oneshot::Sender<Answer<B, E>>;
+
+impl<B, E> Clone for Reply<B, E> {
+    fn clone(&self) -> Self {
+        Reply(self.0.clone())
+    }
+}
+
+impl<B, E> Reply<B, E> {
+    fn new() -> (Self, oneshot::Receiver<Answer<B, E>>) {
+        let (tx, rx) = oneshot::channel();
+        (Reply(Arc::new(Mutex::new(Some(tx)))), rx)
+    }
+
+    /// Gives the answer, unless one was given; dropped when the client is gone.
+    fn send(&self, answer: Answer<B, E>) {
+        let tx = self.0.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(tx) = tx {
+            let _ = tx.send(answer);
+        }
+    }
+}
 
 impl<S, ReqB, ResB> tower::Service<Request<ReqB>> for Idempotent<S>
 where
@@ -104,11 +137,20 @@ where
             protocol::note_disabled();
             return ResponseFuture::passthrough(self.inner.call(req));
         }
-        let (parts, body) = req.into_parts();
+        let (mut parts, body) = req.into_parts();
         let policy = (self.config.policy)(&parts);
         if policy == KeyPolicy::Off {
             return ResponseFuture::passthrough(self.inner.call(Request::from_parts(parts, body)));
         }
+        // a request no route matched gets the router's answer, and is never recorded
+        let scope = match self.config.scope_of(&mut parts) {
+            RequestScope::Scope(s) => s,
+            RequestScope::Unrouted => {
+                return ResponseFuture::passthrough(
+                    self.inner.call(Request::from_parts(parts, body)),
+                );
+            }
+        };
         let key = match parse_key(&parts.headers, self.config.max_key_len) {
             Ok(Some(key)) => key,
             Ok(None) if policy == KeyPolicy::Optional => {
@@ -119,15 +161,45 @@ where
             Ok(None) => return ResponseFuture::problem(key_problem(KeyError::Missing)),
             Err(e) => return ResponseFuture::problem(key_problem(e)),
         };
+        let client = match &self.config.clients {
+            Clients::Shared => None,
+            Clients::Identified {
+                identity,
+                anonymous,
+            } => match identity(&parts).filter(|id| !id.is_empty()) {
+                Some(id) => Some(client_digest(&id)),
+                None => match anonymous {
+                    Anonymous::Reject(status) => {
+                        return ResponseFuture::problem(Problem::new(
+                            *status,
+                            "idempotency_client_unidentified",
+                            "a request with an Idempotency-Key must come from an identified client; authenticate and retry with the same key",
+                        ));
+                    }
+                    Anonymous::Process => {
+                        return ResponseFuture::passthrough(
+                            self.inner.call(Request::from_parts(parts, body)),
+                        );
+                    }
+                },
+            },
+        };
         // the ready service goes with the request; a clone stays for the next one
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let fut: BoxAnswer<ResB, S::Error> =
-            Box::pin(keyed(self.config.clone(), inner, parts, body, key));
+        let (reply, rx) = Reply::new();
+        let request = Keyed {
+            config: self.config.clone(),
+            scope,
+            client,
+            key,
+        };
+        // The request runs in a task of its own: a client that goes away neither stops
+        // the service nor keeps its response from being recorded, and a response body
+        // streams to the client while the task records it.
+        tokio::spawn(keyed(request, inner, parts, body, reply).in_current_span());
         ResponseFuture {
-            state: State::Keyed {
-                fut: Detached(Some(fut)),
-            },
+            state: State::Keyed { rx },
         }
     }
 }
@@ -136,27 +208,42 @@ fn key_problem(e: KeyError) -> Problem {
     Problem::new(StatusCode::BAD_REQUEST, e.code(), e.to_string())
 }
 
-/// One request with a key, under the protocol.
-async fn keyed<S, ReqB, ResB>(
+/// What a keyed request is recorded under.
+struct Keyed {
     config: Arc<Config>,
+    scope: Cow<'static, str>,
+    /// the client's digest; `None` in a shared key space
+    client: Option<String>,
+    key: String,
+}
+
+/// One request with a key, under the protocol; its answer goes to `reply`.
+async fn keyed<S, ReqB, ResB>(
+    request: Keyed,
     mut inner: S,
     parts: request::Parts,
     body: ReqB,
-    key: String,
-) -> Answer<ResB, S::Error>
-where
+    reply: Reply<ResB, S::Error>,
+) where
     S: tower::Service<Request<ReqB>, Response = Response<ResB>> + Send + 'static,
     S::Future: Send + 'static,
+    S::Error: Send + 'static,
     ReqB: Body<Data = Bytes> + From<Bytes> + Send + 'static,
     ReqB::Error: Into<BoxError>,
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
+    let Keyed {
+        config,
+        scope,
+        client,
+        key,
+    } = request;
     let mut body = std::pin::pin!(body);
     let body = match read_body(body.as_mut(), config.max_request_body).await {
         Read::Whole(b) => b,
-        Read::Over(..) => {
-            return Ok(Problem::new(
+        Read::Over => {
+            return reply.send(Ok(Problem::new(
                 StatusCode::PAYLOAD_TOO_LARGE,
                 "request_body_too_large",
                 format!(
@@ -164,35 +251,26 @@ where
                     config.max_request_body
                 ),
             )
-            .into_response());
+            .into_response()));
         }
         Read::Failed(e) => {
             let e: BoxError = e.into();
-            return Ok(Problem::new(
+            return reply.send(Ok(Problem::new(
                 StatusCode::BAD_REQUEST,
                 "request_body_unreadable",
                 format!("the request body could not be read: {e}"),
             )
-            .into_response());
+            .into_response()));
         }
     };
     let fingerprint = config.fingerprint_of(&parts, &body);
-    let computed;
-    let scope: &Cow<'static, str> = match &config.scope {
-        ScopeRule::Fixed(s) => s,
-        ScopeRule::MethodAndRoute => {
-            computed = config.scope_of(&parts);
-            &computed
-        }
-    };
-    let identity = config.identity.as_ref().and_then(|f| f(&parts));
-    let record_key = match identity.as_deref() {
-        Some(id) if !id.is_empty() => RecordKey::new(scope, &(id, key.as_str())),
-        _ => RecordKey::new(scope, key.as_str()),
+    let record_key = match &client {
+        Some(client) => RecordKey::new(&scope, &(client.as_str(), key.as_str())),
+        None => RecordKey::new(&scope, key.as_str()),
     };
     let record_key = match record_key {
         Ok(k) => k,
-        Err(e) => return Ok(protocol_problem(e).into_response()),
+        Err(e) => return reply.send(Ok(protocol_problem(e, &config).into_response())),
     };
     let req = Request::from_parts(parts, ReqB::from(body));
     let (release_on, cap, skip) = (
@@ -200,92 +278,130 @@ where
         config.max_cached_body,
         config.skip_headers.clone(),
     );
+    let streamed = reply.clone();
+    // closed when this task is done recording: a streamed body's end waits for it
+    let (recorded, recorded_rx) = oneshot::channel::<()>();
     // boxed: the protocol's future moves it, and it holds the request
-    let run: BoxRun<ResB, S::Error> = Box::pin(async move {
+    let run: BoxRun<S::Error, ResB> = Box::pin(async move {
         let res = inner.call(req).await.map_err(Failure::Service)?;
         if release_on(res.status()) {
             return Err(Failure::Released(res));
         }
         let (head, body) = res.into_parts();
         if body.size_hint().upper().is_some_and(|n| n <= cap as u64) {
-            // it fits (as most do): read in place, no box for the rest
-            let mut body = std::pin::pin!(body);
-            return match read_body(body.as_mut(), usize::MAX).await {
-                Read::Whole(body) | Read::Over(body) => Ok(HttpOutput::Whole { head, body, skip }),
-                Read::Failed(e) => Err(Failure::Body(head, e.into())),
+            // it fits (as most do): read in place, answer when it is recorded
+            let mut capture = Capture::new(usize::MAX);
+            return match capture.read_rest(std::pin::pin!(body)).await {
+                Ok(()) => {
+                    let (body, trailers) = capture.finish();
+                    Ok(HttpOutput::Whole {
+                        head,
+                        body: body.unwrap_or_default(),
+                        trailers,
+                        cap,
+                        skip,
+                    })
+                }
+                Err(e) => Err(Failure::Body(head, e)),
             };
         }
-        let mut rest = Box::pin(body);
-        match read_body(rest.as_mut(), cap).await {
-            Read::Whole(body) => Ok(HttpOutput::Whole { head, body, skip }),
-            Read::Over(prefix) => {
-                tracing::warn!(
-                    cap,
-                    "response body is over the cache cap; replays get its status and headers without it"
-                );
-                Ok(HttpOutput::Over {
-                    head,
-                    prefix,
-                    rest,
-                    skip,
-                })
+        // streamed to the client as it comes, recorded when it ends
+        let (status, headers) = (head.status, head.headers.clone());
+        let (tee, end) = Tee::new(body, cap, recorded_rx);
+        streamed.send(Ok(Response::from_parts(head, ResponseBody::tee(tee))));
+        let capture = match end.await {
+            Ok(TeeEnd::Ended(capture)) => capture,
+            // the client went away: the rest is read here, and recorded
+            Ok(TeeEnd::Dropped {
+                mut rest,
+                mut capture,
+            }) => {
+                capture
+                    .read_rest(rest.as_mut())
+                    .await
+                    .map_err(|_| Failure::Streamed)?;
+                capture
             }
-            Read::Failed(e) => Err(Failure::Body(head, e.into())),
-        }
+            Ok(TeeEnd::Failed) | Err(_) => return Err(Failure::Streamed),
+        };
+        let (body, trailers) = capture.finish();
+        Ok(HttpOutput::Streamed {
+            status,
+            headers,
+            body,
+            trailers,
+            skip,
+        })
     });
     let call = Call {
-        scope: scope.into(),
+        scope: (&scope).into(),
         store: config.store.at(),
         key: CallKey::Finished(record_key),
         fingerprint,
     };
-    match protocol::execute(&config.settings, call, run).await {
-        Ok(HttpOutput::Whole { head, body, .. }) => {
-            Ok(Response::from_parts(head, ResponseBody::full(body)))
-        }
-        Ok(HttpOutput::Over {
-            head, prefix, rest, ..
+    let outcome = protocol::execute(&config.settings, call, run).await;
+    drop(recorded);
+    let answer = match outcome {
+        Ok(HttpOutput::Whole {
+            head,
+            body,
+            trailers,
+            ..
         }) => Ok(Response::from_parts(
             head,
-            ResponseBody::prefixed(prefix, rest),
+            ResponseBody::full_with_trailers(body, trailers),
         )),
+        // answered when its head was known
+        Ok(HttpOutput::Streamed { .. }) | Err(Failure::Streamed) => return,
         Ok(HttpOutput::Replayed {
             status,
-            headers,
+            mut headers,
             body,
+            trailers,
         }) => {
+            // records written before a header was skipped do not give it either
+            for name in config.skip_headers.iter() {
+                headers.remove(name);
+            }
             let omitted = body.is_none();
-            let mut res = Response::new(ResponseBody::full(body.unwrap_or_default()));
+            let mut res = Response::new(ResponseBody::full_with_trailers(
+                body.unwrap_or_default(),
+                trailers,
+            ));
             *res.status_mut() = status;
             *res.headers_mut() = headers;
-            res.headers_mut()
-                .insert(REPLAYED, HeaderValue::from_static("true"));
-            if omitted {
-                res.headers_mut()
-                    .insert(BODY_OMITTED, HeaderValue::from_static("true"));
-            }
+            mark_replayed(res.headers_mut(), omitted);
             Ok(res)
         }
         Err(Failure::Released(res)) => Ok(res.map(ResponseBody::inner)),
         Err(Failure::Service(e)) => Err(e),
         Err(Failure::Body(head, e)) => Ok(Response::from_parts(head, ResponseBody::failed(e))),
-        Err(Failure::Protocol(e)) => Ok(protocol_problem(e).into_response()),
+        Err(Failure::Protocol(e)) => Ok(protocol_problem(e, &config).into_response()),
+    };
+    reply.send(answer);
+}
+
+fn mark_replayed(headers: &mut HeaderMap, omitted: bool) {
+    headers.insert(REPLAYED, HeaderValue::from_static("true"));
+    if omitted {
+        headers.insert(BODY_OMITTED, HeaderValue::from_static("true"));
     }
 }
 
 /// The answer to a protocol outcome other than a response.
-fn protocol_problem(e: Error) -> Problem {
+fn protocol_problem(e: Error, config: &Config) -> Problem {
     match e {
         Error::InProgress { retry_after } => Problem::new(
             StatusCode::CONFLICT,
             "idempotency_key_in_use",
             "a request with this Idempotency-Key is being processed; retry after the time in Retry-After",
         )
-        .retry_after(retry_after),
+        // a short hint, never past the running request's lease
+        .retry_after(config.retry_after.min(retry_after)),
         Error::FingerprintMismatch => Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "idempotency_key_reused",
-            "this Idempotency-Key was used for a request with another method, path or body; use a new key for a new request",
+            "this Idempotency-Key was used for a request with another method, path, content type or body; use a new key for a new request",
         ),
         Error::AttemptsExhausted { attempts } => Problem::new(
             StatusCode::UNPROCESSABLE_ENTITY,
@@ -314,36 +430,6 @@ fn protocol_problem(e: Error) -> Problem {
     }
 }
 
-/// A request future that, if dropped before it finishes (the client went away), is
-/// handed to the runtime to finish: the inner service's work is recorded, and the
-/// client's retry gets its response.
-struct Detached<O: 'static>(Option<Pin<Box<dyn Future<Output = O> + Send>>>);
-
-impl<O> Future for Detached<O> {
-    type Output = O;
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<O> {
-        let Some(fut) = self.0.as_mut() else {
-            panic!("request future polled after it completed");
-        };
-        let out = std::task::ready!(fut.as_mut().poll(cx));
-        self.0 = None;
-        Poll::Ready(out)
-    }
-}
-
-impl<O: 'static> Drop for Detached<O> {
-    fn drop(&mut self) {
-        if let Some(fut) = self.0.take()
-            && let Ok(rt) = tokio::runtime::Handle::try_current()
-        {
-            rt.spawn(async move {
-                let _ = fut.await;
-            });
-        }
-    }
-}
-
 pin_project! {
     /// The future of [`Idempotent`]'s response.
     pub struct ResponseFuture<F, B: 'static, E: 'static> {
@@ -357,7 +443,7 @@ pin_project! {
     enum State<F, B: 'static, E: 'static> {
         Passthrough { #[pin] fut: F },
         Ready { res: Option<Response<ResponseBody<B>>> },
-        Keyed { fut: Detached<Answer<B, E>> },
+        Keyed { #[pin] rx: oneshot::Receiver<Answer<B, E>> },
     }
 }
 
@@ -405,7 +491,16 @@ where
                 Some(res) => Poll::Ready(Ok(res)),
                 None => panic!("response future polled after it completed"),
             },
-            StateProj::Keyed { fut } => Pin::new(fut).poll(cx),
+            StateProj::Keyed { rx } => rx.poll(cx).map(|r| match r {
+                Ok(answer) => answer,
+                // the request's task ended without an answer: the service panicked
+                Err(_) => Ok(Problem::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "idempotency_error",
+                    "the request ended without a response; its Idempotency-Key was released, retry with the same key",
+                )
+                .into_response()),
+            }),
         }
     }
 }

@@ -50,9 +50,24 @@ pub enum OnInProgress {
 pub const MIN_LEASE: Duration = Duration::from_millis(100);
 
 impl Settings {
-    /// Checks what the compiler cannot check for the manual API: the lease is at least
-    /// [`MIN_LEASE`], and neither the ttl nor the lease is over [`MAX_TTL`].
+    /// Checks what the compiler cannot check for the manual API and the HTTP layer, by
+    /// the attribute's rules: the ttl is not zero, the lease is at least [`MIN_LEASE`],
+    /// neither is over [`MAX_TTL`], and `max_attempts` is not zero.
     pub(crate) fn check(&self) -> Result<(), Error> {
+        if self.ttl.is_zero() {
+            return Err(Error::InvalidSettings {
+                reason: "a ttl of zero would forget each completion at once, and every \
+                         duplicate would run again; give a positive ttl, like 7 days"
+                    .into(),
+            });
+        }
+        if self.max_attempts == Some(0) {
+            return Err(Error::InvalidSettings {
+                reason: "max_attempts = 0 would never run the handler; use 1 or more, or \
+                         leave it out for unlimited attempts"
+                    .into(),
+            });
+        }
         if self.ttl > MAX_TTL || self.lease > MAX_TTL {
             return Err(Error::InvalidSettings {
                 reason: format!(
