@@ -52,6 +52,7 @@
 #[cfg(feature = "axum")]
 mod axum_support;
 mod cached;
+mod fingerprint;
 mod key;
 mod problem;
 mod service;
@@ -66,7 +67,6 @@ use crate::Store;
 use crate::protocol::{OnInProgress, OnStoreError, Settings, StoreHandle};
 use http::header::HeaderName;
 use http::{Method, StatusCode, request};
-use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::fmt;
 use std::sync::Arc;
@@ -155,7 +155,10 @@ pub fn release_on_server_error_timeout_or_throttle(status: StatusCode) -> bool {
 /// Defaults: the key is optional on POST and PATCH and ignored on other methods;
 /// records are kept 24 hours (`ttl`) with a 60 s lease renewed while the service runs;
 /// the scope is the method and route; no client identity; the fingerprint is the
-/// method, path and query and the SHA-256 of the body; 5xx, 408 and 429 responses
+/// SHA-256 of the method, the path and query, the `Content-Type` and `Content-Encoding`
+/// and the body, where a `multipart/form-data` body counts by its parts (each part's
+/// name, filename, content type, other headers and bytes, in order), not by its
+/// boundary, so a client's retry of one form matches; 5xx, 408 and 429 responses
 /// release the key; keys up to 255 bytes; request bodies up to 1 MiB; response bodies
 /// cached up to 64 KiB; store errors fail closed (503); a request whose key is in use
 /// gets 409.
@@ -365,20 +368,7 @@ impl Config {
         match &self.fingerprint {
             FingerprintRule::Off => None,
             FingerprintRule::Custom(f) => f(req, body),
-            FingerprintRule::MethodPathBody => {
-                // neither a method nor a URI holds a zero byte: the fields cannot run together
-                let mut h = Sha256::new();
-                h.update(req.method.as_str());
-                h.update([0]);
-                h.update(
-                    req.uri
-                        .path_and_query()
-                        .map_or(req.uri.path(), |p| p.as_str()),
-                );
-                h.update([0]);
-                h.update(body);
-                Some(h.finalize().into())
-            }
+            FingerprintRule::MethodPathBody => Some(fingerprint::default_fingerprint(req, body)),
         }
     }
 }
