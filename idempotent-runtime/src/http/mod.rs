@@ -75,6 +75,7 @@
 #[cfg(feature = "axum")]
 mod axum_support;
 mod cached;
+mod fingerprint;
 mod identity;
 mod key;
 mod problem;
@@ -93,7 +94,6 @@ use crate::Store;
 use crate::protocol::{OnInProgress, OnStoreError, Settings, StoreHandle};
 use http::header::{HeaderName, SET_COOKIE};
 use http::{Method, StatusCode, request};
-use sha2::{Digest, Sha256};
 use std::borrow::Cow;
 use std::fmt;
 use std::marker::PhantomData;
@@ -226,12 +226,15 @@ pub fn release_by_default(status: StatusCode) -> bool {
 ///
 /// Defaults: the key is optional on POST and PATCH and ignored on other methods;
 /// records are kept 24 hours (`ttl`) with a 60 s lease renewed while the service runs;
-/// the scope is the method and the matched route; the fingerprint is the method, path
-/// and query, `Content-Type`, `Content-Encoding` and the SHA-256 of the body; 5xx,
-/// 408, 429, 401, 403 and 405 responses release the key ([`release_by_default`]);
-/// `Set-Cookie` is not recorded ([`SKIPPED_BY_DEFAULT`]); keys up to 255 bytes;
-/// request bodies up to 1 MiB; response bodies recorded up to 64 KiB; store errors
-/// fail closed (503); a request whose key is in use gets 409 with `Retry-After: 1`.
+/// the scope is the method and the matched route; the fingerprint is the SHA-256 of
+/// the method, the path and query, the `Content-Type` and `Content-Encoding` and the
+/// body, where a `multipart/form-data` body counts by its parts (each part's name,
+/// filename, content type, other headers and bytes, in order), not by its boundary,
+/// so a client's retry of one form matches; 5xx, 408, 429, 401, 403 and 405 responses
+/// release the key ([`release_by_default`]); `Set-Cookie` is not recorded
+/// ([`SKIPPED_BY_DEFAULT`]); keys up to 255 bytes; request bodies up to 1 MiB;
+/// response bodies recorded up to 64 KiB; store errors fail closed (503); a request
+/// whose key is in use gets 409 with `Retry-After: 1`.
 pub struct IdempotencyLayer<I = IdentityDecided> {
     config: Arc<Config>,
     identity: PhantomData<fn() -> I>,
@@ -564,20 +567,7 @@ impl Config {
         match &self.fingerprint {
             FingerprintRule::Off => None,
             FingerprintRule::Custom(f) => f(req, body),
-            FingerprintRule::MethodPathBody => {
-                // neither a method nor a URI holds a zero byte: the fields cannot run together
-                let mut h = Sha256::new();
-                h.update(req.method.as_str());
-                h.update([0]);
-                h.update(
-                    req.uri
-                        .path_and_query()
-                        .map_or(req.uri.path(), |p| p.as_str()),
-                );
-                h.update([0]);
-                h.update(body);
-                Some(h.finalize().into())
-            }
+            FingerprintRule::MethodPathBody => Some(fingerprint::default_fingerprint(req, body)),
         }
     }
 }
