@@ -34,14 +34,17 @@
 //! ```
 //!
 //! The default scope is the module path and the fn name, `my_crate::module::on_paid`,
-//! for every handler: a method's too (`my_crate::module::handle` for `Orders::handle`),
-//! since an attribute on a fn sees neither the enclosing impl nor whether there is one.
-//! Two handlers can therefore have the same default scope; the `DefaultScope` static
-//! is the handler's identity in a process-wide guard that refuses the second one. A
-//! method with a `self` receiver calls `SCOPE.get_for(CONFIG.scope, type_name::<Self>())`
-//! instead: each `Self` type (its generic arguments erased) is a handler of its own, so
-//! a trait's default method called for two types is refused too. The type names are
-//! only compared in the process, never stored.
+//! written as a constant. A method with a `self` receiver calls
+//! `SCOPE.get_for(CONFIG.scope, type_name::<Self>())` instead, and its default scope
+//! also names its `Self` type, `my_crate::module::Orders::handle`: an attribute on a fn
+//! sees neither the enclosing impl nor whether there is one, so the type's identifier is
+//! read at run time from its type name (generic arguments left out), and `validate`
+//! refuses a method without `scope` if this compiler prints type names in a form that
+//! reading does not expect (see `type_names`). Two handlers can still have the same
+//! default scope (associated fns without a receiver named alike in two impls of one
+//! module, two traits' methods of one name for one type); the `DefaultScope` static is
+//! the handler's identity in a process-wide guard that refuses the second one. For a
+//! method, each `Self` type (its generic arguments erased) is a handler of its own.
 
 use crate::attr::StoreArg;
 use crate::validate::{Checked, TxMode};
@@ -106,11 +109,11 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
         Some(s) => quote!(#private::core::option::Option::Some(#s)),
         None => quote!(#private::core::option::Option::None),
     };
-    // the default scope, a constant: the module path and the fn name, nothing the
-    // compiler may print differently from one version to the next
+    // the default scope, a constant: the module path and the fn name
     let fn_name = sig.ident.unraw().to_string();
     // the explicit scope, or the default scope once the guard let this handler have it;
-    // a method is a handler per `Self` type (its generic arguments erased)
+    // a method's default scope also names its `Self` type, and the method is a handler
+    // per `Self` type (its generic arguments erased)
     let default_scope_get = match sig.receiver() {
         Some(_) => quote! {
             #default_scope.get_for(#config.scope, #private::core::any::type_name::<Self>())

@@ -6,6 +6,7 @@
 mod attr;
 mod expand;
 mod limits;
+mod type_names;
 mod validate;
 
 use proc_macro::TokenStream;
@@ -67,4 +68,12 @@ fn with_original(err: syn::Error, original: proc_macro2::TokenStream) -> TokenSt
 #[proc_macro]
 pub fn __limits(_: TokenStream) -> TokenStream {
     limits::expr().into()
+}
+
+/// Type names and the `Self` type's name the attribute reads in each, for the runtime's
+/// test that it reads them alike.
+#[doc(hidden)]
+#[proc_macro]
+pub fn __type_idents(_: TokenStream) -> TokenStream {
+    type_names::expr().into()
 }

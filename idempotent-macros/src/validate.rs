@@ -142,6 +142,23 @@ pub(crate) fn check(args: Args, func: &ItemFn, errors: &mut Errors) -> Option<Ch
         }
     }
 
+    // a method's default scope names its `Self` type as this compiler prints it
+    if args.scope.is_none()
+        && func.sig.receiver().is_some()
+        && let Some((printed, expected)) = crate::type_names::unreadable()
+    {
+        let expected = expected.map_or("no name".to_owned(), |e| format!("`{e}`"));
+        errors.at(
+            Span::call_site(),
+            format!(
+                "this method's default scope would name its `Self` type, and this compiler \
+                 prints type names in a form the attribute does not read (`{printed}`, \
+                 expected {expected}): set `scope = \"…\"`, so that the scope in the stored \
+                 records cannot change with the compiler"
+            ),
+        );
+    }
+
     let on_store_error_process = choice(
         args.on_store_error.as_ref(),
         "on_store_error",

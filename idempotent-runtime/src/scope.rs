@@ -1,19 +1,33 @@
 //! The default scope of a handler, and the guard that keeps two handlers from sharing it.
 //!
 //! A handler without `scope = "…"` is scoped by `concat!(module_path!(), "::", fn name)`,
-//! a constant the attribute writes into the handler. The scope is stored in every record
-//! key, so it only changes when the handler's module or name does. Being that narrow, it
-//! can be the same for two handlers (methods named alike in two impls of one module, a
-//! trait's default method called for two types); the guard refuses the second one at its
-//! first call, in each process, before anything is claimed.
+//! a constant the attribute writes into the handler; a method with a `self` receiver by
+//! the module path, the name of its `Self` type and the fn name,
+//! `my_app::consumers::Orders::handle`, so that the methods named alike of two types of
+//! one module have scopes of their own. An attribute on a method cannot see its impl:
+//! the type's name is read at the method's first call from `type_name::<Self>()`, by
+//! [`type_ident`], which keeps only the type's own identifier. The standard library does
+//! not specify how `type_name` prints, so the attribute checks, in the compiler that
+//! builds the handler, that this compiler's type names read as expected, and refuses to
+//! compile a method without `scope` otherwise: a compiler upgrade cannot quietly give a
+//! handler another scope.
+//!
+//! The scope is stored in every record key, so it only changes when the handler's module,
+//! its type's name or its own name does. It can still be the same for two handlers that
+//! the attribute cannot tell apart: associated fns without a receiver named alike in two
+//! impls of one module, methods named alike in two trait impls for one type, one method
+//! (a trait's default method, a blanket impl's) called for two types of one name, or
+//! for types without a name of their own (references, tuples, trait objects). The guard
+//! refuses the second one at its first call, in each process, before anything is claimed.
 
 use crate::Error;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Mutex, OnceLock, PoisonError, RwLock};
 
-/// The guard's verdict for one handler (and one `Self` type): `Err` holds the message.
-type Verdict = Result<(), Box<str>>;
+/// The guard's verdict for one handler (and one `Self` type): the default scope it may
+/// use, or the message refusing it.
+type Verdict = Result<&'static str, Box<str>>;
 
 /// One handler's default scope and its place in the process-wide guard: a `static` of
 /// each expansion of `#[idempotent]`, beside its configuration. Its address is the
@@ -35,7 +49,8 @@ pub struct DefaultScope {
 }
 
 impl DefaultScope {
-    /// The handler's default scope, `scope`, and the fn naming the handler in messages.
+    /// The handler's default scope without its type, `scope`, and the fn naming the
+    /// handler in messages.
     pub const fn new(scope: &'static str, describe: fn() -> &'static str) -> Self {
         DefaultScope {
             scope,
@@ -53,12 +68,14 @@ impl DefaultScope {
         if let Some(scope) = explicit {
             return Ok(scope);
         }
-        self.answer(self.verdict.get_or_init(|| self.register(None)))
+        answer(self.verdict.get_or_init(|| self.register(None)))
     }
 
-    /// As [`get`](Self::get), for a method with a `self` receiver: the handler is this
-    /// static and `self_ty` (`type_name::<Self>()`, its generic arguments erased), so a
-    /// trait's default method called for two types is two handlers.
+    /// As [`get`](Self::get), for a method with a `self` receiver: its default scope
+    /// names `self_ty` (`type_name::<Self>()`) by the identifier the type was declared
+    /// with, `module::Type::name` (`module::name` for a type without a name of its
+    /// own), and the handler is this static and `self_ty` with its generic arguments
+    /// erased, so a trait's default method called for two types is two handlers.
     #[inline]
     pub fn get_for(
         &'static self,
@@ -72,7 +89,7 @@ impl DefaultScope {
             .first_self
             .get_or_init(|| (self_ty, self.register(Some(self_ty))));
         if std::ptr::eq(*first, self_ty) || *first == self_ty {
-            return self.answer(verdict);
+            return answer(verdict);
         }
         self.other_self(self_ty)
     }
@@ -84,14 +101,14 @@ impl DefaultScope {
             selves
                 .iter()
                 .find(|(ty, _)| std::ptr::eq(*ty, self_ty) || *ty == self_ty)
-                .map(|(_, verdict)| self.answer(verdict))
+                .map(|(_, verdict)| answer(verdict))
         };
         let selves = self
             .other_selves
             .read()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(answer) = seen(&selves) {
-            return answer;
+        if let Some(found) = seen(&selves) {
+            return found;
         }
         drop(selves);
         let verdict = self.register(Some(self_ty));
@@ -99,21 +116,22 @@ impl DefaultScope {
             .other_selves
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        if let Some(answer) = seen(&selves) {
-            return answer;
+        if let Some(found) = seen(&selves) {
+            return found;
         }
-        let answer = self.answer(&verdict);
+        let result = answer(&verdict);
         selves.push((self_ty, verdict));
-        answer
+        result
     }
 
-    fn answer(&self, verdict: &Verdict) -> Result<&'static str, Error> {
-        match verdict {
-            Ok(()) => Ok(self.scope),
-            Err(reason) => Err(Error::InvalidSettings {
-                reason: reason.to_string(),
-            }),
-        }
+    /// The default scope of this handler for `self_ty`: `module::Type::name` when the
+    /// type has a name of its own, else `module::name`.
+    fn scope_for(&self, self_ty: Option<&str>) -> Option<String> {
+        let ident = type_ident(self_ty?)?;
+        Some(match self.scope.rsplit_once("::") {
+            Some((module, name)) => format!("{module}::{ident}::{name}"),
+            None => format!("{ident}::{}", self.scope),
+        })
     }
 
     /// Registers this handler (with `self_ty`) as the owner of its default scope, or
@@ -124,36 +142,47 @@ impl DefaultScope {
             handler: &'static DefaultScope,
             self_ty: Option<String>,
         }
+        /// Its keys are the default scopes in use, each allocated once.
         static OWNERS: Mutex<BTreeMap<&'static str, Owner>> = Mutex::new(BTreeMap::new());
 
         let erased = self_ty.map(erase_type_args);
+        let typed = self.scope_for(self_ty);
         let mut owners = OWNERS.lock().unwrap_or_else(PoisonError::into_inner);
-        let owner = owners.entry(self.scope).or_insert_with(|| Owner {
+        let scope: &'static str = match typed {
+            None => self.scope,
+            Some(typed) => match owners.get_key_value(typed.as_str()) {
+                Some((scope, _)) => scope,
+                // one allocation per default scope of the process, kept for its lifetime
+                None => Box::leak(typed.into_boxed_str()),
+            },
+        };
+        let owner = owners.entry(scope).or_insert_with(|| Owner {
             handler: self,
             self_ty: erased.clone(),
         });
         if std::ptr::eq(owner.handler, self) && owner.self_ty == erased {
-            return Ok(());
+            return Ok(scope);
         }
         let first = owner.handler.name(owner.self_ty.as_deref());
         let second = self.name(erased.as_deref());
         let reason = if std::ptr::eq(owner.handler, self) {
             format!(
                 "{second} would share the default scope `{scope}`, and its records, with \
-                 {first}: a trait's default method (or a blanket impl's method) called for \
-                 two types; give it an explicit `scope = \"…\"` to share one scope on \
-                 purpose, or implement the method for each type with its own `scope = \"…\"`",
-                scope = self.scope,
+                 {first}: one method (a trait's default method, or a blanket impl's) called \
+                 for two types the default scope does not tell apart (types of one name, or \
+                 without a name of their own such as references and tuples); give it an \
+                 explicit `scope = \"…\"` to share one scope on purpose, or implement the \
+                 method for each type with its own `scope = \"…\"`"
             )
         } else {
             format!(
                 "{second} would share the default scope `{scope}`, and its records, with \
-                 {first}: the default scope is the module path and the fn name; give each \
-                 handler an explicit `scope = \"…\"`",
-                scope = self.scope,
+                 {first}: the default scope is the module path, the `Self` type's name for \
+                 a method with a `self` receiver, and the fn name; give each handler an \
+                 explicit `scope = \"…\"`"
             )
         };
-        tracing::error!(scope = self.scope, "{reason}");
+        tracing::error!(scope, "{reason}");
         Err(reason.into_boxed_str())
     }
 
@@ -170,12 +199,49 @@ impl DefaultScope {
     }
 }
 
+/// A verdict as the handler's scope or error.
+fn answer(verdict: &Verdict) -> Result<&'static str, Error> {
+    match verdict {
+        Ok(scope) => Ok(scope),
+        Err(reason) => Err(Error::InvalidSettings {
+            reason: reason.to_string(),
+        }),
+    }
+}
+
 impl fmt::Debug for DefaultScope {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("DefaultScope")
             .field("scope", &self.scope)
             .finish_non_exhaustive()
     }
+}
+
+/// The identifier a type was declared with, from its `type_name`, for a type with a name
+/// of its own (a struct, an enum, a union, a primitive): `Queue` for
+/// `app::jobs::Queue<alloc::string::String>`, `Local` for `app::main::{{closure}}::Local`,
+/// `u8` for `u8`. `None` for a reference, a pointer, a tuple, an array or a slice, a fn
+/// pointer, a trait object, `!`, or anything printed in another form.
+///
+/// The attribute has the same fn, checks at compile time that the compiler reads its own
+/// probe types' names as expected, and a test here compares the two (`__type_idents!`).
+fn type_ident(ty: &str) -> Option<&str> {
+    let path = match ty.find('<') {
+        Some(args) if ty.ends_with('>') => &ty[..args],
+        Some(_) => return None,
+        None => ty,
+    };
+    if !path
+        .chars()
+        .all(|c| c.is_alphanumeric() || matches!(c, '_' | ':' | '{' | '}'))
+    {
+        return None;
+    }
+    let ident = path.rsplit("::").next()?;
+    let mut chars = ident.chars();
+    let first = chars.next()?;
+    ((first.is_alphabetic() || first == '_') && chars.all(|c| c.is_alphanumeric() || c == '_'))
+        .then_some(ident)
 }
 
 /// A type name with its generic arguments shown as in the path of a generic item:
@@ -208,8 +274,9 @@ fn erase_type_args(ty: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{DefaultScope, erase_type_args};
+    use super::{DefaultScope, erase_type_args, type_ident};
     use crate::Error;
+    use std::any::type_name;
 
     fn handler_a() -> &'static str {
         "app::A::handle::{{closure}}::__idempotent_handler"
@@ -238,6 +305,69 @@ mod tests {
     }
 
     #[test]
+    fn a_type_is_named_by_the_identifier_it_was_declared_with() {
+        assert_eq!(type_ident("app::Orders"), Some("Orders"));
+        assert_eq!(
+            type_ident("app::jobs::Queue<alloc::vec::Vec<core::option::Option<u8>>, 3>"),
+            Some("Queue")
+        );
+        assert_eq!(type_ident("app::main::{{closure}}::Local"), Some("Local"));
+        assert_eq!(type_ident("app::Orders::handle::Local"), Some("Local"));
+        assert_eq!(type_ident("u8"), Some("u8"));
+        assert_eq!(type_ident("app::_Orders"), Some("_Orders"));
+        assert_eq!(type_ident("app::Ünï"), Some("Ünï"));
+        for unnamed in [
+            "&app::Orders",
+            "&mut app::Orders",
+            "*const app::Orders",
+            "(app::Orders, u8)",
+            "()",
+            "[app::Orders]",
+            "[app::Orders; 3]",
+            "dyn app::Handler",
+            "dyn app::Handler + core::marker::Send",
+            "fn(app::Orders) -> u8",
+            "!",
+            "app::main::{{closure}}",
+            "app::Queue<u8>::Inner",
+            "app::Queue<u8",
+            "app::r#match",
+            "app::1Orders",
+            "app::",
+            "",
+        ] {
+            assert_eq!(type_ident(unnamed), None, "{unnamed}");
+        }
+    }
+
+    /// This compiler's type names are read as expected (the attribute checks the same
+    /// on its own probe types before it lets a method without `scope` compile).
+    #[test]
+    fn this_compilers_type_names_are_read() {
+        struct Local;
+        assert_eq!(type_ident(type_name::<Local>()), Some("Local"));
+        assert_eq!(
+            type_ident(type_name::<DefaultScope>()),
+            Some("DefaultScope")
+        );
+        assert_eq!(type_ident(type_name::<Vec<Option<u8>>>()), Some("Vec"));
+        assert_eq!(type_ident(type_name::<&Local>()), None);
+        assert_eq!(type_ident(type_name::<dyn std::fmt::Debug>()), None);
+    }
+
+    /// The attribute reads type names with its own copy of [`type_ident`]: both must read
+    /// its samples, and the names of its probe types as this compiler prints them, alike.
+    #[test]
+    fn the_attribute_reads_type_names_as_the_runtime_does() {
+        let samples = idempotent_macros::__type_idents!();
+        assert!(samples.len() >= 20, "{samples:?}");
+        assert!(samples.iter().any(|(_, ident)| ident.is_none()));
+        for (ty, ident) in samples {
+            assert_eq!(type_ident(ty), ident, "{ty}");
+        }
+    }
+
+    #[test]
     fn a_second_handler_with_the_same_default_scope_is_refused() {
         static A: DefaultScope = DefaultScope::new("guard::fns::handle", handler_a);
         static B: DefaultScope = DefaultScope::new("guard::fns::handle", handler_b);
@@ -255,28 +385,58 @@ mod tests {
     }
 
     #[test]
-    fn a_method_is_one_handler_per_self_type_with_its_arguments_erased() {
+    fn a_method_is_scoped_by_its_self_type_and_its_arguments_are_erased() {
         static M: DefaultScope = DefaultScope::new("guard::methods::handle", handler_a);
+        let queue = M.get_for(None, "app::Queue<u8>").unwrap();
+        assert_eq!(queue, "guard::methods::Queue::handle");
+        // another instantiation of the same generic impl: the same handler, the same
+        // scope (allocated once)
+        let again = M
+            .get_for(None, "app::Queue<alloc::string::String>")
+            .unwrap();
+        assert!(std::ptr::eq(queue, again));
+        assert_eq!(M.get_for(None, "app::Queue<u8>").unwrap(), queue);
+        // the same method for another type (a trait's default method): its own scope
         assert_eq!(
-            M.get_for(None, "app::Queue<u8>").unwrap(),
+            M.get_for(None, "app::Other").unwrap(),
+            "guard::methods::Other::handle"
+        );
+        // a type without a name of its own: the module path and the fn name
+        assert_eq!(
+            M.get_for(None, "(u8, app::Other)").unwrap(),
             "guard::methods::handle"
         );
-        // another instantiation of the same generic impl: the same handler
-        assert_eq!(
-            M.get_for(None, "app::Queue<alloc::string::String>")
-                .unwrap(),
-            "guard::methods::handle"
-        );
-        assert_eq!(
-            M.get_for(None, "app::Queue<u8>").unwrap(),
-            "guard::methods::handle"
-        );
-        // the same method for another type (a trait's default method): refused
-        let why = reason(M.get_for(None, "app::Other"));
+        // another type of one of those names: refused
+        let why = reason(M.get_for(None, "app::jobs::Queue<u8>"));
+        assert!(why.contains("`guard::methods::Queue::handle`"), "{why}");
         assert!(why.contains("for `app::Queue<_>`"), "{why}");
-        assert!(why.contains("for `app::Other`"), "{why}");
+        assert!(why.contains("for `app::jobs::Queue<_>`"), "{why}");
         assert!(why.contains("default method"), "{why}");
-        assert!(M.get_for(None, "app::Other").is_err());
-        assert_eq!(M.get_for(Some("x"), "app::Other").unwrap(), "x");
+        let why = reason(M.get_for(None, "&app::Other"));
+        assert!(why.contains("`guard::methods::handle`"), "{why}");
+        assert!(M.get_for(None, "app::jobs::Queue<u8>").is_err());
+        assert_eq!(M.get_for(Some("x"), "app::jobs::Queue<u8>").unwrap(), "x");
+        assert_eq!(M.get_for(None, "app::Queue<u16>").unwrap(), queue);
+    }
+
+    /// Two methods of one name for one type (two traits' methods): one default scope.
+    #[test]
+    fn two_methods_with_one_self_type_and_name_are_refused() {
+        static A: DefaultScope = DefaultScope::new("guard::traits::handle", handler_a);
+        static B: DefaultScope = DefaultScope::new("guard::traits::handle", handler_b);
+        assert_eq!(
+            A.get_for(None, "app::Both").unwrap(),
+            "guard::traits::Both::handle"
+        );
+        let why = reason(B.get_for(None, "app::Both"));
+        assert!(why.contains("`guard::traits::Both::handle`"), "{why}");
+        assert!(why.contains("`app::A::handle` for `app::Both`"), "{why}");
+        assert!(why.contains("`app::B::handle` for `app::Both`"), "{why}");
+        assert!(why.contains("`Self` type's name"), "{why}");
+        // for another type, the second method has a scope of its own
+        assert_eq!(
+            B.get_for(None, "app::Other").unwrap(),
+            "guard::traits::Other::handle"
+        );
     }
 }

@@ -1,5 +1,6 @@
-//! The default scope: `concat!(module_path!(), "::", fn name)` for every kind of handler,
-//! pinned string by string because it is stored in every record key; and the guard that
+//! The default scope: `concat!(module_path!(), "::", fn name)` for a fn, and the module
+//! path, the `Self` type's name and the fn name for a method with a `self` receiver;
+//! pinned string by string because it is stored in every record key. And the guard that
 //! refuses a second handler with the same default scope before anything is claimed.
 //!
 //! This file is the crate `scope`, so `module_path!()` at its root is `scope`. Each test
@@ -118,10 +119,11 @@ mod nested {
     }
 }
 
-/// Every kind of handler is scoped by its module path and its fn name, nothing else:
-/// these strings are in the keys of stored records, so they are pinned here.
+/// Every kind of handler is scoped by its module path and its fn name, and a method with
+/// a `self` receiver by its `Self` type's name too (generic arguments left out): these
+/// strings are in the keys of stored records, so they are pinned here.
 #[tokio::test]
-async fn the_default_scope_is_the_module_path_and_the_fn_name() {
+async fn the_default_scope_is_the_module_path_the_self_type_and_the_fn_name() {
     /// A fn declared in another fn's body: the module it is written in, not the
     /// enclosing fn.
     #[idempotent(key = "msg.id", store = STORE)]
@@ -140,11 +142,19 @@ async fn the_default_scope_is_the_module_path_and_the_fn_name() {
         "scope::generic_free"
     );
     assert_eq!(r#match(&m).await.unwrap(), "scope::match");
-    assert_eq!(Orders.on_order(&m).await.unwrap(), "scope::on_order");
+    assert_eq!(
+        Orders.on_order(&m).await.unwrap(),
+        "scope::Orders::on_order"
+    );
+    // no receiver: the attribute cannot name `Self` (it may be a free fn)
     assert_eq!(Orders::associated(&m).await.unwrap(), "scope::associated");
-    assert_eq!(Orders.notify(&m).await.unwrap(), "scope::notify");
-    assert_eq!(Orders.audit(&m).await.unwrap(), "scope::audit");
-    assert_eq!(Queue(1u8).on_queued(&m).await.unwrap(), "scope::on_queued");
+    assert_eq!(Orders.notify(&m).await.unwrap(), "scope::Orders::notify");
+    // a trait's default method: the trait's module, the implementing type
+    assert_eq!(Orders.audit(&m).await.unwrap(), "scope::Orders::audit");
+    assert_eq!(
+        Queue(1u8).on_queued(&m).await.unwrap(),
+        "scope::Queue::on_queued"
+    );
     assert_eq!(
         nested::deeper::handle(&m).await.unwrap(),
         "scope::nested::deeper::handle"
@@ -154,11 +164,11 @@ async fn the_default_scope_is_the_module_path_and_the_fn_name() {
         "scope::free",
         "scope::generic_free",
         "scope::match",
-        "scope::on_order",
+        "scope::Orders::on_order",
         "scope::associated",
-        "scope::notify",
-        "scope::audit",
-        "scope::on_queued",
+        "scope::Orders::notify",
+        "scope::Orders::audit",
+        "scope::Queue::on_queued",
         "scope::nested::deeper::handle",
         "scope::declared_in_a_body",
     ] {
@@ -175,42 +185,223 @@ async fn the_default_scope_is_the_module_path_and_the_fn_name() {
 #[tokio::test]
 async fn the_instantiations_of_a_generic_handler_are_one_handler() {
     let m = msg("generic");
-    assert_eq!(Queue(1u8).on_queued(&m).await.unwrap(), "scope::on_queued");
+    assert_eq!(
+        Queue(1u8).on_queued(&m).await.unwrap(),
+        "scope::Queue::on_queued"
+    );
     assert_eq!(
         Queue(String::new()).on_queued(&m).await.unwrap(),
-        "scope::on_queued"
+        "scope::Queue::on_queued"
     );
     assert_eq!(
         Queue(vec![1u64])
             .on_queued(&msg("generic-2"))
             .await
             .unwrap(),
-        "scope::on_queued"
+        "scope::Queue::on_queued"
     );
     assert_eq!(generic_free(&7u64).await.unwrap(), "scope::generic_free");
     assert_eq!(generic_free(&"seven").await.unwrap(), "scope::generic_free");
 }
 
-// ---- the guard ----
+// ---- methods named alike of several types ----
+
+mod consumers {
+    use super::{Error, Msg, STORE, claimed_scope, idempotent};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    pub(super) static ORDER_RUNS: AtomicU32 = AtomicU32::new(0);
+    pub(super) static PAYMENT_RUNS: AtomicU32 = AtomicU32::new(0);
+
+    pub(super) struct Orders;
+    pub(super) struct Payments;
+
+    impl Orders {
+        #[idempotent(key = "msg.id", store = STORE)]
+        pub(super) async fn handle(&self, msg: &Msg) -> Result<String, Error> {
+            ORDER_RUNS.fetch_add(1, Ordering::SeqCst);
+            Ok(claimed_scope())
+        }
+    }
+
+    impl Payments {
+        #[idempotent(key = "msg.id", store = STORE)]
+        pub(super) async fn handle(&self, msg: &Msg) -> Result<String, Error> {
+            PAYMENT_RUNS.fetch_add(1, Ordering::SeqCst);
+            Ok(claimed_scope())
+        }
+    }
+}
+
+/// One consumer type per topic, each with a `handle` method, in one module: each type
+/// has its own default scope, so both run on the same message id, each keeps its own
+/// records, and the duplicates of each are replayed.
+#[tokio::test]
+async fn methods_named_alike_of_two_types_have_their_own_records() {
+    use consumers::{ORDER_RUNS, Orders, PAYMENT_RUNS, Payments};
+    let orders = "scope::consumers::Orders::handle";
+    let payments = "scope::consumers::Payments::handle";
+    let m = msg("consumer-1");
+    for _ in 0..2 {
+        assert_eq!(Orders.handle(&m).await.unwrap(), orders);
+        assert_eq!(Payments.handle(&m).await.unwrap(), payments);
+    }
+    let m = msg("consumer-2");
+    for _ in 0..2 {
+        assert_eq!(Payments.handle(&m).await.unwrap(), payments);
+        assert_eq!(Orders.handle(&m).await.unwrap(), orders);
+    }
+    assert_eq!(ORDER_RUNS.load(Ordering::SeqCst), 2);
+    assert_eq!(PAYMENT_RUNS.load(Ordering::SeqCst), 2);
+    for scope in [orders, payments] {
+        for id in ["consumer-1", "consumer-2"] {
+            assert_eq!(record(scope, id).await, Some(RecordState::Completed));
+        }
+    }
+    assert_eq!(record("scope::consumers::handle", "consumer-1").await, None);
+}
+
+mod trait_impls {
+    use super::{Error, Msg, STORE, claimed_scope, idempotent};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    pub(super) static RUNS: AtomicU32 = AtomicU32::new(0);
+
+    pub(super) trait Handler {
+        async fn handle(&self, msg: &Msg) -> Result<String, Error>;
+    }
+
+    pub(super) struct Orders;
+    pub(super) struct Payments;
+
+    impl Handler for Orders {
+        #[idempotent(key = "msg.id", store = STORE)]
+        async fn handle(&self, msg: &Msg) -> Result<String, Error> {
+            RUNS.fetch_add(1, Ordering::SeqCst);
+            Ok(claimed_scope())
+        }
+    }
+
+    impl Handler for Payments {
+        #[idempotent(key = "msg.id", store = STORE)]
+        async fn handle(&self, msg: &Msg) -> Result<String, Error> {
+            RUNS.fetch_add(1, Ordering::SeqCst);
+            Ok(claimed_scope())
+        }
+    }
+}
+
+/// The same with one trait implemented for each type.
+#[tokio::test]
+async fn trait_impls_for_two_types_have_their_own_records() {
+    use trait_impls::{Handler, Orders, Payments, RUNS};
+    let m = msg("trait-impl");
+    for _ in 0..2 {
+        assert_eq!(
+            Orders.handle(&m).await.unwrap(),
+            "scope::trait_impls::Orders::handle"
+        );
+        assert_eq!(
+            Payments.handle(&m).await.unwrap(),
+            "scope::trait_impls::Payments::handle"
+        );
+    }
+    assert_eq!(RUNS.load(Ordering::SeqCst), 2);
+}
+
+mod generic_impls {
+    use super::{Error, Msg, STORE, claimed_scope, idempotent};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    pub(super) static RUNS: AtomicU32 = AtomicU32::new(0);
+
+    pub(super) struct Queue<T>(pub(super) T);
+    pub(super) struct Stack<T>(pub(super) T);
+
+    impl<T: Sync> Queue<T> {
+        #[idempotent(key = "msg.id", store = STORE)]
+        pub(super) async fn handle(&self, msg: &Msg) -> Result<String, Error> {
+            RUNS.fetch_add(1, Ordering::SeqCst);
+            Ok(claimed_scope())
+        }
+    }
+
+    impl<T: Sync> Stack<T> {
+        #[idempotent(key = "msg.id", store = STORE)]
+        pub(super) async fn handle(&self, msg: &Msg) -> Result<String, Error> {
+            RUNS.fetch_add(1, Ordering::SeqCst);
+            Ok(claimed_scope())
+        }
+    }
+}
+
+/// Generic impls: a scope per type, without its arguments; the instantiations of one
+/// impl are one handler and replay each other's records.
+#[tokio::test]
+async fn generic_impls_for_two_types_have_their_own_records() {
+    use generic_impls::{Queue, RUNS, Stack};
+    let queue = "scope::generic_impls::Queue::handle";
+    let stack = "scope::generic_impls::Stack::handle";
+    let m = msg("generic-impl");
+    assert_eq!(Queue(1u8).handle(&m).await.unwrap(), queue);
+    assert_eq!(Stack(1u8).handle(&m).await.unwrap(), stack);
+    assert_eq!(Queue("other").handle(&m).await.unwrap(), queue);
+    assert_eq!(Stack(vec![2u64]).handle(&m).await.unwrap(), stack);
+    assert_eq!(RUNS.load(Ordering::SeqCst), 2);
+}
+
+mod default_method {
+    use super::{Error, Msg, STORE, claimed_scope, idempotent};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    pub(super) static RUNS: AtomicU32 = AtomicU32::new(0);
+
+    pub(super) trait Consume {
+        #[idempotent(key = "msg.id", store = STORE)]
+        async fn consume(&self, msg: &Msg) -> Result<String, Error> {
+            RUNS.fetch_add(1, Ordering::SeqCst);
+            Ok(claimed_scope())
+        }
+    }
+
+    pub(super) struct Orders;
+    pub(super) struct Payments;
+
+    impl Consume for Orders {}
+    impl Consume for Payments {}
+}
+
+/// A trait's default method is one fn for every implementor, scoped by the trait's
+/// module and each implementing type: each type has its own records.
+#[tokio::test]
+async fn a_trait_default_method_has_a_scope_per_implementing_type() {
+    use default_method::{Consume, Orders, Payments, RUNS};
+    let m = msg("default");
+    for _ in 0..2 {
+        assert_eq!(
+            Orders.consume(&m).await.unwrap(),
+            "scope::default_method::Orders::consume"
+        );
+        assert_eq!(
+            Payments.consume(&m).await.unwrap(),
+            "scope::default_method::Payments::consume"
+        );
+    }
+    assert_eq!(RUNS.load(Ordering::SeqCst), 2);
+}
+
+// ---- the guard: handlers the default scope does not tell apart ----
 
 mod clash {
     use super::{Error, Msg, STORE, idempotent};
     use std::sync::atomic::{AtomicU32, Ordering};
 
-    pub(super) static A_RUNS: AtomicU32 = AtomicU32::new(0);
-    pub(super) static B_RUNS: AtomicU32 = AtomicU32::new(0);
     pub(super) static BUILD_RUNS: AtomicU32 = AtomicU32::new(0);
 
     pub(super) struct A;
     pub(super) struct B;
 
     impl A {
-        #[idempotent(key = "msg.id", store = STORE)]
-        pub(super) async fn handle(&self, msg: &Msg) -> Result<(), Error> {
-            A_RUNS.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-
         #[idempotent(key = "msg.id", store = STORE)]
         pub(super) async fn build(msg: &Msg) -> Result<(), Error> {
             BUILD_RUNS.fetch_add(1, Ordering::SeqCst);
@@ -220,12 +411,6 @@ mod clash {
 
     impl B {
         #[idempotent(key = "msg.id", store = STORE)]
-        pub(super) async fn handle(&self, msg: &Msg) -> Result<(), Error> {
-            B_RUNS.fetch_add(1, Ordering::SeqCst);
-            Ok(())
-        }
-
-        #[idempotent(key = "msg.id", store = STORE)]
         pub(super) async fn build(msg: &Msg) -> Result<(), Error> {
             BUILD_RUNS.fetch_add(1, Ordering::SeqCst);
             Ok(())
@@ -233,50 +418,91 @@ mod clash {
     }
 }
 
-/// Two types of one module with a `handle` method have the same default scope,
-/// `scope::clash::handle`. The first one called keeps it; the other is refused at every
-/// call, before its body runs and before anything is claimed, so no record is shared.
-#[tokio::test]
-async fn two_methods_with_one_default_scope_refuse_the_second() {
-    use clash::{A, A_RUNS, B, B_RUNS};
-    A.handle(&msg("clash-a")).await.unwrap();
-    A.handle(&msg("clash-a")).await.unwrap();
-
-    let why = refused(B.handle(&msg("clash-b")).await);
-    assert!(why.contains("`scope::clash::handle`"), "{why}");
-    assert!(why.contains("for `scope::clash::A`"), "{why}");
-    assert!(why.contains("for `scope::clash::B`"), "{why}");
-    assert!(why.contains("explicit `scope = \"…\"`"), "{why}");
-    // a message A handled already is no duplicate for B: still refused
-    refused(B.handle(&msg("clash-a")).await);
-    // the owner goes on
-    A.handle(&msg("clash-a2")).await.unwrap();
-
-    assert_eq!(A_RUNS.load(Ordering::SeqCst), 2);
-    assert_eq!(B_RUNS.load(Ordering::SeqCst), 0);
-    assert_eq!(
-        record("scope::clash::handle", "clash-a").await,
-        Some(RecordState::Completed)
-    );
-    assert_eq!(record("scope::clash::handle", "clash-b").await, None);
-}
-
-/// The same for associated fns without a receiver: the handlers' own statics tell
-/// them apart.
+/// Associated fns without a receiver named alike in two impls of one module have one
+/// default scope, `scope::clash::build` (the attribute cannot name `Self` there). The
+/// first one called keeps it; the other is refused at every call, before its body runs
+/// and before anything is claimed, so no record is shared.
 #[tokio::test]
 async fn two_associated_fns_with_one_default_scope_refuse_the_second() {
     use clash::{A, B, BUILD_RUNS};
+    A::build(&msg("build-a")).await.unwrap();
     A::build(&msg("build-a")).await.unwrap();
     let why = refused(B::build(&msg("build-b")).await);
     assert!(why.contains("`scope::clash::build`"), "{why}");
     assert!(why.contains("`scope::clash::A::build`"), "{why}");
     assert!(why.contains("`scope::clash::B::build`"), "{why}");
+    assert!(why.contains("explicit `scope = \"…\"`"), "{why}");
+    // a message A handled already is no duplicate for B: still refused
+    refused(B::build(&msg("build-a")).await);
     // A's run only
     assert_eq!(BUILD_RUNS.load(Ordering::SeqCst), 1);
+    assert_eq!(
+        record("scope::clash::build", "build-a").await,
+        Some(RecordState::Completed)
+    );
     assert_eq!(record("scope::clash::build", "build-b").await, None);
 }
 
-mod default_method {
+mod two_traits {
+    use super::{Error, Msg, STORE, idempotent};
+    use std::sync::atomic::{AtomicU32, Ordering};
+
+    pub(super) static RUNS: AtomicU32 = AtomicU32::new(0);
+
+    pub(super) trait Notify {
+        async fn handle(&self, msg: &Msg) -> Result<(), Error>;
+    }
+
+    pub(super) trait Audit {
+        async fn handle(&self, msg: &Msg) -> Result<(), Error>;
+    }
+
+    pub(super) struct Both;
+
+    impl Notify for Both {
+        #[idempotent(key = "msg.id", store = STORE)]
+        async fn handle(&self, msg: &Msg) -> Result<(), Error> {
+            RUNS.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+
+    impl Audit for Both {
+        #[idempotent(key = "msg.id", store = STORE)]
+        async fn handle(&self, msg: &Msg) -> Result<(), Error> {
+            RUNS.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
+    }
+}
+
+/// Two traits' methods of one name implemented for one type in one module: one default
+/// scope, `scope::two_traits::Both::handle` (the attribute cannot see the trait); the
+/// second one called is refused.
+#[tokio::test]
+async fn two_traits_methods_of_one_name_for_one_type_refuse_the_second() {
+    use two_traits::{Audit, Both, Notify, RUNS};
+    Notify::handle(&Both, &msg("traits-1")).await.unwrap();
+    let why = refused(Audit::handle(&Both, &msg("traits-2")).await);
+    assert!(why.contains("`scope::two_traits::Both::handle`"), "{why}");
+    assert!(
+        why.contains("Notify>::handle` for `scope::two_traits::Both`"),
+        "{why}"
+    );
+    assert!(
+        why.contains("Audit>::handle` for `scope::two_traits::Both`"),
+        "{why}"
+    );
+    assert!(why.contains("explicit `scope = \"…\"`"), "{why}");
+    Notify::handle(&Both, &msg("traits-3")).await.unwrap();
+    assert_eq!(RUNS.load(Ordering::SeqCst), 2);
+    assert_eq!(
+        record("scope::two_traits::Both::handle", "traits-2").await,
+        None
+    );
+}
+
+mod same_name {
     use super::{Error, Msg, STORE, idempotent};
     use std::sync::atomic::{AtomicU32, Ordering};
 
@@ -290,31 +516,33 @@ mod default_method {
         }
     }
 
-    pub(super) struct Orders;
-    pub(super) struct Payments;
+    pub(super) mod a {
+        pub(crate) struct Orders;
+    }
 
-    impl Consume for Orders {}
-    impl Consume for Payments {}
+    pub(super) mod b {
+        pub(crate) struct Orders;
+    }
+
+    impl Consume for a::Orders {}
+    impl Consume for b::Orders {}
 }
 
-/// A trait's default method is one fn for every implementor: called for a second
-/// `Self` type it is refused, where it would otherwise share the first type's records.
+/// A trait's default method called for two types of one name (from two modules): one
+/// default scope, `scope::same_name::Orders::consume`; the second type is refused.
 #[tokio::test]
-async fn a_trait_default_method_called_for_two_types_refuses_the_second() {
-    use default_method::{Consume, Orders, Payments, RUNS};
-    Orders.consume(&msg("default-1")).await.unwrap();
-    let why = refused(Payments.consume(&msg("default-2")).await);
-    assert!(why.contains("`scope::default_method::consume`"), "{why}");
-    assert!(why.contains("for `scope::default_method::Orders`"), "{why}");
-    assert!(
-        why.contains("for `scope::default_method::Payments`"),
-        "{why}"
-    );
+async fn a_trait_default_method_for_two_types_of_one_name_refuses_the_second() {
+    use same_name::{Consume, RUNS, a, b};
+    a::Orders.consume(&msg("same-1")).await.unwrap();
+    let why = refused(b::Orders.consume(&msg("same-2")).await);
+    assert!(why.contains("`scope::same_name::Orders::consume`"), "{why}");
+    assert!(why.contains("for `scope::same_name::a::Orders`"), "{why}");
+    assert!(why.contains("for `scope::same_name::b::Orders`"), "{why}");
     assert!(why.contains("default method"), "{why}");
-    Orders.consume(&msg("default-3")).await.unwrap();
+    a::Orders.consume(&msg("same-3")).await.unwrap();
     assert_eq!(RUNS.load(Ordering::SeqCst), 2);
     assert_eq!(
-        record("scope::default_method::consume", "default-2").await,
+        record("scope::same_name::Orders::consume", "same-2").await,
         None
     );
 }
@@ -406,6 +634,15 @@ mod tx {
             RUNS.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
+
+        #[idempotent(key = "id", tx = "tx")]
+        pub(super) async fn refund(
+            id: &str,
+            tx: &mut Transaction<'_, Sqlite>,
+        ) -> Result<(), Error> {
+            RUNS.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
     }
 
     impl B {
@@ -418,14 +655,25 @@ mod tx {
             RUNS.fetch_add(1, Ordering::SeqCst);
             Ok(())
         }
+
+        #[idempotent(key = "id", tx = "tx")]
+        pub(super) async fn refund(
+            id: &str,
+            tx: &mut Transaction<'_, Sqlite>,
+        ) -> Result<(), Error> {
+            RUNS.fetch_add(1, Ordering::SeqCst);
+            Ok(())
+        }
     }
 }
 
-/// In tx mode the guard is the same: the second handler gets `InvalidSettings` before
-/// its claim, and the caller's transaction is left as it was, still usable.
+/// In tx mode the default scope is the same: the methods of two types have their own
+/// records, and of two associated fns with one default scope the second one gets
+/// `InvalidSettings` before its claim, with the caller's transaction left as it was,
+/// still usable.
 #[cfg(feature = "sqlite")]
 #[tokio::test]
-async fn tx_mode_refuses_the_second_handler_without_touching_the_transaction() {
+async fn tx_mode_scopes_methods_by_type_and_refuses_the_second_associated_fn() {
     use idempotent_runtime::SqliteStore;
     use idempotent_runtime::sqlx::sqlite::SqlitePoolOptions;
 
@@ -439,18 +687,28 @@ async fn tx_mode_refuses_the_second_handler_without_touching_the_transaction() {
     store.migrate().await.expect("create the dedup table");
 
     let mut tx = pool.begin().await.expect("begin");
-    tx::A.pay("tx-a", &mut tx).await.unwrap();
-    let why = refused(tx::B.pay("tx-b", &mut tx).await);
-    assert!(why.contains("`scope::tx::pay`"), "{why}");
-    assert!(why.contains("for `scope::tx::B`"), "{why}");
+    for _ in 0..2 {
+        tx::A.pay("tx-1", &mut tx).await.unwrap();
+        tx::B.pay("tx-1", &mut tx).await.unwrap();
+    }
+    tx::A::refund("tx-a", &mut tx).await.unwrap();
+    let why = refused(tx::B::refund("tx-b", &mut tx).await);
+    assert!(why.contains("`scope::tx::refund`"), "{why}");
+    assert!(why.contains("`scope::tx::B::refund`"), "{why}");
     tx.commit().await.expect("commit");
 
-    assert_eq!(tx::RUNS.load(Ordering::SeqCst), 1);
-    let state = |id: &str| {
-        let key = RecordKey::new("scope::tx::pay", id).expect("key");
+    assert_eq!(tx::RUNS.load(Ordering::SeqCst), 3);
+    let state = |scope: &str, id: &str| {
+        let key = RecordKey::new(scope, id).expect("key");
         let store = &store;
         async move { store.inspect(&key).await.expect("inspect").map(|r| r.state) }
     };
-    assert_eq!(state("tx-a").await, Some(RecordState::Completed));
-    assert_eq!(state("tx-b").await, None);
+    for scope in ["scope::tx::A::pay", "scope::tx::B::pay"] {
+        assert_eq!(state(scope, "tx-1").await, Some(RecordState::Completed));
+    }
+    assert_eq!(
+        state("scope::tx::refund", "tx-a").await,
+        Some(RecordState::Completed)
+    );
+    assert_eq!(state("scope::tx::refund", "tx-b").await, None);
 }
