@@ -23,6 +23,8 @@
 //! `IDEMPOTENT_AMQP_URL` and `IDEMPOTENT_REDIS_URL` override
 //! `amqp://guest:guest@127.0.0.1:5672/%2f` and `redis://127.0.0.1:6379`.
 
+mod support;
+
 use futures_util::StreamExt;
 use idempotent_runtime::amqp::lapin::message::Delivery;
 use idempotent_runtime::amqp::lapin::options::{
@@ -166,14 +168,31 @@ async fn consume(
 }
 
 #[tokio::main]
-async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
+async fn main() -> ExitCode {
+    support::exit(example().await)
+}
+
+async fn example() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let redis_url =
         std::env::var("IDEMPOTENT_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
     let amqp_url = std::env::var("IDEMPOTENT_AMQP_URL")
         .unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into());
-    register_store("redis", RedisStore::connect(redis_url.as_str()).await?);
+    let store = support::Server::redis(&redis_url)
+        .reach(RedisStore::connect(&redis_url))
+        .await?;
+    register_store("redis", store);
     let mut redis = ConnectionManager::new(redis::Client::open(redis_url.as_str())?).await?;
-    let conn = Arc::new(Connection::connect(&amqp_url, ConnectionProperties::default()).await?);
+    let conn = support::Server {
+        name: "RabbitMQ",
+        addr: &amqp_url,
+        start: "start one there (`rabbitmq-server`) or set IDEMPOTENT_AMQP_URL",
+    }
+    .reach(Connection::connect(
+        &amqp_url,
+        ConnectionProperties::default(),
+    ))
+    .await?;
+    let conn = Arc::new(conn);
 
     // names unique to this run (the dedup records outlive it)
     let run = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis();

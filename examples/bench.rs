@@ -20,7 +20,10 @@
 //! `--rounds N` (at least and by default 5), `--scale N` existing records for the scale
 //! cases (default 1 000 000; 0 skips them), `--out PATH` (default `BENCHMARKS.md`).
 //! Servers come from `IDEMPOTENT_REDIS_URL`, `IDEMPOTENT_MYSQL_URL` and
-//! `IDEMPOTENT_POSTGRES_URL` with the local defaults.
+//! `IDEMPOTENT_POSTGRES_URL` with the local defaults; a chosen store whose server does
+//! not answer stops the program before it measures anything.
+
+mod support;
 
 use idempotent_runtime::redis::{self, AsyncCommands, aio::ConnectionManager};
 use idempotent_runtime::sqlx;
@@ -189,6 +192,40 @@ fn options() -> Result<Options, String> {
 
 fn env_url(var: &str, default: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| default.to_owned())
+}
+
+/// Checks that the server of every chosen store answers, before anything is measured.
+async fn reach_servers(stores: &[String]) -> Result<(), String> {
+    use sqlx::Connection;
+    for name in stores {
+        match name.as_str() {
+            "redis" => {
+                let url = env_url("IDEMPOTENT_REDIS_URL", "redis://127.0.0.1:6379");
+                support::Server::redis(&url)
+                    .reach(RedisStore::connect(&url))
+                    .await?;
+            }
+            "mysql" => {
+                let url = env_url("IDEMPOTENT_MYSQL_URL", "mysql://root@127.0.0.1:3306/test");
+                let conn = support::Server::mysql(&url)
+                    .reach(sqlx::MySqlConnection::connect(&url))
+                    .await?;
+                let _ = conn.close().await;
+            }
+            "postgres" => {
+                let url = env_url(
+                    "IDEMPOTENT_POSTGRES_URL",
+                    "postgres://postgres@127.0.0.1:5432/test",
+                );
+                let conn = support::Server::postgres(&url)
+                    .reach(sqlx::PgConnection::connect(&url))
+                    .await?;
+                let _ = conn.close().await;
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 // ------------------------------------------------------------------ results
@@ -1218,6 +1255,12 @@ fn main() {
             std::process::exit(2);
         }
     };
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime")
+        .block_on(reach_servers(&opts.stores))
+        .unwrap_or_else(|e| support::fail(e));
     let dir = std::env::temp_dir().join(format!("idempotent-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");
     let sqlite_path = dir.join("bench.db").display().to_string();

@@ -14,7 +14,11 @@
 //! times (default 5); the program prints the median and the range of records per
 //! second, and the peak resident memory of the command (`VmHWM` of the process, read
 //! from `/proc` while it runs: Linux only). The records are removed at the end.
-//! `--bin PATH` names the command (default `target/release/idempotent`).
+//! `--bin PATH` names the command (default `target/release/idempotent`). A command that
+//! does not run, or a chosen store whose server does not answer, stops the program
+//! before it writes any record.
+
+mod support;
 
 use idempotent_runtime::redis::{self, aio::ConnectionManager};
 use idempotent_runtime::sqlx::{self, AssertSqlSafe, postgres::PgPoolOptions};
@@ -65,6 +69,39 @@ fn options() -> Result<Options, String> {
 
 fn env_url(var: &str, default: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| default.to_owned())
+}
+
+/// Checks that the server of every chosen store answers and that the command runs.
+async fn preflight(o: &Options) -> Result<(), String> {
+    use sqlx::Connection;
+    if o.stores.iter().any(|s| s == "redis") {
+        let url = env_url("IDEMPOTENT_REDIS_URL", "redis://127.0.0.1:6379");
+        support::Server::redis(&url)
+            .reach(RedisStore::connect(&url))
+            .await?;
+    }
+    if o.stores.iter().any(|s| s == "postgres") {
+        let url = env_url(
+            "IDEMPOTENT_POSTGRES_URL",
+            "postgres://postgres@127.0.0.1:5432/test",
+        );
+        let conn = support::Server::postgres(&url)
+            .reach(sqlx::PgConnection::connect(&url))
+            .await?;
+        let _ = conn.close().await;
+    }
+    match Command::new(&o.bin).arg("--version").output() {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => return Err(format!("{} --version failed: {}", o.bin, out.status)),
+        Err(e) => {
+            return Err(format!(
+                "cannot run {} ({e}): build it with `cargo build --release -p idempotent-cli \
+                 --features redis,postgres` or pass --bin",
+                o.bin
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// One run of the command: wall time, lines written to stdout, peak resident memory.
@@ -253,6 +290,7 @@ async fn main() {
             std::process::exit(2);
         }
     };
+    preflight(&o).await.unwrap_or_else(|e| support::fail(e));
     println!("| store | command | records | records/s (median) | min–max | peak memory |");
     println!("| --- | --- | ---: | ---: | ---: | ---: |");
     let run = format!(

@@ -11,6 +11,8 @@
 //! `curl -i -X POST localhost:3000/payments -H 'Idempotency-Key: "k-1"' -H 'x-api-key: alice' -d 'amount=5'`
 //! twice); otherwise it serves on a free port and runs the client below against it.
 
+mod support;
+
 use axum::Router;
 use axum::body::Bytes;
 use axum::extract::State;
@@ -168,13 +170,10 @@ async fn store_from_args(args: &[String]) -> Arc<dyn Store> {
         "redis" => {
             let url = std::env::var("IDEMPOTENT_REDIS_URL")
                 .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-            match RedisStore::connect(url.as_str()).await {
-                Ok(s) => Arc::new(s),
-                Err(e) => {
-                    eprintln!("cannot connect to Redis at {url}: {e}");
-                    std::process::exit(1);
-                }
-            }
+            let store = support::Server::redis(&url)
+                .reach(RedisStore::connect(&url))
+                .await;
+            Arc::new(store.unwrap_or_else(|e| support::fail(e)))
         }
         _ => {
             eprintln!("usage: http [--store memory|redis] [--serve ADDR]");

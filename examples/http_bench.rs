@@ -18,6 +18,8 @@
 //! Redis is `$IDEMPOTENT_REDIS_URL` (default `redis://127.0.0.1:6379`); the records
 //! use their own scope and expire after a minute.
 
+mod support;
+
 use axum::body::Bytes;
 use axum::http::{HeaderValue, Request, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
@@ -323,6 +325,11 @@ fn main() {
         .build()
         .expect("runtime");
     rt.block_on(async {
+        let url = std::env::var("IDEMPOTENT_REDIS_URL")
+            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
+        let store = support::Server::redis(&url).reach(RedisStore::connect(&url)).await;
+        let store = store.unwrap_or_else(|e| support::fail(e));
+
         println!("# Idempotency-Key layer overhead per request (in process, current-thread runtime)");
         let mem = bench_store("memory", Arc::new(MemoryStore::new()), n, rounds, Clock::ThreadCpu).await;
         println!(
@@ -331,15 +338,6 @@ fn main() {
             mem[1] / 1000.0
         );
 
-        let url = std::env::var("IDEMPOTENT_REDIS_URL")
-            .unwrap_or_else(|_| "redis://127.0.0.1:6379".to_owned());
-        let store = match RedisStore::connect(url.as_str()).await {
-            Ok(s) => s,
-            Err(e) => {
-                eprintln!("\nRedis at {url} is unreachable ({e}); set IDEMPOTENT_REDIS_URL");
-                std::process::exit(1);
-            }
-        };
         let redis = bench_store("redis", Arc::new(store), (n / 10).max(10), rounds, Clock::Wall).await;
         println!(
             "\nredis: the layer costs {:.2} µs on a first request and {:.2} µs on a replay",

@@ -22,12 +22,14 @@
 //!
 //! `IDEMPOTENT_REDIS_URL` overrides `redis://127.0.0.1:6379`.
 
+mod support;
+
 use idempotent_runtime::kafka::rdkafka::Message;
 use idempotent_runtime::kafka::rdkafka::config::ClientConfig;
 use idempotent_runtime::kafka::rdkafka::consumer::{Consumer, StreamConsumer};
 use idempotent_runtime::kafka::rdkafka::message::{BorrowedMessage, Header, OwnedHeaders};
 use idempotent_runtime::kafka::rdkafka::mocking::MockCluster;
-use idempotent_runtime::kafka::rdkafka::producer::{FutureProducer, FutureRecord};
+use idempotent_runtime::kafka::rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use idempotent_runtime::kafka::{self, DeadLetter, SettleError};
 use idempotent_runtime::redis::{self, AsyncCommands, aio::ConnectionManager};
 use idempotent_runtime::{
@@ -189,10 +191,17 @@ async fn consume(
 }
 
 #[tokio::main]
-async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
+async fn main() -> ExitCode {
+    support::exit(example().await)
+}
+
+async fn example() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let redis_url =
         std::env::var("IDEMPOTENT_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    register_store("redis", RedisStore::connect(redis_url.as_str()).await?);
+    let store = support::Server::redis(&redis_url)
+        .reach(RedisStore::connect(&redis_url))
+        .await?;
+    register_store("redis", store);
     let mut redis = ConnectionManager::new(redis::Client::open(redis_url.as_str())?).await?;
 
     let run = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis();
@@ -217,6 +226,20 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", &cluster.brokers)
         .create()?;
+    support::Server {
+        name: "Kafka",
+        addr: &cluster.brokers,
+        start: "start a broker there, or unset IDEMPOTENT_KAFKA_BROKERS to use librdkafka's \
+                mock cluster",
+    }
+    .reach(async {
+        // librdkafka waits up to the timeout for a broker to answer
+        tokio::task::block_in_place(|| {
+            let timeout = support::CONNECT_TIMEOUT;
+            producer.client().fetch_metadata(None, timeout).map(drop)
+        })
+    })
+    .await?;
     for i in 0..ORDERS {
         let order = format!("order-{run}-{i}");
         // every tenth order is produced twice: an application retry, a new record

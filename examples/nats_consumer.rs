@@ -24,6 +24,8 @@
 //! `IDEMPOTENT_NATS_URL` and `IDEMPOTENT_REDIS_URL` override `nats://127.0.0.1:4222` and
 //! `redis://127.0.0.1:6379`.
 
+mod support;
+
 use async_nats::jetstream::{
     self, AckKind,
     consumer::{AckPolicy, PullConsumer, pull},
@@ -277,12 +279,26 @@ fn nats_url() -> String {
 }
 
 #[tokio::main]
-async fn main() -> Result<ExitCode, async_nats::Error> {
+async fn main() -> ExitCode {
+    support::exit(example().await)
+}
+
+async fn example() -> Result<ExitCode, async_nats::Error> {
     let redis_url =
         std::env::var("IDEMPOTENT_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    register_store("redis", RedisStore::connect(&redis_url).await?);
+    let store = support::Server::redis(&redis_url)
+        .reach(RedisStore::connect(&redis_url))
+        .await?;
+    register_store("redis", store);
 
-    let client = async_nats::connect(nats_url()).await?;
+    let url = nats_url();
+    let client = support::Server {
+        name: "NATS",
+        addr: &url,
+        start: "start one there with JetStream (`nats-server -js`) or set IDEMPOTENT_NATS_URL",
+    }
+    .reach(async_nats::connect(&url))
+    .await?;
     let js = jetstream::new(client);
     // a fresh stream per run, so the example can run again
     for s in [STREAM, DEAD_STREAM] {

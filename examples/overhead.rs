@@ -91,14 +91,19 @@ async fn run(keys: &[String], upto: Phase) -> Figures {
 
 fn main() {
     let mut args = std::env::args().skip(1);
+    let usage = || -> ! {
+        eprintln!("usage: overhead [MESSAGES [direct|first|duplicate]]");
+        std::process::exit(2)
+    };
     let n: usize = args
         .next()
-        .map_or(200_000, |a| a.parse().expect("MESSAGES"));
+        .map_or(Ok(200_000), |a| a.parse())
+        .unwrap_or_else(|_| usage());
     let phase = args.next().map(|p| match p.as_str() {
         "direct" => Phase::Direct,
         "first" => Phase::First,
         "duplicate" => Phase::Duplicate,
-        other => panic!("unknown phase {other:?}: direct, first or duplicate"),
+        _ => usage(),
     });
     let current = || {
         tokio::runtime::Builder::new_current_thread()

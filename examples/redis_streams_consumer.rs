@@ -21,6 +21,8 @@
 //!
 //! `IDEMPOTENT_REDIS_URL` overrides `redis://127.0.0.1:6379`.
 
+mod support;
+
 use idempotent_runtime::redis::{self, AsyncCommands, aio::ConnectionManager};
 use idempotent_runtime::redis_streams::{Entry, Settled, StreamGroup, dedup_key};
 use idempotent_runtime::{
@@ -141,10 +143,17 @@ async fn consume(
 }
 
 #[tokio::main]
-async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
+async fn main() -> ExitCode {
+    support::exit(example().await)
+}
+
+async fn example() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let url =
         std::env::var("IDEMPOTENT_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-    register_store("redis", RedisStore::connect(url.as_str()).await?);
+    let store = support::Server::redis(&url)
+        .reach(RedisStore::connect(&url))
+        .await?;
+    register_store("redis", store);
     let client = redis::Client::open(url.as_str())?;
     let mut conn = ConnectionManager::new(client.clone()).await?;
 

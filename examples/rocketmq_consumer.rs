@@ -18,19 +18,25 @@
 //!
 //! The program sends 50 orders (5 of them twice, as a producer's send retry), makes the
 //! listener report failure after the work of 5 of them (a lost ack: the broker
-//! redelivers), and checks that every order was charged exactly once. It needs a
-//! RocketMQ name server with a broker that auto-creates topics, and Redis or MySQL:
+//! redelivers), and checks that every order was charged exactly once. It needs Redis or
+//! MySQL, and a RocketMQ name server with a broker that auto-creates topics, named by
+//! `ROCKETMQ_NAMESRV_ADDR`; without it, it starts a name server and a broker inside the
+//! process (the test suite's embedded RocketMQ, on free loopback ports, with one-second
+//! delay levels):
 //!
 //! ```sh
+//! cargo run -p idempotent-examples --example rocketmq_consumer --features rocketmq
+//! cargo run -p idempotent-examples --example rocketmq_consumer --features rocketmq -- --store mysql
 //! ROCKETMQ_NAMESRV_ADDR=127.0.0.1:9876 \
 //!     cargo run -p idempotent-examples --example rocketmq_consumer --features rocketmq
-//! ROCKETMQ_NAMESRV_ADDR=127.0.0.1:9876 \
-//!     cargo run -p idempotent-examples --example rocketmq_consumer --features rocketmq -- --store mysql
 //! ```
 //!
 //! `IDEMPOTENT_REDIS_URL` overrides `redis://127.0.0.1:6379` and `IDEMPOTENT_MYSQL_URL`
 //! overrides `mysql://root@127.0.0.1:3306/test`. Redeliveries after `ReconsumeLater`
-//! follow the broker's delay levels (10 s for the first retry by default).
+//! follow the broker's delay levels (10 s for the first retry by default, one second on
+//! the embedded broker).
+
+mod support;
 
 use idempotent_runtime::redis::{self, AsyncCommands, aio::ConnectionManager};
 use idempotent_runtime::rocketmq::client::{
@@ -46,6 +52,7 @@ use idempotent_runtime::rocketmq::{
 };
 use idempotent_runtime::sqlx::{self, MySql, MySqlPool, Transaction};
 use idempotent_runtime::{Error, MySqlStore, RedisStore, idempotent, register_store};
+use idempotent_tests::rocketmq_support::EmbeddedRocketMq;
 use rocketmq_protocol::protocol::heartbeat::message_model::MessageModel;
 use rocketmq_runtime::RuntimeContext;
 use serde::{Deserialize, Serialize};
@@ -281,7 +288,11 @@ impl MessageListenerConcurrently for Listener {
 }
 
 #[tokio::main]
-async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
+async fn main() -> ExitCode {
+    support::exit(example().await)
+}
+
+async fn example() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let store = match std::env::args().skip(1).collect::<Vec<_>>().as_slice() {
         [] => "redis".to_owned(),
         [flag, store] if flag == "--store" && (store == "redis" || store == "mysql") => {
@@ -292,15 +303,14 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
             return Ok(ExitCode::from(2));
         }
     };
-    let namesrv =
-        std::env::var("ROCKETMQ_NAMESRV_ADDR").unwrap_or_else(|_| "127.0.0.1:9876".into());
     let run = SystemTime::now().duration_since(UNIX_EPOCH)?.as_millis();
-    let topic = format!("ExampleOrders{run}");
     let ledger = if store == "mysql" {
         let url = std::env::var("IDEMPOTENT_MYSQL_URL")
             .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
         // creates the dedup table the transactional handler writes to
-        let store = MySqlStore::connect(&url).await?;
+        let store = support::Server::mysql(&url)
+            .reach(MySqlStore::connect(&url))
+            .await?;
         let pool = store.pool().clone();
         sqlx::query(
             "CREATE TABLE IF NOT EXISTS example_rocketmq_orders (id BIGINT AUTO_INCREMENT \
@@ -316,7 +326,10 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     } else {
         let url = std::env::var("IDEMPOTENT_REDIS_URL")
             .unwrap_or_else(|_| "redis://127.0.0.1:6379".into());
-        register_store("redis", RedisStore::connect(&url).await?);
+        let store = support::Server::redis(&url)
+            .reach(RedisStore::connect(&url))
+            .await?;
+        register_store("redis", store);
         Ledger::Redis {
             redis: ConnectionManager::new(redis::Client::open(url.as_str())?).await?,
             charges: format!("example:rocketmq:{run}:charges"),
@@ -324,6 +337,52 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
         }
     };
 
+    match std::env::var("ROCKETMQ_NAMESRV_ADDR") {
+        Ok(namesrv) => {
+            support::Server {
+                name: "the RocketMQ name server",
+                addr: &namesrv,
+                start: "start a name server and a broker with autoCreateTopicEnable=true there \
+                        (`mqnamesrv`, `mqbroker -n ADDRESS`), or unset ROCKETMQ_NAMESRV_ADDR \
+                        to run on an embedded one",
+            }
+            .reach(answers(&namesrv))
+            .await?;
+            consume(&namesrv, run, &ledger).await
+        }
+        Err(_) => {
+            let rocketmq = EmbeddedRocketMq::start("example").await;
+            println!(
+                "ROCKETMQ_NAMESRV_ADDR is not set: started a name server ({}) and a broker \
+                 in this process",
+                rocketmq.namesrv_addr
+            );
+            let result = consume(&rocketmq.namesrv_addr, run, &ledger).await;
+            rocketmq.shutdown().await;
+            result
+        }
+    }
+}
+
+/// Whether something listens at `namesrv` (`host:port`, or several joined by `;`).
+async fn answers(namesrv: &str) -> std::io::Result<()> {
+    let mut refused = std::io::Error::other("no address");
+    for addr in namesrv.split(';') {
+        match tokio::net::TcpStream::connect(addr.trim()).await {
+            Ok(_) => return Ok(()),
+            Err(e) => refused = e,
+        }
+    }
+    Err(refused)
+}
+
+/// Sends the orders through the name server `namesrv` and consumes them.
+async fn consume(
+    namesrv: &str,
+    run: u128,
+    ledger: &Ledger,
+) -> Result<ExitCode, Box<dyn std::error::Error>> {
+    let topic = format!("ExampleOrders{run}");
     let context = RuntimeContext::from_current("idempotent-rocketmq-example");
     let client_runtime = |scope: &'static str| {
         ClientRuntime::try_new(
@@ -335,7 +394,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
 
     let mut producer = DefaultMQProducer::builder(client_runtime("producer")?)
         .producer_group(format!("example_producer_{run}"))
-        .name_server_addr(namesrv.clone())
+        .name_server_addr(namesrv.to_owned())
         .build();
     producer.start().await?;
 
@@ -361,7 +420,7 @@ async fn main() -> Result<ExitCode, Box<dyn std::error::Error>> {
     let stats = Arc::new(Stats::default());
     let mut consumer = DefaultMQPushConsumer::builder(client_runtime("consumer")?)
         .consumer_group(format!("example_billing_{run}"))
-        .name_server_addr(namesrv)
+        .name_server_addr(namesrv.to_owned())
         .message_model(MessageModel::Clustering)
         .consume_from_where(ConsumeFromWhere::ConsumeFromFirstOffset)
         // a small, explicit listener pool (min must not exceed max)
