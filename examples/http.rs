@@ -9,7 +9,8 @@
 //!
 //! With `--serve ADDR` it only serves (try
 //! `curl -i -X POST localhost:3000/payments -H 'Idempotency-Key: "k-1"' -H 'x-api-key: alice' -d 'amount=5'`
-//! twice); otherwise it serves on a free port and runs the client below against it.
+//! twice, then as `x-api-key: bob`, then without `x-api-key`); otherwise it serves on a
+//! free port and runs the client below against it.
 
 mod support;
 
@@ -63,25 +64,24 @@ async fn refund(State(p): State<Arc<Payments>>) -> impl IntoResponse {
 }
 
 fn app(store: Arc<dyn Store>, payments: Arc<Payments>) -> Router {
+    let idempotency = IdempotencyLayer::with_shared_store(store)
+        .required()
+        // one client cannot see another's responses, even with the same key
+        .client_identity(|req| {
+            req.headers
+                .get("x-api-key")?
+                .to_str()
+                .ok()
+                .map(str::to_owned)
+        });
+    // On each method's route (`route_layer` of the method router): a path no route
+    // matches gets the router's 404, a method the route does not take its 405, and
+    // neither is recorded. Authentication (an API-key check, a session) goes outside,
+    // so a request it refuses is not recorded either, and the client that fixes its
+    // credentials retries with the same key.
     Router::new()
-        .route("/payments", post(pay))
-        .route("/refunds", post(refund))
-        // `route_layer`: requests no route matched get the router's own 404, and are
-        // never recorded. Authentication (an API-key check, a session) goes outside this
-        // layer, so a request it refuses is not recorded either, and the client that
-        // fixes its credentials retries with the same key.
-        .route_layer(
-            IdempotencyLayer::with_shared_store(store)
-                .required()
-                // one client cannot see another's responses, even with the same key
-                .client_identity(|req| {
-                    req.headers
-                        .get("x-api-key")?
-                        .to_str()
-                        .ok()
-                        .map(str::to_owned)
-                }),
-        )
+        .route("/payments", post(pay).route_layer(idempotency.clone()))
+        .route("/refunds", post(refund).route_layer(idempotency))
         .with_state(payments)
 }
 
@@ -95,7 +95,22 @@ async fn post_to(
     key: Option<&str>,
     body: &str,
 ) -> StatusCode {
-    let mut req = Request::post(format!("http://{addr}{path}")).header("x-api-key", "alice");
+    post_as(client, addr, Some("alice"), path, key, body).await
+}
+
+/// Sends a POST as the client with API key `who` (none: anonymous) and prints the answer.
+async fn post_as(
+    client: &HttpClient,
+    addr: SocketAddr,
+    who: Option<&str>,
+    path: &str,
+    key: Option<&str>,
+    body: &str,
+) -> StatusCode {
+    let mut req = Request::post(format!("http://{addr}{path}"));
+    if let Some(who) = who {
+        req = req.header("x-api-key", who);
+    }
     if let Some(k) = key {
         req = req.header("idempotency-key", HeaderValue::from_str(k).expect("header"));
     }
@@ -114,7 +129,8 @@ async fn post_to(
         .map(|v| format!(" Retry-After: {}", v.to_str().unwrap_or("?")));
     let body = res.into_body().collect().await.expect("body").to_bytes();
     println!(
-        "  POST {path} key={} -> {status}{}{}\n      {}",
+        "  POST {path} as {} key={} -> {status}{}{}\n      {}",
+        who.unwrap_or("(anonymous)"),
         key.unwrap_or("(none)"),
         if replayed { " (replayed)" } else { "" },
         retry_after.unwrap_or_default(),
@@ -155,9 +171,21 @@ async fn client_session(addr: SocketAddr, payments: &Payments) {
     post_to(&client, addr, "/refunds", Some(&key3), "").await;
     post_to(&client, addr, "/refunds", Some(&key3), "").await;
 
+    println!("5. another client sending alice's key and body, and a client without an API key:");
+    post_as(
+        &client,
+        addr,
+        Some("bob"),
+        "/payments",
+        Some(&key),
+        "amount=5",
+    )
+    .await;
+    post_as(&client, addr, None, "/payments", Some(&key), "amount=5").await;
+
     let charged = payments.charged.load(Ordering::SeqCst);
-    println!("\ncharged {charged} payments for 2 distinct requests");
-    assert_eq!(charged, 2, "each payment charged once");
+    println!("\ncharged {charged} payments for 3 distinct requests (alice's two, bob's one)");
+    assert_eq!(charged, 3, "each payment charged once");
 }
 
 async fn store_from_args(args: &[String]) -> Arc<dyn Store> {
