@@ -6,7 +6,9 @@
 mod support;
 
 use idempotent_runtime::RedisStore;
-use support::{ERROR, NOT_FOUND, Target, check_every_command, clean, run, seed, unique};
+use support::{
+    ERROR, NOT_FOUND, Target, check_every_command, clean, refused_at_once, run, seed, unique,
+};
 
 fn url() -> String {
     std::env::var("IDEMPOTENT_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
@@ -86,4 +88,17 @@ async fn errors_say_what_to_fix() {
     let r = run(&["key", "s", "--hex", "zz"]).expect(ERROR);
     assert!(r.stderr.contains("not hex"), "{}", r.stderr);
     run(&["inspect", "s"]).expect(ERROR);
+}
+
+#[test]
+fn a_refused_connection_fails_at_once() {
+    let port = idempotent_tests::conformance::free_port();
+    let other = idempotent_tests::conformance::free_port();
+    refused_at_once(&format!("redis://127.0.0.1:{port}"));
+    refused_at_once(&format!(
+        "redis+cluster://127.0.0.1:{port},127.0.0.1:{other}"
+    ));
+    refused_at_once(&format!(
+        "redis://127.0.0.1:{port},redis://127.0.0.1:{other}"
+    ));
 }
