@@ -1,6 +1,7 @@
 //! Opening a store from its URL, and errors that say what to fix.
 
 use crate::CliError;
+use idempotent_runtime::store::ScopeStats;
 use idempotent_runtime::{Store, StoreError, StoreErrorKind};
 
 /// An open store, with what only some stores have (migrations, Redis keys).
@@ -71,6 +72,25 @@ impl Backend {
             Backend::Sqlite(s) => s.migrate().await.map(|()| true),
             #[allow(unreachable_patterns)]
             _ => Ok(false),
+        }
+    }
+
+    /// The statistics of `scope` (every scope when `None`), and the keys the count left
+    /// out because they hold no record. A Redis store counts by walking its scan (as its
+    /// [`Store::stats`] does), which counts those keys; the SQL stores count in the
+    /// database, where every row is the store's.
+    pub(crate) async fn stats(
+        &self,
+        scope: Option<&str>,
+        poisoned_at: Option<u32>,
+    ) -> Result<(Vec<ScopeStats>, u64), StoreError> {
+        match self {
+            #[cfg(feature = "redis")]
+            Backend::Redis(s) => idempotent_runtime::store::scan_stats(s, scope, poisoned_at)
+                .await
+                .map(|st| (st.scopes, st.skipped)),
+            #[allow(unreachable_patterns)]
+            _ => Ok((self.store().stats(scope, poisoned_at).await?, 0)),
         }
     }
 
