@@ -84,19 +84,24 @@ pub(crate) async fn run(cli: &Cli) -> Result<Outcome, CliError> {
         }
         Command::Stats(a) => {
             let b = open(cli).await?;
-            let rows = b
-                .store()
+            let (rows, skipped) = b
                 .stats(a.scope.as_deref(), Some(a.max_attempts))
                 .await
                 .map_err(|e| fail(cli, &b, e))?;
+            let mut out = io::stdout().lock();
             if rows.is_empty() {
                 if !json {
                     eprintln!("no records");
                 }
-                return Ok(Outcome::NotFound);
+            } else {
+                output::stats(&mut out, &rows, json)?;
             }
-            output::stats(io::stdout().lock(), &rows, json)?;
-            Ok(Outcome::Found)
+            output::skipped(&mut out, skipped, &cli.prefix, json)?;
+            Ok(if rows.is_empty() {
+                Outcome::NotFound
+            } else {
+                Outcome::Found
+            })
         }
         Command::Forget(c) => change(cli, c, Change::Forget).await,
         Command::Release(c) => change(cli, c, Change::Release).await,
@@ -235,6 +240,7 @@ async fn list(
     let stdout = io::stdout().lock();
     let mut printer = ItemPrinter::new(io::BufWriter::with_capacity(1 << 16, stdout), json);
     let mut cursor: Option<ScanCursor> = None;
+    let mut skipped = 0u64;
     let limit = limit.unwrap_or(u64::MAX);
     loop {
         let remaining = limit - printer.printed();
@@ -244,6 +250,7 @@ async fn list(
             .scan(filter, cursor.as_ref(), page_size)
             .await
             .map_err(|e| fail(cli, &b, e))?;
+        skipped = skipped.saturating_add(page.skipped);
         let mut items = page.items;
         if let Some(n) = poisoned_at {
             items.retain(|i| i.is_poisoned(n));
@@ -262,15 +269,15 @@ async fn list(
         }
     }
     let printed = printer.printed();
-    if let Err(e) = printer.finish()
+    if printed == 0 && !json {
+        eprintln!("no matching records");
+    }
+    if let Err(e) = printer.finish(skipped, &cli.prefix)
         && e.kind() != io::ErrorKind::BrokenPipe
     {
         return Err(e.into());
     }
     if printed == 0 {
-        if !json {
-            eprintln!("no matching records");
-        }
         return Ok(Outcome::NotFound);
     }
     Ok(Outcome::Found)

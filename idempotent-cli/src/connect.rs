@@ -1,6 +1,7 @@
 //! Opening a store from its URL, and errors that say what to fix.
 
 use crate::CliError;
+use idempotent_runtime::store::ScopeStats;
 use idempotent_runtime::{Store, StoreError, StoreErrorKind};
 
 /// An open store, with what only some stores have (migrations, Redis keys).
@@ -71,6 +72,25 @@ impl Backend {
             Backend::Sqlite(s) => s.migrate().await.map(|()| true),
             #[allow(unreachable_patterns)]
             _ => Ok(false),
+        }
+    }
+
+    /// The statistics of `scope` (every scope when `None`), and the keys the count left
+    /// out because they hold no record. A Redis store counts by walking its scan (as its
+    /// [`Store::stats`] does), which counts those keys; the SQL stores count in the
+    /// database, where every row is the store's.
+    pub(crate) async fn stats(
+        &self,
+        scope: Option<&str>,
+        poisoned_at: Option<u32>,
+    ) -> Result<(Vec<ScopeStats>, u64), StoreError> {
+        match self {
+            #[cfg(feature = "redis")]
+            Backend::Redis(s) => idempotent_runtime::store::scan_stats(s, scope, poisoned_at)
+                .await
+                .map(|st| (st.scopes, st.skipped)),
+            #[allow(unreachable_patterns)]
+            _ => Ok((self.store().stats(scope, poisoned_at).await?, 0)),
         }
     }
 
@@ -220,17 +240,27 @@ async fn open_redis_nodes(_: Vec<String>, _: &str, _: &str) -> Result<Backend, C
     Err(missing_feature("Redis", "redis"))
 }
 
-#[cfg(feature = "mysql")]
-async fn open_mysql(url: &str, table: &str, shown: &str) -> Result<Backend, CliError> {
-    use idempotent_runtime::sqlx::mysql::MySqlPoolOptions;
-    let pool = MySqlPoolOptions::new()
+/// The settings of the command's SQL pools: at most two connections, and an acquire
+/// timeout of 5 s, which also bounds the wait for a host that does not answer.
+#[cfg(any(feature = "mysql", feature = "postgres", feature = "sqlite"))]
+fn pool_options<DB: idempotent_runtime::sqlx::Database>()
+-> idempotent_runtime::sqlx::pool::PoolOptions<DB> {
+    idempotent_runtime::sqlx::pool::PoolOptions::new()
         .max_connections(2)
         .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect(url)
+}
+
+#[cfg(feature = "mysql")]
+async fn open_mysql(url: &str, table: &str, shown: &str) -> Result<Backend, CliError> {
+    use idempotent_runtime::MySqlStore;
+    use idempotent_runtime::sqlx::mysql::MySqlConnectOptions;
+    let options: MySqlConnectOptions = url.parse().map_err(|e| sql_connect_error(&e, shown))?;
+    let pool = MySqlStore::open_pool(pool_options(), options)
         .await
-        .map_err(|e| sql_connect_error(e, shown))?;
-    let store = idempotent_runtime::MySqlStore::from_pool(pool).with_table(table)?;
-    Ok(Backend::MySql(store))
+        .map_err(|e| sql_store_error(e, shown))?;
+    Ok(Backend::MySql(
+        MySqlStore::from_pool(pool).with_table(table)?,
+    ))
 }
 
 #[cfg(not(feature = "mysql"))]
@@ -240,15 +270,15 @@ async fn open_mysql(_: &str, _: &str, _: &str) -> Result<Backend, CliError> {
 
 #[cfg(feature = "postgres")]
 async fn open_postgres(url: &str, table: &str, shown: &str) -> Result<Backend, CliError> {
-    use idempotent_runtime::sqlx::postgres::PgPoolOptions;
-    let pool = PgPoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect(url)
+    use idempotent_runtime::PostgresStore;
+    use idempotent_runtime::sqlx::postgres::PgConnectOptions;
+    let options: PgConnectOptions = url.parse().map_err(|e| sql_connect_error(&e, shown))?;
+    let pool = PostgresStore::open_pool(pool_options(), options)
         .await
-        .map_err(|e| sql_connect_error(e, shown))?;
-    let store = idempotent_runtime::PostgresStore::from_pool(pool).with_table(table)?;
-    Ok(Backend::Postgres(store))
+        .map_err(|e| sql_store_error(e, shown))?;
+    Ok(Backend::Postgres(
+        PostgresStore::from_pool(pool).with_table(table)?,
+    ))
 }
 
 #[cfg(not(feature = "postgres"))]
@@ -258,20 +288,24 @@ async fn open_postgres(_: &str, _: &str, _: &str) -> Result<Backend, CliError> {
 
 #[cfg(feature = "sqlite")]
 async fn open_sqlite(url: &str, table: &str, shown: &str) -> Result<Backend, CliError> {
-    use idempotent_runtime::sqlx::sqlite::SqlitePoolOptions;
-    let pool = SqlitePoolOptions::new()
-        .max_connections(2)
-        .acquire_timeout(std::time::Duration::from_secs(5))
-        .connect(url)
+    use idempotent_runtime::SqliteStore;
+    use idempotent_runtime::sqlx::sqlite::SqliteConnectOptions;
+    let cannot_open = |e: &dyn std::fmt::Display| {
+        CliError(format!(
+            "cannot open the SQLite database `{shown}`: {e}; check the path (the file must \
+             exist: add `?mode=rwc` to create it, for example with `migrate`)"
+        ))
+    };
+    let options: SqliteConnectOptions = url.parse().map_err(|e| cannot_open(&e))?;
+    let pool = SqliteStore::open_pool(pool_options(), options)
         .await
-        .map_err(|e| {
-            CliError(format!(
-                "cannot open the SQLite database `{shown}`: {e}; check the path (the file must \
-                 exist: add `?mode=rwc` to create it, for example with `migrate`)"
-            ))
+        .map_err(|e| match driver_error(&e) {
+            Some(d) => cannot_open(d),
+            None => cannot_open(&e),
         })?;
-    let store = idempotent_runtime::SqliteStore::from_pool(pool).with_table(table)?;
-    Ok(Backend::Sqlite(store))
+    Ok(Backend::Sqlite(
+        SqliteStore::from_pool(pool).with_table(table)?,
+    ))
 }
 
 #[cfg(not(feature = "sqlite"))]
@@ -279,10 +313,28 @@ async fn open_sqlite(_: &str, _: &str, _: &str) -> Result<Backend, CliError> {
     Err(missing_feature("SQLite", "sqlite"))
 }
 
+/// The driver's error behind a store error, when there is one.
+#[cfg(any(feature = "mysql", feature = "postgres", feature = "sqlite"))]
+fn driver_error(e: &StoreError) -> Option<&idempotent_runtime::sqlx::Error> {
+    std::error::Error::source(e)?.downcast_ref()
+}
+
+/// An error of opening an SQL pool: the driver's error explained by
+/// [`sql_connect_error`]; without one (the server did not answer within the acquire
+/// timeout), an unreachable database.
 #[cfg(any(feature = "mysql", feature = "postgres"))]
-fn sql_connect_error(e: idempotent_runtime::sqlx::Error, shown: &str) -> CliError {
+fn sql_store_error(e: StoreError, shown: &str) -> CliError {
+    match driver_error(&e) {
+        Some(driver) => sql_connect_error(driver, shown),
+        None => unreachable_database(&e, shown),
+    }
+}
+
+/// A driver's error of connecting, with what to fix.
+#[cfg(any(feature = "mysql", feature = "postgres"))]
+fn sql_connect_error(e: &idempotent_runtime::sqlx::Error, shown: &str) -> CliError {
     use idempotent_runtime::sqlx::Error;
-    match &e {
+    match e {
         Error::Configuration(_) => CliError(format!(
             "invalid store URL `{shown}`: {e}; write it as mysql://user:password@host:3306/db \
              or postgres://user:password@host:5432/db"
@@ -292,11 +344,16 @@ fn sql_connect_error(e: idempotent_runtime::sqlx::Error, shown: &str) -> CliErro
              and database name",
             d.message()
         )),
-        _ => CliError(format!(
-            "cannot reach the database at `{shown}`: {e}; check that it runs and the host \
-             and port in --store / IDEMPOTENT_STORE_URL"
-        )),
+        _ => unreachable_database(e, shown),
     }
+}
+
+#[cfg(any(feature = "mysql", feature = "postgres"))]
+fn unreachable_database(e: &dyn std::fmt::Display, shown: &str) -> CliError {
+    CliError(format!(
+        "cannot reach the database at `{shown}`: {e}; check that it runs and the host \
+         and port in --store / IDEMPOTENT_STORE_URL"
+    ))
 }
 
 #[cfg(feature = "redis")]

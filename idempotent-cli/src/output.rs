@@ -130,10 +130,41 @@ impl<W: Write> ItemPrinter<W> {
         Ok(())
     }
 
-    /// Flushes the output.
-    pub(crate) fn finish(mut self) -> io::Result<()> {
-        self.out.flush()
+    /// Ends the listing: says that the scan left out `skipped` keys under `prefix`
+    /// that are not records (see [`skipped`]), and flushes the output.
+    pub(crate) fn finish(mut self, skipped: u64, prefix: &str) -> io::Result<()> {
+        self::skipped(&mut self.out, skipped, prefix, self.json)
     }
+}
+
+/// Ends the output of a scan that left out `skipped` keys under the Redis `prefix`
+/// because they hold no record: when there are any, in JSON a last line
+/// `{"skipped":N}` on `out` (a record's line always has `key`, a statistics line
+/// `scope`), and once `out` is flushed, a sentence on stderr.
+pub(crate) fn skipped<W: Write>(
+    out: &mut W,
+    skipped: u64,
+    prefix: &str,
+    json: bool,
+) -> io::Result<()> {
+    if skipped > 0 && json {
+        serde_json::to_writer(&mut *out, &serde_json::json!({ "skipped": skipped }))?;
+        out.write_all(b"\n")?;
+    }
+    out.flush()?;
+    if skipped > 0 {
+        let (keys, are) = if skipped == 1 {
+            ("key", "is not a record")
+        } else {
+            ("keys", "are not records")
+        };
+        eprintln!(
+            "skipped {skipped} {keys} under the prefix `{p}` that {are} (another program's \
+             keys, or records of a store whose prefix begins with `{p}`)",
+            p = prefix.escape_debug()
+        );
+    }
+    Ok(())
 }
 
 fn item_json(i: &ScanItem) -> ItemJson<'_> {
@@ -191,7 +222,7 @@ fn write_row<W: Write>(out: &mut W, widths: &[usize], cells: &[String]) -> io::R
 }
 
 /// Prints statistics.
-pub(crate) fn stats<W: Write>(mut out: W, rows: &[ScopeStats], json: bool) -> io::Result<()> {
+pub(crate) fn stats<W: Write>(out: &mut W, rows: &[ScopeStats], json: bool) -> io::Result<()> {
     #[derive(Serialize)]
     struct StatsJson<'a> {
         scope: &'a str,
@@ -204,7 +235,7 @@ pub(crate) fn stats<W: Write>(mut out: W, rows: &[ScopeStats], json: bool) -> io
     if json {
         for s in rows {
             serde_json::to_writer(
-                &mut out,
+                &mut *out,
                 &StatsJson {
                     scope: &s.scope,
                     state: state_name(s.state),
@@ -239,7 +270,7 @@ pub(crate) fn stats<W: Write>(mut out: W, rows: &[ScopeStats], json: bool) -> io
             ]
         })
         .collect();
-    table(&mut out, &header, &cells)?;
+    table(out, &header, &cells)?;
     out.flush()
 }
 

@@ -7,7 +7,7 @@ mod support;
 
 use idempotent_runtime::MySqlStore;
 use idempotent_runtime::sqlx::{self, AssertSqlSafe};
-use support::{ERROR, FOUND, Target, check_every_command, seed, unique};
+use support::{ERROR, FOUND, Target, check_every_command, refused_at_once, seed, unique};
 
 #[tokio::test]
 async fn every_command_on_mysql() {
@@ -43,4 +43,12 @@ async fn every_command_on_mysql() {
             .await
             .unwrap();
     }
+}
+
+#[test]
+fn a_refused_connection_fails_at_once() {
+    let port = idempotent_tests::conformance::free_port();
+    let r = refused_at_once(&format!("mysql://root:secret@127.0.0.1:{port}/test"));
+    assert!(!r.stderr.contains("secret"), "{}", r.stderr);
+    refused_at_once(&format!("mariadb://root@127.0.0.1:{port}/test"));
 }

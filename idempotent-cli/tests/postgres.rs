@@ -6,7 +6,7 @@
 mod support;
 
 use idempotent_runtime::PostgresStore;
-use support::{ERROR, FOUND, Target, check_every_command, seed, unique};
+use support::{ERROR, FOUND, Target, check_every_command, refused_at_once, seed, unique};
 
 #[tokio::test]
 async fn every_command_on_postgres() {
@@ -39,4 +39,12 @@ async fn every_command_on_postgres() {
     .execute(store.pool())
     .await
     .unwrap();
+}
+
+#[test]
+fn a_refused_connection_fails_at_once() {
+    let port = idempotent_tests::conformance::free_port();
+    let r = refused_at_once(&format!("postgres://root:secret@127.0.0.1:{port}/test"));
+    assert!(!r.stderr.contains("secret"), "{}", r.stderr);
+    refused_at_once(&format!("postgresql://root@127.0.0.1:{port}/test"));
 }

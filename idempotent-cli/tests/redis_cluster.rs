@@ -1,11 +1,13 @@
 //! The `idempotent` binary against a Redis Cluster of three masters the test starts on
 //! free loopback ports: scans go master by master, and every command works through
-//! `redis+cluster://` and through a list of nodes.
+//! `redis+cluster://` and through a list of nodes; keys that are not records are counted
+//! on every master.
 #![cfg(feature = "redis")]
 
 mod support;
 
 use idempotent_runtime::RedisStore;
+use idempotent_runtime::redis::{self, AsyncCommands};
 use idempotent_tests::redis_support::RedisCluster;
 use support::{FOUND, Target, check_every_command, seed, unique};
 
@@ -52,5 +54,30 @@ async fn every_command_on_a_cluster() {
             .map(|v| v["count"].as_u64().unwrap())
             .sum::<u64>(),
         6
+    );
+
+    // another program's keys under the prefix, on every master: all counted
+    let mut conn = redis::cluster::ClusterClient::new(urls.clone())
+        .unwrap()
+        .get_async_connection()
+        .await
+        .unwrap();
+    for i in 0..12 {
+        let _: () = conn
+            .set(format!("idem:cache-{i}"), "not a record")
+            .await
+            .unwrap();
+    }
+    let all = target
+        .run(&["--format", "json", "stats"])
+        .expect(FOUND)
+        .json();
+    assert_eq!(all.last(), Some(&serde_json::json!({ "skipped": 12 })));
+    let r = list.run(&["list"]).expect(FOUND);
+    assert!(
+        r.stderr
+            .contains("skipped 12 keys under the prefix `idem:` that are not records"),
+        "{}",
+        r.stderr
     );
 }

@@ -1,6 +1,8 @@
 //! Scans and operator changes of the [`RedisStore`]: `SCAN` over the store's prefix
 //! (per master on a cluster), the records of each batch of keys read with one
 //! pipelined `GET` and `PTTL` per key, and the operator changes as single-key scripts.
+//! Keys under the prefix that hold no record (another program's) are left out of a
+//! page and counted in [`ScanPage::skipped`].
 
 use super::{Conn, RedisStore, push_escaped, redis_error};
 use crate::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage};
@@ -53,6 +55,7 @@ impl RedisStore {
             }
         }
         let mut items = Vec::new();
+        let mut skipped = 0u64;
         for _ in 0..SCANS_PER_PAGE {
             let mut cmd = redis::cmd("SCAN");
             cmd.arg(cur)
@@ -63,7 +66,8 @@ impl RedisStore {
             let reply = self.on_node(node.as_ref(), cmd).await?;
             let (next, keys) = scan_reply(reply)?;
             if !keys.is_empty() {
-                self.read_records(node.as_ref(), &keys, filter, &mut items)
+                skipped += self
+                    .read_records(node.as_ref(), &keys, filter, &mut items)
                     .await?;
             }
             cur = next;
@@ -75,7 +79,7 @@ impl RedisStore {
                 });
                 match following {
                     Some(m) => node = Some(m),
-                    None => return Ok(ScanPage::new(items, None)),
+                    None => return Ok(ScanPage::new(items, None).with_skipped(skipped)),
                 }
             }
             if items.len() >= limit {
@@ -87,7 +91,7 @@ impl RedisStore {
             c.extend_from_slice(format!("{host}:{port}\n").as_bytes());
         }
         c.extend_from_slice(cur.to_string().as_bytes());
-        Ok(ScanPage::new(items, Some(ScanCursor::new(c))))
+        Ok(ScanPage::new(items, Some(ScanCursor::new(c))).with_skipped(skipped))
     }
 
     /// `SCAN`'s `MATCH` pattern: the prefix (and the scope's part of the key when the
@@ -130,15 +134,16 @@ impl RedisStore {
 
     /// Reads the records under `keys` (one `TIME`, then `GET` and `PTTL` per key, in one
     /// pipeline on the node that holds them) and appends those that pass `filter`.
-    /// Keys that vanished meanwhile, or that hold something other than a record, are
-    /// skipped.
+    /// Keys that vanished meanwhile are passed over; keys whose name or value is not a
+    /// record's (another program's: a string in another layout, a hash, a list…) are
+    /// left out and counted: the count is returned.
     async fn read_records(
         &self,
         node: Option<&(String, u16)>,
         keys: &[Vec<u8>],
         filter: &ScanFilter,
         items: &mut Vec<ScanItem>,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         let mut pipe = Pipeline::with_capacity(1 + 2 * keys.len());
         pipe.cmd("TIME");
         for k in keys {
@@ -156,7 +161,7 @@ impl RedisStore {
                 let n = 1 + 2 * keys.len();
                 c.clone().route_pipeline(pipe, 0, n, route).await
             }
-            (Conn::Cluster(_), None) => return Ok(()),
+            (Conn::Cluster(_), None) => return Ok(0),
         }
         .map_err(|e| redis_error(e, "scan failed"))?;
         let mut values = values.into_iter();
@@ -167,22 +172,32 @@ impl RedisStore {
             },
             _ => return Err(unexpected()),
         };
+        let mut skipped = 0;
         for k in keys {
             let (Some(v), Some(pttl)) = (values.next(), values.next()) else {
                 return Err(unexpected());
             };
-            let Value::BulkString(v) = v else { continue };
-            let Some(key) = record_key(&self.prefix, k) else {
-                continue;
+            let v = match v {
+                Value::BulkString(v) => v,
+                // deleted or expired since `SCAN` returned it
+                Value::Nil => continue,
+                // `WRONGTYPE`: a hash, a list, a set… under the prefix
+                _ => {
+                    skipped += 1;
+                    continue;
+                }
             };
-            let Some(item) = decode(key, &v, now, int_of(&pttl)) else {
+            let item =
+                record_key(&self.prefix, k).and_then(|key| decode(key, &v, now, int_of(&pttl)));
+            let Some(item) = item else {
+                skipped += 1;
                 continue;
             };
             if filter.matches(&item) {
                 items.push(item);
             }
         }
-        Ok(())
+        Ok(skipped)
     }
 
     /// One operator change by script on the record's key.

@@ -187,12 +187,31 @@ pub struct ScanPage {
     /// Where the next page starts; `None` when the scan is complete. A page may be
     /// empty and still have a next one.
     pub next: Option<ScanCursor>,
+    /// Keys this page read under the store's prefix and left out of
+    /// [`items`](Self::items) because they hold no record of the store (written by
+    /// another program, or by a store whose prefix starts with this one's). Only the
+    /// Redis store shares its keyspace with others, so only its scans count them; the
+    /// other stores of this crate report 0 (the SQL stores leave out rows holding
+    /// values they never write without counting them). A key counts each time a page
+    /// reads it, and Redis may return a key twice during a scan.
+    pub skipped: u64,
 }
 
 impl ScanPage {
-    /// A page; for [`Store`] implementations outside this crate.
+    /// A page that skipped nothing; for [`Store`] implementations outside this crate.
     pub fn new(items: Vec<ScanItem>, next: Option<ScanCursor>) -> Self {
-        ScanPage { items, next }
+        ScanPage {
+            items,
+            next,
+            skipped: 0,
+        }
+    }
+
+    /// The page with `skipped` keys left out as not records (see
+    /// [`skipped`](Self::skipped)).
+    pub fn with_skipped(mut self, skipped: u64) -> Self {
+        self.skipped = skipped;
+        self
     }
 }
 
@@ -276,12 +295,37 @@ pub async fn stats_by_scan<S: Store + ?Sized>(
     scope: Option<&str>,
     poisoned_at: Option<u32>,
 ) -> Result<Vec<ScopeStats>, StoreError> {
+    scan_stats(store, scope, poisoned_at)
+        .await
+        .map(|s| s.scopes)
+}
+
+/// What [`scan_stats`] counts: the statistics and the keys the scan left out.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct ScanStats {
+    /// Per scope and state, sorted as [`Store::stats`] sorts them.
+    pub scopes: Vec<ScopeStats>,
+    /// Keys the scan left out as not records: the sum of its pages'
+    /// [`ScanPage::skipped`].
+    pub skipped: u64,
+}
+
+/// [`stats_by_scan`], with the count of the keys the scan left out because they hold
+/// no record ([`ScanPage::skipped`]): for an operator's tool, which should say so.
+pub async fn scan_stats<S: Store + ?Sized>(
+    store: &S,
+    scope: Option<&str>,
+    poisoned_at: Option<u32>,
+) -> Result<ScanStats, StoreError> {
     let mut filter = ScanFilter::new();
     filter.scope = scope.map(str::to_owned);
     let mut by: BTreeMap<(String, u8), ScopeStats> = BTreeMap::new();
+    let mut skipped = 0u64;
     let mut cursor: Option<ScanCursor> = None;
     loop {
         let page = store.scan(&filter, cursor.as_ref(), DEFAULT_PAGE).await?;
+        skipped = skipped.saturating_add(page.skipped);
         for item in &page.items {
             let scope = item.key.scope();
             let slot = (scope.to_owned(), state_rank(item.state));
@@ -294,7 +338,10 @@ pub async fn stats_by_scan<S: Store + ?Sized>(
             None => break,
         }
     }
-    Ok(by.into_values().collect())
+    Ok(ScanStats {
+        scopes: by.into_values().collect(),
+        skipped,
+    })
 }
 
 /// Orders states in statistics: In progress, Released, Completed.

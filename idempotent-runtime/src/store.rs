@@ -10,8 +10,8 @@ pub use crate::error::{StoreError, StoreErrorKind};
 pub use crate::key::RecordKey;
 pub use crate::protocol::tx::{DedupTransaction, TxFuture};
 pub use crate::scan::{
-    AdminOutcome, DEFAULT_PAGE, ScanCursor, ScanFilter, ScanItem, ScanPage, ScopeStats,
-    stats_by_scan,
+    AdminOutcome, DEFAULT_PAGE, ScanCursor, ScanFilter, ScanItem, ScanPage, ScanStats, ScopeStats,
+    scan_stats, stats_by_scan,
 };
 use async_trait::async_trait;
 use std::fmt;

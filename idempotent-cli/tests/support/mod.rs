@@ -75,6 +75,31 @@ pub fn run(args: &[&str]) -> Run {
     }
 }
 
+/// Runs `list` on `url`, a store whose port nothing listens on, and checks that the
+/// command fails as a store error naming the cause (the refused connection) rather
+/// than a pool's timeout (which an SQL pool reports after retrying refused connections
+/// for its whole acquire timeout). Returns the run for further checks.
+#[track_caller]
+pub fn refused_at_once(url: &str) -> Run {
+    let r = run(&["--store", url, "list"]).expect(ERROR);
+    assert!(
+        r.stderr.starts_with("error: cannot reach "),
+        "an unreachable store: {}",
+        r.stderr
+    );
+    assert!(
+        r.stderr.contains("Connection refused"),
+        "the cause is named: {}",
+        r.stderr
+    );
+    assert!(
+        !r.stderr.contains("timed out"),
+        "no pool timeout: {}",
+        r.stderr
+    );
+    r
+}
+
 /// The environment a test's store lives in: the global arguments that reach it.
 pub struct Target {
     /// `--store URL` and `--table …` / `--prefix …`.

@@ -252,10 +252,25 @@ impl MySqlStore {
         let table = TableName::parse(table)?;
         let op = "connecting to MySQL";
         let options = MySqlConnectOptions::from_str(url).map_err(MySql::err(op))?;
-        let pool = common::open_pool(MySqlPoolOptions::new(), options, op).await?;
+        let pool = Self::open_pool(MySqlPoolOptions::new(), options).await?;
         let store = MySqlStore::new(pool, table);
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Opens a pool with the settings `pool` on `options` as [`connect`](Self::connect)
+    /// opens its own, touching no schema: the first connection is opened directly
+    /// (bounded by the pool's acquire timeout), so a refused connection, a bad password
+    /// or an unknown host is an error at once, with the driver's error as its source
+    /// (kind [`StoreErrorKind::Unavailable`] for a server that cannot be reached),
+    /// rather than the pool's timeout after it has retried for the whole acquire
+    /// timeout. The pool does not ping a connection before each use. For
+    /// [`from_pool`](Self::from_pool) with pool settings of one's own.
+    pub async fn open_pool(
+        pool: MySqlPoolOptions,
+        options: MySqlConnectOptions,
+    ) -> Result<MySqlPool, StoreError> {
+        common::open_pool(pool, options, "connecting to MySQL").await
     }
 
     fn new(pool: MySqlPool, table: TableName) -> Self {

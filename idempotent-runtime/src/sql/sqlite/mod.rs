@@ -119,6 +119,14 @@ fn primary_code(e: &dyn DatabaseError) -> i64 {
     code & 0xff
 }
 
+/// The operation of opening the database of `options`, for errors.
+fn opening(options: &SqliteConnectOptions) -> String {
+    format!(
+        "opening the SQLite database {}",
+        options.get_filename().display()
+    )
+}
+
 /// Opens one connection that switches the file to write-ahead logging. The switch takes
 /// an exclusive lock SQLite's busy timeout does not wait for: a connection opening the
 /// same new file at the same moment (another process starting, another store of this
@@ -195,10 +203,7 @@ impl SqliteStore {
             .map_err(Sqlite::err("parsing the SQLite URL"))?
             .synchronous(SqliteSynchronous::Normal)
             .busy_timeout(Self::BUSY_TIMEOUT);
-        let op = format!(
-            "opening the SQLite database {}",
-            options.get_filename().display()
-        );
+        let op = opening(&options);
         let dir = options
             .get_filename()
             .parent()
@@ -216,12 +221,25 @@ impl SqliteStore {
         // WAL is a property of the file: switched on once here, the pool's connections
         // find it on and never ask for the exclusive lock the switch takes
         switch_to_wal(&options, &op).await.map_err(explain)?;
-        let pool = common::open_pool(SqlitePoolOptions::new(), options, &op)
+        let pool = Self::open_pool(SqlitePoolOptions::new(), options)
             .await
             .map_err(explain)?;
         let store = SqliteStore::new(pool, table);
         store.migrate().await?;
         Ok(store)
+    }
+
+    /// Opens a pool with the settings `pool` on `options` as [`connect`](Self::connect)
+    /// opens its own, touching neither the schema nor the journal mode: the first
+    /// connection is opened directly (bounded by the pool's acquire timeout), so a file
+    /// that cannot be opened is an error at once, with the driver's error as its
+    /// source. For [`from_pool`](Self::from_pool) with settings of one's own.
+    pub async fn open_pool(
+        pool: SqlitePoolOptions,
+        options: SqliteConnectOptions,
+    ) -> Result<SqlitePool, StoreError> {
+        let op = opening(&options);
+        common::open_pool(pool, options, &op).await
     }
 
     fn new(pool: SqlitePool, table: TableName) -> Self {
