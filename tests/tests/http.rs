@@ -1105,7 +1105,10 @@ async fn streamed_responses_reach_the_client_as_produced(store: Arc<dyn Store>) 
             .body(Full::new(Bytes::new()))
             .unwrap()
     };
-    let res = client.request(request(&key)).await.unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(5), client.request(request(&key)))
+        .await
+        .expect("the response head reaches the client before the handler finishes")
+        .unwrap();
     assert_eq!(res.status(), StatusCode::OK);
     assert_eq!(res.headers()["content-type"], "text/event-stream");
     let mut body = res.into_body();
