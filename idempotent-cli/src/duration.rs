@@ -3,50 +3,11 @@
 
 use std::time::Duration;
 
-/// Parses `500ms`, `90s`, `5m`, `1h30m`, `2d`, `1w` (units `ms s m h d w`, combined
-/// largest first or in any order).
+/// Parses `500ms`, `90s`, `5m`, `1h30m`, `2d`, `1w` as the attribute does
+/// ([`idempotent_shared::parse_duration`]): units `ms s m h d w`, in any order, from 1 ms
+/// to 3650 days.
 pub(crate) fn parse(s: &str) -> Result<Duration, String> {
-    let bad = |why: &str| {
-        format!("invalid duration `{s}`: {why} (write it like `90s`, `5m`, `1h30m`, `2d`)")
-    };
-    let s = s.trim();
-    if s.is_empty() {
-        return Err(bad("empty"));
-    }
-    let mut total = Duration::ZERO;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(bad("a number must come before each unit"));
-        }
-        let n: u64 = rest[..digits]
-            .parse()
-            .map_err(|_| bad("number too large"))?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let ms: u64 = match unit {
-            "ms" => 1,
-            "s" => 1000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            "w" => 604_800_000,
-            "" => return Err(bad("missing unit")),
-            _ => return Err(bad(&format!("unknown unit `{unit}`"))),
-        };
-        let part = n.checked_mul(ms).ok_or_else(|| bad("too large"))?;
-        total = total
-            .checked_add(Duration::from_millis(part))
-            .ok_or_else(|| bad("too large"))?;
-    }
-    Ok(total)
+    idempotent_shared::parse_duration(s).map_err(|why| format!("`{s}` {why}"))
 }
 
 /// A duration for people: `850ms`, `12.5s`, `4m 10s`, `3h 05m`, `2d 04h`.
@@ -70,15 +31,15 @@ pub(crate) fn human(d: Duration) -> String {
 mod tests {
     use super::*;
 
+    /// The grammar is tested in `idempotent-shared`; here, the option's value and message.
     #[test]
     fn parses_and_prints() {
-        assert_eq!(parse("90s").unwrap(), Duration::from_secs(90));
         assert_eq!(parse("1h30m").unwrap(), Duration::from_secs(5400));
-        assert_eq!(parse("250ms").unwrap(), Duration::from_millis(250));
-        assert_eq!(parse("1w").unwrap(), Duration::from_secs(604_800));
-        for bad in ["", "5", "m", "5x", "1h-2m", "99999999999999999999s"] {
-            assert!(parse(bad).is_err(), "{bad}");
-        }
+        assert_eq!(
+            parse("soon").unwrap_err(),
+            "`soon` has `s` where a number belongs; write a number then a unit \
+             (ms, s, m, h, d, w), like \"1h30m\""
+        );
         assert_eq!(human(Duration::from_millis(850)), "850ms");
         assert_eq!(human(Duration::from_millis(12_500)), "12.5s");
         assert_eq!(human(Duration::from_secs(250)), "4m 10s");

@@ -38,7 +38,7 @@ pub(crate) struct Cli {
         long,
         env = "IDEMPOTENT_TABLE",
         global = true,
-        default_value = "message_idempotent"
+        default_value = idempotent_shared::DEFAULT_TABLE
     )]
     pub(crate) table: String,
 

@@ -48,8 +48,9 @@
 
 use crate::attr::StoreArg;
 use crate::validate::{Checked, TxMode};
-use proc_macro2::{Span, TokenStream};
+use proc_macro2::{Literal, Span, TokenStream};
 use quote::{quote, quote_spanned};
+use std::time::Duration;
 use syn::ext::IdentExt;
 use syn::spanned::Spanned;
 use syn::{Expr, ItemFn, ReturnType};
@@ -98,7 +99,7 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
 
     let store = match &c.store {
         None => {
-            let name = crate::limits::DEFAULT_STORE;
+            let name = idempotent_shared::DEFAULT_STORE;
             quote!(#private::StoreArg::Named(#name))
         }
         Some(StoreArg::Name(lit)) => quote!(#private::StoreArg::Named(#lit)),
@@ -133,14 +134,18 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
         );
     };
     // the runtime's defaults, changed only where an argument was given
-    let from_millis = |ms: u64| quote!(#private::Duration::from_millis(#ms));
+    // whole milliseconds, at most `MAX_TTL`: an unsuffixed literal, which `from_millis` types
+    let from_millis = |d: Duration| {
+        let ms = Literal::u128_unsuffixed(d.as_millis());
+        quote!(#private::Duration::from_millis(#ms))
+    };
     let mut settings = quote!(#private::ConfigSettings::DEFAULT);
-    if let Some(ms) = c.ttl_ms {
-        let ttl = from_millis(ms);
+    if let Some(d) = c.ttl {
+        let ttl = from_millis(d);
         settings = quote!(#settings.with_ttl(#ttl));
     }
-    if let Some(ms) = c.lease_ms {
-        let lease = from_millis(ms);
+    if let Some(d) = c.lease {
+        let lease = from_millis(d);
         settings = quote!(#settings.with_lease(#lease));
     }
     if let Some(n) = c.max_attempts {
@@ -152,8 +157,8 @@ pub(crate) fn expand(func: ItemFn, c: Checked) -> TokenStream {
     if c.on_in_progress_wait {
         settings = quote!(#settings.with_on_in_progress(#private::OnInProgress::Wait));
     }
-    let ttl = match c.ttl_ms {
-        Some(ms) => from_millis(ms),
+    let ttl = match c.ttl {
+        Some(d) => from_millis(d),
         None => quote!(#private::ConfigSettings::DEFAULT.ttl),
     };
 

@@ -5,7 +5,6 @@
 
 mod attr;
 mod expand;
-mod limits;
 mod type_names;
 mod validate;
 
@@ -61,13 +60,6 @@ fn with_original(err: syn::Error, original: proc_macro2::TokenStream) -> TokenSt
     let mut out = err.to_compile_error();
     out.extend(original);
     out.into()
-}
-
-/// The attribute's defaults and limits, for the runtime's test that they equal its own.
-#[doc(hidden)]
-#[proc_macro]
-pub fn __limits(_: TokenStream) -> TokenStream {
-    limits::expr().into()
 }
 
 /// Type names and the `Self` type's name the attribute reads in each, for the runtime's

@@ -5,24 +5,23 @@ mod tx;
 use crate::attr::{Args, Errors, StoreArg};
 use proc_macro2::{Group, Span, TokenStream, TokenTree};
 use std::collections::BTreeSet;
+use std::time::Duration;
 use syn::spanned::Spanned;
 use syn::visit::Visit;
 use syn::{Expr, FnArg, ItemFn, LitStr, Pat, Path, ReturnType, Type};
 pub(crate) use tx::TxMode;
 
-use crate::limits::{
-    DEFAULT_LEASE_MS, DEFAULT_TTL_MS, MAX_DURATION_MS, MAX_SCOPE_BYTES, MIN_LEASE_MS,
-};
+use idempotent_shared::{DEFAULT_LEASE, DEFAULT_TTL, MAX_SCOPE_BYTES, MIN_LEASE, format_duration};
 
 /// Everything `expand` needs, validated.
 pub(crate) struct Checked {
     pub(crate) key_parts: Vec<Expr>,
     pub(crate) fingerprint: Option<Expr>,
     pub(crate) store: Option<StoreArg>,
-    /// `ttl` as given, in milliseconds; `None` leaves the runtime's default.
-    pub(crate) ttl_ms: Option<u64>,
-    /// `lease` as given, in milliseconds; `None` leaves the runtime's default.
-    pub(crate) lease_ms: Option<u64>,
+    /// `ttl` as given (whole milliseconds); `None` leaves the runtime's default.
+    pub(crate) ttl: Option<Duration>,
+    /// `lease` as given (whole milliseconds); `None` leaves the runtime's default.
+    pub(crate) lease: Option<Duration>,
     pub(crate) max_attempts: Option<u32>,
     pub(crate) scope: Option<LitStr>,
     pub(crate) on_store_error_process: bool,
@@ -61,7 +60,7 @@ pub(crate) fn check(args: Args, func: &ItemFn, errors: &mut Errors) -> Option<Ch
         .as_ref()
         .and_then(|l| duration(l, "lease", errors));
     let lease = match (lease, &args.lease) {
-        (Some(ms), Some(l)) if ms < MIN_LEASE_MS => {
+        (Some(given), Some(l)) if given < MIN_LEASE => {
             errors.at(
                 l.span(),
                 format!(
@@ -76,21 +75,21 @@ pub(crate) fn check(args: Args, func: &ItemFn, errors: &mut Errors) -> Option<Ch
         }
         (lease, _) => lease,
     };
-    let ttl_ms = ttl.unwrap_or(DEFAULT_TTL_MS);
-    let lease_ms = lease.unwrap_or(DEFAULT_LEASE_MS);
+    let ttl_in_force = ttl.unwrap_or(DEFAULT_TTL);
+    let lease_in_force = lease.unwrap_or(DEFAULT_LEASE);
     // compared only when both are valid (or defaults): a bad one is reported alone; tx
     // mode has no lease (a given one is reported by the tx checks)
     let both_valid = (args.ttl.is_none() || ttl.is_some())
         && (args.lease.is_none() || lease.is_some())
         && args.tx.is_none();
-    if both_valid && lease_ms >= ttl_ms {
+    if both_valid && lease_in_force >= ttl_in_force {
         match (&args.lease, &args.ttl) {
             (Some(l), _) => errors.at(
                 l.span(),
                 format!(
                     "`lease = {:?}` must be shorter than the ttl ({}); a claim cannot outlive the record that holds it",
                     l.value(),
-                    describe(ttl_ms)
+                    format_duration(ttl_in_force)
                 ),
             ),
             (None, Some(t)) => errors.at(
@@ -185,8 +184,8 @@ pub(crate) fn check(args: Args, func: &ItemFn, errors: &mut Errors) -> Option<Ch
         key_parts: key_parts?,
         fingerprint,
         store: args.store,
-        ttl_ms: ttl,
-        lease_ms: lease,
+        ttl,
+        lease,
         max_attempts,
         scope: args.scope,
         on_store_error_process,
@@ -367,94 +366,14 @@ impl<'ast> Visit<'ast> for Variables {
     }
 }
 
-const TOO_LONG: &str = "is longer than the maximum of 3650d (ten years)";
-
-/// Parses a duration like `"7d"`, `"1h30m"` or `"250ms"` into milliseconds.
-pub(crate) fn parse_duration(s: &str) -> Result<u64, String> {
-    let s = s.trim();
-    if s.is_empty() {
-        return Err("is empty; write a duration like \"60s\", \"7d\" or \"1h30m\"".into());
-    }
-    if s.starts_with('-') {
-        return Err("is negative; durations are positive, like \"60s\"".into());
-    }
-    let mut total: u64 = 0;
-    let mut rest = s;
-    while !rest.is_empty() {
-        let digits = rest
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        if digits == 0 {
-            return Err(format!(
-                "has `{}` where a number belongs; write a number then a unit (ms, s, m, h, d, w), like \"1h30m\"",
-                rest.chars().next().unwrap_or(' ')
-            ));
-        }
-        let number: u64 = rest[..digits].parse().map_err(|_| TOO_LONG.to_owned())?;
-        rest = &rest[digits..];
-        let unit_len = rest
-            .find(|c: char| c.is_ascii_digit())
-            .unwrap_or(rest.len());
-        let unit = &rest[..unit_len];
-        rest = &rest[unit_len..];
-        let per: u64 = match unit {
-            "ms" => 1,
-            "s" => 1000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
-            "w" => 604_800_000,
-            "" => {
-                return Err(format!(
-                    "has `{number}` without a unit; add one of ms, s, m, h, d, w, like \"{number}s\""
-                ));
-            }
-            other if other.starts_with('.') => {
-                return Err(
-                    "has a fraction; combine units instead, like \"1h30m\" for 1.5h".into(),
-                );
-            }
-            other => {
-                return Err(format!(
-                    "has the unknown unit `{other}`; use ms, s, m, h, d or w"
-                ));
-            }
-        };
-        total = number
-            .checked_mul(per)
-            .and_then(|ms| total.checked_add(ms))
-            .ok_or_else(|| TOO_LONG.to_owned())?;
-    }
-    if total == 0 {
-        return Err("is zero; give a positive duration, like \"60s\"".into());
-    }
-    if total > MAX_DURATION_MS {
-        return Err(TOO_LONG.into());
-    }
-    Ok(total)
-}
-
-fn duration(lit: &LitStr, what: &str, errors: &mut Errors) -> Option<u64> {
-    match parse_duration(&lit.value()) {
-        Ok(ms) => Some(ms),
+/// Parses a duration argument ([`idempotent_shared::parse_duration`]).
+fn duration(lit: &LitStr, what: &str, errors: &mut Errors) -> Option<Duration> {
+    match idempotent_shared::parse_duration(&lit.value()) {
+        Ok(d) => Some(d),
         Err(why) => {
             errors.at(lit.span(), format!("`{what} = {:?}` {why}", lit.value()));
             None
         }
-    }
-}
-
-fn describe(ms: u64) -> String {
-    if ms.is_multiple_of(86_400_000) {
-        format!("{}d", ms / 86_400_000)
-    } else if ms.is_multiple_of(3_600_000) {
-        format!("{}h", ms / 3_600_000)
-    } else if ms.is_multiple_of(60_000) {
-        format!("{}m", ms / 60_000)
-    } else if ms.is_multiple_of(1000) {
-        format!("{}s", ms / 1000)
-    } else {
-        format!("{ms}ms")
     }
 }
 
@@ -487,7 +406,7 @@ fn choice(
 
 #[cfg(test)]
 mod tests {
-    use super::{free_variables, parse_duration};
+    use super::free_variables;
 
     fn free(src: &str) -> Vec<String> {
         free_variables(&syn::parse_str(src).expect(src))
@@ -558,30 +477,5 @@ mod tests {
         assert!(free("42").is_empty());
         // macro arguments are left to rustc
         assert!(free("format!(\"{}\", msg.id)").is_empty());
-    }
-
-    #[test]
-    fn durations() {
-        assert_eq!(parse_duration("7d"), Ok(7 * 86_400_000));
-        assert_eq!(parse_duration("1h30m"), Ok(5_400_000));
-        assert_eq!(parse_duration("250ms"), Ok(250));
-        assert_eq!(
-            parse_duration("1w2d3h4m5s6ms"),
-            Ok(604_800_000 + 2 * 86_400_000 + 3 * 3_600_000 + 4 * 60_000 + 5000 + 6)
-        );
-        for bad in [
-            "",
-            "0s",
-            "5",
-            "5x",
-            "-5s",
-            "1.5h",
-            "s",
-            "99999999999999999999d",
-            "3651d",
-            "0ms0s",
-        ] {
-            assert!(parse_duration(bad).is_err(), "{bad:?} should be rejected");
-        }
     }
 }

@@ -29,7 +29,7 @@ use std::sync::Arc;
 pub const MAX_KEY_BYTES: usize = 128;
 
 /// Scopes longer than this many bytes are shortened (with a hash suffix that keeps them distinct).
-pub const MAX_SCOPE_BYTES: usize = 200;
+pub const MAX_SCOPE_BYTES: usize = idempotent_shared::MAX_SCOPE_BYTES;
 
 /// A value that can be (part of) an idempotency key.
 ///

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use std::sync::{LazyLock, RwLock};
 
 /// The name of the store a handler uses when it names none.
-pub(crate) const DEFAULT_STORE: &str = "memory";
+pub(crate) const DEFAULT_STORE: &str = idempotent_shared::DEFAULT_STORE;
 
 type Registry = RwLock<HashMap<Box<str>, &'static dyn Store>>;
 

@@ -5,7 +5,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 /// Default cap on a cached output's serialized size: 64 KiB.
-pub const DEFAULT_MAX_OUTPUT_BYTES: usize = 64 * 1024;
+pub const DEFAULT_MAX_OUTPUT_BYTES: usize = idempotent_shared::DEFAULT_MAX_OUTPUT_BYTES;
 
 static MAX_OUTPUT_BYTES: AtomicUsize = AtomicUsize::new(DEFAULT_MAX_OUTPUT_BYTES);
 
@@ -47,7 +47,7 @@ pub enum OnInProgress {
 /// handlers and let duplicates run them again. The attribute rejects a shorter `lease`
 /// at compile time; [`Idempotency::lease`](crate::Idempotency::lease) at run time
 /// ([`Error::InvalidSettings`]).
-pub const MIN_LEASE: Duration = Duration::from_millis(100);
+pub const MIN_LEASE: Duration = idempotent_shared::MIN_LEASE;
 
 impl Settings {
     /// Checks what the compiler cannot check for the manual API and the HTTP layer, by
@@ -92,7 +92,7 @@ impl Settings {
 
 /// The longest `ttl` and `lease` the protocol accepts: 3650 days (ten years), as the
 /// attribute checks at compile time.
-pub const MAX_TTL: Duration = Duration::from_secs(3650 * 24 * 3600);
+pub const MAX_TTL: Duration = idempotent_shared::MAX_TTL;
 
 /// Protocol settings of one handler. The attribute builds it from its arguments;
 /// the manual API from [`Idempotency`](crate::Idempotency)'s builder methods. Other
@@ -130,8 +130,8 @@ impl Settings {
     /// The defaults of the attribute: `ttl = "7d"`, `lease = "60s"`, unlimited attempts,
     /// fail closed, reject while in progress.
     pub const DEFAULT: Settings = Settings {
-        ttl: Duration::from_secs(7 * 24 * 3600),
-        lease: Duration::from_secs(60),
+        ttl: idempotent_shared::DEFAULT_TTL,
+        lease: idempotent_shared::DEFAULT_LEASE,
         max_attempts: None,
         on_store_error: OnStoreError::Fail,
         on_in_progress: OnInProgress::Reject,
@@ -187,43 +187,4 @@ pub(crate) fn output_cap(settings: &Settings) -> usize {
     settings
         .max_output_bytes
         .unwrap_or_else(|| MAX_OUTPUT_BYTES.load(Ordering::Relaxed))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The attribute checks and fills in at compile time what the runtime checks and
-    /// fills in at run time: both must say the same.
-    #[test]
-    fn the_attribute_and_the_runtime_agree_on_defaults_and_limits() {
-        let m = idempotent_macros::__limits!();
-        assert_eq!(
-            Duration::from_millis(m.default_ttl_ms),
-            Settings::DEFAULT.ttl
-        );
-        assert_eq!(
-            Duration::from_millis(m.default_lease_ms),
-            Settings::DEFAULT.lease
-        );
-        assert_eq!(Duration::from_millis(m.min_lease_ms), MIN_LEASE);
-        assert_eq!(Duration::from_millis(m.max_duration_ms), MAX_TTL);
-        assert_eq!(m.max_scope_bytes, crate::MAX_SCOPE_BYTES);
-        assert_eq!(m.default_store, crate::registry::DEFAULT_STORE);
-        // the SQL stores' table name and limit: the next test
-        assert_eq!(m.default_table, "message_idempotent");
-    }
-
-    /// As above, for the dedup table of transactional mode and the SQL stores.
-    #[cfg(feature = "sqlite")]
-    #[tokio::test]
-    async fn the_attribute_and_the_sql_stores_agree_on_table_names() {
-        let m = idempotent_macros::__limits!();
-        assert_eq!(m.default_table, crate::DEFAULT_TABLE);
-        let store = || crate::SqliteStore::connect("sqlite::memory:");
-        let longest = "t".repeat(m.max_ident);
-        assert!(store().await.unwrap().with_table(&longest).is_ok());
-        let longer = "t".repeat(m.max_ident + 1);
-        assert!(store().await.unwrap().with_table(&longer).is_err());
-    }
 }
