@@ -61,11 +61,3 @@ fn with_original(err: syn::Error, original: proc_macro2::TokenStream) -> TokenSt
     out.extend(original);
     out.into()
 }
-
-/// Type names and the `Self` type's name the attribute reads in each, for the runtime's
-/// test that it reads them alike.
-#[doc(hidden)]
-#[proc_macro]
-pub fn __type_idents(_: TokenStream) -> TokenStream {
-    type_names::expr().into()
-}

@@ -6,7 +6,7 @@
 //! `my_app::consumers::Orders::handle`, so that the methods named alike of two types of
 //! one module have scopes of their own. An attribute on a method cannot see its impl:
 //! the type's name is read at the method's first call from `type_name::<Self>()`, by
-//! [`type_ident`], which keeps only the type's own identifier. The standard library does
+//! `idempotent_shared::type_ident`, which keeps only the type's own identifier. The standard library does
 //! not specify how `type_name` prints, so the attribute checks, in the compiler that
 //! builds the handler, that this compiler's type names read as expected, and refuses to
 //! compile a method without `scope` otherwise: a compiler upgrade cannot quietly give a
@@ -127,7 +127,7 @@ impl DefaultScope {
     /// The default scope of this handler for `self_ty`: `module::Type::name` when the
     /// type has a name of its own, else `module::name`.
     fn scope_for(&self, self_ty: Option<&str>) -> Option<String> {
-        let ident = type_ident(self_ty?)?;
+        let ident = idempotent_shared::type_ident(self_ty?)?;
         Some(match self.scope.rsplit_once("::") {
             Some((module, name)) => format!("{module}::{ident}::{name}"),
             None => format!("{ident}::{}", self.scope),
@@ -217,33 +217,6 @@ impl fmt::Debug for DefaultScope {
     }
 }
 
-/// The identifier a type was declared with, from its `type_name`, for a type with a name
-/// of its own (a struct, an enum, a union, a primitive): `Queue` for
-/// `app::jobs::Queue<alloc::string::String>`, `Local` for `app::main::{{closure}}::Local`,
-/// `u8` for `u8`. `None` for a reference, a pointer, a tuple, an array or a slice, a fn
-/// pointer, a trait object, `!`, or anything printed in another form.
-///
-/// The attribute has the same fn, checks at compile time that the compiler reads its own
-/// probe types' names as expected, and a test here compares the two (`__type_idents!`).
-fn type_ident(ty: &str) -> Option<&str> {
-    let path = match ty.find('<') {
-        Some(args) if ty.ends_with('>') => &ty[..args],
-        Some(_) => return None,
-        None => ty,
-    };
-    if !path
-        .chars()
-        .all(|c| c.is_alphanumeric() || matches!(c, '_' | ':' | '{' | '}'))
-    {
-        return None;
-    }
-    let ident = path.rsplit("::").next()?;
-    let mut chars = ident.chars();
-    let first = chars.next()?;
-    ((first.is_alphabetic() || first == '_') && chars.all(|c| c.is_alphanumeric() || c == '_'))
-        .then_some(ident)
-}
-
 /// A type name with its generic arguments shown as in the path of a generic item:
 /// `app::Queue<alloc::string::String, u8>` → `app::Queue<_, _>`, so every
 /// instantiation of a generic impl is one handler.
@@ -274,9 +247,8 @@ fn erase_type_args(ty: &str) -> String {
 
 #[cfg(test)]
 mod tests {
-    use super::{DefaultScope, erase_type_args, type_ident};
+    use super::{DefaultScope, erase_type_args};
     use crate::Error;
-    use std::any::type_name;
 
     fn handler_a() -> &'static str {
         "app::A::handle::{{closure}}::__idempotent_handler"
@@ -302,69 +274,6 @@ mod tests {
             "app::Queue<_, _>"
         );
         assert_eq!(erase_type_args("&app::Orders"), "&app::Orders");
-    }
-
-    #[test]
-    fn a_type_is_named_by_the_identifier_it_was_declared_with() {
-        assert_eq!(type_ident("app::Orders"), Some("Orders"));
-        assert_eq!(
-            type_ident("app::jobs::Queue<alloc::vec::Vec<core::option::Option<u8>>, 3>"),
-            Some("Queue")
-        );
-        assert_eq!(type_ident("app::main::{{closure}}::Local"), Some("Local"));
-        assert_eq!(type_ident("app::Orders::handle::Local"), Some("Local"));
-        assert_eq!(type_ident("u8"), Some("u8"));
-        assert_eq!(type_ident("app::_Orders"), Some("_Orders"));
-        assert_eq!(type_ident("app::Ünï"), Some("Ünï"));
-        for unnamed in [
-            "&app::Orders",
-            "&mut app::Orders",
-            "*const app::Orders",
-            "(app::Orders, u8)",
-            "()",
-            "[app::Orders]",
-            "[app::Orders; 3]",
-            "dyn app::Handler",
-            "dyn app::Handler + core::marker::Send",
-            "fn(app::Orders) -> u8",
-            "!",
-            "app::main::{{closure}}",
-            "app::Queue<u8>::Inner",
-            "app::Queue<u8",
-            "app::r#match",
-            "app::1Orders",
-            "app::",
-            "",
-        ] {
-            assert_eq!(type_ident(unnamed), None, "{unnamed}");
-        }
-    }
-
-    /// This compiler's type names are read as expected (the attribute checks the same
-    /// on its own probe types before it lets a method without `scope` compile).
-    #[test]
-    fn this_compilers_type_names_are_read() {
-        struct Local;
-        assert_eq!(type_ident(type_name::<Local>()), Some("Local"));
-        assert_eq!(
-            type_ident(type_name::<DefaultScope>()),
-            Some("DefaultScope")
-        );
-        assert_eq!(type_ident(type_name::<Vec<Option<u8>>>()), Some("Vec"));
-        assert_eq!(type_ident(type_name::<&Local>()), None);
-        assert_eq!(type_ident(type_name::<dyn std::fmt::Debug>()), None);
-    }
-
-    /// The attribute reads type names with its own copy of [`type_ident`]: both must read
-    /// its samples, and the names of its probe types as this compiler prints them, alike.
-    #[test]
-    fn the_attribute_reads_type_names_as_the_runtime_does() {
-        let samples = idempotent_macros::__type_idents!();
-        assert!(samples.len() >= 20, "{samples:?}");
-        assert!(samples.iter().any(|(_, ident)| ident.is_none()));
-        for (ty, ident) in samples {
-            assert_eq!(type_ident(ty), ident, "{ty}");
-        }
     }
 
     #[test]

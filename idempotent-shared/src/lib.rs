@@ -44,9 +44,11 @@ extern crate alloc;
 
 mod duration;
 mod table;
+mod type_ident;
 
 pub use duration::{DurationError, format_duration, parse_duration};
 pub use table::{TableName, TableNameError, TableNameProblem, parse_table_name};
+pub use type_ident::type_ident;
 
 use core::time::Duration;
 
