@@ -429,6 +429,20 @@ async fn send(
     })
 }
 
+/// The answer to `send`, sent again while it is 409 (at most 2 s): a completion follows
+/// the handler's return at once, and a retry in between finds the key in use.
+async fn past_in_use<T>(status: impl Fn(&T) -> StatusCode, mut send: impl AsyncFnMut() -> T) -> T {
+    let mut answer = send().await;
+    for _ in 0..100 {
+        if status(&answer) != StatusCode::CONFLICT {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        answer = send().await;
+    }
+    answer
+}
+
 async fn eventually(what: &str, within: Duration, mut check: impl FnMut() -> bool) {
     let until = Instant::now() + within;
     while !check() {
@@ -640,18 +654,15 @@ async fn client_disconnect_still_completes_once(store: Arc<dyn Store>) {
     let client = http_client();
     let k = format!("\"{key}\"");
     // the completion follows the handler's return at once; a retry in between is 409
-    let mut retry = send(&client, addr, "/slow", &who, &[k.as_bytes()], "hi")
-        .await
-        .unwrap();
-    for _ in 0..100 {
-        if retry.status != StatusCode::CONFLICT {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        retry = send(&client, addr, "/slow", &who, &[k.as_bytes()], "hi")
-            .await
-            .unwrap();
-    }
+    let retry = past_in_use(
+        |a: &Answer| a.status,
+        async || {
+            send(&client, addr, "/slow", &who, &[k.as_bytes()], "hi")
+                .await
+                .unwrap()
+        },
+    )
+    .await;
     assert_eq!(retry.status, StatusCode::CREATED);
     assert!(retry.replayed());
     assert_eq!(fx.runs(&key), 1);
@@ -671,14 +682,11 @@ async fn client_disconnect_still_completes_once(store: Arc<dyn Store>) {
         || fx.finished(&key) == 1,
     )
     .await;
-    let mut retry = oneshot(&app, post_req("/slow", &who, Some(&key), "hi")).await;
-    for _ in 0..100 {
-        if retry.status != StatusCode::CONFLICT {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        retry = oneshot(&app, post_req("/slow", &who, Some(&key), "hi")).await;
-    }
+    let retry = past_in_use(
+        |a: &Answer| a.status,
+        async || oneshot(&app, post_req("/slow", &who, Some(&key), "hi")).await,
+    )
+    .await;
     assert_eq!(retry.status, StatusCode::CREATED);
     assert!(retry.replayed());
     assert_eq!(fx.runs(&key), 1);
@@ -1124,15 +1132,8 @@ async fn streamed_responses_reach_the_client_as_produced(store: Arc<dyn Store>) 
     let rest = body.collect().await.unwrap().to_bytes();
     assert_eq!(&rest[..], b"data: second of run 1\n\n");
 
-    // the stream is recorded once it ends; the retry replays it whole
-    let mut again = client.request(request(&key)).await.unwrap();
-    for _ in 0..100 {
-        if again.status() != StatusCode::CONFLICT {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        again = client.request(request(&key)).await.unwrap();
-    }
+    // the stream's end reached the client once it was recorded: the retry replays it
+    let again = client.request(request(&key)).await.unwrap();
     assert_eq!(again.status(), StatusCode::OK);
     assert_eq!(again.headers()["idempotent-replayed"], "true");
     let replayed = again.into_body().collect().await.unwrap().to_bytes();
@@ -1152,14 +1153,11 @@ async fn streamed_responses_reach_the_client_as_produced(store: Arc<dyn Store>) 
         .unwrap();
     drop(body);
     fx.second.notify_one();
-    let mut retry = client.request(request(&gone)).await.unwrap();
-    for _ in 0..100 {
-        if retry.status() != StatusCode::CONFLICT {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-        retry = client.request(request(&gone)).await.unwrap();
-    }
+    let retry = past_in_use(
+        |r: &axum::http::Response<_>| r.status(),
+        async || client.request(request(&gone)).await.unwrap(),
+    )
+    .await;
     assert_eq!(retry.headers()["idempotent-replayed"], "true");
     let replayed = retry.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(
