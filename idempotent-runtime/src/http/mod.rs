@@ -141,6 +141,7 @@ pub(crate) enum RequestScope {
     Scope(Cow<'static, str>),
     /// Inside an axum `Router`, no route matched: the router answers (404, or its
     /// fallback), and nothing is recorded.
+    #[cfg(feature = "axum")]
     Unrouted,
 }
 

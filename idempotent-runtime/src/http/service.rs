@@ -145,6 +145,7 @@ where
         // a request no route matched gets the router's answer, and is never recorded
         let scope = match self.config.scope_of(&mut parts) {
             RequestScope::Scope(s) => s,
+            #[cfg(feature = "axum")]
             RequestScope::Unrouted => {
                 return ResponseFuture::passthrough(
                     self.inner.call(Request::from_parts(parts, body)),
