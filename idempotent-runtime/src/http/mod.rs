@@ -136,15 +136,6 @@ enum ScopeRule {
     Fixed(Cow<'static, str>),
 }
 
-/// The scope a request is recorded under, or why it is not recorded at all.
-pub(crate) enum RequestScope {
-    Scope(Cow<'static, str>),
-    /// Inside an axum `Router`, no route matched: the router answers (404, or its
-    /// fallback), and nothing is recorded.
-    #[cfg(feature = "axum")]
-    Unrouted,
-}
-
 #[derive(Clone)]
 enum FingerprintRule {
     MethodPathBody,
@@ -539,26 +530,22 @@ impl<S, I: IdentityDecision> tower::Layer<S> for IdempotencyLayer<I> {
 }
 
 impl Config {
-    /// The record scope of a request, or [`RequestScope::Unrouted`] for a request an
-    /// axum `Router` matched no route for.
-    fn scope_of(&self, req: &mut request::Parts) -> RequestScope {
+    /// The record scope of a request; `None` for a request an axum `Router` matched no
+    /// route for (the router answers it, 404 or its fallback, and nothing is recorded).
+    fn scope_of(&self, req: &mut request::Parts) -> Option<Cow<'static, str>> {
         match &self.scope {
-            ScopeRule::Fixed(s) => RequestScope::Scope(s.clone()),
+            ScopeRule::Fixed(s) => Some(s.clone()),
             ScopeRule::MethodAndRoute => {
                 #[cfg(feature = "axum")]
                 {
                     if let Some(route) = req.extensions.get::<axum::extract::MatchedPath>() {
-                        return RequestScope::Scope(Cow::Owned(format!(
-                            "{} {}",
-                            req.method,
-                            route.as_str()
-                        )));
+                        return Some(Cow::Owned(format!("{} {}", req.method, route.as_str())));
                     }
                     if axum_support::inside_router(req) {
-                        return RequestScope::Unrouted;
+                        return None;
                     }
                 }
-                RequestScope::Scope(Cow::Owned(format!("{} *", req.method)))
+                Some(Cow::Owned(format!("{} *", req.method)))
             }
         }
     }

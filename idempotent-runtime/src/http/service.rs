@@ -19,7 +19,7 @@ use super::cached::{BoxError, Capture, HttpOutput, Read, ResponseBody, Tee, TeeE
 use super::identity::{Anonymous, client_digest};
 use super::key::{KeyError, parse_key};
 use super::problem::Problem;
-use super::{BODY_OMITTED, Clients, Config, KeyPolicy, REPLAYED, RequestScope};
+use super::{BODY_OMITTED, Clients, Config, KeyPolicy, REPLAYED};
 use crate::protocol::{self, Call, CallKey};
 use crate::{Error, RecordKey};
 use bytes::Bytes;
@@ -143,14 +143,8 @@ where
             return ResponseFuture::passthrough(self.inner.call(Request::from_parts(parts, body)));
         }
         // a request no route matched gets the router's answer, and is never recorded
-        let scope = match self.config.scope_of(&mut parts) {
-            RequestScope::Scope(s) => s,
-            #[cfg(feature = "axum")]
-            RequestScope::Unrouted => {
-                return ResponseFuture::passthrough(
-                    self.inner.call(Request::from_parts(parts, body)),
-                );
-            }
+        let Some(scope) = self.config.scope_of(&mut parts) else {
+            return ResponseFuture::passthrough(self.inner.call(Request::from_parts(parts, body)));
         };
         let key = match parse_key(&parts.headers, self.config.max_key_len) {
             Ok(Some(key)) => key,
