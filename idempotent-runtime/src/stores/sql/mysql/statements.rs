@@ -2,7 +2,7 @@
 //! statement of the protocol, built once per table.
 
 use crate::StoreError;
-use crate::sql::common::{self, BindExt, CLAIM_RETRIES, Plan, TableName, keep_micros, micros, sql};
+use crate::stores::sql::common::{self, BindExt, CLAIM_RETRIES, Plan, TableName, keep_micros, micros, sql};
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Token};
 use sqlx::mysql::{MySql, MySqlArguments};
 use sqlx::{Executor, SqlStr};
@@ -31,7 +31,7 @@ pub(crate) struct Statements {
     pub(crate) claim_procedure: Option<SqlStr>,
 }
 
-/// Columns of a row read back (see [`RowView::decode`](crate::sql::common::RowView::decode)).
+/// Columns of a row read back (see [`RowView::decode`](crate::stores::sql::common::RowView::decode)).
 fn view() -> String {
     format!(
         "CAST(status AS SIGNED), CAST(retry_times AS SIGNED), owner_token, \
@@ -64,7 +64,7 @@ fn claim_procedure_name(table: &TableName) -> Option<String> {
 /// A row holding a value this store never writes (see [`common::sane`]) is answered
 /// as read, without any write, and reported as corrupt by the caller.
 /// Answers one row: `acquired, token, attempt` then the row as read
-/// (see [`RowView::decode`](crate::sql::common::RowView::decode)); `acquired = 0` with no row read means the claim kept
+/// (see [`RowView::decode`](crate::stores::sql::common::RowView::decode)); `acquired = 0` with no row read means the claim kept
 /// losing races.
 fn claim_procedure(name: &str, t: &str) -> String {
     format!(

@@ -13,7 +13,6 @@ use std::time::Duration;
 mod batch;
 mod library;
 mod reply;
-#[path = "redis_scan.rs"]
 mod scan;
 mod store_impl;
 

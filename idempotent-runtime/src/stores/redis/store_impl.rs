@@ -3,7 +3,7 @@
 use super::library::Op;
 use super::reply::{claim_outcome, fence, record};
 use super::{Conn, RedisStore, micros, millis, redis_error};
-use crate::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage};
+use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage};
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use crate::{RecordKey, StoreError};
 use async_trait::async_trait;

@@ -1,5 +1,5 @@
 //! What every SQL store has alike besides its statements: the accessors, the scan
-//! and operator methods forwarded to [`sql::scan`](crate::sql::scan), and the
+//! and operator methods forwarded to [`sql::scan`](crate::stores::sql::scan), and the
 //! background sweeper.
 
 use crate::StoreError;
@@ -60,7 +60,7 @@ macro_rules! store_accessors {
                 &self,
                 every: std::time::Duration,
             ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
-                $crate::sql::common::spawn_sweeper(self.clone(), every)
+                $crate::stores::sql::common::spawn_sweeper(self.clone(), every)
             }
         }
 
@@ -76,7 +76,7 @@ macro_rules! store_accessors {
 }
 pub(crate) use store_accessors;
 
-/// The [`Store`] methods every SQL store forwards to [`sql::scan`](crate::sql::scan) alike
+/// The [`Store`] methods every SQL store forwards to [`sql::scan`](crate::stores::sql::scan) alike
 /// (`scan`, `stats`, `force_release`, `reset_attempts`), for the `impl Store` of a store
 /// type with the field `pool` and the method `table`. Written as `#[async_trait]` writes
 /// them (it does not see into a macro's output), so the signatures match the trait's.
@@ -89,7 +89,7 @@ macro_rules! scan_methods {
             filter: &'life1 $crate::ScanFilter,
             cursor: Option<&'life2 $crate::ScanCursor>,
             limit: usize,
-        ) -> $crate::sql::common::StoreFuture<'async_trait, $crate::ScanPage>
+        ) -> $crate::stores::sql::common::StoreFuture<'async_trait, $crate::ScanPage>
         where
             'life0: 'async_trait,
             'life1: 'async_trait,
@@ -97,7 +97,7 @@ macro_rules! scan_methods {
             Self: 'async_trait,
         {
             Box::pin(async move {
-                $crate::sql::scan::scan(&self.pool, &self.table(), filter, cursor, limit).await
+                $crate::stores::sql::scan::scan(&self.pool, &self.table(), filter, cursor, limit).await
             })
         }
 
@@ -106,32 +106,32 @@ macro_rules! scan_methods {
             &'life0 self,
             scope: Option<&'life1 str>,
             poisoned_at: Option<u32>,
-        ) -> $crate::sql::common::StoreFuture<'async_trait, Vec<$crate::ScopeStats>>
+        ) -> $crate::stores::sql::common::StoreFuture<'async_trait, Vec<$crate::ScopeStats>>
         where
             'life0: 'async_trait,
             'life1: 'async_trait,
             Self: 'async_trait,
         {
             Box::pin(async move {
-                $crate::sql::scan::stats(&self.pool, &self.table(), scope, poisoned_at).await
+                $crate::stores::sql::scan::stats(&self.pool, &self.table(), scope, poisoned_at).await
             })
         }
 
-        $crate::sql::common::scan_methods!(admin force_release, false);
-        $crate::sql::common::scan_methods!(admin reset_attempts, true);
+        $crate::stores::sql::common::scan_methods!(admin force_release, false);
+        $crate::stores::sql::common::scan_methods!(admin reset_attempts, true);
     };
     (admin $name:ident, $reset:literal) => {
         fn $name<'life0, 'life1, 'async_trait>(
             &'life0 self,
             key: &'life1 $crate::RecordKey,
-        ) -> $crate::sql::common::StoreFuture<'async_trait, $crate::AdminOutcome>
+        ) -> $crate::stores::sql::common::StoreFuture<'async_trait, $crate::AdminOutcome>
         where
             'life0: 'async_trait,
             'life1: 'async_trait,
             Self: 'async_trait,
         {
             Box::pin(async move {
-                $crate::sql::scan::admin(self, &self.pool, &self.table(), key, $reset).await
+                $crate::stores::sql::scan::admin(self, &self.pool, &self.table(), key, $reset).await
             })
         }
     };

@@ -16,19 +16,22 @@
 //! [`Fence::Held`](crate::store::Fence::Held).
 
 mod common;
-#[cfg(feature = "mysql")]
-mod mysql;
-#[cfg(feature = "postgres")]
-mod postgres;
 mod scan;
-#[cfg(feature = "sqlite")]
-mod sqlite;
-pub(crate) mod tx;
+mod tx;
+
+cfg_mysql! {
+    mod mysql;
+    pub use mysql::MySqlStore;
+}
+
+cfg_postgres! {
+    mod postgres;
+    pub use postgres::PostgresStore;
+}
+
+cfg_sqlite! {
+    mod sqlite;
+    pub use sqlite::SqliteStore;
+}
 
 pub use common::DEFAULT_TABLE;
-#[cfg(feature = "mysql")]
-pub use mysql::MySqlStore;
-#[cfg(feature = "postgres")]
-pub use postgres::PostgresStore;
-#[cfg(feature = "sqlite")]
-pub use sqlite::SqliteStore;

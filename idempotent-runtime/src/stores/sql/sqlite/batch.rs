@@ -3,7 +3,7 @@
 
 use super::SqliteStore;
 use super::statements::SqliteQuery;
-use crate::sql::common::{self, CLAIM_RETRIES, Plan, RowView, SqlDatabase, Step, repeated};
+use crate::stores::sql::common::{self, CLAIM_RETRIES, Plan, RowView, SqlDatabase, Step, repeated};
 use crate::store::{ClaimOutcome, ClaimRequest, Fence};
 use crate::{RecordKey, StoreError};
 use sqlx::Connection;

@@ -6,7 +6,7 @@
 //! (text or binary).
 
 use super::common::{SqlDatabase, TableName, from_micros, sane};
-use crate::scan::{
+use crate::store::scan::{
     AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage, ScopeStats, state_rank,
 };
 use crate::store::{RecordState, Store, Token};

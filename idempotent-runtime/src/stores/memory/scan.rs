@@ -1,7 +1,7 @@
 //! Scans and operator changes of the [`MemoryStore`].
 
 use super::{Entry, MemoryStore, lock};
-use crate::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage};
+use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage};
 use crate::store::{RecordState, Token};
 use crate::{RecordKey, StoreError};
 use std::collections::BinaryHeap;

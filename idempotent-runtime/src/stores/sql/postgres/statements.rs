@@ -1,7 +1,7 @@
 //! The SQL of [`PostgresStore`](super::PostgresStore): the table and every statement of
 //! the protocol, built once per table.
 
-use crate::sql::common::{self, TableName, sql};
+use crate::stores::sql::common::{self, TableName, sql};
 use sqlx::SqlStr;
 
 /// The database clock in microseconds since the Unix epoch. `clock_timestamp()` rather
@@ -27,7 +27,7 @@ pub(crate) struct Statements {
 }
 
 /// Columns of a row read back, with the clock value `n.now_us` (see
-/// [`RowView::decode`](crate::sql::common::RowView::decode)).
+/// [`RowView::decode`](crate::stores::sql::common::RowView::decode)).
 const VIEW: &str = "c.status::int8, c.retry_times::int8, c.owner_token, \
      c.lease_until_us, c.expires_at_us, c.fingerprint, c.output, n.now_us";
 

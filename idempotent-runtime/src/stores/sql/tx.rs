@@ -55,8 +55,8 @@ fn prepared<S>(
 #[cfg(feature = "mysql")]
 mod mysql {
     use super::*;
-    use crate::sql::common::{Plan, RowView};
-    use crate::sql::mysql::Statements;
+    use crate::stores::sql::common::{Plan, RowView};
+    use crate::stores::sql::mysql::Statements;
     use crate::store::Token;
     use sqlx::SqlStr;
     use sqlx::mysql::MySql;
@@ -167,8 +167,8 @@ mod mysql {
 mod postgres {
     use super::*;
     use crate::PostgresStore;
-    use crate::sql::common::RowView;
-    use crate::sql::postgres::{Statements, storable};
+    use crate::stores::sql::common::RowView;
+    use crate::stores::sql::postgres::{Statements, storable};
     use sqlx::postgres::Postgres;
 
     static POSTGRES: Prepared<PostgresTx> = RwLock::new(BTreeMap::new());
@@ -248,8 +248,8 @@ mod postgres {
 #[cfg(feature = "sqlite")]
 mod sqlite {
     use super::*;
-    use crate::sql::common::{Plan, RowView};
-    use crate::sql::sqlite::Statements;
+    use crate::stores::sql::common::{Plan, RowView};
+    use crate::stores::sql::sqlite::Statements;
     use sqlx::sqlite::Sqlite;
 
     static SQLITE: Prepared<SqliteTx> = RwLock::new(BTreeMap::new());

@@ -1,7 +1,7 @@
 //! The SQL of [`SqliteStore`](super::SqliteStore): the table and every statement of the
 //! protocol, built once per table, and the claim's conditional write.
 
-use crate::sql::common::{self, BindExt, Plan, TableName, sql};
+use crate::stores::sql::common::{self, BindExt, Plan, TableName, sql};
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Release};
 use crate::{RecordKey, StoreError};
 use sqlx::sqlite::SqliteConnection;

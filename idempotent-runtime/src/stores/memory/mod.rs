@@ -5,7 +5,7 @@
 
 pub use crate::clock::{Clock, ManualClock, SystemClock};
 
-use crate::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage};
+use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage};
 use crate::store::{
     ClaimOutcome, ClaimRequest, Completion, Fence, ImmediateStore, Record, RecordState, Release,
     Store, Token,
@@ -20,7 +20,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-#[path = "memory_scan.rs"]
 mod scan;
 
 const SHARDS: usize = 64;

@@ -9,13 +9,15 @@
 pub use crate::error::{StoreError, StoreErrorKind};
 pub use crate::key::RecordKey;
 pub use crate::protocol::tx::{DedupTransaction, TxFuture};
-pub use crate::scan::{
+use async_trait::async_trait;
+pub use scan::{
     AdminOutcome, DEFAULT_PAGE, ScanCursor, ScanFilter, ScanItem, ScanPage, ScanStats, ScopeStats,
     scan_stats, stats_by_scan,
 };
-use async_trait::async_trait;
 use std::fmt;
 use std::time::Duration;
+
+pub(crate) mod scan;
 
 /// A fencing token: issued by the store with every successful claim, strictly greater
 /// than every token issued before for the same record (the store takes the larger of
@@ -265,7 +267,7 @@ pub trait Store: Send + Sync + fmt::Debug {
         limit: usize,
     ) -> Result<ScanPage, StoreError> {
         let _ = (filter, cursor, limit);
-        Err(crate::scan::unsupported(self, "scanning records"))
+        Err(crate::store::scan::unsupported(self, "scanning records"))
     }
 
     /// Counts the live records per scope and state (only `scope`'s when given), with
@@ -280,7 +282,7 @@ pub trait Store: Send + Sync + fmt::Debug {
         scope: Option<&str>,
         poisoned_at: Option<u32>,
     ) -> Result<Vec<ScopeStats>, StoreError> {
-        crate::scan::stats_by_scan(self, scope, poisoned_at).await
+        crate::store::scan::stats_by_scan(self, scope, poisoned_at).await
     }
 
     /// An operator frees a stuck claim: an In progress record (lease live or run out)
@@ -293,7 +295,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// ("not supported").
     async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
         let _ = key;
-        Err(crate::scan::unsupported(self, "releasing a claim"))
+        Err(crate::store::scan::unsupported(self, "releasing a claim"))
     }
 
     /// An operator un-poisons a key: a Released record, or an In progress one whose
@@ -305,7 +307,7 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// ("not supported").
     async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
         let _ = key;
-        Err(crate::scan::unsupported(self, "resetting attempts"))
+        Err(crate::store::scan::unsupported(self, "resetting attempts"))
     }
 
     /// The same store as an [`ImmediateStore`], if it answers the protocol steps

@@ -3,7 +3,7 @@
 
 use super::MySqlStore;
 use super::statements::MySqlQuery;
-use crate::sql::common::{BindExt, RowView, SqlDatabase, repeated};
+use crate::stores::sql::common::{BindExt, RowView, SqlDatabase, repeated};
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Store, Token};
 use crate::{RecordKey, StoreError, StoreErrorKind};
 use sqlx::Row;

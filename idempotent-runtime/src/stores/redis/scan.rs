@@ -5,7 +5,7 @@
 //! page and counted in [`ScanPage::skipped`].
 
 use super::{Conn, RedisStore, push_escaped, redis_error};
-use crate::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage};
+use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage};
 use crate::store::{RecordState, Token};
 use crate::{RecordKey, StoreError, StoreErrorKind};
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};

@@ -1,7 +1,7 @@
 //! The batch steps of [`PostgresStore`]: each one statement over arrays of keys.
 
 use super::{PostgresStore, storable};
-use crate::sql::common::{
+use crate::stores::sql::common::{
     self, CLAIM_RETRIES, RowView, SqlDatabase, keep_micros, max_attempts_param, micros, repeated,
     token_param,
 };
