@@ -1,8 +1,10 @@
 //! Items used by the code `#[idempotent]` generates. Not public API: no stability
 //! guarantees.
 
+use crate::error::Error;
+use crate::key::KeyPart;
 use crate::protocol::{self, Settings, StoreSource};
-use crate::{Error, KeyPart, Store};
+use crate::store::Store;
 use futures_util::future::{Either, ready};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -22,7 +24,7 @@ pub struct Config {
     pub settings: Settings,
 }
 
-pub use crate::KeyBuilder;
+pub use crate::key::KeyBuilder;
 pub use crate::protocol::Settings as ConfigSettings;
 pub use crate::scope::DefaultScope;
 

@@ -93,7 +93,3 @@ pub use protocol::{
 };
 pub use registry::{register_store, registered_store};
 pub use store::{Store, Token};
-
-// Paths the stores use inside the crate; public under `store`.
-#[allow(unused_imports)]
-pub(crate) use store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};

@@ -1,9 +1,10 @@
 //! The protocol without the attribute: for closures, trait objects and code that
 //! computes its key at run time.
 
+use crate::error::Error;
+use crate::key::{KeyBuilder, KeyPart, RecordKey};
 use crate::protocol::{self, OnInProgress, OnStoreError, Settings, StoreHandle, StoreSource};
-use crate::store::Record;
-use crate::{Error, KeyBuilder, KeyPart, RecordKey, Store};
+use crate::store::{Record, Store};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::borrow::Cow;

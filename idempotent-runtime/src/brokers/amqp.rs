@@ -55,7 +55,8 @@
 //! # Ok(()) }
 //! ```
 
-use crate::{Disposition, KeyBuilder, KeyPart};
+use crate::disposition::Disposition;
+use crate::key::{KeyBuilder, KeyPart};
 use lapin::message::Delivery;
 use lapin::options::{BasicAckOptions, BasicNackOptions, BasicRejectOptions};
 use lapin::types::{AMQPValue, FieldTable, ShortString};
@@ -214,7 +215,8 @@ pub async fn settle(delivery: &Delivery, disposition: Disposition) -> lapin::Res
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Error, RecordKey};
+    use crate::error::Error;
+    use crate::key::RecordKey;
     use lapin::BasicProperties;
 
     fn delivery(headers: &[(&str, AMQPValue)], id: Option<&str>, redelivered: bool) -> Delivery {

@@ -73,7 +73,8 @@
 //! # }
 //! ```
 
-use crate::{Disposition, KeyBuilder, KeyPart};
+use crate::disposition::Disposition;
+use crate::key::{KeyBuilder, KeyPart};
 use rdkafka::consumer::{CommitMode, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::{BorrowedMessage, Header, Headers, Message, OwnedHeaders};
@@ -319,7 +320,7 @@ where
                         Err(e) => {
                             tracing::warn!(topic, partition, offset, error = %e, "dead letter not written; the record is retried");
                             settled.redelivered += 1;
-                            plan.seek = Some((offset, crate::RetryPolicy::default().initial));
+                            plan.seek = Some((offset, crate::disposition::RetryPolicy::default().initial));
                         }
                     }
                 }
@@ -443,7 +444,8 @@ fn blocking<T>(f: impl FnOnce() -> T) -> T {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Error, RecordKey};
+    use crate::error::Error;
+    use crate::key::RecordKey;
     use rdkafka::message::{OwnedMessage, Timestamp};
 
     fn record(key: Option<&[u8]>, header: Option<&str>) -> OwnedMessage {

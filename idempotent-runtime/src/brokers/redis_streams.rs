@@ -58,7 +58,7 @@
 //! # }
 //! ```
 
-use crate::Disposition;
+use crate::disposition::Disposition;
 use redis::aio::ConnectionLike;
 use redis::streams::{
     StreamAutoClaimOptions, StreamAutoClaimReply, StreamClaimOptions, StreamPendingCountReply,
@@ -404,7 +404,8 @@ fn fields(map: std::collections::HashMap<String, Value>) -> Vec<(String, Vec<u8>
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Error, RecordKey};
+    use crate::error::Error;
+    use crate::key::RecordKey;
 
     #[test]
     fn the_business_field_is_the_key_never_the_entry_id() {

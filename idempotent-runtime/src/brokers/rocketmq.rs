@@ -46,7 +46,8 @@
 //! `consume_thread_min(1).consume_thread_max(4)` is a good start (`min` must not exceed
 //! `max`, or the consumer fails to start).
 
-use crate::{Disposition, KeyBuilder, KeyPart};
+use crate::disposition::Disposition;
+use crate::key::{KeyBuilder, KeyPart};
 use rocketmq_client_rust::ConsumeConcurrentlyStatus;
 
 /// The `rocketmq-client-rust` crate this module is written against.
@@ -142,7 +143,7 @@ pub enum OnExhausted {
 
 /// The core trait that tells dedup outcomes from business failures, under the name this
 /// module has always used for it.
-pub use crate::AsIdempotencyError;
+pub use crate::disposition::AsIdempotencyError;
 
 /// The listener status for a handler's result; see the [module docs](self).
 ///
@@ -179,8 +180,8 @@ pub fn block_on_listener<F: Future>(handle: &tokio::runtime::Handle, handler: F)
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::Error;
-    use crate::RecordKey;
+    use crate::error::Error;
+    use crate::key::RecordKey;
     use rocketmq_model::common::message::MessageTrait;
     use rocketmq_model::common::message::message_single::Message;
     use std::time::Duration;

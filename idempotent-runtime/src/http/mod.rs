@@ -90,7 +90,7 @@ pub use identity::{
 pub use key::{IDEMPOTENCY_KEY, KeyError, parse_key};
 pub use service::{Idempotent, ResponseFuture};
 
-use crate::Store;
+use crate::store::Store;
 use crate::protocol::{OnInProgress, OnStoreError, Settings, StoreHandle};
 use http::header::{HeaderName, SET_COOKIE};
 use http::{Method, StatusCode, request};
@@ -305,7 +305,7 @@ impl IdempotencyLayer<IdentityUndecided> {
                 release_on: release_by_default,
                 max_key_len: 255,
                 max_request_body: 1024 * 1024,
-                max_cached_body: crate::DEFAULT_MAX_OUTPUT_BYTES,
+                max_cached_body: crate::protocol::settings::DEFAULT_MAX_OUTPUT_BYTES,
                 skip_headers: Arc::new(SKIPPED_BY_DEFAULT),
                 retry_after: Duration::from_secs(1),
             }),

@@ -7,9 +7,11 @@ use super::{
     self as protocol, CancelGuard, Claim, OnInProgress, OnStoreError, Outcome, Settings,
     StoreHandle, output_cap, record, run_body,
 };
+use crate::error::{Error, StoreError};
+use crate::key::{KeyPart, RecordKey};
+use crate::manual::Idempotency;
 use crate::output::encode_output;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release};
-use crate::{Error, Idempotency, KeyPart, RecordKey, StoreError};
 use futures_util::future::join_all;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -307,7 +309,7 @@ where
             Ok(o) if o.len() == claimed.len() => o,
             Ok(o) => {
                 let e = StoreError::new(
-                    crate::StoreErrorKind::Corrupt,
+                    crate::error::StoreErrorKind::Corrupt,
                     format!(
                         "the store answered {} outcomes for a batch of {} claims",
                         o.len(),

@@ -4,9 +4,10 @@
 
 use super::telemetry::{Outcome, record};
 use super::{Scope, Settings};
+use crate::error::Error;
 use crate::output::Output;
+use crate::protocol::settings::OnInProgress;
 use crate::store::{ClaimOutcome, Token};
-use crate::{Error, OnInProgress};
 use std::time::Duration;
 
 /// A claim's meaning for the driver that asked.

@@ -1,6 +1,6 @@
 //! What a handler is configured with: [`Settings`] and its policies.
 
-use crate::Error;
+use crate::error::Error;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
@@ -208,7 +208,7 @@ mod tests {
         );
         assert_eq!(Duration::from_millis(m.min_lease_ms), MIN_LEASE);
         assert_eq!(Duration::from_millis(m.max_duration_ms), MAX_TTL);
-        assert_eq!(m.max_scope_bytes, crate::MAX_SCOPE_BYTES);
+        assert_eq!(m.max_scope_bytes, crate::key::MAX_SCOPE_BYTES);
         assert_eq!(m.default_store, crate::registry::DEFAULT_STORE);
         // the SQL stores' table name and limit: the next test
         assert_eq!(m.default_table, "message_idempotent");
@@ -219,8 +219,8 @@ mod tests {
     #[tokio::test]
     async fn the_attribute_and_the_sql_stores_agree_on_table_names() {
         let m = idempotent_macros::__limits!();
-        assert_eq!(m.default_table, crate::DEFAULT_TABLE);
-        let store = || crate::SqliteStore::connect("sqlite::memory:");
+        assert_eq!(m.default_table, crate::stores::sql::DEFAULT_TABLE);
+        let store = || crate::stores::sql::SqliteStore::connect("sqlite::memory:");
         let longest = "t".repeat(m.max_ident);
         assert!(store().await.unwrap().with_table(&longest).is_ok());
         let longer = "t".repeat(m.max_ident + 1);

@@ -2,8 +2,9 @@
 //! scope and state ([`Store::stats`]), and the two fixes an operator applies to one
 //! record ([`Store::force_release`], [`Store::reset_attempts`]).
 
+use crate::error::{StoreError, StoreErrorKind};
+use crate::key::RecordKey;
 use crate::store::{RecordState, Store, Token};
-use crate::{RecordKey, StoreError, StoreErrorKind};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -416,8 +417,8 @@ mod tests {
 
     #[test]
     fn readable_keys() {
-        let k = |p: &dyn Fn(&mut crate::KeyBuilder)| {
-            let mut b = crate::KeyBuilder::new();
+        let k = |p: &dyn Fn(&mut crate::key::KeyBuilder)| {
+            let mut b = crate::key::KeyBuilder::new();
             p(&mut b);
             b.finish("s").unwrap().readable_key()
         };

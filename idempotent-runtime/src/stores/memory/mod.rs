@@ -5,12 +5,13 @@
 
 pub use crate::clock::{Clock, ManualClock, SystemClock};
 
+use crate::error::StoreError;
+use crate::key::RecordKey;
 use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage};
 use crate::store::{
     ClaimOutcome, ClaimRequest, Completion, Fence, ImmediateStore, Record, RecordState, Release,
     Store, Token,
 };
-use crate::{RecordKey, StoreError};
 use async_trait::async_trait;
 use foldhash::fast::RandomState;
 use hashbrown::{HashTable, hash_table};

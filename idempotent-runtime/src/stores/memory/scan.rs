@@ -1,9 +1,10 @@
 //! Scans and operator changes of the [`MemoryStore`].
 
 use super::{Entry, MemoryStore, lock};
+use crate::error::StoreError;
+use crate::key::RecordKey;
 use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage};
 use crate::store::{RecordState, Token};
-use crate::{RecordKey, StoreError};
 use std::collections::BinaryHeap;
 use std::time::Duration;
 

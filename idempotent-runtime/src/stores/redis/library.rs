@@ -2,7 +2,7 @@
 //! `FCALL`: the names of its functions, and one call of one of them.
 
 use super::{Conn, RedisStore, redis_error};
-use crate::StoreError;
+use crate::error::StoreError;
 use redis::{Cmd, RedisError, Script, Value};
 use std::sync::LazyLock;
 

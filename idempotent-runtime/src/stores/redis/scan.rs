@@ -7,7 +7,8 @@
 use super::{Conn, RedisStore, push_escaped, redis_error};
 use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage};
 use crate::store::{RecordState, Token};
-use crate::{RecordKey, StoreError, StoreErrorKind};
+use crate::key::RecordKey;
+use crate::error::{StoreError, StoreErrorKind};
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisError, Script, Value};
 use std::sync::LazyLock;

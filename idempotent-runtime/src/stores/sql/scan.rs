@@ -10,7 +10,8 @@ use crate::store::scan::{
     AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage, ScopeStats, state_rank,
 };
 use crate::store::{RecordState, Store, Token};
-use crate::{RecordKey, StoreError, StoreErrorKind};
+use crate::key::RecordKey;
+use crate::error::{StoreError, StoreErrorKind};
 use sqlx::{Encode, Executor, IntoArguments, Pool, Row, Type};
 use std::collections::BTreeMap;
 

@@ -15,8 +15,8 @@
 //! completion (the caller committed after a handler error) is claimable again at once.
 
 use super::common::{self, BindExt, CLAIM_RETRIES, SqlDatabase, TableName};
-use crate::StoreError;
-use crate::StoreErrorKind;
+use crate::error::StoreError;
+use crate::error::StoreErrorKind;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, DedupTransaction, Fence, TxFuture};
 use std::collections::BTreeMap;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -166,7 +166,7 @@ mod mysql {
 #[cfg(feature = "postgres")]
 mod postgres {
     use super::*;
-    use crate::PostgresStore;
+    use crate::stores::sql::postgres::PostgresStore;
     use crate::stores::sql::common::RowView;
     use crate::stores::sql::postgres::{Statements, storable};
     use sqlx::postgres::Postgres;

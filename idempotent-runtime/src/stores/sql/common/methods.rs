@@ -2,8 +2,8 @@
 //! and operator methods forwarded to [`sql::scan`](crate::stores::sql::scan), and the
 //! background sweeper.
 
-use crate::StoreError;
-use crate::StoreErrorKind;
+use crate::error::StoreError;
+use crate::error::StoreErrorKind;
 use crate::store::Store;
 use std::future::Future;
 use std::time::Duration;
@@ -86,10 +86,10 @@ macro_rules! scan_methods {
         /// clause.
         fn scan<'life0, 'life1, 'life2, 'async_trait>(
             &'life0 self,
-            filter: &'life1 $crate::ScanFilter,
-            cursor: Option<&'life2 $crate::ScanCursor>,
+            filter: &'life1 $crate::store::scan::ScanFilter,
+            cursor: Option<&'life2 $crate::store::scan::ScanCursor>,
             limit: usize,
-        ) -> $crate::stores::sql::common::StoreFuture<'async_trait, $crate::ScanPage>
+        ) -> $crate::stores::sql::common::StoreFuture<'async_trait, $crate::store::scan::ScanPage>
         where
             'life0: 'async_trait,
             'life1: 'async_trait,
@@ -106,7 +106,7 @@ macro_rules! scan_methods {
             &'life0 self,
             scope: Option<&'life1 str>,
             poisoned_at: Option<u32>,
-        ) -> $crate::stores::sql::common::StoreFuture<'async_trait, Vec<$crate::ScopeStats>>
+        ) -> $crate::stores::sql::common::StoreFuture<'async_trait, Vec<$crate::store::scan::ScopeStats>>
         where
             'life0: 'async_trait,
             'life1: 'async_trait,
@@ -123,8 +123,8 @@ macro_rules! scan_methods {
     (admin $name:ident, $reset:literal) => {
         fn $name<'life0, 'life1, 'async_trait>(
             &'life0 self,
-            key: &'life1 $crate::RecordKey,
-        ) -> $crate::stores::sql::common::StoreFuture<'async_trait, $crate::AdminOutcome>
+            key: &'life1 $crate::key::RecordKey,
+        ) -> $crate::stores::sql::common::StoreFuture<'async_trait, $crate::store::scan::AdminOutcome>
         where
             'life0: 'async_trait,
             'life1: 'async_trait,

@@ -4,7 +4,8 @@
 //! alike and the background sweeper in [`methods`].
 
 use crate::store::{ClaimRequest, Completion, Fence, Token};
-use crate::{RecordKey, StoreError, StoreErrorKind};
+use crate::key::RecordKey;
+use crate::error::{StoreError, StoreErrorKind};
 use sqlx::error::DatabaseError;
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, Database, Encode, Executor, IntoArguments, SqlStr, Type};

@@ -3,8 +3,8 @@
 //! claim rules applied to it.
 
 use super::{MAX_MICROS, from_micros, token_param};
-use crate::StoreError;
-use crate::StoreErrorKind;
+use crate::error::StoreError;
+use crate::error::StoreErrorKind;
 use crate::store::{ClaimOutcome, ClaimRequest, Fence, Record, RecordState, Token};
 use std::fmt;
 

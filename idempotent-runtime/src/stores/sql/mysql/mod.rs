@@ -10,7 +10,8 @@ use super::common::{
     Step, TableName, micros, sql,
 };
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
-use crate::{RecordKey, StoreError, StoreErrorKind};
+use crate::key::RecordKey;
+use crate::error::{StoreError, StoreErrorKind};
 use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::error::DatabaseError;

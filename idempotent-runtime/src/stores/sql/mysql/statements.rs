@@ -1,7 +1,7 @@
 //! The SQL of [`MySqlStore`](super::MySqlStore): the table, the claim procedure and every
 //! statement of the protocol, built once per table.
 
-use crate::StoreError;
+use crate::error::StoreError;
 use crate::stores::sql::common::{self, BindExt, CLAIM_RETRIES, Plan, TableName, keep_micros, micros, sql};
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Token};
 use sqlx::mysql::{MySql, MySqlArguments};

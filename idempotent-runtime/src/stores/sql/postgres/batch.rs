@@ -6,7 +6,8 @@ use crate::stores::sql::common::{
     token_param,
 };
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Token};
-use crate::{RecordKey, StoreError};
+use crate::key::RecordKey;
+use crate::error::StoreError;
 use sqlx::Row;
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
 use std::collections::HashMap;

@@ -11,7 +11,8 @@ use super::common::{
     TableName, micros, token_param,
 };
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
-use crate::{RecordKey, StoreError, StoreErrorKind};
+use crate::key::RecordKey;
+use crate::error::{StoreError, StoreErrorKind};
 use async_trait::async_trait;
 use sqlx::error::DatabaseError;
 use sqlx::sqlite::{

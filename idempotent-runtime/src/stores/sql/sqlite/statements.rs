@@ -3,7 +3,8 @@
 
 use crate::stores::sql::common::{self, BindExt, Plan, TableName, sql};
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Release};
-use crate::{RecordKey, StoreError};
+use crate::key::RecordKey;
+use crate::error::StoreError;
 use sqlx::sqlite::SqliteConnection;
 use sqlx::{Row, SqlStr};
 
