@@ -16,8 +16,6 @@
 //! [`Fence::Held`](crate::store::Fence::Held).
 
 mod common;
-mod scan;
-mod tx;
 
 cfg_mysql! {
     mod mysql;

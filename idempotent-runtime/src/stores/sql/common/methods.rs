@@ -1,5 +1,5 @@
 //! What every SQL store has alike besides its statements: the accessors, the scan
-//! and operator methods forwarded to [`sql::scan`](crate::stores::sql::scan), and the
+//! and operator methods forwarded to [`common::scan`](crate::stores::sql::common::scan), and the
 //! background sweeper.
 
 use crate::error::StoreError;
@@ -76,7 +76,7 @@ macro_rules! store_accessors {
 }
 pub(crate) use store_accessors;
 
-/// The [`Store`] methods every SQL store forwards to [`sql::scan`](crate::stores::sql::scan) alike
+/// The [`Store`] methods every SQL store forwards to [`common::scan`](crate::stores::sql::common::scan) alike
 /// (`scan`, `stats`, `force_release`, `reset_attempts`), for the `impl Store` of a store
 /// type with the field `pool` and the method `table`. Written as `#[async_trait]` writes
 /// them (it does not see into a macro's output), so the signatures match the trait's.
@@ -97,7 +97,7 @@ macro_rules! scan_methods {
             Self: 'async_trait,
         {
             Box::pin(async move {
-                $crate::stores::sql::scan::scan(&self.pool, &self.table(), filter, cursor, limit).await
+                $crate::stores::sql::common::scan::scan(&self.pool, &self.table(), filter, cursor, limit).await
             })
         }
 
@@ -113,7 +113,7 @@ macro_rules! scan_methods {
             Self: 'async_trait,
         {
             Box::pin(async move {
-                $crate::stores::sql::scan::stats(&self.pool, &self.table(), scope, poisoned_at).await
+                $crate::stores::sql::common::scan::stats(&self.pool, &self.table(), scope, poisoned_at).await
             })
         }
 
@@ -131,7 +131,7 @@ macro_rules! scan_methods {
             Self: 'async_trait,
         {
             Box::pin(async move {
-                $crate::stores::sql::scan::admin(self, &self.pool, &self.table(), key, $reset).await
+                $crate::stores::sql::common::scan::admin(self, &self.pool, &self.table(), key, $reset).await
             })
         }
     };

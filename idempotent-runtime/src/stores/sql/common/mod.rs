@@ -1,7 +1,8 @@
 //! What the three SQL stores share: table names, statement text, binding the protocol's
 //! values, time arithmetic, opening a pool and error classification; reading a record
 //! row and the claim rules applied to it are in [`row`], the methods every store has
-//! alike and the background sweeper in [`methods`].
+//! alike and the background sweeper in [`methods`], scans, statistics and operator
+//! changes in [`scan`] and the shared part of transactional mode in [`tx`].
 
 use crate::store::{ClaimRequest, Completion, Fence, Token};
 use crate::key::RecordKey;
@@ -16,6 +17,8 @@ use std::time::Duration;
 
 mod methods;
 mod row;
+pub(crate) mod scan;
+pub(crate) mod tx;
 
 pub(crate) use methods::{StoreFuture, scan_methods, spawn_sweeper, store_accessors};
 pub(crate) use row::*;

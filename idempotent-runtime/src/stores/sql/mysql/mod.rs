@@ -1,7 +1,9 @@
 //! [`MySqlStore`]: the dedup table in MySQL 8 or MariaDB 10.11+.
 
 mod batch;
+mod scan;
 mod statements;
+mod tx;
 
 pub(crate) use statements::Statements;
 

@@ -1,7 +1,9 @@
 //! [`PostgresStore`]: the dedup table in PostgreSQL.
 
 mod batch;
+mod scan;
 mod statements;
+mod tx;
 
 pub(crate) use statements::Statements;
 

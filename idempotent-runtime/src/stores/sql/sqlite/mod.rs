@@ -1,7 +1,9 @@
 //! [`SqliteStore`]: the embedded durable store.
 
 mod batch;
+mod scan;
 mod statements;
+mod tx;
 
 use statements::SqliteQuery;
 pub(crate) use statements::Statements;

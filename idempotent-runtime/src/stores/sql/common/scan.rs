@@ -4,8 +4,11 @@
 //!
 //! The scope is read back as bytes and decoded leniently, whatever the column's type
 //! (text or binary).
+//!
+//! Each database's [`Dialect`] is in its own folder (`mysql/scan.rs`,
+//! `postgres/scan.rs`, `sqlite/scan.rs`).
 
-use super::common::{SqlDatabase, TableName, from_micros, sane};
+use super::{SqlDatabase, TableName, from_micros, sane};
 use crate::store::scan::{
     AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage, ScopeStats, state_rank,
 };
@@ -37,68 +40,6 @@ pub(crate) trait Dialect: SqlDatabase {
     fn byte_len(col: &str) -> String;
     /// An integer expression as a 64-bit integer.
     fn int8(expr: &str) -> String;
-}
-
-#[cfg(feature = "postgres")]
-impl Dialect for sqlx::Postgres {
-    const NOW_US: &'static str = "floor(extract(epoch FROM clock_timestamp()) * 1000000)::int8";
-    const QUOTE: char = '"';
-    const GREATEST: &'static str = "GREATEST";
-    const ROW_VALUES: bool = true;
-    fn param(n: usize) -> String {
-        format!("${n}")
-    }
-    fn scope_bytes(col: &str) -> String {
-        format!("convert_to({col}, 'UTF8')")
-    }
-    fn byte_len(col: &str) -> String {
-        format!("octet_length({col})::int8")
-    }
-    fn int8(expr: &str) -> String {
-        format!("({expr})::int8")
-    }
-}
-
-#[cfg(feature = "mysql")]
-impl Dialect for sqlx::MySql {
-    const NOW_US: &'static str =
-        "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))";
-    const QUOTE: char = '`';
-    const GREATEST: &'static str = "GREATEST";
-    const ROW_VALUES: bool = false;
-    fn param(_: usize) -> String {
-        "?".to_owned()
-    }
-    fn scope_bytes(col: &str) -> String {
-        format!("CAST({col} AS BINARY)")
-    }
-    fn byte_len(col: &str) -> String {
-        format!("CAST(LENGTH({col}) AS SIGNED)")
-    }
-    fn int8(expr: &str) -> String {
-        format!("CAST({expr} AS SIGNED)")
-    }
-}
-
-#[cfg(feature = "sqlite")]
-impl Dialect for sqlx::Sqlite {
-    const NOW_US: &'static str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
-    const QUOTE: char = '"';
-    const GREATEST: &'static str = "max";
-    const ROW_VALUES: bool = true;
-    const ANY_TYPE: bool = true;
-    fn param(_: usize) -> String {
-        "?".to_owned()
-    }
-    fn scope_bytes(col: &str) -> String {
-        format!("CAST({col} AS BLOB)")
-    }
-    fn byte_len(col: &str) -> String {
-        format!("length(CAST({col} AS BLOB))")
-    }
-    fn int8(expr: &str) -> String {
-        expr.to_owned()
-    }
 }
 
 /// A bound value of a statement built at run time.
@@ -161,7 +102,7 @@ where
     for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
 {
-    let mut q = sqlx::query::<DB>(super::common::sql(stmt.text));
+    let mut q = sqlx::query::<DB>(super::sql(stmt.text));
     for p in stmt.params {
         q = match p {
             Param::Text(s) => q.bind(s),
@@ -248,7 +189,7 @@ fn conditions<DB: Dialect>(s: &mut Stmt<DB>, filter: &ScanFilter) {
     }
     if let Some(age) = filter.older_than {
         s.push(" AND c.owner_token <= n.now_us - ")
-            .bind(Param::Int(super::common::micros(age)));
+            .bind(Param::Int(super::micros(age)));
     }
 }
 
