@@ -60,7 +60,7 @@ macro_rules! store_accessors {
                 &self,
                 every: std::time::Duration,
             ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
-                $crate::stores::sql::common::spawn_sweeper(self.clone(), every)
+                $crate::stores::sql::common::methods::spawn_sweeper(self.clone(), every)
             }
         }
 
@@ -89,7 +89,7 @@ macro_rules! scan_methods {
             filter: &'life1 $crate::store::scan::ScanFilter,
             cursor: Option<&'life2 $crate::store::scan::ScanCursor>,
             limit: usize,
-        ) -> $crate::stores::sql::common::StoreFuture<'async_trait, $crate::store::scan::ScanPage>
+        ) -> $crate::stores::sql::common::methods::StoreFuture<'async_trait, $crate::store::scan::ScanPage>
         where
             'life0: 'async_trait,
             'life1: 'async_trait,
@@ -106,7 +106,7 @@ macro_rules! scan_methods {
             &'life0 self,
             scope: Option<&'life1 str>,
             poisoned_at: Option<u32>,
-        ) -> $crate::stores::sql::common::StoreFuture<'async_trait, Vec<$crate::store::scan::ScopeStats>>
+        ) -> $crate::stores::sql::common::methods::StoreFuture<'async_trait, Vec<$crate::store::scan::ScopeStats>>
         where
             'life0: 'async_trait,
             'life1: 'async_trait,
@@ -117,14 +117,14 @@ macro_rules! scan_methods {
             })
         }
 
-        $crate::stores::sql::common::scan_methods!(admin force_release, false);
-        $crate::stores::sql::common::scan_methods!(admin reset_attempts, true);
+        $crate::stores::sql::common::methods::scan_methods!(admin force_release, false);
+        $crate::stores::sql::common::methods::scan_methods!(admin reset_attempts, true);
     };
     (admin $name:ident, $reset:literal) => {
         fn $name<'life0, 'life1, 'async_trait>(
             &'life0 self,
             key: &'life1 $crate::key::RecordKey,
-        ) -> $crate::stores::sql::common::StoreFuture<'async_trait, $crate::store::scan::AdminOutcome>
+        ) -> $crate::stores::sql::common::methods::StoreFuture<'async_trait, $crate::store::scan::AdminOutcome>
         where
             'life0: 'async_trait,
             'life1: 'async_trait,

@@ -2,11 +2,14 @@
 //! stores write (in SQL, [`sane`], and on the decoded row, [`RowView::decode`]), and the
 //! claim rules applied to it.
 
-use super::{MAX_MICROS, from_micros, token_param};
+use super::base::{MAX_MICROS, SqlDatabase, from_micros, token_param};
 use crate::error::StoreError;
 use crate::error::StoreErrorKind;
 use crate::store::{ClaimOutcome, ClaimRequest, Fence, Record, RecordState, Token};
+use sqlx::query::Query;
+use sqlx::{Executor, IntoArguments, Type};
 use std::fmt;
+use std::future::Future;
 
 pub(crate) fn corrupt(message: String) -> StoreError {
     StoreError::new(StoreErrorKind::Corrupt, message)
@@ -286,6 +289,41 @@ pub(crate) fn unmatched_fence(seen: Option<RowView>, step: Step) -> Fence {
     }
 }
 
+/// Reads the row `q` selects (the record's columns, as [`RowView::decode`] takes them)
+/// on `conn`, checked; `None` when there is none. `err` wraps a driver error.
+pub(crate) async fn read_row<'c, DB, E>(
+    conn: E,
+    q: Query<'_, DB, DB::Arguments>,
+    scope: &str,
+    err: impl FnOnce(sqlx::Error) -> StoreError,
+) -> Result<Option<RowView>, StoreError>
+where
+    DB: SqlDatabase,
+    DB::Arguments: IntoArguments<DB>,
+    E: Executor<'c, Database = DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+    i64: for<'r> sqlx::Decode<'r, DB> + Type<DB>,
+    Vec<u8>: for<'r> sqlx::Decode<'r, DB> + Type<DB>,
+{
+    let row = q.fetch_all(conn).await.map_err(err)?.pop();
+    row.map(|r| RowView::decode(&r, 0, scope)).transpose()
+}
+
+/// The fence of a single-key compare-and-set write that matched `rows` rows:
+/// [`Fence::Held`] when it matched; else the key's row is read back (`read`) and
+/// [`unmatched_fence`] answers, so that a corrupt record is an error and a step already
+/// applied by the same claim (its reply lost) is Held.
+pub(crate) async fn fence_of(
+    rows: u64,
+    step: Step,
+    read: impl Future<Output = Result<Option<RowView>, StoreError>>,
+) -> Result<Fence, StoreError> {
+    if rows > 0 {
+        return Ok(Fence::Held);
+    }
+    Ok(unmatched_fence(read.await?, step))
+}
+
 /// What a claim does with a row it read.
 #[derive(Debug)]
 pub(crate) enum Decision {
@@ -346,4 +384,14 @@ pub(crate) fn contended() -> StoreError {
         StoreErrorKind::Other,
         "the record changed under every claim attempt; retry later",
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_range_claims_are_corrupt() {
+        assert!(acquired(-1, 1, "s").is_err());
+    }
 }

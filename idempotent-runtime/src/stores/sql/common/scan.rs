@@ -8,7 +8,8 @@
 //! Each database's [`Dialect`] is in its own folder (`mysql/scan.rs`,
 //! `postgres/scan.rs`, `sqlite/scan.rs`).
 
-use super::{SqlDatabase, TableName, from_micros, sane};
+use super::base::{SqlDatabase, TableName, from_micros};
+use super::row::sane;
 use crate::store::scan::{
     AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage, ScopeStats, state_rank,
 };
@@ -102,7 +103,7 @@ where
     for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
     for<'q> i64: Encode<'q, DB> + Type<DB>,
 {
-    let mut q = sqlx::query::<DB>(super::sql(stmt.text));
+    let mut q = sqlx::query::<DB>(super::base::sql(stmt.text));
     for p in stmt.params {
         q = match p {
             Param::Text(s) => q.bind(s),
@@ -189,7 +190,7 @@ fn conditions<DB: Dialect>(s: &mut Stmt<DB>, filter: &ScanFilter) {
     }
     if let Some(age) = filter.older_than {
         s.push(" AND c.owner_token <= n.now_us - ")
-            .bind(Param::Int(super::micros(age)));
+            .bind(Param::Int(super::base::micros(age)));
     }
 }
 

@@ -18,7 +18,7 @@
 //! database implements [`DedupTransaction`](crate::store::DedupTransaction) in its own
 //! folder (`mysql/tx.rs`, `postgres/tx.rs`, `sqlite/tx.rs`).
 
-use super::TableName;
+use super::base::TableName;
 use crate::error::StoreError;
 use crate::error::StoreErrorKind;
 use std::collections::BTreeMap;

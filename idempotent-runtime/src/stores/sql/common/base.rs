@@ -1,10 +1,8 @@
-//! What the three SQL stores share: table names, statement text, binding the protocol's
-//! values, time arithmetic, opening a pool and error classification; reading a record
-//! row and the claim rules applied to it are in [`row`], the methods every store has
-//! alike and the background sweeper in [`methods`], scans, statistics and operator
-//! changes in [`scan`] and the shared part of transactional mode in [`tx`].
+//! What every SQL store's statements build on: table names, statement text, binding
+//! the protocol's values, time arithmetic, opening a pool, running a write and error
+//! classification.
 
-use crate::store::{ClaimRequest, Completion, Fence, Token};
+use crate::store::{ClaimRequest, Completion, Token};
 use crate::key::RecordKey;
 use crate::error::{StoreError, StoreErrorKind};
 use sqlx::error::DatabaseError;
@@ -14,14 +12,6 @@ use std::fmt;
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
-
-mod methods;
-mod row;
-pub(crate) mod scan;
-pub(crate) mod tx;
-
-pub(crate) use methods::{StoreFuture, scan_methods, spawn_sweeper, store_accessors};
-pub(crate) use row::*;
 
 /// The table every SQL store uses unless told otherwise, after the classic
 /// `message_idempotent` table of hand-written consumers.
@@ -33,7 +23,7 @@ const MAX_IDENT: usize = 63;
 
 /// Durations are clamped to this many microseconds (about 31 700 years) so that
 /// `now + duration` never overflows a `BIGINT`.
-const MAX_MICROS: i64 = 1_000_000_000_000_000_000;
+pub(crate) const MAX_MICROS: i64 = 1_000_000_000_000_000_000;
 
 /// How many times a claim re-reads a row that changed under it before giving up.
 pub(crate) const CLAIM_RETRIES: usize = 32;
@@ -283,41 +273,6 @@ where
     Ok(DB::rows_affected(&done))
 }
 
-/// Reads the row `q` selects (the record's columns, as [`RowView::decode`] takes them)
-/// on `conn`, checked; `None` when there is none. `err` wraps a driver error.
-pub(crate) async fn read_row<'c, DB, E>(
-    conn: E,
-    q: Query<'_, DB, DB::Arguments>,
-    scope: &str,
-    err: impl FnOnce(sqlx::Error) -> StoreError,
-) -> Result<Option<RowView>, StoreError>
-where
-    DB: SqlDatabase,
-    DB::Arguments: IntoArguments<DB>,
-    E: Executor<'c, Database = DB>,
-    usize: sqlx::ColumnIndex<DB::Row>,
-    i64: for<'r> sqlx::Decode<'r, DB> + Type<DB>,
-    Vec<u8>: for<'r> sqlx::Decode<'r, DB> + Type<DB>,
-{
-    let row = q.fetch_all(conn).await.map_err(err)?.pop();
-    row.map(|r| RowView::decode(&r, 0, scope)).transpose()
-}
-
-/// The fence of a single-key compare-and-set write that matched `rows` rows:
-/// [`Fence::Held`] when it matched; else the key's row is read back (`read`) and
-/// [`unmatched_fence`] answers, so that a corrupt record is an error and a step already
-/// applied by the same claim (its reply lost) is Held.
-pub(crate) async fn fence_of(
-    rows: u64,
-    step: Step,
-    read: impl Future<Output = Result<Option<RowView>, StoreError>>,
-) -> Result<Fence, StoreError> {
-    if rows > 0 {
-        return Ok(Fence::Held);
-    }
-    Ok(unmatched_fence(read.await?, step))
-}
-
 /// Deletes expired records in batches of [`PURGE_BATCH`] until a batch comes back
 /// short; `batch` deletes one batch and answers how many rows it deleted.
 pub(crate) async fn purge_in_batches<F, Fut>(mut batch: F) -> Result<u64, StoreError>
@@ -487,6 +442,5 @@ mod tests {
         assert_eq!(micros(Duration::MAX), MAX_MICROS);
         assert_eq!(from_micros(-5), Duration::ZERO);
         assert_eq!(token_param(Token(u64::MAX)), -1);
-        assert!(acquired(-1, 1, "s").is_err());
     }
 }
