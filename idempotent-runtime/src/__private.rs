@@ -88,5 +88,6 @@ where
 
 // ---- transactional mode (`tx = "…"`) ----
 
-pub use crate::protocol::tx::{DedupTransaction, TxCall, TxClaim, TxConfig, tx_conn};
+pub use crate::protocol::tx::{TxCall, TxClaim, TxConfig, tx_conn};
+pub use crate::store::DedupTransaction;
 pub use tracing::Instrument;

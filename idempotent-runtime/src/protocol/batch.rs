@@ -6,11 +6,14 @@
 //! [`run_batch_with_fingerprint`](crate::Idempotency::run_batch_with_fingerprint)
 //! (`manual/batch.rs`) prepare a [`Batch`] and drive it.
 
+use super::cancel::CancelGuard;
+use super::claim::Claim;
 use super::decide::{Decision, Finished, decide};
-use super::{
-    self as protocol, CancelGuard, Claim, OnInProgress, OnStoreError, Outcome, Settings,
-    StoreHandle, output_cap, record, run_body,
-};
+use super::handle::StoreHandle;
+use super::renewal::run_body;
+use super::settings::{OnInProgress, OnStoreError, Settings, output_cap};
+use super::single::{Call, CallKey, execute};
+use super::telemetry::{Outcome, disabled, note_disabled, record};
 use crate::error::{Error, StoreError};
 use crate::key::{KeyPart, RecordKey};
 use crate::output::encode_output;
@@ -97,8 +100,8 @@ where
         key_of: impl Fn(&'m M) -> K,
         fingerprint_of: Option<&dyn Fn(&'m M) -> Result<[u8; 32], Error>>,
     ) -> Result<Self, NotClaimed> {
-        if protocol::disabled() {
-            protocol::note_disabled();
+        if disabled() {
+            note_disabled();
             return Err(NotClaimed::Disabled);
         }
         let mut batch =
@@ -391,14 +394,14 @@ where
     {
         for (i, message) in messages.iter().enumerate() {
             if matches!(self.slots[i], Slot::Wait | Slot::Later) {
-                let key = protocol::CallKey::Finished(self.keys[i].clone().expect("key"));
-                let call = protocol::Call {
+                let key = CallKey::Finished(self.keys[i].clone().expect("key"));
+                let call = Call {
                     scope: (&self.scope).into(),
                     store: self.store.at(),
                     key,
                     fingerprint: self.fingerprints[i],
                 };
-                let r = protocol::execute(&self.settings, call, handler(message)).await;
+                let r = execute(&self.settings, call, handler(message)).await;
                 self.slots[i] = Slot::Done(r);
             }
         }

@@ -2,11 +2,11 @@
 //! the message's [`Outcome`] and to what the handler returns, used by every driver
 //! (single message, batch, transactional mode, HTTP).
 
+use super::handle::Scope;
+use super::settings::{OnInProgress, Settings};
 use super::telemetry::{Outcome, record};
-use super::{Scope, Settings};
 use crate::error::Error;
 use crate::output::Output;
-use crate::protocol::settings::OnInProgress;
 use crate::store::{ClaimOutcome, Token};
 use std::time::Duration;
 

@@ -1,15 +1,17 @@
-//! Operator views of a store: records read page by page ([`Store::scan`]), counted per
-//! scope and state ([`Store::stats`]), and the two fixes an operator applies to one
-//! record ([`Store::force_release`], [`Store::reset_attempts`]).
+//! Operator views of a store: records read page by page
+//! ([`Store::scan`](super::Store::scan)), counted per scope and state
+//! ([`Store::stats`](super::Store::stats)), and the two fixes an operator applies to
+//! one record ([`Store::force_release`](super::Store::force_release),
+//! [`Store::reset_attempts`](super::Store::reset_attempts)).
 
+use super::types::{RecordState, Token};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::RecordKey;
-use crate::store::{RecordState, Store, Token};
-use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-/// Which records a [`Store::scan`] returns; every condition set must hold.
+/// Which records a [`Store::scan`](super::Store::scan) returns; every condition set
+/// must hold.
 ///
 /// ```
 /// use idempotent_runtime::store::{RecordState, ScanFilter};
@@ -132,7 +134,7 @@ pub struct ScanItem {
 
 impl ScanItem {
     /// A scanned record with no lease, no expiry, no output and `claimed_ago` zero; for
-    /// [`Store`] implementations outside this crate.
+    /// [`Store`](super::Store) implementations outside this crate.
     pub fn new(key: RecordKey, state: RecordState, attempts: u32, token: Token) -> Self {
         ScanItem {
             key,
@@ -199,7 +201,8 @@ pub struct ScanPage {
 }
 
 impl ScanPage {
-    /// A page that skipped nothing; for [`Store`] implementations outside this crate.
+    /// A page that skipped nothing; for [`Store`](super::Store) implementations outside
+    /// this crate.
     pub fn new(items: Vec<ScanItem>, next: Option<ScanCursor>) -> Self {
         ScanPage {
             items,
@@ -216,7 +219,8 @@ impl ScanPage {
     }
 }
 
-/// The records of one scope in one state, as [`Store::stats`] counts them.
+/// The records of one scope in one state, as [`Store::stats`](super::Store::stats)
+/// counts them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ScopeStats {
@@ -230,14 +234,15 @@ pub struct ScopeStats {
     pub oldest_claim: Option<Duration>,
     /// In progress records whose lease ran out ([`ScanItem::is_stuck`]).
     pub past_lease: u64,
-    /// Records that a claim with the `poisoned_at` given to [`Store::stats`] would
-    /// refuse ([`ScanItem::is_poisoned`]); 0 without one.
+    /// Records that a claim with the `poisoned_at` given to
+    /// [`Store::stats`](super::Store::stats) would refuse ([`ScanItem::is_poisoned`]);
+    /// 0 without one.
     pub poisoned: u64,
 }
 
 impl ScopeStats {
-    /// Empty figures for a scope and state; for [`Store`] implementations outside this
-    /// crate.
+    /// Empty figures for a scope and state; for [`Store`](super::Store) implementations
+    /// outside this crate.
     pub fn new(scope: impl Into<String>, state: RecordState) -> Self {
         ScopeStats {
             scope: scope.into(),
@@ -261,8 +266,9 @@ impl ScopeStats {
     }
 }
 
-/// The result of an operator's change to one record ([`Store::force_release`],
-/// [`Store::reset_attempts`]).
+/// The result of an operator's change to one record
+/// ([`Store::force_release`](super::Store::force_release),
+/// [`Store::reset_attempts`](super::Store::reset_attempts)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AdminOutcome {
@@ -289,60 +295,16 @@ pub(crate) fn unsupported(store: &(impl std::fmt::Debug + ?Sized), what: &str) -
     )
 }
 
-/// [`Store::stats`] computed from a full [`Store::scan`]: constant memory in the number
-/// of records (one entry per scope and state).
-pub async fn stats_by_scan<S: Store + ?Sized>(
-    store: &S,
-    scope: Option<&str>,
-    poisoned_at: Option<u32>,
-) -> Result<Vec<ScopeStats>, StoreError> {
-    scan_stats(store, scope, poisoned_at)
-        .await
-        .map(|s| s.scopes)
-}
-
-/// What [`scan_stats`] counts: the statistics and the keys the scan left out.
+/// What [`scan_stats`](super::scan_stats) counts: the statistics and the keys the scan
+/// left out.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ScanStats {
-    /// Per scope and state, sorted as [`Store::stats`] sorts them.
+    /// Per scope and state, sorted as [`Store::stats`](super::Store::stats) sorts them.
     pub scopes: Vec<ScopeStats>,
     /// Keys the scan left out as not records: the sum of its pages'
     /// [`ScanPage::skipped`].
     pub skipped: u64,
-}
-
-/// [`stats_by_scan`], with the count of the keys the scan left out because they hold
-/// no record ([`ScanPage::skipped`]): for an operator's tool, which should say so.
-pub async fn scan_stats<S: Store + ?Sized>(
-    store: &S,
-    scope: Option<&str>,
-    poisoned_at: Option<u32>,
-) -> Result<ScanStats, StoreError> {
-    let mut filter = ScanFilter::new();
-    filter.scope = scope.map(str::to_owned);
-    let mut by: BTreeMap<(String, u8), ScopeStats> = BTreeMap::new();
-    let mut skipped = 0u64;
-    let mut cursor: Option<ScanCursor> = None;
-    loop {
-        let page = store.scan(&filter, cursor.as_ref(), DEFAULT_PAGE).await?;
-        skipped = skipped.saturating_add(page.skipped);
-        for item in &page.items {
-            let scope = item.key.scope();
-            let slot = (scope.to_owned(), state_rank(item.state));
-            by.entry(slot)
-                .or_insert_with(|| ScopeStats::new(scope, item.state))
-                .add(item, poisoned_at);
-        }
-        match page.next {
-            Some(next) => cursor = Some(next),
-            None => break,
-        }
-    }
-    Ok(ScanStats {
-        scopes: by.into_values().collect(),
-        skipped,
-    })
 }
 
 /// Orders states in statistics: In progress, Released, Completed.
