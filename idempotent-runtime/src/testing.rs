@@ -30,9 +30,9 @@
 //! ```
 
 pub use crate::clock::ManualClock;
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
-use crate::key::RecordKey;
 use crate::error::{StoreError, StoreErrorKind};
+use crate::key::RecordKey;
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -254,12 +254,18 @@ impl<S: Store> Store for FaultyStore<S> {
         self.inner.stats(scope, poisoned_at).await
     }
 
-    async fn force_release(&self, key: &RecordKey) -> Result<crate::store::scan::AdminOutcome, StoreError> {
+    async fn force_release(
+        &self,
+        key: &RecordKey,
+    ) -> Result<crate::store::scan::AdminOutcome, StoreError> {
         self.gate("store down").await?;
         self.inner.force_release(key).await
     }
 
-    async fn reset_attempts(&self, key: &RecordKey) -> Result<crate::store::scan::AdminOutcome, StoreError> {
+    async fn reset_attempts(
+        &self,
+        key: &RecordKey,
+    ) -> Result<crate::store::scan::AdminOutcome, StoreError> {
         self.gate("store down").await?;
         self.inner.reset_attempts(key).await
     }

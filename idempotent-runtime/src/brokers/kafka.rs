@@ -320,7 +320,8 @@ where
                         Err(e) => {
                             tracing::warn!(topic, partition, offset, error = %e, "dead letter not written; the record is retried");
                             settled.redelivered += 1;
-                            plan.seek = Some((offset, crate::disposition::RetryPolicy::default().initial));
+                            plan.seek =
+                                Some((offset, crate::disposition::RetryPolicy::default().initial));
                         }
                     }
                 }

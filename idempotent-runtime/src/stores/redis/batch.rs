@@ -5,8 +5,8 @@
 use super::library::Op;
 use super::reply::{claim_outcome, fence};
 use super::{Conn, RedisStore, micros, millis};
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release};
 use crate::error::{StoreError, StoreErrorKind};
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release};
 use futures_util::future::join_all;
 use redis::cluster_routing::Slot;
 use redis::{Cmd, Value};

@@ -1,8 +1,8 @@
 //! The Redis store: one Redis function (`FCALL`) per protocol step over one key,
 //! records packed into one string per key, expiry and leases on the server's clock.
 
-use crate::key::RecordKey;
 use crate::error::{StoreError, StoreErrorKind};
+use crate::key::RecordKey;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 use redis::{ErrorKind, IntoConnectionInfo, RedisError, ServerErrorKind};

@@ -1,8 +1,8 @@
 //! Decoding the replies of the library's functions into the store's types.
 
-use crate::store::{ClaimOutcome, Fence, Record, RecordState, Token};
-use crate::key::RecordKey;
 use crate::error::{StoreError, StoreErrorKind};
+use crate::key::RecordKey;
+use crate::store::{ClaimOutcome, Fence, Record, RecordState, Token};
 use redis::Value;
 use std::time::Duration;
 

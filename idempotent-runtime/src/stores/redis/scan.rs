@@ -5,10 +5,10 @@
 //! page and counted in [`ScanPage::skipped`].
 
 use super::{Conn, RedisStore, push_escaped, redis_error};
+use crate::error::{StoreError, StoreErrorKind};
+use crate::key::RecordKey;
 use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage};
 use crate::store::{RecordState, Token};
-use crate::key::RecordKey;
-use crate::error::{StoreError, StoreErrorKind};
 use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
 use redis::{Cmd, Pipeline, RedisError, Script, Value};
 use std::sync::LazyLock;

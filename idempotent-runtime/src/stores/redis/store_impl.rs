@@ -3,10 +3,10 @@
 use super::library::Op;
 use super::reply::{claim_outcome, fence, record};
 use super::{Conn, RedisStore, micros, millis, redis_error};
+use crate::error::StoreError;
+use crate::key::RecordKey;
 use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage};
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
-use crate::key::RecordKey;
-use crate::error::StoreError;
 use async_trait::async_trait;
 use redis::Cmd;
 use std::time::Duration;

@@ -2,9 +2,9 @@
 //! the protocol's values, time arithmetic, opening a pool, running a write and error
 //! classification.
 
-use crate::store::{ClaimRequest, Completion, Token};
-use crate::key::RecordKey;
 use crate::error::{StoreError, StoreErrorKind};
+use crate::key::RecordKey;
+use crate::store::{ClaimRequest, Completion, Token};
 use sqlx::error::DatabaseError;
 use sqlx::query::Query;
 use sqlx::{AssertSqlSafe, Database, Encode, Executor, IntoArguments, SqlStr, Type};

@@ -10,12 +10,12 @@
 
 use super::base::{SqlDatabase, TableName, from_micros};
 use super::row::sane;
+use crate::error::{StoreError, StoreErrorKind};
+use crate::key::RecordKey;
 use crate::store::scan::{
     AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage, ScopeStats, state_rank,
 };
 use crate::store::{RecordState, Store, Token};
-use crate::key::RecordKey;
-use crate::error::{StoreError, StoreErrorKind};
 use sqlx::{Encode, Executor, IntoArguments, Pool, Row, Type};
 use std::collections::BTreeMap;
 

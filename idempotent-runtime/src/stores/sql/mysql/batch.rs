@@ -3,10 +3,10 @@
 
 use super::MySqlStore;
 use super::statements::MySqlQuery;
-use crate::stores::sql::common::{BindExt, RowView, SqlDatabase, repeated};
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Store, Token};
-use crate::key::RecordKey;
 use crate::error::{StoreError, StoreErrorKind};
+use crate::key::RecordKey;
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Store, Token};
+use crate::stores::sql::common::{BindExt, RowView, SqlDatabase, repeated};
 use sqlx::Row;
 use sqlx::mysql::MySql;
 use std::collections::HashMap;

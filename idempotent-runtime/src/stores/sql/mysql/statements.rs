@@ -2,8 +2,10 @@
 //! statement of the protocol, built once per table.
 
 use crate::error::StoreError;
-use crate::stores::sql::common::{self, BindExt, CLAIM_RETRIES, Plan, TableName, keep_micros, micros, sql};
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Token};
+use crate::stores::sql::common::{
+    self, BindExt, CLAIM_RETRIES, Plan, TableName, keep_micros, micros, sql,
+};
 use sqlx::mysql::{MySql, MySqlArguments};
 use sqlx::{Executor, SqlStr};
 

@@ -1,13 +1,13 @@
 //! The batch steps of [`PostgresStore`]: each one statement over arrays of keys.
 
 use super::{PostgresStore, storable};
+use crate::error::StoreError;
+use crate::key::RecordKey;
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Token};
 use crate::stores::sql::common::{
     self, CLAIM_RETRIES, RowView, SqlDatabase, keep_micros, max_attempts_param, micros, repeated,
     token_param,
 };
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Token};
-use crate::key::RecordKey;
-use crate::error::StoreError;
 use sqlx::Row;
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
 use std::collections::HashMap;

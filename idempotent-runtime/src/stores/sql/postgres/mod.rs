@@ -11,9 +11,9 @@ use super::common::{
     self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, Decision, PURGE_BATCH, RowView, SqlDatabase, Step,
     TableName, micros,
 };
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
-use crate::key::RecordKey;
 use crate::error::{StoreError, StoreErrorKind};
+use crate::key::RecordKey;
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use async_trait::async_trait;
 use sqlx::Row;
 use sqlx::error::DatabaseError;

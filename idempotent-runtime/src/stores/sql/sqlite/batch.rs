@@ -3,10 +3,10 @@
 
 use super::SqliteStore;
 use super::statements::SqliteQuery;
-use crate::stores::sql::common::{self, CLAIM_RETRIES, Plan, RowView, SqlDatabase, Step, repeated};
-use crate::store::{ClaimOutcome, ClaimRequest, Fence};
-use crate::key::RecordKey;
 use crate::error::StoreError;
+use crate::key::RecordKey;
+use crate::store::{ClaimOutcome, ClaimRequest, Fence};
+use crate::stores::sql::common::{self, CLAIM_RETRIES, Plan, RowView, SqlDatabase, Step, repeated};
 use sqlx::Connection;
 use sqlx::sqlite::{Sqlite, SqliteConnection};
 use std::collections::HashMap;

@@ -1,10 +1,10 @@
 //! The SQL of [`SqliteStore`](super::SqliteStore): the table and every statement of the
 //! protocol, built once per table, and the claim's conditional write.
 
-use crate::stores::sql::common::{self, BindExt, Plan, TableName, sql};
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Release};
-use crate::key::RecordKey;
 use crate::error::StoreError;
+use crate::key::RecordKey;
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, Release};
+use crate::stores::sql::common::{self, BindExt, Plan, TableName, sql};
 use sqlx::sqlite::SqliteConnection;
 use sqlx::{Row, SqlStr};
 
