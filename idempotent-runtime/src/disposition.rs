@@ -2,7 +2,7 @@
 //! it delivered again later, or move it to a dead-letter destination. Every broker
 //! integration maps a [`Disposition`] onto its own acknowledgements.
 
-use crate::Error;
+use crate::error::Error;
 use std::time::Duration;
 
 /// What to do with a delivered message, decided from its handler's result by
@@ -170,7 +170,7 @@ impl RetryPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{NotReplayable, StoreError, StoreErrorKind};
+    use crate::error::{NotReplayable, StoreError, StoreErrorKind};
 
     #[derive(Debug)]
     enum App {

@@ -1,6 +1,6 @@
 //! Fingerprints: the SHA-256 of a value's JSON serialization.
 
-use crate::Error;
+use crate::error::Error;
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 

@@ -17,7 +17,7 @@
 //! SHA-256 collisions. Every byte is data: stores pass keys as bound parameters or
 //! binary-safe arguments, never as syntax.
 
-use crate::Error;
+use crate::error::Error;
 use crate::inline::InlineBuf;
 use sha2::{Digest, Sha256};
 use std::borrow::Cow;

@@ -8,6 +8,10 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(docsrs, feature(doc_cfg))]
 
+#[macro_use]
+mod macros;
+
+mod brokers;
 mod clock;
 mod disposition;
 mod error;
@@ -15,50 +19,65 @@ mod fingerprint;
 mod inline;
 mod key;
 mod manual;
-pub mod memory;
 mod output;
 mod protocol;
 mod registry;
-mod scan;
 mod scope;
 pub mod store;
+mod stores;
 
-#[cfg(feature = "testing")]
-pub mod testing;
+cfg_testing! {
+    pub mod testing;
+}
 
-#[cfg(feature = "rocketmq")]
-pub mod rocketmq;
-
-#[cfg(feature = "kafka")]
-pub mod kafka;
-
-#[cfg(feature = "amqp")]
-pub mod amqp;
-
-#[cfg(feature = "tower")]
-pub mod http;
-#[cfg(feature = "redis-streams")]
-pub mod redis_streams;
-
-#[cfg(feature = "redis")]
-mod redis_store;
-/// The `redis` driver this crate's [`RedisStore`] uses.
-#[cfg(feature = "redis")]
-pub use redis;
-#[cfg(feature = "redis")]
-pub use redis_store::*;
-
-#[cfg(any(feature = "mysql", feature = "postgres", feature = "sqlite"))]
-mod sql;
-#[cfg(any(feature = "mysql", feature = "postgres", feature = "sqlite"))]
-pub use sql::*;
-/// The `sqlx` driver this crate's SQL stores use.
-#[cfg(any(feature = "mysql", feature = "postgres", feature = "sqlite"))]
-pub use sqlx;
+cfg_tower! {
+    pub mod http;
+}
 
 #[doc(hidden)]
-#[path = "private.rs"]
 pub mod __private;
+
+pub use stores::memory;
+
+cfg_rocketmq! {
+    pub use brokers::rocketmq;
+}
+
+cfg_kafka! {
+    pub use brokers::kafka;
+}
+
+cfg_amqp! {
+    pub use brokers::amqp;
+}
+
+cfg_redis_streams! {
+    pub use brokers::redis_streams;
+}
+
+cfg_redis! {
+    /// The `redis` driver this crate's [`RedisStore`] uses.
+    pub use redis;
+    pub use stores::redis::RedisStore;
+}
+
+cfg_sql! {
+    /// The `sqlx` driver this crate's SQL stores use.
+    pub use sqlx;
+    pub use stores::sql::DEFAULT_TABLE;
+}
+
+cfg_mysql! {
+    pub use stores::sql::MySqlStore;
+}
+
+cfg_postgres! {
+    pub use stores::sql::PostgresStore;
+}
+
+cfg_sqlite! {
+    pub use stores::sql::SqliteStore;
+}
 
 pub use disposition::{AsIdempotencyError, Disposition, RetryPolicy};
 pub use error::{Error, NotReplayable, StoreError, StoreErrorKind};
@@ -66,6 +85,7 @@ pub use fingerprint::fingerprint;
 pub use idempotent_macros::idempotent;
 pub use key::{KeyBuilder, KeyPart, MAX_KEY_BYTES, MAX_SCOPE_BYTES, RecordKey};
 pub use manual::Idempotency;
+#[doc(no_inline)]
 pub use memory::MemoryStore;
 pub use protocol::{
     Claim, DEFAULT_MAX_OUTPUT_BYTES, MAX_TTL, MIN_LEASE, OnInProgress, OnStoreError, Outcome,
@@ -73,7 +93,3 @@ pub use protocol::{
 };
 pub use registry::{register_store, registered_store};
 pub use store::{Store, Token};
-
-// Paths the stores use inside the crate; public under `store`.
-#[allow(unused_imports)]
-pub(crate) use scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};

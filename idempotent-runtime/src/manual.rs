@@ -1,9 +1,11 @@
 //! The protocol without the attribute: for closures, trait objects and code that
 //! computes its key at run time.
 
+use crate::error::Error;
+use crate::key::{KeyBuilder, KeyPart, RecordKey};
+use crate::protocol::batch::Batch;
 use crate::protocol::{self, OnInProgress, OnStoreError, Settings, StoreHandle, StoreSource};
-use crate::store::Record;
-use crate::{Error, KeyBuilder, KeyPart, RecordKey, Store};
+use crate::store::{Record, Store};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::borrow::Cow;
@@ -232,5 +234,119 @@ impl Idempotency {
             store,
             body,
         )
+    }
+}
+
+impl Idempotency {
+    /// Runs `handler` once per distinct key of a batch of messages, in three round
+    /// trips to the store however large the batch: one claim for every key, then,
+    /// after the handlers ran (concurrently), one completion for the successes and
+    /// one release for the failures.
+    ///
+    /// The results come back in the order of `messages`, each as
+    /// [`run`](Self::run) would have returned it: the handler's output, a cached
+    /// output for a key completed before, or an [`Error`]. A key that appears twice in
+    /// the batch runs once; the later copies get the first one's output (or
+    /// [`Error::InProgress`] if it failed, so they are redelivered and retried).
+    ///
+    /// If a handler panics, every claim of the batch is settled first, then the panic
+    /// resumes. If the returned future is dropped, the claims of the handlers that did
+    /// not finish are released.
+    ///
+    /// ```
+    /// use idempotent_runtime::{Error, Idempotency};
+    ///
+    /// struct Msg { id: String, amount: u64 }
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let ledger = Idempotency::new("ledger");
+    /// let batch = vec![
+    ///     Msg { id: "a".into(), amount: 1 },
+    ///     Msg { id: "b".into(), amount: 2 },
+    ///     Msg { id: "a".into(), amount: 1 }, // a send retry inside the same batch
+    /// ];
+    /// let results: Vec<Result<u64, Error>> = ledger
+    ///     .run_batch(&batch, |m| m.id.clone(), |m| async move { Ok(m.amount * 100) })
+    ///     .await;
+    /// let amounts: Vec<u64> = results.into_iter().map(Result::unwrap).collect();
+    /// assert_eq!(amounts, [100, 200, 100]);
+    /// # });
+    /// ```
+    pub async fn run_batch<'m, M, K, T, E, KF, HF, Fut>(
+        &self,
+        messages: &'m [M],
+        key_of: KF,
+        handler: HF,
+    ) -> Vec<Result<T, E>>
+    where
+        K: KeyPart,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        KF: Fn(&'m M) -> K,
+        HF: Fn(&'m M) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        let batch = Batch::prepared(
+            self.scope_cow().clone(),
+            self.settings(),
+            || self.resolve_store(),
+            messages,
+            key_of,
+            None,
+        );
+        Batch::drive(batch, messages, handler).await
+    }
+
+    /// Like [`run_batch`](Self::run_batch), with a fingerprint per message, as
+    /// [`run_with_fingerprint`](Self::run_with_fingerprint) takes for one: a message
+    /// whose key was claimed before with a different fingerprint (by an earlier batch,
+    /// or by an earlier message of the same batch) gets [`Error::FingerprintMismatch`]
+    /// instead of a cached output, and its handler does not run.
+    ///
+    /// ```
+    /// use idempotent_runtime::{Error, Idempotency};
+    ///
+    /// struct Msg { id: &'static str, amount: u64 }
+    ///
+    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+    /// let ledger = Idempotency::new("ledger-fp");
+    /// let batch = [Msg { id: "a", amount: 1 }, Msg { id: "a", amount: 2 }];
+    /// let results: Vec<Result<u64, Error>> = ledger
+    ///     .run_batch_with_fingerprint(&batch, |m| m.id, |m| m.amount, |m| async move { Ok(m.amount) })
+    ///     .await;
+    /// assert_eq!(*results[0].as_ref().unwrap(), 1);
+    /// assert!(matches!(results[1], Err(Error::FingerprintMismatch)));
+    /// # });
+    /// ```
+    pub async fn run_batch_with_fingerprint<'m, M, K, F, T, E, KF, FF, HF, Fut>(
+        &self,
+        messages: &'m [M],
+        key_of: KF,
+        fingerprint_of: FF,
+        handler: HF,
+    ) -> Vec<Result<T, E>>
+    where
+        K: KeyPart,
+        F: Serialize,
+        T: Serialize + DeserializeOwned,
+        E: From<Error>,
+        KF: Fn(&'m M) -> K,
+        FF: Fn(&'m M) -> F,
+        HF: Fn(&'m M) -> Fut,
+        Fut: Future<Output = Result<T, E>>,
+    {
+        // used before the first await only: the batch's future does not hold it
+        let batch = {
+            let fingerprint_of = |m: &'m M| crate::fingerprint::fingerprint(&fingerprint_of(m));
+            Batch::prepared(
+                self.scope_cow().clone(),
+                self.settings(),
+                || self.resolve_store(),
+                messages,
+                key_of,
+                Some(&fingerprint_of),
+            )
+        };
+        Batch::drive(batch, messages, handler).await
     }
 }

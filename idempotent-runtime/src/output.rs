@@ -12,7 +12,7 @@
 //!   for each other: a JSON output read as raw, or raw bytes read as JSON, is
 //!   [`Error::OutputNotReplayable`] instead of a wrong value.
 
-use crate::{Error, NotReplayable};
+use crate::error::{Error, NotReplayable};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::io::Write;

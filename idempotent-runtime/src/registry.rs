@@ -1,6 +1,7 @@
 //! Stores registered by name, for `store = "name"`.
 
-use crate::{MemoryStore, Store};
+use crate::store::Store;
+use crate::stores::memory::MemoryStore;
 use std::collections::HashMap;
 use std::sync::{LazyLock, RwLock};
 

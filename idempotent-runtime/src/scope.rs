@@ -20,7 +20,7 @@
 //! for types without a name of their own (references, tuples, trait objects). The guard
 //! refuses the second one at its first call, in each process, before anything is claimed.
 
-use crate::Error;
+use crate::error::Error;
 use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::{Mutex, OnceLock, PoisonError, RwLock};
@@ -248,7 +248,7 @@ fn erase_type_args(ty: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::{DefaultScope, erase_type_args};
-    use crate::Error;
+    use crate::error::Error;
 
     fn handler_a() -> &'static str {
         "app::A::handle::{{closure}}::__idempotent_handler"

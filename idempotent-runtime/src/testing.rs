@@ -29,9 +29,10 @@
 //! # });
 //! ```
 
-pub use crate::memory::ManualClock;
+pub use crate::clock::ManualClock;
+use crate::error::{StoreError, StoreErrorKind};
+use crate::key::RecordKey;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
-use crate::{RecordKey, StoreError, StoreErrorKind};
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -236,10 +237,10 @@ impl<S: Store> Store for FaultyStore<S> {
 
     async fn scan(
         &self,
-        filter: &crate::ScanFilter,
-        cursor: Option<&crate::ScanCursor>,
+        filter: &crate::store::scan::ScanFilter,
+        cursor: Option<&crate::store::scan::ScanCursor>,
         limit: usize,
-    ) -> Result<crate::ScanPage, StoreError> {
+    ) -> Result<crate::store::scan::ScanPage, StoreError> {
         self.gate("store down").await?;
         self.inner.scan(filter, cursor, limit).await
     }
@@ -248,17 +249,23 @@ impl<S: Store> Store for FaultyStore<S> {
         &self,
         scope: Option<&str>,
         poisoned_at: Option<u32>,
-    ) -> Result<Vec<crate::ScopeStats>, StoreError> {
+    ) -> Result<Vec<crate::store::scan::ScopeStats>, StoreError> {
         self.gate("store down").await?;
         self.inner.stats(scope, poisoned_at).await
     }
 
-    async fn force_release(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
+    async fn force_release(
+        &self,
+        key: &RecordKey,
+    ) -> Result<crate::store::scan::AdminOutcome, StoreError> {
         self.gate("store down").await?;
         self.inner.force_release(key).await
     }
 
-    async fn reset_attempts(&self, key: &RecordKey) -> Result<crate::AdminOutcome, StoreError> {
+    async fn reset_attempts(
+        &self,
+        key: &RecordKey,
+    ) -> Result<crate::store::scan::AdminOutcome, StoreError> {
         self.gate("store down").await?;
         self.inner.reset_attempts(key).await
     }

@@ -7,7 +7,7 @@
 //! count (u16) | (the same pairs)*] | body`, all integers big-endian; flag bit 0 says
 //! the body was over the cap and is not cached, bit 1 that trailers follow the headers.
 
-use crate::Error;
+use crate::error::Error;
 use crate::output::OutputBuf;
 use crate::output::{Output, not_replayable, read_raw, write_raw};
 use bytes::{Bytes, BytesMut};

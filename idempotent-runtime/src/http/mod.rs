@@ -75,6 +75,7 @@
 #[cfg(feature = "axum")]
 mod axum_support;
 mod cached;
+mod config;
 mod fingerprint;
 mod identity;
 mod key;
@@ -84,14 +85,16 @@ mod service;
 #[cfg(feature = "axum")]
 pub use axum_support::IdempotencyKey;
 pub use cached::{BoxError, ResponseBody};
+pub use config::{BODY_OMITTED, KeyPolicy, REPLAYED};
 pub use identity::{
     Anonymous, IdentityDecided, IdentityDecision, IdentityUndecided, client_digest,
 };
 pub use key::{IDEMPOTENCY_KEY, KeyError, parse_key};
 pub use service::{Idempotent, ResponseFuture};
 
-use crate::Store;
 use crate::protocol::{OnInProgress, OnStoreError, Settings, StoreHandle};
+use crate::store::Store;
+use config::{Clients, Config, FingerprintRule, ScopeRule};
 use http::header::{HeaderName, SET_COOKIE};
 use http::{Method, StatusCode, request};
 use std::borrow::Cow;
@@ -100,79 +103,11 @@ use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 
-/// The response header that marks a replayed response: `Idempotent-Replayed: true`.
-pub const REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
-
-/// On a replay whose body was over the cache cap when it was recorded:
-/// `Idempotent-Body-Omitted: true`; the status and headers are the original ones, the
-/// body is empty.
-pub const BODY_OMITTED: HeaderName = HeaderName::from_static("idempotent-body-omitted");
-
 /// Response headers a layer never records nor replays unless told otherwise:
 /// `Set-Cookie` (a session handed to the first caller is not handed to whoever sends
 /// the key again). [`IdempotencyLayer::skip_header`] adds to the list; hop-by-hop
 /// headers (`Connection`, `Transfer-Encoding`, …) are never recorded either.
 pub const SKIPPED_BY_DEFAULT: [HeaderName; 1] = [SET_COOKIE];
-
-/// Whether a request must, may or may not carry an `Idempotency-Key`.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-#[non_exhaustive]
-pub enum KeyPolicy {
-    /// A request without the header is refused with 400.
-    Required,
-    /// With the header the request is deduplicated; without it, it passes through.
-    Optional,
-    /// The header is ignored; the request passes through.
-    Off,
-}
-
-type PolicyFn = dyn Fn(&request::Parts) -> KeyPolicy + Send + Sync;
-type IdentityFn = dyn Fn(&request::Parts) -> Option<String> + Send + Sync;
-type FingerprintFn = dyn Fn(&request::Parts, &[u8]) -> Option<[u8; 32]> + Send + Sync;
-
-#[derive(Clone)]
-enum ScopeRule {
-    MethodAndRoute,
-    Fixed(Cow<'static, str>),
-}
-
-#[derive(Clone)]
-enum FingerprintRule {
-    MethodPathBody,
-    Custom(Arc<FingerprintFn>),
-    Off,
-}
-
-/// Whose keys a record belongs to.
-#[derive(Clone)]
-pub(crate) enum Clients {
-    /// Every caller shares one key space.
-    Shared,
-    /// Each client named by the function has its own.
-    Identified {
-        identity: Arc<IdentityFn>,
-        anonymous: Anonymous,
-    },
-}
-
-/// The configuration a layer and its services share.
-#[derive(Clone)]
-pub(crate) struct Config {
-    store: StoreHandle,
-    settings: Settings,
-    policy: Arc<PolicyFn>,
-    scope: ScopeRule,
-    clients: Clients,
-    /// `on_anonymous` as set, kept for a `client_identity` call that comes later
-    anonymous: Anonymous,
-    fingerprint: FingerprintRule,
-    release_on: fn(StatusCode) -> bool,
-    max_key_len: usize,
-    max_request_body: usize,
-    max_cached_body: usize,
-    skip_headers: Arc<[HeaderName]>,
-    retry_after: Duration,
-}
 
 /// The default policy: `Optional` for POST and PATCH, `Off` for the other methods
 /// (safe methods, and PUT and DELETE, are idempotent by definition).
@@ -247,33 +182,6 @@ impl<I> fmt::Debug for IdempotencyLayer<I> {
     }
 }
 
-impl fmt::Debug for Config {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("IdempotencyLayer")
-            .field("store", &self.store)
-            .field("settings", &self.settings)
-            .field(
-                "scope",
-                &match &self.scope {
-                    ScopeRule::MethodAndRoute => "method and route",
-                    ScopeRule::Fixed(s) => s,
-                },
-            )
-            .field(
-                "clients",
-                &match &self.clients {
-                    Clients::Shared => "one shared key space",
-                    Clients::Identified { .. } => "identified",
-                },
-            )
-            .field("max_key_len", &self.max_key_len)
-            .field("max_request_body", &self.max_request_body)
-            .field("max_cached_body", &self.max_cached_body)
-            .field("retry_after", &self.retry_after)
-            .finish_non_exhaustive()
-    }
-}
-
 impl IdempotencyLayer<IdentityUndecided> {
     /// A layer keeping its records in `store` (any [`Store`]; an `Arc` of one to share it).
     pub fn new(store: impl Store + 'static) -> Self {
@@ -297,7 +205,7 @@ impl IdempotencyLayer<IdentityUndecided> {
                 release_on: release_by_default,
                 max_key_len: 255,
                 max_request_body: 1024 * 1024,
-                max_cached_body: crate::DEFAULT_MAX_OUTPUT_BYTES,
+                max_cached_body: crate::protocol::settings::DEFAULT_MAX_OUTPUT_BYTES,
                 skip_headers: Arc::new(SKIPPED_BY_DEFAULT),
                 retry_after: Duration::from_secs(1),
             }),
@@ -526,36 +434,5 @@ impl<S, I: IdentityDecision> tower::Layer<S> for IdempotencyLayer<I> {
 
     fn layer(&self, inner: S) -> Idempotent<S> {
         Idempotent::new(inner, self.config.clone())
-    }
-}
-
-impl Config {
-    /// The record scope of a request; `None` for a request an axum `Router` matched no
-    /// route for (the router answers it, 404 or its fallback, and nothing is recorded).
-    fn scope_of(&self, req: &mut request::Parts) -> Option<Cow<'static, str>> {
-        match &self.scope {
-            ScopeRule::Fixed(s) => Some(s.clone()),
-            ScopeRule::MethodAndRoute => {
-                #[cfg(feature = "axum")]
-                {
-                    if let Some(route) = req.extensions.get::<axum::extract::MatchedPath>() {
-                        return Some(Cow::Owned(format!("{} {}", req.method, route.as_str())));
-                    }
-                    if axum_support::inside_router(req) {
-                        return None;
-                    }
-                }
-                Some(Cow::Owned(format!("{} *", req.method)))
-            }
-        }
-    }
-
-    /// The fingerprint of a request with its body.
-    fn fingerprint_of(&self, req: &request::Parts, body: &[u8]) -> Option<[u8; 32]> {
-        match &self.fingerprint {
-            FingerprintRule::Off => None,
-            FingerprintRule::Custom(f) => f(req, body),
-            FingerprintRule::MethodPathBody => Some(fingerprint::default_fingerprint(req, body)),
-        }
     }
 }

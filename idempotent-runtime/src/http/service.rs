@@ -16,12 +16,14 @@
 //! ```
 
 use super::cached::{BoxError, Capture, HttpOutput, Read, ResponseBody, Tee, TeeEnd, read_body};
+use super::config::{BODY_OMITTED, Clients, Config, KeyPolicy, REPLAYED};
 use super::identity::{Anonymous, client_digest};
 use super::key::{KeyError, parse_key};
 use super::problem::Problem;
-use super::{BODY_OMITTED, Clients, Config, KeyPolicy, REPLAYED};
-use crate::protocol::{self, Call, CallKey};
-use crate::{Error, RecordKey};
+use crate::error::Error;
+use crate::key::RecordKey;
+use crate::protocol::single::{Call, CallKey, execute};
+use crate::protocol::telemetry::{disabled, note_disabled};
 use bytes::Bytes;
 use http::header::{HeaderMap, HeaderValue};
 use http::{Request, Response, StatusCode, request};
@@ -133,8 +135,8 @@ where
     }
 
     fn call(&mut self, req: Request<ReqB>) -> Self::Future {
-        if protocol::disabled() {
-            protocol::note_disabled();
+        if disabled() {
+            note_disabled();
             return ResponseFuture::passthrough(self.inner.call(req));
         }
         let (mut parts, body) = req.into_parts();
@@ -334,7 +336,7 @@ async fn keyed<S, ReqB, ResB>(
         key: CallKey::Finished(record_key),
         fingerprint,
     };
-    let outcome = protocol::execute(&config.settings, call, run).await;
+    let outcome = execute(&config.settings, call, run).await;
     drop(recorded);
     let answer = match outcome {
         Ok(HttpOutput::Whole {

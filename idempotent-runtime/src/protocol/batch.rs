@@ -1,15 +1,23 @@
 //! The batch form of the protocol: one round trip to claim a whole batch, one to
 //! complete it and one to release its failures, for consumers that receive messages in
 //! lists (RocketMQ and Kafka listeners, SQS `ReceiveMessage`, NATS fetch).
+//!
+//! [`Idempotency::run_batch`](crate::Idempotency::run_batch) and
+//! [`run_batch_with_fingerprint`](crate::Idempotency::run_batch_with_fingerprint)
+//! (`manual/batch.rs`) prepare a [`Batch`] and drive it.
 
+use super::cancel::CancelGuard;
+use super::claim::Claim;
 use super::decide::{Decision, Finished, decide};
-use super::{
-    self as protocol, CancelGuard, Claim, OnInProgress, OnStoreError, Outcome, Settings,
-    StoreHandle, output_cap, record, run_body,
-};
+use super::handle::StoreHandle;
+use super::renewal::run_body;
+use super::settings::{OnInProgress, OnStoreError, Settings, output_cap};
+use super::single::{Call, CallKey, execute};
+use super::telemetry::{Outcome, disabled, note_disabled, record};
+use crate::error::{Error, StoreError};
+use crate::key::{KeyPart, RecordKey};
 use crate::output::encode_output;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release};
-use crate::{Error, Idempotency, KeyPart, RecordKey, StoreError};
 use futures_util::future::join_all;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -42,106 +50,6 @@ fn shared_store_error(e: &Arc<StoreError>) -> Error {
     ))
 }
 
-impl Idempotency {
-    /// Runs `handler` once per distinct key of a batch of messages, in three round
-    /// trips to the store however large the batch: one claim for every key, then,
-    /// after the handlers ran (concurrently), one completion for the successes and
-    /// one release for the failures.
-    ///
-    /// The results come back in the order of `messages`, each as
-    /// [`run`](Self::run) would have returned it: the handler's output, a cached
-    /// output for a key completed before, or an [`Error`]. A key that appears twice in
-    /// the batch runs once; the later copies get the first one's output (or
-    /// [`Error::InProgress`] if it failed, so they are redelivered and retried).
-    ///
-    /// If a handler panics, every claim of the batch is settled first, then the panic
-    /// resumes. If the returned future is dropped, the claims of the handlers that did
-    /// not finish are released.
-    ///
-    /// ```
-    /// use idempotent_runtime::{Error, Idempotency};
-    ///
-    /// struct Msg { id: String, amount: u64 }
-    ///
-    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-    /// let ledger = Idempotency::new("ledger");
-    /// let batch = vec![
-    ///     Msg { id: "a".into(), amount: 1 },
-    ///     Msg { id: "b".into(), amount: 2 },
-    ///     Msg { id: "a".into(), amount: 1 }, // a send retry inside the same batch
-    /// ];
-    /// let results: Vec<Result<u64, Error>> = ledger
-    ///     .run_batch(&batch, |m| m.id.clone(), |m| async move { Ok(m.amount * 100) })
-    ///     .await;
-    /// let amounts: Vec<u64> = results.into_iter().map(Result::unwrap).collect();
-    /// assert_eq!(amounts, [100, 200, 100]);
-    /// # });
-    /// ```
-    pub async fn run_batch<'m, M, K, T, E, KF, HF, Fut>(
-        &self,
-        messages: &'m [M],
-        key_of: KF,
-        handler: HF,
-    ) -> Vec<Result<T, E>>
-    where
-        K: KeyPart,
-        T: Serialize + DeserializeOwned,
-        E: From<Error>,
-        KF: Fn(&'m M) -> K,
-        HF: Fn(&'m M) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        let batch = Batch::prepared(self, messages, key_of, None);
-        Batch::drive(batch, messages, handler).await
-    }
-
-    /// Like [`run_batch`](Self::run_batch), with a fingerprint per message, as
-    /// [`run_with_fingerprint`](Self::run_with_fingerprint) takes for one: a message
-    /// whose key was claimed before with a different fingerprint (by an earlier batch,
-    /// or by an earlier message of the same batch) gets [`Error::FingerprintMismatch`]
-    /// instead of a cached output, and its handler does not run.
-    ///
-    /// ```
-    /// use idempotent_runtime::{Error, Idempotency};
-    ///
-    /// struct Msg { id: &'static str, amount: u64 }
-    ///
-    /// # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
-    /// let ledger = Idempotency::new("ledger-fp");
-    /// let batch = [Msg { id: "a", amount: 1 }, Msg { id: "a", amount: 2 }];
-    /// let results: Vec<Result<u64, Error>> = ledger
-    ///     .run_batch_with_fingerprint(&batch, |m| m.id, |m| m.amount, |m| async move { Ok(m.amount) })
-    ///     .await;
-    /// assert_eq!(*results[0].as_ref().unwrap(), 1);
-    /// assert!(matches!(results[1], Err(Error::FingerprintMismatch)));
-    /// # });
-    /// ```
-    pub async fn run_batch_with_fingerprint<'m, M, K, F, T, E, KF, FF, HF, Fut>(
-        &self,
-        messages: &'m [M],
-        key_of: KF,
-        fingerprint_of: FF,
-        handler: HF,
-    ) -> Vec<Result<T, E>>
-    where
-        K: KeyPart,
-        F: Serialize,
-        T: Serialize + DeserializeOwned,
-        E: From<Error>,
-        KF: Fn(&'m M) -> K,
-        FF: Fn(&'m M) -> F,
-        HF: Fn(&'m M) -> Fut,
-        Fut: Future<Output = Result<T, E>>,
-    {
-        // used before the first await only: the batch's future does not hold it
-        let batch = {
-            let fingerprint_of = |m: &'m M| crate::fingerprint::fingerprint(&fingerprint_of(m));
-            Batch::prepared(self, messages, key_of, Some(&fingerprint_of))
-        };
-        Batch::drive(batch, messages, handler).await
-    }
-}
-
 /// Every message of a batch refused before any claim: the store is unknown or the
 /// settings are invalid.
 fn refuse_all<T, E: From<Error>>(n: usize, e: &Error) -> Vec<Result<T, E>> {
@@ -159,7 +67,7 @@ fn refuse_all<T, E: From<Error>>(n: usize, e: &Error) -> Vec<Result<T, E>> {
 
 /// One batch in flight: per message its slot, key and fingerprint, and the cached
 /// output of each decided message, for its repeats in the batch.
-struct Batch<T, E> {
+pub(crate) struct Batch<T, E> {
     scope: Cow<'static, str>,
     settings: Settings,
     store: StoreHandle,
@@ -170,7 +78,7 @@ struct Batch<T, E> {
 }
 
 /// Why a batch runs no claim: what its messages get instead.
-enum NotClaimed {
+pub(crate) enum NotClaimed {
     /// `IDEMPOTENT_DISABLED`: the handlers run as they are.
     Disabled,
     /// An unknown store or invalid settings: every message gets the error.
@@ -184,23 +92,26 @@ where
 {
     /// A batch with its keys and fingerprints worked out; nothing awaited yet.
     #[allow(clippy::type_complexity)]
-    fn prepared<'m, M, K: KeyPart>(
-        idempotency: &Idempotency,
+    pub(crate) fn prepared<'m, M, K: KeyPart>(
+        scope: Cow<'static, str>,
+        settings: &Settings,
+        store: impl FnOnce() -> Result<StoreHandle, Error>,
         messages: &'m [M],
         key_of: impl Fn(&'m M) -> K,
         fingerprint_of: Option<&dyn Fn(&'m M) -> Result<[u8; 32], Error>>,
     ) -> Result<Self, NotClaimed> {
-        if protocol::disabled() {
-            protocol::note_disabled();
+        if disabled() {
+            note_disabled();
             return Err(NotClaimed::Disabled);
         }
-        let mut batch = Batch::new(idempotency, messages.len()).map_err(NotClaimed::Refused)?;
+        let mut batch =
+            Batch::new(scope, settings, store, messages.len()).map_err(NotClaimed::Refused)?;
         batch.prepare(messages, key_of, fingerprint_of);
         Ok(batch)
     }
 
     /// Claims, runs and settles a prepared batch; the results in message order.
-    async fn drive<'m, M, Fut>(
+    pub(crate) async fn drive<'m, M, Fut>(
         batch: Result<Self, NotClaimed>,
         messages: &'m [M],
         handler: impl Fn(&'m M) -> Fut,
@@ -226,12 +137,17 @@ where
         batch.results()
     }
 
-    fn new(idempotency: &Idempotency, n: usize) -> Result<Self, Error> {
-        let store = idempotency.resolve_store()?;
-        let settings = *idempotency.settings();
+    fn new(
+        scope: Cow<'static, str>,
+        settings: &Settings,
+        store: impl FnOnce() -> Result<StoreHandle, Error>,
+        n: usize,
+    ) -> Result<Self, Error> {
+        let store = store()?;
+        let settings = *settings;
         settings.check()?;
         Ok(Batch {
-            scope: idempotency.scope_cow().clone(),
+            scope,
             settings,
             store,
             slots: Vec::with_capacity(n),
@@ -307,7 +223,7 @@ where
             Ok(o) if o.len() == claimed.len() => o,
             Ok(o) => {
                 let e = StoreError::new(
-                    crate::StoreErrorKind::Corrupt,
+                    crate::error::StoreErrorKind::Corrupt,
                     format!(
                         "the store answered {} outcomes for a batch of {} claims",
                         o.len(),
@@ -478,14 +394,14 @@ where
     {
         for (i, message) in messages.iter().enumerate() {
             if matches!(self.slots[i], Slot::Wait | Slot::Later) {
-                let key = protocol::CallKey::Finished(self.keys[i].clone().expect("key"));
-                let call = protocol::Call {
+                let key = CallKey::Finished(self.keys[i].clone().expect("key"));
+                let call = Call {
                     scope: (&self.scope).into(),
                     store: self.store.at(),
                     key,
                     fingerprint: self.fingerprints[i],
                 };
-                let r = protocol::execute(&self.settings, call, handler(message)).await;
+                let r = execute(&self.settings, call, handler(message)).await;
                 self.slots[i] = Slot::Done(r);
             }
         }

@@ -2,7 +2,7 @@
 
 use super::handle::{Scope, StoreAt};
 use super::telemetry::{Outcome, record};
-use crate::RecordKey;
+use crate::key::RecordKey;
 use crate::store::{self, Completion, Release, Token};
 use std::time::Duration;
 

@@ -2,11 +2,12 @@
 //! the message's [`Outcome`] and to what the handler returns, used by every driver
 //! (single message, batch, transactional mode, HTTP).
 
+use super::handle::Scope;
+use super::settings::{OnInProgress, Settings};
 use super::telemetry::{Outcome, record};
-use super::{Scope, Settings};
+use crate::error::Error;
 use crate::output::Output;
 use crate::store::{ClaimOutcome, Token};
-use crate::{Error, OnInProgress};
 use std::time::Duration;
 
 /// A claim's meaning for the driver that asked.

@@ -1,6 +1,8 @@
 //! Where a message's store and scope come from.
 
-use crate::{Error, Store, registered_store};
+use crate::error::Error;
+use crate::registry::registered_store;
+use crate::store::Store;
 use std::borrow::Cow;
 use std::sync::Arc;
 

@@ -31,15 +31,12 @@ pub(crate) mod single;
 pub(crate) mod telemetry;
 pub(crate) mod tx;
 
-pub(crate) use cancel::CancelGuard;
 pub use claim::{Claim, current_claim};
-pub(crate) use handle::{Scope, StoreHandle, StoreSource, lookup_store};
-pub(crate) use renewal::run_body;
-pub(crate) use settings::output_cap;
+pub(crate) use handle::{StoreHandle, StoreSource, lookup_store};
 pub use settings::{
     DEFAULT_MAX_OUTPUT_BYTES, MAX_TTL, MIN_LEASE, OnInProgress, OnStoreError, Settings,
     set_max_output_bytes,
 };
-pub(crate) use single::{Call, CallKey, execute, run};
+pub(crate) use single::run;
+pub(crate) use telemetry::disabled;
 pub use telemetry::{Outcome, observe};
-pub(crate) use telemetry::{disabled, note_disabled, record};

@@ -1,7 +1,7 @@
 //! The lease renewal of a running body.
 
 use super::claim::{CURRENT_CLAIM, Claim};
-use crate::RecordKey;
+use crate::key::RecordKey;
 use crate::store::{Fence, Store, Token};
 use futures_util::FutureExt;
 use std::future::{Future, poll_fn};

@@ -1,6 +1,6 @@
 //! What a handler is configured with: [`Settings`] and its policies.
 
-use crate::Error;
+use crate::error::Error;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 

@@ -1,0 +1,397 @@
+//! A record row as the SQL stores read it: the checks that it holds only values the
+//! stores write (in SQL, [`sane`], and on the decoded row, [`RowView::decode`]), and the
+//! claim rules applied to it.
+
+use super::base::{MAX_MICROS, SqlDatabase, from_micros, token_param};
+use crate::error::StoreError;
+use crate::error::StoreErrorKind;
+use crate::store::{ClaimOutcome, ClaimRequest, Fence, Record, RecordState, Token};
+use sqlx::query::Query;
+use sqlx::{Executor, IntoArguments, Type};
+use std::fmt;
+use std::future::Future;
+
+pub(crate) fn corrupt(message: String) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, message)
+}
+
+/// The error for a record whose row holds a value this store never writes: names the
+/// record's scope (never its key, which is message data) and what is wrong.
+pub(crate) fn corrupt_record(scope: &str, what: impl fmt::Display) -> StoreError {
+    corrupt(format!(
+        "the record of scope {scope:?} is corrupt: {what}; fix the row or forget the record"
+    ))
+}
+
+/// Largest `retry_times` a valid row holds: one more attempt must still fit the
+/// column (`INT`).
+pub(crate) const MAX_ATTEMPTS_VALUE: i64 = i32::MAX as i64 - 1;
+
+/// The SQL condition "the row `r` holds only values this store writes": a status of 0
+/// or 1, an attempt count, token, lease deadline and expiry within range (so that one
+/// more attempt, the next token and every time computed from them fit a `BIGINT`), and
+/// on SQLite, whose columns take any type, integers in the integer columns and bytes
+/// (or text) in the fingerprint and output. Claims and the compare-and-set writes
+/// touch only such rows; any other row is reported as [`StoreErrorKind::Corrupt`] by
+/// [`RowView::decode`], which applies the same rules.
+pub(crate) fn sane(r: &str, sqlite: bool) -> String {
+    let mut s = format!(
+        "{r}status IN (0, 1) AND {r}retry_times BETWEEN 0 AND {MAX_ATTEMPTS_VALUE} \
+         AND {r}owner_token BETWEEN 0 AND {max_token} \
+         AND ({r}lease_until_us IS NULL OR {r}lease_until_us BETWEEN 0 AND {MAX_TIME}) \
+         AND {r}expires_at_us BETWEEN 0 AND {MAX_TIME}",
+        max_token = i64::MAX - 1,
+    );
+    if sqlite {
+        s.push_str(&format!(
+            " AND typeof({r}status) = 'integer' AND typeof({r}retry_times) = 'integer' \
+             AND typeof({r}owner_token) = 'integer' AND typeof({r}expires_at_us) = 'integer' \
+             AND typeof({r}lease_until_us) IN ('integer', 'null') \
+             AND typeof({r}fingerprint) IN ('blob', 'text', 'null') \
+             AND typeof({r}output) IN ('blob', 'text', 'null')"
+        ));
+    }
+    s
+}
+
+/// Largest time a valid row holds: far beyond any clock reading plus [`MAX_MICROS`],
+/// and small enough that subtracting a clock reading or adding a duration of up to
+/// [`MAX_MICROS`] fits a `BIGINT`.
+pub(crate) const MAX_TIME: i64 = 4 * MAX_MICROS;
+
+/// One record row as every store reads it, checked: every value is one this store
+/// writes (see [`sane`]). Times are relative to the database clock at the moment of
+/// the read.
+#[derive(Debug)]
+pub(crate) struct RowView {
+    pub(crate) state: RecordState,
+    /// Attempts claimed so far.
+    pub(crate) attempts: u32,
+    /// The `owner_token` column (non-negative).
+    pub(crate) token: i64,
+    /// `lease_until_us - now`, `None` when the lease column is NULL.
+    pub(crate) lease_left: Option<i64>,
+    /// `expires_at_us - now`.
+    pub(crate) expires_left: i64,
+    pub(crate) fingerprint: Option<Vec<u8>>,
+    pub(crate) output: Option<Vec<u8>>,
+}
+
+impl RowView {
+    /// Decodes and checks the columns `status, retry_times, owner_token,
+    /// lease_until_us, expires_at_us, fingerprint, output, now_us` (integers as
+    /// `BIGINT`) starting at column `at`, of a row of the record of scope `scope`. A
+    /// value this store never writes (a status other than 0 or 1, a negative token,
+    /// attempt count or time, a value of the wrong type) is a
+    /// [`StoreErrorKind::Corrupt`] error naming the scope.
+    pub(crate) fn decode<'r, R>(row: &'r R, at: usize, scope: &str) -> Result<Self, StoreError>
+    where
+        R: sqlx::Row,
+        usize: sqlx::ColumnIndex<R>,
+        i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+        Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    {
+        const NAMES: [&str; 8] = [
+            "status",
+            "retry_times",
+            "owner_token",
+            "lease_until_us",
+            "expires_at_us",
+            "fingerprint",
+            "output",
+            "the database clock",
+        ];
+        let bad = |i: usize, e: sqlx::Error| match e {
+            sqlx::Error::ColumnNotFound(_) | sqlx::Error::ColumnIndexOutOfBounds { .. } => {
+                StoreError::with_source(
+                    StoreErrorKind::Rejected,
+                    "a record row does not have the expected columns",
+                    e,
+                )
+            }
+            e => StoreError::with_source(
+                StoreErrorKind::Corrupt,
+                format!(
+                    "the record of scope {scope:?} is corrupt: `{}` does not hold a value of \
+                     its type; fix the row or forget the record",
+                    NAMES[i]
+                ),
+                e,
+            ),
+        };
+        let int = |i: usize| row.try_get::<Option<i64>, _>(at + i).map_err(|e| bad(i, e));
+        let bytes = |i: usize| {
+            row.try_get::<Option<Vec<u8>>, _>(at + i)
+                .map_err(|e| bad(i, e))
+        };
+        let required = |i: usize| -> Result<i64, StoreError> {
+            int(i)?.ok_or_else(|| corrupt_record(scope, format_args!("`{}` is NULL", NAMES[i])))
+        };
+        let status = required(0)?;
+        let attempts = required(1)?;
+        let token = required(2)?;
+        let lease = int(3)?;
+        let expires = required(4)?;
+        let fingerprint = bytes(5)?;
+        let output = bytes(6)?;
+        let now = required(7)?;
+        let state = match (status, lease) {
+            (1, _) => RecordState::Completed,
+            (0, Some(_)) => RecordState::InProgress,
+            (0, None) => RecordState::Released,
+            (s, _) => {
+                return Err(corrupt_record(
+                    scope,
+                    format_args!("status {s} is neither 0 (not yet consumed) nor 1 (consumed)"),
+                ));
+            }
+        };
+        if !(0..=MAX_ATTEMPTS_VALUE).contains(&attempts) {
+            return Err(corrupt_record(
+                scope,
+                format_args!("retry_times {attempts} is out of range"),
+            ));
+        }
+        if !(0..i64::MAX).contains(&token) {
+            return Err(corrupt_record(
+                scope,
+                format_args!("owner_token {token} is out of range"),
+            ));
+        }
+        for (name, t) in [("lease_until_us", lease), ("expires_at_us", Some(expires))] {
+            if let Some(t) = t
+                && !(0..=MAX_TIME).contains(&t)
+            {
+                return Err(corrupt_record(
+                    scope,
+                    format_args!("{name} {t} is out of range"),
+                ));
+            }
+        }
+        if !(0..=MAX_TIME).contains(&now) {
+            return Err(corrupt(format!(
+                "the database clock reads {now} µs since the epoch"
+            )));
+        }
+        Ok(RowView {
+            state,
+            attempts: attempts as u32,
+            token,
+            lease_left: lease.map(|l| l - now),
+            expires_left: expires - now,
+            fingerprint,
+            output,
+        })
+    }
+
+    /// The record this row describes; `None` when it has expired.
+    pub(crate) fn into_record(self) -> Option<Record> {
+        if self.expires_left <= 0 {
+            return None;
+        }
+        let mut r = Record::new(self.state, self.attempts, Token(self.token as u64));
+        r.lease_remaining = match (self.state, self.lease_left) {
+            (RecordState::InProgress, Some(l)) if l > 0 => Some(from_micros(l)),
+            _ => None,
+        };
+        r.expires_in = Some(from_micros(self.expires_left));
+        r.fingerprint = self.fingerprint;
+        r.output = self.output;
+        Some(r)
+    }
+
+    /// Whether this row is the live record completed by the claim `token`: a
+    /// completion by that claim was applied before (its reply may have been lost).
+    pub(crate) fn completed_by(&self, token: Token) -> bool {
+        self.expires_left > 0
+            && self.state == RecordState::Completed
+            && self.token == token_param(token)
+    }
+
+    /// Whether this row is the live record released by the claim `token` (a released
+    /// row keeps its owner's token, so a release repeated by the same owner finds it).
+    pub(crate) fn released_by(&self, token: Token) -> bool {
+        self.expires_left > 0
+            && self.state == RecordState::Released
+            && self.token == token_param(token)
+    }
+
+    /// Applies the claim rules (see [`ClaimOutcome`]) to this row, as read.
+    pub(crate) fn decide(self, req: &ClaimRequest<'_>) -> Decision {
+        if self.expires_left <= 0 {
+            return Decision::Claimable { expired: true };
+        }
+        if let (Some(have), Some(want)) = (&self.fingerprint, req.fingerprint)
+            && have.as_slice() != want
+        {
+            return Decision::Answer(ClaimOutcome::FingerprintMismatch);
+        }
+        match (self.state, self.lease_left) {
+            (RecordState::Completed, _) => {
+                return Decision::Answer(ClaimOutcome::Completed {
+                    output: self.output,
+                });
+            }
+            (RecordState::InProgress, Some(left)) if left > 0 => {
+                return Decision::Answer(ClaimOutcome::InProgress {
+                    retry_after: from_micros(left),
+                });
+            }
+            _ => {}
+        }
+        if let Some(max) = req.max_attempts
+            && self.attempts >= max
+        {
+            return Decision::Answer(ClaimOutcome::Exhausted {
+                attempts: self.attempts,
+            });
+        }
+        Decision::Claimable { expired: false }
+    }
+}
+
+/// The outcome of a claim the database says it acquired, from the token and attempt
+/// number its write returned.
+pub(crate) fn acquired(token: i64, attempt: i64, scope: &str) -> Result<ClaimOutcome, StoreError> {
+    match (u64::try_from(token), u32::try_from(attempt)) {
+        (Ok(token), Ok(attempt)) if attempt > 0 => Ok(ClaimOutcome::Acquired {
+            token: Token(token),
+            attempt,
+        }),
+        _ => Err(corrupt_record(
+            scope,
+            format_args!("a claim wrote owner_token {token} and retry_times {attempt}"),
+        )),
+    }
+}
+
+/// A compare-and-set write of one key by the claim of a token.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Step {
+    /// Completes the claim.
+    Complete(Token),
+    /// Releases the claim.
+    Release(Token),
+    /// Extends the claim's lease.
+    Renew,
+}
+
+/// The fence of a compare-and-set write that matched no row, given the row read right
+/// after it: [`Fence::Held`] when the row shows the same step already applied by the
+/// same claim (a retry after a lost reply: the record is Completed, or Released, under
+/// the step's token), else [`Fence::Lost`]. The row is read for a renewal all the same,
+/// so that a corrupt record is an error rather than a lost claim.
+pub(crate) fn unmatched_fence(seen: Option<RowView>, step: Step) -> Fence {
+    match (step, seen) {
+        (Step::Complete(token), Some(row)) if row.completed_by(token) => Fence::Held,
+        (Step::Release(token), Some(row)) if row.released_by(token) => Fence::Held,
+        _ => Fence::Lost,
+    }
+}
+
+/// Reads the row `q` selects (the record's columns, as [`RowView::decode`] takes them)
+/// on `conn`, checked; `None` when there is none. `err` wraps a driver error.
+pub(crate) async fn read_row<'c, DB, E>(
+    conn: E,
+    q: Query<'_, DB, DB::Arguments>,
+    scope: &str,
+    err: impl FnOnce(sqlx::Error) -> StoreError,
+) -> Result<Option<RowView>, StoreError>
+where
+    DB: SqlDatabase,
+    DB::Arguments: IntoArguments<DB>,
+    E: Executor<'c, Database = DB>,
+    usize: sqlx::ColumnIndex<DB::Row>,
+    i64: for<'r> sqlx::Decode<'r, DB> + Type<DB>,
+    Vec<u8>: for<'r> sqlx::Decode<'r, DB> + Type<DB>,
+{
+    let row = q.fetch_all(conn).await.map_err(err)?.pop();
+    row.map(|r| RowView::decode(&r, 0, scope)).transpose()
+}
+
+/// The fence of a single-key compare-and-set write that matched `rows` rows:
+/// [`Fence::Held`] when it matched; else the key's row is read back (`read`) and
+/// [`unmatched_fence`] answers, so that a corrupt record is an error and a step already
+/// applied by the same claim (its reply lost) is Held.
+pub(crate) async fn fence_of(
+    rows: u64,
+    step: Step,
+    read: impl Future<Output = Result<Option<RowView>, StoreError>>,
+) -> Result<Fence, StoreError> {
+    if rows > 0 {
+        return Ok(Fence::Held);
+    }
+    Ok(unmatched_fence(read.await?, step))
+}
+
+/// What a claim does with a row it read.
+#[derive(Debug)]
+pub(crate) enum Decision {
+    /// The row answers the claim without a write.
+    Answer(ClaimOutcome),
+    /// The row may be taken over: it expired (start afresh) or it is Released / its
+    /// lease ran out (count one more attempt).
+    Claimable {
+        #[cfg_attr(not(any(feature = "mysql", feature = "sqlite")), allow(dead_code))]
+        expired: bool,
+    },
+}
+
+/// What a claim does after its read.
+#[cfg_attr(not(any(feature = "mysql", feature = "sqlite")), allow(dead_code))]
+pub(crate) enum Plan {
+    /// The row answers the claim without a write.
+    Answer(ClaimOutcome),
+    /// No row: insert one.
+    Insert,
+    /// Take over the expired row read (compare-and-set on its token).
+    TakeOverExpired { token: i64 },
+    /// Take over the released or lapsed row read (compare-and-set on its token and
+    /// attempts).
+    TakeOver { token: i64, attempts: i64 },
+}
+
+#[cfg_attr(not(any(feature = "mysql", feature = "sqlite")), allow(dead_code))]
+impl Plan {
+    /// The plan for the row a claim read (`None`: no row).
+    pub(crate) fn of(req: &ClaimRequest<'_>, seen: Option<RowView>) -> Plan {
+        let Some(seen) = seen else {
+            return Plan::Insert;
+        };
+        let (token, attempts) = (seen.token, i64::from(seen.attempts));
+        match seen.decide(req) {
+            Decision::Answer(outcome) => Plan::Answer(outcome),
+            Decision::Claimable { expired: true } => Plan::TakeOverExpired { token },
+            Decision::Claimable { expired: false } => Plan::TakeOver { token, attempts },
+        }
+    }
+}
+
+/// The outcome of a repeated claim of a key within one batch, given the first one's:
+/// what a second claim right after the first would get.
+pub(crate) fn repeated(first: &ClaimOutcome, req: &ClaimRequest<'_>) -> ClaimOutcome {
+    match first {
+        ClaimOutcome::Acquired { .. } => ClaimOutcome::InProgress {
+            retry_after: req.lease,
+        },
+        other => other.clone(),
+    }
+}
+
+/// The error when a claim kept losing races on the same row.
+pub(crate) fn contended() -> StoreError {
+    StoreError::new(
+        StoreErrorKind::Other,
+        "the record changed under every claim attempt; retry later",
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn out_of_range_claims_are_corrupt() {
+        assert!(acquired(-1, 1, "s").is_err());
+    }
+}

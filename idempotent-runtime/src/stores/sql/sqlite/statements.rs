@@ -1,0 +1,180 @@
+//! The SQL of [`SqliteStore`](super::SqliteStore): the table and every statement of the
+//! protocol, built once per table, and the claim's conditional write.
+
+use crate::error::StoreError;
+use crate::key::RecordKey;
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, Release};
+use crate::stores::sql::common::{self, BindExt, Plan, TableName, sql};
+use sqlx::sqlite::SqliteConnection;
+use sqlx::{Row, SqlStr};
+
+/// The database clock in microseconds since the Unix epoch (SQLite reads the clock once
+/// per statement step, so every use in one statement sees the same instant).
+const NOW_US: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
+
+/// The statements of one table, built once: every value in them is a bound parameter.
+pub(crate) struct Statements {
+    pub(crate) table: TableName,
+    pub(crate) read: SqlStr,
+    pub(crate) insert: SqlStr,
+    /// `insert` with a lower bound `?6` on the token.
+    pub(crate) insert_after: SqlStr,
+    pub(crate) take_over: SqlStr,
+    pub(crate) take_over_expired: SqlStr,
+    pub(crate) complete: SqlStr,
+    pub(crate) release: SqlStr,
+    pub(crate) renew: SqlStr,
+    pub(crate) forget: SqlStr,
+    pub(crate) purge: SqlStr,
+    pub(crate) create: [SqlStr; 2],
+}
+
+impl Statements {
+    pub(crate) fn new(table: TableName) -> Self {
+        let t = table.quoted('"');
+        let owned = format!(
+            "scope = ?1 AND message_id = ?2 AND owner_token = ?3 AND status = 0 \
+             AND lease_until_us IS NOT NULL AND expires_at_us > {NOW_US} AND {}",
+            common::sane("", true)
+        );
+        let sane = common::sane("", true);
+        // SQLite qualifies the index name, not the table, with the schema
+        let index = match table.schema() {
+            Some(s) => format!("\"{s}\".\"{}_expires_at_us_idx\"", table.name()),
+            None => format!("\"{}_expires_at_us_idx\"", table.name()),
+        };
+        Statements {
+            read: sql(format!(
+                "SELECT status, retry_times, owner_token, lease_until_us, expires_at_us, \
+                    fingerprint, output, {NOW_US} \
+                 FROM {t} WHERE scope = ?1 AND message_id = ?2"
+            )),
+            insert: sql(format!(
+                "INSERT INTO {t} (scope, message_id, status, retry_times, owner_token, \
+                    lease_until_us, expires_at_us, fingerprint, output) \
+                 VALUES (?1, ?2, 0, 1, {NOW_US}, {NOW_US} + ?3, {NOW_US} + ?4, ?5, NULL) \
+                 ON CONFLICT (scope, message_id) DO NOTHING \
+                 RETURNING owner_token"
+            )),
+            insert_after: sql(format!(
+                "INSERT INTO {t} (scope, message_id, status, retry_times, owner_token, \
+                    lease_until_us, expires_at_us, fingerprint, output) \
+                 VALUES (?1, ?2, 0, 1, max({NOW_US}, ?6), {NOW_US} + ?3, {NOW_US} + ?4, ?5, NULL) \
+                 ON CONFLICT (scope, message_id) DO NOTHING \
+                 RETURNING owner_token"
+            )),
+            take_over: sql(format!(
+                "UPDATE {t} SET status = 0, retry_times = retry_times + 1, \
+                    owner_token = max(owner_token + 1, {NOW_US}), \
+                    lease_until_us = {NOW_US} + ?3, \
+                    expires_at_us = max(expires_at_us, {NOW_US} + ?4), \
+                    fingerprint = coalesce(fingerprint, ?5), output = NULL \
+                 WHERE scope = ?1 AND message_id = ?2 AND owner_token = ?6 AND retry_times = ?7 \
+                    AND expires_at_us > {NOW_US} AND status = 0 \
+                    AND (lease_until_us IS NULL OR lease_until_us <= {NOW_US}) AND {sane} \
+                 RETURNING owner_token, retry_times"
+            )),
+            take_over_expired: sql(format!(
+                "UPDATE {t} SET status = 0, retry_times = 1, \
+                    owner_token = max(owner_token + 1, {NOW_US}), \
+                    lease_until_us = {NOW_US} + ?3, expires_at_us = {NOW_US} + ?4, \
+                    fingerprint = ?5, output = NULL \
+                 WHERE scope = ?1 AND message_id = ?2 AND owner_token = ?6 \
+                    AND expires_at_us <= {NOW_US} AND {sane} \
+                 RETURNING owner_token, retry_times"
+            )),
+            complete: sql(format!(
+                "UPDATE {t} SET status = 1, output = ?4, lease_until_us = NULL, \
+                    expires_at_us = {NOW_US} + ?5 \
+                 WHERE {owned}"
+            )),
+            release: sql(format!(
+                "UPDATE {t} SET lease_until_us = NULL WHERE {owned}"
+            )),
+            renew: sql(format!(
+                "UPDATE {t} SET lease_until_us = {NOW_US} + ?4, \
+                    expires_at_us = max(expires_at_us, {NOW_US} + ?4) \
+                 WHERE {owned}"
+            )),
+            forget: sql(format!(
+                "DELETE FROM {t} WHERE scope = ?1 AND message_id = ?2"
+            )),
+            purge: sql(format!(
+                "DELETE FROM {t} WHERE rowid IN (\
+                    SELECT rowid FROM {t} WHERE expires_at_us <= {NOW_US} LIMIT ?1)"
+            )),
+            create: [
+                sql(format!(
+                    "CREATE TABLE IF NOT EXISTS {t} (\
+                     scope TEXT NOT NULL, \
+                     message_id BLOB NOT NULL, \
+                     status INTEGER NOT NULL, \
+                     retry_times INTEGER NOT NULL, \
+                     owner_token INTEGER NOT NULL, \
+                     lease_until_us INTEGER, \
+                     expires_at_us INTEGER NOT NULL, \
+                     fingerprint BLOB, \
+                     output BLOB, \
+                     PRIMARY KEY (scope, message_id))"
+                )),
+                sql(format!(
+                    "CREATE INDEX IF NOT EXISTS {index} ON \"{}\" (expires_at_us)",
+                    table.name()
+                )),
+            ],
+            table,
+        }
+    }
+}
+
+pub(crate) type SqliteQuery<'q> =
+    sqlx::query::Query<'q, sqlx::Sqlite, sqlx::sqlite::SqliteArguments>;
+
+impl Statements {
+    /// Makes a claim's conditional write for `plan` on `conn`: answers, inserts an
+    /// absent key (with a token of at least `floor`, if given) or takes over the row
+    /// read, compare-and-set on what was read. `Ok(None)`: the row changed since the
+    /// read; read again. `err` wraps a driver error.
+    pub(crate) async fn write_claim(
+        &self,
+        conn: &mut SqliteConnection,
+        req: &ClaimRequest<'_>,
+        plan: Plan,
+        floor: Option<i64>,
+        err: impl Fn(sqlx::Error) -> StoreError,
+    ) -> Result<Option<ClaimOutcome>, StoreError> {
+        let q = |stmt: &SqlStr| sqlx::query(stmt.clone()).bind_claim(req);
+        let (query, takes_over) = match plan {
+            Plan::Answer(outcome) => return Ok(Some(outcome)),
+            Plan::Insert => match floor {
+                Some(floor) => (q(&self.insert_after).bind(floor), false),
+                None => (q(&self.insert), false),
+            },
+            Plan::TakeOverExpired { token } => (q(&self.take_over_expired).bind(token), true),
+            Plan::TakeOver { token, attempts } => {
+                (q(&self.take_over).bind(token).bind(attempts), true)
+            }
+        };
+        let row = query.fetch_optional(&mut *conn).await.map_err(&err)?;
+        let Some(row) = row else { return Ok(None) };
+        let token: i64 = row.try_get(0).map_err(&err)?;
+        let attempt: i64 = if takes_over {
+            row.try_get(1).map_err(&err)?
+        } else {
+            1
+        };
+        common::acquired(token, attempt, req.key.scope()).map(Some)
+    }
+
+    pub(crate) fn read_query<'q>(&self, key: &'q RecordKey) -> SqliteQuery<'q> {
+        sqlx::query(self.read.clone()).bind_key(key)
+    }
+
+    pub(crate) fn complete_query<'q>(&self, c: &Completion<'q>) -> SqliteQuery<'q> {
+        sqlx::query(self.complete.clone()).bind_completion(c)
+    }
+
+    pub(crate) fn release_query<'q>(&self, r: &Release<'q>) -> SqliteQuery<'q> {
+        sqlx::query(self.release.clone()).bind_owned(r.key, r.token)
+    }
+}

@@ -1,0 +1,88 @@
+//! Transactional mode on SQLite (see [`common::tx`](crate::stores::sql::common::tx)):
+//! the store's insert, then on a duplicate its read and take-over, under the
+//! database's write lock.
+
+use super::statements::Statements;
+use crate::error::StoreError;
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, DedupTransaction, Fence, TxFuture};
+use crate::stores::sql::common::tx::{Prepared, prepared};
+use crate::stores::sql::common::{self, BindExt, CLAIM_RETRIES, SqlDatabase, TableName};
+use crate::stores::sql::common::{Plan, RowView};
+use sqlx::sqlite::Sqlite;
+use std::collections::BTreeMap;
+use std::sync::RwLock;
+
+static SQLITE: Prepared<SqliteTx> = RwLock::new(BTreeMap::new());
+
+/// The SQLite store's statements; the transaction holds the database's write lock
+/// from its first write, so reads after the insert see the latest rows.
+struct SqliteTx(Statements);
+
+impl SqliteTx {
+    fn new(table: TableName) -> Self {
+        SqliteTx(Statements::new(table))
+    }
+}
+
+fn err(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
+    Sqlite::err(op)
+}
+
+impl DedupTransaction for sqlx::Transaction<'_, Sqlite> {
+    fn claim_in_tx<'a>(
+        &'a mut self,
+        table: &'a str,
+        req: &'a ClaimRequest<'a>,
+    ) -> TxFuture<'a, ClaimOutcome> {
+        Box::pin(async move {
+            let s = prepared(&SQLITE, table, SqliteTx::new)?;
+            let s = &s.0;
+            let conn = &mut **self;
+            let err = || err("claim in transaction");
+            for _ in 0..CLAIM_RETRIES {
+                let inserted = s.write_claim(conn, req, Plan::Insert, None, err());
+                if let Some(outcome) = inserted.await? {
+                    return Ok(outcome);
+                }
+                let row = s
+                    .read_query(req.key)
+                    .fetch_optional(&mut *conn)
+                    .await
+                    .map_err(err())?;
+                let Some(row) = row else { continue };
+                let plan = Plan::of(req, Some(RowView::decode(&row, 0, req.key.scope())?));
+                if let Some(outcome) = s.write_claim(conn, req, plan, None, err()).await? {
+                    return Ok(outcome);
+                }
+            }
+            Err(common::contended())
+        })
+    }
+
+    fn complete_in_tx<'a>(
+        &'a mut self,
+        table: &'a str,
+        c: &'a Completion<'a>,
+    ) -> TxFuture<'a, Fence> {
+        Box::pin(async move {
+            let s = prepared(&SQLITE, table, SqliteTx::new)?;
+            let s = &s.0;
+            let q = sqlx::query(s.complete.clone()).bind_completion(c);
+            let conn = &mut **self;
+            let op = "complete in transaction";
+            if common::execute(&mut *conn, q, err(op)).await? > 0 {
+                return Ok(Fence::Held);
+            }
+            let row = s
+                .read_query(c.key)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(err(op))?;
+            let seen = row.map(|r| RowView::decode(&r, 0, c.key.scope()));
+            Ok(common::unmatched_fence(
+                seen.transpose()?,
+                common::Step::Complete(c.token),
+            ))
+        })
+    }
+}
