@@ -191,6 +191,11 @@ pub enum StoreErrorKind {
     /// by the SQL stores (deliver the message again) and by transactional mode
     /// (`tx = "…"`: roll the transaction back and deliver the message again).
     Conflict,
+    /// The write happened on the primary but too few replicas acknowledged it in time,
+    /// so a failover now could lose it (Redis with
+    /// `RedisStore::with_replica_ack`; retryable). After a claim the handler did not run;
+    /// after a completion the completion is recorded on the primary only.
+    NotReplicated,
 }
 
 /// A failure reported by a [`Store`](crate::Store), with the driver's error as its source.
@@ -232,7 +237,10 @@ impl StoreError {
     pub fn is_retryable(&self) -> bool {
         matches!(
             self.kind,
-            StoreErrorKind::Unavailable | StoreErrorKind::Other | StoreErrorKind::Conflict
+            StoreErrorKind::Unavailable
+                | StoreErrorKind::Other
+                | StoreErrorKind::Conflict
+                | StoreErrorKind::NotReplicated
         )
     }
 }

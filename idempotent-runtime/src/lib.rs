@@ -58,7 +58,7 @@ cfg_redis_streams! {
 cfg_redis! {
     /// The `redis` driver this crate's [`RedisStore`] uses.
     pub use redis;
-    pub use stores::redis::RedisStore;
+    pub use stores::redis::{RedisStore, ReplicaAck};
 }
 
 cfg_sql! {

@@ -7,6 +7,7 @@ pub mod conformance_scan;
 pub mod metrics_support;
 pub mod nats_support;
 pub mod proxy;
+pub mod redis_ha_support;
 pub mod redis_support;
 pub mod rng;
 pub mod rocketmq_support;

@@ -19,6 +19,9 @@ pub enum Wire {
     Postgres,
     /// MySQL: one request is one client write; a ping is `COM_PING`.
     MySql,
+    /// Any other protocol (Redis, its replication stream): no pings; a client write
+    /// after server bytes starts a round trip.
+    Raw,
 }
 
 /// A TCP proxy on a loopback port in front of `target`. [`cut`](Self::cut) drops every
@@ -144,6 +147,7 @@ async fn pipe(
                     let ping = match wire {
                         Wire::Postgres => buf[..n] == *b"S\0\0\0\x04",
                         Wire::MySql => n == 5 && buf[..3] == [1, 0, 0] && buf[4] == 0x0e,
+                        Wire::Raw => false,
                     };
                     if ping { &pings } else { &round_trips }.fetch_add(1, Ordering::SeqCst);
                 }
@@ -163,7 +167,7 @@ async fn pipe(
                 Ok(n) => n,
             };
             let done = match wire {
-                Wire::MySql => true,
+                Wire::MySql | Wire::Raw => true,
                 Wire::Postgres => {
                     tail.extend_from_slice(&buf[..n]);
                     if tail.len() > 6 {

@@ -108,9 +108,14 @@ impl RedisStore {
                 .arg(r.fingerprint.unwrap_or_default());
         });
         let values = self.call_many(Op::ClaimMany, reqs.len(), calls).await?;
+        let acked = self.wait_replicas().await?;
         reqs.iter()
             .zip(values)
-            .map(|(r, v)| claim_outcome(r.key, v))
+            .map(|(r, v)| {
+                let outcome = claim_outcome(r.key, v)?;
+                self.check_claim_ack(r.key, &outcome, acked)?;
+                Ok(outcome)
+            })
             .collect()
     }
 
@@ -127,10 +132,11 @@ impl RedisStore {
                 .arg(c.output.unwrap_or_default());
         });
         let values = self.call_many(Op::CompleteMany, items.len(), calls).await?;
+        let acked = self.wait_replicas().await?;
         items
             .iter()
             .zip(values)
-            .map(|(c, v)| fence(c.key, "complete", v))
+            .map(|(c, v)| self.check_complete_ack(c.key, fence(c.key, "complete", v)?, acked))
             .collect()
     }
 

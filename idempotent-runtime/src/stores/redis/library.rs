@@ -76,7 +76,7 @@ static LIB: LazyLock<Library> = LazyLock::new(|| {
 });
 
 /// Whether a server error says that a function of the library is not loaded.
-fn function_missing(code: &str, detail: Option<&str>) -> bool {
+pub(super) fn function_missing(code: &str, detail: Option<&str>) -> bool {
     code == "ERR" && detail.is_some_and(|d| d.starts_with("Function not found"))
 }
 
@@ -111,7 +111,7 @@ impl RedisStore {
 
     /// Loads the function library (`FUNCTION LOAD REPLACE`; on a cluster, on every
     /// master).
-    async fn load(&self) -> Result<(), RedisError> {
+    pub(super) async fn load(&self) -> Result<(), RedisError> {
         let mut cmd = redis::cmd("FUNCTION");
         cmd.arg("LOAD").arg("REPLACE").arg(LIB.code.as_str());
         let _: Value = match &self.conn {

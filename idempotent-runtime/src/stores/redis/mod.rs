@@ -13,9 +13,14 @@ use std::time::Duration;
 
 mod batch;
 mod library;
+mod replica_ack;
 mod reply;
 mod scan;
+mod sentinel;
 mod store_impl;
+
+pub use replica_ack::ReplicaAck;
+use sentinel::{SentinelConn, Single};
 
 /// A dedup store in Redis (single node or Redis Cluster), shared by every process that
 /// connects to the same server.
@@ -150,6 +155,39 @@ mod store_impl;
 /// [`from_cluster_connection`](Self::from_cluster_connection) a cluster connection
 /// built with [`redis::cluster::ClusterClientBuilder`].
 ///
+/// # Sentinel
+///
+/// [`connect`](Self::connect) with
+/// `redis+sentinel://[[user]:password@]host[:port][,host[:port]…]/master-name[/db]`
+/// asks the listed Sentinels (port 26379 when left out) for the current master of
+/// `master-name` and connects to it; `user` and `password` (percent-encoded) are those
+/// of the Redis servers, `?sentinel_username=…&sentinel_password=…` those of the
+/// Sentinels. `rediss+sentinel://` uses TLS to the Sentinels and to the master. The
+/// store follows the master: when a request fails on the connection (the master died,
+/// the network broke) or the server answers `READONLY` (it was demoted), that request
+/// fails with [`StoreErrorKind::Unavailable`] and the next one asks Sentinel again.
+///
+/// # Replication and failover
+///
+/// Redis replicates asynchronously: a claim or a completion the master acknowledged
+/// may not have reached a replica when the master fails. After a failover, a key whose
+/// completion was lost is claimed again and its handler runs a second time; a key whose
+/// claim was lost can be claimed by a second consumer while the first still runs. Three
+/// settings narrow this window:
+///
+/// - `min-replicas-to-write n` with `min-replicas-max-lag s` on the master: the master
+///   refuses writes (`NOREPLICAS`, a claim then fails closed with
+///   [`StoreErrorKind::Unavailable`]) while fewer than `n` replicas are connected and
+///   acknowledged within `s` seconds; writes in the last `s` seconds can still be lost.
+/// - [`with_replica_ack`](Self::with_replica_ack): each claim and completion waits
+///   (`WAIT`) until `n` replicas hold it. A handler runs only after its claim is on
+///   `n` replicas; a completion that is not is reported
+///   ([`StoreErrorKind::NotReplicated`], a warning, the `unrecorded` outcome). `WAIT`
+///   does not make Redis strongly consistent: Sentinel may still promote a replica that
+///   missed a write, if the replicas that got it are unreachable.
+/// - `appendonly yes` (with `appendfsync always` or `everysec`) protects against the
+///   loss of a restarted master's data, not against a failover to a replica.
+///
 /// # Errors
 ///
 /// A connection that fails, times out or is being re-established gives
@@ -162,11 +200,12 @@ mod store_impl;
 pub struct RedisStore {
     conn: Conn,
     prefix: Arc<[u8]>,
+    replica_ack: Option<ReplicaAck>,
 }
 
 #[derive(Clone)]
 enum Conn {
-    Single(ConnectionManager),
+    Single(Single),
     Cluster(ClusterConnection),
 }
 
@@ -176,11 +215,13 @@ impl fmt::Debug for RedisStore {
             .field(
                 "mode",
                 &match self.conn {
-                    Conn::Single(_) => "single node",
+                    Conn::Single(Single::Manager(_)) => "single node",
+                    Conn::Single(Single::Sentinel(_)) => "sentinel",
                     Conn::Cluster(_) => "cluster",
                 },
             )
             .field("prefix", &self.prefix.escape_ascii().to_string())
+            .field("replica_ack", &self.replica_ack)
             .finish()
     }
 }
@@ -204,6 +245,9 @@ impl RedisStore {
     /// the connection yourself and use
     /// [`from_connection_manager`](Self::from_connection_manager).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        if sentinel::is_sentinel_url(url) {
+            return Self::connect_sentinel(url).await;
+        }
         let config = ConnectionManagerConfig::new()
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(200));
@@ -216,6 +260,12 @@ impl RedisStore {
         url: &str,
         config: ConnectionManagerConfig,
     ) -> Result<Self, StoreError> {
+        if sentinel::is_sentinel_url(url) {
+            return Err(StoreError::new(
+                StoreErrorKind::Rejected,
+                "a redis+sentinel:// URL takes no connection manager settings: use connect",
+            ));
+        }
         let client = redis::Client::open(url)
             .map_err(|e| redis_error(e, "invalid Redis connection settings"))?;
         let manager = ConnectionManager::new_with_config(client, config)
@@ -263,18 +313,74 @@ impl RedisStore {
     /// timeouts or reconnect settings of your own, or to share the application's
     /// connection).
     pub fn from_connection_manager(manager: ConnectionManager) -> Self {
+        Self::new(Conn::Single(Single::Manager(manager)))
+    }
+
+    fn new(conn: Conn) -> Self {
         RedisStore {
-            conn: Conn::Single(manager),
+            conn,
             prefix: Arc::from(Self::DEFAULT_PREFIX.as_bytes()),
+            replica_ack: None,
         }
+    }
+
+    /// Connects to the master a group of Redis Sentinels names, and follows it: after
+    /// the connection to the master fails (or the server answers that it is no longer a
+    /// master), the next request asks Sentinel for the master again. See
+    /// [Sentinel](Self#sentinel) for the URL.
+    async fn connect_sentinel(url: &str) -> Result<Self, StoreError> {
+        let parsed = sentinel::parse(url).map_err(|e| {
+            StoreError::new(
+                StoreErrorKind::Rejected,
+                format!("invalid Redis Sentinel URL: {e}"),
+            )
+        })?;
+        let conn = SentinelConn::connect(&parsed)
+            .await
+            .map_err(|e| redis_error(e, "could not connect to the Redis master through Sentinel"))?;
+        Ok(Self::new(Conn::Single(Single::Sentinel(conn))))
     }
 
     /// A store on an existing Redis Cluster connection.
     pub fn from_cluster_connection(conn: ClusterConnection) -> Self {
-        RedisStore {
-            conn: Conn::Cluster(conn),
-            prefix: Arc::from(Self::DEFAULT_PREFIX.as_bytes()),
-        }
+        Self::new(Conn::Cluster(conn))
+    }
+
+    /// After every claim and every completion, waits until `ack.replicas` replicas
+    /// acknowledge the write (`WAIT`), for at most `ack.timeout`. See
+    /// [Replication and failover](Self#replication-and-failover).
+    ///
+    /// - A claim that acquires a key but is acknowledged by fewer replicas fails closed
+    ///   with [`StoreErrorKind::NotReplicated`] (retryable): the handler does not run,
+    ///   and the claim stays on the master until its lease expires.
+    /// - A completion acknowledged by fewer replicas was recorded on the master but
+    ///   could be lost in a failover: the store logs a warning and answers
+    ///   [`StoreErrorKind::NotReplicated`]; the protocol retries the completion (each
+    ///   retry waits again) for up to a third of the lease, then counts the message as
+    ///   `unrecorded` and returns the handler's value.
+    ///
+    /// Duplicates of completed keys and refused claims are answered whatever the
+    /// acknowledgement. On Redis Cluster, a single key's `WAIT` goes to the master of
+    /// its key; after a batch, to every master.
+    ///
+    /// ```no_run
+    /// use idempotent_runtime::{RedisStore, ReplicaAck};
+    /// use std::time::Duration;
+    ///
+    /// # async fn start() -> Result<(), idempotent_runtime::StoreError> {
+    /// let store = RedisStore::connect("redis+sentinel://10.0.0.1:26379,10.0.0.2:26379/mymaster")
+    ///     .await?
+    ///     .with_replica_ack(ReplicaAck::new(1, Duration::from_millis(100)));
+    /// # Ok(()) }
+    /// ```
+    pub fn with_replica_ack(mut self, ack: ReplicaAck) -> Self {
+        self.replica_ack = Some(ack);
+        self
+    }
+
+    /// The replica acknowledgement set with [`with_replica_ack`](Self::with_replica_ack).
+    pub fn replica_ack(&self) -> Option<ReplicaAck> {
+        self.replica_ack
     }
 
     /// Uses `prefix` in front of every Redis key instead of `idem:`, for example to keep
@@ -343,6 +449,16 @@ fn millis(d: Duration) -> u64 {
 }
 
 fn redis_error(e: RedisError, what: &str) -> StoreError {
+    if e.code() == Some("NOREPLICAS") {
+        return StoreError::with_source(
+            StoreErrorKind::NotReplicated,
+            format!(
+                "{what}: the Redis master refused the write: fewer replicas than its \
+                 min-replicas-to-write are connected"
+            ),
+            e,
+        );
+    }
     let kind = match e.kind() {
         ErrorKind::AuthenticationFailed
         | ErrorKind::InvalidClientConfig

@@ -43,12 +43,16 @@ impl RedisStore {
 impl Store for RedisStore {
     async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         let cmd = Self::claim_cmd(req, &self.redis_key(req.key));
-        claim_outcome(req.key, self.run(Op::Claim, &cmd).await?)
+        let (reply, acked) = self.run_write(Op::Claim, &cmd).await?;
+        let outcome = claim_outcome(req.key, reply)?;
+        self.check_claim_ack(req.key, &outcome, acked)?;
+        Ok(outcome)
     }
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
         let cmd = Self::complete_cmd(c, &self.redis_key(c.key));
-        fence(c.key, "complete", self.run(Op::Complete, &cmd).await?)
+        let (reply, acked) = self.run_write(Op::Complete, &cmd).await?;
+        self.check_complete_ack(c.key, fence(c.key, "complete", reply)?, acked)
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
