@@ -142,7 +142,7 @@ async fn open(cli: &Cli) -> Result<Backend, CliError> {
     let Some(url) = cli.store.as_deref().filter(|u| !u.trim().is_empty()) else {
         return Err(CliError(
             "no store given: pass --store URL or set IDEMPOTENT_STORE_URL (redis://…, \
-             redis+cluster://…, mysql://…, postgres://…, sqlite://…)"
+             redis+cluster://…, redis+sentinel://…, mysql://…, postgres://…, sqlite://…)"
                 .into(),
         ));
     };

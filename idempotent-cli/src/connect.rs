@@ -110,6 +110,11 @@ impl Backend {
 
 /// The store URL with any password replaced by `***`, for messages.
 pub(crate) fn redact(url: &str) -> String {
+    // a Sentinel URL's password for the Sentinels is a query parameter
+    if let Some((head, tail)) = url.split_once("sentinel_password=") {
+        let rest = tail.find('&').map_or("", |i| &tail[i..]);
+        return format!("{}sentinel_password=***{rest}", redact(head));
+    }
     let Some((scheme, rest)) = url.split_once("://") else {
         return url.to_owned();
     };
@@ -145,12 +150,13 @@ pub(crate) async fn open(url: &str, table: &str, prefix: &str) -> Result<Backend
         None => {
             return Err(CliError(format!(
                 "`{shown}` is not a store URL: write it as redis://host:6379, \
-                 redis+cluster://host1:7000,host2:7001, mysql://user@host/db, \
+                 redis+cluster://host1:7000,host2:7001, \
+                 redis+sentinel://host1:26379,host2:26379/master-name, mysql://user@host/db, \
                  postgres://user@host/db or sqlite://path/to/file.db"
             )));
         }
     };
-    if url.contains(',') && !scheme.contains("cluster") {
+    if url.contains(',') && !scheme.contains("cluster") && !scheme.contains("sentinel") {
         return open_redis_nodes(
             url.split(',').map(str::trim).map(str::to_owned).collect(),
             prefix,
@@ -159,7 +165,9 @@ pub(crate) async fn open(url: &str, table: &str, prefix: &str) -> Result<Backend
         .await;
     }
     match scheme.as_str() {
-        "redis" | "rediss" | "redis+unix" | "unix" => open_redis(url, prefix, &shown).await,
+        "redis" | "rediss" | "redis+unix" | "unix" | "redis+sentinel" | "rediss+sentinel" => {
+            open_redis(url, prefix, &shown).await
+        }
         "redis+cluster" | "rediss+cluster" => {
             let tls = scheme.starts_with("rediss");
             let rest = &url[scheme.len() + 3..];
@@ -187,7 +195,7 @@ pub(crate) async fn open(url: &str, table: &str, prefix: &str) -> Result<Backend
         "sqlite" => open_sqlite(url, table, &shown).await,
         other => Err(CliError(format!(
             "unsupported store URL scheme `{other}://` in `{shown}`: use redis://, rediss://, \
-             redis+cluster://, mysql://, postgres:// or sqlite://"
+             redis+cluster://, redis+sentinel://, mysql://, postgres:// or sqlite://"
         ))),
     }
 }
@@ -414,5 +422,9 @@ mod tests {
         assert_eq!(redact("postgres://u:pw@h/db"), "postgres://u:***@h/db");
         assert_eq!(redact("postgres://u@h/db"), "postgres://u@h/db");
         assert_eq!(redact("sqlite://x.db"), "sqlite://x.db");
+        assert_eq!(
+            redact("redis+sentinel://:pw@h:26379/m?sentinel_password=s2&sentinel_username=u"),
+            "redis+sentinel://:***@h:26379/m?sentinel_password=***&sentinel_username=u"
+        );
     }
 }

@@ -23,7 +23,8 @@ use std::time::Duration;
 #[command(name = "idempotent", version, about, long_about = None)]
 pub(crate) struct Cli {
     /// The store: redis://host:6379, rediss://…, redis+cluster://host1:7000,host2:7001
-    /// (or several redis:// URLs separated by commas), mysql://user@host/db,
+    /// (or several redis:// URLs separated by commas),
+    /// redis+sentinel://host1:26379,host2:26379/master-name, mysql://user@host/db,
     /// postgres://user@host/db, sqlite://path/to/dedup.db
     #[arg(
         long,
