@@ -16,7 +16,8 @@ use idempotent_runtime::{
     Error, Idempotency, RecordKey, RedisStore, ReplicaAck, Store, StoreErrorKind,
 };
 use idempotent_tests::conformance::unique_scope;
-use idempotent_tests::redis_ha_support::ProxiedPair;
+use idempotent_tests::redis_ha_support::{ProxiedPair, dbsize, start_replica};
+use idempotent_tests::redis_support::RedisServer;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -102,10 +103,7 @@ async fn min_replicas_and_replica_ack_fail_the_claim_closed_and_nothing_runs_twi
 
     assert_eq!(runs.deliver(&h, "k1").await.unwrap(), "done k1");
     // acknowledged by the replica before the claim and the completion returned
-    assert_eq!(
-        idempotent_tests::redis_ha_support::dbsize(pair.replica.port()),
-        1
-    );
+    assert_eq!(dbsize(pair.replica.port()), 1);
     pair.cut().await;
     let r = runs.deliver(&h, "k2").await;
     assert_eq!(
@@ -208,9 +206,10 @@ async fn replica_ack_alone_catches_an_unreplicated_claim_and_completion() {
 async fn replica_ack_cost_per_message() {
     const MESSAGES: usize = 500;
     const ROUNDS: usize = 5;
-    let pair = ProxiedPair::start(&[]).await;
+    let master = RedisServer::start();
+    let _replica = start_replica(master.port());
     let runs = Runs::default();
-    let plain = store_on(&pair.master.url()).await;
+    let plain = store_on(&master.url()).await;
     let acked = plain
         .clone()
         .with_replica_ack(ReplicaAck::new(1, Duration::from_millis(100)));
@@ -234,7 +233,7 @@ async fn replica_ack_cost_per_message() {
         us.sort_by(f64::total_cmp);
         println!(
             "replica ack cost: {name}: median {:.0} µs per message (min {:.0}, max {:.0}; \
-             {ROUNDS} rounds of {MESSAGES} messages; replication through a proxy on loopback)",
+             {ROUNDS} rounds of {MESSAGES} messages, one replica on loopback)",
             us[ROUNDS / 2],
             us[0],
             us[ROUNDS - 1]

@@ -54,11 +54,15 @@ async fn a_sentinel_store_follows_the_master_after_a_failover() {
     };
 
     for i in 0..20 {
-        deliver(format!("before-{i}")).await.expect("delivery before the failover");
+        deliver(format!("before-{i}"))
+            .await
+            .expect("delivery before the failover");
     }
-    wait_until("the replica holds the 20 records", Duration::from_secs(10), || {
-        dbsize(replica.port()) == 20
-    });
+    wait_until(
+        "the replica holds the 20 records",
+        Duration::from_secs(10),
+        || dbsize(replica.port()) == 20,
+    );
 
     master.kill();
     let started = Instant::now();
@@ -91,10 +95,14 @@ async fn a_sentinel_store_follows_the_master_after_a_failover() {
     );
 
     for i in 1..20 {
-        deliver(format!("after-{i}")).await.expect("delivery after the failover");
+        deliver(format!("after-{i}"))
+            .await
+            .expect("delivery after the failover");
     }
     for i in 0..20 {
-        deliver(format!("before-{i}")).await.expect("duplicate after the failover");
+        deliver(format!("before-{i}"))
+            .await
+            .expect("duplicate after the failover");
     }
     let runs = runs.lock().unwrap();
     assert_eq!(runs.len(), 40);
