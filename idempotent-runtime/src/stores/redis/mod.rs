@@ -11,6 +11,7 @@ use std::io::Write as _;
 use std::sync::Arc;
 use std::time::Duration;
 
+mod acked;
 mod batch;
 mod library;
 mod replica_ack;
