@@ -169,6 +169,26 @@ async fn replica_ack_alone_catches_an_unreplicated_claim_and_completion() {
     );
     assert_eq!(runs.get("k2"), 0, "k2's handler did not run");
 
+    // a batch of claims is acknowledged by one WAIT after it: refused as a whole
+    let batch: Vec<RecordKey> = (0..3)
+        .map(|i| RecordKey::new(&scope, &format!("b{i}")).unwrap())
+        .collect();
+    let reqs: Vec<ClaimRequest<'_>> = batch
+        .iter()
+        .map(|key| ClaimRequest {
+            key,
+            lease: Duration::from_secs(5),
+            ttl: Duration::from_secs(600),
+            fingerprint: None,
+            max_attempts: None,
+        })
+        .collect();
+    let e = store
+        .claim_batch(&reqs)
+        .await
+        .expect_err("the batch's claims are not on the replica");
+    assert_eq!(e.kind(), StoreErrorKind::NotReplicated, "{e}");
+
     // a completion recorded on the master only is reported, and is on the master
     let e = store
         .complete(&Completion {
