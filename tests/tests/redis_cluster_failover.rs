@@ -102,7 +102,7 @@ async fn a_cluster_failover_during_deliveries_runs_every_handler_once() {
     let retried = Arc::new(AtomicU32::new(0));
     // delivers `key` until it succeeds (a store error means the handler did not run)
     let deliver_until_ok = |key: String| {
-        let deliver = deliver.clone();
+        let deliver = &deliver;
         let retried = retried.clone();
         async move {
             let started = Instant::now();
