@@ -23,8 +23,8 @@ mod store_impl;
 pub use replica_ack::ReplicaAck;
 use sentinel::{SentinelConn, Single};
 
-/// A dedup store in Redis (single node or Redis Cluster), shared by every process that
-/// connects to the same server.
+/// A dedup store in Redis (single node, a master found through Redis Sentinel, or Redis
+/// Cluster), shared by every process that connects to the same server.
 ///
 /// ```no_run
 /// use idempotent_runtime::{idempotent, register_store, Error, RedisStore};
@@ -232,7 +232,9 @@ impl RedisStore {
     pub const DEFAULT_PREFIX: &'static str = "idem:";
 
     /// Connects to a single Redis server (`redis://`, `rediss://` for TLS, or
-    /// `redis+unix://`), waiting for the first connection.
+    /// `redis+unix://`), or to the master Redis Sentinel names (`redis+sentinel://`,
+    /// `rediss+sentinel://`, see [Sentinel](Self#sentinel)), waiting for the first
+    /// connection.
     ///
     /// The connection manager uses the driver's timeouts (1 s to connect, 500 ms per
     /// answer) and retries a lost connection once before failing the requests that
