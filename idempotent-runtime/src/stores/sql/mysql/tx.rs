@@ -3,11 +3,10 @@
 //! store's take-over.
 
 use super::statements::Statements;
-use crate::error::StoreError;
 use crate::store::Token;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, DedupTransaction, Fence, TxFuture};
 use crate::stores::sql::common::tx::{Prepared, prepared};
-use crate::stores::sql::common::{self, BindExt, CLAIM_RETRIES, SqlDatabase, TableName};
+use crate::stores::sql::common::{self, BindExt, SqlDialect, Steps, TableName};
 use crate::stores::sql::common::{Plan, RowView};
 use sqlx::SqlStr;
 use sqlx::mysql::MySql;
@@ -37,14 +36,10 @@ impl MySqlTx {
                 "{} ON DUPLICATE KEY UPDATE owner_token = owner_token + LAST_INSERT_ID(0)",
                 s.insert.as_str()
             )),
-            read_for_update: common::sql(format!("{} FOR UPDATE", s.read.as_str())),
+            read_for_update: common::sql(format!("{} FOR UPDATE", s.steps.read.as_str())),
             store: s,
         }
     }
-}
-
-fn err(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
-    MySql::err(op)
 }
 
 impl DedupTransaction for sqlx::Transaction<'_, MySql> {
@@ -56,12 +51,13 @@ impl DedupTransaction for sqlx::Transaction<'_, MySql> {
         Box::pin(async move {
             let s = prepared(&MYSQL, table, MySqlTx::new)?;
             let conn = &mut **self;
-            for _ in 0..CLAIM_RETRIES {
+            let err = || MySql::err("claim in transaction");
+            common::retrying!({
                 let done = sqlx::query(s.insert_or_lock.clone())
                     .bind_claim(req)
                     .execute(&mut *conn)
                     .await
-                    .map_err(err("claim in transaction"))?;
+                    .map_err(err())?;
                 if done.last_insert_id() != 0 {
                     return Ok(ClaimOutcome::Acquired {
                         token: Token(done.last_insert_id()),
@@ -72,19 +68,13 @@ impl DedupTransaction for sqlx::Transaction<'_, MySql> {
                     .bind_key(req.key)
                     .fetch_optional(&mut *conn)
                     .await
-                    .map_err(err("claim in transaction"))?;
+                    .map_err(err())?;
                 // deleted between the two statements (forget, purge): insert again
                 let Some(row) = row else { continue };
                 // the row is locked by this transaction: the compare-and-set holds
                 let plan = Plan::of(req, Some(RowView::decode(&row, 0, req.key.scope())?));
-                let written =
-                    s.store
-                        .write_claim(&mut *conn, req, plan, err("claim in transaction"));
-                if let Some(outcome) = written.await? {
-                    return Ok(outcome);
-                }
-            }
-            Err(common::contended())
+                s.store.write_claim(&mut *conn, req, plan, err()).await?
+            })
         })
     }
 
@@ -95,22 +85,8 @@ impl DedupTransaction for sqlx::Transaction<'_, MySql> {
     ) -> TxFuture<'a, Fence> {
         Box::pin(async move {
             let s = prepared(&MYSQL, table, MySqlTx::new)?;
-            let q = s.store.complete_query(c);
-            let conn = &mut **self;
-            let op = "complete in transaction";
-            if common::execute(&mut *conn, q, err(op)).await? > 0 {
-                return Ok(Fence::Held);
-            }
-            let row = sqlx::query(s.store.read.clone())
-                .bind_key(c.key)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(err(op))?;
-            let seen = row.map(|r| RowView::decode(&r, 0, c.key.scope()));
-            Ok(common::unmatched_fence(
-                seen.transpose()?,
-                common::Step::Complete(c.token),
-            ))
+            let steps = &s.store.steps;
+            Steps::<MySql>::complete_in(&mut **self, steps.complete_query(c), steps.read_query(c.key), c).await
         })
     }
 }

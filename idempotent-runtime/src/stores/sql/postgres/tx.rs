@@ -2,12 +2,10 @@
 //! the store's own claim statement, which locks what it writes.
 
 use super::statements::Statements;
-use super::{PostgresStore, storable};
-use crate::error::StoreError;
+use super::PostgresStore;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, DedupTransaction, Fence, TxFuture};
-use crate::stores::sql::common::RowView;
 use crate::stores::sql::common::tx::{Prepared, prepared};
-use crate::stores::sql::common::{self, BindExt, CLAIM_RETRIES, SqlDatabase, TableName};
+use crate::stores::sql::common::{self, BindExt, SqlDialect, Steps, TableName};
 use sqlx::postgres::Postgres;
 use std::collections::BTreeMap;
 use std::sync::RwLock;
@@ -23,10 +21,6 @@ impl PostgresTx {
     }
 }
 
-fn err(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
-    Postgres::err(op)
-}
-
 impl DedupTransaction for sqlx::Transaction<'_, Postgres> {
     fn claim_in_tx<'a>(
         &'a mut self,
@@ -35,25 +29,24 @@ impl DedupTransaction for sqlx::Transaction<'_, Postgres> {
     ) -> TxFuture<'a, ClaimOutcome> {
         Box::pin(async move {
             let s = prepared(&POSTGRES, table, PostgresTx::new)?;
-            storable(req.key)?;
-            for _ in 0..CLAIM_RETRIES {
+            Postgres::storable(req.key)?;
+            let conn = &mut **self;
+            common::retrying!({
                 let row = sqlx::query(s.0.claim.clone())
                     .bind_claim(req)
                     .bind(None::<i32>)
-                    .fetch_optional(&mut **self)
+                    .fetch_optional(&mut *conn)
                     .await
-                    .map_err(err("claim in transaction"))?;
+                    .map_err(Postgres::err("claim in transaction"))?;
                 // no row: the statement waited for a concurrent claimant that
                 // committed after its snapshot; the next statement sees that row
                 // (READ COMMITTED). Under REPEATABLE READ and SERIALIZABLE the
                 // insert fails with a serialization failure instead.
-                if let Some(row) = row
-                    && let Some(outcome) = PostgresStore::decode_claim(&row, 0, req)?
-                {
-                    return Ok(outcome);
+                match row {
+                    Some(row) => PostgresStore::decode_claim(&row, 0, req)?,
+                    None => None,
                 }
-            }
-            Err(common::contended())
+            })
         })
     }
 
@@ -64,23 +57,9 @@ impl DedupTransaction for sqlx::Transaction<'_, Postgres> {
     ) -> TxFuture<'a, Fence> {
         Box::pin(async move {
             let s = prepared(&POSTGRES, table, PostgresTx::new)?;
-            storable(c.key)?;
-            let q = sqlx::query(s.0.complete.clone()).bind_completion(c);
-            let conn = &mut **self;
-            let op = "complete in transaction";
-            if common::execute(&mut *conn, q, err(op)).await? > 0 {
-                return Ok(Fence::Held);
-            }
-            let row = sqlx::query(s.0.inspect.clone())
-                .bind_key(c.key)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(err(op))?;
-            let seen = row.map(|r| RowView::decode(&r, 0, c.key.scope()));
-            Ok(common::unmatched_fence(
-                seen.transpose()?,
-                common::Step::Complete(c.token),
-            ))
+            Postgres::storable(c.key)?;
+            let steps = &s.0.steps;
+            Steps::<Postgres>::complete_in(&mut **self, steps.complete_query(c), steps.read_query(c.key), c).await
         })
     }
 }

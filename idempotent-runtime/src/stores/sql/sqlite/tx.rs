@@ -3,10 +3,9 @@
 //! database's write lock.
 
 use super::statements::Statements;
-use crate::error::StoreError;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, DedupTransaction, Fence, TxFuture};
 use crate::stores::sql::common::tx::{Prepared, prepared};
-use crate::stores::sql::common::{self, BindExt, CLAIM_RETRIES, SqlDatabase, TableName};
+use crate::stores::sql::common::{self, SqlDialect, Steps, TableName};
 use crate::stores::sql::common::{Plan, RowView};
 use sqlx::sqlite::Sqlite;
 use std::collections::BTreeMap;
@@ -24,10 +23,6 @@ impl SqliteTx {
     }
 }
 
-fn err(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
-    Sqlite::err(op)
-}
-
 impl DedupTransaction for sqlx::Transaction<'_, Sqlite> {
     fn claim_in_tx<'a>(
         &'a mut self,
@@ -38,24 +33,22 @@ impl DedupTransaction for sqlx::Transaction<'_, Sqlite> {
             let s = prepared(&SQLITE, table, SqliteTx::new)?;
             let s = &s.0;
             let conn = &mut **self;
-            let err = || err("claim in transaction");
-            for _ in 0..CLAIM_RETRIES {
+            let err = || Sqlite::err("claim in transaction");
+            common::retrying!({
                 let inserted = s.write_claim(conn, req, Plan::Insert, None, err());
                 if let Some(outcome) = inserted.await? {
                     return Ok(outcome);
                 }
                 let row = s
+                    .steps
                     .read_query(req.key)
                     .fetch_optional(&mut *conn)
                     .await
                     .map_err(err())?;
                 let Some(row) = row else { continue };
                 let plan = Plan::of(req, Some(RowView::decode(&row, 0, req.key.scope())?));
-                if let Some(outcome) = s.write_claim(conn, req, plan, None, err()).await? {
-                    return Ok(outcome);
-                }
-            }
-            Err(common::contended())
+                s.write_claim(conn, req, plan, None, err()).await?
+            })
         })
     }
 
@@ -67,22 +60,8 @@ impl DedupTransaction for sqlx::Transaction<'_, Sqlite> {
         Box::pin(async move {
             let s = prepared(&SQLITE, table, SqliteTx::new)?;
             let s = &s.0;
-            let q = sqlx::query(s.complete.clone()).bind_completion(c);
-            let conn = &mut **self;
-            let op = "complete in transaction";
-            if common::execute(&mut *conn, q, err(op)).await? > 0 {
-                return Ok(Fence::Held);
-            }
-            let row = s
-                .read_query(c.key)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(err(op))?;
-            let seen = row.map(|r| RowView::decode(&r, 0, c.key.scope()));
-            Ok(common::unmatched_fence(
-                seen.transpose()?,
-                common::Step::Complete(c.token),
-            ))
+            let steps = &s.steps;
+            Steps::<Sqlite>::complete_in(&mut **self, steps.complete_query(c), steps.read_query(c.key), c).await
         })
     }
 }
