@@ -98,7 +98,7 @@ impl PostgresStore {
     /// the pool's acquire timeout (30 s) applies to later use. The pool does not ping a
     /// connection before each use (sqlx pings it when it comes back to the pool): a
     /// connection that died while idle (a server restart, a killed session) fails the
-    /// step that uses it with a retryable [`StoreErrorKind::Unavailable`] error and is
+    /// step that uses it with a retryable [`StoreErrorKind::Unavailable`](crate::error::StoreErrorKind::Unavailable) error and is
     /// replaced.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with_table(url, DEFAULT_TABLE).await
@@ -121,7 +121,7 @@ impl PostgresStore {
     /// opens its own, touching no schema: the first connection is opened directly
     /// (bounded by the pool's acquire timeout), so a refused connection, a bad password
     /// or an unknown host is an error at once, with the driver's error as its source
-    /// (kind [`StoreErrorKind::Unavailable`] for a server that cannot be reached),
+    /// (kind [`StoreErrorKind::Unavailable`](crate::error::StoreErrorKind::Unavailable) for a server that cannot be reached),
     /// rather than the pool's timeout after it has retried for the whole acquire
     /// timeout. The pool does not ping a connection before each use. For
     /// [`from_pool`](Self::from_pool) with pool settings of one's own.
@@ -148,7 +148,7 @@ impl PostgresStore {
 
     /// The same pool on another table: letters, digits and `_`, optionally
     /// qualified by one schema (`schema.table`). Quoted in SQL, so case-sensitive.
-    /// Touches no schema; a bad name is a [`StoreErrorKind::Rejected`] error.
+    /// Touches no schema; a bad name is a [`StoreErrorKind::Rejected`](crate::error::StoreErrorKind::Rejected) error.
     pub fn with_table(self, table: &str) -> Result<Self, StoreError> {
         let table = TableName::parse(table)?;
         Ok(PostgresStore {
