@@ -265,7 +265,7 @@ pub(crate) trait SqlDialect: Database {
     /// Wraps a driver error of the operation `op`, classifying it: conflicts are
     /// [`StoreErrorKind::Conflict`], other errors the server returned are classified
     /// by [`classify`](Self::classify).
-    fn err(op: &str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
+    fn err(op: &str) -> impl Fn(sqlx::Error) -> StoreError + Send + Sync + '_ {
         move |e| {
             let conflicted = matches!(&e, sqlx::Error::Database(d) if Self::conflict(d.as_ref()));
             if conflicted {

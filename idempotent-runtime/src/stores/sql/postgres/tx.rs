@@ -1,38 +1,37 @@
 //! Transactional mode on PostgreSQL (see [`common::tx`](crate::stores::sql::common::tx)):
 //! the store's own claim statement, which locks what it writes.
 
-use super::statements::Statements;
 use super::PostgresStore;
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, DedupTransaction, Fence, TxFuture};
-use crate::stores::sql::common::tx::{Prepared, prepared};
-use crate::stores::sql::common::{self, BindExt, SqlDialect, Steps, TableName};
-use sqlx::postgres::Postgres;
+use super::statements::Statements;
+use crate::error::StoreError;
+use crate::store::{ClaimOutcome, ClaimRequest};
+use crate::stores::sql::common::tx::{Prepared, TxDialect, prepared};
+use crate::stores::sql::common::{self, BindExt, SqlDialect, StepSql};
+use sqlx::postgres::{PgConnection, Postgres};
 use std::collections::BTreeMap;
-use std::sync::RwLock;
-
-static POSTGRES: Prepared<PostgresTx> = RwLock::new(BTreeMap::new());
+use std::sync::{Arc, RwLock};
 
 /// The PostgreSQL store's statements: its claim already locks what it writes.
-struct PostgresTx(Statements);
+static POSTGRES: Prepared<Statements> = RwLock::new(BTreeMap::new());
 
-impl PostgresTx {
-    fn new(table: TableName) -> Self {
-        PostgresTx(Statements::new(table))
+impl TxDialect for Postgres {
+    type Sql = Statements;
+
+    fn prepared(table: &str) -> Result<Arc<Statements>, StoreError> {
+        prepared(&POSTGRES, table, Statements::new)
     }
-}
 
-impl DedupTransaction for sqlx::Transaction<'_, Postgres> {
-    fn claim_in_tx<'a>(
-        &'a mut self,
-        table: &'a str,
+    fn steps(sql: &Statements) -> &StepSql {
+        &sql.steps
+    }
+
+    async fn claim_in<'a>(
+        conn: &'a mut PgConnection,
+        sql: &'a Statements,
         req: &'a ClaimRequest<'a>,
-    ) -> TxFuture<'a, ClaimOutcome> {
-        Box::pin(async move {
-            let s = prepared(&POSTGRES, table, PostgresTx::new)?;
-            Postgres::storable(req.key)?;
-            let conn = &mut **self;
+    ) -> Result<ClaimOutcome, StoreError> {
             common::retrying!({
-                let row = sqlx::query(s.0.claim.clone())
+                let row = sqlx::query(sql.claim.clone())
                     .bind_claim(req)
                     .bind(None::<i32>)
                     .fetch_optional(&mut *conn)
@@ -47,19 +46,5 @@ impl DedupTransaction for sqlx::Transaction<'_, Postgres> {
                     None => None,
                 }
             })
-        })
-    }
-
-    fn complete_in_tx<'a>(
-        &'a mut self,
-        table: &'a str,
-        c: &'a Completion<'a>,
-    ) -> TxFuture<'a, Fence> {
-        Box::pin(async move {
-            let s = prepared(&POSTGRES, table, PostgresTx::new)?;
-            Postgres::storable(c.key)?;
-            let steps = &s.0.steps;
-            Steps::<Postgres>::complete_in(&mut **self, steps.complete_query(c), steps.read_query(c.key), c).await
-        })
     }
 }

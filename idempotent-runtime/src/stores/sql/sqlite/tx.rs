@@ -3,36 +3,34 @@
 //! database's write lock.
 
 use super::statements::Statements;
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, DedupTransaction, Fence, TxFuture};
-use crate::stores::sql::common::tx::{Prepared, prepared};
-use crate::stores::sql::common::{self, SqlDialect, Steps, TableName};
-use crate::stores::sql::common::{Plan, RowView};
-use sqlx::sqlite::Sqlite;
+use crate::error::StoreError;
+use crate::store::{ClaimOutcome, ClaimRequest};
+use crate::stores::sql::common::tx::{Prepared, TxDialect, prepared};
+use crate::stores::sql::common::{self, Plan, RowView, SqlDialect, StepSql};
+use sqlx::sqlite::{Sqlite, SqliteConnection};
 use std::collections::BTreeMap;
-use std::sync::RwLock;
-
-static SQLITE: Prepared<SqliteTx> = RwLock::new(BTreeMap::new());
+use std::sync::{Arc, RwLock};
 
 /// The SQLite store's statements; the transaction holds the database's write lock
 /// from its first write, so reads after the insert see the latest rows.
-struct SqliteTx(Statements);
+static SQLITE: Prepared<Statements> = RwLock::new(BTreeMap::new());
 
-impl SqliteTx {
-    fn new(table: TableName) -> Self {
-        SqliteTx(Statements::new(table))
+impl TxDialect for Sqlite {
+    type Sql = Statements;
+
+    fn prepared(table: &str) -> Result<Arc<Statements>, StoreError> {
+        prepared(&SQLITE, table, Statements::new)
     }
-}
 
-impl DedupTransaction for sqlx::Transaction<'_, Sqlite> {
-    fn claim_in_tx<'a>(
-        &'a mut self,
-        table: &'a str,
+    fn steps(sql: &Statements) -> &StepSql {
+        &sql.steps
+    }
+
+    async fn claim_in<'a>(
+        conn: &'a mut SqliteConnection,
+        s: &'a Statements,
         req: &'a ClaimRequest<'a>,
-    ) -> TxFuture<'a, ClaimOutcome> {
-        Box::pin(async move {
-            let s = prepared(&SQLITE, table, SqliteTx::new)?;
-            let s = &s.0;
-            let conn = &mut **self;
+    ) -> Result<ClaimOutcome, StoreError> {
             let err = || Sqlite::err("claim in transaction");
             common::retrying!({
                 let inserted = s.write_claim(conn, req, Plan::Insert, None, err());
@@ -49,19 +47,5 @@ impl DedupTransaction for sqlx::Transaction<'_, Sqlite> {
                 let plan = Plan::of(req, Some(RowView::decode(&row, 0, req.key.scope())?));
                 s.write_claim(conn, req, plan, None, err()).await?
             })
-        })
-    }
-
-    fn complete_in_tx<'a>(
-        &'a mut self,
-        table: &'a str,
-        c: &'a Completion<'a>,
-    ) -> TxFuture<'a, Fence> {
-        Box::pin(async move {
-            let s = prepared(&SQLITE, table, SqliteTx::new)?;
-            let s = &s.0;
-            let steps = &s.steps;
-            Steps::<Sqlite>::complete_in(&mut **self, steps.complete_query(c), steps.read_query(c.key), c).await
-        })
     }
 }
