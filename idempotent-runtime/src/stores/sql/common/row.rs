@@ -333,7 +333,7 @@ pub(crate) fn repeated(first: &ClaimOutcome, req: &ClaimRequest<'_>) -> ClaimOut
 
 /// The claim-retry loop: evaluates `attempt` (a block: one read and conditional
 /// write, or one claim statement, in the caller's function, so `?` and `.await` work
-/// in it) until it is `Some`, at most [`CLAIM_RETRIES`] times; `None` from it (or
+/// in it) until it is `Some`, at most [`CLAIM_RETRIES`](super::base::CLAIM_RETRIES) times; `None` from it (or
 /// `continue`) means the row changed under it and the claim is tried again. Answers
 /// the outcome, or the error [`contended`] when the claim kept losing races.
 macro_rules! retrying {
