@@ -400,4 +400,29 @@ mod tests {
     fn out_of_range_claims_are_corrupt() {
         assert!(acquired(-1, 1, "s").is_err());
     }
+
+    /// The suite cannot make a claim lose every race; the loop's bound and its error
+    /// are checked here, and that `continue` in an attempt means "try again".
+    #[test]
+    fn the_claim_retry_loop_is_bounded() {
+        let mut tries = 0;
+        let lost: Result<(), StoreError> = retrying!({
+            tries += 1;
+            None
+        });
+        assert_eq!(tries, crate::stores::sql::common::base::CLAIM_RETRIES);
+        let e = lost.unwrap_err();
+        assert_eq!(e.kind(), StoreErrorKind::Other);
+        assert!(e.to_string().contains("changed under every claim attempt"), "{e}");
+
+        let mut tries = 0;
+        let won = retrying!({
+            tries += 1;
+            if tries < 3 {
+                continue;
+            }
+            Some(tries)
+        });
+        assert_eq!(won.unwrap(), 3);
+    }
 }

@@ -165,14 +165,13 @@ where
         read_row(s.pool(), q, key.scope(), DB::err("reading a record")).await
     }
 
-    /// Completes the claim of `c`: compare-and-set on its token, then the fence check.
+    /// Completes the claim of `c`.
     pub(crate) async fn complete<S: SqlStore<Db = DB>>(
         s: &S,
         c: &Completion<'_>,
     ) -> Result<Fence, StoreError> {
-        DB::storable(c.key)?;
-        let rows = s.write("complete", s.steps().complete_query(c)).await?;
-        fence_of(rows, Step::Complete(c.token), Self::read(s, c.key)).await
+        let q = s.steps().complete_query(c);
+        Self::fenced(s, "complete", q, c.key, Step::Complete(c.token)).await
     }
 
     /// Releases the claim of `r`.
@@ -180,9 +179,8 @@ where
         s: &S,
         r: &Release<'_>,
     ) -> Result<Fence, StoreError> {
-        DB::storable(r.key)?;
-        let rows = s.write("release", s.steps().release_query(r)).await?;
-        fence_of(rows, Step::Release(r.token), Self::read(s, r.key)).await
+        let q = s.steps().release_query(r);
+        Self::fenced(s, "release", q, r.key, Step::Release(r.token)).await
     }
 
     /// Extends the lease of the claim `token` on `key`.
@@ -192,11 +190,22 @@ where
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
+        let q = s.steps().renew_query(key, token, lease);
+        Self::fenced(s, "renew", q, key, Step::Renew).await
+    }
+
+    /// The compare-and-set write `q` of `step` on `key` (matching the ownership
+    /// clause), then the fence check ([`fence_of`]) with the key's row read back.
+    async fn fenced<S: SqlStore<Db = DB>>(
+        s: &S,
+        op: &'static str,
+        q: SqlQuery<'_, DB>,
+        key: &RecordKey,
+        step: Step,
+    ) -> Result<Fence, StoreError> {
         DB::storable(key)?;
-        let rows = s
-            .write("renew", s.steps().renew_query(key, token, lease))
-            .await?;
-        fence_of(rows, Step::Renew, Self::read(s, key)).await
+        let rows = s.write(op, q).await?;
+        fence_of(rows, step, Self::read(s, key)).await
     }
 
     /// The record of `key`, if it is live.
@@ -280,6 +289,28 @@ where
         })
     }
 
+    /// `stmt` as a query with its parameters bound.
+    fn query(stmt: Stmt<DB>) -> SqlQuery<'static, DB> {
+        let mut q = sqlx::query::<DB>(sql(stmt.text));
+        for p in stmt.params {
+            q = match p {
+                Param::Text(s) => q.bind(s),
+                Param::Bytes(b) => q.bind(b),
+                Param::Int(i) => q.bind(i),
+            };
+        }
+        q
+    }
+}
+
+/// The steps on a connection of the caller's: they need less of the database.
+impl<DB> Steps<DB>
+where
+    DB: SqlDialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    DB::Row: Columns,
+{
     /// Completes the claim of `c` in the caller's transaction (`conn`): the
     /// compare-and-set `complete`, then the fence check with `read`, the read of its
     /// row, on the same transaction.
@@ -305,18 +336,5 @@ where
     ) -> Result<Fence, StoreError> {
         let rows = execute(&mut *conn, write, DB::err(op)).await?;
         fence_of(rows, step, read_row(&mut *conn, read, key.scope(), DB::err(op))).await
-    }
-
-    /// `stmt` as a query with its parameters bound.
-    fn query(stmt: Stmt<DB>) -> SqlQuery<'static, DB> {
-        let mut q = sqlx::query::<DB>(sql(stmt.text));
-        for p in stmt.params {
-            q = match p {
-                Param::Text(s) => q.bind(s),
-                Param::Bytes(b) => q.bind(b),
-                Param::Int(i) => q.bind(i),
-            };
-        }
-        q
     }
 }

@@ -26,7 +26,7 @@ use super::steps::{SqlQuery, StepSql, Steps};
 use crate::error::StoreError;
 use crate::error::StoreErrorKind;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, DedupTransaction, Fence, TxFuture};
-use sqlx::{Encode, Executor, IntoArguments, Type};
+use sqlx::{Executor, IntoArguments};
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, PoisonError, RwLock};
@@ -56,9 +56,6 @@ where
     DB::Arguments: IntoArguments<DB>,
     DB::Row: Columns,
     for<'a> SqlQuery<'a, DB>: BindExt,
-    for<'q> String: Encode<'q, DB> + Type<DB>,
-    for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
 {
     fn claim_in_tx<'a>(
         &'a mut self,
