@@ -108,11 +108,15 @@ pub(crate) trait BindExt: Sized {
     fn bind_claim(self, req: &ClaimRequest<'_>) -> Self;
     /// `scope, message_id, owner_token, output, ttl_us`: a completion.
     fn bind_completion(self, c: &Completion<'_>) -> Self;
+    /// `output, ttl_us`: what a completion writes.
+    fn bind_output(self, c: &Completion<'_>) -> Self;
+    /// One `BIGINT`.
+    fn bind_int(self, v: i64) -> Self;
 }
 
 impl<DB> BindExt for Query<'_, DB, DB::Arguments>
 where
-    DB: SqlDatabase,
+    DB: SqlDialect,
     for<'a> &'a str: Encode<'a, DB> + Type<DB>,
     for<'a> &'a [u8]: Encode<'a, DB> + Type<DB>,
     for<'a> Option<&'a [u8]>: Encode<'a, DB> + Type<DB>,
@@ -139,17 +143,112 @@ where
     }
 
     fn bind_completion(self, c: &Completion<'_>) -> Self {
-        self.bind_owned(c.key, c.token)
-            .bind(c.output)
-            .bind(micros(c.ttl))
+        self.bind_owned(c.key, c.token).bind_output(c)
+    }
+
+    fn bind_output(self, c: &Completion<'_>) -> Self {
+        self.bind(c.output).bind(micros(c.ttl))
+    }
+
+    fn bind_int(self, v: i64) -> Self {
+        self.bind(v)
     }
 }
 
-/// A database the SQL stores run on: how the errors its server returns are classified.
-pub(crate) trait SqlDatabase: Database {
+/// What differs between the databases the SQL stores run on, and nothing else: the
+/// clock, quoting and placeholders, the few functions whose names differ, how the
+/// errors the server returns are classified, and what each statement built from
+/// these pieces (the ownership clause, the record's columns, the steps' statements)
+/// looks like. Implemented once per database, in its folder (`mysql/scan.rs`,
+/// `postgres/scan.rs`, `sqlite/scan.rs`); every rule the stores share is written once
+/// over it.
+pub(crate) trait SqlDialect: Database {
+    /// The database clock in microseconds since the Unix epoch, read once per
+    /// statement.
+    const NOW_US: &'static str;
+    /// The identifier quote.
+    const QUOTE: char;
+    /// The larger of two values.
+    const GREATEST: &'static str;
+    /// Whether the keyset condition is written as a row comparison
+    /// (`(a, b) > (x, y)`, which PostgreSQL and SQLite turn into one index range);
+    /// otherwise as `a > x OR (a = x AND b > y)` (which MySQL ranges over).
+    const ROW_VALUES: bool;
+    /// Whether the columns take values of any type (SQLite), for [`sane`].
+    const ANY_TYPE: bool = false;
+    /// Whether placeholders are numbered (`$n`, `?n`: bound in the order of their
+    /// numbers, wherever they stand in the text) rather than positional (`?`: bound in
+    /// the order they stand in the text).
+    const NUMBERED: bool = true;
     /// Whether the `scope` column holds bytes (bound as bytes, compared byte for byte)
     /// rather than text.
     const SCOPE_AS_BYTES: bool = false;
+
+    /// The `n`-th placeholder (from 1).
+    fn param(n: usize) -> String;
+    /// The scope column as bytes.
+    fn scope_bytes(col: &str) -> String;
+    /// The length in bytes of a binary column.
+    fn byte_len(col: &str) -> String;
+    /// An integer expression as a 64-bit integer.
+    fn int8(expr: &str) -> String;
+
+    /// How a statement built by [`update`](Self::update) or [`select`](Self::select)
+    /// names its clock reading: [`NOW_US`](Self::NOW_US) itself, unless the database
+    /// reads it once per statement only when told to.
+    fn now() -> &'static str {
+        Self::NOW_US
+    }
+    /// `UPDATE table SET set WHERE cond`, reading the clock as [`now`](Self::now).
+    fn update(table: &str, set: &str, cond: &str) -> String {
+        format!("UPDATE {table} SET {set} WHERE {cond}")
+    }
+    /// `SELECT cols FROM from WHERE cond`, reading the clock as [`now`](Self::now).
+    fn select(cols: &str, from: &str, cond: &str) -> String {
+        format!("SELECT {cols} FROM {from} WHERE {cond}")
+    }
+    /// The statement deleting up to one batch (the placeholder `?1`/`$1`) of expired
+    /// records of `table` (quoted).
+    fn purge(table: &str) -> String;
+
+    /// The ownership clause: the row `r` (a prefix such as `r.`, or empty) is a live
+    /// claim in progress holding only values this store writes. The statements of
+    /// complete, release and renew (and their batch forms) touch no other row; the key
+    /// and the owner token are matched beside it.
+    fn held(r: &str) -> String {
+        format!(
+            "{r}status = 0 AND {r}lease_until_us IS NOT NULL AND {r}expires_at_us > {} AND {}",
+            Self::now(),
+            sane(r, Self::ANY_TYPE)
+        )
+    }
+    /// The ownership clause of one key: the key and the owner token are the
+    /// placeholders 1, 2 and 3, and the row is [`held`](Self::held).
+    fn owned() -> String {
+        format!(
+            "scope = {} AND message_id = {} AND owner_token = {} AND {}",
+            Self::param(1),
+            Self::param(2),
+            Self::param(3),
+            Self::held("")
+        )
+    }
+    /// The columns of the row `r` as [`RowView::decode`](super::row::RowView::decode)
+    /// reads them, the clock last.
+    fn view(r: &str) -> String {
+        format!(
+            "{}, {}, {r}owner_token, {r}lease_until_us, {r}expires_at_us, {r}fingerprint, \
+             {r}output, {}",
+            Self::int8(&format!("{r}status")),
+            Self::int8(&format!("{r}retry_times")),
+            Self::now()
+        )
+    }
+
+    /// Checks that the database can store the scope of `key` (before any step on it).
+    fn storable(_key: &RecordKey) -> Result<(), StoreError> {
+        Ok(())
+    }
 
     /// The kind of an error the server returned.
     fn classify(e: &dyn DatabaseError) -> StoreErrorKind;
@@ -166,7 +265,7 @@ pub(crate) trait SqlDatabase: Database {
     /// Wraps a driver error of the operation `op`, classifying it: conflicts are
     /// [`StoreErrorKind::Conflict`], other errors the server returned are classified
     /// by [`classify`](Self::classify).
-    fn err(op: &str) -> impl Fn(sqlx::Error) -> StoreError + '_ {
+    fn err(op: &str) -> impl Fn(sqlx::Error) -> StoreError + Send + Sync + '_ {
         move |e| {
             let conflicted = matches!(&e, sqlx::Error::Database(d) if Self::conflict(d.as_ref()));
             if conflicted {
@@ -176,6 +275,42 @@ pub(crate) trait SqlDatabase: Database {
             }
         }
     }
+}
+
+/// Largest `retry_times` a valid row holds: one more attempt must still fit the
+/// column (`INT`).
+pub(crate) const MAX_ATTEMPTS_VALUE: i64 = i32::MAX as i64 - 1;
+
+/// Largest time a valid row holds: far beyond any clock reading plus [`MAX_MICROS`],
+/// and small enough that subtracting a clock reading or adding a duration of up to
+/// [`MAX_MICROS`] fits a `BIGINT`.
+pub(crate) const MAX_TIME: i64 = 4 * MAX_MICROS;
+
+/// The SQL condition "the row `r` holds only values this store writes": a status of 0
+/// or 1, an attempt count, token, lease deadline and expiry within range (so that one
+/// more attempt, the next token and every time computed from them fit a `BIGINT`), and
+/// on SQLite, whose columns take any type, integers in the integer columns and bytes
+/// (or text) in the fingerprint and output. Claims and the compare-and-set writes
+/// touch only such rows; any other row is reported as [`StoreErrorKind::Corrupt`] by
+/// [`RowView::decode`](super::row::RowView::decode), which applies the same rules.
+pub(crate) fn sane(r: &str, sqlite: bool) -> String {
+    let mut s = format!(
+        "{r}status IN (0, 1) AND {r}retry_times BETWEEN 0 AND {MAX_ATTEMPTS_VALUE} \
+         AND {r}owner_token BETWEEN 0 AND {max_token} \
+         AND ({r}lease_until_us IS NULL OR {r}lease_until_us BETWEEN 0 AND {MAX_TIME}) \
+         AND {r}expires_at_us BETWEEN 0 AND {MAX_TIME}",
+        max_token = i64::MAX - 1,
+    );
+    if sqlite {
+        s.push_str(&format!(
+            " AND typeof({r}status) = 'integer' AND typeof({r}retry_times) = 'integer' \
+             AND typeof({r}owner_token) = 'integer' AND typeof({r}expires_at_us) = 'integer' \
+             AND typeof({r}lease_until_us) IN ('integer', 'null') \
+             AND typeof({r}fingerprint) IN ('blob', 'text', 'null') \
+             AND typeof({r}output) IN ('blob', 'text', 'null')"
+        ));
+    }
+    s
 }
 
 /// Opens a pool with `pool` on `options`, failing fast: the first connection is
@@ -197,7 +332,7 @@ pub(crate) async fn open_pool<DB>(
     op: &str,
 ) -> Result<sqlx::Pool<DB>, StoreError>
 where
-    DB: SqlDatabase,
+    DB: SqlDialect,
 {
     use sqlx::Connection;
     let limit = pool.get_acquire_timeout();
@@ -225,7 +360,7 @@ pub(crate) async fn execute<'c, DB, E>(
     err: impl FnOnce(sqlx::Error) -> StoreError,
 ) -> Result<u64, StoreError>
 where
-    DB: SqlDatabase,
+    DB: SqlDialect,
     DB::Arguments: IntoArguments<DB>,
     E: Executor<'c, Database = DB>,
 {

@@ -1,11 +1,9 @@
-//! What every SQL store has alike besides its statements: the accessors, the scan
-//! and operator methods forwarded to [`common::scan`](crate::stores::sql::common::scan), and the
-//! background sweeper.
+//! What every SQL store has alike besides its steps: the accessors and the background
+//! sweeper.
 
 use crate::error::StoreError;
 use crate::error::StoreErrorKind;
 use crate::store::Store;
-use std::future::Future;
 use std::time::Duration;
 
 /// Spawns a task that calls [`Store::purge_expired`] every `every`; fails when called
@@ -50,7 +48,7 @@ macro_rules! store_accessors {
 
             /// The table name, as given.
             pub fn table(&self) -> String {
-                self.sql.table.display()
+                self.sql.steps.table.display()
             }
 
             /// Spawns a task that deletes expired records every `every`
@@ -67,7 +65,7 @@ macro_rules! store_accessors {
         impl std::fmt::Debug for $store {
             fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
                 f.debug_struct(stringify!($store))
-                    .field("table", &self.sql.table)
+                    .field("table", &self.sql.steps.table)
                     .field("pool", &self.pool)
                     .finish()
             }
@@ -75,69 +73,3 @@ macro_rules! store_accessors {
     };
 }
 pub(crate) use store_accessors;
-
-/// The [`Store`] methods every SQL store forwards to [`common::scan`](crate::stores::sql::common::scan) alike
-/// (`scan`, `stats`, `force_release`, `reset_attempts`), for the `impl Store` of a store
-/// type with the field `pool` and the method `table`. Written as `#[async_trait]` writes
-/// them (it does not see into a macro's output), so the signatures match the trait's.
-macro_rules! scan_methods {
-    () => {
-        /// Keyset pagination on `(scope, message_id)` with the filter in the `WHERE`
-        /// clause.
-        fn scan<'life0, 'life1, 'life2, 'async_trait>(
-            &'life0 self,
-            filter: &'life1 $crate::store::scan::ScanFilter,
-            cursor: Option<&'life2 $crate::store::scan::ScanCursor>,
-            limit: usize,
-        ) -> $crate::stores::sql::common::methods::StoreFuture<'async_trait, $crate::store::scan::ScanPage>
-        where
-            'life0: 'async_trait,
-            'life1: 'async_trait,
-            'life2: 'async_trait,
-            Self: 'async_trait,
-        {
-            Box::pin(async move {
-                $crate::stores::sql::common::scan::scan(&self.pool, &self.table(), filter, cursor, limit).await
-            })
-        }
-
-        /// One `GROUP BY` statement.
-        fn stats<'life0, 'life1, 'async_trait>(
-            &'life0 self,
-            scope: Option<&'life1 str>,
-            poisoned_at: Option<u32>,
-        ) -> $crate::stores::sql::common::methods::StoreFuture<'async_trait, Vec<$crate::store::scan::ScopeStats>>
-        where
-            'life0: 'async_trait,
-            'life1: 'async_trait,
-            Self: 'async_trait,
-        {
-            Box::pin(async move {
-                $crate::stores::sql::common::scan::stats(&self.pool, &self.table(), scope, poisoned_at).await
-            })
-        }
-
-        $crate::stores::sql::common::methods::scan_methods!(admin force_release, false);
-        $crate::stores::sql::common::methods::scan_methods!(admin reset_attempts, true);
-    };
-    (admin $name:ident, $reset:literal) => {
-        fn $name<'life0, 'life1, 'async_trait>(
-            &'life0 self,
-            key: &'life1 $crate::key::RecordKey,
-        ) -> $crate::stores::sql::common::methods::StoreFuture<'async_trait, $crate::store::scan::AdminOutcome>
-        where
-            'life0: 'async_trait,
-            'life1: 'async_trait,
-            Self: 'async_trait,
-        {
-            Box::pin(async move {
-                $crate::stores::sql::common::scan::admin(self, &self.pool, &self.table(), key, $reset).await
-            })
-        }
-    };
-}
-pub(crate) use scan_methods;
-
-/// The future a [`Store`] method returns, as `#[async_trait]` writes it.
-pub(crate) type StoreFuture<'a, T> =
-    std::pin::Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;

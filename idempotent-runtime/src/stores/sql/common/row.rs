@@ -1,8 +1,8 @@
 //! A record row as the SQL stores read it: the checks that it holds only values the
-//! stores write (in SQL, [`sane`], and on the decoded row, [`RowView::decode`]), and the
+//! stores write (in SQL, [`sane`](super::base::sane), and on the decoded row, [`RowView::decode`]), and the
 //! claim rules applied to it.
 
-use super::base::{MAX_MICROS, SqlDatabase, from_micros, token_param};
+use super::base::{MAX_ATTEMPTS_VALUE, MAX_TIME, SqlDialect, from_micros, token_param};
 use crate::error::StoreError;
 use crate::error::StoreErrorKind;
 use crate::store::{ClaimOutcome, ClaimRequest, Fence, Record, RecordState, Token};
@@ -23,44 +23,8 @@ pub(crate) fn corrupt_record(scope: &str, what: impl fmt::Display) -> StoreError
     ))
 }
 
-/// Largest `retry_times` a valid row holds: one more attempt must still fit the
-/// column (`INT`).
-pub(crate) const MAX_ATTEMPTS_VALUE: i64 = i32::MAX as i64 - 1;
-
-/// The SQL condition "the row `r` holds only values this store writes": a status of 0
-/// or 1, an attempt count, token, lease deadline and expiry within range (so that one
-/// more attempt, the next token and every time computed from them fit a `BIGINT`), and
-/// on SQLite, whose columns take any type, integers in the integer columns and bytes
-/// (or text) in the fingerprint and output. Claims and the compare-and-set writes
-/// touch only such rows; any other row is reported as [`StoreErrorKind::Corrupt`] by
-/// [`RowView::decode`], which applies the same rules.
-pub(crate) fn sane(r: &str, sqlite: bool) -> String {
-    let mut s = format!(
-        "{r}status IN (0, 1) AND {r}retry_times BETWEEN 0 AND {MAX_ATTEMPTS_VALUE} \
-         AND {r}owner_token BETWEEN 0 AND {max_token} \
-         AND ({r}lease_until_us IS NULL OR {r}lease_until_us BETWEEN 0 AND {MAX_TIME}) \
-         AND {r}expires_at_us BETWEEN 0 AND {MAX_TIME}",
-        max_token = i64::MAX - 1,
-    );
-    if sqlite {
-        s.push_str(&format!(
-            " AND typeof({r}status) = 'integer' AND typeof({r}retry_times) = 'integer' \
-             AND typeof({r}owner_token) = 'integer' AND typeof({r}expires_at_us) = 'integer' \
-             AND typeof({r}lease_until_us) IN ('integer', 'null') \
-             AND typeof({r}fingerprint) IN ('blob', 'text', 'null') \
-             AND typeof({r}output) IN ('blob', 'text', 'null')"
-        ));
-    }
-    s
-}
-
-/// Largest time a valid row holds: far beyond any clock reading plus [`MAX_MICROS`],
-/// and small enough that subtracting a clock reading or adding a duration of up to
-/// [`MAX_MICROS`] fits a `BIGINT`.
-pub(crate) const MAX_TIME: i64 = 4 * MAX_MICROS;
-
 /// One record row as every store reads it, checked: every value is one this store
-/// writes (see [`sane`]). Times are relative to the database clock at the moment of
+/// writes (see [`sane`](super::base::sane)). Times are relative to the database clock at the moment of
 /// the read.
 #[derive(Debug)]
 pub(crate) struct RowView {
@@ -84,13 +48,7 @@ impl RowView {
     /// value this store never writes (a status other than 0 or 1, a negative token,
     /// attempt count or time, a value of the wrong type) is a
     /// [`StoreErrorKind::Corrupt`] error naming the scope.
-    pub(crate) fn decode<'r, R>(row: &'r R, at: usize, scope: &str) -> Result<Self, StoreError>
-    where
-        R: sqlx::Row,
-        usize: sqlx::ColumnIndex<R>,
-        i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-        Vec<u8>: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
-    {
+    pub(crate) fn decode(row: &impl Columns, at: usize, scope: &str) -> Result<Self, StoreError> {
         const NAMES: [&str; 8] = [
             "status",
             "retry_times",
@@ -119,11 +77,8 @@ impl RowView {
                 e,
             ),
         };
-        let int = |i: usize| row.try_get::<Option<i64>, _>(at + i).map_err(|e| bad(i, e));
-        let bytes = |i: usize| {
-            row.try_get::<Option<Vec<u8>>, _>(at + i)
-                .map_err(|e| bad(i, e))
-        };
+        let int = |i: usize| row.opt_int(at + i).map_err(|e| bad(i, e));
+        let bytes = |i: usize| row.opt_bytes(at + i).map_err(|e| bad(i, e));
         let required = |i: usize| -> Result<i64, StoreError> {
             int(i)?.ok_or_else(|| corrupt_record(scope, format_args!("`{}` is NULL", NAMES[i])))
         };
@@ -298,12 +253,10 @@ pub(crate) async fn read_row<'c, DB, E>(
     err: impl FnOnce(sqlx::Error) -> StoreError,
 ) -> Result<Option<RowView>, StoreError>
 where
-    DB: SqlDatabase,
+    DB: SqlDialect,
     DB::Arguments: IntoArguments<DB>,
     E: Executor<'c, Database = DB>,
-    usize: sqlx::ColumnIndex<DB::Row>,
-    i64: for<'r> sqlx::Decode<'r, DB> + Type<DB>,
-    Vec<u8>: for<'r> sqlx::Decode<'r, DB> + Type<DB>,
+    DB::Row: Columns,
 {
     let row = q.fetch_all(conn).await.map_err(err)?.pop();
     row.map(|r| RowView::decode(&r, 0, scope)).transpose()
@@ -378,6 +331,59 @@ pub(crate) fn repeated(first: &ClaimOutcome, req: &ClaimRequest<'_>) -> ClaimOut
     }
 }
 
+/// The claim-retry loop: evaluates `attempt` (a block: one read and conditional
+/// write, or one claim statement, in the caller's function, so `?` and `.await` work
+/// in it) until it is `Some`, at most [`CLAIM_RETRIES`](super::base::CLAIM_RETRIES) times; `None` from it (or
+/// `continue`) means the row changed under it and the claim is tried again. Answers
+/// the outcome, or the error [`contended`] when the claim kept losing races.
+macro_rules! retrying {
+    ($attempt:block) => {{
+        let mut outcome = None;
+        for _ in 0..$crate::stores::sql::common::base::CLAIM_RETRIES {
+            outcome = $attempt;
+            if outcome.is_some() {
+                break;
+            }
+        }
+        outcome.ok_or_else($crate::stores::sql::common::row::contended)
+    }};
+}
+pub(crate) use retrying;
+
+/// The columns of a record row, read by index; implemented for the rows of every
+/// database the stores run on.
+pub(crate) trait Columns {
+    /// An integer column (`BIGINT`), `NULL` as `None`.
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, sqlx::Error>;
+    /// An integer column that is never `NULL`.
+    fn int(&self, i: usize) -> Result<i64, sqlx::Error>;
+    /// A binary column, `NULL` as `None`.
+    fn opt_bytes(&self, i: usize) -> Result<Option<Vec<u8>>, sqlx::Error>;
+    /// A binary column that is never `NULL`.
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, sqlx::Error>;
+}
+
+impl<R> Columns for R
+where
+    R: sqlx::Row,
+    usize: sqlx::ColumnIndex<R>,
+    i64: for<'r> sqlx::Decode<'r, R::Database> + Type<R::Database>,
+    Vec<u8>: for<'r> sqlx::Decode<'r, R::Database> + Type<R::Database>,
+{
+    fn opt_int(&self, i: usize) -> Result<Option<i64>, sqlx::Error> {
+        self.try_get(i)
+    }
+    fn int(&self, i: usize) -> Result<i64, sqlx::Error> {
+        self.try_get(i)
+    }
+    fn opt_bytes(&self, i: usize) -> Result<Option<Vec<u8>>, sqlx::Error> {
+        self.try_get(i)
+    }
+    fn bytes(&self, i: usize) -> Result<Vec<u8>, sqlx::Error> {
+        self.try_get(i)
+    }
+}
+
 /// The error when a claim kept losing races on the same row.
 pub(crate) fn contended() -> StoreError {
     StoreError::new(
@@ -393,5 +399,30 @@ mod tests {
     #[test]
     fn out_of_range_claims_are_corrupt() {
         assert!(acquired(-1, 1, "s").is_err());
+    }
+
+    /// The suite cannot make a claim lose every race; the loop's bound and its error
+    /// are checked here, and that `continue` in an attempt means "try again".
+    #[test]
+    fn the_claim_retry_loop_is_bounded() {
+        let mut tries = 0;
+        let lost: Result<(), StoreError> = retrying!({
+            tries += 1;
+            None
+        });
+        assert_eq!(tries, crate::stores::sql::common::base::CLAIM_RETRIES);
+        let e = lost.unwrap_err();
+        assert_eq!(e.kind(), StoreErrorKind::Other);
+        assert!(e.to_string().contains("changed under every claim attempt"), "{e}");
+
+        let mut tries = 0;
+        let won = retrying!({
+            tries += 1;
+            if tries < 3 {
+                continue;
+            }
+            Some(tries)
+        });
+        assert_eq!(won.unwrap(), 3);
     }
 }

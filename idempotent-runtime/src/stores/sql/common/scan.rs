@@ -5,46 +5,21 @@
 //! The scope is read back as bytes and decoded leniently, whatever the column's type
 //! (text or binary).
 //!
-//! Each database's [`Dialect`] is in its own folder (`mysql/scan.rs`,
-//! `postgres/scan.rs`, `sqlite/scan.rs`).
+//! The statements are built here, over the database's
+//! [`SqlDialect`], and their rows read here; [`steps`](super::steps) runs them.
 
-use super::base::{SqlDatabase, TableName, from_micros};
-use super::row::sane;
+use super::base::{SqlDialect, TableName, from_micros, sane};
+use super::row::Columns;
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::RecordKey;
 use crate::store::scan::{
-    AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage, ScopeStats, state_rank,
+    ScanCursor, ScanFilter, ScanItem, ScanPage, ScopeStats, state_rank,
 };
-use crate::store::{RecordState, Store, Token};
-use sqlx::{Encode, Executor, IntoArguments, Pool, Row, Type};
+use crate::store::{RecordState, Token};
 use std::collections::BTreeMap;
 
-/// What differs between the databases in the statements of this module.
-pub(crate) trait Dialect: SqlDatabase {
-    /// The database clock in microseconds since the Unix epoch.
-    const NOW_US: &'static str;
-    /// The identifier quote.
-    const QUOTE: char;
-    /// The larger of two values.
-    const GREATEST: &'static str;
-    /// Whether the keyset condition is written as a row comparison
-    /// (`(a, b) > (x, y)`, which PostgreSQL and SQLite turn into one index range);
-    /// otherwise as `a > x OR (a = x AND b > y)` (which MySQL ranges over).
-    const ROW_VALUES: bool;
-    /// Whether the columns take values of any type (SQLite), for [`sane`].
-    const ANY_TYPE: bool = false;
-    /// The `n`-th placeholder (from 1).
-    fn param(n: usize) -> String;
-    /// The scope column as bytes.
-    fn scope_bytes(col: &str) -> String;
-    /// The length in bytes of a binary column.
-    fn byte_len(col: &str) -> String;
-    /// An integer expression as a 64-bit integer.
-    fn int8(expr: &str) -> String;
-}
-
 /// A bound value of a statement built at run time.
-enum Param {
+pub(crate) enum Param {
     Text(String),
     Bytes(Vec<u8>),
     Int(i64),
@@ -52,13 +27,13 @@ enum Param {
 
 /// A statement's text and its parameters, built together so placeholders and binds
 /// stay in step.
-struct Stmt<DB> {
-    text: String,
-    params: Vec<Param>,
+pub(crate) struct Stmt<DB> {
+    pub(crate) text: String,
+    pub(crate) params: Vec<Param>,
     _db: std::marker::PhantomData<DB>,
 }
 
-impl<DB: Dialect> Stmt<DB> {
+impl<DB: SqlDialect> Stmt<DB> {
     fn new() -> Self {
         Stmt {
             text: String::new(),
@@ -87,58 +62,8 @@ impl<DB: Dialect> Stmt<DB> {
 
 /// The `FROM` clause every statement reads: the table as `c`, the clock as `n.now_us`
 /// (read once per statement).
-fn from<DB: Dialect>(table: &str) -> String {
+fn from<DB: SqlDialect>(table: &str) -> String {
     format!(" FROM {table} c, (SELECT {} AS now_us) n", DB::NOW_US)
-}
-
-fn quoted<DB: Dialect>(table: &str) -> Result<String, StoreError> {
-    Ok(TableName::parse(table)?.quoted(DB::QUOTE))
-}
-
-/// `stmt` as a query with its parameters bound.
-fn query<DB>(stmt: Stmt<DB>) -> sqlx::query::Query<'static, DB, DB::Arguments>
-where
-    DB: Dialect,
-    for<'q> String: Encode<'q, DB> + Type<DB>,
-    for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
-{
-    let mut q = sqlx::query::<DB>(super::base::sql(stmt.text));
-    for p in stmt.params {
-        q = match p {
-            Param::Text(s) => q.bind(s),
-            Param::Bytes(b) => q.bind(b),
-            Param::Int(i) => q.bind(i),
-        };
-    }
-    q
-}
-
-/// Runs `stmt` and returns its rows.
-async fn fetch<DB>(pool: &Pool<DB>, op: &str, stmt: Stmt<DB>) -> Result<Vec<DB::Row>, StoreError>
-where
-    DB: Dialect,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    for<'q> DB::Arguments: IntoArguments<DB>,
-    for<'q> String: Encode<'q, DB> + Type<DB>,
-    for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
-{
-    query(stmt).fetch_all(pool).await.map_err(DB::err(op))
-}
-
-/// Runs `stmt` and returns the rows it changed.
-async fn execute<DB>(pool: &Pool<DB>, op: &str, stmt: Stmt<DB>) -> Result<u64, StoreError>
-where
-    DB: Dialect,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    for<'q> DB::Arguments: IntoArguments<DB>,
-    for<'q> String: Encode<'q, DB> + Type<DB>,
-    for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
-{
-    let done = query(stmt).execute(pool).await.map_err(DB::err(op))?;
-    Ok(DB::rows_affected(&done))
 }
 
 /// The keyset cursor: the length of the scope (4 bytes, big-endian), the scope, the
@@ -166,7 +91,7 @@ fn decode_cursor(c: &ScanCursor) -> Result<(String, Vec<u8>), StoreError> {
 }
 
 /// The conditions of `filter` on the row `c` (after `WHERE` and the expiry check).
-fn conditions<DB: Dialect>(s: &mut Stmt<DB>, filter: &ScanFilter) {
+fn conditions<DB: SqlDialect>(s: &mut Stmt<DB>, filter: &ScanFilter) {
     if let Some(scope) = &filter.scope {
         let bounded = RecordKey::from_encoded(scope, b"").scope().to_owned();
         s.push(" AND c.scope = ").bind(Param::Text(bounded));
@@ -194,27 +119,15 @@ fn conditions<DB: Dialect>(s: &mut Stmt<DB>, filter: &ScanFilter) {
     }
 }
 
-/// One page of a scan of `table`.
-pub(crate) async fn scan<DB>(
-    pool: &Pool<DB>,
-    table: &str,
+/// The statement of one page of a scan of `table`, and the page's size.
+pub(crate) fn scan_stmt<DB: SqlDialect>(
+    table: &TableName,
     filter: &ScanFilter,
     cursor: Option<&ScanCursor>,
     limit: usize,
-) -> Result<ScanPage, StoreError>
-where
-    DB: Dialect,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    for<'q> DB::Arguments: IntoArguments<DB>,
-    for<'q> String: Encode<'q, DB> + Type<DB>,
-    for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
-    for<'r> Vec<u8>: sqlx::Decode<'r, DB> + Type<DB>,
-    for<'r> i64: sqlx::Decode<'r, DB> + Type<DB>,
-    usize: sqlx::ColumnIndex<DB::Row>,
-{
+) -> Result<(Stmt<DB>, usize), StoreError> {
     let limit = limit.clamp(1, 100_000);
-    let t = quoted::<DB>(table)?;
+    let t = table.quoted(DB::QUOTE);
     let mut s = Stmt::<DB>::new();
     s.push(&format!(
         "SELECT {}, c.message_id, {}, {}, c.owner_token, \
@@ -251,20 +164,24 @@ where
     }
     conditions(&mut s, filter);
     s.push(&format!(" ORDER BY c.scope, c.message_id LIMIT {limit}"));
-    let rows = fetch(pool, "scan", s).await?;
+    Ok((s, limit))
+}
+
+/// The page the rows of a [`scan_stmt`] of `limit` rows make.
+pub(crate) fn scan_page(rows: &[impl Columns], limit: usize) -> Result<ScanPage, StoreError> {
     let full = rows.len() == limit;
     let mut items = Vec::with_capacity(rows.len());
     let mut last: Option<(Vec<u8>, Vec<u8>)> = None;
-    for row in &rows {
-        let scope: Vec<u8> = row.try_get(0).map_err(decode_error)?;
-        let id: Vec<u8> = row.try_get(1).map_err(decode_error)?;
-        let status: i64 = row.try_get(2).map_err(decode_error)?;
-        let attempts: i64 = row.try_get(3).map_err(decode_error)?;
-        let token: i64 = row.try_get(4).map_err(decode_error)?;
-        let lease_left: Option<i64> = row.try_get(5).map_err(decode_error)?;
-        let expires_left: i64 = row.try_get(6).map_err(decode_error)?;
-        let age: i64 = row.try_get(7).map_err(decode_error)?;
-        let output: Option<i64> = row.try_get(8).map_err(decode_error)?;
+    for row in rows {
+        let scope = row.bytes(0).map_err(decode_error)?;
+        let id = row.bytes(1).map_err(decode_error)?;
+        let status = row.int(2).map_err(decode_error)?;
+        let attempts = row.int(3).map_err(decode_error)?;
+        let token = row.int(4).map_err(decode_error)?;
+        let lease_left = row.opt_int(5).map_err(decode_error)?;
+        let expires_left = row.int(6).map_err(decode_error)?;
+        let age = row.int(7).map_err(decode_error)?;
+        let output = row.opt_int(8).map_err(decode_error)?;
         let state = match (status, lease_left) {
             (1, _) => RecordState::Completed,
             (0, Some(_)) => RecordState::InProgress,
@@ -303,25 +220,13 @@ where
     Ok(ScanPage::new(items, next))
 }
 
-/// The statistics of `table`, counted by the database.
-pub(crate) async fn stats<DB>(
-    pool: &Pool<DB>,
-    table: &str,
+/// The statement counting the statistics of `table`.
+pub(crate) fn stats_stmt<DB: SqlDialect>(
+    table: &TableName,
     scope: Option<&str>,
     poisoned_at: Option<u32>,
-) -> Result<Vec<ScopeStats>, StoreError>
-where
-    DB: Dialect,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    for<'q> DB::Arguments: IntoArguments<DB>,
-    for<'q> String: Encode<'q, DB> + Type<DB>,
-    for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
-    for<'r> Vec<u8>: sqlx::Decode<'r, DB> + Type<DB>,
-    for<'r> i64: sqlx::Decode<'r, DB> + Type<DB>,
-    usize: sqlx::ColumnIndex<DB::Row>,
-{
-    let t = quoted::<DB>(table)?;
+) -> Stmt<DB> {
+    let t = table.quoted(DB::QUOTE);
     let stuck = "c.status = 0 AND c.lease_until_us IS NOT NULL AND c.lease_until_us <= n.now_us";
     let mut s = Stmt::<DB>::new();
     s.push(&format!(
@@ -350,16 +255,23 @@ where
         s.push(" AND c.scope = ").bind(Param::Text(bounded));
     }
     s.push(" GROUP BY 1, 2, 3");
-    let rows = fetch(pool, "stats", s).await?;
+    s
+}
+
+/// The statistics the rows of a [`stats_stmt`] count.
+pub(crate) fn stats_of(
+    rows: &[impl Columns],
+    poisoned_at: Option<u32>,
+) -> Result<Vec<ScopeStats>, StoreError> {
     let mut by: BTreeMap<(String, u8), ScopeStats> = BTreeMap::new();
-    for row in &rows {
-        let scope: Vec<u8> = row.try_get(0).map_err(decode_error)?;
-        let status: i64 = row.try_get(1).map_err(decode_error)?;
-        let released: i64 = row.try_get(2).map_err(decode_error)?;
-        let count: i64 = row.try_get(3).map_err(decode_error)?;
-        let oldest: Option<i64> = row.try_get(4).map_err(decode_error)?;
-        let past: Option<i64> = row.try_get(5).map_err(decode_error)?;
-        let poisoned: Option<i64> = row.try_get(6).map_err(decode_error)?;
+    for row in rows {
+        let scope = row.bytes(0).map_err(decode_error)?;
+        let status = row.int(1).map_err(decode_error)?;
+        let released = row.int(2).map_err(decode_error)?;
+        let count = row.int(3).map_err(decode_error)?;
+        let oldest = row.opt_int(4).map_err(decode_error)?;
+        let past = row.opt_int(5).map_err(decode_error)?;
+        let poisoned = row.opt_int(6).map_err(decode_error)?;
         let state = match (status, released) {
             (1, _) => RecordState::Completed,
             (_, 0) => RecordState::InProgress,
@@ -384,24 +296,10 @@ where
 
 /// An operator change of one record: `release` (In progress → Released, attempts
 /// kept) or `reset` (Released or past its lease → Released with zero attempts). Both
-/// bump the token past the last one and the clock.
-pub(crate) async fn admin<DB, S>(
-    store: &S,
-    pool: &Pool<DB>,
-    table: &str,
-    key: &RecordKey,
-    reset: bool,
-) -> Result<AdminOutcome, StoreError>
-where
-    S: Store + ?Sized,
-    DB: Dialect,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    for<'q> DB::Arguments: IntoArguments<DB>,
-    for<'q> String: Encode<'q, DB> + Type<DB>,
-    for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
-    for<'q> i64: Encode<'q, DB> + Type<DB>,
-{
-    let t = quoted::<DB>(table)?;
+/// bump the token past the last one and the clock. The statement; the change is
+/// applied when it matched a row.
+pub(crate) fn admin_stmt<DB: SqlDialect>(table: &TableName, key: &RecordKey, reset: bool) -> Stmt<DB> {
+    let t = table.quoted(DB::QUOTE);
     let now = DB::NOW_US;
     let greatest = DB::GREATEST;
     // MySQL assigns left to right with the new values: the token first
@@ -424,16 +322,9 @@ where
     } else {
         s.push(" AND lease_until_us IS NOT NULL");
     }
-    let op = if reset { "reset attempts" } else { "release" };
-    if execute(pool, op, s).await? > 0 {
-        return Ok(AdminOutcome::Applied);
-    }
-    Ok(match store.inspect(key).await? {
-        Some(r) => AdminOutcome::Unchanged { state: r.state },
-        None => AdminOutcome::NotFound,
-    })
+    s
 }
 
-fn decode_error(e: sqlx::Error) -> StoreError {
+pub(crate) fn decode_error(e: sqlx::Error) -> StoreError {
     StoreError::with_source(StoreErrorKind::Corrupt, "a scanned row does not decode", e)
 }

@@ -6,7 +6,7 @@ use super::statements::MySqlQuery;
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::RecordKey;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Store, Token};
-use crate::stores::sql::common::{BindExt, RowView, SqlDatabase, repeated};
+use crate::stores::sql::common::{BindExt, RowView, SqlDialect, repeated};
 use sqlx::Row;
 use sqlx::mysql::MySql;
 use std::collections::HashMap;

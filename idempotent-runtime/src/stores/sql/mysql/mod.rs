@@ -8,16 +8,17 @@ mod tx;
 pub(crate) use statements::Statements;
 
 use super::common::{
-    self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, Decision, PURGE_BATCH, Plan, RowView, SqlDatabase,
-    Step, TableName, micros, sql,
+    self, BindExt, DEFAULT_TABLE, Decision, Plan, RowView, SqlDialect, SqlQuery, SqlStore, StepSql,
+    Steps, TableName, sql,
 };
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::RecordKey;
+use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use async_trait::async_trait;
 use sqlx::Row;
-use sqlx::error::DatabaseError;
 use sqlx::mysql::{MySql, MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
@@ -171,45 +172,6 @@ impl MySqlStore {
     }
 }
 
-impl SqlDatabase for MySql {
-    fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
-        if let Some(my) = e.try_downcast_ref::<MySqlDatabaseError>() {
-            match my.number() {
-                // no such table / column, access denied, syntax, unknown database
-                1044 | 1045 | 1049 | 1054 | 1064 | 1142 | 1143 | 1146 => {
-                    return StoreErrorKind::Rejected;
-                }
-                // too many connections, shutdown, killed, interrupted, read-only during failover
-                1040 | 1053 | 1317 | 1290 | 1792 | 1836 | 1927 | 2006 | 2013 => {
-                    return StoreErrorKind::Unavailable;
-                }
-                // value too long, out of range, incorrect value
-                1264 | 1366 | 1406 => return StoreErrorKind::Corrupt,
-                _ => {}
-            }
-        }
-        match e.code() {
-            Some(code) => common::classify_sqlstate(&code),
-            None => StoreErrorKind::Other,
-        }
-    }
-
-    fn rows_affected(done: &Self::QueryResult) -> u64 {
-        // the connection sets CLIENT_FOUND_ROWS: rows matched, not rows changed
-        done.rows_affected()
-    }
-
-    const SCOPE_AS_BYTES: bool = true;
-
-    fn conflict(e: &dyn DatabaseError) -> bool {
-        // 1213 deadlock, 1205 lock wait timeout, 1020 record changed since the
-        // snapshot (MariaDB's snapshot isolation), 3572 NOWAIT lock not granted
-        e.try_downcast_ref::<MySqlDatabaseError>()
-            .is_some_and(|my| matches!(my.number(), 1213 | 1205 | 1020 | 3572))
-            || e.code().as_deref() == Some("40001")
-    }
-}
-
 /// The row the claim procedure answers: `Some` outcome, or `None` when the claim must
 /// be tried again (the procedure kept losing races, or the row it read is claimable
 /// after all).
@@ -331,8 +293,8 @@ impl MySqlStore {
             "SELECT GET_LOCK(CONCAT('idempotent:', \
                 LEFT(SHA2(CONCAT(COALESCE(?, DATABASE()), '.', ?), 256), 40)), 60)",
         )
-        .bind(self.sql.table.schema())
-        .bind(self.sql.table.name())
+        .bind(self.sql.steps.table.schema())
+        .bind(self.sql.steps.table.name())
         .fetch_one(&mut *conn)
         .await
         .map_err(MySql::err(op))?;
@@ -351,13 +313,13 @@ impl MySqlStore {
              WHERE TABLE_SCHEMA = COALESCE(?, DATABASE()) AND TABLE_NAME = ? \
                 AND COLUMN_NAME = 'scope'",
         )
-        .bind(self.sql.table.schema())
-        .bind(self.sql.table.name())
+        .bind(self.sql.steps.table.schema())
+        .bind(self.sql.steps.table.name())
         .fetch_optional(&mut *conn)
         .await
         .map_err(MySql::err(op))?;
         if scope_type.is_some_and(|t| !t.eq_ignore_ascii_case("varbinary")) {
-            let t = self.sql.table.quoted('`');
+            let t = self.sql.steps.table.quoted(MySql::QUOTE);
             sqlx::query(sql(format!(
                 "ALTER TABLE {t} MODIFY scope VARBINARY(200) NOT NULL"
             )))
@@ -405,18 +367,10 @@ impl MySqlStore {
                 Err(e) => return Err(MySql::err("claim")(e)),
             }
         }
-        for _ in 0..CLAIM_RETRIES {
-            let seen = self.read(req.key).await?;
-            if let Some(outcome) = self.act(req, seen).await? {
-                return Ok(outcome);
-            }
-        }
-        Err(common::contended())
-    }
-
-    async fn read(&self, key: &RecordKey) -> Result<Option<RowView>, StoreError> {
-        let q = sqlx::query(self.sql.read.clone()).bind_key(key);
-        common::read_row(&self.pool, q, key.scope(), MySql::err("reading a record")).await
+        common::retrying!({
+            let seen = Steps::read(self, req.key).await?;
+            self.act(req, seen).await?
+        })
     }
 
     /// Acts on what a read saw: answers, or tries the one conditional write.
@@ -441,15 +395,11 @@ impl Store for MySqlStore {
     }
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        let q = self.sql.complete_query(c);
-        let rows = common::execute(&self.pool, q, MySql::err("complete")).await?;
-        common::fence_of(rows, Step::Complete(c.token), self.read(c.key)).await
+        Steps::complete(self, c).await
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        let q = sqlx::query(self.sql.release.clone()).bind_owned(r.key, r.token);
-        let rows = common::execute(&self.pool, q, MySql::err("release")).await?;
-        common::fence_of(rows, Step::Release(r.token), self.read(r.key)).await
+        Steps::release(self, r).await
     }
 
     async fn renew(
@@ -458,31 +408,44 @@ impl Store for MySqlStore {
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
-        let q = sqlx::query(self.sql.renew.clone())
-            .bind(micros(lease))
-            .bind(micros(lease))
-            .bind_owned(key, token);
-        let rows = common::execute(&self.pool, q, MySql::err("renew")).await?;
-        common::fence_of(rows, Step::Renew, self.read(key)).await
+        Steps::renew(self, key, token, lease).await
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        Ok(self.read(key).await?.and_then(RowView::into_record))
+        Steps::inspect(self, key).await
     }
 
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        let q = sqlx::query(self.sql.forget.clone()).bind_key(key);
-        Ok(common::execute(&self.pool, q, MySql::err("forget")).await? > 0)
+        Steps::forget(self, key).await
     }
 
-    common::scan_methods!();
-
     async fn purge_expired(&self) -> Result<u64, StoreError> {
-        common::purge_in_batches(|| {
-            let q = sqlx::query(self.sql.purge.clone()).bind(PURGE_BATCH);
-            common::execute(&self.pool, q, MySql::err("purge_expired"))
-        })
-        .await
+        Steps::purge_expired(self).await
+    }
+
+    async fn scan(
+        &self,
+        filter: &ScanFilter,
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanPage, StoreError> {
+        Steps::scan(self, filter, cursor, limit).await
+    }
+
+    async fn stats(
+        &self,
+        scope: Option<&str>,
+        poisoned_at: Option<u32>,
+    ) -> Result<Vec<ScopeStats>, StoreError> {
+        Steps::stats(self, scope, poisoned_at).await
+    }
+
+    async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+        Steps::admin(self, key, false).await
+    }
+
+    async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+        Steps::admin(self, key, true).await
     }
 
     async fn claim_batch(
@@ -498,5 +461,25 @@ impl Store for MySqlStore {
 
     async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
         self.release_many(items).await
+    }
+}
+
+impl SqlStore for MySqlStore {
+    type Db = MySql;
+
+    fn pool(&self) -> &MySqlPool {
+        &self.pool
+    }
+
+    fn steps(&self) -> &StepSql {
+        &self.sql.steps
+    }
+
+    fn write<'q>(
+        &'q self,
+        op: &'static str,
+        q: SqlQuery<'q, MySql>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send + 'q {
+        common::execute(&self.pool, q, MySql::err(op))
     }
 }

@@ -2,43 +2,28 @@
 //! statement of the protocol, built once per table.
 
 use crate::error::StoreError;
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Token};
+use crate::store::{ClaimOutcome, ClaimRequest, Token};
 use crate::stores::sql::common::{
-    self, BindExt, CLAIM_RETRIES, Plan, TableName, keep_micros, micros, sql,
+    self, BindExt, CLAIM_RETRIES, Plan, SqlDialect, StepSql, TableName, keep_micros, micros, sql,
 };
 use sqlx::mysql::{MySql, MySqlArguments};
 use sqlx::{Executor, SqlStr};
 
-/// The database clock in microseconds since the Unix epoch. `UTC_TIMESTAMP(6)` is read
-/// once per statement, so every use within one statement sees the same instant, and it
-/// does not depend on the session time zone.
-const NOW_US: &str = "TIMESTAMPDIFF(MICROSECOND, '1970-01-01 00:00:00', UTC_TIMESTAMP(6))";
+/// The database clock, as every statement reads it.
+const NOW_US: &str = MySql::NOW_US;
 
 /// The statements of one table, built once: every value in them is a bound parameter.
 pub(crate) struct Statements {
-    pub(crate) table: TableName,
-    pub(crate) read: SqlStr,
+    /// The statements of the steps every store shares.
+    pub(crate) steps: StepSql,
     pub(crate) insert: SqlStr,
     pub(crate) take_over: SqlStr,
     pub(crate) take_over_expired: SqlStr,
-    pub(crate) complete: SqlStr,
-    pub(crate) release: SqlStr,
-    pub(crate) renew: SqlStr,
-    pub(crate) forget: SqlStr,
-    pub(crate) purge: SqlStr,
     pub(crate) create: SqlStr,
     /// `CALL <table>_claim_v2(…)`, when the procedure's name fits in an identifier.
     pub(crate) claim_call: Option<SqlStr>,
     /// The `CREATE PROCEDURE` of that procedure.
     pub(crate) claim_procedure: Option<SqlStr>,
-}
-
-/// Columns of a row read back (see [`RowView::decode`](crate::stores::sql::common::RowView::decode)).
-fn view() -> String {
-    format!(
-        "CAST(status AS SIGNED), CAST(retry_times AS SIGNED), owner_token, \
-         lease_until_us, expires_at_us, fingerprint, output, {NOW_US}"
-    )
 }
 
 /// Longest identifier MySQL accepts.
@@ -165,18 +150,9 @@ fn derived(n: usize, names: &[&str]) -> String {
 
 impl Statements {
     pub(crate) fn new(table: TableName) -> Self {
-        let t = table.quoted('`');
-        let view = view();
+        let t = table.quoted(MySql::QUOTE);
         let procedure = claim_procedure_name(&table);
-        let owned = format!(
-            "scope = ? AND message_id = ? AND owner_token = ? AND status = 0 \
-             AND lease_until_us IS NOT NULL AND expires_at_us > {NOW_US} AND {}",
-            common::sane("", false)
-        );
         Statements {
-            read: sql(format!(
-                "SELECT {view} FROM {t} WHERE scope = ? AND message_id = ?"
-            )),
             insert: sql(format!(
                 "INSERT INTO {t} (scope, message_id, status, retry_times, owner_token, \
                     lease_until_us, expires_at_us, fingerprint, output) \
@@ -202,25 +178,6 @@ impl Statements {
                  WHERE scope = ? AND message_id = ? AND owner_token = ? \
                     AND expires_at_us <= {NOW_US}"
             )),
-            complete: sql(format!(
-                "UPDATE {t} SET status = 1, output = ?, lease_until_us = NULL, \
-                    expires_at_us = {NOW_US} + ? \
-                 WHERE {owned}"
-            )),
-            release: sql(format!(
-                "UPDATE {t} SET lease_until_us = NULL WHERE {owned}"
-            )),
-            renew: sql(format!(
-                "UPDATE {t} SET lease_until_us = {NOW_US} + ?, \
-                    expires_at_us = GREATEST(expires_at_us, {NOW_US} + ?) \
-                 WHERE {owned}"
-            )),
-            forget: sql(format!(
-                "DELETE FROM {t} WHERE scope = ? AND message_id = ?"
-            )),
-            purge: sql(format!(
-                "DELETE FROM {t} WHERE expires_at_us <= {NOW_US} ORDER BY expires_at_us LIMIT ?"
-            )),
             claim_call: procedure
                 .as_ref()
                 .map(|p| sql(format!("CALL {p}(?, ?, ?, ?, ?, ?)"))),
@@ -239,7 +196,7 @@ impl Statements {
                  PRIMARY KEY (scope, message_id), \
                  KEY expires_at_us_idx (expires_at_us)) ENGINE = InnoDB"
             )),
-            table,
+            steps: StepSql::new::<MySql>(table),
         }
     }
 
@@ -282,21 +239,13 @@ impl Statements {
         }
     }
 
-    /// The completion `c`: `output, ttl_us` come before the record it owns.
-    pub(crate) fn complete_query(&self, c: &Completion<'_>) -> MySqlQuery<'static> {
-        sqlx::query(self.complete.clone())
-            .bind(c.output)
-            .bind(micros(c.ttl))
-            .bind_owned(c.key, c.token)
-    }
-
     pub(crate) fn read_many(&self, n: usize) -> SqlStr {
-        let t = self.table.quoted('`');
+        let t = self.steps.table.quoted(MySql::QUOTE);
         let mut tuples = "(?, ?), ".repeat(n);
         tuples.truncate(tuples.len().saturating_sub(2));
         sql(format!(
             "SELECT scope, message_id, {} FROM {t} WHERE (scope, message_id) IN ({tuples})",
-            view()
+            MySql::view("")
         ))
     }
 
@@ -304,7 +253,7 @@ impl Statements {
     /// Every row gets the same token, the statement's clock reading, returned in the
     /// OK packet.
     pub(crate) fn insert_many(&self, n: usize) -> SqlStr {
-        let t = self.table.quoted('`');
+        let t = self.steps.table.quoted(MySql::QUOTE);
         let mut rows = format!(
             "(?, ?, 0, 1, LAST_INSERT_ID({NOW_US}), {NOW_US} + ?, {NOW_US} + ?, ?, NULL), "
         )
@@ -318,30 +267,28 @@ impl Statements {
 
     /// Completes `n` distinct keys in one statement, compare-and-set on each token.
     pub(crate) fn complete_many(&self, n: usize) -> SqlStr {
-        let t = self.table.quoted('`');
+        let t = self.steps.table.quoted(MySql::QUOTE);
         sql(format!(
             "UPDATE {t} AS r JOIN {} ON r.scope = b.scope AND r.message_id = b.message_id \
                 AND r.owner_token = b.token \
              SET r.status = 1, r.output = b.output, r.lease_until_us = NULL, \
                 r.expires_at_us = {NOW_US} + b.ttl_us \
-             WHERE r.status = 0 AND r.lease_until_us IS NOT NULL AND r.expires_at_us > {NOW_US} \
-                AND {}",
+             WHERE {}",
             derived(n, &["scope", "message_id", "token", "output", "ttl_us"]),
-            common::sane("r.", false)
+            MySql::held("r.")
         ))
     }
 
     /// Releases `n` distinct keys in one statement, compare-and-set on each token.
     pub(crate) fn release_many(&self, n: usize) -> SqlStr {
-        let t = self.table.quoted('`');
+        let t = self.steps.table.quoted(MySql::QUOTE);
         sql(format!(
             "UPDATE {t} AS r JOIN {} ON r.scope = b.scope AND r.message_id = b.message_id \
                 AND r.owner_token = b.token \
              SET r.lease_until_us = NULL \
-             WHERE r.status = 0 AND r.lease_until_us IS NOT NULL AND r.expires_at_us > {NOW_US} \
-                AND {}",
+             WHERE {}",
             derived(n, &["scope", "message_id", "token"]),
-            common::sane("r.", false)
+            MySql::held("r.")
         ))
     }
 }

@@ -4,20 +4,19 @@
 
 use super::statements::Statements;
 use crate::error::StoreError;
-use crate::store::Token;
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, DedupTransaction, Fence, TxFuture};
-use crate::stores::sql::common::tx::{Prepared, prepared};
-use crate::stores::sql::common::{self, BindExt, CLAIM_RETRIES, SqlDatabase, TableName};
+use crate::store::{ClaimOutcome, ClaimRequest, Token};
+use crate::stores::sql::common::tx::{Prepared, TxDialect, prepared};
+use crate::stores::sql::common::{self, BindExt, SqlDialect, StepSql, TableName};
 use crate::stores::sql::common::{Plan, RowView};
 use sqlx::SqlStr;
-use sqlx::mysql::MySql;
+use sqlx::mysql::{MySql, MySqlConnection};
 use std::collections::BTreeMap;
-use std::sync::RwLock;
+use std::sync::{Arc, RwLock};
 
 static MYSQL: Prepared<MySqlTx> = RwLock::new(BTreeMap::new());
 
 /// The MySQL store's statements plus the two locking ones of tx mode.
-struct MySqlTx {
+pub(crate) struct MySqlTx {
     store: Statements,
     /// The store's insert; on a duplicate key it takes the existing row's
     /// exclusive lock (waiting for a concurrent claimant's transaction to end)
@@ -37,80 +36,51 @@ impl MySqlTx {
                 "{} ON DUPLICATE KEY UPDATE owner_token = owner_token + LAST_INSERT_ID(0)",
                 s.insert.as_str()
             )),
-            read_for_update: common::sql(format!("{} FOR UPDATE", s.read.as_str())),
+            read_for_update: common::sql(format!("{} FOR UPDATE", s.steps.read.as_str())),
             store: s,
         }
     }
 }
 
-fn err(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
-    MySql::err(op)
-}
+impl TxDialect for MySql {
+    type Sql = MySqlTx;
 
-impl DedupTransaction for sqlx::Transaction<'_, MySql> {
-    fn claim_in_tx<'a>(
-        &'a mut self,
-        table: &'a str,
-        req: &'a ClaimRequest<'a>,
-    ) -> TxFuture<'a, ClaimOutcome> {
-        Box::pin(async move {
-            let s = prepared(&MYSQL, table, MySqlTx::new)?;
-            let conn = &mut **self;
-            for _ in 0..CLAIM_RETRIES {
-                let done = sqlx::query(s.insert_or_lock.clone())
-                    .bind_claim(req)
-                    .execute(&mut *conn)
-                    .await
-                    .map_err(err("claim in transaction"))?;
-                if done.last_insert_id() != 0 {
-                    return Ok(ClaimOutcome::Acquired {
-                        token: Token(done.last_insert_id()),
-                        attempt: 1,
-                    });
-                }
-                let row = sqlx::query(s.read_for_update.clone())
-                    .bind_key(req.key)
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(err("claim in transaction"))?;
-                // deleted between the two statements (forget, purge): insert again
-                let Some(row) = row else { continue };
-                // the row is locked by this transaction: the compare-and-set holds
-                let plan = Plan::of(req, Some(RowView::decode(&row, 0, req.key.scope())?));
-                let written =
-                    s.store
-                        .write_claim(&mut *conn, req, plan, err("claim in transaction"));
-                if let Some(outcome) = written.await? {
-                    return Ok(outcome);
-                }
-            }
-            Err(common::contended())
-        })
+    fn prepared(table: &str) -> Result<Arc<MySqlTx>, StoreError> {
+        prepared(&MYSQL, table, MySqlTx::new)
     }
 
-    fn complete_in_tx<'a>(
-        &'a mut self,
-        table: &'a str,
-        c: &'a Completion<'a>,
-    ) -> TxFuture<'a, Fence> {
-        Box::pin(async move {
-            let s = prepared(&MYSQL, table, MySqlTx::new)?;
-            let q = s.store.complete_query(c);
-            let conn = &mut **self;
-            let op = "complete in transaction";
-            if common::execute(&mut *conn, q, err(op)).await? > 0 {
-                return Ok(Fence::Held);
+    fn steps(sql: &MySqlTx) -> &StepSql {
+        &sql.store.steps
+    }
+
+    async fn claim_in<'a>(
+        conn: &'a mut MySqlConnection,
+        s: &'a MySqlTx,
+        req: &'a ClaimRequest<'a>,
+    ) -> Result<ClaimOutcome, StoreError> {
+        let err = || MySql::err("claim in transaction");
+        common::retrying!({
+            let done = sqlx::query(s.insert_or_lock.clone())
+                .bind_claim(req)
+                .execute(&mut *conn)
+                .await
+                .map_err(err())?;
+            if done.last_insert_id() != 0 {
+                return Ok(ClaimOutcome::Acquired {
+                    token: Token(done.last_insert_id()),
+                    attempt: 1,
+                });
             }
-            let row = sqlx::query(s.store.read.clone())
-                .bind_key(c.key)
+            let row = sqlx::query(s.read_for_update.clone())
+                .bind_key(req.key)
                 .fetch_optional(&mut *conn)
                 .await
-                .map_err(err(op))?;
-            let seen = row.map(|r| RowView::decode(&r, 0, c.key.scope()));
-            Ok(common::unmatched_fence(
-                seen.transpose()?,
-                common::Step::Complete(c.token),
-            ))
+                .map_err(err())?;
+            // deleted between the two statements (forget, purge): insert again
+            let Some(row) = row else { continue };
+            // the row is locked by this transaction: the compare-and-set holds
+            let plan = Plan::of(req, Some(RowView::decode(&row, 0, req.key.scope())?));
+            s.store.write_claim(&mut *conn, req, plan, err()).await?
         })
     }
 }

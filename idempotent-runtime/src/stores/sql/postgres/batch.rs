@@ -1,12 +1,11 @@
 //! The batch steps of [`PostgresStore`]: each one statement over arrays of keys.
 
-use super::{PostgresStore, storable};
+use super::PostgresStore;
 use crate::error::StoreError;
 use crate::key::RecordKey;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Token};
 use crate::stores::sql::common::{
-    self, CLAIM_RETRIES, RowView, SqlDatabase, keep_micros, max_attempts_param, micros, repeated,
-    token_param,
+    self, RowView, SqlDialect, keep_micros, max_attempts_param, micros, repeated, token_param,
 };
 use sqlx::Row;
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
@@ -32,7 +31,7 @@ impl PostgresStore {
         // one statement for the distinct keys; a key repeated within the batch is
         // answered as a second claim of it would be (it cannot be upserted twice in one
         // statement), and a key whose row changed under the statement is asked again
-        reqs.iter().try_for_each(|r| storable(r.key))?;
+        reqs.iter().try_for_each(|r| Postgres::storable(r.key))?;
         let _slot = self.claims.enter().await;
         let mut out: Vec<Option<ClaimOutcome>> = vec![None; reqs.len()];
         let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(reqs.len());
@@ -42,10 +41,10 @@ impl PostgresStore {
         let mut pending: Vec<usize> = (0..reqs.len())
             .filter(|&i| first[reqs[i].key.as_bytes()] == i)
             .collect();
-        for _ in 0..CLAIM_RETRIES {
+        common::retrying!({
             if pending.is_empty() {
-                break;
-            }
+                Some(())
+            } else {
             let rows = sqlx::query(self.sql.claim_batch.clone())
                 .bind(
                     pending
@@ -101,10 +100,9 @@ impl PostgresStore {
                 out[i] = Self::decode_claim(row, 2, &reqs[i])?;
             }
             pending.retain(|&i| out[i].is_none());
-        }
-        if !pending.is_empty() {
-            return Err(common::contended());
-        }
+            pending.is_empty().then_some(())
+            }
+        })?;
         let mut result = Vec::with_capacity(reqs.len());
         for (i, r) in reqs.iter().enumerate() {
             let f = first[r.key.as_bytes()];
@@ -122,7 +120,7 @@ impl PostgresStore {
         &self,
         items: &[Completion<'_>],
     ) -> Result<Vec<Fence>, StoreError> {
-        items.iter().try_for_each(|c| storable(c.key))?;
+        items.iter().try_for_each(|c| Postgres::storable(c.key))?;
         let owned = items.iter().map(|c| (c.key, c.token));
         let rows = bind_owned_arrays(sqlx::query(self.sql.complete_batch.clone()), owned.clone())
             .bind(items.iter().map(|c| c.output).collect::<Vec<_>>())
@@ -157,7 +155,7 @@ impl PostgresStore {
         &self,
         items: &[Release<'_>],
     ) -> Result<Vec<Fence>, StoreError> {
-        items.iter().try_for_each(|r| storable(r.key))?;
+        items.iter().try_for_each(|r| Postgres::storable(r.key))?;
         let owned = items.iter().map(|r| (r.key, r.token));
         let rows = bind_owned_arrays(sqlx::query(self.sql.release_batch.clone()), owned.clone())
             .fetch_all(&self.pool)

@@ -8,16 +8,17 @@ mod tx;
 pub(crate) use statements::Statements;
 
 use super::common::{
-    self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, Decision, PURGE_BATCH, RowView, SqlDatabase, Step,
-    TableName, micros,
+    self, BindExt, DEFAULT_TABLE, Decision, RowView, SqlDialect, SqlQuery, SqlStore, StepSql,
+    Steps, TableName,
 };
-use crate::error::{StoreError, StoreErrorKind};
+use crate::error::StoreError;
 use crate::key::RecordKey;
+use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use async_trait::async_trait;
 use sqlx::Row;
-use sqlx::error::DatabaseError;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::time::Duration;
@@ -88,26 +89,6 @@ impl PostgresStore {
     }
 }
 
-impl SqlDatabase for Postgres {
-    fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
-        match e.code() {
-            // transaction rollback (serialization failure, deadlock, …): a retry may succeed
-            Some(code) if code.starts_with("40") => StoreErrorKind::Conflict,
-            Some(code) => common::classify_sqlstate(&code),
-            None => StoreErrorKind::Other,
-        }
-    }
-
-    fn rows_affected(done: &Self::QueryResult) -> u64 {
-        done.rows_affected()
-    }
-
-    fn conflict(e: &dyn DatabaseError) -> bool {
-        // serialization failure, deadlock, lock not available (lock_timeout, NOWAIT)
-        matches!(e.code().as_deref(), Some("40001" | "40P01" | "55P03"))
-    }
-}
-
 impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:5432/db`, TLS with `?sslmode=require`)
     /// with a pool of default size and creates the table `message_idempotent` if it is
@@ -117,7 +98,7 @@ impl PostgresStore {
     /// the pool's acquire timeout (30 s) applies to later use. The pool does not ping a
     /// connection before each use (sqlx pings it when it comes back to the pool): a
     /// connection that died while idle (a server restart, a killed session) fails the
-    /// step that uses it with a retryable [`StoreErrorKind::Unavailable`] error and is
+    /// step that uses it with a retryable [`StoreErrorKind::Unavailable`](crate::error::StoreErrorKind::Unavailable) error and is
     /// replaced.
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
         Self::connect_with_table(url, DEFAULT_TABLE).await
@@ -140,7 +121,7 @@ impl PostgresStore {
     /// opens its own, touching no schema: the first connection is opened directly
     /// (bounded by the pool's acquire timeout), so a refused connection, a bad password
     /// or an unknown host is an error at once, with the driver's error as its source
-    /// (kind [`StoreErrorKind::Unavailable`] for a server that cannot be reached),
+    /// (kind [`StoreErrorKind::Unavailable`](crate::error::StoreErrorKind::Unavailable) for a server that cannot be reached),
     /// rather than the pool's timeout after it has retried for the whole acquire
     /// timeout. The pool does not ping a connection before each use. For
     /// [`from_pool`](Self::from_pool) with pool settings of one's own.
@@ -167,7 +148,7 @@ impl PostgresStore {
 
     /// The same pool on another table: letters, digits and `_`, optionally
     /// qualified by one schema (`schema.table`). Quoted in SQL, so case-sensitive.
-    /// Touches no schema; a bad name is a [`StoreErrorKind::Rejected`] error.
+    /// Touches no schema; a bad name is a [`StoreErrorKind::Rejected`](crate::error::StoreErrorKind::Rejected) error.
     pub fn with_table(self, table: &str) -> Result<Self, StoreError> {
         let table = TableName::parse(table)?;
         Ok(PostgresStore {
@@ -183,7 +164,7 @@ impl PostgresStore {
         let op = "creating the dedup table";
         let mut tx = self.pool.begin().await.map_err(Postgres::err(op))?;
         sqlx::query("SELECT pg_advisory_xact_lock(hashtext($1)::int8)")
-            .bind(self.sql.table.display())
+            .bind(self.sql.steps.table.display())
             .execute(&mut *tx)
             .await
             .map_err(Postgres::err(op))?;
@@ -207,9 +188,9 @@ impl PostgresStore {
             .map_err(Postgres::err("preparing statements"))?;
         for stmt in [
             &self.sql.claim,
-            &self.sql.complete,
-            &self.sql.release,
-            &self.sql.renew,
+            &self.sql.steps.complete,
+            &self.sql.steps.release,
+            &self.sql.steps.renew,
         ] {
             conn.prepare(stmt.clone())
                 .await
@@ -245,9 +226,9 @@ impl PostgresStore {
 #[async_trait]
 impl Store for PostgresStore {
     async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        storable(req.key)?;
+        Postgres::storable(req.key)?;
         let _slot = self.claims.enter().await;
-        for _ in 0..CLAIM_RETRIES {
+        common::retrying!({
             let row = sqlx::query(self.sql.claim.clone())
                 .bind_claim(req)
                 .bind(
@@ -259,27 +240,19 @@ impl Store for PostgresStore {
                 .map_err(Postgres::err("claim"))?
                 .pop();
             // no row: a concurrent claim inserted the key after this statement's snapshot
-            if let Some(row) = row
-                && let Some(outcome) = Self::decode_claim(&row, 0, req)?
-            {
-                return Ok(outcome);
+            match row {
+                Some(row) => Self::decode_claim(&row, 0, req)?,
+                None => None,
             }
-        }
-        Err(common::contended())
+        })
     }
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        storable(c.key)?;
-        let q = sqlx::query(self.sql.complete.clone()).bind_completion(c);
-        let rows = common::execute(&self.pool, q, Postgres::err("complete")).await?;
-        common::fence_of(rows, Step::Complete(c.token), self.read(c.key)).await
+        Steps::complete(self, c).await
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        storable(r.key)?;
-        let q = sqlx::query(self.sql.release.clone()).bind_owned(r.key, r.token);
-        let rows = common::execute(&self.pool, q, Postgres::err("release")).await?;
-        common::fence_of(rows, Step::Release(r.token), self.read(r.key)).await
+        Steps::release(self, r).await
     }
 
     async fn renew(
@@ -288,33 +261,44 @@ impl Store for PostgresStore {
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
-        storable(key)?;
-        let q = sqlx::query(self.sql.renew.clone())
-            .bind_owned(key, token)
-            .bind(micros(lease));
-        let rows = common::execute(&self.pool, q, Postgres::err("renew")).await?;
-        common::fence_of(rows, Step::Renew, self.read(key)).await
+        Steps::renew(self, key, token, lease).await
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        storable(key)?;
-        Ok(self.read(key).await?.and_then(RowView::into_record))
+        Steps::inspect(self, key).await
     }
 
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        storable(key)?;
-        let q = sqlx::query(self.sql.forget.clone()).bind_key(key);
-        Ok(common::execute(&self.pool, q, Postgres::err("forget")).await? > 0)
+        Steps::forget(self, key).await
     }
 
-    common::scan_methods!();
-
     async fn purge_expired(&self) -> Result<u64, StoreError> {
-        common::purge_in_batches(|| {
-            let q = sqlx::query(self.sql.purge.clone()).bind(PURGE_BATCH);
-            common::execute(&self.pool, q, Postgres::err("purge_expired"))
-        })
-        .await
+        Steps::purge_expired(self).await
+    }
+
+    async fn scan(
+        &self,
+        filter: &ScanFilter,
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanPage, StoreError> {
+        Steps::scan(self, filter, cursor, limit).await
+    }
+
+    async fn stats(
+        &self,
+        scope: Option<&str>,
+        poisoned_at: Option<u32>,
+    ) -> Result<Vec<ScopeStats>, StoreError> {
+        Steps::stats(self, scope, poisoned_at).await
+    }
+
+    async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+        Steps::admin(self, key, false).await
+    }
+
+    async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+        Steps::admin(self, key, true).await
     }
 
     async fn claim_batch(
@@ -333,27 +317,22 @@ impl Store for PostgresStore {
     }
 }
 
-/// Checks that PostgreSQL can store the scope of `key`: its text columns cannot hold
-/// a NUL character, so a scope with one is a request the database cannot store
-/// ([`StoreErrorKind::Rejected`]).
-pub(crate) fn storable(key: &RecordKey) -> Result<(), StoreError> {
-    if key.scope().contains('\0') {
-        return Err(StoreError::new(
-            StoreErrorKind::Rejected,
-            format!(
-                "the scope {:?} contains a NUL character, which PostgreSQL cannot store in \
-                 a text column; use a scope without NUL",
-                key.scope()
-            ),
-        ));
-    }
-    Ok(())
-}
+impl SqlStore for PostgresStore {
+    type Db = Postgres;
 
-impl PostgresStore {
-    /// The row of `key`, checked; `None` when there is none.
-    async fn read(&self, key: &RecordKey) -> Result<Option<RowView>, StoreError> {
-        let q = sqlx::query(self.sql.inspect.clone()).bind_key(key);
-        common::read_row(&self.pool, q, key.scope(), Postgres::err("inspect")).await
+    fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    fn steps(&self) -> &StepSql {
+        &self.sql.steps
+    }
+
+    fn write<'q>(
+        &'q self,
+        op: &'static str,
+        q: SqlQuery<'q, Postgres>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send + 'q {
+        common::execute(&self.pool, q, Postgres::err(op))
     }
 }

@@ -1,35 +1,29 @@
 //! The SQL of [`PostgresStore`](super::PostgresStore): the table and every statement of
 //! the protocol, built once per table.
 
-use crate::stores::sql::common::{self, TableName, sql};
-use sqlx::SqlStr;
+use crate::stores::sql::common::{self, SqlDialect, StepSql, TableName, sql};
+use sqlx::{Postgres, SqlStr};
 
-/// The database clock in microseconds since the Unix epoch. `clock_timestamp()` rather
-/// than `now()`, which is frozen at the start of the surrounding transaction.
-const NOW_US: &str = "floor(extract(epoch FROM clock_timestamp()) * 1000000)::int8";
+/// The prefix that reads the clock once for a statement, as `n.now_us`.
+pub(super) fn with_clock() -> String {
+    format!(
+        "WITH n AS MATERIALIZED (SELECT {} AS now_us)",
+        Postgres::NOW_US
+    )
+}
 
 /// The statements of one table, built once: every value in them is a bound parameter.
 pub(crate) struct Statements {
-    pub(crate) table: TableName,
+    /// The statements of the steps every store shares.
+    pub(crate) steps: StepSql,
     pub(crate) claim: SqlStr,
     pub(crate) claim_batch: SqlStr,
-    pub(crate) complete: SqlStr,
     pub(crate) complete_batch: SqlStr,
-    pub(crate) release: SqlStr,
     pub(crate) release_batch: SqlStr,
-    pub(crate) renew: SqlStr,
-    pub(crate) inspect: SqlStr,
     /// The rows of many keys, each with its scope and message id.
     pub(crate) inspect_batch: SqlStr,
-    pub(crate) forget: SqlStr,
-    pub(crate) purge: SqlStr,
     pub(crate) create: Vec<SqlStr>,
 }
-
-/// Columns of a row read back, with the clock value `n.now_us` (see
-/// [`RowView::decode`](crate::stores::sql::common::RowView::decode)).
-const VIEW: &str = "c.status::int8, c.retry_times::int8, c.owner_token, \
-     c.lease_until_us, c.expires_at_us, c.fingerprint, c.output, n.now_us";
 
 /// The condition under which the row `c` read from the statement's snapshot answers a
 /// claim without any write (rules 2, 3, 4 and an exhausted rule 5): live, and
@@ -77,18 +71,14 @@ fn takeover(budget: &str) -> String {
 
 impl Statements {
     pub(crate) fn new(table: TableName) -> Self {
-        let t = table.quoted('"');
-        let owned = format!(
-            "scope = $1 AND message_id = $2 AND owner_token = $3 AND status = 0 \
-             AND lease_until_us IS NOT NULL AND expires_at_us > n.now_us AND {}",
-            common::sane("", false)
-        );
+        let t = table.quoted(Postgres::QUOTE);
+        let n = with_clock();
         let owned_r = format!(
             "r.scope = b.scope AND r.message_id = b.message_id AND r.owner_token = b.token \
-             AND r.status = 0 AND r.lease_until_us IS NOT NULL AND r.expires_at_us > n.now_us \
              AND {}",
-            common::sane("r.", false)
+            Postgres::held("r.")
         );
+        let view = Postgres::view("c.");
         let index = format!("{}_expires_at_us_idx", table.name());
         let mut create = vec![
             sql(format!(
@@ -111,7 +101,7 @@ impl Statements {
         create.shrink_to_fit();
         Statements {
             claim: sql(format!(
-                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us), \
+                "{n}, \
                  cur AS MATERIALIZED (\
                     SELECT c.* FROM {t} c WHERE c.scope = $1 AND c.message_id = $2), \
                  up AS (\
@@ -126,13 +116,13 @@ impl Statements {
                     NULL::int8 \
                  FROM up \
                  UNION ALL \
-                 SELECT FALSE, NULL::int8, NULL::int8, {VIEW} \
+                 SELECT FALSE, NULL::int8, NULL::int8, {view} \
                  FROM cur c, n WHERE NOT EXISTS (SELECT 1 FROM up)",
                 blocks("$5::bytea", "$6::int4"),
                 takeover("$6::int4 IS NULL OR r.retry_times < $6::int4")
             )),
             claim_batch: sql(format!(
-                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us), \
+                "{n}, \
                  req AS (SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::int8[], $5::bytea[], $6::int4[]) \
                     AS q(scope, message_id, lease_us, keep_us, fingerprint, max_attempts)), \
                  cur AS MATERIALIZED (\
@@ -153,7 +143,7 @@ impl Statements {
                     NULL::int8 \
                  FROM up \
                  UNION ALL \
-                 SELECT c.scope, c.message_id, FALSE, NULL::int8, NULL::int8, {VIEW} \
+                 SELECT c.scope, c.message_id, FALSE, NULL::int8, NULL::int8, {view} \
                  FROM cur c, n \
                  WHERE NOT EXISTS (SELECT 1 FROM up WHERE up.scope = c.scope AND up.message_id = c.message_id)",
                 blocks("c.req_fingerprint", "c.req_max_attempts"),
@@ -164,17 +154,11 @@ impl Statements {
                      WHERE q.scope = r.scope AND q.message_id = r.message_id), TRUE)"
                 )
             )),
-            complete: sql(format!(
-                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
-                 UPDATE {t} SET status = 1, output = $4, lease_until_us = NULL, \
-                    expires_at_us = n.now_us + $5 \
-                 FROM n WHERE {owned}"
-            )),
             // the rows it completed, then the others as read (the statement's snapshot):
             // a completion not applied is Held when its record is Completed by its own
             // claim, and a corrupt row is an error, all in one round trip
             complete_batch: sql(format!(
-                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us), \
+                "{n}, \
                  b AS (SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::bytea[], $5::int8[]) \
                     AS b(scope, message_id, token, output, ttl_us)), \
                  up AS (\
@@ -187,50 +171,27 @@ impl Statements {
                     NULL::int8 \
                  FROM up \
                  UNION ALL \
-                 SELECT c.scope, c.message_id, c.owner_token, FALSE, {VIEW} \
+                 SELECT c.scope, c.message_id, c.owner_token, FALSE, {view} \
                  FROM {t} c, n \
                  WHERE (c.scope, c.message_id) IN (SELECT b.scope, b.message_id FROM b) \
                     AND NOT EXISTS (SELECT 1 FROM up \
                         WHERE up.scope = c.scope AND up.message_id = c.message_id)"
             )),
-            release: sql(format!(
-                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
-                 UPDATE {t} SET lease_until_us = NULL FROM n WHERE {owned}"
-            )),
             release_batch: sql(format!(
-                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
+                "{n} \
                  UPDATE {t} AS r SET lease_until_us = NULL \
                  FROM n, unnest($1::text[], $2::bytea[], $3::int8[]) AS b(scope, message_id, token) \
                  WHERE {owned_r} \
                  RETURNING r.scope, r.message_id, r.owner_token"
             )),
-            renew: sql(format!(
-                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
-                 UPDATE {t} SET lease_until_us = n.now_us + $4, \
-                    expires_at_us = GREATEST(expires_at_us, n.now_us + $4) \
-                 FROM n WHERE {owned}"
-            )),
-            inspect: sql(format!(
-                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
-                 SELECT {VIEW} FROM {t} c, n WHERE c.scope = $1 AND c.message_id = $2"
-            )),
             inspect_batch: sql(format!(
-                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
-                 SELECT c.scope, c.message_id, {VIEW} \
+                "{n} \
+                 SELECT c.scope, c.message_id, {view} \
                  FROM {t} c JOIN unnest($1::text[], $2::bytea[]) AS b(scope, message_id) \
                     ON c.scope = b.scope AND c.message_id = b.message_id, n"
             )),
-            forget: sql(format!(
-                "DELETE FROM {t} WHERE scope = $1 AND message_id = $2"
-            )),
-            purge: sql(format!(
-                "WITH n AS MATERIALIZED (SELECT {NOW_US} AS now_us) \
-                 DELETE FROM {t} WHERE (scope, message_id) IN (\
-                    SELECT scope, message_id FROM {t}, n WHERE expires_at_us <= n.now_us \
-                    LIMIT $1 FOR UPDATE SKIP LOCKED)"
-            )),
             create,
-            table,
+            steps: StepSql::new::<Postgres>(table),
         }
     }
 }

@@ -6,7 +6,7 @@ use super::statements::SqliteQuery;
 use crate::error::StoreError;
 use crate::key::RecordKey;
 use crate::store::{ClaimOutcome, ClaimRequest, Fence};
-use crate::stores::sql::common::{self, CLAIM_RETRIES, Plan, RowView, SqlDatabase, Step, repeated};
+use crate::stores::sql::common::{self, Plan, RowView, SqlDialect, Step, Steps, repeated};
 use sqlx::Connection;
 use sqlx::sqlite::{Sqlite, SqliteConnection};
 use std::collections::HashMap;
@@ -28,21 +28,8 @@ impl SqliteStore {
             .map_err(Sqlite::err(op))?;
         let mut out = Vec::with_capacity(queries.size_hint().0);
         for (q, key, step) in queries {
-            let done = q.execute(&mut *tx).await.map_err(Sqlite::err(op))?;
-            if done.rows_affected() > 0 {
-                out.push(Fence::Held);
-                continue;
-            }
-            let row = self
-                .sql
-                .read_query(key)
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(Sqlite::err(op))?;
-            let seen = row
-                .map(|r| RowView::decode(&r, 0, key.scope()))
-                .transpose()?;
-            out.push(common::unmatched_fence(seen, step));
+            let read = self.sql.steps.read_query(key);
+            out.push(Steps::<Sqlite>::write_fenced(&mut tx, op, q, read, key, step).await?);
         }
         tx.commit().await.map_err(Sqlite::err(op))?;
         Ok(out)
@@ -66,10 +53,10 @@ impl SqliteStore {
             let outcome = if f != i {
                 repeated(&out[f], req)
             } else {
-                let mut outcome = None;
-                for _ in 0..CLAIM_RETRIES {
+                common::retrying!({
                     let row = self
                         .sql
+                        .steps
                         .read_query(req.key)
                         .fetch_optional(&mut *tx)
                         .await
@@ -77,12 +64,8 @@ impl SqliteStore {
                     let seen = row
                         .map(|r| RowView::decode(&r, 0, req.key.scope()))
                         .transpose()?;
-                    outcome = self.write_claim(&mut tx, req, Plan::of(req, seen)).await?;
-                    if outcome.is_some() {
-                        break;
-                    }
-                }
-                outcome.ok_or_else(common::contended)?
+                    self.write_claim(&mut tx, req, Plan::of(req, seen)).await?
+                })?
             };
             out.push(outcome);
         }

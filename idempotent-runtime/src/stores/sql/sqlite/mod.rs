@@ -9,11 +9,12 @@ use statements::SqliteQuery;
 pub(crate) use statements::Statements;
 
 use super::common::{
-    self, BindExt, CLAIM_RETRIES, DEFAULT_TABLE, PURGE_BATCH, Plan, RowView, SqlDatabase, Step,
-    TableName, micros, token_param,
+    self, DEFAULT_TABLE, Plan, RowView, SqlDialect, SqlQuery, SqlStore, StepSql, Step, Steps,
+    TableName, token_param,
 };
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::RecordKey;
+use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use async_trait::async_trait;
 use sqlx::error::DatabaseError;
@@ -21,6 +22,7 @@ use sqlx::sqlite::{
     Sqlite, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
     SqlitePoolOptions, SqliteSynchronous,
 };
+use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
@@ -117,7 +119,7 @@ impl SqliteStore {
 }
 
 /// The primary result code of an SQLite error (its low byte).
-fn primary_code(e: &dyn DatabaseError) -> i64 {
+pub(super) fn primary_code(e: &dyn DatabaseError) -> i64 {
     let code: i64 = e.code().and_then(|c| c.parse().ok()).unwrap_or(0);
     code & 0xff
 }
@@ -155,30 +157,6 @@ async fn switch_to_wal(options: &SqliteConnectOptions, op: &str) -> Result<(), S
             }
             Err(e) => return Err(Sqlite::err(op)(e)),
         }
-    }
-}
-
-impl SqlDatabase for Sqlite {
-    fn classify(e: &dyn DatabaseError) -> StoreErrorKind {
-        match primary_code(e) {
-            // SQLITE_BUSY, SQLITE_LOCKED, SQLITE_IOERR, SQLITE_FULL, SQLITE_CANTOPEN
-            5 | 6 | 10 | 13 | 14 => StoreErrorKind::Unavailable,
-            // SQLITE_ERROR (no such table, …), SQLITE_PERM, SQLITE_READONLY, SQLITE_AUTH
-            1 | 3 | 8 | 23 => StoreErrorKind::Rejected,
-            // SQLITE_CORRUPT, SQLITE_NOTADB, SQLITE_CONSTRAINT, SQLITE_MISMATCH
-            11 | 26 | 19 | 20 => StoreErrorKind::Corrupt,
-            _ => StoreErrorKind::Other,
-        }
-    }
-
-    fn rows_affected(done: &Self::QueryResult) -> u64 {
-        done.rows_affected()
-    }
-
-    fn conflict(e: &dyn DatabaseError) -> bool {
-        // SQLITE_BUSY and its extended codes (BUSY_SNAPSHOT: a deferred transaction that
-        // read first cannot take the write lock after another writer committed)
-        primary_code(e) == 5
     }
 }
 
@@ -306,11 +284,6 @@ impl SqliteStore {
         Ok(w.check(done).map_err(Sqlite::err(op))?.rows_affected())
     }
 
-    async fn read(&self, key: &RecordKey) -> Result<Option<RowView>, StoreError> {
-        let q = self.sql.read_query(key);
-        common::read_row(&self.pool, q, key.scope(), Sqlite::err("reading a record")).await
-    }
-
     /// Acts on what a read saw: answers, or tries the one conditional write.
     /// `Ok(None)`: the row changed since the read; read again.
     async fn act(
@@ -398,23 +371,18 @@ impl Writer<'_> {
 impl Store for SqliteStore {
     async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         let _slot = self.claims.enter().await;
-        for _ in 0..CLAIM_RETRIES {
-            let seen = self.read(req.key).await?;
-            if let Some(outcome) = self.act(req, seen).await? {
-                return Ok(outcome);
-            }
-        }
-        Err(common::contended())
+        common::retrying!({
+            let seen = Steps::read(self, req.key).await?;
+            self.act(req, seen).await?
+        })
     }
 
     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        let rows = self.execute("complete", self.sql.complete_query(c)).await?;
-        common::fence_of(rows, Step::Complete(c.token), self.read(c.key)).await
+        Steps::complete(self, c).await
     }
 
     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        let rows = self.execute("release", self.sql.release_query(r)).await?;
-        common::fence_of(rows, Step::Release(r.token), self.read(r.key)).await
+        Steps::release(self, r).await
     }
 
     async fn renew(
@@ -423,31 +391,44 @@ impl Store for SqliteStore {
         token: Token,
         lease: Duration,
     ) -> Result<Fence, StoreError> {
-        let q = sqlx::query(self.sql.renew.clone())
-            .bind_owned(key, token)
-            .bind(micros(lease));
-        let rows = self.execute("renew", q).await?;
-        common::fence_of(rows, Step::Renew, self.read(key)).await
+        Steps::renew(self, key, token, lease).await
     }
 
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        Ok(self.read(key).await?.and_then(RowView::into_record))
+        Steps::inspect(self, key).await
     }
 
     async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        let q = sqlx::query(self.sql.forget.clone()).bind_key(key);
-        Ok(self.execute("forget", q).await? > 0)
+        Steps::forget(self, key).await
     }
 
-    common::scan_methods!();
-
     async fn purge_expired(&self) -> Result<u64, StoreError> {
-        // the writer is taken per batch, so claims interleave with a long purge
-        common::purge_in_batches(|| {
-            let q = sqlx::query(self.sql.purge.clone()).bind(PURGE_BATCH);
-            self.execute("purge_expired", q)
-        })
-        .await
+        Steps::purge_expired(self).await
+    }
+
+    async fn scan(
+        &self,
+        filter: &ScanFilter,
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanPage, StoreError> {
+        Steps::scan(self, filter, cursor, limit).await
+    }
+
+    async fn stats(
+        &self,
+        scope: Option<&str>,
+        poisoned_at: Option<u32>,
+    ) -> Result<Vec<ScopeStats>, StoreError> {
+        Steps::stats(self, scope, poisoned_at).await
+    }
+
+    async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+        Steps::admin(self, key, false).await
+    }
+
+    async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
+        Steps::admin(self, key, true).await
     }
 
     async fn claim_batch(
@@ -468,7 +449,7 @@ impl Store for SqliteStore {
         let mut w = self.writer().await?;
         let queries = items
             .iter()
-            .map(|c| (self.sql.complete_query(c), c.key, Step::Complete(c.token)));
+            .map(|c| (self.sql.steps.complete_query(c), c.key, Step::Complete(c.token)));
         let done = self.apply_all(w.conn()?, "complete_batch", queries).await;
         w.check_store(done)
     }
@@ -477,8 +458,29 @@ impl Store for SqliteStore {
         let mut w = self.writer().await?;
         let queries = items
             .iter()
-            .map(|r| (self.sql.release_query(r), r.key, Step::Release(r.token)));
+            .map(|r| (self.sql.steps.release_query(r), r.key, Step::Release(r.token)));
         let done = self.apply_all(w.conn()?, "release_batch", queries).await;
         w.check_store(done)
+    }
+}
+
+impl SqlStore for SqliteStore {
+    type Db = Sqlite;
+
+    fn pool(&self) -> &SqlitePool {
+        &self.pool
+    }
+
+    fn steps(&self) -> &StepSql {
+        &self.sql.steps
+    }
+
+    /// Every write goes through the writer connection.
+    fn write<'q>(
+        &'q self,
+        op: &'static str,
+        q: SqlQuery<'q, Sqlite>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send + 'q {
+        self.execute(op, q)
     }
 }

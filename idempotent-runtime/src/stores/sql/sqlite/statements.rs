@@ -2,53 +2,36 @@
 //! protocol, built once per table, and the claim's conditional write.
 
 use crate::error::StoreError;
-use crate::key::RecordKey;
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Release};
-use crate::stores::sql::common::{self, BindExt, Plan, TableName, sql};
-use sqlx::sqlite::SqliteConnection;
+use crate::store::{ClaimOutcome, ClaimRequest};
+use crate::stores::sql::common::{self, BindExt, Plan, SqlDialect, StepSql, TableName, sql};
+use sqlx::sqlite::{Sqlite, SqliteConnection};
 use sqlx::{Row, SqlStr};
 
-/// The database clock in microseconds since the Unix epoch (SQLite reads the clock once
-/// per statement step, so every use in one statement sees the same instant).
-const NOW_US: &str = "CAST(unixepoch('subsec') * 1000000 AS INTEGER)";
+/// The database clock, as every statement reads it.
+const NOW_US: &str = Sqlite::NOW_US;
 
 /// The statements of one table, built once: every value in them is a bound parameter.
 pub(crate) struct Statements {
-    pub(crate) table: TableName,
-    pub(crate) read: SqlStr,
+    /// The statements of the steps every store shares.
+    pub(crate) steps: StepSql,
     pub(crate) insert: SqlStr,
     /// `insert` with a lower bound `?6` on the token.
     pub(crate) insert_after: SqlStr,
     pub(crate) take_over: SqlStr,
     pub(crate) take_over_expired: SqlStr,
-    pub(crate) complete: SqlStr,
-    pub(crate) release: SqlStr,
-    pub(crate) renew: SqlStr,
-    pub(crate) forget: SqlStr,
-    pub(crate) purge: SqlStr,
     pub(crate) create: [SqlStr; 2],
 }
 
 impl Statements {
     pub(crate) fn new(table: TableName) -> Self {
-        let t = table.quoted('"');
-        let owned = format!(
-            "scope = ?1 AND message_id = ?2 AND owner_token = ?3 AND status = 0 \
-             AND lease_until_us IS NOT NULL AND expires_at_us > {NOW_US} AND {}",
-            common::sane("", true)
-        );
-        let sane = common::sane("", true);
+        let t = table.quoted(Sqlite::QUOTE);
+        let sane = common::sane("", Sqlite::ANY_TYPE);
         // SQLite qualifies the index name, not the table, with the schema
         let index = match table.schema() {
             Some(s) => format!("\"{s}\".\"{}_expires_at_us_idx\"", table.name()),
             None => format!("\"{}_expires_at_us_idx\"", table.name()),
         };
         Statements {
-            read: sql(format!(
-                "SELECT status, retry_times, owner_token, lease_until_us, expires_at_us, \
-                    fingerprint, output, {NOW_US} \
-                 FROM {t} WHERE scope = ?1 AND message_id = ?2"
-            )),
             insert: sql(format!(
                 "INSERT INTO {t} (scope, message_id, status, retry_times, owner_token, \
                     lease_until_us, expires_at_us, fingerprint, output) \
@@ -83,26 +66,6 @@ impl Statements {
                     AND expires_at_us <= {NOW_US} AND {sane} \
                  RETURNING owner_token, retry_times"
             )),
-            complete: sql(format!(
-                "UPDATE {t} SET status = 1, output = ?4, lease_until_us = NULL, \
-                    expires_at_us = {NOW_US} + ?5 \
-                 WHERE {owned}"
-            )),
-            release: sql(format!(
-                "UPDATE {t} SET lease_until_us = NULL WHERE {owned}"
-            )),
-            renew: sql(format!(
-                "UPDATE {t} SET lease_until_us = {NOW_US} + ?4, \
-                    expires_at_us = max(expires_at_us, {NOW_US} + ?4) \
-                 WHERE {owned}"
-            )),
-            forget: sql(format!(
-                "DELETE FROM {t} WHERE scope = ?1 AND message_id = ?2"
-            )),
-            purge: sql(format!(
-                "DELETE FROM {t} WHERE rowid IN (\
-                    SELECT rowid FROM {t} WHERE expires_at_us <= {NOW_US} LIMIT ?1)"
-            )),
             create: [
                 sql(format!(
                     "CREATE TABLE IF NOT EXISTS {t} (\
@@ -122,7 +85,7 @@ impl Statements {
                     table.name()
                 )),
             ],
-            table,
+            steps: StepSql::new::<Sqlite>(table),
         }
     }
 }
@@ -164,17 +127,5 @@ impl Statements {
             1
         };
         common::acquired(token, attempt, req.key.scope()).map(Some)
-    }
-
-    pub(crate) fn read_query<'q>(&self, key: &'q RecordKey) -> SqliteQuery<'q> {
-        sqlx::query(self.read.clone()).bind_key(key)
-    }
-
-    pub(crate) fn complete_query<'q>(&self, c: &Completion<'q>) -> SqliteQuery<'q> {
-        sqlx::query(self.complete.clone()).bind_completion(c)
-    }
-
-    pub(crate) fn release_query<'q>(&self, r: &Release<'q>) -> SqliteQuery<'q> {
-        sqlx::query(self.release.clone()).bind_owned(r.key, r.token)
     }
 }

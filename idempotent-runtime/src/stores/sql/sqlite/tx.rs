@@ -4,85 +4,48 @@
 
 use super::statements::Statements;
 use crate::error::StoreError;
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, DedupTransaction, Fence, TxFuture};
-use crate::stores::sql::common::tx::{Prepared, prepared};
-use crate::stores::sql::common::{self, BindExt, CLAIM_RETRIES, SqlDatabase, TableName};
-use crate::stores::sql::common::{Plan, RowView};
-use sqlx::sqlite::Sqlite;
+use crate::store::{ClaimOutcome, ClaimRequest};
+use crate::stores::sql::common::tx::{Prepared, TxDialect, prepared};
+use crate::stores::sql::common::{self, Plan, RowView, SqlDialect, StepSql};
+use sqlx::sqlite::{Sqlite, SqliteConnection};
 use std::collections::BTreeMap;
-use std::sync::RwLock;
-
-static SQLITE: Prepared<SqliteTx> = RwLock::new(BTreeMap::new());
+use std::sync::{Arc, RwLock};
 
 /// The SQLite store's statements; the transaction holds the database's write lock
 /// from its first write, so reads after the insert see the latest rows.
-struct SqliteTx(Statements);
+static SQLITE: Prepared<Statements> = RwLock::new(BTreeMap::new());
 
-impl SqliteTx {
-    fn new(table: TableName) -> Self {
-        SqliteTx(Statements::new(table))
+impl TxDialect for Sqlite {
+    type Sql = Statements;
+
+    fn prepared(table: &str) -> Result<Arc<Statements>, StoreError> {
+        prepared(&SQLITE, table, Statements::new)
     }
-}
 
-fn err(op: &'static str) -> impl Fn(sqlx::Error) -> StoreError {
-    Sqlite::err(op)
-}
+    fn steps(sql: &Statements) -> &StepSql {
+        &sql.steps
+    }
 
-impl DedupTransaction for sqlx::Transaction<'_, Sqlite> {
-    fn claim_in_tx<'a>(
-        &'a mut self,
-        table: &'a str,
+    async fn claim_in<'a>(
+        conn: &'a mut SqliteConnection,
+        s: &'a Statements,
         req: &'a ClaimRequest<'a>,
-    ) -> TxFuture<'a, ClaimOutcome> {
-        Box::pin(async move {
-            let s = prepared(&SQLITE, table, SqliteTx::new)?;
-            let s = &s.0;
-            let conn = &mut **self;
-            let err = || err("claim in transaction");
-            for _ in 0..CLAIM_RETRIES {
+    ) -> Result<ClaimOutcome, StoreError> {
+            let err = || Sqlite::err("claim in transaction");
+            common::retrying!({
                 let inserted = s.write_claim(conn, req, Plan::Insert, None, err());
                 if let Some(outcome) = inserted.await? {
                     return Ok(outcome);
                 }
                 let row = s
+                    .steps
                     .read_query(req.key)
                     .fetch_optional(&mut *conn)
                     .await
                     .map_err(err())?;
                 let Some(row) = row else { continue };
                 let plan = Plan::of(req, Some(RowView::decode(&row, 0, req.key.scope())?));
-                if let Some(outcome) = s.write_claim(conn, req, plan, None, err()).await? {
-                    return Ok(outcome);
-                }
-            }
-            Err(common::contended())
-        })
-    }
-
-    fn complete_in_tx<'a>(
-        &'a mut self,
-        table: &'a str,
-        c: &'a Completion<'a>,
-    ) -> TxFuture<'a, Fence> {
-        Box::pin(async move {
-            let s = prepared(&SQLITE, table, SqliteTx::new)?;
-            let s = &s.0;
-            let q = sqlx::query(s.complete.clone()).bind_completion(c);
-            let conn = &mut **self;
-            let op = "complete in transaction";
-            if common::execute(&mut *conn, q, err(op)).await? > 0 {
-                return Ok(Fence::Held);
-            }
-            let row = s
-                .read_query(c.key)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(err(op))?;
-            let seen = row.map(|r| RowView::decode(&r, 0, c.key.scope()));
-            Ok(common::unmatched_fence(
-                seen.transpose()?,
-                common::Step::Complete(c.token),
-            ))
-        })
+                s.write_claim(conn, req, plan, None, err()).await?
+            })
     }
 }

@@ -1,0 +1,340 @@
+//! The steps every SQL store takes alike, written once over the database's
+//! [`SqlDialect`]: complete, release and renew (compare-and-set on the owner token,
+//! then the fence check), inspect, forget, purge, the scans, statistics and operator
+//! changes, and the completion of transactional mode. Each store's `impl Store` calls
+//! them, one line each; claims, whose SQL differs per database, stay in the stores'
+//! folders.
+
+use super::base::{
+    BindExt, PURGE_BATCH, SqlDialect, TableName, execute, micros, purge_in_batches, sql,
+};
+use super::row::{Columns, RowView, Step, fence_of, read_row};
+use super::scan::{self, Param, Stmt};
+use crate::error::StoreError;
+use crate::key::RecordKey;
+use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
+use crate::store::{Completion, Fence, Record, Release, Token};
+use sqlx::query::Query;
+use sqlx::{Database, Encode, Executor, IntoArguments, Pool, SqlStr, Type};
+use std::future::Future;
+use std::marker::PhantomData;
+use std::time::Duration;
+
+/// A statement of the database `DB` with its parameters bound.
+pub(crate) type SqlQuery<'q, DB> = Query<'q, DB, <DB as Database>::Arguments>;
+
+/// The statements of the shared steps on one table, built once from the dialect:
+/// every value in them is a bound parameter.
+pub(crate) struct StepSql {
+    pub(crate) table: TableName,
+    /// The record's row (see [`SqlDialect::view`]) by key.
+    pub(crate) read: SqlStr,
+    pub(crate) complete: SqlStr,
+    pub(crate) release: SqlStr,
+    pub(crate) renew: SqlStr,
+    pub(crate) forget: SqlStr,
+    pub(crate) purge: SqlStr,
+}
+
+impl StepSql {
+    pub(crate) fn new<D: SqlDialect>(table: TableName) -> Self {
+        let t = table.quoted(D::QUOTE);
+        let p = D::param;
+        let now = D::now();
+        let key = format!("scope = {} AND message_id = {}", p(1), p(2));
+        StepSql {
+            read: sql(D::select(
+                &D::view("c."),
+                &format!("{t} c"),
+                &format!("c.scope = {} AND c.message_id = {}", p(1), p(2)),
+            )),
+            complete: sql(D::update(
+                &t,
+                &format!(
+                    "status = 1, output = {}, lease_until_us = NULL, expires_at_us = {now} + {}",
+                    p(4),
+                    p(5)
+                ),
+                &D::owned(),
+            )),
+            release: sql(D::update(&t, "lease_until_us = NULL", &D::owned())),
+            renew: sql(D::update(
+                &t,
+                &format!(
+                    "lease_until_us = {now} + {lease}, \
+                     expires_at_us = {}(expires_at_us, {now} + {lease})",
+                    D::GREATEST,
+                    lease = p(4)
+                ),
+                &D::owned(),
+            )),
+            forget: sql(format!("DELETE FROM {t} WHERE {key}")),
+            purge: sql(D::purge(&t)),
+            table,
+        }
+    }
+
+    /// The read of `key`'s row.
+    pub(crate) fn read_query<'q, D: SqlDialect>(&self, key: &'q RecordKey) -> SqlQuery<'q, D>
+    where
+        for<'a> SqlQuery<'a, D>: BindExt,
+    {
+        sqlx::query(self.read.clone()).bind_key(key)
+    }
+
+    /// The completion `c`, its values bound in the order the dialect's placeholders
+    /// take them.
+    pub(crate) fn complete_query<'q, D: SqlDialect>(&self, c: &Completion<'q>) -> SqlQuery<'q, D>
+    where
+        for<'a> SqlQuery<'a, D>: BindExt,
+    {
+        let q = sqlx::query(self.complete.clone());
+        if D::NUMBERED {
+            q.bind_completion(c)
+        } else {
+            q.bind_output(c).bind_owned(c.key, c.token)
+        }
+    }
+
+    /// The release `r`.
+    pub(crate) fn release_query<'q, D: SqlDialect>(&self, r: &Release<'q>) -> SqlQuery<'q, D>
+    where
+        for<'a> SqlQuery<'a, D>: BindExt,
+    {
+        sqlx::query(self.release.clone()).bind_owned(r.key, r.token)
+    }
+
+    /// The renewal of `key`'s lease by the claim `token`.
+    fn renew_query<'q, D: SqlDialect>(
+        &self,
+        key: &'q RecordKey,
+        token: Token,
+        lease: Duration,
+    ) -> SqlQuery<'q, D>
+    where
+        for<'a> SqlQuery<'a, D>: BindExt,
+    {
+        let q = sqlx::query(self.renew.clone());
+        if D::NUMBERED {
+            q.bind_owned(key, token).bind_int(micros(lease))
+        } else {
+            q.bind_int(micros(lease))
+                .bind_int(micros(lease))
+                .bind_owned(key, token)
+        }
+    }
+}
+
+/// What the shared steps need of a store: its pool, its statements and how it runs a
+/// write.
+pub(crate) trait SqlStore: Send + Sync {
+    /// The database.
+    type Db: SqlDialect;
+    /// The pool reads run on.
+    fn pool(&self) -> &Pool<Self::Db>;
+    /// The statements of the shared steps.
+    fn steps(&self) -> &StepSql;
+    /// Runs one write: the rows it matched.
+    fn write<'q>(
+        &'q self,
+        op: &'static str,
+        q: SqlQuery<'q, Self::Db>,
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send + 'q;
+}
+
+/// The shared steps on the database `DB`, each taking the store it runs for.
+pub(crate) struct Steps<DB>(PhantomData<DB>);
+
+impl<DB> Steps<DB>
+where
+    DB: SqlDialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    DB::Row: Columns,
+    for<'a> SqlQuery<'a, DB>: BindExt,
+    for<'q> String: Encode<'q, DB> + Type<DB>,
+    for<'q> Vec<u8>: Encode<'q, DB> + Type<DB>,
+    for<'q> i64: Encode<'q, DB> + Type<DB>,
+{
+    /// The row of `key`, checked; `None` when there is none.
+    pub(crate) async fn read<S: SqlStore<Db = DB>>(
+        s: &S,
+        key: &RecordKey,
+    ) -> Result<Option<RowView>, StoreError> {
+        let q = s.steps().read_query(key);
+        read_row(s.pool(), q, key.scope(), DB::err("reading a record")).await
+    }
+
+    /// Completes the claim of `c`.
+    pub(crate) async fn complete<S: SqlStore<Db = DB>>(
+        s: &S,
+        c: &Completion<'_>,
+    ) -> Result<Fence, StoreError> {
+        let q = s.steps().complete_query(c);
+        Self::fenced(s, "complete", q, c.key, Step::Complete(c.token)).await
+    }
+
+    /// Releases the claim of `r`.
+    pub(crate) async fn release<S: SqlStore<Db = DB>>(
+        s: &S,
+        r: &Release<'_>,
+    ) -> Result<Fence, StoreError> {
+        let q = s.steps().release_query(r);
+        Self::fenced(s, "release", q, r.key, Step::Release(r.token)).await
+    }
+
+    /// Extends the lease of the claim `token` on `key`.
+    pub(crate) async fn renew<S: SqlStore<Db = DB>>(
+        s: &S,
+        key: &RecordKey,
+        token: Token,
+        lease: Duration,
+    ) -> Result<Fence, StoreError> {
+        let q = s.steps().renew_query(key, token, lease);
+        Self::fenced(s, "renew", q, key, Step::Renew).await
+    }
+
+    /// The compare-and-set write `q` of `step` on `key` (matching the ownership
+    /// clause), then the fence check ([`fence_of`]) with the key's row read back.
+    async fn fenced<S: SqlStore<Db = DB>>(
+        s: &S,
+        op: &'static str,
+        q: SqlQuery<'_, DB>,
+        key: &RecordKey,
+        step: Step,
+    ) -> Result<Fence, StoreError> {
+        DB::storable(key)?;
+        let rows = s.write(op, q).await?;
+        fence_of(rows, step, Self::read(s, key)).await
+    }
+
+    /// The record of `key`, if it is live.
+    pub(crate) async fn inspect<S: SqlStore<Db = DB>>(
+        s: &S,
+        key: &RecordKey,
+    ) -> Result<Option<Record>, StoreError> {
+        DB::storable(key)?;
+        Ok(Self::read(s, key).await?.and_then(RowView::into_record))
+    }
+
+    /// Deletes the record of `key`: whether there was one.
+    pub(crate) async fn forget<S: SqlStore<Db = DB>>(
+        s: &S,
+        key: &RecordKey,
+    ) -> Result<bool, StoreError> {
+        DB::storable(key)?;
+        let q = sqlx::query(s.steps().forget.clone()).bind_key(key);
+        Ok(s.write("forget", q).await? > 0)
+    }
+
+    /// Deletes expired records, a batch per statement (a store that writes through one
+    /// connection takes it per batch, so claims interleave with a long purge).
+    pub(crate) async fn purge_expired<S: SqlStore<Db = DB>>(s: &S) -> Result<u64, StoreError> {
+        purge_in_batches(|| {
+            let q = sqlx::query(s.steps().purge.clone()).bind(PURGE_BATCH);
+            s.write("purge_expired", q)
+        })
+        .await
+    }
+
+    /// Keyset pagination on `(scope, message_id)` with the filter in the `WHERE`
+    /// clause.
+    pub(crate) async fn scan<S: SqlStore<Db = DB>>(
+        s: &S,
+        filter: &ScanFilter,
+        cursor: Option<&ScanCursor>,
+        limit: usize,
+    ) -> Result<ScanPage, StoreError> {
+        let (stmt, limit) = scan::scan_stmt::<DB>(&s.steps().table, filter, cursor, limit)?;
+        let rows = Self::query(stmt)
+            .fetch_all(s.pool())
+            .await
+            .map_err(DB::err("scan"))?;
+        scan::scan_page(&rows, limit)
+    }
+
+    /// One `GROUP BY` statement.
+    pub(crate) async fn stats<S: SqlStore<Db = DB>>(
+        s: &S,
+        scope: Option<&str>,
+        poisoned_at: Option<u32>,
+    ) -> Result<Vec<ScopeStats>, StoreError> {
+        let stmt = scan::stats_stmt::<DB>(&s.steps().table, scope, poisoned_at);
+        let rows = Self::query(stmt)
+            .fetch_all(s.pool())
+            .await
+            .map_err(DB::err("stats"))?;
+        scan::stats_of(&rows, poisoned_at)
+    }
+
+    /// An operator change of one record (see [`scan::admin_stmt`]): `release` (In
+    /// progress → Released) or `reset` (attempts back to zero).
+    pub(crate) async fn admin<S: SqlStore<Db = DB>>(
+        s: &S,
+        key: &RecordKey,
+        reset: bool,
+    ) -> Result<AdminOutcome, StoreError> {
+        let stmt = scan::admin_stmt::<DB>(&s.steps().table, key, reset);
+        let op = if reset { "reset attempts" } else { "release" };
+        let done = Self::query(stmt)
+            .execute(s.pool())
+            .await
+            .map_err(DB::err(op))?;
+        if DB::rows_affected(&done) > 0 {
+            return Ok(AdminOutcome::Applied);
+        }
+        Ok(match Self::inspect(s, key).await? {
+            Some(r) => AdminOutcome::Unchanged { state: r.state },
+            None => AdminOutcome::NotFound,
+        })
+    }
+
+    /// `stmt` as a query with its parameters bound.
+    fn query(stmt: Stmt<DB>) -> SqlQuery<'static, DB> {
+        let mut q = sqlx::query::<DB>(sql(stmt.text));
+        for p in stmt.params {
+            q = match p {
+                Param::Text(s) => q.bind(s),
+                Param::Bytes(b) => q.bind(b),
+                Param::Int(i) => q.bind(i),
+            };
+        }
+        q
+    }
+}
+
+/// The steps on a connection of the caller's: they need less of the database.
+impl<DB> Steps<DB>
+where
+    DB: SqlDialect,
+    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
+    DB::Arguments: IntoArguments<DB>,
+    DB::Row: Columns,
+{
+    /// Completes the claim of `c` in the caller's transaction (`conn`): the
+    /// compare-and-set `complete`, then the fence check with `read`, the read of its
+    /// row, on the same transaction.
+    pub(crate) async fn complete_in(
+        conn: &mut DB::Connection,
+        complete: SqlQuery<'_, DB>,
+        read: SqlQuery<'_, DB>,
+        c: &Completion<'_>,
+    ) -> Result<Fence, StoreError> {
+        let step = Step::Complete(c.token);
+        Self::write_fenced(conn, "complete in transaction", complete, read, c.key, step).await
+    }
+
+    /// Runs the compare-and-set `write` of `step` on `key` on `conn`, then the fence
+    /// check ([`fence_of`]) with `read`, the read of its row, on the same connection.
+    pub(crate) async fn write_fenced(
+        conn: &mut DB::Connection,
+        op: &str,
+        write: SqlQuery<'_, DB>,
+        read: SqlQuery<'_, DB>,
+        key: &RecordKey,
+        step: Step,
+    ) -> Result<Fence, StoreError> {
+        let rows = execute(&mut *conn, write, DB::err(op)).await?;
+        fence_of(rows, step, read_row(&mut *conn, read, key.scope(), DB::err(op))).await
+    }
+}
