@@ -86,6 +86,10 @@ async fn start_broker(
         message_delay_level: ONE_SECOND_DELAY_LEVELS.to_owned(),
         ha_listen_address: std::net::Ipv4Addr::LOCALHOST.into(),
         ha_listen_port: usize::from(free_port()),
+        // the broker refuses to start on a disk over 75 % full by default; a test broker
+        // writes a few kilobytes, so only a nearly full disk (95 %, the most it allows)
+        // stops it
+        disk_max_used_space_ratio: 95,
         ..MessageStoreConfig::default()
     };
     let validated = ValidatedBrokerConfig::try_from_parts(broker_config, store_config)
