@@ -7,6 +7,7 @@ mod support;
 
 use idempotent_runtime::RedisStore;
 use idempotent_runtime::redis::{self, AsyncCommands};
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::store::{ClaimOutcome, ClaimRequest};
 use idempotent_runtime::{RecordKey, Store};
 use std::time::Duration;

@@ -14,7 +14,7 @@
 
 use futures_util::future::join_all;
 use idempotent_runtime::store::{
-    ClaimOutcome, ClaimRequest, Completion, Fence, RecordState, Release,
+    ClaimOutcome, ClaimRequest, Completion, Fence, RecordState, Release, StoreAdmin,
 };
 use idempotent_runtime::testing::FaultyStore;
 use idempotent_runtime::{
@@ -45,6 +45,11 @@ pub fn unique_scope(case: &str) -> String {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).expect("random bytes");
     format!("conformance::{case}::{:016x}", u64::from_le_bytes(b))
+}
+
+/// The operator actions of `store`, which every store of this crate has.
+pub fn admin(store: &dyn Store) -> &dyn StoreAdmin {
+    store.as_admin().expect("the store has operator actions")
 }
 
 fn key(scope: &str, k: &str) -> RecordKey {
@@ -143,7 +148,11 @@ pub async fn claim_fresh_key_acquires(store: Arc<dyn Store>) {
     let k = key(&scope, "m-1");
     let (token, attempt) = acquire(&*store, &req(&k)).await;
     assert_eq!(attempt, 1);
-    let rec = store.inspect(&k).await.unwrap().expect("record exists");
+    let rec = admin(&*store)
+        .inspect(&k)
+        .await
+        .unwrap()
+        .expect("record exists");
     assert_eq!(rec.state, RecordState::InProgress);
     assert_eq!(rec.attempts, 1);
     assert_eq!(rec.token, token);
@@ -171,7 +180,7 @@ pub async fn duplicate_of_completed_key_replays_output(store: Arc<dyn Store>) {
             }
         );
     }
-    let rec = store.inspect(&k).await.unwrap().unwrap();
+    let rec = admin(&*store).inspect(&k).await.unwrap().unwrap();
     assert_eq!(rec.state, RecordState::Completed);
     assert_eq!(rec.attempts, 1, "replays are not attempts");
 }
@@ -236,7 +245,7 @@ pub async fn released_key_is_claimable_at_once(store: Arc<dyn Store>) {
     let k = key(&scope, "m-1");
     let (t1, _) = acquire(&*store, &req(&k)).await;
     assert_eq!(release(&*store, &k, t1).await, Fence::Held);
-    let rec = store.inspect(&k).await.unwrap().unwrap();
+    let rec = admin(&*store).inspect(&k).await.unwrap().unwrap();
     assert_eq!(rec.state, RecordState::Released);
     assert_eq!(rec.attempts, 1);
     let (t2, attempt) = acquire(&*store, &req(&k)).await;
@@ -266,7 +275,7 @@ pub async fn stale_owner_is_fenced(store: Arc<dyn Store>) {
     assert_eq!(complete(&*store, &k, old, b"\"stale\"").await, Fence::Lost);
     assert_eq!(release(&*store, &k, old).await, Fence::Lost);
     assert_eq!(store.renew(&k, old, LEASE).await.unwrap(), Fence::Lost);
-    let rec = store.inspect(&k).await.unwrap().unwrap();
+    let rec = admin(&*store).inspect(&k).await.unwrap().unwrap();
     assert_eq!(rec.state, RecordState::InProgress);
     assert_eq!(rec.token, new);
     assert_eq!(complete(&*store, &k, new, b"\"fresh\"").await, Fence::Held);
@@ -296,7 +305,7 @@ pub async fn tokens_strictly_increase(store: Arc<dyn Store>) {
         if i % 2 == 0 {
             release(&*store, &k, t).await;
         } else {
-            assert!(store.forget(&k).await.unwrap());
+            assert!(admin(&*store).forget(&k).await.unwrap());
         }
     }
 }
@@ -372,7 +381,7 @@ pub async fn fingerprint_mismatch_is_refused(store: Arc<dyn Store>) {
             output: Some(b"1".to_vec())
         }
     );
-    let rec = store.inspect(&k).await.unwrap().unwrap();
+    let rec = admin(&*store).inspect(&k).await.unwrap().unwrap();
     assert_eq!(rec.fingerprint.as_deref(), Some(fp_a));
 }
 
@@ -401,23 +410,23 @@ pub async fn completed_record_expires_after_ttl(store: Arc<dyn Store>) {
         ClaimOutcome::Completed { .. }
     ));
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(store.inspect(&k).await.unwrap(), None);
+    assert_eq!(admin(&*store).inspect(&k).await.unwrap(), None);
     let (_, attempt) = acquire(&*store, &short).await;
     assert_eq!(attempt, 1, "an expired record starts over");
     // purging is safe to call at any time
-    store.purge_expired().await.unwrap();
+    admin(&*store).purge_expired().await.unwrap();
 }
 
 /// Forget deletes a record in any state; inspect of an absent key is `None`.
 pub async fn forget_and_inspect(store: Arc<dyn Store>) {
     let scope = unique_scope("forget");
     let k = key(&scope, "m-1");
-    assert_eq!(store.inspect(&k).await.unwrap(), None);
-    assert!(!store.forget(&k).await.unwrap());
+    assert_eq!(admin(&*store).inspect(&k).await.unwrap(), None);
+    assert!(!admin(&*store).forget(&k).await.unwrap());
     let (t, _) = acquire(&*store, &req(&k)).await;
     complete(&*store, &k, t, b"1").await;
-    assert!(store.forget(&k).await.unwrap());
-    assert_eq!(store.inspect(&k).await.unwrap(), None);
+    assert!(admin(&*store).forget(&k).await.unwrap());
+    assert_eq!(admin(&*store).inspect(&k).await.unwrap(), None);
     let (_, attempt) = acquire(&*store, &req(&k)).await;
     assert_eq!(attempt, 1);
 }
@@ -478,7 +487,7 @@ pub async fn keys_are_data(store: Arc<dyn Store>) {
             },
             "key #{i} kept its own record"
         );
-        let rec = store.inspect(k).await.unwrap().unwrap();
+        let rec = admin(&*store).inspect(k).await.unwrap().unwrap();
         assert_eq!(rec.output, Some(format!("{i}").into_bytes()));
     }
 }
@@ -584,7 +593,7 @@ pub async fn handler_error_releases_for_retry(store: Arc<dyn Store>) {
         .run("m-1", async { Err(HandlerError::Business("db down")) })
         .await;
     assert!(matches!(r, Err(HandlerError::Business("db down"))));
-    let rec = store
+    let rec = admin(&*store)
         .inspect(&h.record_key("m-1").unwrap())
         .await
         .unwrap()
@@ -614,7 +623,7 @@ pub async fn panic_releases_for_retry(store: Arc<dyn Store>) {
     })
     .await;
     assert!(joined.unwrap_err().is_panic());
-    let rec = store
+    let rec = admin(&*store)
         .inspect(&h.record_key("m-1").unwrap())
         .await
         .unwrap()
@@ -641,7 +650,7 @@ pub async fn cancellation_releases_for_retry(store: Arc<dyn Store>) {
     let k = h.record_key("m-1").unwrap();
     let mut state = None;
     for _ in 0..50 {
-        state = store.inspect(&k).await.unwrap().map(|r| r.state);
+        state = admin(&*store).inspect(&k).await.unwrap().map(|r| r.state);
         if state == Some(RecordState::Released) {
             break;
         }
@@ -675,7 +684,7 @@ pub async fn cancelled_while_completing_still_completes(store: Arc<dyn Store>) {
     let k = h.record_key("m-1").unwrap();
     let mut state = None;
     for _ in 0..50 {
-        state = store.inspect(&k).await.unwrap().map(|r| r.state);
+        state = admin(&*store).inspect(&k).await.unwrap().map(|r| r.state);
         if state == Some(RecordState::Completed) {
             break;
         }
@@ -880,7 +889,7 @@ pub async fn retried_release_after_a_lost_reply_is_held(store: Arc<dyn Store>) {
     );
     let other = Token::new(first.get() + 1);
     assert_eq!(release(&*store, &k, other).await, Fence::Lost);
-    let rec = store.inspect(&k).await.unwrap().expect("record");
+    let rec = admin(&*store).inspect(&k).await.unwrap().expect("record");
     assert_eq!((rec.state, rec.attempts), (RecordState::Released, 1));
     assert_eq!(rec.token, first, "the repeats changed nothing");
 
@@ -897,7 +906,7 @@ pub async fn retried_release_after_a_lost_reply_is_held(store: Arc<dyn Store>) {
             .unwrap(),
         vec![Fence::Lost]
     );
-    let rec = store.inspect(&k).await.unwrap().expect("record");
+    let rec = admin(&*store).inspect(&k).await.unwrap().expect("record");
     assert_eq!((rec.state, rec.token), (RecordState::InProgress, second));
     assert_eq!(release(&*store, &k, second).await, Fence::Held);
     // a released claim cannot complete
@@ -937,7 +946,7 @@ pub async fn renewal_in_flight_when_the_body_returns(store: Arc<dyn Store>) {
     blocked.await.unwrap();
     assert!(faulty.calls().renew >= 1, "a renewal was in flight");
     let k = h.record_key("m-1").unwrap();
-    let state = store.inspect(&k).await.unwrap().map(|r| r.state);
+    let state = admin(&*store).inspect(&k).await.unwrap().map(|r| r.state);
     assert_eq!(state, Some(RecordState::Completed));
     // the store still takes writes: another key runs and completes
     let next = tokio::time::timeout(
@@ -1064,7 +1073,7 @@ pub async fn current_claim_matches_the_record(store: Arc<dyn Store>) {
         .await
         .unwrap()
         .expect("claim visible inside the handler");
-    let rec = store
+    let rec = admin(&*store)
         .inspect(&h.record_key("m-1").unwrap())
         .await
         .unwrap()
@@ -1144,7 +1153,7 @@ pub async fn batch_protocol_runs_each_key_once(store: Arc<dyn Store>) {
         assert_eq!(n.load(Ordering::SeqCst), 1, "key {id}");
     }
     assert_eq!(runs[7].load(Ordering::SeqCst), 2);
-    let rec = store
+    let rec = admin(&*store)
         .inspect(&h.record_key(&7u32).unwrap())
         .await
         .unwrap()
@@ -1328,7 +1337,10 @@ pub async fn idempotency_inspects_and_forgets_by_message_key(store: Arc<dyn Stor
     let rec = h.inspect("m-1").await.unwrap().expect("a record");
     assert_eq!(rec.state, RecordState::Completed);
     assert_eq!(rec.output.as_deref(), Some(&b"5"[..]));
-    let direct = store.inspect(&h.record_key("m-1").unwrap()).await.unwrap();
+    let direct = admin(&*store)
+        .inspect(&h.record_key("m-1").unwrap())
+        .await
+        .unwrap();
     assert_eq!(
         direct.map(|r| (r.state, r.token)),
         Some((rec.state, rec.token))

@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::conformance::{LEASE, TTL, claim_request, unique_scope};
+use crate::conformance::{LEASE, TTL, admin, claim_request, unique_scope};
 
 const LONG: Duration = Duration::from_secs(30);
 
@@ -59,7 +59,7 @@ pub async fn scan_all(
     let mut cursor: Option<ScanCursor> = None;
     let mut pages = 0;
     loop {
-        let p = store
+        let p = admin(&*store)
             .scan(filter, cursor.as_ref(), page)
             .await
             .expect("scan");
@@ -213,7 +213,10 @@ pub async fn stats_count_per_scope_and_state(store: Arc<dyn Store>) {
     let store = &*store;
     let scope = unique_scope("stats");
     seed(store, &scope).await;
-    let stats = store.stats(Some(&scope), Some(2)).await.expect("stats");
+    let stats = admin(&*store)
+        .stats(Some(&scope), Some(2))
+        .await
+        .expect("stats");
     let rows: Vec<(RecordState, u64, u64, u64)> = stats
         .iter()
         .map(|s| (s.state, s.count, s.past_lease, s.poisoned))
@@ -232,9 +235,12 @@ pub async fn stats_count_per_scope_and_state(store: Arc<dyn Store>) {
             .iter()
             .all(|s| s.oldest_claim.is_some_and(|o| o < Duration::from_secs(30)))
     );
-    let plain = store.stats(Some(&scope), None).await.expect("stats");
+    let plain = admin(&*store)
+        .stats(Some(&scope), None)
+        .await
+        .expect("stats");
     assert!(plain.iter().all(|s| s.poisoned == 0));
-    let other = store
+    let other = admin(&*store)
         .stats(Some(&unique_scope("stats-empty")), Some(1))
         .await
         .expect("stats");
@@ -249,10 +255,10 @@ pub async fn force_release_fences_the_holder(store: Arc<dyn Store>) {
     let k = key(&scope, "held");
     let (t1, _) = acquired(store, &claim_request(&k, LONG)).await;
     assert_eq!(
-        store.force_release(&k).await.unwrap(),
+        admin(&*store).force_release(&k).await.unwrap(),
         AdminOutcome::Applied
     );
-    let r = store.inspect(&k).await.unwrap().expect("record");
+    let r = admin(&*store).inspect(&k).await.unwrap().expect("record");
     assert_eq!((r.state, r.attempts), (RecordState::Released, 1));
     assert!(r.token > t1, "the token is bumped");
     let lost = store
@@ -271,13 +277,16 @@ pub async fn force_release_fences_the_holder(store: Arc<dyn Store>) {
     assert_eq!(attempt, 2);
     complete(store, &k, t2, Some(b"1")).await;
     assert_eq!(
-        store.force_release(&k).await.unwrap(),
+        admin(&*store).force_release(&k).await.unwrap(),
         AdminOutcome::Unchanged {
             state: RecordState::Completed
         }
     );
     assert_eq!(
-        store.force_release(&key(&scope, "absent")).await.unwrap(),
+        admin(&*store)
+            .force_release(&key(&scope, "absent"))
+            .await
+            .unwrap(),
         AdminOutcome::NotFound
     );
     // a released record stays as it is
@@ -285,7 +294,7 @@ pub async fn force_release_fences_the_holder(store: Arc<dyn Store>) {
     let (t, _) = acquired(store, &claim_request(&f, LONG)).await;
     release(store, &f, t).await;
     assert_eq!(
-        store.force_release(&f).await.unwrap(),
+        admin(&*store).force_release(&f).await.unwrap(),
         AdminOutcome::Unchanged {
             state: RecordState::Released
         }
@@ -310,18 +319,18 @@ pub async fn reset_attempts_unpoisons(store: Arc<dyn Store>) {
         store.claim(&limited(&k)).await.unwrap(),
         ClaimOutcome::Exhausted { attempts: 2 }
     );
-    let before = store.inspect(&k).await.unwrap().expect("record");
+    let before = admin(&*store).inspect(&k).await.unwrap().expect("record");
     assert_eq!(
-        store.reset_attempts(&k).await.unwrap(),
+        admin(&*store).reset_attempts(&k).await.unwrap(),
         AdminOutcome::Applied
     );
-    let r = store.inspect(&k).await.unwrap().expect("record");
+    let r = admin(&*store).inspect(&k).await.unwrap().expect("record");
     assert_eq!((r.state, r.attempts), (RecordState::Released, 0));
     assert!(r.token > before.token);
     let (t, attempt) = acquired(store, &limited(&k)).await;
     assert_eq!(attempt, 1);
     assert_eq!(
-        store.reset_attempts(&k).await.unwrap(),
+        admin(&*store).reset_attempts(&k).await.unwrap(),
         AdminOutcome::Unchanged {
             state: RecordState::InProgress
         },
@@ -329,7 +338,7 @@ pub async fn reset_attempts_unpoisons(store: Arc<dyn Store>) {
     );
     complete(store, &k, t, None).await;
     assert_eq!(
-        store.reset_attempts(&k).await.unwrap(),
+        admin(&*store).reset_attempts(&k).await.unwrap(),
         AdminOutcome::Unchanged {
             state: RecordState::Completed
         }
@@ -347,14 +356,17 @@ pub async fn reset_attempts_unpoisons(store: Arc<dyn Store>) {
         ClaimOutcome::Exhausted { attempts: 1 }
     );
     assert_eq!(
-        store.reset_attempts(&crashed).await.unwrap(),
+        admin(&*store).reset_attempts(&crashed).await.unwrap(),
         AdminOutcome::Applied
     );
     let (t, attempt) = acquired(store, &once).await;
     assert_eq!(attempt, 1);
     assert!(t > old);
     assert_eq!(
-        store.reset_attempts(&key(&scope, "absent")).await.unwrap(),
+        admin(&*store)
+            .reset_attempts(&key(&scope, "absent"))
+            .await
+            .unwrap(),
         AdminOutcome::NotFound
     );
 }

@@ -6,6 +6,7 @@
 //! Compiled with any of the `mysql`, `postgres` and `sqlite` features.
 #![cfg(any(feature = "mysql", feature = "postgres", feature = "sqlite"))]
 
+use crate::conformance::admin;
 pub use crate::conformance::{TTL, acquire_token as acquire, claim_request as req, free_port};
 use crate::proxy::Proxy;
 use futures_util::future::join_all;
@@ -222,10 +223,10 @@ pub async fn purge_and_sweep<S, C, F>(
     for k in &live {
         acquire(store, &req(k, TTL)).await;
     }
-    assert_eq!(store.purge_expired().await.unwrap(), expired);
-    assert_eq!(store.purge_expired().await.unwrap(), 0);
+    assert_eq!(admin(&*store).purge_expired().await.unwrap(), expired);
+    assert_eq!(admin(&*store).purge_expired().await.unwrap(), 0);
     for k in &live {
-        assert!(store.inspect(k).await.unwrap().is_some());
+        assert!(admin(&*store).inspect(k).await.unwrap().is_some());
     }
 
     // the sweeper purges records whose ttl ran out
@@ -410,15 +411,25 @@ pub async fn sql_keys_are_data(store: Arc<dyn Store>) {
             }
             other => panic!("key #{i}: expected Completed, got {other:?}"),
         }
-        let rec = store.inspect(k).await.expect("inspect").expect("record");
+        let rec = admin(&*store)
+            .inspect(k)
+            .await
+            .expect("inspect")
+            .expect("record");
         assert_eq!(rec.output.as_deref(), Some(format!("out-{i}").as_bytes()));
     }
     // forgetting one metacharacter key leaves its look-alikes alone
-    assert!(store.forget(&rks[6]).await.expect("forget"));
-    assert!(store.inspect(&rks[6]).await.expect("inspect").is_none());
+    assert!(admin(&*store).forget(&rks[6]).await.expect("forget"));
+    assert!(
+        admin(&*store)
+            .inspect(&rks[6])
+            .await
+            .expect("inspect")
+            .is_none()
+    );
     for (i, k) in rks.iter().enumerate().filter(|(i, _)| *i != 6) {
         assert!(
-            store.inspect(k).await.expect("inspect").is_some(),
+            admin(&*store).inspect(k).await.expect("inspect").is_some(),
             "key #{i} was removed with key #6"
         );
     }
@@ -491,10 +502,10 @@ pub async fn corrupt_records_are_refused_unchanged(
                 .unwrap_err(),
         );
         assert!(
-            store.inspect(&fresh).await.unwrap().is_none(),
+            admin(&*store).inspect(&fresh).await.unwrap().is_none(),
             "{clause}: the batch claimed another key"
         );
-        check("inspect", store.inspect(&k).await.unwrap_err());
+        check("inspect", admin(&*store).inspect(&k).await.unwrap_err());
         let completion = Completion {
             key: &k,
             token,
@@ -601,7 +612,12 @@ pub async fn repeated_completion_by_the_same_claim_is_held(store: &dyn Store) {
         }
     }
     assert_eq!(
-        store.inspect(&keys[3]).await.unwrap().unwrap().state,
+        admin(&*store)
+            .inspect(&keys[3])
+            .await
+            .unwrap()
+            .unwrap()
+            .state,
         idempotent_runtime::store::RecordState::Released
     );
 }

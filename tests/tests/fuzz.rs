@@ -18,6 +18,7 @@
 
 use idempotent_runtime::redis::AsyncCommands;
 use idempotent_runtime::sqlx::{self, AssertSqlSafe};
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion, Release};
 use idempotent_runtime::{
     Error, Idempotency, MemoryStore, MySqlStore, NotReplayable, PostgresStore, RecordKey,
@@ -159,7 +160,10 @@ async fn every_step(store: &dyn Store, k: &RecordKey, rng: &mut Rng) -> usize {
             );
         }
     };
-    check(store.inspect(k).await.map(drop), "inspect");
+    check(
+        store.as_admin().unwrap().inspect(k).await.map(drop),
+        "inspect",
+    );
     check(store.renew(k, token, lease).await.map(drop), "renew");
     check(
         store
@@ -571,7 +575,7 @@ async fn sql_corrupt_errors_name_the_scope() {
         store.claim(&r).await.unwrap();
         corrupt(&k).await;
         for e in [
-            store.inspect(&k).await.unwrap_err(),
+            store.as_admin().unwrap().inspect(&k).await.unwrap_err(),
             store.claim(&r).await.unwrap_err(),
         ] {
             assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e}");

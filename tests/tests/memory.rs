@@ -1,6 +1,7 @@
 //! The conformance suite and the memory-specific guarantees on `MemoryStore`.
 
 use idempotent_runtime::memory::ManualClock;
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion, Fence};
 use idempotent_runtime::{Error, Idempotency, MemoryStore, RecordKey, Store};
 use std::sync::Arc;

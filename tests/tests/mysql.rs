@@ -8,6 +8,7 @@ use idempotent_runtime::sqlx::mysql::{
     MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlSslMode,
 };
 use idempotent_runtime::sqlx::{self, AssertSqlSafe, Executor};
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::store::{ClaimOutcome, Completion, Fence, RecordState, Release};
 use idempotent_runtime::{Error, Idempotency, MySqlStore, RecordKey, Store, StoreErrorKind, Token};
 use idempotent_tests::conformance::unique_scope;

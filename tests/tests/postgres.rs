@@ -6,6 +6,7 @@
 
 use idempotent_runtime::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use idempotent_runtime::sqlx::{self, AssertSqlSafe};
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::store::{ClaimOutcome, Completion, Fence, RecordState, Release};
 use idempotent_runtime::{
     Error, Idempotency, PostgresStore, RecordKey, Store, StoreErrorKind, Token,

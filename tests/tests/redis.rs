@@ -5,6 +5,7 @@
 #![cfg(feature = "redis")]
 
 use idempotent_runtime::redis::{self, AsyncCommands};
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::store::{
     ClaimOutcome, ClaimRequest, Completion, Fence, RecordState, Release,
 };

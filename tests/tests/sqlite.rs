@@ -6,6 +6,7 @@
 use futures_util::FutureExt;
 use futures_util::future::join_all;
 use idempotent_runtime::sqlx::{self, AssertSqlSafe};
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::store::{ClaimOutcome, Fence, RecordState, Release};
 use idempotent_runtime::{Error, Idempotency, RecordKey, SqliteStore, Store, StoreErrorKind};
 use idempotent_tests::conformance::unique_scope;

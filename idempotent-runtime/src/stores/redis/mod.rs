@@ -70,7 +70,7 @@ mod store_impl;
 ///
 /// Leases and expiry use the server's clock only (guarantee G5): the functions read
 /// `TIME`, and the key's own expiry (`PX`) is the record's expiry, so Redis frees
-/// expired records by itself and [`purge_expired`](crate::Store::purge_expired) returns 0. The
+/// expired records by itself and [`purge_expired`](crate::store::StoreAdmin::purge_expired) returns 0. The
 /// store has no clock of its own; the consumers' clocks never enter a decision. Fencing
 /// tokens are the larger of the record's previous token plus one and the server's
 /// `TIME` in microseconds.

@@ -4,18 +4,18 @@
 
 use crate::error::StoreError;
 use crate::error::StoreErrorKind;
-use crate::store::Store;
+use crate::store::admin::StoreAdmin;
 use std::future::Future;
 use std::time::Duration;
 
-/// Spawns a task that calls [`Store::purge_expired`] every `every`; fails when called
+/// Spawns a task that calls [`StoreAdmin::purge_expired`] every `every`; fails when called
 /// outside a Tokio runtime.
 pub(crate) fn spawn_sweeper<S>(
     store: S,
     every: Duration,
 ) -> Result<tokio::task::JoinHandle<()>, StoreError>
 where
-    S: Store + 'static,
+    S: StoreAdmin + 'static,
 {
     let rt = tokio::runtime::Handle::try_current().map_err(|e| {
         StoreError::with_source(
@@ -54,7 +54,7 @@ macro_rules! store_accessors {
             }
 
             /// Spawns a task that deletes expired records every `every`
-            /// (see [`purge_expired`](Store::purge_expired)); abort the returned handle to stop
+            /// (see [`purge_expired`](StoreAdmin::purge_expired)); abort the returned handle to stop
             /// it. Fails outside a Tokio runtime.
             pub fn spawn_sweeper(
                 &self,
@@ -76,8 +76,8 @@ macro_rules! store_accessors {
 }
 pub(crate) use store_accessors;
 
-/// The [`Store`] methods every SQL store forwards to [`common::scan`](crate::stores::sql::common::scan) alike
-/// (`scan`, `stats`, `force_release`, `reset_attempts`), for the `impl Store` of a store
+/// The [`StoreAdmin`] methods every SQL store forwards to [`common::scan`](crate::stores::sql::common::scan) alike
+/// (`scan`, `stats`, `force_release`, `reset_attempts`), for the `impl StoreAdmin` of a store
 /// type with the field `pool` and the method `table`. Written as `#[async_trait]` writes
 /// them (it does not see into a macro's output), so the signatures match the trait's.
 macro_rules! scan_methods {
@@ -138,6 +138,6 @@ macro_rules! scan_methods {
 }
 pub(crate) use scan_methods;
 
-/// The future a [`Store`] method returns, as `#[async_trait]` writes it.
+/// The future a [`StoreAdmin`] method returns, as `#[async_trait]` writes it.
 pub(crate) type StoreFuture<'a, T> =
     std::pin::Pin<Box<dyn Future<Output = Result<T, StoreError>> + Send + 'a>>;

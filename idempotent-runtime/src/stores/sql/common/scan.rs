@@ -15,7 +15,8 @@ use crate::key::RecordKey;
 use crate::store::scan::{
     AdminOutcome, ScanCursor, ScanFilter, ScanItem, ScanPage, ScopeStats, state_rank,
 };
-use crate::store::{RecordState, Store, Token};
+use crate::store::admin::StoreAdmin;
+use crate::store::{RecordState, Token};
 use sqlx::{Encode, Executor, IntoArguments, Pool, Row, Type};
 use std::collections::BTreeMap;
 
@@ -393,7 +394,7 @@ pub(crate) async fn admin<DB, S>(
     reset: bool,
 ) -> Result<AdminOutcome, StoreError>
 where
-    S: Store + ?Sized,
+    S: StoreAdmin + ?Sized,
     DB: Dialect,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
     for<'q> DB::Arguments: IntoArguments<DB>,

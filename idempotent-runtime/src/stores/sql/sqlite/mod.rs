@@ -14,6 +14,7 @@ use super::common::{
 };
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::RecordKey;
+use crate::store::admin::StoreAdmin;
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use async_trait::async_trait;
 use sqlx::error::DatabaseError;
@@ -89,7 +90,7 @@ use tokio::sync::{Mutex, MutexGuard};
 /// states map onto the columns as: **In progress** `status = 0` with a lease deadline;
 /// **Released** (the last attempt failed, claimable again) `status = 0` with
 /// `lease_until_us IS NULL`; **Completed** `status = 1`. A row whose `expires_at_us`
-/// has passed counts as absent and is deleted by [`purge_expired`](Store::purge_expired).
+/// has passed counts as absent and is deleted by [`purge_expired`](StoreAdmin::purge_expired).
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -430,26 +431,6 @@ impl Store for SqliteStore {
         common::fence_of(rows, Step::Renew, self.read(key)).await
     }
 
-    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        Ok(self.read(key).await?.and_then(RowView::into_record))
-    }
-
-    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        let q = sqlx::query(self.sql.forget.clone()).bind_key(key);
-        Ok(self.execute("forget", q).await? > 0)
-    }
-
-    common::scan_methods!();
-
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        // the writer is taken per batch, so claims interleave with a long purge
-        common::purge_in_batches(|| {
-            let q = sqlx::query(self.sql.purge.clone()).bind(PURGE_BATCH);
-            self.execute("purge_expired", q)
-        })
-        .await
-    }
-
     async fn claim_batch(
         &self,
         reqs: &[ClaimRequest<'_>],
@@ -480,5 +461,32 @@ impl Store for SqliteStore {
             .map(|r| (self.sql.release_query(r), r.key, Step::Release(r.token)));
         let done = self.apply_all(w.conn()?, "release_batch", queries).await;
         w.check_store(done)
+    }
+
+    fn as_admin(&self) -> Option<&dyn StoreAdmin> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for SqliteStore {
+    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
+        Ok(self.read(key).await?.and_then(RowView::into_record))
+    }
+
+    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
+        let q = sqlx::query(self.sql.forget.clone()).bind_key(key);
+        Ok(self.execute("forget", q).await? > 0)
+    }
+
+    common::scan_methods!();
+
+    async fn purge_expired(&self) -> Result<u64, StoreError> {
+        // the writer is taken per batch, so claims interleave with a long purge
+        common::purge_in_batches(|| {
+            let q = sqlx::query(self.sql.purge.clone()).bind(PURGE_BATCH);
+            self.execute("purge_expired", q)
+        })
+        .await
     }
 }
