@@ -6,12 +6,15 @@
 //! Compiled with any of the `mysql`, `postgres` and `sqlite` features.
 #![cfg(any(feature = "mysql", feature = "postgres", feature = "sqlite"))]
 
-use crate::conformance::admin;
-pub use crate::conformance::{TTL, acquire_token as acquire, claim_request as req, free_port};
 use crate::proxy::Proxy;
+use crate::stores::admin;
+pub use crate::stores::free_port;
 use futures_util::future::join_all;
 use idempotent_runtime::store::Release;
 use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion, Fence};
+pub use idempotent_runtime::testing::conformance::{
+    TTL, acquire_token as acquire, claim_request as req,
+};
 use idempotent_runtime::{Error, Idempotency};
 use idempotent_runtime::{RecordKey, Store, StoreErrorKind};
 use std::future::Future;
@@ -40,7 +43,7 @@ pub async fn single_steps_are_one_round_trip(
     proxy: &Proxy,
     prefix: &str,
 ) -> String {
-    let scope = crate::conformance::unique_scope(prefix);
+    let scope = idempotent_runtime::testing::conformance::unique_scope(prefix);
     // warm up: prepare every statement once on the single connection
     let warm = RecordKey::new(&scope, "warm").unwrap();
     let t = acquire(store, &req(&warm, TTL)).await;
@@ -116,7 +119,10 @@ pub async fn fails_closed_while_the_server_is_away(
     proxy: &mut Proxy,
     prefix: &str,
 ) {
-    let h = Idempotency::new(crate::conformance::unique_scope(prefix)).shared_store(store);
+    let h = Idempotency::new(idempotent_runtime::testing::conformance::unique_scope(
+        prefix,
+    ))
+    .shared_store(store);
     let r: Result<u32, Error> = h.run("a", async { Ok(1) }).await;
     assert_eq!(r.unwrap(), 1);
 
@@ -157,7 +163,7 @@ pub async fn killed_connection_fails_closed_and_recovers<T>(
     kill: impl AsyncFnOnce(),
     unlock: impl AsyncFnOnce(T),
 ) {
-    let scope = crate::conformance::unique_scope(prefix);
+    let scope = idempotent_runtime::testing::conformance::unique_scope(prefix);
     let h = Idempotency::new(scope.clone())
         .shared_store(store.clone())
         .lease(Duration::from_secs(10));
@@ -277,11 +283,10 @@ pub async fn purge_and_sweep_table<S>(
     exec(&format!("DROP TABLE {table}")).await;
 }
 
-/// [`conformance::race_two_stores`](crate::conformance::race_two_stores) with the SQL
+/// [`conformance::race_two_stores`](crate::stores::race_two_stores) with the SQL
 /// tests' lease of 10 s.
 pub async fn race_two_stores(a: Arc<dyn Store>, b: Arc<dyn Store>, keys: usize, tasks: usize) {
-    crate::conformance::race_two_stores("sql-race", Duration::from_secs(10), a, b, keys, tasks)
-        .await;
+    crate::stores::race_two_stores("sql-race", Duration::from_secs(10), a, b, keys, tasks).await;
 }
 
 /// A failing message delivered alternately through two stores: the attempt count is
@@ -289,7 +294,7 @@ pub async fn race_two_stores(a: Arc<dyn Store>, b: Arc<dyn Store>, keys: usize, 
 /// `AttemptsExhausted`, and the body ran exactly `max_attempts` times. Concurrent
 /// deliveries of several such keys run at once.
 pub async fn poison_is_shared(a: Arc<dyn Store>, b: Arc<dyn Store>, max_attempts: u32) {
-    let scope = crate::conformance::unique_scope("sql-poison");
+    let scope = idempotent_runtime::testing::conformance::unique_scope("sql-poison");
     let make = |s: &Arc<dyn Store>| {
         Idempotency::new(scope.clone())
             .shared_store(s.clone())
@@ -338,7 +343,7 @@ pub async fn poison_is_shared(a: Arc<dyn Store>, b: Arc<dyn Store>, max_attempts
 /// is its own record (no two collide, no wildcard matches another), and each replays
 /// its own output.
 pub async fn sql_keys_are_data(store: Arc<dyn Store>) {
-    let scope = crate::conformance::unique_scope("sql-keys");
+    let scope = idempotent_runtime::testing::conformance::unique_scope("sql-keys");
     let long_a = vec![b'\''; 100 * 1024];
     let mut long_b = long_a.clone();
     long_b[50_000] = b'%';
@@ -471,7 +476,8 @@ pub async fn corrupt_records_are_refused_unchanged(
 ) {
     let store = &*shared;
     for (n, clause) in corruptions.iter().enumerate() {
-        let scope = crate::conformance::unique_scope(&format!("{prefix}-{n}"));
+        let scope =
+            idempotent_runtime::testing::conformance::unique_scope(&format!("{prefix}-{n}"));
         let k = RecordKey::new(&scope, "m-1").unwrap();
         let token = acquire(store, &req(&k, TTL)).await;
         // a released record: a claim would take it over
@@ -549,7 +555,7 @@ pub async fn corrupt_records_are_refused_unchanged(
 /// a batch (also a key repeated in one batch); any other token, and a record that is
 /// not Completed, is still `Lost`.
 pub async fn repeated_completion_by_the_same_claim_is_held(store: &dyn Store) {
-    let scope = crate::conformance::unique_scope("sql-complete-again");
+    let scope = idempotent_runtime::testing::conformance::unique_scope("sql-complete-again");
     let keys: Vec<RecordKey> = (0..4)
         .map(|i| RecordKey::new(&scope, &format!("m-{i}")).unwrap())
         .collect();
@@ -712,7 +718,7 @@ pub async fn killed_idle_connections_are_replaced(
     kill_pooled: impl AsyncFn(),
 ) {
     // one connection, killed while the body runs: the completion meets it
-    let h = Idempotency::new(crate::conformance::unique_scope(case))
+    let h = Idempotency::new(idempotent_runtime::testing::conformance::unique_scope(case))
         .shared_store(single)
         .lease(Duration::from_secs(10));
     let r: Result<u32, Error> = h
@@ -730,7 +736,7 @@ pub async fn killed_idle_connections_are_replaced(
 
     // the pool of `connect`, killed between deliveries: claims may fail closed,
     // retryably, then work
-    let h = Idempotency::new(crate::conformance::unique_scope(case))
+    let h = Idempotency::new(idempotent_runtime::testing::conformance::unique_scope(case))
         .shared_store(pooled)
         .lease(Duration::from_secs(10));
     assert_eq!(deliver_until_ok(&h, "b", 4).await, (4, 1));

@@ -249,7 +249,7 @@ async fn arbitrary_redis_values_are_corrupt_errors_or_records() {
     let store = Arc::new(idempotent_tests::redis_support::connect().await);
     let mut conn =
         idempotent_tests::redis_support::raw(&idempotent_tests::redis_support::redis_url()).await;
-    let scope = idempotent_tests::conformance::unique_scope("fuzz-redis");
+    let scope = idempotent_runtime::testing::conformance::unique_scope("fuzz-redis");
     let h = Idempotency::new(scope.clone()).shared_store(store.clone());
     let n = budget(400);
     let mut failed = 0;
@@ -421,7 +421,7 @@ macro_rules! fuzz_sql_rows {
             let (store, pool, drop_table): ($store, $pool, String) = $connect.await;
             let store = Arc::new(store);
             let table = store.table();
-            let scope = idempotent_tests::conformance::unique_scope("fuzz-sql");
+            let scope = idempotent_runtime::testing::conformance::unique_scope("fuzz-sql");
             let h = Idempotency::new(scope.clone()).shared_store(store.clone());
             let n = budget(300);
             let (mut failed, mut rejected_by_db) = (0, 0);
@@ -563,7 +563,7 @@ fuzz_sql_rows!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_corrupt_errors_name_the_scope() {
     async fn case<S: Store>(store: S, corrupt: impl AsyncFnOnce(&RecordKey)) {
-        let scope = idempotent_tests::conformance::unique_scope("named");
+        let scope = idempotent_runtime::testing::conformance::unique_scope("named");
         let k = RecordKey::new(&scope, "m").unwrap();
         let r = ClaimRequest {
             key: &k,

@@ -7,7 +7,12 @@ use idempotent_runtime::{Error, Idempotency, MemoryStore, RecordKey, Store};
 use std::sync::Arc;
 use std::time::Duration;
 
-idempotent_tests::conformance_suite!(async { Arc::new(MemoryStore::new()) as Arc<dyn Store> });
+idempotent_runtime::protocol_conformance_suite!(async {
+    Arc::new(MemoryStore::new()) as Arc<dyn Store>
+});
+idempotent_runtime::admin_conformance_suite!(async {
+    Arc::new(MemoryStore::new()) as Arc<dyn Store>
+});
 
 fn req(key: &RecordKey, ttl: Duration) -> ClaimRequest<'_> {
     ClaimRequest {

@@ -17,10 +17,10 @@ use idempotent_runtime::memory::ManualClock;
 use idempotent_runtime::store::{
     ClaimOutcome, ClaimRequest, Completion, Fence, Record, RecordState, Release,
 };
+use idempotent_runtime::testing::conformance::unique_scope;
 use idempotent_runtime::{
     MemoryStore, MySqlStore, PostgresStore, RecordKey, SqliteStore, Store, Token,
 };
-use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::rng::{Rng, scaled};
 use idempotent_tests::sql_support::{env_url, unique_name};
 use std::time::Duration;

@@ -160,7 +160,16 @@
 //! # });
 //! ```
 //!
-//! Then prove it with the conformance suite, as for the stores of this crate.
+//! Then prove it with the conformance suite, as the stores of this crate are proved:
+//! `idempotent_runtime::testing::conformance` (feature `testing`), in a test of your
+//! crate:
+//!
+//! ```ignore
+//! idempotent_runtime::protocol_conformance_suite!(async {
+//!     Arc::new(MapStore::default()) as Arc<dyn Store>
+//! });
+//! ```
+//!
 //! Optionally, override the batch methods (one round trip for many keys) and
 //! [`as_immediate`](Store::as_immediate) (a store that answers without awaiting), and
 //! implement [`StoreAdmin`] and return it from [`as_admin`](Store::as_admin) to support
@@ -223,7 +232,11 @@ pub trait ImmediateStore: Send + Sync {
 /// 4. A wrapper store (one that adds faults, metrics or logs around another) forwards
 ///    `as_admin` to keep the inner store's operator actions, and `as_immediate` only
 ///    if it changes nothing the protocol steps do.
-/// 5. Then run the conformance suite against it.
+/// 5. Then run the conformance suite against it: `idempotent_runtime::testing::conformance`
+///    (feature `testing`), whose protocol cases need only this trait and whose admin
+///    cases need [`StoreAdmin`] through `as_admin`; one test per case is
+///    `idempotent_runtime::protocol_conformance_suite!(async { Arc::new(MyStore::new()) as Arc<dyn Store> });`
+///    (and `admin_conformance_suite!` likewise for a store with operator actions).
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug {
     /// Claims a key; see [`ClaimOutcome`] for the rules.

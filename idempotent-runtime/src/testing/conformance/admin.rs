@@ -1,23 +1,28 @@
-//! The conformance cases of the operator views: scans, statistics, and the operator's
-//! release and attempt reset. Part of [`conformance`](crate::conformance): every
-//! store runs them.
+//! The admin cases: the operator actions of [`StoreAdmin`] (inspect, forget, scans,
+//! statistics, the operator's release and attempt reset) and the handler's
+//! [`Idempotency::inspect`](crate::manual::Idempotency::inspect) and
+//! [`Idempotency::forget`](crate::manual::Idempotency::forget). They need a store whose
+//! [`Store::as_admin`] answers; they reach it through the [`Store`] given, so a
+//! wrapper store runs them too.
 
-use idempotent_runtime::store::{
-    AdminOutcome, ClaimOutcome, ClaimRequest, Completion, Fence, RecordState, Release, ScanCursor,
-    ScanFilter, ScanItem,
+use super::support::{HandlerError, LEASE, TTL, claim_request, handler, key, unique_scope};
+use crate::key::RecordKey;
+use crate::store::{
+    AdminOutcome, ClaimOutcome, ClaimRequest, Completion, Fence, RecordState, Release,
+    ScanCursor, ScanFilter, ScanItem, Store, StoreAdmin, Token,
 };
-use idempotent_runtime::{RecordKey, Store, Token};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::conformance::{LEASE, TTL, admin, claim_request, unique_scope};
+/// The operator actions of `store`, which the admin cases need.
+fn admin(store: &dyn Store) -> &dyn StoreAdmin {
+    store.as_admin().unwrap_or_else(|| {
+        panic!("the admin cases need a store with operator actions: {store:?}.as_admin() is None")
+    })
+}
 
 const LONG: Duration = Duration::from_secs(30);
-
-fn key(scope: &str, k: &str) -> RecordKey {
-    RecordKey::new(scope, k).expect("valid key")
-}
 
 async fn acquired(store: &dyn Store, r: &ClaimRequest<'_>) -> (Token, u32) {
     match store.claim(r).await.expect("claim") {
@@ -50,7 +55,7 @@ async fn release(store: &dyn Store, key: &RecordKey, token: Token) {
 /// Every record of a scan with `filter`, pages of `page` records, by readable key when
 /// the filter names a scope, else by `scope/key` (a Redis scan may return a record
 /// twice; it is kept once).
-pub async fn scan_all(
+async fn scan_all(
     store: &dyn Store,
     filter: &ScanFilter,
     page: usize,
@@ -369,4 +374,41 @@ pub async fn reset_attempts_unpoisons(store: Arc<dyn Store>) {
             .unwrap(),
         AdminOutcome::NotFound
     );
+}
+
+/// Forget deletes a record in any state; inspect of an absent key is `None`.
+pub async fn forget_and_inspect(store: Arc<dyn Store>) {
+    let scope = unique_scope("forget");
+    let k = key(&scope, "m-1");
+    assert_eq!(admin(&*store).inspect(&k).await.unwrap(), None);
+    assert!(!admin(&*store).forget(&k).await.unwrap());
+    let (t, _) = acquired(&*store, &claim_request(&k, LONG)).await;
+    complete(&*store, &k, t, Some(b"1")).await;
+    assert!(admin(&*store).forget(&k).await.unwrap());
+    assert_eq!(admin(&*store).inspect(&k).await.unwrap(), None);
+    let (_, attempt) = acquired(&*store, &claim_request(&k, LONG)).await;
+    assert_eq!(attempt, 1);
+}
+
+/// `Idempotency::inspect` and `forget` work on a message key, in the handler's scope.
+pub async fn idempotency_inspects_and_forgets_by_message_key(store: Arc<dyn Store>) {
+    let h = handler(&store, "admin-helpers");
+    assert_eq!(h.inspect("m-1").await.unwrap(), None);
+    let r: Result<u32, HandlerError> = h.run("m-1", async { Ok(5) }).await;
+    assert_eq!(r.unwrap(), 5);
+    let rec = h.inspect("m-1").await.unwrap().expect("a record");
+    assert_eq!(rec.state, RecordState::Completed);
+    assert_eq!(rec.output.as_deref(), Some(&b"5"[..]));
+    let direct = admin(&*store)
+        .inspect(&h.record_key("m-1").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        direct.map(|r| (r.state, r.token)),
+        Some((rec.state, rec.token))
+    );
+    assert!(h.forget("m-1").await.unwrap());
+    assert!(!h.forget("m-1").await.unwrap());
+    let r: Result<u32, HandlerError> = h.run("m-1", async { Ok(6) }).await;
+    assert_eq!(r.unwrap(), 6, "forgotten: the next delivery runs again");
 }

@@ -1,4 +1,5 @@
-//! Test your own handlers under the failures that cause duplicates (feature `testing`).
+//! Test your own handlers under the failures that cause duplicates, and your own
+//! stores against the store contract ([`conformance`]) (feature `testing`).
 //!
 //! [`FaultyStore`] wraps any store and injects faults on command: the store going
 //! down, completions that never arrive, completions whose reply never arrives,
@@ -29,6 +30,8 @@
 //! assert_eq!(store.calls().claim, 2);
 //! # });
 //! ```
+
+pub mod conformance;
 
 pub use crate::clock::ManualClock;
 use crate::error::{StoreError, StoreErrorKind};
