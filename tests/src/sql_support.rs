@@ -229,10 +229,10 @@ pub async fn purge_and_sweep<S, C, F>(
     for k in &live {
         acquire(store, &req(k, TTL)).await;
     }
-    assert_eq!(admin(&*store).purge_expired().await.unwrap(), expired);
-    assert_eq!(admin(&*store).purge_expired().await.unwrap(), 0);
+    assert_eq!(admin(store).purge_expired().await.unwrap(), expired);
+    assert_eq!(admin(store).purge_expired().await.unwrap(), 0);
     for k in &live {
-        assert!(admin(&*store).inspect(k).await.unwrap().is_some());
+        assert!(admin(store).inspect(k).await.unwrap().is_some());
     }
 
     // the sweeper purges records whose ttl ran out
@@ -508,10 +508,10 @@ pub async fn corrupt_records_are_refused_unchanged(
                 .unwrap_err(),
         );
         assert!(
-            admin(&*store).inspect(&fresh).await.unwrap().is_none(),
+            admin(store).inspect(&fresh).await.unwrap().is_none(),
             "{clause}: the batch claimed another key"
         );
-        check("inspect", admin(&*store).inspect(&k).await.unwrap_err());
+        check("inspect", admin(store).inspect(&k).await.unwrap_err());
         let completion = Completion {
             key: &k,
             token,
@@ -618,12 +618,7 @@ pub async fn repeated_completion_by_the_same_claim_is_held(store: &dyn Store) {
         }
     }
     assert_eq!(
-        admin(&*store)
-            .inspect(&keys[3])
-            .await
-            .unwrap()
-            .unwrap()
-            .state,
+        admin(store).inspect(&keys[3]).await.unwrap().unwrap().state,
         idempotent_runtime::store::RecordState::Released
     );
 }

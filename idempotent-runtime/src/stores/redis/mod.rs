@@ -46,7 +46,7 @@ mod store_impl;
 /// restart without persistence, `FUNCTION FLUSH`, a node added to a cluster; on a
 /// cluster it is loaded on every master at once). Each step — claim, complete,
 /// release, renew, inspect — is one `FCALL` of one function over one key, atomic on
-/// the server; [`forget`](crate::Store::forget) is one `DEL`. No function touches a key it is
+/// the server; [`forget`](crate::store::StoreAdmin::forget) is one `DEL`. No function touches a key it is
 /// not given, so the store works on Redis Cluster unchanged. The library's name
 /// carries a hash of its code (`idempotent_<hash>`), so processes running different
 /// versions of the store never replace each other's functions (each version leaves its
@@ -119,7 +119,7 @@ mod store_impl;
 /// after a claim, the completion's `ttl` after a completion, unchanged by a release;
 /// a renewal only ever extends it. A value that does not follow this layout (a string
 /// someone `SET` there, a hash, a truncated record) makes every operation on that key
-/// fail with [`StoreErrorKind::Corrupt`]; [`forget`](crate::Store::forget) deletes it.
+/// fail with [`StoreErrorKind::Corrupt`]; [`forget`](crate::store::StoreAdmin::forget) deletes it.
 ///
 /// # TLS
 ///

@@ -64,7 +64,7 @@ async fn scan_all(
     let mut cursor: Option<ScanCursor> = None;
     let mut pages = 0;
     loop {
-        let p = admin(&*store)
+        let p = admin(store)
             .scan(filter, cursor.as_ref(), page)
             .await
             .expect("scan");
@@ -218,7 +218,7 @@ pub async fn stats_count_per_scope_and_state(store: Arc<dyn Store>) {
     let store = &*store;
     let scope = unique_scope("stats");
     seed(store, &scope).await;
-    let stats = admin(&*store)
+    let stats = admin(store)
         .stats(Some(&scope), Some(2))
         .await
         .expect("stats");
@@ -240,12 +240,12 @@ pub async fn stats_count_per_scope_and_state(store: Arc<dyn Store>) {
             .iter()
             .all(|s| s.oldest_claim.is_some_and(|o| o < Duration::from_secs(30)))
     );
-    let plain = admin(&*store)
+    let plain = admin(store)
         .stats(Some(&scope), None)
         .await
         .expect("stats");
     assert!(plain.iter().all(|s| s.poisoned == 0));
-    let other = admin(&*store)
+    let other = admin(store)
         .stats(Some(&unique_scope("stats-empty")), Some(1))
         .await
         .expect("stats");
@@ -260,10 +260,10 @@ pub async fn force_release_fences_the_holder(store: Arc<dyn Store>) {
     let k = key(&scope, "held");
     let (t1, _) = acquired(store, &claim_request(&k, LONG)).await;
     assert_eq!(
-        admin(&*store).force_release(&k).await.unwrap(),
+        admin(store).force_release(&k).await.unwrap(),
         AdminOutcome::Applied
     );
-    let r = admin(&*store).inspect(&k).await.unwrap().expect("record");
+    let r = admin(store).inspect(&k).await.unwrap().expect("record");
     assert_eq!((r.state, r.attempts), (RecordState::Released, 1));
     assert!(r.token > t1, "the token is bumped");
     let lost = store
@@ -282,13 +282,13 @@ pub async fn force_release_fences_the_holder(store: Arc<dyn Store>) {
     assert_eq!(attempt, 2);
     complete(store, &k, t2, Some(b"1")).await;
     assert_eq!(
-        admin(&*store).force_release(&k).await.unwrap(),
+        admin(store).force_release(&k).await.unwrap(),
         AdminOutcome::Unchanged {
             state: RecordState::Completed
         }
     );
     assert_eq!(
-        admin(&*store)
+        admin(store)
             .force_release(&key(&scope, "absent"))
             .await
             .unwrap(),
@@ -299,7 +299,7 @@ pub async fn force_release_fences_the_holder(store: Arc<dyn Store>) {
     let (t, _) = acquired(store, &claim_request(&f, LONG)).await;
     release(store, &f, t).await;
     assert_eq!(
-        admin(&*store).force_release(&f).await.unwrap(),
+        admin(store).force_release(&f).await.unwrap(),
         AdminOutcome::Unchanged {
             state: RecordState::Released
         }
@@ -324,18 +324,18 @@ pub async fn reset_attempts_unpoisons(store: Arc<dyn Store>) {
         store.claim(&limited(&k)).await.unwrap(),
         ClaimOutcome::Exhausted { attempts: 2 }
     );
-    let before = admin(&*store).inspect(&k).await.unwrap().expect("record");
+    let before = admin(store).inspect(&k).await.unwrap().expect("record");
     assert_eq!(
-        admin(&*store).reset_attempts(&k).await.unwrap(),
+        admin(store).reset_attempts(&k).await.unwrap(),
         AdminOutcome::Applied
     );
-    let r = admin(&*store).inspect(&k).await.unwrap().expect("record");
+    let r = admin(store).inspect(&k).await.unwrap().expect("record");
     assert_eq!((r.state, r.attempts), (RecordState::Released, 0));
     assert!(r.token > before.token);
     let (t, attempt) = acquired(store, &limited(&k)).await;
     assert_eq!(attempt, 1);
     assert_eq!(
-        admin(&*store).reset_attempts(&k).await.unwrap(),
+        admin(store).reset_attempts(&k).await.unwrap(),
         AdminOutcome::Unchanged {
             state: RecordState::InProgress
         },
@@ -343,7 +343,7 @@ pub async fn reset_attempts_unpoisons(store: Arc<dyn Store>) {
     );
     complete(store, &k, t, None).await;
     assert_eq!(
-        admin(&*store).reset_attempts(&k).await.unwrap(),
+        admin(store).reset_attempts(&k).await.unwrap(),
         AdminOutcome::Unchanged {
             state: RecordState::Completed
         }
@@ -361,14 +361,14 @@ pub async fn reset_attempts_unpoisons(store: Arc<dyn Store>) {
         ClaimOutcome::Exhausted { attempts: 1 }
     );
     assert_eq!(
-        admin(&*store).reset_attempts(&crashed).await.unwrap(),
+        admin(store).reset_attempts(&crashed).await.unwrap(),
         AdminOutcome::Applied
     );
     let (t, attempt) = acquired(store, &once).await;
     assert_eq!(attempt, 1);
     assert!(t > old);
     assert_eq!(
-        admin(&*store)
+        admin(store)
             .reset_attempts(&key(&scope, "absent"))
             .await
             .unwrap(),
