@@ -44,7 +44,8 @@ pub(crate) async fn run(cli: &Cli) -> Result<Outcome, CliError> {
             let b = open(cli).await?;
             let key = record_key(k)?;
             match b
-                .store()
+                .admin()
+                .map_err(|e| fail(cli, &b, e))?
                 .inspect(&key)
                 .await
                 .map_err(|e| fail(cli, &b, e))?
@@ -124,7 +125,8 @@ pub(crate) async fn run(cli: &Cli) -> Result<Outcome, CliError> {
                 &format!("delete the expired records of the table `{}`?", cli.table),
             )?;
             let n = b
-                .store()
+                .admin()
+                .map_err(|e| fail(cli, &b, e))?
                 .purge_expired()
                 .await
                 .map_err(|e| fail(cli, &b, e))?;
@@ -246,7 +248,8 @@ async fn list(
         let remaining = limit - printer.printed();
         let page_size = usize::try_from(remaining.min(DEFAULT_PAGE as u64)).unwrap_or(DEFAULT_PAGE);
         let page = b
-            .store()
+            .admin()
+            .map_err(|e| fail(cli, &b, e))?
             .scan(filter, cursor.as_ref(), page_size)
             .await
             .map_err(|e| fail(cli, &b, e))?;
@@ -316,7 +319,7 @@ fn confirm(c: &Confirm, question: &str) -> Result<(), CliError> {
 async fn change(cli: &Cli, c: &ChangeArgs, what: Change) -> Result<Outcome, CliError> {
     let key = record_key(&c.key)?;
     let b = open(cli).await?;
-    let store = b.store();
+    let store = b.admin().map_err(|e| fail(cli, &b, e))?;
     let Some(before) = store.inspect(&key).await.map_err(|e| fail(cli, &b, e))? else {
         eprintln!("no record for {}", shown(&key));
         return Ok(Outcome::NotFound);

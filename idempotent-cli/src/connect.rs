@@ -2,6 +2,7 @@
 
 use crate::CliError;
 use idempotent_runtime::store::ScopeStats;
+use idempotent_runtime::store::{StoreAdmin, admin_of};
 use idempotent_runtime::{Store, StoreError, StoreErrorKind};
 
 /// An open store, with what only some stores have (migrations, Redis keys).
@@ -35,6 +36,12 @@ impl Backend {
             #[allow(unreachable_patterns)]
             _ => unreachable!("a backend exists only with its feature"),
         }
+    }
+
+    /// The store's operator actions, which every command but `migrate` uses; an error
+    /// naming the store when it has none.
+    pub(crate) fn admin(&self) -> Result<&dyn StoreAdmin, StoreError> {
+        admin_of(self.store())
     }
 
     /// Whether the store is an SQL store (which has a table).
@@ -77,7 +84,7 @@ impl Backend {
 
     /// The statistics of `scope` (every scope when `None`), and the keys the count left
     /// out because they hold no record. A Redis store counts by walking its scan (as its
-    /// [`Store::stats`] does), which counts those keys; the SQL stores count in the
+    /// [`StoreAdmin::stats`] does), which counts those keys; the SQL stores count in the
     /// database, where every row is the store's.
     pub(crate) async fn stats(
         &self,
@@ -90,7 +97,7 @@ impl Backend {
                 .await
                 .map(|st| (st.scopes, st.skipped)),
             #[allow(unreachable_patterns)]
-            _ => Ok((self.store().stats(scope, poisoned_at).await?, 0)),
+            _ => Ok((self.admin()?.stats(scope, poisoned_at).await?, 0)),
         }
     }
 

@@ -47,7 +47,7 @@ async fn every_command_on_mysql() {
 
 #[test]
 fn a_refused_connection_fails_at_once() {
-    let port = idempotent_tests::conformance::free_port();
+    let port = idempotent_tests::stores::free_port();
     let r = refused_at_once(&format!("mysql://root:secret@127.0.0.1:{port}/test"));
     assert!(!r.stderr.contains("secret"), "{}", r.stderr);
     refused_at_once(&format!("mariadb://root@127.0.0.1:{port}/test"));

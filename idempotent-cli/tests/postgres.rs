@@ -43,7 +43,7 @@ async fn every_command_on_postgres() {
 
 #[test]
 fn a_refused_connection_fails_at_once() {
-    let port = idempotent_tests::conformance::free_port();
+    let port = idempotent_tests::stores::free_port();
     let r = refused_at_once(&format!("postgres://root:secret@127.0.0.1:{port}/test"));
     assert!(!r.stderr.contains("secret"), "{}", r.stderr);
     refused_at_once(&format!("postgresql://root@127.0.0.1:{port}/test"));

@@ -7,6 +7,7 @@ mod support;
 
 use idempotent_runtime::RedisStore;
 use idempotent_runtime::redis::{self, AsyncCommands};
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::store::{ClaimOutcome, ClaimRequest};
 use idempotent_runtime::{RecordKey, Store};
 use std::time::Duration;
@@ -78,7 +79,7 @@ async fn errors_say_what_to_fix() {
     );
     let r = run(&["--store", "127.0.0.1:6379", "list"]).expect(ERROR);
     assert!(r.stderr.contains("not a store URL"), "{}", r.stderr);
-    let port = idempotent_tests::conformance::free_port();
+    let port = idempotent_tests::stores::free_port();
     let dead = format!("redis://:secret@127.0.0.1:{port}");
     let r = run(&["--store", &dead, "stats"]).expect(ERROR);
     assert!(r.stderr.contains("cannot reach Redis"), "{}", r.stderr);
@@ -96,8 +97,8 @@ async fn errors_say_what_to_fix() {
 
 #[test]
 fn a_refused_connection_fails_at_once() {
-    let port = idempotent_tests::conformance::free_port();
-    let other = idempotent_tests::conformance::free_port();
+    let port = idempotent_tests::stores::free_port();
+    let other = idempotent_tests::stores::free_port();
     refused_at_once(&format!("redis://127.0.0.1:{port}"));
     refused_at_once(&format!(
         "redis+cluster://127.0.0.1:{port},127.0.0.1:{other}"

@@ -5,7 +5,7 @@ use crate::error::Error;
 use crate::key::{KeyBuilder, KeyPart, RecordKey};
 use crate::protocol::batch::Batch;
 use crate::protocol::{self, OnInProgress, OnStoreError, Settings, StoreHandle, StoreSource};
-use crate::store::{Record, Store};
+use crate::store::{Record, Store, admin_of};
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::borrow::Cow;
@@ -132,7 +132,9 @@ impl Idempotency {
     }
 
     /// The record of `key` in this scope as the store holds it now, or `None` if there
-    /// is none (never claimed, forgotten, or expired).
+    /// is none (never claimed, forgotten, or expired). Fails with
+    /// [`StoreErrorKind::Rejected`](crate::StoreErrorKind::Rejected) on a store without
+    /// operator actions ([`Store::as_admin`]).
     ///
     /// An `#[idempotent]` handler's records are under its scope: the `scope` argument,
     /// or by default `module_path!()::fn_name`, so `Idempotency::new("my_app::orders::on_paid")
@@ -155,16 +157,25 @@ impl Idempotency {
     pub async fn inspect<K: KeyPart + ?Sized>(&self, key: &K) -> Result<Option<Record>, Error> {
         let key = self.record_key(key)?;
         let store = self.resolve_store()?;
-        store.get().inspect(&key).await.map_err(Error::Store)
+        admin_of(store.get())
+            .map_err(Error::Store)?
+            .inspect(&key)
+            .await
+            .map_err(Error::Store)
     }
 
     /// Deletes the record of `key` in this scope whatever its state, so that the next
     /// delivery of the message runs the body again; returns whether there was one. A
-    /// holder still running is fenced out: its completion is refused.
+    /// holder still running is fenced out: its completion is refused. Fails as
+    /// [`inspect`](Self::inspect) does on a store without operator actions.
     pub async fn forget<K: KeyPart + ?Sized>(&self, key: &K) -> Result<bool, Error> {
         let key = self.record_key(key)?;
         let store = self.resolve_store()?;
-        store.get().forget(&key).await.map_err(Error::Store)
+        admin_of(store.get())
+            .map_err(Error::Store)?
+            .forget(&key)
+            .await
+            .map_err(Error::Store)
     }
 
     /// Runs `body` at most once per `key` (until the record expires).

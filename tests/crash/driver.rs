@@ -445,7 +445,12 @@ impl Backend {
         let mut records = HashMap::new();
         for id in ids {
             let key = h.record_key(id.as_str()).expect("record key");
-            let rec = store.inspect(&key).await.expect("inspect a final record");
+            let rec = store
+                .as_admin()
+                .expect("operator actions")
+                .inspect(&key)
+                .await
+                .expect("inspect a final record");
             records.insert(id.clone(), rec);
         }
         (records, effects)

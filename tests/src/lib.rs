@@ -1,9 +1,7 @@
-//! Shared test support: the store conformance suite and helpers for tests that need
-//! real servers.
+//! Shared test support: helpers for tests that need real servers (the store
+//! conformance suite itself is `idempotent_runtime::testing::conformance`).
 
 pub mod broker_support;
-pub mod conformance;
-pub mod conformance_scan;
 pub mod metrics_support;
 pub mod nats_support;
 pub mod proxy;
@@ -12,6 +10,7 @@ pub mod redis_support;
 pub mod rng;
 pub mod rocketmq_support;
 pub mod sql_support;
+pub mod stores;
 
 /// Checks the effects an end-to-end test recorded per business key: every expected key
 /// applied exactly once, none missing, none unexpected.

@@ -5,7 +5,7 @@
 //! Compiled with the `redis` feature only.
 #![cfg(feature = "redis")]
 
-pub use crate::conformance::free_port;
+pub use crate::stores::free_port;
 use idempotent_runtime::redis::{self, aio::ConnectionManager};
 use idempotent_runtime::{RedisStore, Store};
 use std::io::{Read, Write};
@@ -251,9 +251,8 @@ impl RedisCluster {
     }
 }
 
-/// [`conformance::race_two_stores`](crate::conformance::race_two_stores) with the
+/// [`conformance::race_two_stores`](crate::stores::race_two_stores) with the
 /// Redis tests' lease of 5 s.
 pub async fn race_two_stores(a: Arc<dyn Store>, b: Arc<dyn Store>, keys: usize, tasks: usize) {
-    crate::conformance::race_two_stores("redis-race", Duration::from_secs(5), a, b, keys, tasks)
-        .await;
+    crate::stores::race_two_stores("redis-race", Duration::from_secs(5), a, b, keys, tasks).await;
 }

@@ -6,11 +6,15 @@
 //! Compiled with any of the `mysql`, `postgres` and `sqlite` features.
 #![cfg(any(feature = "mysql", feature = "postgres", feature = "sqlite"))]
 
-pub use crate::conformance::{TTL, acquire_token as acquire, claim_request as req, free_port};
 use crate::proxy::Proxy;
+use crate::stores::admin;
+pub use crate::stores::free_port;
 use futures_util::future::join_all;
 use idempotent_runtime::store::Release;
 use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion, Fence};
+pub use idempotent_runtime::testing::conformance::{
+    TTL, acquire_token as acquire, claim_request as req,
+};
 use idempotent_runtime::{Error, Idempotency};
 use idempotent_runtime::{RecordKey, Store, StoreErrorKind};
 use std::future::Future;
@@ -39,7 +43,7 @@ pub async fn single_steps_are_one_round_trip(
     proxy: &Proxy,
     prefix: &str,
 ) -> String {
-    let scope = crate::conformance::unique_scope(prefix);
+    let scope = idempotent_runtime::testing::conformance::unique_scope(prefix);
     // warm up: prepare every statement once on the single connection
     let warm = RecordKey::new(&scope, "warm").unwrap();
     let t = acquire(store, &req(&warm, TTL)).await;
@@ -115,7 +119,10 @@ pub async fn fails_closed_while_the_server_is_away(
     proxy: &mut Proxy,
     prefix: &str,
 ) {
-    let h = Idempotency::new(crate::conformance::unique_scope(prefix)).shared_store(store);
+    let h = Idempotency::new(idempotent_runtime::testing::conformance::unique_scope(
+        prefix,
+    ))
+    .shared_store(store);
     let r: Result<u32, Error> = h.run("a", async { Ok(1) }).await;
     assert_eq!(r.unwrap(), 1);
 
@@ -156,7 +163,7 @@ pub async fn killed_connection_fails_closed_and_recovers<T>(
     kill: impl AsyncFnOnce(),
     unlock: impl AsyncFnOnce(T),
 ) {
-    let scope = crate::conformance::unique_scope(prefix);
+    let scope = idempotent_runtime::testing::conformance::unique_scope(prefix);
     let h = Idempotency::new(scope.clone())
         .shared_store(store.clone())
         .lease(Duration::from_secs(10));
@@ -222,10 +229,10 @@ pub async fn purge_and_sweep<S, C, F>(
     for k in &live {
         acquire(store, &req(k, TTL)).await;
     }
-    assert_eq!(store.purge_expired().await.unwrap(), expired);
-    assert_eq!(store.purge_expired().await.unwrap(), 0);
+    assert_eq!(admin(store).purge_expired().await.unwrap(), expired);
+    assert_eq!(admin(store).purge_expired().await.unwrap(), 0);
     for k in &live {
-        assert!(store.inspect(k).await.unwrap().is_some());
+        assert!(admin(store).inspect(k).await.unwrap().is_some());
     }
 
     // the sweeper purges records whose ttl ran out
@@ -276,11 +283,10 @@ pub async fn purge_and_sweep_table<S>(
     exec(&format!("DROP TABLE {table}")).await;
 }
 
-/// [`conformance::race_two_stores`](crate::conformance::race_two_stores) with the SQL
+/// [`conformance::race_two_stores`](crate::stores::race_two_stores) with the SQL
 /// tests' lease of 10 s.
 pub async fn race_two_stores(a: Arc<dyn Store>, b: Arc<dyn Store>, keys: usize, tasks: usize) {
-    crate::conformance::race_two_stores("sql-race", Duration::from_secs(10), a, b, keys, tasks)
-        .await;
+    crate::stores::race_two_stores("sql-race", Duration::from_secs(10), a, b, keys, tasks).await;
 }
 
 /// A failing message delivered alternately through two stores: the attempt count is
@@ -288,7 +294,7 @@ pub async fn race_two_stores(a: Arc<dyn Store>, b: Arc<dyn Store>, keys: usize, 
 /// `AttemptsExhausted`, and the body ran exactly `max_attempts` times. Concurrent
 /// deliveries of several such keys run at once.
 pub async fn poison_is_shared(a: Arc<dyn Store>, b: Arc<dyn Store>, max_attempts: u32) {
-    let scope = crate::conformance::unique_scope("sql-poison");
+    let scope = idempotent_runtime::testing::conformance::unique_scope("sql-poison");
     let make = |s: &Arc<dyn Store>| {
         Idempotency::new(scope.clone())
             .shared_store(s.clone())
@@ -337,7 +343,7 @@ pub async fn poison_is_shared(a: Arc<dyn Store>, b: Arc<dyn Store>, max_attempts
 /// is its own record (no two collide, no wildcard matches another), and each replays
 /// its own output.
 pub async fn sql_keys_are_data(store: Arc<dyn Store>) {
-    let scope = crate::conformance::unique_scope("sql-keys");
+    let scope = idempotent_runtime::testing::conformance::unique_scope("sql-keys");
     let long_a = vec![b'\''; 100 * 1024];
     let mut long_b = long_a.clone();
     long_b[50_000] = b'%';
@@ -410,15 +416,25 @@ pub async fn sql_keys_are_data(store: Arc<dyn Store>) {
             }
             other => panic!("key #{i}: expected Completed, got {other:?}"),
         }
-        let rec = store.inspect(k).await.expect("inspect").expect("record");
+        let rec = admin(&*store)
+            .inspect(k)
+            .await
+            .expect("inspect")
+            .expect("record");
         assert_eq!(rec.output.as_deref(), Some(format!("out-{i}").as_bytes()));
     }
     // forgetting one metacharacter key leaves its look-alikes alone
-    assert!(store.forget(&rks[6]).await.expect("forget"));
-    assert!(store.inspect(&rks[6]).await.expect("inspect").is_none());
+    assert!(admin(&*store).forget(&rks[6]).await.expect("forget"));
+    assert!(
+        admin(&*store)
+            .inspect(&rks[6])
+            .await
+            .expect("inspect")
+            .is_none()
+    );
     for (i, k) in rks.iter().enumerate().filter(|(i, _)| *i != 6) {
         assert!(
-            store.inspect(k).await.expect("inspect").is_some(),
+            admin(&*store).inspect(k).await.expect("inspect").is_some(),
             "key #{i} was removed with key #6"
         );
     }
@@ -460,7 +476,8 @@ pub async fn corrupt_records_are_refused_unchanged(
 ) {
     let store = &*shared;
     for (n, clause) in corruptions.iter().enumerate() {
-        let scope = crate::conformance::unique_scope(&format!("{prefix}-{n}"));
+        let scope =
+            idempotent_runtime::testing::conformance::unique_scope(&format!("{prefix}-{n}"));
         let k = RecordKey::new(&scope, "m-1").unwrap();
         let token = acquire(store, &req(&k, TTL)).await;
         // a released record: a claim would take it over
@@ -491,10 +508,10 @@ pub async fn corrupt_records_are_refused_unchanged(
                 .unwrap_err(),
         );
         assert!(
-            store.inspect(&fresh).await.unwrap().is_none(),
+            admin(store).inspect(&fresh).await.unwrap().is_none(),
             "{clause}: the batch claimed another key"
         );
-        check("inspect", store.inspect(&k).await.unwrap_err());
+        check("inspect", admin(store).inspect(&k).await.unwrap_err());
         let completion = Completion {
             key: &k,
             token,
@@ -538,7 +555,7 @@ pub async fn corrupt_records_are_refused_unchanged(
 /// a batch (also a key repeated in one batch); any other token, and a record that is
 /// not Completed, is still `Lost`.
 pub async fn repeated_completion_by_the_same_claim_is_held(store: &dyn Store) {
-    let scope = crate::conformance::unique_scope("sql-complete-again");
+    let scope = idempotent_runtime::testing::conformance::unique_scope("sql-complete-again");
     let keys: Vec<RecordKey> = (0..4)
         .map(|i| RecordKey::new(&scope, &format!("m-{i}")).unwrap())
         .collect();
@@ -601,7 +618,7 @@ pub async fn repeated_completion_by_the_same_claim_is_held(store: &dyn Store) {
         }
     }
     assert_eq!(
-        store.inspect(&keys[3]).await.unwrap().unwrap().state,
+        admin(store).inspect(&keys[3]).await.unwrap().unwrap().state,
         idempotent_runtime::store::RecordState::Released
     );
 }
@@ -696,7 +713,7 @@ pub async fn killed_idle_connections_are_replaced(
     kill_pooled: impl AsyncFn(),
 ) {
     // one connection, killed while the body runs: the completion meets it
-    let h = Idempotency::new(crate::conformance::unique_scope(case))
+    let h = Idempotency::new(idempotent_runtime::testing::conformance::unique_scope(case))
         .shared_store(single)
         .lease(Duration::from_secs(10));
     let r: Result<u32, Error> = h
@@ -714,7 +731,7 @@ pub async fn killed_idle_connections_are_replaced(
 
     // the pool of `connect`, killed between deliveries: claims may fail closed,
     // retryably, then work
-    let h = Idempotency::new(crate::conformance::unique_scope(case))
+    let h = Idempotency::new(idempotent_runtime::testing::conformance::unique_scope(case))
         .shared_store(pooled)
         .lease(Duration::from_secs(10));
     assert_eq!(deliver_until_ok(&h, "b", 4).await, (4, 1));

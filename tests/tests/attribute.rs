@@ -1,6 +1,7 @@
 //! The attribute end to end on the runtime: store selection, scopes, keys and
 //! fingerprints as users write them.
 
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::{Error, MemoryStore, current_claim, idempotent, register_store};
 use std::sync::LazyLock;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -290,7 +291,13 @@ async fn state_of(store: &dyn Store, scope: &str, id: &str, want: RecordState) -
     let k = RecordKey::new(scope, id).unwrap();
     let mut state = None;
     for _ in 0..100 {
-        state = store.inspect(&k).await.unwrap().map(|r| r.state);
+        state = store
+            .as_admin()
+            .unwrap()
+            .inspect(&k)
+            .await
+            .unwrap()
+            .map(|r| r.state);
         if state == Some(want) {
             break;
         }

@@ -18,6 +18,7 @@
 
 use idempotent_runtime::redis::AsyncCommands;
 use idempotent_runtime::sqlx::{self, AssertSqlSafe};
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion, Release};
 use idempotent_runtime::{
     Error, Idempotency, MemoryStore, MySqlStore, NotReplayable, PostgresStore, RecordKey,
@@ -159,7 +160,10 @@ async fn every_step(store: &dyn Store, k: &RecordKey, rng: &mut Rng) -> usize {
             );
         }
     };
-    check(store.inspect(k).await.map(drop), "inspect");
+    check(
+        store.as_admin().unwrap().inspect(k).await.map(drop),
+        "inspect",
+    );
     check(store.renew(k, token, lease).await.map(drop), "renew");
     check(
         store
@@ -245,7 +249,7 @@ async fn arbitrary_redis_values_are_corrupt_errors_or_records() {
     let store = Arc::new(idempotent_tests::redis_support::connect().await);
     let mut conn =
         idempotent_tests::redis_support::raw(&idempotent_tests::redis_support::redis_url()).await;
-    let scope = idempotent_tests::conformance::unique_scope("fuzz-redis");
+    let scope = idempotent_runtime::testing::conformance::unique_scope("fuzz-redis");
     let h = Idempotency::new(scope.clone()).shared_store(store.clone());
     let n = budget(400);
     let mut failed = 0;
@@ -417,7 +421,7 @@ macro_rules! fuzz_sql_rows {
             let (store, pool, drop_table): ($store, $pool, String) = $connect.await;
             let store = Arc::new(store);
             let table = store.table();
-            let scope = idempotent_tests::conformance::unique_scope("fuzz-sql");
+            let scope = idempotent_runtime::testing::conformance::unique_scope("fuzz-sql");
             let h = Idempotency::new(scope.clone()).shared_store(store.clone());
             let n = budget(300);
             let (mut failed, mut rejected_by_db) = (0, 0);
@@ -559,7 +563,7 @@ fuzz_sql_rows!(
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sql_corrupt_errors_name_the_scope() {
     async fn case<S: Store>(store: S, corrupt: impl AsyncFnOnce(&RecordKey)) {
-        let scope = idempotent_tests::conformance::unique_scope("named");
+        let scope = idempotent_runtime::testing::conformance::unique_scope("named");
         let k = RecordKey::new(&scope, "m").unwrap();
         let r = ClaimRequest {
             key: &k,
@@ -571,7 +575,7 @@ async fn sql_corrupt_errors_name_the_scope() {
         store.claim(&r).await.unwrap();
         corrupt(&k).await;
         for e in [
-            store.inspect(&k).await.unwrap_err(),
+            store.as_admin().unwrap().inspect(&k).await.unwrap_err(),
             store.claim(&r).await.unwrap_err(),
         ] {
             assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e}");

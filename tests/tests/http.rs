@@ -25,6 +25,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use idempotent_runtime::http::{Anonymous, IdempotencyKey, IdempotencyLayer, client_digest};
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::testing::FaultyStore;
 use idempotent_runtime::{
     MemoryStore, OnInProgress, OnStoreError, PostgresStore, RedisStore, SqliteStore, Store,
@@ -1047,8 +1048,24 @@ async fn clients_never_share_records(store: Arc<dyn Store>) {
         idempotent_runtime::RecordKey::new(scope, &(digest.as_str(), key.as_str())).unwrap();
     let under_plain =
         idempotent_runtime::RecordKey::new(scope, &(alice.as_str(), key.as_str())).unwrap();
-    assert!(store.inspect(&under_digest).await.unwrap().is_some());
-    assert!(store.inspect(&under_plain).await.unwrap().is_none());
+    assert!(
+        store
+            .as_admin()
+            .unwrap()
+            .inspect(&under_digest)
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert!(
+        store
+            .as_admin()
+            .unwrap()
+            .inspect(&under_plain)
+            .await
+            .unwrap()
+            .is_none()
+    );
 
     // no identity: 401, nothing runs, nothing is recorded
     let anonymous = Request::post(format!("http://{addr}/orders"))
@@ -1345,7 +1362,15 @@ async fn unmatched_requests_get_the_routers_answer_and_are_not_recorded() {
     let record =
         idempotent_runtime::RecordKey::new("POST *", &(client_digest(&who).as_str(), key.as_str()))
             .unwrap();
-    assert!(store.inspect(&record).await.unwrap().is_some());
+    assert!(
+        store
+            .as_admin()
+            .unwrap()
+            .inspect(&record)
+            .await
+            .unwrap()
+            .is_some()
+    );
     assert_eq!(fx.runs(&key), 1);
 }
 

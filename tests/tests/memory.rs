@@ -1,12 +1,18 @@
 //! The conformance suite and the memory-specific guarantees on `MemoryStore`.
 
 use idempotent_runtime::memory::ManualClock;
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion, Fence};
 use idempotent_runtime::{Error, Idempotency, MemoryStore, RecordKey, Store};
 use std::sync::Arc;
 use std::time::Duration;
 
-idempotent_tests::conformance_suite!(async { Arc::new(MemoryStore::new()) as Arc<dyn Store> });
+idempotent_runtime::protocol_conformance_suite!(async {
+    Arc::new(MemoryStore::new()) as Arc<dyn Store>
+});
+idempotent_runtime::admin_conformance_suite!(async {
+    Arc::new(MemoryStore::new()) as Arc<dyn Store>
+});
 
 fn req(key: &RecordKey, ttl: Duration) -> ClaimRequest<'_> {
     ClaimRequest {

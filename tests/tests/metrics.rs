@@ -1,6 +1,7 @@
 //! With the `metrics` feature, every handled message increments
 //! `idempotent_messages_total{scope, outcome}`.
 
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::{Error, idempotent};
 use idempotent_tests::metrics_support::Counts;
 use std::sync::{Arc, OnceLock};

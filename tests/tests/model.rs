@@ -17,10 +17,10 @@ use idempotent_runtime::memory::ManualClock;
 use idempotent_runtime::store::{
     ClaimOutcome, ClaimRequest, Completion, Fence, Record, RecordState, Release,
 };
+use idempotent_runtime::testing::conformance::unique_scope;
 use idempotent_runtime::{
     MemoryStore, MySqlStore, PostgresStore, RecordKey, SqliteStore, Store, Token,
 };
-use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::rng::{Rng, scaled};
 use idempotent_tests::sql_support::{env_url, unique_name};
 use std::time::Duration;
@@ -368,11 +368,21 @@ async fn run(
                     }
                     Answer::Expired
                 }
-                Op::Forget { key } => {
-                    Answer::Forgot(store.forget(&keys[*key]).await.expect("forget"))
-                }
+                Op::Forget { key } => Answer::Forgot(
+                    store
+                        .as_admin()
+                        .unwrap()
+                        .forget(&keys[*key])
+                        .await
+                        .expect("forget"),
+                ),
                 Op::Inspect { key } => {
-                    let rec: Option<Record> = store.inspect(&keys[*key]).await.expect("inspect");
+                    let rec: Option<Record> = store
+                        .as_admin()
+                        .unwrap()
+                        .inspect(&keys[*key])
+                        .await
+                        .expect("inspect");
                     Answer::Record(rec.map(|r| {
                         let owner = (0..tokens.len())
                             .rfind(|&i| model.claims[i] == *key && tokens[i] == r.token)
@@ -399,7 +409,7 @@ async fn run(
             ops_checked += 1;
         }
         for k in &keys {
-            store.forget(k).await.expect("forget");
+            store.as_admin().unwrap().forget(k).await.expect("forget");
         }
     }
     println!("{name}: {sequences} sequences, {ops_checked} operations agree with the model");
@@ -504,7 +514,7 @@ async fn tokens_grow_across_forget_faster_than_the_clock_ticks() {
                 assert!(token > prev, "{name}: token {token} after {prev}");
             }
             last = Some(token);
-            assert!(store.forget(&k).await.unwrap());
+            assert!(store.as_admin().unwrap().forget(&k).await.unwrap());
         }
     }
     drop(sqlite);

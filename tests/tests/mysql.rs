@@ -8,9 +8,10 @@ use idempotent_runtime::sqlx::mysql::{
     MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlSslMode,
 };
 use idempotent_runtime::sqlx::{self, AssertSqlSafe, Executor};
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::store::{ClaimOutcome, Completion, Fence, RecordState, Release};
+use idempotent_runtime::testing::conformance::unique_scope;
 use idempotent_runtime::{Error, Idempotency, MySqlStore, RecordKey, Store, StoreErrorKind, Token};
-use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::proxy::{Proxy, Wire};
 use idempotent_tests::sql_support::{
     self, CORRUPTIONS, TTL, acquire, corrupt_records_are_refused_unchanged, env_url,
@@ -72,7 +73,10 @@ async fn exec(admin: &MySqlPool, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
-idempotent_tests::conformance_suite!(async { Arc::new(connect().await) as Arc<dyn Store> });
+idempotent_runtime::protocol_conformance_suite!(async {
+    Arc::new(connect().await) as Arc<dyn Store>
+});
+idempotent_runtime::admin_conformance_suite!(async { Arc::new(connect().await) as Arc<dyn Store> });
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_stores_on_separate_pools_run_each_key_once() {

@@ -6,11 +6,12 @@
 
 use idempotent_runtime::sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgSslMode};
 use idempotent_runtime::sqlx::{self, AssertSqlSafe};
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::store::{ClaimOutcome, Completion, Fence, RecordState, Release};
+use idempotent_runtime::testing::conformance::unique_scope;
 use idempotent_runtime::{
     Error, Idempotency, PostgresStore, RecordKey, Store, StoreErrorKind, Token,
 };
-use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::proxy::{Proxy, Wire};
 use idempotent_tests::sql_support::{
     self, CORRUPTIONS, TTL, acquire, corrupt_records_are_refused_unchanged, env_url,
@@ -73,7 +74,10 @@ async fn exec(admin: &PgPool, sql: &str) {
         .unwrap_or_else(|e| panic!("{sql}: {e}"));
 }
 
-idempotent_tests::conformance_suite!(async { Arc::new(connect().await) as Arc<dyn Store> });
+idempotent_runtime::protocol_conformance_suite!(async {
+    Arc::new(connect().await) as Arc<dyn Store>
+});
+idempotent_runtime::admin_conformance_suite!(async { Arc::new(connect().await) as Arc<dyn Store> });
 
 async fn db_now_us(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT floor(extract(epoch FROM clock_timestamp()) * 1000000)::int8")

@@ -5,20 +5,24 @@
 #![cfg(feature = "redis")]
 
 use idempotent_runtime::redis::{self, AsyncCommands};
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::store::{
     ClaimOutcome, ClaimRequest, Completion, Fence, RecordState, Release,
 };
-use idempotent_runtime::{RecordKey, RedisStore, Store, StoreErrorKind, Token};
-use idempotent_tests::conformance::{
+use idempotent_runtime::testing::conformance::{
     TTL, acquire_token as acquire, claim_request as req, unique_scope,
 };
+use idempotent_runtime::{RecordKey, RedisStore, Store, StoreErrorKind, Token};
 use idempotent_tests::redis_support::{
     RedisServer, connect, free_port, race_two_stores, raw, redis_url, server_time_us,
 };
 use std::sync::Arc;
 use std::time::Duration;
 
-idempotent_tests::conformance_suite!(async {
+idempotent_runtime::protocol_conformance_suite!(async {
+    Arc::new(idempotent_tests::redis_support::connect().await) as Arc<dyn Store>
+});
+idempotent_runtime::admin_conformance_suite!(async {
     Arc::new(idempotent_tests::redis_support::connect().await) as Arc<dyn Store>
 });
 

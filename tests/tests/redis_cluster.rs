@@ -6,8 +6,8 @@
 
 use idempotent_runtime::redis;
 use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release};
+use idempotent_runtime::testing::conformance::{run_all, unique_scope};
 use idempotent_runtime::{RecordKey, RedisStore, Store};
-use idempotent_tests::conformance::{run_all, unique_scope};
 use idempotent_tests::redis_support::{RedisCluster, race_two_stores, raw};
 use std::sync::Arc;
 use std::time::Duration;

@@ -6,8 +6,8 @@
 //! the failover are answered from their records on the promoted replica.
 #![cfg(feature = "redis")]
 
+use idempotent_runtime::testing::conformance::unique_scope;
 use idempotent_runtime::{Error, Idempotency, RedisStore, ReplicaAck};
-use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::redis_ha_support::{cli, replication_field, wait_until};
 use idempotent_tests::redis_support::RedisServer;
 use std::collections::HashMap;

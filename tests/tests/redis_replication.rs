@@ -11,11 +11,11 @@
 //! - The cost of `WAIT` per message on a local pair, printed.
 #![cfg(feature = "redis")]
 
-use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion, RecordState};
+use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion, RecordState, StoreAdmin};
+use idempotent_runtime::testing::conformance::unique_scope;
 use idempotent_runtime::{
     Error, Idempotency, RecordKey, RedisStore, ReplicaAck, Store, StoreErrorKind,
 };
-use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::redis_ha_support::{ProxiedPair, dbsize, start_replica};
 use idempotent_tests::redis_support::RedisServer;
 use std::collections::HashMap;

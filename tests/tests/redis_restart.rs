@@ -6,8 +6,9 @@
 
 use futures_util::future::join_all;
 use idempotent_runtime::store::RecordState;
-use idempotent_runtime::{Error, Idempotency, OnInProgress, RedisStore, Store};
-use idempotent_tests::conformance::unique_scope;
+use idempotent_runtime::store::StoreAdmin;
+use idempotent_runtime::testing::conformance::unique_scope;
+use idempotent_runtime::{Error, Idempotency, OnInProgress, RedisStore};
 use idempotent_tests::redis_support::RedisServer;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};

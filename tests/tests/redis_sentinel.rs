@@ -5,8 +5,8 @@
 //! failover (and replicated) are answered from their records.
 #![cfg(feature = "redis")]
 
+use idempotent_runtime::testing::conformance::unique_scope;
 use idempotent_runtime::{Error, Idempotency, RedisStore};
-use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::redis_ha_support::{Sentinel, cli, dbsize, start_replica, wait_until};
 use idempotent_tests::redis_support::RedisServer;
 use std::collections::HashMap;

@@ -9,9 +9,8 @@
 #![deny(warnings, clippy::all, clippy::pedantic)]
 
 use idempotent_runtime::store::RecordState;
-use idempotent_runtime::{
-    Error, KeyPart, MemoryStore, RecordKey, Store, current_claim, idempotent,
-};
+use idempotent_runtime::store::StoreAdmin;
+use idempotent_runtime::{Error, KeyPart, MemoryStore, RecordKey, current_claim, idempotent};
 use std::sync::LazyLock;
 use std::sync::atomic::Ordering;
 

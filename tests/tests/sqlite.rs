@@ -6,9 +6,10 @@
 use futures_util::FutureExt;
 use futures_util::future::join_all;
 use idempotent_runtime::sqlx::{self, AssertSqlSafe};
+use idempotent_runtime::store::StoreAdmin;
 use idempotent_runtime::store::{ClaimOutcome, Fence, RecordState, Release};
+use idempotent_runtime::testing::conformance::unique_scope;
 use idempotent_runtime::{Error, Idempotency, RecordKey, SqliteStore, Store, StoreErrorKind};
-use idempotent_tests::conformance::unique_scope;
 use idempotent_tests::sql_support::{
     self, CORRUPTIONS, TTL, acquire, corrupt_records_are_refused_unchanged, poison_is_shared,
     purge_and_sweep, race_two_stores, req, sql_keys_are_data, unique_name,
@@ -55,7 +56,12 @@ async fn open(db: &TempDb) -> SqliteStore {
 /// One shared file for the conformance cases (each case uses its own scope).
 static SHARED: std::sync::LazyLock<TempDb> = std::sync::LazyLock::new(TempDb::new);
 
-idempotent_tests::conformance_suite!(async { Arc::new(open(&SHARED).await) as Arc<dyn Store> });
+idempotent_runtime::protocol_conformance_suite!(async {
+    Arc::new(open(&SHARED).await) as Arc<dyn Store>
+});
+idempotent_runtime::admin_conformance_suite!(async {
+    Arc::new(open(&SHARED).await) as Arc<dyn Store>
+});
 
 /// Stores opening the same new file at the same moment as others write to it
 /// (consumers starting together) all open it and run their messages: switching a new

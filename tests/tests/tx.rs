@@ -164,7 +164,13 @@ macro_rules! tx_cases {
         /// Neither a ledger row nor a record is left of the payment.
         async fn assert_no_mark(env: &Env, id: &str) {
             assert_eq!(ledger(&env.pool, id).await, (0, None), "ledger rows");
-            let rec = env.store.inspect(&key(id)).await.expect("inspect");
+            let rec = env
+                .store
+                .as_admin()
+                .unwrap()
+                .inspect(&key(id))
+                .await
+                .expect("inspect");
             assert!(rec.is_none(), "a record is left: {rec:?}");
         }
 
@@ -196,7 +202,13 @@ macro_rules! tx_cases {
             }
             tx.rollback().await.expect("rollback");
             assert_eq!(ledger(&env.pool, &p.id).await.0, 1, "the body ran again");
-            let e = env.store.inspect(&key(&p.id)).await.unwrap_err();
+            let e = env
+                .store
+                .as_admin()
+                .unwrap()
+                .inspect(&key(&p.id))
+                .await
+                .unwrap_err();
             assert_eq!(e.kind(), StoreErrorKind::Corrupt, "{e:?}");
         }
 
@@ -240,6 +252,8 @@ macro_rules! tx_cases {
                 );
                 let rec = env
                     .store
+                    .as_admin()
+                    .unwrap()
                     .inspect(&key(&p.id))
                     .await
                     .expect("inspect")
@@ -256,6 +270,8 @@ macro_rules! tx_cases {
             let first = deliver(&env.pool, &p).await;
             let rec = env
                 .store
+                .as_admin()
+                .unwrap()
                 .inspect(&key(&p.id))
                 .await
                 .expect("inspect")
@@ -287,6 +303,8 @@ macro_rules! tx_cases {
             assert_eq!(ledger(&env.pool, &p.id).await, (1, Some(receipt.seq)));
             let rec = env
                 .store
+                .as_admin()
+                .unwrap()
                 .inspect(&key(&p.id))
                 .await
                 .expect("inspect")
@@ -311,6 +329,8 @@ macro_rules! tx_cases {
             tx.commit().await.expect("commit");
             let rec = env
                 .store
+                .as_admin()
+                .unwrap()
                 .inspect(&key(&p.id))
                 .await
                 .expect("inspect")
@@ -320,6 +340,8 @@ macro_rules! tx_cases {
             let receipt = deliver(&env.pool, &p).await;
             let rec = env
                 .store
+                .as_admin()
+                .unwrap()
                 .inspect(&key(&p.id))
                 .await
                 .expect("inspect")
@@ -416,6 +438,8 @@ macro_rules! tx_cases {
             assert_eq!(ledger(&env.pool, &p.id).await, (1, Some(second.seq)));
             let rec = env
                 .store
+                .as_admin()
+                .unwrap()
                 .inspect(&key(&p.id))
                 .await
                 .expect("inspect")
@@ -428,7 +452,14 @@ macro_rules! tx_cases {
             let env = env().await;
             let p = payment("forget");
             let first = deliver(&env.pool, &p).await;
-            assert!(env.store.forget(&key(&p.id)).await.expect("forget"));
+            assert!(
+                env.store
+                    .as_admin()
+                    .unwrap()
+                    .forget(&key(&p.id))
+                    .await
+                    .expect("forget")
+            );
             let second = deliver(&env.pool, &p).await;
             assert_ne!(second.seq, first.seq);
             assert_eq!(ledger(&env.pool, &p.id).await.0, 2);
@@ -449,13 +480,23 @@ macro_rules! tx_cases {
             let key = RecordKey::new("tx-custom", p.id.as_str()).expect("key");
             let rec = env
                 .custom
+                .as_admin()
+                .unwrap()
                 .inspect(&key)
                 .await
                 .expect("inspect")
                 .expect("record");
             assert_eq!(rec.state, RecordState::Completed);
             assert!(rec.expires_in.expect("expiry") <= Duration::from_secs(3600));
-            assert!(env.store.inspect(&key).await.expect("inspect").is_none());
+            assert!(
+                env.store
+                    .as_admin()
+                    .unwrap()
+                    .inspect(&key)
+                    .await
+                    .expect("inspect")
+                    .is_none()
+            );
         }
     };
 }

@@ -409,7 +409,13 @@ pub async fn check_every_command(target: &Target, store: &dyn Store, seeded: &Se
         .run(&["release", s, "busy", "--dry-run"])
         .expect(FOUND);
     assert!(r.stdout.contains("would release"), "{}", r.stdout);
-    let still = store.inspect(&busy).await.unwrap().unwrap();
+    let still = store
+        .as_admin()
+        .unwrap()
+        .inspect(&busy)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(
         (still.state, still.token),
         (RecordState::InProgress, seeded.busy)
@@ -417,7 +423,13 @@ pub async fn check_every_command(target: &Target, store: &dyn Store, seeded: &Se
     let r = target.run(&["release", s, "busy"]).expect(ERROR);
     assert!(r.stderr.contains("--yes"), "{}", r.stderr);
     target.run(&["release", s, "busy", "--yes"]).expect(FOUND);
-    let after = store.inspect(&busy).await.unwrap().unwrap();
+    let after = store
+        .as_admin()
+        .unwrap()
+        .inspect(&busy)
+        .await
+        .unwrap()
+        .unwrap();
     assert_eq!(after.state, RecordState::Released);
     assert!(after.token > seeded.busy);
     let late = Completion {
@@ -447,7 +459,17 @@ pub async fn check_every_command(target: &Target, store: &dyn Store, seeded: &Se
     target
         .run(&["reset-attempts", s, "poison", "--dry-run"])
         .expect(FOUND);
-    assert_eq!(store.inspect(&poison).await.unwrap().unwrap().attempts, 3);
+    assert_eq!(
+        store
+            .as_admin()
+            .unwrap()
+            .inspect(&poison)
+            .await
+            .unwrap()
+            .unwrap()
+            .attempts,
+        3
+    );
     let r = target
         .run(&["--format", "json", "reset-attempts", s, "poison", "--yes"])
         .expect(FOUND);
@@ -464,6 +486,8 @@ pub async fn check_every_command(target: &Target, store: &dyn Store, seeded: &Se
         .expect(FOUND);
     assert_eq!(
         store
+            .as_admin()
+            .unwrap()
             .inspect(&key(s, "stuck"))
             .await
             .unwrap()
@@ -476,9 +500,25 @@ pub async fn check_every_command(target: &Target, store: &dyn Store, seeded: &Se
     target
         .run(&["forget", s, "done", "--dry-run"])
         .expect(FOUND);
-    assert!(store.inspect(&key(s, "done")).await.unwrap().is_some());
+    assert!(
+        store
+            .as_admin()
+            .unwrap()
+            .inspect(&key(s, "done"))
+            .await
+            .unwrap()
+            .is_some()
+    );
     target.run(&["forget", s, "done", "--yes"]).expect(FOUND);
-    assert!(store.inspect(&key(s, "done")).await.unwrap().is_none());
+    assert!(
+        store
+            .as_admin()
+            .unwrap()
+            .inspect(&key(s, "done"))
+            .await
+            .unwrap()
+            .is_none()
+    );
     target
         .run(&["forget", s, "done", "--yes"])
         .expect(NOT_FOUND);
@@ -511,9 +551,14 @@ pub async fn clean(store: &dyn Store, scope: &str) {
     let filter = ScanFilter::new().scope(scope);
     let mut cursor = None;
     loop {
-        let page = store.scan(&filter, cursor.as_ref(), 1000).await.unwrap();
+        let page = store
+            .as_admin()
+            .unwrap()
+            .scan(&filter, cursor.as_ref(), 1000)
+            .await
+            .unwrap();
         for i in &page.items {
-            store.forget(&i.key).await.unwrap();
+            store.as_admin().unwrap().forget(&i.key).await.unwrap();
         }
         match page.next {
             Some(c) => cursor = Some(c),

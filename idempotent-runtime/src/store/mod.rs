@@ -1,17 +1,188 @@
 //! For store implementers and operators' tools: the [`Store`] trait (the protocol
-//! steps and the admin operations every store implements atomically on its own side),
-//! its request and record types, record scans, and [`DedupTransaction`] for
-//! transactional mode. Handler authors need none of it beyond the stores themselves.
+//! steps every store implements atomically on its own side), the [`StoreAdmin`] trait
+//! (the operator actions: inspect, forget, purge, scan, stats, force release, reset
+//! attempts), their request and record types, record scans, and [`DedupTransaction`]
+//! for transactional mode. Handler authors need none of it beyond the stores
+//! themselves.
 //!
-//! A store passes when the conformance suite of this crate's repository passes
-//! against it; the rules are on [`ClaimOutcome`] and on each method.
+//! # Writing a store
+//!
+//! Implement the four protocol steps of [`Store`]; the rules are on [`ClaimOutcome`]
+//! and on each method. A store whose map is one `Mutex<HashMap>` on the process's
+//! clock:
+//!
+//! ```
+//! use async_trait::async_trait;
+//! use idempotent_runtime::store::{
+//!     ClaimOutcome, ClaimRequest, Completion, Fence, RecordKey, Release, Store, StoreError,
+//!     Token,
+//! };
+//! use std::collections::HashMap;
+//! use std::sync::Mutex;
+//! use std::time::{Duration, Instant};
+//!
+//! #[derive(Debug, Clone, Copy, PartialEq)]
+//! enum State {
+//!     InProgress,
+//!     Completed,
+//!     Released,
+//! }
+//!
+//! #[derive(Debug)]
+//! struct Entry {
+//!     state: State,
+//!     attempts: u32,
+//!     token: u64,
+//!     lease_until: Instant,
+//!     expires_at: Instant,
+//!     fingerprint: Option<Vec<u8>>,
+//!     output: Option<Vec<u8>>,
+//! }
+//!
+//! #[derive(Debug, Default)]
+//! struct Map {
+//!     records: HashMap<Vec<u8>, Entry>,
+//!     last_token: u64,
+//! }
+//!
+//! /// Tokens come from one counter, so they grow per record whatever happens to it.
+//! #[derive(Debug, Default)]
+//! pub struct MapStore(Mutex<Map>);
+//!
+//! impl MapStore {
+//!     /// Runs `f` on the live record of `key` while `token` owns it (In progress).
+//!     fn owned(&self, key: &RecordKey, token: Token, f: impl FnOnce(&mut Entry, Instant)) -> Fence {
+//!         let now = Instant::now();
+//!         let mut map = self.0.lock().unwrap();
+//!         match map.records.get_mut(key.as_bytes()) {
+//!             Some(e) if e.expires_at > now && e.token == token.get() && e.state == State::InProgress => {
+//!                 f(e, now);
+//!                 Fence::Held
+//!             }
+//!             _ => Fence::Lost,
+//!         }
+//!     }
+//!
+//!     /// A completion or release that `token` already made: a retry after a lost reply.
+//!     fn already(&self, key: &RecordKey, token: Token, state: State) -> Fence {
+//!         let map = self.0.lock().unwrap();
+//!         match map.records.get(key.as_bytes()) {
+//!             Some(e) if e.expires_at > Instant::now() && e.token == token.get() && e.state == state => {
+//!                 Fence::Held
+//!             }
+//!             _ => Fence::Lost,
+//!         }
+//!     }
+//! }
+//!
+//! #[async_trait]
+//! impl Store for MapStore {
+//!     async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+//!         let now = Instant::now();
+//!         let mut guard = self.0.lock().unwrap();
+//!         let map = &mut *guard;
+//!         let keep = req.ttl.max(req.lease);
+//!         if let Some(e) = map.records.get_mut(req.key.as_bytes()).filter(|e| e.expires_at > now) {
+//!             if let (Some(had), Some(asked)) = (&e.fingerprint, req.fingerprint) {
+//!                 if had.as_slice() != asked {
+//!                     return Ok(ClaimOutcome::FingerprintMismatch);
+//!                 }
+//!             }
+//!             match e.state {
+//!                 State::Completed => {
+//!                     return Ok(ClaimOutcome::Completed { output: e.output.clone() });
+//!                 }
+//!                 State::InProgress if e.lease_until > now => {
+//!                     return Ok(ClaimOutcome::InProgress { retry_after: e.lease_until - now });
+//!                 }
+//!                 _ if req.max_attempts.is_some_and(|max| e.attempts >= max) => {
+//!                     return Ok(ClaimOutcome::Exhausted { attempts: e.attempts });
+//!                 }
+//!                 _ => {}
+//!             }
+//!             map.last_token += 1;
+//!             e.state = State::InProgress;
+//!             e.attempts += 1;
+//!             e.token = map.last_token;
+//!             e.lease_until = now + req.lease;
+//!             e.expires_at = e.expires_at.max(now + keep);
+//!             return Ok(ClaimOutcome::Acquired { token: Token::new(e.token), attempt: e.attempts });
+//!         }
+//!         map.last_token += 1;
+//!         let entry = Entry {
+//!             state: State::InProgress,
+//!             attempts: 1,
+//!             token: map.last_token,
+//!             lease_until: now + req.lease,
+//!             expires_at: now + keep,
+//!             fingerprint: req.fingerprint.map(<[u8]>::to_vec),
+//!             output: None,
+//!         };
+//!         map.records.insert(req.key.as_bytes().to_vec(), entry);
+//!         Ok(ClaimOutcome::Acquired { token: Token::new(map.last_token), attempt: 1 })
+//!     }
+//!
+//!     async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
+//!         let done = self.owned(c.key, c.token, |e, now| {
+//!             e.state = State::Completed;
+//!             e.output = c.output.map(<[u8]>::to_vec);
+//!             e.expires_at = now + c.ttl;
+//!         });
+//!         Ok(match done {
+//!             Fence::Held => Fence::Held,
+//!             Fence::Lost => self.already(c.key, c.token, State::Completed),
+//!         })
+//!     }
+//!
+//!     async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
+//!         let done = self.owned(r.key, r.token, |e, _| e.state = State::Released);
+//!         Ok(match done {
+//!             Fence::Held => Fence::Held,
+//!             Fence::Lost => self.already(r.key, r.token, State::Released),
+//!         })
+//!     }
+//!
+//!     async fn renew(&self, key: &RecordKey, token: Token, lease: Duration) -> Result<Fence, StoreError> {
+//!         Ok(self.owned(key, token, |e, now| {
+//!             e.lease_until = now + lease;
+//!             e.expires_at = e.expires_at.max(e.lease_until);
+//!         }))
+//!     }
+//! }
+//!
+//! # tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap().block_on(async {
+//! use idempotent_runtime::{Error, Idempotency};
+//!
+//! let payments = Idempotency::new("payments").store(MapStore::default());
+//! let first: u32 = payments.run("p-1", async { Ok::<_, Error>(7) }).await.unwrap();
+//! let again: u32 = payments.run("p-1", async { Ok::<_, Error>(8) }).await.unwrap();
+//! assert_eq!((first, again), (7, 7)); // the duplicate replays the first output
+//! # });
+//! ```
+//!
+//! Then prove it with the conformance suite, as the stores of this crate are proved:
+//! `idempotent_runtime::testing::conformance` (feature `testing`), in a test of your
+//! crate:
+//!
+//! ```ignore
+//! idempotent_runtime::protocol_conformance_suite!(async {
+//!     Arc::new(MapStore::default()) as Arc<dyn Store>
+//! });
+//! ```
+//!
+//! Optionally, override the batch methods (one round trip for many keys) and
+//! [`as_immediate`](Store::as_immediate) (a store that answers without awaiting), and
+//! implement [`StoreAdmin`] and return it from [`as_admin`](Store::as_admin) to support
+//! the `idempotent` command, record scans and statistics.
 
+pub(crate) mod admin;
 pub(crate) mod scan;
 pub(crate) mod tx;
 pub(crate) mod types;
 
 pub use crate::error::{StoreError, StoreErrorKind};
 pub use crate::key::RecordKey;
+pub use admin::{StoreAdmin, scan_stats, stats_by_scan};
 pub use scan::{
     AdminOutcome, DEFAULT_PAGE, ScanCursor, ScanFilter, ScanItem, ScanPage, ScanStats, ScopeStats,
 };
@@ -21,8 +192,6 @@ pub use types::{
 };
 
 use async_trait::async_trait;
-use scan::state_rank;
-use std::collections::BTreeMap;
 use std::fmt;
 use std::time::Duration;
 
@@ -51,6 +220,23 @@ pub trait ImmediateStore: Send + Sync {
 /// loop over the single-key methods, and stores with pipelining override them.
 ///
 /// The trait is object safe; the protocol uses it as `&dyn Store`.
+///
+/// # Implementing it
+///
+/// 1. Implement the four protocol steps: [`claim`](Self::claim),
+///    [`complete`](Self::complete), [`release`](Self::release) and
+///    [`renew`](Self::renew) (an example is in the [module docs](self)).
+/// 2. Optionally, override the batch methods and [`as_immediate`](Self::as_immediate).
+/// 3. To support the `idempotent` command, record scans and statistics, implement
+///    [`StoreAdmin`] too and return `Some(self)` from [`as_admin`](Self::as_admin).
+/// 4. A wrapper store (one that adds faults, metrics or logs around another) forwards
+///    `as_admin` to keep the inner store's operator actions, and `as_immediate` only
+///    if it changes nothing the protocol steps do.
+/// 5. Then run the conformance suite against it: `idempotent_runtime::testing::conformance`
+///    (feature `testing`), whose protocol cases need only this trait and whose admin
+///    cases need [`StoreAdmin`] through `as_admin`; one test per case is
+///    `idempotent_runtime::protocol_conformance_suite!(async { Arc::new(MyStore::new()) as Arc<dyn Store> });`
+///    (and `admin_conformance_suite!` likewise for a store with operator actions).
 #[async_trait]
 pub trait Store: Send + Sync + fmt::Debug {
     /// Claims a key; see [`ClaimOutcome`] for the rules.
@@ -77,74 +263,6 @@ pub trait Store: Send + Sync + fmt::Debug {
         lease: Duration,
     ) -> Result<Fence, StoreError>;
 
-    /// Reads a record without changing it; `None` if absent or expired.
-    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError>;
-
-    /// Deletes a record whatever its state; returns whether one existed.
-    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError>;
-
-    /// Deletes expired records and returns how many. Stores whose records expire on
-    /// their own (Redis) return 0.
-    async fn purge_expired(&self) -> Result<u64, StoreError>;
-
-    /// Reads one page of the records that pass `filter`, starting at `cursor` (`None`:
-    /// the beginning), about `limit` records per page (a hint: a page may hold fewer,
-    /// even none, and still have a next one). Cursor based, so a scan of any number of
-    /// records holds one page at a time; records created, changed or deleted during a
-    /// scan may or may not be seen, and on Redis a record may be seen twice.
-    ///
-    /// The default fails with [`StoreErrorKind::Rejected`]
-    /// ("not supported"); every store of this crate implements it.
-    async fn scan(
-        &self,
-        filter: &ScanFilter,
-        cursor: Option<&ScanCursor>,
-        limit: usize,
-    ) -> Result<ScanPage, StoreError> {
-        let _ = (filter, cursor, limit);
-        Err(scan::unsupported(self, "scanning records"))
-    }
-
-    /// Counts the live records per scope and state (only `scope`'s when given), with
-    /// the age of the oldest claim, the records past their lease and, when
-    /// `poisoned_at` is given, the records a claim with that `max_attempts` would refuse.
-    /// Sorted by scope, then In progress, Released, Completed.
-    ///
-    /// The default walks [`scan`](Self::scan) ([`stats_by_scan`]);
-    /// the SQL stores count in the database.
-    async fn stats(
-        &self,
-        scope: Option<&str>,
-        poisoned_at: Option<u32>,
-    ) -> Result<Vec<ScopeStats>, StoreError> {
-        stats_by_scan(self, scope, poisoned_at).await
-    }
-
-    /// An operator frees a stuck claim: an In progress record (lease live or run out)
-    /// becomes Released with a new, larger token, so the key is claimable at once and a
-    /// holder still running is fenced out (its complete, release and renew are
-    /// [`Fence::Lost`]). Attempts are kept. Other states are left
-    /// [`Unchanged`](AdminOutcome::Unchanged).
-    ///
-    /// The default fails with [`StoreErrorKind::Rejected`]
-    /// ("not supported").
-    async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-        let _ = key;
-        Err(scan::unsupported(self, "releasing a claim"))
-    }
-
-    /// An operator un-poisons a key: a Released record, or an In progress one whose
-    /// lease ran out, becomes Released with zero attempts and a new, larger token, so
-    /// the next delivery runs as attempt 1 whatever its `max_attempts`. A Completed
-    /// record or a live claim is left [`Unchanged`](AdminOutcome::Unchanged).
-    ///
-    /// The default fails with [`StoreErrorKind::Rejected`]
-    /// ("not supported").
-    async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-        let _ = key;
-        Err(scan::unsupported(self, "resetting attempts"))
-    }
-
     /// The same store as an [`ImmediateStore`], if it answers the protocol steps
     /// without awaiting (an in-process store); `None`, the default, otherwise. The
     /// protocol then calls the immediate methods and spares a boxed future per step.
@@ -153,6 +271,19 @@ pub trait Store: Send + Sync + fmt::Debug {
     /// injects faults, counts or logs) returns `None`, so that its own methods run; a
     /// wrapper that only forwards may forward this too.
     fn as_immediate(&self) -> Option<&dyn ImmediateStore> {
+        None
+    }
+
+    /// The same store's operator actions, if it has them; `None`, the default,
+    /// otherwise. The `idempotent` command, record scans, statistics,
+    /// [`Idempotency::inspect`](crate::Idempotency::inspect) and
+    /// [`Idempotency::forget`](crate::Idempotency::forget) reach the store through it
+    /// ([`admin_of`]), and fail with [`StoreErrorKind::Rejected`] when it is `None`.
+    ///
+    /// A store that implements [`StoreAdmin`] returns `Some(self)`. A wrapper store
+    /// forwards it (`self.inner.as_admin()`), or the inner store's operator actions are
+    /// lost behind it.
+    fn as_admin(&self) -> Option<&dyn StoreAdmin> {
         None
     }
 
@@ -214,48 +345,14 @@ pub(crate) async fn release(store: &dyn Store, r: &Release<'_>) -> Result<Fence,
     }
 }
 
-/// [`Store::stats`] computed from a full [`Store::scan`]: constant memory in the number
-/// of records (one entry per scope and state).
-pub async fn stats_by_scan<S: Store + ?Sized>(
-    store: &S,
-    scope: Option<&str>,
-    poisoned_at: Option<u32>,
-) -> Result<Vec<ScopeStats>, StoreError> {
-    scan_stats(store, scope, poisoned_at)
-        .await
-        .map(|s| s.scopes)
-}
-
-/// [`stats_by_scan`], with the count of the keys the scan left out because they hold
-/// no record ([`ScanPage::skipped`]): for an operator's tool, which should say so.
-pub async fn scan_stats<S: Store + ?Sized>(
-    store: &S,
-    scope: Option<&str>,
-    poisoned_at: Option<u32>,
-) -> Result<ScanStats, StoreError> {
-    let mut filter = ScanFilter::new();
-    filter.scope = scope.map(str::to_owned);
-    let mut by: BTreeMap<(String, u8), ScopeStats> = BTreeMap::new();
-    let mut skipped = 0u64;
-    let mut cursor: Option<ScanCursor> = None;
-    loop {
-        let page = store.scan(&filter, cursor.as_ref(), DEFAULT_PAGE).await?;
-        skipped = skipped.saturating_add(page.skipped);
-        for item in &page.items {
-            let scope = item.key.scope();
-            let slot = (scope.to_owned(), state_rank(item.state));
-            by.entry(slot)
-                .or_insert_with(|| ScopeStats::new(scope, item.state))
-                .add(item, poisoned_at);
-        }
-        match page.next {
-            Some(next) => cursor = Some(next),
-            None => break,
-        }
-    }
-    Ok(ScanStats {
-        scopes: by.into_values().collect(),
-        skipped,
+/// The operator actions of `store` ([`Store::as_admin`]), or the error of a store that
+/// has none: [`StoreErrorKind::Rejected`], naming the store.
+pub fn admin_of<S: Store + ?Sized>(store: &S) -> Result<&dyn StoreAdmin, StoreError> {
+    store.as_admin().ok_or_else(|| {
+        StoreError::new(
+            StoreErrorKind::Rejected,
+            format!("this store has no operator actions ({store:?})"),
+        )
     })
 }
 
@@ -281,38 +378,11 @@ macro_rules! forward_store {
             ) -> Result<Fence, StoreError> {
                 (**self).renew(key, token, lease).await
             }
-            async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-                (**self).inspect(key).await
-            }
-            async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-                (**self).forget(key).await
-            }
-            async fn purge_expired(&self) -> Result<u64, StoreError> {
-                (**self).purge_expired().await
-            }
-            async fn scan(
-                &self,
-                filter: &ScanFilter,
-                cursor: Option<&ScanCursor>,
-                limit: usize,
-            ) -> Result<ScanPage, StoreError> {
-                (**self).scan(filter, cursor, limit).await
-            }
-            async fn stats(
-                &self,
-                scope: Option<&str>,
-                poisoned_at: Option<u32>,
-            ) -> Result<Vec<ScopeStats>, StoreError> {
-                (**self).stats(scope, poisoned_at).await
-            }
-            async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-                (**self).force_release(key).await
-            }
-            async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-                (**self).reset_attempts(key).await
-            }
             fn as_immediate(&self) -> Option<&dyn ImmediateStore> {
                 (**self).as_immediate()
+            }
+            fn as_admin(&self) -> Option<&dyn StoreAdmin> {
+                (**self).as_admin()
             }
             async fn claim_batch(
                 &self,

@@ -1,16 +1,15 @@
 //! Operator views of a store: records read page by page
-//! ([`Store::scan`](super::Store::scan)), counted per scope and state
-//! ([`Store::stats`](super::Store::stats)), and the two fixes an operator applies to
-//! one record ([`Store::force_release`](super::Store::force_release),
-//! [`Store::reset_attempts`](super::Store::reset_attempts)).
+//! ([`StoreAdmin::scan`](super::admin::StoreAdmin::scan)), counted per scope and state
+//! ([`StoreAdmin::stats`](super::admin::StoreAdmin::stats)), and the two fixes an operator applies to
+//! one record ([`StoreAdmin::force_release`](super::admin::StoreAdmin::force_release),
+//! [`StoreAdmin::reset_attempts`](super::admin::StoreAdmin::reset_attempts)).
 
 use super::types::{RecordState, Token};
-use crate::error::{StoreError, StoreErrorKind};
 use crate::key::RecordKey;
 use std::fmt::Write as _;
 use std::time::Duration;
 
-/// Which records a [`Store::scan`](super::Store::scan) returns; every condition set
+/// Which records a [`StoreAdmin::scan`](super::admin::StoreAdmin::scan) returns; every condition set
 /// must hold.
 ///
 /// ```
@@ -219,7 +218,7 @@ impl ScanPage {
     }
 }
 
-/// The records of one scope in one state, as [`Store::stats`](super::Store::stats)
+/// The records of one scope in one state, as [`StoreAdmin::stats`](super::admin::StoreAdmin::stats)
 /// counts them.
 #[derive(Clone, Debug, PartialEq, Eq)]
 #[non_exhaustive]
@@ -235,7 +234,7 @@ pub struct ScopeStats {
     /// In progress records whose lease ran out ([`ScanItem::is_stuck`]).
     pub past_lease: u64,
     /// Records that a claim with the `poisoned_at` given to
-    /// [`Store::stats`](super::Store::stats) would refuse ([`ScanItem::is_poisoned`]);
+    /// [`StoreAdmin::stats`](super::admin::StoreAdmin::stats) would refuse ([`ScanItem::is_poisoned`]);
     /// 0 without one.
     pub poisoned: u64,
 }
@@ -267,8 +266,8 @@ impl ScopeStats {
 }
 
 /// The result of an operator's change to one record
-/// ([`Store::force_release`](super::Store::force_release),
-/// [`Store::reset_attempts`](super::Store::reset_attempts)).
+/// ([`StoreAdmin::force_release`](super::admin::StoreAdmin::force_release),
+/// [`StoreAdmin::reset_attempts`](super::admin::StoreAdmin::reset_attempts)).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum AdminOutcome {
@@ -287,20 +286,12 @@ pub enum AdminOutcome {
 /// round trip, large enough to stream a million records quickly.
 pub const DEFAULT_PAGE: usize = 1000;
 
-/// The error of a store that does not implement an operator method.
-pub(crate) fn unsupported(store: &(impl std::fmt::Debug + ?Sized), what: &str) -> StoreError {
-    StoreError::new(
-        StoreErrorKind::Rejected,
-        format!("{what} is not supported by this store ({store:?})"),
-    )
-}
-
-/// What [`scan_stats`](super::scan_stats) counts: the statistics and the keys the scan
+/// What [`scan_stats`](super::admin::scan_stats) counts: the statistics and the keys the scan
 /// left out.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]
 pub struct ScanStats {
-    /// Per scope and state, sorted as [`Store::stats`](super::Store::stats) sorts them.
+    /// Per scope and state, sorted as [`StoreAdmin::stats`](super::admin::StoreAdmin::stats) sorts them.
     pub scopes: Vec<ScopeStats>,
     /// Keys the scan left out as not records: the sum of its pages'
     /// [`ScanPage::skipped`].

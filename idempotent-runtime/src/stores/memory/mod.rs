@@ -7,6 +7,7 @@ pub use crate::clock::{Clock, ManualClock, SystemClock};
 
 use crate::error::StoreError;
 use crate::key::RecordKey;
+use crate::store::admin::StoreAdmin;
 use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage};
 use crate::store::{
     ClaimOutcome, ClaimRequest, Completion, Fence, ImmediateStore, Record, RecordState, Release,
@@ -33,7 +34,7 @@ const SHARDS: usize = 64;
 ///
 /// Expired records are freed as the store is used (each shard sweeps itself after
 /// as many operations as it holds records, so the cost per operation stays constant)
-/// and by [`purge_expired`](Store::purge_expired): under a stream of unique keys,
+/// and by [`purge_expired`](StoreAdmin::purge_expired): under a stream of unique keys,
 /// memory stays proportional to the keys live within one `ttl`.
 ///
 /// Lease and expiry decisions use the store's [`Clock`]; [`MemoryStore::with_clock`]
@@ -432,6 +433,32 @@ impl Store for MemoryStore {
         })))
     }
 
+    fn as_immediate(&self) -> Option<&dyn ImmediateStore> {
+        Some(self)
+    }
+
+    async fn claim_batch(
+        &self,
+        reqs: &[ClaimRequest<'_>],
+    ) -> Result<Vec<ClaimOutcome>, StoreError> {
+        Ok(reqs.iter().map(|r| self.claim_sync(r)).collect())
+    }
+
+    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
+        Ok(items.iter().map(|c| self.complete_sync(c)).collect())
+    }
+
+    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
+        Ok(items.iter().map(|r| self.release_sync(r)).collect())
+    }
+
+    fn as_admin(&self) -> Option<&dyn StoreAdmin> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for MemoryStore {
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         let now = self.now();
         let bytes = key.as_bytes();
@@ -489,24 +516,5 @@ impl Store for MemoryStore {
             |state, leased| state != RecordState::Completed && !leased,
             |e, _| e.attempts = 0,
         ))
-    }
-
-    fn as_immediate(&self) -> Option<&dyn ImmediateStore> {
-        Some(self)
-    }
-
-    async fn claim_batch(
-        &self,
-        reqs: &[ClaimRequest<'_>],
-    ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        Ok(reqs.iter().map(|r| self.claim_sync(r)).collect())
-    }
-
-    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
-        Ok(items.iter().map(|c| self.complete_sync(c)).collect())
-    }
-
-    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
-        Ok(items.iter().map(|r| self.release_sync(r)).collect())
     }
 }

@@ -22,7 +22,9 @@ impl RedisStore {
             return Ok((self.run(op, cmd).await?, None));
         };
         let mut pipe = redis::pipe();
-        pipe.ignore_errors().add_command(cmd.clone()).add_command(ack.wait_cmd());
+        pipe.ignore_errors()
+            .add_command(cmd.clone())
+            .add_command(ack.wait_cmd());
         let what = match op {
             Op::Claim | Op::ClaimMany => "claim failed",
             _ => "complete failed",

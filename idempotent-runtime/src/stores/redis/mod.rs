@@ -52,7 +52,7 @@ use sentinel::{SentinelConn, Single};
 /// restart without persistence, `FUNCTION FLUSH`, a node added to a cluster; on a
 /// cluster it is loaded on every master at once). Each step — claim, complete,
 /// release, renew, inspect — is one `FCALL` of one function over one key, atomic on
-/// the server; [`forget`](crate::Store::forget) is one `DEL`. No function touches a key it is
+/// the server; [`forget`](crate::store::StoreAdmin::forget) is one `DEL`. No function touches a key it is
 /// not given, so the store works on Redis Cluster unchanged. The library's name
 /// carries a hash of its code (`idempotent_<hash>`), so processes running different
 /// versions of the store never replace each other's functions (each version leaves its
@@ -76,7 +76,7 @@ use sentinel::{SentinelConn, Single};
 ///
 /// Leases and expiry use the server's clock only (guarantee G5): the functions read
 /// `TIME`, and the key's own expiry (`PX`) is the record's expiry, so Redis frees
-/// expired records by itself and [`purge_expired`](crate::Store::purge_expired) returns 0. The
+/// expired records by itself and [`purge_expired`](crate::store::StoreAdmin::purge_expired) returns 0. The
 /// store has no clock of its own; the consumers' clocks never enter a decision. Fencing
 /// tokens are the larger of the record's previous token plus one and the server's
 /// `TIME` in microseconds.
@@ -125,7 +125,7 @@ use sentinel::{SentinelConn, Single};
 /// after a claim, the completion's `ttl` after a completion, unchanged by a release;
 /// a renewal only ever extends it. A value that does not follow this layout (a string
 /// someone `SET` there, a hash, a truncated record) makes every operation on that key
-/// fail with [`StoreErrorKind::Corrupt`]; [`forget`](crate::Store::forget) deletes it.
+/// fail with [`StoreErrorKind::Corrupt`]; [`forget`](crate::store::StoreAdmin::forget) deletes it.
 ///
 /// # TLS
 ///
@@ -338,9 +338,9 @@ impl RedisStore {
                 format!("invalid Redis Sentinel URL: {e}"),
             )
         })?;
-        let conn = SentinelConn::connect(&parsed)
-            .await
-            .map_err(|e| redis_error(e, "could not connect to the Redis master through Sentinel"))?;
+        let conn = SentinelConn::connect(&parsed).await.map_err(|e| {
+            redis_error(e, "could not connect to the Redis master through Sentinel")
+        })?;
         Ok(Self::new(Conn::Single(Single::Sentinel(conn))))
     }
 

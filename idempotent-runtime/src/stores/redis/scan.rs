@@ -19,7 +19,7 @@ use std::time::Duration;
 const SCANS_PER_PAGE: usize = 16;
 
 impl RedisStore {
-    /// One page of a scan (see [`Store::scan`](crate::Store::scan)).
+    /// One page of a scan (see [`StoreAdmin::scan`](crate::store::StoreAdmin::scan)).
     ///
     /// The cursor is the `SCAN` cursor in decimal, on a cluster preceded by the
     /// `host:port` of the master being scanned and a newline.

@@ -87,8 +87,9 @@ impl SentinelConn {
                 ConnectionAddr::Tcp(host.clone(), *port)
             }
         });
-        let mut builder = SentinelClientBuilder::new(addrs, &url.master, SentinelServerType::Master)?
-            .set_client_to_redis_db(url.db);
+        let mut builder =
+            SentinelClientBuilder::new(addrs, &url.master, SentinelServerType::Master)?
+                .set_client_to_redis_db(url.db);
         if url.tls {
             builder = builder
                 .set_client_to_redis_tls_mode(TlsMode::Secure)
@@ -131,14 +132,22 @@ impl SentinelConn {
         let conn = client
             .get_async_connection_with_config(&self.0.config)
             .await?;
-        let mut current = self.0.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current = self
+            .0
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         current.0 += 1;
         current.1 = Some(conn.clone());
         Ok((current.0, conn))
     }
 
     fn cached(&self) -> Option<(u64, MultiplexedConnection)> {
-        let current = self.0.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let current = self
+            .0
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         current.1.clone().map(|c| (current.0, c))
     }
 
@@ -148,7 +157,11 @@ impl SentinelConn {
         if !master_lost(e) {
             return;
         }
-        let mut current = self.0.current.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut current = self
+            .0
+            .current
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
         if current.0 == generation && current.1.is_some() {
             tracing::warn!(error = %e, "lost the Redis master; asking Sentinel again on the next request");
             current.1 = None;
@@ -160,7 +173,12 @@ fn master_lost(e: &RedisError) -> bool {
     match e.kind() {
         ErrorKind::Server(ServerErrorKind::ReadOnly | ServerErrorKind::MasterDown) => true,
         ErrorKind::Server(_) => false,
-        _ => e.is_io_error() || e.is_timeout() || e.is_connection_dropped() || e.is_unrecoverable_error(),
+        _ => {
+            e.is_io_error()
+                || e.is_timeout()
+                || e.is_connection_dropped()
+                || e.is_unrecoverable_error()
+        }
     }
 }
 

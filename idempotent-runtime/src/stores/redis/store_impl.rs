@@ -1,10 +1,11 @@
-//! The [`Store`] implementation: one `FCALL` per single-key step.
+//! The [`Store`] and [`StoreAdmin`] implementations: one `FCALL` per single-key step.
 
 use super::library::Op;
 use super::reply::{claim_outcome, fence, record};
 use super::{Conn, RedisStore, micros, millis, redis_error};
 use crate::error::StoreError;
 use crate::key::RecordKey;
+use crate::store::admin::StoreAdmin;
 use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage};
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use async_trait::async_trait;
@@ -71,6 +72,28 @@ impl Store for RedisStore {
         fence(key, "renew", self.run(Op::Renew, &cmd).await?)
     }
 
+    async fn claim_batch(
+        &self,
+        reqs: &[ClaimRequest<'_>],
+    ) -> Result<Vec<ClaimOutcome>, StoreError> {
+        self.claim_many(reqs).await
+    }
+
+    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
+        self.complete_many(items).await
+    }
+
+    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
+        self.release_many(items).await
+    }
+
+    fn as_admin(&self) -> Option<&dyn StoreAdmin> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for RedisStore {
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         let cmd = Self::fcall(Op::Inspect, &self.redis_key(key), 0);
         record(key, self.run(Op::Inspect, &cmd).await?)
@@ -112,20 +135,5 @@ impl Store for RedisStore {
 
     async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
         self.admin(key, "reset").await
-    }
-
-    async fn claim_batch(
-        &self,
-        reqs: &[ClaimRequest<'_>],
-    ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        self.claim_many(reqs).await
-    }
-
-    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
-        self.complete_many(items).await
-    }
-
-    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
-        self.release_many(items).await
     }
 }

@@ -3,17 +3,17 @@
 
 use crate::error::StoreError;
 use crate::error::StoreErrorKind;
-use crate::store::Store;
+use crate::store::admin::StoreAdmin;
 use std::time::Duration;
 
-/// Spawns a task that calls [`Store::purge_expired`] every `every`; fails when called
+/// Spawns a task that calls [`StoreAdmin::purge_expired`] every `every`; fails when called
 /// outside a Tokio runtime.
 pub(crate) fn spawn_sweeper<S>(
     store: S,
     every: Duration,
 ) -> Result<tokio::task::JoinHandle<()>, StoreError>
 where
-    S: Store + 'static,
+    S: StoreAdmin + 'static,
 {
     let rt = tokio::runtime::Handle::try_current().map_err(|e| {
         StoreError::with_source(
@@ -52,7 +52,7 @@ macro_rules! store_accessors {
             }
 
             /// Spawns a task that deletes expired records every `every`
-            /// (see [`purge_expired`](Store::purge_expired)); abort the returned handle to stop
+            /// (see [`purge_expired`](StoreAdmin::purge_expired)); abort the returned handle to stop
             /// it. Fails outside a Tokio runtime.
             pub fn spawn_sweeper(
                 &self,

@@ -413,7 +413,10 @@ mod tests {
         assert_eq!(tries, crate::stores::sql::common::base::CLAIM_RETRIES);
         let e = lost.unwrap_err();
         assert_eq!(e.kind(), StoreErrorKind::Other);
-        assert!(e.to_string().contains("changed under every claim attempt"), "{e}");
+        assert!(
+            e.to_string().contains("changed under every claim attempt"),
+            "{e}"
+        );
 
         let mut tries = 0;
         let won = retrying!({

@@ -12,9 +12,7 @@ use super::base::{SqlDialect, TableName, from_micros, sane};
 use super::row::Columns;
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::RecordKey;
-use crate::store::scan::{
-    ScanCursor, ScanFilter, ScanItem, ScanPage, ScopeStats, state_rank,
-};
+use crate::store::scan::{ScanCursor, ScanFilter, ScanItem, ScanPage, ScopeStats, state_rank};
 use crate::store::{RecordState, Token};
 use std::collections::BTreeMap;
 
@@ -298,7 +296,11 @@ pub(crate) fn stats_of(
 /// kept) or `reset` (Released or past its lease → Released with zero attempts). Both
 /// bump the token past the last one and the clock. The statement; the change is
 /// applied when it matched a row.
-pub(crate) fn admin_stmt<DB: SqlDialect>(table: &TableName, key: &RecordKey, reset: bool) -> Stmt<DB> {
+pub(crate) fn admin_stmt<DB: SqlDialect>(
+    table: &TableName,
+    key: &RecordKey,
+    reset: bool,
+) -> Stmt<DB> {
     let t = table.quoted(DB::QUOTE);
     let now = DB::NOW_US;
     let greatest = DB::GREATEST;

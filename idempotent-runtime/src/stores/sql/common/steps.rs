@@ -335,6 +335,11 @@ where
         step: Step,
     ) -> Result<Fence, StoreError> {
         let rows = execute(&mut *conn, write, DB::err(op)).await?;
-        fence_of(rows, step, read_row(&mut *conn, read, key.scope(), DB::err(op))).await
+        fence_of(
+            rows,
+            step,
+            read_row(&mut *conn, read, key.scope(), DB::err(op)),
+        )
+        .await
     }
 }

@@ -45,62 +45,62 @@ impl PostgresStore {
             if pending.is_empty() {
                 Some(())
             } else {
-            let rows = sqlx::query(self.sql.claim_batch.clone())
-                .bind(
-                    pending
-                        .iter()
-                        .map(|&i| reqs[i].key.scope())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    pending
-                        .iter()
-                        .map(|&i| reqs[i].key.key())
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    pending
-                        .iter()
-                        .map(|&i| micros(reqs[i].lease))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    pending
-                        .iter()
-                        .map(|&i| keep_micros(&reqs[i]))
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    pending
-                        .iter()
-                        .map(|&i| reqs[i].fingerprint)
-                        .collect::<Vec<_>>(),
-                )
-                .bind(
-                    pending
-                        .iter()
-                        .map(|&i| {
-                            max_attempts_param(&reqs[i])
-                                .map(|m| i32::try_from(m).unwrap_or(i32::MAX))
-                        })
-                        .collect::<Vec<_>>(),
-                )
-                .fetch_all(&self.pool)
-                .await
-                .map_err(Postgres::err("claim_batch"))?;
-            for row in &rows {
-                let scope: String = row.try_get(0).map_err(Postgres::err("claim_batch"))?;
-                let id: Vec<u8> = row.try_get(1).map_err(Postgres::err("claim_batch"))?;
-                let key = RecordKey::from_encoded(&scope, &id);
-                let Some(&i) = first.get(key.as_bytes()) else {
-                    return Err(common::corrupt(
-                        "claim_batch returned a key it was not asked for".into(),
-                    ));
-                };
-                out[i] = Self::decode_claim(row, 2, &reqs[i])?;
-            }
-            pending.retain(|&i| out[i].is_none());
-            pending.is_empty().then_some(())
+                let rows = sqlx::query(self.sql.claim_batch.clone())
+                    .bind(
+                        pending
+                            .iter()
+                            .map(|&i| reqs[i].key.scope())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        pending
+                            .iter()
+                            .map(|&i| reqs[i].key.key())
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        pending
+                            .iter()
+                            .map(|&i| micros(reqs[i].lease))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        pending
+                            .iter()
+                            .map(|&i| keep_micros(&reqs[i]))
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        pending
+                            .iter()
+                            .map(|&i| reqs[i].fingerprint)
+                            .collect::<Vec<_>>(),
+                    )
+                    .bind(
+                        pending
+                            .iter()
+                            .map(|&i| {
+                                max_attempts_param(&reqs[i])
+                                    .map(|m| i32::try_from(m).unwrap_or(i32::MAX))
+                            })
+                            .collect::<Vec<_>>(),
+                    )
+                    .fetch_all(&self.pool)
+                    .await
+                    .map_err(Postgres::err("claim_batch"))?;
+                for row in &rows {
+                    let scope: String = row.try_get(0).map_err(Postgres::err("claim_batch"))?;
+                    let id: Vec<u8> = row.try_get(1).map_err(Postgres::err("claim_batch"))?;
+                    let key = RecordKey::from_encoded(&scope, &id);
+                    let Some(&i) = first.get(key.as_bytes()) else {
+                        return Err(common::corrupt(
+                            "claim_batch returned a key it was not asked for".into(),
+                        ));
+                    };
+                    out[i] = Self::decode_claim(row, 2, &reqs[i])?;
+                }
+                pending.retain(|&i| out[i].is_none());
+                pending.is_empty().then_some(())
             }
         })?;
         let mut result = Vec::with_capacity(reqs.len());

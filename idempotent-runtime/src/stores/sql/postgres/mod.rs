@@ -13,6 +13,7 @@ use super::common::{
 };
 use crate::error::StoreError;
 use crate::key::RecordKey;
+use crate::store::admin::StoreAdmin;
 use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use async_trait::async_trait;
@@ -67,7 +68,7 @@ use std::time::Duration;
 /// map onto the columns as: **In progress** `status = 0` with a lease deadline;
 /// **Released** (the last attempt failed, claimable again) `status = 0` with
 /// `lease_until_us IS NULL`; **Completed** `status = 1`. A row whose `expires_at_us`
-/// has passed counts as absent and is deleted by [`purge_expired`](Store::purge_expired).
+/// has passed counts as absent and is deleted by [`purge_expired`](StoreAdmin::purge_expired).
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
@@ -264,6 +265,28 @@ impl Store for PostgresStore {
         Steps::renew(self, key, token, lease).await
     }
 
+    async fn claim_batch(
+        &self,
+        reqs: &[ClaimRequest<'_>],
+    ) -> Result<Vec<ClaimOutcome>, StoreError> {
+        self.claim_many(reqs).await
+    }
+
+    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
+        self.complete_many(items).await
+    }
+
+    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
+        self.release_many(items).await
+    }
+
+    fn as_admin(&self) -> Option<&dyn StoreAdmin> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for PostgresStore {
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         Steps::inspect(self, key).await
     }
@@ -299,21 +322,6 @@ impl Store for PostgresStore {
 
     async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
         Steps::admin(self, key, true).await
-    }
-
-    async fn claim_batch(
-        &self,
-        reqs: &[ClaimRequest<'_>],
-    ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        self.claim_many(reqs).await
-    }
-
-    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
-        self.complete_many(items).await
-    }
-
-    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
-        self.release_many(items).await
     }
 }
 

@@ -30,21 +30,21 @@ impl TxDialect for Postgres {
         sql: &'a Statements,
         req: &'a ClaimRequest<'a>,
     ) -> Result<ClaimOutcome, StoreError> {
-            common::retrying!({
-                let row = sqlx::query(sql.claim.clone())
-                    .bind_claim(req)
-                    .bind(None::<i32>)
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(Postgres::err("claim in transaction"))?;
-                // no row: the statement waited for a concurrent claimant that
-                // committed after its snapshot; the next statement sees that row
-                // (READ COMMITTED). Under REPEATABLE READ and SERIALIZABLE the
-                // insert fails with a serialization failure instead.
-                match row {
-                    Some(row) => PostgresStore::decode_claim(&row, 0, req)?,
-                    None => None,
-                }
-            })
+        common::retrying!({
+            let row = sqlx::query(sql.claim.clone())
+                .bind_claim(req)
+                .bind(None::<i32>)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(Postgres::err("claim in transaction"))?;
+            // no row: the statement waited for a concurrent claimant that
+            // committed after its snapshot; the next statement sees that row
+            // (READ COMMITTED). Under REPEATABLE READ and SERIALIZABLE the
+            // insert fails with a serialization failure instead.
+            match row {
+                Some(row) => PostgresStore::decode_claim(&row, 0, req)?,
+                None => None,
+            }
+        })
     }
 }

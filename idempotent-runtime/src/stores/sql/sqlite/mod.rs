@@ -9,11 +9,12 @@ use statements::SqliteQuery;
 pub(crate) use statements::Statements;
 
 use super::common::{
-    self, DEFAULT_TABLE, Plan, RowView, SqlDialect, SqlQuery, SqlStore, StepSql, Step, Steps,
+    self, DEFAULT_TABLE, Plan, RowView, SqlDialect, SqlQuery, SqlStore, Step, StepSql, Steps,
     TableName, token_param,
 };
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::RecordKey;
+use crate::store::admin::StoreAdmin;
 use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
 use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
 use async_trait::async_trait;
@@ -91,7 +92,7 @@ use tokio::sync::{Mutex, MutexGuard};
 /// states map onto the columns as: **In progress** `status = 0` with a lease deadline;
 /// **Released** (the last attempt failed, claimable again) `status = 0` with
 /// `lease_until_us IS NULL`; **Completed** `status = 1`. A row whose `expires_at_us`
-/// has passed counts as absent and is deleted by [`purge_expired`](Store::purge_expired).
+/// has passed counts as absent and is deleted by [`purge_expired`](StoreAdmin::purge_expired).
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -394,6 +395,53 @@ impl Store for SqliteStore {
         Steps::renew(self, key, token, lease).await
     }
 
+    async fn claim_batch(
+        &self,
+        reqs: &[ClaimRequest<'_>],
+    ) -> Result<Vec<ClaimOutcome>, StoreError> {
+        // one transaction holding the write lock: every read in it sees the latest
+        // rows and no other writer can change them before its write, so the whole
+        // batch commits once. A repeated key in the batch gets what a second claim
+        // right after the first would get, without another read.
+        let _slot = self.claims.enter().await;
+        let mut w = self.writer().await?;
+        let done = self.claim_batch_in(w.conn()?, reqs).await;
+        w.check_store(done)
+    }
+
+    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
+        let mut w = self.writer().await?;
+        let queries = items.iter().map(|c| {
+            (
+                self.sql.steps.complete_query(c),
+                c.key,
+                Step::Complete(c.token),
+            )
+        });
+        let done = self.apply_all(w.conn()?, "complete_batch", queries).await;
+        w.check_store(done)
+    }
+
+    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
+        let mut w = self.writer().await?;
+        let queries = items.iter().map(|r| {
+            (
+                self.sql.steps.release_query(r),
+                r.key,
+                Step::Release(r.token),
+            )
+        });
+        let done = self.apply_all(w.conn()?, "release_batch", queries).await;
+        w.check_store(done)
+    }
+
+    fn as_admin(&self) -> Option<&dyn StoreAdmin> {
+        Some(self)
+    }
+}
+
+#[async_trait]
+impl StoreAdmin for SqliteStore {
     async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
         Steps::inspect(self, key).await
     }
@@ -429,38 +477,6 @@ impl Store for SqliteStore {
 
     async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
         Steps::admin(self, key, true).await
-    }
-
-    async fn claim_batch(
-        &self,
-        reqs: &[ClaimRequest<'_>],
-    ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        // one transaction holding the write lock: every read in it sees the latest
-        // rows and no other writer can change them before its write, so the whole
-        // batch commits once. A repeated key in the batch gets what a second claim
-        // right after the first would get, without another read.
-        let _slot = self.claims.enter().await;
-        let mut w = self.writer().await?;
-        let done = self.claim_batch_in(w.conn()?, reqs).await;
-        w.check_store(done)
-    }
-
-    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
-        let mut w = self.writer().await?;
-        let queries = items
-            .iter()
-            .map(|c| (self.sql.steps.complete_query(c), c.key, Step::Complete(c.token)));
-        let done = self.apply_all(w.conn()?, "complete_batch", queries).await;
-        w.check_store(done)
-    }
-
-    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
-        let mut w = self.writer().await?;
-        let queries = items
-            .iter()
-            .map(|r| (self.sql.steps.release_query(r), r.key, Step::Release(r.token)));
-        let done = self.apply_all(w.conn()?, "release_batch", queries).await;
-        w.check_store(done)
     }
 }
 

@@ -31,21 +31,21 @@ impl TxDialect for Sqlite {
         s: &'a Statements,
         req: &'a ClaimRequest<'a>,
     ) -> Result<ClaimOutcome, StoreError> {
-            let err = || Sqlite::err("claim in transaction");
-            common::retrying!({
-                let inserted = s.write_claim(conn, req, Plan::Insert, None, err());
-                if let Some(outcome) = inserted.await? {
-                    return Ok(outcome);
-                }
-                let row = s
-                    .steps
-                    .read_query(req.key)
-                    .fetch_optional(&mut *conn)
-                    .await
-                    .map_err(err())?;
-                let Some(row) = row else { continue };
-                let plan = Plan::of(req, Some(RowView::decode(&row, 0, req.key.scope())?));
-                s.write_claim(conn, req, plan, None, err()).await?
-            })
+        let err = || Sqlite::err("claim in transaction");
+        common::retrying!({
+            let inserted = s.write_claim(conn, req, Plan::Insert, None, err());
+            if let Some(outcome) = inserted.await? {
+                return Ok(outcome);
+            }
+            let row = s
+                .steps
+                .read_query(req.key)
+                .fetch_optional(&mut *conn)
+                .await
+                .map_err(err())?;
+            let Some(row) = row else { continue };
+            let plan = Plan::of(req, Some(RowView::decode(&row, 0, req.key.scope())?));
+            s.write_claim(conn, req, plan, None, err()).await?
+        })
     }
 }

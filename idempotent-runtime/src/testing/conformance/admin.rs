@@ -1,23 +1,28 @@
-//! The conformance cases of the operator views: scans, statistics, and the operator's
-//! release and attempt reset. Part of [`conformance`](crate::conformance): every
-//! store runs them.
+//! The admin cases: the operator actions of [`StoreAdmin`] (inspect, forget, scans,
+//! statistics, the operator's release and attempt reset) and the handler's
+//! [`Idempotency::inspect`](crate::manual::Idempotency::inspect) and
+//! [`Idempotency::forget`](crate::manual::Idempotency::forget). They need a store whose
+//! [`Store::as_admin`] answers; they reach it through the [`Store`] given, so a
+//! wrapper store runs them too.
 
-use idempotent_runtime::store::{
+use super::support::{HandlerError, LEASE, TTL, claim_request, handler, key, unique_scope};
+use crate::key::RecordKey;
+use crate::store::{
     AdminOutcome, ClaimOutcome, ClaimRequest, Completion, Fence, RecordState, Release, ScanCursor,
-    ScanFilter, ScanItem,
+    ScanFilter, ScanItem, Store, StoreAdmin, Token,
 };
-use idempotent_runtime::{RecordKey, Store, Token};
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::conformance::{LEASE, TTL, claim_request, unique_scope};
+/// The operator actions of `store`, which the admin cases need.
+fn admin(store: &dyn Store) -> &dyn StoreAdmin {
+    store.as_admin().unwrap_or_else(|| {
+        panic!("the admin cases need a store with operator actions: {store:?}.as_admin() is None")
+    })
+}
 
 const LONG: Duration = Duration::from_secs(30);
-
-fn key(scope: &str, k: &str) -> RecordKey {
-    RecordKey::new(scope, k).expect("valid key")
-}
 
 async fn acquired(store: &dyn Store, r: &ClaimRequest<'_>) -> (Token, u32) {
     match store.claim(r).await.expect("claim") {
@@ -50,7 +55,7 @@ async fn release(store: &dyn Store, key: &RecordKey, token: Token) {
 /// Every record of a scan with `filter`, pages of `page` records, by readable key when
 /// the filter names a scope, else by `scope/key` (a Redis scan may return a record
 /// twice; it is kept once).
-pub async fn scan_all(
+async fn scan_all(
     store: &dyn Store,
     filter: &ScanFilter,
     page: usize,
@@ -59,7 +64,7 @@ pub async fn scan_all(
     let mut cursor: Option<ScanCursor> = None;
     let mut pages = 0;
     loop {
-        let p = store
+        let p = admin(store)
             .scan(filter, cursor.as_ref(), page)
             .await
             .expect("scan");
@@ -213,7 +218,10 @@ pub async fn stats_count_per_scope_and_state(store: Arc<dyn Store>) {
     let store = &*store;
     let scope = unique_scope("stats");
     seed(store, &scope).await;
-    let stats = store.stats(Some(&scope), Some(2)).await.expect("stats");
+    let stats = admin(store)
+        .stats(Some(&scope), Some(2))
+        .await
+        .expect("stats");
     let rows: Vec<(RecordState, u64, u64, u64)> = stats
         .iter()
         .map(|s| (s.state, s.count, s.past_lease, s.poisoned))
@@ -232,9 +240,9 @@ pub async fn stats_count_per_scope_and_state(store: Arc<dyn Store>) {
             .iter()
             .all(|s| s.oldest_claim.is_some_and(|o| o < Duration::from_secs(30)))
     );
-    let plain = store.stats(Some(&scope), None).await.expect("stats");
+    let plain = admin(store).stats(Some(&scope), None).await.expect("stats");
     assert!(plain.iter().all(|s| s.poisoned == 0));
-    let other = store
+    let other = admin(store)
         .stats(Some(&unique_scope("stats-empty")), Some(1))
         .await
         .expect("stats");
@@ -249,10 +257,10 @@ pub async fn force_release_fences_the_holder(store: Arc<dyn Store>) {
     let k = key(&scope, "held");
     let (t1, _) = acquired(store, &claim_request(&k, LONG)).await;
     assert_eq!(
-        store.force_release(&k).await.unwrap(),
+        admin(store).force_release(&k).await.unwrap(),
         AdminOutcome::Applied
     );
-    let r = store.inspect(&k).await.unwrap().expect("record");
+    let r = admin(store).inspect(&k).await.unwrap().expect("record");
     assert_eq!((r.state, r.attempts), (RecordState::Released, 1));
     assert!(r.token > t1, "the token is bumped");
     let lost = store
@@ -271,13 +279,16 @@ pub async fn force_release_fences_the_holder(store: Arc<dyn Store>) {
     assert_eq!(attempt, 2);
     complete(store, &k, t2, Some(b"1")).await;
     assert_eq!(
-        store.force_release(&k).await.unwrap(),
+        admin(store).force_release(&k).await.unwrap(),
         AdminOutcome::Unchanged {
             state: RecordState::Completed
         }
     );
     assert_eq!(
-        store.force_release(&key(&scope, "absent")).await.unwrap(),
+        admin(store)
+            .force_release(&key(&scope, "absent"))
+            .await
+            .unwrap(),
         AdminOutcome::NotFound
     );
     // a released record stays as it is
@@ -285,7 +296,7 @@ pub async fn force_release_fences_the_holder(store: Arc<dyn Store>) {
     let (t, _) = acquired(store, &claim_request(&f, LONG)).await;
     release(store, &f, t).await;
     assert_eq!(
-        store.force_release(&f).await.unwrap(),
+        admin(store).force_release(&f).await.unwrap(),
         AdminOutcome::Unchanged {
             state: RecordState::Released
         }
@@ -310,18 +321,18 @@ pub async fn reset_attempts_unpoisons(store: Arc<dyn Store>) {
         store.claim(&limited(&k)).await.unwrap(),
         ClaimOutcome::Exhausted { attempts: 2 }
     );
-    let before = store.inspect(&k).await.unwrap().expect("record");
+    let before = admin(store).inspect(&k).await.unwrap().expect("record");
     assert_eq!(
-        store.reset_attempts(&k).await.unwrap(),
+        admin(store).reset_attempts(&k).await.unwrap(),
         AdminOutcome::Applied
     );
-    let r = store.inspect(&k).await.unwrap().expect("record");
+    let r = admin(store).inspect(&k).await.unwrap().expect("record");
     assert_eq!((r.state, r.attempts), (RecordState::Released, 0));
     assert!(r.token > before.token);
     let (t, attempt) = acquired(store, &limited(&k)).await;
     assert_eq!(attempt, 1);
     assert_eq!(
-        store.reset_attempts(&k).await.unwrap(),
+        admin(store).reset_attempts(&k).await.unwrap(),
         AdminOutcome::Unchanged {
             state: RecordState::InProgress
         },
@@ -329,7 +340,7 @@ pub async fn reset_attempts_unpoisons(store: Arc<dyn Store>) {
     );
     complete(store, &k, t, None).await;
     assert_eq!(
-        store.reset_attempts(&k).await.unwrap(),
+        admin(store).reset_attempts(&k).await.unwrap(),
         AdminOutcome::Unchanged {
             state: RecordState::Completed
         }
@@ -347,14 +358,54 @@ pub async fn reset_attempts_unpoisons(store: Arc<dyn Store>) {
         ClaimOutcome::Exhausted { attempts: 1 }
     );
     assert_eq!(
-        store.reset_attempts(&crashed).await.unwrap(),
+        admin(store).reset_attempts(&crashed).await.unwrap(),
         AdminOutcome::Applied
     );
     let (t, attempt) = acquired(store, &once).await;
     assert_eq!(attempt, 1);
     assert!(t > old);
     assert_eq!(
-        store.reset_attempts(&key(&scope, "absent")).await.unwrap(),
+        admin(store)
+            .reset_attempts(&key(&scope, "absent"))
+            .await
+            .unwrap(),
         AdminOutcome::NotFound
     );
+}
+
+/// Forget deletes a record in any state; inspect of an absent key is `None`.
+pub async fn forget_and_inspect(store: Arc<dyn Store>) {
+    let scope = unique_scope("forget");
+    let k = key(&scope, "m-1");
+    assert_eq!(admin(&*store).inspect(&k).await.unwrap(), None);
+    assert!(!admin(&*store).forget(&k).await.unwrap());
+    let (t, _) = acquired(&*store, &claim_request(&k, LONG)).await;
+    complete(&*store, &k, t, Some(b"1")).await;
+    assert!(admin(&*store).forget(&k).await.unwrap());
+    assert_eq!(admin(&*store).inspect(&k).await.unwrap(), None);
+    let (_, attempt) = acquired(&*store, &claim_request(&k, LONG)).await;
+    assert_eq!(attempt, 1);
+}
+
+/// `Idempotency::inspect` and `forget` work on a message key, in the handler's scope.
+pub async fn idempotency_inspects_and_forgets_by_message_key(store: Arc<dyn Store>) {
+    let h = handler(&store, "admin-helpers");
+    assert_eq!(h.inspect("m-1").await.unwrap(), None);
+    let r: Result<u32, HandlerError> = h.run("m-1", async { Ok(5) }).await;
+    assert_eq!(r.unwrap(), 5);
+    let rec = h.inspect("m-1").await.unwrap().expect("a record");
+    assert_eq!(rec.state, RecordState::Completed);
+    assert_eq!(rec.output.as_deref(), Some(&b"5"[..]));
+    let direct = admin(&*store)
+        .inspect(&h.record_key("m-1").unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        direct.map(|r| (r.state, r.token)),
+        Some((rec.state, rec.token))
+    );
+    assert!(h.forget("m-1").await.unwrap());
+    assert!(!h.forget("m-1").await.unwrap());
+    let r: Result<u32, HandlerError> = h.run("m-1", async { Ok(6) }).await;
+    assert_eq!(r.unwrap(), 6, "forgotten: the next delivery runs again");
 }

@@ -1,139 +1,25 @@
-//! The store conformance suite: one set of checks, run against every store.
-//!
-//! Every case here takes a fresh handle to the store under test and
-//! checks one rule of the [`Store`] contract or one guarantee of the protocol
-//! (G1–G6, G8). Each case works in its own random scope, so cases can run in parallel
-//! against one shared server.
-//!
-//! Use [`conformance_suite!`](crate::conformance_suite) to get one `#[tokio::test]` per
-//! case, or [`run_all`] to run every case in one test (for fixtures that are
-//! expensive to start, such as a Redis Cluster).
-//!
-//! The store-specific tests share its claim requests ([`claim_request`],
-//! [`acquire_token`]), [`free_port`] and the two-store race ([`race_two_stores`]).
+//! The protocol cases: the rules of [`ClaimOutcome`] and of each [`Store`] method, and
+//! the guarantees of the protocol that runs on them (G1–G6, G8). They need only
+//! [`Store`]; on a store with operator actions ([`Store::as_admin`]) they also check
+//! the records they leave.
 
+use super::support::{
+    HandlerError, LEASE, LONG_LEASE, TTL, acquire, acquire_token, complete, handler, key, record,
+    release, req, short, unique_scope,
+};
+use crate::error::{Error, NotReplayable};
+use crate::key::RecordKey;
+use crate::manual::Idempotency;
+use crate::protocol::{OnInProgress, OnStoreError, current_claim};
+use crate::store::{
+    ClaimOutcome, ClaimRequest, Completion, Fence, RecordState, Release, Store, Token,
+};
+use crate::testing::FaultyStore;
 use futures_util::future::join_all;
-use idempotent_runtime::store::{
-    ClaimOutcome, ClaimRequest, Completion, Fence, RecordState, Release,
-};
-use idempotent_runtime::testing::FaultyStore;
-use idempotent_runtime::{
-    Error, Idempotency, NotReplayable, OnInProgress, OnStoreError, RecordKey, Store, Token,
-    current_claim,
-};
 use std::collections::HashSet;
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
-
-pub use crate::conformance_scan::{
-    force_release_fences_the_holder, reset_attempts_unpoisons,
-    scan_pages_through_records_with_filters, stats_count_per_scope_and_state,
-};
-
-/// Short lease used by the cases that wait for expiry.
-pub const LEASE: Duration = Duration::from_millis(300);
-/// Lease of the cases that do not wait for expiry: long enough that a loaded machine
-/// never lets it lapse mid-case.
-const LONG_LEASE: Duration = Duration::from_secs(30);
-/// The ttl of the records the cases (and the store-specific tests) claim.
-pub const TTL: Duration = Duration::from_secs(60);
-
-/// A scope no other case or run uses.
-pub fn unique_scope(case: &str) -> String {
-    let mut b = [0u8; 8];
-    getrandom::fill(&mut b).expect("random bytes");
-    format!("conformance::{case}::{:016x}", u64::from_le_bytes(b))
-}
-
-fn key(scope: &str, k: &str) -> RecordKey {
-    RecordKey::new(scope, k).expect("valid key")
-}
-
-/// A claim of `key` with `lease`, a ttl of [`TTL`], no fingerprint and no attempt limit.
-pub fn claim_request(key: &RecordKey, lease: Duration) -> ClaimRequest<'_> {
-    ClaimRequest {
-        key,
-        lease,
-        ttl: TTL,
-        fingerprint: None,
-        max_attempts: None,
-    }
-}
-
-fn req(key: &RecordKey) -> ClaimRequest<'_> {
-    claim_request(key, LONG_LEASE)
-}
-
-async fn acquire(store: &dyn Store, r: &ClaimRequest<'_>) -> (Token, u32) {
-    match store.claim(r).await.expect("claim") {
-        ClaimOutcome::Acquired { token, attempt } => (token, attempt),
-        other => panic!("expected Acquired, got {other:?}"),
-    }
-}
-
-/// Claims `r`, which must be acquired; its token.
-pub async fn acquire_token(store: &dyn Store, r: &ClaimRequest<'_>) -> Token {
-    acquire(store, r).await.0
-}
-
-/// A loopback port nothing listens on (at the time of the call).
-pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free loopback port")
-}
-
-async fn complete(store: &dyn Store, key: &RecordKey, token: Token, output: &[u8]) -> Fence {
-    store
-        .complete(&Completion {
-            key,
-            token,
-            output: Some(output),
-            ttl: TTL,
-        })
-        .await
-        .expect("complete")
-}
-
-async fn release(store: &dyn Store, key: &RecordKey, token: Token) -> Fence {
-    store
-        .release(&Release { key, token })
-        .await
-        .expect("release")
-}
-
-/// A claim with the short lease, for the cases that wait for it to expire.
-fn short(key: &RecordKey) -> ClaimRequest<'_> {
-    ClaimRequest {
-        lease: LEASE,
-        ..req(key)
-    }
-}
-
-fn handler(store: &Arc<dyn Store>, case: &str) -> Idempotency {
-    Idempotency::new(unique_scope(case))
-        .shared_store(store.clone())
-        .lease(LEASE)
-        .ttl(TTL)
-}
-
-/// The error type of the handlers in this suite.
-#[derive(Debug)]
-pub enum HandlerError {
-    /// From the protocol.
-    Idem(Error),
-    /// From the handler body.
-    Business(&'static str),
-}
-
-impl From<Error> for HandlerError {
-    fn from(e: Error) -> Self {
-        HandlerError::Idem(e)
-    }
-}
 
 // ---------------------------------------------------------------- claim rules
 
@@ -143,15 +29,17 @@ pub async fn claim_fresh_key_acquires(store: Arc<dyn Store>) {
     let k = key(&scope, "m-1");
     let (token, attempt) = acquire(&*store, &req(&k)).await;
     assert_eq!(attempt, 1);
-    let rec = store.inspect(&k).await.unwrap().expect("record exists");
-    assert_eq!(rec.state, RecordState::InProgress);
-    assert_eq!(rec.attempts, 1);
-    assert_eq!(rec.token, token);
-    let left = rec.lease_remaining.expect("lease is live");
-    assert!(
-        left <= LONG_LEASE && left > Duration::ZERO,
-        "lease left {left:?}"
-    );
+    if let Some(found) = record(&*store, &k).await {
+        let rec = found.expect("record exists");
+        assert_eq!(rec.state, RecordState::InProgress);
+        assert_eq!(rec.attempts, 1);
+        assert_eq!(rec.token, token);
+        let left = rec.lease_remaining.expect("lease is live");
+        assert!(
+            left <= LONG_LEASE && left > Duration::ZERO,
+            "lease left {left:?}"
+        );
+    }
 }
 
 /// G2: a duplicate of a completed key gets the cached output from the claim itself.
@@ -171,9 +59,11 @@ pub async fn duplicate_of_completed_key_replays_output(store: Arc<dyn Store>) {
             }
         );
     }
-    let rec = store.inspect(&k).await.unwrap().unwrap();
-    assert_eq!(rec.state, RecordState::Completed);
-    assert_eq!(rec.attempts, 1, "replays are not attempts");
+    if let Some(found) = record(&*store, &k).await {
+        let rec = found.unwrap();
+        assert_eq!(rec.state, RecordState::Completed);
+        assert_eq!(rec.attempts, 1, "replays are not attempts");
+    }
 }
 
 /// A completion without a cached output replays as `output: None`.
@@ -236,9 +126,11 @@ pub async fn released_key_is_claimable_at_once(store: Arc<dyn Store>) {
     let k = key(&scope, "m-1");
     let (t1, _) = acquire(&*store, &req(&k)).await;
     assert_eq!(release(&*store, &k, t1).await, Fence::Held);
-    let rec = store.inspect(&k).await.unwrap().unwrap();
-    assert_eq!(rec.state, RecordState::Released);
-    assert_eq!(rec.attempts, 1);
+    if let Some(found) = record(&*store, &k).await {
+        let rec = found.unwrap();
+        assert_eq!(rec.state, RecordState::Released);
+        assert_eq!(rec.attempts, 1);
+    }
     let (t2, attempt) = acquire(&*store, &req(&k)).await;
     assert_eq!(attempt, 2);
     assert!(t2 > t1, "tokens grow: {t1} then {t2}");
@@ -266,9 +158,11 @@ pub async fn stale_owner_is_fenced(store: Arc<dyn Store>) {
     assert_eq!(complete(&*store, &k, old, b"\"stale\"").await, Fence::Lost);
     assert_eq!(release(&*store, &k, old).await, Fence::Lost);
     assert_eq!(store.renew(&k, old, LEASE).await.unwrap(), Fence::Lost);
-    let rec = store.inspect(&k).await.unwrap().unwrap();
-    assert_eq!(rec.state, RecordState::InProgress);
-    assert_eq!(rec.token, new);
+    if let Some(found) = record(&*store, &k).await {
+        let rec = found.unwrap();
+        assert_eq!(rec.state, RecordState::InProgress);
+        assert_eq!(rec.token, new);
+    }
     assert_eq!(complete(&*store, &k, new, b"\"fresh\"").await, Fence::Held);
     assert_eq!(
         store.claim(&short(&k)).await.unwrap(),
@@ -293,10 +187,9 @@ pub async fn tokens_strictly_increase(store: Arc<dyn Store>) {
         let (t, _) = acquire(&*store, &req(&k)).await;
         assert!(t > last, "token {t} after {last}");
         last = t;
-        if i % 2 == 0 {
-            release(&*store, &k, t).await;
-        } else {
-            assert!(store.forget(&k).await.unwrap());
+        match store.as_admin() {
+            Some(admin) if i % 2 == 1 => assert!(admin.forget(&k).await.unwrap()),
+            _ => assert_eq!(release(&*store, &k, t).await, Fence::Held),
         }
     }
 }
@@ -372,8 +265,10 @@ pub async fn fingerprint_mismatch_is_refused(store: Arc<dyn Store>) {
             output: Some(b"1".to_vec())
         }
     );
-    let rec = store.inspect(&k).await.unwrap().unwrap();
-    assert_eq!(rec.fingerprint.as_deref(), Some(fp_a));
+    if let Some(found) = record(&*store, &k).await {
+        let rec = found.unwrap();
+        assert_eq!(rec.fingerprint.as_deref(), Some(fp_a));
+    }
 }
 
 /// G2 is bounded by the ttl: a completed record is forgotten after it.
@@ -401,25 +296,15 @@ pub async fn completed_record_expires_after_ttl(store: Arc<dyn Store>) {
         ClaimOutcome::Completed { .. }
     ));
     tokio::time::sleep(Duration::from_millis(600)).await;
-    assert_eq!(store.inspect(&k).await.unwrap(), None);
+    if let Some(found) = record(&*store, &k).await {
+        assert_eq!(found, None);
+    }
     let (_, attempt) = acquire(&*store, &short).await;
     assert_eq!(attempt, 1, "an expired record starts over");
     // purging is safe to call at any time
-    store.purge_expired().await.unwrap();
-}
-
-/// Forget deletes a record in any state; inspect of an absent key is `None`.
-pub async fn forget_and_inspect(store: Arc<dyn Store>) {
-    let scope = unique_scope("forget");
-    let k = key(&scope, "m-1");
-    assert_eq!(store.inspect(&k).await.unwrap(), None);
-    assert!(!store.forget(&k).await.unwrap());
-    let (t, _) = acquire(&*store, &req(&k)).await;
-    complete(&*store, &k, t, b"1").await;
-    assert!(store.forget(&k).await.unwrap());
-    assert_eq!(store.inspect(&k).await.unwrap(), None);
-    let (_, attempt) = acquire(&*store, &req(&k)).await;
-    assert_eq!(attempt, 1);
+    if let Some(admin) = store.as_admin() {
+        admin.purge_expired().await.unwrap();
+    }
 }
 
 /// Scopes never share records.
@@ -478,8 +363,10 @@ pub async fn keys_are_data(store: Arc<dyn Store>) {
             },
             "key #{i} kept its own record"
         );
-        let rec = store.inspect(k).await.unwrap().unwrap();
-        assert_eq!(rec.output, Some(format!("{i}").into_bytes()));
+        if let Some(found) = record(&*store, k).await {
+            let rec = found.unwrap();
+            assert_eq!(rec.output, Some(format!("{i}").into_bytes()));
+        }
     }
 }
 
@@ -584,12 +471,10 @@ pub async fn handler_error_releases_for_retry(store: Arc<dyn Store>) {
         .run("m-1", async { Err(HandlerError::Business("db down")) })
         .await;
     assert!(matches!(r, Err(HandlerError::Business("db down"))));
-    let rec = store
-        .inspect(&h.record_key("m-1").unwrap())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_ne!(rec.state, RecordState::Completed);
+    if let Some(found) = record(&*store, &h.record_key("m-1").unwrap()).await {
+        let rec = found.unwrap();
+        assert_ne!(rec.state, RecordState::Completed);
+    }
     let r: Result<u32, HandlerError> = h
         .run("m-1", async {
             assert_eq!(current_claim().unwrap().attempt, 2);
@@ -614,12 +499,10 @@ pub async fn panic_releases_for_retry(store: Arc<dyn Store>) {
     })
     .await;
     assert!(joined.unwrap_err().is_panic());
-    let rec = store
-        .inspect(&h.record_key("m-1").unwrap())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(rec.state, RecordState::Released);
+    if let Some(found) = record(&*store, &h.record_key("m-1").unwrap()).await {
+        let rec = found.unwrap();
+        assert_eq!(rec.state, RecordState::Released);
+    }
     let r: Result<u32, HandlerError> = h.run("m-1", async { Ok(1) }).await;
     assert_eq!(r.unwrap(), 1);
 }
@@ -639,17 +522,20 @@ pub async fn cancellation_releases_for_retry(store: Arc<dyn Store>) {
     );
     // the release runs on a spawned task; give it a moment, far less than the lease
     let k = h.record_key("m-1").unwrap();
-    let mut state = None;
-    for _ in 0..50 {
-        state = store.inspect(&k).await.unwrap().map(|r| r.state);
-        if state == Some(RecordState::Released) {
-            break;
+    if let Some(admin) = store.as_admin() {
+        let mut state = None;
+        for _ in 0..50 {
+            state = admin.inspect(&k).await.unwrap().map(|r| r.state);
+            if state == Some(RecordState::Released) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(state, Some(RecordState::Released));
     }
-    assert_eq!(state, Some(RecordState::Released));
-    let r: Result<u32, HandlerError> = h.run("m-1", async { Ok(2) }).await;
-    assert_eq!(r.unwrap(), 2);
+    // on any store, the next delivery runs once the claim is released, long before
+    // the 30 s lease could run out
+    assert_eq!(run_when_free(&h, "m-1", 2).await.unwrap(), 2);
 }
 
 /// G2/G3: a handler cancelled after its body succeeded, while its completion is in
@@ -673,17 +559,34 @@ pub async fn cancelled_while_completing_still_completes(store: Arc<dyn Store>) {
     );
     faulty.set_delay(Duration::ZERO);
     let k = h.record_key("m-1").unwrap();
-    let mut state = None;
-    for _ in 0..50 {
-        state = store.inspect(&k).await.unwrap().map(|r| r.state);
-        if state == Some(RecordState::Completed) {
-            break;
+    if let Some(admin) = store.as_admin() {
+        let mut state = None;
+        for _ in 0..50 {
+            state = admin.inspect(&k).await.unwrap().map(|r| r.state);
+            if state == Some(RecordState::Completed) {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert_eq!(state, Some(RecordState::Completed));
     }
-    assert_eq!(state, Some(RecordState::Completed));
-    let again: Result<u32, HandlerError> = h.run("m-1", async { Ok(0) }).await;
-    assert_eq!(again.unwrap(), 11);
+    // on any store, the next delivery replays once the completion landed, long before
+    // the 30 s lease could run out
+    assert_eq!(run_when_free(&h, "m-1", 0).await.unwrap(), 11);
+}
+
+/// Delivers `id` to `h` with a body answering `value`, again every 20 ms for up to a
+/// second while another claim holds it (a release or completion still on its way).
+async fn run_when_free(h: &Idempotency, id: &str, value: u32) -> Result<u32, HandlerError> {
+    for _ in 0..50 {
+        match h.run(id, async move { Ok(value) }).await {
+            Err(HandlerError::Idem(Error::InProgress { .. })) => {
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            other => return other,
+        }
+    }
+    h.run(id, async move { Ok(value) }).await
 }
 
 /// G1: the lease is renewed while a handler outlives it, so duplicates keep being
@@ -880,9 +783,11 @@ pub async fn retried_release_after_a_lost_reply_is_held(store: Arc<dyn Store>) {
     );
     let other = Token::new(first.get() + 1);
     assert_eq!(release(&*store, &k, other).await, Fence::Lost);
-    let rec = store.inspect(&k).await.unwrap().expect("record");
-    assert_eq!((rec.state, rec.attempts), (RecordState::Released, 1));
-    assert_eq!(rec.token, first, "the repeats changed nothing");
+    if let Some(found) = record(&*store, &k).await {
+        let rec = found.expect("record");
+        assert_eq!((rec.state, rec.attempts), (RecordState::Released, 1));
+        assert_eq!(rec.token, first, "the repeats changed nothing");
+    }
 
     let (second, attempt) = acquire(&*store, &req(&k)).await;
     assert_eq!(attempt, 2);
@@ -897,8 +802,10 @@ pub async fn retried_release_after_a_lost_reply_is_held(store: Arc<dyn Store>) {
             .unwrap(),
         vec![Fence::Lost]
     );
-    let rec = store.inspect(&k).await.unwrap().expect("record");
-    assert_eq!((rec.state, rec.token), (RecordState::InProgress, second));
+    if let Some(found) = record(&*store, &k).await {
+        let rec = found.expect("record");
+        assert_eq!((rec.state, rec.token), (RecordState::InProgress, second));
+    }
     assert_eq!(release(&*store, &k, second).await, Fence::Held);
     // a released claim cannot complete
     assert_eq!(complete(&*store, &k, second, b"1").await, Fence::Lost);
@@ -937,8 +844,10 @@ pub async fn renewal_in_flight_when_the_body_returns(store: Arc<dyn Store>) {
     blocked.await.unwrap();
     assert!(faulty.calls().renew >= 1, "a renewal was in flight");
     let k = h.record_key("m-1").unwrap();
-    let state = store.inspect(&k).await.unwrap().map(|r| r.state);
-    assert_eq!(state, Some(RecordState::Completed));
+    if let Some(found) = record(&*store, &k).await {
+        let state = found.map(|r| r.state);
+        assert_eq!(state, Some(RecordState::Completed));
+    }
     // the store still takes writes: another key runs and completes
     let next = tokio::time::timeout(
         Duration::from_secs(10),
@@ -1064,12 +973,10 @@ pub async fn current_claim_matches_the_record(store: Arc<dyn Store>) {
         .await
         .unwrap()
         .expect("claim visible inside the handler");
-    let rec = store
-        .inspect(&h.record_key("m-1").unwrap())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(seen, (rec.token.get(), 1));
+    if let Some(found) = record(&*store, &h.record_key("m-1").unwrap()).await {
+        let rec = found.unwrap();
+        assert_eq!(seen, (rec.token.get(), 1));
+    }
 }
 
 /// The batch protocol: each distinct key runs once, repeats inside the batch and keys
@@ -1144,85 +1051,10 @@ pub async fn batch_protocol_runs_each_key_once(store: Arc<dyn Store>) {
         assert_eq!(n.load(Ordering::SeqCst), 1, "key {id}");
     }
     assert_eq!(runs[7].load(Ordering::SeqCst), 2);
-    let rec = store
-        .inspect(&h.record_key(&7u32).unwrap())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!((rec.state, rec.attempts), (RecordState::Completed, 2));
-}
-
-// ---------------------------------------------------------------- two stores
-
-/// Two stores (separate connections, as two consumer processes have) run `tasks`
-/// concurrent deliveries of each of `keys` keys, half through each store, waiting on
-/// each other's claims (handlers with `lease`, in a scope named after `case`). Asserts
-/// that every key's body ran exactly once and that every delivery got that key's output.
-pub async fn race_two_stores(
-    case: &str,
-    lease: Duration,
-    a: Arc<dyn Store>,
-    b: Arc<dyn Store>,
-    keys: usize,
-    tasks: usize,
-) {
-    let scope = unique_scope(case);
-    let make = |s: &Arc<dyn Store>| {
-        Idempotency::new(scope.clone())
-            .shared_store(s.clone())
-            .lease(lease)
-            .ttl(Duration::from_secs(120))
-            .on_in_progress(OnInProgress::Wait)
-    };
-    let handlers = [make(&a), make(&b)];
-    let runs: Arc<Vec<AtomicU32>> = Arc::new((0..keys).map(|_| AtomicU32::new(0)).collect());
-    let mut jobs = Vec::new();
-    for t in 0..tasks {
-        for k in 0..keys {
-            let h = handlers[(t + k) % 2].clone();
-            let runs = runs.clone();
-            jobs.push(tokio::spawn(async move {
-                let id = format!("order-{k}");
-                let r: Result<u64, Error> = h
-                    .run(id.as_str(), async {
-                        runs[k].fetch_add(1, Ordering::SeqCst);
-                        tokio::time::sleep(Duration::from_millis(20)).await;
-                        Ok(k as u64 * 7 + 1)
-                    })
-                    .await;
-                (k, r)
-            }));
-        }
+    if let Some(found) = record(&*store, &h.record_key(&7u32).unwrap()).await {
+        let rec = found.unwrap();
+        assert_eq!((rec.state, rec.attempts), (RecordState::Completed, 2));
     }
-    for j in join_all(jobs).await {
-        let (k, r) = j.expect("task");
-        match r {
-            Ok(v) => assert_eq!(v, k as u64 * 7 + 1, "key {k} got another key's output"),
-            Err(e) => panic!("delivery of key {k} failed: {e} ({e:?})"),
-        }
-    }
-    for (k, n) in runs.iter().enumerate() {
-        assert_eq!(
-            n.load(Ordering::SeqCst),
-            1,
-            "the body of key {k} ran {n:?} times"
-        );
-    }
-}
-
-/// Runs every case against stores made by `make`, one after another.
-pub async fn run_all<F, Fut>(make: F)
-where
-    F: Fn() -> Fut,
-    Fut: Future<Output = Arc<dyn Store>>,
-{
-    macro_rules! run {
-        ($($case:ident),* $(,)?) => {$(
-            eprintln!("conformance: {}", stringify!($case));
-            $case(make().await).await;
-        )*};
-    }
-    crate::__conformance_cases!(run!());
 }
 
 /// `run_batch_with_fingerprint`: a key seen before with another fingerprint (in an
@@ -1297,7 +1129,7 @@ pub async fn batch_fingerprints_are_checked(store: Arc<dyn Store>) {
 
 /// `observe` tells the caller how each message ended without reading logs.
 pub async fn observe_tells_replays_from_executions(store: Arc<dyn Store>) {
-    use idempotent_runtime::{Outcome, observe};
+    use crate::protocol::{Outcome, observe};
     let h = handler(&store, "observe");
     let (r, o) = observe(h.run("m-1", async { Ok::<_, HandlerError>(7) })).await;
     assert_eq!((r.unwrap(), o), (7, Some(Outcome::Executed)));
@@ -1317,107 +1149,4 @@ pub async fn observe_tells_replays_from_executions(store: Arc<dyn Store>) {
     assert_eq!((r.unwrap(), o), (2, Some(Outcome::Executed)));
     let (_, o) = observe(h.run("m-3", async { Ok::<_, HandlerError>(0) })).await;
     assert_eq!(o, Some(Outcome::Replayed));
-}
-
-/// `Idempotency::inspect` and `forget` work on a message key, in the handler's scope.
-pub async fn idempotency_inspects_and_forgets_by_message_key(store: Arc<dyn Store>) {
-    let h = handler(&store, "admin-helpers");
-    assert_eq!(h.inspect("m-1").await.unwrap(), None);
-    let r: Result<u32, HandlerError> = h.run("m-1", async { Ok(5) }).await;
-    assert_eq!(r.unwrap(), 5);
-    let rec = h.inspect("m-1").await.unwrap().expect("a record");
-    assert_eq!(rec.state, RecordState::Completed);
-    assert_eq!(rec.output.as_deref(), Some(&b"5"[..]));
-    let direct = store.inspect(&h.record_key("m-1").unwrap()).await.unwrap();
-    assert_eq!(
-        direct.map(|r| (r.state, r.token)),
-        Some((rec.state, rec.token))
-    );
-    assert!(h.forget("m-1").await.unwrap());
-    assert!(!h.forget("m-1").await.unwrap());
-    let r: Result<u32, HandlerError> = h.run("m-1", async { Ok(6) }).await;
-    assert_eq!(r.unwrap(), 6, "forgotten: the next delivery runs again");
-}
-
-/// The list of cases, for [`conformance_suite!`](crate::conformance_suite) and [`run_all`]:
-/// calls `$m!($($arg)* case, case, …)`.
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __conformance_cases {
-    ($m:ident ! ($($arg:tt)*)) => {
-        $m!(
-            $($arg)*
-            claim_fresh_key_acquires,
-            duplicate_of_completed_key_replays_output,
-            completed_without_output_replays_none,
-            live_claim_refuses_others,
-            racing_claims_have_one_winner,
-            released_key_is_claimable_at_once,
-            expired_lease_is_taken_over,
-            stale_owner_is_fenced,
-            tokens_strictly_increase,
-            renewal_extends_the_lease,
-            max_attempts_poisons_the_key,
-            fingerprint_mismatch_is_refused,
-            completed_record_expires_after_ttl,
-            forget_and_inspect,
-            scopes_are_isolated,
-            keys_are_data,
-            batches_follow_the_same_rules,
-            concurrent_duplicates_run_once,
-            handler_error_releases_for_retry,
-            panic_releases_for_retry,
-            cancellation_releases_for_retry,
-            cancelled_while_completing_still_completes,
-            long_handler_keeps_its_lease,
-            expired_holder_cannot_overwrite,
-            store_outage_fails_closed,
-            lost_completion_frees_after_lease,
-            retried_completion_after_a_lost_reply_is_held,
-            retried_release_after_a_lost_reply_is_held,
-            renewal_in_flight_when_the_body_returns,
-            waiting_duplicate_gets_winners_output,
-            attempts_exhausted_after_failures,
-            fingerprint_mismatch_through_protocol,
-            oversized_output_is_not_replayed,
-            unserializable_output_says_why,
-            current_claim_matches_the_record,
-            batch_protocol_runs_each_key_once,
-            batch_fingerprints_are_checked,
-            observe_tells_replays_from_executions,
-            idempotency_inspects_and_forgets_by_message_key,
-            scan_pages_through_records_with_filters,
-            stats_count_per_scope_and_state,
-            force_release_fences_the_holder,
-            reset_attempts_unpoisons,
-        );
-    };
-}
-
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __conformance_tests {
-    ({ $make:expr } $($case:ident),* $(,)?) => {$(
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $case() {
-            let store: ::std::sync::Arc<dyn ::idempotent_runtime::Store> = $make.await;
-            $crate::conformance::$case(store).await;
-        }
-    )*};
-}
-
-/// One `#[tokio::test]` per conformance case, each with a store from `$make` (an
-/// expression, usually an `async` block, evaluating to a future of `Arc<dyn Store>`).
-///
-/// ```ignore
-/// idempotent_tests::conformance_suite!(async {
-///     Arc::new(MemoryStore::new()) as Arc<dyn Store>
-/// });
-/// ```
-#[macro_export]
-macro_rules! conformance_suite {
-    ($make:expr) => {
-        use $crate::__conformance_tests as __conformance_tests_local;
-        $crate::__conformance_cases!(__conformance_tests_local!({ $make }));
-    };
 }

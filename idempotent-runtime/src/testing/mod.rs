@@ -1,11 +1,13 @@
-//! Test your own handlers under the failures that cause duplicates (feature `testing`).
+//! Test your own handlers under the failures that cause duplicates, and your own
+//! stores against the store contract ([`conformance`]) (feature `testing`).
 //!
 //! [`FaultyStore`] wraps any store and injects faults on command: the store going
 //! down, completions that never arrive, completions whose reply never arrives,
 //! renewals that never arrive (so leases expire under a running handler), a slow store,
 //! and a write path blocked from outside (as another connection holding a database's
 //! write lock blocks a single-writer store). It also counts the calls each protocol
-//! step makes, so tests can assert round trips. Pair it with a
+//! step makes, so tests can assert round trips. Its operator actions
+//! ([`as_admin`](Store::as_admin)) are the wrapped store's, without faults. Pair it with a
 //! [`MemoryStore`](crate::MemoryStore) on a [`ManualClock`] to move
 //! time by hand.
 //!
@@ -29,10 +31,13 @@
 //! # });
 //! ```
 
+pub mod conformance;
+
 pub use crate::clock::ManualClock;
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::RecordKey;
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
+use crate::store::admin::StoreAdmin;
+use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Store, Token};
 use async_trait::async_trait;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -220,53 +225,9 @@ impl<S: Store> Store for FaultyStore<S> {
         self.inner.renew(key, token, lease).await
     }
 
-    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        self.gate("store down").await?;
-        self.inner.inspect(key).await
-    }
-
-    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        self.gate("store down").await?;
-        self.inner.forget(key).await
-    }
-
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        self.gate("store down").await?;
-        self.inner.purge_expired().await
-    }
-
-    async fn scan(
-        &self,
-        filter: &crate::store::scan::ScanFilter,
-        cursor: Option<&crate::store::scan::ScanCursor>,
-        limit: usize,
-    ) -> Result<crate::store::scan::ScanPage, StoreError> {
-        self.gate("store down").await?;
-        self.inner.scan(filter, cursor, limit).await
-    }
-
-    async fn stats(
-        &self,
-        scope: Option<&str>,
-        poisoned_at: Option<u32>,
-    ) -> Result<Vec<crate::store::scan::ScopeStats>, StoreError> {
-        self.gate("store down").await?;
-        self.inner.stats(scope, poisoned_at).await
-    }
-
-    async fn force_release(
-        &self,
-        key: &RecordKey,
-    ) -> Result<crate::store::scan::AdminOutcome, StoreError> {
-        self.gate("store down").await?;
-        self.inner.force_release(key).await
-    }
-
-    async fn reset_attempts(
-        &self,
-        key: &RecordKey,
-    ) -> Result<crate::store::scan::AdminOutcome, StoreError> {
-        self.gate("store down").await?;
-        self.inner.reset_attempts(key).await
+    /// The inner store's operator actions, without faults: they are not protocol
+    /// steps, and a test reads through them what the faults left behind.
+    fn as_admin(&self) -> Option<&dyn StoreAdmin> {
+        self.inner.as_admin()
     }
 }
