@@ -88,8 +88,10 @@ async fn start_broker(
         ha_listen_port: usize::from(free_port()),
         // the broker refuses to start on a disk over 75 % full by default; a test broker
         // writes a few kilobytes, so only a nearly full disk (95 %, the most it allows)
-        // stops it
+        // stops it. The three ratios must rise in this order.
         disk_max_used_space_ratio: 95,
+        disk_space_clean_forcibly_ratio: 96,
+        disk_space_warning_level_ratio: 97,
         ..MessageStoreConfig::default()
     };
     let validated = ValidatedBrokerConfig::try_from_parts(broker_config, store_config)
