@@ -18,6 +18,7 @@ use std::time::Duration;
 /// | [`UnknownStore`](Error::UnknownStore) | `store = "name"` was never registered | fix start-up |
 /// | [`OutputNotReplayable`](Error::OutputNotReplayable) | duplicate of a completed key whose output cannot be replayed | ack or alert |
 /// | [`InvalidSettings`](Error::InvalidSettings) | the manual API was configured with settings the protocol refuses, or two handlers of the process have one default scope | fix the code |
+/// | [`InvalidEmission`](Error::InvalidEmission) | a transactional handler's outbox messages cannot be written | roll back, fix the code |
 ///
 /// [`is_retryable`](Error::is_retryable) tells the first and the transient store
 /// failures apart from the rest.
@@ -68,6 +69,14 @@ pub enum Error {
         /// What is wrong and how to fix it.
         reason: String,
     },
+    /// The messages a handler emitted through its [`Outbox`](crate::outbox::Outbox)
+    /// cannot be written (an outbox no handler bound, an empty destination, one
+    /// emission name used twice): nothing was written, and the caller rolls the
+    /// transaction back.
+    InvalidEmission {
+        /// What is wrong and how to fix it.
+        reason: String,
+    },
 }
 
 /// Why a completed key's output could not be replayed to a duplicate.
@@ -103,7 +112,8 @@ impl Error {
             | Error::Fingerprint(_)
             | Error::UnknownStore { .. }
             | Error::OutputNotReplayable { .. }
-            | Error::InvalidSettings { .. } => false,
+            | Error::InvalidSettings { .. }
+            | Error::InvalidEmission { .. } => false,
         }
     }
 }
@@ -134,6 +144,9 @@ impl fmt::Display for Error {
             ),
             Error::InvalidSettings { reason } => {
                 write!(f, "invalid idempotency settings: {reason}")
+            }
+            Error::InvalidEmission { reason } => {
+                write!(f, "the outbox messages cannot be written: {reason}")
             }
             Error::OutputNotReplayable { reason } => match reason {
                 NotReplayable::TooLarge => {

@@ -19,6 +19,7 @@ mod fingerprint;
 mod inline;
 mod key;
 mod manual;
+pub mod outbox;
 mod output;
 mod protocol;
 mod registry;
