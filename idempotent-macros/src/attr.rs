@@ -8,7 +8,7 @@ use syn::{Expr, ExprLit, Lit, LitInt, LitStr, Path};
 
 /// Every argument the attribute accepts, for the "unknown argument" message.
 pub(crate) const ARGUMENTS: &str = "`key`, `store`, `ttl`, `lease`, `max_attempts`, `scope`, \
-     `fingerprint`, `on_store_error`, `on_in_progress`, `tx`, `table`, `crate`";
+     `fingerprint`, `on_store_error`, `on_in_progress`, `tx`, `table`, `outbox`, `outbox_table`, `crate`";
 
 /// `store = "name"` or `store = PATH`.
 pub(crate) enum StoreArg {
@@ -30,6 +30,8 @@ pub(crate) struct Args {
     pub(crate) on_in_progress: Option<LitStr>,
     pub(crate) tx: Option<LitStr>,
     pub(crate) table: Option<LitStr>,
+    pub(crate) outbox: Option<LitStr>,
+    pub(crate) outbox_table: Option<LitStr>,
     pub(crate) krate: Option<Path>,
     /// Arguments that were given with a value of the wrong shape (already reported),
     /// so that `key = msg.id` is not also reported as a missing `key`.
@@ -147,6 +149,11 @@ impl Args {
                 table,
                 expect_str("table", "message_idempotent", parse_value(&meta)?)
             ),
+            "outbox" => set_once!(outbox, expect_str("outbox", "outbox", parse_value(&meta)?)),
+            "outbox_table" => set_once!(
+                outbox_table,
+                expect_str("outbox_table", "idempotent_outbox", parse_value(&meta)?)
+            ),
             "max_attempts" => {
                 let v = match parse_value(&meta)? {
                     Expr::Lit(ExprLit {
@@ -196,6 +203,7 @@ impl Args {
                     "retries" | "max_retries" | "attempts" => " (did you mean `max_attempts`?)",
                     "namespace" => " (did you mean `scope`?)",
                     "transaction" | "txn" | "in_tx" => " (did you mean `tx`?)",
+                    "emit" | "emitter" | "publisher" => " (did you mean `outbox`?)",
                     _ => "",
                 };
                 errors.at(

@@ -253,6 +253,12 @@ struct Parts<'a> {
 ///     claim.finish(__private::tx_conn(&mut *tx), ret).await  // completion in the same transaction
 /// }, span).await
 /// ```
+///
+/// With `outbox = "outbox"` the transaction goes through `outbox_tx_conn` (which also
+/// needs `OutboxTransaction`), `call.bind(outbox_param(&mut *outbox))` binds the
+/// outbox to the key before the claim, the body reborrows `outbox` as it does `tx`, and
+/// `claim.finish_with_outbox(conn, outbox, ret)` writes the emitted messages before the
+/// completion.
 fn expand_tx(
     tx: &TxMode,
     p: &Parts<'_>,
@@ -277,21 +283,47 @@ fn expand_tx(
     let done = quote_spanned!(site=> __idempotent_done);
     let param = &tx.param;
     let table = &tx.table;
-    // spanned at the parameter's type: a type that is not a transaction is reported there
-    let conn = quote_spanned! {tx.ty_span=>
-        #private::tx_conn(&mut *#param)
+    let outbox_table = match &tx.outbox {
+        Some(o) => {
+            let t = &o.table;
+            quote!(#private::core::option::Option::Some(#t))
+        }
+        None => quote!(#private::core::option::Option::None),
+    };
+    // spanned at the parameters' types: a type that is not a transaction (or not an
+    // outbox) is reported there
+    let (conn, bind, reborrow_outbox, finish) = match &tx.outbox {
+        None => {
+            let conn = quote_spanned! {tx.ty_span=> #private::tx_conn(&mut *#param) };
+            let finish = quote!(#claim.finish(#conn, #ret).await);
+            (conn, quote!(), quote!(), finish)
+        }
+        Some(o) => {
+            let outbox = &o.param;
+            let conn = quote_spanned! {tx.ty_span=> #private::outbox_tx_conn(&mut *#param) };
+            let outbox_ref = quote_spanned! {o.ty_span=> #private::outbox_param(&mut *#outbox) };
+            let bind = quote!(#call.bind(#outbox_ref););
+            let reborrow = quote! {
+                #[allow(unused_variables)]
+                let #outbox = &mut *#outbox;
+            };
+            let finish = quote!(#claim.finish_with_outbox(#conn, #outbox_ref, #ret).await);
+            (conn, bind, reborrow, finish)
+        }
     };
     quote! {
         static #config: #private::TxConfig = #private::TxConfig {
             scope: #scope,
             ttl: #ttl,
             table: #table,
+            outbox_table: #outbox_table,
         };
         let mut #key = #private::KeyBuilder::new();
         #key_parts
         let (#call, #span) = #private::TxCall::new(&#config, #scope_get, #key, #fingerprint);
         #private::Instrument::instrument(
             async move {
+                #bind
                 let #claim = match #call.claim(#conn).await {
                     #private::core::ops::ControlFlow::Continue(#claim) => #claim,
                     #private::core::ops::ControlFlow::Break(#done) => return #done,
@@ -299,6 +331,7 @@ fn expand_tx(
                 let #ret: #ret_ty = {
                     #[allow(unused_variables)]
                     let #param = &mut *#param;
+                    #reborrow_outbox
                     #claim.scoped(async move {
                         #[allow(unreachable_code, clippy::let_and_return, clippy::needless_return)]
                         let #ret: #ret_ty = #block;
@@ -307,7 +340,7 @@ fn expand_tx(
                     })
                     .await
                 };
-                #claim.finish(#conn, #ret).await
+                #finish
             },
             #span,
         )

@@ -88,6 +88,8 @@ where
 
 // ---- transactional mode (`tx = "…"`) ----
 
-pub use crate::protocol::tx::{TxCall, TxClaim, TxConfig, tx_conn};
+pub use crate::protocol::tx::{
+    OutboxTx, TxCall, TxClaim, TxConfig, outbox_param, outbox_tx_conn, tx_conn,
+};
 pub use crate::store::DedupTransaction;
 pub use tracing::Instrument;

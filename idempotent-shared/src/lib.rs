@@ -8,7 +8,7 @@
 //!   `with_table`): [`parse_table_name`];
 //! - the defaults and limits: [`DEFAULT_TTL`], [`DEFAULT_LEASE`], [`MIN_LEASE`],
 //!   [`MAX_TTL`], [`MAX_SCOPE_BYTES`], [`DEFAULT_MAX_OUTPUT_BYTES`], [`DEFAULT_STORE`],
-//!   [`DEFAULT_TABLE`], [`MAX_IDENT_BYTES`].
+//!   [`DEFAULT_TABLE`], [`DEFAULT_OUTBOX_TABLE`], [`MAX_IDENT_BYTES`].
 //!
 //! A procedural macro crate cannot export functions or constants, so the attribute's
 //! compile-time checks and the runtime's checks call this crate instead of keeping copies.
@@ -81,6 +81,10 @@ pub const DEFAULT_STORE: &str = "memory";
 /// The dedup table of the SQL stores and of transactional mode when none is given, after
 /// the classic `message_idempotent` table of hand-written consumers.
 pub const DEFAULT_TABLE: &str = "message_idempotent";
+
+/// The outbox table of `#[idempotent(tx = "…", outbox = "…")]` and of the SQL stores'
+/// outbox, when none is named.
+pub const DEFAULT_OUTBOX_TABLE: &str = "idempotent_outbox";
 
 /// The longest part of a table name ([`parse_table_name`]), in bytes: PostgreSQL's
 /// limit, which it would otherwise apply by silently truncating (MySQL's is 64).

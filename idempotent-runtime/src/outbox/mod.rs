@@ -19,10 +19,10 @@
 //! - [`Publisher`], [`PublishError`], [`MemoryPublisher`]: where messages go;
 //! - [`OutboxTransaction`]: the transactions the messages are written in.
 
-mod id;
-mod message;
-mod publisher;
-mod tx;
+pub(crate) mod id;
+pub(crate) mod message;
+pub(crate) mod publisher;
+pub(crate) mod tx;
 
 pub use id::{Emission, NAMESPACE, message_id};
 pub use message::{Emitted, Outbox, OutgoingMessage};

@@ -4,8 +4,9 @@
 use super::message::Outbox;
 use crate::store::TxFuture;
 
-/// The default outbox table of the SQL stores.
-pub const DEFAULT_OUTBOX_TABLE: &str = "idempotent_outbox";
+/// The outbox table of `#[idempotent(tx = "…", outbox = "…")]` and of the SQL stores'
+/// outbox, when none is named.
+pub const DEFAULT_OUTBOX_TABLE: &str = idempotent_shared::DEFAULT_OUTBOX_TABLE;
 
 /// A transaction the messages of an [`Outbox`] can be written in, beside the business
 /// writes and the dedup row of `#[idempotent(tx = "…", outbox = "…")]`.

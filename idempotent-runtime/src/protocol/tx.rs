@@ -12,6 +12,8 @@ use super::settings::{Settings, output_cap};
 use super::telemetry::{Outcome, disabled, note_disabled, record, record_span};
 use crate::error::{Error, StoreError, StoreErrorKind};
 use crate::key::{KeyBuilder, RecordKey};
+use crate::outbox::message::Outbox;
+use crate::outbox::tx::OutboxTransaction;
 use crate::output::encode_output;
 use crate::store::{ClaimRequest, Completion, DedupTransaction, Fence};
 use serde::Serialize;
@@ -30,6 +32,8 @@ pub struct TxConfig {
     pub ttl: Duration,
     /// The dedup table.
     pub table: &'static str,
+    /// The outbox table, when the handler has `outbox = "…"`.
+    pub outbox_table: Option<&'static str>,
 }
 
 /// The transaction a [`TxCall`] writes in: the `tx = "…"` parameter, spanned at its
@@ -38,6 +42,25 @@ pub struct TxConfig {
 #[inline]
 pub fn tx_conn<X: DedupTransaction>(tx: &mut X) -> &mut dyn DedupTransaction {
     tx
+}
+
+/// A transaction the dedup row and the outbox rows are both written in.
+pub trait OutboxTx: DedupTransaction + OutboxTransaction {}
+
+impl<X: DedupTransaction + OutboxTransaction> OutboxTx for X {}
+
+/// The transaction of a handler with `outbox = "…"`, spanned at the `tx` parameter's
+/// type so that a transaction the outbox cannot be written in is reported there.
+#[inline]
+pub fn outbox_tx_conn<X: DedupTransaction + OutboxTransaction>(tx: &mut X) -> &mut dyn OutboxTx {
+    tx
+}
+
+/// The `outbox = "…"` parameter, spanned at its type so that a parameter that is not
+/// an `&mut Outbox` is reported there.
+#[inline]
+pub fn outbox_param(outbox: &mut Outbox) -> &mut Outbox {
+    outbox
 }
 
 /// One message handled in transactional mode, before its claim.
@@ -72,11 +95,25 @@ pub struct TxCall {
 pub struct TxClaim {
     config: &'static TxConfig,
     scope: &'static str,
+    /// The message's key; `None` when deduplication is disabled and the key could not
+    /// be built.
+    key: Option<RecordKey>,
     /// `None` when deduplication is disabled.
-    claimed: Option<(RecordKey, Claim)>,
+    claim: Option<Claim>,
 }
 
 impl TxCall {
+    /// Binds `outbox` to the message's key and empties it, before the claim: a
+    /// duplicate leaves it empty, and the body emits into it with ids of this key. (A
+    /// key that could not be built is returned by [`claim`](Self::claim) before the
+    /// body runs.)
+    pub fn bind(&self, outbox: &mut Outbox) {
+        match &self.key {
+            Ok(key) => outbox.bind(key),
+            Err(_) => outbox.clear(),
+        }
+    }
+
     /// Finishes the key under `scope` and opens the message's span. A `scope` refused by
     /// the default-scope guard is returned by [`claim`](Self::claim) as a key error is,
     /// before the transaction is used.
@@ -121,7 +158,8 @@ impl TxCall {
             return ControlFlow::Continue(TxClaim {
                 config,
                 scope,
-                claimed: None,
+                key: self.key.ok(),
+                claim: None,
             });
         }
         let prepared = self
@@ -158,7 +196,8 @@ impl TxCall {
                 return ControlFlow::Continue(TxClaim {
                     config,
                     scope,
-                    claimed: Some((key, claim)),
+                    key: Some(key),
+                    claim: Some(claim),
                 });
             }
             Decision::Done(done) => done,
@@ -172,10 +211,52 @@ impl TxCall {
 impl TxClaim {
     /// Runs the body with its claim visible to [`current_claim`](crate::current_claim).
     pub async fn scoped<F: Future>(&self, body: F) -> F::Output {
-        match &self.claimed {
-            Some((_, claim)) => CURRENT_CLAIM.scope(claim.clone(), body).await,
+        match &self.claim {
+            Some(claim) => CURRENT_CLAIM.scope(claim.clone(), body).await,
             None => body.await,
         }
+    }
+
+    /// [`finish`](Self::finish) for a handler with an outbox: on success, the messages
+    /// the body emitted are written in `tx` (one statement) before the completion; on
+    /// error, they are dropped and nothing is written.
+    pub async fn finish_with_outbox<T, E>(
+        self,
+        tx: &mut dyn OutboxTx,
+        outbox: &mut Outbox,
+        result: Result<T, E>,
+    ) -> Result<T, E>
+    where
+        T: Serialize,
+        E: From<Error>,
+    {
+        if result.is_err() {
+            outbox.clear();
+        } else if let Err(e) = self.enqueue(tx, outbox).await {
+            outbox.clear();
+            return Err(e.into());
+        }
+        self.finish(tx, result).await
+    }
+
+    /// Writes the outbox's messages in `tx`, or the error that stops the handler.
+    async fn enqueue(&self, tx: &mut dyn OutboxTx, outbox: &Outbox) -> Result<(), Error> {
+        let table = self
+            .config
+            .outbox_table
+            .unwrap_or(crate::outbox::tx::DEFAULT_OUTBOX_TABLE);
+        let written = match outbox.check() {
+            Err(e) => Err(e),
+            Ok(()) if outbox.is_empty() => return Ok(()),
+            Ok(()) => tx.enqueue_in_tx(table, outbox).await.map_err(Error::Store),
+        };
+        written.inspect_err(|e| {
+            let outcome = match e {
+                Error::Store(_) => Outcome::StoreError,
+                _ => Outcome::Failed,
+            };
+            record(outcome, self.scope);
+        })
     }
 
     /// After the body: on success, marks the key Completed with the output in `tx`
@@ -190,7 +271,7 @@ impl TxClaim {
         T: Serialize,
         E: From<Error>,
     {
-        let Some((key, claim)) = self.claimed else {
+        let (Some(key), Some(claim)) = (self.key, self.claim) else {
             return result;
         };
         let scope = self.scope;
