@@ -7,7 +7,8 @@
 //! the ratio framework / baseline of each round (the median ratio is the median of the
 //! rounds' ratios, not the ratio of the two medians). Each case runs on a
 //! current-thread and on a multi-thread tokio runtime. The table is written to
-//! `BENCHMARKS.md`.
+//! `BENCHMARKS.md`. On Redis, the peer (AWS Lambda Powertools' idempotency utility, in
+//! Python) runs beside the framework the same way (`examples/support/powertools/`).
 //!
 //! ```sh
 //! cargo run --release -p idempotent-examples --example bench --features stores
@@ -554,8 +555,12 @@ impl From<Error> for BenchError {
     }
 }
 
+/// Executions of [`body`], to check that a case ran each key's body once.
+static BODY_RUNS: AtomicU64 = AtomicU64::new(0);
+
 /// The business body of every case: nothing but its output.
 async fn body(key: &str) -> Result<u32, BenchError> {
+    BODY_RUNS.fetch_add(1, Ordering::Relaxed);
     Ok(key.len() as u32)
 }
 
@@ -1001,6 +1006,12 @@ async fn store_cases(
     ));
 
     if redis {
+        for workers in [1, 32] {
+            powertools_cases(report, runtime, n, workers, label).await;
+        }
+    }
+
+    if redis {
         // batches of 64 through run_batch, against the framework one message at a
         // time, interleaved like every other case
         let batches = Idempotency::new("bench-batch").shared_store(store.clone());
@@ -1034,6 +1045,110 @@ async fn store_cases(
         ));
     }
     sequential
+}
+
+/// The peer: AWS Lambda Powertools' idempotency utility (Python,
+/// `RedisCachePersistenceLayer`) on the same Redis, run by
+/// `examples/support/powertools/run.sh` (which creates its virtual environment), with
+/// `workers` threads. Each round runs the peer's first deliveries and duplicates of
+/// `n / rounds` keys, then the framework's on as many keys with as many tasks; the rows
+/// compare the framework against the peer. The body's executions are checked on both
+/// sides: every key once, no duplicate.
+async fn powertools_cases(
+    report: &mut Report,
+    runtime: &'static str,
+    n: u64,
+    workers: u64,
+    label: &str,
+) {
+    let per_round = n / rounds() as u64;
+    let url = env_url("IDEMPOTENT_REDIS_URL", "redis://127.0.0.1:6379");
+    let mut first = Comparison {
+        raw: Vec::new(),
+        framework: Vec::new(),
+    };
+    let mut duplicate = Comparison {
+        raw: Vec::new(),
+        framework: Vec::new(),
+    };
+    for round in 0..rounds() {
+        let prefix = format!("{}-pt{round}", run_prefix());
+        let (peer_first, peer_dup) = powertools_round(&url, per_round, workers, &prefix).await;
+        first.raw.push(peer_first);
+        duplicate.raw.push(peer_dup);
+
+        let prefix = format!("{}-pf{round}", run_prefix());
+        let before = BODY_RUNS.load(Ordering::Relaxed);
+        let fw = |k: String| async move {
+            on_message(&k).await.unwrap();
+        };
+        let t = drive(per_round, workers, prefix.clone(), fw).await;
+        first.framework.push(per_round as f64 / t.as_secs_f64());
+        let t = drive(per_round, workers, prefix, fw).await;
+        duplicate.framework.push(per_round as f64 / t.as_secs_f64());
+        let runs = BODY_RUNS.load(Ordering::Relaxed) - before;
+        assert_eq!(
+            runs, per_round,
+            "framework body runs: every key once, no duplicate"
+        );
+    }
+    let tasks = match workers {
+        1 => "sequential".to_owned(),
+        w => format!("{w} tasks"),
+    };
+    for (case, c) in [("first delivery", &first), ("duplicate", &duplicate)] {
+        report.push(Row::new(
+            "redis",
+            format!("{case}, {tasks}, vs the peer{label}"),
+            runtime,
+            "Powertools 3.37 (Python)",
+            c,
+            None,
+        ));
+    }
+}
+
+/// One run of the peer's script: messages per second of its first deliveries and of
+/// its duplicates.
+async fn powertools_round(url: &str, messages: u64, workers: u64, prefix: &str) -> (f64, f64) {
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/support/powertools/run.sh");
+    let out = tokio::process::Command::new(script)
+        .args(["--url", url, "--prefix", prefix])
+        .args([
+            "--messages",
+            &messages.to_string(),
+            "--workers",
+            &workers.to_string(),
+        ])
+        .stderr(std::process::Stdio::inherit())
+        .output()
+        .await
+        .unwrap_or_else(|e| {
+            support::fail(format!("{script}: {e} (python3 is needed for the peer)"))
+        });
+    if !out.status.success() {
+        support::fail(format!("{script} failed: {}", out.status));
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let rate = |case: &str, executions: u64| -> f64 {
+        let line = text
+            .lines()
+            .find(|l| l.split(' ').next() == Some(case))
+            .unwrap_or_else(|| support::fail(format!("{script}: no `{case}` line in {text:?}")));
+        let f: Vec<&str> = line.split(' ').collect();
+        let (seconds, runs): (f64, u64) =
+            match (f.get(3).map(|s| s.parse()), f.get(4).map(|s| s.parse())) {
+                (Some(Ok(s)), Some(Ok(r))) => (s, r),
+                _ => support::fail(format!("{script}: unreadable line {line:?}")),
+            };
+        if runs != executions {
+            support::fail(format!(
+                "the peer's {case} ran its body {runs} times for {messages} messages (expected {executions})"
+            ));
+        }
+        messages as f64 / seconds
+    };
+    (rate("first", messages), rate("duplicate", 0))
 }
 
 async fn redis_memory_usage(report: &mut Report) {
@@ -1195,7 +1310,14 @@ fn write_markdown(report: &Report, opts: &Options) -> std::io::Result<()> {
          median is the median of those {rounds} ratios (not the ratio of the two medians). A\n\
          target is met when the median ratio reaches it. `current` is a current-thread tokio\n\
          runtime, `multi` a multi-thread one with one worker per core. The machine is shared:\n\
-         one round can be off by a third, hence medians.\n",
+         one round can be off by a third, hence medians.\n\n\
+         Rows `vs the peer` take AWS Lambda Powertools' idempotency utility (Python,\n\
+         `RedisCachePersistenceLayer` on the same Redis, its local cache off, run outside\n\
+         Lambda by `examples/support/powertools/run.sh`, which creates its virtual environment)\n\
+         as the baseline: each round runs the peer's first deliveries, then duplicates of the\n\
+         same keys, in a process of its own with as many threads as the framework has tasks,\n\
+         then the framework's on as many keys; both sides' body executions are checked (every\n\
+         key once, no duplicate).\n",
         opts.command(),
         opts.messages,
         rounds = opts.rounds,
