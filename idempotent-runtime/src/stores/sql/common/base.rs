@@ -162,7 +162,7 @@ where
 /// looks like. Implemented once per database, in its folder (`mysql/scan.rs`,
 /// `postgres/scan.rs`, `sqlite/scan.rs`); every rule the stores share is written once
 /// over it.
-pub(crate) trait SqlDialect: Database {
+pub(crate) trait SqlDialect: Database<Arguments: IntoArguments<Self>> {
     /// The database clock in microseconds since the Unix epoch, read once per
     /// statement.
     const NOW_US: &'static str;

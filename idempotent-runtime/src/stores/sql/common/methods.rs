@@ -1,5 +1,5 @@
-//! What every SQL store has alike besides its steps: the accessors and the background
-//! sweeper.
+//! What every SQL store has alike besides the steps themselves: the accessors, the
+//! background sweeper and the store traits' implementations ([`sql_store!`]).
 
 use crate::error::StoreError;
 use crate::error::StoreErrorKind;
@@ -35,11 +35,17 @@ where
     }))
 }
 
-/// The methods every SQL store has alike (`pool`, `table`, `spawn_sweeper`) and its
-/// `Debug`, for a store type with the fields `pool` (of type `$pool`) and `sql` (its
-/// statements, which know the table).
-macro_rules! store_accessors {
-    ($store:ident, $pool:ty) => {
+/// What every SQL store has alike, for a store type `$store` on the database `$db`
+/// with the fields `pool` (of type `$pool`), `sql` (its statements, the shared ones as
+/// `sql.steps`) and `claims` (its [`ClaimGate`](super::base::ClaimGate)): the methods
+/// `pool`, `table` and `spawn_sweeper`, its `Debug`, its
+/// [`SqlStore`](super::steps::SqlStore) (writing on the pool, or with its method
+/// `$write`), and its `Store` and `StoreAdmin`, whose steps are the shared ones
+/// ([`Steps`](super::steps::Steps)). Its claims and batches are its own: the methods
+/// `claim_unguarded` (one claim, once in the gate), `claim_many` (a batch of claims,
+/// once in the gate) and `apply_many` (a batch of completions or of releases).
+macro_rules! sql_store {
+    ($store:ident, $db:ty, $pool:ty $(, write = $write:ident)?) => {
         impl $store {
             /// The pool this store uses.
             pub fn pool(&self) -> &$pool {
@@ -52,12 +58,12 @@ macro_rules! store_accessors {
             }
 
             /// Spawns a task that deletes expired records every `every`
-            /// (see [`purge_expired`](StoreAdmin::purge_expired)); abort the returned handle to stop
+            /// (see [`purge_expired`](crate::store::admin::StoreAdmin::purge_expired)); abort the returned handle to stop
             /// it. Fails outside a Tokio runtime.
             pub fn spawn_sweeper(
                 &self,
                 every: std::time::Duration,
-            ) -> Result<tokio::task::JoinHandle<()>, StoreError> {
+            ) -> Result<tokio::task::JoinHandle<()>, $crate::error::StoreError> {
                 $crate::stores::sql::common::methods::spawn_sweeper(self.clone(), every)
             }
         }
@@ -70,6 +76,152 @@ macro_rules! store_accessors {
                     .finish()
             }
         }
+
+        impl $crate::stores::sql::common::steps::SqlStore for $store {
+            type Db = $db;
+
+            fn pool(&self) -> &$pool {
+                &self.pool
+            }
+
+            fn steps(&self) -> &$crate::stores::sql::common::steps::StepSql {
+                &self.sql.steps
+            }
+
+            fn claims(&self) -> &$crate::stores::sql::common::base::ClaimGate {
+                &self.claims
+            }
+
+            $(
+                fn write<'q>(
+                    &'q self,
+                    op: &'static str,
+                    q: $crate::stores::sql::common::steps::SqlQuery<'q, $db>,
+                ) -> impl std::future::Future<Output = Result<u64, $crate::error::StoreError>>
+                       + Send
+                       + 'q {
+                    self.$write(op, q)
+                }
+            )?
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::store::Store for $store {
+            async fn claim(
+                &self,
+                req: &$crate::store::ClaimRequest<'_>,
+            ) -> Result<$crate::store::ClaimOutcome, $crate::error::StoreError> {
+                let reqs = std::slice::from_ref(req);
+                let _slot = $crate::stores::sql::common::steps::Steps::enter(self, reqs).await?;
+                self.claim_unguarded(req).await
+            }
+
+            async fn complete(
+                &self,
+                c: &$crate::store::Completion<'_>,
+            ) -> Result<$crate::store::Fence, $crate::error::StoreError> {
+                let w = $crate::stores::sql::common::row::Owned::Complete(*c);
+                $crate::stores::sql::common::steps::Steps::apply(self, w).await
+            }
+
+            async fn release(
+                &self,
+                r: &$crate::store::Release<'_>,
+            ) -> Result<$crate::store::Fence, $crate::error::StoreError> {
+                let w = $crate::stores::sql::common::row::Owned::Release(*r);
+                $crate::stores::sql::common::steps::Steps::apply(self, w).await
+            }
+
+            async fn renew(
+                &self,
+                key: &$crate::key::RecordKey,
+                token: $crate::store::Token,
+                lease: std::time::Duration,
+            ) -> Result<$crate::store::Fence, $crate::error::StoreError> {
+                let w = $crate::stores::sql::common::row::Owned::Renew { key, token, lease };
+                $crate::stores::sql::common::steps::Steps::apply(self, w).await
+            }
+
+            async fn claim_batch(
+                &self,
+                reqs: &[$crate::store::ClaimRequest<'_>],
+            ) -> Result<Vec<$crate::store::ClaimOutcome>, $crate::error::StoreError> {
+                let _slot = $crate::stores::sql::common::steps::Steps::enter(self, reqs).await?;
+                self.claim_many(reqs).await
+            }
+
+            async fn complete_batch(
+                &self,
+                items: &[$crate::store::Completion<'_>],
+            ) -> Result<Vec<$crate::store::Fence>, $crate::error::StoreError> {
+                let owned = items.iter().map(|&c| $crate::stores::sql::common::row::Owned::Complete(c));
+                self.apply_many("complete_batch", &owned.collect::<Vec<_>>()).await
+            }
+
+            async fn release_batch(
+                &self,
+                items: &[$crate::store::Release<'_>],
+            ) -> Result<Vec<$crate::store::Fence>, $crate::error::StoreError> {
+                let owned = items.iter().map(|&r| $crate::stores::sql::common::row::Owned::Release(r));
+                self.apply_many("release_batch", &owned.collect::<Vec<_>>()).await
+            }
+
+            fn as_admin(&self) -> Option<&dyn $crate::store::admin::StoreAdmin> {
+                Some(self)
+            }
+        }
+
+        #[async_trait::async_trait]
+        impl $crate::store::admin::StoreAdmin for $store {
+            async fn inspect(
+                &self,
+                key: &$crate::key::RecordKey,
+            ) -> Result<Option<$crate::store::Record>, $crate::error::StoreError> {
+                $crate::stores::sql::common::steps::Steps::inspect(self, key).await
+            }
+
+            async fn forget(
+                &self,
+                key: &$crate::key::RecordKey,
+            ) -> Result<bool, $crate::error::StoreError> {
+                $crate::stores::sql::common::steps::Steps::forget(self, key).await
+            }
+
+            async fn purge_expired(&self) -> Result<u64, $crate::error::StoreError> {
+                $crate::stores::sql::common::steps::Steps::purge_expired(self).await
+            }
+
+            async fn scan(
+                &self,
+                filter: &$crate::store::scan::ScanFilter,
+                cursor: Option<&$crate::store::scan::ScanCursor>,
+                limit: usize,
+            ) -> Result<$crate::store::scan::ScanPage, $crate::error::StoreError> {
+                $crate::stores::sql::common::steps::Steps::scan(self, filter, cursor, limit).await
+            }
+
+            async fn stats(
+                &self,
+                scope: Option<&str>,
+                poisoned_at: Option<u32>,
+            ) -> Result<Vec<$crate::store::scan::ScopeStats>, $crate::error::StoreError> {
+                $crate::stores::sql::common::steps::Steps::stats(self, scope, poisoned_at).await
+            }
+
+            async fn force_release(
+                &self,
+                key: &$crate::key::RecordKey,
+            ) -> Result<$crate::store::scan::AdminOutcome, $crate::error::StoreError> {
+                $crate::stores::sql::common::steps::Steps::admin(self, key, false).await
+            }
+
+            async fn reset_attempts(
+                &self,
+                key: &$crate::key::RecordKey,
+            ) -> Result<$crate::store::scan::AdminOutcome, $crate::error::StoreError> {
+                $crate::stores::sql::common::steps::Steps::admin(self, key, true).await
+            }
+        }
     };
 }
-pub(crate) use store_accessors;
+pub(crate) use sql_store;

@@ -8,18 +8,12 @@ mod tx;
 pub(crate) use statements::Statements;
 
 use super::common::{
-    self, BindExt, DEFAULT_TABLE, Decision, Plan, RowView, SqlDialect, SqlQuery, SqlStore, StepSql,
-    Steps, TableName, sql,
+    self, BindExt, DEFAULT_TABLE, Decision, Plan, RowView, SqlDialect, Steps, TableName, sql,
 };
 use crate::error::{StoreError, StoreErrorKind};
-use crate::key::RecordKey;
-use crate::store::admin::StoreAdmin;
-use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
-use async_trait::async_trait;
+use crate::store::{ClaimOutcome, ClaimRequest};
 use sqlx::Row;
 use sqlx::mysql::{MySql, MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
-use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
@@ -100,7 +94,7 @@ use std::time::{Duration, Instant};
 /// map onto the columns as: **In progress** `status = 0` with a lease deadline;
 /// **Released** (the last attempt failed, claimable again) `status = 0` with
 /// `lease_until_us IS NULL`; **Completed** `status = 1`. A row whose `expires_at_us`
-/// has passed counts as absent and is deleted by [`purge_expired`](StoreAdmin::purge_expired).
+/// has passed counts as absent and is deleted by [`purge_expired`](crate::store::admin::StoreAdmin::purge_expired).
 #[derive(Clone)]
 pub struct MySqlStore {
     pool: MySqlPool,
@@ -159,7 +153,7 @@ fn procedure_missing(e: &sqlx::Error) -> bool {
             .is_some_and(|my| matches!(my.number(), 1305 | 1370 | 1318)))
 }
 
-common::store_accessors!(MySqlStore, MySqlPool);
+common::methods::sql_store!(MySqlStore, MySql, MySqlPool);
 
 impl MySqlStore {
     /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
@@ -343,6 +337,8 @@ impl MySqlStore {
         Ok(())
     }
 
+    /// One claim, once in the gate: the claim procedure, else a read and a
+    /// conditional write until they answer.
     async fn claim_unguarded(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         if let Some(call) = &self.sql.claim_call
             && self.procedure.usable()
@@ -385,109 +381,5 @@ impl MySqlStore {
         self.sql
             .write_claim(&self.pool, req, plan, MySql::err("claim"))
             .await
-    }
-}
-
-#[async_trait]
-impl Store for MySqlStore {
-    async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        let _slot = self.claims.enter().await;
-        self.claim_unguarded(req).await
-    }
-
-    async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        Steps::complete(self, c).await
-    }
-
-    async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        Steps::release(self, r).await
-    }
-
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: Token,
-        lease: Duration,
-    ) -> Result<Fence, StoreError> {
-        Steps::renew(self, key, token, lease).await
-    }
-
-    async fn claim_batch(
-        &self,
-        reqs: &[ClaimRequest<'_>],
-    ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        self.claim_many(reqs).await
-    }
-
-    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
-        self.complete_many(items).await
-    }
-
-    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
-        self.release_many(items).await
-    }
-
-    fn as_admin(&self) -> Option<&dyn StoreAdmin> {
-        Some(self)
-    }
-}
-
-#[async_trait]
-impl StoreAdmin for MySqlStore {
-    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        Steps::inspect(self, key).await
-    }
-
-    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        Steps::forget(self, key).await
-    }
-
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        Steps::purge_expired(self).await
-    }
-
-    async fn scan(
-        &self,
-        filter: &ScanFilter,
-        cursor: Option<&ScanCursor>,
-        limit: usize,
-    ) -> Result<ScanPage, StoreError> {
-        Steps::scan(self, filter, cursor, limit).await
-    }
-
-    async fn stats(
-        &self,
-        scope: Option<&str>,
-        poisoned_at: Option<u32>,
-    ) -> Result<Vec<ScopeStats>, StoreError> {
-        Steps::stats(self, scope, poisoned_at).await
-    }
-
-    async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-        Steps::admin(self, key, false).await
-    }
-
-    async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-        Steps::admin(self, key, true).await
-    }
-}
-
-impl SqlStore for MySqlStore {
-    type Db = MySql;
-
-    fn pool(&self) -> &MySqlPool {
-        &self.pool
-    }
-
-    fn steps(&self) -> &StepSql {
-        &self.sql.steps
-    }
-
-    fn write<'q>(
-        &'q self,
-        op: &'static str,
-        q: SqlQuery<'q, MySql>,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send + 'q {
-        common::execute(&self.pool, q, MySql::err(op))
     }
 }

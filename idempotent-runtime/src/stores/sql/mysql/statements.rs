@@ -4,7 +4,8 @@
 use crate::error::StoreError;
 use crate::store::{ClaimOutcome, ClaimRequest, Token};
 use crate::stores::sql::common::{
-    self, BindExt, CLAIM_RETRIES, Plan, SqlDialect, StepSql, TableName, keep_micros, micros, sql,
+    self, BindExt, CLAIM_RETRIES, Owned, Plan, SqlDialect, StepSql, TableName, keep_micros, micros,
+    sql,
 };
 use sqlx::mysql::{MySql, MySqlArguments};
 use sqlx::{Executor, SqlStr};
@@ -265,8 +266,17 @@ impl Statements {
         ))
     }
 
+    /// The step of `item` (a completion or a release) on `n` distinct keys in one
+    /// statement, compare-and-set on each token.
+    pub(crate) fn owned_many(&self, item: &Owned<'_>, n: usize) -> SqlStr {
+        match item {
+            Owned::Complete(_) => self.complete_many(n),
+            _ => self.release_many(n),
+        }
+    }
+
     /// Completes `n` distinct keys in one statement, compare-and-set on each token.
-    pub(crate) fn complete_many(&self, n: usize) -> SqlStr {
+    fn complete_many(&self, n: usize) -> SqlStr {
         let t = self.steps.table.quoted(MySql::QUOTE);
         sql(format!(
             "UPDATE {t} AS r JOIN {} ON r.scope = b.scope AND r.message_id = b.message_id \
@@ -280,7 +290,7 @@ impl Statements {
     }
 
     /// Releases `n` distinct keys in one statement, compare-and-set on each token.
-    pub(crate) fn release_many(&self, n: usize) -> SqlStr {
+    fn release_many(&self, n: usize) -> SqlStr {
         let t = self.steps.table.quoted(MySql::QUOTE);
         sql(format!(
             "UPDATE {t} AS r JOIN {} ON r.scope = b.scope AND r.message_id = b.message_id \

@@ -7,22 +7,13 @@ mod tx;
 
 pub(crate) use statements::Statements;
 
-use super::common::{
-    self, BindExt, DEFAULT_TABLE, Decision, RowView, SqlDialect, SqlQuery, SqlStore, StepSql,
-    Steps, TableName,
-};
+use super::common::{self, BindExt, DEFAULT_TABLE, Decision, RowView, SqlDialect, TableName};
 use crate::error::StoreError;
-use crate::key::RecordKey;
-use crate::store::admin::StoreAdmin;
-use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
-use async_trait::async_trait;
+use crate::store::{ClaimOutcome, ClaimRequest};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
-use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// A dedup store in PostgreSQL (12 or later), feature `postgres`.
 ///
@@ -68,7 +59,7 @@ use std::time::Duration;
 /// map onto the columns as: **In progress** `status = 0` with a lease deadline;
 /// **Released** (the last attempt failed, claimable again) `status = 0` with
 /// `lease_until_us IS NULL`; **Completed** `status = 1`. A row whose `expires_at_us`
-/// has passed counts as absent and is deleted by [`purge_expired`](StoreAdmin::purge_expired).
+/// has passed counts as absent and is deleted by [`purge_expired`](crate::store::admin::StoreAdmin::purge_expired).
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
@@ -76,7 +67,7 @@ pub struct PostgresStore {
     claims: common::ClaimGate,
 }
 
-common::store_accessors!(PostgresStore, PgPool);
+common::methods::sql_store!(PostgresStore, Postgres, PgPool);
 
 impl PostgresStore {
     /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
@@ -224,11 +215,9 @@ impl PostgresStore {
     }
 }
 
-#[async_trait]
-impl Store for PostgresStore {
-    async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        Postgres::storable(req.key)?;
-        let _slot = self.claims.enter().await;
+impl PostgresStore {
+    /// One claim, once in the gate: the claim statement until it answers.
+    async fn claim_unguarded(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         common::retrying!({
             let row = sqlx::query(self.sql.claim.clone())
                 .bind_claim(req)
@@ -246,101 +235,5 @@ impl Store for PostgresStore {
                 None => None,
             }
         })
-    }
-
-    async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        Steps::complete(self, c).await
-    }
-
-    async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        Steps::release(self, r).await
-    }
-
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: Token,
-        lease: Duration,
-    ) -> Result<Fence, StoreError> {
-        Steps::renew(self, key, token, lease).await
-    }
-
-    async fn claim_batch(
-        &self,
-        reqs: &[ClaimRequest<'_>],
-    ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        self.claim_many(reqs).await
-    }
-
-    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
-        self.complete_many(items).await
-    }
-
-    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
-        self.release_many(items).await
-    }
-
-    fn as_admin(&self) -> Option<&dyn StoreAdmin> {
-        Some(self)
-    }
-}
-
-#[async_trait]
-impl StoreAdmin for PostgresStore {
-    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        Steps::inspect(self, key).await
-    }
-
-    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        Steps::forget(self, key).await
-    }
-
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        Steps::purge_expired(self).await
-    }
-
-    async fn scan(
-        &self,
-        filter: &ScanFilter,
-        cursor: Option<&ScanCursor>,
-        limit: usize,
-    ) -> Result<ScanPage, StoreError> {
-        Steps::scan(self, filter, cursor, limit).await
-    }
-
-    async fn stats(
-        &self,
-        scope: Option<&str>,
-        poisoned_at: Option<u32>,
-    ) -> Result<Vec<ScopeStats>, StoreError> {
-        Steps::stats(self, scope, poisoned_at).await
-    }
-
-    async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-        Steps::admin(self, key, false).await
-    }
-
-    async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-        Steps::admin(self, key, true).await
-    }
-}
-
-impl SqlStore for PostgresStore {
-    type Db = Postgres;
-
-    fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    fn steps(&self) -> &StepSql {
-        &self.sql.steps
-    }
-
-    fn write<'q>(
-        &'q self,
-        op: &'static str,
-        q: SqlQuery<'q, Postgres>,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send + 'q {
-        common::execute(&self.pool, q, Postgres::err(op))
     }
 }

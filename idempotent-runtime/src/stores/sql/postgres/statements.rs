@@ -182,7 +182,7 @@ impl Statements {
                  UPDATE {t} AS r SET lease_until_us = NULL \
                  FROM n, unnest($1::text[], $2::bytea[], $3::int8[]) AS b(scope, message_id, token) \
                  WHERE {owned_r} \
-                 RETURNING r.scope, r.message_id, r.owner_token"
+                 RETURNING r.scope, r.message_id, r.owner_token, TRUE"
             )),
             inspect_batch: sql(format!(
                 "{n} \

@@ -9,21 +9,15 @@ use statements::SqliteQuery;
 pub(crate) use statements::Statements;
 
 use super::common::{
-    self, DEFAULT_TABLE, Plan, RowView, SqlDialect, SqlQuery, SqlStore, Step, StepSql, Steps,
-    TableName, token_param,
+    self, DEFAULT_TABLE, Plan, RowView, SqlDialect, Steps, TableName, token_param,
 };
 use crate::error::{StoreError, StoreErrorKind};
-use crate::key::RecordKey;
-use crate::store::admin::StoreAdmin;
-use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
-use async_trait::async_trait;
+use crate::store::{ClaimOutcome, ClaimRequest};
 use sqlx::error::DatabaseError;
 use sqlx::sqlite::{
     Sqlite, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
     SqlitePoolOptions, SqliteSynchronous,
 };
-use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
@@ -92,7 +86,7 @@ use tokio::sync::{Mutex, MutexGuard};
 /// states map onto the columns as: **In progress** `status = 0` with a lease deadline;
 /// **Released** (the last attempt failed, claimable again) `status = 0` with
 /// `lease_until_us IS NULL`; **Completed** `status = 1`. A row whose `expires_at_us`
-/// has passed counts as absent and is deleted by [`purge_expired`](StoreAdmin::purge_expired).
+/// has passed counts as absent and is deleted by [`purge_expired`](crate::store::admin::StoreAdmin::purge_expired).
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -105,7 +99,7 @@ pub struct SqliteStore {
     last_token: Arc<AtomicI64>,
 }
 
-common::store_accessors!(SqliteStore, SqlitePool);
+common::methods::sql_store!(SqliteStore, Sqlite, SqlitePool, write = execute);
 
 impl SqliteStore {
     /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
@@ -285,6 +279,14 @@ impl SqliteStore {
         Ok(w.check(done).map_err(Sqlite::err(op))?.rows_affected())
     }
 
+    /// One claim, once in the gate: a read and a conditional write until they answer.
+    async fn claim_unguarded(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        common::retrying!({
+            let seen = Steps::read(self, req.key).await?;
+            self.act(req, seen).await?
+        })
+    }
+
     /// Acts on what a read saw: answers, or tries the one conditional write.
     /// `Ok(None)`: the row changed since the read; read again.
     async fn act(
@@ -365,138 +367,5 @@ impl Writer<'_> {
             *self.0 = None;
         }
         r
-    }
-}
-
-#[async_trait]
-impl Store for SqliteStore {
-    async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        let _slot = self.claims.enter().await;
-        common::retrying!({
-            let seen = Steps::read(self, req.key).await?;
-            self.act(req, seen).await?
-        })
-    }
-
-    async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        Steps::complete(self, c).await
-    }
-
-    async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        Steps::release(self, r).await
-    }
-
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: Token,
-        lease: Duration,
-    ) -> Result<Fence, StoreError> {
-        Steps::renew(self, key, token, lease).await
-    }
-
-    async fn claim_batch(
-        &self,
-        reqs: &[ClaimRequest<'_>],
-    ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        // one transaction holding the write lock: every read in it sees the latest
-        // rows and no other writer can change them before its write, so the whole
-        // batch commits once. A repeated key in the batch gets what a second claim
-        // right after the first would get, without another read.
-        let _slot = self.claims.enter().await;
-        let mut w = self.writer().await?;
-        let done = self.claim_batch_in(w.conn()?, reqs).await;
-        w.check_store(done)
-    }
-
-    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
-        let mut w = self.writer().await?;
-        let queries = items.iter().map(|c| {
-            (
-                self.sql.steps.complete_query(c),
-                c.key,
-                Step::Complete(c.token),
-            )
-        });
-        let done = self.apply_all(w.conn()?, "complete_batch", queries).await;
-        w.check_store(done)
-    }
-
-    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
-        let mut w = self.writer().await?;
-        let queries = items.iter().map(|r| {
-            (
-                self.sql.steps.release_query(r),
-                r.key,
-                Step::Release(r.token),
-            )
-        });
-        let done = self.apply_all(w.conn()?, "release_batch", queries).await;
-        w.check_store(done)
-    }
-
-    fn as_admin(&self) -> Option<&dyn StoreAdmin> {
-        Some(self)
-    }
-}
-
-#[async_trait]
-impl StoreAdmin for SqliteStore {
-    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        Steps::inspect(self, key).await
-    }
-
-    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        Steps::forget(self, key).await
-    }
-
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        Steps::purge_expired(self).await
-    }
-
-    async fn scan(
-        &self,
-        filter: &ScanFilter,
-        cursor: Option<&ScanCursor>,
-        limit: usize,
-    ) -> Result<ScanPage, StoreError> {
-        Steps::scan(self, filter, cursor, limit).await
-    }
-
-    async fn stats(
-        &self,
-        scope: Option<&str>,
-        poisoned_at: Option<u32>,
-    ) -> Result<Vec<ScopeStats>, StoreError> {
-        Steps::stats(self, scope, poisoned_at).await
-    }
-
-    async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-        Steps::admin(self, key, false).await
-    }
-
-    async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-        Steps::admin(self, key, true).await
-    }
-}
-
-impl SqlStore for SqliteStore {
-    type Db = Sqlite;
-
-    fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    fn steps(&self) -> &StepSql {
-        &self.sql.steps
-    }
-
-    /// Every write goes through the writer connection.
-    fn write<'q>(
-        &'q self,
-        op: &'static str,
-        q: SqlQuery<'q, Sqlite>,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send + 'q {
-        self.execute(op, q)
     }
 }
