@@ -184,14 +184,27 @@ pub(crate) trait SqlDialect: Database<Arguments: IntoArguments<Self>> {
     /// rather than text.
     const SCOPE_AS_BYTES: bool = false;
 
+    /// The scope column `{}` as bytes.
+    const SCOPE_BYTES: &'static str;
+    /// The length in bytes of the binary column `{}`.
+    const BYTE_LEN: &'static str;
+    /// The integer expression `{}` as a 64-bit integer.
+    const INT8: &'static str;
+
     /// The `n`-th placeholder (from 1).
     fn param(n: usize) -> String;
-    /// The scope column as bytes.
-    fn scope_bytes(col: &str) -> String;
-    /// The length in bytes of a binary column.
-    fn byte_len(col: &str) -> String;
-    /// An integer expression as a 64-bit integer.
-    fn int8(expr: &str) -> String;
+    /// The scope column `col` as bytes ([`SCOPE_BYTES`](Self::SCOPE_BYTES)).
+    fn scope_bytes(col: &str) -> String {
+        Self::SCOPE_BYTES.replace("{}", col)
+    }
+    /// The length in bytes of the binary column `col` ([`BYTE_LEN`](Self::BYTE_LEN)).
+    fn byte_len(col: &str) -> String {
+        Self::BYTE_LEN.replace("{}", col)
+    }
+    /// The integer expression `expr` as a 64-bit integer ([`INT8`](Self::INT8)).
+    fn int8(expr: &str) -> String {
+        Self::INT8.replace("{}", expr)
+    }
 
     /// How a statement built by [`update`](Self::update) or [`select`](Self::select)
     /// names its clock reading: [`NOW_US`](Self::NOW_US) itself, unless the database

@@ -43,9 +43,22 @@ where
 /// `$write`), and its `Store` and `StoreAdmin`, whose steps are the shared ones
 /// ([`Steps`](super::steps::Steps)). Its claims and batches are its own: the methods
 /// `claim_unguarded` (one claim, once in the gate), `claim_many` (a batch of claims,
-/// once in the gate) and `apply_many` (a batch of completions or of releases).
+/// once in the gate) and `apply_many` (an [`OwnedBatch`](super::row::OwnedBatch) of
+/// completions or of releases).
 macro_rules! sql_store {
     ($store:ident, $db:ty, $pool:ty $(, write = $write:ident)?) => {
+        // the steps of a claim's owner, one line each: the step and its batch, the
+        // item they take, and the `Owned` step it is
+        $crate::stores::sql::common::methods::sql_store!(
+            @impl $store, $db, $pool, [$($write)?],
+            [complete, complete_batch, Completion, Complete],
+            [release, release_batch, Release, Release]
+        );
+    };
+    (
+        @impl $store:ident, $db:ty, $pool:ty, [$($write:ident)?],
+        $([$step:ident, $batch:ident, $item:ident, $owned:ident]),*
+    ) => {
         impl $store {
             /// The pool this store uses.
             pub fn pool(&self) -> &$pool {
@@ -116,21 +129,27 @@ macro_rules! sql_store {
                 self.claim_unguarded(req).await
             }
 
-            async fn complete(
-                &self,
-                c: &$crate::store::Completion<'_>,
-            ) -> Result<$crate::store::Fence, $crate::error::StoreError> {
-                let w = $crate::stores::sql::common::row::Owned::Complete(*c);
-                $crate::stores::sql::common::steps::Steps::apply(self, w).await
-            }
+            $(
+                async fn $step(
+                    &self,
+                    item: &$crate::store::$item<'_>,
+                ) -> Result<$crate::store::Fence, $crate::error::StoreError> {
+                    let w = $crate::stores::sql::common::row::Owned::$owned(*item);
+                    $crate::stores::sql::common::steps::Steps::apply(self, w).await
+                }
 
-            async fn release(
-                &self,
-                r: &$crate::store::Release<'_>,
-            ) -> Result<$crate::store::Fence, $crate::error::StoreError> {
-                let w = $crate::stores::sql::common::row::Owned::Release(*r);
-                $crate::stores::sql::common::steps::Steps::apply(self, w).await
-            }
+                async fn $batch(
+                    &self,
+                    items: &[$crate::store::$item<'_>],
+                ) -> Result<Vec<$crate::store::Fence>, $crate::error::StoreError> {
+                    let batch = $crate::stores::sql::common::row::OwnedBatch::new::<$db, _>(
+                        stringify!($batch),
+                        items,
+                        $crate::stores::sql::common::row::Owned::$owned,
+                    )?;
+                    self.apply_many(&batch).await
+                }
+            )*
 
             async fn renew(
                 &self,
@@ -148,22 +167,6 @@ macro_rules! sql_store {
             ) -> Result<Vec<$crate::store::ClaimOutcome>, $crate::error::StoreError> {
                 let _slot = $crate::stores::sql::common::steps::Steps::enter(self, reqs).await?;
                 self.claim_many(reqs).await
-            }
-
-            async fn complete_batch(
-                &self,
-                items: &[$crate::store::Completion<'_>],
-            ) -> Result<Vec<$crate::store::Fence>, $crate::error::StoreError> {
-                let owned = items.iter().map(|&c| $crate::stores::sql::common::row::Owned::Complete(c));
-                self.apply_many("complete_batch", &owned.collect::<Vec<_>>()).await
-            }
-
-            async fn release_batch(
-                &self,
-                items: &[$crate::store::Release<'_>],
-            ) -> Result<Vec<$crate::store::Fence>, $crate::error::StoreError> {
-                let owned = items.iter().map(|&r| $crate::stores::sql::common::row::Owned::Release(r));
-                self.apply_many("release_batch", &owned.collect::<Vec<_>>()).await
             }
 
             fn as_admin(&self) -> Option<&dyn $crate::store::admin::StoreAdmin> {

@@ -269,6 +269,33 @@ impl<'a> Owned<'a> {
     }
 }
 
+/// A batch of completions or of releases, as the stores' batch steps take it.
+pub(crate) struct OwnedBatch<'a> {
+    /// The operation, for errors.
+    pub(crate) op: &'static str,
+    /// The steps, all of one kind, in the order of the batch.
+    pub(crate) items: Vec<Owned<'a>>,
+}
+
+impl<'a> OwnedBatch<'a> {
+    /// The batch `op` of `items`, each made a step by `step`, once the database `DB`
+    /// can store every key.
+    pub(crate) fn new<DB: SqlDialect, T: Copy>(
+        op: &'static str,
+        items: &[T],
+        step: fn(T) -> Owned<'a>,
+    ) -> Result<Self, StoreError> {
+        let items: Vec<Owned<'a>> = items.iter().map(|&i| step(i)).collect();
+        items.iter().try_for_each(|w| DB::storable(w.key()))?;
+        Ok(OwnedBatch { op, items })
+    }
+
+    /// Whether the batch completes (else it releases).
+    pub(crate) fn completes(&self) -> bool {
+        matches!(self.items.first(), Some(Owned::Complete(_)))
+    }
+}
+
 /// The fence of a compare-and-set write that matched no row, given the row read right
 /// after it: [`Fence::Held`] when the row shows the same step already applied by the
 /// same claim (a retry after a lost reply: the record is Completed, or Released, under

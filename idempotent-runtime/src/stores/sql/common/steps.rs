@@ -218,11 +218,7 @@ where
         limit: usize,
     ) -> Result<ScanPage, StoreError> {
         let (stmt, limit) = scan::scan_stmt::<DB>(&s.steps().table, filter, cursor, limit)?;
-        let rows = Self::query(stmt)
-            .fetch_all(s.pool())
-            .await
-            .map_err(DB::err("scan"))?;
-        scan::scan_page(&rows, limit)
+        scan::scan_page(&Self::fetch(s, "scan", stmt).await?, limit)
     }
 
     /// One `GROUP BY` statement.
@@ -232,11 +228,7 @@ where
         poisoned_at: Option<u32>,
     ) -> Result<Vec<ScopeStats>, StoreError> {
         let stmt = scan::stats_stmt::<DB>(&s.steps().table, scope, poisoned_at);
-        let rows = Self::query(stmt)
-            .fetch_all(s.pool())
-            .await
-            .map_err(DB::err("stats"))?;
-        scan::stats_of(&rows, poisoned_at)
+        scan::stats_of(&Self::fetch(s, "stats", stmt).await?, poisoned_at)
     }
 
     /// An operator change of one record (see [`scan::admin_stmt`]): `release` (In
@@ -259,6 +251,18 @@ where
             Some(r) => AdminOutcome::Unchanged { state: r.state },
             None => AdminOutcome::NotFound,
         })
+    }
+
+    /// The rows of `stmt`, read on the pool; `op` names it in errors.
+    async fn fetch<S: SqlStore<Db = DB>>(
+        s: &S,
+        op: &str,
+        stmt: Stmt<DB>,
+    ) -> Result<Vec<DB::Row>, StoreError> {
+        Self::query(stmt)
+            .fetch_all(s.pool())
+            .await
+            .map_err(DB::err(op))
     }
 
     /// `stmt` as a query with its parameters bound.

@@ -71,8 +71,8 @@ macro_rules! tx_mode {
                 table: &'a str,
                 c: &'a $crate::store::Completion<'a>,
             ) -> $crate::store::TxFuture<'a, $crate::store::Fence> {
+                let w = $crate::stores::sql::common::row::Owned::Complete(*c);
                 let run = move |sql: std::sync::Arc<$sql>| async move {
-                    let w = $crate::stores::sql::common::row::Owned::Complete(*c);
                     let op = "complete in transaction";
                     $crate::stores::sql::common::steps::Steps::<$db>::apply_in(
                         &mut **self,

@@ -7,7 +7,7 @@ use crate::error::{StoreError, StoreErrorKind};
 use crate::key::RecordKey;
 use crate::store::{ClaimOutcome, ClaimRequest, Fence, Token};
 use crate::stores::sql::common::{
-    BindExt, Owned, RowView, SqlDialect, Steps, repeated, unmatched_fence,
+    BindExt, Owned, OwnedBatch, RowView, SqlDialect, Steps, repeated, unmatched_fence,
 };
 use sqlx::Row;
 use sqlx::mysql::MySql;
@@ -94,11 +94,8 @@ impl MySqlStore {
 
     /// Completes or releases `items` (all of one kind): one `UPDATE … JOIN` per chunk of
     /// distinct keys, compare-and-set on each token.
-    pub(super) async fn apply_many(
-        &self,
-        op: &'static str,
-        items: &[Owned<'_>],
-    ) -> Result<Vec<Fence>, StoreError> {
+    pub(super) async fn apply_many(&self, b: &OwnedBatch<'_>) -> Result<Vec<Fence>, StoreError> {
+        let items = &b.items;
         let mut out = vec![Fence::Lost; items.len()];
         let (distinct, repeats) = distinct_keys(items.iter().map(Owned::key));
         let bytes = |&i: &usize| match items[i] {
@@ -113,7 +110,7 @@ impl MySqlStore {
                     w => q.bind_owned(w.key(), w.token()),
                 };
             }
-            self.apply_chunk(op, q, chunk, items, &mut out).await?;
+            self.apply_chunk(b.op, q, chunk, items, &mut out).await?;
         }
         // a key repeated in the batch: what the same step right after the first would get
         for i in repeats {

@@ -5,8 +5,8 @@ use crate::error::StoreError;
 use crate::key::RecordKey;
 use crate::store::{ClaimOutcome, ClaimRequest, Fence, Token};
 use crate::stores::sql::common::{
-    self, Owned, RowView, SqlDialect, keep_micros, max_attempts_param, micros, repeated,
-    token_param, unmatched_fence,
+    self, Owned, OwnedBatch, RowView, SqlDialect, keep_micros, max_attempts_param, micros,
+    repeated, token_param, unmatched_fence,
 };
 use sqlx::Row;
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
@@ -117,13 +117,8 @@ impl PostgresStore {
 
     /// Completes or releases `items` (all of one kind) in one statement over arrays,
     /// compare-and-set on each token.
-    pub(super) async fn apply_many(
-        &self,
-        op: &'static str,
-        items: &[Owned<'_>],
-    ) -> Result<Vec<Fence>, StoreError> {
-        items.iter().try_for_each(|w| Postgres::storable(w.key()))?;
-        let completes = matches!(items.first(), Some(Owned::Complete(_)));
+    pub(super) async fn apply_many(&self, b: &OwnedBatch<'_>) -> Result<Vec<Fence>, StoreError> {
+        let (op, items, completes) = (b.op, &b.items, b.completes());
         let owned = items.iter().map(|w| (w.key(), w.token()));
         let rows = if completes {
             let completions = items.iter().filter_map(|w| match w {

@@ -4,42 +4,31 @@
 use super::SqliteStore;
 use crate::error::StoreError;
 use crate::store::{ClaimOutcome, ClaimRequest, Fence};
-use crate::stores::sql::common::{self, Owned, Plan, SqlDialect, Steps, read_row, repeated};
+use crate::stores::sql::common::{self, OwnedBatch, Plan, SqlDialect, Steps, read_row, repeated};
 use sqlx::Connection;
 use sqlx::sqlite::{Sqlite, SqliteConnection};
 use std::collections::HashMap;
 
 impl SqliteStore {
-    /// Runs the compare-and-set `UPDATE`s of `items` in one transaction on the writer
+    /// Runs the compare-and-set `UPDATE`s of `b` in one transaction on the writer
     /// connection; one fence each, as the single-key steps answer it (an item that
     /// matched no row reads its row back: a corrupt row is an error, and a step its
     /// row shows applied by the same claim is [`Fence::Held`]).
-    pub(super) async fn apply_many(
-        &self,
-        op: &'static str,
-        items: &[Owned<'_>],
-    ) -> Result<Vec<Fence>, StoreError> {
-        let mut w = self.writer().await?;
-        let done = self.apply_in(w.conn()?, op, items).await;
-        w.check_store(done)
-    }
-
-    async fn apply_in(
-        &self,
-        conn: &mut SqliteConnection,
-        op: &'static str,
-        items: &[Owned<'_>],
-    ) -> Result<Vec<Fence>, StoreError> {
-        let mut tx = conn
-            .begin_with("BEGIN IMMEDIATE")
-            .await
-            .map_err(Sqlite::err(op))?;
-        let mut out = Vec::with_capacity(items.len());
-        for &item in items {
-            out.push(Steps::<Sqlite>::apply_in(&mut tx, &self.sql.steps, op, item).await?);
-        }
-        tx.commit().await.map_err(Sqlite::err(op))?;
-        Ok(out)
+    pub(super) async fn apply_many(&self, b: &OwnedBatch<'_>) -> Result<Vec<Fence>, StoreError> {
+        let op = b.op;
+        self.with_writer(async |conn| {
+            let mut tx = conn
+                .begin_with("BEGIN IMMEDIATE")
+                .await
+                .map_err(Sqlite::err(op))?;
+            let mut out = Vec::with_capacity(b.items.len());
+            for &item in &b.items {
+                out.push(Steps::<Sqlite>::apply_in(&mut tx, &self.sql.steps, op, item).await?);
+            }
+            tx.commit().await.map_err(Sqlite::err(op))?;
+            Ok(out)
+        })
+        .await
     }
 
     /// One transaction holding the write lock: every read in it sees the latest rows
@@ -50,9 +39,8 @@ impl SqliteStore {
         &self,
         reqs: &[ClaimRequest<'_>],
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        let mut w = self.writer().await?;
-        let done = self.claim_batch_in(w.conn()?, reqs).await;
-        w.check_store(done)
+        self.with_writer(async |conn| self.claim_batch_in(conn, reqs).await)
+            .await
     }
 
     async fn claim_batch_in(

@@ -298,9 +298,19 @@ impl SqliteStore {
             Plan::Answer(outcome) => return Ok(Some(outcome)),
             plan => plan,
         };
+        self.with_writer(async |conn| self.write_claim(conn, req, plan).await)
+            .await
+    }
+
+    /// Runs `f` on the writer connection, dropping the connection when the error it
+    /// fails with says it may have broken.
+    async fn with_writer<T>(
+        &self,
+        f: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut w = self.writer().await?;
-        let outcome = self.write_claim(w.conn()?, req, plan).await;
-        w.check_store(outcome)
+        let done = f(w.conn()?).await;
+        w.check_store(done)
     }
 
     /// Makes a claim's conditional write on `conn` (the writer connection, locked, or
