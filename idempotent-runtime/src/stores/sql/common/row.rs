@@ -10,7 +10,7 @@ use crate::store::{
     ClaimOutcome, ClaimRequest, Completion, Fence, Record, RecordState, Release, Token,
 };
 use sqlx::query::Query;
-use sqlx::{Executor, IntoArguments, Type};
+use sqlx::{Executor, IntoArguments, SqlStr, Type};
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
@@ -383,6 +383,18 @@ impl Plan {
             Decision::Claimable { expired: false } => Plan::TakeOver { token, attempts },
         }
     }
+}
+
+/// The conditional writes of a claim that reads first (MySQL, SQLite): one statement
+/// per [`Plan`] that writes, in the database's SQL.
+#[cfg_attr(not(any(feature = "mysql", feature = "sqlite")), allow(dead_code))]
+pub(crate) struct PlanSql {
+    /// [`Plan::Insert`]: inserts the absent key.
+    pub(crate) insert: SqlStr,
+    /// [`Plan::TakeOver`]: compare-and-set on the token and attempts read.
+    pub(crate) take_over: SqlStr,
+    /// [`Plan::TakeOverExpired`]: compare-and-set on the token read.
+    pub(crate) take_over_expired: SqlStr,
 }
 
 /// The outcome of a repeated claim of a key within one batch, given the first one's:

@@ -248,20 +248,16 @@ impl MySqlStore {
     /// scopes differing only by trailing spaces share records, until
     /// [`migrate`](Self::migrate) runs.
     pub fn from_pool(pool: MySqlPool) -> Self {
-        MySqlStore::new(pool, TableName::default_table())
+        Self::new(pool, TableName::default_table())
     }
 
     /// The same pool on another table: letters, digits and `_`, optionally
     /// qualified by one database name (`db.table`). Touches no schema; a bad name is a
     /// [`StoreErrorKind::Rejected`] error.
-    pub fn with_table(self, table: &str) -> Result<Self, StoreError> {
-        let table = TableName::parse(table)?;
-        Ok(MySqlStore {
-            pool: self.pool,
-            sql: Arc::new(Statements::new(table)),
-            claims: self.claims,
-            procedure: ProcedureState::new(),
-        })
+    pub fn with_table(mut self, table: &str) -> Result<Self, StoreError> {
+        self.sql = Arc::new(Statements::new(TableName::parse(table)?));
+        self.procedure = ProcedureState::new();
+        Ok(self)
     }
 
     /// Creates the table (with its expiry index) and the claim procedure

@@ -4,8 +4,8 @@
 use crate::error::StoreError;
 use crate::store::{ClaimOutcome, ClaimRequest, Token};
 use crate::stores::sql::common::{
-    self, BindExt, CLAIM_RETRIES, Owned, Plan, SqlDialect, StepSql, TableName, keep_micros, micros,
-    sql,
+    self, BindExt, CLAIM_RETRIES, Owned, Plan, PlanSql, SqlDialect, StepSql, TableName,
+    keep_micros, micros, sql,
 };
 use sqlx::mysql::{MySql, MySqlArguments};
 use sqlx::{Executor, SqlStr};
@@ -17,9 +17,8 @@ const NOW_US: &str = MySql::NOW_US;
 pub(crate) struct Statements {
     /// The statements of the steps every store shares.
     pub(crate) steps: StepSql,
-    pub(crate) insert: SqlStr,
-    pub(crate) take_over: SqlStr,
-    pub(crate) take_over_expired: SqlStr,
+    /// The conditional writes of the two-statement claim.
+    pub(crate) plans: PlanSql,
     pub(crate) create: SqlStr,
     /// `CALL <table>_claim_v2(…)`, when the procedure's name fits in an identifier.
     pub(crate) claim_call: Option<SqlStr>,
@@ -153,7 +152,7 @@ impl Statements {
     pub(crate) fn new(table: TableName) -> Self {
         let t = table.quoted(MySql::QUOTE);
         let procedure = claim_procedure_name(&table);
-        Statements {
+        let plans = PlanSql {
             insert: sql(format!(
                 "INSERT INTO {t} (scope, message_id, status, retry_times, owner_token, \
                     lease_until_us, expires_at_us, fingerprint, output) \
@@ -179,6 +178,9 @@ impl Statements {
                  WHERE scope = ? AND message_id = ? AND owner_token = ? \
                     AND expires_at_us <= {NOW_US}"
             )),
+        };
+        Statements {
+            plans,
             claim_call: procedure
                 .as_ref()
                 .map(|p| sql(format!("CALL {p}(?, ?, ?, ?, ?, ?)"))),
@@ -222,10 +224,10 @@ impl Statements {
         };
         let (q, attempt) = match plan {
             Plan::Answer(outcome) => return Ok(Some(outcome)),
-            Plan::Insert => (sqlx::query(self.insert.clone()).bind_claim(req), 1),
-            Plan::TakeOverExpired { token } => (take_over(&self.take_over_expired, token), 1),
+            Plan::Insert => (sqlx::query(self.plans.insert.clone()).bind_claim(req), 1),
+            Plan::TakeOverExpired { token } => (take_over(&self.plans.take_over_expired, token), 1),
             Plan::TakeOver { token, attempts } => (
-                take_over(&self.take_over, token).bind(attempts),
+                take_over(&self.plans.take_over, token).bind(attempts),
                 u32::try_from(attempts.saturating_add(1)).unwrap_or(u32::MAX),
             ),
         };

@@ -30,7 +30,7 @@ impl MySqlTx {
         MySqlTx {
             insert_or_lock: common::sql(format!(
                 "{} ON DUPLICATE KEY UPDATE owner_token = owner_token + LAST_INSERT_ID(0)",
-                s.insert.as_str()
+                s.plans.insert.as_str()
             )),
             read_for_update: common::sql(format!("{} FOR UPDATE", s.steps.read.as_str())),
             store: s,

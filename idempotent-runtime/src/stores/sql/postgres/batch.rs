@@ -44,7 +44,7 @@ impl PostgresStore {
             if pending.is_empty() {
                 Some(())
             } else {
-                let rows = sqlx::query(self.sql.claim_batch.clone())
+                let rows = sqlx::query(self.sql.batch.claim.clone())
                     .bind(
                         pending
                             .iter()
@@ -125,11 +125,11 @@ impl PostgresStore {
                 Owned::Complete(c) => Some(c),
                 _ => None,
             });
-            bind_owned_arrays(sqlx::query(self.sql.complete_batch.clone()), owned.clone())
+            bind_owned_arrays(sqlx::query(self.sql.batch.complete.clone()), owned.clone())
                 .bind(completions.clone().map(|c| c.output).collect::<Vec<_>>())
                 .bind(completions.map(|c| micros(c.ttl)).collect::<Vec<_>>())
         } else {
-            bind_owned_arrays(sqlx::query(self.sql.release_batch.clone()), owned.clone())
+            bind_owned_arrays(sqlx::query(self.sql.batch.release.clone()), owned.clone())
         }
         .fetch_all(&self.pool)
         .await
@@ -169,7 +169,7 @@ impl PostgresStore {
         &self,
         keys: impl Iterator<Item = &'k RecordKey> + Clone,
     ) -> Result<HashMap<RecordKey, RowView>, StoreError> {
-        let rows = sqlx::query(self.sql.inspect_batch.clone())
+        let rows = sqlx::query(self.sql.batch.inspect.clone())
             .bind(keys.clone().map(|k| k.scope()).collect::<Vec<_>>())
             .bind(keys.map(|k| k.key()).collect::<Vec<_>>())
             .fetch_all(&self.pool)

@@ -135,19 +135,15 @@ impl PostgresStore {
     /// Uses the application's pool; the table `message_idempotent` must exist (call
     /// [`migrate`](Self::migrate) or create it by hand). Touches no schema.
     pub fn from_pool(pool: PgPool) -> Self {
-        PostgresStore::new(pool, TableName::default_table())
+        Self::new(pool, TableName::default_table())
     }
 
     /// The same pool on another table: letters, digits and `_`, optionally
     /// qualified by one schema (`schema.table`). Quoted in SQL, so case-sensitive.
     /// Touches no schema; a bad name is a [`StoreErrorKind::Rejected`](crate::error::StoreErrorKind::Rejected) error.
-    pub fn with_table(self, table: &str) -> Result<Self, StoreError> {
-        let table = TableName::parse(table)?;
-        Ok(PostgresStore {
-            pool: self.pool,
-            sql: Arc::new(Statements::new(table)),
-            claims: self.claims,
-        })
+    pub fn with_table(mut self, table: &str) -> Result<Self, StoreError> {
+        self.sql = Arc::new(Statements::new(TableName::parse(table)?));
+        Ok(self)
     }
 
     /// Creates the table and its expiry index if they are missing. Concurrent calls

@@ -232,21 +232,15 @@ impl SqliteStore {
     /// [`migrate`](Self::migrate) or create it by hand). Touches no schema. Set a
     /// busy timeout on the pool's options if other processes write to the same file.
     pub fn from_pool(pool: SqlitePool) -> Self {
-        SqliteStore::new(pool, TableName::default_table())
+        Self::new(pool, TableName::default_table())
     }
 
     /// The same pool (and write gate) on another table: letters, digits and `_`,
     /// optionally qualified by one attached database name (`schema.table`). Touches no
     /// schema; a bad name is a [`StoreErrorKind::Rejected`] error.
-    pub fn with_table(self, table: &str) -> Result<Self, StoreError> {
-        let table = TableName::parse(table)?;
-        Ok(SqliteStore {
-            pool: self.pool,
-            sql: Arc::new(Statements::new(table)),
-            claims: self.claims,
-            writer: self.writer,
-            last_token: self.last_token,
-        })
+    pub fn with_table(mut self, table: &str) -> Result<Self, StoreError> {
+        self.sql = Arc::new(Statements::new(TableName::parse(table)?));
+        Ok(self)
     }
 
     /// Creates the table and its expiry index if they are missing.
