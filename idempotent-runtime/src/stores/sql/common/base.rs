@@ -366,6 +366,29 @@ where
         .map_err(DB::err(op))
 }
 
+/// The text of the statements `stmts`, as a store's `schema` shows them.
+pub(crate) fn schema<'s>(stmts: impl IntoIterator<Item = &'s SqlStr>) -> Vec<String> {
+    stmts.into_iter().map(|s| s.as_str().to_owned()).collect()
+}
+
+/// What a server store's `connect_with_table` opens: the table `table`, validated
+/// first, and a pool of default settings on `url`, opened as [`open_pool`] opens it;
+/// `op` names the connection in errors.
+pub(crate) async fn connect_url<DB: SqlDialect>(
+    url: &str,
+    table: &str,
+    op: &str,
+) -> Result<(sqlx::Pool<DB>, TableName), StoreError> {
+    let table = TableName::parse(table)?;
+    let options = url
+        .parse::<<DB::Connection as sqlx::Connection>::Options>()
+        .map_err(DB::err(op))?;
+    Ok((
+        open_pool(sqlx::pool::PoolOptions::new(), options, op).await?,
+        table,
+    ))
+}
+
 /// Runs one write on `conn`: the rows it matched. `err` wraps a driver error.
 pub(crate) async fn execute<'c, DB, E>(
     conn: E,

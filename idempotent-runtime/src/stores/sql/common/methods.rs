@@ -36,17 +36,26 @@ where
 }
 
 /// What every SQL store has alike, for a store type `$store` on the database `$db`
-/// with the fields `pool` (of type `$pool`), `sql` (its statements, the shared ones as
-/// `sql.steps`) and `claims` (its [`ClaimGate`](super::base::ClaimGate)): the methods
-/// `pool`, `table` and `spawn_sweeper`, its `Debug`, its
-/// [`SqlStore`](super::steps::SqlStore) (writing on the pool, or with its method
-/// `$write`), and its `Store` and `StoreAdmin`, whose steps are the shared ones
-/// ([`Steps`](super::steps::Steps)). Its claims and batches are its own: the methods
-/// `claim_unguarded` (one claim, once in the gate), `claim_many` (a batch of claims,
-/// once in the gate) and `apply_many` (an [`OwnedBatch`](super::row::OwnedBatch) of
-/// completions or of releases).
+/// with the fields `pool` (of type `$pool`), `sql` (its statements, built by
+/// `Statements::new` from the table name, the shared ones as `sql.steps`), `claims`
+/// (its [`ClaimGate`](super::base::ClaimGate)) and `own` (fields of its own, each
+/// starting from its `Default`): the constructors `new`, `from_pool` and `with_table`
+/// (documented by the caller) and, for a server, `open_pool`; the methods `pool`,
+/// `table` and `spawn_sweeper`, its `Debug`, its [`SqlStore`](super::steps::SqlStore)
+/// (writing on the pool, or with its method `$write`), and its `Store` and
+/// `StoreAdmin`, whose steps are the shared ones ([`Steps`](super::steps::Steps)). Its
+/// claims and batches are its own: the methods `claim_unguarded` (one claim, once in
+/// the gate), `claim_many` (a batch of claims, once in the gate) and `apply_many` (an
+/// [`OwnedBatch`](super::row::OwnedBatch) of completions or of releases).
 macro_rules! sql_store {
-    ($store:ident, $db:ty, $pool:ty $(, write = $write:ident)?) => {
+    (
+        $store:ident, $db:ty, $pool:ty
+        $(, write = $write:ident)?
+        $(, own = [$($own:ident),*])?
+        $(, open_pool = ($pool_options:ty, $options:ty, $connecting:literal))?,
+        from_pool = {$(#[$from_pool:meta])*},
+        with_table = {$(#[$with_table:meta])*} $(,)?
+    ) => {
         // the steps of a claim's owner, one line each: the step and its batch, the
         // item they take, and the `Owned` step it is
         $crate::stores::sql::common::methods::sql_store!(
@@ -54,6 +63,60 @@ macro_rules! sql_store {
             [complete, complete_batch, Completion, Complete],
             [release, release_batch, Release, Release]
         );
+
+        impl $store {
+            /// The store on `pool` and `table`, with a fresh gate of claims.
+            fn new(pool: $pool, table: $crate::stores::sql::common::base::TableName) -> Self {
+                $store {
+                    claims: $crate::stores::sql::common::base::ClaimGate::for_pool(&pool),
+                    pool,
+                    sql: std::sync::Arc::new(Statements::new(table)),
+                    $($($own: Default::default(),)*)?
+                }
+            }
+
+            /// The store on `pool` and `table`, whose table and index it creates if they
+            /// are missing.
+            async fn open(
+                pool: $pool,
+                table: $crate::stores::sql::common::base::TableName,
+            ) -> Result<Self, $crate::error::StoreError> {
+                let store = Self::new(pool, table);
+                store.migrate().await?;
+                Ok(store)
+            }
+
+            $(#[$from_pool])*
+            pub fn from_pool(pool: $pool) -> Self {
+                Self::new(pool, $crate::stores::sql::common::base::TableName::default_table())
+            }
+
+            $(#[$with_table])*
+            pub fn with_table(mut self, table: &str) -> Result<Self, $crate::error::StoreError> {
+                let table = $crate::stores::sql::common::base::TableName::parse(table)?;
+                self.sql = std::sync::Arc::new(Statements::new(table));
+                Ok(self)
+            }
+
+            $(
+                /// Opens a pool with the settings `pool` on `options` as
+                /// [`connect`](Self::connect) opens its own, touching no schema: the first
+                /// connection is opened directly (bounded by the pool's acquire timeout), so
+                /// a refused connection, a bad password or an unknown host is an error at
+                /// once, with the driver's error as its source (kind
+                /// [`StoreErrorKind::Unavailable`](crate::error::StoreErrorKind::Unavailable)
+                /// for a server that cannot be reached), rather than the pool's timeout
+                /// after it has retried for the whole acquire timeout. The pool does not
+                /// ping a connection before each use. For [`from_pool`](Self::from_pool)
+                /// with pool settings of one's own.
+                pub async fn open_pool(
+                    pool: $pool_options,
+                    options: $options,
+                ) -> Result<$pool, $crate::error::StoreError> {
+                    $crate::stores::sql::common::base::open_pool(pool, options, $connecting).await
+                }
+            )?
+        }
     };
     (
         @impl $store:ident, $db:ty, $pool:ty, [$($write:ident)?],

@@ -8,12 +8,12 @@
 use super::base::{
     BindExt, ClaimGate, PURGE_BATCH, SqlDialect, TableName, execute, micros, purge_in_batches, sql,
 };
-use super::row::{Columns, Owned, RowView, fence_of, read_row};
+use super::row::{Columns, Owned, Plan, RowView, fence_of, read_row, retrying};
 use super::scan::{self, Param, Stmt};
 use crate::error::StoreError;
 use crate::key::RecordKey;
 use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
-use crate::store::{ClaimRequest, Fence, Record};
+use crate::store::{ClaimOutcome, ClaimRequest, Fence, Record};
 use sqlx::query::Query;
 use sqlx::{Database, Encode, Executor, Pool, SqlStr, Type};
 use std::future::Future;
@@ -167,6 +167,27 @@ where
     ) -> Result<Option<SemaphorePermit<'s>>, StoreError> {
         reqs.iter().try_for_each(|r| DB::storable(r.key))?;
         Ok(s.claims().enter().await)
+    }
+
+    /// A claim that reads first (MySQL without its procedure, SQLite): the key's row,
+    /// then what it plans ([`Plan::of`]): the answer, or the conditional write `write`
+    /// (`None` when the row changed since the read), until it answers.
+    pub(crate) async fn claim_read_first<S, W, Fut>(
+        s: &S,
+        req: &ClaimRequest<'_>,
+        write: W,
+    ) -> Result<ClaimOutcome, StoreError>
+    where
+        S: SqlStore<Db = DB>,
+        W: Fn(Plan) -> Fut,
+        Fut: Future<Output = Result<Option<ClaimOutcome>, StoreError>>,
+    {
+        retrying!({
+            match Plan::of(req, Self::read(s, req.key).await?) {
+                Plan::Answer(outcome) => Some(outcome),
+                plan => write(plan).await?,
+            }
+        })
     }
 
     /// The compare-and-set write `w` (matching the ownership clause), then the fence

@@ -7,7 +7,7 @@ use crate::error::{StoreError, StoreErrorKind};
 use crate::key::RecordKey;
 use crate::store::{ClaimOutcome, ClaimRequest, Fence, Token};
 use crate::stores::sql::common::{
-    BindExt, Owned, OwnedBatch, RowView, SqlDialect, Steps, repeated, unmatched_fence,
+    BindExt, Owned, OwnedBatch, Plan, RowView, SqlDialect, Steps, repeated, unmatched_fence,
 };
 use sqlx::Row;
 use sqlx::mysql::MySql;
@@ -82,7 +82,12 @@ impl MySqlStore {
             } else if let Some(&token) = inserted.get(&i) {
                 ClaimOutcome::Acquired { token, attempt: 1 }
             } else {
-                match self.act(req, seen.remove(req.key)).await? {
+                let plan = Plan::of(req, seen.remove(req.key));
+                match self
+                    .sql
+                    .write_claim(&self.pool, req, plan, MySql::err("claim"))
+                    .await?
+                {
                     Some(outcome) => outcome,
                     None => self.claim_unguarded(req).await?,
                 }

@@ -7,17 +7,12 @@ mod tx;
 
 pub(crate) use statements::Statements;
 
-use super::common::{
-    self, BindExt, DEFAULT_TABLE, Decision, Plan, RowView, SqlDialect, Steps, TableName, sql,
-};
+use super::common::{self, BindExt, DEFAULT_TABLE, Decision, RowView, SqlDialect, Steps, sql};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::store::{ClaimOutcome, ClaimRequest};
 use sqlx::Row;
 use sqlx::mysql::{MySql, MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
-use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::time::{Duration, Instant};
 
 /// A dedup store in MySQL 8 or MariaDB 10.11+, feature `mysql`.
 ///
@@ -100,49 +95,6 @@ pub struct MySqlStore {
     pool: MySqlPool,
     sql: Arc<Statements>,
     claims: common::ClaimGate,
-    procedure: Arc<ProcedureState>,
-}
-
-/// Whether claims call the claim procedure: they do until a call finds it missing
-/// (or not executable); then the two-statement claim is used for
-/// [`PROCEDURE_RETRY`], after which the procedure is tried again.
-struct ProcedureState {
-    since: Instant,
-    /// Milliseconds after `since` before which the procedure is not called.
-    skip_until_ms: AtomicU64,
-}
-
-/// How long claims do without a missing claim procedure before looking again.
-const PROCEDURE_RETRY: Duration = Duration::from_secs(30);
-
-impl ProcedureState {
-    fn new() -> Arc<Self> {
-        Arc::new(ProcedureState {
-            since: Instant::now(),
-            skip_until_ms: AtomicU64::new(0),
-        })
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn usable(&self) -> bool {
-        let skip = self.skip_until_ms.load(AtomicOrdering::Relaxed);
-        skip == 0 || self.now_ms() >= skip
-    }
-
-    fn missing(&self) {
-        let until = self
-            .now_ms()
-            .saturating_add(PROCEDURE_RETRY.as_millis() as u64);
-        self.skip_until_ms
-            .store(until.max(1), AtomicOrdering::Relaxed);
-    }
-
-    fn present(&self) {
-        self.skip_until_ms.store(0, AtomicOrdering::Relaxed);
-    }
 }
 
 /// Errors that mean the claim procedure cannot be called (does not exist, no
@@ -153,17 +105,28 @@ fn procedure_missing(e: &sqlx::Error) -> bool {
             .is_some_and(|my| matches!(my.number(), 1305 | 1370 | 1318)))
 }
 
-common::methods::sql_store!(MySqlStore, MySql, MySqlPool);
+common::methods::sql_store!(MySqlStore, MySql, MySqlPool,
+    open_pool = (MySqlPoolOptions, MySqlConnectOptions, "connecting to MySQL"),
+    from_pool = {
+        /// Uses the application's pool; the table `message_idempotent` must exist (call
+        /// [`migrate`](Self::migrate) or create it by hand). Touches no schema: a table
+        /// created by an earlier version keeps its `VARCHAR` scope column, under which
+        /// scopes differing only by trailing spaces share records, until
+        /// [`migrate`](Self::migrate) runs.
+    },
+    with_table = {
+        /// The same pool on another table: letters, digits and `_`, optionally
+        /// qualified by one database name (`db.table`). Touches no schema; a bad name is a
+        /// [`StoreErrorKind::Rejected`] error.
+    },
+);
 
 impl MySqlStore {
     /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
     /// hand: the `CREATE TABLE` and, when the table's name leaves room for it, the
     /// `CREATE PROCEDURE` of the claim procedure.
     pub fn schema(&self) -> Vec<String> {
-        std::iter::once(&self.sql.create)
-            .chain(self.sql.claim_procedure.as_ref())
-            .map(|s| s.as_str().to_owned())
-            .collect()
+        common::schema(std::iter::once(&self.sql.create).chain(&self.sql.claim_procedure))
     }
 }
 
@@ -209,55 +172,8 @@ impl MySqlStore {
     /// Connects to `url` and uses (and creates if missing) the table `table`, which may
     /// be qualified by a database name (`db.table`).
     pub async fn connect_with_table(url: &str, table: &str) -> Result<Self, StoreError> {
-        let table = TableName::parse(table)?;
-        let op = "connecting to MySQL";
-        let options = MySqlConnectOptions::from_str(url).map_err(MySql::err(op))?;
-        let pool = Self::open_pool(MySqlPoolOptions::new(), options).await?;
-        let store = MySqlStore::new(pool, table);
-        store.migrate().await?;
-        Ok(store)
-    }
-
-    /// Opens a pool with the settings `pool` on `options` as [`connect`](Self::connect)
-    /// opens its own, touching no schema: the first connection is opened directly
-    /// (bounded by the pool's acquire timeout), so a refused connection, a bad password
-    /// or an unknown host is an error at once, with the driver's error as its source
-    /// (kind [`StoreErrorKind::Unavailable`] for a server that cannot be reached),
-    /// rather than the pool's timeout after it has retried for the whole acquire
-    /// timeout. The pool does not ping a connection before each use. For
-    /// [`from_pool`](Self::from_pool) with pool settings of one's own.
-    pub async fn open_pool(
-        pool: MySqlPoolOptions,
-        options: MySqlConnectOptions,
-    ) -> Result<MySqlPool, StoreError> {
-        common::open_pool(pool, options, "connecting to MySQL").await
-    }
-
-    fn new(pool: MySqlPool, table: TableName) -> Self {
-        MySqlStore {
-            claims: common::ClaimGate::for_pool(&pool),
-            pool,
-            sql: Arc::new(Statements::new(table)),
-            procedure: ProcedureState::new(),
-        }
-    }
-
-    /// Uses the application's pool; the table `message_idempotent` must exist (call
-    /// [`migrate`](Self::migrate) or create it by hand). Touches no schema: a table
-    /// created by an earlier version keeps its `VARCHAR` scope column, under which
-    /// scopes differing only by trailing spaces share records, until
-    /// [`migrate`](Self::migrate) runs.
-    pub fn from_pool(pool: MySqlPool) -> Self {
-        Self::new(pool, TableName::default_table())
-    }
-
-    /// The same pool on another table: letters, digits and `_`, optionally
-    /// qualified by one database name (`db.table`). Touches no schema; a bad name is a
-    /// [`StoreErrorKind::Rejected`] error.
-    pub fn with_table(mut self, table: &str) -> Result<Self, StoreError> {
-        self.sql = Arc::new(Statements::new(TableName::parse(table)?));
-        self.procedure = ProcedureState::new();
-        Ok(self)
+        let (pool, table) = common::connect_url::<MySql>(url, table, "connecting to MySQL").await?;
+        Self::open(pool, table).await
     }
 
     /// Creates the table (with its expiry index) and the claim procedure
@@ -328,7 +244,7 @@ impl MySqlStore {
                         .is_some_and(|my| my.number() == 1304) => {}
                 Err(e) => return Err(MySql::err("creating the claim procedure")(e)),
             }
-            self.procedure.present();
+            self.sql.procedure.present();
         }
         Ok(())
     }
@@ -337,7 +253,7 @@ impl MySqlStore {
     /// conditional write until they answer.
     async fn claim_unguarded(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         if let Some(call) = &self.sql.claim_call
-            && self.procedure.usable()
+            && self.sql.procedure.usable()
         {
             let row = sqlx::query(call.clone())
                 .bind_claim(req)
@@ -355,27 +271,15 @@ impl MySqlStore {
                 }
                 Err(e) if procedure_missing(&e) => {
                     tracing::debug!(error = %e, "claim procedure unavailable; claiming in two statements");
-                    self.procedure.missing();
+                    self.sql.procedure.missing();
                 }
                 Err(e) => return Err(MySql::err("claim")(e)),
             }
         }
-        common::retrying!({
-            let seen = Steps::read(self, req.key).await?;
-            self.act(req, seen).await?
-        })
-    }
-
-    /// Acts on what a read saw: answers, or tries the one conditional write.
-    /// `Ok(None)`: the row changed since the read; read again.
-    async fn act(
-        &self,
-        req: &ClaimRequest<'_>,
-        seen: Option<RowView>,
-    ) -> Result<Option<ClaimOutcome>, StoreError> {
-        let plan = Plan::of(req, seen);
-        self.sql
-            .write_claim(&self.pool, req, plan, MySql::err("claim"))
-            .await
+        let write = |plan| {
+            self.sql
+                .write_claim(&self.pool, req, plan, MySql::err("claim"))
+        };
+        Steps::claim_read_first(self, req, write).await
     }
 }

@@ -9,6 +9,8 @@ use crate::stores::sql::common::{
 };
 use sqlx::mysql::{MySql, MySqlArguments};
 use sqlx::{Executor, SqlStr};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::time::{Duration, Instant};
 
 /// The database clock, as every statement reads it.
 const NOW_US: &str = MySql::NOW_US;
@@ -24,6 +26,50 @@ pub(crate) struct Statements {
     pub(crate) claim_call: Option<SqlStr>,
     /// The `CREATE PROCEDURE` of that procedure.
     pub(crate) claim_procedure: Option<SqlStr>,
+    /// Whether claims call that procedure.
+    pub(crate) procedure: ProcedureState,
+}
+
+/// Whether claims call the claim procedure: they do until a call finds it missing
+/// (or not executable); then the two-statement claim is used for
+/// [`PROCEDURE_RETRY`], after which the procedure is tried again.
+pub(crate) struct ProcedureState {
+    since: Instant,
+    /// Milliseconds after `since` before which the procedure is not called.
+    skip_until_ms: AtomicU64,
+}
+
+/// How long claims do without a missing claim procedure before looking again.
+const PROCEDURE_RETRY: Duration = Duration::from_secs(30);
+
+impl ProcedureState {
+    fn new() -> Self {
+        ProcedureState {
+            since: Instant::now(),
+            skip_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn usable(&self) -> bool {
+        let skip = self.skip_until_ms.load(AtomicOrdering::Relaxed);
+        skip == 0 || self.now_ms() >= skip
+    }
+
+    pub(crate) fn missing(&self) {
+        let until = self
+            .now_ms()
+            .saturating_add(PROCEDURE_RETRY.as_millis() as u64);
+        self.skip_until_ms
+            .store(until.max(1), AtomicOrdering::Relaxed);
+    }
+
+    pub(crate) fn present(&self) {
+        self.skip_until_ms.store(0, AtomicOrdering::Relaxed);
+    }
 }
 
 /// Longest identifier MySQL accepts.
@@ -185,6 +231,7 @@ impl Statements {
                 .as_ref()
                 .map(|p| sql(format!("CALL {p}(?, ?, ?, ?, ?, ?)"))),
             claim_procedure: procedure.map(|p| sql(claim_procedure(&p, &t))),
+            procedure: ProcedureState::new(),
             create: sql(format!(
                 "CREATE TABLE IF NOT EXISTS {t} (\
                  scope VARBINARY(200) NOT NULL, \

@@ -7,12 +7,11 @@ mod tx;
 
 pub(crate) use statements::Statements;
 
-use super::common::{self, BindExt, DEFAULT_TABLE, Decision, RowView, SqlDialect, TableName};
+use super::common::{self, BindExt, DEFAULT_TABLE, Decision, RowView, SqlDialect};
 use crate::error::StoreError;
 use crate::store::{ClaimOutcome, ClaimRequest};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
-use std::str::FromStr;
 use std::sync::Arc;
 
 /// A dedup store in PostgreSQL (12 or later), feature `postgres`.
@@ -67,17 +66,24 @@ pub struct PostgresStore {
     claims: common::ClaimGate,
 }
 
-common::methods::sql_store!(PostgresStore, Postgres, PgPool);
+common::methods::sql_store!(PostgresStore, Postgres, PgPool,
+    open_pool = (PgPoolOptions, PgConnectOptions, "connecting to PostgreSQL"),
+    from_pool = {
+        /// Uses the application's pool; the table `message_idempotent` must exist (call
+        /// [`migrate`](Self::migrate) or create it by hand). Touches no schema.
+    },
+    with_table = {
+        /// The same pool on another table: letters, digits and `_`, optionally
+        /// qualified by one schema (`schema.table`). Quoted in SQL, so case-sensitive.
+        /// Touches no schema; a bad name is a [`StoreErrorKind::Rejected`](crate::error::StoreErrorKind::Rejected) error.
+    },
+);
 
 impl PostgresStore {
     /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
     /// hand: the `CREATE TABLE` and its index.
     pub fn schema(&self) -> Vec<String> {
-        self.sql
-            .create
-            .iter()
-            .map(|s| s.as_str().to_owned())
-            .collect()
+        common::schema(&self.sql.create)
     }
 }
 
@@ -99,51 +105,11 @@ impl PostgresStore {
     /// Connects to `url` and uses (and creates if missing) the table `table`, which may
     /// be schema-qualified (`schema.table`).
     pub async fn connect_with_table(url: &str, table: &str) -> Result<Self, StoreError> {
-        let table = TableName::parse(table)?;
         let op = "connecting to PostgreSQL";
-        let options = PgConnectOptions::from_str(url).map_err(Postgres::err(op))?;
-        let pool = Self::open_pool(PgPoolOptions::new(), options).await?;
-        let store = PostgresStore::new(pool, table);
-        store.migrate().await?;
+        let (pool, table) = common::connect_url::<Postgres>(url, table, op).await?;
+        let store = Self::open(pool, table).await?;
         store.prepare().await?;
         Ok(store)
-    }
-
-    /// Opens a pool with the settings `pool` on `options` as [`connect`](Self::connect)
-    /// opens its own, touching no schema: the first connection is opened directly
-    /// (bounded by the pool's acquire timeout), so a refused connection, a bad password
-    /// or an unknown host is an error at once, with the driver's error as its source
-    /// (kind [`StoreErrorKind::Unavailable`](crate::error::StoreErrorKind::Unavailable) for a server that cannot be reached),
-    /// rather than the pool's timeout after it has retried for the whole acquire
-    /// timeout. The pool does not ping a connection before each use. For
-    /// [`from_pool`](Self::from_pool) with pool settings of one's own.
-    pub async fn open_pool(
-        pool: PgPoolOptions,
-        options: PgConnectOptions,
-    ) -> Result<PgPool, StoreError> {
-        common::open_pool(pool, options, "connecting to PostgreSQL").await
-    }
-
-    fn new(pool: PgPool, table: TableName) -> Self {
-        PostgresStore {
-            claims: common::ClaimGate::for_pool(&pool),
-            pool,
-            sql: Arc::new(Statements::new(table)),
-        }
-    }
-
-    /// Uses the application's pool; the table `message_idempotent` must exist (call
-    /// [`migrate`](Self::migrate) or create it by hand). Touches no schema.
-    pub fn from_pool(pool: PgPool) -> Self {
-        Self::new(pool, TableName::default_table())
-    }
-
-    /// The same pool on another table: letters, digits and `_`, optionally
-    /// qualified by one schema (`schema.table`). Quoted in SQL, so case-sensitive.
-    /// Touches no schema; a bad name is a [`StoreErrorKind::Rejected`](crate::error::StoreErrorKind::Rejected) error.
-    pub fn with_table(mut self, table: &str) -> Result<Self, StoreError> {
-        self.sql = Arc::new(Statements::new(TableName::parse(table)?));
-        Ok(self)
     }
 
     /// Creates the table and its expiry index if they are missing. Concurrent calls

@@ -8,9 +8,7 @@ mod tx;
 use statements::SqliteQuery;
 pub(crate) use statements::Statements;
 
-use super::common::{
-    self, DEFAULT_TABLE, Plan, RowView, SqlDialect, Steps, TableName, token_param,
-};
+use super::common::{self, DEFAULT_TABLE, Plan, SqlDialect, Steps, TableName, token_param};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::store::{ClaimOutcome, ClaimRequest};
 use sqlx::error::DatabaseError;
@@ -99,17 +97,26 @@ pub struct SqliteStore {
     last_token: Arc<AtomicI64>,
 }
 
-common::methods::sql_store!(SqliteStore, Sqlite, SqlitePool, write = execute);
+common::methods::sql_store!(SqliteStore, Sqlite, SqlitePool,
+    write = execute,
+    own = [writer, last_token],
+    from_pool = {
+        /// Uses the application's pool; the table `message_idempotent` must exist (call
+        /// [`migrate`](Self::migrate) or create it by hand). Touches no schema. Set a
+        /// busy timeout on the pool's options if other processes write to the same file.
+    },
+    with_table = {
+        /// The same pool (and write gate) on another table: letters, digits and `_`,
+        /// optionally qualified by one attached database name (`schema.table`). Touches no
+        /// schema; a bad name is a [`StoreErrorKind::Rejected`] error.
+    },
+);
 
 impl SqliteStore {
     /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
     /// hand: the `CREATE TABLE` and its index.
     pub fn schema(&self) -> Vec<String> {
-        self.sql
-            .create
-            .iter()
-            .map(|s| s.as_str().to_owned())
-            .collect()
+        common::schema(&self.sql.create)
     }
 }
 
@@ -200,9 +207,7 @@ impl SqliteStore {
         let pool = Self::open_pool(SqlitePoolOptions::new(), options)
             .await
             .map_err(explain)?;
-        let store = SqliteStore::new(pool, table);
-        store.migrate().await?;
-        Ok(store)
+        Self::open(pool, table).await
     }
 
     /// Opens a pool with the settings `pool` on `options` as [`connect`](Self::connect)
@@ -216,31 +221,6 @@ impl SqliteStore {
     ) -> Result<SqlitePool, StoreError> {
         let op = opening(&options);
         common::open_pool(pool, options, &op).await
-    }
-
-    fn new(pool: SqlitePool, table: TableName) -> Self {
-        SqliteStore {
-            claims: common::ClaimGate::for_pool(&pool),
-            pool,
-            sql: Arc::new(Statements::new(table)),
-            writer: Arc::new(Mutex::new(None)),
-            last_token: Arc::new(AtomicI64::new(0)),
-        }
-    }
-
-    /// Uses the application's pool; the table `message_idempotent` must exist (call
-    /// [`migrate`](Self::migrate) or create it by hand). Touches no schema. Set a
-    /// busy timeout on the pool's options if other processes write to the same file.
-    pub fn from_pool(pool: SqlitePool) -> Self {
-        Self::new(pool, TableName::default_table())
-    }
-
-    /// The same pool (and write gate) on another table: letters, digits and `_`,
-    /// optionally qualified by one attached database name (`schema.table`). Touches no
-    /// schema; a bad name is a [`StoreErrorKind::Rejected`] error.
-    pub fn with_table(mut self, table: &str) -> Result<Self, StoreError> {
-        self.sql = Arc::new(Statements::new(TableName::parse(table)?));
-        Ok(self)
     }
 
     /// Creates the table and its expiry index if they are missing.
@@ -275,25 +255,8 @@ impl SqliteStore {
 
     /// One claim, once in the gate: a read and a conditional write until they answer.
     async fn claim_unguarded(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        common::retrying!({
-            let seen = Steps::read(self, req.key).await?;
-            self.act(req, seen).await?
-        })
-    }
-
-    /// Acts on what a read saw: answers, or tries the one conditional write.
-    /// `Ok(None)`: the row changed since the read; read again.
-    async fn act(
-        &self,
-        req: &ClaimRequest<'_>,
-        seen: Option<RowView>,
-    ) -> Result<Option<ClaimOutcome>, StoreError> {
-        let plan = match Plan::of(req, seen) {
-            Plan::Answer(outcome) => return Ok(Some(outcome)),
-            plan => plan,
-        };
-        self.with_writer(async |conn| self.write_claim(conn, req, plan).await)
-            .await
+        let write = |plan| self.with_writer(async |conn| self.write_claim(conn, req, plan).await);
+        Steps::claim_read_first(self, req, write).await
     }
 
     /// Runs `f` on the writer connection, dropping the connection when the error it
