@@ -121,15 +121,6 @@ common::methods::sql_store!(MySqlStore, MySql, MySqlPool,
     },
 );
 
-impl MySqlStore {
-    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
-    /// hand: the `CREATE TABLE` and, when the table's name leaves room for it, the
-    /// `CREATE PROCEDURE` of the claim procedure.
-    pub fn schema(&self) -> Vec<String> {
-        common::schema(std::iter::once(&self.sql.create).chain(&self.sql.claim_procedure))
-    }
-}
-
 /// The row the claim procedure answers: `Some` outcome, or `None` when the claim must
 /// be tried again (the procedure kept losing races, or the row it read is claimable
 /// after all).
@@ -247,6 +238,13 @@ impl MySqlStore {
             self.sql.procedure.present();
         }
         Ok(())
+    }
+
+    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
+    /// hand: the `CREATE TABLE` and, when the table's name leaves room for it, the
+    /// `CREATE PROCEDURE` of the claim procedure.
+    pub fn schema(&self) -> Vec<String> {
+        common::schema(std::iter::once(&self.sql.create).chain(&self.sql.claim_procedure))
     }
 
     /// One claim, once in the gate: the claim procedure, else a read and a

@@ -80,14 +80,6 @@ common::methods::sql_store!(PostgresStore, Postgres, PgPool,
 );
 
 impl PostgresStore {
-    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
-    /// hand: the `CREATE TABLE` and its index.
-    pub fn schema(&self) -> Vec<String> {
-        common::schema(&self.sql.create)
-    }
-}
-
-impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:5432/db`, TLS with `?sslmode=require`)
     /// with a pool of default size and creates the table `message_idempotent` if it is
     /// missing.
@@ -129,6 +121,12 @@ impl PostgresStore {
                 .map_err(Postgres::err(op))?;
         }
         tx.commit().await.map_err(Postgres::err(op))
+    }
+
+    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
+    /// hand: the `CREATE TABLE` and its index.
+    pub fn schema(&self) -> Vec<String> {
+        common::schema(&self.sql.create)
     }
 
     /// Prepares the protocol's statements on the connection the pool holds, so the

@@ -112,14 +112,6 @@ common::methods::sql_store!(SqliteStore, Sqlite, SqlitePool,
     },
 );
 
-impl SqliteStore {
-    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
-    /// hand: the `CREATE TABLE` and its index.
-    pub fn schema(&self) -> Vec<String> {
-        common::schema(&self.sql.create)
-    }
-}
-
 /// The primary result code of an SQLite error (its low byte).
 pub(super) fn primary_code(e: &dyn DatabaseError) -> i64 {
     let code: i64 = e.code().and_then(|c| c.parse().ok()).unwrap_or(0);
@@ -230,6 +222,12 @@ impl SqliteStore {
                 .await?;
         }
         Ok(())
+    }
+
+    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
+    /// hand: the `CREATE TABLE` and its index.
+    pub fn schema(&self) -> Vec<String> {
+        common::schema(&self.sql.create)
     }
 
     /// The writer connection, taken out of the pool if this is the first write.
