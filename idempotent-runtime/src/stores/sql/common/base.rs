@@ -374,6 +374,7 @@ pub(crate) fn schema<'s>(stmts: impl IntoIterator<Item = &'s SqlStr>) -> Vec<Str
 /// What a server store's `connect_with_table` opens: the table `table`, validated
 /// first, and a pool of default settings on `url`, opened as [`open_pool`] opens it;
 /// `op` names the connection in errors.
+#[cfg_attr(not(any(feature = "mysql", feature = "postgres")), allow(dead_code))]
 pub(crate) async fn connect_url<DB: SqlDialect>(
     url: &str,
     table: &str,

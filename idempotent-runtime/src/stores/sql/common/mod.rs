@@ -19,4 +19,4 @@ pub(crate) mod tx;
 pub use base::DEFAULT_TABLE;
 pub(crate) use base::*;
 pub(crate) use row::*;
-pub(crate) use steps::{StepSql, Steps};
+pub(crate) use steps::StepSql;

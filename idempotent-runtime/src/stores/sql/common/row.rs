@@ -251,6 +251,7 @@ impl<'a> Owned<'a> {
     }
 
     /// The token of the claim writing.
+    #[cfg_attr(not(any(feature = "mysql", feature = "postgres")), allow(dead_code))]
     pub(crate) fn token(&self) -> Token {
         match *self {
             Owned::Complete(c) => c.token,
@@ -291,6 +292,7 @@ impl<'a> OwnedBatch<'a> {
     }
 
     /// Whether the batch completes (else it releases).
+    #[cfg_attr(not(any(feature = "mysql", feature = "postgres")), allow(dead_code))]
     pub(crate) fn completes(&self) -> bool {
         matches!(self.items.first(), Some(Owned::Complete(_)))
     }

@@ -172,6 +172,7 @@ where
     /// A claim that reads first (MySQL without its procedure, SQLite): the key's row,
     /// then what it plans ([`Plan::of`]): the answer, or the conditional write `write`
     /// (`None` when the row changed since the read), until it answers.
+    #[cfg_attr(not(any(feature = "mysql", feature = "sqlite")), allow(dead_code))]
     pub(crate) async fn claim_read_first<S, W, Fut>(
         s: &S,
         req: &ClaimRequest<'_>,

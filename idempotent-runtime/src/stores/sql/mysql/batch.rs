@@ -6,8 +6,9 @@ use super::statements::MySqlQuery;
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::RecordKey;
 use crate::store::{ClaimOutcome, ClaimRequest, Fence, Token};
+use crate::stores::sql::common::steps::Steps;
 use crate::stores::sql::common::{
-    BindExt, Owned, OwnedBatch, Plan, RowView, SqlDialect, Steps, repeated, unmatched_fence,
+    BindExt, Owned, OwnedBatch, Plan, RowView, SqlDialect, repeated, unmatched_fence,
 };
 use sqlx::Row;
 use sqlx::mysql::MySql;
@@ -108,7 +109,7 @@ impl MySqlStore {
             _ => 0,
         };
         for chunk in chunks_by_bytes(&distinct, bytes) {
-            let mut q = sqlx::query(self.sql.owned_many(&items[chunk[0]], chunk.len()));
+            let mut q = sqlx::query(self.sql.owned_many(b.completes(), chunk.len()));
             for &i in chunk {
                 q = match items[i] {
                     Owned::Complete(c) => q.bind_completion(&c),

@@ -7,7 +7,8 @@ mod tx;
 
 pub(crate) use statements::Statements;
 
-use super::common::{self, BindExt, DEFAULT_TABLE, Decision, RowView, SqlDialect, Steps, sql};
+use super::common::steps::Steps;
+use super::common::{self, BindExt, DEFAULT_TABLE, Decision, RowView, SqlDialect, sql};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::store::{ClaimOutcome, ClaimRequest};
 use sqlx::Row;

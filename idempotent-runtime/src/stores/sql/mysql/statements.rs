@@ -4,8 +4,8 @@
 use crate::error::StoreError;
 use crate::store::{ClaimOutcome, ClaimRequest, Token};
 use crate::stores::sql::common::{
-    self, BindExt, CLAIM_RETRIES, Owned, Plan, PlanSql, SqlDialect, StepSql, TableName,
-    keep_micros, micros, sql,
+    self, BindExt, CLAIM_RETRIES, Plan, PlanSql, SqlDialect, StepSql, TableName, keep_micros,
+    micros, sql,
 };
 use sqlx::mysql::{MySql, MySqlArguments};
 use sqlx::{Executor, SqlStr};
@@ -315,12 +315,13 @@ impl Statements {
         ))
     }
 
-    /// The step of `item` (a completion or a release) on `n` distinct keys in one
-    /// statement, compare-and-set on each token.
-    pub(crate) fn owned_many(&self, item: &Owned<'_>, n: usize) -> SqlStr {
-        match item {
-            Owned::Complete(_) => self.complete_many(n),
-            _ => self.release_many(n),
+    /// Completes (`completes`), or releases, `n` distinct keys in one statement,
+    /// compare-and-set on each token.
+    pub(crate) fn owned_many(&self, completes: bool, n: usize) -> SqlStr {
+        if completes {
+            self.complete_many(n)
+        } else {
+            self.release_many(n)
         }
     }
 

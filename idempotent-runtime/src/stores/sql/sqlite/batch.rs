@@ -4,7 +4,8 @@
 use super::SqliteStore;
 use crate::error::StoreError;
 use crate::store::{ClaimOutcome, ClaimRequest, Fence};
-use crate::stores::sql::common::{self, OwnedBatch, Plan, SqlDialect, Steps, read_row, repeated};
+use crate::stores::sql::common::steps::Steps;
+use crate::stores::sql::common::{self, OwnedBatch, Plan, SqlDialect, read_row, repeated};
 use sqlx::Connection;
 use sqlx::sqlite::{Sqlite, SqliteConnection};
 use std::collections::HashMap;

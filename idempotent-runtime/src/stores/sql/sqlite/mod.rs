@@ -8,7 +8,8 @@ mod tx;
 use statements::SqliteQuery;
 pub(crate) use statements::Statements;
 
-use super::common::{self, DEFAULT_TABLE, Plan, SqlDialect, Steps, TableName, token_param};
+use super::common::steps::Steps;
+use super::common::{self, DEFAULT_TABLE, Plan, SqlDialect, TableName, token_param};
 use crate::error::{StoreError, StoreErrorKind};
 use crate::store::{ClaimOutcome, ClaimRequest};
 use sqlx::error::DatabaseError;
