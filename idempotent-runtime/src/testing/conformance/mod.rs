@@ -70,68 +70,88 @@ use crate::store::Store;
 use std::future::Future;
 use std::sync::Arc;
 
-/// The protocol cases, for [`run_protocol`]: calls `$m!($($arg)* case, case, …)`.
-/// [`protocol_conformance_suite!`](crate::protocol_conformance_suite) lists them too.
-macro_rules! __conformance_protocol_cases {
-    ($m:ident ! ($($arg:tt)*)) => {
-        $m!(
-            $($arg)*
-            claim_fresh_key_acquires,
-            duplicate_of_completed_key_replays_output,
-            completed_without_output_replays_none,
-            live_claim_refuses_others,
-            racing_claims_have_one_winner,
-            released_key_is_claimable_at_once,
-            expired_lease_is_taken_over,
-            stale_owner_is_fenced,
-            tokens_strictly_increase,
-            renewal_extends_the_lease,
-            max_attempts_poisons_the_key,
-            fingerprint_mismatch_is_refused,
-            completed_record_expires_after_ttl,
-            scopes_are_isolated,
-            keys_are_data,
-            batches_follow_the_same_rules,
-            concurrent_duplicates_run_once,
-            handler_error_releases_for_retry,
-            panic_releases_for_retry,
-            cancellation_releases_for_retry,
-            cancelled_while_completing_still_completes,
-            long_handler_keeps_its_lease,
-            expired_holder_cannot_overwrite,
-            store_outage_fails_closed,
-            lost_completion_frees_after_lease,
-            retried_completion_after_a_lost_reply_is_held,
-            retried_release_after_a_lost_reply_is_held,
-            renewal_in_flight_when_the_body_returns,
-            waiting_duplicate_gets_winners_output,
-            attempts_exhausted_after_failures,
-            fingerprint_mismatch_through_protocol,
-            oversized_output_is_not_replayed,
-            unserializable_output_says_why,
-            current_claim_matches_the_record,
-            batch_protocol_runs_each_key_once,
-            batch_fingerprints_are_checked,
-            observe_tells_replays_from_executions,
+/// The one list of the conformance cases, and what is made of it: `(protocol [view])`
+/// and `(admin [view])` hand their cases to the view `[tests make]` (one
+/// `#[tokio::test]` per case, each with a store from the future `make`, for
+/// [`protocol_conformance_suite!`](crate::protocol_conformance_suite) and
+/// [`admin_conformance_suite!`](crate::admin_conformance_suite)) or `[run make]` (each
+/// case in turn on a store from `make()`, for [`run_protocol`] and [`run_admin`]).
+#[doc(hidden)]
+#[macro_export]
+macro_rules! __conformance_cases {
+    ($kind:ident $view:tt) => {
+        $crate::testing::conformance::__cases!(
+            @pick $kind $view
+            protocol [
+                claim_fresh_key_acquires,
+                duplicate_of_completed_key_replays_output,
+                completed_without_output_replays_none,
+                live_claim_refuses_others,
+                racing_claims_have_one_winner,
+                released_key_is_claimable_at_once,
+                expired_lease_is_taken_over,
+                stale_owner_is_fenced,
+                tokens_strictly_increase,
+                renewal_extends_the_lease,
+                max_attempts_poisons_the_key,
+                fingerprint_mismatch_is_refused,
+                completed_record_expires_after_ttl,
+                scopes_are_isolated,
+                keys_are_data,
+                batches_follow_the_same_rules,
+                concurrent_duplicates_run_once,
+                handler_error_releases_for_retry,
+                panic_releases_for_retry,
+                cancellation_releases_for_retry,
+                cancelled_while_completing_still_completes,
+                long_handler_keeps_its_lease,
+                expired_holder_cannot_overwrite,
+                store_outage_fails_closed,
+                lost_completion_frees_after_lease,
+                retried_completion_after_a_lost_reply_is_held,
+                retried_release_after_a_lost_reply_is_held,
+                renewal_in_flight_when_the_body_returns,
+                waiting_duplicate_gets_winners_output,
+                attempts_exhausted_after_failures,
+                fingerprint_mismatch_through_protocol,
+                oversized_output_is_not_replayed,
+                unserializable_output_says_why,
+                current_claim_matches_the_record,
+                batch_protocol_runs_each_key_once,
+                batch_fingerprints_are_checked,
+                observe_tells_replays_from_executions,
+            ]
+            admin [
+                scan_pages_through_records_with_filters,
+                stats_count_per_scope_and_state,
+                force_release_fences_the_holder,
+                reset_attempts_unpoisons,
+                forget_and_inspect,
+                idempotency_inspects_and_forgets_by_message_key,
+            ]
         );
     };
+    (@pick protocol $view:tt protocol [$($p:ident,)*] admin [$($a:ident,)*]) => {
+        $crate::testing::conformance::__cases!(@each $view $($p,)*);
+    };
+    (@pick admin $view:tt protocol [$($p:ident,)*] admin [$($a:ident,)*]) => {
+        $crate::testing::conformance::__cases!(@each $view $($a,)*);
+    };
+    (@each [tests $make:expr] $($case:ident,)*) => {$(
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn $case() {
+            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
+            $crate::testing::conformance::$case(store).await;
+        }
+    )*};
+    (@each [run $make:expr] $($case:ident,)*) => {$(
+        eprintln!("conformance: {}", stringify!($case));
+        $crate::testing::conformance::$case($make().await).await;
+    )*};
 }
 
-/// The admin cases, for [`run_admin`]: calls `$m!($($arg)* case, case, …)`.
-/// [`admin_conformance_suite!`](crate::admin_conformance_suite) lists them too.
-macro_rules! __conformance_admin_cases {
-    ($m:ident ! ($($arg:tt)*)) => {
-        $m!(
-            $($arg)*
-            scan_pages_through_records_with_filters,
-            stats_count_per_scope_and_state,
-            force_release_fences_the_holder,
-            reset_attempts_unpoisons,
-            forget_and_inspect,
-            idempotency_inspects_and_forgets_by_message_key,
-        );
-    };
-}
+#[doc(hidden)]
+pub use __conformance_cases as __cases;
 
 /// Runs every protocol case against stores made by `make`, one after another.
 pub async fn run_protocol<F, Fut>(make: F)
@@ -139,13 +159,7 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
 {
-    macro_rules! run {
-        ($($case:ident),* $(,)?) => {$(
-            eprintln!("conformance: {}", stringify!($case));
-            $case(make().await).await;
-        )*};
-    }
-    __conformance_protocol_cases!(run!());
+    __conformance_cases!(protocol [run make]);
 }
 
 /// Runs every admin case against stores made by `make`, one after another; the stores
@@ -155,13 +169,7 @@ where
     F: Fn() -> Fut,
     Fut: Future<Output = Arc<dyn Store>>,
 {
-    macro_rules! run {
-        ($($case:ident),* $(,)?) => {$(
-            eprintln!("conformance: {}", stringify!($case));
-            $case(make().await).await;
-        )*};
-    }
-    __conformance_admin_cases!(run!());
+    __conformance_cases!(admin [run make]);
 }
 
 /// Runs every case, protocol then admin, against stores made by `make`.
@@ -180,192 +188,7 @@ where
 #[macro_export]
 macro_rules! protocol_conformance_suite {
     ($make:expr) => {
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn claim_fresh_key_acquires() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::claim_fresh_key_acquires(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn duplicate_of_completed_key_replays_output() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::duplicate_of_completed_key_replays_output(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn completed_without_output_replays_none() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::completed_without_output_replays_none(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn live_claim_refuses_others() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::live_claim_refuses_others(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn racing_claims_have_one_winner() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::racing_claims_have_one_winner(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn released_key_is_claimable_at_once() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::released_key_is_claimable_at_once(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn expired_lease_is_taken_over() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::expired_lease_is_taken_over(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn stale_owner_is_fenced() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::stale_owner_is_fenced(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn tokens_strictly_increase() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::tokens_strictly_increase(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn renewal_extends_the_lease() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::renewal_extends_the_lease(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn max_attempts_poisons_the_key() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::max_attempts_poisons_the_key(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn fingerprint_mismatch_is_refused() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::fingerprint_mismatch_is_refused(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn completed_record_expires_after_ttl() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::completed_record_expires_after_ttl(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn scopes_are_isolated() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::scopes_are_isolated(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn keys_are_data() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::keys_are_data(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn batches_follow_the_same_rules() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::batches_follow_the_same_rules(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn concurrent_duplicates_run_once() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::concurrent_duplicates_run_once(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn handler_error_releases_for_retry() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::handler_error_releases_for_retry(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn panic_releases_for_retry() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::panic_releases_for_retry(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn cancellation_releases_for_retry() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::cancellation_releases_for_retry(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn cancelled_while_completing_still_completes() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::cancelled_while_completing_still_completes(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn long_handler_keeps_its_lease() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::long_handler_keeps_its_lease(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn expired_holder_cannot_overwrite() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::expired_holder_cannot_overwrite(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn store_outage_fails_closed() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::store_outage_fails_closed(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn lost_completion_frees_after_lease() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::lost_completion_frees_after_lease(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn retried_completion_after_a_lost_reply_is_held() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::retried_completion_after_a_lost_reply_is_held(store)
-                .await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn retried_release_after_a_lost_reply_is_held() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::retried_release_after_a_lost_reply_is_held(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn renewal_in_flight_when_the_body_returns() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::renewal_in_flight_when_the_body_returns(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn waiting_duplicate_gets_winners_output() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::waiting_duplicate_gets_winners_output(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn attempts_exhausted_after_failures() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::attempts_exhausted_after_failures(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn fingerprint_mismatch_through_protocol() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::fingerprint_mismatch_through_protocol(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn oversized_output_is_not_replayed() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::oversized_output_is_not_replayed(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn unserializable_output_says_why() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::unserializable_output_says_why(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn current_claim_matches_the_record() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::current_claim_matches_the_record(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn batch_protocol_runs_each_key_once() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::batch_protocol_runs_each_key_once(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn batch_fingerprints_are_checked() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::batch_fingerprints_are_checked(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn observe_tells_replays_from_executions() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::observe_tells_replays_from_executions(store).await;
-        }
+        $crate::testing::conformance::__cases!(protocol [tests $make]);
     };
 }
 
@@ -375,36 +198,6 @@ macro_rules! protocol_conformance_suite {
 #[macro_export]
 macro_rules! admin_conformance_suite {
     ($make:expr) => {
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn scan_pages_through_records_with_filters() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::scan_pages_through_records_with_filters(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn stats_count_per_scope_and_state() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::stats_count_per_scope_and_state(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn force_release_fences_the_holder() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::force_release_fences_the_holder(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn reset_attempts_unpoisons() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::reset_attempts_unpoisons(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn forget_and_inspect() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::forget_and_inspect(store).await;
-        }
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn idempotency_inspects_and_forgets_by_message_key() {
-            let store: ::std::sync::Arc<dyn $crate::store::Store> = $make.await;
-            $crate::testing::conformance::idempotency_inspects_and_forgets_by_message_key(store)
-                .await;
-        }
+        $crate::testing::conformance::__cases!(admin [tests $make]);
     };
 }

@@ -162,7 +162,7 @@ where
 /// looks like. Implemented once per database, in its folder (`mysql/scan.rs`,
 /// `postgres/scan.rs`, `sqlite/scan.rs`); every rule the stores share is written once
 /// over it.
-pub(crate) trait SqlDialect: Database {
+pub(crate) trait SqlDialect: Database<Arguments: IntoArguments<Self>> {
     /// The database clock in microseconds since the Unix epoch, read once per
     /// statement.
     const NOW_US: &'static str;
@@ -184,14 +184,27 @@ pub(crate) trait SqlDialect: Database {
     /// rather than text.
     const SCOPE_AS_BYTES: bool = false;
 
+    /// The scope column `{}` as bytes.
+    const SCOPE_BYTES: &'static str;
+    /// The length in bytes of the binary column `{}`.
+    const BYTE_LEN: &'static str;
+    /// The integer expression `{}` as a 64-bit integer.
+    const INT8: &'static str;
+
     /// The `n`-th placeholder (from 1).
     fn param(n: usize) -> String;
-    /// The scope column as bytes.
-    fn scope_bytes(col: &str) -> String;
-    /// The length in bytes of a binary column.
-    fn byte_len(col: &str) -> String;
-    /// An integer expression as a 64-bit integer.
-    fn int8(expr: &str) -> String;
+    /// The scope column `col` as bytes ([`SCOPE_BYTES`](Self::SCOPE_BYTES)).
+    fn scope_bytes(col: &str) -> String {
+        Self::SCOPE_BYTES.replace("{}", col)
+    }
+    /// The length in bytes of the binary column `col` ([`BYTE_LEN`](Self::BYTE_LEN)).
+    fn byte_len(col: &str) -> String {
+        Self::BYTE_LEN.replace("{}", col)
+    }
+    /// The integer expression `expr` as a 64-bit integer ([`INT8`](Self::INT8)).
+    fn int8(expr: &str) -> String {
+        Self::INT8.replace("{}", expr)
+    }
 
     /// How a statement built by [`update`](Self::update) or [`select`](Self::select)
     /// names its clock reading: [`NOW_US`](Self::NOW_US) itself, unless the database
@@ -351,6 +364,30 @@ where
         .connect_with(options)
         .await
         .map_err(DB::err(op))
+}
+
+/// The text of the statements `stmts`, as a store's `schema` shows them.
+pub(crate) fn schema<'s>(stmts: impl IntoIterator<Item = &'s SqlStr>) -> Vec<String> {
+    stmts.into_iter().map(|s| s.as_str().to_owned()).collect()
+}
+
+/// What a server store's `connect_with_table` opens: the table `table`, validated
+/// first, and a pool of default settings on `url`, opened as [`open_pool`] opens it;
+/// `op` names the connection in errors.
+#[cfg_attr(not(any(feature = "mysql", feature = "postgres")), allow(dead_code))]
+pub(crate) async fn connect_url<DB: SqlDialect>(
+    url: &str,
+    table: &str,
+    op: &str,
+) -> Result<(sqlx::Pool<DB>, TableName), StoreError> {
+    let table = TableName::parse(table)?;
+    let options = url
+        .parse::<<DB::Connection as sqlx::Connection>::Options>()
+        .map_err(DB::err(op))?;
+    Ok((
+        open_pool(sqlx::pool::PoolOptions::new(), options, op).await?,
+        table,
+    ))
 }
 
 /// Runs one write on `conn`: the rows it matched. `err` wraps a driver error.

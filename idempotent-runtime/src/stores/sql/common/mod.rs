@@ -13,11 +13,10 @@ pub(crate) mod base;
 pub(crate) mod methods;
 pub(crate) mod row;
 mod scan;
-mod steps;
+pub(crate) mod steps;
 pub(crate) mod tx;
 
 pub use base::DEFAULT_TABLE;
 pub(crate) use base::*;
-pub(crate) use methods::store_accessors;
 pub(crate) use row::*;
-pub(crate) use steps::{SqlQuery, SqlStore, StepSql, Steps};
+pub(crate) use steps::StepSql;

@@ -5,11 +5,15 @@
 use super::base::{MAX_ATTEMPTS_VALUE, MAX_TIME, SqlDialect, from_micros, token_param};
 use crate::error::StoreError;
 use crate::error::StoreErrorKind;
-use crate::store::{ClaimOutcome, ClaimRequest, Fence, Record, RecordState, Token};
+use crate::key::RecordKey;
+use crate::store::{
+    ClaimOutcome, ClaimRequest, Completion, Fence, Record, RecordState, Release, Token,
+};
 use sqlx::query::Query;
-use sqlx::{Executor, IntoArguments, Type};
+use sqlx::{Executor, IntoArguments, SqlStr, Type};
 use std::fmt;
 use std::future::Future;
+use std::time::Duration;
 
 pub(crate) fn corrupt(message: String) -> StoreError {
     StoreError::new(StoreErrorKind::Corrupt, message)
@@ -220,15 +224,78 @@ pub(crate) fn acquired(token: i64, attempt: i64, scope: &str) -> Result<ClaimOut
     }
 }
 
-/// A compare-and-set write of one key by the claim of a token.
+/// A compare-and-set write of one key by the claim that owns it: the step, and what
+/// it writes.
 #[derive(Clone, Copy, Debug)]
-pub(crate) enum Step {
+pub(crate) enum Owned<'a> {
     /// Completes the claim.
-    Complete(Token),
+    Complete(Completion<'a>),
     /// Releases the claim.
-    Release(Token),
+    Release(Release<'a>),
     /// Extends the claim's lease.
-    Renew,
+    Renew {
+        key: &'a RecordKey,
+        token: Token,
+        lease: Duration,
+    },
+}
+
+impl<'a> Owned<'a> {
+    /// The key written.
+    pub(crate) fn key(&self) -> &'a RecordKey {
+        match *self {
+            Owned::Complete(c) => c.key,
+            Owned::Release(r) => r.key,
+            Owned::Renew { key, .. } => key,
+        }
+    }
+
+    /// The token of the claim writing.
+    #[cfg_attr(not(any(feature = "mysql", feature = "postgres")), allow(dead_code))]
+    pub(crate) fn token(&self) -> Token {
+        match *self {
+            Owned::Complete(c) => c.token,
+            Owned::Release(r) => r.token,
+            Owned::Renew { token, .. } => token,
+        }
+    }
+
+    /// The step's name, for errors.
+    pub(crate) fn op(&self) -> &'static str {
+        match self {
+            Owned::Complete(_) => "complete",
+            Owned::Release(_) => "release",
+            Owned::Renew { .. } => "renew",
+        }
+    }
+}
+
+/// A batch of completions or of releases, as the stores' batch steps take it.
+pub(crate) struct OwnedBatch<'a> {
+    /// The operation, for errors.
+    pub(crate) op: &'static str,
+    /// The steps, all of one kind, in the order of the batch.
+    pub(crate) items: Vec<Owned<'a>>,
+}
+
+impl<'a> OwnedBatch<'a> {
+    /// The batch `op` of `items`, each made a step by `step`, once the database `DB`
+    /// can store every key.
+    pub(crate) fn new<DB: SqlDialect, T: Copy>(
+        op: &'static str,
+        items: &[T],
+        step: fn(T) -> Owned<'a>,
+    ) -> Result<Self, StoreError> {
+        let items: Vec<Owned<'a>> = items.iter().map(|&i| step(i)).collect();
+        items.iter().try_for_each(|w| DB::storable(w.key()))?;
+        Ok(OwnedBatch { op, items })
+    }
+
+    /// Whether the batch completes (else it releases).
+    #[cfg_attr(not(any(feature = "mysql", feature = "postgres")), allow(dead_code))]
+    pub(crate) fn completes(&self) -> bool {
+        matches!(self.items.first(), Some(Owned::Complete(_)))
+    }
 }
 
 /// The fence of a compare-and-set write that matched no row, given the row read right
@@ -236,10 +303,10 @@ pub(crate) enum Step {
 /// same claim (a retry after a lost reply: the record is Completed, or Released, under
 /// the step's token), else [`Fence::Lost`]. The row is read for a renewal all the same,
 /// so that a corrupt record is an error rather than a lost claim.
-pub(crate) fn unmatched_fence(seen: Option<RowView>, step: Step) -> Fence {
-    match (step, seen) {
-        (Step::Complete(token), Some(row)) if row.completed_by(token) => Fence::Held,
-        (Step::Release(token), Some(row)) if row.released_by(token) => Fence::Held,
+pub(crate) fn unmatched_fence(seen: Option<&RowView>, w: &Owned<'_>) -> Fence {
+    match (w, seen) {
+        (Owned::Complete(c), Some(row)) if row.completed_by(c.token) => Fence::Held,
+        (Owned::Release(r), Some(row)) if row.released_by(r.token) => Fence::Held,
         _ => Fence::Lost,
     }
 }
@@ -262,19 +329,19 @@ where
     row.map(|r| RowView::decode(&r, 0, scope)).transpose()
 }
 
-/// The fence of a single-key compare-and-set write that matched `rows` rows:
+/// The fence of a single-key compare-and-set write `w` that matched `rows` rows:
 /// [`Fence::Held`] when it matched; else the key's row is read back (`read`) and
 /// [`unmatched_fence`] answers, so that a corrupt record is an error and a step already
 /// applied by the same claim (its reply lost) is Held.
 pub(crate) async fn fence_of(
     rows: u64,
-    step: Step,
+    w: &Owned<'_>,
     read: impl Future<Output = Result<Option<RowView>, StoreError>>,
 ) -> Result<Fence, StoreError> {
     if rows > 0 {
         return Ok(Fence::Held);
     }
-    Ok(unmatched_fence(read.await?, step))
+    Ok(unmatched_fence(read.await?.as_ref(), w))
 }
 
 /// What a claim does with a row it read.
@@ -318,6 +385,18 @@ impl Plan {
             Decision::Claimable { expired: false } => Plan::TakeOver { token, attempts },
         }
     }
+}
+
+/// The conditional writes of a claim that reads first (MySQL, SQLite): one statement
+/// per [`Plan`] that writes, in the database's SQL.
+#[cfg_attr(not(any(feature = "mysql", feature = "sqlite")), allow(dead_code))]
+pub(crate) struct PlanSql {
+    /// [`Plan::Insert`]: inserts the absent key.
+    pub(crate) insert: SqlStr,
+    /// [`Plan::TakeOver`]: compare-and-set on the token and attempts read.
+    pub(crate) take_over: SqlStr,
+    /// [`Plan::TakeOverExpired`]: compare-and-set on the token read.
+    pub(crate) take_over_expired: SqlStr,
 }
 
 /// The outcome of a repeated claim of a key within one batch, given the first one's:

@@ -171,15 +171,10 @@ pub(crate) fn scan_page(rows: &[impl Columns], limit: usize) -> Result<ScanPage,
     let mut items = Vec::with_capacity(rows.len());
     let mut last: Option<(Vec<u8>, Vec<u8>)> = None;
     for row in rows {
-        let scope = row.bytes(0).map_err(decode_error)?;
-        let id = row.bytes(1).map_err(decode_error)?;
-        let status = row.int(2).map_err(decode_error)?;
-        let attempts = row.int(3).map_err(decode_error)?;
-        let token = row.int(4).map_err(decode_error)?;
-        let lease_left = row.opt_int(5).map_err(decode_error)?;
-        let expires_left = row.int(6).map_err(decode_error)?;
-        let age = row.int(7).map_err(decode_error)?;
-        let output = row.opt_int(8).map_err(decode_error)?;
+        let [scope, id] = [0, 1].map(|i| row.bytes(i).map_err(decode_error));
+        let (scope, id) = (scope?, id?);
+        let [status, attempts, token, expires_left, age] = ints(row, [2, 3, 4, 6, 7])?;
+        let [lease_left, output] = opt_ints(row, [5, 8])?;
         let state = match (status, lease_left) {
             (1, _) => RecordState::Completed,
             (0, Some(_)) => RecordState::InProgress,
@@ -264,12 +259,8 @@ pub(crate) fn stats_of(
     let mut by: BTreeMap<(String, u8), ScopeStats> = BTreeMap::new();
     for row in rows {
         let scope = row.bytes(0).map_err(decode_error)?;
-        let status = row.int(1).map_err(decode_error)?;
-        let released = row.int(2).map_err(decode_error)?;
-        let count = row.int(3).map_err(decode_error)?;
-        let oldest = row.opt_int(4).map_err(decode_error)?;
-        let past = row.opt_int(5).map_err(decode_error)?;
-        let poisoned = row.opt_int(6).map_err(decode_error)?;
+        let [status, released, count] = ints(row, [1, 2, 3])?;
+        let [oldest, past, poisoned] = opt_ints(row, [4, 5, 6])?;
         let state = match (status, released) {
             (1, _) => RecordState::Completed,
             (_, 0) => RecordState::InProgress,
@@ -325,6 +316,27 @@ pub(crate) fn admin_stmt<DB: SqlDialect>(
         s.push(" AND lease_until_us IS NOT NULL");
     }
     s
+}
+
+/// The integer columns `at` of a scanned row, none of them `NULL`.
+fn ints<const N: usize>(row: &impl Columns, at: [usize; N]) -> Result<[i64; N], StoreError> {
+    let mut out = [0; N];
+    for (o, i) in out.iter_mut().zip(at) {
+        *o = row.int(i).map_err(decode_error)?;
+    }
+    Ok(out)
+}
+
+/// The integer columns `at` of a scanned row, `NULL` as `None`.
+fn opt_ints<const N: usize>(
+    row: &impl Columns,
+    at: [usize; N],
+) -> Result<[Option<i64>; N], StoreError> {
+    let mut out = [None; N];
+    for (o, i) in out.iter_mut().zip(at) {
+        *o = row.opt_int(i).map_err(decode_error)?;
+    }
+    Ok(out)
 }
 
 pub(crate) fn decode_error(e: sqlx::Error) -> StoreError {

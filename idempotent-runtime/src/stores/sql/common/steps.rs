@@ -1,24 +1,24 @@
 //! The steps every SQL store takes alike, written once over the database's
-//! [`SqlDialect`]: complete, release and renew (compare-and-set on the owner token,
-//! then the fence check), inspect, forget, purge, the scans, statistics and operator
-//! changes, and the completion of transactional mode. Each store's `impl Store` calls
-//! them, one line each; claims, whose SQL differs per database, stay in the stores'
-//! folders.
+//! [`SqlDialect`]: complete, release and renew (one compare-and-set on the owner token,
+//! then the fence check, on the pool or on a connection of a transaction), inspect,
+//! forget, purge, the scans, statistics and operator changes. Each store's `impl Store`
+//! (written once, by [`sql_store!`](super::methods::sql_store)) calls them; claims and
+//! batches, whose SQL differs per database, stay in the stores' folders.
 
 use super::base::{
-    BindExt, PURGE_BATCH, SqlDialect, TableName, execute, micros, purge_in_batches, sql,
+    BindExt, ClaimGate, PURGE_BATCH, SqlDialect, TableName, execute, micros, purge_in_batches, sql,
 };
-use super::row::{Columns, RowView, Step, fence_of, read_row};
+use super::row::{Columns, Owned, Plan, RowView, fence_of, read_row, retrying};
 use super::scan::{self, Param, Stmt};
 use crate::error::StoreError;
 use crate::key::RecordKey;
 use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
-use crate::store::{Completion, Fence, Record, Release, Token};
+use crate::store::{ClaimOutcome, ClaimRequest, Fence, Record};
 use sqlx::query::Query;
-use sqlx::{Database, Encode, Executor, IntoArguments, Pool, SqlStr, Type};
+use sqlx::{Database, Encode, Executor, Pool, SqlStr, Type};
 use std::future::Future;
 use std::marker::PhantomData;
-use std::time::Duration;
+use tokio::sync::SemaphorePermit;
 
 /// A statement of the database `DB` with its parameters bound.
 pub(crate) type SqlQuery<'q, DB> = Query<'q, DB, <DB as Database>::Arguments>;
@@ -82,51 +82,38 @@ impl StepSql {
         sqlx::query(self.read.clone()).bind_key(key)
     }
 
-    /// The completion `c`, its values bound in the order the dialect's placeholders
-    /// take them.
-    pub(crate) fn complete_query<'q, D: SqlDialect>(&self, c: &Completion<'q>) -> SqlQuery<'q, D>
+    /// The compare-and-set write `w` (matching the ownership clause of its key and
+    /// token), its values bound in the order the dialect's placeholders take them.
+    pub(crate) fn write_query<'q, D: SqlDialect>(&self, w: &Owned<'q>) -> SqlQuery<'q, D>
     where
         for<'a> SqlQuery<'a, D>: BindExt,
     {
-        let q = sqlx::query(self.complete.clone());
-        if D::NUMBERED {
-            q.bind_completion(c)
-        } else {
-            q.bind_output(c).bind_owned(c.key, c.token)
-        }
-    }
-
-    /// The release `r`.
-    pub(crate) fn release_query<'q, D: SqlDialect>(&self, r: &Release<'q>) -> SqlQuery<'q, D>
-    where
-        for<'a> SqlQuery<'a, D>: BindExt,
-    {
-        sqlx::query(self.release.clone()).bind_owned(r.key, r.token)
-    }
-
-    /// The renewal of `key`'s lease by the claim `token`.
-    fn renew_query<'q, D: SqlDialect>(
-        &self,
-        key: &'q RecordKey,
-        token: Token,
-        lease: Duration,
-    ) -> SqlQuery<'q, D>
-    where
-        for<'a> SqlQuery<'a, D>: BindExt,
-    {
-        let q = sqlx::query(self.renew.clone());
-        if D::NUMBERED {
-            q.bind_owned(key, token).bind_int(micros(lease))
-        } else {
-            q.bind_int(micros(lease))
-                .bind_int(micros(lease))
-                .bind_owned(key, token)
+        match *w {
+            Owned::Complete(c) => {
+                let q = sqlx::query(self.complete.clone());
+                if D::NUMBERED {
+                    q.bind_completion(&c)
+                } else {
+                    q.bind_output(&c).bind_owned(c.key, c.token)
+                }
+            }
+            Owned::Release(r) => sqlx::query(self.release.clone()).bind_owned(r.key, r.token),
+            Owned::Renew { key, token, lease } => {
+                let q = sqlx::query(self.renew.clone());
+                if D::NUMBERED {
+                    q.bind_owned(key, token).bind_int(micros(lease))
+                } else {
+                    q.bind_int(micros(lease))
+                        .bind_int(micros(lease))
+                        .bind_owned(key, token)
+                }
+            }
         }
     }
 }
 
-/// What the shared steps need of a store: its pool, its statements and how it runs a
-/// write.
+/// What the shared steps need of a store: its pool, its statements, the gate of its
+/// claims and how it runs a write.
 pub(crate) trait SqlStore: Send + Sync {
     /// The database.
     type Db: SqlDialect;
@@ -134,12 +121,20 @@ pub(crate) trait SqlStore: Send + Sync {
     fn pool(&self) -> &Pool<Self::Db>;
     /// The statements of the shared steps.
     fn steps(&self) -> &StepSql;
-    /// Runs one write: the rows it matched.
+    /// The gate every claim passes.
+    fn claims(&self) -> &ClaimGate;
+    /// Runs one write: the rows it matched. On the pool, unless the store writes
+    /// through a connection of its own.
     fn write<'q>(
         &'q self,
         op: &'static str,
         q: SqlQuery<'q, Self::Db>,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send + 'q;
+    ) -> impl Future<Output = Result<u64, StoreError>> + Send + 'q
+    where
+        for<'c> &'c mut <Self::Db as Database>::Connection: Executor<'c, Database = Self::Db>,
+    {
+        execute(self.pool(), q, Self::Db::err(op))
+    }
 }
 
 /// The shared steps on the database `DB`, each taking the store it runs for.
@@ -149,7 +144,6 @@ impl<DB> Steps<DB>
 where
     DB: SqlDialect,
     for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    DB::Arguments: IntoArguments<DB>,
     DB::Row: Columns,
     for<'a> SqlQuery<'a, DB>: BindExt,
     for<'q> String: Encode<'q, DB> + Type<DB>,
@@ -165,47 +159,47 @@ where
         read_row(s.pool(), q, key.scope(), DB::err("reading a record")).await
     }
 
-    /// Completes the claim of `c`.
-    pub(crate) async fn complete<S: SqlStore<Db = DB>>(
-        s: &S,
-        c: &Completion<'_>,
-    ) -> Result<Fence, StoreError> {
-        let q = s.steps().complete_query(c);
-        Self::fenced(s, "complete", q, c.key, Step::Complete(c.token)).await
+    /// Waits for a claim slot of `s` for the claims `reqs`, once the database can
+    /// store their keys.
+    pub(crate) async fn enter<'s, S: SqlStore<Db = DB>>(
+        s: &'s S,
+        reqs: &[ClaimRequest<'_>],
+    ) -> Result<Option<SemaphorePermit<'s>>, StoreError> {
+        reqs.iter().try_for_each(|r| DB::storable(r.key))?;
+        Ok(s.claims().enter().await)
     }
 
-    /// Releases the claim of `r`.
-    pub(crate) async fn release<S: SqlStore<Db = DB>>(
+    /// A claim that reads first (MySQL without its procedure, SQLite): the key's row,
+    /// then what it plans ([`Plan::of`]): the answer, or the conditional write `write`
+    /// (`None` when the row changed since the read), until it answers.
+    #[cfg_attr(not(any(feature = "mysql", feature = "sqlite")), allow(dead_code))]
+    pub(crate) async fn claim_read_first<S, W, Fut>(
         s: &S,
-        r: &Release<'_>,
-    ) -> Result<Fence, StoreError> {
-        let q = s.steps().release_query(r);
-        Self::fenced(s, "release", q, r.key, Step::Release(r.token)).await
+        req: &ClaimRequest<'_>,
+        write: W,
+    ) -> Result<ClaimOutcome, StoreError>
+    where
+        S: SqlStore<Db = DB>,
+        W: Fn(Plan) -> Fut,
+        Fut: Future<Output = Result<Option<ClaimOutcome>, StoreError>>,
+    {
+        retrying!({
+            match Plan::of(req, Self::read(s, req.key).await?) {
+                Plan::Answer(outcome) => Some(outcome),
+                plan => write(plan).await?,
+            }
+        })
     }
 
-    /// Extends the lease of the claim `token` on `key`.
-    pub(crate) async fn renew<S: SqlStore<Db = DB>>(
+    /// The compare-and-set write `w` (matching the ownership clause), then the fence
+    /// check ([`fence_of`]) with the key's row read back.
+    pub(crate) async fn apply<S: SqlStore<Db = DB>>(
         s: &S,
-        key: &RecordKey,
-        token: Token,
-        lease: Duration,
+        w: Owned<'_>,
     ) -> Result<Fence, StoreError> {
-        let q = s.steps().renew_query(key, token, lease);
-        Self::fenced(s, "renew", q, key, Step::Renew).await
-    }
-
-    /// The compare-and-set write `q` of `step` on `key` (matching the ownership
-    /// clause), then the fence check ([`fence_of`]) with the key's row read back.
-    async fn fenced<S: SqlStore<Db = DB>>(
-        s: &S,
-        op: &'static str,
-        q: SqlQuery<'_, DB>,
-        key: &RecordKey,
-        step: Step,
-    ) -> Result<Fence, StoreError> {
-        DB::storable(key)?;
-        let rows = s.write(op, q).await?;
-        fence_of(rows, step, Self::read(s, key)).await
+        DB::storable(w.key())?;
+        let rows = s.write(w.op(), s.steps().write_query(&w)).await?;
+        fence_of(rows, &w, Self::read(s, w.key())).await
     }
 
     /// The record of `key`, if it is live.
@@ -246,11 +240,7 @@ where
         limit: usize,
     ) -> Result<ScanPage, StoreError> {
         let (stmt, limit) = scan::scan_stmt::<DB>(&s.steps().table, filter, cursor, limit)?;
-        let rows = Self::query(stmt)
-            .fetch_all(s.pool())
-            .await
-            .map_err(DB::err("scan"))?;
-        scan::scan_page(&rows, limit)
+        scan::scan_page(&Self::fetch(s, "scan", stmt).await?, limit)
     }
 
     /// One `GROUP BY` statement.
@@ -260,11 +250,7 @@ where
         poisoned_at: Option<u32>,
     ) -> Result<Vec<ScopeStats>, StoreError> {
         let stmt = scan::stats_stmt::<DB>(&s.steps().table, scope, poisoned_at);
-        let rows = Self::query(stmt)
-            .fetch_all(s.pool())
-            .await
-            .map_err(DB::err("stats"))?;
-        scan::stats_of(&rows, poisoned_at)
+        scan::stats_of(&Self::fetch(s, "stats", stmt).await?, poisoned_at)
     }
 
     /// An operator change of one record (see [`scan::admin_stmt`]): `release` (In
@@ -289,6 +275,18 @@ where
         })
     }
 
+    /// The rows of `stmt`, read on the pool; `op` names it in errors.
+    async fn fetch<S: SqlStore<Db = DB>>(
+        s: &S,
+        op: &str,
+        stmt: Stmt<DB>,
+    ) -> Result<Vec<DB::Row>, StoreError> {
+        Self::query(stmt)
+            .fetch_all(s.pool())
+            .await
+            .map_err(DB::err(op))
+    }
+
     /// `stmt` as a query with its parameters bound.
     fn query(stmt: Stmt<DB>) -> SqlQuery<'static, DB> {
         let mut q = sqlx::query::<DB>(sql(stmt.text));
@@ -301,45 +299,23 @@ where
         }
         q
     }
-}
 
-/// The steps on a connection of the caller's: they need less of the database.
-impl<DB> Steps<DB>
-where
-    DB: SqlDialect,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    DB::Arguments: IntoArguments<DB>,
-    DB::Row: Columns,
-{
-    /// Completes the claim of `c` in the caller's transaction (`conn`): the
-    /// compare-and-set `complete`, then the fence check with `read`, the read of its
-    /// row, on the same transaction.
-    pub(crate) async fn complete_in(
+    /// The compare-and-set write `w` with the statements `sql` on `conn`, then the
+    /// fence check ([`fence_of`]) with its row read on the same connection; `op` names
+    /// the step in errors.
+    pub(crate) async fn apply_in(
         conn: &mut DB::Connection,
-        complete: SqlQuery<'_, DB>,
-        read: SqlQuery<'_, DB>,
-        c: &Completion<'_>,
-    ) -> Result<Fence, StoreError> {
-        let step = Step::Complete(c.token);
-        Self::write_fenced(conn, "complete in transaction", complete, read, c.key, step).await
-    }
-
-    /// Runs the compare-and-set `write` of `step` on `key` on `conn`, then the fence
-    /// check ([`fence_of`]) with `read`, the read of its row, on the same connection.
-    pub(crate) async fn write_fenced(
-        conn: &mut DB::Connection,
+        sql: &StepSql,
         op: &str,
-        write: SqlQuery<'_, DB>,
-        read: SqlQuery<'_, DB>,
-        key: &RecordKey,
-        step: Step,
+        w: Owned<'_>,
     ) -> Result<Fence, StoreError> {
-        let rows = execute(&mut *conn, write, DB::err(op)).await?;
-        fence_of(
-            rows,
-            step,
-            read_row(&mut *conn, read, key.scope(), DB::err(op)),
-        )
-        .await
+        let rows = execute(&mut *conn, sql.write_query(&w), DB::err(op)).await?;
+        let read = read_row(
+            &mut *conn,
+            sql.read_query(w.key()),
+            w.key().scope(),
+            DB::err(op),
+        );
+        fence_of(rows, &w, read).await
     }
 }

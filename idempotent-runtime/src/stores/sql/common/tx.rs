@@ -15,73 +15,121 @@
 //! completion (the caller committed after a handler error) is claimable again at once.
 //!
 //! This file holds what the three share: the statements prepared per table, and the
-//! one [`DedupTransaction`] implementation, whose completion is the stores' (the
-//! compare-and-set `UPDATE`, then the fence check); each database gives its
-//! statements and its claim ([`TxDialect`]) in its own folder (`mysql/tx.rs`,
-//! `postgres/tx.rs`, `sqlite/tx.rs`).
+//! one [`DedupTransaction`](crate::store::DedupTransaction) implementation
+//! ([`tx_mode!`]), whose completion is the stores' (the compare-and-set `UPDATE`, then
+//! the fence check); each database gives its statements and one attempt of its claim
+//! in its own folder (`mysql/tx.rs`, `postgres/tx.rs`, `sqlite/tx.rs`).
 
-use super::base::{BindExt, SqlDialect, TableName};
-use super::row::Columns;
-use super::steps::{SqlQuery, StepSql, Steps};
+use super::base::{SqlDialect, TableName};
 use crate::error::StoreError;
 use crate::error::StoreErrorKind;
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, DedupTransaction, Fence, TxFuture};
-use sqlx::{Executor, IntoArguments};
+use crate::key::RecordKey;
+use crate::store::{ClaimRequest, TxFuture};
+use sqlx::Database;
 use std::collections::BTreeMap;
 use std::future::Future;
 use std::sync::{Arc, PoisonError, RwLock};
 
-/// What transactional mode differs in per database: the statements it prepares per
-/// table, and the claim.
-pub(crate) trait TxDialect: SqlDialect {
-    /// The statements of one table.
-    type Sql: Send + Sync + 'static;
-    /// The statements of `table`, built on first use; a bad name is a
-    /// [`StoreErrorKind::Rejected`] error.
-    fn prepared(table: &str) -> Result<Arc<Self::Sql>, StoreError>;
-    /// The statements of the shared steps among them.
-    fn steps(sql: &Self::Sql) -> &StepSql;
-    /// Claims `req` on `conn`, the caller's transaction.
-    fn claim_in<'a>(
-        conn: &'a mut Self::Connection,
-        sql: &'a Self::Sql,
-        req: &'a ClaimRequest<'a>,
-    ) -> impl Future<Output = Result<ClaimOutcome, StoreError>> + Send + 'a;
+/// Transactional mode on the database `$db`: the cache of its statements per table
+/// (`$sql`, built by `$sql::new` from the table name, holding the store's shared
+/// statements as `steps`), and `DedupTransaction` for its `sqlx::Transaction`, whose
+/// claim retries `$claim` (one attempt on the caller's connection: `Some` outcome, or
+/// `None` when the row changed under it) and whose completion is the stores'.
+macro_rules! tx_mode {
+    ($db:ty, $sql:ident, $claim:path) => {
+        static PREPARED: $crate::stores::sql::common::tx::Prepared<$sql> =
+            std::sync::RwLock::new(std::collections::BTreeMap::new());
+
+        impl $crate::store::DedupTransaction for sqlx::Transaction<'_, $db> {
+            fn claim_in_tx<'a>(
+                &'a mut self,
+                table: &'a str,
+                req: &'a $crate::store::ClaimRequest<'a>,
+            ) -> $crate::store::TxFuture<'a, $crate::store::ClaimOutcome> {
+                let run = move |sql: std::sync::Arc<$sql>| async move {
+                    $crate::stores::sql::common::row::retrying!({
+                        let conn = &mut **self;
+                        let attempt = $crate::stores::sql::common::tx::TxClaim {
+                            conn,
+                            sql: &*sql,
+                            req,
+                        };
+                        $claim(attempt).await?
+                    })
+                };
+                $crate::stores::sql::common::tx::in_tx::<$db, _, _, _, _>(
+                    &PREPARED,
+                    $sql::new,
+                    table,
+                    req.key,
+                    run,
+                )
+            }
+
+            fn complete_in_tx<'a>(
+                &'a mut self,
+                table: &'a str,
+                c: &'a $crate::store::Completion<'a>,
+            ) -> $crate::store::TxFuture<'a, $crate::store::Fence> {
+                let w = $crate::stores::sql::common::row::Owned::Complete(*c);
+                let run = move |sql: std::sync::Arc<$sql>| async move {
+                    let op = "complete in transaction";
+                    $crate::stores::sql::common::steps::Steps::<$db>::apply_in(
+                        &mut **self,
+                        &sql.steps,
+                        op,
+                        w,
+                    )
+                    .await
+                };
+                $crate::stores::sql::common::tx::in_tx::<$db, _, _, _, _>(
+                    &PREPARED,
+                    $sql::new,
+                    table,
+                    c.key,
+                    run,
+                )
+            }
+        }
+    };
+}
+pub(crate) use tx_mode;
+
+/// One attempt of a claim in the caller's transaction: its connection, the statements
+/// of the table, the request.
+pub(crate) struct TxClaim<'a, DB: Database, S> {
+    pub(crate) conn: &'a mut DB::Connection,
+    pub(crate) sql: &'a S,
+    pub(crate) req: &'a ClaimRequest<'a>,
 }
 
-impl<DB> DedupTransaction for sqlx::Transaction<'_, DB>
-where
-    DB: TxDialect,
-    for<'c> &'c mut DB::Connection: Executor<'c, Database = DB>,
-    DB::Arguments: IntoArguments<DB>,
-    DB::Row: Columns,
-    for<'a> SqlQuery<'a, DB>: BindExt,
-{
-    fn claim_in_tx<'a>(
-        &'a mut self,
-        table: &'a str,
-        req: &'a ClaimRequest<'a>,
-    ) -> TxFuture<'a, ClaimOutcome> {
-        Box::pin(async move {
-            let sql = DB::prepared(table)?;
-            DB::storable(req.key)?;
-            DB::claim_in(&mut **self, &sql, req).await
-        })
+impl<DB: SqlDialect, S> TxClaim<'_, DB, S> {
+    /// Wraps a driver error of the claim.
+    pub(crate) fn err(&self) -> impl Fn(sqlx::Error) -> StoreError + Send + Sync + use<DB, S> {
+        DB::err("claim in transaction")
     }
+}
 
-    fn complete_in_tx<'a>(
-        &'a mut self,
-        table: &'a str,
-        c: &'a Completion<'a>,
-    ) -> TxFuture<'a, Fence> {
-        Box::pin(async move {
-            let sql = DB::prepared(table)?;
-            DB::storable(c.key)?;
-            let steps = DB::steps(&sql);
-            let (complete, read) = (steps.complete_query(c), steps.read_query(c.key));
-            Steps::<DB>::complete_in(&mut **self, complete, read, c).await
-        })
-    }
+/// Runs `run` with the statements of `table` (from `cache`, built by `build` on first
+/// use), once the database can store `key`.
+pub(crate) fn in_tx<'a, DB, S, T, F, Fut>(
+    cache: &'static Prepared<S>,
+    build: fn(TableName) -> S,
+    table: &'a str,
+    key: &'a RecordKey,
+    run: F,
+) -> TxFuture<'a, T>
+where
+    DB: SqlDialect,
+    S: Send + Sync + 'static,
+    F: FnOnce(Arc<S>) -> Fut + Send + 'a,
+    Fut: Future<Output = Result<T, StoreError>> + Send + 'a,
+{
+    Box::pin(async move {
+        let sql = prepared(cache, table, build)?;
+        DB::storable(key)?;
+        run(sql).await
+    })
 }
 
 /// The statements of each dedup table a transactional handler used, by table name,

@@ -5,8 +5,11 @@ use super::MySqlStore;
 use super::statements::MySqlQuery;
 use crate::error::{StoreError, StoreErrorKind};
 use crate::key::RecordKey;
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Store, Token};
-use crate::stores::sql::common::{BindExt, RowView, SqlDialect, repeated};
+use crate::store::{ClaimOutcome, ClaimRequest, Fence, Token};
+use crate::stores::sql::common::steps::Steps;
+use crate::stores::sql::common::{
+    BindExt, Owned, OwnedBatch, Plan, RowView, SqlDialect, repeated, unmatched_fence,
+};
 use sqlx::Row;
 use sqlx::mysql::MySql;
 use std::collections::HashMap;
@@ -25,7 +28,6 @@ impl MySqlStore {
     ) -> Result<Vec<ClaimOutcome>, StoreError> {
         // one read for up to BATCH_READ distinct keys answers every duplicate, live claim
         // and poisoned key; only the keys that must be written cost a round trip each
-        let _slot = self.claims.enter().await;
         let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(reqs.len());
         for (i, r) in reqs.iter().enumerate() {
             first.entry(r.key.as_bytes()).or_insert(i);
@@ -81,7 +83,12 @@ impl MySqlStore {
             } else if let Some(&token) = inserted.get(&i) {
                 ClaimOutcome::Acquired { token, attempt: 1 }
             } else {
-                match self.act(req, seen.remove(req.key)).await? {
+                let plan = Plan::of(req, seen.remove(req.key));
+                match self
+                    .sql
+                    .write_claim(&self.pool, req, plan, MySql::err("claim"))
+                    .await?
+                {
                     Some(outcome) => outcome,
                     None => self.claim_unguarded(req).await?,
                 }
@@ -91,66 +98,44 @@ impl MySqlStore {
         Ok(out)
     }
 
-    pub(super) async fn complete_many(
-        &self,
-        items: &[Completion<'_>],
-    ) -> Result<Vec<Fence>, StoreError> {
+    /// Completes or releases `items` (all of one kind): one `UPDATE … JOIN` per chunk of
+    /// distinct keys, compare-and-set on each token.
+    pub(super) async fn apply_many(&self, b: &OwnedBatch<'_>) -> Result<Vec<Fence>, StoreError> {
+        let items = &b.items;
         let mut out = vec![Fence::Lost; items.len()];
-        let (distinct, repeats) = distinct_keys(items.iter().map(|c| c.key));
-        for chunk in chunks_by_bytes(&distinct, |&i| items[i].output.map_or(0, <[u8]>::len)) {
-            let mut q = sqlx::query(self.sql.complete_many(chunk.len()));
+        let (distinct, repeats) = distinct_keys(items.iter().map(Owned::key));
+        let bytes = |&i: &usize| match items[i] {
+            Owned::Complete(c) => c.output.map_or(0, <[u8]>::len),
+            _ => 0,
+        };
+        for chunk in chunks_by_bytes(&distinct, bytes) {
+            let mut q = sqlx::query(self.sql.owned_many(b.completes(), chunk.len()));
             for &i in chunk {
-                q = q.bind_completion(&items[i]);
+                q = match items[i] {
+                    Owned::Complete(c) => q.bind_completion(&c),
+                    w => q.bind_owned(w.key(), w.token()),
+                };
             }
-            // a row Completed by the item's own claim was completed by this statement or
-            // by an earlier completion whose reply was lost
-            let key = |i: usize| items[i].key;
-            let applied = |i: usize, r: &RowView| r.completed_by(items[i].token);
-            self.apply_chunk("complete_batch", q, chunk, key, applied, &mut out)
-                .await?;
+            self.apply_chunk(b.op, q, chunk, items, &mut out).await?;
         }
-        // a key repeated in the batch: what a completion right after the first would get
+        // a key repeated in the batch: what the same step right after the first would get
         for i in repeats {
-            out[i] = self.complete(&items[i]).await?;
+            out[i] = Steps::apply(self, items[i]).await?;
         }
         Ok(out)
     }
 
-    pub(super) async fn release_many(
-        &self,
-        items: &[Release<'_>],
-    ) -> Result<Vec<Fence>, StoreError> {
-        let mut out = vec![Fence::Lost; items.len()];
-        let (distinct, repeats) = distinct_keys(items.iter().map(|r| r.key));
-        for chunk in distinct.chunks(BATCH_READ) {
-            let mut q = sqlx::query(self.sql.release_many(chunk.len()));
-            for &i in chunk {
-                q = q.bind_owned(items[i].key, items[i].token);
-            }
-            // a release repeated by the same owner finds its row Released under its token
-            let key = |i: usize| items[i].key;
-            let applied = |i: usize, r: &RowView| r.released_by(items[i].token);
-            self.apply_chunk("release_batch", q, chunk, key, applied, &mut out)
-                .await?;
-        }
-        for i in repeats {
-            out[i] = self.release(&items[i]).await?;
-        }
-        Ok(out)
-    }
-
-    /// Runs `q`, a compare-and-set `UPDATE` of the items `chunk` (indexes into `out`, one
-    /// key each, `key` gives it): all of them are [`Fence::Held`] when it matched a row
+    /// Runs `q`, the compare-and-set `UPDATE` of the items `chunk` (indexes into `items`
+    /// and `out`, one key each): all of them are [`Fence::Held`] when it matched a row
     /// each. Else some were not owned any more: their rows are read back, and an item is
-    /// Held when `applied` finds its step applied to its row; any other is Lost (or, if
-    /// its row is corrupt, an error).
-    async fn apply_chunk<'k>(
+    /// Held when its row shows its step applied by its claim (a completion or release
+    /// whose reply was lost); any other is Lost (or, if its row is corrupt, an error).
+    async fn apply_chunk(
         &self,
         op: &'static str,
         q: MySqlQuery<'_>,
         chunk: &[usize],
-        key: impl Fn(usize) -> &'k RecordKey,
-        applied: impl Fn(usize, &RowView) -> bool,
+        items: &[Owned<'_>],
         out: &mut [Fence],
     ) -> Result<(), StoreError> {
         let done = q.execute(&self.pool).await.map_err(MySql::err(op))?;
@@ -158,11 +143,9 @@ impl MySqlStore {
             chunk.iter().for_each(|&i| out[i] = Fence::Held);
             return Ok(());
         }
-        let rows = self.states(chunk.iter().map(|&i| key(i))).await?;
+        let rows = self.states(chunk.iter().map(|&i| items[i].key())).await?;
         for &i in chunk {
-            if rows.get(key(i)).is_some_and(|r| applied(i, r)) {
-                out[i] = Fence::Held;
-            }
+            out[i] = unmatched_fence(rows.get(items[i].key()), &items[i]);
         }
         Ok(())
     }

@@ -7,23 +7,13 @@ mod tx;
 
 pub(crate) use statements::Statements;
 
-use super::common::{
-    self, BindExt, DEFAULT_TABLE, Decision, Plan, RowView, SqlDialect, SqlQuery, SqlStore, StepSql,
-    Steps, TableName, sql,
-};
+use super::common::steps::Steps;
+use super::common::{self, BindExt, DEFAULT_TABLE, Decision, RowView, SqlDialect, sql};
 use crate::error::{StoreError, StoreErrorKind};
-use crate::key::RecordKey;
-use crate::store::admin::StoreAdmin;
-use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
-use async_trait::async_trait;
+use crate::store::{ClaimOutcome, ClaimRequest};
 use sqlx::Row;
 use sqlx::mysql::{MySql, MySqlConnectOptions, MySqlDatabaseError, MySqlPool, MySqlPoolOptions};
-use std::future::Future;
-use std::str::FromStr;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
-use std::time::{Duration, Instant};
 
 /// A dedup store in MySQL 8 or MariaDB 10.11+, feature `mysql`.
 ///
@@ -100,55 +90,12 @@ use std::time::{Duration, Instant};
 /// map onto the columns as: **In progress** `status = 0` with a lease deadline;
 /// **Released** (the last attempt failed, claimable again) `status = 0` with
 /// `lease_until_us IS NULL`; **Completed** `status = 1`. A row whose `expires_at_us`
-/// has passed counts as absent and is deleted by [`purge_expired`](StoreAdmin::purge_expired).
+/// has passed counts as absent and is deleted by [`purge_expired`](crate::store::admin::StoreAdmin::purge_expired).
 #[derive(Clone)]
 pub struct MySqlStore {
     pool: MySqlPool,
     sql: Arc<Statements>,
     claims: common::ClaimGate,
-    procedure: Arc<ProcedureState>,
-}
-
-/// Whether claims call the claim procedure: they do until a call finds it missing
-/// (or not executable); then the two-statement claim is used for
-/// [`PROCEDURE_RETRY`], after which the procedure is tried again.
-struct ProcedureState {
-    since: Instant,
-    /// Milliseconds after `since` before which the procedure is not called.
-    skip_until_ms: AtomicU64,
-}
-
-/// How long claims do without a missing claim procedure before looking again.
-const PROCEDURE_RETRY: Duration = Duration::from_secs(30);
-
-impl ProcedureState {
-    fn new() -> Arc<Self> {
-        Arc::new(ProcedureState {
-            since: Instant::now(),
-            skip_until_ms: AtomicU64::new(0),
-        })
-    }
-
-    fn now_ms(&self) -> u64 {
-        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
-    }
-
-    fn usable(&self) -> bool {
-        let skip = self.skip_until_ms.load(AtomicOrdering::Relaxed);
-        skip == 0 || self.now_ms() >= skip
-    }
-
-    fn missing(&self) {
-        let until = self
-            .now_ms()
-            .saturating_add(PROCEDURE_RETRY.as_millis() as u64);
-        self.skip_until_ms
-            .store(until.max(1), AtomicOrdering::Relaxed);
-    }
-
-    fn present(&self) {
-        self.skip_until_ms.store(0, AtomicOrdering::Relaxed);
-    }
 }
 
 /// Errors that mean the claim procedure cannot be called (does not exist, no
@@ -159,19 +106,21 @@ fn procedure_missing(e: &sqlx::Error) -> bool {
             .is_some_and(|my| matches!(my.number(), 1305 | 1370 | 1318)))
 }
 
-common::store_accessors!(MySqlStore, MySqlPool);
-
-impl MySqlStore {
-    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
-    /// hand: the `CREATE TABLE` and, when the table's name leaves room for it, the
-    /// `CREATE PROCEDURE` of the claim procedure.
-    pub fn schema(&self) -> Vec<String> {
-        std::iter::once(&self.sql.create)
-            .chain(self.sql.claim_procedure.as_ref())
-            .map(|s| s.as_str().to_owned())
-            .collect()
-    }
-}
+common::methods::sql_store!(MySqlStore, MySql, MySqlPool,
+    open_pool = (MySqlPoolOptions, MySqlConnectOptions, "connecting to MySQL"),
+    from_pool = {
+        /// Uses the application's pool; the table `message_idempotent` must exist (call
+        /// [`migrate`](Self::migrate) or create it by hand). Touches no schema: a table
+        /// created by an earlier version keeps its `VARCHAR` scope column, under which
+        /// scopes differing only by trailing spaces share records, until
+        /// [`migrate`](Self::migrate) runs.
+    },
+    with_table = {
+        /// The same pool on another table: letters, digits and `_`, optionally
+        /// qualified by one database name (`db.table`). Touches no schema; a bad name is a
+        /// [`StoreErrorKind::Rejected`] error.
+    },
+);
 
 /// The row the claim procedure answers: `Some` outcome, or `None` when the claim must
 /// be tried again (the procedure kept losing races, or the row it read is claimable
@@ -215,59 +164,8 @@ impl MySqlStore {
     /// Connects to `url` and uses (and creates if missing) the table `table`, which may
     /// be qualified by a database name (`db.table`).
     pub async fn connect_with_table(url: &str, table: &str) -> Result<Self, StoreError> {
-        let table = TableName::parse(table)?;
-        let op = "connecting to MySQL";
-        let options = MySqlConnectOptions::from_str(url).map_err(MySql::err(op))?;
-        let pool = Self::open_pool(MySqlPoolOptions::new(), options).await?;
-        let store = MySqlStore::new(pool, table);
-        store.migrate().await?;
-        Ok(store)
-    }
-
-    /// Opens a pool with the settings `pool` on `options` as [`connect`](Self::connect)
-    /// opens its own, touching no schema: the first connection is opened directly
-    /// (bounded by the pool's acquire timeout), so a refused connection, a bad password
-    /// or an unknown host is an error at once, with the driver's error as its source
-    /// (kind [`StoreErrorKind::Unavailable`] for a server that cannot be reached),
-    /// rather than the pool's timeout after it has retried for the whole acquire
-    /// timeout. The pool does not ping a connection before each use. For
-    /// [`from_pool`](Self::from_pool) with pool settings of one's own.
-    pub async fn open_pool(
-        pool: MySqlPoolOptions,
-        options: MySqlConnectOptions,
-    ) -> Result<MySqlPool, StoreError> {
-        common::open_pool(pool, options, "connecting to MySQL").await
-    }
-
-    fn new(pool: MySqlPool, table: TableName) -> Self {
-        MySqlStore {
-            claims: common::ClaimGate::for_pool(&pool),
-            pool,
-            sql: Arc::new(Statements::new(table)),
-            procedure: ProcedureState::new(),
-        }
-    }
-
-    /// Uses the application's pool; the table `message_idempotent` must exist (call
-    /// [`migrate`](Self::migrate) or create it by hand). Touches no schema: a table
-    /// created by an earlier version keeps its `VARCHAR` scope column, under which
-    /// scopes differing only by trailing spaces share records, until
-    /// [`migrate`](Self::migrate) runs.
-    pub fn from_pool(pool: MySqlPool) -> Self {
-        MySqlStore::new(pool, TableName::default_table())
-    }
-
-    /// The same pool on another table: letters, digits and `_`, optionally
-    /// qualified by one database name (`db.table`). Touches no schema; a bad name is a
-    /// [`StoreErrorKind::Rejected`] error.
-    pub fn with_table(self, table: &str) -> Result<Self, StoreError> {
-        let table = TableName::parse(table)?;
-        Ok(MySqlStore {
-            pool: self.pool,
-            sql: Arc::new(Statements::new(table)),
-            claims: self.claims,
-            procedure: ProcedureState::new(),
-        })
+        let (pool, table) = common::connect_url::<MySql>(url, table, "connecting to MySQL").await?;
+        Self::open(pool, table).await
     }
 
     /// Creates the table (with its expiry index) and the claim procedure
@@ -338,14 +236,23 @@ impl MySqlStore {
                         .is_some_and(|my| my.number() == 1304) => {}
                 Err(e) => return Err(MySql::err("creating the claim procedure")(e)),
             }
-            self.procedure.present();
+            self.sql.procedure.present();
         }
         Ok(())
     }
 
+    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
+    /// hand: the `CREATE TABLE` and, when the table's name leaves room for it, the
+    /// `CREATE PROCEDURE` of the claim procedure.
+    pub fn schema(&self) -> Vec<String> {
+        common::schema(std::iter::once(&self.sql.create).chain(&self.sql.claim_procedure))
+    }
+
+    /// One claim, once in the gate: the claim procedure, else a read and a
+    /// conditional write until they answer.
     async fn claim_unguarded(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         if let Some(call) = &self.sql.claim_call
-            && self.procedure.usable()
+            && self.sql.procedure.usable()
         {
             let row = sqlx::query(call.clone())
                 .bind_claim(req)
@@ -363,131 +270,15 @@ impl MySqlStore {
                 }
                 Err(e) if procedure_missing(&e) => {
                     tracing::debug!(error = %e, "claim procedure unavailable; claiming in two statements");
-                    self.procedure.missing();
+                    self.sql.procedure.missing();
                 }
                 Err(e) => return Err(MySql::err("claim")(e)),
             }
         }
-        common::retrying!({
-            let seen = Steps::read(self, req.key).await?;
-            self.act(req, seen).await?
-        })
-    }
-
-    /// Acts on what a read saw: answers, or tries the one conditional write.
-    /// `Ok(None)`: the row changed since the read; read again.
-    async fn act(
-        &self,
-        req: &ClaimRequest<'_>,
-        seen: Option<RowView>,
-    ) -> Result<Option<ClaimOutcome>, StoreError> {
-        let plan = Plan::of(req, seen);
-        self.sql
-            .write_claim(&self.pool, req, plan, MySql::err("claim"))
-            .await
-    }
-}
-
-#[async_trait]
-impl Store for MySqlStore {
-    async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        let _slot = self.claims.enter().await;
-        self.claim_unguarded(req).await
-    }
-
-    async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        Steps::complete(self, c).await
-    }
-
-    async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        Steps::release(self, r).await
-    }
-
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: Token,
-        lease: Duration,
-    ) -> Result<Fence, StoreError> {
-        Steps::renew(self, key, token, lease).await
-    }
-
-    async fn claim_batch(
-        &self,
-        reqs: &[ClaimRequest<'_>],
-    ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        self.claim_many(reqs).await
-    }
-
-    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
-        self.complete_many(items).await
-    }
-
-    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
-        self.release_many(items).await
-    }
-
-    fn as_admin(&self) -> Option<&dyn StoreAdmin> {
-        Some(self)
-    }
-}
-
-#[async_trait]
-impl StoreAdmin for MySqlStore {
-    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        Steps::inspect(self, key).await
-    }
-
-    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        Steps::forget(self, key).await
-    }
-
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        Steps::purge_expired(self).await
-    }
-
-    async fn scan(
-        &self,
-        filter: &ScanFilter,
-        cursor: Option<&ScanCursor>,
-        limit: usize,
-    ) -> Result<ScanPage, StoreError> {
-        Steps::scan(self, filter, cursor, limit).await
-    }
-
-    async fn stats(
-        &self,
-        scope: Option<&str>,
-        poisoned_at: Option<u32>,
-    ) -> Result<Vec<ScopeStats>, StoreError> {
-        Steps::stats(self, scope, poisoned_at).await
-    }
-
-    async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-        Steps::admin(self, key, false).await
-    }
-
-    async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-        Steps::admin(self, key, true).await
-    }
-}
-
-impl SqlStore for MySqlStore {
-    type Db = MySql;
-
-    fn pool(&self) -> &MySqlPool {
-        &self.pool
-    }
-
-    fn steps(&self) -> &StepSql {
-        &self.sql.steps
-    }
-
-    fn write<'q>(
-        &'q self,
-        op: &'static str,
-        q: SqlQuery<'q, MySql>,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send + 'q {
-        common::execute(&self.pool, q, MySql::err(op))
+        let write = |plan| {
+            self.sql
+                .write_claim(&self.pool, req, plan, MySql::err("claim"))
+        };
+        Steps::claim_read_first(self, req, write).await
     }
 }

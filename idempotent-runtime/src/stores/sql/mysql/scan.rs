@@ -19,17 +19,12 @@ impl SqlDialect for MySql {
     const NUMBERED: bool = false;
     const SCOPE_AS_BYTES: bool = true;
 
+    const SCOPE_BYTES: &'static str = "CAST({} AS BINARY)";
+    const BYTE_LEN: &'static str = "CAST(LENGTH({}) AS SIGNED)";
+    const INT8: &'static str = "CAST({} AS SIGNED)";
+
     fn param(_: usize) -> String {
         "?".to_owned()
-    }
-    fn scope_bytes(col: &str) -> String {
-        format!("CAST({col} AS BINARY)")
-    }
-    fn byte_len(col: &str) -> String {
-        format!("CAST(LENGTH({col}) AS SIGNED)")
-    }
-    fn int8(expr: &str) -> String {
-        format!("CAST({expr} AS SIGNED)")
     }
     fn purge(t: &str) -> String {
         format!(

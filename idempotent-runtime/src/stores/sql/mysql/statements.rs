@@ -4,10 +4,13 @@
 use crate::error::StoreError;
 use crate::store::{ClaimOutcome, ClaimRequest, Token};
 use crate::stores::sql::common::{
-    self, BindExt, CLAIM_RETRIES, Plan, SqlDialect, StepSql, TableName, keep_micros, micros, sql,
+    self, BindExt, CLAIM_RETRIES, Plan, PlanSql, SqlDialect, StepSql, TableName, keep_micros,
+    micros, sql,
 };
 use sqlx::mysql::{MySql, MySqlArguments};
 use sqlx::{Executor, SqlStr};
+use std::sync::atomic::{AtomicU64, Ordering as AtomicOrdering};
+use std::time::{Duration, Instant};
 
 /// The database clock, as every statement reads it.
 const NOW_US: &str = MySql::NOW_US;
@@ -16,14 +19,57 @@ const NOW_US: &str = MySql::NOW_US;
 pub(crate) struct Statements {
     /// The statements of the steps every store shares.
     pub(crate) steps: StepSql,
-    pub(crate) insert: SqlStr,
-    pub(crate) take_over: SqlStr,
-    pub(crate) take_over_expired: SqlStr,
+    /// The conditional writes of the two-statement claim.
+    pub(crate) plans: PlanSql,
     pub(crate) create: SqlStr,
     /// `CALL <table>_claim_v2(…)`, when the procedure's name fits in an identifier.
     pub(crate) claim_call: Option<SqlStr>,
     /// The `CREATE PROCEDURE` of that procedure.
     pub(crate) claim_procedure: Option<SqlStr>,
+    /// Whether claims call that procedure.
+    pub(crate) procedure: ProcedureState,
+}
+
+/// Whether claims call the claim procedure: they do until a call finds it missing
+/// (or not executable); then the two-statement claim is used for
+/// [`PROCEDURE_RETRY`], after which the procedure is tried again.
+pub(crate) struct ProcedureState {
+    since: Instant,
+    /// Milliseconds after `since` before which the procedure is not called.
+    skip_until_ms: AtomicU64,
+}
+
+/// How long claims do without a missing claim procedure before looking again.
+const PROCEDURE_RETRY: Duration = Duration::from_secs(30);
+
+impl ProcedureState {
+    fn new() -> Self {
+        ProcedureState {
+            since: Instant::now(),
+            skip_until_ms: AtomicU64::new(0),
+        }
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.since.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    pub(crate) fn usable(&self) -> bool {
+        let skip = self.skip_until_ms.load(AtomicOrdering::Relaxed);
+        skip == 0 || self.now_ms() >= skip
+    }
+
+    pub(crate) fn missing(&self) {
+        let until = self
+            .now_ms()
+            .saturating_add(PROCEDURE_RETRY.as_millis() as u64);
+        self.skip_until_ms
+            .store(until.max(1), AtomicOrdering::Relaxed);
+    }
+
+    pub(crate) fn present(&self) {
+        self.skip_until_ms.store(0, AtomicOrdering::Relaxed);
+    }
 }
 
 /// Longest identifier MySQL accepts.
@@ -152,7 +198,7 @@ impl Statements {
     pub(crate) fn new(table: TableName) -> Self {
         let t = table.quoted(MySql::QUOTE);
         let procedure = claim_procedure_name(&table);
-        Statements {
+        let plans = PlanSql {
             insert: sql(format!(
                 "INSERT INTO {t} (scope, message_id, status, retry_times, owner_token, \
                     lease_until_us, expires_at_us, fingerprint, output) \
@@ -178,10 +224,14 @@ impl Statements {
                  WHERE scope = ? AND message_id = ? AND owner_token = ? \
                     AND expires_at_us <= {NOW_US}"
             )),
+        };
+        Statements {
+            plans,
             claim_call: procedure
                 .as_ref()
                 .map(|p| sql(format!("CALL {p}(?, ?, ?, ?, ?, ?)"))),
             claim_procedure: procedure.map(|p| sql(claim_procedure(&p, &t))),
+            procedure: ProcedureState::new(),
             create: sql(format!(
                 "CREATE TABLE IF NOT EXISTS {t} (\
                  scope VARBINARY(200) NOT NULL, \
@@ -221,10 +271,10 @@ impl Statements {
         };
         let (q, attempt) = match plan {
             Plan::Answer(outcome) => return Ok(Some(outcome)),
-            Plan::Insert => (sqlx::query(self.insert.clone()).bind_claim(req), 1),
-            Plan::TakeOverExpired { token } => (take_over(&self.take_over_expired, token), 1),
+            Plan::Insert => (sqlx::query(self.plans.insert.clone()).bind_claim(req), 1),
+            Plan::TakeOverExpired { token } => (take_over(&self.plans.take_over_expired, token), 1),
             Plan::TakeOver { token, attempts } => (
-                take_over(&self.take_over, token).bind(attempts),
+                take_over(&self.plans.take_over, token).bind(attempts),
                 u32::try_from(attempts.saturating_add(1)).unwrap_or(u32::MAX),
             ),
         };
@@ -265,8 +315,18 @@ impl Statements {
         ))
     }
 
+    /// Completes (`completes`), or releases, `n` distinct keys in one statement,
+    /// compare-and-set on each token.
+    pub(crate) fn owned_many(&self, completes: bool, n: usize) -> SqlStr {
+        if completes {
+            self.complete_many(n)
+        } else {
+            self.release_many(n)
+        }
+    }
+
     /// Completes `n` distinct keys in one statement, compare-and-set on each token.
-    pub(crate) fn complete_many(&self, n: usize) -> SqlStr {
+    fn complete_many(&self, n: usize) -> SqlStr {
         let t = self.steps.table.quoted(MySql::QUOTE);
         sql(format!(
             "UPDATE {t} AS r JOIN {} ON r.scope = b.scope AND r.message_id = b.message_id \
@@ -280,7 +340,7 @@ impl Statements {
     }
 
     /// Releases `n` distinct keys in one statement, compare-and-set on each token.
-    pub(crate) fn release_many(&self, n: usize) -> SqlStr {
+    fn release_many(&self, n: usize) -> SqlStr {
         let t = self.steps.table.quoted(MySql::QUOTE);
         sql(format!(
             "UPDATE {t} AS r JOIN {} ON r.scope = b.scope AND r.message_id = b.message_id \

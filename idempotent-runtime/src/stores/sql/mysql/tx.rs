@@ -4,16 +4,12 @@
 
 use super::statements::Statements;
 use crate::error::StoreError;
-use crate::store::{ClaimOutcome, ClaimRequest, Token};
-use crate::stores::sql::common::tx::{Prepared, TxDialect, prepared};
-use crate::stores::sql::common::{self, BindExt, SqlDialect, StepSql, TableName};
-use crate::stores::sql::common::{Plan, RowView};
+use crate::store::{ClaimOutcome, Token};
+use crate::stores::sql::common::tx::TxClaim;
+use crate::stores::sql::common::{self, BindExt, Plan, TableName, read_row};
 use sqlx::SqlStr;
-use sqlx::mysql::{MySql, MySqlConnection};
-use std::collections::BTreeMap;
-use std::sync::{Arc, RwLock};
-
-static MYSQL: Prepared<MySqlTx> = RwLock::new(BTreeMap::new());
+use sqlx::mysql::MySql;
+use std::ops::Deref;
 
 /// The MySQL store's statements plus the two locking ones of tx mode.
 pub(crate) struct MySqlTx {
@@ -34,7 +30,7 @@ impl MySqlTx {
         MySqlTx {
             insert_or_lock: common::sql(format!(
                 "{} ON DUPLICATE KEY UPDATE owner_token = owner_token + LAST_INSERT_ID(0)",
-                s.insert.as_str()
+                s.plans.insert.as_str()
             )),
             read_for_update: common::sql(format!("{} FOR UPDATE", s.steps.read.as_str())),
             store: s,
@@ -42,45 +38,35 @@ impl MySqlTx {
     }
 }
 
-impl TxDialect for MySql {
-    type Sql = MySqlTx;
+/// The store's statements among them.
+impl Deref for MySqlTx {
+    type Target = Statements;
 
-    fn prepared(table: &str) -> Result<Arc<MySqlTx>, StoreError> {
-        prepared(&MYSQL, table, MySqlTx::new)
+    fn deref(&self) -> &Statements {
+        &self.store
     }
+}
 
-    fn steps(sql: &MySqlTx) -> &StepSql {
-        &sql.store.steps
-    }
+common::tx::tx_mode!(MySql, MySqlTx, claim_once);
 
-    async fn claim_in<'a>(
-        conn: &'a mut MySqlConnection,
-        s: &'a MySqlTx,
-        req: &'a ClaimRequest<'a>,
-    ) -> Result<ClaimOutcome, StoreError> {
-        let err = || MySql::err("claim in transaction");
-        common::retrying!({
-            let done = sqlx::query(s.insert_or_lock.clone())
-                .bind_claim(req)
-                .execute(&mut *conn)
-                .await
-                .map_err(err())?;
-            if done.last_insert_id() != 0 {
-                return Ok(ClaimOutcome::Acquired {
-                    token: Token(done.last_insert_id()),
-                    attempt: 1,
-                });
-            }
-            let row = sqlx::query(s.read_for_update.clone())
-                .bind_key(req.key)
-                .fetch_optional(&mut *conn)
-                .await
-                .map_err(err())?;
-            // deleted between the two statements (forget, purge): insert again
-            let Some(row) = row else { continue };
-            // the row is locked by this transaction: the compare-and-set holds
-            let plan = Plan::of(req, Some(RowView::decode(&row, 0, req.key.scope())?));
-            s.store.write_claim(&mut *conn, req, plan, err()).await?
-        })
+/// One attempt: the insert, or on a duplicate the locking read and the take-over.
+async fn claim_once(c: TxClaim<'_, MySql, MySqlTx>) -> Result<Option<ClaimOutcome>, StoreError> {
+    let (err, req) = (c.err(), c.req);
+    let done = sqlx::query(c.sql.insert_or_lock.clone())
+        .bind_claim(req)
+        .execute(&mut *c.conn)
+        .await
+        .map_err(&err)?;
+    if done.last_insert_id() != 0 {
+        let token = Token(done.last_insert_id());
+        return Ok(Some(ClaimOutcome::Acquired { token, attempt: 1 }));
     }
+    let read = sqlx::query(c.sql.read_for_update.clone()).bind_key(req.key);
+    // deleted between the two statements (forget, purge): insert again
+    let Some(seen) = read_row(&mut *c.conn, read, req.key.scope(), &err).await? else {
+        return Ok(None);
+    };
+    // the row is locked by this transaction: the compare-and-set holds
+    let plan = Plan::of(req, Some(seen));
+    c.sql.write_claim(&mut *c.conn, req, plan, &err).await
 }

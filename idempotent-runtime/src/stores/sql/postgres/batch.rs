@@ -3,9 +3,10 @@
 use super::PostgresStore;
 use crate::error::StoreError;
 use crate::key::RecordKey;
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Release, Token};
+use crate::store::{ClaimOutcome, ClaimRequest, Fence, Token};
 use crate::stores::sql::common::{
-    self, RowView, SqlDialect, keep_micros, max_attempts_param, micros, repeated, token_param,
+    self, Owned, OwnedBatch, RowView, SqlDialect, keep_micros, max_attempts_param, micros,
+    repeated, token_param, unmatched_fence,
 };
 use sqlx::Row;
 use sqlx::postgres::{PgArguments, PgRow, Postgres};
@@ -31,8 +32,6 @@ impl PostgresStore {
         // one statement for the distinct keys; a key repeated within the batch is
         // answered as a second claim of it would be (it cannot be upserted twice in one
         // statement), and a key whose row changed under the statement is asked again
-        reqs.iter().try_for_each(|r| Postgres::storable(r.key))?;
-        let _slot = self.claims.enter().await;
         let mut out: Vec<Option<ClaimOutcome>> = vec![None; reqs.len()];
         let mut first: HashMap<&[u8], usize> = HashMap::with_capacity(reqs.len());
         for (i, r) in reqs.iter().enumerate() {
@@ -45,7 +44,7 @@ impl PostgresStore {
             if pending.is_empty() {
                 Some(())
             } else {
-                let rows = sqlx::query(self.sql.claim_batch.clone())
+                let rows = sqlx::query(self.sql.batch.claim.clone())
                     .bind(
                         pending
                             .iter()
@@ -116,25 +115,30 @@ impl PostgresStore {
         Ok(result)
     }
 
-    pub(super) async fn complete_many(
-        &self,
-        items: &[Completion<'_>],
-    ) -> Result<Vec<Fence>, StoreError> {
-        items.iter().try_for_each(|c| Postgres::storable(c.key))?;
-        let owned = items.iter().map(|c| (c.key, c.token));
-        let rows = bind_owned_arrays(sqlx::query(self.sql.complete_batch.clone()), owned.clone())
-            .bind(items.iter().map(|c| c.output).collect::<Vec<_>>())
-            .bind(items.iter().map(|c| micros(c.ttl)).collect::<Vec<_>>())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Postgres::err("complete_batch"))?;
-        // the rows not applied, as read: Held when the record is Completed by the
-        // item's own claim (an earlier completion whose reply was lost); a corrupt
-        // row is an error
+    /// Completes or releases `items` (all of one kind) in one statement over arrays,
+    /// compare-and-set on each token.
+    pub(super) async fn apply_many(&self, b: &OwnedBatch<'_>) -> Result<Vec<Fence>, StoreError> {
+        let (op, items, completes) = (b.op, &b.items, b.completes());
+        let owned = items.iter().map(|w| (w.key(), w.token()));
+        let rows = if completes {
+            let completions = items.iter().filter_map(|w| match w {
+                Owned::Complete(c) => Some(c),
+                _ => None,
+            });
+            bind_owned_arrays(sqlx::query(self.sql.batch.complete.clone()), owned.clone())
+                .bind(completions.clone().map(|c| c.output).collect::<Vec<_>>())
+                .bind(completions.map(|c| micros(c.ttl)).collect::<Vec<_>>())
+        } else {
+            bind_owned_arrays(sqlx::query(self.sql.batch.release.clone()), owned.clone())
+        }
+        .fetch_all(&self.pool)
+        .await
+        .map_err(Postgres::err(op))?;
+        // the rows it changed, then (completions) the others as read
         let mut applied = Vec::with_capacity(rows.len());
         let mut seen = HashMap::new();
         for row in rows {
-            if row.try_get(3).map_err(Postgres::err("complete_batch"))? {
+            if row.try_get(3).map_err(Postgres::err(op))? {
                 applied.push(row);
             } else {
                 let key = returned_key(&row)?;
@@ -142,38 +146,19 @@ impl PostgresStore {
                 seen.insert(key, view);
             }
         }
-        let mut out = fences(&applied, owned, true)?;
-        for (i, c) in items.iter().enumerate() {
-            if out[i] == Fence::Lost && seen.get(c.key).is_some_and(|r| r.completed_by(c.token)) {
-                out[i] = Fence::Held;
-            }
-        }
-        Ok(out)
-    }
-
-    pub(super) async fn release_many(
-        &self,
-        items: &[Release<'_>],
-    ) -> Result<Vec<Fence>, StoreError> {
-        items.iter().try_for_each(|r| Postgres::storable(r.key))?;
-        let owned = items.iter().map(|r| (r.key, r.token));
-        let rows = bind_owned_arrays(sqlx::query(self.sql.release_batch.clone()), owned.clone())
-            .fetch_all(&self.pool)
-            .await
-            .map_err(Postgres::err("release_batch"))?;
-        let mut out = fences(&rows, owned, false)?;
-        if out.contains(&Fence::Lost) {
-            // the rows not applied, as read: Held when the record is Released by the
-            // item's own claim (a release repeated after a lost reply, or within this
-            // batch); a corrupt row is an error, not a lost claim
+        // a completion repeated by its own claim finds its record Completed
+        let mut out = fences(&applied, owned, completes)?;
+        if !completes && out.contains(&Fence::Lost) {
+            // the rows of the releases not applied, read back
             let lost = (0..items.len()).filter(|&i| out[i] == Fence::Lost);
-            let seen = self.read_many(lost.map(|i| items[i].key)).await?;
-            for (i, r) in items.iter().enumerate() {
-                if out[i] == Fence::Lost
-                    && seen.get(r.key).is_some_and(|row| row.released_by(r.token))
-                {
-                    out[i] = Fence::Held;
-                }
+            seen = self.read_many(lost.map(|i| items[i].key())).await?;
+        }
+        // an item not applied is Held when its row shows its step applied by its claim
+        // (a completion or release whose reply was lost, or a release repeated within
+        // this batch); a corrupt row is an error, not a lost claim
+        for (i, w) in items.iter().enumerate() {
+            if out[i] == Fence::Lost {
+                out[i] = unmatched_fence(seen.get(w.key()), w);
             }
         }
         Ok(out)
@@ -184,7 +169,7 @@ impl PostgresStore {
         &self,
         keys: impl Iterator<Item = &'k RecordKey> + Clone,
     ) -> Result<HashMap<RecordKey, RowView>, StoreError> {
-        let rows = sqlx::query(self.sql.inspect_batch.clone())
+        let rows = sqlx::query(self.sql.batch.inspect.clone())
             .bind(keys.clone().map(|k| k.scope()).collect::<Vec<_>>())
             .bind(keys.map(|k| k.key()).collect::<Vec<_>>())
             .fetch_all(&self.pool)

@@ -7,22 +7,12 @@ mod tx;
 
 pub(crate) use statements::Statements;
 
-use super::common::{
-    self, BindExt, DEFAULT_TABLE, Decision, RowView, SqlDialect, SqlQuery, SqlStore, StepSql,
-    Steps, TableName,
-};
+use super::common::{self, BindExt, DEFAULT_TABLE, Decision, RowView, SqlDialect};
 use crate::error::StoreError;
-use crate::key::RecordKey;
-use crate::store::admin::StoreAdmin;
-use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
-use async_trait::async_trait;
+use crate::store::{ClaimOutcome, ClaimRequest};
 use sqlx::Row;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow, Postgres};
-use std::future::Future;
-use std::str::FromStr;
 use std::sync::Arc;
-use std::time::Duration;
 
 /// A dedup store in PostgreSQL (12 or later), feature `postgres`.
 ///
@@ -68,7 +58,7 @@ use std::time::Duration;
 /// map onto the columns as: **In progress** `status = 0` with a lease deadline;
 /// **Released** (the last attempt failed, claimable again) `status = 0` with
 /// `lease_until_us IS NULL`; **Completed** `status = 1`. A row whose `expires_at_us`
-/// has passed counts as absent and is deleted by [`purge_expired`](StoreAdmin::purge_expired).
+/// has passed counts as absent and is deleted by [`purge_expired`](crate::store::admin::StoreAdmin::purge_expired).
 #[derive(Clone)]
 pub struct PostgresStore {
     pool: PgPool,
@@ -76,19 +66,18 @@ pub struct PostgresStore {
     claims: common::ClaimGate,
 }
 
-common::store_accessors!(PostgresStore, PgPool);
-
-impl PostgresStore {
-    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
-    /// hand: the `CREATE TABLE` and its index.
-    pub fn schema(&self) -> Vec<String> {
-        self.sql
-            .create
-            .iter()
-            .map(|s| s.as_str().to_owned())
-            .collect()
-    }
-}
+common::methods::sql_store!(PostgresStore, Postgres, PgPool,
+    open_pool = (PgPoolOptions, PgConnectOptions, "connecting to PostgreSQL"),
+    from_pool = {
+        /// Uses the application's pool; the table `message_idempotent` must exist (call
+        /// [`migrate`](Self::migrate) or create it by hand). Touches no schema.
+    },
+    with_table = {
+        /// The same pool on another table: letters, digits and `_`, optionally
+        /// qualified by one schema (`schema.table`). Quoted in SQL, so case-sensitive.
+        /// Touches no schema; a bad name is a [`StoreErrorKind::Rejected`](crate::error::StoreErrorKind::Rejected) error.
+    },
+);
 
 impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:5432/db`, TLS with `?sslmode=require`)
@@ -108,55 +97,11 @@ impl PostgresStore {
     /// Connects to `url` and uses (and creates if missing) the table `table`, which may
     /// be schema-qualified (`schema.table`).
     pub async fn connect_with_table(url: &str, table: &str) -> Result<Self, StoreError> {
-        let table = TableName::parse(table)?;
         let op = "connecting to PostgreSQL";
-        let options = PgConnectOptions::from_str(url).map_err(Postgres::err(op))?;
-        let pool = Self::open_pool(PgPoolOptions::new(), options).await?;
-        let store = PostgresStore::new(pool, table);
-        store.migrate().await?;
+        let (pool, table) = common::connect_url::<Postgres>(url, table, op).await?;
+        let store = Self::open(pool, table).await?;
         store.prepare().await?;
         Ok(store)
-    }
-
-    /// Opens a pool with the settings `pool` on `options` as [`connect`](Self::connect)
-    /// opens its own, touching no schema: the first connection is opened directly
-    /// (bounded by the pool's acquire timeout), so a refused connection, a bad password
-    /// or an unknown host is an error at once, with the driver's error as its source
-    /// (kind [`StoreErrorKind::Unavailable`](crate::error::StoreErrorKind::Unavailable) for a server that cannot be reached),
-    /// rather than the pool's timeout after it has retried for the whole acquire
-    /// timeout. The pool does not ping a connection before each use. For
-    /// [`from_pool`](Self::from_pool) with pool settings of one's own.
-    pub async fn open_pool(
-        pool: PgPoolOptions,
-        options: PgConnectOptions,
-    ) -> Result<PgPool, StoreError> {
-        common::open_pool(pool, options, "connecting to PostgreSQL").await
-    }
-
-    fn new(pool: PgPool, table: TableName) -> Self {
-        PostgresStore {
-            claims: common::ClaimGate::for_pool(&pool),
-            pool,
-            sql: Arc::new(Statements::new(table)),
-        }
-    }
-
-    /// Uses the application's pool; the table `message_idempotent` must exist (call
-    /// [`migrate`](Self::migrate) or create it by hand). Touches no schema.
-    pub fn from_pool(pool: PgPool) -> Self {
-        PostgresStore::new(pool, TableName::default_table())
-    }
-
-    /// The same pool on another table: letters, digits and `_`, optionally
-    /// qualified by one schema (`schema.table`). Quoted in SQL, so case-sensitive.
-    /// Touches no schema; a bad name is a [`StoreErrorKind::Rejected`](crate::error::StoreErrorKind::Rejected) error.
-    pub fn with_table(self, table: &str) -> Result<Self, StoreError> {
-        let table = TableName::parse(table)?;
-        Ok(PostgresStore {
-            pool: self.pool,
-            sql: Arc::new(Statements::new(table)),
-            claims: self.claims,
-        })
     }
 
     /// Creates the table and its expiry index if they are missing. Concurrent calls
@@ -176,6 +121,12 @@ impl PostgresStore {
                 .map_err(Postgres::err(op))?;
         }
         tx.commit().await.map_err(Postgres::err(op))
+    }
+
+    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
+    /// hand: the `CREATE TABLE` and its index.
+    pub fn schema(&self) -> Vec<String> {
+        common::schema(&self.sql.create)
     }
 
     /// Prepares the protocol's statements on the connection the pool holds, so the
@@ -224,11 +175,9 @@ impl PostgresStore {
     }
 }
 
-#[async_trait]
-impl Store for PostgresStore {
-    async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        Postgres::storable(req.key)?;
-        let _slot = self.claims.enter().await;
+impl PostgresStore {
+    /// One claim, once in the gate: the claim statement until it answers.
+    async fn claim_unguarded(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
         common::retrying!({
             let row = sqlx::query(self.sql.claim.clone())
                 .bind_claim(req)
@@ -246,101 +195,5 @@ impl Store for PostgresStore {
                 None => None,
             }
         })
-    }
-
-    async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        Steps::complete(self, c).await
-    }
-
-    async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        Steps::release(self, r).await
-    }
-
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: Token,
-        lease: Duration,
-    ) -> Result<Fence, StoreError> {
-        Steps::renew(self, key, token, lease).await
-    }
-
-    async fn claim_batch(
-        &self,
-        reqs: &[ClaimRequest<'_>],
-    ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        self.claim_many(reqs).await
-    }
-
-    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
-        self.complete_many(items).await
-    }
-
-    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
-        self.release_many(items).await
-    }
-
-    fn as_admin(&self) -> Option<&dyn StoreAdmin> {
-        Some(self)
-    }
-}
-
-#[async_trait]
-impl StoreAdmin for PostgresStore {
-    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        Steps::inspect(self, key).await
-    }
-
-    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        Steps::forget(self, key).await
-    }
-
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        Steps::purge_expired(self).await
-    }
-
-    async fn scan(
-        &self,
-        filter: &ScanFilter,
-        cursor: Option<&ScanCursor>,
-        limit: usize,
-    ) -> Result<ScanPage, StoreError> {
-        Steps::scan(self, filter, cursor, limit).await
-    }
-
-    async fn stats(
-        &self,
-        scope: Option<&str>,
-        poisoned_at: Option<u32>,
-    ) -> Result<Vec<ScopeStats>, StoreError> {
-        Steps::stats(self, scope, poisoned_at).await
-    }
-
-    async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-        Steps::admin(self, key, false).await
-    }
-
-    async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-        Steps::admin(self, key, true).await
-    }
-}
-
-impl SqlStore for PostgresStore {
-    type Db = Postgres;
-
-    fn pool(&self) -> &PgPool {
-        &self.pool
-    }
-
-    fn steps(&self) -> &StepSql {
-        &self.sql.steps
-    }
-
-    fn write<'q>(
-        &'q self,
-        op: &'static str,
-        q: SqlQuery<'q, Postgres>,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send + 'q {
-        common::execute(&self.pool, q, Postgres::err(op))
     }
 }

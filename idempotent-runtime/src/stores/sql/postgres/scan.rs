@@ -16,17 +16,12 @@ impl SqlDialect for Postgres {
     const GREATEST: &'static str = "GREATEST";
     const ROW_VALUES: bool = true;
 
+    const SCOPE_BYTES: &'static str = "convert_to({}, 'UTF8')";
+    const BYTE_LEN: &'static str = "octet_length({})::int8";
+    const INT8: &'static str = "({})::int8";
+
     fn param(n: usize) -> String {
         format!("${n}")
-    }
-    fn scope_bytes(col: &str) -> String {
-        format!("convert_to({col}, 'UTF8')")
-    }
-    fn byte_len(col: &str) -> String {
-        format!("octet_length({col})::int8")
-    }
-    fn int8(expr: &str) -> String {
-        format!("({expr})::int8")
     }
 
     /// `clock_timestamp()` changes within a statement: every statement reads it once,

@@ -17,12 +17,18 @@ pub(crate) struct Statements {
     /// The statements of the steps every store shares.
     pub(crate) steps: StepSql,
     pub(crate) claim: SqlStr,
-    pub(crate) claim_batch: SqlStr,
-    pub(crate) complete_batch: SqlStr,
-    pub(crate) release_batch: SqlStr,
-    /// The rows of many keys, each with its scope and message id.
-    pub(crate) inspect_batch: SqlStr,
+    /// The statements of the batch steps, each over arrays of keys.
+    pub(crate) batch: BatchSql,
     pub(crate) create: Vec<SqlStr>,
+}
+
+/// The statements of the batch steps, each over arrays of keys.
+pub(crate) struct BatchSql {
+    pub(crate) claim: SqlStr,
+    pub(crate) complete: SqlStr,
+    pub(crate) release: SqlStr,
+    /// The rows of many keys, each with its scope and message id.
+    pub(crate) inspect: SqlStr,
 }
 
 /// The condition under which the row `c` read from the statement's snapshot answers a
@@ -121,8 +127,9 @@ impl Statements {
                 blocks("$5::bytea", "$6::int4"),
                 takeover("$6::int4 IS NULL OR r.retry_times < $6::int4")
             )),
-            claim_batch: sql(format!(
-                "{n}, \
+            batch: BatchSql {
+                claim: sql(format!(
+                    "{n}, \
                  req AS (SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::int8[], $5::bytea[], $6::int4[]) \
                     AS q(scope, message_id, lease_us, keep_us, fingerprint, max_attempts)), \
                  cur AS MATERIALIZED (\
@@ -146,19 +153,19 @@ impl Statements {
                  SELECT c.scope, c.message_id, FALSE, NULL::int8, NULL::int8, {view} \
                  FROM cur c, n \
                  WHERE NOT EXISTS (SELECT 1 FROM up WHERE up.scope = c.scope AND up.message_id = c.message_id)",
-                blocks("c.req_fingerprint", "c.req_max_attempts"),
-                // a corrupt row fails the whole batch: nothing is claimed
-                common::sane("c.", false),
-                takeover(
-                    "COALESCE(r.retry_times < (SELECT q.max_attempts FROM req q \
+                    blocks("c.req_fingerprint", "c.req_max_attempts"),
+                    // a corrupt row fails the whole batch: nothing is claimed
+                    common::sane("c.", false),
+                    takeover(
+                        "COALESCE(r.retry_times < (SELECT q.max_attempts FROM req q \
                      WHERE q.scope = r.scope AND q.message_id = r.message_id), TRUE)"
-                )
-            )),
-            // the rows it completed, then the others as read (the statement's snapshot):
-            // a completion not applied is Held when its record is Completed by its own
-            // claim, and a corrupt row is an error, all in one round trip
-            complete_batch: sql(format!(
-                "{n}, \
+                    )
+                )),
+                // the rows it completed, then the others as read (the statement's snapshot):
+                // a completion not applied is Held when its record is Completed by its own
+                // claim, and a corrupt row is an error, all in one round trip
+                complete: sql(format!(
+                    "{n}, \
                  b AS (SELECT * FROM unnest($1::text[], $2::bytea[], $3::int8[], $4::bytea[], $5::int8[]) \
                     AS b(scope, message_id, token, output, ttl_us)), \
                  up AS (\
@@ -176,20 +183,21 @@ impl Statements {
                  WHERE (c.scope, c.message_id) IN (SELECT b.scope, b.message_id FROM b) \
                     AND NOT EXISTS (SELECT 1 FROM up \
                         WHERE up.scope = c.scope AND up.message_id = c.message_id)"
-            )),
-            release_batch: sql(format!(
-                "{n} \
+                )),
+                release: sql(format!(
+                    "{n} \
                  UPDATE {t} AS r SET lease_until_us = NULL \
                  FROM n, unnest($1::text[], $2::bytea[], $3::int8[]) AS b(scope, message_id, token) \
                  WHERE {owned_r} \
-                 RETURNING r.scope, r.message_id, r.owner_token"
-            )),
-            inspect_batch: sql(format!(
-                "{n} \
+                 RETURNING r.scope, r.message_id, r.owner_token, TRUE"
+                )),
+                inspect: sql(format!(
+                    "{n} \
                  SELECT c.scope, c.message_id, {view} \
                  FROM {t} c JOIN unnest($1::text[], $2::bytea[]) AS b(scope, message_id) \
                     ON c.scope = b.scope AND c.message_id = b.message_id, n"
-            )),
+                )),
+            },
             create,
             steps: StepSql::new::<Postgres>(table),
         }

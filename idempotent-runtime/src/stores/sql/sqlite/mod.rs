@@ -8,22 +8,15 @@ mod tx;
 use statements::SqliteQuery;
 pub(crate) use statements::Statements;
 
-use super::common::{
-    self, DEFAULT_TABLE, Plan, RowView, SqlDialect, SqlQuery, SqlStore, Step, StepSql, Steps,
-    TableName, token_param,
-};
+use super::common::steps::Steps;
+use super::common::{self, DEFAULT_TABLE, Plan, SqlDialect, TableName, token_param};
 use crate::error::{StoreError, StoreErrorKind};
-use crate::key::RecordKey;
-use crate::store::admin::StoreAdmin;
-use crate::store::scan::{AdminOutcome, ScanCursor, ScanFilter, ScanPage, ScopeStats};
-use crate::store::{ClaimOutcome, ClaimRequest, Completion, Fence, Record, Release, Store, Token};
-use async_trait::async_trait;
+use crate::store::{ClaimOutcome, ClaimRequest};
 use sqlx::error::DatabaseError;
 use sqlx::sqlite::{
     Sqlite, SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool,
     SqlitePoolOptions, SqliteSynchronous,
 };
-use std::future::Future;
 use std::str::FromStr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicI64, Ordering as AtomicOrdering};
@@ -92,7 +85,7 @@ use tokio::sync::{Mutex, MutexGuard};
 /// states map onto the columns as: **In progress** `status = 0` with a lease deadline;
 /// **Released** (the last attempt failed, claimable again) `status = 0` with
 /// `lease_until_us IS NULL`; **Completed** `status = 1`. A row whose `expires_at_us`
-/// has passed counts as absent and is deleted by [`purge_expired`](StoreAdmin::purge_expired).
+/// has passed counts as absent and is deleted by [`purge_expired`](crate::store::admin::StoreAdmin::purge_expired).
 #[derive(Clone)]
 pub struct SqliteStore {
     pool: SqlitePool,
@@ -105,19 +98,20 @@ pub struct SqliteStore {
     last_token: Arc<AtomicI64>,
 }
 
-common::store_accessors!(SqliteStore, SqlitePool);
-
-impl SqliteStore {
-    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
-    /// hand: the `CREATE TABLE` and its index.
-    pub fn schema(&self) -> Vec<String> {
-        self.sql
-            .create
-            .iter()
-            .map(|s| s.as_str().to_owned())
-            .collect()
-    }
-}
+common::methods::sql_store!(SqliteStore, Sqlite, SqlitePool,
+    write = execute,
+    own = [writer, last_token],
+    from_pool = {
+        /// Uses the application's pool; the table `message_idempotent` must exist (call
+        /// [`migrate`](Self::migrate) or create it by hand). Touches no schema. Set a
+        /// busy timeout on the pool's options if other processes write to the same file.
+    },
+    with_table = {
+        /// The same pool (and write gate) on another table: letters, digits and `_`,
+        /// optionally qualified by one attached database name (`schema.table`). Touches no
+        /// schema; a bad name is a [`StoreErrorKind::Rejected`] error.
+    },
+);
 
 /// The primary result code of an SQLite error (its low byte).
 pub(super) fn primary_code(e: &dyn DatabaseError) -> i64 {
@@ -206,9 +200,7 @@ impl SqliteStore {
         let pool = Self::open_pool(SqlitePoolOptions::new(), options)
             .await
             .map_err(explain)?;
-        let store = SqliteStore::new(pool, table);
-        store.migrate().await?;
-        Ok(store)
+        Self::open(pool, table).await
     }
 
     /// Opens a pool with the settings `pool` on `options` as [`connect`](Self::connect)
@@ -224,37 +216,6 @@ impl SqliteStore {
         common::open_pool(pool, options, &op).await
     }
 
-    fn new(pool: SqlitePool, table: TableName) -> Self {
-        SqliteStore {
-            claims: common::ClaimGate::for_pool(&pool),
-            pool,
-            sql: Arc::new(Statements::new(table)),
-            writer: Arc::new(Mutex::new(None)),
-            last_token: Arc::new(AtomicI64::new(0)),
-        }
-    }
-
-    /// Uses the application's pool; the table `message_idempotent` must exist (call
-    /// [`migrate`](Self::migrate) or create it by hand). Touches no schema. Set a
-    /// busy timeout on the pool's options if other processes write to the same file.
-    pub fn from_pool(pool: SqlitePool) -> Self {
-        SqliteStore::new(pool, TableName::default_table())
-    }
-
-    /// The same pool (and write gate) on another table: letters, digits and `_`,
-    /// optionally qualified by one attached database name (`schema.table`). Touches no
-    /// schema; a bad name is a [`StoreErrorKind::Rejected`] error.
-    pub fn with_table(self, table: &str) -> Result<Self, StoreError> {
-        let table = TableName::parse(table)?;
-        Ok(SqliteStore {
-            pool: self.pool,
-            sql: Arc::new(Statements::new(table)),
-            claims: self.claims,
-            writer: self.writer,
-            last_token: self.last_token,
-        })
-    }
-
     /// Creates the table and its expiry index if they are missing.
     pub async fn migrate(&self) -> Result<(), StoreError> {
         for stmt in &self.sql.create {
@@ -262,6 +223,12 @@ impl SqliteStore {
                 .await?;
         }
         Ok(())
+    }
+
+    /// The statements [`migrate`](Self::migrate) runs, for a DBA to review or run by
+    /// hand: the `CREATE TABLE` and its index.
+    pub fn schema(&self) -> Vec<String> {
+        common::schema(&self.sql.create)
     }
 
     /// The writer connection, taken out of the pool if this is the first write.
@@ -285,20 +252,21 @@ impl SqliteStore {
         Ok(w.check(done).map_err(Sqlite::err(op))?.rows_affected())
     }
 
-    /// Acts on what a read saw: answers, or tries the one conditional write.
-    /// `Ok(None)`: the row changed since the read; read again.
-    async fn act(
+    /// One claim, once in the gate: a read and a conditional write until they answer.
+    async fn claim_unguarded(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        let write = |plan| self.with_writer(async |conn| self.write_claim(conn, req, plan).await);
+        Steps::claim_read_first(self, req, write).await
+    }
+
+    /// Runs `f` on the writer connection, dropping the connection when the error it
+    /// fails with says it may have broken.
+    async fn with_writer<T>(
         &self,
-        req: &ClaimRequest<'_>,
-        seen: Option<RowView>,
-    ) -> Result<Option<ClaimOutcome>, StoreError> {
-        let plan = match Plan::of(req, seen) {
-            Plan::Answer(outcome) => return Ok(Some(outcome)),
-            plan => plan,
-        };
+        f: impl AsyncFnOnce(&mut SqliteConnection) -> Result<T, StoreError>,
+    ) -> Result<T, StoreError> {
         let mut w = self.writer().await?;
-        let outcome = self.write_claim(w.conn()?, req, plan).await;
-        w.check_store(outcome)
+        let done = f(w.conn()?).await;
+        w.check_store(done)
     }
 
     /// Makes a claim's conditional write on `conn` (the writer connection, locked, or
@@ -365,138 +333,5 @@ impl Writer<'_> {
             *self.0 = None;
         }
         r
-    }
-}
-
-#[async_trait]
-impl Store for SqliteStore {
-    async fn claim(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
-        let _slot = self.claims.enter().await;
-        common::retrying!({
-            let seen = Steps::read(self, req.key).await?;
-            self.act(req, seen).await?
-        })
-    }
-
-    async fn complete(&self, c: &Completion<'_>) -> Result<Fence, StoreError> {
-        Steps::complete(self, c).await
-    }
-
-    async fn release(&self, r: &Release<'_>) -> Result<Fence, StoreError> {
-        Steps::release(self, r).await
-    }
-
-    async fn renew(
-        &self,
-        key: &RecordKey,
-        token: Token,
-        lease: Duration,
-    ) -> Result<Fence, StoreError> {
-        Steps::renew(self, key, token, lease).await
-    }
-
-    async fn claim_batch(
-        &self,
-        reqs: &[ClaimRequest<'_>],
-    ) -> Result<Vec<ClaimOutcome>, StoreError> {
-        // one transaction holding the write lock: every read in it sees the latest
-        // rows and no other writer can change them before its write, so the whole
-        // batch commits once. A repeated key in the batch gets what a second claim
-        // right after the first would get, without another read.
-        let _slot = self.claims.enter().await;
-        let mut w = self.writer().await?;
-        let done = self.claim_batch_in(w.conn()?, reqs).await;
-        w.check_store(done)
-    }
-
-    async fn complete_batch(&self, items: &[Completion<'_>]) -> Result<Vec<Fence>, StoreError> {
-        let mut w = self.writer().await?;
-        let queries = items.iter().map(|c| {
-            (
-                self.sql.steps.complete_query(c),
-                c.key,
-                Step::Complete(c.token),
-            )
-        });
-        let done = self.apply_all(w.conn()?, "complete_batch", queries).await;
-        w.check_store(done)
-    }
-
-    async fn release_batch(&self, items: &[Release<'_>]) -> Result<Vec<Fence>, StoreError> {
-        let mut w = self.writer().await?;
-        let queries = items.iter().map(|r| {
-            (
-                self.sql.steps.release_query(r),
-                r.key,
-                Step::Release(r.token),
-            )
-        });
-        let done = self.apply_all(w.conn()?, "release_batch", queries).await;
-        w.check_store(done)
-    }
-
-    fn as_admin(&self) -> Option<&dyn StoreAdmin> {
-        Some(self)
-    }
-}
-
-#[async_trait]
-impl StoreAdmin for SqliteStore {
-    async fn inspect(&self, key: &RecordKey) -> Result<Option<Record>, StoreError> {
-        Steps::inspect(self, key).await
-    }
-
-    async fn forget(&self, key: &RecordKey) -> Result<bool, StoreError> {
-        Steps::forget(self, key).await
-    }
-
-    async fn purge_expired(&self) -> Result<u64, StoreError> {
-        Steps::purge_expired(self).await
-    }
-
-    async fn scan(
-        &self,
-        filter: &ScanFilter,
-        cursor: Option<&ScanCursor>,
-        limit: usize,
-    ) -> Result<ScanPage, StoreError> {
-        Steps::scan(self, filter, cursor, limit).await
-    }
-
-    async fn stats(
-        &self,
-        scope: Option<&str>,
-        poisoned_at: Option<u32>,
-    ) -> Result<Vec<ScopeStats>, StoreError> {
-        Steps::stats(self, scope, poisoned_at).await
-    }
-
-    async fn force_release(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-        Steps::admin(self, key, false).await
-    }
-
-    async fn reset_attempts(&self, key: &RecordKey) -> Result<AdminOutcome, StoreError> {
-        Steps::admin(self, key, true).await
-    }
-}
-
-impl SqlStore for SqliteStore {
-    type Db = Sqlite;
-
-    fn pool(&self) -> &SqlitePool {
-        &self.pool
-    }
-
-    fn steps(&self) -> &StepSql {
-        &self.sql.steps
-    }
-
-    /// Every write goes through the writer connection.
-    fn write<'q>(
-        &'q self,
-        op: &'static str,
-        q: SqlQuery<'q, Sqlite>,
-    ) -> impl Future<Output = Result<u64, StoreError>> + Send + 'q {
-        self.execute(op, q)
     }
 }

@@ -16,17 +16,12 @@ impl SqlDialect for Sqlite {
     const ROW_VALUES: bool = true;
     const ANY_TYPE: bool = true;
 
+    const SCOPE_BYTES: &'static str = "CAST({} AS BLOB)";
+    const BYTE_LEN: &'static str = "length(CAST({} AS BLOB))";
+    const INT8: &'static str = "{}";
+
     fn param(n: usize) -> String {
         format!("?{n}")
-    }
-    fn scope_bytes(col: &str) -> String {
-        format!("CAST({col} AS BLOB)")
-    }
-    fn byte_len(col: &str) -> String {
-        format!("length(CAST({col} AS BLOB))")
-    }
-    fn int8(expr: &str) -> String {
-        expr.to_owned()
     }
     fn purge(t: &str) -> String {
         format!(

@@ -3,7 +3,9 @@
 
 use crate::error::StoreError;
 use crate::store::{ClaimOutcome, ClaimRequest};
-use crate::stores::sql::common::{self, BindExt, Plan, SqlDialect, StepSql, TableName, sql};
+use crate::stores::sql::common::{
+    self, BindExt, Plan, PlanSql, SqlDialect, StepSql, TableName, sql,
+};
 use sqlx::sqlite::{Sqlite, SqliteConnection};
 use sqlx::{Row, SqlStr};
 
@@ -14,11 +16,10 @@ const NOW_US: &str = Sqlite::NOW_US;
 pub(crate) struct Statements {
     /// The statements of the steps every store shares.
     pub(crate) steps: StepSql,
-    pub(crate) insert: SqlStr,
-    /// `insert` with a lower bound `?6` on the token.
+    /// The conditional writes of the claim.
+    pub(crate) plans: PlanSql,
+    /// `plans.insert` with a lower bound `?6` on the token.
     pub(crate) insert_after: SqlStr,
-    pub(crate) take_over: SqlStr,
-    pub(crate) take_over_expired: SqlStr,
     pub(crate) create: [SqlStr; 2],
 }
 
@@ -31,21 +32,17 @@ impl Statements {
             Some(s) => format!("\"{s}\".\"{}_expires_at_us_idx\"", table.name()),
             None => format!("\"{}_expires_at_us_idx\"", table.name()),
         };
-        Statements {
-            insert: sql(format!(
+        let insert = |token: &str| {
+            sql(format!(
                 "INSERT INTO {t} (scope, message_id, status, retry_times, owner_token, \
                     lease_until_us, expires_at_us, fingerprint, output) \
-                 VALUES (?1, ?2, 0, 1, {NOW_US}, {NOW_US} + ?3, {NOW_US} + ?4, ?5, NULL) \
+                 VALUES (?1, ?2, 0, 1, {token}, {NOW_US} + ?3, {NOW_US} + ?4, ?5, NULL) \
                  ON CONFLICT (scope, message_id) DO NOTHING \
                  RETURNING owner_token"
-            )),
-            insert_after: sql(format!(
-                "INSERT INTO {t} (scope, message_id, status, retry_times, owner_token, \
-                    lease_until_us, expires_at_us, fingerprint, output) \
-                 VALUES (?1, ?2, 0, 1, max({NOW_US}, ?6), {NOW_US} + ?3, {NOW_US} + ?4, ?5, NULL) \
-                 ON CONFLICT (scope, message_id) DO NOTHING \
-                 RETURNING owner_token"
-            )),
+            ))
+        };
+        let plans = PlanSql {
+            insert: insert(NOW_US),
             take_over: sql(format!(
                 "UPDATE {t} SET status = 0, retry_times = retry_times + 1, \
                     owner_token = max(owner_token + 1, {NOW_US}), \
@@ -66,6 +63,10 @@ impl Statements {
                     AND expires_at_us <= {NOW_US} AND {sane} \
                  RETURNING owner_token, retry_times"
             )),
+        };
+        Statements {
+            plans,
+            insert_after: insert(&format!("max({NOW_US}, ?6)")),
             create: [
                 sql(format!(
                     "CREATE TABLE IF NOT EXISTS {t} (\
@@ -111,11 +112,11 @@ impl Statements {
             Plan::Answer(outcome) => return Ok(Some(outcome)),
             Plan::Insert => match floor {
                 Some(floor) => (q(&self.insert_after).bind(floor), false),
-                None => (q(&self.insert), false),
+                None => (q(&self.plans.insert), false),
             },
-            Plan::TakeOverExpired { token } => (q(&self.take_over_expired).bind(token), true),
+            Plan::TakeOverExpired { token } => (q(&self.plans.take_over_expired).bind(token), true),
             Plan::TakeOver { token, attempts } => {
-                (q(&self.take_over).bind(token).bind(attempts), true)
+                (q(&self.plans.take_over).bind(token).bind(attempts), true)
             }
         };
         let row = query.fetch_optional(&mut *conn).await.map_err(&err)?;
