@@ -5,15 +5,16 @@
 //! ```sh
 //! cargo run --release -p idempotent-examples --example replica_ack_bench --features redis
 //! cargo run --release -p idempotent-examples --example replica_ack_bench --features redis -- \
-//!     --messages 2000 --rounds 9 --timeout-ms 100
+//!     --messages 2000 --rounds 9 --timeout-ms 200
 //! ```
 //!
 //! The two stores run in the same process on the same pair, interleaved round by round
-//! (without, with, without, with, …), so that drift of the machine hits both alike.
+//! (without, with, without, with, …); the rounds are short (500 messages, a few tens of
+//! milliseconds) and many, so that the load of a shared machine hits both alike.
 //! Printed: each round's time per message, then per store the median of the rounds with
 //! the lowest and highest, and the median of the rounds' differences (with − without).
-//! Options: `--messages N` per round and store (default 2000), `--rounds N` (at least 5,
-//! default 7), `--timeout-ms N` the `WAIT` timeout (default 100). Needs
+//! Options: `--messages N` per round and store (default 500), `--rounds N` (at least 5,
+//! default 31), `--timeout-ms N` the `WAIT` timeout (default 100). Needs
 //! `redis-server` on PATH: the program starts the master and the replica itself, in a
 //! temporary directory, and stops them when it ends.
 
@@ -33,8 +34,8 @@ struct Options {
 
 fn parse() -> Result<Options, String> {
     let mut o = Options {
-        messages: 2000,
-        rounds: 7,
+        messages: 500,
+        rounds: 31,
         timeout: Duration::from_millis(100),
     };
     let mut args = std::env::args().skip(1);
@@ -102,7 +103,10 @@ impl Server {
             match ConnectionManager::new(client.clone()).await {
                 Ok(c) => return Ok(c),
                 Err(e) if Instant::now() > deadline => {
-                    return Err(format!("redis-server on port {} did not answer: {e}", self.port));
+                    return Err(format!(
+                        "redis-server on port {} did not answer: {e}",
+                        self.port
+                    ));
                 }
                 Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
             }
@@ -125,8 +129,10 @@ async fn replication(conn: &mut ConnectionManager, field: &str) -> Option<String
         .query_async(conn)
         .await
         .ok()?;
-    info.lines()
-        .find_map(|l| l.strip_prefix(&format!("{field}:")).map(|v| v.trim().to_owned()))
+    info.lines().find_map(|l| {
+        l.strip_prefix(&format!("{field}:"))
+            .map(|v| v.trim().to_owned())
+    })
 }
 
 /// Microseconds per message of `messages` messages handled one at a time.
@@ -184,8 +190,14 @@ async fn run(o: Options) -> Result<(), String> {
         .clone()
         .with_replica_ack(ReplicaAck::new(1, o.timeout));
     let handlers = [
-        ("without", Idempotency::new("replica-ack-bench").shared_store(Arc::new(plain))),
-        ("with WAIT 1", Idempotency::new("replica-ack-bench").shared_store(Arc::new(acked))),
+        (
+            "without",
+            Idempotency::new("replica-ack-bench").shared_store(Arc::new(plain)),
+        ),
+        (
+            "with WAIT 1",
+            Idempotency::new("replica-ack-bench").shared_store(Arc::new(acked)),
+        ),
     ];
     println!(
         "Redis {version}, master :{} and one replica :{} on loopback; {} rounds of {} messages \
@@ -196,7 +208,11 @@ async fn run(o: Options) -> Result<(), String> {
         o.rounds,
         o.messages,
         o.timeout.as_millis(),
-        if cfg!(debug_assertions) { "debug" } else { "release" }
+        if cfg!(debug_assertions) {
+            "debug"
+        } else {
+            "release"
+        }
     );
     // a warm-up round each, not counted (connections, the function library's loading)
     for (i, (_, h)) in handlers.iter().enumerate() {

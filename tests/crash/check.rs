@@ -295,9 +295,11 @@ pub fn table(p: &Profile, reports: &[(Mode, Report)]) -> String {
             .unwrap_or(0)
             .to_string()
     });
-    row(&mut s, "Redis failovers (master killed, replica promoted)", &|r| {
-        r.failovers.to_string()
-    });
+    row(
+        &mut s,
+        "Redis failovers (master killed, replica promoted)",
+        &|r| r.failovers.to_string(),
+    );
     row(&mut s, "connection cuts", &|r| {
         r.store_faults
             .get("connections-cut")
@@ -386,8 +388,7 @@ fn failover_loss(failovers: &[Failover], id: &str, e: &Exec, next: u64) -> Optio
                 Some((_, t)) if t < e.token => return Some(FailoverLoss::Claim),
                 Some((RecordState::Completed, t)) if t == e.token => continue,
                 Some((_, t)) if t == e.token => {
-                    if e
-                        .outcome
+                    if e.outcome
                         .as_ref()
                         .is_some_and(|(o, at)| o == "executed" && *at < f.promoting_at)
                     {
@@ -954,18 +955,41 @@ mod tests {
         // the replica had the claim, not the completion
         let f = [failover(Some((RecordState::InProgress, 100)))];
         let h = completed_then_rerun();
-        let r = run_full(Mode::RedisFailover, &h, &[], &[], completed(2_500_000), None, false, &f);
+        let r = run_full(
+            Mode::RedisFailover,
+            &h,
+            &[],
+            &[],
+            completed(2_500_000),
+            None,
+            false,
+            &f,
+        );
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         assert_eq!(r.failovers, 1);
-        assert_eq!(r.reexecutions.get(&Reason::FailoverCompletionLost), Some(&1));
+        assert_eq!(
+            r.reexecutions.get(&Reason::FailoverCompletionLost),
+            Some(&1)
+        );
         assert_eq!(r.explained_by_failover(), 1);
         assert_eq!(r.unexplained(), 0);
 
         // with replica acknowledgement, an `executed` completion was on the replica:
         // losing it is a violation
-        let r = run_full(Mode::RedisFailoverAck, &h, &[], &[], completed(2_500_000), None, true, &f);
+        let r = run_full(
+            Mode::RedisFailoverAck,
+            &h,
+            &[],
+            &[],
+            completed(2_500_000),
+            None,
+            true,
+            &f,
+        );
         assert!(
-            r.violations.iter().any(|v| v.contains("acknowledged by a replica")),
+            r.violations
+                .iter()
+                .any(|v| v.contains("acknowledged by a replica")),
             "{:?}",
             r.violations
         );
@@ -976,7 +1000,16 @@ mod tests {
         // the replica had the completion: nothing explains the second execution
         let f = [failover(Some((RecordState::Completed, 100)))];
         let h = completed_then_rerun();
-        let r = run_full(Mode::RedisFailover, &h, &[], &[], completed(2_500_000), None, false, &f);
+        let r = run_full(
+            Mode::RedisFailover,
+            &h,
+            &[],
+            &[],
+            completed(2_500_000),
+            None,
+            false,
+            &f,
+        );
         assert_eq!(r.unexplained(), 1, "{:?}", r.violations);
         assert_eq!(r.explained_by_failover(), 0);
         assert!(!r.violations.is_empty());
@@ -985,7 +1018,16 @@ mod tests {
         let mut late = completed_then_rerun();
         late[2] = line(1, 1_600, "O", &["o1", "executed", "100"]);
         let f = [failover(Some((RecordState::InProgress, 100)))];
-        let r = run_full(Mode::RedisFailover, &late, &[], &[], completed(2_500_000), None, false, &f);
+        let r = run_full(
+            Mode::RedisFailover,
+            &late,
+            &[],
+            &[],
+            completed(2_500_000),
+            None,
+            false,
+            &f,
+        );
         assert_eq!(r.unexplained(), 1, "{:?}", r.violations);
 
         // a failover before the first claim explains nothing either
@@ -994,7 +1036,16 @@ mod tests {
         f.killed_at = 20;
         f.promoting_at = 30;
         f.ready_at = 40;
-        let r = run_full(Mode::RedisFailover, &h, &[], &[], completed(2_500_000), None, false, &[f]);
+        let r = run_full(
+            Mode::RedisFailover,
+            &h,
+            &[],
+            &[],
+            completed(2_500_000),
+            None,
+            false,
+            &[f],
+        );
         assert_eq!(r.unexplained(), 1, "{:?}", r.violations);
     }
 
@@ -1026,7 +1077,16 @@ mod tests {
 
         // the replica had the claim: the overlap is not explained
         let f = [failover(Some((RecordState::InProgress, 100)))];
-        let r = run_full(Mode::RedisFailover, &h, &[], &[], completed(1_700), None, false, &f);
+        let r = run_full(
+            Mode::RedisFailover,
+            &h,
+            &[],
+            &[],
+            completed(1_700),
+            None,
+            false,
+            &f,
+        );
         assert!(
             r.violations.iter().any(|v| v.contains("G1")),
             "{:?}",
@@ -1046,7 +1106,9 @@ mod tests {
             &[failover(None)],
         );
         assert!(
-            r.violations.iter().any(|v| v.contains("the claim of execution 100")),
+            r.violations
+                .iter()
+                .any(|v| v.contains("the claim of execution 100")),
             "{:?}",
             r.violations
         );
@@ -1066,12 +1128,28 @@ mod tests {
         ];
         let f = [failover(Some((RecordState::InProgress, 100)))];
         for ack in [false, true] {
-            let r = run_full(Mode::RedisFailover, &h, &[], &[], completed(2_500_000), None, ack, &f);
+            let r = run_full(
+                Mode::RedisFailover,
+                &h,
+                &[],
+                &[],
+                completed(2_500_000),
+                None,
+                ack,
+                &f,
+            );
             assert!(r.violations.is_empty(), "{:?}", r.violations);
             assert_eq!(r.reexecutions.get(&Reason::FailoverUnrecorded), Some(&1));
         }
         // the same outcome with no failover under way is unexplained
-        let r = run(Mode::RedisFailover, &h, &[], &[], completed(2_500_000), None);
+        let r = run(
+            Mode::RedisFailover,
+            &h,
+            &[],
+            &[],
+            completed(2_500_000),
+            None,
+        );
         assert_eq!(r.unexplained(), 1, "{:?}", r.violations);
     }
 
@@ -1085,7 +1163,16 @@ mod tests {
             line(1, 300, "O", &["o1", "executed", "100"]),
             line(1, 310, "A", &["o1", "1"]),
         ];
-        let r = run_full(Mode::RedisFailover, &h, &[], &[], None, None, false, &[failover(None)]);
+        let r = run_full(
+            Mode::RedisFailover,
+            &h,
+            &[],
+            &[],
+            None,
+            None,
+            false,
+            &[failover(None)],
+        );
         assert!(r.violations.is_empty(), "{:?}", r.violations);
         assert_eq!((r.unrecorded_after_failover, r.lost), (1, 0));
         // without the failover, the same order is lost
@@ -1093,7 +1180,16 @@ mod tests {
         assert_eq!(r.lost, 1);
         assert!(!r.violations.is_empty());
         // with replica acknowledgement, the replica had the completion: a violation
-        let r = run_full(Mode::RedisFailoverAck, &h, &[], &[], None, None, true, &[failover(None)]);
+        let r = run_full(
+            Mode::RedisFailoverAck,
+            &h,
+            &[],
+            &[],
+            None,
+            None,
+            true,
+            &[failover(None)],
+        );
         assert!(!r.violations.is_empty());
     }
 }

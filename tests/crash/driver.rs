@@ -715,7 +715,20 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
                 // to its 10 s INFO period to be seen)
                 if due && tokio::task::block_in_place(|| ha.ready()) {
                     let partition = Duration::from_millis(rng.range(p.partition_ms));
-                    failovers.push(ha.fail_over(partition, &ids).await);
+                    let f = ha.fail_over(partition, &ids).await;
+                    let s = |t: u64| (t - f.killed_at) as f64 / 1e6;
+                    println!(
+                        "failover {}: replication link cut {:.2} s before the kill; the replica \
+                         held {} of {} orders' records; promotion asked {:.2} s and the new \
+                         master ready with a replica {:.2} s after the kill",
+                        failovers.len() + 1,
+                        (f.killed_at - f.partitioned_at) as f64 / 1e6,
+                        f.survived.values().filter(|r| r.is_some()).count(),
+                        ids.len(),
+                        s(f.promoting_at),
+                        s(f.ready_at)
+                    );
+                    failovers.push(f);
                 }
             }
             _ => {

@@ -159,10 +159,7 @@ impl RedisHa {
 
 /// Each order's record on the server at `url` (a replica: plain `GET`s, which a replica
 /// answers), decoded from the store's record layout: the state byte, the token at 6.
-async fn read_records(
-    url: &str,
-    ids: &[String],
-) -> HashMap<String, Option<(RecordState, u64)>> {
+async fn read_records(url: &str, ids: &[String]) -> HashMap<String, Option<(RecordState, u64)>> {
     let mut conn = raw(url).await;
     let store = RedisStore::from_connection_manager(conn.clone());
     let h = Idempotency::new(SCOPE);
