@@ -31,6 +31,8 @@ pub struct Failover {
     /// promoted replica before, so a completion acknowledged earlier was acknowledged
     /// by the old master.
     pub promoting_at: u64,
+    /// Sentinel names the promoted replica as the master.
+    pub promoted_at: u64,
     /// The promoted replica is the master Sentinel names, with a replica of its own.
     pub ready_at: u64,
     /// What the replica held of each order's record when the master died, read between
@@ -930,6 +932,7 @@ mod tests {
             partitioned_at: 50,
             killed_at: 1_000,
             promoting_at: 1_500,
+            promoted_at: 1_800,
             ready_at: 2_000,
             survived: HashMap::from([("o1".to_owned(), survived)]),
         }
@@ -1035,6 +1038,7 @@ mod tests {
         f.partitioned_at = 10;
         f.killed_at = 20;
         f.promoting_at = 30;
+        f.promoted_at = 35;
         f.ready_at = 40;
         let r = run_full(
             Mode::RedisFailover,

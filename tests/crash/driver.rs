@@ -719,13 +719,15 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
                     let s = |t: u64| (t - f.killed_at) as f64 / 1e6;
                     println!(
                         "failover {}: replication link cut {:.2} s before the kill; the replica \
-                         held {} of {} orders' records; promotion asked {:.2} s and the new \
-                         master ready with a replica {:.2} s after the kill",
+                         held {} of {} orders' records; after the kill, promotion asked at \
+                         {:.2} s, Sentinel named the new master at {:.2} s, which had a \
+                         replica of its own at {:.2} s",
                         failovers.len() + 1,
                         (f.killed_at - f.partitioned_at) as f64 / 1e6,
                         f.survived.values().filter(|r| r.is_some()).count(),
                         ids.len(),
                         s(f.promoting_at),
+                        s(f.promoted_at),
                         s(f.ready_at)
                     );
                     failovers.push(f);

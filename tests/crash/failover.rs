@@ -42,6 +42,9 @@ fn server_args() -> Vec<String> {
         "",
         "--appendonly",
         "no",
+        // a new replica's full sync starts at once (the default waits 5 s for others)
+        "--repl-diskless-sync-delay",
+        "0",
         "--user",
         REPL_USER,
         "on",
@@ -129,6 +132,7 @@ impl RedisHa {
         tokio::time::sleep(SETTLE).await;
         let promoting_at = now_us();
         let promoted = self.replica.port();
+        let mut promoted_at = 0;
         tokio::task::block_in_place(|| {
             self.sentinel
                 .force_failover(MASTER_NAME, Duration::from_secs(30));
@@ -137,6 +141,7 @@ impl RedisHa {
                 Duration::from_secs(30),
                 || self.sentinel.master_port(MASTER_NAME) == Some(promoted),
             );
+            promoted_at = now_us();
             let replica = start_replica_of(promoted);
             wait_until(
                 "the new master counts its replica",
@@ -151,6 +156,7 @@ impl RedisHa {
             partitioned_at,
             killed_at,
             promoting_at,
+            promoted_at,
             ready_at: now_us(),
             survived,
         }
