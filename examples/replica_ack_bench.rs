@@ -12,14 +12,19 @@
 //! (without, with, without, with, …); the rounds are short (500 messages, a few tens of
 //! milliseconds) and many, so that the load of a shared machine hits both alike.
 //! Printed: each round's time per message, then per store the median of the rounds with
-//! the lowest and highest, and the median of the rounds' differences (with − without).
+//! the lowest and highest and how many claims and completions `WAIT` did not see
+//! acknowledged within its timeout (such a claim fails closed, as a consumer would see
+//! it, and counts as a message), and the median of the rounds' differences
+//! (with − without).
 //! Options: `--messages N` per round and store (default 500), `--rounds N` (at least 5,
 //! default 31), `--timeout-ms N` the `WAIT` timeout (default 100). Needs
 //! `redis-server` on PATH: the program starts the master and the replica itself, in a
 //! temporary directory, and stops them when it ends.
 
 use idempotent_runtime::redis::{self, aio::ConnectionManager};
-use idempotent_runtime::{Error, Idempotency, RedisStore, ReplicaAck};
+use idempotent_runtime::{
+    Error, Idempotency, Outcome, RedisStore, ReplicaAck, StoreErrorKind, observe,
+};
 use std::net::TcpListener;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, Stdio};
@@ -135,12 +140,36 @@ async fn replication(conn: &mut ConnectionManager, field: &str) -> Option<String
     })
 }
 
-/// Microseconds per message of `messages` messages handled one at a time.
-async fn round(h: &Idempotency, tag: &str, messages: usize) -> Result<f64, Error> {
+/// Messages whose claim `WAIT` did not see acknowledged in time (they failed closed,
+/// as a consumer would see them), and completions it did not (`unrecorded`).
+#[derive(Default, Clone, Copy)]
+struct Misses {
+    claims: u64,
+    completions: u64,
+}
+
+/// Microseconds per message of `messages` messages handled one at a time (a message
+/// whose claim fails closed counts, with the time it took).
+async fn round(
+    h: &Idempotency,
+    tag: &str,
+    messages: usize,
+    misses: &mut Misses,
+) -> Result<f64, String> {
     let start = Instant::now();
     for m in 0..messages {
         let key = format!("{tag}-{m}");
-        h.run(key.as_str(), async { Ok::<_, Error>(m) }).await?;
+        match observe(h.run(key.as_str(), async { Ok::<_, Error>(m) })).await {
+            (Ok(_), Some(Outcome::Unrecorded)) => misses.completions += 1,
+            (Ok(_), _) => {}
+            (Err(Error::Store(e)), _) if e.kind() == StoreErrorKind::NotReplicated => {
+                misses.claims += 1
+            }
+            (Err(e), _) => {
+                let source = std::error::Error::source(&e).map(|s| format!(": {s}"));
+                return Err(format!("{e}{}", source.unwrap_or_default()));
+            }
+        }
     }
     Ok(start.elapsed().as_secs_f64() * 1e6 / messages as f64)
 }
@@ -215,16 +244,22 @@ async fn run(o: Options) -> Result<(), String> {
         }
     );
     // a warm-up round each, not counted (connections, the function library's loading)
-    for (i, (_, h)) in handlers.iter().enumerate() {
-        round(h, &format!("warm-{i}"), o.messages.min(200))
-            .await
-            .map_err(|e| e.to_string())?;
+    let mut misses = [Misses::default(); 2];
+    for (i, (name, h)) in handlers.iter().enumerate() {
+        round(
+            h,
+            &format!("warm-{i}"),
+            o.messages.min(200),
+            &mut Misses::default(),
+        )
+        .await
+        .map_err(|e| format!("{name}: {e}"))?;
     }
     let mut us: [Vec<f64>; 2] = [Vec::new(), Vec::new()];
     for n in 0..o.rounds {
         let mut line = format!("round {}:", n + 1);
         for (i, (name, h)) in handlers.iter().enumerate() {
-            let t = round(h, &format!("r{n}-{i}"), o.messages)
+            let t = round(h, &format!("r{n}-{i}"), o.messages, &mut misses[i])
                 .await
                 .map_err(|e| format!("{name}: {e}"))?;
             us[i].push(t);
@@ -236,8 +271,11 @@ async fn run(o: Options) -> Result<(), String> {
     for (i, (name, _)) in handlers.iter().enumerate() {
         let (lo, hi) = span(&us[i]);
         println!(
-            "{name}: median {:.1} µs per message (min {lo:.1}, max {hi:.1})",
-            median(&us[i])
+            "{name}: median {:.1} µs per message (min {lo:.1}, max {hi:.1}); claims not \
+             acknowledged in time {}, completions {}",
+            median(&us[i]),
+            misses[i].claims,
+            misses[i].completions
         );
     }
     let diff: Vec<f64> = us[1].iter().zip(&us[0]).map(|(w, wo)| w - wo).collect();
