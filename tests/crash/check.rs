@@ -17,6 +17,48 @@ pub struct Fault {
     pub end: u64,
 }
 
+/// A Redis failover the driver caused (failover modes), on the host clock (µs), which
+/// is also the servers' clock and so the clock of the claims' tokens.
+#[derive(Clone, Debug, Default)]
+pub struct Failover {
+    /// The replication link cut: from here the master acknowledges writes that the
+    /// replica never gets.
+    pub partitioned_at: u64,
+    /// The master killed (after the SIGKILL returned): every claim the old master made
+    /// has a smaller token, every claim of the promoted replica a larger one.
+    pub killed_at: u64,
+    /// The driver asked Sentinel to promote the replica: nothing was written on the
+    /// promoted replica before, so a completion acknowledged earlier was acknowledged
+    /// by the old master.
+    pub promoting_at: u64,
+    /// Sentinel names the promoted replica as the master.
+    pub promoted_at: u64,
+    /// The promoted replica is the master Sentinel names, with a replica of its own.
+    pub ready_at: u64,
+    /// What the replica held of each order's record when the master died, read between
+    /// the kill and the promotion: its state and token, `None` when it had no record.
+    pub survived: HashMap<String, Option<(RecordState, u64)>>,
+}
+
+impl Failover {
+    /// The failover's window: from the partition until the new master is ready.
+    fn window(&self) -> (u64, u64) {
+        (self.partitioned_at, self.ready_at)
+    }
+}
+
+/// How a failover lost what an execution wrote on the old master.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum FailoverLoss {
+    /// The claim was on the old master only.
+    Claim,
+    /// The completion, acknowledged by the old master, was on it only.
+    Completion,
+    /// The completion was not recorded (`unrecorded`, `lease_lost`) while the failover
+    /// was under way; the promoted replica holds the claim.
+    Unrecorded,
+}
+
 #[derive(Debug)]
 pub struct FinalState {
     pub pending: u64,
@@ -36,6 +78,11 @@ pub struct Input<'a> {
     pub planned_failures: usize,
     pub planned_panics: usize,
     pub lines: &'a [Line],
+    /// Failover modes: whether the store waited for a replica's acknowledgement
+    /// (`with_replica_ack`): then nothing it acknowledged may be lost in a failover.
+    pub replica_ack: bool,
+    /// The Redis failovers (failover modes).
+    pub failovers: &'a [Failover],
     /// `kill -9` of a worker: its pid and when.
     pub kills: &'a [(u32, u64)],
     pub faults: &'a [Fault],
@@ -58,6 +105,15 @@ pub enum Reason {
     Killed,
     /// A store fault: the completion, release or commit did not reach the store.
     StoreFault,
+    /// A failover lost the earlier execution's claim: the promoted replica did not
+    /// have it.
+    FailoverClaimLost,
+    /// A failover lost the earlier execution's completion, acknowledged by the old
+    /// master before the promoted replica had it.
+    FailoverCompletionLost,
+    /// The earlier execution's completion was not recorded (`unrecorded`,
+    /// `lease_lost`) while a failover was under way.
+    FailoverUnrecorded,
     /// Nothing explains it.
     Unexplained,
 }
@@ -90,6 +146,14 @@ pub struct Report {
     pub in_progress: usize,
     pub reexecutions: BTreeMap<Reason, usize>,
     pub overlaps_after_store_fault: usize,
+    pub failovers: usize,
+    /// Overlapping executions after a failover lost the first one's claim.
+    pub overlaps_after_failover: usize,
+    /// Orders whose body finished once but whose record a failover lost (claim or
+    /// completion on the old master only, or the completion not recorded during the
+    /// failover) and that no later delivery ran again: their final record is not
+    /// Completed.
+    pub unrecorded_after_failover: usize,
     pub lost: usize,
     pub double_effects: usize,
     pub elapsed: Duration,
@@ -110,6 +174,18 @@ impl Report {
             .filter(|(r, _)| **r != Reason::Unexplained)
             .map(|(_, n)| n)
             .sum()
+    }
+
+    fn count(&self, r: Reason) -> usize {
+        self.reexecutions.get(&r).copied().unwrap_or(0)
+    }
+
+    /// Re-executions a failover explains (claim lost, completion lost, completion not
+    /// recorded).
+    pub fn explained_by_failover(&self) -> usize {
+        self.count(Reason::FailoverClaimLost)
+            + self.count(Reason::FailoverCompletionLost)
+            + self.count(Reason::FailoverUnrecorded)
     }
 
     pub fn render(&self) -> String {
@@ -134,6 +210,21 @@ impl Report {
             "re-executions {:?}; overlaps after a lease lost to a store fault {}",
             self.reexecutions, self.overlaps_after_store_fault
         );
+        if self.failovers > 0 {
+            let _ = writeln!(
+                s,
+                "failovers {}: re-executions explained by a failover {} (claim lost {}, \
+                 acknowledged completion lost {}, completion not recorded {}); orders done \
+                 once whose record a failover lost {}; overlaps after a lost claim {}",
+                self.failovers,
+                self.explained_by_failover(),
+                self.count(Reason::FailoverClaimLost),
+                self.count(Reason::FailoverCompletionLost),
+                self.count(Reason::FailoverUnrecorded),
+                self.unrecorded_after_failover,
+                self.overlaps_after_failover
+            );
+        }
         let _ = writeln!(
             s,
             "lost {}, double effects {}, run time {:.1} s",
@@ -206,6 +297,11 @@ pub fn table(p: &Profile, reports: &[(Mode, Report)]) -> String {
             .unwrap_or(0)
             .to_string()
     });
+    row(
+        &mut s,
+        "Redis failovers (master killed, replica promoted)",
+        &|r| r.failovers.to_string(),
+    );
     row(&mut s, "connection cuts", &|r| {
         r.store_faults
             .get("connections-cut")
@@ -234,6 +330,23 @@ pub fn table(p: &Profile, reports: &[(Mode, Report)]) -> String {
     row(&mut s, "re-executions after a kill / a store fault", &|r| {
         format!("{} / {}", n(r, Reason::Killed), n(r, Reason::StoreFault))
     });
+    row(
+        &mut s,
+        "re-executions explained by a failover: claim lost / completion lost / not recorded",
+        &|r| {
+            format!(
+                "{} / {} / {}",
+                n(r, Reason::FailoverClaimLost),
+                n(r, Reason::FailoverCompletionLost),
+                n(r, Reason::FailoverUnrecorded)
+            )
+        },
+    );
+    row(
+        &mut s,
+        "orders done once whose record a failover lost",
+        &|r| r.unrecorded_after_failover.to_string(),
+    );
     row(&mut s, "re-executions explained (total)", &|r| {
         r.explained().to_string()
     });
@@ -264,9 +377,48 @@ fn field<T: std::str::FromStr>(l: &Line, i: usize) -> T {
         .unwrap_or_else(|| panic!("malformed history line {l:?}"))
 }
 
+/// Whether a failover lost what execution `e` of order `id` wrote on the old master,
+/// so that the next execution (claimed with token `next`, `u64::MAX` for none) could
+/// run: its claim was on the old master only; or its completion, acknowledged by the
+/// old master before anything could be written on the promoted replica, was; or its
+/// completion was not recorded while the failover was under way.
+fn failover_loss(failovers: &[Failover], id: &str, e: &Exec, next: u64) -> Option<FailoverLoss> {
+    for f in failovers {
+        if e.token < f.killed_at && next > f.killed_at {
+            match f.survived.get(id).copied().flatten() {
+                None => return Some(FailoverLoss::Claim),
+                Some((_, t)) if t < e.token => return Some(FailoverLoss::Claim),
+                Some((RecordState::Completed, t)) if t == e.token => continue,
+                Some((_, t)) if t == e.token => {
+                    if e.outcome
+                        .as_ref()
+                        .is_some_and(|(o, at)| o == "executed" && *at < f.promoting_at)
+                    {
+                        return Some(FailoverLoss::Completion);
+                    }
+                }
+                Some(_) => {}
+            }
+        }
+        // the completion was tried (from the body's end to the outcome) while the
+        // failover was under way, and given up
+        let (from, to) = f.window();
+        if let (Some(('E', ended)), Some((o, at))) = (e.end, &e.outcome)
+            && matches!(o.as_str(), "unrecorded" | "lease_lost")
+            && ended <= to
+            && *at >= from
+            && next > from
+        {
+            return Some(FailoverLoss::Unrecorded);
+        }
+    }
+    None
+}
+
 pub fn check(inp: &Input<'_>) -> Report {
     let mut r = Report {
         mode: Some(inp.mode),
+        failovers: inp.failovers.len(),
         messages: inp.messages,
         duplicates: inp.duplicates,
         planned_failures: inp.planned_failures,
@@ -367,57 +519,101 @@ pub fn check(inp: &Input<'_>) -> Report {
                 .and_then(|o| o.parse::<u64>().ok()),
             _ => None,
         };
-        let Some(done) = done else {
-            r.lost += 1;
-            v.push(format!(
-                "{id}: lost: final record {rec:?} is not Completed with an execution's token ({} executions)",
-                es.len()
-            ));
-            continue;
-        };
-        match es.iter().find(|e| e.token == done) {
-            Some(e) if matches!(e.end, Some(('E', _))) => {}
-            other => v.push(format!(
-                "{id}: the completion (token {done}) belongs to no finished execution: {other:?}"
-            )),
-        }
-        // G2: nothing started after the recorded completion
-        for e in es.iter().filter(|e| e.token > done) {
-            v.push(format!(
-                "{id}: G2: execution with token {} started after the completion with token {done}",
-                e.token
-            ));
-        }
-        if let Some(acked) = es
-            .iter()
-            .find(|e| e.token == done)
-            .and_then(|e| e.outcome.as_ref())
-            .filter(|(o, _)| o == "executed" || o == "committed")
-            .map(|(_, at)| *at)
-        {
-            for e in es.iter().filter(|e| e.start > acked) {
+        if done.is_none() {
+            // the last execution's body finished and was answered, but a failover lost
+            // its record (and no later delivery ran it again): done once, not lost
+            let unrecorded = es.last().is_some_and(|e| {
+                matches!(e.end, Some(('E', _)))
+                    && e.outcome.as_ref().is_some_and(|(o, _)| {
+                        matches!(o.as_str(), "executed" | "unrecorded" | "lease_lost")
+                    })
+                    && failover_loss(inp.failovers, id, e, u64::MAX).is_some()
+            });
+            if unrecorded {
+                r.unrecorded_after_failover += 1;
+            } else {
+                r.lost += 1;
                 v.push(format!(
-                    "{id}: G2: execution (token {}) started after the completion was acknowledged",
+                    "{id}: lost: final record {rec:?} is not Completed with an execution's token ({} executions)",
+                    es.len()
+                ));
+                continue;
+            }
+        }
+        if let Some(done) = done {
+            match es.iter().find(|e| e.token == done) {
+                Some(e) if matches!(e.end, Some(('E', _))) => {}
+                other => v.push(format!(
+                    "{id}: the completion (token {done}) belongs to no finished execution: {other:?}"
+                )),
+            }
+            // G2: nothing started after the recorded completion
+            for e in es.iter().filter(|e| e.token > done) {
+                v.push(format!(
+                    "{id}: G2: execution with token {} started after the completion with token {done}",
                     e.token
                 ));
             }
-        }
-        // G7: the effect exists once, written by the completed execution
-        if let Some(effects) = &fs.effects {
-            let rows = effects.get(id).map(Vec::as_slice).unwrap_or(&[]);
-            if rows.len() != 1 {
-                if rows.len() > 1 {
-                    r.double_effects += 1;
+            if let Some(acked) = es
+                .iter()
+                .find(|e| e.token == done)
+                .and_then(|e| e.outcome.as_ref())
+                .filter(|(o, _)| o == "executed" || o == "committed")
+                .map(|(_, at)| *at)
+            {
+                for e in es.iter().filter(|e| e.start > acked) {
+                    v.push(format!(
+                        "{id}: G2: execution (token {}) started after the completion was acknowledged",
+                        e.token
+                    ));
                 }
-                v.push(format!(
-                    "{id}: G7: {} effect rows (tokens {rows:?})",
-                    rows.len()
-                ));
-            } else if rows[0] != done {
-                v.push(format!(
-                    "{id}: G7: the effect row has token {}, the completion {done}",
-                    rows[0]
-                ));
+            }
+            // G7: the effect exists once, written by the completed execution
+            if let Some(effects) = &fs.effects {
+                let rows = effects.get(id).map(Vec::as_slice).unwrap_or(&[]);
+                if rows.len() != 1 {
+                    if rows.len() > 1 {
+                        r.double_effects += 1;
+                    }
+                    v.push(format!(
+                        "{id}: G7: {} effect rows (tokens {rows:?})",
+                        rows.len()
+                    ));
+                } else if rows[0] != done {
+                    v.push(format!(
+                        "{id}: G7: the effect row has token {}, the completion {done}",
+                        rows[0]
+                    ));
+                }
+            }
+        }
+        // with replica acknowledgement, nothing the store acknowledged is lost in a
+        // failover: a body runs only on a claim a replica has, and an `executed`
+        // completion is on a replica
+        if inp.replica_ack {
+            for e in &es {
+                let Some(f) = inp.failovers.iter().find(|f| e.token < f.killed_at) else {
+                    continue;
+                };
+                match f.survived.get(id).copied().flatten() {
+                    Some((_, t)) if t > e.token => {}
+                    Some((state, t)) if t == e.token => {
+                        let acked = e
+                            .outcome
+                            .as_ref()
+                            .is_some_and(|(o, at)| o == "executed" && *at < f.promoting_at);
+                        if acked && state != RecordState::Completed {
+                            v.push(format!(
+                                "{id}: the completion of execution {}, acknowledged by a replica, is not on the promoted replica (it holds {state:?})",
+                                e.token
+                            ));
+                        }
+                    }
+                    other => v.push(format!(
+                        "{id}: the claim of execution {}, acknowledged by a replica before its body ran, is not on the promoted replica (it holds {other:?})",
+                        e.token
+                    )),
+                }
             }
         }
         // every execution after the first, explained by what became of the one before;
@@ -431,16 +627,23 @@ pub fn check(inp: &Input<'_>) -> Report {
                 (None, None, Some(k)) => Some(k),
                 (None, None, None) => None,
             };
+            let loss = failover_loss(inp.failovers, id, a, b.token);
             let reason = match (a.end.map(|e| e.0), a.outcome.as_ref().map(|o| o.0.as_str())) {
                 (Some('F'), _) => Reason::HandlerFailed,
                 (Some('P'), _) => Reason::Panicked,
+                // the claim was on the old master only: the key was free on the new one
+                _ if loss == Some(FailoverLoss::Claim) => Reason::FailoverClaimLost,
                 // killed mid-body, or after the body before its completion or commit
                 _ if kill.is_some() && a.outcome.is_none() => Reason::Killed,
-                (_, Some("store_error" | "commit_failed" | "error" | "executed" | "committed"))
-                    if fault_near(a.start, b.start) =>
-                {
-                    Reason::StoreFault
-                }
+                _ if loss == Some(FailoverLoss::Completion) => Reason::FailoverCompletionLost,
+                _ if loss == Some(FailoverLoss::Unrecorded) => Reason::FailoverUnrecorded,
+                (
+                    _,
+                    Some(
+                        "store_error" | "commit_failed" | "error" | "executed" | "committed"
+                        | "unrecorded" | "lease_lost",
+                    ),
+                ) if fault_near(a.start, b.start) => Reason::StoreFault,
                 _ if inp.mode.is_tx() && fault_near(a.start, b.start) => Reason::StoreFault,
                 _ => Reason::Unexplained,
             };
@@ -452,11 +655,13 @@ pub fn check(inp: &Input<'_>) -> Report {
                 ));
             }
             // G1: the next execution starts after this one ended, unless its lease was
-            // lost to a store fault
+            // lost to a store fault or its claim to a failover
             let overlap = end.is_none_or(|t| t > b.start);
             if overlap {
                 if fault_near(a.start, b.start) {
                     r.overlaps_after_store_fault += 1;
+                } else if loss == Some(FailoverLoss::Claim) {
+                    r.overlaps_after_failover += 1;
                 } else {
                     v.push(format!(
                         "{id}: G1: executions {} and {} overlapped (first ended at {end:?}, second started at {})",
@@ -537,9 +742,25 @@ mod tests {
         record: Option<Record>,
         effects: Option<Vec<u64>>,
     ) -> Report {
+        run_full(mode, lines, kills, faults, record, effects, false, &[])
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn run_full(
+        mode: Mode,
+        lines: &[Line],
+        kills: &[(u32, u64)],
+        faults: &[Fault],
+        record: Option<Record>,
+        effects: Option<Vec<u64>>,
+        replica_ack: bool,
+        failovers: &[Failover],
+    ) -> Report {
         let orders = vec!["o1".to_owned()];
         check(&Input {
             mode,
+            replica_ack,
+            failovers,
             lease_us: LEASE_US,
             orders: &orders,
             messages: 1,
@@ -702,5 +923,277 @@ mod tests {
         ];
         let r = run(Mode::Redis, &h, &[], &[], completed(5_000), None);
         assert_eq!(r.unexplained(), 1, "{:?}", r.violations);
+    }
+
+    /// A failover: the link cut at 50 µs, the master killed at 1 ms, the promotion
+    /// asked at 1.5 ms, the new master ready at 2 ms; the replica held `survived` of o1.
+    fn failover(survived: Option<(RecordState, u64)>) -> Failover {
+        Failover {
+            partitioned_at: 50,
+            killed_at: 1_000,
+            promoting_at: 1_500,
+            promoted_at: 1_800,
+            ready_at: 2_000,
+            survived: HashMap::from([("o1".to_owned(), survived)]),
+        }
+    }
+
+    /// o1 executed and acknowledged on the old master before the failover, then again
+    /// on the new master once the first claim's lease ran out.
+    fn completed_then_rerun() -> Vec<Line> {
+        vec![
+            line(1, 100, "S", &["o1", "100", "1"]),
+            line(1, 200, "E", &["o1", "100"]),
+            line(1, 300, "O", &["o1", "executed", "100"]),
+            line(1, 310, "A", &["o1", "1"]),
+            line(2, 2_500_000, "S", &["o1", "2500000", "2"]),
+            line(2, 2_500_100, "E", &["o1", "2500000"]),
+            line(2, 2_500_200, "O", &["o1", "executed", "2500000"]),
+            line(2, 2_500_300, "A", &["o1", "2"]),
+        ]
+    }
+
+    #[test]
+    fn a_rerun_after_a_completion_lost_in_a_failover_is_counted_not_a_violation() {
+        // the replica had the claim, not the completion
+        let f = [failover(Some((RecordState::InProgress, 100)))];
+        let h = completed_then_rerun();
+        let r = run_full(
+            Mode::RedisFailover,
+            &h,
+            &[],
+            &[],
+            completed(2_500_000),
+            None,
+            false,
+            &f,
+        );
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!(r.failovers, 1);
+        assert_eq!(
+            r.reexecutions.get(&Reason::FailoverCompletionLost),
+            Some(&1)
+        );
+        assert_eq!(r.explained_by_failover(), 1);
+        assert_eq!(r.unexplained(), 0);
+
+        // with replica acknowledgement, an `executed` completion was on the replica:
+        // losing it is a violation
+        let r = run_full(
+            Mode::RedisFailoverAck,
+            &h,
+            &[],
+            &[],
+            completed(2_500_000),
+            None,
+            true,
+            &f,
+        );
+        assert!(
+            r.violations
+                .iter()
+                .any(|v| v.contains("acknowledged by a replica")),
+            "{:?}",
+            r.violations
+        );
+    }
+
+    #[test]
+    fn a_rerun_the_failover_does_not_explain_is_a_violation() {
+        // the replica had the completion: nothing explains the second execution
+        let f = [failover(Some((RecordState::Completed, 100)))];
+        let h = completed_then_rerun();
+        let r = run_full(
+            Mode::RedisFailover,
+            &h,
+            &[],
+            &[],
+            completed(2_500_000),
+            None,
+            false,
+            &f,
+        );
+        assert_eq!(r.unexplained(), 1, "{:?}", r.violations);
+        assert_eq!(r.explained_by_failover(), 0);
+        assert!(!r.violations.is_empty());
+
+        // acknowledged after the promotion was asked: by the new master, which kept it
+        let mut late = completed_then_rerun();
+        late[2] = line(1, 1_600, "O", &["o1", "executed", "100"]);
+        let f = [failover(Some((RecordState::InProgress, 100)))];
+        let r = run_full(
+            Mode::RedisFailover,
+            &late,
+            &[],
+            &[],
+            completed(2_500_000),
+            None,
+            false,
+            &f,
+        );
+        assert_eq!(r.unexplained(), 1, "{:?}", r.violations);
+
+        // a failover before the first claim explains nothing either
+        let mut f = failover(None);
+        f.partitioned_at = 10;
+        f.killed_at = 20;
+        f.promoting_at = 30;
+        f.promoted_at = 35;
+        f.ready_at = 40;
+        let r = run_full(
+            Mode::RedisFailover,
+            &h,
+            &[],
+            &[],
+            completed(2_500_000),
+            None,
+            false,
+            &[f],
+        );
+        assert_eq!(r.unexplained(), 1, "{:?}", r.violations);
+    }
+
+    #[test]
+    fn a_claim_lost_in_a_failover_explains_an_overlap() {
+        // o1's first claim (token 100) was on the old master only; the second runs on
+        // the new master while the first body still runs, which then is fenced out
+        let h = vec![
+            line(1, 100, "S", &["o1", "100", "1"]),
+            line(2, 1_700, "S", &["o1", "1700", "2"]),
+            line(2, 1_800, "E", &["o1", "1700"]),
+            line(2, 1_900, "O", &["o1", "executed", "1700"]),
+            line(1, 2_100, "E", &["o1", "100"]),
+            line(1, 2_200, "O", &["o1", "lease_lost", "100"]),
+        ];
+        let r = run_full(
+            Mode::RedisFailover,
+            &h,
+            &[],
+            &[],
+            completed(1_700),
+            None,
+            false,
+            &[failover(None)],
+        );
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!(r.reexecutions.get(&Reason::FailoverClaimLost), Some(&1));
+        assert_eq!(r.overlaps_after_failover, 1);
+
+        // the replica had the claim: the overlap is not explained
+        let f = [failover(Some((RecordState::InProgress, 100)))];
+        let r = run_full(
+            Mode::RedisFailover,
+            &h,
+            &[],
+            &[],
+            completed(1_700),
+            None,
+            false,
+            &f,
+        );
+        assert!(
+            r.violations.iter().any(|v| v.contains("G1")),
+            "{:?}",
+            r.violations
+        );
+        assert_eq!(r.unexplained(), 1);
+
+        // with replica acknowledgement, no body runs on a claim the replica lacks
+        let r = run_full(
+            Mode::RedisFailoverAck,
+            &h,
+            &[],
+            &[],
+            completed(1_700),
+            None,
+            true,
+            &[failover(None)],
+        );
+        assert!(
+            r.violations
+                .iter()
+                .any(|v| v.contains("the claim of execution 100")),
+            "{:?}",
+            r.violations
+        );
+    }
+
+    #[test]
+    fn a_completion_not_recorded_during_a_failover_explains_a_rerun() {
+        // the completion was tried during the failover and given up (`unrecorded`);
+        // the key freed when the claim's lease ran out on the new master
+        let h = vec![
+            line(1, 100, "S", &["o1", "100", "1"]),
+            line(1, 900, "E", &["o1", "100"]),
+            line(1, 1_700, "O", &["o1", "unrecorded", "100"]),
+            line(2, 2_500_000, "S", &["o1", "2500000", "2"]),
+            line(2, 2_500_100, "E", &["o1", "2500000"]),
+            line(2, 2_500_200, "O", &["o1", "executed", "2500000"]),
+        ];
+        let f = [failover(Some((RecordState::InProgress, 100)))];
+        for ack in [false, true] {
+            let r = run_full(
+                Mode::RedisFailover,
+                &h,
+                &[],
+                &[],
+                completed(2_500_000),
+                None,
+                ack,
+                &f,
+            );
+            assert!(r.violations.is_empty(), "{:?}", r.violations);
+            assert_eq!(r.reexecutions.get(&Reason::FailoverUnrecorded), Some(&1));
+        }
+        // the same outcome with no failover under way is unexplained
+        let r = run(
+            Mode::RedisFailover,
+            &h,
+            &[],
+            &[],
+            completed(2_500_000),
+            None,
+        );
+        assert_eq!(r.unexplained(), 1, "{:?}", r.violations);
+    }
+
+    #[test]
+    fn an_order_done_once_whose_record_a_failover_lost_is_not_lost() {
+        // executed and acknowledged on the old master; the replica had nothing, and no
+        // duplicate came after the failover
+        let h = vec![
+            line(1, 100, "S", &["o1", "100", "1"]),
+            line(1, 200, "E", &["o1", "100"]),
+            line(1, 300, "O", &["o1", "executed", "100"]),
+            line(1, 310, "A", &["o1", "1"]),
+        ];
+        let r = run_full(
+            Mode::RedisFailover,
+            &h,
+            &[],
+            &[],
+            None,
+            None,
+            false,
+            &[failover(None)],
+        );
+        assert!(r.violations.is_empty(), "{:?}", r.violations);
+        assert_eq!((r.unrecorded_after_failover, r.lost), (1, 0));
+        // without the failover, the same order is lost
+        let r = run(Mode::RedisFailover, &h, &[], &[], None, None);
+        assert_eq!(r.lost, 1);
+        assert!(!r.violations.is_empty());
+        // with replica acknowledgement, the replica had the completion: a violation
+        let r = run_full(
+            Mode::RedisFailoverAck,
+            &h,
+            &[],
+            &[],
+            None,
+            None,
+            true,
+            &[failover(None)],
+        );
+        assert!(!r.violations.is_empty());
     }
 }

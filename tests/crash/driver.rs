@@ -4,7 +4,8 @@
 //! broker has nothing left, stops everything it started, and hands the histories and
 //! the final state to the checker.
 
-use crate::check::{self, Fault, FinalState, Report};
+use crate::check::{self, Failover, Fault, FinalState, Report};
+use crate::failover::RedisHa;
 use crate::history::{self, now_us};
 use crate::{LEASE, Mode, SCOPE};
 use async_nats::jetstream::{
@@ -45,6 +46,11 @@ pub struct Profile {
     pub kill_every_ms: (u64, u64),
     /// Redis restarts (Redis mode), spread over the run's progress.
     pub restarts: usize,
+    /// Redis failovers (failover modes), spread over the run's progress.
+    pub failovers: usize,
+    /// How long the replication link is cut before the master is killed, in
+    /// milliseconds (uniform).
+    pub partition_ms: (u64, u64),
     /// Time between two terminations of the workers' database connections (SQL modes).
     pub cut_every_ms: (u64, u64),
     /// The run fails if the broker still has work after this long.
@@ -64,6 +70,8 @@ impl Profile {
             work_ms: (50, 300),
             kill_every_ms: (500, 1200),
             restarts: 1,
+            failovers: 1,
+            partition_ms: (300, 800),
             cut_every_ms: (1000, 2500),
             deadline: Duration::from_secs(90),
         }
@@ -81,6 +89,8 @@ impl Profile {
             work_ms: (50, 300),
             kill_every_ms: (1000, 3000),
             restarts: 2,
+            failovers: 2,
+            partition_ms: (300, 800),
             cut_every_ms: (2000, 5000),
             deadline: Duration::from_secs(1800),
         }
@@ -130,7 +140,8 @@ impl Options {
                 "--seed" => seed = Some(value()?.parse().map_err(|e| format!("--seed: {e}"))?),
                 "--keep" => keep = true,
                 "--help" | "-h" => {
-                    return Err("usage: crash [--profile short|long] [--mode redis|pg-store|pg-tx|mysql-tx|all] \
+                    return Err("usage: crash [--profile short|long] \
+                                [--mode redis|redis-failover|redis-failover-ack|pg-store|pg-tx|mysql-tx|all] \
                                 [--orders N] [--workers N] [--seed N] [--keep]"
                         .to_owned());
                 }
@@ -292,6 +303,7 @@ type Effects = HashMap<String, Vec<u64>>;
 /// The store side of a run.
 enum Backend {
     Redis(RedisServer),
+    RedisHa(Box<RedisHa>),
     Postgres {
         admin: sqlx::PgPool,
         schema: String,
@@ -319,6 +331,11 @@ impl Backend {
                 ]);
                 let env = vec![("CRASH_REDIS_URL".to_owned(), server.url())];
                 (Backend::Redis(server), env)
+            }
+            Mode::RedisFailover | Mode::RedisFailoverAck => {
+                let ha = tokio::task::block_in_place(RedisHa::start);
+                let env = vec![("CRASH_REDIS_URL".to_owned(), ha.url())];
+                (Backend::RedisHa(Box::new(ha)), env)
             }
             Mode::PgStore | Mode::PgTx => {
                 let schema = format!("crash_{run}");
@@ -369,7 +386,7 @@ impl Backend {
     /// Terminates every worker connection; returns how many.
     async fn cut_connections(&self) -> u64 {
         match self {
-            Backend::Redis(_) => 0,
+            Backend::Redis(_) | Backend::RedisHa(_) => 0,
             Backend::Postgres { admin, app, .. } => {
                 let n: i64 = sqlx::query_scalar(
                     "SELECT count(*) FROM (SELECT pg_terminate_backend(pid) FROM pg_stat_activity \
@@ -416,6 +433,14 @@ impl Backend {
                 ),
                 None,
             ),
+            Backend::RedisHa(ha) => (
+                Arc::new(
+                    RedisStore::connect(ha.url().as_str())
+                        .await
+                        .expect("connect to the private Redis through Sentinel"),
+                ),
+                None,
+            ),
             Backend::Postgres { schema, app, .. } => {
                 let pool = crate::pg_pool_in(schema, &format!("{app}-driver"), 2).await;
                 // store mode writes no effect rows
@@ -458,7 +483,7 @@ impl Backend {
 
     async fn cleanup(&self) {
         match self {
-            Backend::Redis(_) => {}
+            Backend::Redis(_) | Backend::RedisHa(_) => {}
             Backend::Postgres { admin, schema, .. } => {
                 exec_pg(admin, &format!("DROP SCHEMA IF EXISTS {schema} CASCADE")).await
             }
@@ -625,6 +650,8 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
     let mut next_kill = Instant::now() + Duration::from_millis(rng.range(p.kill_every_ms));
     let mut next_cut = Instant::now() + Duration::from_millis(rng.range(p.cut_every_ms));
     let mut restarts = 0;
+    let mut failovers: Vec<Failover> = Vec::new();
+    let ids: Vec<String> = orders.iter().map(|o| o.id.clone()).collect();
     let mut quiet_since: Option<(Instant, u64)> = None;
     let mut timed_out = false;
     loop {
@@ -681,6 +708,31 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
                     restarts += 1;
                 }
             }
+            Backend::RedisHa(ha) => {
+                let due = failovers.len() < p.failovers
+                    && progress >= (failovers.len() + 1) as f64 / (p.failovers + 1) as f64;
+                // Sentinel must know a healthy replica to promote (a new one takes up
+                // to its 10 s INFO period to be seen)
+                if due && tokio::task::block_in_place(|| ha.ready()) {
+                    let partition = Duration::from_millis(rng.range(p.partition_ms));
+                    let f = ha.fail_over(partition, &ids).await;
+                    let s = |t: u64| (t - f.killed_at) as f64 / 1e6;
+                    println!(
+                        "failover {}: replication link cut {:.2} s before the kill; the replica \
+                         held {} of {} orders' records; after the kill, promotion asked at \
+                         {:.2} s, Sentinel named the new master at {:.2} s, which had a \
+                         replica of its own at {:.2} s",
+                        failovers.len() + 1,
+                        (f.killed_at - f.partitioned_at) as f64 / 1e6,
+                        f.survived.values().filter(|r| r.is_some()).count(),
+                        ids.len(),
+                        s(f.promoting_at),
+                        s(f.promoted_at),
+                        s(f.ready_at)
+                    );
+                    failovers.push(f);
+                }
+            }
             _ => {
                 if Instant::now() >= next_cut {
                     let at = now_us();
@@ -703,7 +755,6 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
     let stopped = workers.stop_all();
     publisher.abort();
     let info = consumer.info().await.expect("consumer info").clone();
-    let ids: Vec<String> = orders.iter().map(|o| o.id.clone()).collect();
     let (records, effects) = backend.final_state(mode, &ids).await;
     let lines = history::read_all(&dir);
     let report = check::check(&check::Input {
@@ -715,6 +766,8 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
         planned_failures: orders.iter().filter(|o| o.plan == "fail").count(),
         planned_panics: orders.iter().filter(|o| o.plan == "panic").count(),
         lines: &lines,
+        replica_ack: mode == Mode::RedisFailoverAck,
+        failovers: &failovers,
         kills: &kills,
         faults: &faults,
         stopped: &stopped,

@@ -11,16 +11,20 @@
 //! cargo run --release -p idempotent-tests --features crash --bin crash -- --profile long --mode all
 //! ```
 //!
-//! Options: `--profile short|long`, `--mode redis|pg-store|pg-tx|mysql-tx|all`,
+//! Options: `--profile short|long`,
+//! `--mode redis|redis-failover|redis-failover-ack|pg-store|pg-tx|mysql-tx|all` (or a
+//! comma list),
 //! `--orders N`, `--workers N`, `--seed N`, `--keep` (keep the run directories).
 //! It exits non-zero, with the violations listed, when an invariant breaks. Services:
 //! NATS JetStream (`IDEMPOTENT_NATS_URL`), PostgreSQL (`IDEMPOTENT_POSTGRES_URL`, a
 //! superuser: connections are terminated with `pg_terminate_backend`), MariaDB / MySQL
-//! (`IDEMPOTENT_MYSQL_URL`), and `redis-server` on PATH (a private server is started).
+//! (`IDEMPOTENT_MYSQL_URL`), and `redis-server` on PATH (a private server is started; in
+//! the failover modes a master, a replica and a Sentinel, with `redis-cli` on PATH).
 //! Invoked as `crash worker` (with `CRASH_*` variables) it is one consumer process.
 
 mod check;
 mod driver;
+mod failover;
 mod history;
 mod worker;
 
@@ -36,12 +40,22 @@ use std::time::Duration;
 pub const SCOPE: &str = "crash";
 /// The store-mode handler's lease (its attribute says `lease = "2s"`).
 pub const LEASE: Duration = Duration::from_secs(2);
+/// The failover modes' Sentinel name of the master.
+pub const MASTER_NAME: &str = "crash";
+/// `redis-failover-ack`: the store waits this long for one replica's acknowledgement.
+pub const REPLICA_ACK_TIMEOUT: Duration = Duration::from_millis(100);
 
 /// What the consumers run on.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
     /// Store mode on a private Redis server, restarted during the run.
     Redis,
+    /// Store mode on a private Redis master with a replica and a Sentinel; the workers
+    /// connect through Sentinel, and the master is failed over during the run.
+    RedisFailover,
+    /// The same, the store waiting for the replica's acknowledgement
+    /// (`RedisStore::with_replica_ack`).
+    RedisFailoverAck,
     /// Store mode on PostgreSQL.
     PgStore,
     /// Transactional mode on PostgreSQL.
@@ -51,11 +65,20 @@ pub enum Mode {
 }
 
 impl Mode {
-    pub const ALL: [Mode; 4] = [Mode::Redis, Mode::PgStore, Mode::PgTx, Mode::MysqlTx];
+    pub const ALL: [Mode; 6] = [
+        Mode::Redis,
+        Mode::RedisFailover,
+        Mode::RedisFailoverAck,
+        Mode::PgStore,
+        Mode::PgTx,
+        Mode::MysqlTx,
+    ];
 
     pub fn name(self) -> &'static str {
         match self {
             Mode::Redis => "redis",
+            Mode::RedisFailover => "redis-failover",
+            Mode::RedisFailoverAck => "redis-failover-ack",
             Mode::PgStore => "pg-store",
             Mode::PgTx => "pg-tx",
             Mode::MysqlTx => "mysql-tx",
@@ -65,6 +88,11 @@ impl Mode {
     pub fn is_tx(self) -> bool {
         matches!(self, Mode::PgTx | Mode::MysqlTx)
     }
+
+    /// The failover modes (a master, a replica, a Sentinel).
+    pub fn is_failover(self) -> bool {
+        matches!(self, Mode::RedisFailover | Mode::RedisFailoverAck)
+    }
 }
 
 impl FromStr for Mode {
@@ -73,7 +101,12 @@ impl FromStr for Mode {
         Mode::ALL
             .into_iter()
             .find(|m| m.name() == s)
-            .ok_or_else(|| format!("unknown mode {s:?} (redis, pg-store, pg-tx, mysql-tx, all)"))
+            .ok_or_else(|| {
+                format!(
+                    "unknown mode {s:?} (redis, redis-failover, redis-failover-ack, pg-store, \
+                     pg-tx, mysql-tx, all)"
+                )
+            })
     }
 }
 

@@ -9,7 +9,9 @@
 //! - `F key token` / `P key token` — the body fails / is about to panic, as planned;
 //! - `O key outcome token` — what the handler returned (`executed`, `replayed` with the
 //!   token of the execution whose output came back, `in_progress`, `failed`, `panicked`,
-//!   `store_error`, `error`), and in transactional mode `committed` / `commit_failed`;
+//!   `store_error`, `error`; in store mode, a body that succeeded but whose completion
+//!   the store did not take is `unrecorded` or `lease_lost`, as `observe` reports), and
+//!   in transactional mode `committed` / `commit_failed`;
 //! - `A key seq` / `N key seq` — the ack (confirmed by the server) / the nak of a delivery.
 
 use crate::Mode;
@@ -18,7 +20,8 @@ use async_nats::jetstream::{self, AckKind, consumer::PullConsumer};
 use futures_util::StreamExt;
 use idempotent_runtime::sqlx::{self, MySql, Postgres, Transaction};
 use idempotent_runtime::{
-    Error, PostgresStore, RedisStore, current_claim, idempotent, register_store,
+    Error, Outcome, PostgresStore, RedisStore, ReplicaAck, current_claim, idempotent, observe,
+    register_store,
 };
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -182,15 +185,19 @@ async fn run() {
         pid,
     });
     let backend = match mode {
-        Mode::Redis => {
+        Mode::Redis | Mode::RedisFailover | Mode::RedisFailoverAck => {
+            // a server URL, or in the failover modes a redis+sentinel:// URL
             let url = env("CRASH_REDIS_URL");
-            // the server may be restarting: retry the first connection
-            let store = loop {
+            // the server may be restarting, or failing over: retry the first connection
+            let mut store = loop {
                 match RedisStore::connect(url.as_str()).await {
                     Ok(s) => break s,
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             };
+            if mode == Mode::RedisFailoverAck {
+                store = store.with_replica_ack(ReplicaAck::new(1, crate::REPLICA_ACK_TIMEOUT));
+            }
             register_store("crash", store);
             Backend::Store
         }
@@ -262,9 +269,11 @@ async fn deliver(m: jetstream::Message, ctx: Arc<Ctx>, backend: Arc<Backend>) {
         let (ctx, mine) = (ctx.clone(), mine.clone());
         tokio::spawn(async move {
             match &*backend {
-                Backend::Store => handle_in_store(&order, &ctx, &mine)
-                    .await
-                    .map(|t| (t, "executed")),
+                Backend::Store => {
+                    // executed, or the completion not taken (unrecorded, lease_lost)
+                    let (r, outcome) = observe(handle_in_store(&order, &ctx, &mine)).await;
+                    r.map(|t| (t, outcome.map_or("executed", Outcome::as_str)))
+                }
                 Backend::Pg(pool) => {
                     let mut tx = pool.begin().await.map_err(WorkError::Db)?;
                     let t = handle_pg_tx(&order, &ctx, &mine, &mut tx).await?;

@@ -69,6 +69,22 @@ pub fn start_replica(master_port: u16) -> RedisServer {
     replica
 }
 
+/// A replica of the server on `master_port` started with `extra` arguments besides
+/// `--replicaof` (persistence, a replication user…); returns once its link to the
+/// master is up.
+pub fn start_replica_with(master_port: u16, extra: &[&str]) -> RedisServer {
+    let port = master_port.to_string();
+    let mut args = extra.to_vec();
+    args.extend_from_slice(&["--replicaof", "127.0.0.1", &port]);
+    let replica = RedisServer::start_with(&args);
+    wait_until(
+        "the replica's link to its master is up",
+        Duration::from_secs(10),
+        || replication_field(replica.port(), "master_link_status").as_deref() == Some("up"),
+    );
+    replica
+}
+
 /// A master and its replica, the replica connected through a [`Proxy`] that the test
 /// can cut (the master then sees no replica, the replica no master).
 #[derive(Debug)]
@@ -213,6 +229,54 @@ impl Sentinel {
             .lines()
             .nth(1)
             .and_then(|p| p.trim().parse().ok())
+    }
+
+    /// The replicas Sentinel knows of `name`, each as its fields (`port`, `flags`,
+    /// `master-link-status`, …).
+    pub fn replicas(&self, name: &str) -> Vec<std::collections::HashMap<String, String>> {
+        let out = cli(self.port, &["SENTINEL", "REPLICAS", name]);
+        let lines: Vec<&str> = out.lines().map(str::trim).collect();
+        let mut replicas: Vec<std::collections::HashMap<String, String>> = Vec::new();
+        for pair in lines.chunks(2) {
+            let [field, value] = pair else { break };
+            if *field == "name" {
+                replicas.push(Default::default());
+            }
+            if let Some(r) = replicas.last_mut() {
+                r.insert((*field).to_owned(), (*value).to_owned());
+            }
+        }
+        replicas
+    }
+
+    /// Whether Sentinel knows the replica on `port` of `name` as a healthy replica
+    /// (flags `slave` alone, its link to the master up), so it can promote it.
+    pub fn has_healthy_replica(&self, name: &str, port: u16) -> bool {
+        let port = port.to_string();
+        self.replicas(name).iter().any(|r| {
+            r.get("port") == Some(&port)
+                && r.get("flags").map(String::as_str) == Some("slave")
+                && r.get("master-link-status").map(String::as_str) == Some("ok")
+        })
+    }
+
+    /// Asks Sentinel to fail `name` over now (`SENTINEL FAILOVER`), retrying while it
+    /// answers that no replica is suitable yet or a failover is under way; panics with
+    /// Sentinel's log after `timeout`.
+    pub fn force_failover(&self, name: &str, timeout: Duration) {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let answer = cli(self.port, &["SENTINEL", "FAILOVER", name]);
+            if answer.trim() == "OK" {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "SENTINEL FAILOVER {name} answered {answer:?} for {timeout:?}; Sentinel log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// Sentinel's log so far.

@@ -1,7 +1,9 @@
-//! The crash suite's short profile, in all four modes (Redis store, PostgreSQL store,
-//! transactional PostgreSQL and MariaDB): worker processes killed with `kill -9`, the
-//! private Redis server restarted, database connections terminated, handlers failing
-//! and panicking, duplicates resent; fails when the checker finds a broken invariant.
+//! The crash suite's short profile, in all six modes (Redis store, Redis failed over
+//! without and with replica acknowledgement, PostgreSQL store, transactional PostgreSQL
+//! and MariaDB): worker processes killed with `kill -9`, the private Redis server
+//! restarted, a Redis master partitioned from its replica, killed and replaced by it
+//! through Sentinel, database connections terminated, handlers failing and panicking,
+//! duplicates resent; fails when the checker finds a broken invariant.
 //! The driver is `tests/crash/main.rs`; RELIABILITY.md has the figures of the long profile.
 #![cfg(feature = "crash")]
 
