@@ -19,17 +19,17 @@ mod common;
 
 cfg_mysql! {
     mod mysql;
-    pub use mysql::MySqlStore;
+    pub use mysql::{MySqlOutbox, MySqlStore};
 }
 
 cfg_postgres! {
     mod postgres;
-    pub use postgres::PostgresStore;
+    pub use postgres::{PostgresOutbox, PostgresStore};
 }
 
 cfg_sqlite! {
     mod sqlite;
-    pub use sqlite::SqliteStore;
+    pub use sqlite::{SqliteOutbox, SqliteStore};
 }
 
 pub use common::DEFAULT_TABLE;

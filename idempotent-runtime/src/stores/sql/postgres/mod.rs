@@ -1,9 +1,12 @@
 //! [`PostgresStore`]: the dedup table in PostgreSQL.
 
 mod batch;
+mod outbox;
 mod scan;
 mod statements;
 mod tx;
+
+pub use outbox::PostgresOutbox;
 
 pub(crate) use statements::Statements;
 

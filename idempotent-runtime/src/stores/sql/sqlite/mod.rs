@@ -1,9 +1,12 @@
 //! [`SqliteStore`]: the embedded durable store.
 
 mod batch;
+mod outbox;
 mod scan;
 mod statements;
 mod tx;
+
+pub use outbox::SqliteOutbox;
 
 use statements::SqliteQuery;
 pub(crate) use statements::Statements;
