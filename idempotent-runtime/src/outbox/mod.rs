@@ -26,8 +26,8 @@
 
 mod id;
 pub(crate) mod message;
-mod publisher;
-mod relay;
+pub(crate) mod publisher;
+pub(crate) mod relay;
 pub(crate) mod store;
 pub(crate) mod tx;
 

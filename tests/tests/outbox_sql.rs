@@ -1,0 +1,236 @@
+//! The outbox on the SQL stores: the outbox conformance cases
+//! (`idempotent_runtime::testing::conformance::outbox`) against MariaDB/MySQL
+//! (`IDEMPOTENT_MYSQL_URL`, default `mysql://root@127.0.0.1:3306/test`), PostgreSQL
+//! (`IDEMPOTENT_POSTGRES_URL`, default `postgres://postgres@127.0.0.1:5432/test`) and
+//! SQLite (a file in the temporary directory), each case on a table of its own; and
+//! what is particular to the SQL tables (names, schemas, the business writes the
+//! messages commit or roll back with).
+//!
+//! The server tests fail, naming the variable, when their server is unreachable.
+
+use idempotent_runtime::StoreError;
+use idempotent_runtime::outbox::{Outbox, OutboxStore, OutboxTransaction};
+use idempotent_runtime::testing::conformance::outbox::OutboxFixture;
+use std::sync::Arc;
+
+/// A fixture of one outbox table on a pool: writes go through `enqueue_in_tx` in a
+/// transaction of the pool; `$drop` drops the table.
+macro_rules! fixture {
+    ($name:ident, $db:ty, $outbox:ty) => {
+        struct $name {
+            outbox: Arc<$outbox>,
+            pool: idempotent_runtime::sqlx::Pool<$db>,
+            table: String,
+            cleanup: Vec<String>,
+            files: Vec<std::path::PathBuf>,
+        }
+
+        #[async_trait::async_trait]
+        impl OutboxFixture for $name {
+            fn store(&self) -> Arc<dyn OutboxStore> {
+                self.outbox.clone()
+            }
+
+            async fn write(&self, outbox: &Outbox, commit: bool) -> Result<(), StoreError> {
+                let mut tx = self.pool.begin().await.expect("beginning a transaction");
+                let written = tx.enqueue_in_tx(&self.table, outbox).await;
+                if written.is_ok() && commit {
+                    tx.commit().await.expect("committing");
+                } else {
+                    tx.rollback().await.expect("rolling back");
+                }
+                written
+            }
+
+            async fn drop_table(&self) {
+                for stmt in &self.cleanup {
+                    idempotent_runtime::sqlx::raw_sql(idempotent_runtime::sqlx::AssertSqlSafe(
+                        stmt.clone(),
+                    ))
+                    .execute(&self.pool)
+                    .await
+                    .unwrap_or_else(|e| panic!("{stmt}: {e}"));
+                }
+                for f in &self.files {
+                    let _ = std::fs::remove_file(f);
+                }
+            }
+        }
+    };
+}
+
+#[cfg(feature = "postgres")]
+mod postgres {
+    use super::*;
+    use idempotent_runtime::outbox::{DEFAULT_OUTBOX_TABLE, RowStatus};
+    use idempotent_runtime::sqlx::{self, AssertSqlSafe, Postgres};
+    use idempotent_runtime::{PostgresOutbox, PostgresStore, RecordKey, StoreErrorKind};
+    use idempotent_tests::sql_support::{env_url, unique_name};
+
+    const URL_VAR: &str = "IDEMPOTENT_POSTGRES_URL";
+
+    async fn store() -> PostgresStore {
+        let url = env_url(URL_VAR, "postgres://postgres@127.0.0.1:5432/test");
+        PostgresStore::connect(&url).await.unwrap_or_else(|e| {
+            panic!("the PostgreSQL outbox tests need a server at {url} (set {URL_VAR}): {e}")
+        })
+    }
+
+    fixture!(PgFixture, Postgres, PostgresOutbox);
+
+    async fn make() -> Arc<dyn OutboxFixture> {
+        let store = store().await;
+        let table = unique_name("outbox");
+        let outbox = store
+            .outbox(&table)
+            .await
+            .expect("creating the outbox table");
+        Arc::new(PgFixture {
+            outbox: Arc::new(outbox),
+            pool: store.pool().clone(),
+            cleanup: vec![format!("DROP TABLE \"{table}\"")],
+            files: Vec::new(),
+            table,
+        })
+    }
+
+    idempotent_runtime::outbox_conformance_suite!(make());
+
+    /// A schema-qualified table, the messages committed or rolled back with the
+    /// business writes of their transaction.
+    #[tokio::test]
+    async fn schema_table_commits_and_rolls_back_with_the_business_writes() {
+        let store = store().await;
+        let schema = unique_name("outbox_schema");
+        let pool = store.pool().clone();
+        let exec = async |s: String| {
+            sqlx::raw_sql(AssertSqlSafe(s.clone()))
+                .execute(&pool)
+                .await
+                .unwrap_or_else(|e| panic!("{s}: {e}"));
+        };
+        exec(format!("CREATE SCHEMA \"{schema}\"")).await;
+        exec(format!(
+            "CREATE TABLE \"{schema}\".orders (id TEXT PRIMARY KEY)"
+        ))
+        .await;
+        let table = format!("{schema}.{DEFAULT_OUTBOX_TABLE}");
+        let outbox = store.outbox(&table).await.unwrap();
+        assert_eq!(outbox.table(), table);
+        assert!(outbox.schema()[0].contains(&format!("\"{schema}\".\"idempotent_outbox\"")));
+        for (order, commit) in [("o-1", false), ("o-2", true)] {
+            let mut o = Outbox::new();
+            o.bind(&RecordKey::new("orders", order).unwrap());
+            o.emit("payments", order.as_bytes().to_vec());
+            let mut tx = pool.begin().await.unwrap();
+            sqlx::query(AssertSqlSafe(format!(
+                "INSERT INTO \"{schema}\".orders VALUES ($1)"
+            )))
+            .bind(order)
+            .execute(&mut *tx)
+            .await
+            .unwrap();
+            tx.enqueue_in_tx(&table, &o).await.unwrap();
+            if commit {
+                tx.commit().await.unwrap();
+            } else {
+                tx.rollback().await.unwrap();
+            }
+        }
+        let page = outbox.list(RowStatus::Pending, None, 10).await.unwrap();
+        let payloads: Vec<&[u8]> = page.rows.iter().map(|r| r.message.payload()).collect();
+        assert_eq!(payloads, [b"o-2"]);
+        let orders: i64 = sqlx::query_scalar(AssertSqlSafe(format!(
+            "SELECT COUNT(*) FROM \"{schema}\".orders"
+        )))
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(orders, 1);
+        exec(format!("DROP SCHEMA \"{schema}\" CASCADE")).await;
+    }
+
+    /// Bad table names are refused, by the handle and by the transaction.
+    #[tokio::test]
+    async fn bad_table_names_are_refused() {
+        let store = store().await;
+        for bad in ["a.b.c", "x; DROP TABLE y", "q\"uote"] {
+            let e = store.outbox(bad).await.unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::Rejected, "{bad}: {e:?}");
+            assert!(PostgresOutbox::new(store.pool().clone(), bad).is_err());
+            let mut o = Outbox::new();
+            o.bind(&RecordKey::new("s", "k").unwrap());
+            o.emit("d", Vec::new());
+            let mut tx = store.pool().begin().await.unwrap();
+            let e = tx.enqueue_in_tx(bad, &o).await.unwrap_err();
+            assert_eq!(e.kind(), StoreErrorKind::Rejected, "{bad}: {e:?}");
+        }
+    }
+}
+
+#[cfg(feature = "mysql")]
+mod mysql {
+    use super::*;
+    use idempotent_runtime::sqlx::MySql;
+    use idempotent_runtime::{MySqlOutbox, MySqlStore};
+    use idempotent_tests::sql_support::{env_url, unique_name};
+
+    const URL_VAR: &str = "IDEMPOTENT_MYSQL_URL";
+
+    fixture!(MyFixture, MySql, MySqlOutbox);
+
+    async fn make() -> Arc<dyn OutboxFixture> {
+        let url = env_url(URL_VAR, "mysql://root@127.0.0.1:3306/test");
+        let store = MySqlStore::connect(&url).await.unwrap_or_else(|e| {
+            panic!("the MySQL outbox tests need a server at {url} (set {URL_VAR}): {e}")
+        });
+        let table = unique_name("outbox");
+        let outbox = store
+            .outbox(&table)
+            .await
+            .expect("creating the outbox table");
+        Arc::new(MyFixture {
+            outbox: Arc::new(outbox),
+            pool: store.pool().clone(),
+            cleanup: vec![format!("DROP TABLE `{table}`")],
+            files: Vec::new(),
+            table,
+        })
+    }
+
+    idempotent_runtime::outbox_conformance_suite!(make());
+}
+
+#[cfg(feature = "sqlite")]
+mod sqlite {
+    use super::*;
+    use idempotent_runtime::sqlx::Sqlite;
+    use idempotent_runtime::{SqliteOutbox, SqliteStore};
+    use idempotent_tests::sql_support::unique_name;
+
+    fixture!(LiteFixture, Sqlite, SqliteOutbox);
+
+    async fn make() -> Arc<dyn OutboxFixture> {
+        let path = std::env::temp_dir().join(format!("{}.db", unique_name("idempotent_outbox")));
+        let store = SqliteStore::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .expect("opening the SQLite database");
+        let table = "outbox".to_owned();
+        let outbox = store
+            .outbox(&table)
+            .await
+            .expect("creating the outbox table");
+        Arc::new(LiteFixture {
+            outbox: Arc::new(outbox),
+            pool: store.pool().clone(),
+            cleanup: vec![format!("DROP TABLE \"{table}\"")],
+            files: ["", "-wal", "-shm"]
+                .iter()
+                .map(|s| format!("{}{s}", path.display()).into())
+                .collect(),
+            table,
+        })
+    }
+
+    idempotent_runtime::outbox_conformance_suite!(make());
+}
