@@ -16,13 +16,36 @@ use std::sync::Arc;
 /// A fixture of one outbox table on a pool: writes go through `enqueue_in_tx` in a
 /// transaction of the pool; `$drop` drops the table.
 macro_rules! fixture {
-    ($name:ident, $db:ty, $outbox:ty) => {
+    ($name:ident, $db:ty, $outbox:ty, $store:ty) => {
         struct $name {
             outbox: Arc<$outbox>,
             pool: idempotent_runtime::sqlx::Pool<$db>,
             table: String,
             cleanup: Vec<String>,
             files: Vec<std::path::PathBuf>,
+        }
+
+        impl $name {
+            /// The fixture of the new outbox table `table` of `store`; `cleanup`
+            /// drops it, and the `files` go with it.
+            async fn on(
+                store: &$store,
+                table: String,
+                cleanup: String,
+                files: Vec<std::path::PathBuf>,
+            ) -> Arc<dyn OutboxFixture> {
+                let outbox = store
+                    .outbox(&table)
+                    .await
+                    .expect("creating the outbox table");
+                Arc::new($name {
+                    outbox: Arc::new(outbox),
+                    pool: store.pool().clone(),
+                    cleanup: vec![cleanup],
+                    files,
+                    table,
+                })
+            }
         }
 
         #[async_trait::async_trait]
@@ -76,22 +99,12 @@ mod postgres {
         })
     }
 
-    fixture!(PgFixture, Postgres, PostgresOutbox);
+    fixture!(PgFixture, Postgres, PostgresOutbox, PostgresStore);
 
     async fn make() -> Arc<dyn OutboxFixture> {
-        let store = store().await;
         let table = unique_name("outbox");
-        let outbox = store
-            .outbox(&table)
-            .await
-            .expect("creating the outbox table");
-        Arc::new(PgFixture {
-            outbox: Arc::new(outbox),
-            pool: store.pool().clone(),
-            cleanup: vec![format!("DROP TABLE \"{table}\"")],
-            files: Vec::new(),
-            table,
-        })
+        let drop = format!("DROP TABLE \"{table}\"");
+        PgFixture::on(&store().await, table, drop, Vec::new()).await
     }
 
     idempotent_runtime::outbox_conformance_suite!(make());
@@ -177,7 +190,7 @@ mod mysql {
 
     const URL_VAR: &str = "IDEMPOTENT_MYSQL_URL";
 
-    fixture!(MyFixture, MySql, MySqlOutbox);
+    fixture!(MyFixture, MySql, MySqlOutbox, MySqlStore);
 
     async fn make() -> Arc<dyn OutboxFixture> {
         let url = env_url(URL_VAR, "mysql://root@127.0.0.1:3306/test");
@@ -185,17 +198,8 @@ mod mysql {
             panic!("the MySQL outbox tests need a server at {url} (set {URL_VAR}): {e}")
         });
         let table = unique_name("outbox");
-        let outbox = store
-            .outbox(&table)
-            .await
-            .expect("creating the outbox table");
-        Arc::new(MyFixture {
-            outbox: Arc::new(outbox),
-            pool: store.pool().clone(),
-            cleanup: vec![format!("DROP TABLE `{table}`")],
-            files: Vec::new(),
-            table,
-        })
+        let drop = format!("DROP TABLE `{table}`");
+        MyFixture::on(&store, table, drop, Vec::new()).await
     }
 
     idempotent_runtime::outbox_conformance_suite!(make());
@@ -208,28 +212,18 @@ mod sqlite {
     use idempotent_runtime::{SqliteOutbox, SqliteStore};
     use idempotent_tests::sql_support::unique_name;
 
-    fixture!(LiteFixture, Sqlite, SqliteOutbox);
+    fixture!(LiteFixture, Sqlite, SqliteOutbox, SqliteStore);
 
     async fn make() -> Arc<dyn OutboxFixture> {
         let path = std::env::temp_dir().join(format!("{}.db", unique_name("idempotent_outbox")));
         let store = SqliteStore::connect(&format!("sqlite://{}?mode=rwc", path.display()))
             .await
             .expect("opening the SQLite database");
-        let table = "outbox".to_owned();
-        let outbox = store
-            .outbox(&table)
-            .await
-            .expect("creating the outbox table");
-        Arc::new(LiteFixture {
-            outbox: Arc::new(outbox),
-            pool: store.pool().clone(),
-            cleanup: vec![format!("DROP TABLE \"{table}\"")],
-            files: ["", "-wal", "-shm"]
-                .iter()
-                .map(|s| format!("{}{s}", path.display()).into())
-                .collect(),
-            table,
-        })
+        let files = ["", "-wal", "-shm"]
+            .iter()
+            .map(|s| format!("{}{s}", path.display()).into())
+            .collect();
+        LiteFixture::on(&store, "outbox".into(), "DROP TABLE outbox".into(), files).await
     }
 
     idempotent_runtime::outbox_conformance_suite!(make());

@@ -56,6 +56,14 @@ async fn committed(f: &dyn OutboxFixture, o: &Outbox) {
     f.write(o, true).await.expect("writing the outbox");
 }
 
+/// The store of `f` with one message committed: its id.
+async fn one_message(f: &dyn OutboxFixture, case: &str) -> (Arc<dyn OutboxStore>, Uuid) {
+    let mut o = execution(case, "k");
+    let id = o.emit("d", b"x".to_vec()).id();
+    committed(f, &o).await;
+    (f.store(), id)
+}
+
 fn ids(rows: &[ClaimedRow]) -> Vec<Uuid> {
     rows.iter().map(|r| r.lease.id).collect()
 }
@@ -87,7 +95,11 @@ pub async fn written_in_the_transaction(f: Arc<dyn OutboxFixture>) {
     let page = s.list(RowStatus::Pending, None, 100).await.unwrap();
     assert_eq!(page.next, None);
     let got: Vec<_> = page.rows.iter().map(|r| r.message.clone()).collect();
-    assert_eq!(got, o.messages(), "the rows hold the messages, in emission order");
+    assert_eq!(
+        got,
+        o.messages(),
+        "the rows hold the messages, in emission order"
+    );
     for r in &page.rows {
         assert_eq!(r.status, RowStatus::Pending);
         assert_eq!(r.attempts, 0);
@@ -162,10 +174,7 @@ pub async fn concurrent_claims_are_disjoint(f: Arc<dyn OutboxFixture>) {
 /// token; the first relay's marks are then fenced out, the second's apply (and a
 /// mark-sent repeated by it is still Held).
 pub async fn lease_expiry_hands_over_and_fences(f: Arc<dyn OutboxFixture>) {
-    let s = f.store();
-    let mut o = execution("outbox-lease", "k");
-    let id = o.emit("d", b"x".to_vec()).id();
-    committed(&*f, &o).await;
+    let (s, id) = one_message(&*f, "outbox-lease").await;
     let first = s.claim_due("a", 10, SHORT).await.unwrap();
     assert_eq!(ids(&first), [id]);
     assert!(s.claim_due("b", 10, SHORT).await.unwrap().is_empty());
@@ -184,7 +193,10 @@ pub async fn lease_expiry_hands_over_and_fences(f: Arc<dyn OutboxFixture>) {
     );
     assert_eq!(s.mark_sent(&[b]).await.unwrap(), [Fence::Held]);
     assert_eq!(s.mark_sent(&[b]).await.unwrap(), [Fence::Held], "repeated");
-    assert_eq!(s.mark_sent(&[a, b]).await.unwrap(), [Fence::Lost, Fence::Held]);
+    assert_eq!(
+        s.mark_sent(&[a, b]).await.unwrap(),
+        [Fence::Lost, Fence::Held]
+    );
     assert!(s.claim_due("c", 10, LONG).await.unwrap().is_empty());
     let sent = s.list(RowStatus::Sent, None, 10).await.unwrap();
     assert_eq!(sent.rows.len(), 1);
@@ -214,7 +226,10 @@ pub async fn order_per_key_while_other_keys_proceed(f: Arc<dyn OutboxFixture>) {
     let lease = |rows: &[ClaimedRow], id: Uuid| -> RowLease {
         rows.iter().find(|r| r.lease.id == id).unwrap().lease
     };
-    assert_eq!(s.mark_sent(&[lease(&first, a)]).await.unwrap(), [Fence::Held]);
+    assert_eq!(
+        s.mark_sent(&[lease(&first, a)]).await.unwrap(),
+        [Fence::Held]
+    );
     let failed = s
         .mark_failed(&lease(&first, c), "broker down", Retry::After(HOUR))
         .await
@@ -245,17 +260,18 @@ pub async fn order_per_key_while_other_keys_proceed(f: Arc<dyn OutboxFixture>) {
 /// A failed row is due again after its backoff, with its attempts counted and its
 /// last error kept; a row marked dead is never claimed and is listed as dead.
 pub async fn failures_back_off_then_die(f: Arc<dyn OutboxFixture>) {
-    let s = f.store();
-    let mut o = execution("outbox-backoff", "k");
-    let id = o.emit("d", b"x".to_vec()).id();
-    committed(&*f, &o).await;
+    let (s, id) = one_message(&*f, "outbox-backoff").await;
     let mut attempts = 0;
     for round in 0..2 {
         let rows = s.claim_due("r", 10, LONG).await.unwrap();
         assert_eq!(ids(&rows), [id], "round {round}");
         assert_eq!(rows[0].attempts, attempts);
         let fence = s
-            .mark_failed(&rows[0].lease, &format!("failure {round}"), Retry::After(SHORT))
+            .mark_failed(
+                &rows[0].lease,
+                &format!("failure {round}"),
+                Retry::After(SHORT),
+            )
             .await
             .unwrap();
         assert_eq!(fence, Fence::Held);
@@ -266,7 +282,10 @@ pub async fn failures_back_off_then_die(f: Arc<dyn OutboxFixture>) {
         );
         let listed = s.list(RowStatus::Pending, None, 10).await.unwrap();
         assert_eq!(listed.rows[0].attempts, attempts);
-        assert_eq!(listed.rows[0].last_error.as_deref(), Some(&*format!("failure {round}")));
+        assert_eq!(
+            listed.rows[0].last_error.as_deref(),
+            Some(&*format!("failure {round}"))
+        );
         assert!(listed.rows[0].due_in > Duration::ZERO);
         tokio::time::sleep(SHORT + Duration::from_millis(100)).await;
     }
@@ -291,7 +310,11 @@ pub async fn failures_back_off_then_die(f: Arc<dyn OutboxFixture>) {
     assert_eq!(dead.rows.len(), 1);
     assert_eq!(dead.rows[0].attempts, 3);
     let kept = dead.rows[0].last_error.clone().unwrap();
-    assert!(kept.len() <= 2000 && kept.chars().all(|c| c == 'é'), "{}", kept.len());
+    assert!(
+        kept.len() <= 2000 && kept.chars().all(|c| c == 'é'),
+        "{}",
+        kept.len()
+    );
     let stats = s.stats().await.unwrap();
     assert_eq!((stats.pending(), stats.dead()), (0, 1));
     f.drop_table().await;
@@ -300,10 +323,7 @@ pub async fn failures_back_off_then_die(f: Arc<dyn OutboxFixture>) {
 /// An operator's retry puts a dead row back to pending, due at once, attempts from
 /// zero; it answers `false` for a row that is not dead.
 pub async fn retry_dead_makes_it_pending(f: Arc<dyn OutboxFixture>) {
-    let s = f.store();
-    let mut o = execution("outbox-retry", "k");
-    let id = o.emit("d", b"x".to_vec()).id();
-    committed(&*f, &o).await;
+    let (s, id) = one_message(&*f, "outbox-retry").await;
     assert!(!s.retry_dead(id).await.unwrap(), "a pending row");
     let rows = s.claim_due("r", 10, LONG).await.unwrap();
     s.mark_failed(&rows[0].lease, "rejected", Retry::Dead)
@@ -311,7 +331,10 @@ pub async fn retry_dead_makes_it_pending(f: Arc<dyn OutboxFixture>) {
         .unwrap();
     assert!(s.retry_dead(id).await.unwrap());
     assert!(!s.retry_dead(id).await.unwrap(), "already pending");
-    assert!(!s.retry_dead(Uuid::from_u128(7)).await.unwrap(), "no such row");
+    assert!(
+        !s.retry_dead(Uuid::from_u128(7)).await.unwrap(),
+        "no such row"
+    );
     let listed = s.list(RowStatus::Pending, None, 10).await.unwrap();
     assert_eq!(listed.rows[0].attempts, 0);
     let again = s.claim_due("r", 10, LONG).await.unwrap();
@@ -346,7 +369,10 @@ pub async fn purge_deletes_old_sent_rows(f: Arc<dyn OutboxFixture>) {
         4,
         "in batches of 3"
     );
-    assert_eq!(s.purge_sent(Duration::from_millis(300), 3).await.unwrap(), 0);
+    assert_eq!(
+        s.purge_sent(Duration::from_millis(300), 3).await.unwrap(),
+        0
+    );
     let sent = s.list(RowStatus::Sent, None, 10).await.unwrap();
     assert_eq!(
         sent.rows.iter().map(|r| r.message.id()).collect::<Vec<_>>(),
@@ -417,7 +443,13 @@ pub async fn list_pages_in_emission_order(f: Arc<dyn OutboxFixture>) {
     }
     assert_eq!(seen, all);
     assert_eq!(pages, 3);
-    assert!(s.list(RowStatus::Dead, None, 3).await.unwrap().rows.is_empty());
+    assert!(
+        s.list(RowStatus::Dead, None, 3)
+            .await
+            .unwrap()
+            .rows
+            .is_empty()
+    );
     f.drop_table().await;
 }
 
@@ -466,14 +498,11 @@ pub async fn dispatch_publishes_an_execution_at_once(f: Arc<dyn OutboxFixture>) 
 /// Rows the broker rejects are dead after the relay's attempt limit and published
 /// after an operator's retry.
 pub async fn relay_marks_rejected_rows_dead(f: Arc<dyn OutboxFixture>) {
-    let s = f.store();
+    let (s, id) = one_message(&*f, "outbox-rejected").await;
     let broker = Arc::new(MemoryPublisher::new());
     let relay = Relay::shared(s.clone(), broker.clone())
         .max_attempts(2)
         .backoff(Duration::from_millis(20), Duration::from_millis(20));
-    let mut o = execution("outbox-rejected", "k");
-    let id = o.emit("d", b"x".to_vec()).id();
-    committed(&*f, &o).await;
     broker.fail_next(2, PublishErrorKind::Rejected);
     assert_eq!(relay.run_once().await.unwrap().failed, 1);
     tokio::time::sleep(Duration::from_millis(60)).await;
@@ -572,20 +601,6 @@ pub async fn relays_publish_everything_once_under_failures(f: Arc<dyn OutboxFixt
     f.drop_table().await;
 }
 
-/// Writes one `#[tokio::test(flavor = "multi_thread")]` per case, each with a fixture from `$make`.
-#[doc(hidden)]
-#[macro_export]
-macro_rules! __outbox_conformance_tests {
-    ($make:expr, $($case:ident),* $(,)?) => {$(
-        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
-        async fn $case() {
-            let fixture: ::std::sync::Arc<dyn $crate::testing::conformance::outbox::OutboxFixture> =
-                $make.await;
-            $crate::testing::conformance::outbox::$case(fixture).await;
-        }
-    )*};
-}
-
 /// One `#[tokio::test]` per outbox case ([`outbox`](crate::testing::conformance::outbox)),
 /// each with a fixture from `$make` (an expression, usually an `async` block,
 /// evaluating to a future of `Arc<dyn OutboxFixture>`, a fresh table each time). Needs
@@ -593,20 +608,78 @@ macro_rules! __outbox_conformance_tests {
 #[macro_export]
 macro_rules! outbox_conformance_suite {
     ($make:expr) => {
-        $crate::__outbox_conformance_tests!(
-            $make,
-            written_in_the_transaction,
-            concurrent_claims_are_disjoint,
-            lease_expiry_hands_over_and_fences,
-            order_per_key_while_other_keys_proceed,
-            failures_back_off_then_die,
-            retry_dead_makes_it_pending,
-            purge_deletes_old_sent_rows,
-            stats_per_destination,
-            list_pages_in_emission_order,
-            dispatch_publishes_an_execution_at_once,
-            relay_marks_rejected_rows_dead,
-            relays_publish_everything_once_under_failures,
-        );
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn written_in_the_transaction() {
+            let f: ::std::sync::Arc<dyn $crate::testing::conformance::outbox::OutboxFixture> =
+                $make.await;
+            $crate::testing::conformance::outbox::written_in_the_transaction(f).await;
+        }
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn concurrent_claims_are_disjoint() {
+            let f: ::std::sync::Arc<dyn $crate::testing::conformance::outbox::OutboxFixture> =
+                $make.await;
+            $crate::testing::conformance::outbox::concurrent_claims_are_disjoint(f).await;
+        }
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn lease_expiry_hands_over_and_fences() {
+            let f: ::std::sync::Arc<dyn $crate::testing::conformance::outbox::OutboxFixture> =
+                $make.await;
+            $crate::testing::conformance::outbox::lease_expiry_hands_over_and_fences(f).await;
+        }
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn order_per_key_while_other_keys_proceed() {
+            let f: ::std::sync::Arc<dyn $crate::testing::conformance::outbox::OutboxFixture> =
+                $make.await;
+            $crate::testing::conformance::outbox::order_per_key_while_other_keys_proceed(f).await;
+        }
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn failures_back_off_then_die() {
+            let f: ::std::sync::Arc<dyn $crate::testing::conformance::outbox::OutboxFixture> =
+                $make.await;
+            $crate::testing::conformance::outbox::failures_back_off_then_die(f).await;
+        }
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn retry_dead_makes_it_pending() {
+            let f: ::std::sync::Arc<dyn $crate::testing::conformance::outbox::OutboxFixture> =
+                $make.await;
+            $crate::testing::conformance::outbox::retry_dead_makes_it_pending(f).await;
+        }
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn purge_deletes_old_sent_rows() {
+            let f: ::std::sync::Arc<dyn $crate::testing::conformance::outbox::OutboxFixture> =
+                $make.await;
+            $crate::testing::conformance::outbox::purge_deletes_old_sent_rows(f).await;
+        }
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn stats_per_destination() {
+            let f: ::std::sync::Arc<dyn $crate::testing::conformance::outbox::OutboxFixture> =
+                $make.await;
+            $crate::testing::conformance::outbox::stats_per_destination(f).await;
+        }
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn list_pages_in_emission_order() {
+            let f: ::std::sync::Arc<dyn $crate::testing::conformance::outbox::OutboxFixture> =
+                $make.await;
+            $crate::testing::conformance::outbox::list_pages_in_emission_order(f).await;
+        }
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn dispatch_publishes_an_execution_at_once() {
+            let f: ::std::sync::Arc<dyn $crate::testing::conformance::outbox::OutboxFixture> =
+                $make.await;
+            $crate::testing::conformance::outbox::dispatch_publishes_an_execution_at_once(f).await;
+        }
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn relay_marks_rejected_rows_dead() {
+            let f: ::std::sync::Arc<dyn $crate::testing::conformance::outbox::OutboxFixture> =
+                $make.await;
+            $crate::testing::conformance::outbox::relay_marks_rejected_rows_dead(f).await;
+        }
+        #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+        async fn relays_publish_everything_once_under_failures() {
+            let f: ::std::sync::Arc<dyn $crate::testing::conformance::outbox::OutboxFixture> =
+                $make.await;
+            $crate::testing::conformance::outbox::relays_publish_everything_once_under_failures(f)
+                .await;
+        }
     };
 }

@@ -58,10 +58,46 @@ const PENDING: i64 = 0;
 const SENT: i64 = 1;
 const DEAD: i64 = 2;
 
-/// What the outbox differs in per database: its table, its claim and its purge.
+/// The table's columns, in order.
+pub(crate) const COLUMNS: [&str; 17] = [
+    "id",
+    "seq",
+    "origin_scope",
+    "origin_key",
+    "destination",
+    "payload",
+    "headers",
+    "ordering_key",
+    "status",
+    "attempts",
+    "next_attempt_us",
+    "lease_owner",
+    "lease_until_us",
+    "fence",
+    "last_error",
+    "created_us",
+    "sent_us",
+];
+
+/// The table's indexes: the suffix of their names and their columns. Due rows are
+/// found by status and due time, a row's predecessors of its ordering key by key and
+/// seq, the sent rows to purge by status and sent time.
+pub(crate) const INDEXES: [(&str, &str); 3] = [
+    ("due_idx", "status, next_attempt_us"),
+    ("key_idx", "ordering_key, seq"),
+    ("sent_idx", "status, sent_us"),
+];
+
+/// What the outbox differs in per database: its column types, its indexes, its claim
+/// and its purge.
 pub(crate) trait OutboxDialect: SqlDialect {
-    /// The statements that create the table `t` and its indexes if missing.
-    fn outbox_create(table: &TableName) -> Vec<String>;
+    /// The types (and keys) of [`COLUMNS`], in their order, separated by `", "`.
+    const OUTBOX_TYPES: &'static str;
+    /// What follows the column list of the `CREATE TABLE`.
+    const OUTBOX_TABLE_OPTIONS: &'static str = "";
+    /// The index `suffix` on `columns` of `table`: a clause of the `CREATE TABLE`
+    /// (`Ok`), or a statement of its own that creates it if missing (`Err`).
+    fn outbox_index(table: &TableName, suffix: &str, columns: &str) -> Result<String, String>;
     /// The statement deleting one batch of sent rows: placeholder 1 the age in
     /// microseconds, 2 the batch size.
     fn outbox_purge(s: &OutboxSql) -> String;
@@ -256,7 +292,7 @@ impl OutboxSql {
             ),
         );
         let mut sql = OutboxSql {
-            create: D::outbox_create(&table),
+            create: Self::create::<D>(&table),
             purge: String::new(),
             stats,
             list,
@@ -267,6 +303,30 @@ impl OutboxSql {
         };
         sql.purge = D::outbox_purge(&sql);
         sql
+    }
+
+    /// The statements creating the table and its indexes if missing.
+    fn create<D: OutboxDialect>(table: &TableName) -> Vec<String> {
+        let mut columns: Vec<String> = COLUMNS
+            .iter()
+            .zip(D::OUTBOX_TYPES.split(", "))
+            .map(|(c, ty)| format!("{c} {ty}"))
+            .collect();
+        let mut separate = Vec::new();
+        for (suffix, on) in INDEXES {
+            match D::outbox_index(table, suffix, on) {
+                Ok(clause) => columns.push(clause),
+                Err(stmt) => separate.push(stmt),
+            }
+        }
+        let mut create = vec![format!(
+            "CREATE TABLE IF NOT EXISTS {} ({}){}",
+            table.quoted(D::QUOTE),
+            columns.join(", "),
+            D::OUTBOX_TABLE_OPTIONS
+        )];
+        create.extend(separate);
+        create
     }
 
     /// The statements that create the table and its indexes.
@@ -321,6 +381,18 @@ impl OutboxSql {
     /// The condition "the row is one of `n` ids", its placeholders from `p`.
     pub(crate) fn ids_in<D: SqlDialect>(o: &str, n: usize, p: &mut Params<D>) -> String {
         format!("{o}id IN ({})", p.list(n))
+    }
+
+    /// The claimable rows of a claim with `ids` ids (all of them when there are
+    /// none): `{claimable}` and, with ids, ` AND o.id IN (…)`, its placeholders from
+    /// `p`.
+    pub(crate) fn claimable_among<D: SqlDialect>(&self, ids: usize, p: &mut Params<D>) -> String {
+        let mut cond = self.claimable::<D>("o.");
+        if ids > 0 {
+            cond.push_str(" AND ");
+            cond.push_str(&Self::ids_in("o.", ids, p));
+        }
+        cond
     }
 }
 
@@ -429,6 +501,7 @@ where
 
 /// Claims with one statement (PostgreSQL, SQLite): `text` takes the owner as
 /// placeholder 1, the lease in microseconds as 2, the limit as 3 and the ids from 4.
+#[cfg_attr(not(any(feature = "postgres", feature = "sqlite")), allow(dead_code))]
 pub(crate) async fn claim_in_one_statement<DB: OutboxDb>(
     pool: &Pool<DB>,
     text: String,
@@ -963,6 +1036,20 @@ pub(crate) use outbox_handle;
 mod tests {
     use super::*;
 
+    /// Every database gives a type to each column.
+    #[test]
+    fn every_column_has_a_type() {
+        fn check<D: OutboxDialect>() {
+            assert_eq!(D::OUTBOX_TYPES.split(", ").count(), COLUMNS.len());
+        }
+        #[cfg(feature = "mysql")]
+        check::<sqlx::MySql>();
+        #[cfg(feature = "postgres")]
+        check::<sqlx::Postgres>();
+        #[cfg(feature = "sqlite")]
+        check::<sqlx::Sqlite>();
+    }
+
     #[test]
     fn errors_are_cut_at_a_character_boundary() {
         let long = "é".repeat(MAX_ERROR_BYTES);
@@ -988,7 +1075,10 @@ mod tests {
 
     #[test]
     fn headers_round_trip_as_a_json_list() {
-        let h = vec![("a".to_owned(), "1".to_owned()), ("a".to_owned(), "\"2\"".to_owned())];
+        let h = vec![
+            ("a".to_owned(), "1".to_owned()),
+            ("a".to_owned(), "\"2\"".to_owned()),
+        ];
         let back: Vec<(String, String)> = serde_json::from_str(&encode_headers(&h)).unwrap();
         assert_eq!(back, h);
     }

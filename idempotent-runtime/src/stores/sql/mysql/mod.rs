@@ -1,12 +1,10 @@
 //! [`MySqlStore`]: the dedup table in MySQL 8 or MariaDB 10.11+.
 
 mod batch;
-mod outbox;
+pub(super) mod outbox;
 mod scan;
 mod statements;
 mod tx;
-
-pub use outbox::MySqlOutbox;
 
 pub(crate) use statements::Statements;
 

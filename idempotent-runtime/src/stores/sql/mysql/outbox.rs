@@ -13,31 +13,19 @@ use sqlx::Connection;
 use sqlx::mysql::{MySql, MySqlPool, MySqlRow};
 
 impl OutboxDialect for MySql {
-    fn outbox_create(table: &TableName) -> Vec<String> {
-        let t = table.quoted(Self::QUOTE);
-        vec![format!(
-            "CREATE TABLE IF NOT EXISTS {t} (\
-             id BINARY(16) NOT NULL PRIMARY KEY, \
-             seq BIGINT NOT NULL AUTO_INCREMENT UNIQUE, \
-             origin_scope VARBINARY(200) NOT NULL, \
-             origin_key VARBINARY(130) NOT NULL, \
-             destination VARBINARY(512) NOT NULL, \
-             payload LONGBLOB NOT NULL, \
-             headers LONGBLOB NOT NULL, \
-             ordering_key VARBINARY(255) NULL, \
-             status TINYINT NOT NULL, \
-             attempts INT NOT NULL, \
-             next_attempt_us BIGINT NOT NULL, \
-             lease_owner VARBINARY(100) NULL, \
-             lease_until_us BIGINT NULL, \
-             fence BIGINT NOT NULL, \
-             last_error BLOB NULL, \
-             created_us BIGINT NOT NULL, \
-             sent_us BIGINT NULL, \
-             KEY due_idx (status, next_attempt_us), \
-             KEY key_idx (ordering_key, seq), \
-             KEY sent_idx (status, sent_us)) ENGINE = InnoDB"
-        )]
+    /// Text columns are binary, so ordering keys compare byte for byte.
+    const OUTBOX_TYPES: &'static str = "BINARY(16) NOT NULL PRIMARY KEY, BIGINT NOT NULL AUTO_INCREMENT UNIQUE, \
+         VARBINARY(200) NOT NULL, VARBINARY(130) NOT NULL, \
+         VARBINARY(512) NOT NULL, LONGBLOB NOT NULL, LONGBLOB NOT NULL, \
+         VARBINARY(255) NULL, TINYINT NOT NULL, INT NOT NULL, BIGINT NOT NULL, \
+         VARBINARY(100) NULL, BIGINT NULL, BIGINT NOT NULL, BLOB NULL, \
+         BIGINT NOT NULL, BIGINT NULL";
+
+    const OUTBOX_TABLE_OPTIONS: &'static str = " ENGINE = InnoDB";
+
+    /// MySQL has no `CREATE INDEX IF NOT EXISTS`: the indexes are keys of the table.
+    fn outbox_index(_: &TableName, suffix: &str, columns: &str) -> Result<String, String> {
+        Ok(format!("KEY {suffix} ({columns})"))
     }
 
     fn outbox_purge(s: &OutboxSql) -> String {
@@ -56,17 +44,11 @@ impl OutboxDialect for MySql {
         let op = "claiming outbox rows";
         let t = &s.t;
         let mut p = Params::<Self>::new();
-        let among = if claim.ids.is_empty() {
-            String::new()
-        } else {
-            format!(" AND {}", OutboxSql::ids_in("o.", claim.ids.len(), &mut p))
-        };
         // the fencing token the UPDATE below gives the rows this transaction locks
         let select = format!(
-            "SELECT {} FROM {t} o WHERE {}{among} ORDER BY o.seq LIMIT {} \
-             FOR UPDATE SKIP LOCKED",
+            "SELECT {} FROM {t} o WHERE {} ORDER BY o.seq LIMIT {} FOR UPDATE SKIP LOCKED",
             OutboxSql::claimed::<Self>("o.", "fence + 1"),
-            s.claimable::<Self>("o."),
+            s.claimable_among(claim.ids.len(), &mut p),
             p.next()
         );
         let mut conn = pool.acquire().await.map_err(Self::err(op))?;

@@ -1,12 +1,10 @@
 //! [`PostgresStore`]: the dedup table in PostgreSQL.
 
 mod batch;
-mod outbox;
+pub(super) mod outbox;
 mod scan;
 mod statements;
 mod tx;
-
-pub use outbox::PostgresOutbox;
 
 pub(crate) use statements::Statements;
 

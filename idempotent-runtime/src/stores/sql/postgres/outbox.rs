@@ -4,53 +4,27 @@
 
 use super::PostgresStore;
 use super::statements::with_clock;
+use crate::error::StoreError;
 use crate::stores::sql::common::outbox::{
     Claim, OutboxDialect, OutboxSql, Params, claim_in_one_statement, outbox_handle,
 };
 use crate::stores::sql::common::{SqlDialect, TableName};
-use crate::error::StoreError;
 use sqlx::postgres::Postgres;
 
 impl OutboxDialect for Postgres {
-    fn outbox_create(table: &TableName) -> Vec<String> {
-        let t = table.quoted(Self::QUOTE);
-        // PostgreSQL creates an index in its table's schema: the name is not qualified
-        let index = |suffix: &str| format!("\"{}_{suffix}\"", table.name());
-        vec![
-            format!(
-                "CREATE TABLE IF NOT EXISTS {t} (\
-                 id BYTEA PRIMARY KEY, \
-                 seq BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE, \
-                 origin_scope TEXT NOT NULL, \
-                 origin_key BYTEA NOT NULL, \
-                 destination TEXT NOT NULL, \
-                 payload BYTEA NOT NULL, \
-                 headers TEXT NOT NULL, \
-                 ordering_key TEXT, \
-                 status SMALLINT NOT NULL, \
-                 attempts INTEGER NOT NULL, \
-                 next_attempt_us BIGINT NOT NULL, \
-                 lease_owner TEXT, \
-                 lease_until_us BIGINT, \
-                 fence BIGINT NOT NULL, \
-                 last_error TEXT, \
-                 created_us BIGINT NOT NULL, \
-                 sent_us BIGINT)"
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS {} ON {t} (status, next_attempt_us)",
-                index("due_idx")
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS {} ON {t} (ordering_key, seq) \
-                 WHERE ordering_key IS NOT NULL",
-                index("key_idx")
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS {} ON {t} (status, sent_us)",
-                index("sent_idx")
-            ),
-        ]
+    const OUTBOX_TYPES: &'static str = "BYTEA PRIMARY KEY, BIGINT GENERATED ALWAYS AS IDENTITY UNIQUE, \
+         TEXT NOT NULL, BYTEA NOT NULL, TEXT NOT NULL, BYTEA NOT NULL, \
+         TEXT NOT NULL, TEXT, SMALLINT NOT NULL, INTEGER NOT NULL, \
+         BIGINT NOT NULL, TEXT, BIGINT, BIGINT NOT NULL, TEXT, BIGINT NOT NULL, \
+         BIGINT";
+
+    /// PostgreSQL creates an index in its table's schema: the name is not qualified.
+    fn outbox_index(table: &TableName, suffix: &str, columns: &str) -> Result<String, String> {
+        Err(format!(
+            "CREATE INDEX IF NOT EXISTS \"{}_{suffix}\" ON {} ({columns})",
+            table.name(),
+            table.quoted(Self::QUOTE)
+        ))
     }
 
     fn outbox_purge(s: &OutboxSql) -> String {
@@ -71,20 +45,15 @@ impl OutboxDialect for Postgres {
         let t = &s.t;
         let mut p = Params::<Self>::new();
         let (owner, lease, limit) = (p.next(), p.next(), p.next());
-        let among = if claim.ids.is_empty() {
-            String::new()
-        } else {
-            format!(" AND {}", OutboxSql::ids_in("o.", claim.ids.len(), &mut p))
-        };
         let text = format!(
-            "{}, c AS (SELECT o.id FROM {t} o, n WHERE {}{among} \
+            "{}, c AS (SELECT o.id FROM {t} o, n WHERE {} \
                 ORDER BY o.seq LIMIT {limit} FOR UPDATE OF o SKIP LOCKED) \
              UPDATE {t} AS r SET lease_owner = {owner}, lease_until_us = n.now_us + {lease}, \
                 fence = r.fence + 1 \
              FROM c, n WHERE r.id = c.id \
              RETURNING {}",
             with_clock(),
-            s.claimable::<Self>("o."),
+            s.claimable_among(claim.ids.len(), &mut p),
             OutboxSql::claimed::<Self>("r.", "fence")
         );
         claim_in_one_statement(pool, text, claim).await
@@ -128,8 +97,7 @@ outbox_handle!(
     ///     sent_us         BIGINT
     /// );
     /// CREATE INDEX IF NOT EXISTS idempotent_outbox_due_idx ON idempotent_outbox (status, next_attempt_us);
-    /// CREATE INDEX IF NOT EXISTS idempotent_outbox_key_idx ON idempotent_outbox (ordering_key, seq)
-    ///     WHERE ordering_key IS NOT NULL;
+    /// CREATE INDEX IF NOT EXISTS idempotent_outbox_key_idx ON idempotent_outbox (ordering_key, seq);
     /// CREATE INDEX IF NOT EXISTS idempotent_outbox_sent_idx ON idempotent_outbox (status, sent_us);
     /// ```
     PostgresOutbox,

@@ -1,12 +1,10 @@
 //! [`SqliteStore`]: the embedded durable store.
 
 mod batch;
-mod outbox;
+pub(super) mod outbox;
 mod scan;
 mod statements;
 mod tx;
-
-pub use outbox::SqliteOutbox;
 
 use statements::SqliteQuery;
 pub(crate) use statements::Statements;

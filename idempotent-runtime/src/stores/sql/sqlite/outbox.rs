@@ -11,49 +11,45 @@ use crate::stores::sql::common::{SqlDialect, TableName};
 use sqlx::sqlite::{Sqlite, SqlitePool, SqliteRow};
 
 impl OutboxDialect for Sqlite {
-    fn outbox_create(table: &TableName) -> Vec<String> {
-        let t = table.quoted(Self::QUOTE);
-        // SQLite qualifies the index name, not the table, with the schema
-        let index = |suffix: &str| match table.schema() {
+    /// The id is a unique key rather than the primary key: `seq` is the rowid
+    /// (`AUTOINCREMENT`, so that a `VACUUM` never renumbers it).
+    const OUTBOX_TYPES: &'static str = "BLOB NOT NULL UNIQUE, INTEGER PRIMARY KEY AUTOINCREMENT, TEXT NOT NULL, \
+         BLOB NOT NULL, TEXT NOT NULL, BLOB NOT NULL, TEXT NOT NULL, TEXT, \
+         INTEGER NOT NULL, INTEGER NOT NULL, INTEGER NOT NULL, TEXT, INTEGER, \
+         INTEGER NOT NULL, TEXT, INTEGER NOT NULL, INTEGER";
+
+    /// SQLite qualifies the index name, not the table, with the schema.
+    fn outbox_index(table: &TableName, suffix: &str, columns: &str) -> Result<String, String> {
+        let name = match table.schema() {
             Some(s) => format!("\"{s}\".\"{}_{suffix}\"", table.name()),
             None => format!("\"{}_{suffix}\"", table.name()),
         };
-        let on = format!("\"{}\"", table.name());
-        vec![
-            format!(
-                "CREATE TABLE IF NOT EXISTS {t} (\
-                 seq INTEGER PRIMARY KEY AUTOINCREMENT, \
-                 id BLOB NOT NULL UNIQUE, \
-                 origin_scope TEXT NOT NULL, \
-                 origin_key BLOB NOT NULL, \
-                 destination TEXT NOT NULL, \
-                 payload BLOB NOT NULL, \
-                 headers TEXT NOT NULL, \
-                 ordering_key TEXT, \
-                 status INTEGER NOT NULL, \
-                 attempts INTEGER NOT NULL, \
-                 next_attempt_us INTEGER NOT NULL, \
-                 lease_owner TEXT, \
-                 lease_until_us INTEGER, \
-                 fence INTEGER NOT NULL, \
-                 last_error TEXT, \
-                 created_us INTEGER NOT NULL, \
-                 sent_us INTEGER)"
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS {} ON {on} (status, next_attempt_us)",
-                index("due_idx")
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS {} ON {on} (ordering_key, seq) \
-                 WHERE ordering_key IS NOT NULL",
-                index("key_idx")
-            ),
-            format!(
-                "CREATE INDEX IF NOT EXISTS {} ON {on} (status, sent_us)",
-                index("sent_idx")
-            ),
-        ]
+        Err(format!(
+            "CREATE INDEX IF NOT EXISTS {name} ON \"{}\" ({columns})",
+            table.name()
+        ))
+    }
+
+    async fn outbox_claim<'a>(
+        pool: &'a SqlitePool,
+        s: &'a OutboxSql,
+        claim: Claim<'a>,
+    ) -> Result<Vec<SqliteRow>, StoreError> {
+        let mut p = Params::<Self>::new();
+        let (owner, lease, limit) = (p.next(), p.next(), p.next());
+        // one statement: it holds the write lock from its start, so two relays'
+        // claims run one after the other and never take the same row
+        let text = format!(
+            "UPDATE {t} SET lease_owner = {owner}, lease_until_us = {now} + {lease}, \
+                fence = fence + 1 \
+             WHERE seq IN (SELECT o.seq FROM {t} o WHERE {} ORDER BY o.seq LIMIT {limit}) \
+             RETURNING {}",
+            s.claimable_among(claim.ids.len(), &mut p),
+            OutboxSql::claimed::<Self>("", "fence"),
+            now = Self::NOW_US,
+            t = s.t
+        );
+        claim_in_one_statement(pool, text, claim).await
     }
 
     fn outbox_purge(s: &OutboxSql) -> String {
@@ -63,33 +59,6 @@ impl OutboxDialect for Sqlite {
                 SELECT seq FROM {t} WHERE status = 1 AND sent_us <= {} - ?1 LIMIT ?2)",
             Self::NOW_US
         )
-    }
-
-    async fn outbox_claim<'a>(
-        pool: &'a SqlitePool,
-        s: &'a OutboxSql,
-        claim: Claim<'a>,
-    ) -> Result<Vec<SqliteRow>, StoreError> {
-        let t = &s.t;
-        let mut p = Params::<Self>::new();
-        let (owner, lease, limit) = (p.next(), p.next(), p.next());
-        let among = if claim.ids.is_empty() {
-            String::new()
-        } else {
-            format!(" AND {}", OutboxSql::ids_in("o.", claim.ids.len(), &mut p))
-        };
-        // one statement: it holds the write lock from its start, so two relays'
-        // claims run one after the other and never take the same row
-        let text = format!(
-            "UPDATE {t} SET lease_owner = {owner}, lease_until_us = {now} + {lease}, \
-                fence = fence + 1 \
-             WHERE seq IN (SELECT o.seq FROM {t} o WHERE {}{among} ORDER BY o.seq LIMIT {limit}) \
-             RETURNING {}",
-            s.claimable::<Self>("o."),
-            OutboxSql::claimed::<Self>("", "fence"),
-            now = Self::NOW_US
-        );
-        claim_in_one_statement(pool, text, claim).await
     }
 }
 
@@ -112,8 +81,8 @@ outbox_handle!(
     ///
     /// ```sql
     /// CREATE TABLE IF NOT EXISTS idempotent_outbox (
-    ///     seq             INTEGER PRIMARY KEY AUTOINCREMENT, -- emission order
     ///     id              BLOB NOT NULL UNIQUE,  -- the message id, 16 bytes of the UUID
+    ///     seq             INTEGER PRIMARY KEY AUTOINCREMENT, -- emission order
     ///     origin_scope    TEXT NOT NULL,         -- the execution that emitted it
     ///     origin_key      BLOB NOT NULL,
     ///     destination     TEXT NOT NULL,
@@ -131,8 +100,7 @@ outbox_handle!(
     ///     sent_us         INTEGER
     /// );
     /// CREATE INDEX IF NOT EXISTS idempotent_outbox_due_idx ON idempotent_outbox (status, next_attempt_us);
-    /// CREATE INDEX IF NOT EXISTS idempotent_outbox_key_idx ON idempotent_outbox (ordering_key, seq)
-    ///     WHERE ordering_key IS NOT NULL;
+    /// CREATE INDEX IF NOT EXISTS idempotent_outbox_key_idx ON idempotent_outbox (ordering_key, seq);
     /// CREATE INDEX IF NOT EXISTS idempotent_outbox_sent_idx ON idempotent_outbox (status, sent_us);
     /// ```
     ///
