@@ -358,46 +358,13 @@ impl Relay {
             return Ok(pass);
         }
         let results = join_all(claimed.iter().map(|row| self.publish(row))).await;
-        let mut sent: Vec<RowLease> = Vec::new();
-        for (row, result) in claimed.iter().zip(results) {
-            match result {
-                Ok(()) => sent.push(row.lease),
-                Err(e) => {
-                    pass.failed += 1;
-                    let retry = retry_for(&self.options, row.attempts, &e);
-                    let fence = self
-                        .store
-                        .mark_failed(&row.lease, &e.to_string(), retry)
-                        .await?;
-                    match (fence, retry) {
-                        (Fence::Lost, _) => pass.fenced += 1,
-                        (Fence::Held, Retry::Dead) => {
-                            pass.dead += 1;
-                            tracing::warn!(
-                                id = %row.lease.id,
-                                destination = row.message.destination(),
-                                attempts = row.attempts + 1,
-                                error = %e,
-                                "outbox message is dead: it will not be published again \
-                                 until an operator retries it"
-                            );
-                            #[cfg(feature = "metrics")]
-                            metrics::counter!(
-                                "idempotent_outbox_dead_total",
-                                "destination" => row.message.destination().to_owned()
-                            )
-                            .increment(1);
-                        }
-                        (Fence::Held, Retry::After(d)) => tracing::debug!(
-                            id = %row.lease.id,
-                            retry_in = ?d,
-                            error = %e,
-                            "outbox publish failed"
-                        ),
-                    }
-                }
-            }
-        }
+        // the confirmed rows are marked first: a store error after that leaves only
+        // failed rows to their leases
+        let (confirmed, failed): (Vec<_>, Vec<_>) = claimed
+            .iter()
+            .zip(results)
+            .partition(|(_, result)| result.is_ok());
+        let sent: Vec<RowLease> = confirmed.iter().map(|(row, _)| row.lease).collect();
         let fences = self.store.mark_sent(&sent).await?;
         for (lease, fence) in sent.iter().zip(fences) {
             match fence {
@@ -407,8 +374,47 @@ impl Relay {
                 }
                 Fence::Lost => {
                     pass.fenced += 1;
-                    tracing::debug!(id = %lease.id, "outbox row was claimed again by another relay after this relay's lease ran out");
+                    tracing::debug!(
+                        id = %lease.id,
+                        "outbox row was claimed again by another relay after this relay's \
+                         lease ran out"
+                    );
                 }
+            }
+        }
+        for (row, result) in failed {
+            let Err(e) = result else { continue };
+            pass.failed += 1;
+            let retry = retry_for(&self.options, row.attempts, &e);
+            let fence = self
+                .store
+                .mark_failed(&row.lease, &e.to_string(), retry)
+                .await?;
+            match (fence, retry) {
+                (Fence::Lost, _) => pass.fenced += 1,
+                (Fence::Held, Retry::Dead) => {
+                    pass.dead += 1;
+                    tracing::warn!(
+                        id = %row.lease.id,
+                        destination = row.message.destination(),
+                        attempts = row.attempts + 1,
+                        error = %e,
+                        "outbox message is dead: it will not be published again until an \
+                         operator retries it"
+                    );
+                    #[cfg(feature = "metrics")]
+                    metrics::counter!(
+                        "idempotent_outbox_dead_total",
+                        "destination" => row.message.destination().to_owned()
+                    )
+                    .increment(1);
+                }
+                (Fence::Held, Retry::After(d)) => tracing::debug!(
+                    id = %row.lease.id,
+                    retry_in = ?d,
+                    error = %e,
+                    "outbox publish failed"
+                ),
             }
         }
         Ok(pass)
