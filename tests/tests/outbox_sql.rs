@@ -228,3 +228,170 @@ mod sqlite {
 
     idempotent_runtime::outbox_conformance_suite!(make());
 }
+
+/// The relay's metrics, per destination: the gauges of pending and dead rows and of
+/// the oldest pending row's age, the publish latency histogram and the dead counter.
+#[cfg(all(feature = "metrics", feature = "sqlite"))]
+mod metrics {
+    use super::*;
+    use ::metrics::{Counter, Gauge, Histogram, Key, KeyName, Metadata, Recorder};
+    use ::metrics::{GaugeFn, HistogramFn, SharedString, Unit};
+    use idempotent_runtime::outbox::{MemoryPublisher, PublishErrorKind, Relay};
+    use idempotent_runtime::{RecordKey, SqliteStore};
+    use idempotent_tests::sql_support::unique_name;
+    use std::collections::HashMap;
+    use std::sync::Mutex;
+    use std::time::Duration;
+
+    /// Every value recorded, by `name{label=value,…}`: a gauge's last value, a
+    /// histogram's values, a counter's increments.
+    #[derive(Default)]
+    struct Seen(Mutex<HashMap<String, Vec<f64>>>);
+
+    struct Slot(Arc<Seen>, String, bool);
+
+    impl Slot {
+        fn put(&self, v: f64) {
+            let mut seen = self.0.0.lock().unwrap();
+            let values = seen.entry(self.1.clone()).or_default();
+            if self.2 {
+                values.clear();
+            }
+            values.push(v);
+        }
+    }
+
+    impl GaugeFn for Slot {
+        fn increment(&self, _: f64) {
+            unreachable!("the relay sets its gauges")
+        }
+        fn decrement(&self, _: f64) {
+            unreachable!("the relay sets its gauges")
+        }
+        fn set(&self, v: f64) {
+            self.put(v);
+        }
+    }
+
+    impl HistogramFn for Slot {
+        fn record(&self, v: f64) {
+            self.put(v);
+        }
+    }
+
+    impl ::metrics::CounterFn for Slot {
+        fn increment(&self, n: u64) {
+            self.put(n as f64);
+        }
+        fn absolute(&self, _: u64) {
+            unreachable!("the relay increments its counters")
+        }
+    }
+
+    struct Rec(Arc<Seen>);
+
+    impl Rec {
+        fn slot(&self, key: &Key, last_only: bool) -> Arc<Slot> {
+            let mut labels: Vec<String> = key
+                .labels()
+                .map(|l| format!("{}={}", l.key(), l.value()))
+                .collect();
+            labels.sort();
+            let name = format!("{}{{{}}}", key.name(), labels.join(","));
+            Arc::new(Slot(self.0.clone(), name, last_only))
+        }
+    }
+
+    impl Recorder for Rec {
+        fn describe_counter(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_gauge(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn describe_histogram(&self, _: KeyName, _: Option<Unit>, _: SharedString) {}
+        fn register_counter(&self, key: &Key, _: &Metadata<'_>) -> Counter {
+            Counter::from_arc(self.slot(key, false))
+        }
+        fn register_gauge(&self, key: &Key, _: &Metadata<'_>) -> Gauge {
+            Gauge::from_arc(self.slot(key, true))
+        }
+        fn register_histogram(&self, key: &Key, _: &Metadata<'_>) -> Histogram {
+            Histogram::from_arc(self.slot(key, false))
+        }
+    }
+
+    #[tokio::test]
+    async fn relay_metrics_per_destination() {
+        let seen = Arc::new(Seen::default());
+        ::metrics::set_global_recorder(Rec(seen.clone())).expect("the only recorder");
+        let values = |name: &str| {
+            seen.0
+                .lock()
+                .unwrap()
+                .get(name)
+                .cloned()
+                .unwrap_or_default()
+        };
+
+        let path = std::env::temp_dir().join(format!("{}.db", unique_name("outbox_metrics")));
+        let store = SqliteStore::connect(&format!("sqlite://{}?mode=rwc", path.display()))
+            .await
+            .unwrap();
+        let outbox = store.outbox("outbox").await.unwrap();
+        let broker = Arc::new(MemoryPublisher::new());
+        let relay = Relay::shared(Arc::new(outbox), broker.clone()).max_attempts(1);
+        let mut o = Outbox::new();
+        o.bind(&RecordKey::new("metrics", "k").unwrap());
+        o.emit("alpha", b"1".to_vec());
+        o.emit("alpha", b"2".to_vec());
+        o.emit("beta", b"3".to_vec());
+        let mut tx = store.pool().begin().await.unwrap();
+        tx.enqueue_in_tx("outbox", &o).await.unwrap();
+        tx.commit().await.unwrap();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+
+        relay.report_stats().await.unwrap();
+        assert_eq!(
+            values("idempotent_outbox_pending{destination=alpha}"),
+            [2.0]
+        );
+        assert_eq!(values("idempotent_outbox_pending{destination=beta}"), [1.0]);
+        assert_eq!(values("idempotent_outbox_dead{destination=beta}"), [0.0]);
+        let age = values("idempotent_outbox_oldest_pending_seconds{destination=alpha}");
+        assert!(age[0] >= 0.04 && age[0] < 60.0, "{age:?}");
+
+        // the three rows are claimed in one batch and published at once; one publish
+        // (whichever comes first) is rejected, and with one attempt allowed, dead
+        broker.fail_next(1, PublishErrorKind::Rejected);
+        let pass = relay.drain().await.unwrap();
+        assert_eq!((pass.sent, pass.dead), (2, 1), "{pass:?}");
+        let count = |outcome: &str| -> usize {
+            ["alpha", "beta"]
+                .iter()
+                .map(|d| {
+                    let key = format!(
+                        "idempotent_outbox_publish_seconds{{destination={d},outcome={outcome}}}"
+                    );
+                    values(&key).len()
+                })
+                .sum()
+        };
+        assert_eq!((count("ok"), count("rejected")), (2, 1));
+        relay.report_stats().await.unwrap();
+        let dead: f64 = ["alpha", "beta"]
+            .iter()
+            .map(|d| values(&format!("idempotent_outbox_dead{{destination={d}}}"))[0])
+            .sum();
+        assert_eq!(dead, 1.0);
+        let dead_total: f64 = ["alpha", "beta"]
+            .iter()
+            .flat_map(|d| values(&format!("idempotent_outbox_dead_total{{destination={d}}}")))
+            .sum();
+        assert_eq!(dead_total, 1.0);
+        assert_eq!(
+            values("idempotent_outbox_pending{destination=alpha}")[0]
+                + values("idempotent_outbox_pending{destination=beta}")[0],
+            0.0
+        );
+        for suffix in ["", "-wal", "-shm"] {
+            let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+        }
+    }
+}
