@@ -1,33 +1,6 @@
 //! What the relay and the operator need of an outbox table: [`OutboxStore`], implemented
 //! by the SQL stores' outbox handles, and the rows, leases, pages and statistics it
 //! answers with.
-//!
-//! # The rules every implementation keeps
-//!
-//! - **Claims.** A claim takes a row for one relay until its lease runs out, and
-//!   gives it a new fencing token ([`RowLease::fence`]). A row is claimable when it
-//!   is pending, due (its backoff has passed), not under a live lease, and, when it
-//!   has an ordering key, no earlier row (smaller [`ClaimedRow::seq`]) with the same
-//!   key is pending (claimed or not). So rows of one key are claimed one at a time,
-//!   in emission order, while rows of other keys and rows without a key go in
-//!   parallel; a claim answers at most one row per ordering key. Two claims running at
-//!   once never answer the same row.
-//! - **Fencing.** [`mark_sent`](OutboxStore::mark_sent) and
-//!   [`mark_failed`](OutboxStore::mark_failed) apply only while the row is pending
-//!   under the fencing token of the claim that took it: once another relay has
-//!   claimed the row again (the first one's lease ran out), the first one's marks are
-//!   [`Fence::Lost`] and change nothing. A mark-sent repeated by the claim that made
-//!   it (its reply lost) is [`Fence::Held`]. A lease that ran out without anyone
-//!   taking the row over does not fence its holder out: the message was published, so
-//!   marking it sent is right.
-//! - **Dead rows.** A row marked [`Retry::Dead`] is never claimed again until an
-//!   operator [retries](OutboxStore::retry_dead) it. It does **not** hold back the
-//!   later rows of its ordering key: they are published after it (order is kept among
-//!   the rows that are published; a dead row is the operator's to look at, and one
-//!   message that cannot be published does not stop its key forever). A retried row
-//!   goes back to its place: it holds back the rows of its key that are still
-//!   pending behind it.
-//! - **Times** come from the database clock.
 
 use super::message::OutgoingMessage;
 use crate::error::StoreError;
@@ -179,7 +152,37 @@ impl OutboxStats {
 }
 
 /// An outbox table, as the relay ([`Relay`](super::Relay)) and the operator use it.
-/// See the [module docs](self) for the rules every implementation keeps.
+///
+/// # Rules every implementation keeps
+///
+/// - **Claims.** A claim takes a row for one relay until its lease runs out, and
+///   gives it a new fencing token ([`RowLease::fence`]). A row is claimable when it
+///   is pending, due (its backoff has passed), not under a live lease, and, when it
+///   has an ordering key, no earlier row (smaller [`ClaimedRow::seq`]) with the same
+///   key is pending (claimed or not). So rows of one key are claimed one at a time,
+///   in emission order, while rows of other keys and rows without a key go in
+///   parallel; a claim answers at most one row per ordering key. Two claims running at
+///   once never answer the same row. Emission order across executions is the order
+///   of `seq`, given when a row is written: two executions that write rows of one key
+///   in transactions open at the same time may commit out of `seq` order, and a row
+///   not yet committed cannot hold back a later one that is (their order is the
+///   order the relay sees them in).
+/// - **Fencing.** [`mark_sent`](OutboxStore::mark_sent) and
+///   [`mark_failed`](OutboxStore::mark_failed) apply only while the row is pending
+///   under the fencing token of the claim that took it: once another relay has
+///   claimed the row again (the first one's lease ran out), the first one's marks are
+///   [`Fence::Lost`] and change nothing. A mark-sent repeated by the claim that made
+///   it (its reply lost) is [`Fence::Held`]. A lease that ran out without anyone
+///   taking the row over does not fence its holder out: the message was published, so
+///   marking it sent is right.
+/// - **Dead rows.** A row marked [`Retry::Dead`] is never claimed again until an
+///   operator [retries](OutboxStore::retry_dead) it. It does **not** hold back the
+///   later rows of its ordering key: they are published after it (order is kept among
+///   the rows that are published; a dead row is the operator's to look at, and one
+///   message that cannot be published does not stop its key forever). A retried row
+///   goes back to its place: it holds back the rows of its key that are still
+///   pending behind it.
+/// - **Times** come from the database clock.
 ///
 /// With the runtime's `mysql`, `postgres` and `sqlite` features, `MySqlOutbox`,
 /// `PostgresOutbox` and `SqliteOutbox` implement it (made with
