@@ -130,12 +130,11 @@ impl Publisher for KafkaPublisher {
             ));
         }
         let id = message.id().to_string();
-        let mut headers = OwnedHeaders::new_with_capacity(message.headers().len() + 1).insert(
-            Header {
+        let mut headers =
+            OwnedHeaders::new_with_capacity(message.headers().len() + 1).insert(Header {
                 key: MESSAGE_ID_HEADER,
                 value: Some(id.as_str()),
-            },
-        );
+            });
         for (name, value) in message.headers() {
             if name.eq_ignore_ascii_case(MESSAGE_ID_HEADER) {
                 return Err(PublishError::new(

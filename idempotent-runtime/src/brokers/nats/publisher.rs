@@ -84,7 +84,10 @@ impl JetStreamPublisher {
     /// Publishes `message` as [`publish`](Publisher::publish) does and returns the
     /// stream's ack: its stream, its sequence, and whether the stream recognised the
     /// message as a duplicate and dropped it.
-    pub async fn publish_acked(&self, message: &OutgoingMessage) -> Result<PublishAck, PublishError> {
+    pub async fn publish_acked(
+        &self,
+        message: &OutgoingMessage,
+    ) -> Result<PublishAck, PublishError> {
         if message.destination().is_empty() {
             return Err(PublishError::new(
                 PublishErrorKind::Rejected,
@@ -146,7 +149,9 @@ fn value(name: &str, v: &str) -> Result<HeaderValue, PublishError> {
     HeaderValue::from_str(v).map_err(|_| {
         PublishError::new(
             PublishErrorKind::Rejected,
-            format!("the value of the header {name:?} is not a valid NATS header value (no CR or LF)"),
+            format!(
+                "the value of the header {name:?} is not a valid NATS header value (no CR or LF)"
+            ),
         )
     })
 }
@@ -181,7 +186,11 @@ fn classify(message: &OutgoingMessage, e: jetstream::context::PublishError) -> P
     };
     PublishError::new(
         kind,
-        format!("publishing {} to {:?}: {detail}", message.id(), message.destination()),
+        format!(
+            "publishing {} to {:?}: {detail}",
+            message.id(),
+            message.destination()
+        ),
     )
     .with_source(e)
 }
