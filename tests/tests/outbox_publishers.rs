@@ -215,3 +215,178 @@ mod nats {
         js.delete_stream(&name).await.unwrap();
     }
 }
+
+#[cfg(feature = "redis-streams")]
+mod redis_streams {
+    use super::*;
+    use idempotent_runtime::outbox::Publisher;
+    use idempotent_runtime::redis;
+    use idempotent_runtime::redis_streams::{
+        Idmp, MESSAGE_ID_FIELD, ORDERING_KEY_FIELD, PAYLOAD_FIELD, StreamGroup, StreamPublisher,
+        dedup_key,
+    };
+    use idempotent_tests::broker_support::run_id;
+    use idempotent_tests::proxy::{Proxy, Wire};
+    use idempotent_tests::redis_support::{raw, redis_url};
+
+    type Entries = Vec<(String, Vec<Vec<u8>>)>;
+
+    /// The server's version as (major, minor).
+    async fn version(conn: &mut redis::aio::ConnectionManager) -> (u32, u32) {
+        let info: String = redis::cmd("INFO")
+            .arg("server")
+            .query_async(conn)
+            .await
+            .unwrap();
+        let v = info
+            .lines()
+            .find_map(|l| l.strip_prefix("redis_version:"))
+            .expect("redis_version in INFO");
+        let mut parts = v.trim().split('.').map(|p| p.parse::<u32>().unwrap());
+        (parts.next().unwrap(), parts.next().unwrap())
+    }
+
+    #[tokio::test]
+    async fn stream_entries_carry_the_id_in_the_message_id_field() {
+        let url = redis_url();
+        let mut conn = raw(&url).await;
+        let run = run_id();
+        let stream = format!("outbox-publishers:{run}");
+        let publisher = StreamPublisher::new(conn.clone());
+        // IDMP where the server has it (Redis 8.6+); the plain XADD on older ones
+        let expected_idmp = version(&mut conn).await >= (8, 6);
+        assert_eq!(
+            publisher.idmp_supported().await.unwrap(),
+            expected_idmp,
+            "IDMP detected from the server"
+        );
+
+        let sent = messages(&run, &stream, 4, true);
+        for m in &sent {
+            publisher.publish(m).await.expect("publish");
+        }
+        // the relay publishes message 2 again
+        publisher.publish(&sent[2]).await.expect("publish again");
+
+        let entries: Entries = redis::cmd("XRANGE")
+            .arg(&stream)
+            .arg("-")
+            .arg("+")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let stored = if expected_idmp { 4 } else { 5 };
+        assert_eq!(
+            entries.len(),
+            stored,
+            "with IDMP the repeat is dropped; without, it is a second entry"
+        );
+        for (i, (_, fields)) in entries.iter().enumerate() {
+            let m = &sent[if i == 4 { 2 } else { i }];
+            let mut expected: Vec<Vec<u8>> = vec![
+                MESSAGE_ID_FIELD.into(),
+                m.id().to_string().into(),
+                PAYLOAD_FIELD.into(),
+                m.payload().to_vec(),
+            ];
+            if let Some(k) = m.ordering_key() {
+                expected.extend([ORDERING_KEY_FIELD.into(), k.into()]);
+            }
+            for (n, v) in m.headers() {
+                expected.extend([n.clone().into_bytes(), v.clone().into_bytes()]);
+            }
+            assert_eq!(fields, &expected, "entry {i}: the fields, in order");
+        }
+        // a consumer group reads the id as its dedup key
+        let group = StreamGroup::new(&stream, "billing", "c1");
+        group.create(&mut conn).await.unwrap();
+        let read = group.read(&mut conn).await.unwrap();
+        assert_eq!(read.len(), stored);
+        for (entry, m) in read.iter().zip(&sent) {
+            assert_eq!(
+                dedup_key(entry, MESSAGE_ID_FIELD),
+                Some(m.id().to_string().as_bytes())
+            );
+        }
+
+        // the plain XADD, asked for: no IDMP, every publish an entry
+        let plain_stream = format!("outbox-publishers:{run}:plain");
+        let plain = StreamPublisher::new(conn.clone()).idmp(Idmp::Off);
+        assert!(!plain.idmp_supported().await.unwrap());
+        let m = OutgoingMessage::new(sent[0].id(), &plain_stream, b"p".to_vec());
+        plain.publish(&m).await.unwrap();
+        plain.publish(&m).await.unwrap();
+        let n: usize = redis::cmd("XLEN")
+            .arg(&plain_stream)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(n, 2);
+
+        // refusals: the key holds a string; a header named like a field of the publisher
+        let string_key = format!("outbox-publishers:{run}:string");
+        let _: () = redis::cmd("SET")
+            .arg(&string_key)
+            .arg("x")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let e = publisher
+            .publish(&OutgoingMessage::new(
+                sent[0].id(),
+                &string_key,
+                b"p".to_vec(),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Rejected, "{e}");
+        for name in ["message-id", "Payload", "ordering-key"] {
+            let e = publisher
+                .publish(&sent[0].clone().with_header(name, "x"))
+                .await
+                .unwrap_err();
+            assert_eq!(e.kind(), PublishErrorKind::Rejected, "{e}");
+        }
+
+        let _: () = redis::cmd("DEL")
+            .arg(&stream)
+            .arg(&plain_stream)
+            .arg(&string_key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn stream_out_of_reach_is_unavailable() {
+        let url = redis_url();
+        let target = url
+            .trim_start_matches("redis://")
+            .trim_end_matches('/')
+            .to_owned();
+        let mut proxy = Proxy::start(&target, Wire::Raw).await;
+        let client = redis::Client::open(format!("redis://127.0.0.1:{}", proxy.port())).unwrap();
+        let conn = client
+            .get_multiplexed_async_connection()
+            .await
+            .unwrap_or_else(|e| panic!("Redis at {url} through a proxy: {e}"));
+        let run = run_id();
+        let stream = format!("outbox-publishers:{run}:outage");
+        let publisher = StreamPublisher::new(conn);
+        publisher
+            .idmp_supported()
+            .await
+            .expect("asked once, before the cut");
+        let m = &messages(&run, &stream, 1, false)[0];
+        publisher.publish(m).await.expect("through the proxy");
+        proxy.cut().await;
+        let e = publisher.publish(m).await.unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Unavailable, "{e}");
+        let mut direct = raw(&url).await;
+        let _: () = redis::cmd("DEL")
+            .arg(&stream)
+            .query_async(&mut direct)
+            .await
+            .unwrap();
+    }
+}
