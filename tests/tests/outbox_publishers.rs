@@ -390,3 +390,236 @@ mod redis_streams {
             .unwrap();
     }
 }
+
+#[cfg(feature = "amqp")]
+mod amqp {
+    use super::*;
+    use idempotent_runtime::amqp::lapin::options::{
+        BasicGetOptions, ExchangeDeclareOptions, ExchangeDeleteOptions, QueueBindOptions,
+        QueueDeclareOptions, QueueDeleteOptions,
+    };
+    use idempotent_runtime::amqp::lapin::types::{AMQPValue, FieldTable};
+    use idempotent_runtime::amqp::lapin::{
+        Channel, Connection, ConnectionProperties, ExchangeKind,
+    };
+    use idempotent_runtime::amqp::{self, AmqpPublisher, ORDERING_KEY_HEADER};
+    use idempotent_runtime::outbox::Publisher;
+    use idempotent_tests::broker_support::run_id;
+    use idempotent_tests::proxy::{Proxy, Wire};
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    const URL_VAR: &str = "IDEMPOTENT_AMQP_URL";
+
+    fn amqp_url() -> String {
+        std::env::var(URL_VAR).unwrap_or_else(|_| "amqp://guest:guest@127.0.0.1:5672/%2f".into())
+    }
+
+    async fn connect(url: &str) -> Connection {
+        Connection::connect(url, ConnectionProperties::default())
+            .await
+            .unwrap_or_else(|e| {
+                panic!(
+                    "the RabbitMQ tests need a server at {url} \
+                     (`rabbitmq-server -detached`; set {URL_VAR} to use another): {e}"
+                )
+            })
+    }
+
+    async fn declare_queue(ch: &Channel, queue: &str) {
+        ch.queue_declare(
+            queue.into(),
+            QueueDeclareOptions::default(),
+            FieldTable::default(),
+        )
+        .await
+        .expect("declare the queue");
+    }
+
+    fn long_string(v: &AMQPValue) -> Option<String> {
+        match v {
+            AMQPValue::LongString(s) => Some(String::from_utf8_lossy(s.as_bytes()).into_owned()),
+            _ => None,
+        }
+    }
+
+    #[tokio::test]
+    async fn rabbitmq_carries_the_id_in_message_id_with_confirms() {
+        let conn = Arc::new(connect(&amqp_url()).await);
+        let admin = conn.create_channel().await.expect("channel");
+        let run = run_id();
+        let queue = format!("idempotent.outbox.{run}");
+        declare_queue(&admin, &queue).await;
+        let publisher = AmqpPublisher::new(conn.clone()).confirm_timeout(Duration::from_secs(10));
+        let sent = messages(&run, &queue, 4, true);
+        for m in &sent {
+            publisher.publish(m).await.expect("publish");
+        }
+        for m in &sent {
+            let got = admin
+                .basic_get(
+                    queue.as_str().into(),
+                    BasicGetOptions {
+                        no_ack: true,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .expect("basic.get")
+                .expect("a message")
+                .delivery;
+            let id = m.id().to_string();
+            assert_eq!(
+                amqp::message_id(&got),
+                Some(id.as_str()),
+                "the id in message_id"
+            );
+            assert_eq!(
+                amqp::dedup_key(&got, "no-such-header"),
+                amqp::DedupKey::MessageId(&id)
+            );
+            assert_eq!(*got.properties.delivery_mode(), Some(2), "persistent");
+            let headers = got.properties.headers().clone().expect("headers");
+            let h = headers.inner();
+            assert_eq!(
+                h.get(ORDERING_KEY_HEADER).and_then(long_string).as_deref(),
+                m.ordering_key()
+            );
+            for (name, value) in m.headers().iter().filter(|(n, _)| n != "tag") {
+                assert_eq!(
+                    h.get(name.as_str()).and_then(long_string).as_ref(),
+                    Some(value)
+                );
+            }
+            match h.get("tag") {
+                Some(AMQPValue::FieldArray(a)) => {
+                    let tags: Vec<String> = a.as_slice().iter().filter_map(long_string).collect();
+                    assert_eq!(tags, ["a", "b"], "a repeated header: its values, in order");
+                }
+                other => panic!("the repeated header as an array, got {other:?}"),
+            }
+            assert_eq!(got.data, m.payload(), "payload unchanged");
+        }
+
+        // refusals: no queue for the routing key (returned, mandatory), a reserved header
+        let e = publisher
+            .publish(&OutgoingMessage::new(
+                sent[0].id(),
+                format!("idempotent.outbox.{run}.nowhere"),
+                b"x".to_vec(),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Rejected, "{e}");
+        let e = publisher
+            .publish(&sent[0].clone().with_header("Ordering-Key", "x"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Rejected, "{e}");
+
+        // an exchange that is gone: the broker closes the channel (404), Rejected; once
+        // the exchange is back the publisher goes on, on a new channel
+        let exchange = format!("idempotent.outbox.{run}.x");
+        let declare_exchange = async || {
+            admin
+                .exchange_declare(
+                    exchange.as_str().into(),
+                    ExchangeKind::Direct,
+                    ExchangeDeclareOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("declare the exchange");
+            admin
+                .queue_bind(
+                    queue.as_str().into(),
+                    exchange.as_str().into(),
+                    "pay".into(),
+                    QueueBindOptions::default(),
+                    FieldTable::default(),
+                )
+                .await
+                .expect("bind");
+        };
+        declare_exchange().await;
+        let via_exchange = AmqpPublisher::new(conn.clone())
+            .exchange(&exchange)
+            .unwrap()
+            .confirm_timeout(Duration::from_secs(10));
+        let pay = OutgoingMessage::new(sent[0].id(), "pay", b"through the exchange".to_vec());
+        via_exchange
+            .publish(&pay)
+            .await
+            .expect("through the exchange");
+        admin
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+        let e = via_exchange.publish(&pay).await.unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Rejected, "{e}");
+        assert!(e.to_string().contains("NOT_FOUND"), "{e}");
+        declare_exchange().await;
+        via_exchange
+            .publish(&pay)
+            .await
+            .expect("on a new channel once the exchange is back");
+        let mut through = 0;
+        while let Some(m) = admin
+            .basic_get(
+                queue.as_str().into(),
+                BasicGetOptions {
+                    no_ack: true,
+                    ..Default::default()
+                },
+            )
+            .await
+            .unwrap()
+        {
+            assert_eq!(m.delivery.data, b"through the exchange");
+            through += 1;
+        }
+        assert_eq!(
+            through, 2,
+            "the two confirmed publishes arrived, nothing else"
+        );
+
+        admin
+            .exchange_delete(exchange.as_str().into(), ExchangeDeleteOptions::default())
+            .await
+            .unwrap();
+        admin
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+
+    #[tokio::test]
+    async fn rabbitmq_out_of_reach_is_unavailable() {
+        let url = amqp_url();
+        let run = run_id();
+        let queue = format!("idempotent.outbox.{run}.outage");
+        let direct = connect(&url).await;
+        let admin = direct.create_channel().await.unwrap();
+        declare_queue(&admin, &queue).await;
+        let host = url
+            .rsplit_once('@')
+            .map_or("127.0.0.1:5672", |(_, h)| h)
+            .split('/')
+            .next()
+            .unwrap()
+            .to_owned();
+        let mut proxy = Proxy::start(&host, Wire::Raw).await;
+        let proxied = url.replace(&host, &format!("127.0.0.1:{}", proxy.port()));
+        let conn = Arc::new(connect(&proxied).await);
+        let publisher = AmqpPublisher::new(conn).confirm_timeout(Duration::from_secs(2));
+        let m = &messages(&run, &queue, 1, false)[0];
+        publisher.publish(m).await.expect("through the proxy");
+        proxy.cut().await;
+        let e = publisher.publish(m).await.unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Unavailable, "{e}");
+        admin
+            .queue_delete(queue.as_str().into(), QueueDeleteOptions::default())
+            .await
+            .unwrap();
+    }
+}
