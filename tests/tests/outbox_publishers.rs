@@ -623,3 +623,137 @@ mod amqp {
             .unwrap();
     }
 }
+
+#[cfg(feature = "kafka")]
+mod kafka {
+    use super::*;
+    use idempotent_runtime::kafka::rdkafka::Message;
+    use idempotent_runtime::kafka::rdkafka::config::ClientConfig;
+    use idempotent_runtime::kafka::rdkafka::consumer::{Consumer, StreamConsumer};
+    use idempotent_runtime::kafka::rdkafka::message::Headers;
+    use idempotent_runtime::kafka::rdkafka::mocking::MockCluster;
+    use idempotent_runtime::kafka::{self, KafkaPublisher, MESSAGE_ID_HEADER};
+    use idempotent_runtime::outbox::Publisher;
+    use idempotent_tests::broker_support::run_id;
+    use std::time::Duration;
+
+    fn producer_config(bootstrap: &str) -> ClientConfig {
+        let mut c = ClientConfig::new();
+        c.set("bootstrap.servers", bootstrap);
+        c
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kafka_carries_the_id_in_a_header_and_the_ordering_key_as_record_key() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        let bootstrap = mock.bootstrap_servers();
+        let run = run_id();
+        let topic = format!("outbox-{run}");
+        mock.create_topic(&topic, 4, 1).expect("topic");
+
+        let publisher = KafkaPublisher::from_config(&producer_config(&bootstrap)).unwrap();
+        // messages 1, 3 and 5 share the ordering key customer-1
+        let sent = messages(&run, &topic, 6, true);
+        for m in &sent {
+            publisher.publish(m).await.expect("publish");
+        }
+
+        let consumer: StreamConsumer = producer_config(&bootstrap)
+            .set("group.id", format!("outbox-{run}"))
+            .set("enable.auto.commit", "false")
+            .set("auto.offset.reset", "earliest")
+            .create()
+            .expect("consumer");
+        consumer.subscribe(&[&topic]).unwrap();
+        let mut got = Vec::new();
+        while got.len() < sent.len() {
+            let m = tokio::time::timeout(Duration::from_secs(30), consumer.recv())
+                .await
+                .expect("every message consumed within 30 s")
+                .expect("a record");
+            got.push(m.detach());
+        }
+        let mut customer_1 = Vec::new();
+        for m in &sent {
+            let id = m.id().to_string();
+            let r = got
+                .iter()
+                .find(|r| kafka::header(*r, MESSAGE_ID_HEADER) == Some(id.as_bytes()))
+                .unwrap_or_else(|| panic!("{id} consumed, in the message-id header"));
+            assert_eq!(
+                kafka::dedup_key(r, MESSAGE_ID_HEADER),
+                kafka::DedupKey::Header(id.as_bytes())
+            );
+            assert_eq!(r.key(), m.ordering_key().map(str::as_bytes), "record key");
+            assert_eq!(r.payload(), Some(m.payload()), "payload unchanged");
+            let headers: Vec<(String, String)> = r
+                .headers()
+                .expect("headers")
+                .iter()
+                .map(|h| {
+                    (
+                        h.key.to_owned(),
+                        String::from_utf8(h.value.unwrap().to_vec()).unwrap(),
+                    )
+                })
+                .collect();
+            let mut expected = vec![(MESSAGE_ID_HEADER.to_owned(), id.clone())];
+            expected.extend(m.headers().iter().cloned());
+            assert_eq!(headers, expected, "the headers, in order, repeats kept");
+            if m.ordering_key().is_some() {
+                customer_1.push((r.partition(), r.offset()));
+            }
+        }
+        assert_eq!(customer_1.len(), 3);
+        assert!(
+            customer_1.iter().all(|(p, _)| *p == customer_1[0].0),
+            "one ordering key, one partition: {customer_1:?}"
+        );
+        assert!(
+            customer_1.windows(2).all(|w| w[0].1 < w[1].1),
+            "in emission order: {customer_1:?}"
+        );
+
+        // refusals: a record over the producer's message.max.bytes; a reserved header
+        let small = KafkaPublisher::from_config(
+            producer_config(&bootstrap).set("message.max.bytes", "1000"),
+        )
+        .unwrap();
+        let big = OutgoingMessage::new(sent[0].id(), &topic, vec![7u8; 5000]);
+        let e = small.publish(&big).await.unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Rejected, "{e}");
+        let e = publisher
+            .publish(&sent[0].clone().with_header("Message-Id", "x"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Rejected, "{e}");
+        // the idempotent producer cannot be switched off through from_config
+        assert!(
+            KafkaPublisher::from_config(
+                producer_config(&bootstrap).set("enable.idempotence", "false")
+            )
+            .is_err()
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn kafka_broker_down_is_unavailable() {
+        let mock = MockCluster::new(1).expect("mock cluster");
+        let bootstrap = mock.bootstrap_servers();
+        let run = run_id();
+        let topic = format!("outbox-{run}");
+        mock.create_topic(&topic, 1, 1).expect("topic");
+        let publisher = KafkaPublisher::from_config(
+            producer_config(&bootstrap).set("message.timeout.ms", "2000"),
+        )
+        .unwrap();
+        let m = &messages(&run, &topic, 1, false)[0];
+        publisher
+            .publish(m)
+            .await
+            .expect("publish while the broker is up");
+        mock.broker_down(-1).unwrap();
+        let e = publisher.publish(m).await.unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Unavailable, "{e}");
+    }
+}
