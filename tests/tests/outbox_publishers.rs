@@ -10,6 +10,8 @@
 //! that is missing fails the test, naming it.
 
 #![allow(clippy::unwrap_used)]
+// the RocketMQ client's futures are deeply nested types
+#![recursion_limit = "512"]
 
 use idempotent_runtime::RecordKey;
 use idempotent_runtime::outbox::{Emission, OutgoingMessage, PublishErrorKind, message_id};
@@ -755,5 +757,173 @@ mod kafka {
         mock.broker_down(-1).unwrap();
         let e = publisher.publish(m).await.unwrap_err();
         assert_eq!(e.kind(), PublishErrorKind::Unavailable, "{e}");
+    }
+}
+
+#[cfg(feature = "rocketmq")]
+mod rocketmq {
+    use super::*;
+    use idempotent_runtime::outbox::Publisher;
+    use idempotent_runtime::rocketmq::{DedupKey, RocketMqPublisher, dedup_key};
+    use idempotent_tests::broker_support::run_id;
+    use idempotent_tests::rocketmq_support::EmbeddedRocketMq;
+    use rocketmq_client_rust::{
+        ClientResult, ConsumeConcurrentlyContext, ConsumeConcurrentlyStatus, DefaultMQProducer,
+        DefaultMQPushConsumer, MQPushConsumer, MessageListenerConcurrently,
+    };
+    use rocketmq_model::common::consumer::consume_from_where::ConsumeFromWhere;
+    use rocketmq_model::common::message::message_ext::MessageExt;
+    use rocketmq_protocol::protocol::heartbeat::message_model::MessageModel;
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    /// What the test reads of a consumed message.
+    #[derive(Debug, Clone)]
+    struct Got {
+        keys: Option<String>,
+        dedup: Option<String>,
+        sharding_key: Option<String>,
+        headers: Vec<(String, Option<String>)>,
+        body: Vec<u8>,
+        queue_id: i32,
+    }
+
+    struct Collect(Arc<Mutex<Vec<Got>>>);
+
+    impl MessageListenerConcurrently for Collect {
+        fn consume_message(
+            &self,
+            msgs: &[&MessageExt],
+            _context: &ConsumeConcurrentlyContext,
+        ) -> ClientResult<ConsumeConcurrentlyStatus> {
+            for m in msgs {
+                let inner = m.message_inner();
+                let prop = |name: &str| inner.property(name).map(str::to_owned);
+                self.0.lock().unwrap().push(Got {
+                    keys: prop("KEYS"),
+                    dedup: match dedup_key(m) {
+                        DedupKey::Business(k) => Some(k.to_owned()),
+                        _ => None,
+                    },
+                    sharding_key: prop("__SHARDINGKEY"),
+                    headers: ["content-type", "trace"]
+                        .iter()
+                        .map(|h| (h.to_string(), prop(h)))
+                        .collect(),
+                    body: m.body().map(|b| b.to_vec()).unwrap_or_default(),
+                    queue_id: m.queue_id(),
+                });
+            }
+            Ok(ConsumeConcurrentlyStatus::ConsumeSuccess)
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn rocketmq_carries_the_id_in_keys_and_the_ordering_key_selects_the_queue() {
+        let mq = EmbeddedRocketMq::start("outbox-publishers").await;
+        let run = run_id();
+        let topic = format!("OutboxPayments{run}");
+        let mut producer = DefaultMQProducer::builder(mq.client_runtime("producer"))
+            .producer_group(format!("outbox_producer_{run}"))
+            .name_server_addr(mq.namesrv_addr.clone())
+            .build();
+        producer.start().await.expect("start the producer");
+        let publisher = RocketMqPublisher::new(producer.clone());
+
+        // messages 1, 3 and 5 share the ordering key customer-1; no repeated header
+        // (properties are a map)
+        let sent = messages(&run, &topic, 6, false);
+        let mut queues = Vec::new();
+        for m in &sent {
+            let r = publisher.publish_sent(m).await.expect("publish");
+            if m.ordering_key().is_some() {
+                queues.push(r.message_queue.expect("the queue").queue_id());
+            }
+        }
+        assert!(
+            queues.iter().all(|q| *q == queues[0]),
+            "one ordering key, one queue: {queues:?}"
+        );
+
+        let got = Arc::new(Mutex::new(Vec::new()));
+        let mut consumer = DefaultMQPushConsumer::builder(mq.client_runtime("consumer"))
+            .consumer_group(format!("outbox_consumer_{run}"))
+            .name_server_addr(mq.namesrv_addr.clone())
+            .message_model(MessageModel::Clustering)
+            .consume_from_where(ConsumeFromWhere::ConsumeFromFirstOffset)
+            .build();
+        consumer.subscribe(&topic, "*").await.expect("subscribe");
+        consumer.register_message_listener_concurrently(Collect(got.clone()));
+        consumer.start().await.expect("start the consumer");
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while got.lock().unwrap().len() < sent.len() {
+            assert!(
+                Instant::now() < deadline,
+                "every message consumed within 60 s: {:?}",
+                got.lock().unwrap()
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        let got = got.lock().unwrap().clone();
+        for (i, m) in sent.iter().enumerate() {
+            let id = m.id().to_string();
+            let g = got
+                .iter()
+                .find(|g| g.keys.as_deref() == Some(id.as_str()))
+                .unwrap_or_else(|| panic!("{id} consumed, as the message's keys: {got:?}"));
+            assert_eq!(g.dedup.as_deref(), Some(id.as_str()), "rocketmq::dedup_key");
+            assert_eq!(g.sharding_key.as_deref(), m.ordering_key());
+            assert_eq!(
+                g.headers,
+                [
+                    (
+                        "content-type".to_owned(),
+                        Some("application/json".to_owned())
+                    ),
+                    ("trace".to_owned(), Some(format!("t-{i}")))
+                ]
+            );
+            assert_eq!(g.body, m.payload(), "payload unchanged");
+            if m.ordering_key().is_some() {
+                assert_eq!(g.queue_id, queues[0]);
+            }
+        }
+
+        // refusals: a header named like a reserved property, an empty body, a topic
+        // the client does not take
+        let e = publisher
+            .publish(&OutgoingMessage::new(
+                sent[0].id(),
+                "no spaces",
+                b"x".to_vec(),
+            ))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Rejected, "{e}");
+        let e = publisher
+            .publish(&sent[0].clone().with_header("KEYS", "other"))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Rejected, "{e}");
+        let e = publisher
+            .publish(&OutgoingMessage::new(sent[0].id(), &topic, Vec::new()))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Rejected, "{e}");
+
+        consumer.shutdown().await;
+        // the broker gone: Unavailable
+        let mut mq = mq;
+        mq.stop_broker().await;
+        let e = publisher.publish(&sent[0]).await.unwrap_err();
+        assert_eq!(e.kind(), PublishErrorKind::Unavailable, "{e}");
+        // the producer shut down: Unavailable too (its state, not the message)
+        producer.shutdown().await;
+        for m in &sent[..2] {
+            // with and without an ordering key
+            let e = publisher.publish(m).await.unwrap_err();
+            assert_eq!(e.kind(), PublishErrorKind::Unavailable, "{e}");
+        }
+        mq.shutdown().await;
     }
 }

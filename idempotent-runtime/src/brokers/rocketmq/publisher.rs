@@ -8,6 +8,7 @@ use rocketmq_client_rust::{ClientError, ClientResult, DefaultMQProducer, SendRes
 use rocketmq_model::common::message::message_single::Message;
 use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 /// Sends outgoing messages to RocketMQ: the message's destination is the topic, its id
 /// the message's `keys` (the `KEYS` property, which `rocketmq::dedup_key` reads and the
@@ -39,8 +40,8 @@ use std::sync::Arc;
 ///
 /// | what happened | [`PublishErrorKind`] |
 /// | --- | --- |
-/// | the message invalid (an empty body, an invalid topic, too large), a header named like a reserved property (`KEYS`, `TAGS`, `__SHARDINGKEY`, …), the topic missing, not permitted (the client's validation, authentication or authorisation errors; the broker's codes 13, 16, 17) | `Rejected` |
-/// | a timeout, no route or broker, the broker busy or failing, a send status other than `SEND_OK`, the producer not started, any other error | `Unavailable` |
+/// | the message invalid (an empty body, an invalid topic, a body over 4 MiB, checked before sending; the broker's own size limit), a header named like a reserved property (`KEYS`, `TAGS`, `__SHARDINGKEY`, …), the topic missing, not permitted (the client's validation, authentication or authorisation errors; the broker's codes 13, 16, 17) | `Rejected` |
+/// | a timeout, no route or broker (no queue for the ordering key to select), the broker busy or failing, a send status other than `SEND_OK`, the producer not started or shut down, any other error | `Unavailable` |
 ///
 /// A header name that repeats keeps its last value (properties are a map).
 ///
@@ -65,7 +66,9 @@ pub struct RocketMqPublisher {
 
 /// Sends one message, with the Java hash of its ordering key, on a thread that may
 /// block (see [`RocketMqPublisher::new`]).
-type SendFn = dyn Fn(Message, Option<i32>) -> ClientResult<Option<SendResult>> + Send + Sync;
+/// The second value says the selector found no queue (the topic's route is empty).
+type SendFn =
+    dyn Fn(Message, Option<i32>) -> (ClientResult<Option<SendResult>>, bool) + Send + Sync;
 
 impl fmt::Debug for RocketMqPublisher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -82,14 +85,20 @@ impl RocketMqPublisher {
         // fn: each send runs on a blocking-pool thread, which drives it on the runtime
         // with `Handle::block_on` (which needs no `Send` future).
         let send = move |msg: Message, ordering: Option<i32>| {
-            tokio::runtime::Handle::current().block_on(async {
+            let no_queue = Arc::new(AtomicBool::new(false));
+            let sent = tokio::runtime::Handle::current().block_on(async {
                 match ordering {
                     Some(hash) => {
+                        let no_queue = Arc::clone(&no_queue);
                         producer
                             .send_with_selector(
                                 msg,
-                                |queues, _, hash: &i32| {
-                                    let n = i32::try_from(queues.len()).ok().filter(|n| *n > 0)?;
+                                move |queues, _, hash: &i32| {
+                                    let n = i32::try_from(queues.len()).ok().filter(|n| *n > 0);
+                                    let Some(n) = n else {
+                                        no_queue.store(true, Ordering::Relaxed);
+                                        return None;
+                                    };
                                     let i = (hash % n).unsigned_abs() as usize;
                                     queues.get(i).cloned()
                                 },
@@ -99,7 +108,8 @@ impl RocketMqPublisher {
                     }
                     None => producer.send(msg).await,
                 }
-            })
+            });
+            (sent, no_queue.load(Ordering::Relaxed))
         };
         RocketMqPublisher {
             send: Arc::new(send),
@@ -115,7 +125,7 @@ impl RocketMqPublisher {
         let msg = build(message)?;
         let ordering = message.ordering_key().map(java_hash);
         let send = Arc::clone(&self.send);
-        let sent = tokio::task::spawn_blocking(move || send(msg, ordering))
+        let (sent, no_queue) = tokio::task::spawn_blocking(move || send(msg, ordering))
             .await
             .map_err(|e| {
                 PublishError::new(
@@ -146,6 +156,16 @@ impl RocketMqPublisher {
                     message.destination()
                 ),
             )),
+            // the selector had no queue to choose from: no route to the topic for now
+            Err(e) if no_queue => Err(PublishError::new(
+                PublishErrorKind::Unavailable,
+                format!(
+                    "sending {} to {:?}: the topic has no queue to send to (no route): {e}",
+                    message.id(),
+                    message.destination()
+                ),
+            )
+            .with_source(e)),
             Err(e) => Err(classify(message, e)),
         }
     }
@@ -169,8 +189,27 @@ fn build(message: &OutgoingMessage) -> Result<Message, PublishError> {
             ),
         )
     };
-    if message.destination().is_empty() {
-        return Err(invalid(&"an empty destination (a topic)"));
+    // checked here rather than left to the client, whose error for an invalid
+    // message is also the one it gives once the producer is shut down
+    let topic = message.destination();
+    if topic.is_empty()
+        || topic.len() > MAX_TOPIC_LEN
+        || !topic
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'%' | b'|' | b'_' | b'-'))
+    {
+        return Err(invalid(&format_args!(
+            "a topic is 1 to {MAX_TOPIC_LEN} characters among letters, digits, `%`, `|`, `_` and `-`"
+        )));
+    }
+    if message.payload().is_empty() {
+        return Err(invalid(&"an empty body"));
+    }
+    if message.payload().len() > MAX_BODY_LEN {
+        return Err(invalid(&format_args!(
+            "a body of {} bytes, over the client's limit of {MAX_BODY_LEN}",
+            message.payload().len()
+        )));
     }
     let mut builder = Message::builder()
         .topic(message.destination())
@@ -187,6 +226,12 @@ fn build(message: &OutgoingMessage) -> Result<Message, PublishError> {
     builder.build().map_err(|e| invalid(&e))
 }
 
+/// The longest topic name the client accepts.
+const MAX_TOPIC_LEN: usize = 127;
+
+/// The client's default largest body (`maxMessageSize`, 4 MiB).
+const MAX_BODY_LEN: usize = 4 * 1024 * 1024;
+
 /// Java's `String.hashCode()`: over UTF-16 code units, `h = 31 * h + c`, wrapping.
 fn java_hash(s: &str) -> i32 {
     s.encode_utf16()
@@ -195,10 +240,17 @@ fn java_hash(s: &str) -> i32 {
 
 fn classify(message: &OutgoingMessage, e: ClientError) -> PublishError {
     let class = e.descriptor().class().as_str();
-    let rejected = matches!(
-        class,
-        "validation" | "authentication" | "authorization" | "unsupported"
-    ) || matches!(e.broker_response_code(), Some(13 | 16 | 17));
+    // a producer not started or shut down is classed "validation" too (a lifecycle
+    // error, or once shut down an invalid argument): it is the producer's state, not
+    // the message (checked before sending), so a later attempt may succeed
+    let code = e.descriptor().code().as_str();
+    let lifecycle = code.contains(".lifecycle.") || code == "core.argument.invalid";
+    let rejected = (!lifecycle
+        && matches!(
+            class,
+            "validation" | "authentication" | "authorization" | "unsupported"
+        ))
+        || matches!(e.broker_response_code(), Some(13 | 16 | 17));
     let kind = if rejected {
         PublishErrorKind::Rejected
     } else {
