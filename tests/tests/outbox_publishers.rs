@@ -459,13 +459,7 @@ mod amqp {
         }
         for m in &sent {
             let got = admin
-                .basic_get(
-                    queue.as_str().into(),
-                    BasicGetOptions {
-                        no_ack: true,
-                        ..Default::default()
-                    },
-                )
+                .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
                 .await
                 .expect("basic.get")
                 .expect("a message")
@@ -567,13 +561,7 @@ mod amqp {
             .expect("on a new channel once the exchange is back");
         let mut through = 0;
         while let Some(m) = admin
-            .basic_get(
-                queue.as_str().into(),
-                BasicGetOptions {
-                    no_ack: true,
-                    ..Default::default()
-                },
-            )
+            .basic_get(queue.as_str().into(), BasicGetOptions { no_ack: true })
             .await
             .unwrap()
         {

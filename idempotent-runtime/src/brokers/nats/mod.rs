@@ -1,9 +1,7 @@
 //! NATS JetStream (through `async-nats` 0.51): the outbox's publisher,
-//! [`JetStreamPublisher`].
-//!
-//! The consumer side of NATS needs no module of its own: a JetStream message's
-//! `Nats-Msg-Id` header (or a business header) is the `#[idempotent]` key, and the
-//! handler's outcome maps onto `ack` / `nak` / `term` directly.
+//! [`JetStreamPublisher`], which carries each outgoing message's id in the
+//! `Nats-Msg-Id` header ([`MESSAGE_ID_HEADER`]); a consumer downstream keys its
+//! `#[idempotent]` handler by that header.
 
 mod publisher;
 
