@@ -56,6 +56,10 @@ cfg_redis_streams! {
     pub use brokers::redis_streams;
 }
 
+cfg_nats! {
+    pub use brokers::nats;
+}
+
 cfg_redis! {
     /// The `redis` driver this crate's [`RedisStore`] uses.
     pub use redis;

@@ -122,3 +122,14 @@ macro_rules! cfg_redis_streams {
         )*
     };
 }
+
+/// Items built with the `nats` feature.
+macro_rules! cfg_nats {
+    ($($item:item)*) => {
+        $(
+            #[cfg(feature = "nats")]
+            #[cfg_attr(docsrs, doc(cfg(feature = "nats")))]
+            $item
+        )*
+    };
+}

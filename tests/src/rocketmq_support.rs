@@ -253,6 +253,14 @@ impl EmbeddedRocketMq {
         .unwrap_or_else(|e| panic!("RocketMQ client runtime: {e}"))
     }
 
+    /// Stops the broker alone (the name server and the clients' runtime go on), as a
+    /// broker outage; [`shutdown`](Self::shutdown) still stops the rest.
+    pub async fn stop_broker(&mut self) {
+        if let Some(b) = self.broker.take() {
+            b.shutdown().await;
+        }
+    }
+
     /// Stops the broker and the name server and removes the store directory.
     pub async fn shutdown(mut self) {
         if let Some(b) = self.broker.take() {

@@ -1,5 +1,6 @@
-//! The message brokers, one file each: what a broker's message is deduplicated by and
-//! how an outcome settles it, each behind its cargo feature.
+//! The message brokers, one folder each, behind its cargo feature: what a broker's
+//! message is deduplicated by and how an outcome settles it (`mod.rs`), and the outbox's
+//! publisher to it (`publisher.rs`).
 
 cfg_kafka! {
     pub mod kafka;
@@ -15,4 +16,8 @@ cfg_rocketmq! {
 
 cfg_redis_streams! {
     pub mod redis_streams;
+}
+
+cfg_nats! {
+    pub mod nats;
 }

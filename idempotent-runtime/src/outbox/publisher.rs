@@ -18,16 +18,16 @@ use uuid::Uuid;
 /// published twice (the relay crashed after the broker confirmed it, before the row
 /// was marked sent) is recognised downstream:
 ///
-/// | broker | id | ordering key |
-/// | --- | --- | --- |
-/// | NATS JetStream | `Nats-Msg-Id` header (the stream drops a repeat within its duplicate window) | header `Idempotent-Ordering-Key` |
-/// | Kafka | header `message-id` (idempotent producer on) | the record key |
-/// | RabbitMQ | the `message_id` property, publisher confirms on | header `ordering-key` |
-/// | Redis Streams | field `message-id` of the entry | field `ordering-key` |
-/// | RocketMQ | the message's `keys` | the sharding key |
+/// | broker | publisher | id | ordering key | the broker drops a repeat |
+/// | --- | --- | --- | --- | --- |
+/// | NATS JetStream | `nats::JetStreamPublisher` | `Nats-Msg-Id` header | header `Idempotent-Ordering-Key` | yes, within the stream's duplicate window (2 min by default) |
+/// | Kafka | `kafka::KafkaPublisher` | header `message-id` (idempotent producer on: `enable.idempotence=true`) | the record key | only the producer's own retries (idempotent producer) |
+/// | RabbitMQ | `amqp::AmqpPublisher` | the `message_id` property, publisher confirms and `mandatory` on | header `ordering-key` | no |
+/// | Redis Streams | `redis_streams::StreamPublisher` | field `message-id` of the entry, plus `XADD … IDMP` where the server has it (Redis 8.6+) | field `ordering-key` | with `IDMP`, within the stream's `IDMP-DURATION` / `IDMP-MAXSIZE` |
+/// | RocketMQ | `rocketmq::RocketMqPublisher` | the message's `keys` | the sharding key, which selects the queue | no |
 ///
-/// The next consumer's `#[idempotent]` key is that id, so a repeat is answered from
-/// its store.
+/// Where the broker does not drop a repeat, it arrives with the same id: the next
+/// consumer's `#[idempotent]` key is that id, so the repeat is answered from its store.
 #[async_trait]
 pub trait Publisher: Send + Sync + fmt::Debug {
     /// Publishes `message` and waits for the broker's confirmation.

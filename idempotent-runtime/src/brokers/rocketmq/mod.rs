@@ -54,6 +54,9 @@ use rocketmq_client_rust::ConsumeConcurrentlyStatus;
 pub use rocketmq_client_rust as client;
 /// The `rocketmq-model` crate (messages) this module is written against.
 pub use rocketmq_model as model;
+
+mod publisher;
+pub use publisher::RocketMqPublisher;
 use rocketmq_model::common::message::MessageConst;
 use rocketmq_model::common::message::message_ext::MessageExt;
 use std::future::Future;

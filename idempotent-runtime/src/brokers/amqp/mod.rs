@@ -64,6 +64,9 @@ use lapin::types::{AMQPValue, FieldTable, ShortString};
 /// The `lapin` crate this module is written against.
 pub use lapin;
 
+mod publisher;
+pub use publisher::{AmqpPublisher, ORDERING_KEY_HEADER};
+
 /// The dedup key of a delivery; see [`dedup_key`].
 ///
 /// A business header is one key part, its value; a `message_id` is two parts,

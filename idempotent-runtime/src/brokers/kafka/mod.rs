@@ -87,6 +87,9 @@ use std::time::Duration;
 /// The `rdkafka` crate this module is written against.
 pub use rdkafka;
 
+mod publisher;
+pub use publisher::{KafkaPublisher, MESSAGE_ID_HEADER};
+
 /// How long [`settle`] waits for a seek to be accepted and a dead letter to be written.
 const BROKER_TIMEOUT: Duration = Duration::from_secs(10);
 

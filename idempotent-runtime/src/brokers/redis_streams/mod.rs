@@ -68,6 +68,11 @@ use redis::{AsyncCommands, RedisResult, Value};
 use std::sync::Mutex;
 use std::time::Duration;
 
+mod publisher;
+pub use publisher::{
+    DEFAULT_PRODUCER_ID, Idmp, MESSAGE_ID_FIELD, ORDERING_KEY_FIELD, PAYLOAD_FIELD, StreamPublisher,
+};
+
 /// One entry of the stream as a consumer of the group received it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Entry {
