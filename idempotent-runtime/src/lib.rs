@@ -69,15 +69,15 @@ cfg_sql! {
 }
 
 cfg_mysql! {
-    pub use stores::sql::MySqlStore;
+    pub use stores::sql::{MySqlOutbox, MySqlStore};
 }
 
 cfg_postgres! {
-    pub use stores::sql::PostgresStore;
+    pub use stores::sql::{PostgresOutbox, PostgresStore};
 }
 
 cfg_sqlite! {
-    pub use stores::sql::SqliteStore;
+    pub use stores::sql::{SqliteOutbox, SqliteStore};
 }
 
 pub use disposition::{AsIdempotencyError, Disposition, RetryPolicy};

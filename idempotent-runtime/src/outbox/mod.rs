@@ -17,16 +17,28 @@
 //! - [`message_id`], [`Emission`], [`NAMESPACE`]: the id derivation (UUIDv5), for
 //!   other services that compute the ids;
 //! - [`Publisher`], [`PublishError`], [`MemoryPublisher`]: where messages go;
-//! - [`OutboxTransaction`]: the transactions the messages are written in.
+//! - [`OutboxTransaction`]: the transactions the messages are written in;
+//! - [`OutboxStore`] and its rows: the outbox table as the relay and the operator use
+//!   it (`PostgresOutbox`, `MySqlOutbox`, `SqliteOutbox` with the SQL features, made
+//!   with `PostgresStore::outbox` and the like);
+//! - [`Relay`]: publishes the table's rows, and [`Relay::dispatch`], the fast path
+//!   right after a commit.
 
 pub(crate) mod id;
 pub(crate) mod message;
 pub(crate) mod publisher;
+pub(crate) mod relay;
+pub(crate) mod store;
 pub(crate) mod tx;
 
 pub use id::{Emission, NAMESPACE, message_id};
 pub use message::{Emitted, Outbox, OutgoingMessage};
 pub use publisher::{MemoryPublisher, PublishError, PublishErrorKind, Publisher};
+pub use relay::{Relay, RelayHandle, RelayPass};
+pub use store::{
+    ClaimedRow, DestinationStats, OutboxPage, OutboxRow, OutboxStats, OutboxStore, Retry, RowLease,
+    RowStatus,
+};
 pub use tx::{DEFAULT_OUTBOX_TABLE, OutboxTransaction};
 /// The id type of outgoing messages (the `uuid` crate's).
 pub use uuid::Uuid;

@@ -20,16 +20,19 @@ mod common;
 cfg_mysql! {
     mod mysql;
     pub use mysql::MySqlStore;
+    pub use mysql::outbox::MySqlOutbox;
 }
 
 cfg_postgres! {
     mod postgres;
     pub use postgres::PostgresStore;
+    pub use postgres::outbox::PostgresOutbox;
 }
 
 cfg_sqlite! {
     mod sqlite;
     pub use sqlite::SqliteStore;
+    pub use sqlite::outbox::SqliteOutbox;
 }
 
 pub use common::DEFAULT_TABLE;

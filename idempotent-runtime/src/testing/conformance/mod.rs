@@ -38,6 +38,7 @@
 //! [`StoreAdmin`]: crate::store::StoreAdmin
 
 pub mod admin;
+pub mod outbox;
 pub mod protocol;
 mod support;
 

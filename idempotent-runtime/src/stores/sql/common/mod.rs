@@ -11,6 +11,7 @@
 
 pub(crate) mod base;
 pub(crate) mod methods;
+pub(crate) mod outbox;
 pub(crate) mod row;
 mod scan;
 mod steps;

@@ -1,6 +1,7 @@
 //! [`MySqlStore`]: the dedup table in MySQL 8 or MariaDB 10.11+.
 
 mod batch;
+pub(super) mod outbox;
 mod scan;
 mod statements;
 mod tx;

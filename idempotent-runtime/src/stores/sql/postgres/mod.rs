@@ -1,6 +1,7 @@
 //! [`PostgresStore`]: the dedup table in PostgreSQL.
 
 mod batch;
+pub(super) mod outbox;
 mod scan;
 mod statements;
 mod tx;

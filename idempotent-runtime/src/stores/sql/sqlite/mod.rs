@@ -1,6 +1,7 @@
 //! [`SqliteStore`]: the embedded durable store.
 
 mod batch;
+pub(super) mod outbox;
 mod scan;
 mod statements;
 mod tx;
