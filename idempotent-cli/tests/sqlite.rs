@@ -32,3 +32,29 @@ async fn every_command_on_sqlite() {
         let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
     }
 }
+
+/// The outbox commands on an SQLite file of the test's own; and `outbox` refused on
+/// stores without an outbox.
+#[tokio::test]
+async fn outbox_commands_on_sqlite() {
+    support::outbox_needs_an_sql_store();
+    let path = std::env::temp_dir().join(format!("{}.db", unique("idempotent-cli-outbox-")));
+    let url = format!("sqlite://{}?mode=rwc", path.display());
+    let store = SqliteStore::connect(&url)
+        .await
+        .expect("open the SQLite file");
+    let target = Target {
+        global: vec!["--store".into(), url.clone()],
+        sql: true,
+    };
+    let pool = store.pool().clone();
+    support::check_outbox_commands(&target, "idempotent_outbox", &pool, || {
+        idempotent_runtime::SqliteOutbox::new(pool.clone(), "idempotent_outbox").unwrap()
+    })
+    .await;
+    drop(store);
+    pool.close().await;
+    for suffix in ["", "-wal", "-shm"] {
+        let _ = std::fs::remove_file(format!("{}{suffix}", path.display()));
+    }
+}
