@@ -4,7 +4,7 @@
 
 use crate::commands::{confirm, open};
 use crate::connect::{self, Backend};
-use crate::duration::human;
+use crate::duration::{compact, human};
 use crate::output::{self, hex};
 use crate::{Cli, CliError, Format, OutboxArgs, OutboxCommand, OutboxListArgs, Outcome};
 use idempotent_runtime::outbox::{OutboxRow, OutboxStats, OutboxStore, RowStatus, Uuid};
@@ -268,7 +268,7 @@ pub(crate) async fn run(cli: &Cli, a: &OutboxArgs) -> Result<Outcome, CliError> 
             }
         }
         OutboxCommand::Purge(p) => {
-            let age = human(p.older_than);
+            let age = compact(p.older_than);
             if p.confirm.dry_run {
                 let n = o.count_sent(p.older_than).await.map_err(fail)?;
                 if json {
@@ -433,7 +433,17 @@ fn error_text(e: Option<&str>) -> String {
     let Some(e) = e else {
         return "-".to_owned();
     };
-    let one_line: String = e.escape_debug().collect();
+    let one_line: String = e
+        .chars()
+        .flat_map(|c| {
+            let escaped: Vec<char> = if c.is_control() {
+                c.escape_debug().collect()
+            } else {
+                vec![c]
+            };
+            escaped
+        })
+        .collect();
     if one_line.chars().count() <= ERROR_CHARS {
         return one_line;
     }
