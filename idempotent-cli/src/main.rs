@@ -3,7 +3,7 @@
 //! message, and fixes one message (release its claim, reset its attempts, forget it).
 //! `idempotent outbox …` does the same for the transactional outbox of an SQL store.
 //!
-//! Exit codes: 0 found / done, 1 not found (no record, or no record matched), 2 error
+//! Exit codes: 0 found / done, 1 not found (no record or outbox row, or none matched), 2 error
 //! (bad arguments, bad URL, unreachable store, missing table), 3 the record's state does
 //! not allow the change (nothing changed).
 
