@@ -104,6 +104,7 @@ pub(crate) async fn run(cli: &Cli) -> Result<Outcome, CliError> {
                 Outcome::Found
             })
         }
+        Command::Outbox(o) => crate::outbox::run(cli, o).await,
         Command::Forget(c) => change(cli, c, Change::Forget).await,
         Command::Release(c) => change(cli, c, Change::Release).await,
         Command::ResetAttempts(c) => change(cli, c, Change::Reset).await,
@@ -140,7 +141,7 @@ pub(crate) async fn run(cli: &Cli) -> Result<Outcome, CliError> {
     }
 }
 
-async fn open(cli: &Cli) -> Result<Backend, CliError> {
+pub(crate) async fn open(cli: &Cli) -> Result<Backend, CliError> {
     let Some(url) = cli.store.as_deref().filter(|u| !u.trim().is_empty()) else {
         return Err(CliError(
             "no store given: pass --store URL or set IDEMPOTENT_STORE_URL (redis://…, \
@@ -294,7 +295,7 @@ enum Change {
 }
 
 /// Asks for confirmation on the terminal unless `--yes`.
-fn confirm(c: &Confirm, question: &str) -> Result<(), CliError> {
+pub(crate) fn confirm(c: &Confirm, question: &str) -> Result<(), CliError> {
     if c.yes {
         return Ok(());
     }

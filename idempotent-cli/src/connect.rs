@@ -412,7 +412,7 @@ pub(crate) fn explain(e: StoreError, table: &str, sql: bool) -> CliError {
     }
 }
 
-fn missing_table(e: &StoreError) -> bool {
+pub(crate) fn missing_table(e: &StoreError) -> bool {
     let text = format!("{e} {}", source_text(e)).to_ascii_lowercase();
     text.contains("does not exist") && text.contains("relation")
         || text.contains("doesn't exist")

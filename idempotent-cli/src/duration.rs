@@ -27,6 +27,31 @@ pub(crate) fn human(d: Duration) -> String {
     }
 }
 
+/// A duration as the options take it, in whole units: `7d`, `1h30m`, `90s` is `1m30s`,
+/// `250ms`.
+pub(crate) fn compact(d: Duration) -> String {
+    let mut ms = d.as_millis();
+    if ms == 0 {
+        return "0s".to_owned();
+    }
+    let mut out = String::new();
+    for (unit, size) in [
+        ("d", 86_400_000),
+        ("h", 3_600_000),
+        ("m", 60_000),
+        ("s", 1000),
+    ] {
+        if ms >= size {
+            out.push_str(&format!("{}{unit}", ms / size));
+            ms %= size;
+        }
+    }
+    if ms > 0 {
+        out.push_str(&format!("{ms}ms"));
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -45,5 +70,14 @@ mod tests {
         assert_eq!(human(Duration::from_secs(250)), "4m 10s");
         assert_eq!(human(Duration::from_secs(3 * 3600 + 300)), "3h 05m");
         assert_eq!(human(Duration::from_secs(2 * 86_400 + 4 * 3600)), "2d 04h");
+        for (text, shown) in [
+            ("7d", "7d"),
+            ("1h30m", "1h30m"),
+            ("90s", "1m30s"),
+            ("1s250ms", "1s250ms"),
+            ("1w", "7d"),
+        ] {
+            assert_eq!(compact(parse(text).unwrap()), shown);
+        }
     }
 }

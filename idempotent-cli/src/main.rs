@@ -1,8 +1,9 @@
 //! `idempotent`: the operator's command for the dedup records of `idempotent-runtime`
 //! stores. Finds stuck, poisoned and expired records, shows what a store holds for a
 //! message, and fixes one message (release its claim, reset its attempts, forget it).
+//! `idempotent outbox …` does the same for the transactional outbox of an SQL store.
 //!
-//! Exit codes: 0 found / done, 1 not found (no record, or no record matched), 2 error
+//! Exit codes: 0 found / done, 1 not found (no record or outbox row, or none matched), 2 error
 //! (bad arguments, bad URL, unreachable store, missing table), 3 the record's state does
 //! not allow the change (nothing changed).
 
@@ -12,6 +13,7 @@
 mod commands;
 mod connect;
 mod duration;
+mod outbox;
 mod output;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
@@ -95,6 +97,82 @@ pub(crate) enum Command {
     Migrate,
     /// Show the statements `migrate` runs.
     Schema(SchemaArgs),
+    /// The transactional outbox of an SQL store: its rows per destination, its pending
+    /// and dead messages; retry a dead message, purge sent ones.
+    Outbox(OutboxArgs),
+}
+
+/// The outbox commands and their table.
+#[derive(Debug, Args)]
+pub(crate) struct OutboxArgs {
+    /// The outbox table (as the application's `…Store::outbox(table)` names it).
+    #[arg(
+        long,
+        env = "IDEMPOTENT_OUTBOX_TABLE",
+        global = true,
+        default_value = idempotent_shared::DEFAULT_OUTBOX_TABLE
+    )]
+    pub(crate) outbox_table: String,
+
+    #[command(subcommand)]
+    pub(crate) command: OutboxCommand,
+}
+
+/// An outbox command.
+#[derive(Debug, Subcommand)]
+pub(crate) enum OutboxCommand {
+    /// Per destination: pending rows, the age of the oldest, dead rows, sent rows not yet purged.
+    Stats,
+    /// List the pending, dead or sent rows, in emission order.
+    List(OutboxListArgs),
+    /// Put a dead row back to pending: the relay publishes it again, its attempts from zero.
+    Retry(OutboxRetryArgs),
+    /// Delete the sent rows sent more than `--older-than` ago.
+    Purge(OutboxPurgeArgs),
+    /// Create the outbox table and its indexes if missing.
+    Migrate,
+    /// Show the statements `outbox migrate` runs.
+    Schema(SchemaArgs),
+}
+
+/// Options of `outbox list`.
+#[derive(Debug, Args)]
+#[command(group(clap::ArgGroup::new("status").required(true).args(["pending", "dead", "sent"])))]
+pub(crate) struct OutboxListArgs {
+    /// The rows waiting to be published (claimed by a relay or not).
+    #[arg(long)]
+    pub(crate) pending: bool,
+    /// The rows that failed too often: waiting for `outbox retry`.
+    #[arg(long)]
+    pub(crate) dead: bool,
+    /// The rows published and not yet purged.
+    #[arg(long)]
+    pub(crate) sent: bool,
+    /// Print at most this many rows.
+    #[arg(long)]
+    pub(crate) limit: Option<u64>,
+}
+
+/// Options of `outbox retry`.
+#[derive(Debug, Args)]
+pub(crate) struct OutboxRetryArgs {
+    /// The message id of the dead row, as `outbox list --dead` prints it.
+    pub(crate) id: String,
+    #[command(flatten)]
+    pub(crate) confirm: Confirm,
+}
+
+/// Options of `outbox purge`.
+#[derive(Debug, Args)]
+pub(crate) struct OutboxPurgeArgs {
+    /// Delete sent rows (required: the only kind of outbox purge).
+    #[arg(long, required = true)]
+    pub(crate) sent: bool,
+    /// Only the rows sent more than this long ago (`90s`, `5m`, `1h30m`, `7d`).
+    #[arg(long, value_parser = duration::parse)]
+    pub(crate) older_than: Duration,
+    #[command(flatten)]
+    pub(crate) confirm: Confirm,
 }
 
 /// A message's record key: its scope and key parts, or the encoded key in hex.

@@ -205,7 +205,11 @@ fn item_row(i: &ScanItem) -> [String; 9] {
 }
 
 /// Writes one row, columns separated by two spaces, the last one unpadded.
-fn write_row<W: Write>(out: &mut W, widths: &[usize], cells: &[String]) -> io::Result<()> {
+pub(crate) fn write_row<W: Write>(
+    out: &mut W,
+    widths: &[usize],
+    cells: &[String],
+) -> io::Result<()> {
     let mut line = String::new();
     for (n, (w, c)) in widths.iter().zip(cells).enumerate() {
         if n + 1 == cells.len() {

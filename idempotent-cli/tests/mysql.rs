@@ -52,3 +52,24 @@ fn a_refused_connection_fails_at_once() {
     assert!(!r.stderr.contains("secret"), "{}", r.stderr);
     refused_at_once(&format!("mariadb://root@127.0.0.1:{port}/test"));
 }
+
+/// The outbox commands on an outbox table of the test's own.
+#[tokio::test]
+async fn outbox_commands_on_mysql() {
+    let url = std::env::var("IDEMPOTENT_MYSQL_URL")
+        .unwrap_or_else(|_| "mysql://root@127.0.0.1:3306/test".into());
+    let store = MySqlStore::connect(&url).await.unwrap_or_else(|e| {
+        panic!("the MySQL tests need a server at {url} (set IDEMPOTENT_MYSQL_URL): {e}")
+    });
+    let table = unique("cli_outbox_");
+    let target = Target::sql_table(&url, &unique("cli_test_"));
+    let pool = store.pool().clone();
+    support::check_outbox_commands(&target, &table, &pool, || {
+        idempotent_runtime::MySqlOutbox::new(pool.clone(), &table).unwrap()
+    })
+    .await;
+    sqlx::raw_sql(AssertSqlSafe(format!("DROP TABLE `{table}`")))
+        .execute(&pool)
+        .await
+        .unwrap();
+}

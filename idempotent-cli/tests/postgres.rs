@@ -48,3 +48,26 @@ fn a_refused_connection_fails_at_once() {
     assert!(!r.stderr.contains("secret"), "{}", r.stderr);
     refused_at_once(&format!("postgresql://root@127.0.0.1:{port}/test"));
 }
+
+/// The outbox commands on an outbox table of the test's own.
+#[tokio::test]
+async fn outbox_commands_on_postgres() {
+    let url = std::env::var("IDEMPOTENT_POSTGRES_URL")
+        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into());
+    let store = PostgresStore::connect(&url).await.unwrap_or_else(|e| {
+        panic!("the PostgreSQL tests need a server at {url} (set IDEMPOTENT_POSTGRES_URL): {e}")
+    });
+    let table = unique("cli_outbox_");
+    let target = Target::sql_table(&url, &unique("cli_test_"));
+    let pool = store.pool().clone();
+    support::check_outbox_commands(&target, &table, &pool, || {
+        idempotent_runtime::PostgresOutbox::new(pool.clone(), &table).unwrap()
+    })
+    .await;
+    idempotent_runtime::sqlx::query(idempotent_runtime::sqlx::AssertSqlSafe(format!(
+        "DROP TABLE \"{table}\""
+    )))
+    .execute(&pool)
+    .await
+    .unwrap();
+}

@@ -4,6 +4,7 @@
 
 #![allow(dead_code)]
 
+use idempotent_runtime::outbox::{Outbox, OutboxStore, OutboxTransaction, Retry, RowStatus, Uuid};
 use idempotent_runtime::store::{
     ClaimOutcome, ClaimRequest, Completion, Fence, RecordState, Release, ScanFilter,
 };
@@ -565,4 +566,366 @@ pub async fn clean(store: &dyn Store, scope: &str) {
             None => return,
         }
     }
+}
+
+/// Writes the messages of `outbox` in a committed transaction of `pool`, as a
+/// transactional handler does.
+pub async fn enqueue<DB: idempotent_runtime::sqlx::Database>(
+    pool: &idempotent_runtime::sqlx::Pool<DB>,
+    table: &str,
+    outbox: &Outbox,
+) where
+    for<'c> idempotent_runtime::sqlx::Transaction<'c, DB>: OutboxTransaction,
+{
+    let mut tx = pool.begin().await.expect("beginning a transaction");
+    tx.enqueue_in_tx(table, outbox)
+        .await
+        .expect("writing the outbox rows");
+    tx.commit().await.expect("committing");
+}
+
+/// The ids of `lines` (JSON rows of `outbox list`), in order.
+fn ids(lines: &[Value]) -> Vec<String> {
+    lines
+        .iter()
+        .map(|v| v["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// The status of the row `id`, read through the library: pending, sent, dead, or
+/// `None` when it is gone.
+async fn status_of(store: &dyn OutboxStore, id: Uuid) -> Option<RowStatus> {
+    for status in [RowStatus::Pending, RowStatus::Sent, RowStatus::Dead] {
+        let mut after = None;
+        loop {
+            let page = store.list(status, after, 1000).await.unwrap();
+            if page.rows.iter().any(|r| r.message.id() == id) {
+                return Some(status);
+            }
+            match page.next {
+                Some(n) => after = Some(n),
+                None => break,
+            }
+        }
+    }
+    None
+}
+
+/// The outbox commands against `target`, whose `--outbox-table` is `table`, a table of
+/// the test's own that does not exist yet on `pool`: a missing table is an error
+/// naming the command that creates it (and the read does not create it), `outbox
+/// migrate` creates it; rows written through `enqueue_in_tx` and moved through every
+/// status with the library's `OutboxStore` (`open` opens it on the table); then each
+/// command's output, exit code and effect.
+pub async fn check_outbox_commands<DB, O>(
+    target: &Target,
+    table: &str,
+    pool: &idempotent_runtime::sqlx::Pool<DB>,
+    open: impl Fn() -> O,
+) where
+    DB: idempotent_runtime::sqlx::Database,
+    for<'c> idempotent_runtime::sqlx::Transaction<'c, DB>: OutboxTransaction,
+    O: OutboxStore + 'static,
+{
+    let t = |args: &[&str]| {
+        let mut all = vec!["outbox", "--outbox-table", table];
+        all.extend_from_slice(args);
+        target.run(&all)
+    };
+    let tj = |args: &[&str]| {
+        let mut all = vec!["--format", "json", "outbox", "--outbox-table", table];
+        all.extend_from_slice(args);
+        target.run(&all)
+    };
+
+    // a missing table: an error naming what creates it, and a read creates nothing
+    for cmd in [&["stats"][..], &["list", "--pending"][..]] {
+        let r = t(cmd).expect(ERROR);
+        assert!(
+            r.stderr
+                .contains(&format!("the outbox table `{table}` does not exist"))
+                && r.stderr.contains("idempotent outbox migrate")
+                && r.stderr.contains("::outbox(\""),
+            "{}",
+            r.stderr
+        );
+    }
+    t(&["stats"]).expect(ERROR);
+    let r = t(&["schema", "--print"]).expect(FOUND);
+    assert!(
+        r.stdout.contains("CREATE TABLE IF NOT EXISTS"),
+        "{}",
+        r.stdout
+    );
+    t(&["stats"]).expect(ERROR);
+    let r = t(&["migrate"]).expect(FOUND);
+    assert!(r.stdout.contains("is ready"), "{}", r.stdout);
+    let r = t(&["stats"]).expect(NOT_FOUND);
+    assert!(
+        r.stderr.contains("no rows in the outbox table"),
+        "{}",
+        r.stderr
+    );
+    assert_eq!(tj(&["stats"]).expect(NOT_FOUND).stdout, "");
+    t(&["list", "--dead"]).expect(NOT_FOUND);
+
+    // rows in every status, through the library
+    let store = open();
+    let scope = unique("orders-");
+    let mut first = Outbox::new();
+    first.bind(&RecordKey::new(&scope, "o-1").unwrap());
+    let sent = first.emit("payments.charge", b"p1".to_vec()).id();
+    let dead = first
+        .emit("payments.charge", b"p2".to_vec())
+        .ordering_key("customer-4")
+        .id();
+    let backoff = first.emit("mail.receipt", b"p3".to_vec()).id();
+    let claimed = first.emit("audit", b"p4".to_vec()).id();
+    enqueue(pool, table, &first).await;
+    let rows = store
+        .claim_due("relay-a", 10, Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 4);
+    let lease = |id: Uuid| rows.iter().find(|r| r.message.id() == id).unwrap().lease;
+    assert_eq!(
+        store.mark_sent(&[lease(sent)]).await.unwrap(),
+        [Fence::Held]
+    );
+    assert_eq!(
+        store
+            .mark_failed(&lease(dead), "broker said no\nfor good", Retry::Dead)
+            .await
+            .unwrap(),
+        Fence::Held
+    );
+    assert_eq!(
+        store
+            .mark_failed(
+                &lease(backoff),
+                "timed out",
+                Retry::After(Duration::from_secs(3600))
+            )
+            .await
+            .unwrap(),
+        Fence::Held
+    );
+    let mut second = Outbox::new();
+    second.bind(&RecordKey::new(&scope, &("eu", "17")).unwrap());
+    let fresh = second.emit("payments.charge", b"p5".to_vec()).id();
+    enqueue(pool, table, &second).await;
+
+    // stats: per destination, sorted
+    let stats = tj(&["stats"]).expect(FOUND).json();
+    let counts: Vec<(&str, u64, u64, u64)> = stats
+        .iter()
+        .map(|v| {
+            (
+                v["destination"].as_str().unwrap(),
+                v["pending"].as_u64().unwrap(),
+                v["dead"].as_u64().unwrap(),
+                v["sent"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        counts,
+        [
+            ("audit", 1, 0, 0),
+            ("mail.receipt", 1, 0, 0),
+            ("payments.charge", 1, 1, 1)
+        ]
+    );
+    for v in &stats {
+        let oldest = v["oldest_pending_ms"].as_u64().unwrap();
+        assert!(oldest < 60_000, "{v}");
+    }
+    let r = t(&["stats"]).expect(FOUND);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{}", r.stdout);
+    assert!(
+        lines[0].starts_with("DESTINATION  ") && lines[0].contains("OLDEST PENDING"),
+        "{}",
+        r.stdout
+    );
+    assert!(lines[3].starts_with("payments.charge  1"), "{}", r.stdout);
+
+    // list: each status in emission order, every column
+    let pending = tj(&["list", "--pending"]).expect(FOUND).json();
+    assert_eq!(
+        ids(&pending),
+        [backoff, claimed, fresh].map(|i| i.to_string())
+    );
+    let (b, c, f) = (&pending[0], &pending[1], &pending[2]);
+    assert_eq!(
+        (b["status"].as_str(), b["attempts"].as_u64()),
+        (Some("pending"), Some(1))
+    );
+    assert_eq!(b["last_error"], "timed out");
+    assert!(b["due_in_ms"].as_u64().unwrap() > 3_500_000, "{b}");
+    assert_eq!(b["leased_by"], Value::Null);
+    assert_eq!(c["leased_by"], "relay-a");
+    assert_eq!(f["due_in_ms"], 0);
+    assert_eq!(
+        (f["origin_scope"].as_str(), f["origin_key"].as_str()),
+        (Some(scope.as_str()), Some("(\"eu\", \"17\")"))
+    );
+    assert_eq!(b["origin_key"], "o-1");
+    assert_eq!(b["origin_key_hex"], "6f2d31");
+    assert_eq!(f["destination"], "payments.charge");
+    assert_eq!(f["payload_bytes"], 2);
+    assert!(
+        pending
+            .iter()
+            .all(|v| v["age_ms"].as_u64().unwrap() < 60_000)
+    );
+    let dead_rows = tj(&["list", "--dead"]).expect(FOUND).json();
+    assert_eq!(ids(&dead_rows), [dead.to_string()]);
+    assert_eq!(dead_rows[0]["last_error"], "broker said no\nfor good");
+    assert_eq!(dead_rows[0]["ordering_key"], "customer-4");
+    assert_eq!(dead_rows[0]["due_in_ms"], Value::Null);
+    let sent_rows = tj(&["list", "--sent"]).expect(FOUND).json();
+    assert_eq!(ids(&sent_rows), [sent.to_string()]);
+    assert_eq!(sent_rows[0]["attempts"], 0);
+    let two = tj(&["list", "--pending", "--limit", "2"])
+        .expect(FOUND)
+        .json();
+    assert_eq!(ids(&two), [backoff, claimed].map(|i| i.to_string()));
+    t(&["list"]).expect(ERROR);
+    t(&["list", "--pending", "--dead"]).expect(ERROR);
+
+    // the table form: a header, aligned columns, human durations, errors on one line
+    let r = t(&["list", "--pending"]).expect(FOUND);
+    let lines: Vec<&str> = r.stdout.lines().collect();
+    assert_eq!(lines.len(), 4, "{}", r.stdout);
+    assert!(lines[0].starts_with("ID  "), "{}", r.stdout);
+    let col = lines[0].find("STATUS").unwrap();
+    for l in &lines[1..] {
+        assert!(l[col..].starts_with("pending"), "misaligned: {l}");
+    }
+    assert!(
+        lines[1].contains("59m ") || lines[1].contains("1h 00m"),
+        "{}",
+        r.stdout
+    );
+    assert!(lines[1].contains("timed out"), "{}", r.stdout);
+    assert!(
+        lines[2].contains("pending (claimed by relay-a)"),
+        "{}",
+        r.stdout
+    );
+    assert!(lines[3].contains(" now "), "{}", r.stdout);
+    assert!(lines[3].contains("(\"eu\", \"17\")"), "{}", r.stdout);
+    let r = t(&["list", "--dead"]).expect(FOUND);
+    assert_eq!(r.stdout.lines().count(), 2, "{}", r.stdout);
+    assert!(
+        r.stdout.contains("broker said no\\nfor good"),
+        "{}",
+        r.stdout
+    );
+
+    // retry: only a dead row; dry run, refusal without --yes, then for real
+    for not_dead in [fresh, sent] {
+        let r = t(&["retry", &not_dead.to_string(), "--yes"]).expect(UNCHANGED);
+        assert!(
+            r.stderr.contains("only a dead row can be retried"),
+            "{}",
+            r.stderr
+        );
+    }
+    let r = t(&["retry", "6f1c2a4e-0d3b-5c7e-9a41-2b8f0e6d1c55", "--yes"]).expect(NOT_FOUND);
+    assert!(r.stderr.contains("no row"), "{}", r.stderr);
+    let r = t(&["retry", "not-an-id", "--yes"]).expect(ERROR);
+    assert!(r.stderr.contains("is not a message id"), "{}", r.stderr);
+    let d = dead.to_string();
+    let r = t(&["retry", &d, "--dry-run"]).expect(FOUND);
+    assert!(r.stdout.contains("would put the dead row"), "{}", r.stdout);
+    assert!(r.stdout.contains("broker said no"), "{}", r.stdout);
+    assert_eq!(status_of(&store, dead).await, Some(RowStatus::Dead));
+    let r = t(&["retry", &d]).expect(ERROR);
+    assert!(r.stderr.contains("--yes"), "{}", r.stderr);
+    assert_eq!(status_of(&store, dead).await, Some(RowStatus::Dead));
+    let r = tj(&["retry", &d, "--yes"]).expect(FOUND);
+    assert_eq!(r.json()[0]["done"], "retried");
+    assert_eq!(r.json()[0]["id"], d);
+    let again = store
+        .claim_ids("relay-b", &[dead], Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert_eq!(again.len(), 1, "a retried row is claimable at once");
+    assert_eq!(again[0].attempts, 0);
+    t(&["retry", &d, "--yes"]).expect(UNCHANGED);
+    t(&["list", "--dead"]).expect(NOT_FOUND);
+
+    // purge: sent rows older than the duration; the dry run counts them
+    assert_eq!(
+        store
+            .mark_sent(&[again[0].lease, lease(claimed)])
+            .await
+            .unwrap(),
+        [Fence::Held, Fence::Held]
+    );
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let would = |age: &str| {
+        tj(&["purge", "--sent", "--older-than", age, "--dry-run"])
+            .expect(FOUND)
+            .json()[0]["would_purge"]
+            .as_u64()
+            .unwrap()
+    };
+    assert_eq!(would("1h"), 0);
+    assert_eq!(would("10ms"), 3);
+    let r = t(&["purge", "--sent", "--older-than", "10ms", "--dry-run"]).expect(FOUND);
+    assert!(
+        r.stdout.starts_with("would delete 3 sent rows") && r.stdout.contains("dry run"),
+        "{}",
+        r.stdout
+    );
+    let r = t(&["purge", "--sent", "--older-than", "10ms"]).expect(ERROR);
+    assert!(r.stderr.contains("--yes"), "{}", r.stderr);
+    assert_eq!(would("10ms"), 3);
+    t(&["purge", "--older-than", "10ms", "--yes"]).expect(ERROR);
+    t(&["purge", "--sent", "--yes"]).expect(ERROR);
+    t(&["purge", "--sent", "--older-than", "soon", "--yes"]).expect(ERROR);
+    let r = t(&["purge", "--sent", "--older-than", "1h", "--yes"]).expect(FOUND);
+    assert!(r.stdout.starts_with("purged 0 sent rows"), "{}", r.stdout);
+    let r = tj(&["purge", "--sent", "--older-than", "10ms", "--yes"]).expect(FOUND);
+    assert_eq!(r.json()[0]["purged"], 3);
+    t(&["list", "--sent"]).expect(NOT_FOUND);
+    for id in [sent, dead, claimed] {
+        assert_eq!(status_of(&store, id).await, None);
+    }
+    assert_eq!(status_of(&store, fresh).await, Some(RowStatus::Pending));
+    let sent_left: u64 = tj(&["stats"])
+        .expect(FOUND)
+        .json()
+        .iter()
+        .map(|v| v["sent"].as_u64().unwrap())
+        .sum();
+    assert_eq!(sent_left, 0);
+
+    // a bad table name
+    let r = target
+        .run(&["outbox", "--outbox-table", "no such", "stats"])
+        .expect(ERROR);
+    assert!(r.stderr.contains("--outbox-table"), "{}", r.stderr);
+}
+
+/// `outbox` against stores that have no outbox: refused with the error exit code,
+/// before any connection (nothing needs to listen at the URL).
+pub fn outbox_needs_an_sql_store() {
+    for url in [
+        "redis://127.0.0.1:1",
+        "redis+cluster://127.0.0.1:1",
+        "memory://",
+    ] {
+        let r = run(&["--store", url, "outbox", "stats"]).expect(ERROR);
+        assert!(
+            r.stderr.contains("the outbox lives in an SQL store"),
+            "{url}: {}",
+            r.stderr
+        );
+    }
+    let r = run(&["outbox", "stats"]).expect(ERROR);
+    assert!(r.stderr.contains("no store given"), "{}", r.stderr);
 }

@@ -899,6 +899,43 @@ impl<DB: OutboxDb> SqlOutbox<DB> {
         Ok(OutboxPage { rows, next })
     }
 
+    /// The row `id`, as [`list`](Self::list) shows it: `None` when there is none.
+    pub(crate) async fn row(&self, id: Uuid) -> Result<Option<OutboxRow>, StoreError> {
+        let op = "reading an outbox row";
+        let text = DB::select(
+            &OutboxSql::listed::<DB>("o."),
+            &format!("{} o", self.sql.t),
+            &format!("o.id = {}", DB::param(1)),
+        );
+        let mut conn = self.conn(op).await?;
+        let q = DB::bytes(sqlx::query::<DB>(sql(text)), id.as_bytes().to_vec());
+        let rows = DB::rows(&mut conn, q, op).await?;
+        rows.first().map(|r| decode_listed(DB::columns(r))).transpose()
+    }
+
+    /// How many sent rows [`purge_sent`](Self::purge_sent) with `older_than` would
+    /// delete now.
+    pub(crate) async fn count_sent(&self, older_than: Duration) -> Result<u64, StoreError> {
+        let op = "counting sent outbox rows";
+        let text = DB::select(
+            &DB::int8("COUNT(*)"),
+            &format!("{} o", self.sql.t),
+            &format!(
+                "o.status = {SENT} AND o.sent_us <= {} - {}",
+                DB::now(),
+                DB::param(1)
+            ),
+        );
+        let mut conn = self.conn(op).await?;
+        let q = DB::int(sqlx::query::<DB>(sql(text)), micros(older_than));
+        let rows = DB::rows(&mut conn, q, op).await?;
+        let n = match rows.first() {
+            Some(r) => DB::columns(r).int(0).map_err(DB::err(op))?,
+            None => 0,
+        };
+        u64::try_from(n).map_err(|_| corrupt(format!("outbox: a count of {n}")))
+    }
+
     pub(crate) async fn retry_dead(&self, id: Uuid) -> Result<bool, StoreError> {
         let op = "retrying a dead outbox row";
         let mut conn = self.conn(op).await?;
@@ -950,6 +987,25 @@ macro_rules! outbox_handle {
             /// The table name, as given.
             pub fn table(&self) -> String {
                 self.inner.sql.table.display()
+            }
+
+            /// The row `id`, as [`list`](crate::outbox::OutboxStore::list) shows it
+            /// (`None` when the table has no such row), for the operator.
+            pub async fn row(
+                &self,
+                id: uuid::Uuid,
+            ) -> Result<Option<$crate::outbox::store::OutboxRow>, $crate::error::StoreError> {
+                self.inner.row(id).await
+            }
+
+            /// How many sent rows
+            /// [`purge_sent`](crate::outbox::OutboxStore::purge_sent) with `older_than`
+            /// would delete now (its dry run).
+            pub async fn count_sent(
+                &self,
+                older_than: std::time::Duration,
+            ) -> Result<u64, $crate::error::StoreError> {
+                self.inner.count_sent(older_than).await
             }
         }
 
