@@ -910,7 +910,9 @@ impl<DB: OutboxDb> SqlOutbox<DB> {
         let mut conn = self.conn(op).await?;
         let q = DB::bytes(sqlx::query::<DB>(sql(text)), id.as_bytes().to_vec());
         let rows = DB::rows(&mut conn, q, op).await?;
-        rows.first().map(|r| decode_listed(DB::columns(r))).transpose()
+        rows.first()
+            .map(|r| decode_listed(DB::columns(r)))
+            .transpose()
     }
 
     /// How many sent rows [`purge_sent`](Self::purge_sent) with `older_than` would
