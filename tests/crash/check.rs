@@ -83,7 +83,8 @@ pub struct Input<'a> {
     pub replica_ack: bool,
     /// The Redis failovers (failover modes).
     pub failovers: &'a [Failover],
-    /// `kill -9` of a worker: its pid and when.
+    /// `kill -9` of a worker: its pid and when the signal was sent (the worker runs no
+    /// code after that).
     pub kills: &'a [(u32, u64)],
     pub faults: &'a [Fault],
     /// Workers stopped at the end of the run, and when.

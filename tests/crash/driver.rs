@@ -686,8 +686,13 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
             published.load(Ordering::SeqCst).saturating_sub(remaining) as f64 / total as f64;
         if Instant::now() >= next_kill {
             let i = rng.below(workers.children.len() as u64) as usize;
+            // the time the signal is sent: the worker runs no code after it, and its
+            // locks and connections go with it, so another worker may claim its key
+            // before `kill` returns (a time taken after it would end the killed
+            // execution after that claim, an overlap that never happened)
+            let sent = now_us();
             let pid = workers.kill(i);
-            kills.push((pid, now_us()));
+            kills.push((pid, sent));
             workers.children[i] = workers.spawn_one();
             next_kill = Instant::now() + Duration::from_millis(rng.range(p.kill_every_ms));
         }
