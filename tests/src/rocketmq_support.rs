@@ -117,16 +117,34 @@ async fn start_broker(
     Ok(broker)
 }
 
+/// The broker's store folder: in memory (`/dev/shm`) where there is one, since the
+/// broker measures the fullness of the disk its store is on and refuses to start on a
+/// shared machine's nearly full disk whatever the little a test writes; otherwise the
+/// temporary folder.
 fn temp_root() -> PathBuf {
     let mut b = [0u8; 8];
     getrandom::fill(&mut b).expect("random bytes");
-    let dir = std::env::temp_dir().join(format!(
+    let shm = std::path::Path::new("/dev/shm");
+    let base = if shm.is_dir() && tempfile_ok(shm) {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    };
+    let dir = base.join(format!(
         "idempotent-rocketmq-{}-{:016x}",
         std::process::id(),
         u64::from_le_bytes(b)
     ));
     std::fs::create_dir_all(&dir).expect("temp dir for the embedded RocketMQ");
     dir
+}
+
+/// Whether this process can create a folder in `dir`.
+fn tempfile_ok(dir: &std::path::Path) -> bool {
+    let probe = dir.join(format!("idempotent-rocketmq-probe-{}", std::process::id()));
+    let ok = std::fs::create_dir_all(&probe).is_ok();
+    let _ = std::fs::remove_dir(&probe);
+    ok
 }
 
 /// A name server and a broker running in this process; stopped by [`shutdown`](Self::shutdown).
