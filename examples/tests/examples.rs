@@ -2,7 +2,8 @@
 //! loopback port in the variable that names it) says so in one line on standard error,
 //! naming the address it tried and what to start, and exits with status 1 within
 //! seconds; the RocketMQ consumer runs end to end on its embedded name server and broker
-//! when `ROCKETMQ_NAMESRV_ADDR` is not set.
+//! when `ROCKETMQ_NAMESRV_ADDR` is not set; the outbox pipeline, which needs no server,
+//! runs end to end and its summary is checked.
 //!
 //! The programs are the ones `cargo test` builds beside this test, in
 //! `target/<profile>/examples/`: run it with `cargo test -p idempotent-examples
@@ -16,7 +17,8 @@
     feature = "kafka",
     feature = "rocketmq",
     feature = "http",
-    feature = "stores"
+    feature = "stores",
+    feature = "sqlite"
 ))]
 
 use std::io::Read;
@@ -25,6 +27,15 @@ use std::process::{Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 /// How long a program whose server is down may take to say so.
+#[cfg(any(
+    feature = "redis-streams",
+    feature = "nats",
+    feature = "amqp",
+    feature = "kafka",
+    feature = "rocketmq",
+    feature = "http",
+    feature = "stores"
+))]
 const FAIL_WITHIN: Duration = Duration::from_secs(10);
 
 /// What a program did: its exit status, its output, how long it ran.
@@ -99,6 +110,15 @@ fn run(mut cmd: Command, limit: Duration) -> Ran {
 /// Runs `cmd`, whose server is down, and checks that it says in one line of standard
 /// error each of `says` (the address, what to start, the variable to set), exits with
 /// status 1, and does so within [`FAIL_WITHIN`].
+#[cfg(any(
+    feature = "redis-streams",
+    feature = "nats",
+    feature = "amqp",
+    feature = "kafka",
+    feature = "rocketmq",
+    feature = "http",
+    feature = "stores"
+))]
 fn fails_fast(cmd: Command, says: &[&str]) -> String {
     let what = format!("{cmd:?}");
     let ran = run(cmd, FAIL_WITHIN * 3);
@@ -258,4 +278,91 @@ fn benchmarks_without_their_servers() {
     let mut cmd = example("cli_bench");
     cmd.args(["--stores", "redis", "--bin", "/nonexistent/idempotent"]);
     fails_fast(cmd, &["/nonexistent/idempotent", "cargo build --release"]);
+}
+
+/// The outbox pipeline end to end (SQLite in a temporary directory, in-process queues):
+/// each kind of trouble happens and is handled, and the summary shows every order
+/// written once by stage 1 and paid once by stage 2, every payment message sent once
+/// from the outbox and nothing pending or dead.
+#[cfg(feature = "sqlite")]
+#[test]
+fn pipeline_pays_each_order_once_through_the_outbox() {
+    let ran = run(example("pipeline"), Duration::from_secs(60));
+    let out = &ran.stdout;
+    assert!(
+        ran.status.success() && ran.stderr.is_empty(),
+        "{:?} after {:?}\nstdout:\n{out}\nstderr:\n{}",
+        ran.status,
+        ran.took,
+        ran.stderr
+    );
+    let orders: u64 = out
+        .strip_prefix("idempotent pipeline: ")
+        .and_then(|s| s.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no order count in the first line:\n{out}"));
+    assert!(orders > 0);
+    let summary = &out[out
+        .find("\nsummary\n")
+        .unwrap_or_else(|| panic!("no summary in\n{out}"))..];
+    // the value of the first summary line `label` that follows `after`
+    let value = |label: &str, after: &str| -> String {
+        let from = &summary[summary
+            .find(after)
+            .unwrap_or_else(|| panic!("{after:?}: {out}"))..];
+        let line = from
+            .lines()
+            .find(|l| l.trim_start().starts_with(label))
+            .unwrap_or_else(|| panic!("no summary line {label:?} in\n{out}"));
+        line.trim_start()[label.len()..].trim().to_owned()
+    };
+    let number = |s: String| -> u64 { s.parse().unwrap_or_else(|_| panic!("{s:?}: {out}")) };
+    let all = format!("{orders} of {orders}");
+    assert_eq!(value("orders written once", "summary"), all, "{out}");
+    assert_eq!(value("orders paid once", "summary"), all, "{out}");
+    assert_eq!(value("orders paid twice or more", "summary"), "0", "{out}");
+    assert_eq!(value("orders never paid", "summary"), "0", "{out}");
+    assert_eq!(
+        value("payment messages in the outbox", "summary"),
+        format!("{orders} sent, 0 pending, 0 dead"),
+        "{out}"
+    );
+    assert_eq!(
+        value("payments matching their order", "summary"),
+        format!("{all} (amount, message id)"),
+        "{out}"
+    );
+    assert_eq!(
+        value("troubles met and handled", "summary"),
+        "6 of 6",
+        "{out}"
+    );
+    // stage 2 was given a message twice, and ran its body once per order
+    let deliveries = number(value("stage 2 deliveries", "summary"));
+    let replays = number(value("answered from its dedup rows", "stage 2 deliveries"));
+    assert!(replays >= 1, "{out}");
+    assert_eq!(deliveries, orders + replays, "{out}");
+    assert_eq!(
+        number(value("stage 2 body runs", "summary")),
+        orders,
+        "{out}"
+    );
+    // a line for each kind of trouble
+    for event in [
+        "the producer's resend: answered from stage 1's dedup row",
+        "redelivered after its lost ack: answered from stage 1's dedup row",
+        "crashed before dispatch",
+        "died before marking it sent",
+        "once relay-1's lease ran out",
+        "delivered again: answered from stage 2's dedup row",
+        "rolled back (0 order rows, 0 messages emitted, 0 pending in the outbox)",
+        "failed again (attempt 2",
+        "now that the broker is back",
+    ] {
+        assert!(out.contains(event), "{event:?} missing from\n{out}");
+    }
+    assert!(
+        out.contains("\nok: every order was paid exactly once"),
+        "{out}"
+    );
 }
