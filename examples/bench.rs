@@ -28,7 +28,7 @@ mod support;
 
 use idempotent_runtime::redis::{self, AsyncCommands, aio::ConnectionManager};
 use idempotent_runtime::sqlx;
-use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion};
+use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Coalesced, Completion};
 use idempotent_runtime::{
     Error, Idempotency, MemoryStore, MySqlStore, PostgresStore, RecordKey, RedisStore, SqliteStore,
     Store, idempotent,
@@ -995,7 +995,7 @@ async fn store_cases(
     ));
 
     let tasks = if redis { 32 } else { 16 };
-    let c = compare(n * 2, tasks, raw_first, fw_first).await;
+    let c = compare(n * 2, tasks, raw_first.clone(), fw_first).await;
     report.push(Row::new(
         store_name,
         format!("first delivery, {tasks} tasks{label}"),
@@ -1003,6 +1003,19 @@ async fn store_cases(
         raw.label(),
         &c,
         Some(0.80),
+    ));
+
+    // the same with the store's single steps coalesced into batch calls
+    select(Arc::new(Coalesced::new(store.clone())));
+    let c = compare(n * 2, tasks, raw_first, fw_first).await;
+    select(store.clone());
+    report.push(Row::new(
+        store_name,
+        format!("first delivery, {tasks} tasks, coalesced{label}"),
+        runtime,
+        raw.label(),
+        &c,
+        Some(1.0),
     ));
 
     if redis {

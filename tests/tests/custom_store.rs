@@ -251,6 +251,20 @@ mod forwarding_wrapper {
     });
 }
 
+/// The protocol cases with the single steps coalesced into batch calls, over a store
+/// that answers after a delay (so that steps meet a call in flight) and whose batch
+/// methods are the trait's defaults.
+mod coalesced {
+    use super::*;
+    use idempotent_runtime::store::Coalesced;
+    use idempotent_runtime::testing::FaultyStore;
+    idempotent_runtime::protocol_conformance_suite!(async {
+        let store = FaultyStore::new(MemoryStore::new());
+        store.set_delay(std::time::Duration::from_millis(1));
+        Arc::new(Coalesced::new(store)) as Arc<dyn Store>
+    });
+}
+
 /// The protocol cases through the wrapper that forwards only the protocol steps.
 mod opaque_wrapper {
     use super::*;

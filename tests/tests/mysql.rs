@@ -78,6 +78,15 @@ idempotent_runtime::protocol_conformance_suite!(async {
 });
 idempotent_runtime::admin_conformance_suite!(async { Arc::new(connect().await) as Arc<dyn Store> });
 
+/// The protocol cases with the store's single steps coalesced into batch calls.
+mod coalesced {
+    use super::*;
+    use idempotent_runtime::store::Coalesced;
+    idempotent_runtime::protocol_conformance_suite!(async {
+        Arc::new(Coalesced::new(connect().await)) as Arc<dyn Store>
+    });
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_stores_on_separate_pools_run_each_key_once() {
     let a = Arc::new(connect().await) as Arc<dyn Store>;

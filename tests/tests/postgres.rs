@@ -79,6 +79,15 @@ idempotent_runtime::protocol_conformance_suite!(async {
 });
 idempotent_runtime::admin_conformance_suite!(async { Arc::new(connect().await) as Arc<dyn Store> });
 
+/// The protocol cases with the store's single steps coalesced into batch calls.
+mod coalesced {
+    use super::*;
+    use idempotent_runtime::store::Coalesced;
+    idempotent_runtime::protocol_conformance_suite!(async {
+        Arc::new(Coalesced::new(connect().await)) as Arc<dyn Store>
+    });
+}
+
 async fn db_now_us(pool: &PgPool) -> i64 {
     sqlx::query_scalar("SELECT floor(extract(epoch FROM clock_timestamp()) * 1000000)::int8")
         .fetch_one(pool)

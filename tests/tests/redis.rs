@@ -26,6 +26,17 @@ idempotent_runtime::admin_conformance_suite!(async {
     Arc::new(idempotent_tests::redis_support::connect().await) as Arc<dyn Store>
 });
 
+/// The protocol cases with the store's single steps coalesced into batch calls.
+mod coalesced {
+    use super::*;
+    use idempotent_runtime::store::Coalesced;
+    idempotent_runtime::protocol_conformance_suite!(async {
+        Arc::new(Coalesced::new(
+            idempotent_tests::redis_support::connect().await,
+        )) as Arc<dyn Store>
+    });
+}
+
 /// `fcall` calls and whether any `set` ran since the last `CONFIG RESETSTAT`.
 async fn function_calls(conn: &mut redis::aio::ConnectionManager) -> (u64, bool) {
     let info: String = redis::cmd("INFO")

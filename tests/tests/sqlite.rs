@@ -63,6 +63,15 @@ idempotent_runtime::admin_conformance_suite!(async {
     Arc::new(open(&SHARED).await) as Arc<dyn Store>
 });
 
+/// The protocol cases with the store's single steps coalesced into batch calls.
+mod coalesced {
+    use super::*;
+    use idempotent_runtime::store::Coalesced;
+    idempotent_runtime::protocol_conformance_suite!(async {
+        Arc::new(Coalesced::new(open(&SHARED).await)) as Arc<dyn Store>
+    });
+}
+
 /// Stores opening the same new file at the same moment as others write to it
 /// (consumers starting together) all open it and run their messages: switching a new
 /// file to write-ahead logging takes a lock SQLite's busy timeout does not wait for,
