@@ -316,9 +316,11 @@ pub fn table(p: &Profile, reports: &[(Mode, Report)]) -> String {
     };
     let n = |r: &Report, k: Reason| r.reexecutions.get(&k).copied().unwrap_or(0);
     row(&mut s, "messages published", &|r| r.messages.to_string());
-    row(&mut s, "duplicates sent (new Nats-Msg-Id)", &|r| {
-        r.duplicates.to_string()
-    });
+    row(
+        &mut s,
+        "duplicates sent (new Nats-Msg-Id; pg-outbox stage 2: published again past the stream's duplicate window)",
+        &|r| r.duplicates.to_string(),
+    );
     row(
         &mut s,
         "orders failing / panicking on first delivery",
@@ -945,6 +947,28 @@ mod tests {
             "{:?}",
             r.violations
         );
+    }
+
+    #[test]
+    fn a_broken_downstream_stage_fails_the_run_and_has_its_column() {
+        let mut r = Report {
+            mode: Some(Mode::PgOutbox),
+            downstream: Some(Box::default()),
+            ..Report::default()
+        };
+        assert!(r.ok());
+        r.downstream
+            .as_mut()
+            .unwrap()
+            .violations
+            .push("o1: lost".to_owned());
+        assert!(!r.ok());
+        let t = table(&crate::driver::Profile::short(), &[(Mode::PgOutbox, r)]);
+        assert!(
+            t.contains("| | pg-outbox stage 1 | pg-outbox stage 2 |"),
+            "{t}"
+        );
+        assert!(t.contains("| invariant violations | 0 | 1 |"), "{t}");
     }
 
     #[test]

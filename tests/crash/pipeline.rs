@@ -507,35 +507,25 @@ impl Pipeline {
             ..*stage1
         });
         let relay_lines = history::read_all(&self.relay_dir);
-        let figures = self.check_outbox(stage1, &relay_lines, report).await;
+        let figures = Figures::read(stage1.lines, &relay_lines);
+        let drained = self.drained().await;
+        report
+            .violations
+            .extend(outbox_violations(stage1.orders, &drained, &figures));
         let faults = |f: &str| self.plans.iter().filter(|(.., x)| *x == f).count();
         report.notes = figures.render(
             stored,
             self.relay_kills.len(),
             (faults("ack-lost"), faults("stall")),
+            &drained,
         );
         report.downstream = Some(Box::new(downstream));
         let _ = self.js.delete_stream(&self.stream).await;
     }
 
-    /// The outbox after the drain: every order has one row, with its derived id, sent,
-    /// and confirmed by the stream; every payment row carries its order's message id.
-    async fn check_outbox(
-        &self,
-        stage1: &Input<'_>,
-        relay_lines: &[Line],
-        report: &mut Report,
-    ) -> Figures {
-        let v = &mut report.violations;
-        let stats = self.table.stats().await.expect("outbox statistics");
-        if stats.pending() != 0 || stats.dead() != 0 {
-            v.push(format!(
-                "outbox: {} rows pending and {} dead after the drain",
-                stats.pending(),
-                stats.dead()
-            ));
-        }
-        let mut rows: HashMap<String, Vec<Uuid>> = HashMap::new();
+    /// The outbox table's rows and the payment rows, after the drain.
+    async fn drained(&self) -> Drained {
+        let mut rows: HashMap<String, Vec<(Uuid, RowStatus)>> = HashMap::new();
         for status in [RowStatus::Pending, RowStatus::Sent, RowStatus::Dead] {
             let mut after = None;
             loop {
@@ -547,7 +537,7 @@ impl Pipeline {
                 for row in page.rows {
                     let m = &row.message;
                     let order = String::from_utf8_lossy(m.payload()).into_owned();
-                    rows.entry(order).or_default().push(m.id());
+                    rows.entry(order).or_default().push((m.id(), row.status));
                 }
                 match page.next {
                     Some(n) => after = Some(n),
@@ -555,40 +545,55 @@ impl Pipeline {
                 }
             }
         }
-        let published = Figures::read(stage1.lines, relay_lines);
-        for order in stage1.orders {
-            let want = payment_id(order);
-            match rows.remove(order).as_deref() {
-                Some([id]) if *id == want => {
-                    if !published.confirmed.contains_key(id) {
-                        v.push(format!(
-                            "outbox: {order}: row {id} marked sent, never confirmed by the stream"
-                        ));
-                    }
-                }
-                other => v.push(format!(
-                    "outbox: {order}: rows {other:?}, expected one row with the id {want}"
-                )),
-            }
-        }
-        for order in rows.keys() {
-            v.push(format!("outbox: a row for {order}, never ordered"));
-        }
-        let paid: Vec<(String, String)> =
-            sqlx::query_as("SELECT order_id, message_id FROM crash_payments")
-                .fetch_all(&self.pool)
-                .await
-                .expect("read the payments");
-        for (order, id) in paid {
-            if id != payment_id(&order).to_string() {
-                v.push(format!(
-                    "payments: {order} recorded from message {id}, not {}",
-                    payment_id(&order)
-                ));
-            }
-        }
-        published
+        let paid = sqlx::query_as("SELECT order_id, message_id FROM crash_payments")
+            .fetch_all(&self.pool)
+            .await
+            .expect("read the payments");
+        Drained { rows, paid }
     }
+}
+
+/// The outbox table and the payments as the drain left them.
+struct Drained {
+    /// Each order's outbox rows (their payload is the order id): id and status.
+    rows: HashMap<String, Vec<(Uuid, RowStatus)>>,
+    /// The payment rows: the order and the message id stage 2 recorded it under.
+    paid: Vec<(String, String)>,
+}
+
+/// The outbox after the drain: each order has one row, with the id derived from the
+/// order, sent (none pending, none dead), and acked by the stream before it was marked;
+/// each payment row carries its order's message id.
+fn outbox_violations(orders: &[String], d: &Drained, published: &Figures) -> Vec<String> {
+    let mut v = Vec::new();
+    for order in orders {
+        let want = payment_id(order);
+        match d.rows.get(order).map(Vec::as_slice) {
+            Some([(id, RowStatus::Sent)]) if *id == want => {
+                if !published.confirmed.contains_key(id) {
+                    v.push(format!(
+                        "outbox: {order}: row {id} marked sent, never acked by the stream"
+                    ));
+                }
+            }
+            other => v.push(format!(
+                "outbox: {order}: rows {other:?} after the drain, expected one sent row with \
+                 the id {want}"
+            )),
+        }
+    }
+    for order in d.rows.keys().filter(|o| !orders.contains(o)) {
+        v.push(format!("outbox: a row for {order}, never ordered"));
+    }
+    for (order, id) in &d.paid {
+        if *id != payment_id(order).to_string() {
+            v.push(format!(
+                "payments: {order} recorded from message {id}, not {}",
+                payment_id(order)
+            ));
+        }
+    }
+    v
 }
 
 /// What the publishers did, from their `U` and `D` lines.
@@ -641,7 +646,21 @@ impl Figures {
         f
     }
 
-    fn render(&self, stored: usize, relay_kills: usize, faults: (usize, usize)) -> Vec<String> {
+    fn render(
+        &self,
+        stored: usize,
+        relay_kills: usize,
+        faults: (usize, usize),
+        drained: &Drained,
+    ) -> Vec<String> {
+        let rows = |status: RowStatus| {
+            drained
+                .rows
+                .values()
+                .flatten()
+                .filter(|(_, s)| *s == status)
+                .count()
+        };
         let sum = |f: fn(&(usize, usize, usize)) -> usize| -> usize {
             self.confirmed.values().map(f).sum()
         };
@@ -653,6 +672,12 @@ impl Figures {
                 m
             });
         vec![
+            format!(
+                "outbox rows after the drain: {} sent, {} pending, {} dead",
+                rows(RowStatus::Sent),
+                rows(RowStatus::Pending),
+                rows(RowStatus::Dead)
+            ),
             format!(
                 "outbox: {} payment messages acked by the stream, first published by dispatch \
                  {} / by a relay {}; {RELAYS} relays, {relay_kills} kill -9 of a relay",
@@ -672,5 +697,124 @@ impl Figures {
                 by_dispatch + by_relay
             ),
         ]
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The outbox checks and the publishers' figures on hand-written rows and lines.
+    use super::*;
+
+    fn line(pid: u32, at: u64, kind: &str, fields: &[String]) -> Line {
+        Line {
+            kind: kind.to_owned(),
+            fields: fields.to_vec(),
+            at,
+            pid,
+        }
+    }
+
+    /// `U` of order `o`'s payment, `dup` when the stream dropped it.
+    fn acked(at: u64, o: &str, dup: bool) -> Line {
+        let f = [
+            o,
+            &payment_id(o).to_string(),
+            "7",
+            if dup { "1" } else { "0" },
+        ];
+        line(1, at, "U", &f.map(str::to_owned))
+    }
+
+    fn orders() -> Vec<String> {
+        vec!["o1".to_owned(), "o2".to_owned()]
+    }
+
+    /// Both orders' rows sent and paid, o1 published by dispatch, o2 by a relay.
+    fn clean() -> (Drained, Figures) {
+        let rows = orders()
+            .into_iter()
+            .map(|o| {
+                let id = payment_id(&o);
+                (o, vec![(id, RowStatus::Sent)])
+            })
+            .collect();
+        let paid = orders()
+            .into_iter()
+            .map(|o| {
+                let id = payment_id(&o).to_string();
+                (o, id)
+            })
+            .collect();
+        let figures = Figures::read(&[acked(10, "o1", false)], &[acked(20, "o2", false)]);
+        (Drained { rows, paid }, figures)
+    }
+
+    #[test]
+    fn a_clean_drain_passes() {
+        let (d, f) = clean();
+        assert_eq!(outbox_violations(&orders(), &d, &f), Vec::<String>::new());
+    }
+
+    #[test]
+    fn rows_not_sent_missing_doubled_or_with_another_id_are_reported() {
+        let id = payment_id("o1");
+        for rows in [
+            vec![(id, RowStatus::Pending)],
+            vec![(id, RowStatus::Dead)],
+            vec![],
+            vec![(id, RowStatus::Sent), (id, RowStatus::Sent)],
+            vec![(payment_id("o2"), RowStatus::Sent)],
+        ] {
+            let (mut d, f) = clean();
+            d.rows.insert("o1".to_owned(), rows.clone());
+            let v = outbox_violations(&orders(), &d, &f);
+            assert!(
+                v.len() == 1 && v[0].starts_with("outbox: o1: rows"),
+                "{rows:?}: {v:?}"
+            );
+        }
+        let (mut d, f) = clean();
+        d.rows.insert("o9".to_owned(), vec![(id, RowStatus::Sent)]);
+        assert_eq!(
+            outbox_violations(&orders(), &d, &f),
+            ["outbox: a row for o9, never ordered"]
+        );
+    }
+
+    #[test]
+    fn a_row_marked_sent_that_no_publish_was_acked_for_is_reported() {
+        let (d, _) = clean();
+        let f = Figures::read(&[acked(10, "o1", false)], &[]);
+        let v = outbox_violations(&orders(), &d, &f);
+        assert!(
+            v.len() == 1 && v[0].contains("never acked by the stream"),
+            "{v:?}"
+        );
+    }
+
+    #[test]
+    fn a_payment_recorded_under_another_id_is_reported() {
+        let (mut d, f) = clean();
+        d.paid[0].1 = Uuid::nil().to_string();
+        let v = outbox_violations(&orders(), &d, &f);
+        assert!(v.len() == 1 && v[0].starts_with("payments: "), "{v:?}");
+    }
+
+    #[test]
+    fn figures_count_who_published_first_the_repeats_and_the_dropped() {
+        let dispatch = [
+            acked(10, "o1", false),
+            line(1, 11, "D", &["o1", "0", "1", "0"].map(str::to_owned)),
+            acked(30, "o2", false),
+            line(1, 31, "D", &["o2", "1", "0", "1"].map(str::to_owned)),
+        ];
+        // o1's lost ack: a relay published it again, dropped by the stream; o2 was
+        // published by a relay first, then by a stalled dispatch
+        let relays = [acked(20, "o1", true), acked(25, "o2", false)];
+        let f = Figures::read(&dispatch, &relays);
+        assert_eq!(f.first, (1, 1));
+        assert_eq!(f.dispatch, (1, 1, 1));
+        assert_eq!(f.confirmed[&payment_id("o1")], (1, 1, 1));
+        assert_eq!(f.confirmed[&payment_id("o2")], (1, 1, 0));
     }
 }
