@@ -228,13 +228,7 @@ impl Stage {
 
 /// Stage 1: the order's row and its payment message, in the transaction of the dedup
 /// row. The payment carries the plan the producer drew for stage 2.
-#[idempotent(
-    key = "order.id",
-    tx = "tx",
-    outbox = "outbox",
-    scope = "crash",
-    ttl = "1h"
-)]
+#[idempotent(key = "order.id", tx = "tx", outbox = "outbox", scope = "crash")]
 async fn accept_order(
     order: &Order,
     ctx: &Ctx,
@@ -258,7 +252,7 @@ async fn accept_order(
 
 /// Stage 2: the payment's row, keyed by the message id, in the transaction of the dedup
 /// row.
-#[idempotent(key = "payment_key(order)", tx = "tx", scope = "payments", ttl = "1h")]
+#[idempotent(key = "payment_key(order)", tx = "tx", scope = "payments")]
 async fn record_payment(
     order: &Order,
     ctx: &Ctx,
