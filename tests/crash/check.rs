@@ -159,9 +159,18 @@ pub struct Report {
     pub double_effects: usize,
     pub elapsed: Duration,
     pub violations: Vec<String>,
+    /// `pg-outbox`: the report of stage 2, the payments.
+    pub downstream: Option<Box<Report>>,
+    /// Lines printed after the figures (`pg-outbox`: the outbox and the relays).
+    pub notes: Vec<String>,
 }
 
 impl Report {
+    /// No invariant broken, here or downstream.
+    pub fn ok(&self) -> bool {
+        self.violations.is_empty() && self.downstream.as_ref().is_none_or(|d| d.ok())
+    }
+
     pub fn unexplained(&self) -> usize {
         self.reexecutions
             .get(&Reason::Unexplained)
@@ -190,6 +199,22 @@ impl Report {
     }
 
     pub fn render(&self) -> String {
+        let mut s = String::new();
+        if let Some(d) = &self.downstream {
+            s.push_str("stage 1 (orders):\n");
+            s.push_str(&self.render_own());
+            s.push_str("stage 2 (payments):\n");
+            s.push_str(&d.render());
+        } else {
+            s.push_str(&self.render_own());
+        }
+        for n in &self.notes {
+            let _ = writeln!(s, "{n}");
+        }
+        s
+    }
+
+    fn render_own(&self) -> String {
         let mut s = String::new();
         let _ = writeln!(
             s,
@@ -260,29 +285,42 @@ pub fn table(p: &Profile, reports: &[(Mode, Report)]) -> String {
         p.kill_every_ms.0,
         p.kill_every_ms.1
     );
+    // a pipeline's stages in columns of their own
+    let mut columns: Vec<(String, &Report)> = Vec::new();
+    for (m, r) in reports {
+        match &r.downstream {
+            Some(d) => {
+                columns.push((format!("{} stage 1", m.name()), r));
+                columns.push((format!("{} stage 2", m.name()), d));
+            }
+            None => columns.push((m.name().to_owned(), r)),
+        }
+    }
     s.push_str("\n| | ");
     s.push_str(
-        &reports
+        &columns
             .iter()
-            .map(|(m, _)| m.name())
+            .map(|(name, _)| name.as_str())
             .collect::<Vec<_>>()
             .join(" | "),
     );
     s.push_str(" |\n|---|");
-    s.push_str(&"---|".repeat(reports.len()));
+    s.push_str(&"---|".repeat(columns.len()));
     s.push('\n');
     let row = |s: &mut String, name: &str, f: &dyn Fn(&Report) -> String| {
         let _ = write!(s, "| {name} |");
-        for (_, r) in reports {
+        for (_, r) in &columns {
             let _ = write!(s, " {} |", f(r));
         }
         s.push('\n');
     };
     let n = |r: &Report, k: Reason| r.reexecutions.get(&k).copied().unwrap_or(0);
     row(&mut s, "messages published", &|r| r.messages.to_string());
-    row(&mut s, "duplicates sent (new Nats-Msg-Id)", &|r| {
-        r.duplicates.to_string()
-    });
+    row(
+        &mut s,
+        "duplicates sent (new Nats-Msg-Id; pg-outbox stage 2: published again past the stream's duplicate window)",
+        &|r| r.duplicates.to_string(),
+    );
     row(
         &mut s,
         "orders failing / panicking on first delivery",
@@ -909,6 +947,28 @@ mod tests {
             "{:?}",
             r.violations
         );
+    }
+
+    #[test]
+    fn a_broken_downstream_stage_fails_the_run_and_has_its_column() {
+        let mut r = Report {
+            mode: Some(Mode::PgOutbox),
+            downstream: Some(Box::default()),
+            ..Report::default()
+        };
+        assert!(r.ok());
+        r.downstream
+            .as_mut()
+            .unwrap()
+            .violations
+            .push("o1: lost".to_owned());
+        assert!(!r.ok());
+        let t = table(&crate::driver::Profile::short(), &[(Mode::PgOutbox, r)]);
+        assert!(
+            t.contains("| | pg-outbox stage 1 | pg-outbox stage 2 |"),
+            "{t}"
+        );
+        assert!(t.contains("| invariant violations | 0 | 1 |"), "{t}");
     }
 
     #[test]

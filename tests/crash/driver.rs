@@ -2,13 +2,16 @@
 //! Redis server or a schema / database of its own), starts the worker processes,
 //! publishes the orders and their duplicates, injects the faults, waits until the
 //! broker has nothing left, stops everything it started, and hands the histories and
-//! the final state to the checker.
+//! the final state to the checker. In `pg-outbox` the workers it starts are stage 1,
+//! and `pipeline.rs` adds the rest of the pipeline and its checks.
 
 use crate::check::{self, Failover, Fault, FinalState, Report};
 use crate::failover::RedisHa;
 use crate::history::{self, now_us};
+use crate::pipeline::Pipeline;
 use crate::{LEASE, Mode, SCOPE};
 use async_nats::jetstream::{
+    self,
     consumer::{AckPolicy, PullConsumer, pull},
     message::PublishMessage,
     stream,
@@ -17,14 +20,14 @@ use idempotent_runtime::sqlx;
 use idempotent_runtime::{Idempotency, MySqlStore, PostgresStore, RedisStore, Store};
 use idempotent_tests::redis_support::RedisServer;
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 /// JetStream redelivers an unacknowledged message after this long.
-const ACK_WAIT: Duration = Duration::from_secs(2);
+pub const ACK_WAIT: Duration = Duration::from_secs(2);
 
 /// How much work and how many faults a run has.
 #[derive(Clone, Debug)]
@@ -141,7 +144,7 @@ impl Options {
                 "--keep" => keep = true,
                 "--help" | "-h" => {
                     return Err("usage: crash [--profile short|long] \
-                                [--mode redis|redis-failover|redis-failover-ack|pg-store|pg-tx|mysql-tx|all] \
+                                [--mode redis|redis-failover|redis-failover-ack|pg-store|pg-tx|mysql-tx|pg-outbox|all] \
                                 [--orders N] [--workers N] [--seed N] [--keep]"
                         .to_owned());
                 }
@@ -220,7 +223,7 @@ pub async fn run_all(opts: Options) -> bool {
     println!("\n{}", check::table(&opts.profile, &reports));
     let failed: Vec<&str> = reports
         .iter()
-        .filter(|(_, r)| !r.violations.is_empty())
+        .filter(|(_, r)| !r.ok())
         .map(|(m, _)| m.name())
         .collect();
     if failed.is_empty() {
@@ -243,7 +246,7 @@ async fn stop_signal() -> &'static str {
 
 /// The worker processes; every one still running is killed when this is dropped
 /// (also when the driver panics).
-struct Workers {
+pub struct Workers {
     exe: PathBuf,
     env: Vec<(String, String)>,
     dir: PathBuf,
@@ -251,6 +254,25 @@ struct Workers {
 }
 
 impl Workers {
+    /// Starts `n` workers with `env`, their stderr in `dir`.
+    pub fn start(env: Vec<(String, String)>, dir: &Path, n: usize) -> Workers {
+        let mut workers = Workers {
+            exe: std::env::current_exe().expect("own executable"),
+            env,
+            dir: dir.to_owned(),
+            children: Vec::new(),
+        };
+        for _ in 0..n {
+            let c = workers.spawn_one();
+            workers.children.push(c);
+        }
+        workers
+    }
+
+    pub fn len(&self) -> usize {
+        self.children.len()
+    }
+
     fn spawn_one(&self) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
@@ -268,16 +290,22 @@ impl Workers {
             .expect("start a worker process")
     }
 
-    /// `kill -9` of worker `i`; returns its pid.
-    fn kill(&mut self, i: usize) -> u32 {
+    /// `kill -9` of worker `i`, then a new worker in its place; returns the killed
+    /// pid and the time the signal was sent: the worker runs no code after it, and its
+    /// locks and connections go with it, so another worker may claim its key before
+    /// `kill` returns (a time taken after it would end the killed execution after that
+    /// claim, an overlap that never happened).
+    pub fn kill_and_restart(&mut self, i: usize) -> (u32, u64) {
+        let sent = now_us();
         let c = &mut self.children[i];
         let pid = c.id();
         let _ = c.kill();
         let _ = c.wait();
-        pid
+        self.children[i] = self.spawn_one();
+        (pid, sent)
     }
 
-    fn stop_all(&mut self) -> Vec<u32> {
+    pub fn stop_all(&mut self) -> Vec<u32> {
         let mut pids = Vec::new();
         for c in &mut self.children {
             pids.push(c.id());
@@ -296,9 +324,9 @@ impl Drop for Workers {
 }
 
 /// The final record of each order.
-type Records = HashMap<String, Option<idempotent_runtime::store::Record>>;
+pub type Records = HashMap<String, Option<idempotent_runtime::store::Record>>;
 /// The effect rows' tokens of each order (transactional modes).
-type Effects = HashMap<String, Vec<u64>>;
+pub type Effects = HashMap<String, Vec<u64>>;
 
 /// The store side of a run.
 enum Backend {
@@ -337,7 +365,7 @@ impl Backend {
                 let env = vec![("CRASH_REDIS_URL".to_owned(), ha.url())];
                 (Backend::RedisHa(Box::new(ha)), env)
             }
-            Mode::PgStore | Mode::PgTx => {
+            Mode::PgStore | Mode::PgTx | Mode::PgOutbox => {
                 let schema = format!("crash_{run}");
                 let app = format!("idempotent-crash-{run}");
                 let admin = crate::pg_pool_in("public", &format!("{app}-driver"), 2).await;
@@ -445,12 +473,7 @@ impl Backend {
                 let pool = crate::pg_pool_in(schema, &format!("{app}-driver"), 2).await;
                 // store mode writes no effect rows
                 let effects = if mode.is_tx() {
-                    let rows: Vec<(String, i64)> =
-                        sqlx::query_as("SELECT order_id, token FROM crash_effects")
-                            .fetch_all(&pool)
-                            .await
-                            .expect("read the effects");
-                    Some(group(rows))
+                    Some(effects_pg(&pool, "crash_effects").await)
                 } else {
                     None
                 };
@@ -466,19 +489,8 @@ impl Backend {
                 (Arc::new(MySqlStore::from_pool(pool)), Some(group(rows)))
             }
         };
-        let h = Idempotency::new(SCOPE);
-        let mut records = HashMap::new();
-        for id in ids {
-            let key = h.record_key(id.as_str()).expect("record key");
-            let rec = store
-                .as_admin()
-                .expect("operator actions")
-                .inspect(&key)
-                .await
-                .expect("inspect a final record");
-            records.insert(id.clone(), rec);
-        }
-        (records, effects)
+        let keys: Vec<(String, String)> = ids.iter().map(|id| (id.clone(), id.clone())).collect();
+        (records(&*store, SCOPE, &keys).await, effects)
     }
 
     async fn cleanup(&self) {
@@ -494,6 +506,34 @@ impl Backend {
     }
 }
 
+/// The final record of each order, `keys` giving each order's key in `scope`.
+pub async fn records(store: &dyn Store, scope: &'static str, keys: &[(String, String)]) -> Records {
+    let h = Idempotency::new(scope);
+    let mut records = HashMap::new();
+    for (id, key) in keys {
+        let key = h.record_key(key.as_str()).expect("record key");
+        let rec = store
+            .as_admin()
+            .expect("operator actions")
+            .inspect(&key)
+            .await
+            .expect("inspect a final record");
+        records.insert(id.clone(), rec);
+    }
+    records
+}
+
+/// The effect rows of `table` (`order_id`, `token`) per order.
+pub async fn effects_pg(pool: &sqlx::PgPool, table: &str) -> Effects {
+    let rows: Vec<(String, i64)> = sqlx::query_as(sqlx::AssertSqlSafe(format!(
+        "SELECT order_id, token FROM {table}"
+    )))
+    .fetch_all(pool)
+    .await
+    .expect("read the effects");
+    group(rows)
+}
+
 fn group(rows: Vec<(String, i64)>) -> Effects {
     let mut m: HashMap<String, Vec<u64>> = HashMap::new();
     for (id, token) in rows {
@@ -502,7 +542,37 @@ fn group(rows: Vec<(String, i64)>) -> Effects {
     m
 }
 
-async fn exec_pg(pool: &sqlx::PgPool, sql: &str) {
+/// A stream and its durable pull consumer `name` (explicit acks, redelivery after
+/// [`ACK_WAIT`]).
+pub async fn durable(js: &jetstream::Context, config: stream::Config, name: &str) -> PullConsumer {
+    js.create_stream(config)
+        .await
+        .expect("create the stream")
+        .create_consumer(pull::Config {
+            durable_name: Some(name.to_owned()),
+            ack_policy: AckPolicy::Explicit,
+            ack_wait: ACK_WAIT,
+            max_ack_pending: 1000,
+            ..Default::default()
+        })
+        .await
+        .expect("create the durable consumer")
+}
+
+/// What a message's body does on its first delivery (`ok`, `fail`, `panic`), and how
+/// long it works, drawn with the profile's shares.
+pub fn draw_plan(rng: &mut Rng, p: &Profile) -> (&'static str, u64) {
+    let plan = if rng.chance(p.panics) {
+        "panic"
+    } else if rng.chance(p.failures) {
+        "fail"
+    } else {
+        "ok"
+    };
+    (plan, rng.range(p.work_ms))
+}
+
+pub async fn exec_pg(pool: &sqlx::PgPool, sql: &str) {
     sqlx::query(sqlx::AssertSqlSafe(sql.to_owned()))
         .execute(pool)
         .await
@@ -540,37 +610,26 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
     let (_client, js) = crate::nats(&format!("crash-driver-{run}")).await;
     let stream_name = format!("CRASH_{run}");
     let subject = format!("crash.{run}.orders");
-    let orders_stream = js
-        .create_stream(stream::Config {
+    let mut consumer = durable(
+        &js,
+        stream::Config {
             name: stream_name.clone(),
             subjects: vec![subject.clone()],
             ..Default::default()
-        })
-        .await
-        .expect("create the stream");
-    let mut consumer: PullConsumer = orders_stream
-        .create_consumer(pull::Config {
-            durable_name: Some("workers".to_owned()),
-            ack_policy: AckPolicy::Explicit,
-            ack_wait: ACK_WAIT,
-            max_ack_pending: 1000,
-            ..Default::default()
-        })
-        .await
-        .expect("create the durable consumer");
+        },
+        "workers",
+    )
+    .await;
 
     // the orders, each with its plan, and the resends
     let orders: Vec<Planned> = (0..p.orders)
-        .map(|i| Planned {
-            id: format!("o{i}"),
-            plan: if rng.chance(p.panics) {
-                "panic"
-            } else if rng.chance(p.failures) {
-                "fail"
-            } else {
-                "ok"
-            },
-            work_ms: rng.range(p.work_ms),
+        .map(|i| {
+            let (plan, work_ms) = draw_plan(&mut rng, p);
+            Planned {
+                id: format!("o{i}"),
+                plan,
+                work_ms,
+            }
         })
         .collect();
     // (order, message id) in publish order; a resend goes up to 200 messages later
@@ -593,16 +652,13 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
         ("CRASH_STREAM".to_owned(), stream_name.clone()),
         ("CRASH_CONSUMER".to_owned(), "workers".to_owned()),
     ]);
-    let mut workers = Workers {
-        exe: std::env::current_exe().expect("own executable"),
-        env,
-        dir: dir.clone(),
-        children: Vec::new(),
+    // pg-outbox: the outbox table, the payments stream, stage 2 and the relays; the
+    // workers above are stage 1
+    let mut pipeline = match mode {
+        Mode::PgOutbox => Some(Pipeline::start(p, seed, &run, &dir, &js, &mut env).await),
+        _ => None,
     };
-    for _ in 0..p.workers {
-        let c = workers.spawn_one();
-        workers.children.push(c);
-    }
+    let mut workers = Workers::start(env, &dir, p.workers);
 
     // publish
     let published = Arc::new(AtomicUsize::new(0));
@@ -610,28 +666,39 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
     let publisher = {
         let (js, subject) = (js.clone(), subject.clone());
         let (published, done) = (published.clone(), publishing_done.clone());
-        let msgs: Vec<(String, String, &'static str, u64)> = sends
+        type Msg = (
+            String,
+            String,
+            &'static str,
+            u64,
+            Vec<(&'static str, String)>,
+        );
+        let msgs: Vec<Msg> = sends
             .iter()
             .map(|(i, msg_id)| {
                 let o = &orders[*i];
-                (msg_id.clone(), o.id.clone(), o.plan, o.work_ms)
+                let more = pipeline
+                    .as_ref()
+                    .map_or_else(Vec::new, |x| x.order_headers(*i));
+                (msg_id.clone(), o.id.clone(), o.plan, o.work_ms, more)
             })
             .collect();
         let every = Duration::from_micros(1_000_000 / p.publish_per_s.max(1));
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
-            for (msg_id, id, plan, work_ms) in msgs {
+            for (msg_id, id, plan, work_ms, more) in msgs {
                 tick.tick().await;
+                let mut msg = PublishMessage::build()
+                    .payload(id.clone().into())
+                    .message_id(msg_id)
+                    .header("Order-Id", id.as_str())
+                    .header("Plan", plan)
+                    .header("Work-Ms", work_ms.to_string().as_str());
+                for (name, value) in more {
+                    msg = msg.header(name, value.as_str());
+                }
                 let ack = js
-                    .send_publish(
-                        subject.clone(),
-                        PublishMessage::build()
-                            .payload(id.clone().into())
-                            .message_id(msg_id)
-                            .header("Order-Id", id.as_str())
-                            .header("Plan", plan)
-                            .header("Work-Ms", work_ms.to_string().as_str()),
-                    )
+                    .send_publish(subject.clone(), msg)
                     .await
                     .expect("publish")
                     .await
@@ -667,17 +734,26 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
                 continue;
             }
         };
-        let remaining = info.num_pending as usize + info.num_ack_pending;
+        let mut remaining = info.num_pending as usize + info.num_ack_pending;
+        let mut deliveries = info.delivered.consumer_sequence;
+        if let Some(x) = &mut pipeline {
+            // the payments stream's work and the outbox rows not yet sent
+            let Some((left, delivered)) = x.backlog().await else {
+                continue;
+            };
+            remaining += left;
+            deliveries += delivered;
+        }
         let all_published = publishing_done.load(Ordering::SeqCst);
         if all_published && remaining == 0 {
             // quiet for longer than an ack wait, and no delivery since: settled
             match quiet_since {
-                Some((t, delivered)) if delivered == info.delivered.consumer_sequence => {
+                Some((t, delivered)) if delivered == deliveries => {
                     if t.elapsed() > ACK_WAIT + Duration::from_secs(1) {
                         break;
                     }
                 }
-                _ => quiet_since = Some((Instant::now(), info.delivered.consumer_sequence)),
+                _ => quiet_since = Some((Instant::now(), deliveries)),
             }
             continue;
         }
@@ -685,15 +761,14 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
         let progress =
             published.load(Ordering::SeqCst).saturating_sub(remaining) as f64 / total as f64;
         if Instant::now() >= next_kill {
-            let i = rng.below(workers.children.len() as u64) as usize;
-            // the time the signal is sent: the worker runs no code after it, and its
-            // locks and connections go with it, so another worker may claim its key
-            // before `kill` returns (a time taken after it would end the killed
-            // execution after that claim, an overlap that never happened)
-            let sent = now_us();
-            let pid = workers.kill(i);
-            kills.push((pid, sent));
-            workers.children[i] = workers.spawn_one();
+            // in pg-outbox the kill may fall on stage 2 or a relay instead
+            if !pipeline
+                .as_mut()
+                .is_some_and(|x| x.kill_downstream(&mut rng))
+            {
+                let i = rng.below(workers.len() as u64) as usize;
+                kills.push(workers.kill_and_restart(i));
+            }
             next_kill = Instant::now() + Duration::from_millis(rng.range(p.kill_every_ms));
         }
         match &mut backend {
@@ -757,12 +832,15 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
         }
     }
     let stopped_at = now_us();
-    let stopped = workers.stop_all();
+    let mut stopped = workers.stop_all();
+    if let Some(x) = &mut pipeline {
+        stopped.extend(x.stop_all());
+    }
     publisher.abort();
     let info = consumer.info().await.expect("consumer info").clone();
     let (records, effects) = backend.final_state(mode, &ids).await;
     let lines = history::read_all(&dir);
-    let report = check::check(&check::Input {
+    let input = check::Input {
         mode,
         lease_us: LEASE.as_micros() as u64,
         orders: &ids,
@@ -786,11 +864,15 @@ async fn run_mode(opts: &Options, mode: Mode, seed: u64) -> Report {
         },
         timed_out,
         elapsed: started.elapsed(),
-    });
+    };
+    let mut report = check::check(&input);
+    if let Some(x) = pipeline {
+        x.finish(&input, &mut report).await;
+    }
     let _ = js.delete_stream(&stream_name).await;
     backend.cleanup().await;
     drop(backend);
-    if report.violations.is_empty() && !opts.keep {
+    if report.ok() && !opts.keep {
         let _ = std::fs::remove_dir_all(&dir);
     } else {
         println!("histories kept in {}", dir.display());

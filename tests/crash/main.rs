@@ -5,6 +5,9 @@
 //! and checks, per key, that nothing was lost, nothing ran after a recorded completion
 //! (G2), no two executions overlapped while a lease was held (G1), each effect exists
 //! once in transactional mode (G7), and every re-execution is explained by a fault.
+//! The `pg-outbox` mode runs a two-stage pipeline through the transactional outbox
+//! (`pipeline.rs`): orders in, payments out through the outbox and its relay, payments
+//! recorded downstream, every stage and the relay killed, each order paid once.
 //!
 //! ```sh
 //! cargo run -p idempotent-tests --features crash --bin crash -- --profile short --mode all
@@ -12,20 +15,22 @@
 //! ```
 //!
 //! Options: `--profile short|long`,
-//! `--mode redis|redis-failover|redis-failover-ack|pg-store|pg-tx|mysql-tx|all` (or a
-//! comma list),
+//! `--mode redis|redis-failover|redis-failover-ack|pg-store|pg-tx|mysql-tx|pg-outbox|all`
+//! (or a comma list),
 //! `--orders N`, `--workers N`, `--seed N`, `--keep` (keep the run directories).
 //! It exits non-zero, with the violations listed, when an invariant breaks. Services:
 //! NATS JetStream (`IDEMPOTENT_NATS_URL`), PostgreSQL (`IDEMPOTENT_POSTGRES_URL`, a
 //! superuser: connections are terminated with `pg_terminate_backend`), MariaDB / MySQL
 //! (`IDEMPOTENT_MYSQL_URL`), and `redis-server` on PATH (a private server is started; in
 //! the failover modes a master, a replica and a Sentinel, with `redis-cli` on PATH).
-//! Invoked as `crash worker` (with `CRASH_*` variables) it is one consumer process.
+//! Invoked as `crash worker` (with `CRASH_*` variables) it is one consumer process (in
+//! `pg-outbox`, a stage-1 or stage-2 consumer or an outbox relay, by `CRASH_ROLE`).
 
 mod check;
 mod driver;
 mod failover;
 mod history;
+mod pipeline;
 mod worker;
 
 use idempotent_runtime::sqlx::{
@@ -62,16 +67,21 @@ pub enum Mode {
     PgTx,
     /// Transactional mode on MariaDB / MySQL.
     MysqlTx,
+    /// Two stages through the transactional outbox on PostgreSQL: orders in, payments
+    /// emitted through the outbox and published by dispatch and relays to a second
+    /// stream, payments recorded by a transactional consumer keyed by the message id.
+    PgOutbox,
 }
 
 impl Mode {
-    pub const ALL: [Mode; 6] = [
+    pub const ALL: [Mode; 7] = [
         Mode::Redis,
         Mode::RedisFailover,
         Mode::RedisFailoverAck,
         Mode::PgStore,
         Mode::PgTx,
         Mode::MysqlTx,
+        Mode::PgOutbox,
     ];
 
     pub fn name(self) -> &'static str {
@@ -82,11 +92,12 @@ impl Mode {
             Mode::PgStore => "pg-store",
             Mode::PgTx => "pg-tx",
             Mode::MysqlTx => "mysql-tx",
+            Mode::PgOutbox => "pg-outbox",
         }
     }
 
     pub fn is_tx(self) -> bool {
-        matches!(self, Mode::PgTx | Mode::MysqlTx)
+        matches!(self, Mode::PgTx | Mode::MysqlTx | Mode::PgOutbox)
     }
 
     /// The failover modes (a master, a replica, a Sentinel).
@@ -104,7 +115,7 @@ impl FromStr for Mode {
             .ok_or_else(|| {
                 format!(
                     "unknown mode {s:?} (redis, redis-failover, redis-failover-ack, pg-store, \
-                     pg-tx, mysql-tx, all)"
+                     pg-tx, mysql-tx, pg-outbox, all)"
                 )
             })
     }

@@ -13,6 +13,9 @@
 //!   the store did not take is `unrecorded` or `lease_lost`, as `observe` reports), and
 //!   in transactional mode `committed` / `commit_failed`;
 //! - `A key seq` / `N key seq` — the ack (confirmed by the server) / the nak of a delivery.
+//!
+//! In `pg-outbox` the stages' handlers are in `pipeline.rs`; they write the same lines,
+//! keyed by the order id in both stages.
 
 use crate::Mode;
 use crate::history::History;
@@ -46,6 +49,15 @@ pub struct Order {
     pub id: String,
     plan: Plan,
     work: Duration,
+    /// The message's headers.
+    headers: async_nats::HeaderMap,
+}
+
+impl Order {
+    /// The value of the message's header `name`, empty when it has none.
+    pub fn header(&self, name: &str) -> &str {
+        self.headers.get(name).map_or("", |v| v.as_str())
+    }
 }
 
 #[derive(Debug)]
@@ -62,13 +74,13 @@ impl From<Error> for WorkError {
     }
 }
 
-struct Ctx {
-    history: History,
-    pid: u32,
+pub struct Ctx {
+    pub history: History,
+    pub pid: u32,
 }
 
 /// The common part of every body: record the start, work, apply the plan.
-async fn body_start(order: &Order, ctx: &Ctx, mine: &AtomicU64) -> u64 {
+pub async fn body_start(order: &Order, ctx: &Ctx, mine: &AtomicU64) -> u64 {
     let claim = current_claim().expect("the body runs under a claim");
     let token = claim.token.get();
     mine.store(token, Ordering::SeqCst);
@@ -77,7 +89,7 @@ async fn body_start(order: &Order, ctx: &Ctx, mine: &AtomicU64) -> u64 {
     token
 }
 
-fn body_plan(order: &Order, ctx: &Ctx, token: u64) -> Result<(), WorkError> {
+pub fn body_plan(order: &Order, ctx: &Ctx, token: u64) -> Result<(), WorkError> {
     match order.plan {
         Plan::Ok => Ok(()),
         Plan::Fail => {
@@ -117,6 +129,19 @@ async fn handle_pg_tx(
     tx: &mut Transaction<'_, Postgres>,
 ) -> Result<u64, WorkError> {
     let token = body_start(order, ctx, mine).await;
+    write_effect_pg(tx, order, ctx, token).await?;
+    body_plan(order, ctx, token)?;
+    ctx.history.event("E", &[&order.id, &token]);
+    Ok(token)
+}
+
+/// The effect row of execution `token` in `crash_effects`, in `tx`.
+pub async fn write_effect_pg(
+    tx: &mut Transaction<'_, Postgres>,
+    order: &Order,
+    ctx: &Ctx,
+    token: u64,
+) -> Result<(), WorkError> {
     sqlx::query("INSERT INTO crash_effects (order_id, token, pid) VALUES ($1, $2, $3)")
         .bind(&order.id)
         .bind(token as i64)
@@ -124,9 +149,7 @@ async fn handle_pg_tx(
         .execute(&mut **tx)
         .await
         .map_err(WorkError::Db)?;
-    body_plan(order, ctx, token)?;
-    ctx.history.event("E", &[&order.id, &token]);
-    Ok(token)
+    Ok(())
 }
 
 /// Transactional mode on MariaDB / MySQL, as [`handle_pg_tx`].
@@ -150,13 +173,33 @@ async fn handle_mysql_tx(
     Ok(token)
 }
 
+/// Commits the transaction of execution `token`: `committed`, or `commit_failed`
+/// written before the error is returned.
+pub async fn commit<DB: sqlx::Database>(
+    tx: Transaction<'_, DB>,
+    order: &Order,
+    ctx: &Ctx,
+    token: u64,
+) -> Result<(u64, &'static str), WorkError> {
+    match tx.commit().await {
+        Ok(()) => Ok((token, "committed")),
+        Err(e) => {
+            ctx.history
+                .event("O", &[&order.id, &"commit_failed", &token]);
+            Err(WorkError::Db(e))
+        }
+    }
+}
+
 enum Backend {
     Store,
     Pg(sqlx::PgPool),
     My(sqlx::MySqlPool),
+    /// A stage of `pg-outbox`.
+    Pipeline(crate::pipeline::Stage),
 }
 
-fn env(name: &str) -> String {
+pub fn env(name: &str) -> String {
     std::env::var(name).unwrap_or_else(|_| panic!("worker mode needs {name}"))
 }
 
@@ -207,6 +250,10 @@ async fn run() {
         }
         Mode::PgTx => Backend::Pg(crate::pg_pool(CONCURRENCY as u32 + 1).await),
         Mode::MysqlTx => Backend::My(crate::mysql_pool(CONCURRENCY as u32 + 1).await),
+        // a relay process runs its relay here and never returns
+        Mode::PgOutbox => {
+            Backend::Pipeline(crate::pipeline::Stage::start(&ctx, CONCURRENCY as u32 + 1).await)
+        }
     };
     let backend = Arc::new(backend);
     let (_client, js) = crate::nats(&format!("crash-worker-{pid}")).await;
@@ -261,6 +308,7 @@ async fn deliver(m: jetstream::Message, ctx: Arc<Ctx>, backend: Arc<Backend>) {
         id: header(&m, "Order-Id"),
         plan,
         work: Duration::from_millis(header(&m, "Work-Ms").parse().expect("Work-Ms")),
+        headers: m.headers.clone().unwrap_or_default(),
     };
     let id = order.id.clone();
     let mine = Arc::new(AtomicU64::new(0));
@@ -277,25 +325,14 @@ async fn deliver(m: jetstream::Message, ctx: Arc<Ctx>, backend: Arc<Backend>) {
                 Backend::Pg(pool) => {
                     let mut tx = pool.begin().await.map_err(WorkError::Db)?;
                     let t = handle_pg_tx(&order, &ctx, &mine, &mut tx).await?;
-                    match tx.commit().await {
-                        Ok(()) => Ok((t, "committed")),
-                        Err(e) => {
-                            ctx.history.event("O", &[&order.id, &"commit_failed", &t]);
-                            Err(WorkError::Db(e))
-                        }
-                    }
+                    commit(tx, &order, &ctx, t).await
                 }
                 Backend::My(pool) => {
                     let mut tx = pool.begin().await.map_err(WorkError::Db)?;
                     let t = handle_mysql_tx(&order, &ctx, &mine, &mut tx).await?;
-                    match tx.commit().await {
-                        Ok(()) => Ok((t, "committed")),
-                        Err(e) => {
-                            ctx.history.event("O", &[&order.id, &"commit_failed", &t]);
-                            Err(WorkError::Db(e))
-                        }
-                    }
+                    commit(tx, &order, &ctx, t).await
                 }
+                Backend::Pipeline(stage) => stage.handle(&order, &ctx, &mine).await,
             }
         })
     };

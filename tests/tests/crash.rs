@@ -1,9 +1,11 @@
-//! The crash suite's short profile, in all six modes (Redis store, Redis failed over
+//! The crash suite's short profile, in all seven modes (Redis store, Redis failed over
 //! without and with replica acknowledgement, PostgreSQL store, transactional PostgreSQL
-//! and MariaDB): worker processes killed with `kill -9`, the private Redis server
-//! restarted, a Redis master partitioned from its replica, killed and replaced by it
-//! through Sentinel, database connections terminated, handlers failing and panicking,
-//! duplicates resent; fails when the checker finds a broken invariant.
+//! and MariaDB, and a two-stage pipeline through the transactional outbox on
+//! PostgreSQL): worker processes (and the outbox's relays) killed with `kill -9`, the
+//! private Redis server restarted, a Redis master partitioned from its replica, killed
+//! and replaced by it through Sentinel, database connections terminated, handlers
+//! failing and panicking, duplicates resent, publishes whose ack is lost or that stall
+//! past their lease; fails when the checker finds a broken invariant.
 //! The driver is `tests/crash/main.rs`; RELIABILITY.md has the figures of the long profile.
 #![cfg(feature = "crash")]
 
