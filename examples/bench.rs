@@ -269,6 +269,50 @@ impl Summary {
 struct Comparison {
     raw: Vec<f64>,
     framework: Vec<f64>,
+    /// CPU per message of each round, where measured: of each side, in this process
+    /// and in the local store servers
+    cpu: Option<CpuSplit>,
+}
+
+/// CPU microseconds per message, round by round: (this process, the servers).
+#[derive(Default)]
+struct CpuSplit {
+    raw: Vec<(f64, f64)>,
+    framework: Vec<(f64, f64)>,
+}
+
+/// CPU seconds so far of this process and of the store servers running on this
+/// machine (`redis-server`, `postgres`, `mariadbd`, `mysqld`), every thread, from the
+/// scheduler's nanosecond counts (`/proc/PID/task/TID/schedstat`). Server processes
+/// that exit between two readings take their time with them.
+fn cpu_seconds() -> (f64, f64) {
+    fn of(pid: &str) -> f64 {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+            return 0.0;
+        };
+        tasks
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().next()?.parse::<f64>().ok())
+            .sum::<f64>()
+            / 1e9
+    }
+    let me = std::process::id().to_string();
+    let (own, mut servers) = (of(&me), 0.0);
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let pid = e.file_name().to_string_lossy().into_owned();
+        if pid == me || !pid.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if matches!(
+            comm.trim(),
+            "redis-server" | "postgres" | "mariadbd" | "mysqld"
+        ) {
+            servers += of(&pid);
+        }
+    }
+    (own, servers)
 }
 
 impl Comparison {
@@ -292,6 +336,9 @@ struct Row {
     ratio: Summary,
     /// minimum median framework/raw ratio this case must reach, if any
     target: Option<f64>,
+    /// medians of CPU µs per message: baseline here, baseline in the servers,
+    /// framework here, framework in the servers
+    cpu: Option<[Summary; 4]>,
 }
 
 impl Row {
@@ -312,6 +359,17 @@ impl Row {
             framework: Summary::of(&c.framework),
             ratio: Summary::of(&c.ratios()),
             target,
+            cpu: c.cpu.as_ref().map(|cpu| {
+                let of = |side: &[(f64, f64)], f: fn(&(f64, f64)) -> f64| {
+                    Summary::of(&side.iter().map(f).collect::<Vec<_>>())
+                };
+                [
+                    of(&cpu.raw, |c| c.0),
+                    of(&cpu.raw, |c| c.1),
+                    of(&cpu.framework, |c| c.0),
+                    of(&cpu.framework, |c| c.1),
+                ]
+            }),
         }
     }
 }
@@ -481,6 +539,7 @@ async fn interleave(
     let mut c = Comparison {
         raw: Vec::with_capacity(rounds()),
         framework: Vec::with_capacity(rounds()),
+        cpu: None,
     };
     for round in 0..rounds() {
         c.raw.push(raw(round).await);
@@ -490,7 +549,8 @@ async fn interleave(
 }
 
 /// Runs `raw` and `framework` over `n` messages each, split over [`rounds`]
-/// interleaved rounds, with `tasks` concurrent workers.
+/// interleaved rounds, with `tasks` concurrent workers; measures the CPU each side
+/// spends per message, here and in the servers.
 async fn compare<R, RF, F, FF>(n: u64, tasks: u64, raw: R, framework: F) -> Comparison
 where
     R: Fn(String) -> RF + Clone + Send + Sync + 'static,
@@ -499,18 +559,34 @@ where
     FF: Future<Output = ()> + Send,
 {
     let per_round = n / rounds() as u64;
-    let rate = |t: Duration| per_round as f64 / t.as_secs_f64();
-    interleave(
-        async |round| {
-            let prefix = format!("{}-r{round}", run_prefix());
-            rate(drive(per_round, tasks, prefix, raw.clone()).await)
-        },
-        async |round| {
-            let prefix = format!("{}-f{round}", run_prefix());
-            rate(drive(per_round, tasks, prefix, framework.clone()).await)
-        },
-    )
-    .await
+    let mut c = Comparison {
+        raw: Vec::with_capacity(rounds()),
+        framework: Vec::with_capacity(rounds()),
+        cpu: Some(CpuSplit::default()),
+    };
+    let measured = async |prefix: String, side: bool| {
+        let before = cpu_seconds();
+        let t = if side {
+            drive(per_round, tasks, prefix, framework.clone()).await
+        } else {
+            drive(per_round, tasks, prefix, raw.clone()).await
+        };
+        let after = cpu_seconds();
+        let us = |a: f64, b: f64| (a - b) * 1e6 / per_round as f64;
+        (
+            per_round as f64 / t.as_secs_f64(),
+            (us(after.0, before.0), us(after.1, before.1)),
+        )
+    };
+    for round in 0..rounds() {
+        let (rate, cpu) = measured(format!("{}-r{round}", run_prefix()), false).await;
+        c.raw.push(rate);
+        c.cpu.as_mut().unwrap().raw.push(cpu);
+        let (rate, cpu) = measured(format!("{}-f{round}", run_prefix()), true).await;
+        c.framework.push(rate);
+        c.cpu.as_mut().unwrap().framework.push(cpu);
+    }
+    c
 }
 
 /// Calls `f` with `n` distinct keys from `tasks` concurrent tasks.
@@ -1079,10 +1155,12 @@ async fn powertools_cases(
     let mut first = Comparison {
         raw: Vec::new(),
         framework: Vec::new(),
+        cpu: None,
     };
     let mut duplicate = Comparison {
         raw: Vec::new(),
         framework: Vec::new(),
+        cpu: None,
     };
     for round in 0..rounds() {
         let prefix = format!("{}-pt{round}", run_prefix());
@@ -1284,6 +1362,7 @@ async fn run_flavour(
                         &Comparison {
                             raw: empty,
                             framework: scaled,
+                            cpu: None,
                         },
                         Some(0.8),
                     ));
@@ -1366,6 +1445,33 @@ fn write_markdown(report: &Report, opts: &Options) -> std::io::Result<()> {
             r.ratio.min,
             r.ratio.max,
         );
+    }
+    if report.rows.iter().any(|r| r.cpu.is_some()) {
+        let _ = writeln!(
+            md,
+            "\n## CPU per message\n\n\
+             Where each side's time goes: CPU microseconds per message in this process (the\n\
+             client) and in the store's server processes on this machine, from the\n\
+             scheduler's counts of every thread before and after each round; medians of the\n\
+             rounds, with min–max. Other load on the machine's servers counts too.\n\n\
+             | store | case | runtime | baseline client µs | baseline server µs | framework client µs | framework server µs |\n\
+             | --- | --- | --- | ---: | ---: | ---: | ---: |"
+        );
+        for r in &report.rows {
+            let Some(cpu) = &r.cpu else { continue };
+            let cell = |s: &Summary| format!("{:.1} ({:.1}–{:.1})", s.median, s.min, s.max);
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {} | {} | {} | {} |",
+                r.store,
+                r.case,
+                r.runtime,
+                cell(&cpu[0]),
+                cell(&cpu[1]),
+                cell(&cpu[2]),
+                cell(&cpu[3]),
+            );
+        }
     }
     if !report.notes.is_empty() {
         let _ = writeln!(

@@ -48,9 +48,10 @@ struct Waiter<Q: Queued, A: Send + 'static> {
     tx: oneshot::Sender<Message<Q, A>>,
 }
 
-/// The queue of one kind of step, and whether a call of that kind is in flight.
+/// The queue of one kind of step, and how many calls of that kind are in flight.
 struct State<Q: Queued, A: Send + 'static> {
-    busy: bool,
+    in_flight: usize,
+    max_in_flight: usize,
     queue: Vec<Waiter<Q, A>>,
 }
 
@@ -67,11 +68,14 @@ impl<Q: Queued, A: Send + 'static> Clone for Lane<Q, A> {
     }
 }
 
-impl<Q: Queued, A: Send + 'static> Default for Lane<Q, A> {
-    fn default() -> Self {
+impl<Q: Queued, A: Send + 'static> Lane<Q, A> {
+    /// A lane that sends a step at once while fewer than `max_in_flight` calls are in
+    /// flight (at least 1).
+    fn new(max_in_flight: usize) -> Self {
         Lane {
             state: Arc::new(Mutex::new(State {
-                busy: false,
+                in_flight: 0,
+                max_in_flight: max_in_flight.max(1),
                 queue: Vec::new(),
             })),
         }
@@ -82,7 +86,7 @@ impl<Q: Queued, A: Send + 'static> std::fmt::Debug for Lane<Q, A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         f.debug_struct("Lane")
-            .field("busy", &st.busy)
+            .field("in_flight", &st.in_flight)
             .field("queued", &st.queue.len())
             .finish()
     }
@@ -132,13 +136,13 @@ impl<Q: Queued, A: Send + 'static> Lane<Q, A> {
     {
         let rx = {
             let mut st = self.lock();
-            if st.busy {
+            if st.in_flight < st.max_in_flight && st.queue.is_empty() {
+                st.in_flight += 1;
+                None
+            } else {
                 let (tx, rx) = oneshot::channel();
                 st.queue.push(Waiter { req: owned(), tx });
                 Some(rx)
-            } else {
-                st.busy = true;
-                None
             }
         };
         let Some(rx) = rx else {
@@ -232,7 +236,7 @@ impl<Q: Queued, A: Send + 'static> Lane<Q, A> {
         loop {
             st.queue.retain(|w| !w.tx.is_closed());
             if st.queue.is_empty() {
-                st.busy = false;
+                st.in_flight -= 1;
                 return;
             }
             let mut keys = HashSet::new();
@@ -254,7 +258,7 @@ impl<Q: Queued, A: Send + 'static> Lane<Q, A> {
                 others: picked.collect(),
             };
             match first.tx.send(Message::Lead(lead)) {
-                // the lane stays busy: the turn is the first caller's now
+                // the call in flight is the first caller's now
                 Ok(()) => return,
                 Err(Message::Lead(mut lead)) => {
                     // that caller went away just now: the others go back, in order
@@ -398,14 +402,24 @@ impl Queued for OwnedRelease {
 }
 
 /// The three lanes of a store's single steps.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub(crate) struct Lanes {
-    pub(crate) claims: Lane<OwnedClaim, ClaimOutcome>,
-    pub(crate) completions: Lane<OwnedCompletion, Fence>,
-    pub(crate) releases: Lane<OwnedRelease, Fence>,
+    claims: Lane<OwnedClaim, ClaimOutcome>,
+    completions: Lane<OwnedCompletion, Fence>,
+    releases: Lane<OwnedRelease, Fence>,
 }
 
 impl Lanes {
+    /// Lanes each sending steps at once while fewer than `max_in_flight` calls of
+    /// their kind are in flight.
+    pub(crate) fn new(max_in_flight: usize) -> Self {
+        Lanes {
+            claims: Lane::new(max_in_flight),
+            completions: Lane::new(max_in_flight),
+            releases: Lane::new(max_in_flight),
+        }
+    }
+
     /// [`Store::claim`] of `store`, coalesced into [`Store::claim_batch`].
     pub(crate) async fn claim<S: Store + ?Sized>(
         &self,
@@ -497,11 +511,12 @@ pub struct Coalesced<S> {
 }
 
 impl<S: Store> Coalesced<S> {
-    /// Coalesces the single steps of `inner`.
+    /// Coalesces the single steps of `inner`, with one call of each kind in flight at
+    /// a time.
     pub fn new(inner: S) -> Self {
         Coalesced {
             inner,
-            lanes: Lanes::default(),
+            lanes: Lanes::new(1),
         }
     }
 
