@@ -28,7 +28,8 @@ mod support;
 
 use idempotent_runtime::redis::{self, AsyncCommands, aio::ConnectionManager};
 use idempotent_runtime::sqlx;
-use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Coalesced, Completion};
+use idempotent_runtime::store::coalesce::Coalesced;
+use idempotent_runtime::store::{ClaimOutcome, ClaimRequest, Completion};
 use idempotent_runtime::{
     Error, Idempotency, MemoryStore, MySqlStore, PostgresStore, RecordKey, RedisStore, SqliteStore,
     Store, idempotent,

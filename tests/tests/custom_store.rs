@@ -256,7 +256,7 @@ mod forwarding_wrapper {
 /// methods are the trait's defaults.
 mod coalesced {
     use super::*;
-    use idempotent_runtime::store::Coalesced;
+    use idempotent_runtime::store::coalesce::Coalesced;
     use idempotent_runtime::testing::FaultyStore;
     idempotent_runtime::protocol_conformance_suite!(async {
         let store = FaultyStore::new(MemoryStore::new());

@@ -66,7 +66,7 @@ idempotent_runtime::admin_conformance_suite!(async {
 /// The protocol cases with the store's single steps coalesced into batch calls.
 mod coalesced {
     use super::*;
-    use idempotent_runtime::store::Coalesced;
+    use idempotent_runtime::store::coalesce::Coalesced;
     idempotent_runtime::protocol_conformance_suite!(async {
         Arc::new(Coalesced::new(open(&SHARED).await)) as Arc<dyn Store>
     });

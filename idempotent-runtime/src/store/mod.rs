@@ -176,7 +176,7 @@
 //! the `idempotent` command, record scans and statistics.
 
 pub(crate) mod admin;
-pub(crate) mod coalesce;
+pub mod coalesce;
 pub(crate) mod scan;
 pub(crate) mod tx;
 pub(crate) mod types;
@@ -184,7 +184,6 @@ pub(crate) mod types;
 pub use crate::error::{StoreError, StoreErrorKind};
 pub use crate::key::RecordKey;
 pub use admin::{StoreAdmin, scan_stats, stats_by_scan};
-pub use coalesce::Coalesced;
 pub use scan::{
     AdminOutcome, DEFAULT_PAGE, ScanCursor, ScanFilter, ScanItem, ScanPage, ScanStats, ScopeStats,
 };
