@@ -23,10 +23,14 @@
 //!   each case, with each command's `usec_per_call` (the claim and the completion are
 //!   also run apart, since `cmdstat_fcall` lumps every function together); by default
 //!   on a private `redis-server` the program starts on a free port, so that no other
-//!   client's commands are counted (`--redis URL` uses another server). MariaDB/MySQL:
-//!   the general log, switched on for the run (`general_log_file` in the temporary
-//!   directory, `--mysql-log PATH` for another), then off, its file name restored; the
-//!   lines of the proxied connections' thread ids. PostgreSQL: `log_statement = 'all'`
+//!   client's commands are counted (`--redis URL` uses another server). The commands a
+//!   function runs are counted by the server too, and shown apart. MariaDB/MySQL: the
+//!   general log (every command: `Prepare`, `Execute`, `Query`), and the slow query log
+//!   with `long_query_time = 0` and `log_slow_disabled_statements = ''` for the
+//!   statements run inside the claim procedure, both switched on for the run (files in
+//!   the temporary directory; `--mysql-log PATH` names the general log, the slow log
+//!   goes beside it) and restored after it; the lines of the proxied connections' thread
+//!   ids. PostgreSQL: `log_statement = 'all'`
 //!   and `log_min_duration_statement = 0` with `ALTER SYSTEM` and `pg_reload_conf()`
 //!   for the run (then `ALTER SYSTEM RESET`), the lines of the proxied backends' pids
 //!   in the server's log (`pg_current_logfile()`, else Debian's
@@ -495,11 +499,8 @@ impl Drop for RedisServer {
 enum ServerLog {
     /// `INFO commandstats`, on a connection that does not go through the proxy.
     Redis(ConnectionManager),
-    /// A log file the server writes and this program can read.
-    File {
-        path: PathBuf,
-        kind: LogKind,
-    },
+    /// Log files the server writes and this program can read.
+    Files(Vec<(PathBuf, LogKind)>),
     Sqlite,
     /// Not available: why.
     Missing(String),
@@ -507,7 +508,11 @@ enum ServerLog {
 
 #[derive(Clone, Copy)]
 enum LogKind {
+    /// MariaDB's general log: every command a client sends.
     MySql,
+    /// MariaDB's slow query log with `long_query_time = 0`: the statements run inside
+    /// stored procedures (the other ones are in the general log).
+    MySqlSlow,
     Postgres,
 }
 
@@ -524,7 +529,7 @@ struct ServerCounts {
 
 impl ServerLog {
     /// Starts a case: resets the counters, or notes where the log ends.
-    async fn mark(&self) -> u64 {
+    async fn mark(&self) -> Vec<u64> {
         match self {
             ServerLog::Redis(c) => {
                 let _: () = redis::cmd("CONFIG")
@@ -532,15 +537,23 @@ impl ServerLog {
                     .query_async(&mut c.clone())
                     .await
                     .expect("CONFIG RESETSTAT");
-                0
+                Vec::new()
             }
-            ServerLog::File { path, .. } => std::fs::metadata(path).map_or(0, |m| m.len()),
-            ServerLog::Sqlite | ServerLog::Missing(_) => 0,
+            ServerLog::Files(files) => files
+                .iter()
+                .map(|(path, _)| std::fs::metadata(path).map_or(0, |m| m.len()))
+                .collect(),
+            ServerLog::Sqlite | ServerLog::Missing(_) => Vec::new(),
         }
     }
 
     /// What the server counted since `mark`, on the connections `ids`.
-    async fn read(&self, mark: u64, ids: &[u64], sqlite_before: &SqliteSnapshot) -> ServerCounts {
+    async fn read(
+        &self,
+        mark: &[u64],
+        ids: &[u64],
+        sqlite_before: &SqliteSnapshot,
+    ) -> ServerCounts {
         let mut out = ServerCounts::default();
         match self {
             ServerLog::Redis(c) => {
@@ -572,23 +585,24 @@ impl ServerLog {
                         .insert(name, field("usec_per_call").unwrap_or(0.0));
                 }
             }
-            ServerLog::File { path, kind } => {
-                let text = match read_from(path, mark) {
-                    Ok(t) => t,
-                    Err(e) => {
-                        out.note = Some(format!("{}: {e}", path.display()));
-                        return out;
-                    }
-                };
-                for line in text.lines() {
-                    let parsed = match kind {
-                        LogKind::MySql => mysql_log_line(line),
-                        LogKind::Postgres => postgres_log_line(line),
+            ServerLog::Files(files) => {
+                for ((path, kind), from) in files.iter().zip(mark) {
+                    let text = match read_from(path, *from) {
+                        Ok(t) => t,
+                        Err(e) => {
+                            out.note = Some(format!("{}: {e}", path.display()));
+                            return out;
+                        }
                     };
-                    if let Some((id, what)) = parsed
-                        && ids.contains(&id)
-                    {
-                        *out.by_kind.entry(what).or_default() += 1;
+                    let lines: Vec<(u64, String)> = match kind {
+                        LogKind::MySql => text.lines().filter_map(mysql_log_line).collect(),
+                        LogKind::MySqlSlow => mysql_routine_statements(&text),
+                        LogKind::Postgres => text.lines().filter_map(postgres_log_line).collect(),
+                    };
+                    for (id, what) in lines {
+                        if ids.contains(&id) {
+                            *out.by_kind.entry(what).or_default() += 1;
+                        }
                     }
                 }
             }
@@ -654,6 +668,32 @@ fn mysql_log_line(line: &str) -> Option<(u64, String)> {
     None
 }
 
+/// The statements MariaDB's slow query log shows run inside a stored procedure (an
+/// entry with `# Stored_routine:`), each with the thread id of its entry, as
+/// `in CALL: SELECT`.
+fn mysql_routine_statements(text: &str) -> Vec<(u64, String)> {
+    let mut out = Vec::new();
+    let (mut thread, mut routine, mut taken) = (None, false, true);
+    for line in text.lines() {
+        if let Some(rest) = line.strip_prefix("# Thread_id: ") {
+            thread = rest.split_whitespace().next().and_then(|t| t.parse().ok());
+            (routine, taken) = (false, false);
+        } else if line.starts_with("# Stored_routine:") {
+            routine = true;
+        } else if line.starts_with('#')
+            || line.starts_with("SET timestamp=")
+            || line.starts_with("use ")
+        {
+        } else if !taken {
+            taken = true;
+            if let (true, Some(id)) = (routine, thread) {
+                out.push((id, format!("in CALL: {}", wire::summary(line))));
+            }
+        }
+    }
+    out
+}
+
 /// A line of PostgreSQL's log: the backend's pid and what it ran (`execute …`,
 /// `statement …`) or prepared (`parse …`); other lines (parameters, durations of
 /// statements already logged, binds) are left out.
@@ -716,7 +756,7 @@ impl Bench<'_> {
             .proxy
             .map(|p| p.counts().since(wire_before.as_ref().unwrap()));
         let ids = self.proxy.map(Proxy::server_ids).unwrap_or_default();
-        let server = self.log.read(mark, &ids, &sqlite_before).await;
+        let server = self.log.read(&mark, &ids, &sqlite_before).await;
         let c = Case {
             store: self.store_name,
             side,
@@ -969,63 +1009,97 @@ async fn run_store(
                         .connect(&url),
                 )
                 .await?;
+            // the general log (every command) and the slow query log with every
+            // statement, those inside procedures too, for the run; a session takes
+            // `long_query_time` and `log_slow_disabled_statements` when it connects, so
+            // they are set before the store opens its pool, and restored after
+            let general = opts
+                .mysql_log
+                .clone()
+                .unwrap_or_else(|| dir.join("general.log"));
+            let slow = general.with_extension("slow.log");
+            let names = [
+                "general_log_file",
+                "general_log",
+                "slow_query_log_file",
+                "slow_query_log",
+                "long_query_time",
+                "log_slow_disabled_statements",
+            ];
+            let mut old = Vec::new();
+            for name in names {
+                let (v,): (String,) = sqlx::query_as(AssertSqlSafe(format!(
+                    "SELECT CAST(@@GLOBAL.{name} AS CHAR)"
+                )))
+                .fetch_one(&admin)
+                .await
+                .map_err(|e| e.to_string())?;
+                old.push(v);
+            }
+            let set = async |values: &[String]| -> Result<(), sqlx::Error> {
+                for (name, v) in names.iter().zip(values) {
+                    // numbers as numbers (a string is refused for `long_query_time`)
+                    let value = if v.parse::<f64>().is_ok() {
+                        v.clone()
+                    } else {
+                        format!("'{}'", v.replace('\\', "\\\\").replace('\'', "''"))
+                    };
+                    sqlx::raw_sql(AssertSqlSafe(format!("SET GLOBAL {name} = {value}")))
+                        .execute(&admin)
+                        .await?;
+                }
+                Ok(())
+            };
+            let on = [
+                general.display().to_string(),
+                "ON".into(),
+                slow.display().to_string(),
+                "ON".into(),
+                "0".into(),
+                String::new(),
+            ];
+            let log = match set(&on).await {
+                Ok(()) => {
+                    ServerLog::Files(vec![(general, LogKind::MySql), (slow, LogKind::MySqlSlow)])
+                }
+                Err(e) => ServerLog::Missing(format!("log settings: {e}")),
+            };
             let proxy = Proxy::start(Protocol::MySql, host_port(&url, 3306))
                 .await
                 .map_err(|e| e.to_string())?;
             let proxied = with_param(&through(&url, proxy.addr), "ssl-mode=DISABLED");
-            let store = MySqlStore::connect_with_table(&proxied, &table)
-                .await
-                .map_err(|e| e.to_string())?;
-            let raw = Loop::MySql(store.pool().clone(), LoopSql::new("mysql"));
-            raw.setup().await;
-            select(Arc::new(store.clone()));
-            // the general log, on for the run
-            let (old_file, old_on): (String, i64) =
-                sqlx::query_as("SELECT @@GLOBAL.general_log_file, @@GLOBAL.general_log + 0")
-                    .fetch_one(&admin)
-                    .await
-                    .map_err(|e| e.to_string())?;
-            let path = opts
-                .mysql_log
-                .clone()
-                .unwrap_or_else(|| dir.join("general.log"));
-            let set = |file: String, on: i64| {
-                let admin = admin.clone();
-                async move {
-                    sqlx::query("SET GLOBAL general_log_file = ?")
-                        .bind(file)
-                        .execute(&admin)
-                        .await?;
-                    sqlx::raw_sql(AssertSqlSafe(format!("SET GLOBAL general_log = {on}")))
-                        .execute(&admin)
-                        .await
+            let connected = MySqlStore::connect_with_table(&proxied, &table).await;
+            let counted = match connected {
+                Ok(store) => {
+                    let raw = Loop::MySql(store.pool().clone(), LoopSql::new("mysql"));
+                    raw.setup().await;
+                    select(Arc::new(store.clone()));
+                    let bench = Bench {
+                        store_name: "mysql",
+                        store: Arc::new(store.clone()),
+                        raw: raw.clone(),
+                        proxy: Some(&proxy),
+                        log: &log,
+                        n,
+                        prefix,
+                    };
+                    bench.cases(out).await;
+                    raw.clean_up().await;
+                    store.pool().close().await;
+                    Ok(())
                 }
+                Err(e) => Err(e.to_string()),
             };
-            let log = match set(path.display().to_string(), 1).await {
-                Ok(_) => ServerLog::File {
-                    path,
-                    kind: LogKind::MySql,
-                },
-                Err(e) => ServerLog::Missing(format!("general log: {e}")),
-            };
-            let bench = Bench {
-                store_name: "mysql",
-                store: Arc::new(store.clone()),
-                raw: raw.clone(),
-                proxy: Some(&proxy),
-                log: &log,
-                n,
-                prefix,
-            };
-            bench.cases(out).await;
-            let _ = set(old_file, old_on).await;
-            raw.clean_up().await;
+            if let Err(e) = set(&old).await {
+                eprintln!("could not restore the log settings: {e}");
+            }
             for stmt in [
                 format!("DROP PROCEDURE IF EXISTS {table}_claim_v2"),
                 format!("DROP TABLE IF EXISTS {table}"),
             ] {
                 let _ = sqlx::query(AssertSqlSafe(stmt)).execute(&admin).await;
             }
+            counted?;
         }
         "postgres" => {
             let url = env_url(
@@ -1102,10 +1176,9 @@ async fn run_store(
                 Ok(())
             };
             let log = match (path, settings(true).await) {
-                (Some(path), Ok(())) if std::fs::File::open(&path).is_ok() => ServerLog::File {
-                    path,
-                    kind: LogKind::Postgres,
-                },
+                (Some(path), Ok(())) if std::fs::File::open(&path).is_ok() => {
+                    ServerLog::Files(vec![(path, LogKind::Postgres)])
+                }
                 (Some(path), Ok(())) => {
                     ServerLog::Missing(format!("cannot read the server's log {}", path.display()))
                 }
@@ -1198,29 +1271,53 @@ fn trips_cell(c: &Case) -> (String, String) {
 }
 
 /// A case's statements per message as the server counted them, as a cell, and what
-/// they are. On Redis, the commands a function runs are counted by the server too:
-/// they are named apart (`inside: …`), and only the commands the client sent count.
+/// they are: the statements the client had run (on MariaDB `Execute` and `Query`, on
+/// PostgreSQL `execute` and `statement`; on Redis the commands it sent), then apart
+/// those prepared (a `Prepare`, a `parse`), those run inside a procedure or a function
+/// (MariaDB's slow log; on Redis the commands a function runs, which the server counts
+/// too) and any other command (a connection opened during the case).
 fn statements_cell(c: &Case) -> (String, String) {
     let n = c.messages;
-    let mut sent = c.server.by_kind.clone();
-    let mut inside = BTreeMap::new();
-    if let (Some(w), "redis") = (&c.wire, c.store) {
-        let names: Vec<String> = w
+    let redis_sent: Vec<String> = match (&c.wire, c.store) {
+        (Some(w), "redis") => w
             .by_kind
             .keys()
             .map(|k| k.split_whitespace().next().unwrap_or("").to_owned())
-            .collect();
-        inside = sent.clone();
-        sent.retain(|k, _| names.contains(k));
-        inside.retain(|k, _| !names.contains(k));
-    }
-    let total: u64 = sent.values().sum();
-    let mut what = breakdown(&sent, n);
-    if !inside.is_empty() {
-        what.push_str(&format!(" (inside: {})", breakdown(&inside, n)));
+            .collect(),
+        _ => Vec::new(),
+    };
+    let (mut run, mut prepared, mut inside, mut other) = (
+        BTreeMap::new(),
+        BTreeMap::new(),
+        BTreeMap::new(),
+        BTreeMap::new(),
+    );
+    for (k, v) in &c.server.by_kind {
+        let first = k.split_whitespace().next().unwrap_or("");
+        let into = match c.store {
+            "redis" if redis_sent.iter().any(|s| s == k) => &mut run,
+            "redis" => &mut inside,
+            "sqlite" => &mut run,
+            _ if matches!(first, "Execute" | "Query" | "execute" | "statement") => &mut run,
+            _ if matches!(first, "Prepare" | "parse") => &mut prepared,
+            _ if k.starts_with("in CALL:") => &mut inside,
+            _ => &mut other,
+        };
+        into.insert(k.clone(), *v);
     }
     if let Some(note) = &c.server.note {
         return ("—".into(), note.clone());
+    }
+    let total: u64 = run.values().sum();
+    let mut what = breakdown(&run, n);
+    for (label, map) in [
+        ("inside", &inside),
+        ("prepared", &prepared),
+        ("other", &other),
+    ] {
+        if !map.is_empty() {
+            what.push_str(&format!("; {label}: {}", breakdown(map, n)));
+        }
     }
     (per(total, n), what)
 }
