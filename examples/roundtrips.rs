@@ -10,13 +10,14 @@
 //!     --stores redis,postgres --messages 500
 //! ```
 //!
-//! Each case runs `--messages` messages (200 by default) after a warm-up (connections
-//! open, statements prepared, the Redis library loaded) and is counted twice:
+//! Each case runs `--messages` messages (500 by default) after a warm-up of 50
+//! (connections open, statements prepared, the Redis library loaded) and is counted
+//! twice:
 //!
 //! - **On the wire.** The store and the loop talk to their server through a counting
 //!   proxy (`support/wire.rs`), which names each round trip — a flight of client bytes
 //!   and the server's answer — by what the client sent in it: `FCALL claim`,
-//!   `Bind+Execute+Sync UPDATE`, `Execute CALL claim_v2`, and the pings sqlx sends when
+//!   `Bind+Execute+Close+Sync UPDATE`, `Execute CALL claim_v2`, and the pings sqlx sends when
 //!   a connection goes back to its pool (`Sync (ping)`, `Ping`), which no server log
 //!   shows. PostgreSQL is reached with `sslmode=disable` so that the proxy can read it.
 //! - **On the server.** Redis: `INFO commandstats`, reset with `CONFIG RESETSTAT` before
@@ -30,9 +31,9 @@
 //!   statements run inside the claim procedure, both switched on for the run (files in
 //!   the temporary directory; `--mysql-log PATH` names the general log, the slow log
 //!   goes beside it) and restored after it; the lines of the proxied connections' thread
-//!   ids. PostgreSQL: `log_statement = 'all'`
-//!   and `log_min_duration_statement = 0` with `ALTER SYSTEM` and `pg_reload_conf()`
-//!   for the run (then `ALTER SYSTEM RESET`), the lines of the proxied backends' pids
+//!   ids. PostgreSQL: `log_statement = 'all'` and `log_min_duration_statement = 0` with
+//!   `ALTER SYSTEM` and `pg_reload_conf()` for the run (then `ALTER SYSTEM RESET`), the
+//!   lines of the proxied backends' pids
 //!   in the server's log (`pg_current_logfile()`, else Debian's
 //!   `/var/log/postgresql/postgresql-<major>-main.log`, or `--pg-log PATH`): each
 //!   statement run (`execute`, `statement`) and each `parse`, which shows a statement
@@ -45,7 +46,8 @@
 //! `--messages N`, `--redis URL`, `--mysql-log PATH`, `--pg-log PATH`. The servers come
 //! from `IDEMPOTENT_MYSQL_URL` and `IDEMPOTENT_POSTGRES_URL` with the local defaults.
 //! Changing the log settings needs a superuser on both databases (root, postgres). The
-//! program prints one markdown table, then each case's counts in full.
+//! program prints each case's counts in full as it goes, then the tables of
+//! `BENCHMARKS.md` ("Round trips and statements per message").
 
 mod support;
 #[path = "support/wire.rs"]
@@ -81,7 +83,7 @@ const ALL_STORES: [&str; 4] = ["redis", "mysql", "postgres", "sqlite"];
 fn options() -> Result<Options, String> {
     let mut o = Options {
         stores: ALL_STORES.map(String::from).to_vec(),
-        messages: 200,
+        messages: 500,
         redis: None,
         mysql_log: None,
         pg_log: None,
@@ -737,7 +739,7 @@ struct Bench<'a> {
 }
 
 impl Bench<'_> {
-    /// Counts `n` calls of `f` on the keys `keys(i)`.
+    /// Runs and counts one case: `f(i)` for `i` in `0..n`, one at a time.
     async fn count<F, Fut>(&self, side: &'static str, case: &'static str, f: F) -> Case
     where
         F: Fn(u64) -> Fut,

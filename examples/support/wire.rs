@@ -109,7 +109,7 @@ async fn forward(protocol: Protocol, client: TcpStream, server: TcpStream, share
                 Ok(n) => n,
             };
             // counted before it is sent on, so the answer always finds it
-            c.lock().unwrap().from_client(&buf[..n]);
+            c.lock().unwrap().client_sent(&buf[..n]);
             if sw.write_all(&buf[..n]).await.is_err() {
                 break;
             }
@@ -123,7 +123,7 @@ async fn forward(protocol: Protocol, client: TcpStream, server: TcpStream, share
                 Ok(0) | Err(_) => break,
                 Ok(n) => n,
             };
-            conn.lock().unwrap().from_server(&buf[..n], &s);
+            conn.lock().unwrap().server_sent(&buf[..n], &s);
             if cw.write_all(&buf[..n]).await.is_err() {
                 break;
             }
@@ -170,7 +170,7 @@ impl Conn {
         }
     }
 
-    fn from_client(&mut self, bytes: &[u8]) {
+    fn client_sent(&mut self, bytes: &[u8]) {
         if !self.client_turn {
             self.client_turn = true;
             self.flight.clear();
@@ -194,7 +194,7 @@ impl Conn {
         }
     }
 
-    fn from_server(&mut self, bytes: &[u8], shared: &Shared) {
+    fn server_sent(&mut self, bytes: &[u8], shared: &Shared) {
         if self.client_turn {
             self.client_turn = false;
             let kind = match self.protocol {
