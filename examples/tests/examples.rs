@@ -269,6 +269,12 @@ fn benchmarks_without_their_servers() {
     cmd.args(["--stores", "mysql"])
         .env("IDEMPOTENT_MYSQL_URL", "mysql://root@127.0.0.1:1/test");
     fails_fast(cmd, &["127.0.0.1:1", "IDEMPOTENT_MYSQL_URL"]);
+    let mut cmd = example("roundtrips");
+    cmd.args(["--stores", "postgres"]).env(
+        "IDEMPOTENT_POSTGRES_URL",
+        "postgres://postgres@127.0.0.1:1/test",
+    );
+    fails_fast(cmd, &["127.0.0.1:1", "IDEMPOTENT_POSTGRES_URL"]);
     let mut cmd = example("cli_bench");
     cmd.args(["--stores", "postgres"]).env(
         "IDEMPOTENT_POSTGRES_URL",

@@ -191,6 +191,20 @@ where
         })
     }
 
+    /// The read of [`claim_read_first`](Self::claim_read_first) on the connection
+    /// `conn`, which the caller holds for the claim (SQLite's writer connection when no
+    /// write is under way): the key's row, then what the claim plans ([`Plan::of`]).
+    #[cfg_attr(not(feature = "sqlite"), allow(dead_code))]
+    pub(crate) async fn plan_on(
+        conn: &mut DB::Connection,
+        sql: &StepSql,
+        req: &ClaimRequest<'_>,
+    ) -> Result<Plan, StoreError> {
+        let q = sql.read_query(req.key);
+        let seen = read_row(conn, q, req.key.scope(), DB::err("reading a record")).await?;
+        Ok(Plan::of(req, seen))
+    }
+
     /// The compare-and-set write `w` (matching the ownership clause), then the fence
     /// check ([`fence_of`]) with the key's row read back.
     pub(crate) async fn apply<S: SqlStore<Db = DB>>(

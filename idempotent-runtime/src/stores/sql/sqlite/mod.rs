@@ -43,8 +43,11 @@ use tokio::sync::{Mutex, MutexGuard};
 /// other processes sharing the file wait on SQLite's busy timeout.
 ///
 /// A claim reads first and writes only when it must: the row is read with a plain
-/// `SELECT` on a pooled connection (one statement; this answers every duplicate of a
-/// completed key, live claim, exhausted or mismatched key without the writer); an
+/// `SELECT` (one statement; this answers every duplicate of a completed key, live
+/// claim, exhausted or mismatched key without a write), on the writer connection when
+/// no write is under way (held for the claim's write too, so the claim takes no pooled
+/// connection, which sqlx would ping when it goes back to the pool), else on a pooled
+/// connection (so a duplicate never waits for writes); an
 /// absent key is inserted with `INSERT … ON CONFLICT DO NOTHING RETURNING owner_token`,
 /// a released, lapsed or expired one taken over with `UPDATE … WHERE owner_token =
 /// <token read> AND <still claimable> RETURNING owner_token, retry_times`
@@ -254,7 +257,29 @@ impl SqliteStore {
     }
 
     /// One claim, once in the gate: a read and a conditional write until they answer.
+    /// When no write is under way (the writer connection is open and free), both run
+    /// on the writer, held for the claim: no pooled connection is taken, so none goes
+    /// back to the pool, which pings every connection it gets back (one more call to
+    /// that connection's thread per claim). Otherwise the read runs on a pooled
+    /// connection, so that claims answered by their read (duplicates) never wait for
+    /// writes.
     async fn claim_unguarded(&self, req: &ClaimRequest<'_>) -> Result<ClaimOutcome, StoreError> {
+        if let Ok(slot) = self.writer.try_lock()
+            && slot.is_some()
+        {
+            let mut w = Writer(slot);
+            let done = async {
+                let conn = w.conn()?;
+                common::retrying!({
+                    match Steps::<Sqlite>::plan_on(conn, &self.sql.steps, req).await? {
+                        Plan::Answer(outcome) => Some(outcome),
+                        plan => self.write_claim(conn, req, plan).await?,
+                    }
+                })
+            }
+            .await;
+            return w.check_store(done);
+        }
         let write = |plan| self.with_writer(async |conn| self.write_claim(conn, req, plan).await);
         Steps::claim_read_first(self, req, write).await
     }
