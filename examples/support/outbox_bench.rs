@@ -837,14 +837,12 @@ impl RelayDb {
         }
     }
 
+    /// Drops the MySQL table; PostgreSQL's goes with the run's schema, SQLite's with
+    /// the run's directory.
     async fn drop_table(&self) {
-        match self {
-            RelayDb::MySql(_) => {
-                self.exec(format!("DROP TABLE IF EXISTS `{}`", mysql_table()))
-                    .await
-            }
-            // the schema goes with the handler's tables; the file with the directory
-            _ => {}
+        if let RelayDb::MySql(_) = self {
+            self.exec(format!("DROP TABLE IF EXISTS `{}`", mysql_table()))
+                .await
         }
     }
 }
