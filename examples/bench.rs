@@ -132,6 +132,17 @@ impl Options {
     }
 }
 
+/// What the rows `vs the peer` compare (written when Redis is among the stores).
+const PEER: &str = "Rows `vs the peer` take AWS Lambda Powertools' idempotency utility (Python,
+`RedisCachePersistenceLayer` on the same Redis, its local cache off, run outside
+Lambda by `examples/support/powertools/run.sh`, which creates its virtual environment)
+as the baseline: each round runs the peer's first deliveries, then duplicates of the
+same keys, in a process of its own with as many threads as the framework has tasks,
+then the framework's on as many keys; both sides' body executions are checked (every
+key once, no duplicate).
+
+";
+
 /// What bounds the ratios below the targets, measured on a 2-core machine with the
 /// services on loopback (written under every table).
 const BOUNDS: &str = "
@@ -1354,20 +1365,17 @@ fn write_markdown(report: &Report, opts: &Options) -> std::io::Result<()> {
          median is the median of those {rounds} ratios (not the ratio of the two medians). A\n\
          target is met when the median ratio reaches it. `current` is a current-thread tokio\n\
          runtime, `multi` a multi-thread one with one worker per core. The machine is shared:\n\
-         one round can be off by a third, hence medians.\n\n\
-         Rows `vs the peer` take AWS Lambda Powertools' idempotency utility (Python,\n\
-         `RedisCachePersistenceLayer` on the same Redis, its local cache off, run outside\n\
-         Lambda by `examples/support/powertools/run.sh`, which creates its virtual environment)\n\
-         as the baseline: each round runs the peer's first deliveries, then duplicates of the\n\
-         same keys, in a process of its own with as many threads as the framework has tasks,\n\
-         then the framework's on as many keys; both sides' body executions are checked (every\n\
-         key once, no duplicate).\n",
+         one round can be off by a third, hence medians.\n",
         opts.command(),
         opts.messages,
         rounds = opts.rounds,
     );
+    if opts.stores.iter().any(|s| s == "redis") {
+        md.push_str(PEER);
+    }
     if !opts.outbox.is_empty() {
         md.push_str(outbox_bench::ABOUT);
+        md.push('\n');
     }
     let _ = writeln!(
         md,
@@ -1412,7 +1420,9 @@ fn write_markdown(report: &Report, opts: &Options) -> std::io::Result<()> {
             let _ = writeln!(md, "- {n}");
         }
     }
-    md.push_str(BOUNDS);
+    if !opts.stores.is_empty() {
+        md.push_str(BOUNDS);
+    }
     std::fs::write(&opts.out, md)
 }
 
