@@ -16,15 +16,32 @@
 //!     --stores memory,redis --messages 5000 --scale 0 --out /tmp/bench.md
 //! ```
 //!
-//! Options: `--stores` (comma list of memory, redis, mysql, postgres, sqlite; default
-//! all), `--messages N` per case and runtime, split over the rounds (default 20 000),
-//! `--rounds N` (at least and by default 5), `--scale N` existing records for the scale
-//! cases (default 1 000 000; 0 skips them), `--out PATH` (default `BENCHMARKS.md`).
-//! Servers come from `IDEMPOTENT_REDIS_URL`, `IDEMPOTENT_MYSQL_URL` and
-//! `IDEMPOTENT_POSTGRES_URL` with the local defaults; a chosen store whose server does
-//! not answer stops the program before it measures anything.
+//! Options: `--stores` (comma list of memory, redis, mysql, postgres, sqlite, or
+//! `none`; default all), `--outbox` (comma list of postgres, mysql, sqlite: the outbox
+//! cases on those databases, see below; default none), `--messages N` per case and
+//! runtime, split over the rounds (default 20 000), `--rounds N` (at least and by
+//! default 5), `--scale N` existing records for the scale cases (default 1 000 000; 0
+//! skips them), `--out PATH` (default `BENCHMARKS.md`). Servers come from
+//! `IDEMPOTENT_REDIS_URL`, `IDEMPOTENT_MYSQL_URL`, `IDEMPOTENT_POSTGRES_URL` and
+//! `IDEMPOTENT_NATS_URL` with the local defaults; a chosen store whose server does not
+//! answer stops the program before it measures anything.
+//!
+//! The outbox cases (`examples/support/outbox_bench.rs`) need NATS with JetStream. With
+//! PostgreSQL among them: a transactional handler that writes a row and emits a message
+//! through the outbox, beside the same handler without it and beside the hand-written
+//! loop, with the dispatch after the commit off and on, and the statements each sends
+//! per message. On each database listed: `Relay` draining `messages / rounds` pending
+//! rows to JetStream, beside a hand-written `FOR UPDATE SKIP LOCKED` relay loop.
+//!
+//! ```sh
+//! cargo run --release -p idempotent-examples --example bench --features stores -- \
+//!     --stores none --outbox postgres,mysql,sqlite --out /tmp/outbox.md
+//! ```
 
 mod support;
+
+#[path = "support/outbox_bench.rs"]
+mod outbox_bench;
 
 use idempotent_runtime::redis::{self, AsyncCommands, aio::ConnectionManager};
 use idempotent_runtime::sqlx;
@@ -70,6 +87,7 @@ static ALLOC: Counting = Counting;
 
 struct Options {
     stores: Vec<String>,
+    outbox: Vec<String>,
     messages: u64,
     rounds: usize,
     scale: u64,
@@ -90,8 +108,13 @@ impl Options {
             "cargo run --release -p idempotent-examples --example bench --features stores"
                 .to_owned();
         let mut args = Vec::new();
-        if self.stores != ALL_STORES {
+        if self.stores.is_empty() {
+            args.push("--stores none".to_owned());
+        } else if self.stores != ALL_STORES {
             args.push(format!("--stores {}", self.stores.join(",")));
+        }
+        if !self.outbox.is_empty() {
+            args.push(format!("--outbox {}", self.outbox.join(",")));
         }
         if self.messages != DEFAULT_MESSAGES {
             args.push(format!("--messages {}", self.messages));
@@ -109,6 +132,17 @@ impl Options {
         cmd
     }
 }
+
+/// What the rows `vs the peer` compare (written when Redis is among the stores).
+const PEER: &str = "Rows `vs the peer` take AWS Lambda Powertools' idempotency utility (Python,
+`RedisCachePersistenceLayer` on the same Redis, its local cache off, run outside
+Lambda by `examples/support/powertools/run.sh`, which creates its virtual environment)
+as the baseline: each round runs the peer's first deliveries, then duplicates of the
+same keys, in a process of its own with as many threads as the framework has tasks,
+then the framework's on as many keys; both sides' body executions are checked (every
+key once, no duplicate).
+
+";
 
 /// What bounds the ratios below the targets, measured on a 2-core machine with the
 /// services on loopback (written under every table).
@@ -155,6 +189,7 @@ const BOUNDS: &str = "
 fn options() -> Result<Options, String> {
     let mut o = Options {
         stores: ALL_STORES.map(String::from).to_vec(),
+        outbox: Vec::new(),
         messages: DEFAULT_MESSAGES,
         rounds: DEFAULT_ROUNDS,
         scale: DEFAULT_SCALE,
@@ -164,7 +199,13 @@ fn options() -> Result<Options, String> {
     while let Some(a) = args.next() {
         let mut value = || args.next().ok_or(format!("{a} needs a value"));
         match a.as_str() {
-            "--stores" => o.stores = value()?.split(',').map(str::to_owned).collect(),
+            "--stores" => {
+                o.stores = match value()?.as_str() {
+                    "none" => Vec::new(),
+                    list => list.split(',').map(str::to_owned).collect(),
+                }
+            }
+            "--outbox" => o.outbox = value()?.split(',').map(str::to_owned).collect(),
             "--messages" => {
                 o.messages = value()?.parse().map_err(|e| format!("--messages: {e}"))?
             }
@@ -173,8 +214,9 @@ fn options() -> Result<Options, String> {
             "--out" => o.out = value()?,
             "-h" | "--help" => {
                 return Err(
-                    "usage: bench [--stores memory,redis,mysql,postgres,sqlite] \
-                            [--messages N] [--rounds N] [--scale N] [--out PATH]"
+                    "usage: bench [--stores memory,redis,mysql,postgres,sqlite|none] \
+                            [--outbox postgres,mysql,sqlite] [--messages N] [--rounds N] \
+                            [--scale N] [--out PATH]"
                         .into(),
                 );
             }
@@ -184,6 +226,11 @@ fn options() -> Result<Options, String> {
     for s in &o.stores {
         if !ALL_STORES.contains(&s.as_str()) {
             return Err(format!("unknown store {s}"));
+        }
+    }
+    for d in &o.outbox {
+        if !outbox_bench::DATABASES.contains(&d.as_str()) {
+            return Err(format!("--outbox: unknown database {d}"));
         }
     }
     if o.rounds < DEFAULT_ROUNDS {
@@ -197,10 +244,14 @@ fn env_url(var: &str, default: &str) -> String {
     std::env::var(var).unwrap_or_else(|_| default.to_owned())
 }
 
-/// Checks that the server of every chosen store answers, before anything is measured.
-async fn reach_servers(stores: &[String]) -> Result<(), String> {
+/// Checks that the server of every chosen store (and of the outbox cases: their
+/// databases and NATS) answers, before anything is measured.
+async fn reach_servers(stores: &[String], outbox: &[String]) -> Result<(), String> {
     use sqlx::Connection;
-    for name in stores {
+    if !outbox.is_empty() {
+        outbox_bench::reach_nats().await?;
+    }
+    for name in stores.iter().chain(outbox) {
         match name.as_str() {
             "redis" => {
                 let url = env_url("IDEMPOTENT_REDIS_URL", "redis://127.0.0.1:6379");
@@ -1373,6 +1424,10 @@ async fn run_flavour(
             }
         }
     }
+    if !opts.outbox.is_empty() {
+        let sqlite_outbox = format!("{sqlite_path}-outbox.db");
+        outbox_bench::cases(report, runtime, &opts.outbox, n, &sqlite_outbox).await;
+    }
 }
 
 fn write_markdown(report: &Report, opts: &Options) -> std::io::Result<()> {
@@ -1404,18 +1459,18 @@ fn write_markdown(report: &Report, opts: &Options) -> std::io::Result<()> {
          median is the median of those {rounds} ratios (not the ratio of the two medians). A\n\
          target is met when the median ratio reaches it. `current` is a current-thread tokio\n\
          runtime, `multi` a multi-thread one with one worker per core. The machine is shared:\n\
-         one round can be off by a third, hence medians.\n\n\
-         Rows `vs the peer` take AWS Lambda Powertools' idempotency utility (Python,\n\
-         `RedisCachePersistenceLayer` on the same Redis, its local cache off, run outside\n\
-         Lambda by `examples/support/powertools/run.sh`, which creates its virtual environment)\n\
-         as the baseline: each round runs the peer's first deliveries, then duplicates of the\n\
-         same keys, in a process of its own with as many threads as the framework has tasks,\n\
-         then the framework's on as many keys; both sides' body executions are checked (every\n\
-         key once, no duplicate).\n",
+         one round can be off by a third, hence medians.\n",
         opts.command(),
         opts.messages,
         rounds = opts.rounds,
     );
+    if opts.stores.iter().any(|s| s == "redis") {
+        md.push_str(PEER);
+    }
+    if !opts.outbox.is_empty() {
+        md.push_str(outbox_bench::ABOUT);
+        md.push('\n');
+    }
     let _ = writeln!(
         md,
         "| store | case | runtime | baseline | baseline msg/s | min–max | framework msg/s | min–max | ratio | min–max | target |"
@@ -1486,7 +1541,9 @@ fn write_markdown(report: &Report, opts: &Options) -> std::io::Result<()> {
             let _ = writeln!(md, "- {n}");
         }
     }
-    md.push_str(BOUNDS);
+    if !opts.stores.is_empty() {
+        md.push_str(BOUNDS);
+    }
     std::fs::write(&opts.out, md)
 }
 
@@ -1502,7 +1559,7 @@ fn main() {
         .enable_all()
         .build()
         .expect("runtime")
-        .block_on(reach_servers(&opts.stores))
+        .block_on(reach_servers(&opts.stores, &opts.outbox))
         .unwrap_or_else(|e| support::fail(e));
     let dir = std::env::temp_dir().join(format!("idempotent-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).expect("temp dir");

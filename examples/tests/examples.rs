@@ -275,6 +275,11 @@ fn benchmarks_without_their_servers() {
         "postgres://postgres@127.0.0.1:1/test",
     );
     fails_fast(cmd, &["127.0.0.1:1", "IDEMPOTENT_POSTGRES_URL"]);
+    // the outbox cases need NATS with JetStream
+    let mut cmd = example("bench");
+    cmd.args(["--stores", "none", "--outbox", "sqlite"])
+        .env("IDEMPOTENT_NATS_URL", "nats://127.0.0.1:1");
+    fails_fast(cmd, &["nats://127.0.0.1:1", "IDEMPOTENT_NATS_URL"]);
     let mut cmd = example("cli_bench");
     cmd.args(["--stores", "postgres"]).env(
         "IDEMPOTENT_POSTGRES_URL",

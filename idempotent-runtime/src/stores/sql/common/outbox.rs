@@ -109,6 +109,17 @@ pub(crate) trait OutboxDialect: SqlDialect {
         sql: &'a OutboxSql,
         claim: Claim<'a>,
     ) -> impl Future<Output = Result<Vec<Self::Row>, StoreError>> + Send + 'a;
+    /// Marks the rows of `leases` sent (pending, under their lease's fencing token) in
+    /// one statement of the database's own: the rows it changed; `None` when the
+    /// database has none, and [`SqlOutbox::mark_sent`] writes the generic one (a
+    /// condition per lease).
+    fn outbox_mark_sent<'a>(
+        _conn: &'a mut Self::Connection,
+        _sql: &'a OutboxSql,
+        _leases: &'a [RowLease],
+    ) -> impl Future<Output = Result<Option<u64>, StoreError>> + Send + 'a {
+        std::future::ready(Ok(None))
+    }
 }
 
 /// One claim's request.
@@ -719,25 +730,10 @@ impl<DB: OutboxDb> SqlOutbox<DB> {
         let mut fences = Vec::with_capacity(leases.len());
         let mut conn = self.conn(op).await?;
         for chunk in leases.chunks(IDS_CHUNK) {
-            let mut p = Params::<DB>::new();
-            let pairs = (0..chunk.len())
-                .map(|_| format!("(id = {} AND fence = {})", p.next(), p.next()))
-                .collect::<Vec<_>>()
-                .join(" OR ");
-            let text = DB::update(
-                &self.sql.t,
-                &format!(
-                    "status = {SENT}, sent_us = {}, lease_owner = NULL, lease_until_us = NULL",
-                    DB::now()
-                ),
-                &format!("status = {PENDING} AND ({pairs})"),
-            );
-            let mut q = sqlx::query::<DB>(sql(text));
-            for l in chunk {
-                q = DB::bytes(q, l.id.as_bytes().to_vec());
-                q = DB::int(q, fence_param(l.fence));
-            }
-            let rows = DB::write(&mut conn, q, op).await?;
+            let rows = match DB::outbox_mark_sent(&mut conn, &self.sql, chunk).await? {
+                Some(rows) => rows,
+                None => self.mark_sent_generic(&mut conn, chunk, op).await?,
+            };
             if rows == chunk.len() as u64 {
                 fences.extend(chunk.iter().map(|_| Fence::Held));
                 continue;
@@ -754,6 +750,34 @@ impl<DB: OutboxDb> SqlOutbox<DB> {
             }));
         }
         Ok(fences)
+    }
+
+    /// Marks the rows of `chunk` sent with one condition per lease: the rows changed.
+    async fn mark_sent_generic(
+        &self,
+        conn: &mut DB::Connection,
+        chunk: &[RowLease],
+        op: &'static str,
+    ) -> Result<u64, StoreError> {
+        let mut p = Params::<DB>::new();
+        let pairs = (0..chunk.len())
+            .map(|_| format!("(id = {} AND fence = {})", p.next(), p.next()))
+            .collect::<Vec<_>>()
+            .join(" OR ");
+        let text = DB::update(
+            &self.sql.t,
+            &format!(
+                "status = {SENT}, sent_us = {}, lease_owner = NULL, lease_until_us = NULL",
+                DB::now()
+            ),
+            &format!("status = {PENDING} AND ({pairs})"),
+        );
+        let mut q = sqlx::query::<DB>(sql(text));
+        for l in chunk {
+            q = DB::bytes(q, l.id.as_bytes().to_vec());
+            q = DB::int(q, fence_param(l.fence));
+        }
+        DB::write(conn, q, op).await
     }
 
     /// The `(id, fence, status)` of the rows of `leases`.
@@ -948,7 +972,7 @@ impl<DB: OutboxDb> SqlOutbox<DB> {
 }
 
 /// A fencing token as a `BIGINT` parameter; one beyond it fences nothing.
-fn fence_param(fence: u64) -> i64 {
+pub(crate) fn fence_param(fence: u64) -> i64 {
     i64::try_from(fence).unwrap_or(-1)
 }
 

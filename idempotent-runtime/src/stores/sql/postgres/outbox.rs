@@ -1,14 +1,15 @@
 //! The outbox table in PostgreSQL (see [`common::outbox`](crate::stores::sql::common::outbox)):
 //! its DDL, the claim (`FOR UPDATE SKIP LOCKED` in a CTE, then the lease in the same
-//! statement) and the purge.
+//! statement), the mark (one statement over arrays of ids and tokens) and the purge.
 
 use super::PostgresStore;
 use super::statements::with_clock;
 use crate::error::StoreError;
+use crate::outbox::store::RowLease;
 use crate::stores::sql::common::outbox::{
-    Claim, OutboxDialect, OutboxSql, Params, claim_in_one_statement, outbox_handle,
+    Claim, OutboxDialect, OutboxSql, Params, claim_in_one_statement, fence_param, outbox_handle,
 };
-use crate::stores::sql::common::{SqlDialect, TableName};
+use crate::stores::sql::common::{SqlDialect, TableName, sql};
 use sqlx::postgres::Postgres;
 
 impl OutboxDialect for Postgres {
@@ -37,6 +38,34 @@ impl OutboxDialect for Postgres {
         )
     }
 
+    /// One statement whatever the batch: the ids and the tokens bound as two arrays,
+    /// joined to the rows by id (the generic statement's condition per lease is
+    /// planned anew at every call, 200 parameters for a batch of 100).
+    async fn outbox_mark_sent<'a>(
+        conn: &'a mut sqlx::PgConnection,
+        s: &'a OutboxSql,
+        leases: &'a [RowLease],
+    ) -> Result<Option<u64>, StoreError> {
+        let op = "marking outbox rows sent";
+        let t = &s.t;
+        let text = format!(
+            "{} UPDATE {t} AS r SET status = 1, sent_us = n.now_us, lease_owner = NULL, \
+                lease_until_us = NULL \
+             FROM n, unnest($1::bytea[], $2::int8[]) AS m(id, fence) \
+             WHERE r.id = m.id AND r.fence = m.fence AND r.status = 0",
+            with_clock()
+        );
+        let ids: Vec<Vec<u8>> = leases.iter().map(|l| l.id.as_bytes().to_vec()).collect();
+        let fences: Vec<i64> = leases.iter().map(|l| fence_param(l.fence)).collect();
+        let done = sqlx::query(sql(text))
+            .bind(ids)
+            .bind(fences)
+            .execute(conn)
+            .await
+            .map_err(Self::err(op))?;
+        Ok(Some(done.rows_affected()))
+    }
+
     async fn outbox_claim<'a>(
         pool: &'a sqlx::PgPool,
         s: &'a OutboxSql,
@@ -50,7 +79,7 @@ impl OutboxDialect for Postgres {
                 ORDER BY o.seq LIMIT {limit} FOR UPDATE OF o SKIP LOCKED) \
              UPDATE {t} AS r SET lease_owner = {owner}, lease_until_us = n.now_us + {lease}, \
                 fence = r.fence + 1 \
-             FROM c, n WHERE r.id = c.id \
+             FROM n WHERE r.id = ANY(ARRAY(SELECT c.id FROM c)) \
              RETURNING {}",
             with_clock(),
             s.claimable_among(claim.ids.len(), &mut p),
@@ -72,7 +101,10 @@ outbox_handle!(
     /// A claim is one statement: a CTE selects the claimable rows
     /// `ORDER BY seq LIMIT n FOR UPDATE OF o SKIP LOCKED` (so relays claiming at
     /// once skip each other's rows instead of waiting), and the `UPDATE` that follows
-    /// sets the lease and the new fencing token, `RETURNING` the messages.
+    /// takes them by id (`id = ANY(ARRAY(…))`, through the primary key whatever the
+    /// table's statistics say), sets the lease and the new fencing token, `RETURNING`
+    /// the messages. A mark is one `UPDATE` joined to `unnest` of the leases' ids and
+    /// tokens, the same statement for any batch.
     ///
     /// # Table
     ///
