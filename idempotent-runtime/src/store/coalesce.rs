@@ -43,10 +43,9 @@ struct Waiter<Q: Queued, A: Send + 'static> {
     tx: oneshot::Sender<Message<Q, A>>,
 }
 
-/// The queue of one kind of step, and how many calls of that kind are in flight.
+/// The queue of one kind of step, and whether a call of that kind is in flight.
 struct State<Q: Queued, A: Send + 'static> {
-    in_flight: usize,
-    max_in_flight: usize,
+    busy: bool,
     queue: Vec<Waiter<Q, A>>,
 }
 
@@ -63,14 +62,11 @@ impl<Q: Queued, A: Send + 'static> Clone for Lane<Q, A> {
     }
 }
 
-impl<Q: Queued, A: Send + 'static> Lane<Q, A> {
-    /// A lane that sends a step at once while fewer than `max_in_flight` calls are in
-    /// flight (at least 1).
-    fn new(max_in_flight: usize) -> Self {
+impl<Q: Queued, A: Send + 'static> Default for Lane<Q, A> {
+    fn default() -> Self {
         Lane {
             state: Arc::new(Mutex::new(State {
-                in_flight: 0,
-                max_in_flight: max_in_flight.max(1),
+                busy: false,
                 queue: Vec::new(),
             })),
         }
@@ -81,7 +77,7 @@ impl<Q: Queued, A: Send + 'static> std::fmt::Debug for Lane<Q, A> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let st = self.state.lock().unwrap_or_else(PoisonError::into_inner);
         f.debug_struct("Lane")
-            .field("in_flight", &st.in_flight)
+            .field("busy", &st.busy)
             .field("queued", &st.queue.len())
             .finish()
     }
@@ -131,8 +127,8 @@ impl<Q: Queued, A: Send + 'static> Lane<Q, A> {
     {
         let rx = {
             let mut st = self.lock();
-            if st.in_flight < st.max_in_flight && st.queue.is_empty() {
-                st.in_flight += 1;
+            if !st.busy {
+                st.busy = true;
                 None
             } else {
                 let (tx, rx) = oneshot::channel();
@@ -231,7 +227,7 @@ impl<Q: Queued, A: Send + 'static> Lane<Q, A> {
         loop {
             st.queue.retain(|w| !w.tx.is_closed());
             if st.queue.is_empty() {
-                st.in_flight -= 1;
+                st.busy = false;
                 return;
             }
             let mut keys = HashSet::new();
@@ -397,7 +393,7 @@ impl Queued for OwnedRelease {
 }
 
 /// The three lanes of a store's single steps.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, Default)]
 pub(crate) struct Lanes {
     claims: Lane<OwnedClaim, ClaimOutcome>,
     completions: Lane<OwnedCompletion, Fence>,
@@ -405,16 +401,6 @@ pub(crate) struct Lanes {
 }
 
 impl Lanes {
-    /// Lanes each sending steps at once while fewer than `max_in_flight` calls of
-    /// their kind are in flight.
-    pub(crate) fn new(max_in_flight: usize) -> Self {
-        Lanes {
-            claims: Lane::new(max_in_flight),
-            completions: Lane::new(max_in_flight),
-            releases: Lane::new(max_in_flight),
-        }
-    }
-
     /// [`Store::claim`] of `store`, coalesced into [`Store::claim_batch`].
     pub(crate) async fn claim<S: Store + ?Sized>(
         &self,
@@ -511,7 +497,7 @@ impl<S: Store> Coalesced<S> {
     pub fn new(inner: S) -> Self {
         Coalesced {
             inner,
-            lanes: Lanes::new(1),
+            lanes: Lanes::default(),
         }
     }
 
